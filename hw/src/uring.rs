@@ -1,0 +1,165 @@
+//! io_uring: can a ring be created here, and if not why; which opcodes the kernel lists;
+//! and the features the probe cannot tell apart (multishot receive, provided-buffer
+//! rings, fixed buffers), found by trying them on a socket pair.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use io_uring::{IoUring, Probe, opcode, types};
+use memmap2::MmapMut;
+
+use crate::caps::IoUringCaps;
+
+/// Opcodes ferry's TCP transport may use, by name.
+const OPCODES: &[(u8, &str)] = &[
+    (opcode::Send::CODE, "SEND"),
+    (opcode::Recv::CODE, "RECV"),
+    (opcode::SendZc::CODE, "SEND_ZC"),
+    (opcode::SendMsgZc::CODE, "SENDMSG_ZC"),
+    (opcode::ReadFixed::CODE, "READ_FIXED"),
+    (opcode::WriteFixed::CODE, "WRITE_FIXED"),
+    (opcode::ProvideBuffers::CODE, "PROVIDE_BUFFERS"),
+    (opcode::Accept::CODE, "ACCEPT"),
+    (opcode::Connect::CODE, "CONNECT"),
+    (opcode::LinkTimeout::CODE, "LINK_TIMEOUT"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::Shutdown::CODE, "SHUTDOWN"),
+];
+
+pub(crate) fn probe() -> IoUringCaps {
+    let disabled_sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let mut caps = IoUringCaps {
+        available: false,
+        reason: None,
+        disabled_sysctl,
+        send_zc: false,
+        sendmsg_zc: false,
+        recv_multishot: false,
+        provided_buffer_rings: false,
+        fixed_buffers: false,
+        opcodes: Vec::new(),
+    };
+    let ring = match IoUring::new(8) {
+        Ok(r) => r,
+        Err(e) => {
+            caps.reason = Some(setup_error_reason(e.raw_os_error(), disabled_sysctl));
+            return caps;
+        }
+    };
+    caps.available = true;
+    let mut probe = Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_ok() {
+        caps.opcodes = OPCODES
+            .iter()
+            .filter(|(code, _)| probe.is_supported(*code))
+            .map(|(_, name)| name.to_string())
+            .collect();
+        caps.send_zc = probe.is_supported(opcode::SendZc::CODE);
+        caps.sendmsg_zc = probe.is_supported(opcode::SendMsgZc::CODE);
+    }
+    caps.fixed_buffers = try_fixed_buffers(&ring);
+    let (rings, multishot) = try_buf_ring_and_multishot(ring);
+    caps.provided_buffer_rings = rings;
+    caps.recv_multishot = multishot;
+    caps
+}
+
+/// Turns an `io_uring_setup` failure into the sentence `ferryctl doctor` shows.
+pub fn setup_error_reason(errno: Option<i32>, disabled_sysctl: Option<u32>) -> String {
+    match (errno, disabled_sysctl) {
+        (Some(libc::EPERM), Some(2)) => "io_uring is disabled system-wide (kernel.io_uring_disabled = 2)".into(),
+        (Some(libc::EPERM), Some(1)) => {
+            "io_uring is limited to the io_uring_group (kernel.io_uring_disabled = 1) and this process is not in it".into()
+        }
+        (Some(libc::EPERM), _) => {
+            "io_uring_setup was refused with EPERM: a seccomp profile blocks it (Docker's default profile does)".into()
+        }
+        (Some(libc::ENOSYS), _) => "the kernel has no io_uring (io_uring_setup: ENOSYS)".into(),
+        (Some(libc::ENOMEM), _) => "io_uring_setup failed with ENOMEM: RLIMIT_MEMLOCK too low for the ring".into(),
+        (Some(e), _) => format!("io_uring_setup failed: {}", std::io::Error::from_raw_os_error(e)),
+        (None, _) => "io_uring_setup failed".into(),
+    }
+}
+
+fn try_fixed_buffers(ring: &IoUring) -> bool {
+    let Ok(mut buf) = MmapMut::map_anon(4096) else { return false };
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: the buffer is a live 4 KiB mapping that stays mapped until after the
+    // unregister below; nothing is submitted that would use it.
+    let ok = unsafe { ring.submitter().register_buffers(&[iov]) }.is_ok();
+    if ok {
+        let _ = ring.submitter().unregister_buffers();
+    }
+    drop(buf);
+    ok
+}
+
+/// Registers a one-entry provided-buffer ring and arms a multishot receive on a socket
+/// pair; the receive stays armed (`IORING_CQE_F_MORE`) only where multishot works.
+fn try_buf_ring_and_multishot(mut ring: IoUring) -> (bool, bool) {
+    const BGID: u16 = 7;
+    let Ok(mut ring_mem) = MmapMut::map_anon(4096) else { return (false, false) };
+    let Ok(mut data) = MmapMut::map_anon(4096) else { return (false, false) };
+    let base = ring_mem.as_mut_ptr().cast::<types::BufRingEntry>();
+    // SAFETY: `base` points to a zeroed, page-aligned 4 KiB mapping, large enough for one
+    // 16-byte entry; the mapping outlives the ring registration (unregistered below).
+    let registered = unsafe { ring.submitter().register_buf_ring_with_flags(base as u64, 1, BGID, 0) }.is_ok();
+    if !registered {
+        return (false, false);
+    }
+    // SAFETY: entry 0 lies inside the mapping and no other thread or the kernel reads it
+    // until the tail store below publishes it.
+    unsafe {
+        let entry = &mut *base;
+        entry.set_addr(data.as_mut_ptr() as u64);
+        entry.set_len(data.len() as u32);
+        entry.set_bid(0);
+    }
+    // SAFETY: `tail` points at entry 0's `resv` field, which the kernel reads as the ring
+    // tail; the release store pairs with the kernel's acquire load of the tail and
+    // publishes the entry written above.
+    unsafe {
+        let tail = types::BufRingEntry::tail(base).cast_mut();
+        std::sync::atomic::AtomicU16::from_ptr(tail).store(1, std::sync::atomic::Ordering::Release);
+    }
+    let multishot = (|| {
+        let (a, b) = UnixStream::pair().ok()?;
+        let sqe = opcode::RecvMulti::new(types::Fd(b.as_raw_fd()), BGID).build().user_data(1);
+        // SAFETY: the receive writes only into the provided buffer registered above, which
+        // outlives the ring; the socket outlives the submission (the ring is dropped first).
+        unsafe { ring.submission().push(&sqe).ok()? };
+        std::io::Write::write_all(&mut &a, b"probe").ok()?;
+        ring.submit_and_wait(1).ok()?;
+        let cqe = ring.completion().next()?;
+        Some(cqe.result() == 5 && io_uring::cqueue::more(cqe.flags()))
+    })()
+    .unwrap_or(false);
+    drop(ring);
+    drop((ring_mem, data));
+    (true, multishot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_errors_name_the_cause() {
+        assert!(setup_error_reason(Some(libc::EPERM), Some(2)).contains("io_uring_disabled = 2"));
+        assert!(setup_error_reason(Some(libc::EPERM), Some(0)).contains("seccomp"));
+        assert!(setup_error_reason(Some(libc::ENOSYS), None).contains("no io_uring"));
+    }
+
+    #[test]
+    fn live_probe() {
+        let caps = probe();
+        if !caps.available {
+            println!("SKIP: io_uring unavailable here: {:?}", caps.reason);
+            return;
+        }
+        assert!(caps.opcodes.iter().any(|o| o == "SEND"), "{caps:?}");
+        println!("io_uring: {caps:?}");
+    }
+}
