@@ -1,0 +1,303 @@
+//! ferry's one config file (TOML). Every tunable is `"auto"` (the planner decides) or a
+//! pinned value; every fallback can be forced. Unknown fields and out-of-range values are
+//! errors that name the field and its line. `deploy/ferry.toml` documents every field.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::Path;
+
+use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub dataplane: DataplaneConfig,
+    pub rdma: RdmaConfig,
+    pub tcp: TcpConfig,
+    pub link: LinkConfig,
+    pub migration: MigrationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    pub transport: TransportChoice,
+    pub workers: Setting<Int<1, 1024>>,
+    pub cpus: Setting<Vec<u32>>,
+    pub numa_node: Setting<Int<0, 1023>>,
+    pub chunk_size_kib: Setting<Int<4, 65536>>,
+    pub arena_mib_per_worker: Setting<Int<2, 65536>>,
+    pub hugepages: HugepagePolicy,
+    pub mlock: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            transport: TransportChoice::Auto,
+            workers: Setting::Auto,
+            cpus: Setting::Auto,
+            numa_node: Setting::Auto,
+            chunk_size_kib: Setting::Auto,
+            arena_mib_per_worker: Setting::Auto,
+            hugepages: HugepagePolicy::Auto,
+            mlock: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RdmaConfig {
+    pub device: Setting<String>,
+    pub port: Setting<Int<1, 255>>,
+    pub gid_index: Setting<Int<0, 65535>>,
+    pub qps_per_worker: Setting<Int<1, 64>>,
+    pub sq_depth: Setting<Int<1, 1_048_576>>,
+    pub rq_depth: Setting<Int<1, 1_048_576>>,
+    pub cq_depth: Setting<Int<2, 16_777_216>>,
+    pub send_sge: Setting<Int<1, 64>>,
+    pub recv_sge: Setting<Int<1, 64>>,
+    pub inline_threshold_bytes: Setting<Int<0, 4096>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    pub connections_per_worker: Setting<Int<1, 64>>,
+    pub ring_entries: Setting<Int<8, 32768>>,
+    pub send_zc: Switch,
+    pub socket_buffer_kib: Setting<Int<64, 1_048_576>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// The netdev the data plane uses for TCP.
+    pub interface: Setting<String>,
+    pub speed_gbps: Setting<Int<1, 3200>>,
+    pub rtt_us: Setting<Int<1, 1_000_000>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    pub compression: CompressionChoice,
+}
+
+/// `"auto"` or a pinned value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Setting<T> {
+    #[default]
+    Auto,
+    Set(T),
+}
+
+impl<T: Clone> Setting<T> {
+    pub fn get(&self) -> Option<T> {
+        match self {
+            Setting::Auto => None,
+            Setting::Set(v) => Some(v.clone()),
+        }
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> Setting<Int<MIN, MAX>> {
+    pub fn value(&self) -> Option<u64> {
+        self.get().map(|i| i.0)
+    }
+}
+
+/// Deserialises `"auto"` to [`Setting::Auto`] and anything else through `T`, so `T`'s own
+/// error (a range, a type) reaches the user with the field's line.
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Setting<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Setting<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\" or a value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                if s == "auto" {
+                    return Ok(Setting::Auto);
+                }
+                T::deserialize(s.into_deserializer()).map(Setting::Set)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                T::deserialize(v.into_deserializer()).map(Setting::Set)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                T::deserialize(v.into_deserializer()).map(Setting::Set)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                T::deserialize(v.into_deserializer()).map(Setting::Set)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                T::deserialize(v.into_deserializer()).map(Setting::Set)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Setting::Set)
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+/// An integer checked against `MIN..=MAX` while parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Int<const MIN: u64, const MAX: u64>(pub u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Int<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        match u64::try_from(v) {
+            Ok(u) if (MIN..=MAX).contains(&u) => Ok(Int(u)),
+            _ => Err(de::Error::custom(format!("{v} is out of range: must be \"auto\" or between {MIN} and {MAX}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// RDMA, else io_uring TCP, else plain sockets.
+    #[default]
+    Auto,
+    Rdma,
+    /// TCP over io_uring.
+    Tcp,
+    /// TCP over blocking sockets.
+    Sockets,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugepagePolicy {
+    /// Reserved 2 MiB pages if enough are free on the node, else THP, else normal pages.
+    #[default]
+    Auto,
+    /// Reserved 2 MiB pages or nothing (doctor fails when too few are free).
+    Require,
+    /// Transparent hugepages only.
+    Thp,
+    /// Normal pages.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// `"auto"`, `"off"` or `"zstd:<1..=19>"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CompressionChoice {
+    #[default]
+    Auto,
+    Off,
+    Zstd(i32),
+}
+
+impl std::str::FromStr for CompressionChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            "zstd" => Ok(Self::Zstd(1)),
+            _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+                Some(Ok(l)) if (1..=19).contains(&l) => Ok(Self::Zstd(l)),
+                _ => Err(format!("\"{s}\" is not a compression policy: use \"auto\", \"off\" or \"zstd:<1-19>\"")),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CompressionChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse { path: p, message })
+    }
+
+    /// Parses TOML text; the error names the line and the field.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_is_all_auto() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert!(c.dataplane.mlock);
+    }
+
+    #[test]
+    fn pinned_values() {
+        let c = Config::parse(
+            "[dataplane]\ntransport = \"sockets\"\ncpus = [2, 3]\nworkers = 2\nhugepages = \"require\"\n\
+             [rdma]\nsq_depth = \"auto\"\nrq_depth = 256\ndevice = \"mlx5_1\"\n\
+             [migration]\ncompression = \"zstd:3\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.dataplane.transport, TransportChoice::Sockets);
+        assert_eq!(c.dataplane.cpus, Setting::Set(vec![2, 3]));
+        assert_eq!(c.dataplane.workers.value(), Some(2));
+        assert_eq!(c.rdma.sq_depth, Setting::Auto);
+        assert_eq!(c.rdma.rq_depth.value(), Some(256));
+        assert_eq!(c.rdma.device.get().as_deref(), Some("mlx5_1"));
+        assert_eq!(c.migration.compression, CompressionChoice::Zstd(3));
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let e = Config::parse("[rdma]\nsq_depth = 128\nsq_dept = 64\n").unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("unknown field `sq_dept`"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_names_line() {
+        let e = Config::parse("[tcp]\n\nring_entries = 4\n").unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("between 8 and 32768"), "{e}");
+        let e = Config::parse("[dataplane]\nworkers = -1\n").unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_and_compression() {
+        let e = Config::parse("[dataplane]\ntransport = \"carrier-pigeon\"\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("carrier-pigeon"), "{e}");
+        let e = Config::parse("[migration]\ncompression = \"zstd:40\"\n").unwrap_err();
+        assert!(e.contains("zstd:<1-19>"), "{e}");
+        let e = Config::parse("[dataplane]\nworkers = \"many\"\n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,118 @@
+//! `ferryctl`: the thin control process. `probe` reads the machine, `tune` turns the
+//! capabilities and the config into a plan with a reason for every value, `doctor` checks
+//! that the host can run the plan and names the fix for each problem.
+//!
+//! Exit status: 0 success; 1 `doctor` found a blocking problem; 2 bad input (a malformed
+//! capabilities file or config, or a config this machine cannot satisfy).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use control::config::Config;
+use control::{capsfile, doctor, planner, render};
+use hw::{Capabilities, ProbeOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferryctl", version, about = "ferry control: probe the hardware, plan the data plane, check the host")]
+struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Read this machine: CPUs, NUMA, NICs, RDMA devices, io_uring, hugepages, memlock, userfaultfd.
+    Probe {
+        /// Print the capabilities report as JSON (what `tune --caps` reads).
+        #[arg(long)]
+        json: bool,
+        /// Read topology, NICs and hugepages from a captured sysfs tree instead of /sys
+        /// (RDMA devices are then not probed: libibverbs reads the live /sys).
+        #[arg(long, value_name = "DIR")]
+        sysfs_root: Option<PathBuf>,
+    },
+    /// Derive the data-plane plan, every value with its reason.
+    Tune(PlanArgs),
+    /// Preflight checks for the plan, each failure with its fix. Exit 1 if one blocks the plan.
+    Doctor(PlanArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Capabilities report to plan for (from `probe --json`); default: probe this machine.
+    #[arg(long, value_name = "FILE")]
+    caps: Option<PathBuf>,
+    /// ferry config file (TOML); default: every value "auto".
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// With no --caps: read topology, NICs and hugepages from this sysfs tree.
+    #[arg(long, value_name = "DIR")]
+    sysfs_root: Option<PathBuf>,
+}
+
+/// Failure with the exit status it maps to.
+struct Fail(u8, String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = ["warn", "info", "debug", "trace"][usize::from(cli.verbose.min(3))];
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    match run(cli.cmd) {
+        Ok(code) => ExitCode::from(code),
+        Err(Fail(code, msg)) => {
+            eprintln!("ferryctl: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn probe_opts(sysfs_root: Option<PathBuf>) -> ProbeOptions {
+    sysfs_root.map_or_else(ProbeOptions::default, |sysfs_root| ProbeOptions { sysfs_root })
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).expect("plain data serialises")
+}
+
+fn inputs(a: &PlanArgs) -> Result<(Capabilities, Config), Fail> {
+    let caps = match &a.caps {
+        Some(path) => capsfile::load(path).map_err(|e| Fail(2, e.to_string()))?,
+        None => hw::probe(&probe_opts(a.sysfs_root.clone())),
+    };
+    let cfg = match &a.config {
+        Some(path) => Config::load(path).map_err(|e| Fail(2, e.to_string()))?,
+        None => Config::default(),
+    };
+    Ok((caps, cfg))
+}
+
+fn run(cmd: Cmd) -> Result<u8, Fail> {
+    match cmd {
+        Cmd::Probe { json: as_json, sysfs_root } => {
+            let caps = hw::probe(&probe_opts(sysfs_root));
+            println!("{}", if as_json { json(&caps) } else { render::probe(&caps) });
+            Ok(0)
+        }
+        Cmd::Tune(a) => {
+            let (caps, cfg) = inputs(&a)?;
+            let plan = planner::plan(&caps, &cfg).map_err(|e| Fail(2, format!("cannot plan: {e}")))?;
+            log::info!("plan: transport {}, {} worker(s) on node {}", plan.transport, plan.worker_cpus.len(), plan.numa_node);
+            println!("{}", if a.json { json(&plan) } else { render::plan(&plan) });
+            Ok(0)
+        }
+        Cmd::Doctor(a) => {
+            let (caps, cfg) = inputs(&a)?;
+            let plan = planner::plan(&caps, &cfg);
+            let report = doctor::doctor(&caps, &cfg, plan.as_ref());
+            println!("{}", if a.json { json(&report) } else { render::doctor(&report) });
+            Ok(if report.blocking { 1 } else { 0 })
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Human-readable renderings of the capabilities report, the plan and the doctor report.
+
+use std::fmt::Write;
+
+use dataplane::plan::Plan;
+use hw::caps::{Capabilities, GidType};
+
+use crate::doctor::{Report, Status};
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn yn(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+pub fn probe(c: &Capabilities) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "host {}, kernel {}", c.hostname, c.kernel.release);
+    let _ = writeln!(s, "CPUs: {} logical, {} cores, {} package(s) (from {})", c.cpus.logical, c.cpus.cores, c.cpus.packages, c.cpus.source);
+    for n in &c.numa_nodes {
+        let cores: Vec<String> = n.cores.iter().map(|pus| format!("{pus:?}")).collect();
+        let _ = writeln!(s, "NUMA node {}: {}, {} core(s): {}", n.id, gib(n.memory_bytes), n.cores.len(), cores.join(" "));
+    }
+    let _ = writeln!(s, "\nNICs");
+    let _ = writeln!(s, "  {:<16} {:<12} {:<13} {:>4} {:>12} {:>6} {:<8} RDMA", "NAME", "DRIVER", "PCI", "NODE", "SPEED", "MTU", "STATE");
+    for n in &c.nics {
+        let _ = writeln!(
+            s,
+            "  {:<16} {:<12} {:<13} {:>4} {:>12} {:>6} {:<8} {}",
+            n.name,
+            opt(n.driver.as_ref()),
+            opt(n.pci_address.as_ref()),
+            opt(n.numa_node),
+            n.speed_mbps.map_or("-".into(), |m| format!("{m} Mb/s")),
+            opt(n.mtu),
+            n.state,
+            opt(n.rdma_device.as_ref())
+        );
+    }
+    let _ = writeln!(s, "\nRDMA devices");
+    if c.rdma_devices.is_empty() {
+        let _ = writeln!(s, "  none: {}", c.rdma_unavailable_reason.as_deref().unwrap_or("-"));
+    }
+    for d in &c.rdma_devices {
+        let a = &d.attrs;
+        let _ = writeln!(
+            s,
+            "  {} (driver {}, fw {}, vendor {:#x} part {}, node {}, guid {})",
+            d.name,
+            opt(d.driver.as_ref()),
+            d.fw_ver,
+            d.vendor_id,
+            d.vendor_part_id,
+            opt(d.numa_node),
+            d.node_guid
+        );
+        let _ = writeln!(
+            s,
+            "    max_qp {}  max_qp_wr {}  max_sge {}  max_sge_rd {}  max_cq {}  max_cqe {}\n    max_mr {}  max_mr_size {:#x}  max_pd {}  max_qp_rd_atom {}  max_qp_init_rd_atom {}  max_inline_data {}",
+            a.max_qp, a.max_qp_wr, a.max_sge, a.max_sge_rd, a.max_cq, a.max_cqe, a.max_mr, a.max_mr_size, a.max_pd, a.max_qp_rd_atom, a.max_qp_init_rd_atom,
+            d.max_inline_data.map_or("not probed".into(), |v| format!("{v} B"))
+        );
+        for note in &d.notes {
+            let _ = writeln!(s, "    note: {note}");
+        }
+        for p in &d.ports {
+            let _ = writeln!(
+                s,
+                "    port {}: {:?}, {:?}, {}x {} = {} Gb/s, MTU {} (max {}), LID {}",
+                p.port, p.state, p.link_layer, p.active_width, p.active_speed, p.rate_gbps, p.active_mtu, p.max_mtu, p.lid
+            );
+            for g in &p.gids {
+                let t = match g.gid_type {
+                    GidType::Ib => "IB",
+                    GidType::RoceV1 => "RoCE v1",
+                    GidType::RoceV2 => "RoCE v2",
+                };
+                let _ = writeln!(s, "      GID {:<3} {}  {:<8} {}", g.index, g.gid, t, opt(g.netdev.as_ref()));
+            }
+        }
+    }
+    let u = &c.io_uring;
+    let _ = writeln!(s, "\nio_uring: {}", if u.available { "available".to_string() } else { format!("unavailable: {}", u.reason.as_deref().unwrap_or("?")) });
+    if u.available {
+        let _ = writeln!(
+            s,
+            "  SEND_ZC {}, SENDMSG_ZC {}, multishot receive {}, provided-buffer rings {}, fixed buffers {}\n  opcodes: {}",
+            yn(u.send_zc), yn(u.sendmsg_zc), yn(u.recv_multishot), yn(u.provided_buffer_rings), yn(u.fixed_buffers), u.opcodes.join(" ")
+        );
+    }
+    let _ = writeln!(s, "  kernel.io_uring_disabled = {}", opt(u.disabled_sysctl));
+    let _ = writeln!(s, "\nhugepages: THP {}", opt(c.hugepages.thp_mode.as_ref()));
+    for p in &c.hugepages.pools {
+        let nodes: Vec<String> = p.per_node.iter().map(|n| format!("node{} {}/{}", n.node, n.free, n.total)).collect();
+        let _ = writeln!(s, "  {} kB pages: {} free of {} ({})", p.size_kib, p.free, p.total, if nodes.is_empty() { "-".into() } else { nodes.join(", ") });
+    }
+    let _ = writeln!(
+        s,
+        "memlock: {} (CAP_IPC_LOCK {})",
+        c.memlock_limit_bytes.map_or("unlimited".into(), |b| format!("{} KiB", b / 1024)),
+        yn(c.cap_ipc_lock)
+    );
+    let f = &c.userfaultfd;
+    let _ = writeln!(
+        s,
+        "userfaultfd: {}{}",
+        if f.available { format!("available, write-protect {}, shmem/hugetlbfs write-protect {}", yn(f.write_protect), yn(f.write_protect_shmem)) } else { format!("unavailable: {}", f.reason.as_deref().unwrap_or("?")) },
+        f.unprivileged_sysctl.map_or(String::new(), |v| format!(" (vm.unprivileged_userfaultfd = {v})"))
+    );
+    s
+}
+
+pub fn plan(p: &Plan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "plan for {}: transport {}, {} worker(s) on NUMA node {}, chunk {} KiB, arena {} MiB per worker, compression {}",
+        p.host,
+        p.transport,
+        p.worker_cpus.len(),
+        p.numa_node,
+        p.chunk_size_bytes / 1024,
+        p.arena.bytes_per_worker >> 20,
+        p.compression
+    );
+    if let Some(r) = &p.rdma {
+        let _ = writeln!(
+            s,
+            "rdma: {} port {}, {} QP(s)/worker, sq {} rq {} cq {}, send_sge {}, inline {} B",
+            r.device, r.port, r.qps_per_worker, r.sq_depth, r.rq_depth, r.cq_depth, r.send_sge, r.inline_threshold_bytes
+        );
+    }
+    let _ = writeln!(s, "\ndecisions:");
+    for r in &p.reasons {
+        let _ = writeln!(s, "  {} = {}\n      {}", r.decision, r.value, r.because);
+    }
+    s
+}
+
+pub fn doctor(r: &Report) -> String {
+    let mut s = String::new();
+    let fails = r.checks.iter().filter(|c| c.status == Status::Fail).count();
+    let warns = r.checks.iter().filter(|c| c.status == Status::Warn).count();
+    let _ = writeln!(s, "ferry doctor: {} checks, {fails} failed, {warns} warning(s)", r.checks.len());
+    for c in &r.checks {
+        let tag = match c.status {
+            Status::Ok => " ok ",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        let _ = writeln!(s, "  [{tag}] {}: {}", c.name, c.detail);
+        if let Some(fix) = &c.fix {
+            let _ = writeln!(s, "         fix: {fix}");
+        }
+    }
+    if r.blocking {
+        let _ = writeln!(s, "the plan cannot run until the failed checks are fixed");
+    }
+    s
+}

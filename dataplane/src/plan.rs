@@ -1,0 +1,224 @@
+//! The plan: every number the data plane runs with, already resolved by the planner in
+//! `control` (no "auto" is left), each with the reason it was chosen.
+//!
+//! `ferryctl tune --json` writes it; `ferryd --plan FILE` and `ferryctl apply` read it.
+//! Unknown fields are rejected: a plan written by a newer `ferryctl` fails loudly rather
+//! than being half-obeyed.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the plan layout.
+pub const PLAN_SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub schema_version: u32,
+    /// Host the plan was made for.
+    pub host: String,
+    pub transport: Transport,
+    /// NUMA node the workers, arenas and NIC share.
+    pub numa_node: u32,
+    /// One worker thread per entry, pinned to that logical CPU.
+    pub worker_cpus: Vec<u32>,
+    /// CPU the control thread is pinned to; `None` lets it float (small machines).
+    pub control_cpu: Option<u32>,
+    pub link: LinkPlan,
+    /// Bytes per data chunk (a multiple of 4 KiB).
+    pub chunk_size_bytes: u64,
+    /// Present when `transport` is RDMA.
+    pub rdma: Option<RdmaPlan>,
+    /// Always present: TCP carries the control connection, and the data when RDMA is not
+    /// used or the peer has none.
+    pub tcp: TcpPlan,
+    pub arena: ArenaPlan,
+    pub compression: Compression,
+    /// Every decision with its value and reason, in the order they were made.
+    pub reasons: Vec<Reason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// RC queue pairs, one-sided RDMA WRITE.
+    Rdma,
+    /// TCP driven by io_uring.
+    Tcp,
+    /// TCP over plain blocking sockets (io_uring unavailable or forced off).
+    Sockets,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Rdma => "rdma",
+            Transport::Tcp => "tcp (io_uring)",
+            Transport::Sockets => "sockets",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkPlan {
+    /// The netdev data leaves through (`lo` when only loopback exists).
+    pub interface: Option<String>,
+    pub speed_gbps: f64,
+    pub rtt_us: f64,
+    /// The speed was assumed, not read from the device.
+    pub speed_assumed: bool,
+}
+
+impl LinkPlan {
+    /// Bandwidth-delay product in bytes.
+    pub fn bdp_bytes(&self) -> u64 {
+        (self.speed_gbps * 1e9 / 8.0 * self.rtt_us * 1e-6).ceil() as u64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdmaPlan {
+    pub device: String,
+    pub port: u8,
+    /// `InfiniBand` or `Ethernet` (RoCE).
+    pub link_layer: String,
+    /// GID index for RoCE; `None` on InfiniBand, which addresses by LID.
+    pub gid_index: Option<u32>,
+    /// Path MTU in bytes (the port's active MTU).
+    pub mtu: u32,
+    pub qps_per_worker: u32,
+    pub sq_depth: u32,
+    pub rq_depth: u32,
+    /// One CQ per worker, shared by its QPs' send and receive queues.
+    pub cq_depth: u32,
+    pub send_sge: u32,
+    pub recv_sge: u32,
+    pub inline_threshold_bytes: u32,
+    /// One signaled work request every this many.
+    pub signal_interval: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpPlan {
+    pub connections_per_worker: u32,
+    /// io_uring drives the sockets (otherwise blocking sockets).
+    pub io_uring: bool,
+    pub ring_entries: u32,
+    pub send_zc: bool,
+    /// SO_SNDBUF / SO_RCVBUF.
+    pub socket_buffer_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArenaBacking {
+    /// Reserved 2 MiB hugetlb pages.
+    Hugetlb2m,
+    /// Transparent hugepages (`MADV_HUGEPAGE`).
+    Thp,
+    /// Plain 4 KiB pages.
+    Normal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArenaPlan {
+    /// A multiple of 2 MiB.
+    pub bytes_per_worker: u64,
+    pub backing: ArenaBacking,
+    /// 2 MiB pages the arenas take on `numa_node` when backed by hugetlb pages.
+    pub hugepages_2m_needed: u64,
+    /// Arenas are `mlock`ed.
+    pub mlock: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Compression {
+    Off,
+    /// Every chunk at this zstd level (chunks that do not shrink go raw).
+    Zstd { level: i32 },
+    /// Measure link and compression throughput at run time and compress only while that
+    /// finishes sooner.
+    Adaptive { level: i32 },
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+            Compression::Adaptive { level } => write!(f, "adaptive (zstd:{level} when it helps)"),
+        }
+    }
+}
+
+/// One decision: what, the value, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    pub decision: String,
+    pub value: String,
+    pub because: String,
+}
+
+/// Why a plan file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("cannot read plan {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("plan {path} is not a valid plan: {source}")]
+    Parse { path: String, source: serde_json::Error },
+    #[error("plan {path} has schema version {found}; this ferryd reads version {PLAN_SCHEMA_VERSION}")]
+    Version { path: String, found: u32 },
+    #[error("plan {path} is inconsistent: {what}")]
+    Invalid { path: String, what: String },
+}
+
+impl Plan {
+    /// Reads and checks a plan file.
+    pub fn load(path: &std::path::Path) -> Result<Plan, PlanError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read { path: p.clone(), source })?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|source| PlanError::Parse { path: p.clone(), source })?;
+        if plan.schema_version != PLAN_SCHEMA_VERSION {
+            return Err(PlanError::Version { path: p, found: plan.schema_version });
+        }
+        plan.check().map_err(|what| PlanError::Invalid { path: p, what })?;
+        Ok(plan)
+    }
+
+    /// Internal consistency: what the data plane relies on without re-deriving it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.worker_cpus.is_empty() {
+            return Err("no worker CPUs".into());
+        }
+        if self.chunk_size_bytes == 0 || self.chunk_size_bytes % 4096 != 0 {
+            return Err(format!("chunk_size_bytes {} is not a positive multiple of 4096", self.chunk_size_bytes));
+        }
+        if self.arena.bytes_per_worker == 0 || self.arena.bytes_per_worker % (2 << 20) != 0 {
+            return Err(format!("arena.bytes_per_worker {} is not a positive multiple of 2 MiB", self.arena.bytes_per_worker));
+        }
+        match (&self.transport, &self.rdma) {
+            (Transport::Rdma, None) => return Err("transport is rdma but the rdma section is missing".into()),
+            (Transport::Rdma, Some(r)) => {
+                if r.sq_depth == 0 || r.rq_depth == 0 || r.send_sge == 0 || r.qps_per_worker == 0 {
+                    return Err("rdma queue depths, SGE count and QP count must be positive".into());
+                }
+                if u64::from(r.cq_depth) < u64::from(r.qps_per_worker) * u64::from(r.sq_depth + r.rq_depth) {
+                    return Err(format!(
+                        "rdma.cq_depth {} is below qps_per_worker x (sq_depth + rq_depth): the CQ could overrun",
+                        r.cq_depth
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if self.tcp.connections_per_worker == 0 {
+            return Err("tcp.connections_per_worker must be positive".into());
+        }
+        Ok(())
+    }
+}
