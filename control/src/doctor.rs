@@ -77,9 +77,8 @@ fn hugepages(caps: &Capabilities, cfg: &Config, p: &Plan) -> Check {
     let free = pool.map_or(0, |pl| pl.free_on(node));
     let total_on_node = pool.map_or(0, |pl| pl.per_node.iter().find(|n| n.node == node).map_or(pl.total, |n| n.total));
     let fix = Some(format!(
-        "echo {} > /sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages   (at boot: deploy/hugepages.sh, or `hugepages={}` on the kernel command line)",
-        total_on_node + need.saturating_sub(free),
-        need.max(1)
+        "echo {n} > /sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages   (at every boot: deploy/hugepages.sh {node} {n})",
+        n = total_on_node + need.saturating_sub(free),
     ));
     let detail = format!("arenas need {need} x 2 MiB pages on node {node}; {free} free there");
     match (p.arena.backing, free >= need) {

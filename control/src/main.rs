@@ -77,6 +77,13 @@ fn probe_opts(sysfs_root: Option<PathBuf>) -> ProbeOptions {
     sysfs_root.map_or_else(ProbeOptions::default, |sysfs_root| ProbeOptions { sysfs_root })
 }
 
+/// Prints to stdout; a closed pipe (`ferryctl probe | head`) ends quietly.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).expect("plain data serialises")
 }
@@ -97,21 +104,21 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
     match cmd {
         Cmd::Probe { json: as_json, sysfs_root } => {
             let caps = hw::probe(&probe_opts(sysfs_root));
-            println!("{}", if as_json { json(&caps) } else { render::probe(&caps) });
+            emit(&if as_json { json(&caps) } else { render::probe(&caps) });
             Ok(0)
         }
         Cmd::Tune(a) => {
             let (caps, cfg) = inputs(&a)?;
             let plan = planner::plan(&caps, &cfg).map_err(|e| Fail(2, format!("cannot plan: {e}")))?;
             log::info!("plan: transport {}, {} worker(s) on node {}", plan.transport, plan.worker_cpus.len(), plan.numa_node);
-            println!("{}", if a.json { json(&plan) } else { render::plan(&plan) });
+            emit(&if a.json { json(&plan) } else { render::plan(&plan) });
             Ok(0)
         }
         Cmd::Doctor(a) => {
             let (caps, cfg) = inputs(&a)?;
             let plan = planner::plan(&caps, &cfg);
             let report = doctor::doctor(&caps, &cfg, plan.as_ref());
-            println!("{}", if a.json { json(&report) } else { render::doctor(&report) });
+            emit(&if a.json { json(&report) } else { render::doctor(&report) });
             Ok(if report.blocking { 1 } else { 0 })
         }
     }

@@ -23,9 +23,10 @@ const ZSTD1_RATIO: f64 = 3.16;
 /// One TCP stream carried 21 Gb/s (2.64 GB/s) through iperf3 on loopback here; a worker
 /// drives about that much TCP.
 const TCP_GBPS_PER_CORE: f64 = 20.0;
-/// Posting one-sided writes costs the CPU little per byte; one core is assumed to drive
-/// 100 Gb/s of RDMA WRITEs.
-const RDMA_GBPS_PER_CORE: f64 = 100.0;
+/// Posting one-sided writes costs the CPU little per byte, but zero-page detection reads
+/// every page once: single-thread memcpy ran at 10.1 GB/s here (`bench_raw.py`), so a
+/// worker scans about 80 Gb/s.
+const RDMA_GBPS_PER_CORE: f64 = 80.0;
 /// Cores from which one is kept for the control thread (and the OS).
 const RESERVE_CONTROL_FROM: usize = 4;
 /// Per-chunk cost (posting, completion, header) in microseconds, and the share of the
@@ -197,7 +198,11 @@ pub(super) fn workers(
     } else {
         let per_core = if transport == Transport::Rdma { RDMA_GBPS_PER_CORE } else { TCP_GBPS_PER_CORE };
         let for_link = (link.speed_gbps / per_core).ceil().max(1.0) as usize;
-        let mut why = format!("{} Gb/s at about {per_core} Gb/s per {} worker needs {for_link}", link.speed_gbps, if transport == Transport::Rdma { "RDMA" } else { "TCP" });
+        let mut why = format!(
+            "{} Gb/s at about {per_core} Gb/s per worker ({}) needs {for_link}",
+            link.speed_gbps,
+            if transport == Transport::Rdma { "zero-page scanning reads every page at memory speed" } else { "one TCP stream per core" }
+        );
         let mut want = for_link;
         if compression != Compression::Off {
             // Keep the link full of compressed data.
@@ -346,7 +351,7 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
             } else if !zc_ok || !io_uring {
                 "io_uring SEND_ZC is not available here".into()
             } else if !physical {
-                "loopback and virtio copy zero-copy sends anyway (measured: every notification said ZC_COPIED) and were slower".into()
+                "not a physical NIC: on loopback the kernel copies zero-copy sends anyway (every notification said ZC_COPIED) and they ran slower; virtio-net reports no speed to justify it".into()
             } else {
                 format!("at {} Gb/s a copy keeps up; zero-copy's page pinning and notifications only pay above 25 Gb/s", link.speed_gbps)
             };
