@@ -124,6 +124,7 @@ fn memlock(caps: &Capabilities, p: &Plan) -> Check {
 
 fn numa(caps: &Capabilities, p: &Plan) -> Check {
     let node_cpus: Vec<u32> = caps.numa_nodes.iter().find(|n| n.id == p.numa_node).map(|n| n.cpus()).unwrap_or_default();
+    let firsts: Vec<u32> = caps.numa_nodes.iter().find(|n| n.id == p.numa_node).map(|n| n.cores.iter().filter_map(|c| c.first().copied()).collect()).unwrap_or_default();
     let off: Vec<u32> = p.worker_cpus.iter().copied().filter(|c| !node_cpus.contains(c)).collect();
     let nic_node = p
         .rdma
@@ -143,7 +144,7 @@ fn numa(caps: &Capabilities, p: &Plan) -> Check {
             "numa",
             Status::Warn,
             format!("worker CPUs {off:?} are not on node {} where the NIC and arenas are", p.numa_node),
-            Some(format!("set `cpus = {node_cpus:?}` (or a subset) under [dataplane], or `cpus = \"auto\"`")),
+            Some(format!("set `cpus = {firsts:?}` (one hardware thread per core of node {}, or a subset) under [dataplane], or `cpus = \"auto\"`", p.numa_node)),
         );
     }
     let nic = match nic_node {
