@@ -2,8 +2,8 @@
 //! guest from `../shared/tools/rxe-vm`, with rxe0 on a virtio-net NIC.
 //!
 //! Needs qemu-system-x86_64 and the rxe initramfs (`scripts/setup.sh --test` installs and
-//! builds both). Without them the test prints `SKIP: <reason>`; with
-//! `FERRY_REQUIRE_RXE=1` (set by CI) it fails instead, so CI never skips it silently.
+//! builds both). Without them the test prints `SKIP: <reason>`; under CI (`CI` set) or with
+//! `FERRY_REQUIRE_RXE=1` it fails instead, so CI never skips it silently.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,8 +55,8 @@ fn section(log: &str, name: &str) -> String {
 #[test]
 fn probe_tune_doctor_on_soft_roce() {
     if let Some(why) = missing() {
-        if std::env::var_os("FERRY_REQUIRE_RXE").is_some() {
-            panic!("FERRY_REQUIRE_RXE is set but the Soft-RoCE guest cannot run: {why}");
+        if std::env::var_os("FERRY_REQUIRE_RXE").is_some() || std::env::var_os("CI").is_some() {
+            panic!("CI or FERRY_REQUIRE_RXE is set but the Soft-RoCE guest cannot run: {why}");
         }
         println!("SKIP: {why}");
         return;

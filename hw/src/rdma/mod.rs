@@ -168,7 +168,7 @@ fn port_state(s: sys::ibv_port_state::Type) -> PortState {
 
 /// `enum ibv_mtu` (1 = 256 ... 5 = 4096) in bytes.
 fn mtu_bytes(m: sys::ibv_mtu) -> u32 {
-    match m as u32 {
+    match m {
         n @ 1..=5 => 128 << n,
         _ => 0,
     }
