@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: lints (clippy, with undocumented unsafe blocks denied),
-# unit and integration tests, and the Soft-RoCE guest tests.
+# unit and integration tests, and the Soft-RoCE guest tests. Ends with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+grep -h '^SKIP:' "$log" | sort -u || true

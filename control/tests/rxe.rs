@@ -58,7 +58,7 @@ fn probe_tune_doctor_on_soft_roce() {
         if std::env::var_os("FERRY_REQUIRE_RXE").is_some() || std::env::var_os("CI").is_some() {
             panic!("CI or FERRY_REQUIRE_RXE is set but the Soft-RoCE guest cannot run: {why}");
         }
-        println!("SKIP: {why}");
+        hw::report_skip(&why);
         return;
     }
     let tools = shared_dir().join("tools/rxe-vm");

@@ -89,6 +89,14 @@ pub fn probe(opts: &ProbeOptions) -> Capabilities {
     }
 }
 
+/// Prints `SKIP: <reason>` for a test that cannot run on this machine. It writes to
+/// stderr directly, past the test harness's capture of `println!`, so a skipped test says
+/// so in every run instead of passing silently.
+pub fn report_skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+}
+
 fn kernel_info() -> KernelInfo {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

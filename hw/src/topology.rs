@@ -161,7 +161,7 @@ mod tests {
         let (hw, hw_nodes) = match probe_hwloc(&sys) {
             Ok(v) => v,
             Err(e) => {
-                println!("SKIP: hwloc cannot load this machine's topology: {e}");
+                crate::report_skip(&format!("hwloc cannot load this machine's topology: {e}"));
                 return;
             }
         };

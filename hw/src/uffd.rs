@@ -80,7 +80,7 @@ mod tests {
         let caps = super::probe();
         assert!(caps.available || caps.reason.is_some(), "{caps:?}");
         if !caps.available {
-            println!("SKIP: userfaultfd unavailable here: {:?}", caps.reason);
+            crate::report_skip(&format!("userfaultfd unavailable here: {:?}", caps.reason));
         }
     }
 }

@@ -253,7 +253,7 @@ mod tests {
                     assert!(d.attrs.max_qp_wr > 0, "{d:?}");
                 }
             }
-            Err(reason) => println!("SKIP: no RDMA on this machine: {reason}"),
+            Err(reason) => crate::report_skip(&format!("no RDMA on this machine: {reason}")),
         }
     }
 }
