@@ -8,6 +8,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
-     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
-grep -h '^SKIP:' "$log" | sort -u || true
+# Tests that could not run here printed `SKIP: <reason>`; they count as skipped, not passed.
+skips=$(grep -h '^SKIP:' "$log" | sort -u || true)
+[ -n "$skips" ] && echo "$skips"
+nskip=$(printf '%s' "$skips" | grep -c '^SKIP:' || true)
+awk -v nskip="$nskip" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p - nskip, f, s + nskip }' "$log"
