@@ -159,6 +159,28 @@ fn pick_gid(cfg: &Config, dev: &RdmaDevice, port: &RdmaPort) -> Result<Result<Op
         .ok_or_else(|| "RoCE port without a GID: give its netdev an IP address".to_string()))
 }
 
+/// A pinned value checked against the device's `limit`, or the derived one from `auto`;
+/// either way recorded with its reason.
+fn resolve(
+    r: &mut Reasons,
+    dev: &str,
+    field: &'static str,
+    pinned: Option<u64>,
+    limit: u64,
+    what: &str,
+    auto: &dyn Fn() -> (u64, String),
+) -> Result<u64, PlanError> {
+    let (v, because) = match pinned {
+        Some(v) if v > limit => {
+            return Err(PlanError::RdmaSetting { field, value: v.to_string(), why: format!("exceeds {what} {limit} of {dev}") });
+        }
+        Some(v) => (v, "pinned by config".to_string()),
+        None => auto(),
+    };
+    r.add(field, v, because);
+    Ok(v)
+}
+
 /// Rounds up to a power of two (0 -> 1).
 fn pow2(v: u64) -> u64 {
     v.max(1).next_power_of_two()
@@ -169,75 +191,43 @@ pub(super) fn queues(cfg: &Config, p: &PortChoice, link: &LinkPlan, workers: u32
     let a = &p.device.attrs;
     let dev = &p.device.name;
     let max_wr = u64::from(a.max_qp_wr);
-    let pinned = |field: &'static str, v: u64, limit: u64, what: &str| -> Result<u64, PlanError> {
-        if v > limit {
-            return Err(PlanError::RdmaSetting { field, value: v.to_string(), why: format!("exceeds {what} {limit} of {dev}") });
-        }
-        Ok(v)
-    };
-
-    // QPs per worker.
+    // QPs per worker. Every worker's QPs must fit max_qp, and each QP needs two CQ entries.
     let share = link.speed_gbps / f64::from(workers.max(1));
-    // Every worker's QPs must fit max_qp, and each QP needs two CQ entries at least.
     let max_qps_per_worker = (u64::from(a.max_qp) / u64::from(workers.max(1))).min(u64::from(a.max_cqe) / 2).max(1);
-    let qps = match cfg.rdma.qps_per_worker.value() {
-        Some(v) => {
-            r.add("qps_per_worker", v, "pinned by config");
-            pinned("qps_per_worker", v, max_qps_per_worker, "min(max_qp / workers, max_cqe / 2)")?
-        }
-        None => {
-            let want = ((share / GBPS_PER_QP).ceil() as u64).clamp(1, u64::from(MAX_QPS_PER_WORKER));
-            let v = want.min(max_qps_per_worker);
-            r.add(
-                "qps_per_worker",
-                v,
-                format!("each worker carries {share:.1} Gb/s; one RC QP is assumed to sustain {GBPS_PER_QP} Gb/s of 4 KiB writes (at most {MAX_QPS_PER_WORKER}, and max_qp {} over {workers} workers)", a.max_qp),
-            );
-            v
-        }
-    };
-
+    let qps = resolve(r, dev, "qps_per_worker", cfg.rdma.qps_per_worker.value(), max_qps_per_worker, "min(max_qp / workers, max_cqe / 2)", &|| {
+        let want = ((share / GBPS_PER_QP).ceil() as u64).clamp(1, u64::from(MAX_QPS_PER_WORKER));
+        (
+            want.min(max_qps_per_worker),
+            format!("each worker carries {share:.1} Gb/s; one RC QP is assumed to sustain {GBPS_PER_QP} Gb/s of 4 KiB writes (at most {MAX_QPS_PER_WORKER}, and max_qp {} over {workers} workers)", a.max_qp),
+        )
+    })?;
     // Send queue: enough 4 KiB writes in flight to cover the bandwidth-delay product plus
     // one signal interval, doubled for headroom.
     let bdp = link.bdp_bytes();
     let in_flight = bdp.div_ceil(PAGE) + u64::from(SIGNAL_INTERVAL);
-    let sq = match cfg.rdma.sq_depth.value() {
-        Some(v) => {
-            r.add("sq_depth", v, "pinned by config");
-            pinned("sq_depth", v, max_wr, "max_qp_wr")?
-        }
-        None => {
-            let v = pow2(2 * in_flight).max(MIN_QUEUE_DEPTH).min(max_wr);
-            r.add(
-                "sq_depth",
-                v,
-                format!(
-                    "bandwidth-delay product of {} Gb/s x {} us is {} B: {} scattered 4 KiB writes plus a signal interval of {SIGNAL_INTERVAL} in flight, doubled for headroom, at least {MIN_QUEUE_DEPTH} (perftest's default), capped by max_qp_wr {max_wr}",
-                    link.speed_gbps, link.rtt_us, bdp, bdp.div_ceil(PAGE)
-                ),
-            );
-            v
-        }
-    };
+    let sq = resolve(r, dev, "sq_depth", cfg.rdma.sq_depth.value(), max_wr, "max_qp_wr", &|| {
+        (
+            pow2(2 * in_flight).max(MIN_QUEUE_DEPTH).min(max_wr),
+            format!(
+                "bandwidth-delay product of {} Gb/s x {} us is {} B: {} scattered 4 KiB writes plus a signal interval of {SIGNAL_INTERVAL} in flight, doubled for headroom, at least {MIN_QUEUE_DEPTH} (perftest's default), capped by max_qp_wr {max_wr}",
+                link.speed_gbps, link.rtt_us, bdp, bdp.div_ceil(PAGE)
+            ),
+        )
+    })?;
     // Receive queue: one receive per WRITE_WITH_IMM / control message; credits keep the
     // sender from posting more than this.
-    let rq = match cfg.rdma.rq_depth.value() {
-        Some(v) => {
-            r.add("rq_depth", v, "pinned by config");
-            pinned("rq_depth", v, max_wr, "max_qp_wr")?
-        }
-        None => {
-            r.add("rq_depth", sq, "one receive per immediate-data completion; as deep as the send queue so receive credits never bind first");
-            sq
-        }
-    };
+    let rq = resolve(r, dev, "rq_depth", cfg.rdma.rq_depth.value(), max_wr, "max_qp_wr", &|| {
+        (sq, "one receive per immediate-data completion; as deep as the send queue so receive credits never bind first".into())
+    })?;
     // CQ: every send and receive of every QP of the worker may complete before the worker
     // polls; an overrun moves the QPs to the error state.
     let max_cqe = u64::from(a.max_cqe);
     let need = qps * (sq + rq);
     let (sq, rq, cq) = match cfg.rdma.cq_depth.value() {
         Some(v) => {
-            pinned("cq_depth", v, max_cqe, "max_cqe")?;
+            if v > max_cqe {
+                return Err(PlanError::RdmaSetting { field: "cq_depth", value: v.to_string(), why: format!("exceeds max_cqe {max_cqe} of {dev}") });
+            }
             if v < need {
                 return Err(PlanError::RdmaSetting {
                     field: "cq_depth",
@@ -266,46 +256,22 @@ pub(super) fn queues(cfg: &Config, p: &PortChoice, link: &LinkPlan, workers: u32
             (shrunk, shrunk, qps * 2 * shrunk)
         }
     };
-
     let max_sge = u64::from(a.max_sge);
-    let send_sge = match cfg.rdma.send_sge.value() {
-        Some(v) => {
-            r.add("send_sge", v, "pinned by config");
-            pinned("send_sge", v, max_sge, "max_sge")?
-        }
-        None => {
-            let want = (chunk / PAGE).max(1);
-            let v = want.min(max_sge);
-            r.add("send_sge", v, format!("a {} KiB chunk spans {want} pages; one work request gathers them (capped by max_sge {max_sge})", chunk / 1024));
-            v
-        }
-    };
-    let recv_sge = match cfg.rdma.recv_sge.value() {
-        Some(v) => {
-            r.add("recv_sge", v, "pinned by config");
-            pinned("recv_sge", v, max_sge, "max_sge")?
-        }
-        None => {
-            r.add("recv_sge", 1, "receives carry only control messages into one buffer; data arrives by RDMA WRITE");
-            1
-        }
-    };
+    let send_sge = resolve(r, dev, "send_sge", cfg.rdma.send_sge.value(), max_sge, "max_sge", &|| {
+        let want = (chunk / PAGE).max(1);
+        (want.min(max_sge), format!("a {} KiB chunk spans {want} pages; one work request gathers up to that many (capped by max_sge {max_sge})", chunk / 1024))
+    })?;
+    let recv_sge = resolve(r, dev, "recv_sge", cfg.rdma.recv_sge.value(), max_sge, "max_sge", &|| {
+        (1, "receives carry only control messages into one buffer; data arrives by RDMA WRITE".into())
+    })?;
     let max_inline = u64::from(p.device.max_inline_data.unwrap_or(0));
-    let inline = match cfg.rdma.inline_threshold_bytes.value() {
-        Some(v) => {
-            r.add("inline_threshold_bytes", v, "pinned by config");
-            pinned("inline_threshold_bytes", v, max_inline, "the probed max_inline_data")?
-        }
-        None => {
-            let v = max_inline.min(u64::from(INLINE_CAP));
-            let because = match p.device.max_inline_data {
-                None => "the inline limit was not probed on this device: nothing is sent inline".into(),
-                Some(m) => format!("control messages and credits go inline; {INLINE_CAP} B is perftest's default for RDMA WRITE on mlx5, capped by the device's probed limit {m} B"),
-            };
-            r.add("inline_threshold_bytes", v, because);
-            v
-        }
-    };
+    let inline = resolve(r, dev, "inline_threshold_bytes", cfg.rdma.inline_threshold_bytes.value(), max_inline, "the probed max_inline_data", &|| {
+        let because = match p.device.max_inline_data {
+            None => "the inline limit was not probed on this device: nothing is sent inline".into(),
+            Some(m) => format!("control messages and credits go inline; {INLINE_CAP} B is perftest's default for RDMA WRITE on mlx5, capped by the device's probed limit {m} B"),
+        };
+        (max_inline.min(u64::from(INLINE_CAP)), because)
+    })?;
     let signal_interval = SIGNAL_INTERVAL.min(u32::try_from(sq).unwrap_or(u32::MAX));
     r.add("signal_interval", signal_interval, format!("one CQE per {SIGNAL_INTERVAL} posts (at most the SQ depth): completion polling stays off the critical path while a full SQ still has signaled requests to reap"));
     let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
