@@ -4,3 +4,9 @@
 
 /// The resolved plan the data plane runs with.
 pub mod plan;
+/// Wire protocol v1: frame header, kinds, checks.
+pub mod wire;
+/// Frame I/O on a stream, and the session error type.
+pub mod conn;
+/// Pre-shared-key authentication (HMAC-SHA256 challenge-response both ways).
+pub mod auth;

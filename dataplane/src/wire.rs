@@ -1,0 +1,447 @@
+//! Wire protocol v1: frames, their header, and the checks every received frame passes
+//! before anything it carries is written.
+//!
+//! A session is one control connection plus one data connection per lane. Every
+//! connection starts with the same authenticated handshake (see [`crate::auth`]).
+//!
+//! ```text
+//!  sender                                                   receiver
+//!    │ control connection                                       │
+//!    │── HELLO (version, features, lane = CONTROL, nonce_c) ───►│
+//!    │◄── CHALLENGE (features, nonce_s, HMAC_k("srv"‖nc‖ns)) ───│  receiver proves the key
+//!    │── RESPONSE (HMAC_k("cli"‖ns‖nc)) ───────────────────────►│  sender proves the key
+//!    │◄── ACCEPT ───────────────────────────────────────────────│  (or ERROR, connection closed)
+//!    │── SESSION (page size, chunk size, lanes, regions) ──────►│  receiver checks and allocates
+//!    │◄── SESSION_OK (session id) ──────────────────────────────│
+//!    │ data connection per lane (same handshake, lane = i, session id)
+//!    │── DATA (region, offset, raw | zero | zstd, crc32c) ─────►│  bounds-checked, crc-checked,
+//!    │── DATA ... ─────────────────────────────────────────────►│  then written
+//!    │── LANE_END (frames, bytes) ─────────────────────────────►│
+//!    │ control connection
+//!    │── DONE (digest of the source) ──────────────────────────►│  after every lane ended,
+//!    │◄── RESULT (digest of the destination, verdict) ──────────│  digests the destination
+//! ```
+//!
+//! Every frame is a 32-byte [`Header`] followed by `length` payload bytes. The header's
+//! `crc` is CRC-32C over the header (with `crc` zero) and the payload. A zeroed header is
+//! invalid (wrong magic). Integers are little-endian.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// "FRY1" read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 32;
+/// The largest payload a frame may carry: a chunk (at most 1 MiB by the planner, 64 MiB
+/// if pinned) plus zstd's worst-case expansion. Larger lengths are rejected before any
+/// allocation.
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// The largest region a session may describe (1 PiB), to keep offset arithmetic far from
+/// overflow.
+pub const MAX_REGION: u64 = 1 << 50;
+/// Regions per session.
+pub const MAX_REGIONS: usize = 256;
+/// Lane number of the control connection.
+pub const CONTROL_LANE: u16 = u16::MAX;
+
+/// Feature bits offered in HELLO and accepted in CHALLENGE.
+pub mod features {
+    /// zstd-encoded data frames.
+    pub const ZSTD: u64 = 1 << 0;
+    /// The connection runs without authentication (both sides must say so).
+    pub const NO_AUTH: u64 = 1 << 1;
+    /// Every feature this build understands.
+    pub const ALL: u64 = ZSTD | NO_AUTH;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Challenge = 2,
+    Response = 3,
+    Accept = 4,
+    Session = 5,
+    SessionOk = 6,
+    Data = 7,
+    LaneEnd = 8,
+    Done = 9,
+    Result = 10,
+    Error = 11,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Response,
+            4 => Accept,
+            5 => Session,
+            6 => SessionOk,
+            7 => Data,
+            8 => LaneEnd,
+            9 => Done,
+            10 => Result,
+            11 => Error,
+            _ => return None,
+        })
+    }
+}
+
+/// How a DATA frame's payload encodes its `raw_len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    /// The payload is the bytes.
+    Raw = 0,
+    /// No payload: `raw_len` zero bytes.
+    Zero = 1,
+    /// The payload is one zstd frame that decompresses to exactly `raw_len` bytes.
+    Zstd = 2,
+}
+
+/// The frame header, as it is on the wire.
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, PartialEq, Eq)]
+#[repr(C)]
+pub struct Header {
+    pub magic: U32,
+    pub kind: u8,
+    pub encoding: u8,
+    pub flags: U16,
+    pub region: U32,
+    /// Payload bytes following the header.
+    pub length: U32,
+    /// DATA: destination offset in the region.
+    pub offset: U64,
+    /// DATA: decoded length.
+    pub raw_len: U32,
+    pub crc: U32,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_LEN);
+
+/// A frame that fails a check. Each names what was wrong; none is ever written.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("bad magic {0:#010x}: not a ferry v1 peer, or the stream lost sync")]
+    Magic(u32),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("unknown data encoding {0}")]
+    Encoding(u8),
+    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte maximum")]
+    Oversized(u32),
+    #[error("checksum mismatch: header says {expected:#010x}, payload hashes to {actual:#010x}")]
+    Checksum { expected: u32, actual: u32 },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: Kind, got: Kind },
+    #[error("malformed {kind:?} payload: {why}")]
+    Payload { kind: Kind, why: String },
+    #[error("data frame for region {region}, but the session has {regions} region(s)")]
+    Region { region: u32, regions: usize },
+    #[error("data frame at offset {offset} + {len} bytes runs past the end of region {region} ({size} bytes)")]
+    OutOfBounds { region: u32, offset: u64, len: u32, size: u64 },
+    #[error("data frame at offset {offset} is not aligned to the {page}-byte page size")]
+    Unaligned { offset: u64, page: u32 },
+    #[error("{encoding:?} data frame carries {length} payload bytes for {raw_len} decoded bytes")]
+    Lengths { encoding: Encoding, length: u32, raw_len: u32 },
+    #[error("zstd payload decodes to {got} bytes, the header says {want}")]
+    Decompress { want: u32, got: String },
+}
+
+impl Header {
+    pub fn new(kind: Kind, length: u32) -> Header {
+        Header { magic: MAGIC.into(), kind: kind as u8, length: length.into(), ..Header::default() }
+    }
+
+    pub fn data(encoding: Encoding, region: u32, offset: u64, raw_len: u32, length: u32) -> Header {
+        Header {
+            magic: MAGIC.into(),
+            kind: Kind::Data as u8,
+            encoding: encoding as u8,
+            region: region.into(),
+            length: length.into(),
+            offset: offset.into(),
+            raw_len: raw_len.into(),
+            ..Header::default()
+        }
+    }
+
+    /// Fills in the CRC-32C over the header (crc zero) and the payload.
+    pub fn seal(mut self, payload: &[u8]) -> Header {
+        self.crc = 0.into();
+        self.crc = checksum(&self, payload).into();
+        self
+    }
+
+    /// The checks a header passes before its payload is read: magic, kind, encoding and
+    /// size. Returns the kind.
+    pub fn check(&self) -> Result<Kind, FrameError> {
+        if self.magic.get() != MAGIC {
+            return Err(FrameError::Magic(self.magic.get()));
+        }
+        let kind = Kind::from_u8(self.kind).ok_or(FrameError::Kind(self.kind))?;
+        if self.length.get() > MAX_PAYLOAD {
+            return Err(FrameError::Oversized(self.length.get()));
+        }
+        if kind == Kind::Data {
+            self.encoding()?;
+        }
+        Ok(kind)
+    }
+
+    pub fn encoding(&self) -> Result<Encoding, FrameError> {
+        match self.encoding {
+            0 => Ok(Encoding::Raw),
+            1 => Ok(Encoding::Zero),
+            2 => Ok(Encoding::Zstd),
+            e => Err(FrameError::Encoding(e)),
+        }
+    }
+
+    /// Verifies the CRC once the payload is in.
+    pub fn verify(&self, payload: &[u8]) -> Result<(), FrameError> {
+        let mut h = *self;
+        h.crc = 0.into();
+        let actual = checksum(&h, payload);
+        if actual != self.crc.get() {
+            return Err(FrameError::Checksum { expected: self.crc.get(), actual });
+        }
+        Ok(())
+    }
+}
+
+fn checksum(h: &Header, payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(h.as_bytes()), payload)
+}
+
+/// The layout a receiver accepted: what DATA frames are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub page_size: u32,
+    pub max_chunk: u32,
+    pub regions: Vec<u64>,
+}
+
+impl Layout {
+    /// Every check a DATA header must pass against the session before its payload may be
+    /// decoded into the destination: region, page alignment, bounds, length consistency.
+    pub fn check_data(&self, h: &Header) -> Result<(Encoding, u32, u64, u32), FrameError> {
+        let encoding = h.encoding()?;
+        let (region, offset, raw_len, length) = (h.region.get(), h.offset.get(), h.raw_len.get(), h.length.get());
+        let size = *self
+            .regions
+            .get(region as usize)
+            .ok_or(FrameError::Region { region, regions: self.regions.len() })?;
+        if offset % u64::from(self.page_size) != 0 {
+            return Err(FrameError::Unaligned { offset, page: self.page_size });
+        }
+        if offset.checked_add(u64::from(raw_len)).is_none_or(|end| end > size) {
+            return Err(FrameError::OutOfBounds { region, offset, len: raw_len, size });
+        }
+        let lengths_ok = raw_len > 0
+            && raw_len <= self.max_chunk
+            && match encoding {
+                Encoding::Raw => length == raw_len,
+                Encoding::Zero => length == 0,
+                Encoding::Zstd => length > 0,
+            };
+        if !lengths_ok {
+            return Err(FrameError::Lengths { encoding, length, raw_len });
+        }
+        Ok((encoding, region, offset, raw_len))
+    }
+}
+
+/// HELLO payload.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Hello {
+    pub version: U16,
+    pub lane: U16,
+    pub _pad: U32,
+    pub features: U64,
+    pub session: U64,
+    pub nonce: [u8; 32],
+}
+
+/// CHALLENGE payload.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Challenge {
+    pub version: U16,
+    pub _pad: [u8; 6],
+    pub features: U64,
+    pub nonce: [u8; 32],
+    pub mac: [u8; 32],
+}
+
+/// RESPONSE payload.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Response {
+    pub mac: [u8; 32],
+}
+
+/// SESSION payload: this struct, then `regions` region sizes (U64 each).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct SessionDesc {
+    pub page_size: U32,
+    pub max_chunk: U32,
+    pub lanes: U16,
+    pub regions: U16,
+    pub _pad: U32,
+}
+
+/// SESSION_OK payload.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct SessionOk {
+    pub session: U64,
+}
+
+/// LANE_END payload.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct LaneEnd {
+    pub frames: U64,
+    pub bytes: U64,
+}
+
+/// DONE and RESULT payload: a digest of the region(s), and for RESULT the verdict.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Digest {
+    pub digest: [u8; 16],
+    pub bytes: U64,
+    /// RESULT: 1 when the receiver's digest matched the sender's.
+    pub ok: U32,
+    pub _pad: U32,
+}
+
+/// Parses a fixed-size payload.
+pub fn parse<T: FromBytes + KnownLayout + Immutable + Copy>(kind: Kind, payload: &[u8]) -> Result<T, FrameError> {
+    T::read_from_bytes(payload).map_err(|_| FrameError::Payload {
+        kind,
+        why: format!("{} bytes, expected {}", payload.len(), std::mem::size_of::<T>()),
+    })
+}
+
+/// Parses a SESSION payload into a layout, checking every field.
+pub fn parse_session(payload: &[u8]) -> Result<(Layout, u16), FrameError> {
+    let bad = |why: String| FrameError::Payload { kind: Kind::Session, why };
+    let (desc, rest) = SessionDesc::read_from_prefix(payload).map_err(|_| bad(format!("{} bytes is too short", payload.len())))?;
+    let n = usize::from(desc.regions.get());
+    if n == 0 || n > MAX_REGIONS {
+        return Err(bad(format!("{n} regions (1..={MAX_REGIONS} allowed)")));
+    }
+    let sizes = <[U64]>::ref_from_bytes(rest).map_err(|_| bad(format!("{} bytes of region sizes for {n} regions", rest.len())))?;
+    if sizes.len() != n {
+        return Err(bad(format!("{} region sizes for {n} regions", sizes.len())));
+    }
+    let page = desc.page_size.get();
+    if !page.is_power_of_two() || !(512..=(1 << 30)).contains(&page) {
+        return Err(bad(format!("page size {page}")));
+    }
+    let chunk = desc.max_chunk.get();
+    if chunk == 0 || chunk > MAX_PAYLOAD || chunk % page != 0 {
+        return Err(bad(format!("chunk size {chunk} (a multiple of the page size up to {MAX_PAYLOAD})")));
+    }
+    let lanes = desc.lanes.get();
+    if lanes == 0 || lanes == CONTROL_LANE {
+        return Err(bad(format!("{lanes} lanes")));
+    }
+    let regions: Vec<u64> = sizes.iter().map(|s| s.get()).collect();
+    if let Some(s) = regions.iter().find(|&&s| s > MAX_REGION) {
+        return Err(bad(format!("region of {s} bytes exceeds {MAX_REGION}")));
+    }
+    Ok((Layout { page_size: page, max_chunk: chunk, regions }, lanes))
+}
+
+/// Builds a SESSION payload.
+pub fn session_payload(layout: &Layout, lanes: u16) -> Vec<u8> {
+    let desc = SessionDesc {
+        page_size: layout.page_size.into(),
+        max_chunk: layout.max_chunk.into(),
+        lanes: lanes.into(),
+        regions: (layout.regions.len() as u16).into(),
+        _pad: 0.into(),
+    };
+    let mut out = desc.as_bytes().to_vec();
+    for &s in &layout.regions {
+        out.extend_from_slice(U64::new(s).as_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout { page_size: 4096, max_chunk: 1 << 20, regions: vec![1 << 30, 8192] }
+    }
+
+    #[test]
+    fn zeroed_header_is_invalid() {
+        assert_eq!(Header::default().check(), Err(FrameError::Magic(0)));
+    }
+
+    #[test]
+    fn seal_and_verify() {
+        let payload = b"hello world";
+        let h = Header::data(Encoding::Raw, 0, 4096, 11, 11).seal(payload);
+        assert_eq!(h.check(), Ok(Kind::Data));
+        h.verify(payload).unwrap();
+        assert!(matches!(h.verify(b"hello worle"), Err(FrameError::Checksum { .. })));
+        let mut flipped = h;
+        flipped.offset = 8192.into();
+        assert!(flipped.verify(payload).is_err(), "the header is covered too");
+    }
+
+    #[test]
+    fn header_checks() {
+        let mut h = Header::new(Kind::Data, 0);
+        h.kind = 99;
+        assert_eq!(h.check(), Err(FrameError::Kind(99)));
+        let h = Header::new(Kind::Hello, MAX_PAYLOAD + 1);
+        assert_eq!(h.check(), Err(FrameError::Oversized(MAX_PAYLOAD + 1)));
+        let mut h = Header::data(Encoding::Raw, 0, 0, 1, 1);
+        h.encoding = 7;
+        assert_eq!(h.check(), Err(FrameError::Encoding(7)));
+    }
+
+    #[test]
+    fn data_bounds() {
+        let l = layout();
+        assert!(l.check_data(&Header::data(Encoding::Raw, 0, 0, 4096, 4096)).is_ok());
+        assert!(l.check_data(&Header::data(Encoding::Zero, 1, 4096, 4096, 0)).is_ok());
+        assert!(matches!(l.check_data(&Header::data(Encoding::Raw, 2, 0, 4096, 4096)), Err(FrameError::Region { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Zero, 1, 8192, 4096, 0)), Err(FrameError::OutOfBounds { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Zero, 0, u64::MAX - 4095, 4096, 0)), Err(FrameError::OutOfBounds { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Raw, 0, 100, 4096, 4096)), Err(FrameError::Unaligned { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Raw, 0, 0, 4096, 100)), Err(FrameError::Lengths { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Zero, 0, 0, 4096, 5)), Err(FrameError::Lengths { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Raw, 0, 0, 2 << 20, 2 << 20)), Err(FrameError::Lengths { .. })));
+        assert!(matches!(l.check_data(&Header::data(Encoding::Zstd, 0, 0, 4096, 0)), Err(FrameError::Lengths { .. })));
+    }
+
+    #[test]
+    fn session_round_trip_and_rejects() {
+        let p = session_payload(&layout(), 4);
+        assert_eq!(parse_session(&p).unwrap(), (layout(), 4));
+        assert!(parse_session(&p[..p.len() - 1]).is_err());
+        assert!(parse_session(&p[..10]).is_err());
+        let mut bad = layout();
+        bad.page_size = 3000;
+        assert!(parse_session(&session_payload(&bad, 1)).is_err());
+        let mut bad = layout();
+        bad.regions = vec![MAX_REGION + 1];
+        assert!(parse_session(&session_payload(&bad, 1)).is_err());
+        assert!(parse_session(&session_payload(&layout(), 0)).is_err());
+    }
+}
