@@ -10,3 +10,7 @@ pub mod wire;
 pub mod conn;
 /// Pre-shared-key authentication (HMAC-SHA256 challenge-response both ways).
 pub mod auth;
+/// The end-to-end region digest.
+pub mod digest;
+/// Chunks into frames (zero pages, zstd) and back.
+pub mod encode;

@@ -11,6 +11,8 @@ pub mod caps;
 pub mod rdma;
 /// sysfs reads under an injectable root.
 pub mod sysfs;
+/// Read-only file mappings and per-worker arenas (hugepage ladder, mlock).
+pub mod memmap;
 
 /// Hugepages, THP, memlock and CAP_IPC_LOCK.
 mod memory;

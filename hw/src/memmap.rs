@@ -1,0 +1,160 @@
+//! Memory mappings: a read-only view of a file or memfd (the source of a transfer), and
+//! per-worker arenas on the hugepage ladder (reserved 2 MiB pages, THP, normal pages),
+//! locked in memory when asked.
+
+use std::fs::File;
+use std::io;
+
+use memmap2::{Advice, Mmap, MmapMut, MmapOptions};
+
+/// A read-only mapping of a whole file.
+#[derive(Debug)]
+pub struct SourceMap {
+    map: Option<Mmap>,
+}
+
+impl SourceMap {
+    /// Maps `file` read-only. The caller must not let the file shrink while the mapping
+    /// is used (reading a truncated page raises SIGBUS); concurrent writers give torn data,
+    /// which the transfer's digest reports.
+    pub fn new(file: &File) -> io::Result<SourceMap> {
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(SourceMap { map: None });
+        }
+        // SAFETY: the mapping is private to this value and read-only. Another process may
+        // still write the file (a VMM's guest memory changes under us by design); that
+        // changes what we read, not Rust's aliasing guarantees for memory we own, and the
+        // end-to-end digest catches a torn source. Shrinking the file is the caller's
+        // documented obligation above.
+        let map = unsafe { MmapOptions::new().len(len as usize).map(file)? };
+        let _ = map.advise(Advice::Sequential);
+        Ok(SourceMap { map: Some(map) })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// What backs an arena, after the ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArenaKind {
+    Hugetlb2m,
+    Thp,
+    Normal,
+}
+
+/// A worker's buffer memory: anonymous, owned by one thread, optionally locked.
+#[derive(Debug)]
+pub struct Arena {
+    map: MmapMut,
+    kind: ArenaKind,
+    locked: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArenaError {
+    #[error("mapping a {bytes}-byte arena failed: {source}")]
+    Map { bytes: usize, source: io::Error },
+    #[error("mlock of a {bytes}-byte arena failed ({source}): RLIMIT_MEMLOCK is too low; run `ferryctl doctor` for the fix")]
+    MemlockTooLow { bytes: usize, source: io::Error },
+}
+
+impl Arena {
+    /// Maps `bytes` on the first rung of the ladder that works, starting at `want`; each
+    /// rung that fails is reported in the returned notes (for one log line per fallback).
+    pub fn new(bytes: usize, want: ArenaKind, lock: bool) -> Result<(Arena, Vec<String>), ArenaError> {
+        let mut notes = Vec::new();
+        let mut kind = want;
+        let map = loop {
+            let attempt = match kind {
+                ArenaKind::Hugetlb2m => MmapOptions::new().len(bytes).huge(Some(21)).map_anon(),
+                ArenaKind::Thp | ArenaKind::Normal => MmapOptions::new().len(bytes).map_anon(),
+            };
+            match (attempt, kind) {
+                (Ok(m), ArenaKind::Thp) => {
+                    if let Err(e) = m.advise(Advice::HugePage) {
+                        notes.push(format!("madvise(MADV_HUGEPAGE) failed ({e}): normal pages"));
+                        kind = ArenaKind::Normal;
+                    }
+                    break m;
+                }
+                (Ok(m), _) => break m,
+                (Err(e), ArenaKind::Hugetlb2m) => {
+                    notes.push(format!("no free 2 MiB hugepages for a {} MiB arena ({e}): transparent hugepages instead", bytes >> 20));
+                    kind = ArenaKind::Thp;
+                }
+                (Err(source), _) => return Err(ArenaError::Map { bytes, source }),
+            }
+        };
+        let mut arena = Arena { map, kind, locked: false };
+        if lock {
+            arena.map.lock().map_err(|source| ArenaError::MemlockTooLow { bytes, source })?;
+            arena.locked = true;
+        }
+        Ok((arena, notes))
+    }
+
+    pub fn kind(&self) -> ArenaKind {
+        self.kind
+    }
+
+    pub fn locked(&self) -> bool {
+        self.locked
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_map_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"abcdef").unwrap();
+        let m = SourceMap::new(&File::open(&p).unwrap()).unwrap();
+        assert_eq!(m.as_slice(), b"abcdef");
+        std::fs::write(&p, b"").unwrap();
+        assert!(SourceMap::new(&File::open(&p).unwrap()).unwrap().as_slice().is_empty());
+    }
+
+    #[test]
+    fn arena_ladder_ends_somewhere_usable() {
+        let (mut a, notes) = Arena::new(4 << 20, ArenaKind::Hugetlb2m, false).unwrap();
+        assert_eq!(a.len(), 4 << 20);
+        a.as_mut_slice()[4096] = 7;
+        assert_eq!(a.as_slice()[4096], 7);
+        if a.kind() != ArenaKind::Hugetlb2m {
+            assert!(!notes.is_empty(), "a fallback is always explained");
+        }
+    }
+
+    #[test]
+    fn arena_lock_obeys_memlock() {
+        match Arena::new(2 << 20, ArenaKind::Normal, true) {
+            Ok((a, _)) => assert!(a.locked()),
+            Err(e) => {
+                assert!(matches!(e, ArenaError::MemlockTooLow { .. }), "{e}");
+                crate::report_skip(&format!("cannot mlock 2 MiB here: {e}"));
+            }
+        }
+    }
+}
