@@ -12,3 +12,5 @@ pub mod doctor;
 pub mod render;
 /// Reading a capabilities file.
 pub mod capsfile;
+/// `ferryctl send` / `recv` with the embedded data plane.
+pub mod transfer;

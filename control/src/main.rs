@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use control::config::Config;
-use control::{capsfile, doctor, planner, render};
+use control::{capsfile, doctor, planner, render, transfer};
 use hw::{Capabilities, ProbeOptions};
 
 #[derive(Parser, Debug)]
@@ -39,6 +39,55 @@ enum Cmd {
     Tune(PlanArgs),
     /// Preflight checks for the plan, each failure with its fix. Exit 1 if one blocks the plan.
     Doctor(PlanArgs),
+    /// Send a file or memfd-backed region to a `ferryctl recv` (embedded data plane).
+    Send {
+        /// Receiver address, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// The file (or /proc/PID/fd/N of a memfd) to send.
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        t: TransferArgs,
+        /// auto (the plan's), tcp (io_uring), sockets, or rdma.
+        #[arg(long)]
+        transport: Option<String>,
+        /// off, zstd:N (1-19), or auto (compress only while it finishes sooner).
+        #[arg(long)]
+        compress: Option<String>,
+    },
+    /// Receive one region into a file, written as OUT.partial and renamed once the digest matches.
+    Recv {
+        /// Address to listen on, HOST:PORT.
+        #[arg(long)]
+        listen: String,
+        /// Destination file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        t: TransferArgs,
+    },
+    /// Write a new random pre-shared key (mode 0600).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct TransferArgs {
+    /// Pre-shared key file (hex, mode 0600), the same on both sides.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Run without authentication (both sides must say so).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// ferry config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the transfer report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +163,15 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             emit(&if a.json { json(&plan) } else { render::plan(&plan) });
             Ok(0)
         }
+        Cmd::Send { to, file, t, transport, compress } => {
+            let (auth, plan) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
+            report(transfer::send(&to, &file, auth, &plan, !t.json), t.json)
+        }
+        Cmd::Recv { listen, out, t } => {
+            let (auth, plan) = transfer_setup(&t, None, None)?;
+            report(transfer::recv(&listen, &out, auth, &plan, !t.json), t.json)
+        }
+        Cmd::Keygen { out } => keygen(&out),
         Cmd::Doctor(a) => {
             let (caps, cfg) = inputs(&a)?;
             let plan = planner::plan(&caps, &cfg);
@@ -122,4 +180,36 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(if report.blocking { 1 } else { 0 })
         }
     }
+}
+
+fn transfer_setup(t: &TransferArgs, transport: Option<&str>, compress: Option<&str>) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan), Fail> {
+    let auth = transfer::auth(t.key.as_deref(), t.insecure_no_auth).map_err(|e| Fail(2, e))?;
+    let mut cfg = match &t.config {
+        Some(path) => Config::load(path).map_err(|e| Fail(2, e.to_string()))?,
+        None => Config::default(),
+    };
+    transfer::override_config(&mut cfg, transport, compress).map_err(|e| Fail(2, e))?;
+    let caps = hw::probe(&ProbeOptions::default());
+    let plan = transfer::transfer_plan(&caps, &cfg).map_err(|e| Fail(2, format!("cannot plan: {e}")))?;
+    Ok((auth, plan))
+}
+
+fn report(r: Result<dataplane::engine::Report, String>, as_json: bool) -> Result<u8, Fail> {
+    let r = r.map_err(|e| Fail(1, e))?;
+    emit(&if as_json { json(&r) } else { transfer::summary(&r) });
+    Ok(0)
+}
+
+fn keygen(out: &std::path::Path) -> Result<u8, Fail> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let hex = dataplane::auth::Key::generate_hex().map_err(|e| Fail(1, format!("no randomness: {e}")))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| Fail(2, format!("cannot create {}: {e}", out.display())))?;
+    writeln!(f, "{hex}").map_err(|e| Fail(1, format!("cannot write {}: {e}", out.display())))?;
+    Ok(0)
 }

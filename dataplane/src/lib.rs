@@ -14,3 +14,5 @@ pub mod auth;
 pub mod digest;
 /// Chunks into frames (zero pages, zstd) and back.
 pub mod encode;
+/// Sending and receiving a region.
+pub mod engine;

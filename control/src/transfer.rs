@@ -1,0 +1,112 @@
+//! `ferryctl send` and `ferryctl recv` with the embedded data plane: plan from the probe
+//! and the config, then run the transfer, with a progress bar on a terminal and a JSON
+//! report on request.
+
+use std::io::IsTerminal;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dataplane::auth::{Auth, Key};
+use dataplane::engine::Report;
+use dataplane::engine::recv::{RecvOptions, recv_file};
+use dataplane::engine::send::{SendOptions, send_file};
+use dataplane::plan::{Plan, Transport};
+use hw::Capabilities;
+
+use crate::config::{CompressionChoice, Config, TransportChoice};
+use crate::planner;
+
+/// The plan a transfer runs with. RDMA's data path is not built yet: where the planner
+/// picks it on its own, TCP is used instead, and said once.
+pub fn transfer_plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, planner::PlanError> {
+    let plan = planner::plan(caps, cfg)?;
+    if plan.transport != Transport::Rdma {
+        return Ok(plan);
+    }
+    if cfg.dataplane.transport == TransportChoice::Rdma {
+        return Err(planner::PlanError::RdmaUnavailable { why: "ferry's RDMA data path is not built yet; use --transport tcp".into() });
+    }
+    log::warn!("the plan picks RDMA, but ferry's RDMA data path is not built yet: moving the data over TCP");
+    let mut tcp = cfg.clone();
+    tcp.dataplane.transport = if caps.io_uring.available { TransportChoice::Tcp } else { TransportChoice::Sockets };
+    planner::plan(caps, &tcp)
+}
+
+/// Applies `--transport` and `--compress` to the config.
+pub fn override_config(cfg: &mut Config, transport: Option<&str>, compress: Option<&str>) -> Result<(), String> {
+    if let Some(t) = transport {
+        cfg.dataplane.transport = match t {
+            "auto" => TransportChoice::Auto,
+            "rdma" => TransportChoice::Rdma,
+            "tcp" => TransportChoice::Tcp,
+            "sockets" => TransportChoice::Sockets,
+            _ => return Err(format!("--transport {t}: use auto, rdma, tcp or sockets")),
+        };
+    }
+    if let Some(c) = compress {
+        cfg.migration.compression = c.parse::<CompressionChoice>().map_err(|e| format!("--compress: {e}"))?;
+    }
+    Ok(())
+}
+
+pub fn auth(key: Option<&Path>, insecure: bool) -> Result<Auth, String> {
+    match (key, insecure) {
+        (Some(_), true) => Err("give either --key FILE or --insecure-no-auth, not both".into()),
+        (Some(p), false) => Key::load(p).map(Auth::Key).map_err(|e| e.to_string()),
+        (None, true) => Ok(Auth::Insecure),
+        (None, false) => Err("no --key FILE given: peers authenticate with a pre-shared key (`ferryctl keygen --out FILE` makes one); --insecure-no-auth turns that off".into()),
+    }
+}
+
+/// Runs `f` while a progress bar (stderr, terminals only) follows `counter` up to `total`.
+fn with_progress<T>(total: u64, show: bool, counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    if !show || !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            while !stop.load(Ordering::Relaxed) {
+                bar.set_position(counter.load(Ordering::Relaxed));
+                // A display refresh, not a synchronisation: the transfer never waits on it.
+                std::thread::park_timeout(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        let r = f();
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, show_progress: bool) -> Result<Report, String> {
+    let total = std::fs::metadata(file).map(|m| m.len()).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let progress = AtomicU64::new(0);
+    let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress) };
+    with_progress(total, show_progress, &progress, || send_file(file, &opts)).map_err(|e| e.to_string())
+}
+
+pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bool) -> Result<Report, String> {
+    let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    log::info!("listening on {}", listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string()));
+    // The size is known once the sender describes the session; the bar shows bytes so far.
+    let progress = AtomicU64::new(0);
+    let opts = RecvOptions { auth, plan, progress: Some(&progress) };
+    with_progress(0, show_progress, &progress, || recv_file(&listener, out, &opts)).map_err(|e| e.to_string())
+}
+
+/// One line for a terminal.
+pub fn summary(r: &Report) -> String {
+    let ratio = if r.compressed_out_bytes > 0 { format!(", zstd {:.2}x on {} MiB", r.compressed_in_bytes as f64 / r.compressed_out_bytes as f64, r.compressed_in_bytes >> 20) } else { String::new() };
+    format!(
+        "{}: {} bytes in {:.3} s = {:.2} GB/s ({} wire bytes, {} zero pages skipped{ratio}), {} lane(s), {:.2} CPU s/GiB, transport {}, digest {} matches",
+        r.role, r.bytes, r.seconds, r.gbps, r.wire_bytes, r.zero_pages, r.lanes, r.cpu_seconds_per_gib, r.transport, r.digest
+    )
+}

@@ -1,0 +1,75 @@
+//! Moving a region: the sender's workers ([`send`]) and the receiver's lanes ([`recv`]).
+//!
+//! One worker thread per planned CPU, pinned; each owns its connections (lanes), its
+//! encoder (zstd context, buffers) and its counters. Workers take chunks from a shared
+//! counter (one atomic add per chunk) and share nothing else on the hot path.
+
+pub mod recv;
+pub mod send;
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::conn::SessionError;
+
+/// Page size for zero-page detection, alignment and the digest.
+pub const PAGE: usize = 4096;
+/// A peer silent this long is treated as gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a transfer did, for `--json` and the progress line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub role: &'static str,
+    /// Region bytes moved.
+    pub bytes: u64,
+    /// Bytes on the wire (headers and payloads).
+    pub wire_bytes: u64,
+    pub seconds: f64,
+    /// Region bytes per second, in GB/s (10^9).
+    pub gbps: f64,
+    pub zero_pages: u64,
+    /// Region bytes sent compressed, and what they compressed to.
+    pub compressed_in_bytes: u64,
+    pub compressed_out_bytes: u64,
+    pub frames: u64,
+    pub lanes: u32,
+    pub workers: u32,
+    /// user + system CPU seconds of the process per GiB of region.
+    pub cpu_seconds_per_gib: f64,
+    pub transport: String,
+    pub compression: String,
+    pub digest: String,
+    pub digest_match: bool,
+}
+
+/// CPU seconds (user + system) this process has used.
+pub(crate) fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 * 1e-6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Socket options every data connection gets: no Nagle delay (frames are written whole,
+/// and the last frame of a round must not wait for an ACK), and a timeout that turns a
+/// silent peer into an error.
+pub(crate) fn tune_socket(s: &TcpStream) -> Result<(), SessionError> {
+    s.set_nodelay(true).map_err(|e| SessionError::io("setting TCP_NODELAY", e))?;
+    s.set_read_timeout(Some(IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+    s.set_write_timeout(Some(IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a write timeout", e))?;
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`; a failure is logged, not fatal (containers may
+/// restrict the CPU set).
+pub(crate) fn pin(cpu: u32) {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu as usize }) {
+        log::warn!("could not pin a worker to CPU {cpu}: it runs unpinned");
+    }
+}

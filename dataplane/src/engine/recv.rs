@@ -1,0 +1,246 @@
+//! The receiving side: accepts one session, writes its region into a file, digests the
+//! result and answers the sender. The destination is written to `OUT.partial` and renamed
+//! to `OUT` only once the digests match; any failure removes it.
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use zerocopy::IntoBytes;
+
+use super::{IDLE_TIMEOUT, PAGE, Report, cpu_seconds, tune_socket};
+use crate::auth::{Auth, server_handshake};
+use crate::conn::{SessionError, expect_frame, read_header, read_payload, send_error, write_frame};
+use crate::digest::Digest;
+use crate::encode::Decoder;
+use crate::plan::Plan;
+use crate::wire::{self, CONTROL_LANE, Encoding, FrameError, HEADER_LEN, Kind, Layout};
+
+#[derive(Debug)]
+pub struct RecvOptions<'a> {
+    pub auth: Auth,
+    pub plan: &'a Plan,
+    /// Region bytes received so far, for a progress bar.
+    pub progress: Option<&'a AtomicU64>,
+}
+
+/// `OUT.partial`, removed on drop unless the transfer was confirmed.
+struct Partial {
+    path: PathBuf,
+    done: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct LaneStats {
+    frames: u64,
+    wire_bytes: u64,
+    zero_pages: u64,
+    compressed_in: u64,
+    compressed_out: u64,
+}
+
+/// Receives one session on `listener` into the file `out`.
+pub fn recv_file(listener: &TcpListener, out: &Path, opts: &RecvOptions<'_>) -> Result<Report, SessionError> {
+    let (mut ctl, peer) = listener.accept().map_err(|e| SessionError::io("accepting the control connection", e))?;
+    tune_socket(&ctl)?;
+    let t0 = Instant::now();
+    let cpu0 = cpu_seconds();
+    let r = session(listener, &mut ctl, out, opts, t0, cpu0);
+    match &r {
+        Err(SessionError::Peer(_) | SessionError::PeerClosed { .. }) => {}
+        Err(e) => send_error(&mut ctl, &e.to_string()),
+        Ok(_) => {}
+    }
+    log::info!("session from {peer} ended: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()));
+    r
+}
+
+fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvOptions<'_>, t0: Instant, cpu0: f64) -> Result<Report, SessionError> {
+    let hello = server_handshake(ctl, &opts.auth)?;
+    if hello.lane.get() != CONTROL_LANE {
+        return Err(SessionError::Protocol(format!("the first connection must be the control connection, got lane {}", hello.lane.get())));
+    }
+    let mut buf = Vec::new();
+    expect_frame(ctl, Kind::Session, &mut buf)?;
+    let (layout, lanes) = wire::parse_session(&buf)?;
+    if layout.regions.len() != 1 {
+        return Err(SessionError::Protocol(format!("this receiver writes one region into {}; the sender described {}", out.display(), layout.regions.len())));
+    }
+    let size = layout.regions[0];
+    let mut partial = Partial { path: PathBuf::from(format!("{}.partial", out.display())), done: false };
+    // Read as well as write: the digest maps it read-only at the end.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&partial.path)
+        .map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
+    file.set_len(size).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
+    let session = u64::from_le_bytes(id);
+    write_frame(ctl, Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
+    log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
+
+    let seen = Mutex::new(vec![false; usize::from(lanes)]);
+    let results: Vec<Result<LaneStats, SessionError>> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..lanes {
+            match accept_lane(listener, ctl) {
+                Ok(conn) => {
+                    let (layout, file, seen) = (&layout, &file, &seen);
+                    handles.push(s.spawn(move || lane(conn, layout, session, lanes, file, seen, opts)));
+                }
+                Err(e) => {
+                    handles.push(s.spawn(move || Err(e)));
+                    break;
+                }
+            }
+        }
+        handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect()
+    });
+    let mut total = LaneStats::default();
+    for r in results {
+        let r = r?;
+        total.frames += r.frames;
+        total.wire_bytes += r.wire_bytes;
+        total.zero_pages += r.zero_pages;
+        total.compressed_in += r.compressed_in;
+        total.compressed_out += r.compressed_out;
+    }
+
+    expect_frame(ctl, Kind::Done, &mut buf)?;
+    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
+    let map = hw::memmap::SourceMap::new(&file).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
+    let threads = opts.plan.worker_cpus.len().max(1);
+    let digest = Digest::of_region(0, PAGE, map.as_slice(), threads);
+    let sender = Digest::from_bytes(done.digest);
+    let ok = digest == sender && done.bytes.get() == size;
+    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
+    write_frame(ctl, Kind::Result, result.as_bytes())?;
+    if !ok {
+        return Err(SessionError::DigestMismatch { source_digest: sender.hex(), dest_digest: digest.hex() });
+    }
+    std::fs::rename(&partial.path, out).map_err(|source| SessionError::Region { path: out.display().to_string(), source })?;
+    partial.done = true;
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Report {
+        role: "recv",
+        bytes: size,
+        wire_bytes: total.wire_bytes,
+        seconds,
+        gbps: size as f64 / seconds / 1e9,
+        zero_pages: total.zero_pages,
+        compressed_in_bytes: total.compressed_in,
+        compressed_out_bytes: total.compressed_out,
+        frames: total.frames,
+        lanes: u32::from(lanes),
+        workers: u32::from(lanes),
+        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
+        transport: "sockets".into(),
+        compression: "as the sender chose".into(),
+        digest: digest.hex(),
+        digest_match: true,
+    })
+}
+
+/// Waits for the next data connection; fails if the control connection closes (the
+/// sender died) or nothing arrives within the idle timeout.
+fn accept_lane(listener: &TcpListener, ctl: &TcpStream) -> Result<TcpStream, SessionError> {
+    let timeout = PollTimeout::try_from(IDLE_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
+    let n = poll(&mut fds, timeout).map_err(|e| SessionError::io("waiting for data connections", e.into()))?;
+    if n == 0 {
+        return Err(SessionError::Protocol(format!("the sender opened too few data connections within {} s", IDLE_TIMEOUT.as_secs())));
+    }
+    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+        return Err(SessionError::PeerClosed { op: "waiting for data connections".into() });
+    }
+    let (conn, _) = listener.accept().map_err(|e| SessionError::io("accepting a data connection", e))?;
+    Ok(conn)
+}
+
+fn lane(
+    mut s: TcpStream,
+    layout: &Layout,
+    session: u64,
+    lanes: u16,
+    file: &File,
+    seen: &Mutex<Vec<bool>>,
+    opts: &RecvOptions<'_>,
+) -> Result<LaneStats, SessionError> {
+    tune_socket(&s)?;
+    let hello = server_handshake(&mut s, &opts.auth)?;
+    let n = hello.lane.get();
+    if hello.session.get() != session {
+        return Err(SessionError::Protocol(format!("data connection for session {:#x}, expected {session:#x}", hello.session.get())));
+    }
+    {
+        let mut seen = seen.lock().expect("lane table");
+        if n >= lanes || std::mem::replace(&mut seen[usize::from(n)], true) {
+            return Err(SessionError::Protocol(format!("data connection for lane {n}: out of range (0..{lanes}) or already open")));
+        }
+    }
+    let mut payload = Vec::with_capacity(layout.max_chunk as usize);
+    let mut dec = Decoder::default();
+    let mut st = LaneStats::default();
+    loop {
+        let (h, kind) = read_header(&mut s, "receiving data")?;
+        match kind {
+            Kind::Data => {
+                let (encoding, _region, offset, raw_len) = layout.check_data(&h)?;
+                read_payload(&mut s, &h, &mut payload, "receiving data")?;
+                let write = |bytes: &[u8]| file.write_all_at(bytes, offset).map_err(|e| SessionError::io("writing the destination", e));
+                match encoding {
+                    Encoding::Raw => write(&payload)?,
+                    // The destination was created empty: its bytes are already zero.
+                    Encoding::Zero => st.zero_pages += u64::from(raw_len).div_ceil(PAGE as u64),
+                    Encoding::Zstd => {
+                        write(dec.zstd(&payload, raw_len)?)?;
+                        st.compressed_in += u64::from(raw_len);
+                        st.compressed_out += payload.len() as u64;
+                    }
+                }
+                st.frames += 1;
+                st.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+                if let Some(p) = opts.progress {
+                    p.fetch_add(u64::from(raw_len), Ordering::Relaxed);
+                }
+            }
+            Kind::LaneEnd => {
+                read_payload(&mut s, &h, &mut payload, "ending a lane")?;
+                let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, &payload)?;
+                if end.frames.get() != st.frames || end.bytes.get() != st.wire_bytes {
+                    return Err(SessionError::Protocol(format!(
+                        "lane {n} ended after {} frames / {} bytes, the sender sent {} / {}",
+                        st.frames,
+                        st.wire_bytes,
+                        end.frames.get(),
+                        end.bytes.get()
+                    )));
+                }
+                return Ok(st);
+            }
+            Kind::Error => {
+                read_payload(&mut s, &h, &mut payload, "reading the sender's error")?;
+                return Err(SessionError::Peer(String::from_utf8_lossy(&payload).into_owned()));
+            }
+            other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The sending side: control connection, one thread per worker with its lanes, and the
+//! final digest exchange.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use zerocopy::IntoBytes;
+
+use super::{PAGE, Report, cpu_seconds, pin, tune_socket};
+use crate::auth::{Auth, client_handshake};
+use crate::conn::{SessionError, expect_frame, write_all_vectored, write_frame};
+use crate::digest::Digest;
+use crate::encode::{EncodeStats, Encoder};
+use crate::plan::Plan;
+use crate::wire::{self, CONTROL_LANE, HEADER_LEN, Header, Kind, Layout};
+
+/// What to send, where, and how.
+#[derive(Debug)]
+pub struct SendOptions<'a> {
+    pub to: String,
+    pub auth: Auth,
+    pub plan: &'a Plan,
+    /// Region bytes encoded so far, for a progress bar.
+    pub progress: Option<&'a AtomicU64>,
+}
+
+/// A chunk's frames, gathered for one `writev`: payloads that live in the source map are
+/// referenced in place; compressed payloads are copied into the worker's staging buffer.
+#[derive(Default)]
+struct Batch {
+    headers: Vec<Header>,
+    /// Per frame: (in staging?, start, len).
+    payloads: Vec<(bool, usize, usize)>,
+    staging: Vec<u8>,
+    wire_bytes: u64,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.wire_bytes = 0;
+        self.headers.clear();
+        self.payloads.clear();
+        self.staging.clear();
+    }
+
+    fn push(&mut self, source: &[u8], h: Header, payload: &[u8]) {
+        let src = source.as_ptr_range();
+        let p = payload.as_ptr_range();
+        let entry = if payload.is_empty() {
+            (false, 0, 0)
+        } else if src.start <= p.start && p.end <= src.end {
+            (false, p.start as usize - src.start as usize, payload.len())
+        } else {
+            self.staging.extend_from_slice(payload);
+            (true, self.staging.len() - payload.len(), payload.len())
+        };
+        self.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+        self.headers.push(h);
+        self.payloads.push(entry);
+    }
+
+    fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
+        for (h, &(staged, start, len)) in self.headers.iter().zip(&self.payloads) {
+            bufs.push(h.as_bytes());
+            if len > 0 {
+                bufs.push(if staged { &self.staging[start..start + len] } else { &source[start..start + len] });
+            }
+        }
+        // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (512 slices).
+        for part in bufs.chunks(1024) {
+            write_all_vectored(conn, part)?;
+        }
+        Ok(())
+    }
+}
+
+struct WorkerResult {
+    stats: EncodeStats,
+    digest: Digest,
+    wire_bytes: u64,
+}
+
+fn connect(to: &str) -> Result<TcpStream, SessionError> {
+    let addrs: Vec<_> = to.to_socket_addrs().map_err(|e| SessionError::io(format!("resolving {to}"), e))?.collect();
+    let s = TcpStream::connect(&addrs[..]).map_err(|e| SessionError::io(format!("connecting to {to} (is `ferryctl recv` listening there?)"), e))?;
+    tune_socket(&s)?;
+    Ok(s)
+}
+
+/// Sends the file or memfd at `path` to a receiver; returns when the receiver has
+/// confirmed the destination's digest matches the source's.
+pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionError> {
+    let file = std::fs::File::open(path).map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
+    let map = hw::memmap::SourceMap::new(&file).map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
+    let source = map.as_slice();
+    let plan = opts.plan;
+    let chunk = plan.chunk_size_bytes as usize;
+    let workers = plan.worker_cpus.len();
+    let per_worker = plan.tcp.connections_per_worker as usize;
+    let lanes = workers * per_worker;
+    let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: vec![source.len() as u64] };
+
+    let t0 = Instant::now();
+    let cpu0 = cpu_seconds();
+    let mut ctl = connect(&opts.to)?;
+    client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0)?;
+    write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16))?;
+    let mut buf = Vec::new();
+    expect_frame(&mut ctl, Kind::SessionOk, &mut buf)?;
+    let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+    log::info!("session {session:#x}: {} bytes to {} over {lanes} lane(s) from {workers} worker(s)", source.len(), opts.to);
+
+    let next = AtomicU64::new(0);
+    let n_chunks = source.len().div_ceil(chunk) as u64;
+    let results: Vec<Result<WorkerResult, SessionError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let next = &next;
+                s.spawn(move || {
+                    pin(plan.worker_cpus[w]);
+                    let r = worker(w, per_worker, session, source, chunk, n_chunks, next, opts);
+                    if r.is_err() {
+                        // The others stop at their next chunk.
+                        next.store(n_chunks, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect()
+    });
+    let mut digest = Digest::default();
+    let mut stats = EncodeStats::default();
+    let mut wire_bytes = 0;
+    for r in results {
+        let r = r?;
+        digest.combine(r.digest);
+        wire_bytes += r.wire_bytes;
+        stats.zero_pages += r.stats.zero_pages;
+        stats.compressed_in += r.stats.compressed_in;
+        stats.compressed_out += r.stats.compressed_out;
+        stats.frames += r.stats.frames;
+    }
+    if source.is_empty() {
+        digest = Digest::of_region(0, PAGE, source, 1);
+    }
+    let done = wire::Digest { digest: digest.to_bytes(), bytes: (source.len() as u64).into(), ok: 0.into(), _pad: 0.into() };
+    write_frame(&mut ctl, Kind::Done, done.as_bytes())?;
+    expect_frame(&mut ctl, Kind::Result, &mut buf)?;
+    let result: wire::Digest = wire::parse(Kind::Result, &buf)?;
+    let dest = Digest::from_bytes(result.digest);
+    if result.ok.get() != 1 || dest != digest {
+        return Err(SessionError::DigestMismatch { source_digest: digest.hex(), dest_digest: dest.hex() });
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let bytes = source.len() as u64;
+    Ok(Report {
+        role: "send",
+        bytes,
+        wire_bytes,
+        seconds,
+        gbps: bytes as f64 / seconds / 1e9,
+        zero_pages: stats.zero_pages,
+        compressed_in_bytes: stats.compressed_in,
+        compressed_out_bytes: stats.compressed_out,
+        frames: stats.frames,
+        lanes: lanes as u32,
+        workers: workers as u32,
+        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (bytes.max(1) as f64 / (1u64 << 30) as f64),
+        transport: "sockets".into(),
+        compression: plan.compression.to_string(),
+        digest: digest.hex(),
+        digest_match: true,
+    })
+}
+
+/// One worker: opens its lanes, encodes chunks until none are left, ends its lanes.
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    w: usize,
+    per_worker: usize,
+    session: u64,
+    source: &[u8],
+    chunk: usize,
+    n_chunks: u64,
+    next: &AtomicU64,
+    opts: &SendOptions<'_>,
+) -> Result<WorkerResult, SessionError> {
+    let mut conns = Vec::with_capacity(per_worker);
+    for c in 0..per_worker {
+        let mut s = connect(&opts.to)?;
+        client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session)?;
+        conns.push((s, 0u64, 0u64));
+    }
+    let mut enc = Encoder::new(opts.plan.compression, chunk);
+    let mut digest = Digest::default();
+    let mut batch = Batch::default();
+    let mut wire_bytes = 0;
+    let mut turn = 0;
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n_chunks {
+            break;
+        }
+        let start = i as usize * chunk;
+        let bytes = &source[start..(start + chunk).min(source.len())];
+        digest.add(0, (start / PAGE) as u64, PAGE, bytes);
+        batch.clear();
+        enc.encode::<()>(0, start as u64, PAGE, bytes, &mut |h, p| {
+            batch.push(source, h, p);
+            Ok(())
+        })
+        .expect("the batch sink cannot fail");
+        let (conn, frames, sent) = &mut conns[turn % per_worker];
+        turn += 1;
+        let t = Instant::now();
+        batch.write(source, conn).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
+        let chunk_wire = batch.wire_bytes;
+        enc.rates.sent(chunk_wire as usize, t.elapsed());
+        *frames += batch.headers.len() as u64;
+        *sent += chunk_wire;
+        wire_bytes += chunk_wire;
+        if let Some(p) = opts.progress {
+            p.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+    }
+    for (conn, frames, sent) in &mut conns {
+        let end = wire::LaneEnd { frames: (*frames).into(), bytes: (*sent).into() };
+        write_frame(conn, Kind::LaneEnd, end.as_bytes())?;
+    }
+    Ok(WorkerResult { stats: enc.stats, digest, wire_bytes })
+}
