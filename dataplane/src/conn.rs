@@ -92,3 +92,100 @@ pub fn expect_frame(r: &mut impl Read, want: Kind, buf: &mut Vec<u8>) -> Result<
 pub fn send_error(w: &mut impl Write, msg: &str) {
     let _ = write_frame(w, Kind::Error, msg.as_bytes());
 }
+
+/// Reads frames from a stream through one large buffer: a `read` syscall fetches as many
+/// frames as the socket holds, and each payload is handed out in place (no copy) until
+/// the next call.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    pub fn new(capacity: usize) -> FrameReader {
+        FrameReader { buf: vec![0; capacity.max(HEADER_LEN)], start: 0, end: 0 }
+    }
+
+    /// Makes `need` bytes from `start` available, reading more as needed.
+    fn fill(&mut self, r: &mut impl Read, need: usize, op: &str) -> Result<(), SessionError> {
+        if need > self.buf.len() {
+            self.buf.resize(need, 0);
+        }
+        if self.start + need > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end - self.start < need {
+            match r.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(SessionError::io(op, io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SessionError::io(op, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The next frame: its header, kind and CRC-verified payload.
+    pub fn next(&mut self, r: &mut impl Read, op: &str) -> Result<(Header, Kind, &[u8]), SessionError> {
+        self.fill(r, HEADER_LEN, op)?;
+        let h = Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_LEN]).expect("HEADER_LEN bytes make a header");
+        let kind = h.check()?;
+        let need = HEADER_LEN + h.length.get() as usize;
+        self.fill(r, need, op)?;
+        let payload = &self.buf[self.start + HEADER_LEN..self.start + need];
+        self.start += need;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        h.verify(payload)?;
+        Ok((h, kind, payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_reader_splits_and_joins_reads() {
+        let mut wire = Vec::new();
+        for i in 0..50u32 {
+            let payload = vec![i as u8; (i * 97) as usize % 3000];
+            let h = Header::new(Kind::Error, payload.len() as u32).seal(&payload);
+            wire.extend_from_slice(h.as_bytes());
+            wire.extend_from_slice(&payload);
+        }
+        // A reader that returns at most 7 bytes per call, and a buffer smaller than a frame.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = out.len().min(7).min(self.0.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut src = Trickle(&wire);
+        let mut fr = FrameReader::new(100);
+        for i in 0..50u32 {
+            let (_, kind, p) = fr.next(&mut src, "test").unwrap();
+            assert_eq!(kind, Kind::Error);
+            assert_eq!(p.len(), (i * 97) as usize % 3000);
+            assert!(p.iter().all(|&b| b == i as u8));
+        }
+        assert!(matches!(fr.next(&mut src, "test"), Err(SessionError::PeerClosed { .. })));
+        // A truncated stream fails cleanly.
+        let mut short = Trickle(&wire[..wire.len() / 2]);
+        let mut fr = FrameReader::new(4096);
+        let mut n = 0;
+        while fr.next(&mut short, "test").is_ok() {
+            n += 1;
+        }
+        assert!(n < 50);
+    }
+}

@@ -16,7 +16,7 @@ use zerocopy::IntoBytes;
 
 use super::{IDLE_TIMEOUT, PAGE, Report, cpu_seconds, tune_socket};
 use crate::auth::{Auth, server_handshake};
-use crate::conn::{SessionError, expect_frame, read_header, read_payload, send_error, write_frame};
+use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::plan::Plan;
@@ -46,6 +46,8 @@ impl Drop for Partial {
 
 #[derive(Debug, Default)]
 struct LaneStats {
+    /// Digest of the bytes this lane wrote (and of the zero pages it left in place).
+    digest: Digest,
     frames: u64,
     wire_bytes: u64,
     zero_pages: u64,
@@ -117,6 +119,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
     let mut total = LaneStats::default();
     for r in results {
         let r = r?;
+        total.digest.combine(r.digest);
         total.frames += r.frames;
         total.wire_bytes += r.wire_bytes;
         total.zero_pages += r.zero_pages;
@@ -126,9 +129,8 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
 
     expect_frame(ctl, Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
-    let map = hw::memmap::SourceMap::new(&file).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
-    let threads = opts.plan.worker_cpus.len().max(1);
-    let digest = Digest::of_region(0, PAGE, map.as_slice(), threads);
+    // The lanes digested every byte as they wrote it; an empty region has one empty page.
+    let digest = if size == 0 { Digest::of_region(0, PAGE, &[], 1) } else { total.digest };
     let sender = Digest::from_bytes(done.digest);
     let ok = digest == sender && done.bytes.get() == size;
     let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
@@ -196,22 +198,36 @@ fn lane(
             return Err(SessionError::Protocol(format!("data connection for lane {n}: out of range (0..{lanes}) or already open")));
         }
     }
-    let mut payload = Vec::with_capacity(layout.max_chunk as usize);
+    // Room for several chunks per read syscall.
+    let mut reader = FrameReader::new(4 * (layout.max_chunk as usize + HEADER_LEN));
     let mut dec = Decoder::default();
     let mut st = LaneStats::default();
+    let zero_page = [0u8; PAGE];
     loop {
-        let (h, kind) = read_header(&mut s, "receiving data")?;
+        let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
         match kind {
             Kind::Data => {
-                let (encoding, _region, offset, raw_len) = layout.check_data(&h)?;
-                read_payload(&mut s, &h, &mut payload, "receiving data")?;
+                let (encoding, region, offset, raw_len) = layout.check_data(&h)?;
+                let first_page = offset / PAGE as u64;
                 let write = |bytes: &[u8]| file.write_all_at(bytes, offset).map_err(|e| SessionError::io("writing the destination", e));
                 match encoding {
-                    Encoding::Raw => write(&payload)?,
+                    Encoding::Raw => {
+                        write(payload)?;
+                        st.digest.add(region, first_page, PAGE, payload);
+                    }
                     // The destination was created empty: its bytes are already zero.
-                    Encoding::Zero => st.zero_pages += u64::from(raw_len).div_ceil(PAGE as u64),
+                    Encoding::Zero => {
+                        let pages = u64::from(raw_len).div_ceil(PAGE as u64);
+                        for p in 0..pages {
+                            let len = (u64::from(raw_len) - p * PAGE as u64).min(PAGE as u64) as usize;
+                            st.digest.add(region, first_page + p, PAGE, &zero_page[..len]);
+                        }
+                        st.zero_pages += pages;
+                    }
                     Encoding::Zstd => {
-                        write(dec.zstd(&payload, raw_len)?)?;
+                        let bytes = dec.zstd(payload, raw_len)?;
+                        write(bytes)?;
+                        st.digest.add(region, first_page, PAGE, bytes);
                         st.compressed_in += u64::from(raw_len);
                         st.compressed_out += payload.len() as u64;
                     }
@@ -223,8 +239,7 @@ fn lane(
                 }
             }
             Kind::LaneEnd => {
-                read_payload(&mut s, &h, &mut payload, "ending a lane")?;
-                let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, &payload)?;
+                let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, payload)?;
                 if end.frames.get() != st.frames || end.bytes.get() != st.wire_bytes {
                     return Err(SessionError::Protocol(format!(
                         "lane {n} ended after {} frames / {} bytes, the sender sent {} / {}",
@@ -236,10 +251,7 @@ fn lane(
                 }
                 return Ok(st);
             }
-            Kind::Error => {
-                read_payload(&mut s, &h, &mut payload, "reading the sender's error")?;
-                return Err(SessionError::Peer(String::from_utf8_lossy(&payload).into_owned()));
-            }
+            Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
             other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
         }
     }
