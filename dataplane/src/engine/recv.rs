@@ -198,6 +198,7 @@ fn lane(
             return Err(SessionError::Protocol(format!("data connection for lane {n}: out of range (0..{lanes}) or already open")));
         }
     }
+    log::info!("lane {n} connected");
     // Room for several chunks per read syscall.
     let mut reader = FrameReader::new(4 * (layout.max_chunk as usize + HEADER_LEN));
     let mut dec = Decoder::default();

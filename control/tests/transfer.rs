@@ -1,0 +1,209 @@
+//! `ferryctl send` and `recv` as processes: a transfer with its JSON reports, and the
+//! failures a user meets (a peer killed mid-transfer, a wrong key, a careless key file).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn ferryctl() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferryctl"));
+    c.env("RUST_LOG", "info");
+    c
+}
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn keyfile(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let out = ferryctl().args(["keygen", "--out"]).arg(&p).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p
+}
+
+/// A file that does not compress and has no zero pages, so it takes a while to move.
+fn noise(path: &Path, mib: usize) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+}
+
+/// A child's stderr, read line by line as the test waits for events in its log.
+struct Log {
+    err: BufReader<std::process::ChildStderr>,
+    seen: String,
+}
+
+impl Log {
+    /// Blocks until a line containing `marker` appears.
+    fn wait_for(&mut self, marker: &str) {
+        loop {
+            let mut line = String::new();
+            if self.err.read_line(&mut line).unwrap() == 0 {
+                panic!("{marker:?} never appeared; stderr:\n{}", self.seen);
+            }
+            self.seen += &line;
+            if line.contains(marker) {
+                return;
+            }
+        }
+    }
+
+    /// Collects the rest in a thread, so the child never blocks on a full pipe.
+    fn rest(mut self) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let _ = std::io::Read::read_to_string(&mut self.err, &mut self.seen);
+            self.seen
+        })
+    }
+}
+
+fn spawn_logged(cmd: &mut Command) -> (Child, Log) {
+    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    (child, Log { err, seen: String::new() })
+}
+
+/// Spawns and blocks until `marker` appears in its log; the rest of the log is collected
+/// by the returned thread.
+fn spawn_until(cmd: &mut Command, marker: &str) -> (Child, std::thread::JoinHandle<String>) {
+    let (child, mut log) = spawn_logged(cmd);
+    log.wait_for(marker);
+    (child, log.rest())
+}
+
+fn finish(child: Child) -> (Option<i32>, String) {
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn send_and_recv_with_json_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "k");
+    let src = dir.path().join("src.img");
+    let mut data = vec![0u8; 3 << 20];
+    data[(1 << 20)..(2 << 20)].iter_mut().enumerate().for_each(|(i, b)| *b = (i % 253) as u8);
+    std::fs::write(&src, &data).unwrap();
+    let out = dir.path().join("dst.img");
+    let addr = free_addr();
+    let (recv, _) = spawn_until(ferryctl().args(["recv", "--json", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out), "listening on");
+    let send = ferryctl().args(["send", "--json", "--compress", "zstd:3", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src).output().unwrap();
+    assert!(send.status.success(), "{}", String::from_utf8_lossy(&send.stderr));
+    let (code, recv_out) = finish(recv);
+    assert_eq!(code, Some(0));
+    let s: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&recv_out).unwrap();
+    assert_eq!(s["bytes"], 3 << 20);
+    assert_eq!(s["zero_pages"], 512);
+    assert_eq!(s["digest"], r["digest"]);
+    assert_eq!(s["digest_match"], true);
+    assert!(s["compressed_out_bytes"].as_u64().unwrap() < s["compressed_in_bytes"].as_u64().unwrap());
+    for field in ["seconds", "gbps", "cpu_seconds_per_gib", "wire_bytes", "transport"] {
+        assert!(s.get(field).is_some(), "report lacks {field}");
+    }
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
+#[test]
+fn receiver_killed_mid_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "k");
+    let src = dir.path().join("src.img");
+    noise(&src, 256);
+    let out = dir.path().join("dst.img");
+    let addr = free_addr();
+    let (mut recv, mut recv_log) = spawn_logged(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out));
+    recv_log.wait_for("listening on");
+    let (send, send_log) = spawn_logged(ferryctl().args(["send", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src));
+    let send_err = send_log.rest();
+    // Data flows once the lane is up.
+    recv_log.wait_for("lane 0 connected");
+    recv.kill().unwrap();
+    recv.wait().unwrap();
+    let out_s = send.wait_with_output().unwrap();
+    assert_eq!(out_s.status.code(), Some(1));
+    let err = send_err.join().unwrap();
+    assert!(err.contains("peer closed the connection") || err.contains("Connection reset"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn sender_killed_mid_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "k");
+    let src = dir.path().join("src.img");
+    noise(&src, 256);
+    let out = dir.path().join("dst.img");
+    let addr = free_addr();
+    let (recv, mut recv_log) = spawn_logged(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out));
+    recv_log.wait_for("listening on");
+    let (mut send, _send_log) = spawn_logged(ferryctl().args(["send", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src));
+    recv_log.wait_for("lane 0 connected");
+    send.kill().unwrap();
+    send.wait().unwrap();
+    let recv_err = recv_log.rest();
+    let out_r = recv.wait_with_output().unwrap();
+    assert_eq!(out_r.status.code(), Some(1));
+    let err = recv_err.join().unwrap();
+    assert!(err.contains("peer closed the connection"), "{err}");
+    assert!(!out.exists(), "a partial destination is never presented as complete");
+    assert!(!Path::new(&format!("{}.partial", out.display())).exists(), "and it is removed");
+}
+
+#[test]
+fn keys_wrong_missing_or_exposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let k1 = keyfile(dir.path(), "k1");
+    let k2 = keyfile(dir.path(), "k2");
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![5u8; 10000]).unwrap();
+    let out = dir.path().join("dst.img");
+    let addr = free_addr();
+    let recv = spawn_until(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&k1).arg("--out").arg(&out), "listening on");
+    let send = ferryctl().args(["send", "--to", &addr, "--key"]).arg(&k2).arg("--file").arg(&src).output().unwrap();
+    assert_eq!(send.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&send.stderr).contains("authentication failed"), "{}", String::from_utf8_lossy(&send.stderr));
+    let r = recv.0.wait_with_output().unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(!out.exists());
+
+    // No key and no --insecure-no-auth.
+    let o = ferryctl().args(["send", "--to", &addr, "--file"]).arg(&src).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("keygen"));
+    // A key others can read.
+    std::fs::set_permissions(&k1, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = ferryctl().args(["send", "--to", &addr, "--key"]).arg(&k1).arg("--file").arg(&src).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&o.stderr));
+    // keygen never overwrites.
+    let o = ferryctl().args(["keygen", "--out"]).arg(&k2).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn insecure_mode_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![9u8; 70000]).unwrap();
+    let out = dir.path().join("dst.img");
+    let addr = free_addr();
+    let (recv, _) = spawn_until(ferryctl().args(["recv", "--insecure-no-auth", "--listen", &addr, "--out"]).arg(&out), "listening on");
+    let send = ferryctl().args(["send", "--insecure-no-auth", "--transport", "sockets", "--to", &addr, "--file"]).arg(&src).output().unwrap();
+    assert!(send.status.success(), "{}", String::from_utf8_lossy(&send.stderr));
+    assert_eq!(finish(recv).0, Some(0));
+    assert_eq!(std::fs::read(&out).unwrap(), vec![9u8; 70000]);
+}

@@ -1,0 +1,226 @@
+//! Transfers through the real engine over loopback, and a hostile sender for every kind
+//! of bad input: each is refused with its reason, and the destination never appears.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+
+use dataplane::auth::{Auth, Key, client_handshake};
+use dataplane::conn::{SessionError, expect_frame, write_frame};
+use dataplane::engine::recv::{RecvOptions, recv_file};
+use dataplane::engine::send::{SendOptions, send_file};
+use dataplane::plan::*;
+use dataplane::wire::{self, CONTROL_LANE, Encoding, HEADER_LEN, Header, Kind, Layout};
+use zerocopy::IntoBytes;
+
+fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) -> Plan {
+    Plan {
+        schema_version: PLAN_SCHEMA_VERSION,
+        host: "test".into(),
+        transport: Transport::Sockets,
+        numa_node: 0,
+        worker_cpus: vec![0; workers],
+        control_cpu: None,
+        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
+        chunk_size_bytes: chunk,
+        rdma: None,
+        tcp: TcpPlan { connections_per_worker: conns, io_uring: false, ring_entries: 64, send_zc: false, socket_buffer_bytes: 4 << 20 },
+        arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
+        compression,
+        reasons: vec![],
+    }
+}
+
+fn key() -> Auth {
+    Auth::Key(Key::from_bytes(vec![42; 32]).unwrap())
+}
+
+/// Zero pages, text pages and noise pages, interleaved, with a ragged tail.
+fn image(pages: usize, tail: usize) -> Vec<u8> {
+    let mut x = 0x2545f4914f6cdd1du64;
+    let mut out = Vec::new();
+    for p in 0..pages {
+        match p % 5 {
+            0 | 3 => out.extend(std::iter::repeat_n(0u8, 4096)),
+            1 => out.extend(b"the quick brown fox jumps over the lazy dog ".iter().cycle().take(4096)),
+            _ => out.extend((0..4096).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })),
+        }
+    }
+    out.extend(std::iter::repeat_n(7u8, tail));
+    out
+}
+
+fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::engine::Report) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let out = dir.path().join("out");
+    std::fs::write(&src, data).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (sent, got) = std::thread::scope(|s| {
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None }));
+        let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None });
+        (sent, r.join().unwrap())
+    });
+    let (sent, got) = (sent.unwrap(), got.unwrap());
+    assert_eq!(std::fs::read(&out).unwrap(), data, "destination differs");
+    assert!(!Path::new(&format!("{}.partial", out.display())).exists());
+    assert_eq!(sent.digest, got.digest);
+    (sent, got)
+}
+
+#[test]
+fn one_lane_raw() {
+    let data = image(100, 1808);
+    let (s, r) = round_trip(&data, &plan(1, 1, Compression::Off, 64 << 10));
+    assert_eq!(s.zero_pages, 40);
+    assert_eq!(r.zero_pages, 40);
+    assert_eq!(s.wire_bytes, r.wire_bytes);
+    assert_eq!(s.compressed_in_bytes, 0);
+}
+
+#[test]
+fn four_lanes_zstd() {
+    let data = image(257, 0);
+    let (s, r) = round_trip(&data, &plan(2, 2, Compression::Zstd { level: 1 }, 16 << 10));
+    assert_eq!(s.lanes, 4);
+    assert!(s.compressed_in_bytes > 0 && s.compressed_out_bytes < s.compressed_in_bytes);
+    assert_eq!(r.compressed_in_bytes, s.compressed_in_bytes);
+    assert!(s.wire_bytes < data.len() as u64 / 2);
+}
+
+#[test]
+fn adaptive_and_empty_and_tiny() {
+    round_trip(&image(64, 0), &plan(1, 1, Compression::Adaptive { level: 1 }, 64 << 10));
+    round_trip(&[], &plan(1, 1, Compression::Off, 64 << 10));
+    round_trip(&[1, 2, 3], &plan(2, 1, Compression::Off, 64 << 10));
+}
+
+#[test]
+fn wrong_key_moves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let out = dir.path().join("out");
+    std::fs::write(&src, image(4, 0)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let p = plan(1, 1, Compression::Off, 64 << 10);
+    let other = Auth::Key(Key::from_bytes(vec![1; 32]).unwrap());
+    let (sent, got) = std::thread::scope(|s| {
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
+        (send_file(&src, &SendOptions { to: addr.clone(), auth: other, plan: &p, progress: None }), r.join().unwrap())
+    });
+    assert!(matches!(sent, Err(SessionError::Auth(_))), "{sent:?}");
+    assert!(matches!(got, Err(SessionError::Auth(_) | SessionError::Peer(_))), "{got:?}");
+    assert!(!out.exists());
+}
+
+/// A sender that speaks the protocol up to the first data frame, then writes `bad` on the
+/// lane. Returns the receiver's verdict.
+fn hostile(size: u64, bad: impl FnOnce(&mut TcpStream)) -> (Result<dataplane::engine::Report, SessionError>, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p = plan(1, 1, Compression::Off, 64 << 10);
+    let got = std::thread::scope(|s| {
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
+        let mut ctl = TcpStream::connect(addr).unwrap();
+        client_handshake(&mut ctl, &key(), CONTROL_LANE, 0).unwrap();
+        let layout = Layout { page_size: 4096, max_chunk: 64 << 10, regions: vec![size] };
+        write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, 1)).unwrap();
+        let mut buf = Vec::new();
+        expect_frame(&mut ctl, Kind::SessionOk, &mut buf).unwrap();
+        let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf).unwrap().session.get();
+        let mut lane = TcpStream::connect(addr).unwrap();
+        client_handshake(&mut lane, &key(), 0, session).unwrap();
+        bad(&mut lane);
+        drop(lane);
+        drop(ctl);
+        r.join().unwrap()
+    });
+    (got, out, dir)
+}
+
+fn frame(h: Header, payload: &[u8]) -> Vec<u8> {
+    let mut v = h.as_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+fn assert_refused(size: u64, what: &str, bad: impl FnOnce(&mut TcpStream)) {
+    let (got, out, _dir) = hostile(size, bad);
+    let e = got.expect_err(what).to_string();
+    assert!(e.contains(what), "expected {what:?}, got: {e}");
+    assert!(!out.exists(), "{what}: the destination must not appear");
+    assert!(!Path::new(&format!("{}.partial", out.display())).exists(), "{what}: the partial file must be removed");
+}
+
+#[test]
+fn offset_past_the_region() {
+    let page = vec![1u8; 4096];
+    assert_refused(8192, "runs past the end of region 0", |l| {
+        l.write_all(&frame(Header::data(Encoding::Raw, 0, 8192, 4096, 4096).seal(&page), &page)).unwrap();
+    });
+    assert_refused(8192, "runs past the end", |l| {
+        l.write_all(&frame(Header::data(Encoding::Zero, 0, u64::MAX - 4095, 4096, 0).seal(&[]), &[])).unwrap();
+    });
+    assert_refused(8192, "region 3", |l| {
+        l.write_all(&frame(Header::data(Encoding::Raw, 3, 0, 4096, 4096).seal(&page), &page)).unwrap();
+    });
+}
+
+#[test]
+fn bad_checksum() {
+    let page = vec![1u8; 4096];
+    let mut h = Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page);
+    h.crc = (h.crc.get() ^ 1).into();
+    assert_refused(8192, "checksum mismatch", |l| l.write_all(&frame(h, &page)).unwrap());
+}
+
+#[test]
+fn oversized_and_zeroed_and_unknown_frames() {
+    assert_refused(8192, "exceeds the", |l| l.write_all(Header::new(Kind::Data, wire::MAX_PAYLOAD + 1).as_bytes()).unwrap());
+    assert_refused(8192, "bad magic 0x00000000", |l| l.write_all(&[0u8; HEADER_LEN]).unwrap());
+    let mut h = Header::new(Kind::Data, 0);
+    h.kind = 200;
+    assert_refused(8192, "unknown frame kind 200", |l| l.write_all(h.seal(&[]).as_bytes()).unwrap());
+    assert_refused(8192, "expected a Data frame, got Session", |l| l.write_all(Header::new(Kind::Session, 0).seal(&[]).as_bytes()).unwrap());
+}
+
+#[test]
+fn malformed_data_frames() {
+    assert_refused(8192, "carries 5 payload bytes for 4096", |l| {
+        l.write_all(&frame(Header::data(Encoding::Zero, 0, 0, 4096, 5).seal(b"12345"), b"12345")).unwrap();
+    });
+    assert_refused(8192, "not aligned", |l| {
+        l.write_all(&frame(Header::data(Encoding::Zero, 0, 100, 4096, 0).seal(&[]), &[])).unwrap();
+    });
+    let junk = b"definitely not a zstd frame";
+    assert_refused(8192, "zstd payload decodes", |l| {
+        l.write_all(&frame(Header::data(Encoding::Zstd, 0, 0, 4096, junk.len() as u32).seal(junk), junk)).unwrap();
+    });
+}
+
+#[test]
+fn truncated_stream_and_missing_lane_end() {
+    let page = vec![1u8; 4096];
+    assert_refused(8192, "peer closed the connection", |l| {
+        let f = frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+        l.write_all(&f[..HEADER_LEN + 100]).unwrap();
+    });
+    // Whole frames, but the sender vanishes before LANE_END and DONE.
+    assert_refused(8192, "peer closed the connection", |l| {
+        l.write_all(&frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
+    });
+    // A lane end that does not match what arrived.
+    assert_refused(8192, "lane 0 ended after 0 frames", |l| {
+        let end = wire::LaneEnd { frames: 3.into(), bytes: 99.into() };
+        l.write_all(&frame(Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
+    });
+}
