@@ -2,7 +2,8 @@
 # Installs what ferry needs on Debian 12 (idempotent, non-interactive).
 #   scripts/setup.sh          build and runtime packages (rdma-core, hwloc, libclang for bindgen)
 #   scripts/setup.sh --test   also QEMU, a kernel and perftest for the Soft-RoCE test guest,
-#                             and builds the guest image (../shared/tools/rxe-vm)
+#                             builds the guest image (../shared/tools/rxe-vm), and installs
+#                             cargo-fuzz
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 want_test=0
@@ -30,6 +31,8 @@ fi
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 
 if [ $want_test = 1 ]; then
+  # The frame decoder's fuzz target (fuzz/). cargo-fuzz comes from crates.io.
+  command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
   shared=${FERRY_SHARED_DIR:-$here/../shared}
   build=${RXE_VM_BUILD:-${XDG_CACHE_HOME:-$HOME/.cache}/rxe-vm}
   if [ ! -x "$shared/tools/rxe-vm/build-initramfs.sh" ]; then

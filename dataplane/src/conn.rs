@@ -101,11 +101,14 @@ pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    max_payload: u32,
 }
 
 impl FrameReader {
-    pub fn new(capacity: usize) -> FrameReader {
-        FrameReader { buf: vec![0; capacity.max(HEADER_LEN)], start: 0, end: 0 }
+    /// A reader with `capacity` bytes of buffer that refuses payloads above `max_payload`
+    /// before reading (or allocating for) them.
+    pub fn new(capacity: usize, max_payload: u32) -> FrameReader {
+        FrameReader { buf: vec![0; capacity.max(HEADER_LEN)], start: 0, end: 0, max_payload }
     }
 
     /// Makes `need` bytes from `start` available, reading more as needed.
@@ -134,6 +137,9 @@ impl FrameReader {
         self.fill(r, HEADER_LEN, op)?;
         let h = Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_LEN]).expect("HEADER_LEN bytes make a header");
         let kind = h.check()?;
+        if h.length.get() > self.max_payload {
+            return Err(FrameError::Oversized { len: h.length.get(), max: self.max_payload }.into());
+        }
         let need = HEADER_LEN + h.length.get() as usize;
         self.fill(r, need, op)?;
         let payload = &self.buf[self.start + HEADER_LEN..self.start + need];
@@ -171,7 +177,7 @@ mod tests {
             }
         }
         let mut src = Trickle(&wire);
-        let mut fr = FrameReader::new(100);
+        let mut fr = FrameReader::new(100, 4096);
         for i in 0..50u32 {
             let (_, kind, p) = fr.next(&mut src, "test").unwrap();
             assert_eq!(kind, Kind::Error);
@@ -181,7 +187,7 @@ mod tests {
         assert!(matches!(fr.next(&mut src, "test"), Err(SessionError::PeerClosed { .. })));
         // A truncated stream fails cleanly.
         let mut short = Trickle(&wire[..wire.len() / 2]);
-        let mut fr = FrameReader::new(4096);
+        let mut fr = FrameReader::new(4096, 4096);
         let mut n = 0;
         while fr.next(&mut short, "test").is_ok() {
             n += 1;

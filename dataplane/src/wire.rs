@@ -132,8 +132,8 @@ pub enum FrameError {
     Kind(u8),
     #[error("unknown data encoding {0}")]
     Encoding(u8),
-    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte maximum")]
-    Oversized(u32),
+    #[error("frame payload of {len} bytes exceeds the {max}-byte maximum")]
+    Oversized { len: u32, max: u32 },
     #[error("checksum mismatch: header says {expected:#010x}, payload hashes to {actual:#010x}")]
     Checksum { expected: u32, actual: u32 },
     #[error("expected a {expected:?} frame, got {got:?}")]
@@ -185,7 +185,7 @@ impl Header {
         }
         let kind = Kind::from_u8(self.kind).ok_or(FrameError::Kind(self.kind))?;
         if self.length.get() > MAX_PAYLOAD {
-            return Err(FrameError::Oversized(self.length.get()));
+            return Err(FrameError::Oversized { len: self.length.get(), max: MAX_PAYLOAD });
         }
         if kind == Kind::Data {
             self.encoding()?;
@@ -216,6 +216,12 @@ impl Header {
 
 fn checksum(h: &Header, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(h.as_bytes()), payload)
+}
+
+/// The largest payload a DATA frame of a session with chunks of `max_chunk` bytes can
+/// need: zstd's worst-case expansion of a chunk (`ZSTD_COMPRESSBOUND`) rounded up.
+pub fn max_payload_for(max_chunk: u32) -> u32 {
+    max_chunk.saturating_add(max_chunk >> 7).saturating_add(4096).min(MAX_PAYLOAD)
 }
 
 /// The layout a receiver accepted: what DATA frames are checked against.
@@ -409,7 +415,7 @@ mod tests {
         h.kind = 99;
         assert_eq!(h.check(), Err(FrameError::Kind(99)));
         let h = Header::new(Kind::Hello, MAX_PAYLOAD + 1);
-        assert_eq!(h.check(), Err(FrameError::Oversized(MAX_PAYLOAD + 1)));
+        assert_eq!(h.check(), Err(FrameError::Oversized { len: MAX_PAYLOAD + 1, max: MAX_PAYLOAD }));
         let mut h = Header::data(Encoding::Raw, 0, 0, 1, 1);
         h.encoding = 7;
         assert_eq!(h.check(), Err(FrameError::Encoding(7)));

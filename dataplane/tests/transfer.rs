@@ -186,6 +186,9 @@ fn bad_checksum() {
 #[test]
 fn oversized_and_zeroed_and_unknown_frames() {
     assert_refused(8192, "exceeds the", |l| l.write_all(Header::new(Kind::Data, wire::MAX_PAYLOAD + 1).as_bytes()).unwrap());
+    // Within the protocol's maximum but beyond what this session's 64 KiB chunks can need:
+    // refused before anything is allocated for it.
+    assert_refused(8192, "of 1048576 bytes exceeds the 70144-byte maximum", |l| l.write_all(Header::new(Kind::Data, 1 << 20).as_bytes()).unwrap());
     assert_refused(8192, "bad magic 0x00000000", |l| l.write_all(&[0u8; HEADER_LEN]).unwrap());
     let mut h = Header::new(Kind::Data, 0);
     h.kind = 200;

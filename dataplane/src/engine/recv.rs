@@ -200,7 +200,8 @@ fn lane(
     }
     log::info!("lane {n} connected");
     // Room for several chunks per read syscall.
-    let mut reader = FrameReader::new(4 * (layout.max_chunk as usize + HEADER_LEN));
+    let max_payload = wire::max_payload_for(layout.max_chunk);
+    let mut reader = FrameReader::new(4 * (max_payload as usize + HEADER_LEN), max_payload);
     let mut dec = Decoder::default();
     let mut st = LaneStats::default();
     let zero_page = [0u8; PAGE];
