@@ -227,3 +227,20 @@ fn truncated_stream_and_missing_lane_end() {
         l.write_all(&frame(Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
     });
 }
+
+#[test]
+fn overlapping_and_missing_pages() {
+    let page = vec![1u8; 4096];
+    assert_refused(8192, "pages already written", |l| {
+        let f = frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+        l.write_all(&f).unwrap();
+        l.write_all(&f).unwrap();
+    });
+    // Every frame well-formed and the lane's counts honest, but page 1 never sent.
+    assert_refused(8192, "1 of the region's 2 pages delivered", |l| {
+        let f = frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+        l.write_all(&f).unwrap();
+        let end = wire::LaneEnd { frames: 1.into(), bytes: (f.len() as u64).into() };
+        l.write_all(&frame(Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
+    });
+}

@@ -4,6 +4,7 @@
 //! encoder (zstd context, buffers) and its counters. Workers take chunks from a shared
 //! counter (one atomic add per chunk) and share nothing else on the hot path.
 
+pub mod dest;
 pub mod recv;
 pub mod send;
 

@@ -2,10 +2,8 @@
 //! result and answers the sender. The destination is written to `OUT.partial` and renamed
 //! to `OUT` only once the digests match; any failure removes it.
 
-use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +12,7 @@ use std::time::Instant;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
+use super::dest::Dest;
 use super::{IDLE_TIMEOUT, PAGE, Report, cpu_seconds, tune_socket};
 use crate::auth::{Auth, server_handshake};
 use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_frame};
@@ -93,6 +92,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
         .open(&partial.path)
         .map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
     file.set_len(size).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
+    let dest = Dest::new(&file, size, PAGE as u64);
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
     let session = u64::from_le_bytes(id);
@@ -105,8 +105,8 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
         for _ in 0..lanes {
             match accept_lane(listener, ctl) {
                 Ok(conn) => {
-                    let (layout, file, seen) = (&layout, &file, &seen);
-                    handles.push(s.spawn(move || lane(conn, layout, session, lanes, file, seen, opts)));
+                    let (layout, dest, seen) = (&layout, &dest, &seen);
+                    handles.push(s.spawn(move || lane(conn, layout, session, lanes, dest, seen, opts)));
                 }
                 Err(e) => {
                     handles.push(s.spawn(move || Err(e)));
@@ -127,6 +127,9 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
         total.compressed_out += r.compressed_out;
     }
 
+    if dest.pages_claimed() != dest.pages() {
+        return Err(SessionError::Protocol(format!("the lanes ended with {} of the region's {} pages delivered", dest.pages_claimed(), dest.pages())));
+    }
     expect_frame(ctl, Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
     // The lanes digested every byte as they wrote it; an empty region has one empty page.
@@ -182,7 +185,7 @@ fn lane(
     layout: &Layout,
     session: u64,
     lanes: u16,
-    file: &File,
+    dest: &Dest<'_>,
     seen: &Mutex<Vec<bool>>,
     opts: &RecvOptions<'_>,
 ) -> Result<LaneStats, SessionError> {
@@ -204,14 +207,13 @@ fn lane(
     let mut reader = FrameReader::new(4 * (max_payload as usize + HEADER_LEN), max_payload);
     let mut dec = Decoder::default();
     let mut st = LaneStats::default();
-    let zero_page = [0u8; PAGE];
     loop {
         let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
         match kind {
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = layout.check_data(&h)?;
                 let first_page = offset / PAGE as u64;
-                let write = |bytes: &[u8]| file.write_all_at(bytes, offset).map_err(|e| SessionError::io("writing the destination", e));
+                let write = |bytes: &[u8]| dest.write(offset, bytes).map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")));
                 match encoding {
                     Encoding::Raw => {
                         write(payload)?;
@@ -219,12 +221,9 @@ fn lane(
                     }
                     // The destination was created empty: its bytes are already zero.
                     Encoding::Zero => {
-                        let pages = u64::from(raw_len).div_ceil(PAGE as u64);
-                        for p in 0..pages {
-                            let len = (u64::from(raw_len) - p * PAGE as u64).min(PAGE as u64) as usize;
-                            st.digest.add(region, first_page + p, PAGE, &zero_page[..len]);
-                        }
-                        st.zero_pages += pages;
+                        dest.claim_zero(offset, u64::from(raw_len)).map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")))?;
+                        st.digest.add_zero(region, first_page, PAGE, u64::from(raw_len));
+                        st.zero_pages += u64::from(raw_len).div_ceil(PAGE as u64);
                     }
                     Encoding::Zstd => {
                         let bytes = dec.zstd(payload, raw_len)?;

@@ -207,9 +207,15 @@ fn worker(
         }
         let start = i as usize * chunk;
         let bytes = &source[start..(start + chunk).min(source.len())];
-        digest.add(0, (start / PAGE) as u64, PAGE, bytes);
         batch.clear();
+        // The digest follows the encoder's runs: zero runs are folded in without reading.
         enc.encode::<()>(0, start as u64, PAGE, bytes, &mut |h, p| {
+            let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
+            if h.encoding == wire::Encoding::Zero as u8 {
+                digest.add_zero(0, off / PAGE as u64, PAGE, len);
+            } else {
+                digest.add(0, off / PAGE as u64, PAGE, &source[off as usize..(off + len) as usize]);
+            }
             batch.push(source, h, p);
             Ok(())
         })

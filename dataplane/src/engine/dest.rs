@@ -1,0 +1,127 @@
+//! The destination file as the receiver's lanes write it, from several threads at once.
+//! Each page may be written once: a write first claims its pages in an atomic bitmap, so
+//! an overlapping or repeated frame is refused, and at the end every page must have been
+//! claimed.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A write that overlaps pages already written, runs past the end, or fails.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    #[error("bytes {offset}..{end} of the destination: {why}")]
+    Refused { offset: u64, end: u64, why: &'static str },
+    #[error("writing bytes {offset}..{end} of the destination: {source}")]
+    Write { offset: u64, end: u64, source: std::io::Error },
+}
+
+#[derive(Debug)]
+pub struct Dest<'f> {
+    file: &'f File,
+    len: u64,
+    page: u64,
+    claimed: Vec<AtomicU64>,
+}
+
+impl<'f> Dest<'f> {
+    /// `file` must already have its final length.
+    pub fn new(file: &'f File, len: u64, page: u64) -> Dest<'f> {
+        let pages = len.div_ceil(page);
+        Dest { file, len, page, claimed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Claims the pages of `offset..offset + len` (`offset` on a page boundary).
+    fn claim(&self, offset: u64, len: u64) -> Result<(), DestError> {
+        let err = |why| DestError::Refused { offset, end: offset.saturating_add(len), why };
+        if offset % self.page != 0 {
+            return Err(err("not page-aligned"));
+        }
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(err("past the end of the region"));
+        }
+        let (first, last) = ((offset / self.page) as usize, (offset + len).div_ceil(self.page) as usize);
+        let mask_of = |p: usize| {
+            let word = p / 64;
+            let (lo, hi) = (p % 64, (last - word * 64).min(64));
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            (word, mask, word * 64 + hi)
+        };
+        let mut p = first;
+        while p < last {
+            let (word, mask, next) = mask_of(p);
+            // AcqRel: pairs with other lanes' claims of the same word, so of two
+            // overlapping claims exactly one sees the other's bits.
+            let before = self.claimed[word].fetch_or(mask, Ordering::AcqRel);
+            if before & mask != 0 {
+                // Give back what this call took: the new bits of this word, and the
+                // words before it, which it had claimed whole.
+                self.claimed[word].fetch_and(!(mask & !before), Ordering::AcqRel);
+                let mut q = first;
+                while q < p {
+                    let (w, m, n) = mask_of(q);
+                    self.claimed[w].fetch_and(!m, Ordering::AcqRel);
+                    q = n;
+                }
+                return Err(err("pages already written (an overlapping or repeated frame)"));
+            }
+            p = next;
+        }
+        Ok(())
+    }
+
+    /// Marks pages that arrive as zero: the new file already reads as zero there.
+    pub fn claim_zero(&self, offset: u64, len: u64) -> Result<(), DestError> {
+        self.claim(offset, len)
+    }
+
+    /// Writes `bytes` at `offset` after claiming its pages.
+    pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), DestError> {
+        self.claim(offset, bytes.len() as u64)?;
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|source| DestError::Write { offset, end: offset + bytes.len() as u64, source })
+    }
+
+    pub fn pages_claimed(&self) -> u64 {
+        self.claimed.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.len.div_ceil(self.page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_page_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d");
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        f.set_len(64 * 4096 + 100).unwrap();
+        let d = Dest::new(&f, 64 * 4096 + 100, 4096);
+        assert_eq!(d.pages(), 65);
+        d.write(4096, &[7u8; 8192]).unwrap();
+        assert!(d.write(8192, &[1u8; 10]).is_err(), "page 2 is taken");
+        assert!(d.claim_zero(0, 8192).is_err(), "page 1 is taken");
+        d.claim_zero(0, 4096).unwrap();
+        // Across bitmap words (pages 63 and 64, the short last page).
+        d.write(63 * 4096, &[9u8; 4096 + 100]).unwrap();
+        // A failed claim gives back what it took.
+        assert!(d.write(60 * 4096, &[1u8; 4 * 4096]).is_err());
+        d.write(60 * 4096, &[3u8; 3 * 4096]).unwrap();
+        assert!(d.write(100, &[1]).is_err(), "unaligned");
+        assert!(d.write(64 * 4096, &[1u8; 101]).is_err(), "past the end");
+        assert_eq!(d.pages_claimed(), 1 + 2 + 2 + 3);
+        drop(d);
+        drop(f);
+        let back = std::fs::read(&p).unwrap();
+        assert_eq!(&back[4096..12288], &[7u8; 8192][..]);
+        assert_eq!(&back[64 * 4096..], &[9u8; 100][..]);
+        assert_eq!(back[0], 0);
+    }
+
+}
