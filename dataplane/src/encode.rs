@@ -3,7 +3,7 @@
 //! by the compression policy. Each worker owns one [`Encoder`] or [`Decoder`]; their
 //! zstd contexts and buffers are reused for every chunk.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use zstd_safe::{CCtx, DCtx};
 
@@ -13,8 +13,6 @@ use crate::wire::{Encoding, FrameError, Header};
 /// A chunk that does not shrink below this share of its size goes raw: decompressing it
 /// would cost the receiver more than the few bytes save.
 const KEEP_IF_BELOW: f64 = 0.9;
-/// Adaptive mode re-measures compression on one chunk in this many while it is off.
-const SAMPLE_EVERY: u64 = 16;
 
 fn is_zero(page: &[u8]) -> bool {
     // 16 bytes at a time, OR-folded: LLVM vectorises this, and a zero page is read once.
@@ -23,43 +21,70 @@ fn is_zero(page: &[u8]) -> bool {
     acc == 0 && words.remainder().iter().all(|&b| b == 0)
 }
 
-/// What a worker has measured, for the adaptive policy.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Rates {
-    /// Input bytes per second zstd compresses.
-    compress_bps: Option<f64>,
-    /// Compressed size / input size.
-    ratio: Option<f64>,
-    /// Wire bytes per second the connection accepts.
-    send_bps: Option<f64>,
+/// The adaptive policy: a worker alternates windows of chunks with and without
+/// compression, measures the region bytes per second each mode achieves (compression,
+/// blocking on a full socket and all), uses the faster, and re-tries the other now and
+/// then because the link and the data change. This answers "does compressing finish
+/// sooner?" directly instead of modelling it.
+#[derive(Debug, Clone)]
+pub struct Adaptive {
+    compress: bool,
+    /// Region bytes per second, EWMA, for [raw, compressed].
+    rate: [Option<f64>; 2],
+    window_bytes: u64,
+    window_chunks: u32,
+    window_start: Option<Instant>,
+    since_probe: u32,
 }
 
-fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
-    Some(old.map_or(new, |o| 0.8 * o + 0.2 * new))
+/// Chunks per measuring window.
+const WINDOW_CHUNKS: u32 = 32;
+/// Windows on the better mode between two probes of the other.
+const PROBE_EVERY: u32 = 16;
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        // Start compressing: the first window measures it.
+        Adaptive { compress: true, rate: [None, None], window_bytes: 0, window_chunks: 0, window_start: None, since_probe: 0 }
+    }
 }
 
-impl Rates {
-    pub fn sent(&mut self, bytes: usize, took: Duration) {
-        if bytes > 0 && !took.is_zero() {
-            self.send_bps = ewma(self.send_bps, bytes as f64 / took.as_secs_f64());
-        }
+impl Adaptive {
+    pub fn compressing(&self) -> bool {
+        self.compress
     }
 
-    fn compressed(&mut self, input: usize, output: usize, took: Duration) {
-        if input > 0 && !took.is_zero() {
-            self.compress_bps = ewma(self.compress_bps, input as f64 / took.as_secs_f64());
-            self.ratio = ewma(self.ratio, output as f64 / input as f64);
+    /// Called when a chunk of `bytes` region bytes has been handed to the connection.
+    pub fn chunk_done(&mut self, bytes: u64) {
+        let start = *self.window_start.get_or_insert_with(Instant::now);
+        self.window_bytes += bytes;
+        self.window_chunks += 1;
+        if self.window_chunks < WINDOW_CHUNKS {
+            return;
         }
-    }
-
-    /// One worker compresses then sends, one after the other: per input byte that costs
-    /// 1/c + r/s instead of 1/s, which is less exactly when c > s / (1 - r).
-    pub fn compression_pays(&self) -> bool {
-        match (self.compress_bps, self.ratio, self.send_bps) {
-            (Some(c), Some(r), Some(s)) if r < 1.0 => c > s / (1.0 - r),
-            // Nothing measured yet: try it, which measures it.
-            _ => true,
+        let secs = start.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            let r = self.window_bytes as f64 / secs;
+            let slot = &mut self.rate[usize::from(self.compress)];
+            *slot = Some(slot.map_or(r, |o| 0.7 * o + 0.3 * r));
         }
+        self.window_bytes = 0;
+        self.window_chunks = 0;
+        self.window_start = None;
+        self.compress = match self.rate {
+            [None, _] => false,
+            [_, None] => true,
+            [Some(raw), Some(zstd)] => {
+                self.since_probe += 1;
+                let best = zstd > raw;
+                if self.since_probe >= PROBE_EVERY {
+                    self.since_probe = 0;
+                    !best
+                } else {
+                    best
+                }
+            }
+        };
     }
 }
 
@@ -78,9 +103,8 @@ pub struct Encoder {
     cctx: CCtx<'static>,
     policy: Compression,
     scratch: Vec<u8>,
-    pub rates: Rates,
+    pub adaptive: Adaptive,
     pub stats: EncodeStats,
-    chunks: u64,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -95,9 +119,8 @@ impl Encoder {
             cctx: CCtx::create(),
             policy,
             scratch: Vec::with_capacity(zstd_safe::compress_bound(max_chunk)),
-            rates: Rates::default(),
+            adaptive: Adaptive::default(),
             stats: EncodeStats::default(),
-            chunks: 0,
         }
     }
 
@@ -105,9 +128,7 @@ impl Encoder {
         match self.policy {
             Compression::Off => None,
             Compression::Zstd { level } => Some(level),
-            Compression::Adaptive { level } => {
-                (self.rates.compression_pays() || self.chunks % SAMPLE_EVERY == 0).then_some(level)
-            }
+            Compression::Adaptive { level } => self.adaptive.compressing().then_some(level),
         }
     }
 
@@ -121,7 +142,6 @@ impl Encoder {
         bytes: &[u8],
         emit: &mut impl FnMut(Header, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.chunks += 1;
         let level = self.level();
         let mut run_start = 0;
         let mut run_zero = None;
@@ -161,11 +181,7 @@ impl Encoder {
         }
         if let Some(level) = level {
             self.scratch.clear();
-            let t = Instant::now();
-            let res = self.cctx.compress(&mut self.scratch, run, level);
-            let took = t.elapsed();
-            if let Ok(n) = res {
-                self.rates.compressed(run.len(), n, took);
+            if let Ok(n) = self.cctx.compress(&mut self.scratch, run, level) {
                 if (n as f64) < KEEP_IF_BELOW * run.len() as f64 {
                     self.stats.compressed_in += run.len() as u64;
                     self.stats.compressed_out += n as u64;
@@ -269,14 +285,33 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_turns_off_on_a_fast_link() {
-        let mut r = Rates::default();
-        assert!(r.compression_pays(), "unmeasured: try");
-        r.compressed(1000, 300, Duration::from_micros(3)); // ~333 MB/s, ratio 0.3
-        r.sent(1000, Duration::from_micros(1)); // 1 GB/s link
-        assert!(!r.compression_pays());
-        let mut slow = r;
-        slow.send_bps = Some(125e6); // 1 Gb/s
-        assert!(slow.compression_pays());
+    fn adaptive_follows_the_faster_mode() {
+        fn window(a: &mut Adaptive, bytes_per_chunk: u64) {
+            for _ in 0..WINDOW_CHUNKS {
+                a.chunk_done(bytes_per_chunk);
+            }
+        }
+        let mut a = Adaptive::default();
+        assert!(a.compressing(), "the first window measures compression");
+        a.rate = [None, Some(100e6)];
+        window(&mut a, 1);
+        assert!(!a.compressing(), "then raw is measured");
+        // Raw measured much faster than compressed (a fast link): stay raw ...
+        a.rate = [Some(1e12), Some(100e6)];
+        let mut probes = 0;
+        for _ in 0..(2 * PROBE_EVERY) {
+            window(&mut a, 1);
+            a.rate = [Some(1e12), Some(100e6)];
+            probes += u32::from(a.compressing());
+        }
+        // ... except for the periodic probe of the other mode.
+        assert!((1..=2).contains(&probes), "{probes}");
+        // Compressed faster (a slow link): compress.
+        a.rate = [Some(100e6), Some(300e6)];
+        a.since_probe = 0;
+        window(&mut a, 1);
+        a.rate = [Some(100e6), Some(300e6)];
+        window(&mut a, 1);
+        assert!(a.compressing());
     }
 }

@@ -243,7 +243,14 @@ pub(super) fn compression(cfg: &Config, link: &LinkPlan, max_workers: u32, r: &m
         CompressionChoice::Auto => {
             let link_bytes = link.speed_gbps * 1e9 / 8.0;
             let zstd_bytes = f64::from(max_workers.max(1)) * ZSTD1_BYTES_PER_SEC;
-            if zstd_bytes > link_bytes {
+            if link.speed_assumed {
+                r.add(
+                    "compression",
+                    "adaptive zstd:1",
+                    "the link speed is unknown (only assumed): each worker measures its link and its compression at run time and compresses only while that finishes sooner",
+                );
+                Compression::Adaptive { level: 1 }
+            } else if zstd_bytes > link_bytes {
                 r.add(
                     "compression",
                     "adaptive zstd:1",

@@ -222,10 +222,9 @@ fn worker(
         .expect("the batch sink cannot fail");
         let (conn, frames, sent) = &mut conns[turn % per_worker];
         turn += 1;
-        let t = Instant::now();
         batch.write(source, conn).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
         let chunk_wire = batch.wire_bytes;
-        enc.rates.sent(chunk_wire as usize, t.elapsed());
+        enc.adaptive.chunk_done(bytes.len() as u64);
         *frames += batch.headers.len() as u64;
         *sent += chunk_wire;
         wire_bytes += chunk_wire;
