@@ -55,6 +55,18 @@ fn image(pages: usize, tail: usize) -> Vec<u8> {
     out
 }
 
+/// Both ways of sending: blocking sockets, and io_uring (where this kernel allows it).
+fn both(p: Plan) -> Vec<Plan> {
+    let mut uring = p.clone();
+    uring.transport = Transport::Tcp;
+    uring.tcp.io_uring = true;
+    if io_uring::IoUring::new(8).is_err() {
+        hw::report_skip("io_uring unavailable: the transfer tests run on plain sockets only");
+        return vec![p];
+    }
+    vec![p, uring]
+}
+
 fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::engine::Report) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
@@ -77,28 +89,47 @@ fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::e
 #[test]
 fn one_lane_raw() {
     let data = image(100, 1808);
-    let (s, r) = round_trip(&data, &plan(1, 1, Compression::Off, 64 << 10));
-    assert_eq!(s.zero_pages, 40);
-    assert_eq!(r.zero_pages, 40);
-    assert_eq!(s.wire_bytes, r.wire_bytes);
-    assert_eq!(s.compressed_in_bytes, 0);
+    for p in both(plan(1, 1, Compression::Off, 64 << 10)) {
+        let (s, r) = round_trip(&data, &p);
+        assert_eq!(s.zero_pages, 40);
+        assert_eq!(r.zero_pages, 40);
+        assert_eq!(s.wire_bytes, r.wire_bytes);
+        assert_eq!(s.compressed_in_bytes, 0);
+        assert_eq!(s.transport, if p.tcp.io_uring { "tcp (io_uring)" } else { "sockets" });
+    }
 }
 
 #[test]
 fn four_lanes_zstd() {
     let data = image(257, 0);
-    let (s, r) = round_trip(&data, &plan(2, 2, Compression::Zstd { level: 1 }, 16 << 10));
-    assert_eq!(s.lanes, 4);
-    assert!(s.compressed_in_bytes > 0 && s.compressed_out_bytes < s.compressed_in_bytes);
-    assert_eq!(r.compressed_in_bytes, s.compressed_in_bytes);
-    assert!(s.wire_bytes < data.len() as u64 / 2);
+    for p in both(plan(2, 2, Compression::Zstd { level: 1 }, 16 << 10)) {
+        let (s, r) = round_trip(&data, &p);
+        assert_eq!(s.lanes, 4);
+        assert!(s.compressed_in_bytes > 0 && s.compressed_out_bytes < s.compressed_in_bytes);
+        assert_eq!(r.compressed_in_bytes, s.compressed_in_bytes);
+        assert!(s.wire_bytes < data.len() as u64 / 2);
+    }
+}
+
+#[test]
+fn three_connections_per_worker_large() {
+    // Larger than the socket buffers, so io_uring writes go short and resume.
+    let data = image(3000, 5);
+    for p in both(plan(1, 3, Compression::Off, 256 << 10)) {
+        let (s, _) = round_trip(&data, &p);
+        assert_eq!(s.lanes, 3);
+    }
 }
 
 #[test]
 fn adaptive_and_empty_and_tiny() {
-    round_trip(&image(64, 0), &plan(1, 1, Compression::Adaptive { level: 1 }, 64 << 10));
-    round_trip(&[], &plan(1, 1, Compression::Off, 64 << 10));
-    round_trip(&[1, 2, 3], &plan(2, 1, Compression::Off, 64 << 10));
+    for p in both(plan(1, 1, Compression::Adaptive { level: 1 }, 64 << 10)) {
+        round_trip(&image(64, 0), &p);
+    }
+    for p in both(plan(2, 1, Compression::Off, 64 << 10)) {
+        round_trip(&[], &p);
+        round_trip(&[1, 2, 3], &p);
+    }
 }
 
 #[test]

@@ -24,6 +24,8 @@ mod topology;
 mod uffd;
 /// io_uring availability and features.
 pub mod uring;
+/// Sending on several connections from one thread with io_uring.
+pub mod uring_send;
 
 #[cfg(test)]
 mod testutil;

@@ -3,7 +3,7 @@
 //! ratios. ferry runs as a user would run it: `ferryctl recv` and `ferryctl send --json`.
 //!
 //!     cargo build --release && target/release/bench_loopback [--size-mib 1024] [--reps 3]
-//!         [--compress off|zstd:1|auto]
+//!         [--compress off|zstd:1|auto] [--transport auto|tcp|sockets]
 //!
 //! The source is the realistic guest-memory corpus (../shared/tools/peers/gen_corpus.py),
 //! copied to /dev/shm with the destination, so no disk is measured on either side.
@@ -17,10 +17,11 @@ struct Args {
     size_mib: u64,
     reps: usize,
     compress: String,
+    transport: String,
 }
 
 fn args() -> Args {
-    let mut a = Args { size_mib: 1024, reps: 3, compress: "off".into() };
+    let mut a = Args { size_mib: 1024, reps: 3, compress: "off".into(), transport: "auto".into() };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < v.len() {
@@ -29,6 +30,7 @@ fn args() -> Args {
             "--size-mib" => a.size_mib = val.parse().expect("--size-mib N"),
             "--reps" => a.reps = val.parse().expect("--reps N"),
             "--compress" => a.compress = val,
+            "--transport" => a.transport = val,
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -85,7 +87,7 @@ fn iperf3(bytes: u64) -> Value {
     json!({"peer": "iperf3 -n single stream", "bytes": bytes, "gbps": bps / 8e9})
 }
 
-fn ferry(src: &Path, compress: &str) -> Value {
+fn ferry(src: &Path, compress: &str, transport: &str) -> Value {
     let bin = ferryctl();
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let key = dir.path().join("k");
@@ -103,7 +105,7 @@ fn ferry(src: &Path, compress: &str) -> Value {
         .unwrap();
     let mut send = None;
     for _ in 0..50 {
-        let o = Command::new(&bin).args(["send", "--json", "--compress", compress, "--to", &addr, "--key"]).arg(&key).arg("--file").arg(src).output().unwrap();
+        let o = Command::new(&bin).args(["send", "--json", "--compress", compress, "--transport", transport, "--to", &addr, "--key"]).arg(&key).arg("--file").arg(src).output().unwrap();
         if o.status.success() {
             send = Some(o);
             break;
@@ -152,7 +154,7 @@ fn main() {
         let p = iperf3(a.size_mib << 20);
         println!("{}", json!({"rep": rep, "load": loadavg(), "result": p}));
         peer.push(p["gbps"].as_f64().unwrap());
-        let f = ferry(&src, &a.compress);
+        let f = ferry(&src, &a.compress, &a.transport);
         println!("{}", json!({"rep": rep, "load": loadavg(), "compress": a.compress, "result": f}));
         ours.push(f["gbps"].as_f64().unwrap());
         wire.push(f["wire_gbps"].as_f64().unwrap());
@@ -164,6 +166,7 @@ fn main() {
             "summary": "loopback, medians",
             "size_mib": a.size_mib,
             "compress": a.compress,
+            "transport": a.transport,
             "iperf3_gbps": p,
             "ferry_region_gbps": o,
             "ferry_wire_gbps": w,

@@ -35,11 +35,14 @@ struct Batch {
     payloads: Vec<(bool, usize, usize)>,
     staging: Vec<u8>,
     wire_bytes: u64,
+    /// Region bytes the batch carries.
+    region_bytes: u64,
 }
 
 impl Batch {
     fn clear(&mut self) {
         self.wire_bytes = 0;
+        self.region_bytes = 0;
         self.headers.clear();
         self.payloads.clear();
         self.staging.clear();
@@ -61,7 +64,7 @@ impl Batch {
         self.payloads.push(entry);
     }
 
-    fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
+    fn slices<'s>(&'s self, source: &'s [u8]) -> Vec<&'s [u8]> {
         let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
         for (h, &(staged, start, len)) in self.headers.iter().zip(&self.payloads) {
             bufs.push(h.as_bytes());
@@ -69,11 +72,27 @@ impl Batch {
                 bufs.push(if staged { &self.staging[start..start + len] } else { &source[start..start + len] });
             }
         }
+        bufs
+    }
+
+    fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
         // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (512 slices).
-        for part in bufs.chunks(1024) {
+        for part in self.slices(source).chunks(1024) {
             write_all_vectored(conn, part)?;
         }
         Ok(())
+    }
+}
+
+/// A batch with the source it points into, as the io_uring ring owns it while in flight.
+struct RingBatch<'a> {
+    batch: Batch,
+    source: &'a [u8],
+}
+
+impl hw::uring_send::SendBuf for RingBatch<'_> {
+    fn slices(&self) -> Vec<&[u8]> {
+        self.batch.slices(self.source)
     }
 }
 
@@ -170,7 +189,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         lanes: lanes as u32,
         workers: workers as u32,
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (bytes.max(1) as f64 / (1u64 << 30) as f64),
-        transport: "sockets".into(),
+        transport: if plan.tcp.io_uring { "tcp (io_uring)".into() } else { "sockets".into() },
         compression: plan.compression.to_string(),
         digest: digest.hex(),
         digest_match: true,
@@ -195,46 +214,121 @@ fn worker(
         client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session)?;
         conns.push((s, 0u64, 0u64));
     }
-    let mut enc = Encoder::new(opts.plan.compression, chunk);
-    let mut digest = Digest::default();
-    let mut batch = Batch::default();
-    let mut wire_bytes = 0;
-    let mut turn = 0;
-    loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= n_chunks {
-            break;
-        }
-        let start = i as usize * chunk;
-        let bytes = &source[start..(start + chunk).min(source.len())];
-        batch.clear();
-        // The digest follows the encoder's runs: zero runs are folded in without reading.
-        enc.encode::<()>(0, start as u64, PAGE, bytes, &mut |h, p| {
-            let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
-            if h.encoding == wire::Encoding::Zero as u8 {
-                digest.add_zero(0, off / PAGE as u64, PAGE, len);
-            } else {
-                digest.add(0, off / PAGE as u64, PAGE, &source[off as usize..(off + len) as usize]);
-            }
-            batch.push(source, h, p);
-            Ok(())
-        })
-        .expect("the batch sink cannot fail");
-        let (conn, frames, sent) = &mut conns[turn % per_worker];
-        turn += 1;
-        batch.write(source, conn).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
-        let chunk_wire = batch.wire_bytes;
-        enc.adaptive.chunk_done(bytes.len() as u64);
-        *frames += batch.headers.len() as u64;
-        *sent += chunk_wire;
-        wire_bytes += chunk_wire;
-        if let Some(p) = opts.progress {
-            p.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        }
+    let mut w = Worker { enc: Encoder::new(opts.plan.compression, chunk), digest: Digest::default(), wire_bytes: 0, source, chunk, n_chunks, next, progress: opts.progress };
+    if opts.plan.tcp.io_uring {
+        w.run_uring(&mut conns, opts)?;
+    } else {
+        w.run_sockets(&mut conns, opts)?;
     }
+    let Worker { enc, digest, wire_bytes, .. } = w;
     for (conn, frames, sent) in &mut conns {
         let end = wire::LaneEnd { frames: (*frames).into(), bytes: (*sent).into() };
         write_frame(conn, Kind::LaneEnd, end.as_bytes())?;
     }
     Ok(WorkerResult { stats: enc.stats, digest, wire_bytes })
+}
+
+/// A worker's encoding state, shared by its two ways of sending.
+struct Worker<'a> {
+    enc: Encoder,
+    digest: Digest,
+    wire_bytes: u64,
+    source: &'a [u8],
+    chunk: usize,
+    n_chunks: u64,
+    next: &'a AtomicU64,
+    progress: Option<&'a AtomicU64>,
+}
+
+impl<'a> Worker<'a> {
+    /// Encodes the next chunk into `batch`; false when none is left.
+    fn encode_next(&mut self, batch: &mut Batch) -> bool {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if i >= self.n_chunks {
+            return false;
+        }
+        let source = self.source;
+        let start = i as usize * self.chunk;
+        let bytes = &source[start..(start + self.chunk).min(source.len())];
+        batch.clear();
+        batch.region_bytes = bytes.len() as u64;
+        let digest = &mut self.digest;
+        // The digest follows the encoder's runs: zero runs are folded in without reading.
+        self.enc
+            .encode::<()>(0, start as u64, PAGE, bytes, &mut |h, p| {
+                let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
+                if h.encoding == wire::Encoding::Zero as u8 {
+                    digest.add_zero(0, off / PAGE as u64, PAGE, len);
+                } else {
+                    digest.add(0, off / PAGE as u64, PAGE, &source[off as usize..(off + len) as usize]);
+                }
+                batch.push(source, h, p);
+                Ok(())
+            })
+            .expect("the batch sink cannot fail");
+        true
+    }
+
+    fn sent(&mut self, batch: &Batch, conn: &mut (TcpStream, u64, u64)) {
+        self.enc.adaptive.chunk_done(batch.region_bytes);
+        conn.1 += batch.headers.len() as u64;
+        conn.2 += batch.wire_bytes;
+        self.wire_bytes += batch.wire_bytes;
+        if let Some(p) = self.progress {
+            p.fetch_add(batch.region_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Blocking sockets: one chunk at a time, connections in turn.
+    fn run_sockets(&mut self, conns: &mut [(TcpStream, u64, u64)], opts: &SendOptions<'_>) -> Result<(), SessionError> {
+        let mut batch = Batch::default();
+        let mut turn = 0;
+        while self.encode_next(&mut batch) {
+            let n = conns.len();
+            let conn = &mut conns[turn % n];
+            turn += 1;
+            batch.write(self.source, &mut conn.0).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
+            self.sent(&batch, conn);
+        }
+        Ok(())
+    }
+
+    /// io_uring: one ring drives all of the worker's connections, one write in flight on
+    /// each, and the next chunk is encoded while they drain.
+    fn run_uring(&mut self, conns: &mut [(TcpStream, u64, u64)], opts: &SendOptions<'_>) -> Result<(), SessionError> {
+        let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
+        let mut ring = hw::uring_send::SendRing::<RingBatch<'a>>::new(opts.plan.tcp.ring_entries, &refs)
+            .map_err(|e| SessionError::io("creating the io_uring send ring", e))?;
+        let mut spare: Vec<Batch> = Vec::new();
+        let mut ready: Option<Batch> = None;
+        let mut more = true;
+        let io_err = |e| SessionError::io(format!("sending data to {}", opts.to), e);
+        loop {
+            if ready.is_none() && more {
+                let mut b = spare.pop().unwrap_or_default();
+                more = self.encode_next(&mut b);
+                if more {
+                    ready = Some(b);
+                } else {
+                    spare.push(b);
+                }
+            }
+            if let Some(idle) = (0..conns.len()).find(|&c| !ring.busy(c))
+                && let Some(b) = ready.take()
+            {
+                self.sent(&b, &mut conns[idle]);
+                ring.submit(idle, RingBatch { batch: b, source: self.source }).map_err(io_err)?;
+                continue;
+            }
+            if !ring.any_busy() {
+                if ready.is_none() && !more {
+                    break;
+                }
+                continue;
+            }
+            let (_, done) = ring.wait().map_err(io_err)?;
+            spare.push(done.batch);
+        }
+        Ok(())
+    }
 }
