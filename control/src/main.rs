@@ -72,6 +72,14 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Show a running ferryd's sessions and counters.
+    Status {
+        /// ferryd's control socket (default: $FERRY_SOCKET or /run/ferry/ferryd.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -88,6 +96,24 @@ struct TransferArgs {
     /// Print the transfer report as JSON.
     #[arg(long)]
     json: bool,
+    /// Run the transfer in this ferryd (its control socket) instead of an embedded data
+    /// plane. Default: the local ferryd if its socket exists ($FERRY_SOCKET or
+    /// /run/ferry/ferryd.sock), else embedded.
+    #[arg(long, value_name = "SOCKET")]
+    ferryd: Option<PathBuf>,
+    /// Always use the embedded data plane.
+    #[arg(long, conflicts_with = "ferryd")]
+    embedded: bool,
+}
+
+impl TransferArgs {
+    /// The ferryd to delegate to, if any.
+    fn daemon(&self) -> Option<PathBuf> {
+        if self.embedded {
+            return None;
+        }
+        self.ferryd.clone().or_else(|| Some(transfer::default_socket()).filter(|p| p.exists()))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -164,12 +190,29 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Send { to, file, t, transport, compress } => {
+            if let Some(sock) = t.daemon() {
+                if transport.is_some() {
+                    return Err(Fail(2, "--transport is ferryd's plan when sending through it (use --embedded to choose)".into()));
+                }
+                let file = std::path::absolute(&file).map_err(|e| Fail(2, format!("{}: {e}", file.display())))?;
+                return daemon_report(transfer::via_ferryd(&sock, &dataplane::daemon::Request::Send { to, file, compress }), t.json);
+            }
             let (auth, plan) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
             report(transfer::send(&to, &file, auth, &plan, !t.json), t.json)
         }
         Cmd::Recv { listen, out, t } => {
+            if let Some(sock) = t.daemon() {
+                let out = std::path::absolute(&out).map_err(|e| Fail(2, format!("{}: {e}", out.display())))?;
+                return daemon_report(transfer::via_ferryd(&sock, &dataplane::daemon::Request::Recv { listen, out }), t.json);
+            }
             let (auth, plan) = transfer_setup(&t, None, None)?;
             report(transfer::recv(&listen, &out, auth, &plan, !t.json), t.json)
+        }
+        Cmd::Status { socket, json: as_json } => {
+            let sock = socket.unwrap_or_else(transfer::default_socket);
+            let v = transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status).map_err(|e| Fail(1, e))?;
+            emit(&if as_json { json(&v) } else { render::status(&v) });
+            Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
         Cmd::Doctor(a) => {
@@ -197,6 +240,13 @@ fn transfer_setup(t: &TransferArgs, transport: Option<&str>, compress: Option<&s
 fn report(r: Result<dataplane::engine::Report, String>, as_json: bool) -> Result<u8, Fail> {
     let r = r.map_err(|e| Fail(1, e))?;
     emit(&if as_json { json(&r) } else { transfer::summary(&r) });
+    Ok(0)
+}
+
+fn daemon_report(r: Result<serde_json::Value, String>, as_json: bool) -> Result<u8, Fail> {
+    let v = r.map_err(|e| Fail(1, e))?;
+    let rep: dataplane::engine::Report = serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's report: {e}")))?;
+    emit(&if as_json { json(&rep) } else { transfer::summary(&rep) });
     Ok(0)
 }
 

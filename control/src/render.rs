@@ -164,3 +164,30 @@ pub fn doctor(r: &Report) -> String {
     }
     s
 }
+
+/// `ferryctl status` from ferryd's status reply.
+pub fn status(v: &serde_json::Value) -> String {
+    let st = &v["status"];
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ferryd up {:.0} s: transport {}, {} worker(s), compression {}",
+        st["uptime_seconds"].as_f64().unwrap_or(0.0),
+        v["plan"]["transport"].as_str().unwrap_or("?"),
+        v["plan"]["workers"],
+        v["plan"]["compression"].as_str().unwrap_or("?")
+    );
+    for a in st["active"].as_array().into_iter().flatten() {
+        let _ = writeln!(s, "  active {}: {}", a["role"].as_str().unwrap_or("?"), a["count"]);
+    }
+    for x in st["sessions"].as_array().into_iter().flatten() {
+        let _ = writeln!(s, "  sessions {} {}: {}", x["role"].as_str().unwrap_or("?"), x["result"].as_str().unwrap_or("?"), x["count"]);
+    }
+    let _ = writeln!(s, "  region bytes {}  wire bytes {}  zero pages {}", st["region_bytes"], st["wire_bytes"], st["zero_pages"]);
+    let l = &st["chunk_latency_us"];
+    let _ = writeln!(s, "  chunk send latency us: p50 {} p95 {} p99 {} max {}", l["p50"], l["p95"], l["p99"], l["max"]);
+    if let Some(e) = st["last_error"].as_str() {
+        let _ = writeln!(s, "  last error: {e}");
+    }
+    s
+}

@@ -110,3 +110,29 @@ pub fn summary(r: &Report) -> String {
         r.role, r.bytes, r.seconds, r.gbps, r.wire_bytes, r.zero_pages, r.lanes, r.cpu_seconds_per_gib, r.transport, r.digest
     )
 }
+
+/// The control socket of a local ferryd: `$FERRY_SOCKET`, else /run/ferry/ferryd.sock.
+pub fn default_socket() -> std::path::PathBuf {
+    std::env::var_os("FERRY_SOCKET").map_or_else(|| "/run/ferry/ferryd.sock".into(), Into::into)
+}
+
+/// Sends one request to ferryd and follows its replies to the final one.
+pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))?;
+    let line = serde_json::to_string(request).expect("requests serialise");
+    writeln!(conn, "{line}").map_err(|e| format!("writing to ferryd: {e}"))?;
+    for reply in std::io::BufReader::new(conn).lines() {
+        let reply = reply.map_err(|e| format!("reading from ferryd: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("ferryd sent a bad reply ({e}): {reply}"))?;
+        if v["event"] == "listening" {
+            log::info!("listening on {} (via ferryd at {})", v["addr"].as_str().unwrap_or("?"), socket.display());
+            continue;
+        }
+        if v["ok"] == true {
+            return Ok(v);
+        }
+        return Err(v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string());
+    }
+    Err("ferryd closed the control connection without a result".into())
+}

@@ -207,3 +207,44 @@ fn insecure_mode_both_sides() {
     assert_eq!(finish(recv).0, Some(0));
     assert_eq!(std::fs::read(&out).unwrap(), vec![9u8; 70000]);
 }
+
+/// `ferryctl recv` and `status` through a running ferryd (its control socket).
+#[test]
+fn through_a_running_ferryd() {
+    let ferryd = Path::new(env!("CARGO_BIN_EXE_ferryctl")).with_file_name("ferryd");
+    if !ferryd.exists() {
+        hw::report_skip(&format!("{} not built (cargo test --workspace builds it)", ferryd.display()));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "k");
+    let plan = dir.path().join("plan.json");
+    let out = ferryctl().args(["tune", "--json"]).output().unwrap();
+    std::fs::write(&plan, &out.stdout).unwrap();
+    let sock = dir.path().join("ferryd.sock");
+    let (mut daemon, _log) = spawn_until(
+        Command::new(&ferryd).arg("--plan").arg(&plan).arg("--control").arg(&sock).args(["--metrics", "off", "--key"]).arg(&key).env("RUST_LOG", "info"),
+        "ferryd ready",
+    );
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![3u8; 200_000]).unwrap();
+    let dst = dir.path().join("dst.img");
+    let addr = free_addr();
+    let (recv, _) = spawn_until(ferryctl().args(["recv", "--json", "--listen", &addr, "--ferryd"]).arg(&sock).arg("--out").arg(&dst), "via ferryd");
+    let send = ferryctl().args(["send", "--embedded", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src).output().unwrap();
+    assert!(send.status.success(), "{}", String::from_utf8_lossy(&send.stderr));
+    let (code, report) = finish(recv);
+    assert_eq!(code, Some(0));
+    let r: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(r["role"], "recv");
+    assert_eq!(std::fs::read(&dst).unwrap(), vec![3u8; 200_000]);
+    let st = ferryctl().args(["status", "--socket"]).arg(&sock).output().unwrap();
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success() && text.contains("sessions recv ok: 1"), "{text}");
+    daemon.kill().unwrap();
+    let _ = daemon.wait();
+    // No ferryd there: a clear error, exit 1.
+    let st = ferryctl().args(["status", "--socket"]).arg(dir.path().join("none.sock")).output().unwrap();
+    assert_eq!(st.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&st.stderr).contains("cannot reach ferryd"));
+}

@@ -16,3 +16,5 @@ pub mod digest;
 pub mod encode;
 /// Sending and receiving a region.
 pub mod engine;
+/// ferryd as a service: control socket, metrics.
+pub mod daemon;

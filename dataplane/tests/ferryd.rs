@@ -27,9 +27,13 @@ fn plan() -> Plan {
 }
 
 fn ferryd(plan_path: &std::path::Path) -> std::process::Child {
+    let control = plan_path.with_file_name("ferryd.sock");
     Command::new(env!("CARGO_BIN_EXE_ferryd"))
         .arg("--plan")
         .arg(plan_path)
+        .arg("--control")
+        .arg(control)
+        .args(["--metrics", "127.0.0.1:0", "--insecure-no-auth"])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -104,4 +108,112 @@ fn bad_plans_exit_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferryd")).args(["--plan", "/nonexistent/plan.json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read plan /nonexistent/plan.json"));
+}
+
+/// ferryd as a service: commands on the control socket drive real transfers, and the
+/// metrics endpoint counts them.
+#[test]
+fn serves_transfers_status_and_metrics() {
+    use dataplane::auth::{Auth, Key};
+    use dataplane::engine::recv::{RecvOptions, recv_file};
+    use dataplane::engine::send::{SendOptions, send_file};
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("k");
+    std::fs::write(&key_path, "11".repeat(32)).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let auth = Auth::Key(Key::from_bytes(vec![0x11; 32]).unwrap());
+    let plan_path = dir.path().join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
+    let sock = dir.path().join("ferryd.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+        .arg("--plan")
+        .arg(&plan_path)
+        .arg("--control")
+        .arg(&sock)
+        .args(["--metrics", "127.0.0.1:0", "--key"])
+        .arg(&key_path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut metrics_addr = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("metrics on http://").nth(1) {
+            metrics_addr = rest.trim_end_matches("/metrics").to_string();
+        }
+        if line.contains("ferryd ready") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let ask = |req: &str| -> Vec<serde_json::Value> {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        writeln!(c, "{req}").unwrap();
+        BufReader::new(c).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
+    };
+    assert_eq!(ask(r#"{"cmd":"status"}"#)[0]["ok"], true);
+    let bad = ask(r#"{"cmd":"launch-missiles"}"#);
+    assert_eq!(bad[0]["ok"], false);
+    assert!(bad[0]["error"].as_str().unwrap().contains("bad request"));
+
+    // ferryd receives: it says where it listens, then reports the finished session.
+    let data: Vec<u8> = (0..300_000u32).map(|i| if i % 9000 < 4096 { 0 } else { (i % 251) as u8 }).collect();
+    let src = dir.path().join("src");
+    std::fs::write(&src, &data).unwrap();
+    let out = dir.path().join("received");
+    let mut c = UnixStream::connect(&sock).unwrap();
+    writeln!(c, "{}", serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out})).unwrap();
+    let mut replies = BufReader::new(c).lines();
+    let first: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "listening");
+    let p = plan();
+    send_file(&src, &SendOptions { to: first["addr"].as_str().unwrap().into(), auth: auth.clone(), plan: &p, progress: None }).unwrap();
+    let last: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    assert_eq!(last["ok"], true, "{last}");
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // ferryd sends.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let back = dir.path().join("back");
+    let got = std::thread::scope(|s| {
+        let r = s.spawn(|| recv_file(&listener, &back, &RecvOptions { auth: auth.clone(), plan: &p, progress: None }));
+        let reply = ask(&serde_json::json!({"cmd": "send", "to": addr, "file": src, "compress": "zstd:1"}).to_string());
+        assert_eq!(reply[0]["ok"], true, "{reply:?}");
+        assert!(reply[0]["report"]["compressed_in_bytes"].as_u64().unwrap() > 0);
+        r.join().unwrap()
+    });
+    got.unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    // A send that cannot connect is reported and counted.
+    let failed = ask(r#"{"cmd":"send","to":"127.0.0.1:1","file":"/nonexistent"}"#);
+    assert_eq!(failed[0]["ok"], false);
+
+    let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
+    write!(http, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    for want in [
+        "ferry_sessions_total{role=\"recv\",result=\"ok\"} 1",
+        "ferry_sessions_total{role=\"send\",result=\"ok\"} 1",
+        "ferry_sessions_total{role=\"send\",result=\"error\"} 1",
+        "ferry_region_bytes_total{role=\"send\"} 300000",
+        "# TYPE ferry_chunk_send_latency_seconds summary",
+        "ferry_chunk_send_latency_seconds{quantile=\"0.99\"}",
+    ] {
+        assert!(body.contains(want), "metrics lack {want}:\n{body}");
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!sock.exists(), "the control socket is removed on exit");
 }

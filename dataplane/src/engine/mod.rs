@@ -11,7 +11,7 @@ pub mod send;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::conn::SessionError;
 
@@ -21,9 +21,9 @@ pub const PAGE: usize = 4096;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a transfer did, for `--json` and the progress line.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
-    pub role: &'static str,
+    pub role: String,
     /// Region bytes moved.
     pub bytes: u64,
     /// Bytes on the wire (headers and payloads).
@@ -44,6 +44,31 @@ pub struct Report {
     pub compression: String,
     pub digest: String,
     pub digest_match: bool,
+    /// Sender: time from handing a chunk to the connection until it was written, µs.
+    pub chunk_latency_us: Option<Percentiles>,
+    /// The histogram behind `chunk_latency_us`, for aggregation across sessions.
+    #[serde(skip)]
+    pub chunk_latency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Latency percentiles.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Percentiles {
+        Percentiles { p50: h.value_at_quantile(0.5), p95: h.value_at_quantile(0.95), p99: h.value_at_quantile(0.99), max: h.max() }
+    }
+}
+
+/// A histogram of microseconds up to an hour, 3 significant digits.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
 /// CPU seconds (user + system) this process has used.

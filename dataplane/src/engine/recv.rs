@@ -145,7 +145,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
     partial.done = true;
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
-        role: "recv",
+        role: "recv".into(),
         bytes: size,
         wire_bytes: total.wire_bytes,
         seconds,
@@ -161,6 +161,8 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
         compression: "as the sender chose".into(),
         digest: digest.hex(),
         digest_match: true,
+        chunk_latency_us: None,
+        chunk_latency: None,
     })
 }
 

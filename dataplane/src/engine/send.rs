@@ -100,6 +100,7 @@ struct WorkerResult {
     stats: EncodeStats,
     digest: Digest,
     wire_bytes: u64,
+    latency: hdrhistogram::Histogram<u64>,
 }
 
 fn connect(to: &str) -> Result<TcpStream, SessionError> {
@@ -154,8 +155,10 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let mut digest = Digest::default();
     let mut stats = EncodeStats::default();
     let mut wire_bytes = 0;
+    let mut latency = super::latency_histogram();
     for r in results {
         let r = r?;
+        let _ = latency.add(&r.latency);
         digest.combine(r.digest);
         wire_bytes += r.wire_bytes;
         stats.zero_pages += r.stats.zero_pages;
@@ -177,7 +180,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let seconds = t0.elapsed().as_secs_f64();
     let bytes = source.len() as u64;
     Ok(Report {
-        role: "send",
+        role: "send".into(),
         bytes,
         wire_bytes,
         seconds,
@@ -193,6 +196,8 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         compression: plan.compression.to_string(),
         digest: digest.hex(),
         digest_match: true,
+        chunk_latency_us: (!latency.is_empty()).then(|| super::Percentiles::of(&latency)),
+        chunk_latency: Some(latency),
     })
 }
 
@@ -214,18 +219,28 @@ fn worker(
         client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session)?;
         conns.push((s, 0u64, 0u64));
     }
-    let mut w = Worker { enc: Encoder::new(opts.plan.compression, chunk), digest: Digest::default(), wire_bytes: 0, source, chunk, n_chunks, next, progress: opts.progress };
+    let mut w = Worker {
+        enc: Encoder::new(opts.plan.compression, chunk),
+        digest: Digest::default(),
+        wire_bytes: 0,
+        latency: super::latency_histogram(),
+        source,
+        chunk,
+        n_chunks,
+        next,
+        progress: opts.progress,
+    };
     if opts.plan.tcp.io_uring {
         w.run_uring(&mut conns, opts)?;
     } else {
         w.run_sockets(&mut conns, opts)?;
     }
-    let Worker { enc, digest, wire_bytes, .. } = w;
+    let Worker { enc, digest, wire_bytes, latency, .. } = w;
     for (conn, frames, sent) in &mut conns {
         let end = wire::LaneEnd { frames: (*frames).into(), bytes: (*sent).into() };
         write_frame(conn, Kind::LaneEnd, end.as_bytes())?;
     }
-    Ok(WorkerResult { stats: enc.stats, digest, wire_bytes })
+    Ok(WorkerResult { stats: enc.stats, digest, wire_bytes, latency })
 }
 
 /// A worker's encoding state, shared by its two ways of sending.
@@ -233,6 +248,8 @@ struct Worker<'a> {
     enc: Encoder,
     digest: Digest,
     wire_bytes: u64,
+    /// Per-chunk send latency, this worker's own (merged after the session).
+    latency: hdrhistogram::Histogram<u64>,
     source: &'a [u8],
     chunk: usize,
     n_chunks: u64,
@@ -287,7 +304,9 @@ impl<'a> Worker<'a> {
             let n = conns.len();
             let conn = &mut conns[turn % n];
             turn += 1;
+            let t = Instant::now();
             batch.write(self.source, &mut conn.0).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
+            self.latency.saturating_record(t.elapsed().as_micros() as u64);
             self.sent(&batch, conn);
         }
         Ok(())
@@ -301,6 +320,7 @@ impl<'a> Worker<'a> {
             .map_err(|e| SessionError::io("creating the io_uring send ring", e))?;
         let mut spare: Vec<Batch> = Vec::new();
         let mut ready: Option<Batch> = None;
+        let mut submitted_at = vec![Instant::now(); conns.len()];
         let mut more = true;
         let io_err = |e| SessionError::io(format!("sending data to {}", opts.to), e);
         loop {
@@ -317,6 +337,7 @@ impl<'a> Worker<'a> {
                 && let Some(b) = ready.take()
             {
                 self.sent(&b, &mut conns[idle]);
+                submitted_at[idle] = Instant::now();
                 ring.submit(idle, RingBatch { batch: b, source: self.source }).map_err(io_err)?;
                 continue;
             }
@@ -326,7 +347,8 @@ impl<'a> Worker<'a> {
                 }
                 continue;
             }
-            let (_, done) = ring.wait().map_err(io_err)?;
+            let (c, done) = ring.wait().map_err(io_err)?;
+            self.latency.saturating_record(submitted_at[c].elapsed().as_micros() as u64);
             spare.push(done.batch);
         }
         Ok(())

@@ -1,0 +1,280 @@
+//! `ferryd` as a service: commands on a UNIX control socket (mode 0600), transfers run
+//! by the embedded engine, and Prometheus metrics on a local HTTP port.
+//!
+//! The control protocol is JSON lines: one request, then one or more replies. A transfer
+//! replies `{"event":"listening",...}` (recv) as soon as it can, and `{"ok":true,
+//! "report":{...}}` or `{"ok":false,"error":"..."}` when it ends.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Auth;
+use crate::engine::Report;
+use crate::engine::recv::{RecvOptions, recv_file};
+use crate::engine::send::{SendOptions, send_file};
+use crate::plan::{Compression, Plan};
+
+/// A command on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Recv { listen: String, out: PathBuf },
+    Send { to: String, file: PathBuf, compress: Option<String> },
+}
+
+/// Counters and histograms, updated once per session (never per chunk).
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    inner: Mutex<Totals>,
+}
+
+#[derive(Debug)]
+struct Totals {
+    sessions: BTreeMap<(&'static str, &'static str), u64>,
+    active: BTreeMap<&'static str, u64>,
+    region_bytes: BTreeMap<&'static str, u64>,
+    wire_bytes: BTreeMap<&'static str, u64>,
+    zero_pages: u64,
+    compressed_in: u64,
+    compressed_out: u64,
+    chunk_latency: hdrhistogram::Histogram<u64>,
+    session_seconds: hdrhistogram::Histogram<u64>,
+    last_error: Option<String>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            started: Instant::now(),
+            inner: Mutex::new(Totals {
+                sessions: BTreeMap::new(),
+                active: BTreeMap::new(),
+                region_bytes: BTreeMap::new(),
+                wire_bytes: BTreeMap::new(),
+                zero_pages: 0,
+                compressed_in: 0,
+                compressed_out: 0,
+                chunk_latency: crate::engine::latency_histogram(),
+                session_seconds: crate::engine::latency_histogram(),
+                last_error: None,
+            }),
+        }
+    }
+}
+
+impl Metrics {
+    fn begin(&self, role: &'static str) {
+        *self.inner.lock().expect("metrics").active.entry(role).or_default() += 1;
+    }
+
+    fn end(&self, role: &'static str, r: &Result<Report, String>) {
+        let mut t = self.inner.lock().expect("metrics");
+        *t.active.entry(role).or_default() -= 1;
+        let result = if r.is_ok() { "ok" } else { "error" };
+        *t.sessions.entry((role, result)).or_default() += 1;
+        match r {
+            Ok(rep) => {
+                *t.region_bytes.entry(role).or_default() += rep.bytes;
+                *t.wire_bytes.entry(role).or_default() += rep.wire_bytes;
+                t.zero_pages += rep.zero_pages;
+                t.compressed_in += rep.compressed_in_bytes;
+                t.compressed_out += rep.compressed_out_bytes;
+                if let Some(h) = &rep.chunk_latency {
+                    let _ = t.chunk_latency.add(h);
+                }
+                t.session_seconds.saturating_record((rep.seconds * 1e6) as u64);
+            }
+            Err(e) => t.last_error = Some(e.clone()),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let t = self.inner.lock().expect("metrics");
+        let mut out = String::new();
+        let mut add = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for l in lines {
+                out += &format!("{name}{l}\n");
+            }
+        };
+        add("ferry_uptime_seconds", "gauge", "Seconds since ferryd started.", vec![format!(" {:.3}", self.started.elapsed().as_secs_f64())]);
+        add(
+            "ferry_sessions_total",
+            "counter",
+            "Transfer sessions, by role and result.",
+            t.sessions.iter().map(|((role, res), n)| format!("{{role=\"{role}\",result=\"{res}\"}} {n}")).collect(),
+        );
+        add("ferry_sessions_active", "gauge", "Transfer sessions running now.", t.active.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect());
+        add("ferry_region_bytes_total", "counter", "Region bytes moved by completed sessions.", t.region_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect());
+        add("ferry_wire_bytes_total", "counter", "Bytes on the wire for completed sessions.", t.wire_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect());
+        add("ferry_zero_pages_total", "counter", "Zero pages sent as a flag instead of data.", vec![format!(" {}", t.zero_pages)]);
+        add(
+            "ferry_compressed_bytes_total",
+            "counter",
+            "Region bytes sent compressed (stage=in) and their compressed size (stage=out).",
+            vec![format!("{{stage=\"in\"}} {}", t.compressed_in), format!("{{stage=\"out\"}} {}", t.compressed_out)],
+        );
+        let quantiles = |h: &hdrhistogram::Histogram<u64>| -> Vec<String> {
+            let mut v: Vec<String> = [0.5, 0.95, 0.99]
+                .iter()
+                .map(|q| format!("{{quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6))
+                .collect();
+            v.push(format!("{{quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
+            v.push(format!("_count {}", h.len()));
+            v
+        };
+        add("ferry_chunk_send_latency_seconds", "summary", "Time from handing a chunk to a connection until it was written.", quantiles(&t.chunk_latency));
+        add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds));
+        out
+    }
+
+    /// What `ferryctl status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let t = self.inner.lock().expect("metrics");
+        serde_json::json!({
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "sessions": t.sessions.iter().map(|((r, res), n)| serde_json::json!({"role": r, "result": res, "count": n})).collect::<Vec<_>>(),
+            "active": t.active.iter().map(|(r, n)| serde_json::json!({"role": r, "count": n})).collect::<Vec<_>>(),
+            "region_bytes": t.region_bytes,
+            "wire_bytes": t.wire_bytes,
+            "zero_pages": t.zero_pages,
+            "chunk_latency_us": crate::engine::Percentiles::of(&t.chunk_latency),
+            "last_error": t.last_error,
+        })
+    }
+}
+
+/// The running service's shared state.
+#[derive(Debug)]
+pub struct Daemon {
+    pub plan: Plan,
+    pub auth: Auth,
+    pub metrics: Metrics,
+}
+
+/// Binds the control socket with mode 0600, replacing a stale socket file.
+pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{} is served by a running ferryd", path.display())));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+impl Daemon {
+    /// Serves the control socket until the process ends; one thread per client.
+    pub fn serve_control(&self, listener: UnixListener) {
+        std::thread::scope(|s| {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        s.spawn(move || self.client(c));
+                    }
+                    Err(e) => log::warn!("control socket: accept failed: {e}"),
+                }
+            }
+        });
+    }
+
+    fn client(&self, conn: UnixStream) {
+        let mut reply = match conn.try_clone() {
+            Ok(w) => w,
+            Err(e) => return log::warn!("control socket: {e}"),
+        };
+        let mut line = String::new();
+        if BufReader::new(conn).read_line(&mut line).is_err() {
+            return;
+        }
+        let mut say = |v: serde_json::Value| {
+            let _ = writeln!(reply, "{v}");
+        };
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
+        };
+        match req {
+            Request::Status => say(serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}})),
+            Request::Recv { listen, out } => {
+                let listener = match TcpListener::bind(&listen) {
+                    Ok(l) => l,
+                    Err(e) => return say(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")})),
+                };
+                let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(listen);
+                say(serde_json::json!({"event": "listening", "addr": addr}));
+                self.metrics.begin("recv");
+                let r = recv_file(&listener, &out, &RecvOptions { auth: self.auth.clone(), plan: &self.plan, progress: None }).map_err(|e| e.to_string());
+                self.metrics.end("recv", &r);
+                say(result(r));
+            }
+            Request::Send { to, file, compress } => {
+                let mut plan = self.plan.clone();
+                if let Some(c) = compress {
+                    match parse_compression(&c, plan.compression) {
+                        Ok(c) => plan.compression = c,
+                        Err(e) => return say(serde_json::json!({"ok": false, "error": e})),
+                    }
+                }
+                self.metrics.begin("send");
+                let r = send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None }).map_err(|e| e.to_string());
+                self.metrics.end("send", &r);
+                say(result(r));
+            }
+        }
+    }
+
+    /// Serves `GET /metrics` until the process ends.
+    pub fn serve_metrics(&self, listener: TcpListener) {
+        for conn in listener.incoming().flatten() {
+            let _ = self.metrics_client(conn);
+        }
+    }
+
+    fn metrics_client(&self, mut conn: TcpStream) -> std::io::Result<()> {
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut first = String::new();
+        BufReader::new(&conn).read_line(&mut first)?;
+        let (status, body) = if first.starts_with("GET /metrics") {
+            ("200 OK", self.metrics.prometheus())
+        } else {
+            ("404 Not Found", "ferryd serves /metrics\n".to_string())
+        };
+        write!(conn, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    }
+}
+
+fn result(r: Result<Report, String>) -> serde_json::Value {
+    match r {
+        Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
+        Err(e) => serde_json::json!({"ok": false, "error": e}),
+    }
+}
+
+/// `off`, `zstd:N`, or `auto` (the plan's own policy).
+pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, String> {
+    match s {
+        "auto" => Ok(plan),
+        "off" => Ok(Compression::Off),
+        _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+            Some(Ok(level)) if (1..=19).contains(&level) => Ok(Compression::Zstd { level }),
+            _ => Err(format!("\"{s}\" is not a compression policy: use auto, off or zstd:<1-19>")),
+        },
+    }
+}
