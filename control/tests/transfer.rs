@@ -248,3 +248,36 @@ fn through_a_running_ferryd() {
     assert_eq!(st.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&st.stderr).contains("cannot reach ferryd"));
 }
+
+/// An arena cannot be locked (no CAP_IPC_LOCK, 64 KiB RLIMIT_MEMLOCK): the transfer ends
+/// with a message that names the limit and the way to fix it.
+#[test]
+fn memlock_too_low() {
+    let have = |tool: &str| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have("setpriv") || !have("prlimit") {
+        hw::report_skip("setpriv or prlimit (util-linux) missing: cannot run ferryctl under a low memlock limit");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "k");
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![1u8; 1 << 20]).unwrap();
+    let out = dir.path().join("dst.img");
+    let addr = free_addr();
+    let (recv, _) = spawn_until(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out), "listening on");
+    let send = Command::new("setpriv")
+        .args(["--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", "prlimit", "--memlock=65536:65536"])
+        .arg(env!("CARGO_BIN_EXE_ferryctl"))
+        .args(["send", "--embedded", "--to", &addr, "--key"])
+        .arg(&key)
+        .arg("--file")
+        .arg(&src)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&send.stderr);
+    assert_eq!(send.status.code(), Some(1), "{err}");
+    assert!(err.contains("RLIMIT_MEMLOCK is too low") && err.contains("ferryctl doctor"), "{err}");
+    let (code, _) = finish(recv);
+    assert_eq!(code, Some(1));
+    assert!(!out.exists());
+}

@@ -25,6 +25,8 @@ pub enum SessionError {
     DigestMismatch { source_digest: String, dest_digest: String },
     #[error("cannot use {path}: {source}")]
     Region { path: String, source: io::Error },
+    #[error("{0}")]
+    Arena(#[from] hw::memmap::ArenaError),
 }
 
 impl SessionError {
@@ -97,32 +99,38 @@ pub fn send_error(w: &mut impl Write, msg: &str) {
 /// frames as the socket holds, and each payload is handed out in place (no copy) until
 /// the next call.
 #[derive(Debug)]
-pub struct FrameReader {
-    buf: Vec<u8>,
+pub struct FrameReader<B = Vec<u8>> {
+    buf: B,
     start: usize,
     end: usize,
     max_payload: u32,
 }
 
-impl FrameReader {
-    /// A reader with `capacity` bytes of buffer that refuses payloads above `max_payload`
-    /// before reading (or allocating for) them.
-    pub fn new(capacity: usize, max_payload: u32) -> FrameReader {
-        FrameReader { buf: vec![0; capacity.max(HEADER_LEN)], start: 0, end: 0, max_payload }
+impl FrameReader<Vec<u8>> {
+    /// A reader with at least `capacity` bytes of heap buffer.
+    pub fn new(capacity: usize, max_payload: u32) -> FrameReader<Vec<u8>> {
+        FrameReader::with_buffer(vec![0; capacity.max(HEADER_LEN + max_payload as usize)], max_payload)
+    }
+}
+
+impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
+    /// A reader over `buf` (an arena, say) that refuses payloads above `max_payload`
+    /// before reading them; `buf` must hold a header and the largest payload.
+    pub fn with_buffer(buf: B, max_payload: u32) -> FrameReader<B> {
+        assert!(buf.as_ref().len() >= HEADER_LEN + max_payload as usize, "frame buffer smaller than one frame");
+        FrameReader { buf, start: 0, end: 0, max_payload }
     }
 
     /// Makes `need` bytes from `start` available, reading more as needed.
     fn fill(&mut self, r: &mut impl Read, need: usize, op: &str) -> Result<(), SessionError> {
-        if need > self.buf.len() {
-            self.buf.resize(need, 0);
-        }
-        if self.start + need > self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
+        let buf = self.buf.as_mut();
+        if self.start + need > buf.len() {
+            buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
         while self.end - self.start < need {
-            match r.read(&mut self.buf[self.end..]) {
+            match r.read(&mut buf[self.end..]) {
                 Ok(0) => return Err(SessionError::io(op, io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -135,14 +143,14 @@ impl FrameReader {
     /// The next frame: its header, kind and CRC-verified payload.
     pub fn next(&mut self, r: &mut impl Read, op: &str) -> Result<(Header, Kind, &[u8]), SessionError> {
         self.fill(r, HEADER_LEN, op)?;
-        let h = Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_LEN]).expect("HEADER_LEN bytes make a header");
+        let h = Header::read_from_bytes(&self.buf.as_ref()[self.start..self.start + HEADER_LEN]).expect("HEADER_LEN bytes make a header");
         let kind = h.check()?;
         if h.length.get() > self.max_payload {
             return Err(FrameError::Oversized { len: h.length.get(), max: self.max_payload }.into());
         }
         let need = HEADER_LEN + h.length.get() as usize;
         self.fill(r, need, op)?;
-        let payload = &self.buf[self.start + HEADER_LEN..self.start + need];
+        let payload = &self.buf.as_ref()[self.start + HEADER_LEN..self.start + need];
         self.start += need;
         if self.start == self.end {
             self.start = 0;
@@ -177,7 +185,7 @@ mod tests {
             }
         }
         let mut src = Trickle(&wire);
-        let mut fr = FrameReader::new(100, 4096);
+        let mut fr = FrameReader::new(100, 3000);
         for i in 0..50u32 {
             let (_, kind, p) = fr.next(&mut src, "test").unwrap();
             assert_eq!(kind, Kind::Error);

@@ -121,6 +121,18 @@ impl Arena {
     }
 }
 
+impl AsRef<[u8]> for Arena {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl AsMut<[u8]> for Arena {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

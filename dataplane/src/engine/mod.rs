@@ -99,3 +99,25 @@ pub(crate) fn pin(cpu: u32) {
         log::warn!("could not pin a worker to CPU {cpu}: it runs unpinned");
     }
 }
+
+/// A worker's arena as the plan describes it (backing, mlock), at least `min_bytes`. Each
+/// fallback down the hugepage ladder is logged once per process, not once per worker.
+pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize) -> Result<hw::memmap::Arena, SessionError> {
+    use crate::plan::ArenaBacking;
+    use hw::memmap::{Arena, ArenaKind};
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    let want = match plan.arena.backing {
+        ArenaBacking::Hugetlb2m => ArenaKind::Hugetlb2m,
+        ArenaBacking::Thp => ArenaKind::Thp,
+        ArenaBacking::Normal => ArenaKind::Normal,
+    };
+    let bytes = (plan.arena.bytes_per_worker as usize).max(min_bytes).div_ceil(2 << 20) * (2 << 20);
+    let (a, notes) = Arena::new(bytes, want, plan.arena.mlock)?;
+    LOGGED.call_once(|| {
+        for n in &notes {
+            log::warn!("arena: {n}");
+        }
+        log::info!("arenas: {} MiB per worker, {:?} pages, {}", bytes >> 20, a.kind(), if a.locked() { "locked" } else { "not locked" });
+    });
+    Ok(a)
+}

@@ -206,7 +206,9 @@ fn lane(
     log::info!("lane {n} connected");
     // Room for several chunks per read syscall.
     let max_payload = wire::max_payload_for(layout.max_chunk);
-    let mut reader = FrameReader::new(4 * (max_payload as usize + HEADER_LEN), max_payload);
+    // The lane's buffer is its arena: room for several frames per read syscall.
+    let arena = super::arena(opts.plan, 4 * (max_payload as usize + HEADER_LEN))?;
+    let mut reader = FrameReader::with_buffer(arena, max_payload);
     let mut dec = Decoder::default();
     let mut st = LaneStats::default();
     loop {

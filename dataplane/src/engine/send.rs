@@ -27,25 +27,30 @@ pub struct SendOptions<'a> {
 }
 
 /// A chunk's frames, gathered for one `writev`: payloads that live in the source map are
-/// referenced in place; compressed payloads are copied into the worker's staging buffer.
-#[derive(Default)]
-struct Batch {
+/// referenced in place; compressed payloads are copied into the batch's slot of the
+/// worker's arena.
+struct Batch<'s> {
     headers: Vec<Header>,
     /// Per frame: (in staging?, start, len).
     payloads: Vec<(bool, usize, usize)>,
-    staging: Vec<u8>,
+    staging: &'s mut [u8],
+    staged: usize,
     wire_bytes: u64,
     /// Region bytes the batch carries.
     region_bytes: u64,
 }
 
-impl Batch {
+impl<'s> Batch<'s> {
+    fn new(staging: &'s mut [u8]) -> Batch<'s> {
+        Batch { headers: Vec::new(), payloads: Vec::new(), staging, staged: 0, wire_bytes: 0, region_bytes: 0 }
+    }
+
     fn clear(&mut self) {
         self.wire_bytes = 0;
         self.region_bytes = 0;
         self.headers.clear();
         self.payloads.clear();
-        self.staging.clear();
+        self.staged = 0;
     }
 
     fn push(&mut self, source: &[u8], h: Header, payload: &[u8]) {
@@ -56,15 +61,19 @@ impl Batch {
         } else if src.start <= p.start && p.end <= src.end {
             (false, p.start as usize - src.start as usize, payload.len())
         } else {
-            self.staging.extend_from_slice(payload);
-            (true, self.staging.len() - payload.len(), payload.len())
+            // Only compressed runs are staged, and a run is sent compressed only when it
+            // shrank below 90%: a chunk's staged bytes never exceed the chunk.
+            let at = self.staged;
+            self.staging[at..at + payload.len()].copy_from_slice(payload);
+            self.staged += payload.len();
+            (true, at, payload.len())
         };
         self.wire_bytes += (HEADER_LEN + payload.len()) as u64;
         self.headers.push(h);
         self.payloads.push(entry);
     }
 
-    fn slices<'s>(&'s self, source: &'s [u8]) -> Vec<&'s [u8]> {
+    fn slices<'b>(&'b self, source: &'b [u8]) -> Vec<&'b [u8]> {
         let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
         for (h, &(staged, start, len)) in self.headers.iter().zip(&self.payloads) {
             bufs.push(h.as_bytes());
@@ -86,7 +95,7 @@ impl Batch {
 
 /// A batch with the source it points into, as the io_uring ring owns it while in flight.
 struct RingBatch<'a> {
-    batch: Batch,
+    batch: Batch<'a>,
     source: &'a [u8],
 }
 
@@ -219,6 +228,11 @@ fn worker(
         client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session)?;
         conns.push((s, 0u64, 0u64));
     }
+    // Staging slots in the worker's arena: one per batch that can exist at once (one in
+    // flight per connection, one encoded ahead, one being encoded).
+    let slots_needed = if opts.plan.tcp.io_uring { per_worker + 2 } else { 1 };
+    let mut arena = super::arena(opts.plan, slots_needed * chunk)?;
+    let slots: Vec<&mut [u8]> = arena.as_mut_slice().chunks_mut(chunk).take(slots_needed).collect();
     let mut w = Worker {
         enc: Encoder::new(opts.plan.compression, chunk),
         digest: Digest::default(),
@@ -231,9 +245,9 @@ fn worker(
         progress: opts.progress,
     };
     if opts.plan.tcp.io_uring {
-        w.run_uring(&mut conns, opts)?;
+        w.run_uring(&mut conns, slots, opts)?;
     } else {
-        w.run_sockets(&mut conns, opts)?;
+        w.run_sockets(&mut conns, slots, opts)?;
     }
     let Worker { enc, digest, wire_bytes, latency, .. } = w;
     for (conn, frames, sent) in &mut conns {
@@ -259,7 +273,7 @@ struct Worker<'a> {
 
 impl<'a> Worker<'a> {
     /// Encodes the next chunk into `batch`; false when none is left.
-    fn encode_next(&mut self, batch: &mut Batch) -> bool {
+    fn encode_next(&mut self, batch: &mut Batch<'_>) -> bool {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         if i >= self.n_chunks {
             return false;
@@ -286,7 +300,7 @@ impl<'a> Worker<'a> {
         true
     }
 
-    fn sent(&mut self, batch: &Batch, conn: &mut (TcpStream, u64, u64)) {
+    fn sent(&mut self, batch: &Batch<'_>, conn: &mut (TcpStream, u64, u64)) {
         self.enc.adaptive.chunk_done(batch.region_bytes);
         conn.1 += batch.headers.len() as u64;
         conn.2 += batch.wire_bytes;
@@ -297,8 +311,8 @@ impl<'a> Worker<'a> {
     }
 
     /// Blocking sockets: one chunk at a time, connections in turn.
-    fn run_sockets(&mut self, conns: &mut [(TcpStream, u64, u64)], opts: &SendOptions<'_>) -> Result<(), SessionError> {
-        let mut batch = Batch::default();
+    fn run_sockets(&mut self, conns: &mut [(TcpStream, u64, u64)], mut slots: Vec<&mut [u8]>, opts: &SendOptions<'_>) -> Result<(), SessionError> {
+        let mut batch = Batch::new(slots.pop().expect("one staging slot"));
         let mut turn = 0;
         while self.encode_next(&mut batch) {
             let n = conns.len();
@@ -314,18 +328,18 @@ impl<'a> Worker<'a> {
 
     /// io_uring: one ring drives all of the worker's connections, one write in flight on
     /// each, and the next chunk is encoded while they drain.
-    fn run_uring(&mut self, conns: &mut [(TcpStream, u64, u64)], opts: &SendOptions<'_>) -> Result<(), SessionError> {
+    fn run_uring(&mut self, conns: &mut [(TcpStream, u64, u64)], slots: Vec<&'a mut [u8]>, opts: &SendOptions<'_>) -> Result<(), SessionError> {
         let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
         let mut ring = hw::uring_send::SendRing::<RingBatch<'a>>::new(opts.plan.tcp.ring_entries, &refs)
             .map_err(|e| SessionError::io("creating the io_uring send ring", e))?;
-        let mut spare: Vec<Batch> = Vec::new();
-        let mut ready: Option<Batch> = None;
+        let mut spare: Vec<Batch<'a>> = slots.into_iter().map(Batch::new).collect();
+        let mut ready: Option<Batch<'a>> = None;
         let mut submitted_at = vec![Instant::now(); conns.len()];
         let mut more = true;
         let io_err = |e| SessionError::io(format!("sending data to {}", opts.to), e);
         loop {
             if ready.is_none() && more {
-                let mut b = spare.pop().unwrap_or_default();
+                let mut b = spare.pop().expect("a staging slot for every batch that can exist");
                 more = self.encode_next(&mut b);
                 if more {
                     ready = Some(b);
