@@ -29,8 +29,6 @@ pub struct SendRing<B> {
     ring: IoUring,
     fds: Vec<RawFd>,
     inflight: Vec<Option<InFlight<B>>>,
-    /// Buffers completed in a batch of completions, handed out by later `wait` calls.
-    finished: Vec<(usize, B)>,
 }
 
 impl<B> std::fmt::Debug for SendRing<B> {
@@ -52,7 +50,6 @@ impl<B: SendBuf> SendRing<B> {
             ring: IoUring::new(entries.max(2 * conns.len() as u32).next_power_of_two())?,
             fds: conns.iter().map(|c| c.as_raw_fd()).collect(),
             inflight: conns.iter().map(|_| None).collect(),
-            finished: Vec::new(),
         })
     }
 
@@ -91,18 +88,17 @@ impl<B: SendBuf> SendRing<B> {
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))
     }
 
-    /// Waits for one connection's buffer to be written completely and returns it.
-    pub fn wait(&mut self) -> io::Result<(usize, B)> {
-        if let Some(d) = self.finished.pop() {
-            return Ok(d);
-        }
+    /// Waits until at least one connection's buffer is written completely, and returns
+    /// every buffer that is (with its connection), so none is held back while its
+    /// connection takes new work.
+    pub fn wait(&mut self) -> io::Result<Vec<(usize, B)>> {
         loop {
             if !self.any_busy() {
                 return Err(io::Error::other("nothing in flight"));
             }
             self.ring.submit_and_wait(1)?;
             let cqes: Vec<(usize, i32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
-            let mut done = None;
+            let mut done = Vec::new();
             for (conn, res) in cqes {
                 if res < 0 {
                     // This write is over (the kernel is done with its buffer).
@@ -130,17 +126,12 @@ impl<B: SendBuf> SendRing<B> {
                 if f.at < f.iov.len() {
                     self.push(conn)?;
                     self.ring.submit()?;
-                } else if done.is_none() {
-                    done = Some((conn, self.inflight[conn].take().expect("in flight").buf));
                 } else {
-                    // Another connection finished in the same batch of completions: the
-                    // next call hands it out.
-                    let f = self.inflight[conn].take().expect("in flight");
-                    self.finished.push((conn, f.buf));
+                    done.push((conn, self.inflight[conn].take().expect("in flight").buf));
                 }
             }
-            if let Some(d) = done {
-                return Ok(d);
+            if !done.is_empty() {
+                return Ok(done);
             }
         }
     }
@@ -225,9 +216,10 @@ mod tests {
                 ring.submit(conn, Owned(vec![vec![round; 10], big.clone(), vec![conn as u8]])).unwrap();
             }
             while ring.any_busy() {
-                let (conn, buf) = ring.wait().unwrap();
-                assert!(conn < 2);
-                drop(buf);
+                for (conn, buf) in ring.wait().unwrap() {
+                    assert!(conn < 2);
+                    drop(buf);
+                }
             }
         }
         drop(ring);
@@ -242,6 +234,32 @@ mod tests {
         assert_eq!(x.len(), want.len());
         assert!(x == want, "connection 0 bytes out of order");
         assert_eq!(y.len(), want.len());
+    }
+
+    #[test]
+    fn buffers_completed_together_all_come_back() {
+        let pairs: Vec<_> = (0..4).map(|_| UnixStream::pair().unwrap()).collect();
+        let ours: Vec<&UnixStream> = pairs.iter().map(|(a, _)| a).collect();
+        let Ok(mut ring) = SendRing::<Owned>::new(8, &ours) else { return };
+        for round in 0..50 {
+            for c in 0..4 {
+                if !ring.busy(c) {
+                    ring.submit(c, Owned(vec![vec![round as u8; 100]])).unwrap();
+                }
+            }
+            // Small writes complete at once, often several per batch of completions.
+            let mut back = 0;
+            while ring.any_busy() {
+                back += ring.wait().unwrap().len();
+            }
+            assert_eq!(back, 4, "every buffer comes back");
+        }
+        for (_, b) in &pairs {
+            b.set_nonblocking(true).unwrap();
+            let mut buf = vec![0u8; 100 * 50];
+            let n = (&*b).read(&mut buf).unwrap();
+            assert_eq!(n, 5000);
+        }
     }
 
     #[test]

@@ -175,9 +175,6 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         stats.compressed_out += r.stats.compressed_out;
         stats.frames += r.stats.frames;
     }
-    if source.is_empty() {
-        digest = Digest::of_region(0, PAGE, source, 1);
-    }
     let done = wire::Digest { digest: digest.to_bytes(), bytes: (source.len() as u64).into(), ok: 0.into(), _pad: 0.into() };
     write_frame(&mut ctl, Kind::Done, done.as_bytes())?;
     expect_frame(&mut ctl, Kind::Result, &mut buf)?;
@@ -361,9 +358,10 @@ impl<'a> Worker<'a> {
                 }
                 continue;
             }
-            let (c, done) = ring.wait().map_err(io_err)?;
-            self.latency.saturating_record(submitted_at[c].elapsed().as_micros() as u64);
-            spare.push(done.batch);
+            for (c, done) in ring.wait().map_err(io_err)? {
+                self.latency.saturating_record(submitted_at[c].elapsed().as_micros() as u64);
+                spare.push(done.batch);
+            }
         }
         Ok(())
     }
