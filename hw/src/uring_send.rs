@@ -99,18 +99,19 @@ impl<B: SendBuf> SendRing<B> {
             self.ring.submit_and_wait(1)?;
             let cqes: Vec<(usize, i32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
             let mut done = Vec::new();
+            // Every completion of the batch is accounted for before an error is returned:
+            // a connection left marked in flight after its completion was reaped would
+            // make `Drop` wait forever.
+            let mut error = None;
             for (conn, res) in cqes {
-                if res < 0 {
+                if res <= 0 {
                     // This write is over (the kernel is done with its buffer).
                     self.inflight[conn] = None;
-                    return Err(io::Error::from_raw_os_error(-res));
+                    error.get_or_insert(if res < 0 { io::Error::from_raw_os_error(-res) } else { io::ErrorKind::WriteZero.into() });
+                    continue;
                 }
                 let f = self.inflight[conn].as_mut().expect("a completion for an idle connection");
                 let mut written = res as usize;
-                if written == 0 {
-                    self.inflight[conn] = None;
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
                 while written > 0 && f.at < f.iov.len() {
                     let v = &mut f.iov[f.at];
                     if written >= v.iov_len {
@@ -124,11 +125,18 @@ impl<B: SendBuf> SendRing<B> {
                     }
                 }
                 if f.at < f.iov.len() {
-                    self.push(conn)?;
-                    self.ring.submit()?;
+                    if let Err(e) = self.push(conn) {
+                        // Not resubmitted: nothing of this connection is in flight any more.
+                        self.inflight[conn] = None;
+                        error.get_or_insert(e);
+                    }
                 } else {
                     done.push((conn, self.inflight[conn].take().expect("in flight").buf));
                 }
+            }
+            self.ring.submit()?;
+            if let Some(e) = error {
+                return Err(e);
             }
             if !done.is_empty() {
                 return Ok(done);
@@ -260,6 +268,29 @@ mod tests {
             let n = (&*b).read(&mut buf).unwrap();
             assert_eq!(n, 5000);
         }
+    }
+
+    #[test]
+    fn one_failure_among_completions_leaves_a_clean_ring() {
+        let (a1, b1) = UnixStream::pair().unwrap();
+        let (a2, _b2) = UnixStream::pair().unwrap();
+        drop(b1);
+        let Ok(mut ring) = SendRing::<Owned>::new(4, &[&a1, &a2]) else { return };
+        ring.submit(0, Owned(vec![vec![1; 100]])).unwrap();
+        ring.submit(1, Owned(vec![vec![2; 100]])).unwrap();
+        let mut failed = false;
+        while ring.any_busy() {
+            match ring.wait() {
+                Ok(done) => assert!(done.iter().all(|(c, _)| *c == 1)),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+                    failed = true;
+                }
+            }
+        }
+        assert!(failed);
+        // Nothing is left marked in flight, so this returns.
+        drop(ring);
     }
 
     #[test]
