@@ -49,6 +49,7 @@ pub fn doctor(caps: &Capabilities, cfg: &Config, plan: Result<&Plan, &PlanError>
             checks.push(memlock(caps, p));
             checks.push(numa(caps, p));
             checks.push(link(p));
+            checks.push(socket_buffers(caps, p));
         }
         Err(e) => checks.push(check("plan", Status::Fail, e.to_string(), Some(plan_fix(e)))),
     }
@@ -164,6 +165,21 @@ fn link(p: &Plan) -> Check {
         );
     }
     check("link", Status::Ok, format!("{} Gb/s on {}", p.link.speed_gbps, p.link.interface.as_deref().unwrap_or("?")), None)
+}
+
+fn socket_buffers(caps: &Capabilities, p: &Plan) -> Check {
+    let need = p.tcp.socket_buffer_needed_bytes;
+    let lim = &caps.socket_limits;
+    match (p.tcp.socket_buffer_bytes, lim.wmem_max.zip(lim.rmem_max).map(|(w, r)| w.min(r))) {
+        (Some(b), _) => check("tcp buffers", Status::Ok, format!("SO_SNDBUF/SO_RCVBUF set to {} KiB", b / 1024), None),
+        (None, Some(cap)) if cap < need && lim.tcp_wmem_max.is_some_and(|a| a < need) => check(
+            "tcp buffers",
+            Status::Warn,
+            format!("the bandwidth-delay product wants {} KiB socket buffers; autotuning stops at {} KiB and net.core.wmem_max/rmem_max cap SO_SNDBUF at {} KiB", need / 1024, lim.tcp_wmem_max.unwrap_or(0) / 1024, cap / 1024),
+            Some(format!("sysctl -w net.core.wmem_max={need} net.core.rmem_max={need}   (persist in /etc/sysctl.d/90-ferry.conf)")),
+        ),
+        (None, _) => check("tcp buffers", Status::Ok, "TCP autotuning covers the bandwidth-delay product", None),
+    }
 }
 
 fn io_uring(caps: &Capabilities, plan: Option<&Plan>) -> Check {

@@ -107,8 +107,10 @@ pub struct TcpPlan {
     pub io_uring: bool,
     pub ring_entries: u32,
     pub send_zc: bool,
-    /// SO_SNDBUF / SO_RCVBUF.
-    pub socket_buffer_bytes: u64,
+    /// SO_SNDBUF / SO_RCVBUF to set; `None` leaves the kernel's autotuning on.
+    pub socket_buffer_bytes: Option<u64>,
+    /// What the bandwidth-delay product asks for, whether or not the host allows setting it.
+    pub socket_buffer_needed_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

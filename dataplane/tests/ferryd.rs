@@ -19,7 +19,7 @@ fn plan() -> Plan {
         link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
         chunk_size_bytes: 64 << 10,
         rdma: None,
-        tcp: TcpPlan { connections_per_worker: 1, io_uring: true, ring_entries: 64, send_zc: false, socket_buffer_bytes: 4 << 20 },
+        tcp: TcpPlan { connections_per_worker: 1, io_uring: true, ring_entries: 64, send_zc: false, socket_buffer_bytes: Some(1 << 20), socket_buffer_needed_bytes: 1 << 20 },
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Thp, hugepages_2m_needed: 4, mlock: true },
         compression: Compression::Off,
         reasons: vec![Reason { decision: "transport".into(), value: "tcp".into(), because: "test".into() }],

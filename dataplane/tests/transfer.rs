@@ -24,7 +24,7 @@ fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) -> Pla
         link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
         chunk_size_bytes: chunk,
         rdma: None,
-        tcp: TcpPlan { connections_per_worker: conns, io_uring: false, ring_entries: 64, send_zc: false, socket_buffer_bytes: 4 << 20 },
+        tcp: TcpPlan { connections_per_worker: conns, io_uring: false, ring_entries: 64, send_zc: false, socket_buffer_bytes: Some(1 << 20), socket_buffer_needed_bytes: 1 << 20 },
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
         compression,
         reasons: vec![],

@@ -33,6 +33,23 @@ pub struct Capabilities {
     /// and for RDMA memory registration.
     pub cap_ipc_lock: bool,
     pub userfaultfd: UserfaultfdCaps,
+    /// Socket buffer limits (`net.core.*mem_max`, `net.ipv4.tcp_*mem`); absent in reports
+    /// written before they were probed.
+    #[serde(default)]
+    pub socket_limits: SocketLimits,
+}
+
+/// What caps SO_SNDBUF/SO_RCVBUF and TCP autotuning, in bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketLimits {
+    /// `net.core.wmem_max`: the most SO_SNDBUF can set (without CAP_NET_ADMIN).
+    pub wmem_max: Option<u64>,
+    /// `net.core.rmem_max`.
+    pub rmem_max: Option<u64>,
+    /// The third field of `net.ipv4.tcp_wmem`: how far autotuning grows a send buffer.
+    pub tcp_wmem_max: Option<u64>,
+    pub tcp_rmem_max: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

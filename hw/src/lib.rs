@@ -26,6 +26,8 @@ mod uffd;
 pub mod uring;
 /// Sending on several connections from one thread with io_uring.
 pub mod uring_send;
+/// Socket buffer limits and sizes.
+pub mod net;
 
 #[cfg(test)]
 mod testutil;
@@ -90,6 +92,7 @@ pub fn probe(opts: &ProbeOptions) -> Capabilities {
         memlock_limit_bytes: memory::memlock_limit(),
         cap_ipc_lock: memory::has_cap_ipc_lock(),
         userfaultfd: uffd::probe(),
+        socket_limits: net::socket_limits(),
     }
 }
 

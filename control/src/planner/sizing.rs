@@ -34,8 +34,7 @@ const RESERVE_CONTROL_FROM: usize = 4;
 const RDMA_CHUNK_OVERHEAD_US: f64 = 0.5;
 const TCP_CHUNK_OVERHEAD_US: f64 = 2.0;
 const CHUNK_OVERHEAD_SHARE: f64 = 0.05;
-/// Linux's default `tcp_wmem` maximum: SO_SNDBUF turns autotuning off, so never set less
-/// than autotuning would reach.
+/// Linux's default `tcp_wmem` maximum, assumed for autotuning when it was not probed.
 const MIN_SOCKET_BUFFER: u64 = 4 * MIB;
 
 fn pow2(v: u64) -> u64 {
@@ -315,16 +314,34 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
         }
     };
     let bdp = link.bdp_bytes();
+    let needed = pow2(2 * bdp.max(chunk));
+    let lim = &caps.socket_limits;
+    let cap = lim.wmem_max.zip(lim.rmem_max).map(|(w, r)| w.min(r));
+    let autotune = lim.tcp_wmem_max.zip(lim.tcp_rmem_max).map(|(w, r)| w.min(r)).unwrap_or(MIN_SOCKET_BUFFER);
     let sockbuf = match cfg.tcp.socket_buffer_kib.value() {
         Some(v) => {
-            r.add("tcp.socket_buffer", format!("{v} KiB"), "pinned by config");
-            v * KIB
+            let capped = cap.filter(|&c| c < v * KIB).map(|c| format!(" (the kernel caps it at net.core.wmem_max {} KiB)", c / KIB)).unwrap_or_default();
+            r.add("tcp.socket_buffer", format!("{v} KiB"), format!("pinned by config{capped}"));
+            Some(v * KIB)
         }
-        None => {
-            let v = pow2(2 * bdp.max(chunk)).clamp(MIN_SOCKET_BUFFER, 64 * MIB);
-            r.add("tcp.socket_buffer", format!("{} KiB", v / KIB), format!("twice the larger of the bandwidth-delay product ({bdp} B) and a chunk, at least 4 MiB: setting SO_SNDBUF turns autotuning off, so never below what it would reach"));
-            v
+        None if needed <= autotune => {
+            r.add("tcp.socket_buffer", "autotuning", format!("twice the larger of the bandwidth-delay product ({bdp} B) and a chunk is {} KiB; TCP autotuning grows buffers to {} KiB: left on (SO_SNDBUF would turn it off)", needed / KIB, autotune / KIB));
+            None
         }
+        None => match cap {
+            Some(c) if needed <= c => {
+                r.add("tcp.socket_buffer", format!("{} KiB", needed / KIB), format!("twice the larger of the bandwidth-delay product ({bdp} B) and a chunk, beyond autotuning's {} KiB; net.core.wmem_max {} KiB allows it", autotune / KIB, c / KIB));
+                Some(needed)
+            }
+            Some(c) => {
+                r.add("tcp.socket_buffer", "autotuning", format!("{} KiB would cover twice the bandwidth-delay product, but net.core.wmem_max/rmem_max cap SO_SNDBUF at {} KiB, below autotuning's {} KiB: autotuning kept; `ferryctl doctor` shows the sysctl", needed / KIB, c / KIB, autotune / KIB));
+                None
+            }
+            None => {
+                r.add("tcp.socket_buffer", "autotuning", format!("{} KiB would cover twice the bandwidth-delay product, but the socket limits were not probed: autotuning kept", needed / KIB));
+                None
+            }
+        },
     };
     let io_uring = transport == Transport::Tcp || (transport == Transport::Rdma && caps.io_uring.available);
     let entries = match cfg.tcp.ring_entries.value() {
@@ -333,7 +350,7 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
             v
         }
         None => {
-            let per_conn = sockbuf.div_ceil(chunk) + 2;
+            let per_conn = sockbuf.unwrap_or(needed.max(autotune)).div_ceil(chunk) + 2;
             let v = pow2(conns * per_conn).clamp(64, 4096);
             r.add("tcp.ring_entries", v, format!("{conns} connection(s) x ({} chunk sends to fill a socket buffer + a receive + a timeout), at least 64", per_conn - 2));
             v
@@ -367,7 +384,7 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
         }
     };
     let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-    Ok(TcpPlan { connections_per_worker: u(conns), io_uring, ring_entries: u(entries), send_zc, socket_buffer_bytes: sockbuf })
+    Ok(TcpPlan { connections_per_worker: u(conns), io_uring, ring_entries: u(entries), send_zc, socket_buffer_bytes: sockbuf, socket_buffer_needed_bytes: needed })
 }
 
 /// Arena size per worker and its backing (the hugepage ladder).
@@ -386,7 +403,7 @@ pub(super) fn arena(caps: &Capabilities, cfg: &Config, node: u32, workers: u32, 
                     (u64::from(q.qps_per_worker) * per_qp, format!("{} QP(s) x {per_qp} chunks to cover the bandwidth-delay product", q.qps_per_worker))
                 }
                 None => {
-                    let per_conn = tcp.socket_buffer_bytes.div_ceil(chunk) + 1;
+                    let per_conn = tcp.socket_buffer_bytes.unwrap_or(tcp.socket_buffer_needed_bytes).div_ceil(chunk) + 1;
                     (u64::from(tcp.connections_per_worker) * per_conn, format!("{} connection(s) x {per_conn} chunks to fill a socket buffer", tcp.connections_per_worker))
                 }
             };

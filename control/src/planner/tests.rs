@@ -265,3 +265,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn socket_buffers_follow_the_host_limits() {
+    let mut caps = fixture("connectx6dx-roce");
+    let cfg = cfg("[dataplane]\ntransport = \"tcp\"\n[link]\nrtt_us = 2000");
+    // 100 Gb/s x 2 ms wants 2 x 25 MB: beyond autotuning's 4 MiB.
+    caps.socket_limits = hw::caps::SocketLimits { wmem_max: Some(212_992), rmem_max: Some(212_992), tcp_wmem_max: Some(4 << 20), tcp_rmem_max: Some(6 << 20) };
+    let p = plan(&caps, &cfg).unwrap();
+    assert_eq!(p.tcp.socket_buffer_bytes, None, "a capped SO_SNDBUF would be worse than autotuning");
+    assert_eq!(p.tcp.socket_buffer_needed_bytes, 64 << 20);
+    let report = crate::doctor::doctor(&caps, &cfg, Ok(&p));
+    let c = report.checks.iter().find(|c| c.name == "tcp buffers").unwrap();
+    assert_eq!(c.status, crate::doctor::Status::Warn);
+    assert!(c.fix.as_ref().unwrap().contains("net.core.wmem_max=67108864"), "{c:?}");
+    // The host allows it: set.
+    caps.socket_limits.wmem_max = Some(128 << 20);
+    caps.socket_limits.rmem_max = Some(128 << 20);
+    assert_eq!(plan(&caps, &cfg).unwrap().tcp.socket_buffer_bytes, Some(64 << 20));
+    // A short RTT: autotuning is enough.
+    let p = plan(&caps, &Config::default()).unwrap();
+    assert_eq!(p.tcp.socket_buffer_bytes, None);
+}

@@ -92,6 +92,15 @@ pub(crate) fn tune_socket(s: &TcpStream) -> Result<(), SessionError> {
     Ok(())
 }
 
+/// A data connection: [`tune_socket`] plus the plan's socket buffer size, if it sets one.
+pub(crate) fn tune_data_socket(s: &TcpStream, plan: &crate::plan::Plan) -> Result<(), SessionError> {
+    tune_socket(s)?;
+    if let Some(b) = plan.tcp.socket_buffer_bytes {
+        hw::net::set_buffers(s, b).map_err(|e| SessionError::io("setting SO_SNDBUF/SO_RCVBUF", e.into()))?;
+    }
+    Ok(())
+}
+
 /// Pins the calling thread to `cpu`; a failure is logged, not fatal (containers may
 /// restrict the CPU set).
 pub(crate) fn pin(cpu: u32) {

@@ -191,7 +191,7 @@ fn lane(
     seen: &Mutex<Vec<bool>>,
     opts: &RecvOptions<'_>,
 ) -> Result<LaneStats, SessionError> {
-    tune_socket(&s)?;
+    super::tune_data_socket(&s, opts.plan)?;
     let hello = server_handshake(&mut s, &opts.auth)?;
     let n = hello.lane.get();
     if hello.session.get() != session {

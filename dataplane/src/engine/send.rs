@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
-use super::{PAGE, Report, cpu_seconds, pin, tune_socket};
+use super::{PAGE, Report, cpu_seconds, pin, tune_data_socket, tune_socket};
 use crate::auth::{Auth, client_handshake};
 use crate::conn::{SessionError, expect_frame, write_all_vectored, write_frame};
 use crate::digest::Digest;
@@ -119,6 +119,13 @@ fn connect(to: &str) -> Result<TcpStream, SessionError> {
     Ok(s)
 }
 
+/// A data connection: the socket buffers the plan sets (before data flows).
+fn connect_data(to: &str, plan: &Plan) -> Result<TcpStream, SessionError> {
+    let s = connect(to)?;
+    tune_data_socket(&s, plan)?;
+    Ok(s)
+}
+
 /// Sends the file or memfd at `path` to a receiver; returns when the receiver has
 /// confirmed the destination's digest matches the source's.
 pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionError> {
@@ -221,7 +228,7 @@ fn worker(
 ) -> Result<WorkerResult, SessionError> {
     let mut conns = Vec::with_capacity(per_worker);
     for c in 0..per_worker {
-        let mut s = connect(&opts.to)?;
+        let mut s = connect_data(&opts.to, opts.plan)?;
         client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session)?;
         conns.push((s, 0u64, 0u64));
     }
