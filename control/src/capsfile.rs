@@ -10,7 +10,9 @@ pub enum CapsError {
     Read { path: String, source: std::io::Error },
     #[error("capabilities file {path}: {source}")]
     Parse { path: String, source: serde_json::Error },
-    #[error("capabilities file {path} has schema_version {found}; this ferryctl reads version {CAPS_SCHEMA_VERSION} (run `ferryctl probe --json` again)")]
+    #[error(
+        "capabilities file {path} has schema_version {found}; this ferryctl reads version {CAPS_SCHEMA_VERSION} (run `ferryctl probe --json` again)"
+    )]
     Version { path: String, found: u32 },
 }
 

@@ -6,8 +6,8 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

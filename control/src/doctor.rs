@@ -44,7 +44,12 @@ pub fn doctor(caps: &Capabilities, cfg: &Config, plan: Result<&Plan, &PlanError>
     let mut checks = Vec::new();
     match plan {
         Ok(p) => {
-            checks.push(check("plan", Status::Ok, format!("transport {}, {} worker(s) on node {}", p.transport, p.worker_cpus.len(), p.numa_node), None));
+            checks.push(check(
+                "plan",
+                Status::Ok,
+                format!("transport {}, {} worker(s) on node {}", p.transport, p.worker_cpus.len(), p.numa_node),
+                None,
+            ));
             checks.push(hugepages(caps, cfg, p));
             checks.push(memlock(caps, p));
             checks.push(numa(caps, p));
@@ -61,9 +66,15 @@ pub fn doctor(caps: &Capabilities, cfg: &Config, plan: Result<&Plan, &PlanError>
 
 fn plan_fix(e: &PlanError) -> String {
     match e {
-        PlanError::RdmaUnavailable { .. } => "set `transport = \"auto\"` under [dataplane] to fall back to TCP, or bring an RDMA port up (see the rdma check)".into(),
-        PlanError::IoUringUnavailable { .. } => "set `transport = \"sockets\"` (or \"auto\") under [dataplane], or lift the io_uring block (see the io_uring check)".into(),
-        PlanError::RdmaSetting { field, .. } => format!("set `{field} = \"auto\"` under [rdma] or a value within the device's limits (`ferryctl probe` lists them)"),
+        PlanError::RdmaUnavailable { .. } => {
+            "set `transport = \"auto\"` under [dataplane] to fall back to TCP, or bring an RDMA port up (see the rdma check)".into()
+        }
+        PlanError::IoUringUnavailable { .. } => {
+            "set `transport = \"sockets\"` (or \"auto\") under [dataplane], or lift the io_uring block (see the io_uring check)".into()
+        }
+        PlanError::RdmaSetting { field, .. } => {
+            format!("set `{field} = \"auto\"` under [rdma] or a value within the device's limits (`ferryctl probe` lists them)")
+        }
         PlanError::Setting { field, .. } => {
             let (section, key) = field.split_once('.').unwrap_or(("dataplane", field));
             format!("set `{key} = \"auto\"` under [{section}] or a value this machine has (`ferryctl probe`)")
@@ -85,9 +96,15 @@ fn hugepages(caps: &Capabilities, cfg: &Config, p: &Plan) -> Check {
     match (p.arena.backing, free >= need) {
         (ArenaBacking::Hugetlb2m, true) => check("hugepages", Status::Ok, detail, None),
         (ArenaBacking::Hugetlb2m, false) => check("hugepages", Status::Fail, format!("{detail} (dataplane.hugepages = \"require\")"), fix),
-        (_, false) if cfg.dataplane.hugepages == HugepagePolicy::Auto => {
-            check("hugepages", Status::Warn, format!("{detail}: arenas fall back to {}", if p.arena.backing == ArenaBacking::Thp { "transparent hugepages" } else { "4 KiB pages" }), fix)
-        }
+        (_, false) if cfg.dataplane.hugepages == HugepagePolicy::Auto => check(
+            "hugepages",
+            Status::Warn,
+            format!(
+                "{detail}: arenas fall back to {}",
+                if p.arena.backing == ArenaBacking::Thp { "transparent hugepages" } else { "4 KiB pages" }
+            ),
+            fix,
+        ),
         _ => check("hugepages", Status::Ok, format!("arenas use {:?} pages by config", p.arena.backing), None),
     }
 }
@@ -110,22 +127,38 @@ fn memlock(caps: &Capabilities, p: &Plan) -> Check {
         Some(limit) if limit < locked => check(
             "memlock",
             Status::Fail,
-            format!("RLIMIT_MEMLOCK is {} KiB but the plan locks and registers {} MiB of arenas ({} x {} MiB)", limit / 1024, locked / MIB, p.worker_cpus.len(), p.arena.bytes_per_worker / MIB),
+            format!(
+                "RLIMIT_MEMLOCK is {} KiB but the plan locks and registers {} MiB of arenas ({} x {} MiB)",
+                limit / 1024,
+                locked / MIB,
+                p.worker_cpus.len(),
+                p.arena.bytes_per_worker / MIB
+            ),
             fix,
         ),
         Some(limit) if p.transport == Transport::Rdma => check(
             "memlock",
             Status::Warn,
-            format!("RLIMIT_MEMLOCK is {} MiB: enough for the arenas, but RDMA also registers whole guest-memory regions, which this limit refuses beyond its size", limit / MIB),
+            format!(
+                "RLIMIT_MEMLOCK is {} MiB: enough for the arenas, but RDMA also registers whole guest-memory regions, which this limit refuses beyond its size",
+                limit / MIB
+            ),
             fix,
         ),
-        Some(limit) => check("memlock", Status::Ok, format!("RLIMIT_MEMLOCK {} MiB covers the {} MiB the plan locks", limit / MIB, locked / MIB), None),
+        Some(limit) => {
+            check("memlock", Status::Ok, format!("RLIMIT_MEMLOCK {} MiB covers the {} MiB the plan locks", limit / MIB, locked / MIB), None)
+        }
     }
 }
 
 fn numa(caps: &Capabilities, p: &Plan) -> Check {
     let node_cpus: Vec<u32> = caps.numa_nodes.iter().find(|n| n.id == p.numa_node).map(|n| n.cpus()).unwrap_or_default();
-    let firsts: Vec<u32> = caps.numa_nodes.iter().find(|n| n.id == p.numa_node).map(|n| n.cores.iter().filter_map(|c| c.first().copied()).collect()).unwrap_or_default();
+    let firsts: Vec<u32> = caps
+        .numa_nodes
+        .iter()
+        .find(|n| n.id == p.numa_node)
+        .map(|n| n.cores.iter().filter_map(|c| c.first().copied()).collect())
+        .unwrap_or_default();
     let off: Vec<u32> = p.worker_cpus.iter().copied().filter(|c| !node_cpus.contains(c)).collect();
     let nic_node = p
         .rdma
@@ -136,7 +169,10 @@ fn numa(caps: &Capabilities, p: &Plan) -> Check {
         return check(
             "numa",
             Status::Warn,
-            format!("the NIC is on node {nn} but the plan puts workers and arenas on node {}: every byte crosses the socket interconnect", p.numa_node),
+            format!(
+                "the NIC is on node {nn} but the plan puts workers and arenas on node {}: every byte crosses the socket interconnect",
+                p.numa_node
+            ),
             Some("set `numa_node = \"auto\"` under [dataplane]".into()),
         );
     }
@@ -145,7 +181,10 @@ fn numa(caps: &Capabilities, p: &Plan) -> Check {
             "numa",
             Status::Warn,
             format!("worker CPUs {off:?} are not on node {} where the NIC and arenas are", p.numa_node),
-            Some(format!("set `cpus = {firsts:?}` (one hardware thread per core of node {}, or a subset) under [dataplane], or `cpus = \"auto\"`", p.numa_node)),
+            Some(format!(
+                "set `cpus = {firsts:?}` (one hardware thread per core of node {}, or a subset) under [dataplane], or `cpus = \"auto\"`",
+                p.numa_node
+            )),
         );
     }
     let nic = match nic_node {
@@ -160,7 +199,11 @@ fn link(p: &Plan) -> Check {
         return check(
             "link",
             Status::Warn,
-            format!("{} reports no link speed: the plan assumes {} Gb/s", p.link.interface.as_deref().unwrap_or("the interface"), p.link.speed_gbps),
+            format!(
+                "{} reports no link speed: the plan assumes {} Gb/s",
+                p.link.interface.as_deref().unwrap_or("the interface"),
+                p.link.speed_gbps
+            ),
             Some("set `speed_gbps = <the real rate>` under [link]".into()),
         );
     }
@@ -175,7 +218,12 @@ fn socket_buffers(caps: &Capabilities, p: &Plan) -> Check {
         (None, Some(cap)) if cap < need && lim.tcp_wmem_max.is_some_and(|a| a < need) => check(
             "tcp buffers",
             Status::Warn,
-            format!("the bandwidth-delay product wants {} KiB socket buffers; autotuning stops at {} KiB and net.core.wmem_max/rmem_max cap SO_SNDBUF at {} KiB", need / 1024, lim.tcp_wmem_max.unwrap_or(0) / 1024, cap / 1024),
+            format!(
+                "the bandwidth-delay product wants {} KiB socket buffers; autotuning stops at {} KiB and net.core.wmem_max/rmem_max cap SO_SNDBUF at {} KiB",
+                need / 1024,
+                lim.tcp_wmem_max.unwrap_or(0) / 1024,
+                cap / 1024
+            ),
             Some(format!("sysctl -w net.core.wmem_max={need} net.core.rmem_max={need}   (persist in /etc/sysctl.d/90-ferry.conf)")),
         ),
         (None, _) => check("tcp buffers", Status::Ok, "TCP autotuning covers the bandwidth-delay product", None),
@@ -189,7 +237,13 @@ fn io_uring(caps: &Capabilities, plan: Option<&Plan>) -> Check {
         return check(
             "io_uring",
             Status::Ok,
-            format!("usable: SEND_ZC {}, multishot receive {}, provided-buffer rings {}, fixed buffers {}", yn(u.send_zc), yn(u.recv_multishot), yn(u.provided_buffer_rings), yn(u.fixed_buffers)),
+            format!(
+                "usable: SEND_ZC {}, multishot receive {}, provided-buffer rings {}, fixed buffers {}",
+                yn(u.send_zc),
+                yn(u.recv_multishot),
+                yn(u.provided_buffer_rings),
+                yn(u.fixed_buffers)
+            ),
             None,
         );
     }
@@ -210,7 +264,12 @@ fn rdma(caps: &Capabilities, plan: Option<&Plan>) -> Check {
         return check("rdma", Status::Ok, format!("{} port {} in use", r.device, r.port), None);
     }
     if caps.rdma_devices.is_empty() {
-        return check("rdma", Status::Ok, format!("no RDMA devices ({}): TCP carries the data", caps.rdma_unavailable_reason.as_deref().unwrap_or("none found")), None);
+        return check(
+            "rdma",
+            Status::Ok,
+            format!("no RDMA devices ({}): TCP carries the data", caps.rdma_unavailable_reason.as_deref().unwrap_or("none found")),
+            None,
+        );
     }
     let mut down = Vec::new();
     let mut fixes = Vec::new();

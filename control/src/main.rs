@@ -225,7 +225,11 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
     }
 }
 
-fn transfer_setup(t: &TransferArgs, transport: Option<&str>, compress: Option<&str>) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan), Fail> {
+fn transfer_setup(
+    t: &TransferArgs,
+    transport: Option<&str>,
+    compress: Option<&str>,
+) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan), Fail> {
     let auth = transfer::auth(t.key.as_deref(), t.insecure_no_auth).map_err(|e| Fail(2, e))?;
     let mut cfg = match &t.config {
         Some(path) => Config::load(path).map_err(|e| Fail(2, e.to_string()))?,
@@ -245,7 +249,8 @@ fn report(r: Result<dataplane::engine::Report, String>, as_json: bool) -> Result
 
 fn daemon_report(r: Result<serde_json::Value, String>, as_json: bool) -> Result<u8, Fail> {
     let v = r.map_err(|e| Fail(1, e))?;
-    let rep: dataplane::engine::Report = serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's report: {e}")))?;
+    let rep: dataplane::engine::Report =
+        serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's report: {e}")))?;
     emit(&if as_json { json(&rep) } else { transfer::summary(&rep) });
     Ok(0)
 }

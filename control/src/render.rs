@@ -22,7 +22,8 @@ fn gib(bytes: u64) -> String {
 pub fn probe(c: &Capabilities) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "host {}, kernel {}", c.hostname, c.kernel.release);
-    let _ = writeln!(s, "CPUs: {} logical, {} cores, {} package(s) (from {})", c.cpus.logical, c.cpus.cores, c.cpus.packages, c.cpus.source);
+    let _ =
+        writeln!(s, "CPUs: {} logical, {} cores, {} package(s) (from {})", c.cpus.logical, c.cpus.cores, c.cpus.packages, c.cpus.source);
     for n in &c.numa_nodes {
         let cores: Vec<String> = n.cores.iter().map(|pus| format!("{pus:?}")).collect();
         let _ = writeln!(s, "NUMA node {}: {}, {} core(s): {}", n.id, gib(n.memory_bytes), n.cores.len(), cores.join(" "));
@@ -63,7 +64,17 @@ pub fn probe(c: &Capabilities) -> String {
         let _ = writeln!(
             s,
             "    max_qp {}  max_qp_wr {}  max_sge {}  max_sge_rd {}  max_cq {}  max_cqe {}\n    max_mr {}  max_mr_size {:#x}  max_pd {}  max_qp_rd_atom {}  max_qp_init_rd_atom {}  max_inline_data {}",
-            a.max_qp, a.max_qp_wr, a.max_sge, a.max_sge_rd, a.max_cq, a.max_cqe, a.max_mr, a.max_mr_size, a.max_pd, a.max_qp_rd_atom, a.max_qp_init_rd_atom,
+            a.max_qp,
+            a.max_qp_wr,
+            a.max_sge,
+            a.max_sge_rd,
+            a.max_cq,
+            a.max_cqe,
+            a.max_mr,
+            a.max_mr_size,
+            a.max_pd,
+            a.max_qp_rd_atom,
+            a.max_qp_init_rd_atom,
             d.max_inline_data.map_or("not probed".into(), |v| format!("{v} B"))
         );
         for note in &d.notes {
@@ -86,19 +97,35 @@ pub fn probe(c: &Capabilities) -> String {
         }
     }
     let u = &c.io_uring;
-    let _ = writeln!(s, "\nio_uring: {}", if u.available { "available".to_string() } else { format!("unavailable: {}", u.reason.as_deref().unwrap_or("?")) });
+    let _ = writeln!(
+        s,
+        "\nio_uring: {}",
+        if u.available { "available".to_string() } else { format!("unavailable: {}", u.reason.as_deref().unwrap_or("?")) }
+    );
     if u.available {
         let _ = writeln!(
             s,
             "  SEND_ZC {}, SENDMSG_ZC {}, multishot receive {}, provided-buffer rings {}, fixed buffers {}\n  opcodes: {}",
-            yn(u.send_zc), yn(u.sendmsg_zc), yn(u.recv_multishot), yn(u.provided_buffer_rings), yn(u.fixed_buffers), u.opcodes.join(" ")
+            yn(u.send_zc),
+            yn(u.sendmsg_zc),
+            yn(u.recv_multishot),
+            yn(u.provided_buffer_rings),
+            yn(u.fixed_buffers),
+            u.opcodes.join(" ")
         );
     }
     let _ = writeln!(s, "  kernel.io_uring_disabled = {}", opt(u.disabled_sysctl));
     let _ = writeln!(s, "\nhugepages: THP {}", opt(c.hugepages.thp_mode.as_ref()));
     for p in &c.hugepages.pools {
         let nodes: Vec<String> = p.per_node.iter().map(|n| format!("node{} {}/{}", n.node, n.free, n.total)).collect();
-        let _ = writeln!(s, "  {} kB pages: {} free of {} ({})", p.size_kib, p.free, p.total, if nodes.is_empty() { "-".into() } else { nodes.join(", ") });
+        let _ = writeln!(
+            s,
+            "  {} kB pages: {} free of {} ({})",
+            p.size_kib,
+            p.free,
+            p.total,
+            if nodes.is_empty() { "-".into() } else { nodes.join(", ") }
+        );
     }
     let _ = writeln!(
         s,
@@ -110,7 +137,11 @@ pub fn probe(c: &Capabilities) -> String {
     let _ = writeln!(
         s,
         "userfaultfd: {}{}",
-        if f.available { format!("available, write-protect {}, shmem/hugetlbfs write-protect {}", yn(f.write_protect), yn(f.write_protect_shmem)) } else { format!("unavailable: {}", f.reason.as_deref().unwrap_or("?")) },
+        if f.available {
+            format!("available, write-protect {}, shmem/hugetlbfs write-protect {}", yn(f.write_protect), yn(f.write_protect_shmem))
+        } else {
+            format!("unavailable: {}", f.reason.as_deref().unwrap_or("?"))
+        },
         f.unprivileged_sysctl.map_or(String::new(), |v| format!(" (vm.unprivileged_userfaultfd = {v})"))
     );
     s

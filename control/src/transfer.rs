@@ -104,7 +104,11 @@ pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bo
 
 /// One line for a terminal.
 pub fn summary(r: &Report) -> String {
-    let ratio = if r.compressed_out_bytes > 0 { format!(", zstd {:.2}x on {} MiB", r.compressed_in_bytes as f64 / r.compressed_out_bytes as f64, r.compressed_in_bytes >> 20) } else { String::new() };
+    let ratio = if r.compressed_out_bytes > 0 {
+        format!(", zstd {:.2}x on {} MiB", r.compressed_in_bytes as f64 / r.compressed_out_bytes as f64, r.compressed_in_bytes >> 20)
+    } else {
+        String::new()
+    };
     format!(
         "{}: {} bytes in {:.3} s = {:.2} GB/s ({} wire bytes, {} zero pages skipped{ratio}), {} lane(s), {:.2} CPU s/GiB, transport {}, digest {} matches",
         r.role, r.bytes, r.seconds, r.gbps, r.wire_bytes, r.zero_pages, r.lanes, r.cpu_seconds_per_gib, r.transport, r.digest
@@ -119,7 +123,8 @@ pub fn default_socket() -> std::path::PathBuf {
 /// Sends one request to ferryd and follows its replies to the final one.
 pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
-    let mut conn = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))?;
+    let mut conn =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))?;
     let line = serde_json::to_string(request).expect("requests serialise");
     writeln!(conn, "{line}").map_err(|e| format!("writing to ferryd: {e}"))?;
     for reply in std::io::BufReader::new(conn).lines() {

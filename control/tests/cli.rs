@@ -137,7 +137,11 @@ fn doctor_exit_codes_and_fixes() {
     let caps = fixtures().join("caps/this-vm-2core-no-rdma.json");
     let out = ferryctl(&["doctor", "--caps", caps.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stdout).contains("echo 8 > /sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("echo 8 > /sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // A config the machine cannot satisfy is a failed plan check, with its fix.
     let cfg = write(dir.path(), "rdma.toml", "[dataplane]\ntransport = \"rdma\"\n");

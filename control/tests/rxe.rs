@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn shared_dir() -> PathBuf {
-    std::env::var_os("FERRY_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+    std::env::var_os("FERRY_SHARED_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
 }
 
 /// Why the guest cannot run here, if it cannot.
@@ -142,6 +140,7 @@ exit 0
     let rdma_check = doctor["checks"].as_array().unwrap().iter().find(|c| c["name"] == "rdma").unwrap();
     assert_eq!(rdma_check["status"], "ok", "{rdma_check}");
 
-    let forced: serde_json::Value = serde_json::from_str(&section(&log, "forced")).unwrap_or_else(|e| panic!("forced tune JSON: {e}\n{log}"));
+    let forced: serde_json::Value =
+        serde_json::from_str(&section(&log, "forced")).unwrap_or_else(|e| panic!("forced tune JSON: {e}\n{log}"));
     assert_eq!(forced["rdma"]["sq_depth"], 256);
 }

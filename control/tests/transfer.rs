@@ -99,8 +99,15 @@ fn send_and_recv_with_json_reports() {
     std::fs::write(&src, &data).unwrap();
     let out = dir.path().join("dst.img");
     let addr = free_addr();
-    let (recv, _) = spawn_until(ferryctl().args(["recv", "--json", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out), "listening on");
-    let send = ferryctl().args(["send", "--json", "--compress", "zstd:3", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src).output().unwrap();
+    let (recv, _) =
+        spawn_until(ferryctl().args(["recv", "--json", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out), "listening on");
+    let send = ferryctl()
+        .args(["send", "--json", "--compress", "zstd:3", "--to", &addr, "--key"])
+        .arg(&key)
+        .arg("--file")
+        .arg(&src)
+        .output()
+        .unwrap();
     assert!(send.status.success(), "{}", String::from_utf8_lossy(&send.stderr));
     let (code, recv_out) = finish(recv);
     assert_eq!(code, Some(0));
@@ -202,7 +209,8 @@ fn insecure_mode_both_sides() {
     let out = dir.path().join("dst.img");
     let addr = free_addr();
     let (recv, _) = spawn_until(ferryctl().args(["recv", "--insecure-no-auth", "--listen", &addr, "--out"]).arg(&out), "listening on");
-    let send = ferryctl().args(["send", "--insecure-no-auth", "--transport", "sockets", "--to", &addr, "--file"]).arg(&src).output().unwrap();
+    let send =
+        ferryctl().args(["send", "--insecure-no-auth", "--transport", "sockets", "--to", &addr, "--file"]).arg(&src).output().unwrap();
     assert!(send.status.success(), "{}", String::from_utf8_lossy(&send.stderr));
     assert_eq!(finish(recv).0, Some(0));
     assert_eq!(std::fs::read(&out).unwrap(), vec![9u8; 70000]);
@@ -223,14 +231,22 @@ fn through_a_running_ferryd() {
     std::fs::write(&plan, &out.stdout).unwrap();
     let sock = dir.path().join("ferryd.sock");
     let (mut daemon, _log) = spawn_until(
-        Command::new(&ferryd).arg("--plan").arg(&plan).arg("--control").arg(&sock).args(["--metrics", "off", "--key"]).arg(&key).env("RUST_LOG", "info"),
+        Command::new(&ferryd)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--control")
+            .arg(&sock)
+            .args(["--metrics", "off", "--key"])
+            .arg(&key)
+            .env("RUST_LOG", "info"),
         "ferryd ready",
     );
     let src = dir.path().join("src.img");
     std::fs::write(&src, vec![3u8; 200_000]).unwrap();
     let dst = dir.path().join("dst.img");
     let addr = free_addr();
-    let (recv, _) = spawn_until(ferryctl().args(["recv", "--json", "--listen", &addr, "--ferryd"]).arg(&sock).arg("--out").arg(&dst), "via ferryd");
+    let (recv, _) =
+        spawn_until(ferryctl().args(["recv", "--json", "--listen", &addr, "--ferryd"]).arg(&sock).arg("--out").arg(&dst), "via ferryd");
     let send = ferryctl().args(["send", "--embedded", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src).output().unwrap();
     assert!(send.status.success(), "{}", String::from_utf8_lossy(&send.stderr));
     let (code, report) = finish(recv);

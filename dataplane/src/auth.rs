@@ -107,7 +107,14 @@ fn our_features(auth: &Auth) -> u64 {
 /// Returns the features both sides use.
 pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, session: u64) -> Result<u64, SessionError> {
     let nc = nonce()?;
-    let hello = Hello { version: VERSION.into(), lane: lane.into(), _pad: 0.into(), features: our_features(auth).into(), session: session.into(), nonce: nc };
+    let hello = Hello {
+        version: VERSION.into(),
+        lane: lane.into(),
+        _pad: 0.into(),
+        features: our_features(auth).into(),
+        session: session.into(),
+        nonce: nc,
+    };
     write_frame(s, Kind::Hello, hello.as_bytes())?;
     let mut buf = Vec::new();
     expect_frame(s, Kind::Challenge, &mut buf)?;
@@ -122,7 +129,9 @@ pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, sess
             k.mac(CLIENT_LABEL, &ch.nonce, &nc)
         }
         (Auth::Insecure, true) => [0u8; 32],
-        (Auth::Key(_), true) => return Err(SessionError::Auth("the receiver runs without authentication (--insecure-no-auth) but we have a key".into())),
+        (Auth::Key(_), true) => {
+            return Err(SessionError::Auth("the receiver runs without authentication (--insecure-no-auth) but we have a key".into()));
+        }
         (Auth::Insecure, false) => return Err(SessionError::Auth("the receiver requires a key: pass --key".into())),
     };
     write_frame(s, Kind::Response, Response { mac }.as_bytes())?;

@@ -108,16 +108,36 @@ impl Metrics {
                 out += &format!("{name}{l}\n");
             }
         };
-        add("ferry_uptime_seconds", "gauge", "Seconds since ferryd started.", vec![format!(" {:.3}", self.started.elapsed().as_secs_f64())]);
+        add(
+            "ferry_uptime_seconds",
+            "gauge",
+            "Seconds since ferryd started.",
+            vec![format!(" {:.3}", self.started.elapsed().as_secs_f64())],
+        );
         add(
             "ferry_sessions_total",
             "counter",
             "Transfer sessions, by role and result.",
             t.sessions.iter().map(|((role, res), n)| format!("{{role=\"{role}\",result=\"{res}\"}} {n}")).collect(),
         );
-        add("ferry_sessions_active", "gauge", "Transfer sessions running now.", t.active.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect());
-        add("ferry_region_bytes_total", "counter", "Region bytes moved by completed sessions.", t.region_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect());
-        add("ferry_wire_bytes_total", "counter", "Bytes on the wire for completed sessions.", t.wire_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect());
+        add(
+            "ferry_sessions_active",
+            "gauge",
+            "Transfer sessions running now.",
+            t.active.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+        );
+        add(
+            "ferry_region_bytes_total",
+            "counter",
+            "Region bytes moved by completed sessions.",
+            t.region_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+        );
+        add(
+            "ferry_wire_bytes_total",
+            "counter",
+            "Bytes on the wire for completed sessions.",
+            t.wire_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+        );
         add("ferry_zero_pages_total", "counter", "Zero pages sent as a flag instead of data.", vec![format!(" {}", t.zero_pages)]);
         add(
             "ferry_compressed_bytes_total",
@@ -126,15 +146,18 @@ impl Metrics {
             vec![format!("{{stage=\"in\"}} {}", t.compressed_in), format!("{{stage=\"out\"}} {}", t.compressed_out)],
         );
         let quantiles = |h: &hdrhistogram::Histogram<u64>| -> Vec<String> {
-            let mut v: Vec<String> = [0.5, 0.95, 0.99]
-                .iter()
-                .map(|q| format!("{{quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6))
-                .collect();
+            let mut v: Vec<String> =
+                [0.5, 0.95, 0.99].iter().map(|q| format!("{{quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6)).collect();
             v.push(format!("{{quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
             v.push(format!("_count {}", h.len()));
             v
         };
-        add("ferry_chunk_send_latency_seconds", "summary", "Time from handing a chunk to a connection until it was written.", quantiles(&t.chunk_latency));
+        add(
+            "ferry_chunk_send_latency_seconds",
+            "summary",
+            "Time from handing a chunk to a connection until it was written.",
+            quantiles(&t.chunk_latency),
+        );
         add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds));
         out
     }
@@ -211,7 +234,9 @@ impl Daemon {
             Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
         };
         match req {
-            Request::Status => say(serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}})),
+            Request::Status => say(
+                serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}}),
+            ),
             Request::Recv { listen, out } => {
                 let listener = match TcpListener::bind(&listen) {
                     Ok(l) => l,
@@ -220,7 +245,8 @@ impl Daemon {
                 let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(listen);
                 say(serde_json::json!({"event": "listening", "addr": addr}));
                 self.metrics.begin("recv");
-                let r = recv_file(&listener, &out, &RecvOptions { auth: self.auth.clone(), plan: &self.plan, progress: None }).map_err(|e| e.to_string());
+                let r = recv_file(&listener, &out, &RecvOptions { auth: self.auth.clone(), plan: &self.plan, progress: None })
+                    .map_err(|e| e.to_string());
                 self.metrics.end("recv", &r);
                 say(result(r));
             }
@@ -233,7 +259,8 @@ impl Daemon {
                     }
                 }
                 self.metrics.begin("send");
-                let r = send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None }).map_err(|e| e.to_string());
+                let r =
+                    send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None }).map_err(|e| e.to_string());
                 self.metrics.end("send", &r);
                 say(result(r));
             }

@@ -14,11 +14,7 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_128_with_seed};
 /// `xxh3_128` of an all-zero page of each length up to 4096, computed on first use.
 fn zero_hash(len: usize) -> u128 {
     static FULL: OnceLock<u128> = OnceLock::new();
-    if len == 4096 {
-        *FULL.get_or_init(|| xxh3_128(&[0u8; 4096]))
-    } else {
-        xxh3_128(&vec![0u8; len])
-    }
+    if len == 4096 { *FULL.get_or_init(|| xxh3_128(&[0u8; 4096])) } else { xxh3_128(&vec![0u8; len]) }
 }
 
 fn place(page_hash: u128, region: u32, page: u64) -> u128 {

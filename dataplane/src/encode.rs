@@ -254,7 +254,10 @@ mod tests {
         let mut enc = Encoder::new(Compression::Off, 1 << 20);
         let f = frames(&mut enc, &data);
         let kinds: Vec<_> = f.iter().map(|(h, _)| (h.encoding().unwrap(), h.offset.get(), h.raw_len.get())).collect();
-        assert_eq!(kinds, vec![(Encoding::Zero, 1 << 20, 8192), (Encoding::Raw, (1 << 20) + 8192, 4096), (Encoding::Zero, (1 << 20) + 12288, 4096)]);
+        assert_eq!(
+            kinds,
+            vec![(Encoding::Zero, 1 << 20, 8192), (Encoding::Raw, (1 << 20) + 8192, 4096), (Encoding::Zero, (1 << 20) + 12288, 4096)]
+        );
         assert_eq!(enc.stats.zero_pages, 3);
         for (h, p) in &f {
             h.verify(p).unwrap();
@@ -274,12 +277,14 @@ mod tests {
         assert!(dec.zstd(b"not zstd at all", 8192).is_err());
         // Random bytes do not shrink: raw.
         let mut x = 0x9e3779b97f4a7c15u64;
-        let noise: Vec<u8> = (0..8192).map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        }).collect();
+        let noise: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         let f = frames(&mut enc, &noise);
         assert_eq!(f[0].0.encoding().unwrap(), Encoding::Raw);
     }

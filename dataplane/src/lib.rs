@@ -2,19 +2,19 @@
 //! or config files itself.
 #![deny(unsafe_code)]
 
-/// The resolved plan the data plane runs with.
-pub mod plan;
-/// Wire protocol v1: frame header, kinds, checks.
-pub mod wire;
-/// Frame I/O on a stream, and the session error type.
-pub mod conn;
 /// Pre-shared-key authentication (HMAC-SHA256 challenge-response both ways).
 pub mod auth;
+/// Frame I/O on a stream, and the session error type.
+pub mod conn;
+/// ferryd as a service: control socket, metrics.
+pub mod daemon;
 /// The end-to-end region digest.
 pub mod digest;
 /// Chunks into frames (zero pages, zstd) and back.
 pub mod encode;
 /// Sending and receiving a region.
 pub mod engine;
-/// ferryd as a service: control socket, metrics.
-pub mod daemon;
+/// The resolved plan the data plane runs with.
+pub mod plan;
+/// Wire protocol v1: frame header, kinds, checks.
+pub mod wire;

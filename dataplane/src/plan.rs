@@ -141,10 +141,14 @@ pub struct ArenaPlan {
 pub enum Compression {
     Off,
     /// Every chunk at this zstd level (chunks that do not shrink go raw).
-    Zstd { level: i32 },
+    Zstd {
+        level: i32,
+    },
     /// Measure link and compression throughput at run time and compress only while that
     /// finishes sooner.
-    Adaptive { level: i32 },
+    Adaptive {
+        level: i32,
+    },
 }
 
 impl std::fmt::Display for Compression {

@@ -238,10 +238,7 @@ impl Layout {
     pub fn check_data(&self, h: &Header) -> Result<(Encoding, u32, u64, u32), FrameError> {
         let encoding = h.encoding()?;
         let (region, offset, raw_len, length) = (h.region.get(), h.offset.get(), h.raw_len.get(), h.length.get());
-        let size = *self
-            .regions
-            .get(region as usize)
-            .ok_or(FrameError::Region { region, regions: self.regions.len() })?;
+        let size = *self.regions.get(region as usize).ok_or(FrameError::Region { region, regions: self.regions.len() })?;
         if offset % u64::from(self.page_size) != 0 {
             return Err(FrameError::Unaligned { offset, page: self.page_size });
         }
@@ -331,10 +328,8 @@ pub struct Digest {
 
 /// Parses a fixed-size payload.
 pub fn parse<T: FromBytes + KnownLayout + Immutable + Copy>(kind: Kind, payload: &[u8]) -> Result<T, FrameError> {
-    T::read_from_bytes(payload).map_err(|_| FrameError::Payload {
-        kind,
-        why: format!("{} bytes, expected {}", payload.len(), std::mem::size_of::<T>()),
-    })
+    T::read_from_bytes(payload)
+        .map_err(|_| FrameError::Payload { kind, why: format!("{} bytes, expected {}", payload.len(), std::mem::size_of::<T>()) })
 }
 
 /// Parses a SESSION payload into a layout, checking every field.

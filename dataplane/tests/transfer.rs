@@ -24,7 +24,14 @@ fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) -> Pla
         link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
         chunk_size_bytes: chunk,
         rdma: None,
-        tcp: TcpPlan { connections_per_worker: conns, io_uring: false, ring_entries: 64, send_zc: false, socket_buffer_bytes: Some(1 << 20), socket_buffer_needed_bytes: 1 << 20 },
+        tcp: TcpPlan {
+            connections_per_worker: conns,
+            io_uring: false,
+            ring_entries: 64,
+            send_zc: false,
+            socket_buffer_bytes: Some(1 << 20),
+            socket_buffer_needed_bytes: 1 << 20,
+        },
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
         compression,
         reasons: vec![],
@@ -219,12 +226,16 @@ fn oversized_and_zeroed_and_unknown_frames() {
     assert_refused(8192, "exceeds the", |l| l.write_all(Header::new(Kind::Data, wire::MAX_PAYLOAD + 1).as_bytes()).unwrap());
     // Within the protocol's maximum but beyond what this session's 64 KiB chunks can need:
     // refused before anything is allocated for it.
-    assert_refused(8192, "of 1048576 bytes exceeds the 70144-byte maximum", |l| l.write_all(Header::new(Kind::Data, 1 << 20).as_bytes()).unwrap());
+    assert_refused(8192, "of 1048576 bytes exceeds the 70144-byte maximum", |l| {
+        l.write_all(Header::new(Kind::Data, 1 << 20).as_bytes()).unwrap()
+    });
     assert_refused(8192, "bad magic 0x00000000", |l| l.write_all(&[0u8; HEADER_LEN]).unwrap());
     let mut h = Header::new(Kind::Data, 0);
     h.kind = 200;
     assert_refused(8192, "unknown frame kind 200", |l| l.write_all(h.seal(&[]).as_bytes()).unwrap());
-    assert_refused(8192, "expected a Data frame, got Session", |l| l.write_all(Header::new(Kind::Session, 0).seal(&[]).as_bytes()).unwrap());
+    assert_refused(8192, "expected a Data frame, got Session", |l| {
+        l.write_all(Header::new(Kind::Session, 0).seal(&[]).as_bytes()).unwrap()
+    });
 }
 
 #[test]

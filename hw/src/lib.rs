@@ -7,15 +7,17 @@
 
 /// The capabilities report (serde data shared with `control`).
 pub mod caps;
+/// Read-only file mappings and per-worker arenas (hugepage ladder, mlock).
+pub mod memmap;
 /// RDMA devices through the verbs library, and owning wrappers over the raw verbs.
 pub mod rdma;
 /// sysfs reads under an injectable root.
 pub mod sysfs;
-/// Read-only file mappings and per-worker arenas (hugepage ladder, mlock).
-pub mod memmap;
 
 /// Hugepages, THP, memlock and CAP_IPC_LOCK.
 mod memory;
+/// Socket buffer limits and sizes.
+pub mod net;
 /// Network interfaces from sysfs.
 mod nic;
 /// CPUs, cores and NUMA nodes.
@@ -26,16 +28,14 @@ mod uffd;
 pub mod uring;
 /// Sending on several connections from one thread with io_uring.
 pub mod uring_send;
-/// Socket buffer limits and sizes.
-pub mod net;
 
 #[cfg(test)]
 mod testutil;
 
 use std::path::PathBuf;
 
-pub use caps::{CAPS_SCHEMA_VERSION, Capabilities};
 use caps::KernelInfo;
+pub use caps::{CAPS_SCHEMA_VERSION, Capabilities};
 use sysfs::SysRoot;
 
 /// Where the probes look.
@@ -105,9 +105,7 @@ pub fn report_skip(reason: &str) {
 }
 
 fn kernel_info() -> KernelInfo {
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into());
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     let major = parts.next().and_then(|p| p.parse().ok());
     let minor = parts.next().and_then(|p| p.parse().ok());

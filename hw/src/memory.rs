@@ -8,11 +8,7 @@ use crate::sysfs::SysRoot;
 
 pub(crate) fn probe_hugepages(sys: &SysRoot) -> HugepageCaps {
     let thp_mode = sys.read("kernel/mm/transparent_hugepage/enabled").and_then(|s| bracketed(&s));
-    let nodes: Vec<u32> = sys
-        .list("devices/system/node")
-        .iter()
-        .filter_map(|n| n.strip_prefix("node")?.parse().ok())
-        .collect();
+    let nodes: Vec<u32> = sys.list("devices/system/node").iter().filter_map(|n| n.strip_prefix("node")?.parse().ok()).collect();
     let mut pools = Vec::new();
     for dir in sys.list("kernel/mm/hugepages") {
         let Some(size_kib) = page_size_kib(&dir) else { continue };

@@ -46,11 +46,7 @@ impl SysRoot {
     /// Entry names of a directory, sorted; empty when it does not exist.
     pub fn list(&self, rel: &str) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.path(rel))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect())
             .unwrap_or_default();
         names.sort_by(|a, b| natural_cmp(a, b));
         names

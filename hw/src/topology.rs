@@ -42,9 +42,7 @@ fn probe_hwloc(sys: &SysRoot) -> Result<(CpuInfo, Vec<NumaNode>), String> {
             cores.push(pus);
         }
         let hwloc_mem = match node.attributes() {
-            Some(hwlocality::object::attributes::ObjectAttributes::NUMANode(a)) => {
-                a.local_memory().map_or(0, |m| m.get())
-            }
+            Some(hwlocality::object::attributes::ObjectAttributes::NUMANode(a)) => a.local_memory().map_or(0, |m| m.get()),
             _ => 0,
         };
         nodes.push(NumaNode { id, cores, memory_bytes: node_memory(sys, id).unwrap_or(hwloc_mem) });
@@ -85,12 +83,7 @@ pub(crate) fn probe_sysfs(sys: &SysRoot) -> (CpuInfo, Vec<NumaNode>) {
     let online = sys
         .read("devices/system/cpu/online")
         .and_then(|s| parse_cpulist(&s))
-        .unwrap_or_else(|| {
-            sys.list("devices/system/cpu")
-                .iter()
-                .filter_map(|n| n.strip_prefix("cpu")?.parse().ok())
-                .collect()
-        });
+        .unwrap_or_else(|| sys.list("devices/system/cpu").iter().filter_map(|n| n.strip_prefix("cpu")?.parse().ok()).collect());
     // (package, core_id) -> PUs
     let mut core_of: BTreeMap<(u32, u32), Vec<u32>> = BTreeMap::new();
     for &cpu in &online {
@@ -101,11 +94,7 @@ pub(crate) fn probe_sysfs(sys: &SysRoot) -> (CpuInfo, Vec<NumaNode>) {
     }
     let packages = core_of.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().len() as u32;
 
-    let node_dirs: Vec<u32> = sys
-        .list("devices/system/node")
-        .iter()
-        .filter_map(|n| n.strip_prefix("node")?.parse().ok())
-        .collect();
+    let node_dirs: Vec<u32> = sys.list("devices/system/node").iter().filter_map(|n| n.strip_prefix("node")?.parse().ok()).collect();
     let mut nodes = Vec::new();
     if node_dirs.is_empty() {
         // A kernel without NUMA: everything on node 0.
@@ -113,26 +102,14 @@ pub(crate) fn probe_sysfs(sys: &SysRoot) -> (CpuInfo, Vec<NumaNode>) {
         nodes.push(NumaNode { id: 0, cores, memory_bytes: 0 });
     }
     for id in node_dirs {
-        let cpus = sys
-            .read(&format!("devices/system/node/node{id}/cpulist"))
-            .and_then(|s| parse_cpulist(&s))
-            .unwrap_or_default();
-        let cores = core_of
-            .values()
-            .filter(|pus| pus.iter().any(|p| cpus.contains(p)))
-            .cloned()
-            .collect();
+        let cpus = sys.read(&format!("devices/system/node/node{id}/cpulist")).and_then(|s| parse_cpulist(&s)).unwrap_or_default();
+        let cores = core_of.values().filter(|pus| pus.iter().any(|p| cpus.contains(p))).cloned().collect();
         nodes.push(NumaNode { id, cores, memory_bytes: node_memory(sys, id).unwrap_or(0) });
     }
     if sys.is_live() {
         fix_single_node_memory(&mut nodes);
     }
-    let cpus = CpuInfo {
-        logical: online.len() as u32,
-        cores: core_of.len() as u32,
-        packages: packages.max(1),
-        source: "sysfs".into(),
-    };
+    let cpus = CpuInfo { logical: online.len() as u32, cores: core_of.len() as u32, packages: packages.max(1), source: "sysfs".into() };
     (cpus, nodes)
 }
 

@@ -24,16 +24,9 @@ struct UffdioApi {
 nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
 
 pub(crate) fn probe() -> UserfaultfdCaps {
-    let unprivileged_sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    let mut caps = UserfaultfdCaps {
-        available: false,
-        write_protect: false,
-        write_protect_shmem: false,
-        reason: None,
-        unprivileged_sysctl,
-    };
+    let unprivileged_sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").ok().and_then(|s| s.trim().parse().ok());
+    let mut caps =
+        UserfaultfdCaps { available: false, write_protect: false, write_protect_shmem: false, reason: None, unprivileged_sysctl };
     let fd = match open(0).or_else(|e| if e == Errno::EPERM { open(UFFD_USER_MODE_ONLY) } else { Err(e) }) {
         Ok(fd) => fd,
         Err(e) => {

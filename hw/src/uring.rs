@@ -27,9 +27,7 @@ const OPCODES: &[(u8, &str)] = &[
 ];
 
 pub(crate) fn probe() -> IoUringCaps {
-    let disabled_sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let disabled_sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok().and_then(|s| s.trim().parse().ok());
     let mut caps = IoUringCaps {
         available: false,
         reason: None,
@@ -51,11 +49,7 @@ pub(crate) fn probe() -> IoUringCaps {
     caps.available = true;
     let mut probe = Probe::new();
     if ring.submitter().register_probe(&mut probe).is_ok() {
-        caps.opcodes = OPCODES
-            .iter()
-            .filter(|(code, _)| probe.is_supported(*code))
-            .map(|(_, name)| name.to_string())
-            .collect();
+        caps.opcodes = OPCODES.iter().filter(|(code, _)| probe.is_supported(*code)).map(|(_, name)| name.to_string()).collect();
         caps.send_zc = probe.is_supported(opcode::SendZc::CODE);
         caps.sendmsg_zc = probe.is_supported(opcode::SendMsgZc::CODE);
     }

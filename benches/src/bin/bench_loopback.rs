@@ -55,7 +55,13 @@ fn corpus(size_mib: u64) -> PathBuf {
     let src = dir.join(format!("corpus-{size_mib}.img"));
     if !src.exists() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/peers/gen_corpus.py");
-        let st = Command::new("python3").arg(&script).arg(&src).args(["--size-mib", &size_mib.to_string()]).stdout(Stdio::null()).status().unwrap();
+        let st = Command::new("python3")
+            .arg(&script)
+            .arg(&src)
+            .args(["--size-mib", &size_mib.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
         assert!(st.success(), "gen_corpus.py failed");
     }
     let shm = PathBuf::from(format!("/dev/shm/ferry-bench-src-{size_mib}.img"));
@@ -69,7 +75,12 @@ fn corpus(size_mib: u64) -> PathBuf {
 /// long burst these shared machines run slower for a while.
 fn iperf3(bytes: u64) -> Value {
     let port = free_port().to_string();
-    let mut srv = Command::new("iperf3").args(["-s", "-1", "-B", "127.0.0.1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 installed");
+    let mut srv = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 installed");
     // The client retries until the server listens.
     let mut out = None;
     for _ in 0..50 {
@@ -105,7 +116,13 @@ fn ferry(src: &Path, compress: &str, transport: &str) -> Value {
         .unwrap();
     let mut send = None;
     for _ in 0..50 {
-        let o = Command::new(&bin).args(["send", "--json", "--compress", compress, "--transport", transport, "--to", &addr, "--key"]).arg(&key).arg("--file").arg(src).output().unwrap();
+        let o = Command::new(&bin)
+            .args(["send", "--json", "--compress", compress, "--transport", transport, "--to", &addr, "--key"])
+            .arg(&key)
+            .arg("--file")
+            .arg(src)
+            .output()
+            .unwrap();
         if o.status.success() {
             send = Some(o);
             break;

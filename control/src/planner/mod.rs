@@ -76,12 +76,7 @@ pub fn plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, PlanError> {
 
 /// The transport ladder: RDMA > TCP over io_uring > TCP over plain sockets. A forced
 /// rung that cannot work is an error; a skipped rung is recorded with its reason.
-fn choose_transport(
-    caps: &Capabilities,
-    cfg: &Config,
-    port: Option<&PortChoice>,
-    r: &mut Reasons,
-) -> Result<Transport, PlanError> {
+fn choose_transport(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>, r: &mut Reasons) -> Result<Transport, PlanError> {
     let no_rdma = || rdma::why_no_port(caps);
     let uring_why = || caps.io_uring.reason.clone().unwrap_or_else(|| "io_uring_setup failed".into());
     match cfg.dataplane.transport {

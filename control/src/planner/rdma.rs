@@ -45,8 +45,12 @@ pub(super) fn why_no_port(caps: &Capabilities) -> String {
 /// Limits below which an RC QP with one send and one receive slot cannot be built.
 fn too_small(d: &RdmaDevice) -> Option<String> {
     let a = &d.attrs;
-    (a.max_qp < 1 || a.max_qp_wr < 1 || a.max_sge < 1 || a.max_cqe < 2 || a.max_cq < 1)
-        .then(|| format!("{} limits too small for an RC QP (max_qp {}, max_qp_wr {}, max_sge {}, max_cqe {})", d.name, a.max_qp, a.max_qp_wr, a.max_sge, a.max_cqe))
+    (a.max_qp < 1 || a.max_qp_wr < 1 || a.max_sge < 1 || a.max_cqe < 2 || a.max_cq < 1).then(|| {
+        format!(
+            "{} limits too small for an RC QP (max_qp {}, max_qp_wr {}, max_sge {}, max_cqe {})",
+            d.name, a.max_qp, a.max_qp_wr, a.max_sge, a.max_cqe
+        )
+    })
 }
 
 /// Picks the fastest active port (honouring `rdma.device`, `rdma.port`, `rdma.gid_index`).
@@ -99,7 +103,10 @@ pub(super) fn choose_port(caps: &Capabilities, cfg: &Config, r: &mut Reasons) ->
         r.add(
             "rdma port",
             format!("{} port {}", b.device.name, b.port.port),
-            format!("{how}: {:?} link layer, {} Gb/s ({}x {}), active MTU {}", b.port.link_layer, b.port.rate_gbps, b.port.active_width, b.port.active_speed, b.port.active_mtu),
+            format!(
+                "{how}: {:?} link layer, {} Gb/s ({}x {}), active MTU {}",
+                b.port.link_layer, b.port.rate_gbps, b.port.active_width, b.port.active_speed, b.port.active_mtu
+            ),
         );
         match &b.gid {
             Some(g) => r.add(
@@ -187,20 +194,38 @@ fn pow2(v: u64) -> u64 {
 }
 
 /// Queue depths, SGEs, inline threshold and QPs per worker, within the device's limits.
-pub(super) fn queues(cfg: &Config, p: &PortChoice, link: &LinkPlan, workers: u32, chunk: u64, r: &mut Reasons) -> Result<RdmaPlan, PlanError> {
+pub(super) fn queues(
+    cfg: &Config,
+    p: &PortChoice,
+    link: &LinkPlan,
+    workers: u32,
+    chunk: u64,
+    r: &mut Reasons,
+) -> Result<RdmaPlan, PlanError> {
     let a = &p.device.attrs;
     let dev = &p.device.name;
     let max_wr = u64::from(a.max_qp_wr);
     // QPs per worker. Every worker's QPs must fit max_qp, and each QP needs two CQ entries.
     let share = link.speed_gbps / f64::from(workers.max(1));
     let max_qps_per_worker = (u64::from(a.max_qp) / u64::from(workers.max(1))).min(u64::from(a.max_cqe) / 2).max(1);
-    let qps = resolve(r, dev, "qps_per_worker", cfg.rdma.qps_per_worker.value(), max_qps_per_worker, "min(max_qp / workers, max_cqe / 2)", &|| {
-        let want = ((share / GBPS_PER_QP).ceil() as u64).clamp(1, u64::from(MAX_QPS_PER_WORKER));
-        (
-            want.min(max_qps_per_worker),
-            format!("each worker carries {share:.1} Gb/s; one RC QP is assumed to sustain {GBPS_PER_QP} Gb/s of 4 KiB writes (at most {MAX_QPS_PER_WORKER}, and max_qp {} over {workers} workers)", a.max_qp),
-        )
-    })?;
+    let qps = resolve(
+        r,
+        dev,
+        "qps_per_worker",
+        cfg.rdma.qps_per_worker.value(),
+        max_qps_per_worker,
+        "min(max_qp / workers, max_cqe / 2)",
+        &|| {
+            let want = ((share / GBPS_PER_QP).ceil() as u64).clamp(1, u64::from(MAX_QPS_PER_WORKER));
+            (
+                want.min(max_qps_per_worker),
+                format!(
+                    "each worker carries {share:.1} Gb/s; one RC QP is assumed to sustain {GBPS_PER_QP} Gb/s of 4 KiB writes (at most {MAX_QPS_PER_WORKER}, and max_qp {} over {workers} workers)",
+                    a.max_qp
+                ),
+            )
+        },
+    )?;
     // Send queue: enough 4 KiB writes in flight to cover the bandwidth-delay product plus
     // one signal interval, doubled for headroom.
     let bdp = link.bdp_bytes();
@@ -210,7 +235,10 @@ pub(super) fn queues(cfg: &Config, p: &PortChoice, link: &LinkPlan, workers: u32
             pow2(2 * in_flight).max(MIN_QUEUE_DEPTH).min(max_wr),
             format!(
                 "bandwidth-delay product of {} Gb/s x {} us is {} B: {} scattered 4 KiB writes plus a signal interval of {SIGNAL_INTERVAL} in flight, doubled for headroom, at least {MIN_QUEUE_DEPTH} (perftest's default), capped by max_qp_wr {max_wr}",
-                link.speed_gbps, link.rtt_us, bdp, bdp.div_ceil(PAGE)
+                link.speed_gbps,
+                link.rtt_us,
+                bdp,
+                bdp.div_ceil(PAGE)
             ),
         )
     })?;
@@ -226,7 +254,11 @@ pub(super) fn queues(cfg: &Config, p: &PortChoice, link: &LinkPlan, workers: u32
     let (sq, rq, cq) = match cfg.rdma.cq_depth.value() {
         Some(v) => {
             if v > max_cqe {
-                return Err(PlanError::RdmaSetting { field: "cq_depth", value: v.to_string(), why: format!("exceeds max_cqe {max_cqe} of {dev}") });
+                return Err(PlanError::RdmaSetting {
+                    field: "cq_depth",
+                    value: v.to_string(),
+                    why: format!("exceeds max_cqe {max_cqe} of {dev}"),
+                });
             }
             if v < need {
                 return Err(PlanError::RdmaSetting {
@@ -252,26 +284,46 @@ pub(super) fn queues(cfg: &Config, p: &PortChoice, link: &LinkPlan, workers: u32
             }
             let per_queue = (max_cqe / qps / 2).max(1);
             let shrunk = if per_queue.is_power_of_two() { per_queue } else { per_queue.next_power_of_two() / 2 };
-            r.add("cq_depth", qps * 2 * shrunk, format!("max_cqe {max_cqe} cannot cover {qps} x ({sq} + {rq}): send and receive queues shrunk to {shrunk} each"));
+            r.add(
+                "cq_depth",
+                qps * 2 * shrunk,
+                format!("max_cqe {max_cqe} cannot cover {qps} x ({sq} + {rq}): send and receive queues shrunk to {shrunk} each"),
+            );
             (shrunk, shrunk, qps * 2 * shrunk)
         }
     };
     let max_sge = u64::from(a.max_sge);
     let send_sge = resolve(r, dev, "send_sge", cfg.rdma.send_sge.value(), max_sge, "max_sge", &|| {
         let want = (chunk / PAGE).max(1);
-        (want.min(max_sge), format!("a {} KiB chunk spans {want} pages; one work request gathers up to that many (capped by max_sge {max_sge})", chunk / 1024))
+        (
+            want.min(max_sge),
+            format!(
+                "a {} KiB chunk spans {want} pages; one work request gathers up to that many (capped by max_sge {max_sge})",
+                chunk / 1024
+            ),
+        )
     })?;
     let recv_sge = resolve(r, dev, "recv_sge", cfg.rdma.recv_sge.value(), max_sge, "max_sge", &|| {
         (1, "receives carry only control messages into one buffer; data arrives by RDMA WRITE".into())
     })?;
     let max_inline = u64::from(p.device.max_inline_data.unwrap_or(0));
-    let inline = resolve(r, dev, "inline_threshold_bytes", cfg.rdma.inline_threshold_bytes.value(), max_inline, "the probed max_inline_data", &|| {
-        let because = match p.device.max_inline_data {
-            None => "the inline limit was not probed on this device: nothing is sent inline".into(),
-            Some(m) => format!("control messages and credits go inline; {INLINE_CAP} B is perftest's default for RDMA WRITE on mlx5, capped by the device's probed limit {m} B"),
-        };
-        (max_inline.min(u64::from(INLINE_CAP)), because)
-    })?;
+    let inline = resolve(
+        r,
+        dev,
+        "inline_threshold_bytes",
+        cfg.rdma.inline_threshold_bytes.value(),
+        max_inline,
+        "the probed max_inline_data",
+        &|| {
+            let because = match p.device.max_inline_data {
+                None => "the inline limit was not probed on this device: nothing is sent inline".into(),
+                Some(m) => format!(
+                    "control messages and credits go inline; {INLINE_CAP} B is perftest's default for RDMA WRITE on mlx5, capped by the device's probed limit {m} B"
+                ),
+            };
+            (max_inline.min(u64::from(INLINE_CAP)), because)
+        },
+    )?;
     let signal_interval = SIGNAL_INTERVAL.min(u32::try_from(sq).unwrap_or(u32::MAX));
     r.add("signal_interval", signal_interval, format!("one CQE per {SIGNAL_INTERVAL} posts (at most the SQ depth): completion polling stays off the critical path while a full SQ still has signaled requests to reap"));
     let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);

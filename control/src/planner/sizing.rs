@@ -51,7 +51,13 @@ fn setting_err(field: &'static str, value: impl ToString, why: impl Into<String>
 }
 
 /// The interface, speed and round-trip time the sizing uses.
-pub(super) fn link(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>, transport: Transport, r: &mut Reasons) -> Result<LinkPlan, PlanError> {
+pub(super) fn link(
+    caps: &Capabilities,
+    cfg: &Config,
+    port: Option<&PortChoice>,
+    transport: Transport,
+    r: &mut Reasons,
+) -> Result<LinkPlan, PlanError> {
     let iface: Option<&Nic> = match (cfg.link.interface.get(), port) {
         (Some(name), _) => Some(
             caps.nics
@@ -61,9 +67,7 @@ pub(super) fn link(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>,
         ),
         (None, Some(p)) => {
             let by_gid = p.gid.as_ref().and_then(|g| g.netdev.as_ref());
-            caps.nics
-                .iter()
-                .find(|n| Some(&n.name) == by_gid || n.rdma_device.as_deref() == Some(&p.device.name))
+            caps.nics.iter().find(|n| Some(&n.name) == by_gid || n.rdma_device.as_deref() == Some(&p.device.name))
         }
         (None, None) => caps
             .nics
@@ -78,7 +82,10 @@ pub(super) fn link(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>,
         match (cfg.link.interface.get(), port, iface) {
             (Some(_), _, _) => "pinned by config".to_string(),
             (None, Some(p), _) => format!("the netdev of {}", p.device.name),
-            (None, None, Some(n)) => format!("the fastest physical interface that is up ({})", n.speed_mbps.map_or("speed not reported".into(), |s| format!("{s} Mb/s"))),
+            (None, None, Some(n)) => format!(
+                "the fastest physical interface that is up ({})",
+                n.speed_mbps.map_or("speed not reported".into(), |s| format!("{s} Mb/s"))
+            ),
             (None, None, None) => "no physical interface is up: loopback only".into(),
         },
     );
@@ -90,7 +97,13 @@ pub(super) fn link(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>,
     } else if let Some(mbps) = iface.and_then(|n| n.speed_mbps) {
         (mbps as f64 / 1000.0, false, format!("{iface_name} reports {mbps} Mb/s"))
     } else {
-        (ASSUMED_GBPS, true, format!("{iface_name} reports no speed (virtio and loopback do not): assumed {ASSUMED_GBPS} Gb/s; pin [link] speed_gbps for a real figure"))
+        (
+            ASSUMED_GBPS,
+            true,
+            format!(
+                "{iface_name} reports no speed (virtio and loopback do not): assumed {ASSUMED_GBPS} Gb/s; pin [link] speed_gbps for a real figure"
+            ),
+        )
     };
     r.add("link speed", format!("{speed} Gb/s"), why);
 
@@ -108,7 +121,13 @@ pub(super) fn link(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>,
 }
 
 /// The NUMA node the workers and arenas live on: the NIC's.
-pub(super) fn numa_node(caps: &Capabilities, cfg: &Config, port: Option<&PortChoice>, link: &LinkPlan, r: &mut Reasons) -> Result<u32, PlanError> {
+pub(super) fn numa_node(
+    caps: &Capabilities,
+    cfg: &Config,
+    port: Option<&PortChoice>,
+    link: &LinkPlan,
+    r: &mut Reasons,
+) -> Result<u32, PlanError> {
     if let Some(n) = cfg.dataplane.numa_node.value() {
         let n = n as u32;
         if !caps.numa_nodes.iter().any(|x| x.id == n) {
@@ -119,8 +138,20 @@ pub(super) fn numa_node(caps: &Capabilities, cfg: &Config, port: Option<&PortCho
     }
     let nic_node = caps.nics.iter().find(|n| Some(&n.name) == link.interface.as_ref()).and_then(|n| n.numa_node);
     let (node, why) = match (port.and_then(|p| p.device.numa_node), nic_node) {
-        (Some(n), _) => (n, format!("{} sits on node {n}: workers and arenas next to it avoid crossing the socket interconnect", port.map_or("", |p| &p.device.name))),
-        (None, Some(n)) => (n, format!("{} sits on node {n}: workers and arenas next to it avoid crossing the socket interconnect", link.interface.as_deref().unwrap_or("the NIC"))),
+        (Some(n), _) => (
+            n,
+            format!(
+                "{} sits on node {n}: workers and arenas next to it avoid crossing the socket interconnect",
+                port.map_or("", |p| &p.device.name)
+            ),
+        ),
+        (None, Some(n)) => (
+            n,
+            format!(
+                "{} sits on node {n}: workers and arenas next to it avoid crossing the socket interconnect",
+                link.interface.as_deref().unwrap_or("the NIC")
+            ),
+        ),
         (None, None) => {
             let best = caps.numa_nodes.iter().max_by_key(|n| (n.cores.len(), std::cmp::Reverse(n.id))).map_or(0, |n| n.id);
             (best, format!("the NIC reports no NUMA node (virtual device or one-node machine): node {best}, the one with the most cores"))
@@ -147,7 +178,11 @@ pub(super) fn candidate_cpus(caps: &Capabilities, cfg: &Config, node: u32, r: &m
         for &c in &cpus {
             match node_of(c) {
                 None => return Err(setting_err("dataplane.cpus", format!("{cpus:?}"), format!("CPU {c} does not exist on this machine"))),
-                Some(n) if n != node => r.add("cpu", c, format!("pinned by config, but on node {n} while the NIC is on node {node}: every access to the arena crosses sockets")),
+                Some(n) if n != node => r.add(
+                    "cpu",
+                    c,
+                    format!("pinned by config, but on node {n} while the NIC is on node {node}: every access to the arena crosses sockets"),
+                ),
                 Some(_) => {}
             }
         }
@@ -187,7 +222,11 @@ pub(super) fn workers(
     let n_avail = avail.workers.len();
     let n = if let Some(w) = cfg.dataplane.workers.value() {
         if w as usize > n_avail {
-            return Err(setting_err("dataplane.workers", w, format!("only {n_avail} CPU(s) are available to workers ({:?})", avail.workers)));
+            return Err(setting_err(
+                "dataplane.workers",
+                w,
+                format!("only {n_avail} CPU(s) are available to workers ({:?})", avail.workers),
+            ));
         }
         r.add("workers", w, "pinned by config");
         w as usize
@@ -207,7 +246,10 @@ pub(super) fn workers(
             // Keep the link full of compressed data.
             let bytes = link.speed_gbps * 1e9 / 8.0;
             let for_zstd = (bytes * ZSTD1_RATIO / ZSTD1_BYTES_PER_SEC).ceil() as usize;
-            why += &format!("; filling it with zstd -1 output ({ZSTD1_RATIO}x at {} MB/s per core) needs {for_zstd}", ZSTD1_BYTES_PER_SEC / 1e6);
+            why += &format!(
+                "; filling it with zstd -1 output ({ZSTD1_RATIO}x at {} MB/s per core) needs {for_zstd}",
+                ZSTD1_BYTES_PER_SEC / 1e6
+            );
             want = want.max(for_zstd);
         }
         let mut n = want.min(n_avail).max(1);
@@ -222,8 +264,14 @@ pub(super) fn workers(
     let cpus = avail.workers[..n].to_vec();
     r.add("worker_cpus", format!("{cpus:?}"), if avail.pinned { "pinned by config".to_string() } else { "the first hardware thread of each physical core on the NIC's node: SMT siblings share load/store units and caches, which copying saturates".into() });
     match avail.control {
-        Some(c) => r.add("control_cpu", c, format!("the node has at least {RESERVE_CONTROL_FROM} cores: the first is kept for the control thread and the OS's interrupts")),
-        None => r.add("control_cpu", "floating", "too few cores to keep one aside: the control thread is idle most of the time and shares them"),
+        Some(c) => r.add(
+            "control_cpu",
+            c,
+            format!("the node has at least {RESERVE_CONTROL_FROM} cores: the first is kept for the control thread and the OS's interrupts"),
+        ),
+        None => {
+            r.add("control_cpu", "floating", "too few cores to keep one aside: the control thread is idle most of the time and shares them")
+        }
     }
     Ok((cpus, avail.control))
 }
@@ -300,7 +348,15 @@ pub(super) fn chunk_size(cfg: &Config, transport: Transport, link: &LinkPlan, po
 }
 
 /// TCP: connections per worker, ring size, zero-copy send, socket buffers.
-pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link: &LinkPlan, workers: u32, chunk: u64, r: &mut Reasons) -> Result<TcpPlan, PlanError> {
+pub(super) fn tcp(
+    caps: &Capabilities,
+    cfg: &Config,
+    transport: Transport,
+    link: &LinkPlan,
+    workers: u32,
+    chunk: u64,
+    r: &mut Reasons,
+) -> Result<TcpPlan, PlanError> {
     let share = link.speed_gbps / f64::from(workers.max(1));
     let conns = match cfg.tcp.connections_per_worker.value() {
         Some(v) => {
@@ -320,7 +376,10 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
     let autotune = lim.tcp_wmem_max.zip(lim.tcp_rmem_max).map(|(w, r)| w.min(r)).unwrap_or(MIN_SOCKET_BUFFER);
     let sockbuf = match cfg.tcp.socket_buffer_kib.value() {
         Some(v) => {
-            let capped = cap.filter(|&c| c < v * KIB).map(|c| format!(" (the kernel caps it at net.core.wmem_max {} KiB)", c / KIB)).unwrap_or_default();
+            let capped = cap
+                .filter(|&c| c < v * KIB)
+                .map(|c| format!(" (the kernel caps it at net.core.wmem_max {} KiB)", c / KIB))
+                .unwrap_or_default();
             r.add("tcp.socket_buffer", format!("{v} KiB"), format!("pinned by config{capped}"));
             Some(v * KIB)
         }
@@ -338,7 +397,14 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
                 None
             }
             None => {
-                r.add("tcp.socket_buffer", "autotuning", format!("{} KiB would cover twice the bandwidth-delay product, but the socket limits were not probed: autotuning kept", needed / KIB));
+                r.add(
+                    "tcp.socket_buffer",
+                    "autotuning",
+                    format!(
+                        "{} KiB would cover twice the bandwidth-delay product, but the socket limits were not probed: autotuning kept",
+                        needed / KIB
+                    ),
+                );
                 None
             }
         },
@@ -352,7 +418,14 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
         None => {
             let per_conn = sockbuf.unwrap_or(needed.max(autotune)).div_ceil(chunk) + 2;
             let v = pow2(conns * per_conn).clamp(64, 4096);
-            r.add("tcp.ring_entries", v, format!("{conns} connection(s) x ({} chunk sends to fill a socket buffer + a receive + a timeout), at least 64", per_conn - 2));
+            r.add(
+                "tcp.ring_entries",
+                v,
+                format!(
+                    "{conns} connection(s) x ({} chunk sends to fill a socket buffer + a receive + a timeout), at least 64",
+                    per_conn - 2
+                ),
+            );
             v
         }
     };
@@ -368,7 +441,10 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
             false
         }
         Switch::Auto => {
-            let physical = caps.nics.iter().any(|n| Some(&n.name) == link.interface.as_ref() && !n.is_virtual && n.driver.as_deref() != Some("virtio_net"));
+            let physical = caps
+                .nics
+                .iter()
+                .any(|n| Some(&n.name) == link.interface.as_ref() && !n.is_virtual && n.driver.as_deref() != Some("virtio_net"));
             let on = io_uring && zc_ok && physical && !link.speed_assumed && link.speed_gbps >= 25.0 && chunk >= 64 * KIB;
             let because = if on {
                 "SEND_ZC supported, a physical NIC of at least 25 Gb/s and chunks of 64 KiB or more: pinning pages costs less than copying them".to_string()
@@ -384,14 +460,33 @@ pub(super) fn tcp(caps: &Capabilities, cfg: &Config, transport: Transport, link:
         }
     };
     let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-    Ok(TcpPlan { connections_per_worker: u(conns), io_uring, ring_entries: u(entries), send_zc, socket_buffer_bytes: sockbuf, socket_buffer_needed_bytes: needed })
+    Ok(TcpPlan {
+        connections_per_worker: u(conns),
+        io_uring,
+        ring_entries: u(entries),
+        send_zc,
+        socket_buffer_bytes: sockbuf,
+        socket_buffer_needed_bytes: needed,
+    })
 }
 
 /// Arena size per worker and its backing (the hugepage ladder).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn arena(caps: &Capabilities, cfg: &Config, node: u32, workers: u32, chunk: u64, link: &LinkPlan, rdma: Option<&RdmaPlan>, tcp: &TcpPlan, r: &mut Reasons) -> Result<ArenaPlan, PlanError> {
+pub(super) fn arena(
+    caps: &Capabilities,
+    cfg: &Config,
+    node: u32,
+    workers: u32,
+    chunk: u64,
+    link: &LinkPlan,
+    rdma: Option<&RdmaPlan>,
+    tcp: &TcpPlan,
+    r: &mut Reasons,
+) -> Result<ArenaPlan, PlanError> {
     let bytes = match cfg.dataplane.arena_mib_per_worker.value() {
-        Some(mib) if mib % 2 != 0 => return Err(setting_err("dataplane.arena_mib_per_worker", mib, "must be a multiple of 2 (2 MiB hugepages)")),
+        Some(mib) if mib % 2 != 0 => {
+            return Err(setting_err("dataplane.arena_mib_per_worker", mib, "must be a multiple of 2 (2 MiB hugepages)"));
+        }
         Some(mib) => {
             r.add("arena per worker", format!("{mib} MiB"), "pinned by config");
             mib * MIB
@@ -400,11 +495,17 @@ pub(super) fn arena(caps: &Capabilities, cfg: &Config, node: u32, workers: u32, 
             let (slots, what) = match rdma {
                 Some(q) => {
                     let per_qp = (link.bdp_bytes().div_ceil(chunk) + 1).max(2);
-                    (u64::from(q.qps_per_worker) * per_qp, format!("{} QP(s) x {per_qp} chunks to cover the bandwidth-delay product", q.qps_per_worker))
+                    (
+                        u64::from(q.qps_per_worker) * per_qp,
+                        format!("{} QP(s) x {per_qp} chunks to cover the bandwidth-delay product", q.qps_per_worker),
+                    )
                 }
                 None => {
                     let per_conn = tcp.socket_buffer_bytes.unwrap_or(tcp.socket_buffer_needed_bytes).div_ceil(chunk) + 1;
-                    (u64::from(tcp.connections_per_worker) * per_conn, format!("{} connection(s) x {per_conn} chunks to fill a socket buffer", tcp.connections_per_worker))
+                    (
+                        u64::from(tcp.connections_per_worker) * per_conn,
+                        format!("{} connection(s) x {per_conn} chunks to fill a socket buffer", tcp.connections_per_worker),
+                    )
                 }
             };
             let raw = 2 * slots * chunk;
@@ -419,18 +520,39 @@ pub(super) fn arena(caps: &Capabilities, cfg: &Config, node: u32, workers: u32, 
     let free = pool.map_or(0, |p| p.free_on(node));
     let thp = matches!(caps.hugepages.thp_mode.as_deref(), Some("always" | "madvise"));
     let (backing, why) = match cfg.dataplane.hugepages {
-        HugepagePolicy::Require => (ArenaBacking::Hugetlb2m, format!("required by config: {need} x 2 MiB pages on node {node} ({free} free)")),
+        HugepagePolicy::Require => {
+            (ArenaBacking::Hugetlb2m, format!("required by config: {need} x 2 MiB pages on node {node} ({free} free)"))
+        }
         HugepagePolicy::Thp => (ArenaBacking::Thp, "forced by config (dataplane.hugepages = \"thp\")".into()),
         HugepagePolicy::Off => (ArenaBacking::Normal, "forced by config (dataplane.hugepages = \"off\")".into()),
-        HugepagePolicy::Auto if free >= need => (ArenaBacking::Hugetlb2m, format!("{free} free 2 MiB pages on node {node} cover the {need} the arenas need: no TLB misses, and fewer, larger memory-registration entries")),
+        HugepagePolicy::Auto if free >= need => (
+            ArenaBacking::Hugetlb2m,
+            format!(
+                "{free} free 2 MiB pages on node {node} cover the {need} the arenas need: no TLB misses, and fewer, larger memory-registration entries"
+            ),
+        ),
         HugepagePolicy::Auto if thp => (
             ArenaBacking::Thp,
-            format!("only {free} free 2 MiB pages on node {node}, {need} needed: transparent hugepages ({}) instead; `ferryctl doctor` shows how to reserve them", caps.hugepages.thp_mode.as_deref().unwrap_or("?")),
+            format!(
+                "only {free} free 2 MiB pages on node {node}, {need} needed: transparent hugepages ({}) instead; `ferryctl doctor` shows how to reserve them",
+                caps.hugepages.thp_mode.as_deref().unwrap_or("?")
+            ),
         ),
-        HugepagePolicy::Auto => (ArenaBacking::Normal, format!("only {free} free 2 MiB pages on node {node}, {need} needed, and THP is off: normal 4 KiB pages")),
+        HugepagePolicy::Auto => (
+            ArenaBacking::Normal,
+            format!("only {free} free 2 MiB pages on node {node}, {need} needed, and THP is off: normal 4 KiB pages"),
+        ),
     };
     r.add("arena backing", format!("{backing:?}").to_lowercase(), why);
     let mlock = cfg.dataplane.mlock;
-    r.add("mlock", mlock, if mlock { "arenas are locked so they are never swapped out or migrated while the NIC or the kernel may access them" } else { "disabled by config (dataplane.mlock = false)" });
+    r.add(
+        "mlock",
+        mlock,
+        if mlock {
+            "arenas are locked so they are never swapped out or migrated while the NIC or the kernel may access them"
+        } else {
+            "disabled by config (dataplane.mlock = false)"
+        },
+    );
     Ok(ArenaPlan { bytes_per_worker: bytes, backing, hugepages_2m_needed: need, mlock })
 }

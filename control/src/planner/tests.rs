@@ -51,7 +51,15 @@ fn assert_within_limits(caps: &Capabilities, plan: &Plan) {
 
 #[test]
 fn every_fixture_plans_within_limits() {
-    for f in ["connectx5-edr-ib", "connectx6dx-roce", "connectx7-ndr-ib", "e810-irdma-roce", "softroce-rxe-virtio", "this-vm-2core-no-rdma", "two-socket-nic-node1"] {
+    for f in [
+        "connectx5-edr-ib",
+        "connectx6dx-roce",
+        "connectx7-ndr-ib",
+        "e810-irdma-roce",
+        "softroce-rxe-virtio",
+        "this-vm-2core-no-rdma",
+        "two-socket-nic-node1",
+    ] {
         let caps = fixture(f);
         let p = plan(&caps, &Config::default()).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_within_limits(&caps, &p);
@@ -153,7 +161,11 @@ fn pinned_values_beyond_limits_are_errors() {
 #[test]
 fn pinned_values_are_used() {
     let caps = fixture("connectx6dx-roce");
-    let p = plan(&caps, &cfg("[rdma]\nsq_depth = 512\nqps_per_worker = 2\n[dataplane]\ncpus = [4, 5]\nchunk_size_kib = 256\n[link]\nrtt_us = 50")).unwrap();
+    let p = plan(
+        &caps,
+        &cfg("[rdma]\nsq_depth = 512\nqps_per_worker = 2\n[dataplane]\ncpus = [4, 5]\nchunk_size_kib = 256\n[link]\nrtt_us = 50"),
+    )
+    .unwrap();
     let r = p.rdma.as_ref().unwrap();
     assert_eq!((r.sq_depth, r.qps_per_worker), (512, 2));
     assert_eq!(p.worker_cpus, vec![4, 5]);
@@ -198,39 +210,47 @@ fn arb_caps() -> impl Strategy<Value = Capabilities> {
         (any::<bool>(), 0u64..=100_000, prop::option::of(1u64..=400_000)),
         (1u64..=u64::MAX, prop::sample::select(vec![256u32, 1024, 4096])),
     )
-        .prop_map(|((nodes, cores, ib), (max_qp_wr, max_qp, max_sge, max_cqe, max_cq), (inline, rate), (rdma_up, hp_free, nic_speed), (max_mr, mtu))| {
-            let mut caps = fixture("connectx6dx-roce");
-            caps.numa_nodes = (0..nodes)
-                .map(|n| hw::caps::NumaNode {
-                    id: n,
-                    cores: (0..cores as u32).map(|c| vec![n * cores as u32 + c]).collect(),
-                    memory_bytes: 64 << 30,
-                })
-                .collect();
-            caps.cpus.cores = nodes * cores as u32;
-            caps.cpus.logical = caps.cpus.cores;
-            let d = &mut caps.rdma_devices[0];
-            d.numa_node = Some(nodes - 1);
-            d.attrs.max_qp_wr = max_qp_wr;
-            d.attrs.max_qp = max_qp;
-            d.attrs.max_sge = max_sge;
-            d.attrs.max_cqe = max_cqe;
-            d.attrs.max_cq = max_cq;
-            d.attrs.max_mr_size = max_mr;
-            d.max_inline_data = inline;
-            let port = &mut d.ports[0];
-            port.rate_gbps = rate;
-            port.active_mtu = mtu;
-            port.state = if rdma_up { PortState::Active } else { PortState::Down };
-            if ib {
-                port.link_layer = LinkLayer::InfiniBand;
-                port.gids.retain(|g| g.gid_type == GidType::Ib);
-            }
-            caps.hugepages.pools[0].per_node = vec![hw::caps::NodeHugepages { node: nodes - 1, total: hp_free, free: hp_free }];
-            caps.nics[0].speed_mbps = nic_speed;
-            caps.nics[0].numa_node = Some(nodes - 1);
-            caps
-        })
+        .prop_map(
+            |(
+                (nodes, cores, ib),
+                (max_qp_wr, max_qp, max_sge, max_cqe, max_cq),
+                (inline, rate),
+                (rdma_up, hp_free, nic_speed),
+                (max_mr, mtu),
+            )| {
+                let mut caps = fixture("connectx6dx-roce");
+                caps.numa_nodes = (0..nodes)
+                    .map(|n| hw::caps::NumaNode {
+                        id: n,
+                        cores: (0..cores as u32).map(|c| vec![n * cores as u32 + c]).collect(),
+                        memory_bytes: 64 << 30,
+                    })
+                    .collect();
+                caps.cpus.cores = nodes * cores as u32;
+                caps.cpus.logical = caps.cpus.cores;
+                let d = &mut caps.rdma_devices[0];
+                d.numa_node = Some(nodes - 1);
+                d.attrs.max_qp_wr = max_qp_wr;
+                d.attrs.max_qp = max_qp;
+                d.attrs.max_sge = max_sge;
+                d.attrs.max_cqe = max_cqe;
+                d.attrs.max_cq = max_cq;
+                d.attrs.max_mr_size = max_mr;
+                d.max_inline_data = inline;
+                let port = &mut d.ports[0];
+                port.rate_gbps = rate;
+                port.active_mtu = mtu;
+                port.state = if rdma_up { PortState::Active } else { PortState::Down };
+                if ib {
+                    port.link_layer = LinkLayer::InfiniBand;
+                    port.gids.retain(|g| g.gid_type == GidType::Ib);
+                }
+                caps.hugepages.pools[0].per_node = vec![hw::caps::NodeHugepages { node: nodes - 1, total: hp_free, free: hp_free }];
+                caps.nics[0].speed_mbps = nic_speed;
+                caps.nics[0].numa_node = Some(nodes - 1);
+                caps
+            },
+        )
 }
 
 proptest! {
@@ -271,7 +291,12 @@ fn socket_buffers_follow_the_host_limits() {
     let mut caps = fixture("connectx6dx-roce");
     let cfg = cfg("[dataplane]\ntransport = \"tcp\"\n[link]\nrtt_us = 2000");
     // 100 Gb/s x 2 ms wants 2 x 25 MB: beyond autotuning's 4 MiB.
-    caps.socket_limits = hw::caps::SocketLimits { wmem_max: Some(212_992), rmem_max: Some(212_992), tcp_wmem_max: Some(4 << 20), tcp_rmem_max: Some(6 << 20) };
+    caps.socket_limits = hw::caps::SocketLimits {
+        wmem_max: Some(212_992),
+        rmem_max: Some(212_992),
+        tcp_wmem_max: Some(4 << 20),
+        tcp_rmem_max: Some(6 << 20),
+    };
     let p = plan(&caps, &cfg).unwrap();
     assert_eq!(p.tcp.socket_buffer_bytes, None, "a capped SO_SNDBUF would be worse than autotuning");
     assert_eq!(p.tcp.socket_buffer_needed_bytes, 64 << 20);

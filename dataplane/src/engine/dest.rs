@@ -78,9 +78,7 @@ impl<'f> Dest<'f> {
     /// Writes `bytes` at `offset` after claiming its pages.
     pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), DestError> {
         self.claim(offset, bytes.len() as u64)?;
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(|source| DestError::Write { offset, end: offset + bytes.len() as u64, source })
+        self.file.write_all_at(bytes, offset).map_err(|source| DestError::Write { offset, end: offset + bytes.len() as u64, source })
     }
 
     pub fn pages_claimed(&self) -> u64 {
@@ -123,5 +121,4 @@ mod tests {
         assert_eq!(&back[64 * 4096..], &[9u8; 100][..]);
         assert_eq!(back[0], 0);
     }
-
 }

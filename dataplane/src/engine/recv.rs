@@ -70,7 +70,14 @@ pub fn recv_file(listener: &TcpListener, out: &Path, opts: &RecvOptions<'_>) -> 
     r
 }
 
-fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvOptions<'_>, t0: Instant, cpu0: f64) -> Result<Report, SessionError> {
+fn session(
+    listener: &TcpListener,
+    ctl: &mut TcpStream,
+    out: &Path,
+    opts: &RecvOptions<'_>,
+    t0: Instant,
+    cpu0: f64,
+) -> Result<Report, SessionError> {
     let hello = server_handshake(ctl, &opts.auth)?;
     if hello.lane.get() != CONTROL_LANE {
         return Err(SessionError::Protocol(format!("the first connection must be the control connection, got lane {}", hello.lane.get())));
@@ -79,7 +86,11 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
     expect_frame(ctl, Kind::Session, &mut buf)?;
     let (layout, lanes) = wire::parse_session(&buf)?;
     if layout.regions.len() != 1 {
-        return Err(SessionError::Protocol(format!("this receiver writes one region into {}; the sender described {}", out.display(), layout.regions.len())));
+        return Err(SessionError::Protocol(format!(
+            "this receiver writes one region into {}; the sender described {}",
+            out.display(),
+            layout.regions.len()
+        )));
     }
     let size = layout.regions[0];
     let mut partial = Partial { path: PathBuf::from(format!("{}.partial", out.display())), done: false };
@@ -128,7 +139,11 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, out: &Path, opts: &RecvO
     }
 
     if dest.pages_claimed() != dest.pages() {
-        return Err(SessionError::Protocol(format!("the lanes ended with {} of the region's {} pages delivered", dest.pages_claimed(), dest.pages())));
+        return Err(SessionError::Protocol(format!(
+            "the lanes ended with {} of the region's {} pages delivered",
+            dest.pages_claimed(),
+            dest.pages()
+        )));
     }
     expect_frame(ctl, Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
@@ -217,7 +232,8 @@ fn lane(
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = layout.check_data(&h)?;
                 let first_page = offset / PAGE as u64;
-                let write = |bytes: &[u8]| dest.write(offset, bytes).map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")));
+                let write =
+                    |bytes: &[u8]| dest.write(offset, bytes).map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")));
                 match encoding {
                     Encoding::Raw => {
                         write(payload)?;
@@ -225,7 +241,8 @@ fn lane(
                     }
                     // The destination was created empty: its bytes are already zero.
                     Encoding::Zero => {
-                        dest.claim_zero(offset, u64::from(raw_len)).map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")))?;
+                        dest.claim_zero(offset, u64::from(raw_len))
+                            .map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")))?;
                         st.digest.add_zero(region, first_page, PAGE, u64::from(raw_len));
                         st.zero_pages += u64::from(raw_len).div_ceil(PAGE as u64);
                     }

@@ -114,7 +114,8 @@ struct WorkerResult {
 
 fn connect(to: &str) -> Result<TcpStream, SessionError> {
     let addrs: Vec<_> = to.to_socket_addrs().map_err(|e| SessionError::io(format!("resolving {to}"), e))?.collect();
-    let s = TcpStream::connect(&addrs[..]).map_err(|e| SessionError::io(format!("connecting to {to} (is `ferryctl recv` listening there?)"), e))?;
+    let s = TcpStream::connect(&addrs[..])
+        .map_err(|e| SessionError::io(format!("connecting to {to} (is `ferryctl recv` listening there?)"), e))?;
     tune_socket(&s)?;
     Ok(s)
 }
@@ -315,7 +316,12 @@ impl<'a> Worker<'a> {
     }
 
     /// Blocking sockets: one chunk at a time, connections in turn.
-    fn run_sockets(&mut self, conns: &mut [(TcpStream, u64, u64)], mut slots: Vec<&mut [u8]>, opts: &SendOptions<'_>) -> Result<(), SessionError> {
+    fn run_sockets(
+        &mut self,
+        conns: &mut [(TcpStream, u64, u64)],
+        mut slots: Vec<&mut [u8]>,
+        opts: &SendOptions<'_>,
+    ) -> Result<(), SessionError> {
         let mut batch = Batch::new(slots.pop().expect("one staging slot"));
         let mut turn = 0;
         while self.encode_next(&mut batch) {
@@ -332,7 +338,12 @@ impl<'a> Worker<'a> {
 
     /// io_uring: one ring drives all of the worker's connections, one write in flight on
     /// each, and the next chunk is encoded while they drain.
-    fn run_uring(&mut self, conns: &mut [(TcpStream, u64, u64)], slots: Vec<&'a mut [u8]>, opts: &SendOptions<'_>) -> Result<(), SessionError> {
+    fn run_uring(
+        &mut self,
+        conns: &mut [(TcpStream, u64, u64)],
+        slots: Vec<&'a mut [u8]>,
+        opts: &SendOptions<'_>,
+    ) -> Result<(), SessionError> {
         let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
         let mut ring = hw::uring_send::SendRing::<RingBatch<'a>>::new(opts.plan.tcp.ring_entries, &refs)
             .map_err(|e| SessionError::io("creating the io_uring send ring", e))?;

@@ -55,11 +55,7 @@ impl DeviceList {
             Some(list) => Ok(Self { list, len: n.max(0) as usize }),
             None => {
                 let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOSYS) {
-                    Err(RdmaError::Unsupported)
-                } else {
-                    Err(RdmaError::GetDeviceList(e))
-                }
+                if e.raw_os_error() == Some(libc::ENOSYS) { Err(RdmaError::Unsupported) } else { Err(RdmaError::GetDeviceList(e)) }
             }
         }
     }
@@ -139,9 +135,7 @@ impl Context<'_> {
         // SAFETY: the exported `ibv_query_port` fills the compat layout, which is a prefix
         // of `ibv_port_attr`; verbs.h's inline wrapper passes a zeroed `ibv_port_attr`
         // cast the same way when the provider has no extended query.
-        let ret = unsafe {
-            sys::ibv_query_port(self.ctx.as_ptr(), port, (&mut attr as *mut sys::ibv_port_attr).cast())
-        };
+        let ret = unsafe { sys::ibv_query_port(self.ctx.as_ptr(), port, (&mut attr as *mut sys::ibv_port_attr).cast()) };
         if ret != 0 {
             return Err(RdmaError::QueryPort { device: self.name.clone(), port, source: errno_or(ret) });
         }
@@ -154,14 +148,7 @@ impl Context<'_> {
         // SAFETY: the context is open; `entry` is writable and its size is passed so the
         // library writes no more than `size_of::<ibv_gid_entry>()` bytes.
         let ret = unsafe {
-            sys::_ibv_query_gid_ex(
-                self.ctx.as_ptr(),
-                u32::from(port),
-                index,
-                &mut entry,
-                0,
-                std::mem::size_of::<sys::ibv_gid_entry>(),
-            )
+            sys::_ibv_query_gid_ex(self.ctx.as_ptr(), u32::from(port), index, &mut entry, 0, std::mem::size_of::<sys::ibv_gid_entry>())
         };
         if ret == libc::ENODATA {
             return Ok(None);
