@@ -10,7 +10,7 @@ throughput of the region as a multiple of the link rate.
 Needs root (namespaces, tc). Traffic stays inside the namespaces this script creates
 (10.77.0.1 <-> 10.77.0.2) and they are deleted at the end.
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, subprocess, sys, tempfile
 from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,14 +62,19 @@ def transfer(src, compress, port, work):
     if not os.path.exists(key):
         subprocess.run([FERRYCTL, "keygen", "--out", key], check=True)
     out = os.path.join(work, "dst.img")
-    recv = subprocess.Popen(["ip", "netns", "exec", NS_B, FERRYCTL, "recv", "--json", "--listen", f"{IP_B}:{port}",
-                             "--key", key, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(100):
-        s = subprocess.run(["ip", "netns", "exec", NS_A, FERRYCTL, "send", "--json", "--compress", compress,
-                            "--to", f"{IP_B}:{port}", "--key", key, "--file", src], capture_output=True, text=True)
-        if s.returncode == 0 or "Connection refused" not in s.stderr:
+    recv = subprocess.Popen(["ip", "netns", "exec", NS_B, FERRYCTL, "recv", "--embedded", "--json", "--listen", f"{IP_B}:{port}",
+                             "--key", key, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RUST_LOG": "info"})
+    # Send once the receiver says it listens.
+    seen = []
+    for line in recv.stderr:
+        seen.append(line)
+        if "listening on" in line:
             break
-        time.sleep(0.05)
+    else:
+        raise SystemExit("ferryctl recv never listened: " + "".join(seen))
+    s = subprocess.run(["ip", "netns", "exec", NS_A, FERRYCTL, "send", "--embedded", "--json", "--compress", compress,
+                        "--to", f"{IP_B}:{port}", "--key", key, "--file", src], capture_output=True, text=True)
     r_out, r_err = recv.communicate(timeout=600)
     if s.returncode != 0 or recv.returncode != 0:
         raise SystemExit(f"transfer failed: send: {s.stderr}\nrecv: {r_err}")

@@ -58,7 +58,9 @@ impl Digest {
         format!("{:032x}", self.0)
     }
 
-    /// The digest of a whole region, computed on `threads` threads.
+    /// The digest of a whole region, computed on `threads` threads: the reference the
+    /// incremental digests are tested against.
+    #[cfg(test)]
     pub fn of_region(region: u32, page_size: usize, bytes: &[u8], threads: usize) -> Digest {
         let pages = bytes.len().div_ceil(page_size).max(1);
         let per = pages.div_ceil(threads.max(1)) * page_size;

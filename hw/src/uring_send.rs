@@ -12,8 +12,8 @@ use io_uring::{IoUring, opcode, types};
 /// the ring (the implementor keeps them in heap allocations or borrowed memory it does
 /// not touch).
 pub trait SendBuf {
-    /// The ranges, in order.
-    fn slices(&self) -> Vec<&[u8]>;
+    /// Calls `f` with each range, in order.
+    fn for_each_slice(&self, f: &mut dyn FnMut(&[u8]));
 }
 
 struct InFlight<B> {
@@ -29,6 +29,8 @@ pub struct SendRing<B> {
     ring: IoUring,
     fds: Vec<RawFd>,
     inflight: Vec<Option<InFlight<B>>>,
+    /// Each connection's iovec list, kept between submissions so none allocates.
+    iov_spare: Vec<Vec<libc::iovec>>,
 }
 
 impl<B> std::fmt::Debug for SendRing<B> {
@@ -50,6 +52,7 @@ impl<B: SendBuf> SendRing<B> {
             ring: IoUring::new(entries.max(2 * conns.len() as u32).next_power_of_two())?,
             fds: conns.iter().map(|c| c.as_raw_fd()).collect(),
             inflight: conns.iter().map(|_| None).collect(),
+            iov_spare: conns.iter().map(|_| Vec::new()).collect(),
         })
     }
 
@@ -64,12 +67,13 @@ impl<B: SendBuf> SendRing<B> {
     /// Queues `buf` on connection `conn`, which must be idle.
     pub fn submit(&mut self, conn: usize, buf: B) -> io::Result<()> {
         assert!(!self.busy(conn), "one write in flight per connection keeps its bytes in order");
-        let iov = buf
-            .slices()
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| libc::iovec { iov_base: s.as_ptr().cast_mut().cast(), iov_len: s.len() })
-            .collect();
+        let mut iov = std::mem::take(&mut self.iov_spare[conn]);
+        iov.clear();
+        buf.for_each_slice(&mut |s| {
+            if !s.is_empty() {
+                iov.push(libc::iovec { iov_base: s.as_ptr().cast_mut().cast(), iov_len: s.len() });
+            }
+        });
         self.inflight[conn] = Some(InFlight { buf, iov, at: 0 });
         self.push(conn)?;
         self.ring.submit().map(drop)
@@ -131,7 +135,9 @@ impl<B: SendBuf> SendRing<B> {
                         error.get_or_insert(e);
                     }
                 } else {
-                    done.push((conn, self.inflight[conn].take().expect("in flight").buf));
+                    let f = self.inflight[conn].take().expect("in flight");
+                    self.iov_spare[conn] = f.iov;
+                    done.push((conn, f.buf));
                 }
             }
             self.ring.submit()?;
@@ -187,8 +193,8 @@ mod tests {
     #[derive(Debug)]
     struct Owned(Vec<Vec<u8>>);
     impl SendBuf for Owned {
-        fn slices(&self) -> Vec<&[u8]> {
-            self.0.iter().map(|v| &v[..]).collect()
+        fn for_each_slice(&self, f: &mut dyn FnMut(&[u8])) {
+            self.0.iter().for_each(|v| f(v));
         }
     }
 

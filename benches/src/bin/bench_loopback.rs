@@ -8,6 +8,7 @@
 //! The source is the realistic guest-memory corpus (../shared/tools/peers/gen_corpus.py),
 //! copied to /dev/shm with the destination, so no disk is measured on either side.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -76,26 +77,31 @@ fn corpus(size_mib: u64) -> PathBuf {
 fn iperf3(bytes: u64) -> Value {
     let port = free_port().to_string();
     let mut srv = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
-        .stdout(Stdio::null())
+        .args(["-s", "-1", "--forceflush", "-B", "127.0.0.1", "-p", &port])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("iperf3 installed");
-    // The client retries until the server listens.
-    let mut out = None;
-    for _ in 0..50 {
-        let o = Command::new("iperf3").args(["-c", "127.0.0.1", "-p", &port, "-n", &bytes.to_string(), "-J"]).output().unwrap();
-        let j: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        if j.get("error").is_none() && j.get("end").is_some() {
-            out = Some(j);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    // The client starts once the server says it listens.
+    let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
+    wait_for(&mut lines, "Server listening");
+    std::thread::spawn(move || lines.for_each(drop));
+    let o = Command::new("iperf3").args(["-c", "127.0.0.1", "-p", &port, "-n", &bytes.to_string(), "-J"]).output().unwrap();
     let _ = srv.wait();
-    let j = out.expect("iperf3 client never connected");
+    let j: Value = serde_json::from_slice(&o.stdout).expect("iperf3 -J output");
+    assert!(j.get("error").is_none(), "iperf3 failed: {}", j["error"]);
     let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap();
     json!({"peer": "iperf3 -n single stream", "bytes": bytes, "gbps": bps / 8e9})
+}
+
+/// Blocks until a line containing `marker` arrives.
+fn wait_for(lines: &mut impl Iterator<Item = std::io::Result<String>>, marker: &str) {
+    for line in lines.by_ref() {
+        if line.expect("reading a child's output").contains(marker) {
+            return;
+        }
+    }
+    panic!("{marker:?} never appeared");
 }
 
 fn ferry(src: &Path, compress: &str, transport: &str) -> Value {
@@ -105,36 +111,30 @@ fn ferry(src: &Path, compress: &str, transport: &str) -> Value {
     assert!(Command::new(&bin).args(["keygen", "--out"]).arg(&key).status().unwrap().success());
     let out = dir.path().join("dst.img");
     let addr = format!("127.0.0.1:{}", free_port());
-    let recv = Command::new(&bin)
-        .args(["recv", "--json", "--listen", &addr, "--key"])
+    // --embedded: a ferryd running on this machine must not change what is measured.
+    let mut recv = Command::new(&bin)
+        .args(["recv", "--embedded", "--json", "--listen", &addr, "--key"])
         .arg(&key)
         .arg("--out")
         .arg(&out)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut send = None;
-    for _ in 0..50 {
-        let o = Command::new(&bin)
-            .args(["send", "--json", "--compress", compress, "--transport", transport, "--to", &addr, "--key"])
-            .arg(&key)
-            .arg("--file")
-            .arg(src)
-            .output()
-            .unwrap();
-        if o.status.success() {
-            send = Some(o);
-            break;
-        }
-        if !String::from_utf8_lossy(&o.stderr).contains("Connection refused") {
-            panic!("ferryctl send failed: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let send = send.expect("ferryctl recv never listened");
+    let mut err = BufReader::new(recv.stderr.take().unwrap()).lines();
+    wait_for(&mut err, "listening on");
+    let err_rest = std::thread::spawn(move || err.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    let send = Command::new(&bin)
+        .args(["send", "--embedded", "--json", "--compress", compress, "--transport", transport, "--to", &addr, "--key"])
+        .arg(&key)
+        .arg("--file")
+        .arg(src)
+        .output()
+        .unwrap();
+    assert!(send.status.success(), "ferryctl send failed: {}", String::from_utf8_lossy(&send.stderr));
     let r = recv.wait_with_output().unwrap();
-    assert!(r.status.success(), "ferryctl recv failed: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(r.status.success(), "ferryctl recv failed: {}", err_rest.join().unwrap());
     let s: Value = serde_json::from_slice(&send.stdout).unwrap();
     let rv: Value = serde_json::from_slice(&r.stdout).unwrap();
     let secs = s["seconds"].as_f64().unwrap();

@@ -53,40 +53,42 @@ impl<'s> Batch<'s> {
         self.staged = 0;
     }
 
-    fn push(&mut self, source: &[u8], h: Header, payload: &[u8]) {
-        let src = source.as_ptr_range();
-        let p = payload.as_ptr_range();
-        let entry = if payload.is_empty() {
-            (false, 0, 0)
-        } else if src.start <= p.start && p.end <= src.end {
-            (false, p.start as usize - src.start as usize, payload.len())
-        } else {
-            // Only compressed runs are staged, and a run is sent compressed only when it
-            // shrank below 90%: a chunk's staged bytes never exceed the chunk.
-            let at = self.staged;
-            self.staging[at..at + payload.len()].copy_from_slice(payload);
-            self.staged += payload.len();
-            (true, at, payload.len())
+    /// Adds a frame. Where its payload lives follows from its encoding: a raw payload is
+    /// the source's bytes at the frame's offset, a zstd payload (in the encoder's scratch)
+    /// is copied into the staging slot, a zero frame has none.
+    fn push(&mut self, h: Header, payload: &[u8]) {
+        let entry = match h.encoding {
+            e if e == wire::Encoding::Raw as u8 => (false, h.offset.get() as usize, payload.len()),
+            e if e == wire::Encoding::Zstd as u8 => {
+                // A run is sent compressed only when it shrank below 90%: a chunk's
+                // staged bytes never exceed the chunk, the slot's size.
+                let at = self.staged;
+                self.staging[at..at + payload.len()].copy_from_slice(payload);
+                self.staged += payload.len();
+                (true, at, payload.len())
+            }
+            _ => (false, 0, 0),
         };
         self.wire_bytes += (HEADER_LEN + payload.len()) as u64;
         self.headers.push(h);
         self.payloads.push(entry);
     }
 
-    fn slices<'b>(&'b self, source: &'b [u8]) -> Vec<&'b [u8]> {
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
+    /// Calls `f` with the header and payload of each frame, in order.
+    fn for_each_slice<'b>(&'b self, source: &'b [u8], f: &mut dyn FnMut(&'b [u8])) {
         for (h, &(staged, start, len)) in self.headers.iter().zip(&self.payloads) {
-            bufs.push(h.as_bytes());
+            f(h.as_bytes());
             if len > 0 {
-                bufs.push(if staged { &self.staging[start..start + len] } else { &source[start..start + len] });
+                f(if staged { &self.staging[start..start + len] } else { &source[start..start + len] });
             }
         }
-        bufs
     }
 
     fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
+        self.for_each_slice(source, &mut |s| bufs.push(s));
         // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (512 slices).
-        for part in self.slices(source).chunks(1024) {
+        for part in bufs.chunks(1024) {
             write_all_vectored(conn, part)?;
         }
         Ok(())
@@ -100,8 +102,8 @@ struct RingBatch<'a> {
 }
 
 impl hw::uring_send::SendBuf for RingBatch<'_> {
-    fn slices(&self) -> Vec<&[u8]> {
-        self.batch.slices(self.source)
+    fn for_each_slice(&self, f: &mut dyn FnMut(&[u8])) {
+        self.batch.for_each_slice(self.source, f);
     }
 }
 
@@ -234,8 +236,8 @@ fn worker(
         conns.push((s, 0u64, 0u64));
     }
     // Staging slots in the worker's arena: one per batch that can exist at once (one in
-    // flight per connection, one encoded ahead, one being encoded).
-    let slots_needed = if opts.plan.tcp.io_uring { per_worker + 2 } else { 1 };
+    // flight per connection, and the one encoded ahead).
+    let slots_needed = if opts.plan.tcp.io_uring { per_worker + 1 } else { 1 };
     let mut arena = super::arena(opts.plan, slots_needed * chunk)?;
     let slots: Vec<&mut [u8]> = arena.as_mut_slice().chunks_mut(chunk).take(slots_needed).collect();
     let mut w = Worker {
@@ -298,7 +300,7 @@ impl<'a> Worker<'a> {
                 } else {
                     digest.add(0, off / PAGE as u64, PAGE, &source[off as usize..(off + len) as usize]);
                 }
-                batch.push(source, h, p);
+                batch.push(h, p);
                 Ok(())
             })
             .expect("the batch sink cannot fail");
