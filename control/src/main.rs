@@ -197,15 +197,15 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
                 let file = std::path::absolute(&file).map_err(|e| Fail(2, format!("{}: {e}", file.display())))?;
                 return daemon_report(transfer::via_ferryd(&sock, &dataplane::daemon::Request::Send { to, file, compress }), t.json);
             }
-            let (auth, plan) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
-            report(transfer::send(&to, &file, auth, &plan, !t.json), t.json)
+            let (auth, plan, require_rdma) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
+            report(transfer::send(&to, &file, auth, &plan, require_rdma, !t.json), t.json)
         }
         Cmd::Recv { listen, out, t } => {
             if let Some(sock) = t.daemon() {
                 let out = std::path::absolute(&out).map_err(|e| Fail(2, format!("{}: {e}", out.display())))?;
                 return daemon_report(transfer::via_ferryd(&sock, &dataplane::daemon::Request::Recv { listen, out }), t.json);
             }
-            let (auth, plan) = transfer_setup(&t, None, None)?;
+            let (auth, plan, _) = transfer_setup(&t, None, None)?;
             report(transfer::recv(&listen, &out, auth, &plan, !t.json), t.json)
         }
         Cmd::Status { socket, json: as_json } => {
@@ -225,11 +225,12 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
     }
 }
 
+/// Key, plan, and whether the config or `--transport` insists on RDMA.
 fn transfer_setup(
     t: &TransferArgs,
     transport: Option<&str>,
     compress: Option<&str>,
-) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan), Fail> {
+) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan, bool), Fail> {
     let auth = transfer::auth(t.key.as_deref(), t.insecure_no_auth).map_err(|e| Fail(2, e))?;
     let mut cfg = match &t.config {
         Some(path) => Config::load(path).map_err(|e| Fail(2, e.to_string()))?,
@@ -237,8 +238,8 @@ fn transfer_setup(
     };
     transfer::override_config(&mut cfg, transport, compress).map_err(|e| Fail(2, e))?;
     let caps = hw::probe(&ProbeOptions::default());
-    let plan = transfer::transfer_plan(&caps, &cfg).map_err(|e| Fail(2, format!("cannot plan: {e}")))?;
-    Ok((auth, plan))
+    let plan = transfer::transfer_plan(&caps, &cfg).map_err(|e| Fail(2, e))?;
+    Ok((auth, plan, cfg.dataplane.transport == control::config::TransportChoice::Rdma))
 }
 
 fn report(r: Result<dataplane::engine::Report, String>, as_json: bool) -> Result<u8, Fail> {

@@ -12,26 +12,23 @@ use dataplane::auth::{Auth, Key};
 use dataplane::engine::Report;
 use dataplane::engine::recv::{RecvOptions, recv_file};
 use dataplane::engine::send::{SendOptions, send_file};
-use dataplane::plan::{Plan, Transport};
+use dataplane::plan::Plan;
 use hw::Capabilities;
 
 use crate::config::{CompressionChoice, Config, TransportChoice};
 use crate::planner;
 
-/// The plan a transfer runs with. RDMA's data path is not built yet: where the planner
-/// picks it on its own, TCP is used instead, and said once.
-pub fn transfer_plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, planner::PlanError> {
-    let plan = planner::plan(caps, cfg)?;
-    if plan.transport != Transport::Rdma {
-        return Ok(plan);
+/// The plan a transfer runs with. RDMA moves pages with one-sided writes, which cannot be
+/// decompressed on arrival: asking for both RDMA and zstd is refused rather than half
+/// obeyed. (An RDMA plan keeps its compression choice for a receiver that has no RDMA,
+/// where the data falls back to TCP.)
+pub fn transfer_plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, String> {
+    if cfg.dataplane.transport == TransportChoice::Rdma && matches!(cfg.migration.compression, CompressionChoice::Zstd(_)) {
+        return Err("--compress zstd:N cannot apply with --transport rdma: RDMA WRITEs place pages directly in the destination, \
+                    where nothing decompresses them; use --compress off or auto, or --transport tcp"
+            .into());
     }
-    if cfg.dataplane.transport == TransportChoice::Rdma {
-        return Err(planner::PlanError::RdmaUnavailable { why: "ferry's RDMA data path is not built yet; use --transport tcp".into() });
-    }
-    log::warn!("the plan picks RDMA, but ferry's RDMA data path is not built yet: moving the data over TCP");
-    let mut tcp = cfg.clone();
-    tcp.dataplane.transport = if caps.io_uring.available { TransportChoice::Tcp } else { TransportChoice::Sockets };
-    planner::plan(caps, &tcp)
+    planner::plan(caps, cfg).map_err(|e| format!("cannot plan: {e}"))
 }
 
 /// Applies `--transport` and `--compress` to the config.
@@ -86,10 +83,12 @@ fn with_progress<T>(total: u64, show: bool, counter: &AtomicU64, f: impl FnOnce(
     })
 }
 
-pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, show_progress: bool) -> Result<Report, String> {
+/// Sends `file`; `require_rdma` fails the transfer rather than falling back to TCP when the
+/// receiver has no RDMA port.
+pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, require_rdma: bool, show_progress: bool) -> Result<Report, String> {
     let total = std::fs::metadata(file).map(|m| m.len()).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let progress = AtomicU64::new(0);
-    let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress) };
+    let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress), require_rdma };
     with_progress(total, show_progress, &progress, || send_file(file, &opts)).map_err(|e| e.to_string())
 }
 
@@ -104,13 +103,24 @@ pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bo
 
 /// One line for a terminal.
 pub fn summary(r: &Report) -> String {
+    let rdma = r.rdma.as_ref().map_or_else(String::new, |x| {
+        format!(
+            ", RDMA: {} WRs ({} SGEs, up to {} per WR) in {} doorbells, registered {} MiB at {:.2} GB/s",
+            x.work_requests,
+            x.sges,
+            x.max_sges_per_wr,
+            x.posts,
+            x.registered_bytes >> 20,
+            x.registration_gbps
+        )
+    });
     let ratio = if r.compressed_out_bytes > 0 {
         format!(", zstd {:.2}x on {} MiB", r.compressed_in_bytes as f64 / r.compressed_out_bytes as f64, r.compressed_in_bytes >> 20)
     } else {
         String::new()
     };
     format!(
-        "{}: {} bytes in {:.3} s = {:.2} GB/s ({} wire bytes, {} zero pages skipped{ratio}), {} lane(s), {:.2} CPU s/GiB, transport {}, digest {} matches",
+        "{}: {} bytes in {:.3} s = {:.2} GB/s ({} wire bytes, {} zero pages skipped{ratio}), {} lane(s), {:.2} CPU s/GiB, transport {}, digest {} matches{rdma}",
         r.role, r.bytes, r.seconds, r.gbps, r.wire_bytes, r.zero_pages, r.lanes, r.cpu_seconds_per_gib, r.transport, r.digest
     )
 }

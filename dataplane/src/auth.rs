@@ -104,14 +104,15 @@ fn our_features(auth: &Auth) -> u64 {
 }
 
 /// The connecting side: HELLO, check the receiver's proof, send ours, wait for ACCEPT.
+/// `offer` adds optional features (such as [`features::RDMA`]) to those every build has.
 /// Returns the features both sides use.
-pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, session: u64) -> Result<u64, SessionError> {
+pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, session: u64, offer: u64) -> Result<u64, SessionError> {
     let nc = nonce()?;
     let hello = Hello {
         version: VERSION.into(),
         lane: lane.into(),
         _pad: 0.into(),
-        features: our_features(auth).into(),
+        features: (our_features(auth) | offer).into(),
         session: session.into(),
         nonce: nc,
     };
@@ -136,12 +137,13 @@ pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, sess
     };
     write_frame(s, Kind::Response, Response { mac }.as_bytes())?;
     expect_frame(s, Kind::Accept, &mut buf)?;
-    Ok(ch.features.get() & our_features(auth))
+    Ok(ch.features.get() & (our_features(auth) | offer))
 }
 
-/// The listening side: read HELLO, prove the key, check the peer's proof. Returns the
-/// peer's HELLO (lane, session) once it is authenticated.
-pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth) -> Result<Hello, SessionError> {
+/// The listening side: read HELLO, prove the key, check the peer's proof. `offer` adds
+/// optional features. Returns the peer's HELLO (lane, session) once it is authenticated,
+/// its `features` narrowed to those both sides use.
+pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> Result<Hello, SessionError> {
     let mut buf = Vec::new();
     expect_frame(s, Kind::Hello, &mut buf)?;
     let hello: Hello = wire::parse(Kind::Hello, &buf)?;
@@ -164,7 +166,8 @@ pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth) -> Result<Hello
             return Err(SessionError::Auth("the sender has a key but this side runs with --insecure-no-auth".into()));
         }
     };
-    let ch = Challenge { version: VERSION.into(), _pad: [0; 6], features: our_features(auth).into(), nonce: ns, mac };
+    let ours = our_features(auth) | offer;
+    let ch = Challenge { version: VERSION.into(), _pad: [0; 6], features: ours.into(), nonce: ns, mac };
     write_frame(s, Kind::Challenge, ch.as_bytes())?;
     expect_frame(s, Kind::Response, &mut buf)?;
     let resp: Response = wire::parse(Kind::Response, &buf)?;
@@ -175,6 +178,8 @@ pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth) -> Result<Hello
         return Err(SessionError::Auth("the sender does not hold our key (wrong --key on one side)".into()));
     }
     write_frame(s, Kind::Accept, &[])?;
+    let mut hello = hello;
+    hello.features = (hello.features.get() & ours).into();
     Ok(hello)
 }
 
@@ -189,8 +194,8 @@ mod tests {
 
     fn run(client: Auth, server: Auth) -> (Result<u64, SessionError>, Result<Hello, SessionError>) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || server_handshake(&mut b, &server));
-        let c = client_handshake(&mut a, &client, 3, 77);
+        let t = std::thread::spawn(move || server_handshake(&mut b, &server, features::RDMA));
+        let c = client_handshake(&mut a, &client, 3, 77, 0);
         drop(a);
         (c, t.join().unwrap())
     }
@@ -198,8 +203,9 @@ mod tests {
     #[test]
     fn same_key_both_ways() {
         let (c, s) = run(key(1), key(1));
-        assert_eq!(c.unwrap() & features::ZSTD, features::ZSTD);
+        assert_eq!(c.unwrap(), features::ZSTD, "RDMA is offered by one side only");
         let h = s.unwrap();
+        assert_eq!(h.features.get(), features::ZSTD);
         assert_eq!((h.lane.get(), h.session.get()), (3, 77));
     }
 

@@ -27,6 +27,11 @@ pub enum SessionError {
     Region { path: String, source: io::Error },
     #[error("{0}")]
     Arena(#[from] hw::memmap::ArenaError),
+    #[error("RDMA: {0}")]
+    Verbs(#[from] hw::rdma::RdmaError),
+    /// A work completion with an error status, or a transfer the RDMA side gave up on.
+    #[error("RDMA: {0}")]
+    Rdma(String),
 }
 
 impl SessionError {

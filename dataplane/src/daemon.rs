@@ -259,8 +259,8 @@ impl Daemon {
                     }
                 }
                 self.metrics.begin("send");
-                let r =
-                    send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None }).map_err(|e| e.to_string());
+                let r = send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false })
+                    .map_err(|e| e.to_string());
                 self.metrics.end("send", &r);
                 say(result(r));
             }

@@ -21,6 +21,26 @@ fn is_zero(page: &[u8]) -> bool {
     acc == 0 && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// Splits `bytes` into maximal runs of zero and of non-zero pages: `f(start, end, zero)`
+/// for each, in order. The last page may be short.
+pub(crate) fn page_runs(bytes: &[u8], page_size: usize, f: &mut impl FnMut(usize, usize, bool)) {
+    let mut run_start = 0;
+    let mut run_zero = None;
+    for (i, page) in bytes.chunks(page_size).enumerate() {
+        let zero = is_zero(page);
+        if run_zero != Some(zero) {
+            if let Some(z) = run_zero {
+                f(run_start, i * page_size, z);
+            }
+            run_zero = Some(zero);
+            run_start = i * page_size;
+        }
+    }
+    if let Some(z) = run_zero {
+        f(run_start, bytes.len(), z);
+    }
+}
+
 /// The adaptive policy: a worker alternates windows of chunks with and without
 /// compression, measures the region bytes per second each mode achieves (compression,
 /// blocking on a full socket and all), uses the faster, and re-tries the other now and
@@ -143,25 +163,16 @@ impl Encoder {
         emit: &mut impl FnMut(Header, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let level = self.level();
-        let mut run_start = 0;
-        let mut run_zero = None;
-        for (i, page) in bytes.chunks(page_size).enumerate() {
-            let zero = is_zero(page);
-            if run_zero != Some(zero) {
-                if let Some(z) = run_zero {
-                    self.emit_run(region, offset + run_start as u64, z, &bytes[run_start..i * page_size], level, emit)?;
-                }
-                run_zero = Some(zero);
-                run_start = i * page_size;
-            }
+        let mut result = Ok(());
+        page_runs(bytes, page_size, &mut |start, end, zero| {
             if zero {
-                self.stats.zero_pages += 1;
+                self.stats.zero_pages += (end - start).div_ceil(page_size) as u64;
             }
-        }
-        if let Some(z) = run_zero {
-            self.emit_run(region, offset + run_start as u64, z, &bytes[run_start..], level, emit)?;
-        }
-        Ok(())
+            if result.is_ok() {
+                result = self.emit_run(region, offset + start as u64, zero, &bytes[start..end], level, emit);
+            }
+        });
+        result
     }
 
     /// One frame for a run of zero or of non-zero pages.

@@ -22,6 +22,23 @@
 //!    │◄── RESULT (digest of the destination, verdict) ──────────│  digests the destination
 //! ```
 //!
+//! With RDMA (SESSION says `transport = rdma`) no data connections open. The control
+//! connection carries the queue-pair exchange, and the data moves as one-sided RDMA
+//! WRITEs straight into the receiver's registered destination:
+//!
+//! ```text
+//!    │── SESSION (transport rdma, lanes = workers x QPs) ──────►│
+//!    │◄── SESSION_OK ───────────────────────────────────────────│
+//!    │── RDMA_CONNECT (MTU, per lane: QPN, PSN, LID, GID) ─────►│  creates QPs, registers the
+//!    │◄── RDMA_ACCEPT (addr, rkey, MTU, credits, per lane: ...)─│  destination (remote write),
+//!    │                                                          │  posts receives
+//!    │══ RDMA WRITE (gathered SGEs) ═══════════════════════════►│  placed by the NIC
+//!    │══ RDMA WRITE_WITH_IMM (last WR of a chunk) ═════════════►│  consumes a receive
+//!    │◄═ SEND_WITH_IMM (credits: receives re-posted) ═══════════│
+//!    │── RDMA_END (per lane: WRITE_WITH_IMMs, bytes) ──────────►│  waits for them all,
+//!    │── DONE / ◄── RESULT, as above ───────────────────────────│  deregisters, digests
+//! ```
+//!
 //! Every frame is a 32-byte [`Header`] followed by `length` payload bytes. The header's
 //! `crc` is CRC-32C over the header (with `crc` zero) and the payload. A zeroed header is
 //! invalid (wrong magic). Integers are little-endian.
@@ -51,8 +68,11 @@ pub mod features {
     pub const ZSTD: u64 = 1 << 0;
     /// The connection runs without authentication (both sides must say so).
     pub const NO_AUTH: u64 = 1 << 1;
+    /// The side has an RDMA port in its plan: the session may move its data with RDMA
+    /// WRITEs when both offer it.
+    pub const RDMA: u64 = 1 << 2;
     /// Every feature this build understands.
-    pub const ALL: u64 = ZSTD | NO_AUTH;
+    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +89,9 @@ pub enum Kind {
     Done = 9,
     Result = 10,
     Error = 11,
+    RdmaConnect = 12,
+    RdmaAccept = 13,
+    RdmaEnd = 14,
 }
 
 impl Kind {
@@ -86,6 +109,9 @@ impl Kind {
             9 => Done,
             10 => Result,
             11 => Error,
+            12 => RdmaConnect,
+            13 => RdmaAccept,
+            14 => RdmaEnd,
             _ => return None,
         })
     }
@@ -297,7 +323,91 @@ pub struct SessionDesc {
     pub max_chunk: U32,
     pub lanes: U16,
     pub regions: U16,
+    /// [`DataTransport`] as a byte.
+    pub transport: u8,
+    pub _pad: [u8; 3],
+}
+
+/// How a session's data moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataTransport {
+    /// DATA frames on one TCP connection per lane.
+    Tcp = 0,
+    /// RDMA WRITEs on one RC queue pair per lane.
+    Rdma = 1,
+}
+
+/// RDMA_CONNECT payload: this struct, then one [`RdmaEndpoint`] per lane.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaConnect {
+    /// Sender workers; lanes are `workers x qps_per_worker`, worker-major.
+    pub workers: U16,
+    pub qps_per_worker: U16,
+    /// The sender's path MTU in bytes.
+    pub mtu: U32,
+    /// 1 on InfiniBand (address by LID), 0 on RoCE (by GID).
+    pub infiniband: u8,
+    pub _pad: [u8; 7],
+}
+
+/// RDMA_ACCEPT payload: this struct, then one [`RdmaEndpoint`] per lane.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaAccept {
+    /// Where region 0 is registered, and its key.
+    pub addr: U64,
+    pub rkey: U32,
+    /// The path MTU both sides use: the smaller of the two.
+    pub mtu: U32,
+    /// Receives posted per lane: WRITE_WITH_IMMs the sender may have outstanding.
+    pub credits: U32,
     pub _pad: U32,
+}
+
+/// One queue pair's address.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaEndpoint {
+    pub qpn: U32,
+    pub psn: U32,
+    pub lid: U16,
+    pub _pad: [u8; 6],
+    pub gid: [u8; 16],
+}
+
+/// RDMA_END payload: one per lane.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaLaneEnd {
+    /// WRITE_WITH_IMMs posted on the lane.
+    pub imms: U64,
+    /// Region bytes written on the lane.
+    pub bytes: U64,
+    /// Zero pages skipped (not written) on the lane.
+    pub zero_pages: U64,
+}
+
+/// Parses a fixed header followed by exactly `n` fixed-size entries.
+pub fn parse_list<H, T>(kind: Kind, payload: &[u8], n: usize) -> Result<(H, &[T]), FrameError>
+where
+    H: FromBytes + KnownLayout + Immutable + Copy,
+    T: FromBytes + KnownLayout + Immutable,
+{
+    let bad = |why: String| FrameError::Payload { kind, why };
+    let (head, rest) = H::read_from_prefix(payload).map_err(|_| bad(format!("{} bytes is too short", payload.len())))?;
+    let list = <[T]>::ref_from_bytes(rest).map_err(|_| bad(format!("{} bytes of entries", rest.len())))?;
+    if list.len() != n {
+        return Err(bad(format!("{} entries, expected {n}", list.len())));
+    }
+    Ok((head, list))
+}
+
+/// A fixed header followed by a list of entries, as one payload.
+pub fn list_payload<H: IntoBytes + Immutable, T: IntoBytes + Immutable>(head: &H, list: &[T]) -> Vec<u8> {
+    let mut out = head.as_bytes().to_vec();
+    out.extend_from_slice(list.as_bytes());
+    out
 }
 
 /// SESSION_OK payload.
@@ -333,7 +443,7 @@ pub fn parse<T: FromBytes + KnownLayout + Immutable + Copy>(kind: Kind, payload:
 }
 
 /// Parses a SESSION payload into a layout, checking every field.
-pub fn parse_session(payload: &[u8]) -> Result<(Layout, u16), FrameError> {
+pub fn parse_session(payload: &[u8]) -> Result<(Layout, u16, DataTransport), FrameError> {
     let bad = |why: String| FrameError::Payload { kind: Kind::Session, why };
     let (desc, rest) = SessionDesc::read_from_prefix(payload).map_err(|_| bad(format!("{} bytes is too short", payload.len())))?;
     let n = usize::from(desc.regions.get());
@@ -360,17 +470,23 @@ pub fn parse_session(payload: &[u8]) -> Result<(Layout, u16), FrameError> {
     if let Some(s) = regions.iter().find(|&&s| s > MAX_REGION) {
         return Err(bad(format!("region of {s} bytes exceeds {MAX_REGION}")));
     }
-    Ok((Layout { page_size: page, max_chunk: chunk, regions }, lanes))
+    let transport = match desc.transport {
+        0 => DataTransport::Tcp,
+        1 => DataTransport::Rdma,
+        t => return Err(bad(format!("unknown data transport {t}"))),
+    };
+    Ok((Layout { page_size: page, max_chunk: chunk, regions }, lanes, transport))
 }
 
 /// Builds a SESSION payload.
-pub fn session_payload(layout: &Layout, lanes: u16) -> Vec<u8> {
+pub fn session_payload(layout: &Layout, lanes: u16, transport: DataTransport) -> Vec<u8> {
     let desc = SessionDesc {
         page_size: layout.page_size.into(),
         max_chunk: layout.max_chunk.into(),
         lanes: lanes.into(),
         regions: (layout.regions.len() as u16).into(),
-        _pad: 0.into(),
+        transport: transport as u8,
+        _pad: [0; 3],
     };
     let mut out = desc.as_bytes().to_vec();
     for &s in &layout.regions {
@@ -433,16 +549,21 @@ mod tests {
 
     #[test]
     fn session_round_trip_and_rejects() {
-        let p = session_payload(&layout(), 4);
-        assert_eq!(parse_session(&p).unwrap(), (layout(), 4));
+        let p = session_payload(&layout(), 4, DataTransport::Tcp);
+        assert_eq!(parse_session(&p).unwrap(), (layout(), 4, DataTransport::Tcp));
+        let p = session_payload(&layout(), 4, DataTransport::Rdma);
+        assert_eq!(parse_session(&p).unwrap(), (layout(), 4, DataTransport::Rdma));
+        let mut unknown = p.clone();
+        unknown[12] = 9;
+        assert!(parse_session(&unknown).is_err(), "unknown transport");
         assert!(parse_session(&p[..p.len() - 1]).is_err());
         assert!(parse_session(&p[..10]).is_err());
         let mut bad = layout();
         bad.page_size = 3000;
-        assert!(parse_session(&session_payload(&bad, 1)).is_err());
+        assert!(parse_session(&session_payload(&bad, 1, DataTransport::Tcp)).is_err());
         let mut bad = layout();
         bad.regions = vec![MAX_REGION + 1];
-        assert!(parse_session(&session_payload(&bad, 1)).is_err());
-        assert!(parse_session(&session_payload(&layout(), 0)).is_err());
+        assert!(parse_session(&session_payload(&bad, 1, DataTransport::Tcp)).is_err());
+        assert!(parse_session(&session_payload(&layout(), 0, DataTransport::Tcp)).is_err());
     }
 }

@@ -182,7 +182,11 @@ fn serves_transfers_status_and_metrics() {
     let first: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["event"], "listening");
     let p = plan();
-    send_file(&src, &SendOptions { to: first["addr"].as_str().unwrap().into(), auth: auth.clone(), plan: &p, progress: None }).unwrap();
+    send_file(
+        &src,
+        &SendOptions { to: first["addr"].as_str().unwrap().into(), auth: auth.clone(), plan: &p, progress: None, require_rdma: false },
+    )
+    .unwrap();
     let last: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
     assert_eq!(last["ok"], true, "{last}");
     assert_eq!(std::fs::read(&out).unwrap(), data);

@@ -83,7 +83,7 @@ fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::e
     let addr = listener.local_addr().unwrap().to_string();
     let (sent, got) = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None }));
-        let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None });
+        let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None, require_rdma: false });
         (sent, r.join().unwrap())
     });
     let (sent, got) = (sent.unwrap(), got.unwrap());
@@ -151,7 +151,7 @@ fn wrong_key_moves_nothing() {
     let other = Auth::Key(Key::from_bytes(vec![1; 32]).unwrap());
     let (sent, got) = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
-        (send_file(&src, &SendOptions { to: addr.clone(), auth: other, plan: &p, progress: None }), r.join().unwrap())
+        (send_file(&src, &SendOptions { to: addr.clone(), auth: other, plan: &p, progress: None, require_rdma: false }), r.join().unwrap())
     });
     assert!(matches!(sent, Err(SessionError::Auth(_))), "{sent:?}");
     assert!(matches!(got, Err(SessionError::Auth(_) | SessionError::Peer(_))), "{got:?}");
@@ -169,14 +169,14 @@ fn hostile(size: u64, bad: impl FnOnce(&mut TcpStream)) -> (Result<dataplane::en
     let got = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
         let mut ctl = TcpStream::connect(addr).unwrap();
-        client_handshake(&mut ctl, &key(), CONTROL_LANE, 0).unwrap();
+        client_handshake(&mut ctl, &key(), CONTROL_LANE, 0, 0).unwrap();
         let layout = Layout { page_size: 4096, max_chunk: 64 << 10, regions: vec![size] };
-        write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, 1)).unwrap();
+        write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, 1, wire::DataTransport::Tcp)).unwrap();
         let mut buf = Vec::new();
         expect_frame(&mut ctl, Kind::SessionOk, &mut buf).unwrap();
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf).unwrap().session.get();
         let mut lane = TcpStream::connect(addr).unwrap();
-        client_handshake(&mut lane, &key(), 0, session).unwrap();
+        client_handshake(&mut lane, &key(), 0, session, 0).unwrap();
         bad(&mut lane);
         drop(lane);
         drop(ctl);

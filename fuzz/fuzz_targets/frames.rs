@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let split = usize::from(*n).min(rest.len());
     let (session, frames) = rest.split_at(split);
     let layout =
-        wire::parse_session(session).map(|(l, _)| l).unwrap_or(Layout { page_size: 4096, max_chunk: 1 << 16, regions: vec![1 << 20] });
+        wire::parse_session(session).map(|(l, _, _)| l).unwrap_or(Layout { page_size: 4096, max_chunk: 1 << 16, regions: vec![1 << 20] });
     let sealed;
     let frames = if mode & 1 == 1 {
         sealed = reseal(frames);

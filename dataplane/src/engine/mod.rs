@@ -5,6 +5,7 @@
 //! counter (one atomic add per chunk) and share nothing else on the hot path.
 
 pub mod dest;
+pub mod rdma;
 pub mod recv;
 pub mod send;
 
@@ -49,6 +50,9 @@ pub struct Report {
     /// The histogram behind `chunk_latency_us`, for aggregation across sessions.
     #[serde(skip)]
     pub chunk_latency: Option<hdrhistogram::Histogram<u64>>,
+    /// RDMA sessions: registration speed and how the work requests were built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<rdma::RdmaReport>,
 }
 
 /// Latency percentiles.

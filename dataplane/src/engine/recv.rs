@@ -19,7 +19,7 @@ use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_fra
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::plan::Plan;
-use crate::wire::{self, CONTROL_LANE, Encoding, FrameError, HEADER_LEN, Kind, Layout};
+use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout};
 
 #[derive(Debug)]
 pub struct RecvOptions<'a> {
@@ -78,13 +78,17 @@ fn session(
     t0: Instant,
     cpu0: f64,
 ) -> Result<Report, SessionError> {
-    let hello = server_handshake(ctl, &opts.auth)?;
+    // RDMA is offered when this side's plan has a device for it.
+    let hello = server_handshake(ctl, &opts.auth, if opts.plan.rdma.is_some() { wire::features::RDMA } else { 0 })?;
     if hello.lane.get() != CONTROL_LANE {
         return Err(SessionError::Protocol(format!("the first connection must be the control connection, got lane {}", hello.lane.get())));
     }
     let mut buf = Vec::new();
     expect_frame(ctl, Kind::Session, &mut buf)?;
-    let (layout, lanes) = wire::parse_session(&buf)?;
+    let (layout, lanes, transport) = wire::parse_session(&buf)?;
+    if transport == DataTransport::Rdma && hello.features.get() & wire::features::RDMA == 0 {
+        return Err(SessionError::Protocol("the sender asked for RDMA, which the handshake did not agree on".into()));
+    }
     if layout.regions.len() != 1 {
         return Err(SessionError::Protocol(format!(
             "this receiver writes one region into {}; the sender described {}",
@@ -104,44 +108,18 @@ fn session(
     write_frame(ctl, Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
     log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
 
-    let seen = Mutex::new(vec![false; usize::from(lanes)]);
-    let results: Vec<Result<LaneStats, SessionError>> = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for _ in 0..lanes {
-            match accept_lane(listener, ctl) {
-                Ok(conn) => {
-                    let (layout, dest, seen) = (&layout, &dest, &seen);
-                    handles.push(s.spawn(move || lane(conn, layout, session, lanes, dest, seen, opts)));
-                }
-                Err(e) => {
-                    handles.push(s.spawn(move || Err(e)));
-                    break;
-                }
-            }
+    let (total, rdma) = match transport {
+        DataTransport::Tcp => (tcp_lanes(listener, ctl, &layout, session, lanes, &dest, opts)?, None),
+        DataTransport::Rdma => {
+            let r = super::rdma::recv(ctl, &file, size, lanes, layout.max_chunk, opts.plan, opts.progress)?;
+            let st = LaneStats { digest: r.digest, frames: r.imms, wire_bytes: r.bytes, zero_pages: r.zero_pages, ..LaneStats::default() };
+            (st, Some(r.report))
         }
-        handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect()
-    });
-    let mut total = LaneStats::default();
-    for r in results {
-        let r = r?;
-        total.digest.combine(r.digest);
-        total.frames += r.frames;
-        total.wire_bytes += r.wire_bytes;
-        total.zero_pages += r.zero_pages;
-        total.compressed_in += r.compressed_in;
-        total.compressed_out += r.compressed_out;
-    }
-
-    if dest.pages_claimed() != dest.pages() {
-        return Err(SessionError::Protocol(format!(
-            "the lanes ended with {} of the region's {} pages delivered",
-            dest.pages_claimed(),
-            dest.pages()
-        )));
-    }
+    };
     expect_frame(ctl, Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
-    // The lanes digested every byte as they wrote it.
+    // TCP lanes digested every byte as they wrote it; RDMA digested the destination once
+    // it was deregistered.
     let digest = total.digest;
     let sender = Digest::from_bytes(done.digest);
     let ok = digest == sender && done.bytes.get() == size;
@@ -166,13 +144,62 @@ fn session(
         lanes: u32::from(lanes),
         workers: u32::from(lanes),
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
-        transport: "sockets".into(),
-        compression: "as the sender chose".into(),
+        transport: if rdma.is_some() { "rdma".into() } else { "tcp".into() },
+        compression: if rdma.is_some() { "off (RDMA)".into() } else { "as the sender chose".into() },
         digest: digest.hex(),
         digest_match: true,
         chunk_latency_us: None,
         chunk_latency: None,
+        rdma,
     })
+}
+
+/// The TCP data path: accepts one connection per lane and runs each on its own thread;
+/// every page of the region must have been delivered at the end.
+fn tcp_lanes(
+    listener: &TcpListener,
+    ctl: &TcpStream,
+    layout: &Layout,
+    session: u64,
+    lanes: u16,
+    dest: &Dest<'_>,
+    opts: &RecvOptions<'_>,
+) -> Result<LaneStats, SessionError> {
+    let seen = Mutex::new(vec![false; usize::from(lanes)]);
+    let results: Vec<Result<LaneStats, SessionError>> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..lanes {
+            match accept_lane(listener, ctl) {
+                Ok(conn) => {
+                    let seen = &seen;
+                    handles.push(s.spawn(move || lane(conn, layout, session, lanes, dest, seen, opts)));
+                }
+                Err(e) => {
+                    handles.push(s.spawn(move || Err(e)));
+                    break;
+                }
+            }
+        }
+        handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect()
+    });
+    let mut total = LaneStats::default();
+    for r in results {
+        let r = r?;
+        total.digest.combine(r.digest);
+        total.frames += r.frames;
+        total.wire_bytes += r.wire_bytes;
+        total.zero_pages += r.zero_pages;
+        total.compressed_in += r.compressed_in;
+        total.compressed_out += r.compressed_out;
+    }
+    if dest.pages_claimed() != dest.pages() {
+        return Err(SessionError::Protocol(format!(
+            "the lanes ended with {} of the region's {} pages delivered",
+            dest.pages_claimed(),
+            dest.pages()
+        )));
+    }
+    Ok(total)
 }
 
 /// Waits for the next data connection; fails if the control connection closes (the
@@ -201,7 +228,7 @@ fn lane(
     opts: &RecvOptions<'_>,
 ) -> Result<LaneStats, SessionError> {
     super::tune_data_socket(&s, opts.plan)?;
-    let hello = server_handshake(&mut s, &opts.auth)?;
+    let hello = server_handshake(&mut s, &opts.auth, 0)?;
     let n = hello.lane.get();
     if hello.session.get() != session {
         return Err(SessionError::Protocol(format!("data connection for session {:#x}, expected {session:#x}", hello.session.get())));

@@ -10,11 +10,11 @@ use zerocopy::IntoBytes;
 
 use super::{PAGE, Report, cpu_seconds, pin, tune_data_socket, tune_socket};
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{SessionError, expect_frame, write_all_vectored, write_frame};
+use crate::conn::{SessionError, expect_frame, send_error, write_all_vectored, write_frame};
 use crate::digest::Digest;
 use crate::encode::{EncodeStats, Encoder};
-use crate::plan::Plan;
-use crate::wire::{self, CONTROL_LANE, HEADER_LEN, Header, Kind, Layout};
+use crate::plan::{Plan, Transport};
+use crate::wire::{self, CONTROL_LANE, HEADER_LEN, Header, Kind, Layout, features};
 
 /// What to send, where, and how.
 #[derive(Debug)]
@@ -24,6 +24,9 @@ pub struct SendOptions<'a> {
     pub plan: &'a Plan,
     /// Region bytes encoded so far, for a progress bar.
     pub progress: Option<&'a AtomicU64>,
+    /// The plan's RDMA is required (`--transport rdma`): fail rather than fall back to TCP
+    /// when the receiver has no RDMA port.
+    pub require_rdma: bool,
 }
 
 /// A chunk's frames, gathered for one `writev`: payloads that live in the source map are
@@ -107,11 +110,12 @@ impl hw::uring_send::SendBuf for RingBatch<'_> {
     }
 }
 
-struct WorkerResult {
-    stats: EncodeStats,
-    digest: Digest,
-    wire_bytes: u64,
-    latency: hdrhistogram::Histogram<u64>,
+/// What a sending worker counted, whatever its transport.
+pub(crate) struct WorkerResult {
+    pub stats: EncodeStats,
+    pub digest: Digest,
+    pub wire_bytes: u64,
+    pub latency: hdrhistogram::Histogram<u64>,
 }
 
 fn connect(to: &str) -> Result<TcpStream, SessionError> {
@@ -139,19 +143,113 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let chunk = plan.chunk_size_bytes as usize;
     let workers = plan.worker_cpus.len();
     let per_worker = plan.tcp.connections_per_worker as usize;
-    let lanes = workers * per_worker;
     let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: vec![source.len() as u64] };
 
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
     let mut ctl = connect(&opts.to)?;
-    client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0)?;
-    write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16))?;
+    let want_rdma = plan.transport == Transport::Rdma;
+    let agreed = client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0, if want_rdma { features::RDMA } else { 0 })?;
+    let rdma = want_rdma && agreed & features::RDMA != 0;
+    if want_rdma && !rdma {
+        let why = format!("the receiver at {} has no RDMA port in its plan", opts.to);
+        if opts.require_rdma {
+            send_error(&mut ctl, "the sender requires RDMA and this receiver offers none");
+            return Err(SessionError::Protocol(format!("{why}; --transport rdma was asked for (use auto or tcp to fall back)")));
+        }
+        log::warn!("{why}: sending over {} instead", if plan.tcp.io_uring { "TCP (io_uring)" } else { "TCP (sockets)" });
+    }
+    let (lanes, transport) = match (rdma, &plan.rdma) {
+        (true, Some(r)) => (workers * r.qps_per_worker as usize, wire::DataTransport::Rdma),
+        _ => (workers * per_worker, wire::DataTransport::Tcp),
+    };
+    write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16, transport))?;
     let mut buf = Vec::new();
     expect_frame(&mut ctl, Kind::SessionOk, &mut buf)?;
     let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
-    log::info!("session {session:#x}: {} bytes to {} over {lanes} lane(s) from {workers} worker(s)", source.len(), opts.to);
+    log::info!(
+        "session {session:#x}: {} bytes to {} over {lanes} {} lane(s) from {workers} worker(s)",
+        source.len(),
+        opts.to,
+        if rdma { "RDMA" } else { "TCP" }
+    );
 
+    let (results, rdma_report) = if rdma {
+        let (r, report) =
+            super::rdma::send(&mut ctl, source, plan, opts.progress, |ctl, digest| confirm(ctl, digest, source.len() as u64))?;
+        (r, Some(report))
+    } else {
+        let r = tcp_workers(session, source, opts)?;
+        (r, None)
+    };
+    let mut digest = Digest::default();
+    let mut stats = EncodeStats::default();
+    let mut wire_bytes = 0;
+    let mut latency = super::latency_histogram();
+    for r in results {
+        let _ = latency.add(&r.latency);
+        digest.combine(r.digest);
+        wire_bytes += r.wire_bytes;
+        stats.zero_pages += r.stats.zero_pages;
+        stats.compressed_in += r.stats.compressed_in;
+        stats.compressed_out += r.stats.compressed_out;
+        stats.frames += r.stats.frames;
+    }
+    if !rdma {
+        confirm(&mut ctl, digest, source.len() as u64)?;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let bytes = source.len() as u64;
+    Ok(Report {
+        role: "send".into(),
+        bytes,
+        wire_bytes,
+        seconds,
+        gbps: bytes as f64 / seconds / 1e9,
+        zero_pages: stats.zero_pages,
+        compressed_in_bytes: stats.compressed_in,
+        compressed_out_bytes: stats.compressed_out,
+        frames: stats.frames,
+        lanes: lanes as u32,
+        workers: workers as u32,
+        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (bytes.max(1) as f64 / (1u64 << 30) as f64),
+        transport: if rdma {
+            Transport::Rdma.to_string()
+        } else if plan.tcp.io_uring {
+            "tcp (io_uring)".into()
+        } else {
+            "sockets".into()
+        },
+        compression: if rdma { "off (RDMA writes place pages directly)".into() } else { plan.compression.to_string() },
+        digest: digest.hex(),
+        digest_match: true,
+        chunk_latency_us: (!latency.is_empty()).then(|| super::Percentiles::of(&latency)),
+        chunk_latency: Some(latency),
+        rdma: rdma_report,
+    })
+}
+
+/// DONE with the source's digest, then the receiver's RESULT: fails unless the
+/// destination's digest matches.
+fn confirm(ctl: &mut TcpStream, digest: Digest, bytes: u64) -> Result<(), SessionError> {
+    let done = wire::Digest { digest: digest.to_bytes(), bytes: bytes.into(), ok: 0.into(), _pad: 0.into() };
+    write_frame(ctl, Kind::Done, done.as_bytes())?;
+    let mut buf = Vec::new();
+    expect_frame(ctl, Kind::Result, &mut buf)?;
+    let result: wire::Digest = wire::parse(Kind::Result, &buf)?;
+    let dest = Digest::from_bytes(result.digest);
+    if result.ok.get() != 1 || dest != digest {
+        return Err(SessionError::DigestMismatch { source_digest: digest.hex(), dest_digest: dest.hex() });
+    }
+    Ok(())
+}
+
+/// The TCP data path: one thread per worker, each with its connections.
+fn tcp_workers(session: u64, source: &[u8], opts: &SendOptions<'_>) -> Result<Vec<WorkerResult>, SessionError> {
+    let plan = opts.plan;
+    let chunk = plan.chunk_size_bytes as usize;
+    let workers = plan.worker_cpus.len();
+    let per_worker = plan.tcp.connections_per_worker as usize;
     let next = AtomicU64::new(0);
     let n_chunks = source.len().div_ceil(chunk) as u64;
     let results: Vec<Result<WorkerResult, SessionError>> = std::thread::scope(|s| {
@@ -171,50 +269,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
             .collect();
         handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect()
     });
-    let mut digest = Digest::default();
-    let mut stats = EncodeStats::default();
-    let mut wire_bytes = 0;
-    let mut latency = super::latency_histogram();
-    for r in results {
-        let r = r?;
-        let _ = latency.add(&r.latency);
-        digest.combine(r.digest);
-        wire_bytes += r.wire_bytes;
-        stats.zero_pages += r.stats.zero_pages;
-        stats.compressed_in += r.stats.compressed_in;
-        stats.compressed_out += r.stats.compressed_out;
-        stats.frames += r.stats.frames;
-    }
-    let done = wire::Digest { digest: digest.to_bytes(), bytes: (source.len() as u64).into(), ok: 0.into(), _pad: 0.into() };
-    write_frame(&mut ctl, Kind::Done, done.as_bytes())?;
-    expect_frame(&mut ctl, Kind::Result, &mut buf)?;
-    let result: wire::Digest = wire::parse(Kind::Result, &buf)?;
-    let dest = Digest::from_bytes(result.digest);
-    if result.ok.get() != 1 || dest != digest {
-        return Err(SessionError::DigestMismatch { source_digest: digest.hex(), dest_digest: dest.hex() });
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    let bytes = source.len() as u64;
-    Ok(Report {
-        role: "send".into(),
-        bytes,
-        wire_bytes,
-        seconds,
-        gbps: bytes as f64 / seconds / 1e9,
-        zero_pages: stats.zero_pages,
-        compressed_in_bytes: stats.compressed_in,
-        compressed_out_bytes: stats.compressed_out,
-        frames: stats.frames,
-        lanes: lanes as u32,
-        workers: workers as u32,
-        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (bytes.max(1) as f64 / (1u64 << 30) as f64),
-        transport: if plan.tcp.io_uring { "tcp (io_uring)".into() } else { "sockets".into() },
-        compression: plan.compression.to_string(),
-        digest: digest.hex(),
-        digest_match: true,
-        chunk_latency_us: (!latency.is_empty()).then(|| super::Percentiles::of(&latency)),
-        chunk_latency: Some(latency),
-    })
+    results.into_iter().collect()
 }
 
 /// One worker: opens its lanes, encodes chunks until none are left, ends its lanes.
@@ -232,7 +287,7 @@ fn worker(
     let mut conns = Vec::with_capacity(per_worker);
     for c in 0..per_worker {
         let mut s = connect_data(&opts.to, opts.plan)?;
-        client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session)?;
+        client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
         conns.push((s, 0u64, 0u64));
     }
     // Staging slots in the worker's arena: one per batch that can exist at once (one in

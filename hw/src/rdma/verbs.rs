@@ -31,6 +31,24 @@ pub enum RdmaError {
     CreateCq { device: String, cqe: i32, source: io::Error },
     #[error("ibv_create_qp({device}) failed: {source}")]
     CreateQp { device: String, source: io::Error },
+    #[error("no RDMA device named {device} (found: {found})")]
+    NoDevice { device: String, found: String },
+    #[error("{device} port {port} is not active (state {state}): check the link and `ferryctl doctor`")]
+    PortNotActive { device: String, port: u8, state: u32 },
+    #[error("ibv_reg_mr({device}, {len} bytes) failed: {source}")]
+    RegMr { device: String, len: usize, source: io::Error },
+    #[error("mapping {what} for RDMA registration failed: {source}")]
+    Map { what: String, source: io::Error },
+    #[error("ibv_modify_qp({device}, QP {qpn} to {state}) failed: {source}")]
+    ModifyQp { device: String, qpn: u32, state: &'static str, source: io::Error },
+    #[error("{device} path MTU {mtu} is not one of 256, 512, 1024, 2048, 4096")]
+    Mtu { device: String, mtu: u32 },
+    #[error("ibv_post_send({device}, QP {qpn}) failed: {source}")]
+    PostSend { device: String, qpn: u32, source: io::Error },
+    #[error("ibv_post_recv({device}, QP {qpn}) failed: {source}")]
+    PostRecv { device: String, qpn: u32, source: io::Error },
+    #[error("ibv_poll_cq({device}) failed")]
+    PollCq { device: String },
 }
 
 /// Verbs return either NULL with errno set, or a positive errno value.
@@ -87,6 +105,19 @@ impl DeviceList {
         match NonNull::new(ctx) {
             Some(ctx) => Ok(Context { ctx, name, _list: PhantomData }),
             None => Err(RdmaError::OpenDevice { device: name, source: io::Error::last_os_error() }),
+        }
+    }
+}
+
+impl DeviceList {
+    /// Opens the device called `name`.
+    pub fn open_by_name(&self, name: &str) -> Result<Context<'_>, RdmaError> {
+        match (0..self.len).find(|&i| self.name(i) == name) {
+            Some(i) => self.open(i),
+            None => Err(RdmaError::NoDevice {
+                device: name.to_string(),
+                found: (0..self.len).map(|i| self.name(i)).collect::<Vec<_>>().join(", "),
+            }),
         }
     }
 }
@@ -161,6 +192,15 @@ impl Context<'_> {
         Ok(Some(GidEntry { raw, gid_type: entry.gid_type, ndev_ifindex: entry.ndev_ifindex }))
     }
 
+    /// The port's state, LID and active MTU, or `PortNotActive`.
+    pub fn active_port(&self, port: u8) -> Result<PortInfo, RdmaError> {
+        let a = self.query_port(port)?;
+        if a.state != sys::ibv_port_state::IBV_PORT_ACTIVE {
+            return Err(RdmaError::PortNotActive { device: self.name.clone(), port, state: a.state });
+        }
+        Ok(PortInfo { lid: a.lid, active_mtu: mtu_bytes(a.active_mtu) })
+    }
+
     pub fn alloc_pd(&self) -> Result<Pd<'_>, RdmaError> {
         // SAFETY: the context is open; the PD is released in `Pd::drop` before the
         // context closes (it borrows the context).
@@ -176,7 +216,7 @@ impl Context<'_> {
         // attached; the CQ is destroyed in `Cq::drop` before the context closes.
         let cq = unsafe { sys::ibv_create_cq(self.ctx.as_ptr(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
         match NonNull::new(cq) {
-            Some(cq) => Ok(Cq { cq, _ctx: PhantomData }),
+            Some(cq) => Ok(Cq { cq, device: self.name.clone(), _ctx: PhantomData }),
             None => Err(RdmaError::CreateCq { device: self.name.clone(), cqe, source: io::Error::last_os_error() }),
         }
     }
@@ -189,6 +229,51 @@ impl Drop for Context<'_> {
         unsafe { sys::ibv_close_device(self.ctx.as_ptr()) };
     }
 }
+
+/// What a connection needs from an active port.
+#[derive(Debug, Clone, Copy)]
+pub struct PortInfo {
+    pub lid: u16,
+    /// Bytes.
+    pub active_mtu: u32,
+}
+
+fn mtu_bytes(m: sys::ibv_mtu) -> u32 {
+    match m {
+        sys::IBV_MTU_256 => 256,
+        sys::IBV_MTU_512 => 512,
+        sys::IBV_MTU_1024 => 1024,
+        sys::IBV_MTU_2048 => 2048,
+        _ => 4096,
+    }
+}
+
+fn mtu_enum(device: &str, bytes: u32) -> Result<sys::ibv_mtu, RdmaError> {
+    Ok(match bytes {
+        256 => sys::IBV_MTU_256,
+        512 => sys::IBV_MTU_512,
+        1024 => sys::IBV_MTU_1024,
+        2048 => sys::IBV_MTU_2048,
+        4096 => sys::IBV_MTU_4096,
+        mtu => return Err(RdmaError::Mtu { device: device.to_string(), mtu }),
+    })
+}
+
+// SAFETY: libibverbs objects may be used from any thread ("all verbs are thread safe",
+// rdma-core's libibverbs documentation); a context and a PD are only read after creation.
+unsafe impl Sync for Context<'_> {}
+// SAFETY: as above; the PD handle is only passed to verbs.
+unsafe impl Sync for Pd<'_> {}
+// SAFETY: as above; providers serialise polls of one CQ internally.
+unsafe impl Send for Cq<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Cq<'_> {}
+// SAFETY: as above; a QP is posted to by the one thread that owns it (`&mut self`).
+unsafe impl Send for Qp<'_> {}
+// SAFETY: an MR is immutable after registration; its keys are plain numbers.
+unsafe impl Send for Mr<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Mr<'_> {}
 
 /// A protection domain.
 #[derive(Debug)]
@@ -240,17 +325,238 @@ impl<'ctx> Pd<'ctx> {
                     max_recv_sge: c.max_recv_sge,
                     max_inline_data: c.max_inline_data,
                 };
-                Ok((Qp { qp, _pd: PhantomData }, granted))
+                Ok((Qp { qp, device: self.ctx.name.clone(), _pd: PhantomData }, granted))
             }
             None => Err(RdmaError::CreateQp { device: self.ctx.name.clone(), source: io::Error::last_os_error() }),
+        }
+    }
+
+    /// Registers `mem` for local reads only: the NIC may gather from it into the work
+    /// requests this side posts, and nothing else. The borrow keeps the memory mapped for
+    /// as long as the registration lives.
+    pub fn register_read<'a>(&'a self, mem: &'a [u8]) -> Result<Mr<'a>, RdmaError> {
+        // SAFETY: `mem` is borrowed for the MR's lifetime, so it stays mapped; without a
+        // write flag the NIC only reads it (the kernel pins it without FOLL_WRITE).
+        unsafe { self.reg(mem.as_ptr().cast_mut(), mem.len(), 0) }
+    }
+
+    /// Maps the first `len` bytes of `file` shared and read-write, and registers them for
+    /// RDMA WRITEs from the peer (`IBV_ACCESS_REMOTE_WRITE`). The memory is reachable only
+    /// through the NIC while registered; [`RemoteRegion`] gives no Rust view of it, so a
+    /// write landing at any moment races with nothing. Read the file after dropping it.
+    pub fn register_remote_write(&self, file: &std::fs::File, len: usize) -> Result<RemoteRegion<'_>, RdmaError> {
+        if len == 0 {
+            return Ok(RemoteRegion { mr: None, _map: None });
+        }
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw(file)
+            .map_err(|source| RdmaError::Map { what: format!("{len} bytes of the destination"), source })?;
+        let access = (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
+        // SAFETY: the mapping is owned by the returned region and unmapped only after the
+        // MR is deregistered (field order in `RemoteRegion`); no reference to its bytes is
+        // ever handed out while the NIC may write them.
+        let mr = unsafe { self.reg(map.as_mut_ptr(), len, access) }?;
+        Ok(RemoteRegion { mr: Some(mr), _map: Some(map) })
+    }
+
+    /// # Safety
+    ///
+    /// `addr..addr + len` must stay mapped for the life of the returned MR, and if
+    /// `access` lets the NIC write it, no Rust reference to those bytes may be used while
+    /// the MR lives.
+    unsafe fn reg<'a>(&'a self, addr: *mut u8, len: usize, access: u32) -> Result<Mr<'a>, RdmaError> {
+        // SAFETY: the PD is live; the caller guarantees the memory for the MR's lifetime.
+        let mr = unsafe { sys::ibv_reg_mr(self.pd.as_ptr(), addr.cast(), len, access as i32) };
+        match NonNull::new(mr) {
+            Some(mr) => Ok(Mr { mr, len, _mem: PhantomData }),
+            None => Err(RdmaError::RegMr { device: self.ctx.name.clone(), len, source: io::Error::last_os_error() }),
         }
     }
 }
 
 impl Drop for Pd<'_> {
     fn drop(&mut self) {
-        // SAFETY: allocated by `ibv_alloc_pd`, freed once; QPs borrow the PD and are gone.
+        // SAFETY: allocated by `ibv_alloc_pd`, freed once; QPs and MRs borrow the PD and
+        // are gone.
         unsafe { sys::ibv_dealloc_pd(self.pd.as_ptr()) };
+    }
+}
+
+/// A registered memory region.
+#[derive(Debug)]
+pub struct Mr<'a> {
+    mr: NonNull<sys::ibv_mr>,
+    len: usize,
+    _mem: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Mr<'a> {
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: the MR is registered until drop; the library never changes its keys.
+        unsafe { self.mr.as_ref().lkey }
+    }
+
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: as in `lkey`.
+        unsafe { self.mr.as_ref().rkey }
+    }
+
+    /// The registered address, as the NIC knows it.
+    pub fn addr(&self) -> u64 {
+        // SAFETY: as in `lkey`.
+        unsafe { self.mr.as_ref().addr as u64 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A scatter/gather entry for `len` bytes at `offset` in this region.
+    pub fn sge(&self, offset: usize, len: usize) -> Sge<'a> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "SGE {offset}+{len} outside a {}-byte MR", self.len);
+        let len = u32::try_from(len).expect("an SGE is at most 4 GiB");
+        Sge { raw: sys::ibv_sge { addr: self.addr() + offset as u64, length: len, lkey: self.lkey() }, _mem: PhantomData }
+    }
+}
+
+impl Drop for Mr<'_> {
+    fn drop(&mut self) {
+        // SAFETY: registered by `ibv_reg_mr`, deregistered once, before its PD goes.
+        let ret = unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+        if ret != 0 {
+            log::warn!("ibv_dereg_mr failed: {}", errno_or(ret));
+        }
+    }
+}
+
+/// A destination the peer writes into: a shared file mapping registered for remote
+/// writes. Dropping it deregisters the MR first, then unmaps.
+#[derive(Debug)]
+pub struct RemoteRegion<'pd> {
+    mr: Option<Mr<'pd>>,
+    _map: Option<memmap2::MmapRaw>,
+}
+
+impl RemoteRegion<'_> {
+    /// Address and rkey the peer writes to (zero for an empty region).
+    pub fn addr(&self) -> u64 {
+        self.mr.as_ref().map_or(0, |m| m.addr())
+    }
+
+    pub fn rkey(&self) -> u32 {
+        self.mr.as_ref().map_or(0, |m| m.rkey())
+    }
+}
+
+/// One scatter/gather entry inside a registered region that lives for `'a`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sge<'a> {
+    raw: sys::ibv_sge,
+    _mem: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Sge<'a> {
+    /// The first `len` bytes of this entry.
+    pub fn prefix(&self, len: usize) -> Sge<'a> {
+        assert!(len <= self.raw.length as usize, "prefix of {len} bytes of a {}-byte SGE", self.raw.length);
+        Sge { raw: sys::ibv_sge { length: len as u32, ..self.raw }, _mem: PhantomData }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.raw.length
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.length == 0
+    }
+}
+
+/// What a send work request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    /// RDMA WRITE to `remote_addr` under `rkey`: no completion at the peer.
+    Write { remote_addr: u64, rkey: u32 },
+    /// RDMA WRITE that also consumes a receive at the peer, which sees `imm`.
+    WriteImm { remote_addr: u64, rkey: u32, imm: u32 },
+    /// SEND into the peer's next receive, with `imm`.
+    SendImm { imm: u32 },
+}
+
+/// Send work requests gathered for one `ibv_post_send` (one doorbell). Reused: pushing
+/// allocates only while the batch grows past its largest size so far.
+pub struct SendBatch<'a> {
+    wrs: Vec<sys::ibv_send_wr>,
+    sges: Vec<sys::ibv_sge>,
+    first_sge: Vec<usize>,
+    _mem: PhantomData<&'a [u8]>,
+}
+
+impl std::fmt::Debug for SendBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SendBatch({} WRs, {} SGEs)", self.wrs.len(), self.sges.len())
+    }
+}
+
+impl Default for SendBatch<'_> {
+    fn default() -> Self {
+        SendBatch { wrs: Vec::new(), sges: Vec::new(), first_sge: Vec::new(), _mem: PhantomData }
+    }
+}
+
+impl<'a> SendBatch<'a> {
+    /// Adds a work request gathering `sges`. `inline` copies the bytes into the WQE at
+    /// post time (within the QP's inline limit); `signaled` asks for a completion.
+    pub fn push(&mut self, wr_id: u64, op: SendOp, sges: &[Sge<'a>], signaled: bool, inline: bool) {
+        // SAFETY: all-zero is a valid `ibv_send_wr` (null pointers, zero counts), which
+        // the fields below then fill.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.num_sge = sges.len() as i32;
+        let mut flags = 0;
+        if signaled {
+            flags |= sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        if inline {
+            flags |= sys::ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        wr.send_flags = flags;
+        match op {
+            SendOp::Write { remote_addr, rkey } => {
+                wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                wr.wr.rdma = sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr, rkey };
+            }
+            SendOp::WriteImm { remote_addr, rkey, imm } => {
+                wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+                wr.wr.rdma = sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr, rkey };
+                wr.__bindgen_anon_1.imm_data = imm.to_be();
+            }
+            SendOp::SendImm { imm } => {
+                wr.opcode = sys::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+                wr.__bindgen_anon_1.imm_data = imm.to_be();
+            }
+        }
+        self.first_sge.push(self.sges.len());
+        self.sges.extend(sges.iter().map(|s| s.raw));
+        self.wrs.push(wr);
+    }
+
+    pub fn len(&self) -> usize {
+        self.wrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wrs.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.wrs.clear();
+        self.sges.clear();
+        self.first_sge.clear();
     }
 }
 
@@ -258,7 +564,76 @@ impl Drop for Pd<'_> {
 #[derive(Debug)]
 pub struct Cq<'ctx> {
     cq: NonNull<sys::ibv_cq>,
+    device: String,
     _ctx: PhantomData<&'ctx Context<'ctx>>,
+}
+
+/// A work completion, read out of the CQ.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Completion {
+    pub wr_id: u64,
+    /// `IBV_WC_SUCCESS` (0) or the error status.
+    pub status: u32,
+    pub vendor_err: u32,
+    pub opcode: u32,
+    /// Immediate data of a receive, host order.
+    pub imm: Option<u32>,
+    pub qpn: u32,
+    pub byte_len: u32,
+}
+
+impl Completion {
+    pub fn ok(&self) -> bool {
+        self.status == sys::ibv_wc_status::IBV_WC_SUCCESS
+    }
+
+    /// A receive (of a SEND or of a WRITE with immediate), as opposed to a send-side
+    /// completion.
+    pub fn is_recv(&self) -> bool {
+        self.opcode & sys::ibv_wc_opcode::IBV_WC_RECV != 0
+    }
+
+    /// `ibv_wc_status_str` of the status.
+    pub fn status_str(&self) -> String {
+        // SAFETY: returns a static NUL-terminated string for any status value.
+        unsafe { CStr::from_ptr(sys::ibv_wc_status_str(self.status)) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Cq<'_> {
+    /// Polls up to `out.len()` (at most 64) completions; returns how many were written.
+    /// Providers lock the CQ, so a shared reference is enough (ferry polls each CQ from
+    /// one thread).
+    pub fn poll(&self, out: &mut [Completion]) -> Result<usize, RdmaError> {
+        let mut wcs = [std::mem::MaybeUninit::<sys::ibv_wc>::uninit(); 64];
+        let want = out.len().min(wcs.len());
+        // SAFETY: `ibv_poll_cq` is static inline in verbs.h: it calls the provider's
+        // `poll_cq` from the context's ops table, as here. The CQ is live, and `wcs` has
+        // room for `want` entries, of which the provider writes the first `n`.
+        let n = unsafe {
+            let cq = self.cq.as_ptr();
+            let poll = (*(*cq).context).ops.poll_cq.expect("every provider implements poll_cq");
+            poll(cq, want as i32, wcs.as_mut_ptr().cast())
+        };
+        if n < 0 {
+            return Err(RdmaError::PollCq { device: self.device.clone() });
+        }
+        for (o, wc) in out.iter_mut().zip(&wcs[..n as usize]) {
+            // SAFETY: the provider initialised the first `n` entries.
+            let wc = unsafe { wc.assume_init_ref() };
+            let (status, vendor_err) = wc.error().unwrap_or((sys::ibv_wc_status::IBV_WC_SUCCESS, 0));
+            *o = Completion {
+                wr_id: wc.wr_id(),
+                status,
+                vendor_err,
+                opcode: wc.opcode(),
+                imm: wc.imm_data().map(u32::from_be),
+                qpn: wc.qp_num,
+                byte_len: wc.len() as u32,
+            };
+        }
+        Ok(n as usize)
+    }
 }
 
 impl Drop for Cq<'_> {
@@ -269,11 +644,180 @@ impl Drop for Cq<'_> {
     }
 }
 
+/// The peer's side of a connection, as exchanged over the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    pub qpn: u32,
+    pub psn: u32,
+    pub lid: u16,
+    pub gid: [u8; 16],
+}
+
+/// How this side reaches the peer: the local port, the GID index for RoCE (`None` on
+/// InfiniBand, which routes by LID) and the path MTU both sides support.
+#[derive(Debug, Clone, Copy)]
+pub struct PathSpec {
+    pub port: u8,
+    pub gid_index: Option<u8>,
+    pub mtu: u32,
+}
+
 /// A queue pair.
 #[derive(Debug)]
 pub struct Qp<'pd> {
     qp: NonNull<sys::ibv_qp>,
+    device: String,
     _pd: PhantomData<&'pd Pd<'pd>>,
+}
+
+impl Qp<'_> {
+    pub fn qpn(&self) -> u32 {
+        // SAFETY: the QP is live; `qp_num` is set at creation and never changes.
+        unsafe { self.qp.as_ref().qp_num }
+    }
+
+    fn modify(&mut self, attr: &mut sys::ibv_qp_attr, mask: sys::ibv_qp_attr_mask, state: &'static str) -> Result<(), RdmaError> {
+        // SAFETY: the QP is live and `attr` is a fully initialised attribute block; the
+        // library reads only the fields `mask` names.
+        let ret = unsafe { sys::ibv_modify_qp(self.qp.as_ptr(), attr, mask.0 as i32) };
+        if ret != 0 {
+            return Err(RdmaError::ModifyQp { device: self.device.clone(), qpn: self.qpn(), state, source: errno_or(ret) });
+        }
+        Ok(())
+    }
+
+    /// RESET -> INIT -> RTR -> RTS, connected to `remote`. `remote_write` lets the peer
+    /// write into this side's regions (the receiver); the sender's QPs grant nothing.
+    pub fn connect(&mut self, path: &PathSpec, local_psn: u32, remote: &Endpoint, remote_write: bool) -> Result<(), RdmaError> {
+        use sys::ibv_qp_attr_mask as m;
+        // SAFETY: all-zero is a valid `ibv_qp_attr`; each step sets what its mask names.
+        let mut a: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = sys::ibv_qp_state::IBV_QPS_INIT;
+        a.pkey_index = 0;
+        a.port_num = path.port;
+        a.qp_access_flags = if remote_write { sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 } else { 0 };
+        self.modify(&mut a, m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS, "INIT")?;
+
+        // SAFETY: as above.
+        let mut a: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = sys::ibv_qp_state::IBV_QPS_RTR;
+        a.path_mtu = mtu_enum(&self.device, path.mtu)?;
+        a.dest_qp_num = remote.qpn;
+        a.rq_psn = remote.psn;
+        a.max_dest_rd_atomic = 1;
+        a.min_rnr_timer = 12; // 0.64 ms
+        a.ah_attr.port_num = path.port;
+        a.ah_attr.dlid = remote.lid;
+        if let Some(gid_index) = path.gid_index {
+            a.ah_attr.is_global = 1;
+            a.ah_attr.grh.dgid = sys::ibv_gid { raw: remote.gid };
+            a.ah_attr.grh.sgid_index = gid_index;
+            a.ah_attr.grh.hop_limit = 64;
+        }
+        let rtr = m::IBV_QP_STATE
+            | m::IBV_QP_AV
+            | m::IBV_QP_PATH_MTU
+            | m::IBV_QP_DEST_QPN
+            | m::IBV_QP_RQ_PSN
+            | m::IBV_QP_MAX_DEST_RD_ATOMIC
+            | m::IBV_QP_MIN_RNR_TIMER;
+        self.modify(&mut a, rtr, "RTR")?;
+
+        // SAFETY: as above.
+        let mut a: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = sys::ibv_qp_state::IBV_QPS_RTS;
+        a.sq_psn = local_psn;
+        // 4.096 us x 2^16 = 268 ms per try, 7 tries: a vanished peer fails the QP in
+        // about 2 s rather than hanging it.
+        a.timeout = 16;
+        a.retry_cnt = 7;
+        // 7 = retry forever on receiver-not-ready: credits keep that from happening, and
+        // a slow receiver must not fail the transfer.
+        a.rnr_retry = 7;
+        a.max_rd_atomic = 1;
+        let rts =
+            m::IBV_QP_STATE | m::IBV_QP_TIMEOUT | m::IBV_QP_RETRY_CNT | m::IBV_QP_RNR_RETRY | m::IBV_QP_SQ_PSN | m::IBV_QP_MAX_QP_RD_ATOMIC;
+        self.modify(&mut a, rts, "RTS")
+    }
+
+    /// Moves the QP to the error state: outstanding work requests complete as flushed and
+    /// the peer's next operation on it fails.
+    pub fn set_error(&mut self) -> Result<(), RdmaError> {
+        // SAFETY: all-zero is a valid `ibv_qp_attr`; only the state is read.
+        let mut a: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
+        self.modify(&mut a, sys::ibv_qp_attr_mask::IBV_QP_STATE, "ERR")
+    }
+
+    /// Posts every work request in `batch` with one `ibv_post_send` (one doorbell), then
+    /// clears it.
+    pub fn post_send(&mut self, batch: &mut SendBatch<'_>) -> Result<(), RdmaError> {
+        if batch.wrs.is_empty() {
+            return Ok(());
+        }
+        let n = batch.wrs.len();
+        let sges = batch.sges.as_mut_ptr();
+        let wrs = batch.wrs.as_mut_ptr();
+        for i in 0..n {
+            // SAFETY: `i < n` and `first_sge[i]` indexes `sges` (pushed together), so
+            // both pointers stay inside their vectors, which are not touched until the
+            // post returns.
+            unsafe {
+                let wr = wrs.add(i);
+                (*wr).sg_list = sges.add(batch.first_sge[i]);
+                (*wr).next = if i + 1 < n { wrs.add(i + 1) } else { std::ptr::null_mut() };
+            }
+        }
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: `ibv_post_send` is static inline in verbs.h and calls the provider's
+        // `post_send` from the context's ops table, as here. The QP is live; the list is
+        // linked above; every SGE lies in a registered region alive for the batch's
+        // lifetime (`Sge<'a>`), which is what the provider copies inline data from.
+        let ret = unsafe {
+            let qp = self.qp.as_ptr();
+            let post = (*(*qp).context).ops.post_send.expect("every provider implements post_send");
+            post(qp, wrs, &mut bad)
+        };
+        batch.clear();
+        if ret != 0 {
+            return Err(RdmaError::PostSend { device: self.device.clone(), qpn: self.qpn(), source: errno_or(ret) });
+        }
+        Ok(())
+    }
+
+    /// Posts `count` receives without buffers (for WRITE with immediate and zero-length
+    /// SENDs with immediate), `wr_id` on each.
+    pub fn post_recvs(&mut self, wr_id: u64, count: usize) -> Result<(), RdmaError> {
+        const BATCH: usize = 64;
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(BATCH);
+            // SAFETY: all-zero is a valid `ibv_recv_wr` (no SGEs, no next).
+            let mut wrs: [sys::ibv_recv_wr; BATCH] = unsafe { std::mem::zeroed() };
+            let base = wrs.as_mut_ptr();
+            for i in 0..n {
+                // SAFETY: `i < n <= BATCH`: both pointers stay inside `wrs`.
+                unsafe {
+                    (*base.add(i)).wr_id = wr_id;
+                    (*base.add(i)).next = if i + 1 < n { base.add(i + 1) } else { std::ptr::null_mut() };
+                }
+            }
+            let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
+            // SAFETY: `ibv_post_recv` is static inline and calls the provider's
+            // `post_recv` from the ops table; the QP is live and the list is linked above
+            // and outlives the call (the provider copies it into the queue).
+            let ret = unsafe {
+                let qp = self.qp.as_ptr();
+                let post = (*(*qp).context).ops.post_recv.expect("every provider implements post_recv");
+                post(qp, base, &mut bad)
+            };
+            if ret != 0 {
+                return Err(RdmaError::PostRecv { device: self.device.clone(), qpn: self.qpn(), source: errno_or(ret) });
+            }
+            left -= n;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Qp<'_> {
