@@ -26,7 +26,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, Mr, PathSpec, Qp, QpCaps, SendBatch, SendOp, Sge};
+use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, Mr, PathSpec, Qp, QpCaps, SendBatch, SendOp, Sge, Staging};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
@@ -44,6 +44,9 @@ use crate::wire::{self, Kind};
 const ZERO_FILL_MAX: usize = 2 * PAGE;
 /// Completions read per `ibv_poll_cq`.
 const POLL_BATCH: usize = 32;
+/// Chunk slots in a worker's staging arena when the source cannot be registered in place:
+/// one being filled while the others are on the wire.
+const STAGING_SLOTS: usize = 4;
 
 /// RDMA figures for the transfer report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -63,6 +66,9 @@ pub struct RdmaReport {
     pub max_sges_per_wr: u32,
     /// Zero pages written from the zero buffer to keep a WR whole.
     pub zero_fill_pages: u64,
+    /// The NIC gathers straight from the source (false: each chunk is copied into a
+    /// registered arena first, because the source could not be registered).
+    pub zero_copy: bool,
     pub write_imms: u64,
     pub inline_wrs: u64,
     /// Doorbells (`ibv_post_send` calls).
@@ -257,8 +263,10 @@ struct Job<'a> {
 struct Lane<'q> {
     qp: Qp<'q>,
     credits: u32,
-    /// WRs posted and not yet known complete.
-    outstanding: u32,
+    /// WRs posted, and those known complete (a signaled completion covers every WR
+    /// posted before it on the QP).
+    posted: u64,
+    completed: u64,
     /// WRs posted since the last signaled one.
     since_signal: u32,
     /// Post times of the signaled WRs in flight, oldest first.
@@ -280,7 +288,11 @@ struct SendWorker<'a> {
     job: &'a Job<'a>,
     lanes: Vec<Lane<'a>>,
     cq: &'a Cq<'a>,
-    zero: Sge<'a>,
+    /// The worker's registered arena: the zero buffer, then the staging slots.
+    stage: &'a Staging<'a>,
+    /// Per staging slot: the lane and WR count that must complete before it is reused.
+    slots: [(usize, u64); STAGING_SLOTS],
+    chunks: usize,
     sq_depth: u32,
     signal_every: u32,
     inline_max: u64,
@@ -308,7 +320,7 @@ impl<'a> SendWorker<'a> {
         self.sges.clear();
         let runs = &mut self.runs;
         page_runs(bytes, PAGE, &mut |s, e, zero| runs.push((s, e, zero)));
-        let src = self.job.src_mr.expect("a non-empty source is registered");
+        let slot = ZERO_FILL_MAX + (self.chunks % STAGING_SLOTS) * self.job.chunk;
         let mut open: Option<Wr> = None;
         for (i, &(s, e, zero)) in self.runs.iter().enumerate() {
             let (off, len) = (start + s, e - s);
@@ -318,7 +330,7 @@ impl<'a> SendWorker<'a> {
                 let room = open.is_some_and(|w| w.sges + 2 <= self.send_sge);
                 if fill && room {
                     let w = open.as_mut().expect("checked");
-                    self.sges.push(self.zero.prefix(len));
+                    self.sges.push(self.stage.sge(0, len));
                     w.sges += 1;
                     w.len += len as u64;
                     self.report.zero_fill_pages += len.div_ceil(PAGE) as u64;
@@ -336,7 +348,13 @@ impl<'a> SendWorker<'a> {
                 self.wrs.push(open.take().expect("checked"));
             }
             let w = open.get_or_insert(Wr { offset: off as u64, first_sge: self.sges.len(), sges: 0, len: 0 });
-            self.sges.push(src.sge(off, len));
+            match self.job.src_mr {
+                Some(src) => self.sges.push(src.sge(off, len)),
+                None => {
+                    self.stage.write(slot + s, &bytes[s..e]);
+                    self.sges.push(self.stage.sge(slot + s, len));
+                }
+            }
             w.sges += 1;
             w.len += len as u64;
         }
@@ -369,7 +387,7 @@ impl<'a> SendWorker<'a> {
                     return Err(completion_error(wc, self.job.device, "an RDMA WRITE"));
                 }
                 let lane = &mut self.lanes[(wc.wr_id >> 32) as usize];
-                lane.outstanding -= wc.wr_id as u32;
+                lane.completed += u64::from(wc.wr_id as u32);
                 if let Some(t) = lane.signaled.pop_front() {
                     self.latency.saturating_record(t.elapsed().as_micros() as u64);
                 }
@@ -378,12 +396,13 @@ impl<'a> SendWorker<'a> {
         Ok(())
     }
 
-    /// Adds one WR to the batch for lane `l`, signaled every `signal_every` WRs.
-    fn push(&mut self, l: usize, op: SendOp, sges: std::ops::Range<usize>, len: u64) {
+    /// Adds one WR to the batch for lane `l`, signaled every `signal_every` WRs or when
+    /// `signal` asks.
+    fn push(&mut self, l: usize, op: SendOp, sges: std::ops::Range<usize>, len: u64, signal: bool) {
         let lane = &mut self.lanes[l];
         lane.since_signal += 1;
-        lane.outstanding += 1;
-        let signaled = lane.since_signal >= self.signal_every;
+        lane.posted += 1;
+        let signaled = signal || lane.since_signal >= self.signal_every;
         let wr_id = ((l as u64) << 32) | u64::from(lane.since_signal);
         if signaled {
             lane.since_signal = 0;
@@ -410,9 +429,11 @@ impl<'a> SendWorker<'a> {
         self.turn = l + 1;
         self.lanes[l].credits -= 1;
         let (addr, rkey) = (self.job.remote_addr, self.job.rkey);
+        let staged = self.job.src_mr.is_none();
         let mut i = 0;
         while i < self.wrs.len() {
-            let room = (self.sq_depth - self.lanes[l].outstanding) as usize;
+            let lane = &self.lanes[l];
+            let room = (u64::from(self.sq_depth) - (lane.posted - lane.completed)) as usize;
             if room == 0 {
                 self.poll("waiting for send-queue room")?;
                 continue;
@@ -421,12 +442,10 @@ impl<'a> SendWorker<'a> {
             for k in i..i + take {
                 let w = self.wrs[k];
                 let remote_addr = addr + w.offset;
-                let op = if k + 1 == self.wrs.len() {
-                    SendOp::WriteImm { remote_addr, rkey, imm: index as u32 }
-                } else {
-                    SendOp::Write { remote_addr, rkey }
-                };
-                self.push(l, op, w.first_sge..w.first_sge + w.sges, w.len);
+                let last = k + 1 == self.wrs.len();
+                let op = if last { SendOp::WriteImm { remote_addr, rkey, imm: index as u32 } } else { SendOp::Write { remote_addr, rkey } };
+                // A staged chunk's last WR is signaled: its completion frees the slot.
+                self.push(l, op, w.first_sge..w.first_sge + w.sges, w.len, staged && last);
                 self.report.work_requests += 1;
                 self.report.sges += w.sges as u64;
                 self.report.max_sges_per_wr = self.report.max_sges_per_wr.max(w.sges as u32);
@@ -439,7 +458,17 @@ impl<'a> SendWorker<'a> {
         }
         let lane = &mut self.lanes[l];
         lane.end.imms += 1;
+        self.slots[self.chunks % STAGING_SLOTS] = (l, lane.posted);
         self.report.write_imms += 1;
+        Ok(())
+    }
+
+    /// Waits until the staging slot the next chunk fills is no longer read by a WR.
+    fn wait_for_slot(&mut self) -> Result<(), SessionError> {
+        let (l, seq) = self.slots[self.chunks % STAGING_SLOTS];
+        while self.lanes[l].completed < seq {
+            self.poll("waiting for a staging slot")?;
+        }
         Ok(())
     }
 
@@ -455,9 +484,13 @@ impl<'a> SendWorker<'a> {
             }
             let start = i as usize * job.chunk;
             let bytes = &job.source[start..(start + job.chunk).min(job.source.len())];
-            self.build(start, bytes);
+            if job.src_mr.is_none() {
+                self.wait_for_slot()?;
+            }
             let zero_before = self.stats.zero_pages;
+            self.build(start, bytes);
             self.post_chunk(i)?;
+            self.chunks += 1;
             // Zero pages of a chunk count on the lane that carried its neighbours; an
             // all-zero chunk counts on lane 0.
             let l = if self.wrs.is_empty() { 0 } else { (self.turn + self.lanes.len() - 1) % self.lanes.len() };
@@ -472,15 +505,14 @@ impl<'a> SendWorker<'a> {
             if self.lanes[l].since_signal == 0 {
                 continue;
             }
-            while self.lanes[l].outstanding >= self.sq_depth {
+            while self.lanes[l].posted - self.lanes[l].completed >= u64::from(self.sq_depth) {
                 self.poll("waiting for send-queue room")?;
             }
-            self.lanes[l].since_signal = self.signal_every - 1;
-            self.push(l, SendOp::Write { remote_addr: job.remote_addr, rkey: job.rkey }, 0..0, 0);
+            self.push(l, SendOp::Write { remote_addr: job.remote_addr, rkey: job.rkey }, 0..0, 0, true);
             self.lanes[l].qp.post_send(&mut self.batch)?;
             self.report.posts += 1;
         }
-        while self.lanes.iter().any(|l| l.outstanding > 0) {
+        while self.lanes.iter().any(|l| l.completed < l.posted) {
             self.poll("waiting for the last RDMA WRITEs to complete")?;
         }
         Ok(())
@@ -508,19 +540,40 @@ pub(crate) fn send(
     let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, ..RdmaReport::default() };
 
     let t = Instant::now();
-    let src_mr = if source.is_empty() { None } else { Some(pd.register_read(source)?) };
-    registration(&mut report, source.len() as u64, t);
-    log::info!(
-        "registered the {} MiB source on {} in {:.3} s ({:.2} GB/s)",
-        source.len() >> 20,
-        dev.name,
-        report.registration_seconds,
-        report.registration_gbps
-    );
-    // Each worker's arena: registered once; fresh anonymous memory reads as zero, and the
-    // sender never writes it, so its head is the zero buffer.
-    let arenas = (0..workers).map(|_| super::arena(plan, ZERO_FILL_MAX)).collect::<Result<Vec<_>, _>>()?;
-    let arena_mrs = arenas.iter().map(|a| pd.register_read(a.as_slice())).collect::<Result<Vec<_>, _>>()?;
+    let registered = if source.is_empty() { None } else { Some(pd.register_read(source)) };
+    let src_mr = match registered {
+        None => None,
+        Some(Ok(mr)) => {
+            registration(&mut report, source.len() as u64, t);
+            log::info!(
+                "registered the {} MiB source on {} in {:.3} s ({:.2} GB/s)",
+                source.len() >> 20,
+                dev.name,
+                report.registration_seconds,
+                report.registration_gbps
+            );
+            Some(mr)
+        }
+        Some(Err(e)) => {
+            // Linux before 6.2 pins every registration for writing (FOLL_WRITE|FOLL_FORCE),
+            // which a read-only mapping refuses.
+            log::warn!(
+                "cannot register the source for zero-copy reads ({e}); kernels before 6.2 pin read-only mappings only for \
+                 writing: each chunk is copied into the worker's registered arena instead"
+            );
+            None
+        }
+    };
+    report.zero_copy = src_mr.is_some() || source.is_empty();
+    // Each worker's arena, registered once: the zero buffer (fresh anonymous memory reads
+    // as zero and is never written there), then the staging slots when they are needed.
+    let arena_bytes = ZERO_FILL_MAX + if src_mr.is_none() { STAGING_SLOTS * plan.chunk_size_bytes as usize } else { 0 };
+    let t = Instant::now();
+    let stages =
+        (0..workers).map(|_| Ok(pd.register_staging(super::arena(plan, arena_bytes)?)?)).collect::<Result<Vec<_>, SessionError>>()?;
+    if src_mr.is_none() {
+        registration(&mut report, stages.iter().map(|s| s.len() as u64).sum(), t);
+    }
     let cqs = (0..workers).map(|_| dev.ctx.create_cq(rp.cq_depth as i32)).collect::<Result<Vec<_>, _>>()?;
     let caps = QpCaps {
         max_send_wr: rp.sq_depth,
@@ -590,11 +643,11 @@ pub(crate) fn send(
     let (results, ctl_err) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (w, (cq, mine)) in cqs.iter().zip(qps).enumerate() {
-            let (job, zero, cpu) = (&job, arena_mrs[w].sge(0, ZERO_FILL_MAX), plan.worker_cpus[w]);
+            let (job, stage, cpu) = (&job, &stages[w], plan.worker_cpus[w]);
             let done = &done;
             handles.push(s.spawn(move || {
                 super::pin(cpu);
-                let r = run_send_worker(job, mine, cq, zero, credits, inline_max);
+                let r = run_send_worker(job, mine, cq, stage, credits, inline_max);
                 if r.is_err() {
                     job.abort.store(true, Ordering::Relaxed);
                 }
@@ -641,7 +694,7 @@ fn run_send_worker<'a>(
     job: &'a Job<'a>,
     qps: Vec<Qp<'a>>,
     cq: &'a Cq<'a>,
-    zero: Sge<'a>,
+    stage: &'a Staging<'a>,
     credits: u32,
     inline_max: u64,
 ) -> Result<SendOutcome<'a>, SessionError> {
@@ -651,7 +704,8 @@ fn run_send_worker<'a>(
         .map(|qp| Lane {
             qp,
             credits,
-            outstanding: 0,
+            posted: 0,
+            completed: 0,
             since_signal: 0,
             signaled: std::collections::VecDeque::with_capacity(rp.sq_depth as usize),
             end: wire::RdmaLaneEnd { imms: 0.into(), bytes: 0.into(), zero_pages: 0.into() },
@@ -665,7 +719,9 @@ fn run_send_worker<'a>(
         job,
         lanes,
         cq,
-        zero,
+        stage,
+        slots: [(0, 0); STAGING_SLOTS],
+        chunks: 0,
         sq_depth: rp.sq_depth,
         signal_every,
         inline_max,
@@ -827,9 +883,11 @@ pub(crate) fn recv(
         let mut mine = Vec::with_capacity(qpw);
         for l in 0..qpw {
             let (mut qp, _) = pd.create_rc_qp(cq, caps)?;
-            qp.post_recvs(l as u64, credits as usize)?;
             let p = psn()?;
             qp.connect(&dev.path(mtu), p, &remote(&peer[eps.len()]), true)?;
+            // Receives can be posted from INIT on; these are in place before RDMA_ACCEPT
+            // lets the sender write.
+            qp.post_recvs(l as u64, credits as usize)?;
             eps.push(dev.endpoint(&qp, p));
             mine.push(qp);
         }

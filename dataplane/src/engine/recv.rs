@@ -98,8 +98,14 @@ fn session(
     }
     let size = layout.regions[0];
     let mut partial = Partial { path: PathBuf::from(format!("{}.partial", out.display())), done: false };
-    let file =
-        std::fs::File::create(&partial.path).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
+    // Read-write: RDMA maps it shared to register it, and digests it afterwards.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&partial.path)
+        .map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
     file.set_len(size).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
     let dest = Dest::new(&file, size, PAGE as u64);
     let mut id = [0u8; 8];

@@ -360,6 +360,18 @@ impl<'ctx> Pd<'ctx> {
         Ok(RemoteRegion { mr: Some(mr), _map: Some(map) })
     }
 
+    /// Registers a worker's arena for local access and takes ownership of it: the CPU
+    /// copies bytes in with [`Staging::write`], the NIC gathers them out. No Rust
+    /// reference to the arena's bytes exists while it is registered.
+    pub fn register_staging(&self, mut arena: crate::memmap::Arena) -> Result<Staging<'_>, RdmaError> {
+        let len = arena.len();
+        let ptr = arena.as_mut_slice().as_mut_ptr();
+        // SAFETY: the arena is owned by the returned value and dropped after the MR (field
+        // order); its mapping never moves. The CPU reaches it only through `write`.
+        let mr = unsafe { self.reg(ptr, len, sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0) }?;
+        Ok(Staging { mr, ptr, _arena: arena })
+    }
+
     /// # Safety
     ///
     /// `addr..addr + len` must stay mapped for the life of the returned MR, and if
@@ -450,6 +462,48 @@ impl RemoteRegion<'_> {
 
     pub fn rkey(&self) -> u32 {
         self.mr.as_ref().map_or(0, |m| m.rkey())
+    }
+}
+
+/// A registered arena the CPU fills and the NIC reads: a bounce buffer for sources that
+/// cannot be registered in place, and the zero buffer.
+#[derive(Debug)]
+pub struct Staging<'pd> {
+    mr: Mr<'pd>,
+    ptr: *mut u8,
+    _arena: crate::memmap::Arena,
+}
+
+// SAFETY: the arena is owned; the pointer is only dereferenced through `write`, which
+// takes a shared reference but copies into a range the caller keeps exclusive (see there).
+unsafe impl Send for Staging<'_> {}
+// SAFETY: as above: concurrent `write`s to disjoint ranges do not conflict, and ferry gives
+// each staging arena to one worker.
+unsafe impl Sync for Staging<'_> {}
+
+impl Staging<'_> {
+    pub fn len(&self) -> usize {
+        self.mr.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mr.is_empty()
+    }
+
+    /// Copies `bytes` in at `offset`. Work requests still in flight may be reading other
+    /// parts of the arena; the caller must not overwrite a range an unfinished WR gathers
+    /// from (that would send the new bytes, not break memory safety: no Rust reference to
+    /// the arena's memory exists).
+    pub fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset.checked_add(bytes.len()).is_some_and(|e| e <= self.len()), "write past the staging arena");
+        // SAFETY: in bounds (checked above); `bytes` cannot overlap the arena, which no
+        // Rust reference points into.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) }
+    }
+
+    /// An SGE for `len` bytes at `offset` of the arena.
+    pub fn sge(&self, offset: usize, len: usize) -> Sge<'_> {
+        self.mr.sge(offset, len)
     }
 }
 
