@@ -5,61 +5,17 @@
 //! builds both). Without them the test prints `SKIP: <reason>`; under CI (`CI` set) or with
 //! `FERRY_REQUIRE_RXE=1` it fails instead, so CI never skips it silently.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::section;
 use std::process::Command;
-
-fn shared_dir() -> PathBuf {
-    std::env::var_os("FERRY_SHARED_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
-/// Why the guest cannot run here, if it cannot.
-fn missing() -> Option<String> {
-    let rxe = shared_dir().join("tools/rxe-vm/run-rxe-test.sh");
-    if !rxe.exists() {
-        return Some(format!("{} not found (set FERRY_SHARED_DIR)", rxe.display()));
-    }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        return Some("qemu-system-x86_64 not installed (scripts/setup.sh --test installs it)".into());
-    }
-    let build = std::env::var_os("RXE_VM_BUILD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/rxe-vm"));
-    if !build.join("rxe-initramfs.cpio.gz").exists() {
-        return Some(format!("no rxe initramfs in {} (scripts/setup.sh --test builds it)", build.display()));
-    }
-    None
-}
-
-/// The text between `=== NAME-BEGIN` and `=== NAME-END...` in the guest's console log.
-fn section(log: &str, name: &str) -> String {
-    let begin = format!("=== {name}-BEGIN");
-    let end = format!("=== {name}-END");
-    let mut inside = false;
-    let mut out = String::new();
-    for line in log.lines() {
-        let line = line.trim_end_matches('\r');
-        if line == begin {
-            inside = true;
-        } else if line.starts_with(&end) {
-            break;
-        } else if inside {
-            out += line;
-            out += "\n";
-        }
-    }
-    out
-}
 
 #[test]
 fn probe_tune_doctor_on_soft_roce() {
-    if let Some(why) = missing() {
-        if std::env::var_os("FERRY_REQUIRE_RXE").is_some() || std::env::var_os("CI").is_some() {
-            panic!("CI or FERRY_REQUIRE_RXE is set but the Soft-RoCE guest cannot run: {why}");
-        }
-        hw::report_skip(&why);
+    if !common::available() {
         return;
     }
-    let tools = shared_dir().join("tools/rxe-vm");
+    let tools = common::shared_dir().join("tools/rxe-vm");
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run.sh");
     std::fs::write(
