@@ -100,6 +100,18 @@ wait $R; echo "receiver-rc=$?" >> /tmp/r2.log
 ls /tmp/ | grep '^d2' | sed 's/^/LEFT-BEHIND /' >> /tmp/r2.log
 section send-killed /tmp/r2.log
 
+# The receiver's QP moves to the error state mid-transfer (the test hook does what a
+# failing NIC or a destroyed QP does); the sender retries, then fails on the completion.
+FERRY_TEST_RDMA_QP_ERROR_AFTER=20 $F recv --listen $IP:7007 --out /tmp/d7 --key /tmp/k --embedded > /dev/null 2> /tmp/r7.log &
+R=$!
+waitfor /tmp/r7.log "listening on"
+$F send --to $IP:7007 --file big.img --key /tmp/k --transport rdma --embedded > /dev/null 2> /tmp/s7.log
+echo "sender-rc=$?" >> /tmp/s7.log
+wait $R; echo "receiver-rc=$?" >> /tmp/r7.log
+ls /tmp/ | grep '^d7' | sed 's/^/LEFT-BEHIND /' >> /tmp/r7.log
+section qp-error-send /tmp/s7.log
+section qp-error-recv /tmp/r7.log
+
 # A receiver whose plan has no RDMA: --transport rdma refuses, auto falls back to TCP.
 $F recv --listen $IP:7003 --out /tmp/d3 --key /tmp/k --config /tmp/tcp.toml --embedded > /dev/null 2> /tmp/r3.log &
 waitfor /tmp/r3.log "listening on"
@@ -154,6 +166,13 @@ exit 0
     assert!(killed.contains("peer closed"), "unclear message:\n{killed}");
     assert!(!killed.contains("LEFT-BEHIND"), "the destination and its partial file must be gone:\n{killed}");
 
+    let (qs, qr) = (section(log, "qp-error-send"), section(log, "qp-error-recv"));
+    println!("receiver QP in the error state mid-transfer:\n-- sender:\n{qs}-- receiver:\n{qr}");
+    assert!(!qs.contains("sender-rc=0") && !qr.contains("receiver-rc=0"), "both sides must fail:\n{qs}\n{qr}");
+    assert!(qr.contains("completed with status"), "the receiver names the failed completion:\n{qr}");
+    assert!(qs.contains("ferryctl: ") && (qs.contains("completed with status") || qs.contains("peer reported")), "{qs}");
+    assert!(!qr.contains("LEFT-BEHIND"), "no destination left behind:\n{qr}");
+
     let forced = section(log, "no-rdma-forced");
     assert!(!forced.contains("sender-rc=0"), "--transport rdma to a receiver without RDMA must fail:\n{forced}");
     assert!(forced.contains("has no RDMA port"), "{forced}");
@@ -186,12 +205,13 @@ exit 0
 
     // ferry against ib_write_bw on the same device in the same guest.
     let bw = section(log, "write_bw");
-    let line = bw.lines().filter(|l| l.trim_start().starts_with("131072")).next_back().unwrap_or_else(|| panic!("no ib_write_bw result:\n{bw}"));
+    let line = bw.lines().rfind(|l| l.trim_start().starts_with("131072")).unwrap_or_else(|| panic!("no ib_write_bw result:\n{bw}"));
     let perftest_mbs: f64 = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-    let ferry_mbs = s["gbps"].as_f64().unwrap() * 1e3;
+    let (ferry_mbs, data_mbs) = (s["gbps"].as_f64().unwrap() * 1e3, x["data_gbps"].as_f64().unwrap() * 1e3);
     println!(
-        "Soft-RoCE, same guest: ib_write_bw 128 KiB WRITEs {perftest_mbs:.2} MB/s; ferry 32 MiB region (4 QPs, setup, registration and digest included) {ferry_mbs:.2} MB/s; ratio {:.2}",
-        ferry_mbs / perftest_mbs
+        "Soft-RoCE, same guest: ib_write_bw 128 KiB WRITEs {perftest_mbs:.2} MB/s; ferry ({} build) 32 MiB region over 4 QPs: data phase {data_mbs:.2} MB/s (ratio {:.2}), whole transfer with registration and digests {ferry_mbs:.2} MB/s",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        data_mbs / perftest_mbs
     );
 }
 
@@ -237,5 +257,10 @@ exit 0
     assert_eq!(s["transport"], "rdma");
     assert_eq!(s["digest"], r["digest"]);
     assert_eq!(r["bytes"], 2048 * 4096 + 512);
-    println!("two guests over a QEMU socket link: {:.2} MB/s, {} WRs, registration {:.3} GB/s", s["gbps"].as_f64().unwrap() * 1e3, s["rdma"]["work_requests"], s["rdma"]["registration_gbps"].as_f64().unwrap());
+    println!(
+        "two guests over a QEMU socket link: {:.2} MB/s, {} WRs, registration {:.3} GB/s",
+        s["gbps"].as_f64().unwrap() * 1e3,
+        s["rdma"]["work_requests"],
+        s["rdma"]["registration_gbps"].as_f64().unwrap()
+    );
 }

@@ -201,6 +201,40 @@ fn keys_wrong_missing_or_exposed() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// RDMA places pages with one-sided writes, so it cannot carry zstd frames: asking for
+/// both is refused before anything connects. On this machine (no RDMA) a forced
+/// `--transport rdma` fails at planning with the reason.
+#[test]
+fn rdma_transport_choices_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keyfile(dir.path(), "k");
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![1u8; 4096]).unwrap();
+    let o = ferryctl()
+        .args(["send", "--to", "127.0.0.1:9", "--transport", "rdma", "--compress", "zstd:3", "--key"])
+        .arg(&k)
+        .arg("--file")
+        .arg(&src)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot apply with --transport rdma"), "{err}");
+    let caps = hw::probe(&hw::ProbeOptions::default());
+    if caps.rdma_devices.is_empty() {
+        let o = ferryctl()
+            .args(["send", "--to", "127.0.0.1:9", "--transport", "rdma", "--key"])
+            .arg(&k)
+            .arg("--file")
+            .arg(&src)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("no RDMA port can be used"), "{err}");
+    }
+}
+
 #[test]
 fn insecure_mode_both_sides() {
     let dir = tempfile::tempdir().unwrap();

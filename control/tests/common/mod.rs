@@ -48,7 +48,6 @@ pub fn section(log: &str, name: &str) -> String {
     out
 }
 
-
 /// Skips (prints `SKIP: <reason>`) when the guest cannot run here, except under CI or
 /// with `FERRY_REQUIRE_RXE=1`, where that is a failure. Returns false to skip.
 pub fn available() -> bool {
@@ -69,14 +68,7 @@ pub fn boot(dir: &Path, run_sh: &str, files: &[&Path], two_guests: bool, timeout
     let run = dir.join("run.sh");
     std::fs::write(&run, run_sh).unwrap();
     let payload = dir.join("payload.cpio.gz");
-    let out = Command::new(tools.join("make-payload-cpio.sh"))
-        .arg("-o")
-        .arg(&payload)
-        .arg("-r")
-        .arg(&run)
-        .args(files)
-        .output()
-        .unwrap();
+    let out = Command::new(tools.join("make-payload-cpio.sh")).arg("-o").arg(&payload).arg("-r").arg(&run).args(files).output().unwrap();
     assert!(out.status.success(), "make-payload-cpio: {}", String::from_utf8_lossy(&out.stderr));
     let logs = dir.join("logs");
     let mut cmd = Command::new(tools.join("run-rxe-test.sh"));
@@ -87,7 +79,8 @@ pub fn boot(dir: &Path, run_sh: &str, files: &[&Path], two_guests: bool, timeout
         cmd.args(["--netdev", "user"]);
     }
     let out = cmd.output().unwrap();
-    let mut names: Vec<_> = std::fs::read_dir(&logs).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+    let mut names: Vec<_> =
+        std::fs::read_dir(&logs).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
     names.sort();
     let texts: Vec<String> = names.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default().replace('\r', "")).collect();
     assert!(out.status.success(), "guest run failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), texts.join("\n-----\n"));

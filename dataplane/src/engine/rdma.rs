@@ -73,6 +73,10 @@ pub struct RdmaReport {
     pub inline_wrs: u64,
     /// Doorbells (`ibv_post_send` calls).
     pub posts: u64,
+    /// Sender: from the first post to the last completion, and the region bytes per second
+    /// over that time (GB/s), which is what ib_write_bw's figure compares with.
+    pub data_seconds: f64,
+    pub data_gbps: f64,
 }
 
 fn registration(report: &mut RdmaReport, bytes: u64, t: Instant) {
@@ -224,6 +228,10 @@ fn watch_control(ctl: &mut TcpStream, done: &AtomicUsize, workers: usize, abort:
     None
 }
 
+fn is_aborted(e: &SessionError) -> bool {
+    matches!(e, SessionError::Rdma(m) if m == ABORTED)
+}
+
 /// The first real error among the threads' results (not a mere "stopped").
 fn first_error<T>(results: Vec<Result<T, SessionError>>) -> Result<Vec<T>, SessionError> {
     let mut oks = Vec::new();
@@ -231,7 +239,7 @@ fn first_error<T>(results: Vec<Result<T, SessionError>>) -> Result<Vec<T>, Sessi
     for r in results {
         match r {
             Ok(v) => oks.push(v),
-            Err(SessionError::Rdma(m)) if m == ABORTED => aborted = Some(SessionError::Rdma(m)),
+            Err(e) if is_aborted(&e) => aborted = Some(e),
             Err(e) => return Err(e),
         }
     }
@@ -640,6 +648,7 @@ pub(crate) fn send(
         rp,
         device: &dev.name,
     };
+    let t_data = Instant::now();
     let (results, ctl_err) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (w, (cq, mine)) in cqs.iter().zip(qps).enumerate() {
@@ -662,6 +671,8 @@ pub(crate) fn send(
         return Err(e);
     }
     let results = first_error(results)?;
+    report.data_seconds = t_data.elapsed().as_secs_f64();
+    report.data_gbps = if report.data_seconds > 0.0 { source.len() as f64 / report.data_seconds / 1e9 } else { 0.0 };
     let mut ends = Vec::with_capacity(lanes);
     let mut out = Vec::with_capacity(workers);
     let mut digest = Digest::default();
@@ -770,6 +781,9 @@ struct Poller<'a> {
     credit_batch: u32,
     send_depth: u32,
     device: &'a str,
+    /// Test hook (`FERRY_TEST_RDMA_QP_ERROR_AFTER=N`): move the first QP to the error
+    /// state after N WRITE_WITH_IMMs, as a failing NIC or a destroyed QP would.
+    fail_after: Option<u64>,
 }
 
 impl Poller<'_> {
@@ -803,6 +817,13 @@ impl Poller<'_> {
                 } else {
                     sends[l] -= 1;
                 }
+            }
+            if let Some(after) = self.fail_after
+                && self.received[self.first_lane].load(Ordering::Relaxed) >= after
+            {
+                log::warn!("FERRY_TEST_RDMA_QP_ERROR_AFTER: moving QP {} to the error state", self.qps[0].qpn());
+                self.qps[0].set_error()?;
+                self.fail_after = None;
             }
             for l in 0..n {
                 if pending[l] >= self.credit_batch && sends[l] < self.send_depth {
@@ -903,6 +924,7 @@ pub(crate) fn recv(
     write_frame(ctl, Kind::RdmaAccept, &wire::list_payload(&acc, &eps))?;
     log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}); the sender writes directly into the destination", dev.name);
 
+    let fail_after = std::env::var("FERRY_TEST_RDMA_QP_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
     let expected: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(u64::MAX)).collect();
     let received: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(0)).collect();
     let abort = AtomicBool::new(false);
@@ -920,6 +942,7 @@ pub(crate) fn recv(
                 credit_batch,
                 send_depth,
                 device: &dev.name,
+                fail_after: if w == 0 { fail_after } else { None },
             };
             let (abort, done) = (&abort, &done);
             handles.push(s.spawn(move || {
@@ -934,8 +957,12 @@ pub(crate) fn recv(
         let ends = control_side(ctl, lanes, &expected, &received, &abort, &done, workers, max_chunk, size, progress);
         (handles.into_iter().map(|h| h.join().expect("RDMA poller panicked")).collect::<Vec<_>>(), ends)
     });
-    let ends = ends?;
-    first_error(results)?;
+    // A thread's own error says what failed; "stopped" only says it saw another fail.
+    let ends = match (first_error(results), ends) {
+        (Ok(_), Ok(ends)) => ends,
+        (Err(e), Err(c)) => return Err(if is_aborted(&e) { c } else { e }),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+    };
     // Nothing may write the destination any more: the QPs went with their pollers; now
     // the registration goes.
     drop(region);
