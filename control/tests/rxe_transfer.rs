@@ -49,7 +49,12 @@ F=./ferryctl
 export RUST_LOG=info
 # waitfor FILE TEXT: until TEXT shows up in FILE (60 s at most)
 waitfor() { i=0; while ! grep -q "$2" "$1" 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && return 1; sleep 0.1; done; }
-section() { echo "=== $1-BEGIN"; cat "$2"; echo "=== $1-END"; }
+# listening PORT: until a TCP socket listens on PORT (60 s at most)
+listening() {
+  i=0; p=$(printf '%04X' $1)
+  while ! grep -q ":$p [0-9A-F]*:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && return 1; sleep 0.1; done
+}
+section() { echo "=== $1-BEGIN"; cat "$2"; echo "=== $1-END uptime $(cut -d' ' -f1 /proc/uptime)"; }
 "#;
 
 #[test]
@@ -71,34 +76,37 @@ printf '[dataplane]\ntransport = "tcp"\n' > /tmp/tcp.toml
 
 # The reference: perftest's RDMA WRITE bandwidth on the same device, 128 KiB messages.
 ib_write_bw -d rxe0 -i 1 -x $RXE_GID_INDEX -F -s 131072 -D 4 > /tmp/bw.srv 2>&1 &
-sleep 1
+# (its output is block-buffered into the file: wait for its listening socket, port 18515)
+listening 18515
 ib_write_bw -d rxe0 -i 1 -x $RXE_GID_INDEX -F -s 131072 -D 4 $IP > /tmp/bw.cli 2>&1
 wait
 section write_bw /tmp/bw.cli
 
-# The receiver dies mid-transfer (its QPs are destroyed with it).
-$F recv --listen $IP:7001 --out /tmp/d1 --key /tmp/k --embedded > /dev/null 2> /tmp/r1.log &
-R=$!
-waitfor /tmp/r1.log "listening on"
-$F send --to $IP:7001 --file big.img --key /tmp/k --transport rdma --embedded > /dev/null 2> /tmp/s1.log &
-S=$!
-waitfor /tmp/r1.log "QP(s) connected"; sleep 0.3
-kill -9 $R
-wait $S; echo "sender-rc=$?" >> /tmp/s1.log
-[ -e /tmp/d1 ] && echo "DEST-COMPLETE" >> /tmp/s1.log
-section recv-killed /tmp/s1.log
-
-# The sender dies mid-transfer.
-$F recv --listen $IP:7002 --out /tmp/d2 --key /tmp/k --embedded > /dev/null 2> /tmp/r2.log &
-R=$!
-waitfor /tmp/r2.log "listening on"
-$F send --to $IP:7002 --file big.img --key /tmp/k --transport rdma --embedded > /dev/null 2> /tmp/s2.log &
-S=$!
-waitfor /tmp/s2.log "QP(s) connected"; sleep 0.3
-kill -9 $S
-wait $R; echo "receiver-rc=$?" >> /tmp/r2.log
-ls /tmp/ | grep '^d2' | sed 's/^/LEFT-BEHIND /' >> /tmp/r2.log
-section send-killed /tmp/r2.log
+# killed WHO PORT: a transfer on PORT whose WHO (recv or send) is killed once its QPs are
+# connected, that is, in the data phase; /tmp/killed-WHO.log gets how the other side ended
+# and what is left of the destination.
+killed() {
+  $F recv --listen $IP:$2 --out /tmp/killed$2 --key /tmp/k --embedded > /dev/null 2> /tmp/recv$2.log &
+  R=$!
+  waitfor /tmp/recv$2.log "listening on"
+  $F send --to $IP:$2 --file big.img --key /tmp/k --transport rdma --embedded > /dev/null 2> /tmp/send$2.log &
+  S=$!
+  waitfor /tmp/$1$2.log "QP(s) connected"
+  if [ $1 = recv ]; then victim=$R survivor=$S other=send; else victim=$S survivor=$R other=recv; fi
+  kill -9 $victim
+  wait $survivor; rc=$?
+  { cat /tmp/$other$2.log; echo "survivor-rc=$rc"; } > /tmp/killed-$1.log
+  [ -e /tmp/killed$2 ] && echo "DEST-COMPLETE" >> /tmp/killed-$1.log
+  [ -e /tmp/killed$2.partial ] && echo "PARTIAL-LEFT" >> /tmp/killed-$1.log
+  wait
+}
+# The receiver dies (its QPs are destroyed with it); a killed process cannot remove its
+# partial file, but the destination is never complete.
+killed recv 7001
+section recv-killed /tmp/killed-recv.log
+# The sender dies.
+killed send 7002
+section send-killed /tmp/killed-send.log
 
 # The receiver's QP moves to the error state mid-transfer (the test hook does what a
 # failing NIC or a destroyed QP does); the sender retries, then fails on the completion.
@@ -155,16 +163,19 @@ exit 0
 
     let killed = section(log, "recv-killed");
     println!("receiver killed mid-transfer, the sender says:\n{killed}");
-    assert!(!killed.contains("sender-rc=0"), "the sender must fail when the receiver dies:\n{killed}");
+    assert!(!killed.contains("survivor-rc=0"), "the sender must fail when the receiver dies:\n{killed}");
     assert!(killed.contains("ferryctl: "), "no error message:\n{killed}");
     assert!(killed.contains("peer closed") || killed.contains("RDMA"), "unclear message:\n{killed}");
     assert!(!killed.contains("DEST-COMPLETE"), "the destination must never be complete:\n{killed}");
 
     let killed = section(log, "send-killed");
     println!("sender killed mid-transfer, the receiver says:\n{killed}");
-    assert!(!killed.contains("receiver-rc=0"), "the receiver must fail when the sender dies:\n{killed}");
+    assert!(!killed.contains("survivor-rc=0"), "the receiver must fail when the sender dies:\n{killed}");
     assert!(killed.contains("peer closed"), "unclear message:\n{killed}");
-    assert!(!killed.contains("LEFT-BEHIND"), "the destination and its partial file must be gone:\n{killed}");
+    assert!(
+        !killed.contains("DEST-COMPLETE") && !killed.contains("PARTIAL-LEFT"),
+        "the destination and its partial file must be gone:\n{killed}"
+    );
 
     let (qs, qr) = (section(log, "qp-error-send"), section(log, "qp-error-recv"));
     println!("receiver QP in the error state mid-transfer:\n-- sender:\n{qs}-- receiver:\n{qr}");

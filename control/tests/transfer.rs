@@ -124,20 +124,33 @@ fn send_and_recv_with_json_reports() {
     assert_eq!(std::fs::read(&out).unwrap(), data);
 }
 
-#[test]
-fn receiver_killed_mid_transfer() {
+/// A receiver and a sender of a 256 MiB file, returned once the receiver's data lane is
+/// up (data flows from there on).
+struct MidTransfer {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    recv: (Child, Log),
+    send: (Child, Log),
+}
+
+fn mid_transfer() -> MidTransfer {
     let dir = tempfile::tempdir().unwrap();
     let key = keyfile(dir.path(), "k");
     let src = dir.path().join("src.img");
     noise(&src, 256);
     let out = dir.path().join("dst.img");
     let addr = free_addr();
-    let (mut recv, mut recv_log) = spawn_logged(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out));
-    recv_log.wait_for("listening on");
-    let (send, send_log) = spawn_logged(ferryctl().args(["send", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src));
+    let mut recv = spawn_logged(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out));
+    recv.1.wait_for("listening on");
+    let send = spawn_logged(ferryctl().args(["send", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src));
+    recv.1.wait_for("lane 0 connected");
+    MidTransfer { _dir: dir, out, recv, send }
+}
+
+#[test]
+fn receiver_killed_mid_transfer() {
+    let MidTransfer { _dir, out, recv: (mut recv, _recv_log), send: (send, send_log) } = mid_transfer();
     let send_err = send_log.rest();
-    // Data flows once the lane is up.
-    recv_log.wait_for("lane 0 connected");
     recv.kill().unwrap();
     recv.wait().unwrap();
     let out_s = send.wait_with_output().unwrap();
@@ -149,16 +162,7 @@ fn receiver_killed_mid_transfer() {
 
 #[test]
 fn sender_killed_mid_transfer() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = keyfile(dir.path(), "k");
-    let src = dir.path().join("src.img");
-    noise(&src, 256);
-    let out = dir.path().join("dst.img");
-    let addr = free_addr();
-    let (recv, mut recv_log) = spawn_logged(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&key).arg("--out").arg(&out));
-    recv_log.wait_for("listening on");
-    let (mut send, _send_log) = spawn_logged(ferryctl().args(["send", "--to", &addr, "--key"]).arg(&key).arg("--file").arg(&src));
-    recv_log.wait_for("lane 0 connected");
+    let MidTransfer { _dir, out, recv: (recv, recv_log), send: (mut send, _send_log) } = mid_transfer();
     send.kill().unwrap();
     send.wait().unwrap();
     let recv_err = recv_log.rest();

@@ -11,10 +11,12 @@ const PAGE: u64 = 4096;
 /// One signaled work request in this many: one CQE per 16 posts keeps completion work
 /// small while a 128-deep send queue still has 8 signaled requests to reap in flight.
 const SIGNAL_INTERVAL: u32 = 16;
-/// perftest's default TX depth (128), which reaches line rate on ConnectX and E810 NICs.
+/// perftest's default TX depth (128), taken as the floor. Not measured here: there is no
+/// RDMA NIC on our machines.
 const MIN_QUEUE_DEPTH: u64 = 128;
-/// perftest's default inline size for RDMA WRITE on mlx5 (220 B): above it, copying the
-/// payload into the WQE costs the CPU more than the NIC's DMA read saves.
+/// perftest's default inline size for RDMA WRITE on mlx5 (220 B), taken as the cap: past
+/// some size, copying the payload into the WQE costs more than the NIC's DMA read. Where
+/// that size lies on a given NIC is not measured here.
 const INLINE_CAP: u32 = 220;
 /// Assumed rate one RC QP sustains with 4 KiB writes; a worker's share of the link above
 /// it is spread over more QPs (more NIC processing units, more outstanding reads).

@@ -30,7 +30,8 @@ const RDMA_GBPS_PER_CORE: f64 = 80.0;
 /// Cores from which one is kept for the control thread (and the OS).
 const RESERVE_CONTROL_FROM: usize = 4;
 /// Per-chunk cost (posting, completion, header) in microseconds, and the share of the
-/// transfer time it may take.
+/// transfer time it may take. The costs are estimates, not measurements: they only pick
+/// the power of two the chunk size is rounded to.
 const RDMA_CHUNK_OVERHEAD_US: f64 = 0.5;
 const TCP_CHUNK_OVERHEAD_US: f64 = 2.0;
 const CHUNK_OVERHEAD_SHARE: f64 = 0.05;

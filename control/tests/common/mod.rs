@@ -62,7 +62,8 @@ pub fn available() -> bool {
 }
 
 /// Packs `files` (ferryctl and data) with `run_sh` and boots the guest (or two, joined by
-/// a QEMU socket link); returns each guest's console log.
+/// a QEMU socket link); returns each guest's console log. `FERRY_KEEP_GUEST_LOGS=DIR`
+/// keeps copies of the logs there.
 pub fn boot(dir: &Path, run_sh: &str, files: &[&Path], two_guests: bool, timeout_s: u32) -> Vec<String> {
     // One guest run at a time: each takes the machine's cores (TCG), and two at once made
     // QEMU fail in CI.
@@ -88,6 +89,11 @@ pub fn boot(dir: &Path, run_sh: &str, files: &[&Path], two_guests: bool, timeout
     let mut names: Vec<_> =
         std::fs::read_dir(&logs).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
     names.sort();
+    if let Some(keep) = std::env::var_os("FERRY_KEEP_GUEST_LOGS") {
+        for p in &names {
+            let _ = std::fs::copy(p, Path::new(&keep).join(p.file_name().unwrap()));
+        }
+    }
     let texts: Vec<String> = names.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default().replace('\r', "")).collect();
     assert!(out.status.success(), "guest run failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), texts.join("\n-----\n"));
     texts

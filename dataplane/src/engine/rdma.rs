@@ -33,7 +33,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::send::WorkerResult;
 use super::{IDLE_TIMEOUT, PAGE};
-use crate::conn::{SessionError, expect_frame, read_header, read_payload, write_frame};
+use crate::conn::{SessionError, expect_frame, write_frame};
 use crate::digest::Digest;
 use crate::encode::{EncodeStats, page_runs};
 use crate::plan::{Plan, RdmaPlan};
@@ -177,23 +177,26 @@ impl Backoff {
         self.since = None;
     }
 
-    /// Waits a little; fails once nothing has happened for the idle timeout.
-    fn wait(&mut self, what: &str) -> Result<(), SessionError> {
+    /// Waits a little, longer the longer the CQ has stayed empty.
+    fn pause(&mut self) {
         self.empty = self.empty.saturating_add(1);
-        let since = *self.since.get_or_insert_with(Instant::now);
-        if self.empty < 64 {
-            std::hint::spin_loop();
-        } else if self.empty < 1024 {
-            std::thread::yield_now();
-        } else {
-            if since.elapsed() > IDLE_TIMEOUT {
-                return Err(SessionError::Rdma(format!(
-                    "no RDMA completion for {} s while {what}: the peer stopped answering",
-                    IDLE_TIMEOUT.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(50));
+        self.since.get_or_insert_with(Instant::now);
+        match self.empty {
+            0..64 => std::hint::spin_loop(),
+            64..1024 => std::thread::yield_now(),
+            _ => std::thread::sleep(Duration::from_micros(50)),
         }
+    }
+
+    /// [`Backoff::pause`], failing once nothing has happened for the idle timeout.
+    fn wait(&mut self, what: &str) -> Result<(), SessionError> {
+        if self.since.is_some_and(|t| t.elapsed() > IDLE_TIMEOUT) {
+            return Err(SessionError::Rdma(format!(
+                "no RDMA completion for {} s while {what}: the peer stopped answering",
+                IDLE_TIMEOUT.as_secs()
+            )));
+        }
+        self.pause();
         Ok(())
     }
 }
@@ -201,27 +204,29 @@ impl Backoff {
 /// Why a worker stopped when another part of the session failed first.
 const ABORTED: &str = "stopped: the session failed elsewhere";
 
+/// Whether the control connection has something to read (a frame, or EOF) within 100 ms.
+fn readable(ctl: &TcpStream) -> Result<bool, SessionError> {
+    let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::from(100u16)).map(|n| n > 0).map_err(|e| SessionError::io("watching the control connection", e.into()))
+}
+
 /// Waits until every worker is done, watching the control connection meanwhile: an ERROR
 /// frame or EOF from the peer stops the workers (`abort`) and is the session's error.
 fn watch_control(ctl: &mut TcpStream, done: &AtomicUsize, workers: usize, abort: &AtomicBool) -> Option<SessionError> {
     while done.load(Ordering::Acquire) < workers {
-        let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(100u16)) {
-            Ok(0) => continue,
-            Ok(_) => {}
+        match readable(ctl) {
+            Ok(false) => continue,
+            Ok(true) => {}
             Err(e) => {
                 abort.store(true, Ordering::Relaxed);
-                return Some(SessionError::io("watching the control connection", e.into()));
+                return Some(e);
             }
         }
         abort.store(true, Ordering::Relaxed);
+        // Nothing but the peer's ERROR (or EOF) may arrive while the workers run.
         let mut buf = Vec::new();
-        return Some(match read_header(ctl, "watching the control connection") {
-            Ok((h, Kind::Error)) => match read_payload(ctl, &h, &mut buf, "reading the peer's error") {
-                Ok(()) => SessionError::Peer(String::from_utf8_lossy(&buf).into_owned()),
-                Err(e) => e,
-            },
-            Ok((_, kind)) => SessionError::Protocol(format!("unexpected {kind:?} frame on the control connection during the transfer")),
+        return Some(match expect_frame(ctl, Kind::Error, &mut buf) {
+            Ok(_) => SessionError::Peer(String::from_utf8_lossy(&buf).into_owned()),
             Err(e) => e,
         });
     }
@@ -279,8 +284,8 @@ struct Lane<'q> {
     since_signal: u32,
     /// Post times of the signaled WRs in flight, oldest first.
     signaled: std::collections::VecDeque<Instant>,
+    /// What RDMA_END reports for the lane, counted as the lane goes.
     end: wire::RdmaLaneEnd,
-    zero_pages: u64,
 }
 
 /// One WR of a chunk: a contiguous destination range gathered from `sges`.
@@ -316,7 +321,6 @@ struct SendWorker<'a> {
     stats: EncodeStats,
     latency: hdrhistogram::Histogram<u64>,
     report: RdmaReport,
-    wire_bytes: u64,
 }
 
 impl<'a> SendWorker<'a> {
@@ -458,7 +462,6 @@ impl<'a> SendWorker<'a> {
                 self.report.sges += w.sges as u64;
                 self.report.max_sges_per_wr = self.report.max_sges_per_wr.max(w.sges as u32);
                 self.lanes[l].end.bytes += w.len;
-                self.wire_bytes += w.len;
             }
             self.lanes[l].qp.post_send(&mut self.batch)?;
             self.report.posts += 1;
@@ -502,7 +505,7 @@ impl<'a> SendWorker<'a> {
             // Zero pages of a chunk count on the lane that carried its neighbours; an
             // all-zero chunk counts on lane 0.
             let l = if self.wrs.is_empty() { 0 } else { (self.turn + self.lanes.len() - 1) % self.lanes.len() };
-            self.lanes[l].zero_pages += self.stats.zero_pages - zero_before;
+            self.lanes[l].end.zero_pages += self.stats.zero_pages - zero_before;
             self.stats.frames += self.wrs.len() as u64;
             if let Some(p) = job.progress {
                 p.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -563,11 +566,11 @@ pub(crate) fn send(
             Some(mr)
         }
         Some(Err(e)) => {
-            // Linux before 6.2 pins every registration for writing (FOLL_WRITE|FOLL_FORCE),
-            // which a read-only mapping refuses.
+            // Linux 6.1 pins every registration for writing (FOLL_WRITE|FOLL_FORCE), which a
+            // read-only mapping refuses with EFAULT (seen in the Soft-RoCE guest).
             log::warn!(
-                "cannot register the source for zero-copy reads ({e}); kernels before 6.2 pin read-only mappings only for \
-                 writing: each chunk is copied into the worker's registered arena instead"
+                "cannot register the source for zero-copy reads ({e}); older kernels (6.1) pin even read-only registrations \
+                 for writing: each chunk is copied into the worker's registered arena instead"
             );
             None
         }
@@ -720,7 +723,6 @@ fn run_send_worker<'a>(
             since_signal: 0,
             signaled: std::collections::VecDeque::with_capacity(rp.sq_depth as usize),
             end: wire::RdmaLaneEnd { imms: 0.into(), bytes: 0.into(), zero_pages: 0.into() },
-            zero_pages: 0,
         })
         .collect();
     // With one WR in `signal_every` signaled and at most half the queue unsignaled at its
@@ -748,12 +750,12 @@ fn run_send_worker<'a>(
         stats: EncodeStats::default(),
         latency: super::latency_histogram(),
         report: RdmaReport::default(),
-        wire_bytes: 0,
     };
     w.run()?;
-    let ends = w.lanes.iter().map(|l| wire::RdmaLaneEnd { zero_pages: l.zero_pages.into(), ..l.end }).collect();
+    let ends: Vec<wire::RdmaLaneEnd> = w.lanes.iter().map(|l| l.end).collect();
+    let wire_bytes = ends.iter().map(|e| e.bytes.get()).sum();
     let qps = w.lanes.into_iter().map(|l| l.qp).collect();
-    Ok((WorkerResult { stats: w.stats, digest: w.digest, wire_bytes: w.wire_bytes, latency: w.latency }, ends, w.report, qps))
+    Ok((WorkerResult { stats: w.stats, digest: w.digest, wire_bytes, latency: w.latency }, ends, w.report, qps))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -793,7 +795,7 @@ impl Poller<'_> {
         let mut sends = vec![0u32; n];
         let mut wcs = [Completion::default(); POLL_BATCH];
         let mut batch = SendBatch::default();
-        let mut idle = 0u32;
+        let mut backoff = Backoff::default();
         loop {
             if self.abort.load(Ordering::Relaxed) {
                 return Err(SessionError::Rdma(ABORTED.into()));
@@ -836,14 +838,9 @@ impl Poller<'_> {
             }
             if got == 0 {
                 // The receiver's idle timeout is kept by the control thread.
-                idle = idle.saturating_add(1);
-                match idle {
-                    0..64 => std::hint::spin_loop(),
-                    64..1024 => std::thread::yield_now(),
-                    _ => std::thread::sleep(Duration::from_micros(50)),
-                }
+                backoff.pause();
             } else {
-                idle = 0;
+                backoff.progress();
             }
         }
     }
@@ -929,6 +926,7 @@ pub(crate) fn recv(
     let received: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(0)).collect();
     let abort = AtomicBool::new(false);
     let done = AtomicUsize::new(0);
+    let control = std::thread::current();
     let (results, ends) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (w, (cq, mine)) in cqs.iter().zip(qps).enumerate() {
@@ -944,13 +942,14 @@ pub(crate) fn recv(
                 device: &dev.name,
                 fail_after: if w == 0 { fail_after } else { None },
             };
-            let (abort, done) = (&abort, &done);
+            let (abort, done, control) = (&abort, &done, &control);
             handles.push(s.spawn(move || {
                 let r = p.run();
                 if r.is_err() {
                     abort.store(true, Ordering::Relaxed);
                 }
                 done.fetch_add(1, Ordering::Release);
+                control.unpark();
                 r
             }));
         }
@@ -1012,14 +1011,15 @@ fn control_side(
             )));
         }
         if ends.is_some() {
-            std::thread::sleep(Duration::from_millis(1));
+            // DONE may already wait on the connection: sleep until a poller finishes
+            // (it unparks this thread), looking at the idle timeout now and then.
+            std::thread::park_timeout(Duration::from_millis(100));
             continue;
         }
-        let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(100u16)) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(e) => return fail(SessionError::io("watching the control connection", e.into())),
+        match readable(ctl) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => return fail(e),
         }
         let mut buf = Vec::new();
         if let Err(e) = expect_frame(ctl, Kind::RdmaEnd, &mut buf) {

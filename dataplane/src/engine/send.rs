@@ -151,13 +151,19 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let want_rdma = plan.transport == Transport::Rdma;
     let agreed = client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0, if want_rdma { features::RDMA } else { 0 })?;
     let rdma = want_rdma && agreed & features::RDMA != 0;
+    // What carries the data: the plan's transport, or its TCP rung when RDMA is off.
+    let used = match (rdma, plan.tcp.io_uring) {
+        (true, _) => Transport::Rdma,
+        (false, true) => Transport::Tcp,
+        (false, false) => Transport::Sockets,
+    };
     if want_rdma && !rdma {
         let why = format!("the receiver at {} has no RDMA port in its plan", opts.to);
         if opts.require_rdma {
             send_error(&mut ctl, "the sender requires RDMA and this receiver offers none");
             return Err(SessionError::Protocol(format!("{why}; --transport rdma was asked for (use auto or tcp to fall back)")));
         }
-        log::warn!("{why}: sending over {} instead", if plan.tcp.io_uring { "TCP (io_uring)" } else { "TCP (sockets)" });
+        log::warn!("{why}: sending over {used} instead");
     }
     let (lanes, transport) = match (rdma, &plan.rdma) {
         (true, Some(r)) => (workers * r.qps_per_worker as usize, wire::DataTransport::Rdma),
@@ -213,13 +219,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         lanes: lanes as u32,
         workers: workers as u32,
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (bytes.max(1) as f64 / (1u64 << 30) as f64),
-        transport: if rdma {
-            Transport::Rdma.to_string()
-        } else if plan.tcp.io_uring {
-            "tcp (io_uring)".into()
-        } else {
-            "sockets".into()
-        },
+        transport: used.to_string(),
         compression: if rdma { "off (RDMA writes place pages directly)".into() } else { plan.compression.to_string() },
         digest: digest.hex(),
         digest_match: true,

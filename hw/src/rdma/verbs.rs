@@ -514,22 +514,6 @@ pub struct Sge<'a> {
     _mem: PhantomData<&'a [u8]>,
 }
 
-impl<'a> Sge<'a> {
-    /// The first `len` bytes of this entry.
-    pub fn prefix(&self, len: usize) -> Sge<'a> {
-        assert!(len <= self.raw.length as usize, "prefix of {len} bytes of a {}-byte SGE", self.raw.length);
-        Sge { raw: sys::ibv_sge { length: len as u32, ..self.raw }, _mem: PhantomData }
-    }
-
-    pub fn len(&self) -> u32 {
-        self.raw.length
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.raw.length == 0
-    }
-}
-
 /// What a send work request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOp {
@@ -633,7 +617,6 @@ pub struct Completion {
     /// Immediate data of a receive, host order.
     pub imm: Option<u32>,
     pub qpn: u32,
-    pub byte_len: u32,
 }
 
 impl Completion {
@@ -683,7 +666,6 @@ impl Cq<'_> {
                 opcode: wc.opcode(),
                 imm: wc.imm_data().map(u32::from_be),
                 qpn: wc.qp_num,
-                byte_len: wc.len() as u32,
             };
         }
         Ok(n as usize)
