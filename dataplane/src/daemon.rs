@@ -20,15 +20,49 @@ use crate::auth::Auth;
 use crate::engine::Report;
 use crate::engine::recv::{RecvOptions, recv_file};
 use crate::engine::send::{SendOptions, send_file};
+use crate::migrate::MigrationReport;
+use crate::migrate::dest::DestOptions;
+use crate::migrate::source::{Source, SourceOptions};
 use crate::plan::{Compression, Plan};
+use hw::fdpass::LineConn;
+use std::os::fd::{AsFd, OwnedFd};
 
 /// A command on the control socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Recv { listen: String, out: PathBuf },
-    Send { to: String, file: PathBuf, compress: Option<String> },
+    Recv {
+        listen: String,
+        out: PathBuf,
+    },
+    Send {
+        to: String,
+        file: PathBuf,
+        compress: Option<String>,
+    },
+    /// Region mode, destination: waits for one migration on `listen`; the verified guest
+    /// memory comes back as a memfd with the final reply.
+    MigrateIn {
+        listen: String,
+    },
+    /// Region mode, source: guest memory and dirty-bitmap descriptors come with this line
+    /// (SCM_RIGHTS); `round` and `final` lines follow on the same connection.
+    MigrateOut {
+        to: String,
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        #[serde(default)]
+        max_rounds: Option<u32>,
+        #[serde(default)]
+        rate_limit_mbit: Option<u64>,
+        #[serde(default)]
+        compress: Option<String>,
+    },
+    /// Inside a `migrate_out` conversation: a pre-copy round over the bitmap's pages.
+    Round,
+    /// Inside a `migrate_out` conversation: the VMM has paused; stop-and-copy and verify.
+    Final,
 }
 
 /// Counters and histograms, updated once per session (never per chunk).
@@ -75,6 +109,23 @@ impl Default for Metrics {
 impl Metrics {
     fn begin(&self, role: &'static str) {
         *self.inner.lock().expect("metrics").active.entry(role).or_default() += 1;
+    }
+
+    fn end_migration(&self, role: &'static str, r: &Result<MigrationReport, String>) {
+        let mut t = self.inner.lock().expect("metrics");
+        *t.active.entry(role).or_default() -= 1;
+        *t.sessions.entry((role, if r.is_ok() { "ok" } else { "error" })).or_default() += 1;
+        match r {
+            Ok(rep) => {
+                *t.region_bytes.entry(role).or_default() += rep.sent_bytes;
+                *t.wire_bytes.entry(role).or_default() += rep.wire_bytes;
+                t.zero_pages += rep.zero_pages;
+                t.compressed_in += rep.compressed_in_bytes;
+                t.compressed_out += rep.compressed_out_bytes;
+                t.session_seconds.saturating_record((rep.seconds * 1e6) as u64);
+            }
+            Err(e) => t.last_error = Some(e.clone()),
+        }
     }
 
     fn end(&self, role: &'static str, r: &Result<Report, String>) {
@@ -218,22 +269,31 @@ impl Daemon {
     }
 
     fn client(&self, conn: UnixStream) {
-        let mut reply = match conn.try_clone() {
-            Ok(w) => w,
+        let mut conn = LineConn::new(conn);
+        let (line, fds) = match conn.recv() {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
             Err(e) => return log::warn!("control socket: {e}"),
         };
-        let mut line = String::new();
-        if BufReader::new(conn).read_line(&mut line).is_err() {
-            return;
-        }
-        let mut say = |v: serde_json::Value| {
-            let _ = writeln!(reply, "{v}");
+        let say = |v: serde_json::Value| {
+            let _ = conn.send(&v.to_string(), &[]);
         };
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
         };
+        if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. }) {
+            return say(serde_json::json!({"ok": false, "error": "descriptors came with a command that takes none"}));
+        }
         match req {
+            Request::MigrateIn { listen } => self.migrate_in(&conn, &listen),
+            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress } => {
+                let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress };
+                self.migrate_out(&mut conn, fds, &to, limits);
+            }
+            Request::Round | Request::Final => {
+                say(serde_json::json!({"ok": false, "error": "round and final belong to a migrate_out conversation"}))
+            }
             Request::Status => say(
                 serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}}),
             ),
@@ -267,6 +327,102 @@ impl Daemon {
         }
     }
 
+    /// Region mode, destination: one migration into a memfd, handed over on success.
+    fn migrate_in(&self, conn: &LineConn, listen: &str) {
+        let say = |v: serde_json::Value| {
+            let _ = conn.send(&v.to_string(), &[]);
+        };
+        let listener = match TcpListener::bind(listen) {
+            Ok(l) => l,
+            Err(e) => return say(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")})),
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
+        say(serde_json::json!({"event": "listening", "addr": addr}));
+        self.metrics.begin("migrate_in");
+        let r =
+            crate::migrate::dest::accept(&listener, &DestOptions { auth: self.auth.clone(), plan: &self.plan }).map_err(|e| e.to_string());
+        self.metrics.end_migration("migrate_in", &r.as_ref().map(|i| i.report.clone()).map_err(Clone::clone));
+        match r {
+            Ok(inc) => {
+                if let Err(e) = conn.send(&serde_json::json!({"ok": true, "report": inc.report}).to_string(), &[inc.memory.as_fd()]) {
+                    log::warn!("migrate_in: the destination VMM left before taking its memory ({e}); the memory is dropped");
+                }
+            }
+            Err(e) => say(serde_json::json!({"ok": false, "error": e})),
+        }
+    }
+
+    /// Region mode, source: checks the descriptors, connects, then runs the VMM's
+    /// `round` and `final` commands. Closing the connection abandons the migration.
+    fn migrate_out(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) {
+        let say = |conn: &LineConn, v: serde_json::Value| {
+            let _ = conn.send(&v.to_string(), &[]);
+        };
+        self.metrics.begin("migrate_out");
+        let r = self.migrate_out_inner(conn, fds, to, limits);
+        self.metrics.end_migration("migrate_out", &r);
+        match r {
+            Ok(rep) => say(conn, serde_json::json!({"ok": true, "report": rep})),
+            Err(e) => say(conn, serde_json::json!({"ok": false, "error": e})),
+        }
+    }
+
+    fn migrate_out_inner(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, String> {
+        let [memory, bitmap]: [OwnedFd; 2] = fds
+            .try_into()
+            .map_err(|f: Vec<OwnedFd>| format!("migrate_out takes two descriptors, guest memory and dirty bitmap; {} came", f.len()))?;
+        let (memory, bitmap) = (std::fs::File::from(memory), std::fs::File::from(bitmap));
+        let mut plan = self.plan.clone();
+        if let Some(c) = &limits.compress {
+            plan.compression = parse_compression(c, plan.compression)?;
+        }
+        let bitmap_ok = hw::memmap::is_memory_file(&bitmap).map_err(|e| format!("the dirty bitmap descriptor: {e}"))?;
+        if !bitmap_ok {
+            return Err("the dirty bitmap descriptor is not a memory file: share it through a memfd".into());
+        }
+        let opts = SourceOptions {
+            to: to.to_string(),
+            auth: self.auth.clone(),
+            plan: &plan,
+            downtime_budget: limits.downtime_ms.map_or(crate::migrate::DEFAULT_DOWNTIME, std::time::Duration::from_millis),
+            max_rounds: limits.max_rounds.unwrap_or(crate::migrate::DEFAULT_MAX_ROUNDS).max(1),
+            rate_limit: limits.rate_limit_mbit.map(|m| m * 1_000_000 / 8),
+        };
+        let mut src = Source::connect(&memory, opts).map_err(|e| e.to_string())?;
+        let pages = crate::migrate::pages(src.size());
+        let want = crate::migrate::bitmap_bytes(src.size());
+        let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
+        if have != want {
+            return Err(format!(
+                "the dirty bitmap memfd has {have} bytes; {} bytes of guest memory ({pages} pages) need {want}",
+                src.size()
+            ));
+        }
+        let _ = conn.send(&serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "lanes": src.lanes()}).to_string(), &[]);
+        let read_bitmap = || -> Result<Vec<u64>, String> {
+            let mut raw = vec![0u8; want as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&bitmap, &mut raw, 0).map_err(|e| format!("reading the dirty bitmap: {e}"))?;
+            crate::migrate::parse_bitmap(&raw, pages)
+        };
+        loop {
+            let line = match conn.recv() {
+                Ok(Some((l, fds))) if fds.is_empty() => l,
+                Ok(Some(_)) => return Err("descriptors came with a round command".into()),
+                Ok(None) => return Err("the VMM closed the control connection: migration abandoned".into()),
+                Err(e) => return Err(format!("reading the VMM's command: {e}")),
+            };
+            match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Round) => {
+                    let rep = src.round(&read_bitmap()?).map_err(|e| e.to_string())?;
+                    let _ = conn.send(&serde_json::json!({"event": "round", "round": rep}).to_string(), &[]);
+                }
+                Ok(Request::Final) => return src.finish(&read_bitmap()?).map_err(|e| e.to_string()),
+                Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round or final expected)")),
+                Err(e) => return Err(format!("bad request: {e}")),
+            }
+        }
+    }
+
     /// Serves `GET /metrics` until the process ends.
     pub fn serve_metrics(&self, listener: TcpListener) {
         for conn in listener.incoming().flatten() {
@@ -285,6 +441,15 @@ impl Daemon {
         };
         write!(conn, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len())
     }
+}
+
+/// A migration's limits as the VMM asked for them.
+#[derive(Debug)]
+struct Limits {
+    downtime_ms: Option<u64>,
+    max_rounds: Option<u32>,
+    rate_limit_mbit: Option<u64>,
+    compress: Option<String>,
 }
 
 fn result(r: Result<Report, String>) -> serde_json::Value {

@@ -42,6 +42,17 @@ impl Digest {
         }
     }
 
+    /// The digest of one page (its share of a region's digest), for tables that keep a
+    /// hash per page and replace it when the page is written again.
+    pub fn of_page(region: u32, page: u64, bytes: &[u8]) -> Digest {
+        Digest(place(xxh3_128(bytes), region, page))
+    }
+
+    /// [`Digest::of_page`] of a zero page of `len` bytes.
+    pub fn of_zero_page(region: u32, page: u64, len: usize) -> Digest {
+        Digest(place(zero_hash(len), region, page))
+    }
+
     pub fn combine(&mut self, other: Digest) {
         self.0 ^= other.0;
     }
@@ -58,9 +69,7 @@ impl Digest {
         format!("{:032x}", self.0)
     }
 
-    /// The digest of a whole region, computed on `threads` threads: the reference the
-    /// incremental digests are tested against.
-    #[cfg(test)]
+    /// The digest of a whole region, computed on `threads` threads.
     pub fn of_region(region: u32, page_size: usize, bytes: &[u8], threads: usize) -> Digest {
         let pages = bytes.len().div_ceil(page_size).max(1);
         let per = pages.div_ceil(threads.max(1)) * page_size;

@@ -39,6 +39,24 @@
 //!    │── DONE / ◄── RESULT, as above ───────────────────────────│  deregisters, digests
 //! ```
 //!
+//! A migration (handshake feature `MIGRATE`, see [`crate::migrate`]) keeps its lanes open
+//! for several pre-copy rounds. Pages may be sent again in a later round; within a round
+//! each page at most once:
+//!
+//! ```text
+//!    │── SESSION (one region: the guest memory) ───────────────►│  creates a memfd
+//!    │◄── SESSION_OK ───────────────────────────────────────────│
+//!    │ round r = 0, 1, ...: round 0 carries every page, later rounds the dirty ones
+//!    │── DATA ... on every lane ───────────────────────────────►│  ZERO frames punch holes
+//!    │── ROUND_END (r, frames, bytes, pages) on every lane ────►│
+//!    │── ROUND (r, last, pages) ───────────────────────────────►│  checks the lanes' counts
+//!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│
+//!    │ after the last round (the VMM has paused): LANE_END on every lane, then
+//!    │── DONE (digest of the whole paused source) ─────────────►│  per-page hashes kept as
+//!    │◄── RESULT ───────────────────────────────────────────────│  pages landed; hands the
+//!    │                                                          │  memfd to the VMM if equal
+//! ```
+//!
 //! Every frame is a 32-byte [`Header`] followed by `length` payload bytes. The header's
 //! `crc` is CRC-32C over the header (with `crc` zero) and the payload. A zeroed header is
 //! invalid (wrong magic). Integers are little-endian.
@@ -71,8 +89,11 @@ pub mod features {
     /// The side has an RDMA port in its plan: the session may move its data with RDMA
     /// WRITEs when both offer it.
     pub const RDMA: u64 = 1 << 2;
+    /// The session is a migration: pre-copy rounds into a destination `ferryd` that
+    /// hands the memory to a VMM (see [`crate::migrate`]), not a one-shot transfer.
+    pub const MIGRATE: u64 = 1 << 3;
     /// Every feature this build understands.
-    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA;
+    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +113,9 @@ pub enum Kind {
     RdmaConnect = 12,
     RdmaAccept = 13,
     RdmaEnd = 14,
+    RoundEnd = 15,
+    Round = 16,
+    RoundOk = 17,
 }
 
 impl Kind {
@@ -112,6 +136,9 @@ impl Kind {
             12 => RdmaConnect,
             13 => RdmaAccept,
             14 => RdmaEnd,
+            15 => RoundEnd,
+            16 => Round,
+            17 => RoundOk,
             _ => return None,
         })
     }
@@ -423,6 +450,39 @@ pub struct SessionOk {
 pub struct LaneEnd {
     pub frames: U64,
     pub bytes: U64,
+}
+
+/// ROUND_END payload: a lane's last frame of a migration round.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RoundEnd {
+    pub round: U32,
+    pub _pad: U32,
+    /// DATA frames and wire bytes this lane sent in the round.
+    pub frames: U64,
+    pub bytes: U64,
+    /// Region pages those frames covered.
+    pub pages: U64,
+}
+
+/// ROUND payload (control connection): every lane has ended the round.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Round {
+    pub round: U32,
+    /// 1 for the stop-and-copy round: DONE follows.
+    pub last: U32,
+    /// Dirty pages the round carried, over all lanes.
+    pub pages: U64,
+}
+
+/// ROUND_OK payload: the destination holds every page of the round.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RoundOk {
+    pub round: U32,
+    pub _pad: U32,
+    pub pages: U64,
 }
 
 /// DONE and RESULT payload: a digest of the region(s), and for RESULT the verdict.

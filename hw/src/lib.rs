@@ -7,6 +7,8 @@
 
 /// The capabilities report (serde data shared with `control`).
 pub mod caps;
+/// JSON lines with file descriptors (SCM_RIGHTS) on a UNIX socket.
+pub mod fdpass;
 /// Read-only file mappings and per-worker arenas (hugepage ladder, mlock).
 pub mod memmap;
 /// RDMA devices through the verbs library, and owning wrappers over the raw verbs.

@@ -37,6 +37,62 @@ impl SourceMap {
     }
 }
 
+/// A new memfd of `len` bytes (close-on-exec): guest memory, a dirty bitmap, or a
+/// migration's destination. `hugetlb` asks for 2 MiB pages (`MFD_HUGETLB`); `len` must
+/// then be a multiple of 2 MiB.
+pub fn memfd(name: &str, len: u64, hugetlb: bool) -> io::Result<File> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let mut flags = MFdFlags::MFD_CLOEXEC;
+    if hugetlb {
+        flags |= MFdFlags::MFD_HUGETLB;
+    }
+    let fd = memfd_create(name, flags).map_err(io::Error::from)?;
+    let f = File::from(fd);
+    f.set_len(len)?;
+    Ok(f)
+}
+
+/// Whether `file` is memory: a memfd or tmpfs file (shmem) or a hugetlbfs file. A
+/// migration source must be one: a disk file's pages are not guest RAM.
+pub fn is_memory_file(file: &File) -> io::Result<bool> {
+    use nix::sys::statfs::{HUGETLBFS_MAGIC, TMPFS_MAGIC, fstatfs};
+    let fs = fstatfs(file).map_err(io::Error::from)?.filesystem_type();
+    Ok(file.metadata()?.is_file() && (fs == TMPFS_MAGIC || fs == HUGETLBFS_MAGIC))
+}
+
+/// A shared read-write mapping of a whole file: guest memory as a VMM (or ferry's guest
+/// simulator) writes it, while other processes read it through their own mappings.
+#[derive(Debug)]
+pub struct SharedMap {
+    map: Option<MmapMut>,
+}
+
+impl SharedMap {
+    /// Maps `file` shared and writable. As with [`SourceMap`], the file must not shrink
+    /// while mapped; writes are visible to every other mapping of the file.
+    pub fn new(file: &File) -> io::Result<SharedMap> {
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(SharedMap { map: None });
+        }
+        // SAFETY: this value owns the mapping and hands out Rust references only through
+        // `&self`/`&mut self`, so within this process the borrow rules hold. Other processes
+        // reading the file see our writes, which is the point; one writing it concurrently
+        // would change what we read, as documented for `SourceMap`. Shrinking is the caller's
+        // obligation above.
+        let map = unsafe { MmapOptions::new().len(len as usize).map_mut(file)? };
+        Ok(SharedMap { map: Some(map) })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
 /// What backs an arena, after the ladder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArenaKind {
@@ -146,6 +202,17 @@ mod tests {
         assert_eq!(m.as_slice(), b"abcdef");
         std::fs::write(&p, b"").unwrap();
         assert!(SourceMap::new(&File::open(&p).unwrap()).unwrap().as_slice().is_empty());
+    }
+
+    #[test]
+    fn memfd_is_memory_and_shared() {
+        let f = memfd("ferry-test", 3 * 4096, false).unwrap();
+        assert!(is_memory_file(&f).unwrap());
+        let mut w = SharedMap::new(&f).unwrap();
+        w.as_mut_slice()[4096] = 9;
+        assert_eq!(SourceMap::new(&f).unwrap().as_slice()[4096], 9, "one file, two mappings");
+        let disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert!(!is_memory_file(disk.as_file()).unwrap(), "a file on disk is not guest memory");
     }
 
     #[test]

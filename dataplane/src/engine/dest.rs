@@ -81,8 +81,34 @@ impl<'f> Dest<'f> {
         self.file.write_all_at(bytes, offset).map_err(|source| DestError::Write { offset, end: offset + bytes.len() as u64, source })
     }
 
+    /// Makes `offset..offset + len` read as zero again after claiming its pages: a page
+    /// that was sent in an earlier migration round and is zero now. The pages are punched
+    /// out of the file (memfd and hugetlbfs free them), not written.
+    pub fn write_zero(&self, offset: u64, len: u64) -> Result<(), DestError> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        self.claim(offset, len)?;
+        let len = len.min(self.len - offset);
+        fallocate(self.file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
+            .map_err(|e| DestError::Write { offset, end: offset + len, source: e.into() })
+    }
+
+    /// Forgets every claim: the next migration round may write each page once more.
+    pub fn next_round(&self) {
+        for w in &self.claimed {
+            w.store(0, Ordering::Release);
+        }
+    }
+
     pub fn pages_claimed(&self) -> u64 {
         self.claimed.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     pub fn pages(&self) -> u64 {
@@ -120,5 +146,25 @@ mod tests {
         assert_eq!(&back[4096..12288], &[7u8; 8192][..]);
         assert_eq!(&back[64 * 4096..], &[9u8; 100][..]);
         assert_eq!(back[0], 0);
+    }
+
+    #[test]
+    fn rounds_rewrite_and_punch() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 * 4096).unwrap();
+        let d = Dest::new(&f, 4 * 4096, 4096);
+        d.write(0, &[5u8; 4 * 4096]).unwrap();
+        assert!(d.write(4096, &[6u8; 4096]).is_err(), "once per round");
+        d.next_round();
+        assert_eq!(d.pages_claimed(), 0);
+        d.write(4096, &[6u8; 4096]).unwrap();
+        d.write_zero(2 * 4096, 4096).unwrap();
+        assert!(d.write_zero(2 * 4096, 4096).is_err());
+        let mut back = vec![0u8; 4 * 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).unwrap();
+        assert_eq!(&back[..4096], &[5u8; 4096][..]);
+        assert_eq!(&back[4096..8192], &[6u8; 4096][..]);
+        assert_eq!(&back[8192..12288], &[0u8; 4096][..], "punched out");
+        assert_eq!(&back[12288..], &[5u8; 4096][..]);
     }
 }

@@ -210,7 +210,7 @@ fn tcp_lanes(
 
 /// Waits for the next data connection; fails if the control connection closes (the
 /// sender died) or nothing arrives within the idle timeout.
-fn accept_lane(listener: &TcpListener, ctl: &TcpStream) -> Result<TcpStream, SessionError> {
+pub(crate) fn accept_lane(listener: &TcpListener, ctl: &TcpStream) -> Result<TcpStream, SessionError> {
     let timeout = PollTimeout::try_from(IDLE_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::MAX);
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
     let n = poll(&mut fds, timeout).map_err(|e| SessionError::io("waiting for data connections", e.into()))?;

@@ -32,23 +32,29 @@ pub struct SendOptions<'a> {
 /// A chunk's frames, gathered for one `writev`: payloads that live in the source map are
 /// referenced in place; compressed payloads are copied into the batch's slot of the
 /// worker's arena.
-struct Batch<'s> {
+pub(crate) struct Batch<'s> {
+    /// Region offset of byte 0 of the slice raw payloads are read from.
+    pub(crate) base: usize,
     headers: Vec<Header>,
     /// Per frame: (in staging?, start, len).
     payloads: Vec<(bool, usize, usize)>,
     staging: &'s mut [u8],
     staged: usize,
-    wire_bytes: u64,
+    pub(crate) wire_bytes: u64,
     /// Region bytes the batch carries.
-    region_bytes: u64,
+    pub(crate) region_bytes: u64,
 }
 
 impl<'s> Batch<'s> {
-    fn new(staging: &'s mut [u8]) -> Batch<'s> {
-        Batch { headers: Vec::new(), payloads: Vec::new(), staging, staged: 0, wire_bytes: 0, region_bytes: 0 }
+    pub(crate) fn new(staging: &'s mut [u8]) -> Batch<'s> {
+        Batch { base: 0, headers: Vec::new(), payloads: Vec::new(), staging, staged: 0, wire_bytes: 0, region_bytes: 0 }
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn frames(&self) -> usize {
+        self.headers.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
         self.wire_bytes = 0;
         self.region_bytes = 0;
         self.headers.clear();
@@ -59,9 +65,9 @@ impl<'s> Batch<'s> {
     /// Adds a frame. Where its payload lives follows from its encoding: a raw payload is
     /// the source's bytes at the frame's offset, a zstd payload (in the encoder's scratch)
     /// is copied into the staging slot, a zero frame has none.
-    fn push(&mut self, h: Header, payload: &[u8]) {
+    pub(crate) fn push(&mut self, h: Header, payload: &[u8]) {
         let entry = match h.encoding {
-            e if e == wire::Encoding::Raw as u8 => (false, h.offset.get() as usize, payload.len()),
+            e if e == wire::Encoding::Raw as u8 => (false, h.offset.get() as usize - self.base, payload.len()),
             e if e == wire::Encoding::Zstd as u8 => {
                 // A run is sent compressed only when it shrank below 90%: a chunk's
                 // staged bytes never exceed the chunk, the slot's size.
@@ -87,7 +93,9 @@ impl<'s> Batch<'s> {
         }
     }
 
-    fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
+    /// Writes the frames; raw payloads come from `source`, which starts at region offset
+    /// `base`.
+    pub(crate) fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
         let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
         self.for_each_slice(source, &mut |s| bufs.push(s));
         // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (512 slices).
@@ -118,7 +126,7 @@ pub(crate) struct WorkerResult {
     pub latency: hdrhistogram::Histogram<u64>,
 }
 
-fn connect(to: &str) -> Result<TcpStream, SessionError> {
+pub(crate) fn connect(to: &str) -> Result<TcpStream, SessionError> {
     let addrs: Vec<_> = to.to_socket_addrs().map_err(|e| SessionError::io(format!("resolving {to}"), e))?.collect();
     let s = TcpStream::connect(&addrs[..])
         .map_err(|e| SessionError::io(format!("connecting to {to} (is `ferryctl recv` listening there?)"), e))?;
@@ -127,7 +135,7 @@ fn connect(to: &str) -> Result<TcpStream, SessionError> {
 }
 
 /// A data connection: the socket buffers the plan sets (before data flows).
-fn connect_data(to: &str, plan: &Plan) -> Result<TcpStream, SessionError> {
+pub(crate) fn connect_data(to: &str, plan: &Plan) -> Result<TcpStream, SessionError> {
     let s = connect(to)?;
     tune_data_socket(&s, plan)?;
     Ok(s)
@@ -231,7 +239,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
 
 /// DONE with the source's digest, then the receiver's RESULT: fails unless the
 /// destination's digest matches.
-fn confirm(ctl: &mut TcpStream, digest: Digest, bytes: u64) -> Result<(), SessionError> {
+pub(crate) fn confirm(ctl: &mut TcpStream, digest: Digest, bytes: u64) -> Result<(), SessionError> {
     let done = wire::Digest { digest: digest.to_bytes(), bytes: bytes.into(), ok: 0.into(), _pad: 0.into() };
     write_frame(ctl, Kind::Done, done.as_bytes())?;
     let mut buf = Vec::new();

@@ -1,0 +1,143 @@
+//! The migration engine: pre-copy rounds of a VMM's guest memory from a source `ferryd`
+//! into a memfd at a destination `ferryd`, which hands it to the destination VMM only
+//! once its digest matches the paused source.
+//!
+//! Round 0 sends every page; each later round sends the pages the VMM's dirty bitmap
+//! marks. After every round the source reports the dirty bytes it sent, the bandwidth it
+//! measured and the downtime it expects if the VMM paused now, and advises pausing once
+//! that fits the budget (or the round limit is reached). The VMM pauses, submits the final
+//! bitmap, and the stop-and-copy round runs on every lane while the source digests the
+//! paused memory. The wire protocol is in [`crate::wire`]; the VMM's side of the control
+//! socket in [`vmm`].
+
+pub mod dest;
+pub mod source;
+pub mod vmm;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::PAGE;
+
+/// QEMU's and Cloud Hypervisor's default downtime limit.
+pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(300);
+/// Pre-copy rounds before ferry advises pausing whatever the estimate says.
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+/// A migration's connections wait this long for the next round: the VMM sets the pace.
+pub const ROUND_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Pages of a region of `bytes`.
+pub fn pages(bytes: u64) -> u64 {
+    bytes.div_ceil(PAGE as u64)
+}
+
+/// Bytes of the dirty bitmap for a region of `bytes`: one bit per page, in whole
+/// little-endian 64-bit words (KVM's dirty-log layout).
+pub fn bitmap_bytes(bytes: u64) -> u64 {
+    pages(bytes).div_ceil(64) * 8
+}
+
+/// Reads a dirty bitmap from its bytes, checking it against a region of `pages` pages:
+/// the exact size, and no bit past the last page.
+pub fn parse_bitmap(raw: &[u8], pages: u64) -> Result<Vec<u64>, String> {
+    let want = pages.div_ceil(64) * 8;
+    if raw.len() as u64 != want {
+        return Err(format!(
+            "the dirty bitmap has {} bytes; a region of {pages} pages needs {want} (one bit per {PAGE}-byte page, whole 64-bit words)",
+            raw.len()
+        ));
+    }
+    let words: Vec<u64> = raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect();
+    if let Some(last) = words.last() {
+        let used = pages - (words.len() as u64 - 1) * 64;
+        if used < 64 && last >> used != 0 {
+            let bit = 64 - last.leading_zeros() as u64 - 1;
+            return Err(format!("the dirty bitmap marks page {} past the region's {pages} pages", (words.len() as u64 - 1) * 64 + bit));
+        }
+    }
+    Ok(words)
+}
+
+/// One pre-copy round, as the source reports it to the VMM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// The stop-and-copy round (the VMM had paused).
+    pub last: bool,
+    pub dirty_pages: u64,
+    pub dirty_bytes: u64,
+    pub zero_pages: u64,
+    pub wire_bytes: u64,
+    pub compressed_in_bytes: u64,
+    pub compressed_out_bytes: u64,
+    pub frames: u64,
+    /// From the round's start until the destination confirmed every page.
+    pub seconds: f64,
+    /// Dirty bytes per second over the round, GB/s (10^9).
+    pub gbps: f64,
+    /// How fast the guest dirtied memory before this round, GB/s; none for round 0.
+    pub dirty_rate_gbps: Option<f64>,
+    /// The downtime expected if the VMM paused now: the pages dirtied while this round
+    /// ran, at the measured bandwidth, or the paused source's digest if that takes longer.
+    pub estimated_downtime_ms: Option<f64>,
+    /// Pause now: the estimate fits the budget, or the round limit is reached.
+    pub advise_pause: bool,
+}
+
+/// A whole migration, as each side reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub role: String,
+    /// Guest memory bytes.
+    pub bytes: u64,
+    pub rounds: Vec<RoundReport>,
+    /// Region bytes sent over all rounds.
+    pub sent_bytes: u64,
+    pub wire_bytes: u64,
+    pub zero_pages: u64,
+    pub compressed_in_bytes: u64,
+    pub compressed_out_bytes: u64,
+    /// From the session's start to the destination's verdict.
+    pub seconds: f64,
+    /// The stop-and-copy round, including the digest comparison: how long the VMM stays
+    /// paused because of ferry.
+    pub downtime_ms: f64,
+    pub downtime_budget_ms: f64,
+    /// user + system CPU seconds of the process per GiB of guest memory.
+    pub cpu_seconds_per_gib: f64,
+    pub transport: String,
+    pub compression: String,
+    pub lanes: u32,
+    pub workers: u32,
+    pub rate_limit_bytes_per_second: Option<u64>,
+    pub digest: String,
+    pub digest_match: bool,
+}
+
+impl MigrationReport {
+    /// Region bytes per compressed byte over the chunks sent compressed (1 when none).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.compressed_out_bytes == 0 { 1.0 } else { self.compressed_in_bytes as f64 / self.compressed_out_bytes as f64 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_size_and_tail_are_checked() {
+        assert_eq!(bitmap_bytes(4096 * 64), 8);
+        assert_eq!(bitmap_bytes(4096 * 65), 16);
+        let mut raw = vec![0u8; 16];
+        raw[0] = 0b101;
+        assert_eq!(parse_bitmap(&raw, 65).unwrap(), vec![5, 0]);
+        assert!(parse_bitmap(&raw[..8], 65).unwrap_err().contains("needs 16"));
+        raw[8] = 0b10; // page 65 of 65 (pages 0..=64 exist)
+        assert!(parse_bitmap(&raw, 65).unwrap_err().contains("page 65 past"));
+        raw[8] = 0b1;
+        assert!(parse_bitmap(&raw, 65).is_ok());
+        assert!(parse_bitmap(&[0xff; 8], 64).is_ok(), "a full last word");
+    }
+}

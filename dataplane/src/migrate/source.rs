@@ -1,0 +1,480 @@
+//! The source side of a migration: the control connection and the lanes stay open from
+//! round to round; each round runs one pinned thread per worker over the dirty windows.
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use zerocopy::IntoBytes;
+
+use super::{MigrationReport, ROUND_IDLE_TIMEOUT, RoundReport};
+use crate::auth::{Auth, client_handshake};
+use crate::conn::{SessionError, expect_frame, send_error, write_frame};
+use crate::digest::Digest;
+use crate::encode::Encoder;
+use crate::engine::send::{Batch, connect, connect_data};
+use crate::engine::{PAGE, cpu_seconds, pin};
+use crate::plan::{Plan, Transport};
+use crate::wire::{self, CONTROL_LANE, Kind, Layout, features};
+
+/// Where to migrate and within which limits.
+#[derive(Debug, Clone)]
+pub struct SourceOptions<'a> {
+    pub to: String,
+    pub auth: Auth,
+    pub plan: &'a Plan,
+    pub downtime_budget: Duration,
+    pub max_rounds: u32,
+    /// Region bytes per second, at most (a token bucket with one chunk of burst).
+    pub rate_limit: Option<u64>,
+}
+
+struct Lane {
+    s: TcpStream,
+    frames: u64,
+    bytes: u64,
+    pages: u64,
+}
+
+/// A worker's own state, kept across rounds: its lanes, its zstd context (and the
+/// adaptive policy's measurements) and its arena: one chunk for the snapshot of the
+/// pages being sent, one for compressed payloads.
+struct Worker {
+    cpu: u32,
+    lanes: Vec<Lane>,
+    enc: Encoder,
+    arena: hw::memmap::Arena,
+}
+
+/// What a round's workers counted.
+#[derive(Default)]
+struct Counts {
+    pages: u64,
+    zero_pages: u64,
+    wire_bytes: u64,
+    compressed_in: u64,
+    compressed_out: u64,
+    frames: u64,
+}
+
+/// Spaces writes so that the round's region bytes never run ahead of `rate` per second.
+struct Pacer {
+    start: Instant,
+    rate: Option<f64>,
+    sent: AtomicU64,
+}
+
+impl Pacer {
+    fn pace(&self, bytes: u64) {
+        if let Some(rate) = self.rate {
+            let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            let due = self.start + Duration::from_secs_f64(total as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+    }
+}
+
+/// A migration in progress, from the source's side.
+pub struct Source<'a> {
+    opts: SourceOptions<'a>,
+    map: hw::memmap::SourceMap,
+    size: u64,
+    chunk: usize,
+    ctl: TcpStream,
+    workers: Vec<Worker>,
+    rounds: Vec<RoundReport>,
+    /// When the previous round started: the dirty bitmap of the next one covers the time since.
+    last_start: Option<Instant>,
+    /// Seconds to digest a GiB of guest memory on this machine, measured at connect.
+    digest_seconds_per_gib: f64,
+    t0: Instant,
+    cpu0: f64,
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("to", &self.opts.to).field("size", &self.size).field("rounds", &self.rounds.len()).finish()
+    }
+}
+
+impl<'a> Source<'a> {
+    /// Opens the session to a destination `ferryd` (`migrate_in`) for the guest memory in
+    /// `memory`, which must be a memfd, tmpfs or hugetlbfs file. The memory is only read.
+    pub fn connect(memory: &File, opts: SourceOptions<'a>) -> Result<Source<'a>, SessionError> {
+        let region = |source| SessionError::Region { path: "the guest memory descriptor".into(), source };
+        if !hw::memmap::is_memory_file(memory).map_err(region)? {
+            return Err(SessionError::Protocol(
+                "the guest memory descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file".into(),
+            ));
+        }
+        let map = hw::memmap::SourceMap::new(memory).map_err(region)?;
+        let size = map.as_slice().len() as u64;
+        if size == 0 {
+            return Err(SessionError::Protocol("the guest memory is empty".into()));
+        }
+        let plan = opts.plan;
+        if plan.transport == Transport::Rdma {
+            log::info!("migration lanes run over TCP: RDMA migration is not built yet");
+        }
+        let chunk = plan.chunk_size_bytes as usize;
+        let t0 = Instant::now();
+        let cpu0 = cpu_seconds();
+        let mut ctl = connect(&opts.to)?;
+        let agreed = client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0, features::MIGRATE)?;
+        if agreed & features::MIGRATE == 0 {
+            send_error(&mut ctl, "this is a migration; the receiver takes one-shot transfers");
+            return Err(SessionError::Protocol(format!(
+                "{} is a one-shot receiver (`ferryctl recv`), not a migration destination: start one with ferryd's migrate_in",
+                opts.to
+            )));
+        }
+        ctl.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+        let per_worker = plan.tcp.connections_per_worker as usize;
+        let n_workers = plan.worker_cpus.len();
+        let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: vec![size] };
+        let lanes = n_workers * per_worker;
+        write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
+        let mut buf = Vec::new();
+        expect_frame(&mut ctl, Kind::SessionOk, &mut buf)?;
+        let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+        let mut workers = Vec::with_capacity(n_workers);
+        for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
+            let mut lanes = Vec::with_capacity(per_worker);
+            for c in 0..per_worker {
+                let mut s = connect_data(&opts.to, plan)?;
+                client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
+                lanes.push(Lane { s, frames: 0, bytes: 0, pages: 0 });
+            }
+            let arena = crate::engine::arena(plan, 2 * chunk)?;
+            workers.push(Worker { cpu, lanes, enc: Encoder::new(plan.compression, chunk), arena });
+        }
+        // The paused source is digested during the last round; that bounds the downtime
+        // from below, so the estimate needs its speed.
+        let sample = &map.as_slice()[..(size as usize).min(16 << 20)];
+        let t = Instant::now();
+        std::hint::black_box(Digest::of_region(0, PAGE, sample, 1));
+        let digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample.len() as f64 / (1u64 << 30) as f64);
+        log::info!("migration session {session:#x}: {size} bytes to {} over {lanes} lane(s) from {n_workers} worker(s)", opts.to);
+        Ok(Source { opts, map, size, chunk, ctl, workers, rounds: Vec::new(), last_start: None, digest_seconds_per_gib, t0, cpu0 })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn lanes(&self) -> usize {
+        self.workers.iter().map(|w| w.lanes.len()).sum()
+    }
+
+    /// Runs a pre-copy round. Round 0 sends every page whatever `dirty` says; later rounds
+    /// the pages `dirty` marks (see [`super::parse_bitmap`]).
+    pub fn round(&mut self, dirty: &[u64]) -> Result<RoundReport, SessionError> {
+        self.run_round(dirty, false).map(|(r, _)| r)
+    }
+
+    /// The stop-and-copy round, once the VMM has paused: the pages `dirty` marks, then the
+    /// digest of the whole source against the destination's.
+    pub fn finish(mut self, dirty: &[u64]) -> Result<MigrationReport, SessionError> {
+        let (last, digest) = self.run_round(dirty, true)?;
+        let digest = digest.expect("the last round digests the source");
+        let mut rep = MigrationReport {
+            role: "source".into(),
+            bytes: self.size,
+            seconds: self.t0.elapsed().as_secs_f64(),
+            downtime_ms: last.seconds * 1e3,
+            downtime_budget_ms: self.opts.downtime_budget.as_secs_f64() * 1e3,
+            cpu_seconds_per_gib: (cpu_seconds() - self.cpu0) / (self.size as f64 / (1u64 << 30) as f64),
+            transport: if self.opts.plan.tcp.io_uring { "tcp (blocking sockets for migration lanes)".into() } else { "sockets".into() },
+            compression: self.opts.plan.compression.to_string(),
+            lanes: self.lanes() as u32,
+            workers: self.workers.len() as u32,
+            rate_limit_bytes_per_second: self.opts.rate_limit,
+            digest: digest.hex(),
+            digest_match: true,
+            ..MigrationReport::default()
+        };
+        for r in &self.rounds {
+            rep.sent_bytes += r.dirty_bytes;
+            rep.wire_bytes += r.wire_bytes;
+            rep.zero_pages += r.zero_pages;
+            rep.compressed_in_bytes += r.compressed_in_bytes;
+            rep.compressed_out_bytes += r.compressed_out_bytes;
+        }
+        rep.rounds = std::mem::take(&mut self.rounds);
+        Ok(rep)
+    }
+
+    fn run_round(&mut self, dirty: &[u64], last: bool) -> Result<(RoundReport, Option<Digest>), SessionError> {
+        let round = self.rounds.len() as u32;
+        let pages = super::pages(self.size);
+        let start = Instant::now();
+        let ppw = (self.chunk / PAGE) as u64;
+        let n_windows = pages.div_ceil(ppw);
+        let all = round == 0;
+        if !all && dirty.len() as u64 != pages.div_ceil(64) {
+            return Err(SessionError::Protocol(format!("a dirty bitmap of {} words for {pages} pages", dirty.len())));
+        }
+        // The windows (chunk-sized, chunk-aligned) that hold a dirty page.
+        let windows: Vec<u64> = if all {
+            (0..n_windows).collect()
+        } else {
+            (0..n_windows)
+                .filter(|&w| {
+                    let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
+                    (first / 64..end.div_ceil(64)).any(|i| dirty[i as usize] & word_mask(i, first, end) != 0)
+                })
+                .collect()
+        };
+        let next = AtomicUsize::new(0);
+        let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
+        let source = self.map.as_slice();
+        let (chunk, size, to) = (self.chunk, self.size, self.opts.to.as_str());
+        let digest_threads = self.workers.len().max(1);
+        let (results, digest) = std::thread::scope(|s| {
+            // The VMM has paused: digest the source beside the last round's lanes.
+            let digest = last.then(|| s.spawn(move || Digest::of_region(0, PAGE, source, digest_threads)));
+            let handles: Vec<_> = self
+                .workers
+                .iter_mut()
+                .map(|w| {
+                    let (windows, next, pacer) = (&windows, &next, &pacer);
+                    s.spawn(move || {
+                        pin(w.cpu);
+                        let r = w.run(round, source, size, chunk, windows, next, dirty, all, pacer, to);
+                        if r.is_err() {
+                            next.store(windows.len(), Ordering::Relaxed);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            let results: Vec<Result<Counts, SessionError>> =
+                handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
+            (results, digest.map(|d| d.join().expect("digest thread panicked")))
+        });
+        let mut c = Counts::default();
+        for r in results {
+            let r = r?;
+            c.pages += r.pages;
+            c.zero_pages += r.zero_pages;
+            c.wire_bytes += r.wire_bytes;
+            c.compressed_in += r.compressed_in;
+            c.compressed_out += r.compressed_out;
+            c.frames += r.frames;
+        }
+        let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
+        write_frame(&mut self.ctl, Kind::Round, end.as_bytes())?;
+        let mut buf = Vec::new();
+        expect_frame(&mut self.ctl, Kind::RoundOk, &mut buf)?;
+        let ok: wire::RoundOk = wire::parse(Kind::RoundOk, &buf)?;
+        if ok.round.get() != round || ok.pages.get() != c.pages {
+            return Err(SessionError::Protocol(format!(
+                "the destination confirmed round {} with {} pages; round {round} sent {}",
+                ok.round.get(),
+                ok.pages.get(),
+                c.pages
+            )));
+        }
+        let digest = match digest {
+            Some(d) => {
+                for w in &mut self.workers {
+                    for l in &mut w.lanes {
+                        let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
+                        write_frame(&mut l.s, Kind::LaneEnd, end.as_bytes())?;
+                    }
+                }
+                crate::engine::send::confirm(&mut self.ctl, d, self.size)?;
+                Some(d)
+            }
+            None => None,
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
+        let gbps = dirty_bytes as f64 / seconds / 1e9;
+        let dirty_rate = self.last_start.filter(|_| round > 0).map(|prev| dirty_bytes as f64 / start.duration_since(prev).as_secs_f64());
+        self.last_start = Some(start);
+        // The bandwidth for the estimate: this round's, unless it moved too little to
+        // measure; then the most recent round that did (round 0 always does).
+        let enough = (8 << 20).min(self.size / 2);
+        let bw = std::iter::once((dirty_bytes, gbps))
+            .chain(self.rounds.iter().rev().map(|r| (r.dirty_bytes, r.gbps)))
+            .find(|&(b, _)| b >= enough)
+            .map(|(_, g)| g * 1e9);
+        let estimate = match (dirty_rate, bw) {
+            (Some(rate), Some(bw)) => {
+                let next_dirty = (rate * seconds).min(self.size as f64);
+                let digest = self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64;
+                Some((next_dirty / bw).max(digest) * 1e3)
+            }
+            _ => None,
+        };
+        let budget = self.opts.downtime_budget.as_secs_f64() * 1e3;
+        let report = RoundReport {
+            round,
+            last,
+            dirty_pages: c.pages,
+            dirty_bytes,
+            zero_pages: c.zero_pages,
+            wire_bytes: c.wire_bytes,
+            compressed_in_bytes: c.compressed_in,
+            compressed_out_bytes: c.compressed_out,
+            frames: c.frames,
+            seconds,
+            gbps,
+            dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
+            estimated_downtime_ms: estimate,
+            advise_pause: !last && (estimate.is_some_and(|e| e <= budget) || round + 1 >= self.opts.max_rounds),
+        };
+        log::info!(
+            "round {round}{}: {} dirty pages ({:.1} MiB) in {:.3} s = {:.2} GB/s, estimated downtime {}{}",
+            if last { " (stop-and-copy)" } else { "" },
+            c.pages,
+            dirty_bytes as f64 / (1 << 20) as f64,
+            seconds,
+            gbps,
+            estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms")),
+            if report.advise_pause { ": pause now" } else { "" }
+        );
+        self.rounds.push(report.clone());
+        Ok((report, digest))
+    }
+}
+
+/// The bits of bitmap word `i` that fall in pages `first..end`.
+fn word_mask(i: u64, first: u64, end: u64) -> u64 {
+    let lo = first.saturating_sub(i * 64).min(64);
+    let hi = end.saturating_sub(i * 64).min(64);
+    if hi <= lo {
+        return 0;
+    }
+    let upto = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
+    upto & !((1u64 << lo) - 1)
+}
+
+/// Calls `f(first, end)` for each run of consecutive dirty pages in `first..end`.
+fn dirty_runs(dirty: &[u64], first: u64, end: u64, f: &mut impl FnMut(u64, u64)) {
+    let mut p = first;
+    while p < end {
+        let bit = |p: u64| dirty[(p / 64) as usize] >> (p % 64) & 1 == 1;
+        if !bit(p) {
+            p += 1;
+            continue;
+        }
+        let s = p;
+        while p < end && bit(p) {
+            p += 1;
+        }
+        f(s, p);
+    }
+}
+
+impl Worker {
+    /// Sends this worker's share of a round: windows in turn from the shared counter;
+    /// each window's dirty pages are copied into the arena (the guest keeps running),
+    /// encoded, and written to the next lane with one `writev`. Ends with ROUND_END on
+    /// every lane.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        round: u32,
+        source: &[u8],
+        size: u64,
+        chunk: usize,
+        windows: &[u64],
+        next: &AtomicUsize,
+        dirty: &[u64],
+        all: bool,
+        pacer: &Pacer,
+        to: &str,
+    ) -> Result<Counts, SessionError> {
+        let (snapshot, staging) = self.arena.as_mut_slice().split_at_mut(chunk);
+        let staging = &mut staging[..chunk];
+        let mut batch = Batch::new(staging);
+        let mut c = Counts::default();
+        let enc0 = self.enc.stats;
+        let mut turn = 0;
+        let page = PAGE as u64;
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&w) = windows.get(i) else { break };
+            let base = w * chunk as u64;
+            let (first, end) = (base / page, ((base + chunk as u64).min(size)).div_ceil(page));
+            batch.clear();
+            batch.base = base as usize;
+            let enc = &mut self.enc;
+            let mut pages = 0;
+            let mut send_run = |s: u64, e: u64| {
+                let (from, to) = ((s * page) as usize, ((e * page).min(size)) as usize);
+                let at = from - base as usize;
+                // The guest may be writing these pages: what is sent is this copy, so its
+                // checksum and the bytes on the wire agree.
+                snapshot[at..at + to - from].copy_from_slice(&source[from..to]);
+                let bytes = &snapshot[at..at + to - from];
+                enc.encode::<()>(0, from as u64, PAGE, bytes, &mut |h, p| {
+                    batch.push(h, p);
+                    Ok(())
+                })
+                .expect("the batch sink cannot fail");
+                pages += e - s;
+            };
+            if all {
+                send_run(first, end);
+            } else {
+                dirty_runs(dirty, first, end, &mut send_run);
+            }
+            batch.region_bytes = pages * page;
+            pacer.pace(batch.region_bytes);
+            let n = self.lanes.len();
+            let lane = &mut self.lanes[turn % n];
+            turn += 1;
+            batch.write(&snapshot[..], &mut lane.s).map_err(|e| SessionError::io(format!("sending round {round} to {to}"), e))?;
+            self.enc.adaptive.chunk_done(batch.region_bytes);
+            lane.frames += batch.frames() as u64;
+            lane.bytes += batch.wire_bytes;
+            lane.pages += pages;
+            c.pages += pages;
+            c.wire_bytes += batch.wire_bytes;
+        }
+        for l in &mut self.lanes {
+            let end = wire::RoundEnd {
+                round: round.into(),
+                _pad: 0.into(),
+                frames: l.frames.into(),
+                bytes: l.bytes.into(),
+                pages: l.pages.into(),
+            };
+            write_frame(&mut l.s, Kind::RoundEnd, end.as_bytes())?;
+            (l.frames, l.bytes, l.pages) = (0, 0, 0);
+        }
+        let enc = self.enc.stats;
+        c.zero_pages = enc.zero_pages - enc0.zero_pages;
+        c.compressed_in = enc.compressed_in - enc0.compressed_in;
+        c.compressed_out = enc.compressed_out - enc0.compressed_out;
+        c.frames = enc.frames - enc0.frames;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_and_runs() {
+        assert_eq!(word_mask(0, 0, 64), u64::MAX);
+        assert_eq!(word_mask(0, 3, 5), 0b11000);
+        assert_eq!(word_mask(1, 60, 70), 0b111111);
+        assert_eq!(word_mask(2, 60, 70), 0);
+        let dirty = [0b1011_0000u64, 1 | 1 << 63];
+        let mut runs = Vec::new();
+        dirty_runs(&dirty, 0, 128, &mut |s, e| runs.push((s, e)));
+        assert_eq!(runs, vec![(4, 6), (7, 8), (64, 65), (127, 128)]);
+        runs.clear();
+        dirty_runs(&dirty, 5, 64, &mut |s, e| runs.push((s, e)));
+        assert_eq!(runs, vec![(5, 6), (7, 8)]);
+    }
+}

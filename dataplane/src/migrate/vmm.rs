@@ -1,0 +1,122 @@
+//! The VMM's side of region mode, over `ferryd`'s control socket: what a VMM (or
+//! `ferryctl demo`) calls to migrate its guest memory through ferry.
+//!
+//! Source VMM, one connection per migration (JSON lines; descriptors by SCM_RIGHTS):
+//!
+//! ```text
+//!  VMM                                                        source ferryd
+//!   │── {"cmd":"migrate_out","to":..,...} + [memory fd, bitmap fd] ─►│  connects to the destination
+//!   │◄─ {"event":"connected","bytes":..,"lanes":..} ────────────────│
+//!   │── {"cmd":"round"} ───────────────────────────────────────────►│  round 0: every page
+//!   │◄─ {"event":"round",...,"advise_pause":false} ─────────────────│
+//!   │   (writes the pages dirtied since into the bitmap memfd)       │
+//!   │── {"cmd":"round"} ───────────────────────────────────────────►│  the bitmap's pages
+//!   │◄─ {"event":"round",...,"advise_pause":true} ──────────────────│
+//!   │   (pauses the vCPUs, writes the last bitmap)                   │
+//!   │── {"cmd":"final"} ───────────────────────────────────────────►│  stop-and-copy, digests
+//!   │◄─ {"ok":true,"report":{...}} or {"ok":false,"error":".."} ────│
+//! ```
+//!
+//! Destination VMM: `{"cmd":"migrate_in","listen":"HOST:PORT"}`, answered by
+//! `{"event":"listening","addr":..}` and, once the memory is verified, `{"ok":true,
+//! "report":{...}}` with the memfd attached. On failure no descriptor comes back.
+//! Closing the connection cancels the migration.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use hw::fdpass::LineConn;
+use serde_json::{Value, json};
+
+use super::{MigrationReport, RoundReport};
+
+/// Limits for a migration, as a VMM asks for them.
+#[derive(Debug, Clone, Default)]
+pub struct OutOptions {
+    pub downtime_ms: Option<u64>,
+    pub max_rounds: Option<u32>,
+    /// Megabits per second of guest memory, at most.
+    pub rate_limit_mbit: Option<u64>,
+    /// `off`, `zstd:N` or `auto`; the plan's policy when none.
+    pub compress: Option<String>,
+}
+
+fn connect(socket: &Path) -> Result<LineConn, String> {
+    UnixStream::connect(socket).map(LineConn::new).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))
+}
+
+/// The next line from ferryd as JSON, with its descriptors; an `{"ok":false}` is the error.
+fn reply(conn: &mut LineConn) -> Result<(Value, Vec<std::os::fd::OwnedFd>), String> {
+    let (line, fds) = conn.recv().map_err(|e| format!("reading from ferryd: {e}"))?.ok_or("ferryd closed the control connection")?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("ferryd sent a bad reply ({e}): {line}"))?;
+    if v["ok"] == false {
+        return Err(v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string());
+    }
+    Ok((v, fds))
+}
+
+/// An outgoing migration, driven round by round.
+#[derive(Debug)]
+pub struct MigrateOut {
+    conn: LineConn,
+    pub connected: Value,
+}
+
+impl MigrateOut {
+    /// Hands `memory` and `bitmap` to the ferryd at `socket` and connects it to the
+    /// destination ferryd at `to`.
+    pub fn start(socket: &Path, to: &str, memory: &File, bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
+        let mut conn = connect(socket)?;
+        let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
+            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress});
+        conn.send(&req.to_string(), &[memory.as_fd(), bitmap.as_fd()]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        let (connected, _) = reply(&mut conn)?;
+        Ok(MigrateOut { conn, connected })
+    }
+
+    fn step(&mut self, cmd: &str) -> Result<Value, String> {
+        self.conn.send(&json!({ "cmd": cmd }).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        reply(&mut self.conn).map(|(v, _)| v)
+    }
+
+    /// A pre-copy round over the pages the bitmap memfd marks now (round 0: all).
+    pub fn round(&mut self) -> Result<RoundReport, String> {
+        let v = self.step("round")?;
+        serde_json::from_value(v["round"].clone()).map_err(|e| format!("ferryd's round report: {e}"))
+    }
+
+    /// The stop-and-copy round after the VMM paused; the report once the destination
+    /// verified the memory.
+    pub fn finish(mut self) -> Result<MigrationReport, String> {
+        let v = self.step("final")?;
+        serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
+    }
+}
+
+/// An incoming migration: the destination VMM waits for its memory.
+#[derive(Debug)]
+pub struct MigrateIn {
+    conn: LineConn,
+    /// Where the source ferryd should connect.
+    pub addr: String,
+}
+
+impl MigrateIn {
+    pub fn start(socket: &Path, listen: &str) -> Result<MigrateIn, String> {
+        let mut conn = connect(socket)?;
+        conn.send(&json!({"cmd": "migrate_in", "listen": listen}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        let (v, _) = reply(&mut conn)?;
+        let addr = v["addr"].as_str().ok_or_else(|| format!("ferryd did not say where it listens: {v}"))?.to_string();
+        Ok(MigrateIn { conn, addr })
+    }
+
+    /// Blocks until the migration ends: the verified guest memory, or why not.
+    pub fn wait(mut self) -> Result<(File, MigrationReport), String> {
+        let (v, fds) = reply(&mut self.conn)?;
+        let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
+        let fd = fds.into_iter().next().ok_or("ferryd reported success without the memory descriptor")?;
+        Ok((File::from(fd), report))
+    }
+}

@@ -1,0 +1,200 @@
+//! Migrations through the real engine over loopback: pre-copy rounds with pages dirtied
+//! between them (including pages that turn zero), and the failures a migration must
+//! survive without handing over memory that is not the source's.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use dataplane::auth::{Auth, Key};
+use dataplane::conn::SessionError;
+use dataplane::migrate::dest::{DestOptions, Incoming, accept};
+use dataplane::migrate::source::{Source, SourceOptions};
+use dataplane::plan::*;
+
+fn plan(workers: usize, conns: u32, compression: Compression) -> Plan {
+    Plan {
+        schema_version: PLAN_SCHEMA_VERSION,
+        host: "test".into(),
+        transport: Transport::Sockets,
+        numa_node: 0,
+        worker_cpus: vec![0; workers],
+        control_cpu: None,
+        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
+        chunk_size_bytes: 256 << 10,
+        rdma: None,
+        tcp: TcpPlan {
+            connections_per_worker: conns,
+            io_uring: false,
+            ring_entries: 64,
+            send_zc: false,
+            socket_buffer_bytes: Some(1 << 20),
+            socket_buffer_needed_bytes: 1 << 20,
+        },
+        arena: ArenaPlan { bytes_per_worker: 2 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
+        compression,
+        reasons: vec![],
+    }
+}
+
+fn key() -> Auth {
+    Auth::Key(Key::from_bytes(vec![7; 32]).unwrap())
+}
+
+const PAGE: u64 = 4096;
+
+/// Guest memory: a memfd of `pages` pages (plus a ragged tail), every third page zero.
+fn guest(pages: u64, tail: u64) -> File {
+    let f = hw::memmap::memfd("test-guest", pages * PAGE + tail, false).unwrap();
+    for p in 0..pages {
+        if p % 3 != 0 {
+            f.write_all_at(&fill(p, 1), p * PAGE).unwrap();
+        }
+    }
+    if tail > 0 {
+        f.write_all_at(&vec![0xabu8; tail as usize], pages * PAGE).unwrap();
+    }
+    f
+}
+
+fn fill(page: u64, generation: u8) -> Vec<u8> {
+    (0..PAGE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(page as u8) ^ generation).collect()
+}
+
+fn contents(f: &File) -> Vec<u8> {
+    let mut v = vec![0u8; f.metadata().unwrap().len() as usize];
+    f.read_exact_at(&mut v, 0).unwrap();
+    v
+}
+
+fn dirty(bitmap: &mut [u64], page: u64) {
+    bitmap[(page / 64) as usize] |= 1 << (page % 64);
+}
+
+fn opts<'a>(to: String, plan: &'a Plan) -> SourceOptions<'a> {
+    SourceOptions { to, auth: key(), plan, downtime_budget: Duration::from_millis(300), max_rounds: 30, rate_limit: None }
+}
+
+/// A destination on a free port, on its own thread.
+fn destination(plan: Plan) -> (String, std::thread::JoinHandle<Result<Incoming, SessionError>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    (addr, std::thread::spawn(move || accept(&l, &DestOptions { auth: key(), plan: &plan })))
+}
+
+#[test]
+fn rounds_carry_dirty_pages_and_the_memory_arrives_whole() {
+    for (workers, conns, compression) in [(1, 1, Compression::Off), (2, 2, Compression::Zstd { level: 1 })] {
+        let pages = 700;
+        let mem = guest(pages, 100);
+        let words = (pages + 1).div_ceil(64) as usize;
+        let plan = plan(workers, conns, compression);
+        let (addr, dest) = destination(plan.clone());
+        let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+        let r0 = src.round(&vec![0; words]).unwrap();
+        assert_eq!(r0.dirty_pages, pages + 1, "round 0 carries every page");
+        assert!(r0.zero_pages >= pages / 3, "zero pages are flagged, not sent: {r0:?}");
+        assert!(!r0.advise_pause && r0.estimated_downtime_ms.is_none(), "no dirty rate is known after round 0");
+
+        // The guest writes: a zero page becomes data, a data page becomes zero, a page
+        // changes, and the ragged tail changes.
+        let mut bm = vec![0u64; words];
+        for (p, data) in [(0u64, Some(5u8)), (1, None), (2, Some(9)), (650, Some(3))] {
+            match data {
+                Some(g) => mem.write_all_at(&fill(p, g), p * PAGE).unwrap(),
+                None => mem.write_all_at(&[0u8; PAGE as usize], p * PAGE).unwrap(),
+            }
+            dirty(&mut bm, p);
+        }
+        mem.write_all_at(&[0x11u8; 100], pages * PAGE).unwrap();
+        dirty(&mut bm, pages);
+        let r1 = src.round(&bm).unwrap();
+        assert_eq!(r1.dirty_pages, 5);
+        assert!(r1.estimated_downtime_ms.is_some() && r1.dirty_rate_gbps.is_some(), "{r1:?}");
+
+        // The VMM pauses; the last bitmap holds one more page.
+        let mut last = vec![0u64; words];
+        mem.write_all_at(&fill(333, 77), 333 * PAGE).unwrap();
+        dirty(&mut last, 333);
+        let rep = src.finish(&last).unwrap();
+        assert_eq!(rep.rounds.len(), 3);
+        assert!(rep.rounds[2].last);
+        assert_eq!(rep.rounds[2].dirty_pages, 1);
+        assert!(rep.digest_match);
+        let inc = dest.join().unwrap().unwrap();
+        assert_eq!(inc.report.digest, rep.digest);
+        assert_eq!(inc.report.rounds.len(), 3);
+        assert!(contents(&inc.memory) == contents(&mem), "byte for byte, with {workers} worker(s) x {conns} lane(s), {compression}");
+        assert!(hw::memmap::is_memory_file(&inc.memory).unwrap());
+    }
+}
+
+#[test]
+fn a_page_dirtied_but_not_marked_fails_the_digest() {
+    let mem = guest(128, 0);
+    let plan = plan(1, 1, Compression::Off);
+    let (addr, dest) = destination(plan.clone());
+    let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+    src.round(&[0, 0]).unwrap();
+    // The VMM's dirty tracking misses this write.
+    mem.write_all_at(&fill(40, 99), 40 * PAGE).unwrap();
+    let err = src.finish(&[0, 0]).unwrap_err();
+    assert!(matches!(err, SessionError::DigestMismatch { .. }), "{err}");
+    let err = dest.join().unwrap().unwrap_err();
+    assert!(matches!(err, SessionError::DigestMismatch { .. }), "the destination keeps nothing: {err}");
+}
+
+#[test]
+fn the_source_dying_discards_the_destination() {
+    let mem = guest(256, 0);
+    let plan = plan(2, 1, Compression::Off);
+    let (addr, dest) = destination(plan.clone());
+    let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+    src.round(&[0; 4]).unwrap();
+    drop(src);
+    let err = dest.join().unwrap().unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("closed") || msg.contains("reset"), "{msg}");
+}
+
+#[test]
+fn a_bitmap_of_the_wrong_size_ends_the_migration_and_the_source_is_untouched() {
+    let mem = guest(256, 0);
+    let before = contents(&mem);
+    let plan = plan(1, 2, Compression::Off);
+    let (addr, dest) = destination(plan.clone());
+    let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+    src.round(&[0; 4]).unwrap();
+    let err = src.round(&[0; 3]).unwrap_err();
+    assert!(err.to_string().contains("bitmap of 3 words for 256 pages"), "{err}");
+    drop(src);
+    assert!(dest.join().unwrap().is_err(), "an abandoned migration is never handed over");
+    assert!(contents(&mem) == before, "the source memory is only read");
+}
+
+#[test]
+fn a_disk_file_is_not_guest_memory() {
+    let f = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    f.as_file().set_len(8192).unwrap();
+    let plan = plan(1, 1, Compression::Off);
+    let err = Source::connect(f.as_file(), opts("127.0.0.1:1".into(), &plan)).unwrap_err();
+    assert!(err.to_string().contains("not a memory file"), "{err}");
+}
+
+#[test]
+fn a_one_shot_receiver_is_not_a_migration_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let plan = plan(1, 1, Compression::Off);
+    let p2 = plan.clone();
+    let out = dir.path().join("out");
+    let recv = std::thread::spawn(move || {
+        dataplane::engine::recv::recv_file(&l, &out, &dataplane::engine::recv::RecvOptions { auth: key(), plan: &p2, progress: None })
+    });
+    let mem = guest(16, 0);
+    let err = Source::connect(&mem, opts(addr, &plan)).unwrap_err();
+    assert!(err.to_string().contains("not a migration destination"), "{err}");
+    assert!(recv.join().unwrap().is_err());
+}
