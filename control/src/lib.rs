@@ -6,8 +6,12 @@
 pub mod capsfile;
 /// The TOML config file.
 pub mod config;
+/// `ferryctl demo` and `bench migrate`: a region-mode migration of a simulated guest.
+pub mod demo;
 /// Preflight checks with fixes.
 pub mod doctor;
+/// The simulated guest: memory image, dirtying workload, dirty log.
+pub mod guest;
 /// Capabilities + config -> plan, with a reason for every value.
 pub mod planner;
 /// Human-readable renderings.

@@ -72,6 +72,14 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Migrate a simulated 1 GiB guest under a dirtying workload between two ferryd on this
+    /// machine (region mode), verify it byte for byte, and report rounds and downtime.
+    Demo(control::demo::MigrateArgs),
+    /// Benchmarks: `bench migrate` is the demo with every knob, for scripts (--json).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Show a running ferryd's sessions and counters.
     Status {
         /// ferryd's control socket (default: $FERRY_SOCKET or /run/ferry/ferryd.sock).
@@ -80,6 +88,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// A region-mode migration of a simulated guest: size, dirty rate and pattern,
+    /// transport, compression, downtime budget, round limit, rate limit.
+    Migrate(control::demo::MigrateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +230,7 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
+        Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => demo(&a),
         Cmd::Doctor(a) => {
             let (caps, cfg) = inputs(&a)?;
             let plan = planner::plan(&caps, &cfg);
@@ -253,6 +269,18 @@ fn daemon_report(r: Result<serde_json::Value, String>, as_json: bool) -> Result<
     let rep: dataplane::engine::Report =
         serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's report: {e}")))?;
     emit(&if as_json { json(&rep) } else { transfer::summary(&rep) });
+    Ok(0)
+}
+
+fn demo(a: &control::demo::MigrateArgs) -> Result<u8, Fail> {
+    let quiet = a.json;
+    let r = control::demo::run(a, &mut |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })
+    .map_err(|(code, e)| Fail(code, e))?;
+    emit(&if a.json { json(&r) } else { control::demo::summary(&r) });
     Ok(0)
 }
 

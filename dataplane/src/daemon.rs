@@ -58,6 +58,9 @@ pub enum Request {
         rate_limit_mbit: Option<u64>,
         #[serde(default)]
         compress: Option<String>,
+        /// `sent` (default) or `full`: see [`crate::migrate::Verify`].
+        #[serde(default)]
+        verify: Option<crate::migrate::Verify>,
     },
     /// Inside a `migrate_out` conversation: a pre-copy round over the bitmap's pages.
     Round,
@@ -287,8 +290,8 @@ impl Daemon {
         }
         match req {
             Request::MigrateIn { listen } => self.migrate_in(&conn, &listen),
-            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress } => {
-                let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress };
+            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, verify } => {
+                let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, verify: verify.unwrap_or_default() };
                 self.migrate_out(&mut conn, fds, &to, limits);
             }
             Request::Round | Request::Final => {
@@ -387,6 +390,7 @@ impl Daemon {
             downtime_budget: limits.downtime_ms.map_or(crate::migrate::DEFAULT_DOWNTIME, std::time::Duration::from_millis),
             max_rounds: limits.max_rounds.unwrap_or(crate::migrate::DEFAULT_MAX_ROUNDS).max(1),
             rate_limit: limits.rate_limit_mbit.map(|m| m * 1_000_000 / 8),
+            verify: limits.verify,
         };
         let mut src = Source::connect(&memory, opts).map_err(|e| e.to_string())?;
         let pages = crate::migrate::pages(src.size());
@@ -450,6 +454,7 @@ struct Limits {
     max_rounds: Option<u32>,
     rate_limit_mbit: Option<u64>,
     compress: Option<String>,
+    verify: crate::migrate::Verify,
 }
 
 fn result(r: Result<Report, String>) -> serde_json::Value {

@@ -21,6 +21,18 @@ fn place(page_hash: u128, region: u32, page: u64) -> u128 {
     xxh3_128_with_seed(&page_hash.to_le_bytes(), (u64::from(region) << 48) | page)
 }
 
+/// Whether `off..off + n` of `file` is all hole (SEEK_DATA finds no data before its end).
+/// Any doubt (a file system without SEEK_DATA) says no, and the bytes are read.
+fn is_hole(file: &std::fs::File, off: u64, n: u64) -> bool {
+    use nix::unistd::{Whence, lseek};
+    match lseek(file, off as i64, Whence::SeekData) {
+        Ok(data) => data as u64 >= off + n,
+        // ENXIO: no data at or after `off`.
+        Err(nix::errno::Errno::ENXIO) => true,
+        Err(_) => false,
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Digest(pub u128);
 
@@ -69,6 +81,45 @@ impl Digest {
         format!("{:032x}", self.0)
     }
 
+    /// The digest of the first `len` bytes of `file` as region `region`, read with
+    /// `pread` in 1 MiB pieces on `threads` threads. A piece that is a hole (never
+    /// written: most of a fresh guest's zero pages) is folded in as zeros without reading.
+    pub fn of_file(region: u32, page_size: usize, file: &std::fs::File, len: u64, threads: usize) -> std::io::Result<Digest> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        const PIECE: u64 = 1 << 20;
+        let next = AtomicU64::new(0);
+        let pieces = len.div_ceil(PIECE);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    s.spawn(|| -> std::io::Result<Digest> {
+                        let mut buf = vec![0u8; PIECE as usize];
+                        let mut d = Digest::default();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= pieces {
+                                return Ok(d);
+                            }
+                            let (off, n) = (i * PIECE, (len - i * PIECE).min(PIECE) as usize);
+                            if is_hole(file, off, n as u64) {
+                                d.add_zero(region, off / page_size as u64, page_size, n as u64);
+                                continue;
+                            }
+                            file.read_exact_at(&mut buf[..n], off)?;
+                            d.add(region, off / page_size as u64, page_size, &buf[..n]);
+                        }
+                    })
+                })
+                .collect();
+            let mut acc = Digest::default();
+            for p in parts {
+                acc.combine(p.join().expect("digest thread")?);
+            }
+            Ok(acc)
+        })
+    }
+
     /// The digest of a whole region, computed on `threads` threads.
     pub fn of_region(region: u32, page_size: usize, bytes: &[u8], threads: usize) -> Digest {
         let pages = bytes.len().div_ceil(page_size).max(1);
@@ -112,6 +163,23 @@ mod tests {
         a.swap_with_slice(&mut b[..4096]);
         assert_ne!(Digest::of_region(0, 4096, &swapped, 1), whole);
         assert_ne!(Digest::of_region(1, 4096, &data, 1), whole);
+    }
+
+    #[test]
+    fn of_file_matches_of_region() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..(3 << 20) + 5000).map(|i| (i * 13 % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let want = Digest::of_region(0, 4096, &data, 1);
+        assert_eq!(Digest::of_file(0, 4096, &f, data.len() as u64, 3).unwrap(), want);
+        assert!(Digest::of_file(0, 4096, &f, data.len() as u64 + 1, 1).is_err(), "a short file is an error");
+        // Holes (a memfd never written there) digest as zeros.
+        let m = hw::memmap::memfd("digest-test", 5 << 20, false).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&m, &data[..4096], 2 << 20).unwrap();
+        let mut image = vec![0u8; 5 << 20];
+        image[2 << 20..(2 << 20) + 4096].copy_from_slice(&data[..4096]);
+        assert_eq!(Digest::of_file(0, 4096, &m, 5 << 20, 2).unwrap(), Digest::of_region(0, 4096, &image, 1));
     }
 
     #[test]

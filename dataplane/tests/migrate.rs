@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use dataplane::auth::{Auth, Key};
 use dataplane::conn::SessionError;
+use dataplane::migrate::Verify;
 use dataplane::migrate::dest::{DestOptions, Incoming, accept};
 use dataplane::migrate::source::{Source, SourceOptions};
 use dataplane::plan::*;
@@ -73,7 +74,15 @@ fn dirty(bitmap: &mut [u64], page: u64) {
 }
 
 fn opts<'a>(to: String, plan: &'a Plan) -> SourceOptions<'a> {
-    SourceOptions { to, auth: key(), plan, downtime_budget: Duration::from_millis(300), max_rounds: 30, rate_limit: None }
+    SourceOptions {
+        to,
+        auth: key(),
+        plan,
+        downtime_budget: Duration::from_millis(300),
+        max_rounds: 30,
+        rate_limit: None,
+        verify: Verify::Sent,
+    }
 }
 
 /// A destination on a free port, on its own thread.
@@ -85,13 +94,15 @@ fn destination(plan: Plan) -> (String, std::thread::JoinHandle<Result<Incoming, 
 
 #[test]
 fn rounds_carry_dirty_pages_and_the_memory_arrives_whole() {
-    for (workers, conns, compression) in [(1, 1, Compression::Off), (2, 2, Compression::Zstd { level: 1 })] {
+    for (workers, conns, compression, verify) in
+        [(1, 1, Compression::Off, Verify::Sent), (2, 2, Compression::Zstd { level: 1 }, Verify::Full)]
+    {
         let pages = 700;
         let mem = guest(pages, 100);
         let words = (pages + 1).div_ceil(64) as usize;
         let plan = plan(workers, conns, compression);
         let (addr, dest) = destination(plan.clone());
-        let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+        let mut src = Source::connect(&mem, SourceOptions { verify, ..opts(addr, &plan) }).unwrap();
         let r0 = src.round(&vec![0; words]).unwrap();
         assert_eq!(r0.dirty_pages, pages + 1, "round 0 carries every page");
         assert!(r0.zero_pages >= pages / 3, "zero pages are flagged, not sent: {r0:?}");
@@ -122,6 +133,7 @@ fn rounds_carry_dirty_pages_and_the_memory_arrives_whole() {
         assert!(rep.rounds[2].last);
         assert_eq!(rep.rounds[2].dirty_pages, 1);
         assert!(rep.digest_match);
+        assert_eq!(rep.verify, verify);
         let inc = dest.join().unwrap().unwrap();
         assert_eq!(inc.report.digest, rep.digest);
         assert_eq!(inc.report.rounds.len(), 3);
@@ -131,11 +143,11 @@ fn rounds_carry_dirty_pages_and_the_memory_arrives_whole() {
 }
 
 #[test]
-fn a_page_dirtied_but_not_marked_fails_the_digest() {
+fn a_page_dirtied_but_not_marked_fails_the_full_digest() {
     let mem = guest(128, 0);
     let plan = plan(1, 1, Compression::Off);
     let (addr, dest) = destination(plan.clone());
-    let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+    let mut src = Source::connect(&mem, SourceOptions { verify: Verify::Full, ..opts(addr, &plan) }).unwrap();
     src.round(&[0, 0]).unwrap();
     // The VMM's dirty tracking misses this write.
     mem.write_all_at(&fill(40, 99), 40 * PAGE).unwrap();

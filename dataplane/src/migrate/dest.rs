@@ -8,13 +8,12 @@
 use std::fs::File;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
-use super::{MigrationReport, ROUND_IDLE_TIMEOUT, RoundReport};
+use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport};
 use crate::auth::{Auth, server_handshake};
 use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
@@ -36,31 +35,6 @@ pub struct DestOptions<'a> {
 pub struct Incoming {
     pub memory: File,
     pub report: MigrationReport,
-}
-
-/// Each page's share of the destination digest, replaced when the page arrives again.
-struct PageHashes(Vec<AtomicU64>);
-
-impl PageHashes {
-    fn new(pages: u64) -> PageHashes {
-        PageHashes((0..2 * pages).map(|_| AtomicU64::new(0)).collect())
-    }
-
-    /// Only the lane that claimed the page in this round stores it; Relaxed is enough
-    /// because the fold runs after the lanes' round ends were received over a channel.
-    fn set(&self, page: u64, d: Digest) {
-        let v = d.0;
-        self.0[2 * page as usize].store(v as u64, Ordering::Relaxed);
-        self.0[2 * page as usize + 1].store((v >> 64) as u64, Ordering::Relaxed);
-    }
-
-    fn fold(&self) -> Digest {
-        let mut d = Digest::default();
-        for pair in self.0.chunks_exact(2) {
-            d.combine(Digest(u128::from(pair[0].load(Ordering::Relaxed)) | u128::from(pair[1].load(Ordering::Relaxed)) << 64));
-        }
-        d
-    }
 }
 
 /// What a lane counted in one round, or over the session.

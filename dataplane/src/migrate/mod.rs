@@ -14,10 +14,12 @@ pub mod dest;
 pub mod source;
 pub mod vmm;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Digest;
 use crate::engine::PAGE;
 
 /// QEMU's and Cloud Hypervisor's default downtime limit.
@@ -57,6 +59,59 @@ pub fn parse_bitmap(raw: &[u8], pages: u64) -> Result<Vec<u64>, String> {
         }
     }
     Ok(words)
+}
+
+/// Each page's share of a region digest, replaced when the page is sent (source) or
+/// arrives (destination) again. 16 bytes per page: 4 MiB per GiB.
+pub(crate) struct PageHashes(Vec<AtomicU64>);
+
+impl PageHashes {
+    pub(crate) fn new(pages: u64) -> PageHashes {
+        PageHashes((0..2 * pages).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Within a round only one thread stores a page's hash; Relaxed is enough because the
+    /// fold runs after the round's threads were joined or reported over a channel.
+    pub(crate) fn set(&self, page: u64, d: Digest) {
+        let v = d.0;
+        self.0[2 * page as usize].store(v as u64, Ordering::Relaxed);
+        self.0[2 * page as usize + 1].store((v >> 64) as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fold(&self) -> Digest {
+        let mut d = Digest::default();
+        for pair in self.0.chunks_exact(2) {
+            d.combine(Digest(u128::from(pair[0].load(Ordering::Relaxed)) | u128::from(pair[1].load(Ordering::Relaxed)) << 64));
+        }
+        d
+    }
+}
+
+/// What the source's digest covers at the end of a migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    /// Every page as it was last sent (hashed from the very bytes put on the wire),
+    /// compared with every page as it landed: proves the destination holds exactly what
+    /// was sent, and costs the downtime nothing. It trusts the VMM's dirty log to name
+    /// every page written since it was sent.
+    #[default]
+    Sent,
+    /// The paused guest memory itself, read and hashed during the stop-and-copy round on
+    /// every CPU: also catches a dirty log that missed a write, at the price of reading
+    /// all of guest memory while the guest is paused.
+    Full,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Verify, String> {
+        match s {
+            "sent" => Ok(Verify::Sent),
+            "full" => Ok(Verify::Full),
+            _ => Err(format!("verify \"{s}\": use sent or full")),
+        }
+    }
 }
 
 /// One pre-copy round, as the source reports it to the VMM.
@@ -111,6 +166,8 @@ pub struct MigrationReport {
     pub lanes: u32,
     pub workers: u32,
     pub rate_limit_bytes_per_second: Option<u64>,
+    /// What the digest covered (source side).
+    pub verify: Verify,
     pub digest: String,
     pub digest_match: bool,
 }

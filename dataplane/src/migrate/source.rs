@@ -3,12 +3,13 @@
 
 use std::fs::File;
 use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use super::{MigrationReport, ROUND_IDLE_TIMEOUT, RoundReport};
+use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport, Verify};
 use crate::auth::{Auth, client_handshake};
 use crate::conn::{SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
@@ -28,6 +29,7 @@ pub struct SourceOptions<'a> {
     pub max_rounds: u32,
     /// Region bytes per second, at most (a token bucket with one chunk of burst).
     pub rate_limit: Option<u64>,
+    pub verify: Verify,
 }
 
 struct Lane {
@@ -81,7 +83,9 @@ impl Pacer {
 /// A migration in progress, from the source's side.
 pub struct Source<'a> {
     opts: SourceOptions<'a>,
-    map: hw::memmap::SourceMap,
+    /// The guest memory, read with `pread`: no page faults, and holes (never-touched
+    /// pages of a memfd) read as zeros without being allocated.
+    memory: File,
     size: u64,
     chunk: usize,
     ctl: TcpStream,
@@ -89,7 +93,10 @@ pub struct Source<'a> {
     rounds: Vec<RoundReport>,
     /// When the previous round started: the dirty bitmap of the next one covers the time since.
     last_start: Option<Instant>,
-    /// Seconds to digest a GiB of guest memory on this machine, measured at connect.
+    /// Every page's hash as last sent.
+    sent: PageHashes,
+    /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, measured at
+    /// connect.
     digest_seconds_per_gib: f64,
     t0: Instant,
     cpu0: f64,
@@ -111,8 +118,8 @@ impl<'a> Source<'a> {
                 "the guest memory descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file".into(),
             ));
         }
-        let map = hw::memmap::SourceMap::new(memory).map_err(region)?;
-        let size = map.as_slice().len() as u64;
+        let memory = memory.try_clone().map_err(region)?;
+        let size = memory.metadata().map_err(region)?.len();
         if size == 0 {
             return Err(SessionError::Protocol("the guest memory is empty".into()));
         }
@@ -154,12 +161,16 @@ impl<'a> Source<'a> {
         }
         // The paused source is digested during the last round; that bounds the downtime
         // from below, so the estimate needs its speed.
-        let sample = &map.as_slice()[..(size as usize).min(16 << 20)];
-        let t = Instant::now();
-        std::hint::black_box(Digest::of_region(0, PAGE, sample, 1));
-        let digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample.len() as f64 / (1u64 << 30) as f64);
+        let mut digest_seconds_per_gib = 0.0;
+        if opts.verify == Verify::Full {
+            let sample = size.min(16 << 20);
+            let t = Instant::now();
+            std::hint::black_box(Digest::of_file(0, PAGE, &memory, sample, 1).map_err(region)?);
+            digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample as f64 / (1u64 << 30) as f64);
+        }
+        let sent = PageHashes::new(super::pages(size));
         log::info!("migration session {session:#x}: {size} bytes to {} over {lanes} lane(s) from {n_workers} worker(s)", opts.to);
-        Ok(Source { opts, map, size, chunk, ctl, workers, rounds: Vec::new(), last_start: None, digest_seconds_per_gib, t0, cpu0 })
+        Ok(Source { opts, memory, size, chunk, ctl, workers, rounds: Vec::new(), last_start: None, sent, digest_seconds_per_gib, t0, cpu0 })
     }
 
     pub fn size(&self) -> u64 {
@@ -177,7 +188,7 @@ impl<'a> Source<'a> {
     }
 
     /// The stop-and-copy round, once the VMM has paused: the pages `dirty` marks, then the
-    /// digest of the whole source against the destination's.
+    /// source's digest ([`Verify`]) against the destination's.
     pub fn finish(mut self, dirty: &[u64]) -> Result<MigrationReport, SessionError> {
         let (last, digest) = self.run_round(dirty, true)?;
         let digest = digest.expect("the last round digests the source");
@@ -193,6 +204,7 @@ impl<'a> Source<'a> {
             lanes: self.lanes() as u32,
             workers: self.workers.len() as u32,
             rate_limit_bytes_per_second: self.opts.rate_limit,
+            verify: self.opts.verify,
             digest: digest.hex(),
             digest_match: true,
             ..MigrationReport::default()
@@ -231,12 +243,15 @@ impl<'a> Source<'a> {
         };
         let next = AtomicUsize::new(0);
         let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
-        let source = self.map.as_slice();
+        let source = &self.memory;
         let (chunk, size, to) = (self.chunk, self.size, self.opts.to.as_str());
-        let digest_threads = self.workers.len().max(1);
+        // The VMM is paused during the last round: a full digest may use every CPU.
+        let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
+        let full = last && self.opts.verify == Verify::Full;
+        let sent = &self.sent;
         let (results, digest) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
-            let digest = last.then(|| s.spawn(move || Digest::of_region(0, PAGE, source, digest_threads)));
+            let digest = full.then(|| s.spawn(move || Digest::of_file(0, PAGE, source, size, digest_threads)));
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
@@ -244,7 +259,7 @@ impl<'a> Source<'a> {
                     let (windows, next, pacer) = (&windows, &next, &pacer);
                     s.spawn(move || {
                         pin(w.cpu);
-                        let r = w.run(round, source, size, chunk, windows, next, dirty, all, pacer, to);
+                        let r = w.run(round, source, size, chunk, windows, next, dirty, all, pacer, sent, to);
                         if r.is_err() {
                             next.store(windows.len(), Ordering::Relaxed);
                         }
@@ -254,7 +269,12 @@ impl<'a> Source<'a> {
                 .collect();
             let results: Vec<Result<Counts, SessionError>> =
                 handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
-            (results, digest.map(|d| d.join().expect("digest thread panicked")))
+            (
+                results,
+                digest.map(|d| {
+                    d.join().expect("digest thread panicked").map_err(|e| SessionError::io("digesting the paused guest memory", e))
+                }),
+            )
         });
         let mut c = Counts::default();
         for r in results {
@@ -279,6 +299,11 @@ impl<'a> Source<'a> {
                 c.pages
             )));
         }
+        let digest = match digest.transpose()? {
+            Some(d) => Some(d),
+            None if last => Some(self.sent.fold()),
+            None => None,
+        };
         let digest = match digest {
             Some(d) => {
                 for w in &mut self.workers {
@@ -307,6 +332,7 @@ impl<'a> Source<'a> {
         let estimate = match (dirty_rate, bw) {
             (Some(rate), Some(bw)) => {
                 let next_dirty = (rate * seconds).min(self.size as f64);
+                // With a full digest the paused memory is read beside the last round.
                 let digest = self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64;
                 Some((next_dirty / bw).max(digest) * 1e3)
             }
@@ -381,7 +407,7 @@ impl Worker {
     fn run(
         &mut self,
         round: u32,
-        source: &[u8],
+        source: &File,
         size: u64,
         chunk: usize,
         windows: &[u64],
@@ -389,6 +415,7 @@ impl Worker {
         dirty: &[u64],
         all: bool,
         pacer: &Pacer,
+        sent: &PageHashes,
         to: &str,
     ) -> Result<Counts, SessionError> {
         let (snapshot, staging) = self.arena.as_mut_slice().split_at_mut(chunk);
@@ -407,14 +434,31 @@ impl Worker {
             batch.base = base as usize;
             let enc = &mut self.enc;
             let mut pages = 0;
+            let mut read_err = None;
             let mut send_run = |s: u64, e: u64| {
                 let (from, to) = ((s * page) as usize, ((e * page).min(size)) as usize);
                 let at = from - base as usize;
                 // The guest may be writing these pages: what is sent is this copy, so its
                 // checksum and the bytes on the wire agree.
-                snapshot[at..at + to - from].copy_from_slice(&source[from..to]);
+                if let Err(e) = source.read_exact_at(&mut snapshot[at..at + to - from], from as u64) {
+                    read_err.get_or_insert(e);
+                    return;
+                }
                 let bytes = &snapshot[at..at + to - from];
                 enc.encode::<()>(0, from as u64, PAGE, bytes, &mut |h, p| {
+                    // Each page's hash from the bytes this frame carries.
+                    let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
+                    let first = off / page;
+                    if h.encoding == wire::Encoding::Zero as u8 {
+                        for i in 0..len.div_ceil(page) {
+                            sent.set(first + i, Digest::of_zero_page(0, first + i, (len - i * page).min(page) as usize));
+                        }
+                    } else {
+                        let rel = (off - from as u64) as usize;
+                        for (i, pg) in bytes[rel..rel + len as usize].chunks(PAGE).enumerate() {
+                            sent.set(first + i as u64, Digest::of_page(0, first + i as u64, pg));
+                        }
+                    }
                     batch.push(h, p);
                     Ok(())
                 })
@@ -425,6 +469,9 @@ impl Worker {
                 send_run(first, end);
             } else {
                 dirty_runs(dirty, first, end, &mut send_run);
+            }
+            if let Some(e) = read_err {
+                return Err(SessionError::io(format!("reading guest memory in window {w}"), e));
             }
             batch.region_bytes = pages * page;
             pacer.pace(batch.region_bytes);

@@ -41,6 +41,7 @@ pub struct OutOptions {
     pub rate_limit_mbit: Option<u64>,
     /// `off`, `zstd:N` or `auto`; the plan's policy when none.
     pub compress: Option<String>,
+    pub verify: super::Verify,
 }
 
 fn connect(socket: &Path) -> Result<LineConn, String> {
@@ -70,7 +71,7 @@ impl MigrateOut {
     pub fn start(socket: &Path, to: &str, memory: &File, bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
         let mut conn = connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
-            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress});
+            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "verify": o.verify});
         conn.send(&req.to_string(), &[memory.as_fd(), bitmap.as_fd()]).map_err(|e| format!("writing to ferryd: {e}"))?;
         let (connected, _) = reply(&mut conn)?;
         Ok(MigrateOut { conn, connected })

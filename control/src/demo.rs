@@ -1,0 +1,394 @@
+//! `ferryctl demo` and `ferryctl bench migrate`: a source and a destination `ferryd` on
+//! this machine, a simulated guest with a realistic memory image and a workload dirtying
+//! it, migrated through region mode exactly as a VMM would drive it (memfds by
+//! SCM_RIGHTS, a dirty bitmap per round, pause when ferry advises), then the destination's
+//! memory compared byte for byte with the paused source.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
+use dataplane::migrate::{MigrationReport, RoundReport};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::guest::{self, DirtyLog, ImageStats, Pattern, Workload};
+use crate::transfer;
+
+/// Every knob of a demo migration.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// How fast the guest's workload dirties memory, MB/s (0: a guest at rest).
+    #[arg(long, default_value_t = 32.0)]
+    pub dirty_rate_mbs: f64,
+    /// Where the workload writes.
+    #[arg(long, value_enum, default_value_t = Pattern::Hot)]
+    pub pattern: Pattern,
+    /// tcp or sockets (the plan's TCP rung when not given).
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// off, zstd:N (1-19), or auto (compress only while it finishes sooner).
+    #[arg(long)]
+    pub compress: Option<String>,
+    /// Downtime budget: ferry advises pausing once its estimate fits, ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Pre-copy rounds before ferry advises pausing whatever the estimate.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Cap on migration bandwidth, Mbit/s of guest memory.
+    #[arg(long)]
+    pub rate_limit_mbit: Option<u64>,
+    /// What the final digest covers: sent (every page as sent against every page as it
+    /// landed; no downtime cost) or full (the paused memory itself, read in the downtime).
+    #[arg(long, default_value = "sent")]
+    pub verify: dataplane::migrate::Verify,
+    /// Seed of the guest image and the workload.
+    #[arg(long, default_value_t = 20240601)]
+    pub seed: u64,
+    /// ferry config file (TOML) for the plan both ferryd processes run with.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The ferryd binary (default: next to ferryctl, then $PATH).
+    #[arg(long, value_name = "PATH")]
+    pub ferryd: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkloadReport {
+    pub pattern: Pattern,
+    pub dirty_rate_mbs: f64,
+    pub page_writes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanSummary {
+    pub transport: String,
+    pub workers: usize,
+    pub lanes: u32,
+    pub chunk_bytes: u64,
+    pub compression: String,
+}
+
+/// What the demo prints (`--json`: all of it).
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub guest: ImageStats,
+    pub workload: WorkloadReport,
+    pub plan: PlanSummary,
+    pub rounds: Vec<RoundReport>,
+    /// From handing the memory to the source ferryd until the destination VMM holds the
+    /// verified memory.
+    pub total_seconds: f64,
+    /// The VMM's view: from pausing the guest until the destination holds its memory.
+    pub downtime_ms: f64,
+    /// ferry's stop-and-copy round including the digest comparison.
+    pub ferry_downtime_ms: f64,
+    pub downtime_budget_ms: f64,
+    /// Guest bytes per second over the whole migration, GB/s.
+    pub gbps: f64,
+    pub sent_bytes: u64,
+    pub wire_bytes: u64,
+    pub zero_pages: u64,
+    pub compression_ratio: f64,
+    /// CPU seconds of both ferryd processes per GiB of guest memory.
+    pub cpu_seconds_per_gib: f64,
+    /// The destination's memory equals the paused source's, compared byte for byte.
+    pub verified: bool,
+    pub verify_seconds: f64,
+    pub source: MigrationReport,
+    pub destination: MigrationReport,
+}
+
+/// A `ferryd` child, stopped (SIGTERM) when dropped; its log kept for error messages.
+struct Ferryd {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Ferryd {
+    fn start(bin: &Path, dir: &Path, name: &str, plan: &Path, key: &Path) -> Result<Ferryd, String> {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = Command::new(bin)
+            .arg("--plan")
+            .arg(plan)
+            .arg("--key")
+            .arg(key)
+            .arg("--control")
+            .arg(&socket)
+            .args(["--metrics", "off"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("cannot start {} ({e}); build it with `cargo build --release` or give --ferryd", bin.display()))?;
+        let mut d = Ferryd { child, socket, log };
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                return Err(format!("the {name} ferryd exited ({st}) before it served its socket:\n{}", d.log_tail()));
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err(format!("the {name} ferryd did not serve {} within 20 s:\n{}", d.socket.display(), d.log_tail()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(d)
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// user + system CPU seconds so far, from /proc.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        ticks as f64 / clock_ticks()
+    }
+}
+
+impl Drop for Ferryd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map_or(100.0, |t| t as f64)
+}
+
+fn ferryd_binary(given: Option<&Path>) -> PathBuf {
+    if let Some(p) = given {
+        return p.to_path_buf();
+    }
+    let next = std::env::current_exe().ok().map(|e| e.with_file_name("ferryd"));
+    next.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("ferryd"))
+}
+
+/// Runs the demo migration; `progress` gets one line per event for a terminal.
+pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoReport, (u8, String)> {
+    let bad = |e: String| (2u8, e);
+    let fail = |e: String| (1u8, e);
+    if a.size_mib == 0 {
+        return Err(bad("--size-mib must be at least 1".into()));
+    }
+    if !(a.dirty_rate_mbs >= 0.0 && a.dirty_rate_mbs.is_finite()) {
+        return Err(bad(format!("--dirty-rate-mbs {}: a rate of 0 or more MB/s", a.dirty_rate_mbs)));
+    }
+    if a.transport.as_deref() == Some("rdma") {
+        return Err(bad("--transport rdma: migrations run over TCP lanes (RDMA migration is not built yet); use tcp or sockets".into()));
+    }
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p).map_err(|e| bad(e.to_string()))?,
+        None => Config::default(),
+    };
+    transfer::override_config(&mut cfg, Some(a.transport.as_deref().unwrap_or("tcp")), a.compress.as_deref()).map_err(bad)?;
+    let caps = hw::probe(&hw::ProbeOptions::default());
+    let plan = transfer::transfer_plan(&caps, &cfg).map_err(bad)?;
+
+    let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| fail(format!("cannot make a work directory: {e}")))?;
+    let plan_path = dir.path().join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise")).map_err(|e| fail(e.to_string()))?;
+    let key_path = dir.path().join("key");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let hex = dataplane::auth::Key::generate_hex().map_err(|e| fail(format!("no randomness: {e}")))?;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path).map_err(|e| fail(e.to_string()))?;
+        writeln!(f, "{hex}").map_err(|e| fail(e.to_string()))?;
+    }
+    let bin = ferryd_binary(a.ferryd.as_deref());
+    let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path).map_err(fail)?;
+    let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path).map_err(fail)?;
+    progress(format!(
+        "source and destination ferryd running (pids {} and {}): {} worker(s), {} lane(s) each, compression {}",
+        src.child.id(),
+        dst.child.id(),
+        plan.worker_cpus.len(),
+        plan.worker_cpus.len() as u32 * plan.tcp.connections_per_worker,
+        plan.compression
+    ));
+
+    // The guest: memory in a memfd, filled with the image; the dirty bitmap in another.
+    let size = a.size_mib << 20;
+    let mem =
+        hw::memmap::memfd("ferry-demo-guest", size, false).map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
+    let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false).map_err(|e| fail(e.to_string()))?;
+    let mut map = hw::memmap::SharedMap::new(&mem).map_err(|e| fail(format!("cannot map the guest memory: {e}")))?;
+    let image = guest::fill_image(map.as_mut_slice(), a.seed);
+    progress(format!(
+        "guest: {} MiB image in {:.1} s ({} zero, {} ELF, {} text, {} random pages)",
+        a.size_mib, image.seconds, image.zero_pages, image.elf_pages, image.text_pages, image.random_pages
+    ));
+    let log = Arc::new(DirtyLog::new(size.div_ceil(guest::PAGE as u64)));
+    let workload = Workload::start(map, log.clone(), (a.dirty_rate_mbs * 1e6) as u64, a.pattern, a.seed);
+
+    let cpu0 = src.cpu_seconds() + dst.cpu_seconds();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").map_err(fail)?;
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || {
+        let r = incoming.wait();
+        (r, Instant::now())
+    });
+    let t0 = Instant::now();
+    let opts = OutOptions {
+        downtime_ms: Some(a.downtime_ms),
+        max_rounds: Some(a.max_rounds),
+        rate_limit_mbit: a.rate_limit_mbit,
+        compress: a.compress.clone(),
+        verify: a.verify,
+    };
+    let with_logs =
+        |e: String| fail(format!("{e}\n--- source ferryd ---\n{}\n--- destination ferryd ---\n{}", src.log_tail(), dst.log_tail()));
+    let harvest = |log: &DirtyLog| log.harvest_into(&bitmap).map_err(|e| fail(format!("writing the dirty bitmap: {e}")));
+    // Dirty logging starts now: round 0 sends everything, round 1 what changed since.
+    harvest(&log)?;
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &opts).map_err(with_logs)?;
+    loop {
+        let r = out.round().map_err(with_logs)?;
+        progress(round_line(&r));
+        if r.advise_pause {
+            break;
+        }
+        harvest(&log)?;
+    }
+    let (map, page_writes) = workload.pause();
+    let paused = Instant::now();
+    let last = harvest(&log)?;
+    progress(format!("guest paused; {last} pages dirtied since the last round"));
+    let source = out.finish().map_err(with_logs)?;
+    let ((memory, destination), resumed) = match waiter.join().expect("waiter thread panicked") {
+        (Ok(m), at) => (m, at),
+        (Err(e), _) => return Err(with_logs(e)),
+    };
+    let downtime = resumed.duration_since(paused).as_secs_f64();
+    let total = resumed.duration_since(t0).as_secs_f64();
+    let cpu = src.cpu_seconds() + dst.cpu_seconds() - cpu0;
+    if let Some(r) = source.rounds.last() {
+        progress(round_line(r));
+    }
+
+    // The destination VMM's memory against the paused source, byte for byte (read with
+    // pread: holes read as zeros without being allocated).
+    let tv = Instant::now();
+    drop(map);
+    compare(&mem, &memory, size).map_err(fail)?;
+    let verify_seconds = tv.elapsed().as_secs_f64();
+    Ok(DemoReport {
+        guest: image,
+        workload: WorkloadReport { pattern: a.pattern, dirty_rate_mbs: a.dirty_rate_mbs, page_writes },
+        plan: PlanSummary {
+            transport: source.transport.clone(),
+            workers: plan.worker_cpus.len(),
+            lanes: source.lanes,
+            chunk_bytes: plan.chunk_size_bytes,
+            compression: source.compression.clone(),
+        },
+        rounds: source.rounds.clone(),
+        total_seconds: total,
+        downtime_ms: downtime * 1e3,
+        ferry_downtime_ms: source.downtime_ms,
+        downtime_budget_ms: a.downtime_ms as f64,
+        gbps: size as f64 / total / 1e9,
+        sent_bytes: source.sent_bytes,
+        wire_bytes: source.wire_bytes,
+        zero_pages: source.zero_pages,
+        compression_ratio: source.compression_ratio(),
+        cpu_seconds_per_gib: cpu / (size as f64 / (1u64 << 30) as f64),
+        verified: true,
+        verify_seconds,
+        source,
+        destination,
+    })
+}
+
+/// Compares two memory files of `size` bytes; the first differing page is the error.
+fn compare(want: &File, got: &File, size: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let got_len = got.metadata().map_err(|e| format!("the migrated memory: {e}"))?.len();
+    if got_len != size {
+        return Err(format!("the migrated memory has {got_len} bytes, the guest {size}"));
+    }
+    const PIECE: usize = 1 << 20;
+    let (mut a, mut b) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(PIECE as u64) as usize;
+        want.read_exact_at(&mut a[..n], off).map_err(|e| format!("reading the guest memory: {e}"))?;
+        got.read_exact_at(&mut b[..n], off).map_err(|e| format!("reading the migrated memory: {e}"))?;
+        if let Some(p) = a[..n].chunks(guest::PAGE).zip(b[..n].chunks(guest::PAGE)).position(|(x, y)| x != y) {
+            let at = off + (p * guest::PAGE) as u64;
+            return Err(format!("the migrated memory differs from the paused guest at page {} (offset {at:#x})", at / guest::PAGE as u64));
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn round_line(r: &RoundReport) -> String {
+    format!(
+        "round {:>2}{}: {:>8} pages {:>9.1} MiB in {:>7.3} s = {:>5.2} GB/s{}{}",
+        r.round,
+        if r.last { " (stop-and-copy)" } else { "" },
+        r.dirty_pages,
+        r.dirty_bytes as f64 / (1 << 20) as f64,
+        r.seconds,
+        r.gbps,
+        r.estimated_downtime_ms.filter(|_| !r.last).map_or_else(String::new, |e| format!(", downtime if paused now ~{e:.0} ms")),
+        if r.advise_pause { ": pause" } else { "" }
+    )
+}
+
+/// The report for a terminal.
+pub fn summary(r: &DemoReport) -> String {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    format!(
+        "migrated {:.0} MiB in {:.3} s ({:.2} GB/s) over {} lane(s), {} round(s)\n\
+         downtime {:.1} ms (ferry's stop-and-copy and verification {:.1} ms; budget {:.0} ms)\n\
+         sent {:.1} MiB of pages, {:.1} MiB on the wire; {} zero pages skipped; compression {} ({:.2}x)\n\
+         {:.2} CPU s/GiB (both ferryd); destination memory equals the paused guest byte for byte (compared in {:.2} s)",
+        mib(r.guest.bytes),
+        r.total_seconds,
+        r.gbps,
+        r.plan.lanes,
+        r.rounds.len(),
+        r.downtime_ms,
+        r.ferry_downtime_ms,
+        r.downtime_budget_ms,
+        mib(r.sent_bytes),
+        mib(r.wire_bytes),
+        r.zero_pages,
+        r.plan.compression,
+        r.compression_ratio,
+        r.cpu_seconds_per_gib,
+        r.verify_seconds
+    )
+}
