@@ -379,9 +379,24 @@ impl Daemon {
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
         }
-        let bitmap_ok = hw::memmap::is_memory_file(&bitmap).map_err(|e| format!("the dirty bitmap descriptor: {e}"))?;
-        if !bitmap_ok {
-            return Err("the dirty bitmap descriptor is not a memory file: share it through a memfd".into());
+        // Every check that needs no peer comes before connecting to the destination.
+        let is_memory = |f: &std::fs::File, what: &str| {
+            hw::memmap::is_memory_file(f).map_err(|e| format!("the {what} descriptor: {e}")).and_then(|ok| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!("the {what} descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file"))
+                }
+            })
+        };
+        is_memory(&memory, "guest memory")?;
+        is_memory(&bitmap, "dirty bitmap")?;
+        let size = memory.metadata().map_err(|e| format!("the guest memory descriptor: {e}"))?.len();
+        let pages = crate::migrate::pages(size);
+        let want = crate::migrate::bitmap_bytes(size);
+        let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
+        if have != want {
+            return Err(format!("the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({pages} pages) need {want}"));
         }
         let opts = SourceOptions {
             to: to.to_string(),
@@ -393,15 +408,6 @@ impl Daemon {
             verify: limits.verify,
         };
         let mut src = Source::connect(&memory, opts).map_err(|e| e.to_string())?;
-        let pages = crate::migrate::pages(src.size());
-        let want = crate::migrate::bitmap_bytes(src.size());
-        let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
-        if have != want {
-            return Err(format!(
-                "the dirty bitmap memfd has {have} bytes; {} bytes of guest memory ({pages} pages) need {want}",
-                src.size()
-            ));
-        }
         let _ = conn.send(&serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "lanes": src.lanes()}).to_string(), &[]);
         let read_bitmap = || -> Result<Vec<u64>, String> {
             let mut raw = vec![0u8; want as usize];

@@ -1,0 +1,236 @@
+//! Region mode through real `ferryd` processes, driven over the control socket as a VMM
+//! drives it: descriptors by SCM_RIGHTS, a bitmap per round. Each process-level failure a
+//! migration must survive: the destination killed mid-migration (the source VMM is told,
+//! its memory is untouched, a retry succeeds), the source killed (the destination hands
+//! nothing over), and descriptors that are not what they should be.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
+use dataplane::plan::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const PAGE: u64 = 4096;
+
+fn plan() -> Plan {
+    Plan {
+        schema_version: PLAN_SCHEMA_VERSION,
+        host: "test".into(),
+        transport: Transport::Sockets,
+        numa_node: 0,
+        worker_cpus: vec![0, 0],
+        control_cpu: None,
+        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
+        chunk_size_bytes: 256 << 10,
+        rdma: None,
+        tcp: TcpPlan {
+            connections_per_worker: 1,
+            io_uring: false,
+            ring_entries: 64,
+            send_zc: false,
+            socket_buffer_bytes: Some(1 << 20),
+            socket_buffer_needed_bytes: 1 << 20,
+        },
+        arena: ArenaPlan { bytes_per_worker: 2 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
+        compression: Compression::Off,
+        reasons: vec![],
+    }
+}
+
+/// A ferryd with its own control socket, killed when dropped.
+struct Ferryd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Ferryd {
+    fn start(dir: &Path, name: &str) -> Ferryd {
+        let plan_path = dir.join("plan.json");
+        if !plan_path.exists() {
+            std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
+            std::fs::write(dir.join("key"), "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let socket = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--plan")
+            .arg(&plan_path)
+            .arg("--key")
+            .arg(dir.join("key"))
+            .arg("--control")
+            .arg(&socket)
+            .args(["--metrics", "off"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "ferryd {name} exited");
+            assert!(t.elapsed() < Duration::from_secs(20), "ferryd {name} did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ferryd { child, socket }
+    }
+
+    fn kill9(&mut self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL).unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Ferryd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn page_bytes(p: u64, generation: u8) -> Vec<u8> {
+    (0..PAGE).map(|i| (i as u8).wrapping_add(p as u8).wrapping_mul(7) ^ generation).collect()
+}
+
+/// 8 MiB of guest memory (every fourth page left zero) and its bitmap memfd.
+fn guest() -> (File, File) {
+    let pages = 2048;
+    let mem = hw::memmap::memfd("guest", pages * PAGE, false).unwrap();
+    for p in (0..pages).filter(|p| p % 4 != 0) {
+        mem.write_all_at(&page_bytes(p, 1), p * PAGE).unwrap();
+    }
+    let bitmap = hw::memmap::memfd("dirty", dataplane::migrate::bitmap_bytes(pages * PAGE), false).unwrap();
+    (mem, bitmap)
+}
+
+fn contents(f: &File) -> Vec<u8> {
+    let mut v = vec![0u8; f.metadata().unwrap().len() as usize];
+    f.read_exact_at(&mut v, 0).unwrap();
+    v
+}
+
+/// The guest writes `pages` (generation `g`) and the VMM's bitmap says so.
+fn dirty(mem: &File, bitmap: &File, pages: &[u64], g: u8) {
+    let mut words = vec![0u64; (contents(bitmap).len() / 8).max(1)];
+    for &p in pages {
+        mem.write_all_at(&page_bytes(p, g), p * PAGE).unwrap();
+        words[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    bitmap.write_all_at(&raw, 0).unwrap();
+}
+
+#[test]
+fn a_guest_migrates_through_two_ferryd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || incoming.wait());
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
+    assert_eq!(out.connected["bytes"], 2048 * PAGE);
+    let r0 = out.round().unwrap();
+    assert_eq!(r0.dirty_pages, 2048);
+    dirty(&mem, &bitmap, &[0, 1, 700, 2047], 2);
+    let r1 = out.round().unwrap();
+    assert_eq!(r1.dirty_pages, 4);
+    dirty(&mem, &bitmap, &[5], 3);
+    let rep = out.finish().unwrap();
+    assert_eq!(rep.rounds.len(), 3);
+    let (got, drep) = waiter.join().unwrap().unwrap();
+    assert_eq!(drep.digest, rep.digest);
+    assert!(contents(&got) == contents(&mem), "the destination VMM gets the guest's memory");
+}
+
+#[test]
+fn the_destination_dying_is_reported_and_a_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Ferryd::start(dir.path(), "src");
+    let mut dst = Ferryd::start(dir.path(), "dst");
+    let (mem, bitmap) = guest();
+    let before = contents(&mem);
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let addr = incoming.addr.clone();
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
+    out.round().unwrap();
+    dst.kill9();
+    drop(incoming);
+    dirty(&mem, &bitmap, &(0..512).collect::<Vec<_>>(), 0);
+    let expected = contents(&mem);
+    let err = out.round().unwrap_err();
+    eprintln!("the source VMM is told: {err}");
+    assert!(err.contains(&addr) || err.contains("closed") || err.contains("reset") || err.contains("Broken pipe"), "{err}");
+    assert!(contents(&mem) == expected && expected != before, "ferry never writes the source memory");
+
+    // The VMM retries against a new destination.
+    let dst = Ferryd::start(dir.path(), "dst2");
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || incoming.wait());
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
+    out.round().unwrap();
+    dirty(&mem, &bitmap, &[3], 9);
+    out.finish().unwrap();
+    let (got, _) = waiter.join().unwrap().unwrap();
+    assert!(contents(&got) == contents(&mem));
+}
+
+#[test]
+fn the_source_dying_hands_the_destination_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = Ferryd::start(dir.path(), "src");
+    let dst = Ferryd::start(dir.path(), "dst");
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || incoming.wait());
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
+    out.round().unwrap();
+    src.kill9();
+    let err = waiter.join().unwrap().unwrap_err();
+    eprintln!("the destination VMM is told: {err}");
+    assert!(err.contains("closed") || err.contains("reset"), "{err}");
+    assert!(out.round().is_err(), "the source VMM is told too");
+    // The destination ferryd is still there for the next migration.
+    assert!(MigrateIn::start(&dst.socket, "127.0.0.1:0").is_ok());
+}
+
+#[test]
+fn descriptors_that_are_not_guest_memory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Ferryd::start(dir.path(), "src");
+    let (mem, bitmap) = guest();
+    let o = OutOptions::default();
+    // Nobody listens at the destination: each check must fail before connecting.
+    let to = "127.0.0.1:1";
+    let disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    disk.as_file().set_len(2048 * PAGE).unwrap();
+    let err = MigrateOut::start(&src.socket, to, disk.as_file(), &bitmap, &o).unwrap_err();
+    assert!(err.contains("guest memory descriptor is not a memory file"), "{err}");
+    let err = MigrateOut::start(&src.socket, to, &mem, disk.as_file(), &o).unwrap_err();
+    assert!(err.contains("dirty bitmap descriptor is not a memory file"), "{err}");
+    let short = hw::memmap::memfd("short", 8, false).unwrap();
+    let err = MigrateOut::start(&src.socket, to, &mem, &short, &o).unwrap_err();
+    assert!(err.contains("has 8 bytes") && err.contains("need 256"), "{err}");
+    // One descriptor instead of two, on the raw socket.
+    let conn = hw::fdpass::LineConn::new(std::os::unix::net::UnixStream::connect(&src.socket).unwrap());
+    use std::os::fd::AsFd;
+    conn.send(&format!("{{\"cmd\":\"migrate_out\",\"to\":\"{to}\"}}"), &[mem.as_fd()]).unwrap();
+    let mut conn = conn;
+    let (line, _) = conn.recv().unwrap().unwrap();
+    assert!(line.contains("takes two descriptors") && line.contains("1 came"), "{line}");
+    // A round outside a migration, and an unknown field.
+    for (req, want) in
+        [("{\"cmd\":\"round\"}", "belong to a migrate_out"), ("{\"cmd\":\"migrate_in\",\"listen\":\"x\",\"bogus\":1}", "unknown field")]
+    {
+        let mut c = hw::fdpass::LineConn::new(std::os::unix::net::UnixStream::connect(&src.socket).unwrap());
+        c.send(req, &[]).unwrap();
+        let (line, _) = c.recv().unwrap().unwrap();
+        assert!(line.contains(want), "{req}: {line}");
+    }
+}
