@@ -67,6 +67,37 @@ enum Cmd {
         #[command(flatten)]
         t: TransferArgs,
     },
+    /// Stream mode for an unmodified QEMU: carry its migration stream between two proxies.
+    /// Source: `--listen unix:/run/ferry/ID.sock --to DEST:PORT` (then QMP `migrate
+    /// unix:/run/ferry/ID.sock`). Destination: `--serve HOST:PORT --forward unix:/path`
+    /// (QEMU's `-incoming` socket). One migration per proxy; QEMU multifd channels are
+    /// carried side by side.
+    Proxy {
+        /// Source: where QEMU migrates to, unix:/path or tcp:HOST:PORT (repeatable).
+        #[arg(long, value_name = "ENDPOINT", requires = "to", conflicts_with_all = ["serve", "forward"])]
+        listen: Vec<String>,
+        /// Source: the destination proxy, HOST:PORT.
+        #[arg(long, requires = "listen")]
+        to: Option<String>,
+        /// Destination: the address the source proxy connects to, HOST:PORT.
+        #[arg(long, requires = "forward")]
+        serve: Option<String>,
+        /// Destination: the destination QEMU's -incoming socket, unix:/path or tcp:HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT", requires = "serve")]
+        forward: Option<String>,
+        /// Pre-shared key file (hex, mode 0600), the same on both sides.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Run without authentication (both sides must say so).
+        #[arg(long)]
+        insecure_no_auth: bool,
+        /// off (default), zstd:N (1-19), or auto (compress while it finishes sooner).
+        #[arg(long)]
+        compress: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a new random pre-shared key (mode 0600).
     Keygen {
         #[arg(long)]
@@ -230,6 +261,62 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
+        Cmd::Proxy { listen, to, serve, forward, key, insecure_no_auth, compress, json: as_json } => {
+            let auth = transfer::auth(key.as_deref(), insecure_no_auth).map_err(|e| Fail(2, e))?;
+            let compression = match compress.as_deref() {
+                None | Some("off") => dataplane::plan::Compression::Off,
+                Some("auto") => dataplane::plan::Compression::Adaptive { level: 1 },
+                Some(c) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
+            };
+            let opts = dataplane::stream::ProxyOptions { auth, compression };
+            let r = match (to, serve, forward) {
+                (Some(to), None, None) => {
+                    let eps: Vec<dataplane::stream::Endpoint> =
+                        listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e| Fail(2, e))?;
+                    let listeners: Vec<_> = eps
+                        .iter()
+                        .map(|e| dataplane::stream::Listener::bind(e).map_err(|err| Fail(2, format!("cannot listen on {e}: {err}"))))
+                        .collect::<Result<_, _>>()?;
+                    for l in &listeners {
+                        eprintln!("ferry proxy: QEMU can migrate to {} (carried to {to})", l.uri());
+                    }
+                    dataplane::stream::source(&listeners, &to, &opts)
+                }
+                (None, Some(serve), Some(forward)) => {
+                    let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e| Fail(2, e))?;
+                    let l = std::net::TcpListener::bind(&serve).map_err(|e| Fail(2, format!("cannot listen on {serve}: {e}")))?;
+                    eprintln!(
+                        "ferry proxy: listening on {} for the source proxy; QEMU at {fwd}",
+                        l.local_addr().map_or(serve, |a| a.to_string())
+                    );
+                    dataplane::stream::destination(&l, &fwd, &opts)
+                }
+                _ => {
+                    return Err(Fail(
+                        2,
+                        "give --listen ENDPOINT --to HOST:PORT (source) or --serve HOST:PORT --forward ENDPOINT (destination)".into(),
+                    ));
+                }
+            };
+            let r = r.map_err(|e| Fail(1, e.to_string()))?;
+            emit(&if as_json {
+                json(&r)
+            } else {
+                format!(
+                    "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
+                    r.role,
+                    r.channels.len(),
+                    r.sent_bytes,
+                    r.received_bytes,
+                    r.seconds,
+                    r.gbps,
+                    r.wire_bytes,
+                    r.compression,
+                    r.compression_ratio
+                )
+            });
+            Ok(0)
+        }
         Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => demo(&a),
         Cmd::Doctor(a) => {
             let (caps, cfg) = inputs(&a)?;

@@ -18,5 +18,7 @@ pub mod engine;
 pub mod migrate;
 /// The resolved plan the data plane runs with.
 pub mod plan;
+/// Stream mode: an unmodified VMM's migration stream carried between two proxies.
+pub mod stream;
 /// Wire protocol v1: frame header, kinds, checks.
 pub mod wire;

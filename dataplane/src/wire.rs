@@ -92,8 +92,11 @@ pub mod features {
     /// The session is a migration: pre-copy rounds into a destination `ferryd` that
     /// hands the memory to a VMM (see [`crate::migrate`]), not a one-shot transfer.
     pub const MIGRATE: u64 = 1 << 3;
+    /// The connection is a stream-mode channel: an unmodified VMM's migration stream
+    /// carried between two proxies (see [`crate::stream`]).
+    pub const STREAM: u64 = 1 << 4;
     /// Every feature this build understands.
-    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE;
+    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE | STREAM;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,658 @@
+//! Stream mode: ferry carries an unmodified VMM's migration stream. On the source, a
+//! proxy accepts QEMU's migration connections (`migrate unix:/run/ferry/<id>.sock`, or
+//! TCP); each becomes a ferry channel to the destination proxy, which connects to the
+//! destination QEMU's `-incoming` socket. QEMU multifd opens several connections: each is
+//! its own channel, carried side by side, and the destination opens them towards QEMU in
+//! the order the source accepted them (QEMU 7.2 takes the first connection as its main
+//! channel).
+//!
+//! ```text
+//!  QEMU src ──unix/tcp──► proxy (source) ══ ferry channel per connection ══► proxy (destination) ──unix/tcp──► QEMU dst
+//!                          HELLO (lane = channel number, feature STREAM), authenticated as every session
+//!                          DATA (offset = stream position, raw | zstd, crc32c) ... in both directions
+//!                          LANE_END (frames, bytes) when a side's QEMU closes its end
+//! ```
+//!
+//! Both directions are framed the same way, so a return path works too. A channel whose
+//! ferry connection breaks is reset towards QEMU, never closed cleanly, so QEMU sees a
+//! failed migration rather than a stream that ended early.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use serde::Serialize;
+use zerocopy::IntoBytes;
+use zstd_safe::{CCtx, DCtx};
+
+use crate::auth::{Auth, client_handshake, server_handshake};
+use crate::conn::{FrameReader, SessionError, write_all_vectored, write_frame};
+use crate::encode::Adaptive;
+use crate::plan::Compression;
+use crate::wire::{self, Encoding, FrameError, HEADER_LEN, Header, Kind, features};
+
+/// Bytes read from QEMU per frame, at most.
+pub const STREAM_CHUNK: usize = 256 << 10;
+/// A chunk is sent compressed only below this share of its size.
+const KEEP_IF_BELOW: f64 = 0.9;
+
+/// Where QEMU is: `unix:/path` or `tcp:HOST:PORT` (QEMU's own URI syntax), or a bare
+/// `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("\"{s}\": a UNIX socket needs a path"));
+            }
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        let hp = s.strip_prefix("tcp:").unwrap_or(s);
+        match hp.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(Endpoint::Tcp(hp.to_string())),
+            _ => Err(format!("\"{s}\": use unix:/path or tcp:HOST:PORT")),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// One of QEMU's connections.
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn connect(e: &Endpoint) -> io::Result<Conn> {
+        Ok(match e {
+            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(how),
+            Conn::Tcp(s) => s.shutdown(how),
+        };
+    }
+
+    /// Ends the connection so QEMU sees an error, not a clean end of stream: an RST on
+    /// TCP (SO_LINGER 0), both directions shut on a UNIX socket.
+    fn abort(&self) {
+        if let Conn::Tcp(s) = self {
+            let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &libc_linger_zero());
+        }
+        self.shutdown(Shutdown::Both);
+    }
+}
+
+fn libc_linger_zero() -> nix::libc::linger {
+    nix::libc::linger { l_onoff: 1, l_linger: 0 }
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(b),
+            Conn::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(b),
+            Conn::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the source proxy takes QEMU's connections.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds `e`; a stale UNIX socket file is replaced.
+    pub fn bind(e: &Endpoint) -> io::Result<Listener> {
+        match e {
+            Endpoint::Unix(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                if p.exists() && UnixStream::connect(p).is_err() {
+                    std::fs::remove_file(p)?;
+                }
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+            Endpoint::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a)?)),
+        }
+    }
+
+    /// What QEMU should be told to migrate to.
+    pub fn uri(&self) -> String {
+        match self {
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::Tcp(l) => l.local_addr().map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Listener::Tcp(l) => {
+                let s = l.accept()?.0;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ProxyOptions {
+    pub auth: Auth,
+    pub compression: Compression,
+}
+
+/// One channel, one direction's counters included for each side.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChannelReport {
+    pub channel: u16,
+    /// Stream bytes this side read from its QEMU and sent on.
+    pub sent_bytes: u64,
+    /// Stream bytes this side received and wrote to its QEMU.
+    pub received_bytes: u64,
+    /// Bytes this side put on the ferry connection (headers and payloads).
+    pub wire_bytes: u64,
+    pub frames: u64,
+    pub compressed_in_bytes: u64,
+    pub compressed_out_bytes: u64,
+    pub seconds: f64,
+}
+
+/// A whole proxied migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProxyReport {
+    pub role: String,
+    pub channels: Vec<ChannelReport>,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub wire_bytes: u64,
+    pub seconds: f64,
+    /// Stream bytes (both directions) per second, GB/s.
+    pub gbps: f64,
+    pub compression: String,
+    /// Stream bytes per compressed byte over the chunks sent compressed (1 when none).
+    pub compression_ratio: f64,
+}
+
+/// Channels in flight: what ends the proxy, and what a failure shuts down.
+struct Channels {
+    state: Mutex<ChannelState>,
+    turn: Condvar,
+    failed: AtomicBool,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    /// The next channel the destination may connect towards QEMU.
+    next: u16,
+    running: usize,
+    main_done: bool,
+    reports: Vec<ChannelReport>,
+    errors: Vec<String>,
+    /// Every socket of every channel, to shut down when one channel fails.
+    socks: Vec<(Conn, TcpStream)>,
+}
+
+impl Channels {
+    fn new() -> Channels {
+        Channels { state: Mutex::new(ChannelState::default()), turn: Condvar::new(), failed: AtomicBool::new(false) }
+    }
+
+    fn finished(&self) -> bool {
+        let s = self.state.lock().expect("channel state");
+        s.running == 0 && (s.main_done || self.failed.load(Ordering::Relaxed))
+    }
+
+    /// Records a failure and resets every channel: QEMU on both sides sees the stream break.
+    fn fail(&self, st: &mut ChannelState, why: String) {
+        log::warn!("{why}");
+        st.errors.push(why);
+        self.failed.store(true, Ordering::Relaxed);
+        for (q, f) in &st.socks {
+            q.abort();
+            let _ = f.shutdown(Shutdown::Both);
+        }
+        self.turn.notify_all();
+    }
+
+    fn end(&self, n: u16, r: Result<ChannelReport, SessionError>) {
+        let mut s = self.state.lock().expect("channel state");
+        s.running -= 1;
+        if n == 0 {
+            s.main_done = true;
+        }
+        match r {
+            Ok(rep) => s.reports.push(rep),
+            Err(e) => self.fail(&mut s, format!("channel {n}: {e}")),
+        }
+        self.turn.notify_all();
+    }
+
+    fn report(&self, role: &str, compression: Compression, t0: Instant) -> Result<ProxyReport, SessionError> {
+        let mut s = self.state.lock().expect("channel state");
+        if !s.errors.is_empty() {
+            return Err(SessionError::Protocol(format!("the migration stream broke: {}", s.errors.join("; "))));
+        }
+        let mut r = ProxyReport { role: role.into(), compression: compression.to_string(), ..ProxyReport::default() };
+        s.reports.sort_by_key(|c| c.channel);
+        let (mut cin, mut cout) = (0, 0);
+        for c in &s.reports {
+            r.sent_bytes += c.sent_bytes;
+            r.received_bytes += c.received_bytes;
+            r.wire_bytes += c.wire_bytes;
+            cin += c.compressed_in_bytes;
+            cout += c.compressed_out_bytes;
+        }
+        r.channels = std::mem::take(&mut s.reports);
+        r.seconds = t0.elapsed().as_secs_f64();
+        r.gbps = (r.sent_bytes + r.received_bytes) as f64 / r.seconds / 1e9;
+        r.compression_ratio = if cout == 0 { 1.0 } else { cin as f64 / cout as f64 };
+        Ok(r)
+    }
+}
+
+/// Source side: takes QEMU's connections on `listeners` and carries each to the
+/// destination proxy at `to`. Returns when QEMU's first (main) connection and every other
+/// have ended, or the stream broke.
+pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<ProxyReport, SessionError> {
+    let channels = Channels::new();
+    let mut t0 = None;
+    std::thread::scope(|s| {
+        let mut n: u16 = 0;
+        while !channels.finished() {
+            let r = (|| -> Result<(), SessionError> {
+                let Some(l) = wait_readable(listeners.iter().map(Listener::fd).collect())? else { return Ok(()) };
+                let qemu = listeners[l].accept().map_err(|e| SessionError::io("accepting QEMU's migration connection", e))?;
+                t0.get_or_insert_with(Instant::now);
+                let opened = (|| {
+                    let ferry = connect(to)?;
+                    let mut hs = ferry.try_clone().map_err(|e| SessionError::io("cloning a channel", e))?;
+                    hs.set_read_timeout(Some(crate::engine::IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+                    let f = client_handshake(&mut hs, &opts.auth, n, 0, features::STREAM)?;
+                    if f & features::STREAM == 0 {
+                        return Err(not_a_stream_peer(to));
+                    }
+                    hs.set_read_timeout(None).map_err(|e| SessionError::io("clearing the read timeout", e))?;
+                    Ok(ferry)
+                })();
+                let ferry = match opened {
+                    Ok(f) => f,
+                    Err(e) => {
+                        qemu.abort();
+                        return Err(e);
+                    }
+                };
+                log::info!("channel {n}: QEMU connected on {}; carried to {to}", listeners[l].uri());
+                start_channel(s, &channels, n, qemu, ferry, opts.compression)?;
+                n = n.checked_add(1).ok_or_else(|| SessionError::Protocol("more than 65535 channels".into()))?;
+                Ok(())
+            })();
+            if let Err(e) = r {
+                // The channels already running are reset, so QEMU fails the migration.
+                let mut st = channels.state.lock().expect("channel state");
+                channels.fail(&mut st, e.to_string());
+                break;
+            }
+        }
+    });
+    channels.report("source", opts.compression, t0.unwrap_or_else(Instant::now))
+}
+
+/// Destination side: accepts the source proxy's channels on `listener` and connects each
+/// to QEMU at `forward`, in channel order.
+pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptions) -> Result<ProxyReport, SessionError> {
+    let channels = Channels::new();
+    let mut t0 = None;
+    std::thread::scope(|s| -> Result<(), SessionError> {
+        while !channels.finished() {
+            if wait_readable(vec![listener.as_fd()])?.is_none() {
+                continue;
+            }
+            let (ferry, peer) = listener.accept().map_err(|e| SessionError::io("accepting a channel", e))?;
+            t0.get_or_insert_with(Instant::now);
+            if tune(&ferry).is_err() {
+                continue;
+            }
+            let channels = &channels;
+            // The handshake and the wait for this channel's turn run on the channel's own
+            // thread, so a slow or hostile connection holds up no other.
+            s.spawn(move || {
+                // A connection that does not complete the handshake (a port probe, a wrong
+                // key, a one-shot sender) is turned away without touching the migration.
+                let hello = ferry
+                    .try_clone()
+                    .map_err(|e| SessionError::io("cloning a channel", e))
+                    .and_then(|mut hs| handshake_in(&mut hs, &opts.auth, &peer.to_string()));
+                let n = match hello {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::warn!("a connection from {peer} was turned away: {e}");
+                        let _ = ferry.shutdown(Shutdown::Both);
+                        return;
+                    }
+                };
+                match take_turn(channels, n, forward) {
+                    Ok(qemu) => {
+                        log::info!("channel {n}: from {peer}, carried to QEMU at {forward}");
+                        if let Err(e) = start_channel_here(channels, n, qemu, ferry, opts.compression) {
+                            log::warn!("channel {n}: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ferry.shutdown(Shutdown::Both);
+                        let mut st = channels.state.lock().expect("channel state");
+                        channels.fail(&mut st, format!("channel {n}: {e}"));
+                    }
+                }
+            });
+        }
+        Ok(())
+    })?;
+    channels.report("destination", opts.compression, t0.unwrap_or_else(Instant::now))
+}
+
+/// The destination's handshake, bounded in time; the channel number.
+fn handshake_in(s: &mut TcpStream, auth: &Auth, peer: &str) -> Result<u16, SessionError> {
+    s.set_read_timeout(Some(crate::engine::IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+    let hello = server_handshake(s, auth, features::STREAM)?;
+    if hello.features.get() & features::STREAM == 0 {
+        return Err(SessionError::Protocol(format!("{peer} is not a stream-mode proxy (ferryctl proxy --listen ...)")));
+    }
+    s.set_read_timeout(None).map_err(|e| SessionError::io("clearing the read timeout", e))?;
+    Ok(hello.lane.get())
+}
+
+/// Waits until channel `n` is next, then connects it to QEMU: QEMU sees the connections
+/// in the order the source accepted them.
+fn take_turn(channels: &Channels, n: u16, forward: &Endpoint) -> Result<Conn, SessionError> {
+    let mut st = channels.state.lock().expect("channel state");
+    let since = Instant::now();
+    while st.next != n {
+        if channels.failed.load(Ordering::Relaxed) || st.next > n {
+            return Err(SessionError::Protocol(format!("channel {n} arrived out of turn")));
+        }
+        if since.elapsed() > crate::engine::IDLE_TIMEOUT {
+            return Err(SessionError::Protocol(format!("channel {n} waited {} s for channel {}", since.elapsed().as_secs(), st.next)));
+        }
+        st = channels.turn.wait_timeout(st, Duration::from_secs(1)).expect("channel state").0;
+    }
+    let qemu = Conn::connect(forward).map_err(|e| SessionError::io(format!("connecting to QEMU at {forward}"), e));
+    st.next += 1;
+    channels.turn.notify_all();
+    qemu
+}
+
+fn not_a_stream_peer(to: &str) -> SessionError {
+    SessionError::Protocol(format!("{to} is not a stream-mode proxy (start `ferryctl proxy --serve ... --forward ...` there)"))
+}
+
+/// Waits up to 100 ms for one of `fds` to be readable; its index.
+fn wait_readable(fds: Vec<std::os::fd::BorrowedFd<'_>>) -> Result<Option<usize>, SessionError> {
+    let mut pfds: Vec<PollFd<'_>> = fds.into_iter().map(|f| PollFd::new(f, PollFlags::POLLIN)).collect();
+    match poll(&mut pfds, PollTimeout::from(100u8)) {
+        Ok(0) => Ok(None),
+        Ok(_) => Ok(pfds.iter().position(|p| p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))),
+        Err(nix::errno::Errno::EINTR) => Ok(None),
+        Err(e) => Err(SessionError::io("waiting for connections", e.into())),
+    }
+}
+
+/// Channels carry a migration that may pause for long (the VMM sets the pace): no read
+/// timeout, keepalive instead, and no Nagle delay.
+fn tune(s: &TcpStream) -> Result<(), SessionError> {
+    s.set_nodelay(true).map_err(|e| SessionError::io("setting TCP_NODELAY", e))?;
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::KeepAlive, &true);
+    Ok(())
+}
+
+fn connect(to: &str) -> Result<TcpStream, SessionError> {
+    let addrs: Vec<_> = to.to_socket_addrs().map_err(|e| SessionError::io(format!("resolving {to}"), e))?.collect();
+    let s = TcpStream::connect(&addrs[..]).map_err(|e| SessionError::io(format!("connecting to the destination proxy at {to}"), e))?;
+    tune(&s)?;
+    Ok(s)
+}
+
+/// Registers a channel's sockets and starts its two pumps on `s`.
+fn start_channel<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    channels: &'s Channels,
+    n: u16,
+    qemu: Conn,
+    ferry: TcpStream,
+    compression: Compression,
+) -> Result<(), SessionError> {
+    register(channels, n, &qemu, &ferry)?;
+    s.spawn(move || channels.end(n, run_channel(n, qemu, ferry, compression)));
+    Ok(())
+}
+
+/// [`start_channel`] on the calling thread (the destination's channel thread).
+fn start_channel_here(channels: &Channels, n: u16, qemu: Conn, ferry: TcpStream, compression: Compression) -> Result<(), SessionError> {
+    register(channels, n, &qemu, &ferry)?;
+    channels.end(n, run_channel(n, qemu, ferry, compression));
+    Ok(())
+}
+
+fn register(channels: &Channels, n: u16, qemu: &Conn, ferry: &TcpStream) -> Result<(), SessionError> {
+    let clone = |e| SessionError::io(format!("cloning channel {n}"), e);
+    let pair = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);
+    let mut st = channels.state.lock().expect("channel state");
+    st.running += 1;
+    st.socks.push(pair);
+    Ok(())
+}
+
+/// Both directions of one channel; the first failure aborts both.
+fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, compression: Compression) -> Result<ChannelReport, SessionError> {
+    let t = Instant::now();
+    let clone = |e| SessionError::io(format!("cloning channel {n}"), e);
+    let (q2, f2) = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);
+    let (qa, fa) = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);
+    let (out, inn) = std::thread::scope(|s| {
+        let out = s.spawn(move || {
+            let r = pump_out(n, qemu, ferry, compression);
+            if r.is_err() {
+                qa.abort();
+                let _ = fa.shutdown(Shutdown::Both);
+            }
+            r
+        });
+        let inn = pump_in(n, f2, q2);
+        (out.join().expect("pump thread panicked"), inn)
+    });
+    let received = inn?;
+    let mut rep = out?;
+    rep.received_bytes = received;
+    rep.seconds = t.elapsed().as_secs_f64();
+    Ok(rep)
+}
+
+/// QEMU -> ferry: frames of what QEMU writes, then LANE_END when QEMU closes its side.
+fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, compression: Compression) -> Result<ChannelReport, SessionError> {
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut scratch = Vec::with_capacity(zstd_safe::compress_bound(STREAM_CHUNK));
+    let mut cctx = CCtx::create();
+    let mut adaptive = Adaptive::default();
+    let mut rep = ChannelReport { channel: n, ..ChannelReport::default() };
+    loop {
+        let got = match qemu.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(SessionError::io(format!("reading QEMU's stream on channel {n}"), e)),
+        };
+        let chunk = &buf[..got];
+        let level = match compression {
+            Compression::Off => None,
+            Compression::Zstd { level } => Some(level),
+            Compression::Adaptive { level } => adaptive.compressing().then_some(level),
+        };
+        let mut payload = chunk;
+        let mut encoding = Encoding::Raw;
+        if let Some(level) = level {
+            scratch.clear();
+            if let Ok(k) = cctx.compress(&mut scratch, chunk, level) {
+                if (k as f64) < KEEP_IF_BELOW * got as f64 {
+                    payload = &scratch;
+                    encoding = Encoding::Zstd;
+                    rep.compressed_in_bytes += got as u64;
+                    rep.compressed_out_bytes += k as u64;
+                }
+            }
+        }
+        let h = Header::data(encoding, 0, rep.sent_bytes, got as u32, payload.len() as u32).seal(payload);
+        write_all_vectored(&mut ferry, &[h.as_bytes(), payload]).map_err(|e| SessionError::io(format!("sending channel {n}"), e))?;
+        adaptive.chunk_done(got as u64);
+        rep.sent_bytes += got as u64;
+        rep.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+        rep.frames += 1;
+    }
+    let end = wire::LaneEnd { frames: rep.frames.into(), bytes: rep.sent_bytes.into() };
+    write_frame(&mut ferry, Kind::LaneEnd, end.as_bytes())?;
+    let _ = ferry.shutdown(Shutdown::Write);
+    Ok(rep)
+}
+
+/// ferry -> QEMU: each frame checked (crc, stream position, lengths) and decoded; at
+/// LANE_END (whose counts must match) QEMU's side is closed for writing. Returns the
+/// stream bytes written to QEMU.
+fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn) -> Result<u64, SessionError> {
+    let max = wire::max_payload_for(STREAM_CHUNK as u32);
+    let mut reader = FrameReader::new(4 * (HEADER_LEN + max as usize), max);
+    let mut dctx = DCtx::create();
+    let mut out = vec![0u8; STREAM_CHUNK];
+    let (mut pos, mut frames) = (0u64, 0u64);
+    let op = format!("receiving channel {n}");
+    let fail = |e: SessionError, qemu: &Conn| {
+        qemu.abort();
+        e
+    };
+    loop {
+        let (h, kind, payload) = reader.next(&mut ferry, &op).map_err(|e| fail(e, &qemu))?;
+        match kind {
+            Kind::Data => {
+                let (enc, off, raw) = (h.encoding().map_err(|e| fail(e.into(), &qemu))?, h.offset.get(), h.raw_len.get() as usize);
+                let bad = |why: String| SessionError::Protocol(format!("channel {n}: {why}"));
+                if off != pos || raw == 0 || raw > STREAM_CHUNK || h.region.get() != 0 {
+                    return Err(fail(bad(format!("a frame for stream bytes {off}..+{raw}; {pos} was next")), &qemu));
+                }
+                let bytes: &[u8] = match enc {
+                    Encoding::Raw if payload.len() == raw => payload,
+                    Encoding::Zstd => match dctx.decompress(&mut out[..], payload) {
+                        Ok(k) if k == raw => &out[..raw],
+                        other => {
+                            let e = FrameError::Decompress { want: raw as u32, got: format!("{other:?}") };
+                            return Err(fail(e.into(), &qemu));
+                        }
+                    },
+                    _ => {
+                        return Err(fail(
+                            FrameError::Lengths { encoding: enc, length: payload.len() as u32, raw_len: raw as u32 }.into(),
+                            &qemu,
+                        ));
+                    }
+                };
+                qemu.write_all(bytes).map_err(|e| fail(SessionError::io(format!("writing channel {n} to QEMU"), e), &qemu))?;
+                pos += raw as u64;
+                frames += 1;
+            }
+            Kind::LaneEnd => {
+                let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, payload).map_err(|e| fail(e.into(), &qemu))?;
+                if end.frames.get() != frames || end.bytes.get() != pos {
+                    let e = SessionError::Protocol(format!(
+                        "channel {n} ended after {frames} frames / {pos} bytes; the peer sent {} / {}",
+                        end.frames.get(),
+                        end.bytes.get()
+                    ));
+                    return Err(fail(e, &qemu));
+                }
+                qemu.shutdown(Shutdown::Write);
+                return Ok(pos);
+            }
+            Kind::Error => return Err(fail(SessionError::Peer(String::from_utf8_lossy(payload).into_owned()), &qemu)),
+            other => return Err(fail(FrameError::Unexpected { expected: Kind::Data, got: other }.into(), &qemu)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!("unix:/run/ferry/a.sock".parse::<Endpoint>(), Ok(Endpoint::Unix("/run/ferry/a.sock".into())));
+        assert_eq!("tcp:127.0.0.1:4444".parse::<Endpoint>(), Ok(Endpoint::Tcp("127.0.0.1:4444".into())));
+        assert_eq!("[::1]:4444".parse::<Endpoint>(), Ok(Endpoint::Tcp("[::1]:4444".into())));
+        assert!("unix:".parse::<Endpoint>().is_err());
+        assert!("tcp:host".parse::<Endpoint>().is_err());
+        assert!("exec:cat".parse::<Endpoint>().is_err());
+    }
+}
