@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""ferry against QEMU's own migration, in one run: the same guest (QEMU 7.2, no guest OS,
+SeaBIOS idling, RAM in a memory-backend-file holding the 1 GiB guest-memory corpus)
+migrated
+
+  - directly, QEMU to QEMU over TCP: default settings with max-bandwidth raised, and
+    multifd with 4 channels (+ zstd on the slow link);
+  - through ferry in stream mode: QEMU -> `ferryctl proxy` -> `ferryctl proxy` -> QEMU;
+
+on loopback and over a 1 Gbit/s link (two network namespaces joined by a veth pair,
+`tc tbf` on both ends). Also region mode on loopback (`ferryctl bench migrate`, the same
+corpus recipe, a guest at rest) against QEMU's multifd-4.
+
+Per run: total time (from `migrate` until the destination QEMU has loaded everything and
+runs), downtime (the source's STOP event to the destination's RESUME event, both QMP
+timestamps on this host's clock; QEMU's own `downtime` figure is printed beside it),
+bytes QEMU transferred and bytes on the wire (veth counters on the link; the proxies'
+reports on loopback). Prints one JSON line per run and a summary with the ratios.
+
+    cargo build --release && sudo benches/bench_qemu.py [--size-mib 1024] [--reps 1]
+
+Needs root (namespaces, tc), qemu-system-x86_64 and /dev/kvm (TCG otherwise: slower).
+"""
+import argparse, json, os, shutil, socket, subprocess, sys, tempfile, time
+from statistics import median
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FERRYCTL = os.path.join(ROOT, "target", "release", "ferryctl")
+NS_A, NS_B, IP_A, IP_B = "ferry-q-a", "ferry-q-b", "10.78.0.1", "10.78.0.2"
+SETTLE_S = 6  # SeaBIOS POST re-dirties all RAM; after it the vCPU halts
+UNLIMITED = 100 << 30
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def setup_link(mbit):
+    teardown_link()
+    sh("ip", "netns", "add", NS_A)
+    sh("ip", "netns", "add", NS_B)
+    sh("ip", "link", "add", "fq-a", "type", "veth", "peer", "name", "fq-b")
+    sh("ip", "link", "set", "fq-a", "netns", NS_A)
+    sh("ip", "link", "set", "fq-b", "netns", NS_B)
+    for ns, dev, ip in ((NS_A, "fq-a", IP_A), (NS_B, "fq-b", IP_B)):
+        sh("ip", "-n", ns, "addr", "add", ip + "/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", "256kb", "latency", "20ms")
+
+
+def teardown_link():
+    sh("ip", "netns", "del", NS_A, check=False)
+    sh("ip", "netns", "del", NS_B, check=False)
+
+
+def veth_tx():
+    j = json.loads(sh("ip", "-n", NS_A, "-s", "-j", "link", "show", "fq-a").stdout)
+    return j[0]["stats64"]["tx"]["bytes"]
+
+
+def corpus(size_mib):
+    data = os.environ.get("BENCH_DATA", "/var/tmp/ferry-bench")
+    os.makedirs(data, exist_ok=True)
+    src = os.path.join(data, f"corpus-{size_mib}.img")
+    if not os.path.exists(src):
+        gen = os.path.join(ROOT, "..", "shared", "tools", "peers", "gen_corpus.py")
+        subprocess.run([sys.executable, gen, src, "--size-mib", str(size_mib)], check=True, stdout=subprocess.DEVNULL)
+    return src
+
+
+class QMP:
+    def __init__(self, path):
+        t0 = time.time()
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                break
+            except OSError:
+                s.close()
+                if time.time() - t0 > 30:
+                    raise
+                time.sleep(0.05)
+        s.settimeout(300)
+        self.f = s.makefile("rwb")
+        self.events = []
+        self._read()
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        line = self.f.readline()
+        if not line:
+            raise RuntimeError("QMP closed")
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            if "error" in r:
+                raise RuntimeError(f"{name}: {r['error']}")
+            return r.get("return")
+
+    def event_time(self, name):
+        for e in self.events:
+            if e["event"] == name:
+                return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+        return None
+
+
+def accel():
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+        return "kvm"
+    except OSError:
+        return "tcg"
+
+
+def qemu(ns, size_mib, ram, qmp, extra, log):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + [
+        "qemu-system-x86_64", "-machine", f"pc,accel={accel()},memory-backend=mem", "-smp", "1", "-m", f"{size_mib}M",
+        "-object", f"memory-backend-file,id=mem,size={size_mib}M,mem-path={ram},share=on",
+        "-nographic", "-nodefaults", "-qmp", f"unix:{qmp},server=on,wait=off"] + extra
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+def proxy(ns, args, key, out, log):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + [FERRYCTL, "proxy", *args, "--key", key, "--json"]
+    return subprocess.Popen(cmd, stdout=out, stderr=log, env={**os.environ, "RUST_LOG": "info"})
+
+
+def wait(what, f, timeout=120):
+    t = time.time()
+    while not f():
+        if time.time() - t > timeout:
+            raise RuntimeError(f"timed out: {what}")
+        time.sleep(0.02)
+
+
+def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
+    """One migration. mode: default | multifd4 | multifd4-zstd (QEMU's own settings)."""
+    ns_a, ns_b = (NS_A, NS_B) if link else (None, None)
+    host_b = IP_B if link else "127.0.0.1"
+    src_ram, dst_ram = os.path.join(work, "src.ram"), os.path.join(work, "dst.ram")
+    subprocess.run(["cp", "--sparse=never", src_img, src_ram], check=True)
+    with open(dst_ram, "wb") as f:
+        f.truncate(size_mib << 20)
+    sq_path, dq_path = os.path.join(work, "s.qmp"), os.path.join(work, "d.qmp")
+    log = open(os.path.join(work, "run.log"), "a")
+    procs = []
+    try:
+        dp = qemu(ns_b, size_mib, dst_ram, dq_path, ["-incoming", "defer"], log)
+        sp = qemu(ns_a, size_mib, src_ram, sq_path, [], log)
+        procs += [sp, dp]
+        t_start = time.time()
+        dq, sq = QMP(dq_path), QMP(sq_path)
+        caps = {"default": {}, "multifd4": {"multifd": True}, "multifd4-zstd": {"multifd": True}}[mode]
+        params = {"default": {}, "multifd4": {"multifd-channels": 4},
+                  "multifd4-zstd": {"multifd-channels": 4, "multifd-compression": "zstd"}}[mode]
+        for q in (sq, dq):
+            if caps:
+                q.cmd("migrate-set-capabilities", capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+            if params:
+                q.cmd("migrate-set-parameters", **params)
+        sq.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED})
+        reports = {}
+        if via_ferry:
+            key = os.path.join(work, "key")
+            if not os.path.exists(key):
+                subprocess.run([FERRYCTL, "keygen", "--out", key], check=True)
+            dst_sock = os.path.join(work, "dst-in.sock")
+            dq.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+            outs = {k: open(os.path.join(work, f"{k}.json"), "w+") for k in ("src", "dst")}
+            serve = f"{host_b}:{port}"
+            procs.append(proxy(ns_b, ["--serve", serve, "--forward", f"unix:{dst_sock}", "--compress", compress], key, outs["dst"], log))
+            wait("destination proxy", lambda: sh(*((["ip", "netns", "exec", ns_b] if ns_b else []) + ["ss", "-ltn", f"sport = :{port}"])).stdout.count("LISTEN") > 0)
+            src_sock = os.path.join(work, "ferry.sock")
+            procs.append(proxy(ns_a, ["--listen", f"unix:{src_sock}", "--to", serve, "--compress", compress], key, outs["src"], log))
+            wait("source proxy", lambda: os.path.exists(src_sock))
+            uri = f"unix:{src_sock}"
+        else:
+            uri = f"tcp:{host_b}:{port}"
+            dq.cmd("migrate-incoming", uri=uri)
+        settle = SETTLE_S - (time.time() - t_start)
+        if settle > 0:
+            time.sleep(settle)
+        tx0 = veth_tx() if link else 0
+        t0 = time.time()
+        sq.cmd("migrate", uri=uri)
+        info = {}
+
+        def done():
+            nonlocal info
+            info = sq.cmd("query-migrate")
+            return info.get("status") in ("completed", "failed", "cancelled")
+        wait("migration", done, 600)
+        if info["status"] != "completed":
+            raise RuntimeError(f"migration {info['status']}: {info.get('error-desc')}")
+        wait("destination running", lambda: dq.cmd("query-status")["status"] == "running", 120)
+        total = time.time() - t0
+        stop, resume = sq.event_time("STOP"), dq.event_time("RESUME")
+        wire = veth_tx() - tx0 if link else None
+        if via_ferry:
+            for p in procs[2:]:
+                p.wait(timeout=60)
+            for k, f in outs.items():
+                f.seek(0)
+                reports[k] = json.loads(f.read())
+            if wire is None:
+                wire = reports["src"]["wire_bytes"]
+        return {"link": "1gbit" if link else "loopback", "mode": mode, "via": "ferry" if via_ferry else "qemu",
+                "ferry_compress": compress if via_ferry else None, "total_s": round(total, 3),
+                "qemu_total_ms": info.get("total-time"), "downtime_ms": round((resume - stop) * 1e3, 1) if stop and resume else None,
+                "qemu_downtime_ms": info.get("downtime"), "transferred_bytes": info["ram"]["transferred"], "wire_bytes": wire,
+                "load": round(os.getloadavg()[0], 2)}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        log.close()
+        for p in (src_ram, dst_ram):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def region_mode(size_mib):
+    r = subprocess.run([FERRYCTL, "bench", "migrate", "--size-mib", str(size_mib), "--dirty-rate-mbs", "0", "--json"],
+                       capture_output=True, text=True, check=True)
+    j = json.loads(r.stdout)
+    return {"link": "loopback", "mode": "region", "via": "ferry region mode", "total_s": round(j["total_seconds"], 3),
+            "downtime_ms": round(j["downtime_ms"], 1), "transferred_bytes": j["sent_bytes"], "wire_bytes": j["wire_bytes"],
+            "rounds": len(j["rounds"]), "load": round(os.getloadavg()[0], 2)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--links", default="loopback,1gbit")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print(json.dumps({"skip": "needs root for network namespaces and tc"}))
+        return
+    if not os.path.exists(FERRYCTL):
+        raise SystemExit(f"{FERRYCTL} missing: cargo build --release")
+    src = corpus(a.size_mib)
+    runs = {
+        "loopback": [("default", False, None), ("multifd4", False, None), ("default", True, "off"), ("multifd4", True, "off")],
+        "1gbit": [("default", False, None), ("multifd4-zstd", False, None), ("default", True, "zstd:1"), ("default", True, "auto"),
+                  ("multifd4", True, "zstd:1")],
+    }
+    results = []
+    work = tempfile.mkdtemp(dir="/dev/shm", prefix="ferry-bq-")
+    port = 7700
+    try:
+        for link in a.links.split(","):
+            if link == "1gbit":
+                setup_link(1000)
+            for rep in range(a.reps):
+                for mode, via, compress in runs[link]:
+                    port += 1
+                    r = one(work, a.size_mib, src, link == "1gbit", mode, via, compress, port)
+                    r["rep"] = rep
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+                if link == "loopback":
+                    r = region_mode(a.size_mib)
+                    r["rep"] = rep
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+            if link == "1gbit":
+                teardown_link()
+    finally:
+        teardown_link()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(link, mode, via, compress=None):
+        xs = [r["total_s"] for r in results if r["link"] == link and r["mode"] == mode and r["via"].startswith(via)
+              and (compress is None or r.get("ferry_compress") == compress)]
+        return median(xs) if xs else None
+    summary = {}
+    if "loopback" in a.links:
+        q, qm = med("loopback", "default", "qemu"), med("loopback", "multifd4", "qemu")
+        f, fm = med("loopback", "default", "ferry"), med("loopback", "multifd4", "ferry")
+        rg = med("loopback", "region", "ferry region")
+        summary["loopback"] = {"qemu_default_s": q, "ferry_default_s": f, "extra_hop_default": f / q - 1 if q and f else None,
+                               "qemu_multifd4_s": qm, "ferry_multifd4_s": fm, "extra_hop_multifd4": fm / qm - 1 if qm and fm else None,
+                               "region_mode_s": rg, "region_vs_qemu_multifd4": rg / qm if qm and rg else None}
+    if "1gbit" in a.links:
+        q, qz = med("1gbit", "default", "qemu"), med("1gbit", "multifd4-zstd", "qemu")
+        summary["1gbit"] = {"qemu_default_s": q, "qemu_multifd4_zstd_s": qz}
+        for c in ("zstd:1", "auto"):
+            f = med("1gbit", "default", "ferry", c)
+            summary["1gbit"][f"ferry_default_{c}_s"] = f
+            summary["1gbit"][f"ferry_default_{c}_vs_qemu_default"] = f / q if f and q else None
+            summary["1gbit"][f"ferry_default_{c}_vs_qemu_multifd4_zstd"] = f / qz if f and qz else None
+        fm = med("1gbit", "multifd4", "ferry", "zstd:1")
+        summary["1gbit"]["ferry_multifd4_zstd:1_s"] = fm
+        summary["1gbit"]["ferry_multifd4_vs_qemu_default"] = fm / q if fm and q else None
+    print(json.dumps({"summary": summary, "size_mib": a.size_mib, "reps": a.reps, "accel": accel()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
