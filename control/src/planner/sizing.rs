@@ -23,6 +23,11 @@ const ZSTD1_RATIO: f64 = 3.16;
 /// One TCP stream carried 21 Gb/s (2.64 GB/s) through iperf3 on loopback here; a worker
 /// drives about that much TCP.
 const TCP_GBPS_PER_CORE: f64 = 20.0;
+/// A TCP worker does more than drive its stream: it copies, scans for zero pages,
+/// checksums and hashes every page. One worker moved the 1 GiB corpus in 0.65-1.25 s here
+/// (round 0 of `ferryctl bench migrate --compress off --config workers=1`, receiver on the
+/// same 2 cores), so about 8 Gb/s.
+const TCP_WORKER_GBPS: f64 = 8.0;
 /// Posting one-sided writes costs the CPU little per byte, but zero-page detection reads
 /// every page once: single-thread memcpy ran at 10.1 GB/s here (`bench_raw.py`), so a
 /// worker scans about 80 Gb/s.
@@ -235,12 +240,16 @@ pub(super) fn workers(
         r.add("workers", n_avail, "one per CPU pinned in dataplane.cpus");
         n_avail
     } else {
-        let per_core = if transport == Transport::Rdma { RDMA_GBPS_PER_CORE } else { TCP_GBPS_PER_CORE };
+        let per_core = if transport == Transport::Rdma { RDMA_GBPS_PER_CORE } else { TCP_WORKER_GBPS };
         let for_link = (link.speed_gbps / per_core).ceil().max(1.0) as usize;
         let mut why = format!(
             "{} Gb/s at about {per_core} Gb/s per worker ({}) needs {for_link}",
             link.speed_gbps,
-            if transport == Transport::Rdma { "zero-page scanning reads every page at memory speed" } else { "one TCP stream per core" }
+            if transport == Transport::Rdma {
+                "zero-page scanning reads every page at memory speed"
+            } else {
+                "copying, zero-page scanning, checksums and page hashes, measured"
+            }
         );
         let mut want = for_link;
         if compression != Compression::Off {
