@@ -247,6 +247,7 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--links", default="loopback,1gbit")
+    ap.add_argument("--region-only", action="store_true", help="loopback: only QEMU multifd-4 against region mode, interleaved")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print(json.dumps({"skip": "needs root for network namespaces and tc"}))
@@ -259,6 +260,9 @@ def main():
         "1gbit": [("default", False, None), ("multifd4-zstd", False, None), ("default", True, "zstd:1"), ("default", True, "auto"),
                   ("multifd4", True, "zstd:1")],
     }
+    if a.region_only:
+        runs["loopback"] = [("multifd4", False, None)]
+        a.links = "loopback"
     results = []
     work = tempfile.mkdtemp(dir="/dev/shm", prefix="ferry-bq-")
     port = 7700

@@ -19,6 +19,14 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 256;
 
+/// One QEMU pair at a time: three pairs and their proxies at once on a 2-core machine
+/// would time the tests out, not test anything more.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn have_qemu() -> bool {
     let ok = Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
     if !ok {
@@ -273,6 +281,7 @@ fn qemu_migrates_through_ferry() {
     if !have_qemu() {
         return;
     }
+    let _one = serial();
     migrate(None, "off");
 }
 
@@ -281,6 +290,7 @@ fn qemu_multifd_migrates_through_ferry_with_compression() {
     if !have_qemu() {
         return;
     }
+    let _one = serial();
     migrate(Some(4), "zstd:1");
 }
 
@@ -289,6 +299,7 @@ fn a_stream_cut_in_the_middle_fails_the_migration() {
     if !have_qemu() {
         return;
     }
+    let _one = serial();
     let dir = workdir();
     let d = dir.path();
     let (src_ram, dst_ram) = ram_files(d);
