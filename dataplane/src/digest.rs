@@ -22,8 +22,9 @@ fn place(page_hash: u128, region: u32, page: u64) -> u128 {
 }
 
 /// Whether `off..off + n` of `file` is all hole (SEEK_DATA finds no data before its end).
-/// Any doubt (a file system without SEEK_DATA) says no, and the bytes are read.
-fn is_hole(file: &std::fs::File, off: u64, n: u64) -> bool {
+/// Any doubt (a file system without SEEK_DATA) says no, and the bytes are read. Moves the
+/// file's offset: only for descriptions the caller owns.
+pub(crate) fn is_hole(file: &std::fs::File, off: u64, n: u64) -> bool {
     use nix::unistd::{Whence, lseek};
     match lseek(file, off as i64, Whence::SeekData) {
         Ok(data) => data as u64 >= off + n,
@@ -82,9 +83,17 @@ impl Digest {
     }
 
     /// The digest of the first `len` bytes of `file` as region `region`, read with
-    /// `pread` in 1 MiB pieces on `threads` threads. A piece that is a hole (never
-    /// written: most of a fresh guest's zero pages) is folded in as zeros without reading.
-    pub fn of_file(region: u32, page_size: usize, file: &std::fs::File, len: u64, threads: usize) -> std::io::Result<Digest> {
+    /// `pread` in 1 MiB pieces on `threads` threads. With `probe_holes` (the caller owns
+    /// the file's offset, which `lseek` moves), a piece that is a hole (never written:
+    /// most of a fresh guest's zero pages) is folded in as zeros without reading.
+    pub fn of_file(
+        region: u32,
+        page_size: usize,
+        file: &std::fs::File,
+        len: u64,
+        threads: usize,
+        probe_holes: bool,
+    ) -> std::io::Result<Digest> {
         use std::os::unix::fs::FileExt;
         use std::sync::atomic::{AtomicU64, Ordering};
         const PIECE: u64 = 1 << 20;
@@ -102,7 +111,7 @@ impl Digest {
                                 return Ok(d);
                             }
                             let (off, n) = (i * PIECE, (len - i * PIECE).min(PIECE) as usize);
-                            if is_hole(file, off, n as u64) {
+                            if probe_holes && is_hole(file, off, n as u64) {
                                 d.add_zero(region, off / page_size as u64, page_size, n as u64);
                                 continue;
                             }
@@ -172,14 +181,14 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&data).unwrap();
         let want = Digest::of_region(0, 4096, &data, 1);
-        assert_eq!(Digest::of_file(0, 4096, &f, data.len() as u64, 3).unwrap(), want);
-        assert!(Digest::of_file(0, 4096, &f, data.len() as u64 + 1, 1).is_err(), "a short file is an error");
+        assert_eq!(Digest::of_file(0, 4096, &f, data.len() as u64, 3, true).unwrap(), want);
+        assert!(Digest::of_file(0, 4096, &f, data.len() as u64 + 1, 1, false).is_err(), "a short file is an error");
         // Holes (a memfd never written there) digest as zeros.
         let m = hw::memmap::memfd("digest-test", 5 << 20, false).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&m, &data[..4096], 2 << 20).unwrap();
         let mut image = vec![0u8; 5 << 20];
         image[2 << 20..(2 << 20) + 4096].copy_from_slice(&data[..4096]);
-        assert_eq!(Digest::of_file(0, 4096, &m, 5 << 20, 2).unwrap(), Digest::of_region(0, 4096, &image, 1));
+        assert_eq!(Digest::of_file(0, 4096, &m, 5 << 20, 2, true).unwrap(), Digest::of_region(0, 4096, &image, 1));
     }
 
     #[test]

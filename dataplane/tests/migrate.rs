@@ -143,6 +143,25 @@ fn rounds_carry_dirty_pages_and_the_memory_arrives_whole() {
 }
 
 #[test]
+fn untouched_memory_goes_as_zero_frames_without_being_read() {
+    // 4 MiB, of which only the first 64 KiB and one page at 3 MiB were ever written: the
+    // rest is a hole in the memfd.
+    let mem = hw::memmap::memfd("holes", 4 << 20, false).unwrap();
+    mem.write_all_at(&fill(0, 1).repeat(16), 0).unwrap();
+    mem.write_all_at(&fill(768, 2), 3 << 20).unwrap();
+    let plan = plan(2, 1, Compression::Off);
+    let (addr, dest) = destination(plan.clone());
+    let mut src = Source::connect(&mem, opts(addr, &plan)).unwrap();
+    let r0 = src.round(&[0; 16]).unwrap();
+    assert_eq!(r0.zero_pages, 1024 - 17);
+    assert!(r0.wire_bytes < 17 * 4096 + 100 * 64, "{r0:?}");
+    let rep = src.finish(&[0; 16]).unwrap();
+    let inc = dest.join().unwrap().unwrap();
+    assert_eq!(inc.report.digest, rep.digest);
+    assert!(contents(&inc.memory) == contents(&mem));
+}
+
+#[test]
 fn a_page_dirtied_but_not_marked_fails_the_full_digest() {
     let mem = guest(128, 0);
     let plan = plan(1, 1, Compression::Off);

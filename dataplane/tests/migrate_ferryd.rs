@@ -128,7 +128,10 @@ fn dirty(mem: &File, bitmap: &File, pages: &[u64], g: u8) {
 fn a_guest_migrates_through_two_ferryd() {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
-    let (mem, bitmap) = guest();
+    let (mut mem, bitmap) = guest();
+    // The descriptor ferryd gets shares this file offset with us: ferry must not move it.
+    use std::io::Seek;
+    mem.seek(std::io::SeekFrom::Start(12345)).unwrap();
     let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
     let addr = incoming.addr.clone();
     let waiter = std::thread::spawn(move || incoming.wait());
@@ -145,6 +148,7 @@ fn a_guest_migrates_through_two_ferryd() {
     let (got, drep) = waiter.join().unwrap().unwrap();
     assert_eq!(drep.digest, rep.digest);
     assert!(contents(&got) == contents(&mem), "the destination VMM gets the guest's memory");
+    assert_eq!(mem.stream_position().unwrap(), 12345, "the VMM's file offset is where it left it");
 }
 
 #[test]

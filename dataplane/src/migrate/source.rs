@@ -86,6 +86,8 @@ pub struct Source<'a> {
     /// The guest memory, read with `pread`: no page faults, and holes (never-touched
     /// pages of a memfd) read as zeros without being allocated.
     memory: File,
+    /// `memory` has a file offset of its own: hole probes may move it.
+    probe_holes: bool,
     size: u64,
     chunk: usize,
     ctl: TcpStream,
@@ -118,7 +120,15 @@ impl<'a> Source<'a> {
                 "the guest memory descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file".into(),
             ));
         }
-        let memory = memory.try_clone().map_err(region)?;
+        // A description of our own, read-only: the descriptor the VMM passed shares its
+        // file offset with the VMM, which the hole probes (lseek SEEK_DATA) would move.
+        let (memory, own_offset) = match std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(memory))) {
+            Ok(f) => (f, true),
+            Err(e) => {
+                log::warn!("cannot reopen the guest memory through /proc ({e}): every page is read, holes included");
+                (memory.try_clone().map_err(region)?, false)
+            }
+        };
         let size = memory.metadata().map_err(region)?.len();
         if size == 0 {
             return Err(SessionError::Protocol("the guest memory is empty".into()));
@@ -165,12 +175,26 @@ impl<'a> Source<'a> {
         if opts.verify == Verify::Full {
             let sample = size.min(16 << 20);
             let t = Instant::now();
-            std::hint::black_box(Digest::of_file(0, PAGE, &memory, sample, 1).map_err(region)?);
+            std::hint::black_box(Digest::of_file(0, PAGE, &memory, sample, 1, own_offset).map_err(region)?);
             digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample as f64 / (1u64 << 30) as f64);
         }
         let sent = PageHashes::new(super::pages(size));
         log::info!("migration session {session:#x}: {size} bytes to {} over {lanes} lane(s) from {n_workers} worker(s)", opts.to);
-        Ok(Source { opts, memory, size, chunk, ctl, workers, rounds: Vec::new(), last_start: None, sent, digest_seconds_per_gib, t0, cpu0 })
+        Ok(Source {
+            opts,
+            memory,
+            probe_holes: own_offset,
+            size,
+            chunk,
+            ctl,
+            workers,
+            rounds: Vec::new(),
+            last_start: None,
+            sent,
+            digest_seconds_per_gib,
+            t0,
+            cpu0,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -249,9 +273,10 @@ impl<'a> Source<'a> {
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;
         let sent = &self.sent;
+        let probe_holes = self.probe_holes;
         let (results, digest) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
-            let digest = full.then(|| s.spawn(move || Digest::of_file(0, PAGE, source, size, digest_threads)));
+            let digest = full.then(|| s.spawn(move || Digest::of_file(0, PAGE, source, size, digest_threads, probe_holes)));
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
@@ -259,7 +284,7 @@ impl<'a> Source<'a> {
                     let (windows, next, pacer) = (&windows, &next, &pacer);
                     s.spawn(move || {
                         pin(w.cpu);
-                        let r = w.run(round, source, size, chunk, windows, next, dirty, all, pacer, sent, to);
+                        let r = w.run(round, source, size, chunk, windows, next, dirty, all, pacer, sent, probe_holes, to);
                         if r.is_err() {
                             next.store(windows.len(), Ordering::Relaxed);
                         }
@@ -416,6 +441,7 @@ impl Worker {
         all: bool,
         pacer: &Pacer,
         sent: &PageHashes,
+        probe_holes: bool,
         to: &str,
     ) -> Result<Counts, SessionError> {
         let (snapshot, staging) = self.arena.as_mut_slice().split_at_mut(chunk);
@@ -438,6 +464,19 @@ impl Worker {
             let mut send_run = |s: u64, e: u64| {
                 let (from, to) = ((s * page) as usize, ((e * page).min(size)) as usize);
                 let at = from - base as usize;
+                // Memory the guest never touched is a hole in its memfd: a zero frame,
+                // without reading or scanning it (one lseek per run).
+                if probe_holes && crate::digest::is_hole(source, from as u64, (to - from) as u64) {
+                    let len = (to - from) as u64;
+                    for i in 0..len.div_ceil(page) {
+                        sent.set(s + i, Digest::of_zero_page(0, s + i, (len - i * page).min(page) as usize));
+                    }
+                    batch.push(wire::Header::data(wire::Encoding::Zero, 0, from as u64, len as u32, 0).seal(&[]), &[]);
+                    enc.stats.zero_pages += e - s;
+                    enc.stats.frames += 1;
+                    pages += e - s;
+                    return;
+                }
                 // The guest may be writing these pages: what is sent is this copy, so its
                 // checksum and the bytes on the wire agree.
                 if let Err(e) = source.read_exact_at(&mut snapshot[at..at + to - from], from as u64) {
