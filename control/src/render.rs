@@ -217,6 +217,19 @@ pub fn status(v: &serde_json::Value) -> String {
     let _ = writeln!(s, "  region bytes {}  wire bytes {}  zero pages {}", st["region_bytes"], st["wire_bytes"], st["zero_pages"]);
     let l = &st["chunk_latency_us"];
     let _ = writeln!(s, "  chunk send latency us: p50 {} p95 {} p99 {} max {}", l["p50"], l["p95"], l["p99"], l["max"]);
+    for w in st["workers"].as_array().into_iter().flatten() {
+        let c = &w["counters"];
+        let _ = writeln!(
+            s,
+            "  {} worker {}: region bytes {}  wire bytes {}  frames {}  zero pages {}",
+            w["role"].as_str().unwrap_or("?"),
+            w["worker"],
+            c["region_bytes"],
+            c["wire_bytes"],
+            c["frames"],
+            c["zero_pages"]
+        );
+    }
     if let Some(e) = st["last_error"].as_str() {
         let _ = writeln!(s, "  last error: {e}");
     }

@@ -213,6 +213,25 @@ impl Metrics {
             quantiles(&t.chunk_latency),
         );
         add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds));
+        // Live per-worker counters: updated by the workers as they go, not at session end.
+        let live = crate::live::snapshot();
+        let per_worker = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
+            live.iter().map(|(r, w, s)| format!("{{role=\"{}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
+        };
+        add(
+            "ferry_worker_region_bytes_total",
+            "counter",
+            "Region bytes each worker (sender) or lane (receiver) has handled, live.",
+            per_worker(|s| s.region_bytes),
+        );
+        add("ferry_worker_wire_bytes_total", "counter", "Bytes on the wire per worker or lane, live.", per_worker(|s| s.wire_bytes));
+        add("ferry_worker_frames_total", "counter", "Data frames per worker or lane, live.", per_worker(|s| s.frames));
+        add(
+            "ferry_worker_zero_pages_total",
+            "counter",
+            "Zero pages sent or received as a flag per worker or lane, live.",
+            per_worker(|s| s.zero_pages),
+        );
         out
     }
 
@@ -228,6 +247,7 @@ impl Metrics {
             "zero_pages": t.zero_pages,
             "chunk_latency_us": crate::engine::Percentiles::of(&t.chunk_latency),
             "last_error": t.last_error,
+            "workers": crate::live::snapshot().into_iter().map(|(r, w, s)| serde_json::json!({"role": r.name(), "worker": w, "counters": s})).collect::<Vec<_>>(),
         })
     }
 }

@@ -14,6 +14,8 @@ pub mod digest;
 pub mod encode;
 /// Sending and receiving a region.
 pub mod engine;
+/// Live per-worker counters for /metrics and status.
+pub mod live;
 /// The migration engine: pre-copy rounds, region mode.
 pub mod migrate;
 /// The resolved plan the data plane runs with.

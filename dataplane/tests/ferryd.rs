@@ -221,6 +221,9 @@ fn serves_transfers_status_and_metrics() {
         "ferry_region_bytes_total{role=\"send\"} 300000",
         "# TYPE ferry_chunk_send_latency_seconds summary",
         "ferry_chunk_send_latency_seconds{quantile=\"0.99\"}",
+        "ferry_worker_region_bytes_total{role=\"send\",worker=\"0\"} 300000",
+        "ferry_worker_region_bytes_total{role=\"recv\",worker=\"0\"} 300000",
+        "# TYPE ferry_worker_frames_total counter",
     ] {
         assert!(body.contains(want), "metrics lack {want}:\n{body}");
     }

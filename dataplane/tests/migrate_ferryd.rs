@@ -124,6 +124,13 @@ fn dirty(mem: &File, bitmap: &File, pages: &[u64], g: u8) {
     bitmap.write_all_at(&raw, 0).unwrap();
 }
 
+/// ferryd's status reply.
+fn status(socket: &Path) -> serde_json::Value {
+    let mut c = hw::fdpass::LineConn::new(std::os::unix::net::UnixStream::connect(socket).unwrap());
+    c.send("{\"cmd\":\"status\"}", &[]).unwrap();
+    serde_json::from_str(&c.recv().unwrap().unwrap().0).unwrap()
+}
+
 #[test]
 fn a_guest_migrates_through_two_ferryd() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +146,19 @@ fn a_guest_migrates_through_two_ferryd() {
     assert_eq!(out.connected["bytes"], 2048 * PAGE);
     let r0 = out.round().unwrap();
     assert_eq!(r0.dirty_pages, 2048);
+    // Mid-migration, both ferryd already count round 0 per worker (live, not at the end).
+    for (d, role) in [(&src, "migrate_out"), (&dst, "migrate_in")] {
+        let st = status(&d.socket);
+        let bytes: u64 = st["status"]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["role"] == role)
+            .map(|w| w["counters"]["region_bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(bytes, 2048 * PAGE, "{role}: {st}");
+        assert!(st["status"]["active"].to_string().contains(role), "{st}");
+    }
     dirty(&mem, &bitmap, &[0, 1, 700, 2047], 2);
     let r1 = out.round().unwrap();
     assert_eq!(r1.dirty_pages, 4);

@@ -253,6 +253,7 @@ fn lane(
     let mut reader = FrameReader::with_buffer(arena, max_payload);
     let mut dec = Decoder::default();
     let mut st = LaneStats::default();
+    let live = crate::live::worker(crate::live::Role::Recv, usize::from(n));
     loop {
         let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
         match kind {
@@ -283,6 +284,8 @@ fn lane(
                 }
                 st.frames += 1;
                 st.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+                let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(PAGE as u64) } else { 0 };
+                live.add(u64::from(raw_len), (HEADER_LEN + payload.len()) as u64, 1, zero);
                 if let Some(p) = opts.progress {
                     p.fetch_add(u64::from(raw_len), Ordering::Relaxed);
                 }

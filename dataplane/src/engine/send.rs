@@ -304,6 +304,8 @@ fn worker(
     let mut arena = super::arena(opts.plan, slots_needed * chunk)?;
     let slots: Vec<&mut [u8]> = arena.as_mut_slice().chunks_mut(chunk).take(slots_needed).collect();
     let mut w = Worker {
+        live: crate::live::worker(crate::live::Role::Send, w),
+        live_zero: 0,
         enc: Encoder::new(opts.plan.compression, chunk),
         digest: Digest::default(),
         wire_bytes: 0,
@@ -329,6 +331,9 @@ fn worker(
 
 /// A worker's encoding state, shared by its two ways of sending.
 struct Worker<'a> {
+    /// This worker's live counters, and the zero pages already added to them.
+    live: &'static crate::live::Counters,
+    live_zero: u64,
     enc: Encoder,
     digest: Digest,
     wire_bytes: u64,
@@ -375,6 +380,9 @@ impl<'a> Worker<'a> {
         conn.1 += batch.headers.len() as u64;
         conn.2 += batch.wire_bytes;
         self.wire_bytes += batch.wire_bytes;
+        let zero = self.enc.stats.zero_pages;
+        self.live.add(batch.region_bytes, batch.wire_bytes, batch.headers.len() as u64, zero - self.live_zero);
+        self.live_zero = zero;
         if let Some(p) = self.progress {
             p.fetch_add(batch.region_bytes, Ordering::Relaxed);
         }

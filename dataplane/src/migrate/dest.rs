@@ -303,6 +303,7 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<L
     let mut reader = FrameReader::with_buffer(arena, max_payload);
     let mut dec = Decoder::default();
     let (mut round, mut this, mut total) = (0u32, LaneCounts::default(), LaneCounts::default());
+    let live = crate::live::worker(crate::live::Role::MigrateIn, usize::from(n));
     let page = PAGE as u64;
     let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
     loop {
@@ -342,6 +343,8 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<L
                 this.frames += 1;
                 this.pages += u64::from(raw_len).div_ceil(page);
                 this.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+                let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(page) } else { 0 };
+                live.add(u64::from(raw_len), (HEADER_LEN + payload.len()) as u64, 1, zero);
             }
             Kind::RoundEnd => {
                 let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload)?;

@@ -44,6 +44,7 @@ struct Lane {
 /// pages being sent, one for compressed payloads.
 struct Worker {
     cpu: u32,
+    live: &'static crate::live::Counters,
     lanes: Vec<Lane>,
     enc: Encoder,
     arena: hw::memmap::Arena,
@@ -167,7 +168,8 @@ impl<'a> Source<'a> {
                 lanes.push(Lane { s, frames: 0, bytes: 0, pages: 0 });
             }
             let arena = crate::engine::arena(plan, 2 * chunk)?;
-            workers.push(Worker { cpu, lanes, enc: Encoder::new(plan.compression, chunk), arena });
+            let live = crate::live::worker(crate::live::Role::MigrateOut, w);
+            workers.push(Worker { cpu, live, lanes, enc: Encoder::new(plan.compression, chunk), arena });
         }
         // The paused source is digested during the last round; that bounds the downtime
         // from below, so the estimate needs its speed.
@@ -449,6 +451,7 @@ impl Worker {
         let mut batch = Batch::new(staging);
         let mut c = Counts::default();
         let enc0 = self.enc.stats;
+        let mut live_zero = enc0.zero_pages;
         let mut turn = 0;
         let page = PAGE as u64;
         loop {
@@ -522,6 +525,9 @@ impl Worker {
             lane.frames += batch.frames() as u64;
             lane.bytes += batch.wire_bytes;
             lane.pages += pages;
+            let zero = self.enc.stats.zero_pages;
+            self.live.add((pages * page).min(size - base), batch.wire_bytes, batch.frames() as u64, zero - live_zero);
+            live_zero = zero;
             c.pages += pages;
             c.wire_bytes += batch.wire_bytes;
         }
