@@ -300,6 +300,9 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     // pread: holes read as zeros without being allocated).
     let tv = Instant::now();
     drop(map);
+    let [memory]: [File; 1] = memory
+        .try_into()
+        .map_err(|m: Vec<File>| fail(format!("the destination handed over {} memory regions, the guest has 1", m.len())))?;
     compare(&mem, &memory, size).map_err(fail)?;
     let verify_seconds = tv.elapsed().as_secs_f64();
     Ok(DemoReport {

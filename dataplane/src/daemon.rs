@@ -61,6 +61,9 @@ pub enum Request {
         /// `sent` (default) or `full`: see [`crate::migrate::Verify`].
         #[serde(default)]
         verify: Option<crate::migrate::Verify>,
+        /// How many memory descriptors come before the bitmap's, if the VMM wants it checked.
+        #[serde(default)]
+        regions: Option<usize>,
     },
     /// Inside a `migrate_out` conversation: a pre-copy round over the bitmap's pages.
     Round,
@@ -310,8 +313,8 @@ impl Daemon {
         }
         match req {
             Request::MigrateIn { listen } => self.migrate_in(&conn, &listen),
-            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, verify } => {
-                let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, verify: verify.unwrap_or_default() };
+            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, verify, regions } => {
+                let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, verify: verify.unwrap_or_default(), regions };
                 self.migrate_out(&mut conn, fds, &to, limits);
             }
             Request::Round | Request::Final => {
@@ -367,7 +370,8 @@ impl Daemon {
         self.metrics.end_migration("migrate_in", &r.as_ref().map(|i| i.report.clone()).map_err(Clone::clone));
         match r {
             Ok(inc) => {
-                if let Err(e) = conn.send(&serde_json::json!({"ok": true, "report": inc.report}).to_string(), &[inc.memory.as_fd()]) {
+                let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
+                if let Err(e) = conn.send(&serde_json::json!({"ok": true, "report": inc.report, "regions": fds.len()}).to_string(), &fds) {
                     log::warn!("migrate_in: the destination VMM left before taking its memory ({e}); the memory is dropped");
                 }
             }
@@ -391,10 +395,23 @@ impl Daemon {
     }
 
     fn migrate_out_inner(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, String> {
-        let [memory, bitmap]: [OwnedFd; 2] = fds
-            .try_into()
-            .map_err(|f: Vec<OwnedFd>| format!("migrate_out takes two descriptors, guest memory and dirty bitmap; {} came", f.len()))?;
-        let (memory, bitmap) = (std::fs::File::from(memory), std::fs::File::from(bitmap));
+        // The guest memory regions, in order, then the dirty bitmap.
+        let mut fds = fds;
+        if fds.len() < 2 {
+            return Err(format!(
+                "migrate_out takes the guest memory descriptors (one per region) and then the dirty bitmap's; {} came",
+                fds.len()
+            ));
+        }
+        let bitmap = std::fs::File::from(fds.pop().expect("two or more"));
+        let memory: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
+        if limits.regions.is_some_and(|n| n != memory.len()) {
+            return Err(format!(
+                "\"regions\": {} but {} memory descriptors came (and the bitmap's)",
+                limits.regions.unwrap_or(0),
+                memory.len()
+            ));
+        }
         let mut plan = self.plan.clone();
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
@@ -409,14 +426,23 @@ impl Daemon {
                 }
             })
         };
-        is_memory(&memory, "guest memory")?;
+        let mut sizes = Vec::with_capacity(memory.len());
+        for (i, m) in memory.iter().enumerate() {
+            let what = if memory.len() == 1 { "guest memory".to_string() } else { format!("guest memory region {i}") };
+            is_memory(m, &what)?;
+            sizes.push(m.metadata().map_err(|e| format!("the {what} descriptor: {e}"))?.len());
+        }
         is_memory(&bitmap, "dirty bitmap")?;
-        let size = memory.metadata().map_err(|e| format!("the guest memory descriptor: {e}"))?.len();
-        let pages = crate::migrate::pages(size);
-        let want = crate::migrate::bitmap_bytes(size);
+        let size: u64 = sizes.iter().sum();
+        let pages: Vec<u64> = sizes.iter().map(|&s| crate::migrate::pages(s)).collect();
+        let want = crate::migrate::bitmap_bytes_regions(&sizes);
         let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
         if have != want {
-            return Err(format!("the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({pages} pages) need {want}"));
+            return Err(format!(
+                "the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({} pages in {} region(s)) need {want}",
+                pages.iter().sum::<u64>(),
+                sizes.len()
+            ));
         }
         let opts = SourceOptions {
             to: to.to_string(),
@@ -427,12 +453,17 @@ impl Daemon {
             rate_limit: limits.rate_limit_mbit.map(|m| m * 1_000_000 / 8),
             verify: limits.verify,
         };
-        let mut src = Source::connect(&memory, opts).map_err(|e| e.to_string())?;
-        let _ = conn.send(&serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "lanes": src.lanes()}).to_string(), &[]);
+        let refs: Vec<&std::fs::File> = memory.iter().collect();
+        let mut src = Source::connect_regions(&refs, opts).map_err(|e| e.to_string())?;
+        let _ = conn.send(
+            &serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "regions": sizes.len(), "lanes": src.lanes()})
+                .to_string(),
+            &[],
+        );
         let read_bitmap = || -> Result<Vec<u64>, String> {
             let mut raw = vec![0u8; want as usize];
             std::os::unix::fs::FileExt::read_exact_at(&bitmap, &mut raw, 0).map_err(|e| format!("reading the dirty bitmap: {e}"))?;
-            crate::migrate::parse_bitmap(&raw, pages)
+            crate::migrate::parse_bitmap_regions(&raw, &pages)
         };
         loop {
             let line = match conn.recv() {
@@ -481,6 +512,7 @@ struct Limits {
     rate_limit_mbit: Option<u64>,
     compress: Option<String>,
     verify: crate::migrate::Verify,
+    regions: Option<usize>,
 }
 
 fn result(r: Result<Report, String>) -> serde_json::Value {

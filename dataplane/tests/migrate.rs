@@ -137,8 +137,44 @@ fn rounds_carry_dirty_pages_and_the_memory_arrives_whole() {
         let inc = dest.join().unwrap().unwrap();
         assert_eq!(inc.report.digest, rep.digest);
         assert_eq!(inc.report.rounds.len(), 3);
-        assert!(contents(&inc.memory) == contents(&mem), "byte for byte, with {workers} worker(s) x {conns} lane(s), {compression}");
-        assert!(hw::memmap::is_memory_file(&inc.memory).unwrap());
+        assert!(contents(&inc.memory[0]) == contents(&mem), "byte for byte, with {workers} worker(s) x {conns} lane(s), {compression}");
+        assert!(hw::memmap::is_memory_file(&inc.memory[0]).unwrap());
+    }
+}
+
+#[test]
+fn several_regions_migrate_each_into_its_own_memfd() {
+    // Two memory slots: 300 pages with a ragged tail, and 70 pages.
+    let (a, b) = (guest(300, 10), guest(70, 0));
+    let (wa, wb) = (301usize.div_ceil(64), 70usize.div_ceil(64));
+    for verify in [Verify::Sent, Verify::Full] {
+        let plan = plan(2, 1, Compression::Zstd { level: 1 });
+        let (addr, dest) = destination(plan.clone());
+        let mut src = Source::connect_regions(&[&a, &b], SourceOptions { verify, ..opts(addr, &plan) }).unwrap();
+        assert_eq!(src.round(&vec![0; wa + wb]).unwrap().dirty_pages, 301 + 70);
+        // Region 1's page 69 (its last) and region 0's page 300 (the tail).
+        let mut bm = vec![0u64; wa + wb];
+        b.write_all_at(&fill(69, 4), 69 * PAGE).unwrap();
+        dirty(&mut bm[wa..], 69);
+        a.write_all_at(&[0x77u8; 10], 300 * PAGE).unwrap();
+        dirty(&mut bm[..wa], 300);
+        assert_eq!(src.round(&bm).unwrap().dirty_pages, 2);
+        assert!(src.round(&vec![0; wa + wb - 1]).unwrap_err().to_string().contains("2 region(s)"));
+        drop(src);
+        assert!(dest.join().unwrap().is_err());
+
+        let (addr, dest) = destination(plan.clone());
+        let mut src = Source::connect_regions(&[&a, &b], SourceOptions { verify, ..opts(addr, &plan) }).unwrap();
+        src.round(&vec![0; wa + wb]).unwrap();
+        let mut last = vec![0u64; wa + wb];
+        b.write_all_at(&fill(3, 9), 3 * PAGE).unwrap();
+        dirty(&mut last[wa..], 3);
+        let rep = src.finish(&last).unwrap();
+        let inc = dest.join().unwrap().unwrap();
+        assert_eq!(inc.report.digest, rep.digest);
+        assert_eq!(inc.memory.len(), 2);
+        assert!(contents(&inc.memory[0]) == contents(&a), "region 0");
+        assert!(contents(&inc.memory[1]) == contents(&b), "region 1");
     }
 }
 
@@ -158,7 +194,7 @@ fn untouched_memory_goes_as_zero_frames_without_being_read() {
     let rep = src.finish(&[0; 16]).unwrap();
     let inc = dest.join().unwrap().unwrap();
     assert_eq!(inc.report.digest, rep.digest);
-    assert!(contents(&inc.memory) == contents(&mem));
+    assert!(contents(&inc.memory[0]) == contents(&mem));
 }
 
 #[test]

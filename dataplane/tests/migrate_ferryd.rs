@@ -167,8 +167,38 @@ fn a_guest_migrates_through_two_ferryd() {
     assert_eq!(rep.rounds.len(), 3);
     let (got, drep) = waiter.join().unwrap().unwrap();
     assert_eq!(drep.digest, rep.digest);
-    assert!(contents(&got) == contents(&mem), "the destination VMM gets the guest's memory");
+    assert_eq!(got.len(), 1);
+    assert!(contents(&got[0]) == contents(&mem), "the destination VMM gets the guest's memory");
     assert_eq!(mem.stream_position().unwrap(), 12345, "the VMM's file offset is where it left it");
+}
+
+#[test]
+fn guest_memory_in_two_regions_comes_back_as_two_memfds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (a, _) = guest();
+    let b = hw::memmap::memfd("slot1", 100 * PAGE, false).unwrap();
+    b.write_all_at(&page_bytes(1, 5), PAGE).unwrap();
+    // Region 0's 2048 pages take 32 words, region 1's 100 pages 2.
+    let bitmap = hw::memmap::memfd("dirty2", (32 + 2) * 8, false).unwrap();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || incoming.wait());
+    let mut out = MigrateOut::start_regions(&src.socket, &addr, &[&a, &b], &bitmap, &OutOptions::default()).unwrap();
+    assert_eq!(out.connected["regions"], 2);
+    assert_eq!(out.round().unwrap().dirty_pages, 2048 + 100);
+    // Region 1, page 99: bit 35 of its second word, the bitmap's word 33.
+    b.write_all_at(&page_bytes(99, 6), 99 * PAGE).unwrap();
+    bitmap.write_all_at(&(1u64 << 35).to_le_bytes(), 33 * 8).unwrap();
+    let rep = out.finish().unwrap();
+    assert_eq!(rep.rounds.last().unwrap().dirty_pages, 1);
+    let (got, _) = waiter.join().unwrap().unwrap();
+    assert_eq!(got.len(), 2);
+    assert!(contents(&got[0]) == contents(&a) && contents(&got[1]) == contents(&b));
+    // A bitmap sized for one region is refused before anything moves.
+    let short = hw::memmap::memfd("dirty1", 32 * 8, false).unwrap();
+    let err = MigrateOut::start_regions(&src.socket, "127.0.0.1:1", &[&a, &b], &short, &OutOptions::default()).unwrap_err();
+    assert!(err.contains("2148 pages in 2 region(s)) need 272"), "{err}");
 }
 
 #[test]
@@ -201,7 +231,7 @@ fn the_destination_dying_is_reported_and_a_retry_succeeds() {
     dirty(&mem, &bitmap, &[3], 9);
     out.finish().unwrap();
     let (got, _) = waiter.join().unwrap().unwrap();
-    assert!(contents(&got) == contents(&mem));
+    assert!(contents(&got[0]) == contents(&mem));
 }
 
 #[test]
@@ -247,7 +277,7 @@ fn descriptors_that_are_not_guest_memory_are_refused() {
     conn.send(&format!("{{\"cmd\":\"migrate_out\",\"to\":\"{to}\"}}"), &[mem.as_fd()]).unwrap();
     let mut conn = conn;
     let (line, _) = conn.recv().unwrap().unwrap();
-    assert!(line.contains("takes two descriptors") && line.contains("1 came"), "{line}");
+    assert!(line.contains("then the dirty bitmap's; 1 came"), "{line}");
     // A round outside a migration, and an unknown field.
     for (req, want) in
         [("{\"cmd\":\"round\"}", "belong to a migrate_out"), ("{\"cmd\":\"migrate_in\",\"listen\":\"x\",\"bogus\":1}", "unknown field")]

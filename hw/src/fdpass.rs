@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 /// Descriptors one message may carry; more is an error, never a leak.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 64;
 /// The longest line accepted.
 pub const MAX_LINE: usize = 64 << 10;
 

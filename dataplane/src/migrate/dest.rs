@@ -30,10 +30,11 @@ pub struct DestOptions<'a> {
     pub plan: &'a Plan,
 }
 
-/// A migration that arrived whole: the guest memory (a memfd) and the report.
+/// A migration that arrived whole: the guest memory (a memfd per region, in the source's
+/// order) and the report.
 #[derive(Debug)]
 pub struct Incoming {
-    pub memory: File,
+    pub memory: Vec<File>,
     pub report: MigrationReport,
 }
 
@@ -93,32 +94,38 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
     let mut buf = Vec::new();
     expect_frame(ctl, Kind::Session, &mut buf)?;
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
-    if transport != DataTransport::Tcp || layout.regions.len() != 1 {
-        return Err(SessionError::Protocol(format!(
-            "a migration is one region over TCP lanes; the source described {} region(s) over {transport:?}",
-            layout.regions.len()
-        )));
+    if transport != DataTransport::Tcp {
+        return Err(SessionError::Protocol(format!("a migration runs over TCP lanes; the source asked for {transport:?}")));
     }
     if layout.page_size != PAGE as u32 {
         return Err(SessionError::Protocol(format!("page size {} (this ferryd tracks {PAGE}-byte pages)", layout.page_size)));
     }
-    let size = layout.regions[0];
-    let memory = hw::memmap::memfd("ferry-migration", size, false)
-        .map_err(|source| SessionError::Region { path: format!("a {size}-byte memfd for the incoming guest memory"), source })?;
-    let dest = Dest::new(&memory, size, PAGE as u64);
-    let hashes = PageHashes::new(dest.pages());
+    let size: u64 = layout.regions.iter().sum();
+    let memory = layout
+        .regions
+        .iter()
+        .map(|&bytes| {
+            hw::memmap::memfd("ferry-migration", bytes, false)
+                .map_err(|source| SessionError::Region { path: format!("a {bytes}-byte memfd for the incoming guest memory"), source })
+        })
+        .collect::<Result<Vec<File>, _>>()?;
+    let targets: Vec<Target<'_>> = memory
+        .iter()
+        .zip(&layout.regions)
+        .map(|(m, &bytes)| Target { dest: Dest::new(m, bytes, PAGE as u64), hashes: PageHashes::new(super::pages(bytes)) })
+        .collect();
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
     let session = u64::from_le_bytes(id);
     write_frame(ctl, Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
-    log::info!("migration session {session:#x}: {size} bytes over {lanes} lane(s)");
+    log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", targets.len());
 
     let seen = Mutex::new(vec![false; usize::from(lanes)]);
     let (tx, rx) = mpsc::channel::<LaneMsg>();
     // Clones of every connection, shut down when one side fails so no thread waits on a
     // peer that will not speak again.
     let mut socks = vec![ctl.try_clone().map_err(|e| SessionError::io("cloning the control connection", e))?];
-    let ctx = Ctx { layout: &layout, session, lanes, dest: &dest, hashes: &hashes, seen: &seen, plan: opts.plan, auth: &opts.auth };
+    let ctx = Ctx { layout: &layout, session, lanes, targets: &targets, seen: &seen, plan: opts.plan, auth: &opts.auth };
     let outcome = std::thread::scope(|s| {
         let mut handles = Vec::new();
         let mut opened = Ok(());
@@ -145,7 +152,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
                 }
             }
         }
-        let r = opened.and_then(|()| rounds(ctl, &rx, lanes, &dest, &hashes));
+        let r = opened.and_then(|()| rounds(ctl, &rx, lanes, &targets));
         if r.is_err() {
             for c in &socks {
                 let _ = c.shutdown(Shutdown::Both);
@@ -190,9 +197,10 @@ fn rounds(
     ctl: &mut TcpStream,
     rx: &mpsc::Receiver<LaneMsg>,
     lanes: u16,
-    dest: &Dest<'_>,
-    hashes: &PageHashes,
+    targets: &[Target<'_>],
 ) -> Result<(Vec<RoundReport>, Digest), SessionError> {
+    let all_pages: u64 = targets.iter().map(|t| t.dest.pages()).sum();
+    let size: u64 = targets.iter().map(|t| t.dest.len()).sum();
     let mut buf = Vec::new();
     let mut reports = Vec::new();
     let mut started = Instant::now();
@@ -219,22 +227,24 @@ fn rounds(
             }
             sum.add(&c);
         }
-        let claimed = dest.pages_claimed();
-        if sum.pages != r.pages.get() || claimed != sum.pages || (round == 0 && claimed != dest.pages()) {
+        let claimed: u64 = targets.iter().map(|t| t.dest.pages_claimed()).sum();
+        if sum.pages != r.pages.get() || claimed != sum.pages || (round == 0 && claimed != all_pages) {
             return Err(SessionError::Protocol(format!(
                 "round {round}: the source counted {} pages, the lanes {}, {} were written{}",
                 r.pages.get(),
                 sum.pages,
                 claimed,
-                if round == 0 { format!(" (round 0 must cover all {})", dest.pages()) } else { String::new() }
+                if round == 0 { format!(" (round 0 must cover all {all_pages})") } else { String::new() }
             )));
         }
-        dest.next_round();
+        for t in targets {
+            t.dest.next_round();
+        }
         let ok = wire::RoundOk { round: round.into(), _pad: 0.into(), pages: sum.pages.into() };
         write_frame(ctl, Kind::RoundOk, ok.as_bytes())?;
         let last = r.last.get() == 1;
         let seconds = started.elapsed().as_secs_f64();
-        let dirty_bytes = (sum.pages * PAGE as u64).min(dest.len());
+        let dirty_bytes = (sum.pages * PAGE as u64).min(size);
         reports.push(RoundReport {
             round,
             last,
@@ -256,10 +266,13 @@ fn rounds(
     }
     expect_frame(ctl, Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
-    let digest = hashes.fold();
+    let digest = targets.iter().fold(Digest::default(), |mut d, t| {
+        d.combine(t.hashes.fold());
+        d
+    });
     let source = Digest::from_bytes(done.digest);
-    let ok = digest == source && done.bytes.get() == dest.len();
-    let result = wire::Digest { digest: digest.to_bytes(), bytes: dest.len().into(), ok: u32::from(ok).into(), _pad: 0.into() };
+    let ok = digest == source && done.bytes.get() == size;
+    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
     write_frame(ctl, Kind::Result, result.as_bytes())?;
     if !ok {
         return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
@@ -270,13 +283,18 @@ fn rounds(
     Ok((reports, digest))
 }
 
+/// One region of the incoming memory: its writer and its page hashes.
+struct Target<'f> {
+    dest: Dest<'f>,
+    hashes: PageHashes,
+}
+
 /// What every lane thread shares.
 struct Ctx<'a> {
     layout: &'a Layout,
     session: u64,
     lanes: u16,
-    dest: &'a Dest<'a>,
-    hashes: &'a PageHashes,
+    targets: &'a [Target<'a>],
     seen: &'a Mutex<Vec<bool>>,
     plan: &'a Plan,
     auth: &'a Auth,
@@ -311,30 +329,32 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<L
         match kind {
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = ctx.layout.check_data(&h)?;
+                // check_data bounded `region` by the session's regions.
+                let Target { dest, hashes } = &ctx.targets[region as usize];
                 let first = offset / page;
                 let record = |bytes: &[u8]| {
                     for (i, p) in bytes.chunks(PAGE).enumerate() {
-                        ctx.hashes.set(first + i as u64, Digest::of_page(region, first + i as u64, p));
+                        hashes.set(first + i as u64, Digest::of_page(region, first + i as u64, p));
                     }
                 };
                 match encoding {
                     Encoding::Raw => {
-                        ctx.dest.write(offset, payload).map_err(refused)?;
+                        dest.write(offset, payload).map_err(refused)?;
                         record(payload);
                     }
                     Encoding::Zero => {
                         let len = u64::from(raw_len);
                         // Round 0 writes into a new memfd, which reads as zero already.
-                        if round == 0 { ctx.dest.claim_zero(offset, len) } else { ctx.dest.write_zero(offset, len) }.map_err(refused)?;
+                        if round == 0 { dest.claim_zero(offset, len) } else { dest.write_zero(offset, len) }.map_err(refused)?;
                         for i in 0..len.div_ceil(page) {
                             let this_len = (len - i * page).min(page) as usize;
-                            ctx.hashes.set(first + i, Digest::of_zero_page(region, first + i, this_len));
+                            hashes.set(first + i, Digest::of_zero_page(region, first + i, this_len));
                         }
                         this.zero_pages += len.div_ceil(page);
                     }
                     Encoding::Zstd => {
                         let bytes = dec.zstd(payload, raw_len)?;
-                        ctx.dest.write(offset, bytes).map_err(refused)?;
+                        dest.write(offset, bytes).map_err(refused)?;
                         record(bytes);
                         this.compressed_in += u64::from(raw_len);
                         this.compressed_out += payload.len() as u64;

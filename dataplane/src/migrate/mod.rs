@@ -40,23 +40,43 @@ pub fn bitmap_bytes(bytes: u64) -> u64 {
     pages(bytes).div_ceil(64) * 8
 }
 
+/// Bytes of the dirty bitmap for regions of `sizes`: each region's bitmap
+/// ([`bitmap_bytes`]) one after the other, in the regions' order.
+pub fn bitmap_bytes_regions(sizes: &[u64]) -> u64 {
+    sizes.iter().map(|&s| bitmap_bytes(s)).sum()
+}
+
 /// Reads a dirty bitmap from its bytes, checking it against a region of `pages` pages:
 /// the exact size, and no bit past the last page.
 pub fn parse_bitmap(raw: &[u8], pages: u64) -> Result<Vec<u64>, String> {
-    let want = pages.div_ceil(64) * 8;
+    parse_bitmap_regions(raw, &[pages])
+}
+
+/// [`parse_bitmap`] for several regions of `pages` pages each, their bitmaps one after
+/// the other.
+pub fn parse_bitmap_regions(raw: &[u8], pages: &[u64]) -> Result<Vec<u64>, String> {
+    let want: u64 = pages.iter().map(|p| p.div_ceil(64) * 8).sum();
     if raw.len() as u64 != want {
+        let total: u64 = pages.iter().sum();
         return Err(format!(
-            "the dirty bitmap has {} bytes; a region of {pages} pages needs {want} (one bit per {PAGE}-byte page, whole 64-bit words)",
-            raw.len()
+            "the dirty bitmap has {} bytes; {total} pages in {} region(s) need {want} (one bit per {PAGE}-byte page, whole 64-bit words per region)",
+            raw.len(),
+            pages.len()
         ));
     }
     let words: Vec<u64> = raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect();
-    if let Some(last) = words.last() {
-        let used = pages - (words.len() as u64 - 1) * 64;
-        if used < 64 && last >> used != 0 {
-            let bit = 64 - last.leading_zeros() as u64 - 1;
-            return Err(format!("the dirty bitmap marks page {} past the region's {pages} pages", (words.len() as u64 - 1) * 64 + bit));
+    let mut at = 0;
+    for (r, &p) in pages.iter().enumerate() {
+        let n = p.div_ceil(64) as usize;
+        if let Some(last) = words[at..at + n].last() {
+            let used = p - (n as u64 - 1) * 64;
+            if used < 64 && last >> used != 0 {
+                let bit = 64 - last.leading_zeros() as u64 - 1;
+                let region = if pages.len() > 1 { format!("region {r}'s") } else { "the region's".into() };
+                return Err(format!("the dirty bitmap marks page {} past {region} {p} pages", (n as u64 - 1) * 64 + bit));
+            }
         }
+        at += n;
     }
     Ok(words)
 }
@@ -190,11 +210,19 @@ mod tests {
         let mut raw = vec![0u8; 16];
         raw[0] = 0b101;
         assert_eq!(parse_bitmap(&raw, 65).unwrap(), vec![5, 0]);
-        assert!(parse_bitmap(&raw[..8], 65).unwrap_err().contains("needs 16"));
+        assert!(parse_bitmap(&raw[..8], 65).unwrap_err().contains("need 16"));
         raw[8] = 0b10; // page 65 of 65 (pages 0..=64 exist)
         assert!(parse_bitmap(&raw, 65).unwrap_err().contains("page 65 past"));
         raw[8] = 0b1;
         assert!(parse_bitmap(&raw, 65).is_ok());
         assert!(parse_bitmap(&[0xff; 8], 64).is_ok(), "a full last word");
+        // Two regions of 3 and 70 pages: one word, then two.
+        let mut two = vec![0u8; 24];
+        two[0] = 0b111;
+        two[16] = 0b11_1111;
+        assert_eq!(parse_bitmap_regions(&two, &[3, 70]).unwrap(), vec![7, 0, 63]);
+        two[0] = 0b1111;
+        assert!(parse_bitmap_regions(&two, &[3, 70]).unwrap_err().contains("page 3 past region 0's 3 pages"));
+        assert_eq!(bitmap_bytes_regions(&[3 * 4096, 70 * 4096]), 24);
     }
 }

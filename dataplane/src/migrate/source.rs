@@ -81,14 +81,26 @@ impl Pacer {
     }
 }
 
-/// A migration in progress, from the source's side.
-pub struct Source<'a> {
-    opts: SourceOptions<'a>,
-    /// The guest memory, read with `pread`: no page faults, and holes (never-touched
-    /// pages of a memfd) read as zeros without being allocated.
+/// One region of guest memory (a memory file of the VMM's) and what ferry keeps for it.
+struct Region {
+    /// The memory, read with `pread`: no page faults, and holes (never-touched pages of a
+    /// memfd) read as zeros without being allocated.
     memory: File,
     /// `memory` has a file offset of its own: hole probes may move it.
     probe_holes: bool,
+    size: u64,
+    /// Where this region's words start in the dirty bitmap, and how many it has.
+    word: usize,
+    words: usize,
+    /// Every page's hash as last sent.
+    sent: PageHashes,
+}
+
+/// A migration in progress, from the source's side.
+pub struct Source<'a> {
+    opts: SourceOptions<'a>,
+    regions: Vec<Region>,
+    /// All regions together.
     size: u64,
     chunk: usize,
     ctl: TcpStream,
@@ -96,8 +108,6 @@ pub struct Source<'a> {
     rounds: Vec<RoundReport>,
     /// When the previous round started: the dirty bitmap of the next one covers the time since.
     last_start: Option<Instant>,
-    /// Every page's hash as last sent.
-    sent: PageHashes,
     /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, measured at
     /// connect.
     digest_seconds_per_gib: f64,
@@ -115,25 +125,23 @@ impl<'a> Source<'a> {
     /// Opens the session to a destination `ferryd` (`migrate_in`) for the guest memory in
     /// `memory`, which must be a memfd, tmpfs or hugetlbfs file. The memory is only read.
     pub fn connect(memory: &File, opts: SourceOptions<'a>) -> Result<Source<'a>, SessionError> {
-        let region = |source| SessionError::Region { path: "the guest memory descriptor".into(), source };
-        if !hw::memmap::is_memory_file(memory).map_err(region)? {
-            return Err(SessionError::Protocol(
-                "the guest memory descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file".into(),
-            ));
+        Source::connect_regions(&[memory], opts)
+    }
+
+    /// [`Source::connect`] for guest memory in several memory files (a VMM's memory slots
+    /// or NUMA nodes), each a region of its own.
+    pub fn connect_regions(memory: &[&File], opts: SourceOptions<'a>) -> Result<Source<'a>, SessionError> {
+        if memory.is_empty() || memory.len() > wire::MAX_REGIONS {
+            return Err(SessionError::Protocol(format!("{} memory regions (1..={} allowed)", memory.len(), wire::MAX_REGIONS)));
         }
-        // A description of our own, read-only: the descriptor the VMM passed shares its
-        // file offset with the VMM, which the hole probes (lseek SEEK_DATA) would move.
-        let (memory, own_offset) = match std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(memory))) {
-            Ok(f) => (f, true),
-            Err(e) => {
-                log::warn!("cannot reopen the guest memory through /proc ({e}): every page is read, holes included");
-                (memory.try_clone().map_err(region)?, false)
-            }
-        };
-        let size = memory.metadata().map_err(region)?.len();
-        if size == 0 {
-            return Err(SessionError::Protocol("the guest memory is empty".into()));
+        let mut regions = Vec::with_capacity(memory.len());
+        let mut word = 0;
+        for (i, m) in memory.iter().enumerate() {
+            let r = open_region(i, m, word)?;
+            word += r.words;
+            regions.push(r);
         }
+        let size: u64 = regions.iter().map(|r| r.size).sum();
         let plan = opts.plan;
         if plan.transport == Transport::Rdma {
             log::info!("migration lanes run over TCP: RDMA migration is not built yet");
@@ -153,7 +161,7 @@ impl<'a> Source<'a> {
         ctl.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         let per_worker = plan.tcp.connections_per_worker as usize;
         let n_workers = plan.worker_cpus.len();
-        let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: vec![size] };
+        let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: regions.iter().map(|r| r.size).collect() };
         let lanes = n_workers * per_worker;
         write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
         let mut buf = Vec::new();
@@ -175,28 +183,20 @@ impl<'a> Source<'a> {
         // from below, so the estimate needs its speed.
         let mut digest_seconds_per_gib = 0.0;
         if opts.verify == Verify::Full {
-            let sample = size.min(16 << 20);
+            let r = &regions[0];
+            let sample = r.size.min(16 << 20);
             let t = Instant::now();
-            std::hint::black_box(Digest::of_file(0, PAGE, &memory, sample, 1, own_offset).map_err(region)?);
+            let d = Digest::of_file(0, PAGE, &r.memory, sample, 1, r.probe_holes)
+                .map_err(|source| SessionError::Region { path: "guest memory region 0".into(), source })?;
+            std::hint::black_box(d);
             digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample as f64 / (1u64 << 30) as f64);
         }
-        let sent = PageHashes::new(super::pages(size));
-        log::info!("migration session {session:#x}: {size} bytes to {} over {lanes} lane(s) from {n_workers} worker(s)", opts.to);
-        Ok(Source {
-            opts,
-            memory,
-            probe_holes: own_offset,
-            size,
-            chunk,
-            ctl,
-            workers,
-            rounds: Vec::new(),
-            last_start: None,
-            sent,
-            digest_seconds_per_gib,
-            t0,
-            cpu0,
-        })
+        log::info!(
+            "migration session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
+            regions.len(),
+            opts.to
+        );
+        Ok(Source { opts, regions, size, chunk, ctl, workers, rounds: Vec::new(), last_start: None, digest_seconds_per_gib, t0, cpu0 })
     }
 
     pub fn size(&self) -> u64 {
@@ -248,37 +248,50 @@ impl<'a> Source<'a> {
 
     fn run_round(&mut self, dirty: &[u64], last: bool) -> Result<(RoundReport, Option<Digest>), SessionError> {
         let round = self.rounds.len() as u32;
-        let pages = super::pages(self.size);
         let start = Instant::now();
         let ppw = (self.chunk / PAGE) as u64;
-        let n_windows = pages.div_ceil(ppw);
         let all = round == 0;
-        if !all && dirty.len() as u64 != pages.div_ceil(64) {
-            return Err(SessionError::Protocol(format!("a dirty bitmap of {} words for {pages} pages", dirty.len())));
+        let words: usize = self.regions.iter().map(|r| r.words).sum();
+        if !all && dirty.len() != words {
+            return Err(SessionError::Protocol(format!(
+                "a dirty bitmap of {} words for {} pages in {} region(s) ({words} words)",
+                dirty.len(),
+                super::pages(self.size),
+                self.regions.len()
+            )));
         }
-        // The windows (chunk-sized, chunk-aligned) that hold a dirty page.
-        let windows: Vec<u64> = if all {
-            (0..n_windows).collect()
-        } else {
-            (0..n_windows)
-                .filter(|&w| {
-                    let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
-                    (first / 64..end.div_ceil(64)).any(|i| dirty[i as usize] & word_mask(i, first, end) != 0)
-                })
-                .collect()
-        };
+        // The windows (chunk-sized, chunk-aligned within their region) that hold a dirty page.
+        let mut windows: Vec<(u32, u64)> = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            let pages = super::pages(r.size);
+            let bits = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
+            windows.extend(
+                (0..pages.div_ceil(ppw))
+                    .filter(|&w| {
+                        let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
+                        all || (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0)
+                    })
+                    .map(|w| (i as u32, w)),
+            );
+        }
         let next = AtomicUsize::new(0);
         let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
-        let source = &self.memory;
-        let (chunk, size, to) = (self.chunk, self.size, self.opts.to.as_str());
+        let regions = &self.regions;
+        let (chunk, to) = (self.chunk, self.opts.to.as_str());
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;
-        let sent = &self.sent;
-        let probe_holes = self.probe_holes;
         let (results, digest) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
-            let digest = full.then(|| s.spawn(move || Digest::of_file(0, PAGE, source, size, digest_threads, probe_holes)));
+            let digest = full.then(|| {
+                s.spawn(move || {
+                    let mut d = Digest::default();
+                    for (i, r) in regions.iter().enumerate() {
+                        d.combine(Digest::of_file(i as u32, PAGE, &r.memory, r.size, digest_threads, r.probe_holes)?);
+                    }
+                    Ok::<Digest, std::io::Error>(d)
+                })
+            });
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
@@ -286,7 +299,7 @@ impl<'a> Source<'a> {
                     let (windows, next, pacer) = (&windows, &next, &pacer);
                     s.spawn(move || {
                         pin(w.cpu);
-                        let r = w.run(round, source, size, chunk, windows, next, dirty, all, pacer, sent, probe_holes, to);
+                        let r = w.run(round, regions, chunk, windows, next, dirty, all, pacer, to);
                         if r.is_err() {
                             next.store(windows.len(), Ordering::Relaxed);
                         }
@@ -328,7 +341,10 @@ impl<'a> Source<'a> {
         }
         let digest = match digest.transpose()? {
             Some(d) => Some(d),
-            None if last => Some(self.sent.fold()),
+            None if last => Some(self.regions.iter().fold(Digest::default(), |mut d, r| {
+                d.combine(r.sent.fold());
+                d
+            })),
             None => None,
         };
         let digest = match digest {
@@ -397,6 +413,30 @@ impl<'a> Source<'a> {
     }
 }
 
+/// Checks and opens region `i` of the guest memory; its bitmap words start at `word`.
+fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionError> {
+    let what = if i == 0 { "the guest memory descriptor".to_string() } else { format!("guest memory region {i}") };
+    let err = |source| SessionError::Region { path: what.clone(), source };
+    if !hw::memmap::is_memory_file(memory).map_err(err)? {
+        return Err(SessionError::Protocol(format!("{what} is not a memory file: give a memfd, or a tmpfs or hugetlbfs file")));
+    }
+    // A description of our own, read-only: the descriptor the VMM passed shares its file
+    // offset with the VMM, which the hole probes (lseek SEEK_DATA) would move.
+    let (memory, probe_holes) = match File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(memory))) {
+        Ok(f) => (f, true),
+        Err(e) => {
+            log::warn!("cannot reopen {what} through /proc ({e}): every page is read, holes included");
+            (memory.try_clone().map_err(err)?, false)
+        }
+    };
+    let size = memory.metadata().map_err(err)?.len();
+    if size == 0 {
+        return Err(SessionError::Protocol(format!("{what} is empty")));
+    }
+    let pages = super::pages(size);
+    Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages) })
+}
+
 /// The bits of bitmap word `i` that fall in pages `first..end`.
 fn word_mask(i: u64, first: u64, end: u64) -> u64 {
     let lo = first.saturating_sub(i * 64).min(64);
@@ -434,16 +474,13 @@ impl Worker {
     fn run(
         &mut self,
         round: u32,
-        source: &File,
-        size: u64,
+        regions: &[Region],
         chunk: usize,
-        windows: &[u64],
+        windows: &[(u32, u64)],
         next: &AtomicUsize,
         dirty: &[u64],
         all: bool,
         pacer: &Pacer,
-        sent: &PageHashes,
-        probe_holes: bool,
         to: &str,
     ) -> Result<Counts, SessionError> {
         let (snapshot, staging) = self.arena.as_mut_slice().split_at_mut(chunk);
@@ -456,7 +493,10 @@ impl Worker {
         let page = PAGE as u64;
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&w) = windows.get(i) else { break };
+            let Some(&(region, w)) = windows.get(i) else { break };
+            let r = &regions[region as usize];
+            let (source, size, sent, probe_holes) = (&r.memory, r.size, &r.sent, r.probe_holes);
+            let dirty = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
             let base = w * chunk as u64;
             let (first, end) = (base / page, ((base + chunk as u64).min(size)).div_ceil(page));
             batch.clear();
@@ -472,9 +512,9 @@ impl Worker {
                 if probe_holes && crate::digest::is_hole(source, from as u64, (to - from) as u64) {
                     let len = (to - from) as u64;
                     for i in 0..len.div_ceil(page) {
-                        sent.set(s + i, Digest::of_zero_page(0, s + i, (len - i * page).min(page) as usize));
+                        sent.set(s + i, Digest::of_zero_page(region, s + i, (len - i * page).min(page) as usize));
                     }
-                    batch.push(wire::Header::data(wire::Encoding::Zero, 0, from as u64, len as u32, 0).seal(&[]), &[]);
+                    batch.push(wire::Header::data(wire::Encoding::Zero, region, from as u64, len as u32, 0).seal(&[]), &[]);
                     enc.stats.zero_pages += e - s;
                     enc.stats.frames += 1;
                     pages += e - s;
@@ -487,18 +527,18 @@ impl Worker {
                     return;
                 }
                 let bytes = &snapshot[at..at + to - from];
-                enc.encode::<()>(0, from as u64, PAGE, bytes, &mut |h, p| {
+                enc.encode::<()>(region, from as u64, PAGE, bytes, &mut |h, p| {
                     // Each page's hash from the bytes this frame carries.
                     let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
                     let first = off / page;
                     if h.encoding == wire::Encoding::Zero as u8 {
                         for i in 0..len.div_ceil(page) {
-                            sent.set(first + i, Digest::of_zero_page(0, first + i, (len - i * page).min(page) as usize));
+                            sent.set(first + i, Digest::of_zero_page(region, first + i, (len - i * page).min(page) as usize));
                         }
                     } else {
                         let rel = (off - from as u64) as usize;
                         for (i, pg) in bytes[rel..rel + len as usize].chunks(PAGE).enumerate() {
-                            sent.set(first + i as u64, Digest::of_page(0, first + i as u64, pg));
+                            sent.set(first + i as u64, Digest::of_page(region, first + i as u64, pg));
                         }
                     }
                     batch.push(h, p);
@@ -513,7 +553,7 @@ impl Worker {
                 dirty_runs(dirty, first, end, &mut send_run);
             }
             if let Some(e) = read_err {
-                return Err(SessionError::io(format!("reading guest memory in window {w}"), e));
+                return Err(SessionError::io(format!("reading guest memory region {region} in window {w}"), e));
             }
             batch.region_bytes = pages * page;
             pacer.pace(batch.region_bytes);

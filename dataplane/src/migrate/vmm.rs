@@ -17,9 +17,13 @@
 //!   │◄─ {"ok":true,"report":{...}} or {"ok":false,"error":".."} ────│
 //! ```
 //!
+//! Guest memory in several memory files (slots, NUMA nodes) goes as several regions: their
+//! descriptors in order, then the bitmap's, which holds each region's bitmap in turn.
+//!
 //! Destination VMM: `{"cmd":"migrate_in","listen":"HOST:PORT"}`, answered by
 //! `{"event":"listening","addr":..}` and, once the memory is verified, `{"ok":true,
-//! "report":{...}}` with the memfd attached. On failure no descriptor comes back.
+//! "report":{...},"regions":N}` with a memfd per region attached, in the source's order.
+//! On failure no descriptor comes back.
 //! Closing the connection cancels the migration.
 
 use std::fs::File;
@@ -69,10 +73,18 @@ impl MigrateOut {
     /// Hands `memory` and `bitmap` to the ferryd at `socket` and connects it to the
     /// destination ferryd at `to`.
     pub fn start(socket: &Path, to: &str, memory: &File, bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
+        MigrateOut::start_regions(socket, to, &[memory], bitmap, o)
+    }
+
+    /// [`MigrateOut::start`] for guest memory in several memory files, each a region; the
+    /// bitmap holds each region's bitmap in turn.
+    pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
         let mut conn = connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
-            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "verify": o.verify});
-        conn.send(&req.to_string(), &[memory.as_fd(), bitmap.as_fd()]).map_err(|e| format!("writing to ferryd: {e}"))?;
+            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "verify": o.verify, "regions": memory.len()});
+        let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
+        fds.push(bitmap.as_fd());
+        conn.send(&req.to_string(), &fds).map_err(|e| format!("writing to ferryd: {e}"))?;
         let (connected, _) = reply(&mut conn)?;
         Ok(MigrateOut { conn, connected })
     }
@@ -113,11 +125,14 @@ impl MigrateIn {
         Ok(MigrateIn { conn, addr })
     }
 
-    /// Blocks until the migration ends: the verified guest memory, or why not.
-    pub fn wait(mut self) -> Result<(File, MigrationReport), String> {
+    /// Blocks until the migration ends: the verified guest memory (one memfd per region, in
+    /// the source's order), or why not.
+    pub fn wait(mut self) -> Result<(Vec<File>, MigrationReport), String> {
         let (v, fds) = reply(&mut self.conn)?;
         let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
-        let fd = fds.into_iter().next().ok_or("ferryd reported success without the memory descriptor")?;
-        Ok((File::from(fd), report))
+        if fds.is_empty() || v["regions"].as_u64() != Some(fds.len() as u64) {
+            return Err(format!("ferryd reported success with {} memory descriptor(s) for {} region(s)", fds.len(), v["regions"]));
+        }
+        Ok((fds.into_iter().map(File::from).collect(), report))
     }
 }
