@@ -62,7 +62,8 @@ fn image(pages: usize, tail: usize) -> Vec<u8> {
     out
 }
 
-/// Both ways of sending: blocking sockets, and io_uring (where this kernel allows it).
+/// Every way of sending: blocking sockets, io_uring, and io_uring with zero-copy sends
+/// (each where this kernel allows it).
 fn both(p: Plan) -> Vec<Plan> {
     let mut uring = p.clone();
     uring.transport = Transport::Tcp;
@@ -71,7 +72,13 @@ fn both(p: Plan) -> Vec<Plan> {
         hw::report_skip("io_uring unavailable: the transfer tests run on plain sockets only");
         return vec![p];
     }
-    vec![p, uring]
+    let mut zc = uring.clone();
+    zc.tcp.send_zc = true;
+    if !hw::probe(&hw::ProbeOptions::default()).io_uring.sendmsg_zc {
+        hw::report_skip("io_uring SENDMSG_ZC unavailable: the transfer tests run without zero-copy sends");
+        return vec![p, uring];
+    }
+    vec![p, uring, zc]
 }
 
 fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::engine::Report) {

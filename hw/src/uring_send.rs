@@ -1,12 +1,17 @@
 //! Sending on several TCP connections from one thread with io_uring: each connection has
-//! at most one WRITEV in flight (so its bytes stay in order), the caller's buffers move
-//! into the ring with the submission and come back with the completion, and short writes
-//! are resubmitted from where they stopped.
+//! at most one send in flight (so its bytes stay in order), the caller's buffers move into
+//! the ring with the submission and come back with the completion, and short writes are
+//! resubmitted from where they stopped.
+//!
+//! With zero copy (`IORING_OP_SENDMSG_ZC`, Linux 6.1+), the NIC reads the buffers in place;
+//! each send then completes twice, once with its byte count and once more with a
+//! notification that the kernel has let go of the pages. A buffer comes back only after
+//! every notification of every send that used it.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, cqueue, opcode, types};
 
 /// A send buffer: a list of byte ranges whose addresses stay fixed while it is owned by
 /// the ring (the implementor keeps them in heap allocations or borrowed memory it does
@@ -17,127 +22,238 @@ pub trait SendBuf {
 }
 
 struct InFlight<B> {
+    conn: usize,
     buf: B,
     /// Built from `buf`'s slices; points into memory `buf` owns or borrows.
     iov: Vec<libc::iovec>,
     /// First iovec not yet fully written.
     at: usize,
+    /// Zero copy: the message header the SQE points to, at a fixed address.
+    msg: Option<Box<libc::msghdr>>,
+    /// A send of this buffer is in the ring.
+    op: bool,
+    /// Zero-copy notifications still to come.
+    notifs: u32,
+    /// The send failed; the buffer retires once the kernel is done with it.
+    failed: Option<io::Error>,
+}
+
+impl<B> InFlight<B> {
+    fn written(&self) -> bool {
+        self.at >= self.iov.len()
+    }
+
+    /// Nothing of this buffer is in the kernel's hands any more.
+    fn settled(&self) -> bool {
+        !self.op && self.notifs == 0
+    }
+}
+
+/// Counters of the zero-copy path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZcStats {
+    /// Notifications received.
+    pub notifications: u64,
+    /// Of those, how many said the kernel copied after all (`IORING_NOTIF_USAGE_ZC_COPIED`:
+    /// loopback, or a NIC without scatter-gather).
+    pub copied: u64,
 }
 
 /// One ring driving `N` connections.
 pub struct SendRing<B> {
     ring: IoUring,
     fds: Vec<RawFd>,
-    inflight: Vec<Option<InFlight<B>>>,
-    /// Each connection's iovec list, kept between submissions so none allocates.
+    /// Buffers the ring holds, by slot (the SQEs' user data): being written, or written
+    /// and waiting for their zero-copy notifications.
+    slots: Vec<Option<InFlight<B>>>,
+    /// Per connection, the slot being written now.
+    writing: Vec<Option<usize>>,
+    /// Iovec lists kept between submissions so none allocates.
     iov_spare: Vec<Vec<libc::iovec>>,
+    zero_copy: bool,
+    zc: ZcStats,
 }
 
 impl<B> std::fmt::Debug for SendRing<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SendRing").field("connections", &self.fds.len()).finish_non_exhaustive()
+        f.debug_struct("SendRing").field("connections", &self.fds.len()).field("zero_copy", &self.zero_copy).finish_non_exhaustive()
     }
 }
 
-// SAFETY: the iovecs' raw pointers refer to memory owned or borrowed by `B`, which moves
-// with the ring; sending the ring to another thread is as safe as sending the `B`s.
+// SAFETY: the iovecs' and message headers' raw pointers refer to memory owned or borrowed
+// by the held entries, which move with the ring; sending the ring to another thread is as
+// safe as sending the `B`s.
 unsafe impl<B: Send> Send for SendRing<B> {}
 
+/// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a notification's result when the data was copied.
+const ZC_COPIED: i32 = 1 << 31;
+
 impl<B: SendBuf> SendRing<B> {
-    /// A ring of `entries` for `conns`. The connections must outlive the ring (the
-    /// caller keeps them and drops the ring first).
+    /// A ring of `entries` for `conns`, sending with WRITEV. The connections must outlive
+    /// the ring (the caller keeps them and drops the ring first).
     pub fn new(entries: u32, conns: &[&impl AsRawFd]) -> io::Result<Self> {
+        SendRing::with_zero_copy(entries, conns, false)
+    }
+
+    /// [`SendRing::new`], sending with SENDMSG_ZC when `zero_copy`. A connection takes its
+    /// next buffer as soon as the previous one is written; the written buffer comes back
+    /// once its notifications are in.
+    pub fn with_zero_copy(entries: u32, conns: &[&impl AsRawFd], zero_copy: bool) -> io::Result<Self> {
         Ok(SendRing {
-            // Room for a write and a cancel per connection.
+            // Room for a send and a cancel per connection.
             ring: IoUring::new(entries.max(2 * conns.len() as u32).next_power_of_two())?,
             fds: conns.iter().map(|c| c.as_raw_fd()).collect(),
-            inflight: conns.iter().map(|_| None).collect(),
-            iov_spare: conns.iter().map(|_| Vec::new()).collect(),
+            slots: Vec::new(),
+            writing: conns.iter().map(|_| None).collect(),
+            iov_spare: Vec::new(),
+            zero_copy,
+            zc: ZcStats::default(),
         })
     }
 
+    /// Whether connection `conn` is writing a buffer (and so cannot take another).
     pub fn busy(&self, conn: usize) -> bool {
-        self.inflight[conn].is_some()
+        self.writing[conn].is_some()
     }
 
+    /// Whether the ring holds any buffer: being written, or waiting for notifications.
     pub fn any_busy(&self) -> bool {
-        self.inflight.iter().any(Option::is_some)
+        self.slots.iter().any(Option::is_some)
     }
 
-    /// Queues `buf` on connection `conn`, which must be idle.
+    pub fn zero_copy_stats(&self) -> ZcStats {
+        self.zc
+    }
+
+    /// Queues `buf` on connection `conn`, which must not be busy.
     pub fn submit(&mut self, conn: usize, buf: B) -> io::Result<()> {
-        assert!(!self.busy(conn), "one write in flight per connection keeps its bytes in order");
-        let mut iov = std::mem::take(&mut self.iov_spare[conn]);
+        assert!(!self.busy(conn), "one send in flight per connection keeps its bytes in order");
+        let mut iov = self.iov_spare.pop().unwrap_or_default();
         iov.clear();
         buf.for_each_slice(&mut |s| {
             if !s.is_empty() {
                 iov.push(libc::iovec { iov_base: s.as_ptr().cast_mut().cast(), iov_len: s.len() });
             }
         });
-        self.inflight[conn] = Some(InFlight { buf, iov, at: 0 });
-        self.push(conn)?;
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let msg = self.zero_copy.then(|| Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() }));
+        let entry = InFlight { conn, buf, iov, at: 0, msg, op: false, notifs: 0, failed: None };
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(i) => {
+                self.slots[i] = Some(entry);
+                i
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        };
+        if let Err(e) = self.push(slot) {
+            self.slots[slot] = None;
+            return Err(e);
+        }
+        self.writing[conn] = Some(slot);
         self.ring.submit().map(drop)
     }
 
-    fn push(&mut self, conn: usize) -> io::Result<()> {
-        let f = self.inflight[conn].as_ref().expect("in flight");
+    fn push(&mut self, slot: usize) -> io::Result<()> {
+        let f = self.slots[slot].as_mut().expect("held");
+        let fd = types::Fd(self.fds[f.conn]);
         let iov = &f.iov[f.at..];
         // IOV_MAX is 1024 per call; a short write resubmits the rest.
-        let n = iov.len().min(1024) as u32;
-        let sqe = opcode::Writev::new(types::Fd(self.fds[conn]), iov.as_ptr(), n).build().user_data(conn as u64);
-        // SAFETY: the iovec array and every range it points to belong to the InFlight
-        // entry stored in `self.inflight[conn]`, which is not touched again until this
-        // SQE's completion is reaped in `wait`; `Drop` waits for outstanding completions
-        // before anything is freed.
-        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))
+        let n = iov.len().min(1024);
+        let sqe = match &mut f.msg {
+            Some(msg) => {
+                msg.msg_iov = iov.as_ptr().cast_mut();
+                msg.msg_iovlen = n;
+                // IORING_SEND_ZC_REPORT_USAGE: notifications say whether the kernel copied.
+                opcode::SendMsgZc::new(fd, &**msg).ioprio(1 << 3).build().user_data(slot as u64)
+            }
+            None => opcode::Writev::new(fd, iov.as_ptr(), n as u32).build().user_data(slot as u64),
+        };
+        // SAFETY: the message header, the iovec array and every range it points to belong
+        // to the entry in `self.slots[slot]`, which is not freed or rewritten until this
+        // send's completion (and, with zero copy, every notification) is reaped in `wait`;
+        // `Drop` waits for those before anything is freed.
+        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        f.op = true;
+        Ok(())
     }
 
-    /// Waits until at least one connection's buffer is written completely, and returns
-    /// every buffer that is (with its connection), so none is held back while its
-    /// connection takes new work.
+    /// Accounts for one completion of `slot`: advances past what was written and
+    /// resubmits the rest; frees the connection once its buffer is written (or failed).
+    fn complete(&mut self, slot: usize, res: i32, flags: u32) {
+        let f = self.slots[slot].as_mut().expect("a completion for a slot the ring does not hold");
+        if cqueue::notif(flags) {
+            f.notifs -= 1;
+            self.zc.notifications += 1;
+            if res & ZC_COPIED != 0 {
+                self.zc.copied += 1;
+            }
+            return;
+        }
+        f.op = false;
+        if cqueue::more(flags) {
+            f.notifs += 1;
+        }
+        if res <= 0 {
+            f.failed.get_or_insert(if res < 0 { io::Error::from_raw_os_error(-res) } else { io::ErrorKind::WriteZero.into() });
+        } else {
+            let mut written = res as usize;
+            while written > 0 && f.at < f.iov.len() {
+                let v = &mut f.iov[f.at];
+                if written >= v.iov_len {
+                    written -= v.iov_len;
+                    f.at += 1;
+                } else {
+                    // SAFETY: advancing within the same range by fewer bytes than it has.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(written).cast() };
+                    v.iov_len -= written;
+                    written = 0;
+                }
+            }
+        }
+        let (conn, more) = (f.conn, !f.written() && f.failed.is_none());
+        if more {
+            if let Err(e) = self.push(slot) {
+                self.slots[slot].as_mut().expect("held").failed.get_or_insert(e);
+            } else {
+                return;
+            }
+        }
+        // Written (or failed): the connection may take its next buffer.
+        self.writing[conn] = None;
+    }
+
+    /// Waits until at least one buffer is written completely (and, with zero copy,
+    /// released by the kernel), and returns every buffer that is (with its connection),
+    /// so none is held back while its connection takes new work.
     pub fn wait(&mut self) -> io::Result<Vec<(usize, B)>> {
         loop {
             if !self.any_busy() {
                 return Err(io::Error::other("nothing in flight"));
             }
             self.ring.submit_and_wait(1)?;
-            let cqes: Vec<(usize, i32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
+            let cqes: Vec<(usize, i32, u32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result(), c.flags())).collect();
             let mut done = Vec::new();
             // Every completion of the batch is accounted for before an error is returned:
-            // a connection left marked in flight after its completion was reaped would
-            // make `Drop` wait forever.
+            // a slot left held after its last completion was reaped would make `Drop` wait
+            // forever.
             let mut error = None;
-            for (conn, res) in cqes {
-                if res <= 0 {
-                    // This write is over (the kernel is done with its buffer).
-                    self.inflight[conn] = None;
-                    error.get_or_insert(if res < 0 { io::Error::from_raw_os_error(-res) } else { io::ErrorKind::WriteZero.into() });
-                    continue;
-                }
-                let f = self.inflight[conn].as_mut().expect("a completion for an idle connection");
-                let mut written = res as usize;
-                while written > 0 && f.at < f.iov.len() {
-                    let v = &mut f.iov[f.at];
-                    if written >= v.iov_len {
-                        written -= v.iov_len;
-                        f.at += 1;
-                    } else {
-                        // SAFETY: advancing within the same range by fewer bytes than it has.
-                        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(written).cast() };
-                        v.iov_len -= written;
-                        written = 0;
+            for (slot, res, flags) in cqes {
+                self.complete(slot, res, flags);
+                let f = self.slots[slot].as_ref().expect("held");
+                if f.settled() && (f.written() || f.failed.is_some()) {
+                    let f = self.slots[slot].take().expect("held");
+                    match f.failed {
+                        Some(e) => {
+                            error.get_or_insert(e);
+                        }
+                        None => {
+                            self.iov_spare.push(f.iov);
+                            done.push((f.conn, f.buf));
+                        }
                     }
-                }
-                if f.at < f.iov.len() {
-                    if let Err(e) = self.push(conn) {
-                        // Not resubmitted: nothing of this connection is in flight any more.
-                        self.inflight[conn] = None;
-                        error.get_or_insert(e);
-                    }
-                } else {
-                    let f = self.inflight[conn].take().expect("in flight");
-                    self.iov_spare[conn] = f.iov;
-                    done.push((conn, f.buf));
                 }
             }
             self.ring.submit()?;
@@ -152,32 +268,52 @@ impl<B: SendBuf> SendRing<B> {
 }
 
 impl<B> Drop for SendRing<B> {
-    /// Cancels what is still in flight and waits until the kernel has let go of every
-    /// buffer before they are freed.
+    /// Cancels what is still being written and waits until the kernel has let go of every
+    /// buffer (every send completed, every zero-copy notification in) before they are
+    /// freed.
     fn drop(&mut self) {
         const CANCEL: u64 = 1 << 63;
-        for (conn, f) in self.inflight.iter().enumerate() {
-            if f.is_some() {
-                let sqe = opcode::AsyncCancel::new(conn as u64).build().user_data(CANCEL | conn as u64);
+        for (slot, f) in self.slots.iter().enumerate() {
+            if f.as_ref().is_some_and(|f| f.op) {
+                let sqe = opcode::AsyncCancel::new(slot as u64).build().user_data(CANCEL | slot as u64);
                 // SAFETY: a cancel carries no buffer.
                 let _ = unsafe { self.ring.submission().push(&sqe) };
             }
         }
-        while self.inflight.iter().any(Option::is_some) {
+        for f in &mut self.slots {
+            if f.as_ref().is_some_and(InFlight::settled) {
+                *f = None;
+            }
+        }
+        while self.slots.iter().any(Option::is_some) {
             if self.ring.submit_and_wait(1).is_err() {
                 // The ring is unusable; leak the buffers rather than free memory the
-                // kernel might still write from.
-                for f in &mut self.inflight {
+                // kernel might still read from.
+                for f in &mut self.slots {
                     if let Some(f) = f.take() {
                         std::mem::forget(f);
                     }
                 }
                 return;
             }
-            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for ud in done {
-                if ud & CANCEL == 0 {
-                    self.inflight[ud as usize] = None;
+            let cqes: Vec<(u64, u32)> = self.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
+            for (ud, flags) in cqes {
+                let slot = ud as usize;
+                if ud & CANCEL != 0 {
+                    continue;
+                }
+                if let Some(f) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+                    if cqueue::notif(flags) {
+                        f.notifs -= 1;
+                    } else {
+                        f.op = false;
+                        if cqueue::more(flags) {
+                            f.notifs += 1;
+                        }
+                    }
+                    if f.settled() {
+                        self.slots[slot] = None;
+                    }
                 }
             }
         }
@@ -297,6 +433,49 @@ mod tests {
         assert!(failed);
         // Nothing is left marked in flight, so this returns.
         drop(ring);
+    }
+
+    #[test]
+    fn zero_copy_sends_arrive_whole_and_wait_for_their_notifications() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        let mut ring = match SendRing::<Owned>::with_zero_copy(8, &[&a], true) {
+            Ok(r) => r,
+            Err(e) => return crate::report_skip(&format!("io_uring unavailable: {e}")),
+        };
+        let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        let expect = big.len() * 3;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        for round in 0..3u8 {
+            match ring.submit(0, Owned(vec![vec![round; 7], big[7..].to_vec()])) {
+                Ok(()) => {}
+                Err(e) => return crate::report_skip(&format!("SENDMSG_ZC not accepted: {e}")),
+            }
+            match ring.wait() {
+                Ok(done) => assert_eq!(done.len(), 1),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    return crate::report_skip(&format!("SENDMSG_ZC unsupported here: {e}"));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let zc = ring.zero_copy_stats();
+        assert!(zc.notifications >= 3, "a notification per send at least: {zc:?}");
+        drop(ring);
+        drop(a);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), expect);
+        for round in 0..3 {
+            let part = &got[round * big.len()..(round + 1) * big.len()];
+            assert_eq!(&part[..7], &[round as u8; 7]);
+            assert!(part[7..] == big[7..]);
+        }
     }
 
     #[test]

@@ -439,9 +439,10 @@ pub(super) fn tcp(
             v
         }
     };
-    let zc_ok = caps.io_uring.send_zc;
+    // Workers gather a chunk's frames into one zero-copy SENDMSG_ZC.
+    let zc_ok = caps.io_uring.send_zc && caps.io_uring.sendmsg_zc;
     let send_zc = match cfg.tcp.send_zc {
-        Switch::On if !zc_ok => return Err(setting_err("tcp.send_zc", "\"on\"", "this kernel's io_uring has no SEND_ZC")),
+        Switch::On if !zc_ok => return Err(setting_err("tcp.send_zc", "\"on\"", "this kernel's io_uring has no SEND_ZC/SENDMSG_ZC")),
         Switch::On => {
             r.add("tcp.send_zc", "on", "forced by config");
             true
@@ -459,7 +460,7 @@ pub(super) fn tcp(
             let because = if on {
                 "SEND_ZC supported, a physical NIC of at least 25 Gb/s and chunks of 64 KiB or more: pinning pages costs less than copying them".to_string()
             } else if !zc_ok || !io_uring {
-                "io_uring SEND_ZC is not available here".into()
+                "io_uring SEND_ZC/SENDMSG_ZC is not available here".into()
             } else if !physical {
                 "not a physical NIC: on loopback the kernel copies zero-copy sends anyway (every notification said ZC_COPIED) and they ran slower; virtio-net reports no speed to justify it".into()
             } else {

@@ -300,7 +300,13 @@ fn worker(
     }
     // Staging slots in the worker's arena: one per batch that can exist at once (one in
     // flight per connection, and the one encoded ahead).
-    let slots_needed = if opts.plan.tcp.io_uring { per_worker + 1 } else { 1 };
+    // With zero copy a written batch stays held until the kernel's notification, while
+    // its connection already takes the next: two more per connection keep them busy.
+    let slots_needed = match (opts.plan.tcp.io_uring, opts.plan.tcp.send_zc) {
+        (true, true) => 3 * per_worker + 1,
+        (true, false) => per_worker + 1,
+        (false, _) => 1,
+    };
     let mut arena = super::arena(opts.plan, slots_needed * chunk)?;
     let slots: Vec<&mut [u8]> = arena.as_mut_slice().chunks_mut(chunk).take(slots_needed).collect();
     let mut w = Worker {
@@ -418,7 +424,8 @@ impl<'a> Worker<'a> {
         opts: &SendOptions<'_>,
     ) -> Result<(), SessionError> {
         let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
-        let mut ring = hw::uring_send::SendRing::<RingBatch<'a>>::new(opts.plan.tcp.ring_entries, &refs)
+        let zero_copy = opts.plan.tcp.send_zc;
+        let mut ring = hw::uring_send::SendRing::<RingBatch<'a>>::with_zero_copy(opts.plan.tcp.ring_entries, &refs, zero_copy)
             .map_err(|e| SessionError::io("creating the io_uring send ring", e))?;
         let mut spare: Vec<Batch<'a>> = slots.into_iter().map(Batch::new).collect();
         let mut ready: Option<Batch<'a>> = None;
@@ -426,8 +433,11 @@ impl<'a> Worker<'a> {
         let mut more = true;
         let io_err = |e| SessionError::io(format!("sending data to {}", opts.to), e);
         loop {
-            if ready.is_none() && more {
-                let mut b = spare.pop().expect("a staging slot for every batch that can exist");
+            // With zero copy every slot may be held for its notifications: then wait.
+            if ready.is_none()
+                && more
+                && let Some(mut b) = spare.pop()
+            {
                 more = self.encode_next(&mut b);
                 if more {
                     ready = Some(b);
@@ -452,6 +462,17 @@ impl<'a> Worker<'a> {
             for (c, done) in ring.wait().map_err(io_err)? {
                 self.latency.saturating_record(submitted_at[c].elapsed().as_micros() as u64);
                 spare.push(done.batch);
+            }
+        }
+        if zero_copy {
+            let zc = ring.zero_copy_stats();
+            log::debug!("zero-copy sends: {zc:?}");
+            if zc.copied > 0 {
+                log::info!(
+                    "zero-copy sends: the kernel copied {} of {} (loopback, or a NIC without scatter-gather): tcp.send_zc = \"off\" saves the pinning",
+                    zc.copied,
+                    zc.notifications
+                );
             }
         }
         Ok(())
