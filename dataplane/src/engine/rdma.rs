@@ -321,6 +321,8 @@ struct SendWorker<'a> {
     stats: EncodeStats,
     latency: hdrhistogram::Histogram<u64>,
     report: RdmaReport,
+    /// This worker's live counters.
+    live: &'static crate::live::Counters,
 }
 
 impl<'a> SendWorker<'a> {
@@ -499,8 +501,11 @@ impl<'a> SendWorker<'a> {
                 self.wait_for_slot()?;
             }
             let zero_before = self.stats.zero_pages;
+            let wire_before: u64 = self.lanes.iter().map(|l| l.end.bytes.get()).sum();
             self.build(start, bytes);
             self.post_chunk(i)?;
+            let wire: u64 = self.lanes.iter().map(|l| l.end.bytes.get()).sum::<u64>() - wire_before;
+            self.live.add(bytes.len() as u64, wire, self.wrs.len() as u64, self.stats.zero_pages - zero_before);
             self.chunks += 1;
             // Zero pages of a chunk count on the lane that carried its neighbours; an
             // all-zero chunk counts on lane 0.
@@ -659,7 +664,7 @@ pub(crate) fn send(
             let done = &done;
             handles.push(s.spawn(move || {
                 super::pin(cpu);
-                let r = run_send_worker(job, mine, cq, stage, credits, inline_max);
+                let r = run_send_worker(w, job, mine, cq, stage, credits, inline_max);
                 if r.is_err() {
                     job.abort.store(true, Ordering::Relaxed);
                 }
@@ -705,6 +710,7 @@ pub(crate) fn send(
 type SendOutcome<'a> = (WorkerResult, Vec<wire::RdmaLaneEnd>, RdmaReport, Vec<Qp<'a>>);
 
 fn run_send_worker<'a>(
+    w: usize,
     job: &'a Job<'a>,
     qps: Vec<Qp<'a>>,
     cq: &'a Cq<'a>,
@@ -728,6 +734,7 @@ fn run_send_worker<'a>(
     // With one WR in `signal_every` signaled and at most half the queue unsignaled at its
     // tail, a full send queue always holds a signaled WR whose completion frees room.
     let signal_every = rp.signal_interval.clamp(1, (rp.sq_depth / 2).max(1));
+    let index = w;
     let mut w = SendWorker {
         job,
         lanes,
@@ -750,6 +757,7 @@ fn run_send_worker<'a>(
         stats: EncodeStats::default(),
         latency: super::latency_histogram(),
         report: RdmaReport::default(),
+        live: crate::live::worker(crate::live::Role::Send, index),
     };
     w.run()?;
     let ends: Vec<wire::RdmaLaneEnd> = w.lanes.iter().map(|l| l.end).collect();
@@ -786,6 +794,11 @@ struct Poller<'a> {
     /// Test hook (`FERRY_TEST_RDMA_QP_ERROR_AFTER=N`): move the first QP to the error
     /// state after N WRITE_WITH_IMMs, as a failing NIC or a destroyed QP would.
     fail_after: Option<u64>,
+    /// Live counters of the sender worker these QPs serve: a WRITE_WITH_IMM names its
+    /// chunk, whose size follows from the chunk size and the region's.
+    live: &'static crate::live::Counters,
+    chunk: u64,
+    size: u64,
 }
 
 impl Poller<'_> {
@@ -816,6 +829,8 @@ impl Poller<'_> {
                 if wc.is_recv() {
                     self.received[self.first_lane + l].fetch_add(1, Ordering::Relaxed);
                     pending[l] += 1;
+                    let at = wc.imm.map_or(self.size, |i| u64::from(i) * self.chunk);
+                    self.live.add(self.chunk.min(self.size.saturating_sub(at)), 0, 1, 0);
                 } else {
                     sends[l] -= 1;
                 }
@@ -941,6 +956,9 @@ pub(crate) fn recv(
                 send_depth,
                 device: &dev.name,
                 fail_after: if w == 0 { fail_after } else { None },
+                live: crate::live::worker(crate::live::Role::Recv, w),
+                chunk: u64::from(max_chunk),
+                size,
             };
             let (abort, done, control) = (&abort, &done, &control);
             handles.push(s.spawn(move || {
