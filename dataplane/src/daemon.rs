@@ -416,23 +416,18 @@ impl Daemon {
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
         }
-        // Every check that needs no peer comes before connecting to the destination.
-        let is_memory = |f: &std::fs::File, what: &str| {
-            hw::memmap::is_memory_file(f).map_err(|e| format!("the {what} descriptor: {e}")).and_then(|ok| {
-                if ok {
-                    Ok(())
-                } else {
-                    Err(format!("the {what} descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file"))
-                }
-            })
-        };
-        let mut sizes = Vec::with_capacity(memory.len());
-        for (i, m) in memory.iter().enumerate() {
-            let what = if memory.len() == 1 { "guest memory".to_string() } else { format!("guest memory region {i}") };
-            is_memory(m, &what)?;
-            sizes.push(m.metadata().map_err(|e| format!("the {what} descriptor: {e}"))?.len());
+        // Every check that needs no peer comes before connecting to the destination: the
+        // bitmap here, each memory region in Source::connect_regions.
+        let sizes = memory
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.metadata().map(|md| md.len()).map_err(|e| format!("guest memory region {i}: {e}")))
+            .collect::<Result<Vec<u64>, String>>()?;
+        match hw::memmap::is_memory_file(&bitmap) {
+            Ok(true) => {}
+            Ok(false) => return Err("the dirty bitmap descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file".into()),
+            Err(e) => return Err(format!("the dirty bitmap descriptor: {e}")),
         }
-        is_memory(&bitmap, "dirty bitmap")?;
         let size: u64 = sizes.iter().sum();
         let pages: Vec<u64> = sizes.iter().map(|&s| crate::migrate::pages(s)).collect();
         let want = crate::migrate::bitmap_bytes_regions(&sizes);

@@ -37,6 +37,16 @@ pub(crate) fn is_hole(file: &std::fs::File, off: u64, n: u64) -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Digest(pub u128);
 
+/// Digests of disjoint parts combine into the digest of the whole.
+impl std::iter::Sum for Digest {
+    fn sum<I: Iterator<Item = Digest>>(parts: I) -> Digest {
+        parts.fold(Digest::default(), |mut acc, d| {
+            acc.combine(d);
+            acc
+        })
+    }
+}
+
 impl Digest {
     /// Folds in the pages of `bytes`, which start at page `first_page` of `region`. The
     /// last page may be short (the region's tail).
@@ -145,10 +155,7 @@ impl Digest {
                     })
                 })
                 .collect();
-            parts.into_iter().fold(Digest::default(), |mut acc, h| {
-                acc.combine(h.join().expect("digest thread"));
-                acc
-            })
+            parts.into_iter().map(|h| h.join().expect("digest thread")).sum()
         })
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
-use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport};
+use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport};
 use crate::auth::{Auth, server_handshake};
 use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
@@ -38,30 +38,8 @@ pub struct Incoming {
     pub report: MigrationReport,
 }
 
-/// What a lane counted in one round, or over the session.
-#[derive(Debug, Default, Clone, Copy)]
-struct LaneCounts {
-    frames: u64,
-    wire_bytes: u64,
-    pages: u64,
-    zero_pages: u64,
-    compressed_in: u64,
-    compressed_out: u64,
-}
-
-impl LaneCounts {
-    fn add(&mut self, o: &LaneCounts) {
-        self.frames += o.frames;
-        self.wire_bytes += o.wire_bytes;
-        self.pages += o.pages;
-        self.zero_pages += o.zero_pages;
-        self.compressed_in += o.compressed_in;
-        self.compressed_out += o.compressed_out;
-    }
-}
-
 /// A lane's message to the control thread: one per round, or its failure.
-type LaneMsg = Result<(u16, u32, LaneCounts), SessionError>;
+type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
 
 /// Accepts one migration on `listener` into a new memfd. Fails, and drops the memory,
 /// unless every round arrived and the final digest matches.
@@ -163,9 +141,9 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
     });
     let (rounds, lane_results) = outcome;
     let (rounds, digest) = rounds?;
-    let mut total = LaneCounts::default();
+    let mut total = RoundCounts::default();
     for r in lane_results {
-        total.add(&r?);
+        total += r?;
     }
     let seconds = t0.elapsed().as_secs_f64();
     let report = MigrationReport {
@@ -217,7 +195,7 @@ fn rounds(
         if r.round.get() != round {
             return Err(SessionError::Protocol(format!("ROUND {} arrived; round {round} was next", r.round.get())));
         }
-        let mut sum = LaneCounts::default();
+        let mut sum = RoundCounts::default();
         for _ in 0..lanes {
             let (n, got, c) = rx
                 .recv_timeout(ROUND_IDLE_TIMEOUT)
@@ -225,7 +203,7 @@ fn rounds(
             if got != round {
                 return Err(SessionError::Protocol(format!("lane {n} ended round {got} during round {round}")));
             }
-            sum.add(&c);
+            sum += c;
         }
         let claimed: u64 = targets.iter().map(|t| t.dest.pages_claimed()).sum();
         if sum.pages != r.pages.get() || claimed != sum.pages || (round == 0 && claimed != all_pages) {
@@ -266,10 +244,7 @@ fn rounds(
     }
     expect_frame(ctl, Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
-    let digest = targets.iter().fold(Digest::default(), |mut d, t| {
-        d.combine(t.hashes.fold());
-        d
-    });
+    let digest: Digest = targets.iter().map(|t| t.hashes.fold()).sum();
     let source = Digest::from_bytes(done.digest);
     let ok = digest == source && done.bytes.get() == size;
     let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
@@ -302,7 +277,7 @@ struct Ctx<'a> {
 
 /// One lane for the whole session: DATA frames into the memfd, a ROUND_END per round
 /// (its counts checked, then reported), LANE_END after the last.
-fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneCounts, SessionError> {
+fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<RoundCounts, SessionError> {
     crate::engine::tune_data_socket(&s, ctx.plan)?;
     let hello = server_handshake(&mut s, ctx.auth, 0)?;
     let n = hello.lane.get();
@@ -320,7 +295,7 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<L
     let arena = crate::engine::arena(ctx.plan, 4 * (max_payload as usize + HEADER_LEN))?;
     let mut reader = FrameReader::with_buffer(arena, max_payload);
     let mut dec = Decoder::default();
-    let (mut round, mut this, mut total) = (0u32, LaneCounts::default(), LaneCounts::default());
+    let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
     let live = crate::live::worker(crate::live::Role::MigrateIn, usize::from(n));
     let page = PAGE as u64;
     let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
@@ -384,11 +359,11 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<L
                         this.pages
                     )));
                 }
-                total.add(&this);
+                total += this;
                 if tx.send(Ok((n, round, this))).is_err() {
                     return Err(SessionError::Protocol("the migration ended".into()));
                 }
-                this = LaneCounts::default();
+                this = RoundCounts::default();
                 round += 1;
             }
             Kind::LaneEnd => {

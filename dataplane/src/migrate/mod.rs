@@ -46,14 +46,9 @@ pub fn bitmap_bytes_regions(sizes: &[u64]) -> u64 {
     sizes.iter().map(|&s| bitmap_bytes(s)).sum()
 }
 
-/// Reads a dirty bitmap from its bytes, checking it against a region of `pages` pages:
-/// the exact size, and no bit past the last page.
-pub fn parse_bitmap(raw: &[u8], pages: u64) -> Result<Vec<u64>, String> {
-    parse_bitmap_regions(raw, &[pages])
-}
-
-/// [`parse_bitmap`] for several regions of `pages` pages each, their bitmaps one after
-/// the other.
+/// Reads a dirty bitmap from its bytes, checking it against regions of `pages` pages
+/// each, their bitmaps one after the other: the exact size, and no bit past a region's
+/// last page.
 pub fn parse_bitmap_regions(raw: &[u8], pages: &[u64]) -> Result<Vec<u64>, String> {
     let want: u64 = pages.iter().map(|p| p.div_ceil(64) * 8).sum();
     if raw.len() as u64 != want {
@@ -99,11 +94,10 @@ impl PageHashes {
     }
 
     pub(crate) fn fold(&self) -> Digest {
-        let mut d = Digest::default();
-        for pair in self.0.chunks_exact(2) {
-            d.combine(Digest(u128::from(pair[0].load(Ordering::Relaxed)) | u128::from(pair[1].load(Ordering::Relaxed)) << 64));
-        }
-        d
+        self.0
+            .chunks_exact(2)
+            .map(|p| Digest(u128::from(p[0].load(Ordering::Relaxed)) | u128::from(p[1].load(Ordering::Relaxed)) << 64))
+            .sum()
     }
 }
 
@@ -131,6 +125,29 @@ impl std::str::FromStr for Verify {
             "full" => Ok(Verify::Full),
             _ => Err(format!("verify \"{s}\": use sent or full")),
         }
+    }
+}
+
+/// What one round (or a whole session) counted: a source worker's share, a destination
+/// lane's, or their sums.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RoundCounts {
+    pub frames: u64,
+    pub wire_bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub compressed_in: u64,
+    pub compressed_out: u64,
+}
+
+impl std::ops::AddAssign for RoundCounts {
+    fn add_assign(&mut self, o: RoundCounts) {
+        self.frames += o.frames;
+        self.wire_bytes += o.wire_bytes;
+        self.pages += o.pages;
+        self.zero_pages += o.zero_pages;
+        self.compressed_in += o.compressed_in;
+        self.compressed_out += o.compressed_out;
     }
 }
 
@@ -209,13 +226,13 @@ mod tests {
         assert_eq!(bitmap_bytes(4096 * 65), 16);
         let mut raw = vec![0u8; 16];
         raw[0] = 0b101;
-        assert_eq!(parse_bitmap(&raw, 65).unwrap(), vec![5, 0]);
-        assert!(parse_bitmap(&raw[..8], 65).unwrap_err().contains("need 16"));
+        assert_eq!(parse_bitmap_regions(&raw, &[65]).unwrap(), vec![5, 0]);
+        assert!(parse_bitmap_regions(&raw[..8], &[65]).unwrap_err().contains("need 16"));
         raw[8] = 0b10; // page 65 of 65 (pages 0..=64 exist)
-        assert!(parse_bitmap(&raw, 65).unwrap_err().contains("page 65 past"));
+        assert!(parse_bitmap_regions(&raw, &[65]).unwrap_err().contains("page 65 past"));
         raw[8] = 0b1;
-        assert!(parse_bitmap(&raw, 65).is_ok());
-        assert!(parse_bitmap(&[0xff; 8], 64).is_ok(), "a full last word");
+        assert!(parse_bitmap_regions(&raw, &[65]).is_ok());
+        assert!(parse_bitmap_regions(&[0xff; 8], &[64]).is_ok(), "a full last word");
         // Two regions of 3 and 70 pages: one word, then two.
         let mut two = vec![0u8; 24];
         two[0] = 0b111;

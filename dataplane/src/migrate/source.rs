@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport, Verify};
+use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, Verify};
 use crate::auth::{Auth, client_handshake};
 use crate::conn::{SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
@@ -48,17 +48,6 @@ struct Worker {
     lanes: Vec<Lane>,
     enc: Encoder,
     arena: hw::memmap::Arena,
-}
-
-/// What a round's workers counted.
-#[derive(Default)]
-struct Counts {
-    pages: u64,
-    zero_pages: u64,
-    wire_bytes: u64,
-    compressed_in: u64,
-    compressed_out: u64,
-    frames: u64,
 }
 
 /// Spaces writes so that the round's region bytes never run ahead of `rate` per second.
@@ -307,7 +296,7 @@ impl<'a> Source<'a> {
                     })
                 })
                 .collect();
-            let results: Vec<Result<Counts, SessionError>> =
+            let results: Vec<Result<RoundCounts, SessionError>> =
                 handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
             (
                 results,
@@ -316,15 +305,9 @@ impl<'a> Source<'a> {
                 }),
             )
         });
-        let mut c = Counts::default();
+        let mut c = RoundCounts::default();
         for r in results {
-            let r = r?;
-            c.pages += r.pages;
-            c.zero_pages += r.zero_pages;
-            c.wire_bytes += r.wire_bytes;
-            c.compressed_in += r.compressed_in;
-            c.compressed_out += r.compressed_out;
-            c.frames += r.frames;
+            c += r?;
         }
         let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
         write_frame(&mut self.ctl, Kind::Round, end.as_bytes())?;
@@ -341,10 +324,7 @@ impl<'a> Source<'a> {
         }
         let digest = match digest.transpose()? {
             Some(d) => Some(d),
-            None if last => Some(self.regions.iter().fold(Digest::default(), |mut d, r| {
-                d.combine(r.sent.fold());
-                d
-            })),
+            None if last => Some(self.regions.iter().map(|r| r.sent.fold()).sum()),
             None => None,
         };
         let digest = match digest {
@@ -482,11 +462,11 @@ impl Worker {
         all: bool,
         pacer: &Pacer,
         to: &str,
-    ) -> Result<Counts, SessionError> {
+    ) -> Result<RoundCounts, SessionError> {
         let (snapshot, staging) = self.arena.as_mut_slice().split_at_mut(chunk);
         let staging = &mut staging[..chunk];
         let mut batch = Batch::new(staging);
-        let mut c = Counts::default();
+        let mut c = RoundCounts::default();
         let enc0 = self.enc.stats;
         let mut live_zero = enc0.zero_pages;
         let mut turn = 0;
