@@ -217,14 +217,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let plan_path = dir.path().join("plan.json");
     std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise")).map_err(|e| fail(e.to_string()))?;
     let key_path = dir.path().join("key");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let hex = dataplane::auth::Key::generate_hex().map_err(|e| fail(format!("no randomness: {e}")))?;
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path).map_err(|e| fail(e.to_string()))?;
-        writeln!(f, "{hex}").map_err(|e| fail(e.to_string()))?;
-    }
+    transfer::write_new_key(&key_path).map_err(|(_, e)| fail(e))?;
     let bin = ferryd_binary(a.ferryd.as_deref());
     let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path).map_err(fail)?;
     let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path).map_err(fail)?;

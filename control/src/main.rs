@@ -372,15 +372,6 @@ fn demo(a: &control::demo::MigrateArgs) -> Result<u8, Fail> {
 }
 
 fn keygen(out: &std::path::Path) -> Result<u8, Fail> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let hex = dataplane::auth::Key::generate_hex().map_err(|e| Fail(1, format!("no randomness: {e}")))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| Fail(2, format!("cannot create {}: {e}", out.display())))?;
-    writeln!(f, "{hex}").map_err(|e| Fail(1, format!("cannot write {}: {e}", out.display())))?;
+    transfer::write_new_key(out).map_err(|(code, e)| Fail(code, e))?;
     Ok(0)
 }

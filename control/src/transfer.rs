@@ -48,6 +48,21 @@ pub fn override_config(cfg: &mut Config, transport: Option<&str>, compress: Opti
     Ok(())
 }
 
+/// Writes a new random pre-shared key to `out` (mode 0600; an existing file is never
+/// overwritten). The error carries its exit status: 2 when the file cannot be created.
+pub fn write_new_key(out: &Path) -> Result<(), (u8, String)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let hex = Key::generate_hex().map_err(|e| (1, format!("no randomness: {e}")))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| (2, format!("cannot create {}: {e}", out.display())))?;
+    writeln!(f, "{hex}").map_err(|e| (1, format!("cannot write {}: {e}", out.display())))
+}
+
 pub fn auth(key: Option<&Path>, insecure: bool) -> Result<Auth, String> {
     match (key, insecure) {
         (Some(_), true) => Err("give either --key FILE or --insecure-no-auth, not both".into()),

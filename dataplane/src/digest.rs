@@ -95,7 +95,7 @@ impl Digest {
     /// The digest of the first `len` bytes of `file` as region `region`, read with
     /// `pread` in 1 MiB pieces on `threads` threads. With `probe_holes` (the caller owns
     /// the file's offset, which `lseek` moves), a piece that is a hole (never written:
-    /// most of a fresh guest's zero pages) is folded in as zeros without reading.
+    /// a memfd's pages the guest never touched) is folded in as zeros without reading.
     pub fn of_file(
         region: u32,
         page_size: usize,

@@ -7,40 +7,21 @@ use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use dataplane::auth::{Auth, Key};
+use dataplane::auth::Auth;
 use dataplane::conn::SessionError;
 use dataplane::migrate::Verify;
 use dataplane::migrate::dest::{DestOptions, Incoming, accept};
 use dataplane::migrate::source::{Source, SourceOptions};
 use dataplane::plan::*;
 
+mod common;
+
 fn plan(workers: usize, conns: u32, compression: Compression) -> Plan {
-    Plan {
-        schema_version: PLAN_SCHEMA_VERSION,
-        host: "test".into(),
-        transport: Transport::Sockets,
-        numa_node: 0,
-        worker_cpus: vec![0; workers],
-        control_cpu: None,
-        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
-        chunk_size_bytes: 256 << 10,
-        rdma: None,
-        tcp: TcpPlan {
-            connections_per_worker: conns,
-            io_uring: false,
-            ring_entries: 64,
-            send_zc: false,
-            socket_buffer_bytes: Some(1 << 20),
-            socket_buffer_needed_bytes: 1 << 20,
-        },
-        arena: ArenaPlan { bytes_per_worker: 2 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
-        compression,
-        reasons: vec![],
-    }
+    common::plan(workers, conns, compression, 256 << 10)
 }
 
 fn key() -> Auth {
-    Auth::Key(Key::from_bytes(vec![7; 32]).unwrap())
+    common::key(7)
 }
 
 const PAGE: u64 = 4096;

@@ -17,29 +17,10 @@ use nix::unistd::Pid;
 
 const PAGE: u64 = 4096;
 
+mod common;
+
 fn plan() -> Plan {
-    Plan {
-        schema_version: PLAN_SCHEMA_VERSION,
-        host: "test".into(),
-        transport: Transport::Sockets,
-        numa_node: 0,
-        worker_cpus: vec![0, 0],
-        control_cpu: None,
-        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
-        chunk_size_bytes: 256 << 10,
-        rdma: None,
-        tcp: TcpPlan {
-            connections_per_worker: 1,
-            io_uring: false,
-            ring_entries: 64,
-            send_zc: false,
-            socket_buffer_bytes: Some(1 << 20),
-            socket_buffer_needed_bytes: 1 << 20,
-        },
-        arena: ArenaPlan { bytes_per_worker: 2 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
-        compression: Compression::Off,
-        reasons: vec![],
-    }
+    common::plan(2, 1, Compression::Off, 256 << 10)
 }
 
 /// A ferryd with its own control socket, killed when dropped.

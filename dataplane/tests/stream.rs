@@ -9,13 +9,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::auth::{Auth, Key};
 use dataplane::plan::Compression;
 use dataplane::stream::{Endpoint, Listener, ProxyOptions, destination, source};
 
-fn key(b: u8) -> Auth {
-    Auth::Key(Key::from_bytes(vec![b; 32]).unwrap())
-}
+mod common;
+use common::key;
 
 /// Text-like bytes that compress, with a counter so each channel's stream is distinct.
 fn stream(channel: u8, len: usize) -> Vec<u8> {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 
-use dataplane::auth::{Auth, Key, client_handshake};
+use dataplane::auth::{Auth, client_handshake};
 use dataplane::conn::{SessionError, expect_frame, write_frame};
 use dataplane::engine::recv::{RecvOptions, recv_file};
 use dataplane::engine::send::{SendOptions, send_file};
@@ -13,33 +13,11 @@ use dataplane::plan::*;
 use dataplane::wire::{self, CONTROL_LANE, Encoding, HEADER_LEN, Header, Kind, Layout};
 use zerocopy::IntoBytes;
 
-fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) -> Plan {
-    Plan {
-        schema_version: PLAN_SCHEMA_VERSION,
-        host: "test".into(),
-        transport: Transport::Sockets,
-        numa_node: 0,
-        worker_cpus: vec![0; workers],
-        control_cpu: None,
-        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
-        chunk_size_bytes: chunk,
-        rdma: None,
-        tcp: TcpPlan {
-            connections_per_worker: conns,
-            io_uring: false,
-            ring_entries: 64,
-            send_zc: false,
-            socket_buffer_bytes: Some(1 << 20),
-            socket_buffer_needed_bytes: 1 << 20,
-        },
-        arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
-        compression,
-        reasons: vec![],
-    }
-}
+mod common;
+use common::plan;
 
 fn key() -> Auth {
-    Auth::Key(Key::from_bytes(vec![42; 32]).unwrap())
+    common::key(42)
 }
 
 /// Zero pages, text pages and noise pages, interleaved, with a ragged tail.
@@ -155,7 +133,7 @@ fn wrong_key_moves_nothing() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let p = plan(1, 1, Compression::Off, 64 << 10);
-    let other = Auth::Key(Key::from_bytes(vec![1; 32]).unwrap());
+    let other = common::key(1);
     let (sent, got) = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
         (send_file(&src, &SendOptions { to: addr.clone(), auth: other, plan: &p, progress: None, require_rdma: false }), r.join().unwrap())

@@ -83,7 +83,7 @@ impl<'f> Dest<'f> {
 
     /// Makes `offset..offset + len` read as zero again after claiming its pages: a page
     /// that was sent in an earlier migration round and is zero now. The pages are punched
-    /// out of the file (memfd and hugetlbfs free them), not written.
+    /// out of the file (a memfd frees them), not written.
     pub fn write_zero(&self, offset: u64, len: u64) -> Result<(), DestError> {
         use nix::fcntl::{FallocateFlags, fallocate};
         self.claim(offset, len)?;

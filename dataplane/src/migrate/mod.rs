@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::engine::PAGE;
 
-/// QEMU's and Cloud Hypervisor's default downtime limit.
+/// QEMU's default downtime limit (`expected-downtime` 300 in QEMU 7.2's `query-migrate`
+/// here, before its first estimate).
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(300);
 /// Pre-copy rounds before ferry advises pausing whatever the estimate says.
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
