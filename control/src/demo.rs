@@ -117,11 +117,14 @@ struct Ferryd {
 }
 
 impl Ferryd {
+    /// Starts ferryd and returns once it says it is ready (its log line); the log is
+    /// kept in DIR/NAME.log.
     fn start(bin: &Path, dir: &Path, name: &str, plan: &Path, key: &Path) -> Result<Ferryd, String> {
+        use std::io::{BufRead, Write};
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = Command::new(bin)
+        let mut out = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let mut child = Command::new(bin)
             .arg("--plan")
             .arg(plan)
             .arg("--key")
@@ -129,23 +132,34 @@ impl Ferryd {
             .arg("--control")
             .arg(&socket)
             .args(["--metrics", "off"])
+            // The ready line is an info line, whatever the caller's RUST_LOG says.
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(out)
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {} ({e}); build it with `cargo build --release` or give --ferryd", bin.display()))?;
-        let mut d = Ferryd { child, socket, log };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                return Err(format!("the {name} ferryd exited ({st}) before it served its socket:\n{}", d.log_tail()));
+        let stderr = child.stderr.take().expect("piped");
+        let (ready, is_ready) = std::sync::mpsc::channel();
+        // Copies ferryd's log to the file for as long as it runs, and says when it is ready.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(out, "{line}");
+                if line.contains("ferryd ready") {
+                    let _ = ready.send(());
+                }
             }
-            if t.elapsed() > Duration::from_secs(20) {
-                return Err(format!("the {name} ferryd did not serve {} within 20 s:\n{}", d.socket.display(), d.log_tail()));
+        });
+        let d = Ferryd { child, socket, log };
+        match is_ready.recv_timeout(Duration::from_secs(20)) {
+            Ok(()) => Ok(d),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(format!("the {name} ferryd exited before it was ready:\n{}", d.log_tail()))
             }
-            std::thread::sleep(Duration::from_millis(10));
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(format!("the {name} ferryd was not ready within 20 s:\n{}", d.log_tail()))
+            }
         }
-        Ok(d)
     }
 
     fn log_tail(&self) -> String {

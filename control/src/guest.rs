@@ -352,7 +352,10 @@ mod tests {
         let before = hw::memmap::SourceMap::new(&f).unwrap().as_slice().to_vec();
         let log = Arc::new(DirtyLog::new(256));
         let w = Workload::start(hw::memmap::SharedMap::new(&f).unwrap(), log.clone(), 40 << 20, Pattern::Hot, 1);
-        std::thread::sleep(Duration::from_millis(30));
+        // Until the workload has marked a page.
+        while log.words.iter().all(|w| w.load(Ordering::Relaxed) == 0) {
+            std::thread::yield_now();
+        }
         let (map, writes) = w.pause();
         assert!(writes > 0);
         let bitmap = hw::memmap::memfd("bitmap-test", 32, false).unwrap();

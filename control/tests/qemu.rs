@@ -42,6 +42,10 @@ fn accel() -> &'static str {
 struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    /// Events read while waiting for command replies, in order.
+    events: std::collections::VecDeque<Value>,
+    /// A RESUME event went by: the guest ran.
+    resumed: bool,
 }
 
 impl Qmp {
@@ -57,17 +61,38 @@ impl Qmp {
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s };
+        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: Default::default(), resumed: false };
         q.read(); // greeting
         q.cmd("qmp_capabilities", json!({}));
+        // MIGRATION events on every status change, to wait on instead of polling.
+        q.cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}));
         q
     }
 
     fn read(&mut self) -> Value {
+        self.try_read().expect("QMP closed")
+    }
+
+    /// The next message; none once QEMU closed the connection (it exited).
+    fn try_read(&mut self) -> Option<Value> {
         let mut line = String::new();
-        self.r.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "QMP closed");
-        serde_json::from_str(&line).unwrap()
+        self.r.read_line(&mut line).ok()?;
+        (!line.is_empty()).then(|| serde_json::from_str(&line).unwrap())
+    }
+
+    /// Waits (up to the read timeout) for a MIGRATION event with one of `statuses`; the
+    /// status, or "exited" if QEMU closed the connection first.
+    fn wait_migration(&mut self, statuses: &[&str]) -> String {
+        loop {
+            let Some(v) = self.events.pop_front().or_else(|| self.try_read()) else { return "exited".into() };
+            let status = v["data"]["status"].as_str().unwrap_or_default();
+            if v["event"] == "MIGRATION" && statuses.contains(&status) {
+                return status.to_string();
+            }
+            if v["event"] == "RESUME" {
+                self.resumed = true;
+            }
+        }
     }
 
     fn try_cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
@@ -75,6 +100,7 @@ impl Qmp {
         loop {
             let v = self.read();
             if v.get("event").is_some() {
+                self.events.push_back(v);
                 continue;
             }
             if let Some(e) = v.get("error") {
@@ -122,10 +148,12 @@ fn qemu(dir: &Path, name: &'static str, ram: &Path, extra: &[&str]) -> (Proc, Qm
     (p, q)
 }
 
+/// A `ferryctl proxy`, returned once it says it listens; the rest of its stderr goes to
+/// NAME.log.
 fn proxy(dir: &Path, args: &[&str], name: &'static str) -> Proc {
     let bin = Path::new(env!("CARGO_BIN_EXE_ferryctl"));
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(bin)
+    let mut log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let mut child = Command::new(bin)
         .arg("proxy")
         .args(args)
         .args(["--key"])
@@ -133,10 +161,19 @@ fn proxy(dir: &Path, args: &[&str], name: &'static str) -> Proc {
         .arg("--json")
         .env("RUST_LOG", "info")
         .stdout(std::fs::File::create(dir.join(format!("{name}.json"))).unwrap())
-        .stderr(log)
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    Proc(child)
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        writeln!(log, "{line}").unwrap();
+        if line.starts_with("ferry proxy:") {
+            std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(writeln!(log, "{l}"))));
+            return Proc(child);
+        }
+    }
+    panic!("{name} exited before it listened:\n{}", logs(dir));
 }
 
 /// Every log in the work directory, for a failure message.
@@ -226,24 +263,14 @@ fn migrate(multifd: Option<u32>, compress: &str) {
     let port = free_port();
     let serve = format!("127.0.0.1:{port}");
     let _dp = proxy(d, &["--serve", &serve, "--forward", &format!("unix:{}", dst_in.display()), "--compress", compress], "dst-proxy");
-    wait_for("the destination proxy", || std::net::TcpStream::connect(&serve).is_ok());
     let src_sock = d.join("ferry-src.sock");
     let mut sp = proxy(d, &["--listen", &format!("unix:{}", src_sock.display()), "--to", &serve, "--compress", compress], "src-proxy");
-    wait_for("the source proxy", || src_sock.exists());
     assert_eq!(sqmp.status(), "running");
     sqmp.cmd("migrate", json!({"uri": format!("unix:{}", src_sock.display())}));
-    let mut info;
-    let t = Instant::now();
-    loop {
-        info = sqmp.cmd("query-migrate", json!({}));
-        if matches!(info["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "the migration did not end: {info}\n{}", logs(d));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(info["status"], "completed", "{info}\n{}", logs(d));
-    wait_for("the destination to load", || dqmp.cmd("query-migrate", json!({}))["status"] == "completed");
+    let ended = sqmp.wait_migration(&["completed", "failed", "cancelled"]);
+    let info = sqmp.cmd("query-migrate", json!({}));
+    assert_eq!(ended, "completed", "{info}\n{}", logs(d));
+    assert_eq!(dqmp.wait_migration(&["completed", "failed"]), "completed", "the destination loads it\n{}", logs(d));
     assert_eq!(sqmp.status(), "postmigrate");
     assert_eq!(dqmp.status(), "paused", "the destination was started with -S");
     // RAM as each guest sees it, dumped with pmemsave.
@@ -304,39 +331,31 @@ fn a_stream_cut_in_the_middle_fails_the_migration() {
     let d = dir.path();
     let (src_ram, dst_ram) = ram_files(d);
     let dst_in = d.join("dst-incoming.sock");
-    let (mut dqp, mut dqmp) = qemu(d, "dst", &dst_ram, &["-S", "-incoming", "defer"]);
+    let (_dq, mut dqmp) = qemu(d, "dst", &dst_ram, &["-S", "-incoming", "defer"]);
     let (_sq, mut sqmp) = qemu(d, "src", &src_ram, &[]);
     // Slow enough to cut in the middle: 32 MB/s for 256 MiB.
     sqmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 32u64 << 20}));
     dqmp.cmd("migrate-incoming", json!({"uri": format!("unix:{}", dst_in.display())}));
     let serve = format!("127.0.0.1:{}", free_port());
     let mut dp = proxy(d, &["--serve", &serve, "--forward", &format!("unix:{}", dst_in.display())], "dst-proxy");
-    wait_for("the destination proxy", || std::net::TcpStream::connect(&serve).is_ok());
     let src_sock = d.join("ferry-src.sock");
     let mut sp = proxy(d, &["--listen", &format!("unix:{}", src_sock.display()), "--to", &serve], "src-proxy");
-    wait_for("the source proxy", || src_sock.exists());
     sqmp.cmd("migrate", json!({"uri": format!("unix:{}", src_sock.display())}));
+    // QEMU has no progress event: poll until part of RAM has gone through the proxies.
     wait_for("some RAM to move", || sqmp.cmd("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 32 << 20);
     dp.0.kill().unwrap();
     dp.0.wait().unwrap();
-    let mut info = Value::Null;
-    wait_for("the migration to fail", || {
-        info = sqmp.cmd("query-migrate", json!({}));
-        matches!(info["status"].as_str(), Some("completed" | "failed" | "cancelled"))
-    });
-    assert_eq!(info["status"], "failed", "{info}");
+    let ended = sqmp.wait_migration(&["completed", "failed", "cancelled"]);
+    let info = sqmp.cmd("query-migrate", json!({}));
+    assert_eq!(ended, "failed", "{info}");
     assert_eq!(sqmp.status(), "running", "the source guest keeps running after a failed migration");
     let st = sp.0.wait().unwrap();
     assert!(!st.success(), "the source proxy reports the broken stream");
     let log = std::fs::read_to_string(d.join("src-proxy.log")).unwrap();
     assert!(log.contains("stream broke"), "{log}");
-    // The destination QEMU never became a running guest: it fails its incoming migration.
-    let t = Instant::now();
-    while dqp.0.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(30) {
-        match dqmp.try_cmd("query-status", json!({})) {
-            Ok(v) => assert_ne!(v["status"], "running"),
-            Err(_) => break,
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // The destination QEMU never became a running guest: its incoming migration fails
+    // (it may exit right after saying so).
+    let end = dqmp.wait_migration(&["completed", "failed"]);
+    assert_ne!(end, "completed");
+    assert!(!dqmp.resumed, "the destination never ran the guest");
 }

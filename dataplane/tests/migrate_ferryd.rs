@@ -5,10 +5,10 @@
 //! nothing over), and descriptors that are not what they should be.
 
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
 use dataplane::plan::*;
@@ -48,15 +48,14 @@ impl Ferryd {
             .arg("--control")
             .arg(&socket)
             .args(["--metrics", "off"])
-            .stderr(Stdio::null())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "ferryd {name} exited");
-            assert!(t.elapsed() < Duration::from_secs(20), "ferryd {name} did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Blocks on ferryd's own output until it says ready; the rest is drained.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("ferryd ready")), "ferryd {name} exited before it was ready");
+        std::thread::spawn(move || lines.for_each(drop));
         Ferryd { child, socket }
     }
 
