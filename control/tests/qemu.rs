@@ -165,12 +165,14 @@ fn proxy(dir: &Path, args: &[&str], name: &'static str) -> Proc {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Killed and reaped on every path, the panic below included.
+    let p = Proc(child);
     for line in lines.by_ref() {
         let line = line.unwrap();
         writeln!(log, "{line}").unwrap();
         if line.starts_with("ferry proxy:") {
             std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(writeln!(log, "{l}"))));
-            return Proc(child);
+            return p;
         }
     }
     panic!("{name} exited before it listened:\n{}", logs(dir));
