@@ -10,51 +10,26 @@ throughput of the region as a multiple of the link rate.
 Needs root (namespaces, tc). Traffic stays inside the namespaces this script creates
 (10.77.0.1 <-> 10.77.0.2) and they are deleted at the end.
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile
+import argparse, json, os, shutil, subprocess, tempfile
 from statistics import median
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-FERRYCTL = os.path.join(ROOT, "target", "release", "ferryctl")
+from benchlib import FERRYCTL, corpus as _corpus, setup_link, sh, teardown_link
+
 NS_A, NS_B, IP_A, IP_B = "ferry-bench-a", "ferry-bench-b", "10.77.0.1", "10.77.0.2"
-
-
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+NS, DEVS, IPS = (NS_A, NS_B), ("fbench-a", "fbench-b"), (IP_A, IP_B)
 
 
 def setup(mbit):
-    teardown()
-    sh("ip", "netns", "add", NS_A)
-    sh("ip", "netns", "add", NS_B)
-    sh("ip", "link", "add", "fbench-a", "type", "veth", "peer", "name", "fbench-b")
-    sh("ip", "link", "set", "fbench-a", "netns", NS_A)
-    sh("ip", "link", "set", "fbench-b", "netns", NS_B)
-    for ns, dev, ip in ((NS_A, "fbench-a", IP_A), (NS_B, "fbench-b", IP_B)):
-        sh("ip", "-n", ns, "addr", "add", ip + "/24", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
     # Shape the data direction. burst: enough for one 64 KiB chunk at line rate.
-    sh("tc", "-n", NS_A, "qdisc", "add", "dev", "fbench-a", "root", "tbf",
-       "rate", f"{mbit}mbit", "burst", "256kb", "latency", "50ms")
+    setup_link(NS, DEVS, IPS, mbit, "50ms", both_ends=False)
 
 
 def teardown():
-    sh("ip", "netns", "del", NS_A, check=False)
-    sh("ip", "netns", "del", NS_B, check=False)
+    teardown_link(NS)
 
 
 def corpus(size_mib):
-    data = os.environ.get("BENCH_DATA", "/var/tmp/ferry-bench")
-    os.makedirs(data, exist_ok=True)
-    src = os.path.join(data, f"corpus-{size_mib}.img")
-    if not os.path.exists(src):
-        gen = os.path.join(ROOT, "..", "shared", "tools", "peers", "gen_corpus.py")
-        subprocess.run([sys.executable, gen, src, "--size-mib", str(size_mib)], check=True, stdout=subprocess.DEVNULL)
-    shm = f"/dev/shm/ferry-bench-src-{size_mib}.img"
-    if not os.path.exists(shm):
-        shutil.copy(src, shm)
-    return shm
+    return _corpus(size_mib, shm=True)
 
 
 def transfer(src, compress, port, work):

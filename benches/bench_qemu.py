@@ -21,53 +21,27 @@ reports on loopback). Prints one JSON line per run and a summary with the ratios
 
 Needs root (namespaces, tc), qemu-system-x86_64 and /dev/kvm (TCG otherwise: slower).
 """
-import argparse, json, os, shutil, socket, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, socket, subprocess, tempfile, time
 from statistics import median
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-FERRYCTL = os.path.join(ROOT, "target", "release", "ferryctl")
+from benchlib import FERRYCTL, corpus, setup_link as _setup_link, sh, teardown_link as _teardown_link
+
 NS_A, NS_B, IP_A, IP_B = "ferry-q-a", "ferry-q-b", "10.78.0.1", "10.78.0.2"
 SETTLE_S = 6  # SeaBIOS POST re-dirties all RAM; after it the vCPU halts
 UNLIMITED = 100 << 30
 
 
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
 def setup_link(mbit):
-    teardown_link()
-    sh("ip", "netns", "add", NS_A)
-    sh("ip", "netns", "add", NS_B)
-    sh("ip", "link", "add", "fq-a", "type", "veth", "peer", "name", "fq-b")
-    sh("ip", "link", "set", "fq-a", "netns", NS_A)
-    sh("ip", "link", "set", "fq-b", "netns", NS_B)
-    for ns, dev, ip in ((NS_A, "fq-a", IP_A), (NS_B, "fq-b", IP_B)):
-        sh("ip", "-n", ns, "addr", "add", ip + "/24", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", "256kb", "latency", "20ms")
+    _setup_link((NS_A, NS_B), ("fq-a", "fq-b"), (IP_A, IP_B), mbit, "20ms", both_ends=True)
 
 
 def teardown_link():
-    sh("ip", "netns", "del", NS_A, check=False)
-    sh("ip", "netns", "del", NS_B, check=False)
+    _teardown_link((NS_A, NS_B))
 
 
 def veth_tx():
     j = json.loads(sh("ip", "-n", NS_A, "-s", "-j", "link", "show", "fq-a").stdout)
     return j[0]["stats64"]["tx"]["bytes"]
-
-
-def corpus(size_mib):
-    data = os.environ.get("BENCH_DATA", "/var/tmp/ferry-bench")
-    os.makedirs(data, exist_ok=True)
-    src = os.path.join(data, f"corpus-{size_mib}.img")
-    if not os.path.exists(src):
-        gen = os.path.join(ROOT, "..", "shared", "tools", "peers", "gen_corpus.py")
-        subprocess.run([sys.executable, gen, src, "--size-mib", str(size_mib)], check=True, stdout=subprocess.DEVNULL)
-    return src
 
 
 class QMP:
