@@ -28,6 +28,8 @@ mod topology;
 mod uffd;
 /// io_uring availability and features.
 pub mod uring;
+/// Receiving on a connection with io_uring: multishot receive into provided buffers.
+pub mod uring_recv;
 /// Sending on several connections from one thread with io_uring.
 pub mod uring_send;
 

@@ -1,0 +1,369 @@
+//! Receiving on one TCP connection with io_uring: one multishot receive stays armed on the
+//! socket and the kernel copies what arrives straight into buffers the caller lent it (a
+//! provided-buffer ring carved from the caller's arena), so there is no `read` syscall per
+//! batch and no buffer is named per receive.
+//!
+//! The ring is registered with incremental consumption (`IOU_PBUF_RING_INC`, Linux 6.12):
+//! the kernel fills a buffer piece by piece, each completion continuing where the last one
+//! stopped, and moves to the next buffer only when this one is full. The stream therefore
+//! lies contiguously in each buffer, and a frame is split only where a buffer ends. Without
+//! incremental consumption every completion would take a whole buffer for however few bytes
+//! arrived, so a large frame could need more buffers than exist; [`RecvRing::new`] refuses
+//! then, and the caller reads with plain `read` calls instead.
+//!
+//! ```text
+//!   caller                         RecvRing                        kernel
+//!     |  new(socket, arena)  ------>  register buffer ring (INC)  -->|
+//!     |  next()              ------>  arm RECV (multishot)       --->|
+//!     |                               wait for a completion    <-----| bytes into buffer b
+//!     |  <--- Piece {b, offset, len, buf_done}                       |  at its fill offset
+//!     |  ... parse frames in place ...                               |
+//!     |  give_back(b)        ------>  append b at the ring's tail -->| b may be filled again
+//! ```
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::{IoUring, cqueue, opcode, types};
+use memmap2::MmapMut;
+
+/// The buffer group of the ring (one group per `RecvRing`, each with its own io_uring).
+const BGID: u16 = 1;
+const RECV: u64 = 1;
+const CANCEL: u64 = 2;
+/// `IOU_PBUF_RING_INC`.
+const PBUF_RING_INC: u16 = 2;
+
+/// Bytes the kernel delivered: `len` bytes at `offset` in buffer `buf`. `buf_done`: the
+/// kernel will put nothing more into `buf` until it is given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub buf: u16,
+    pub offset: u32,
+    pub len: u32,
+    pub buf_done: bool,
+}
+
+/// Why no piece came.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error("the kernel has no incremental provided-buffer rings (IOU_PBUF_RING_INC, Linux 6.12): {0}")]
+    NoIncremental(io::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub struct RecvRing {
+    ring: IoUring,
+    fd: RawFd,
+    /// The provided-buffer ring's entries, shared with the kernel.
+    entries: MmapMut,
+    tail: u16,
+    base: *mut u8,
+    buf_len: u32,
+    nbufs: u16,
+    /// Bytes of each buffer the kernel has filled since it was last handed over.
+    filled: Vec<u32>,
+    /// Buffers the kernel holds (in the ring, or being filled).
+    in_kernel: u16,
+    armed: bool,
+    cancelled: bool,
+    ready: VecDeque<Piece>,
+    /// The peer closed its side: nothing follows the pieces in `ready`.
+    eof: bool,
+    failed: Option<io::Error>,
+}
+
+impl std::fmt::Debug for RecvRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvRing").field("fd", &self.fd).field("buffers", &self.nbufs).field("buf_len", &self.buf_len).finish_non_exhaustive()
+    }
+}
+
+impl RecvRing {
+    /// Lends `len` bytes at `mem` to the kernel as `nbufs` equal buffers (a power of two
+    /// from 2 to 32768) for receiving on `sock`.
+    ///
+    /// # Safety
+    ///
+    /// `mem..mem + len` must stay mapped, and be neither read nor written by anyone else,
+    /// until the `RecvRing` is dropped, except for the bytes of pieces it returned and the
+    /// caller has not given back. `sock` must stay open as long.
+    pub unsafe fn new(sock: &impl AsRawFd, mem: *mut u8, len: usize, nbufs: u16) -> Result<RecvRing, RecvError> {
+        if !nbufs.is_power_of_two() || nbufs < 2 || nbufs > 32768 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{nbufs} receive buffers: need a power of two from 2 to 32768")).into());
+        }
+        let buf_len = u32::try_from(len / usize::from(nbufs)).unwrap_or(u32::MAX) & !4095;
+        if buf_len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes cannot make {nbufs} receive buffers")).into());
+        }
+        let ring = IoUring::builder().setup_cqsize(u32::from(nbufs).max(64) * 4).build(8)?;
+        let entries = MmapMut::map_anon((usize::from(nbufs) * std::mem::size_of::<types::BufRingEntry>()).max(4096))?;
+        // SAFETY: `entries` is a zeroed, page-aligned mapping of `nbufs` entries that the
+        // struct keeps until after it unregisters the group (Drop).
+        unsafe { ring.submitter().register_buf_ring_with_flags(entries.as_ptr() as u64, nbufs, BGID, PBUF_RING_INC) }.map_err(
+            |e| {
+                if e.raw_os_error() == Some(libc::EINVAL) { RecvError::NoIncremental(e) } else { RecvError::Io(e) }
+            },
+        )?;
+        let mut r = RecvRing {
+            ring,
+            fd: sock.as_raw_fd(),
+            entries,
+            tail: 0,
+            base: mem,
+            buf_len,
+            nbufs,
+            filled: vec![0; usize::from(nbufs)],
+            in_kernel: 0,
+            armed: false,
+            cancelled: false,
+            ready: VecDeque::new(),
+            eof: false,
+            failed: None,
+        };
+        for b in 0..nbufs {
+            r.push_entry(b);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    pub fn buf_len(&self) -> u32 {
+        self.buf_len
+    }
+
+    pub fn buffers(&self) -> u16 {
+        self.nbufs
+    }
+
+    /// The bytes of `p`. They stay as they are until `p.buf` is given back.
+    pub fn bytes(&self, p: &Piece) -> &[u8] {
+        assert!(p.buf < self.nbufs && p.offset + p.len <= self.buf_len, "{p:?} is not a piece of this ring");
+        // SAFETY: the range lies inside buffer `p.buf` of the lent memory; the kernel has
+        // completed writing it and writes no byte of it again until the buffer is given
+        // back, which takes `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.base.add(p.buf as usize * self.buf_len as usize + p.offset as usize), p.len as usize) }
+    }
+
+    fn push_entry(&mut self, b: u16) {
+        let mask = self.nbufs - 1;
+        let base = self.entries.as_mut_ptr().cast::<types::BufRingEntry>();
+        // SAFETY: slot `tail & mask` lies inside the mapping; the kernel does not read
+        // slots past the published tail, so writing it races with nothing.
+        unsafe {
+            let e = &mut *base.add(usize::from(self.tail & mask));
+            e.set_addr(self.base.add(usize::from(b) * self.buf_len as usize) as u64);
+            e.set_len(self.buf_len);
+            e.set_bid(b);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        self.filled[usize::from(b)] = 0;
+        self.in_kernel += 1;
+    }
+
+    fn publish(&mut self) {
+        let base = self.entries.as_mut_ptr().cast::<types::BufRingEntry>();
+        // SAFETY: the tail field lives in entry 0 of the mapping; the release store pairs
+        // with the kernel's acquire load and publishes the entries written before it.
+        unsafe { AtomicU16::from_ptr(types::BufRingEntry::tail(base).cast_mut()).store(self.tail, Ordering::Release) };
+    }
+
+    /// Hands buffer `buf` back to the kernel: every piece of it has been used.
+    pub fn give_back(&mut self, buf: u16) {
+        assert!(buf < self.nbufs);
+        self.push_entry(buf);
+        self.publish();
+    }
+
+    /// The next piece of the stream, in order; `None` once the peer has closed and every
+    /// piece was returned. Waits at most `timeout` for the kernel.
+    pub fn next(&mut self, timeout: Duration) -> io::Result<Option<Piece>> {
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Ok(Some(p));
+            }
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            if !self.armed {
+                if self.in_kernel == 0 {
+                    return Err(io::Error::other(format!(
+                        "all {} receive buffers are held by the reader: a frame larger than the arena ({} bytes)?",
+                        self.nbufs,
+                        u64::from(self.nbufs) * u64::from(self.buf_len)
+                    )));
+                }
+                let sqe = opcode::RecvMulti::new(types::Fd(self.fd), BGID).build().user_data(RECV);
+                // SAFETY: the receive writes only into buffers of the registered group,
+                // which lie in memory lent until drop; the socket outlives the ring (the
+                // caller's promise in `new`), and Drop cancels the receive.
+                unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
+                self.armed = true;
+            }
+            let ts = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                    if self.ring.completion().is_empty() {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no data for {} s", timeout.as_secs())));
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.harvest();
+        }
+    }
+
+    fn harvest(&mut self) {
+        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+        for cqe in cqes {
+            if cqe.user_data() != RECV {
+                continue;
+            }
+            let flags = cqe.flags();
+            if !cqueue::more(flags) {
+                self.armed = false;
+            }
+            let res = cqe.result();
+            if res > 0 {
+                let buf = cqueue::buffer_select(flags).expect("a receive with data names its buffer");
+                let offset = self.filled[usize::from(buf)];
+                let buf_done = !cqueue::buffer_more(flags);
+                self.filled[usize::from(buf)] += res as u32;
+                if buf_done {
+                    self.in_kernel -= 1;
+                }
+                self.ready.push_back(Piece { buf, offset, len: res as u32, buf_done });
+            } else if res == 0 {
+                self.eof = true;
+            } else if -res == libc::ENOBUFS {
+                // Every buffer is with the reader: re-armed once one comes back.
+            } else if -res != libc::ECANCELED {
+                self.failed.get_or_insert(io::Error::from_raw_os_error(-res));
+            }
+        }
+    }
+}
+
+impl Drop for RecvRing {
+    fn drop(&mut self) {
+        // The receive must be over before the lent memory may be reused: cancel it and
+        // wait for its last completion (one without IORING_CQE_F_MORE).
+        if self.armed && !self.cancelled {
+            let sqe = opcode::AsyncCancel::new(RECV).build().user_data(CANCEL);
+            // SAFETY: a cancel references no memory.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                self.cancelled = true;
+            }
+        }
+        let mut tries = 0;
+        while self.armed && tries < 100 {
+            tries += 1;
+            let ts = types::Timespec::from(Duration::from_millis(50));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            self.harvest();
+        }
+        if self.armed {
+            // Closing the ring (below) ends the receive in any case; this only says the
+            // cancel did not confirm it first.
+            log::warn!("io_uring receive on fd {} did not confirm its cancellation", self.fd);
+        }
+        let _ = self.ring.submitter().unregister_buf_ring(BGID);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// Several MiB through four 64 KiB buffers: every byte arrives once and in order, each
+    /// buffer is filled front to back, and the end of the stream is reported.
+    #[test]
+    fn stream_arrives_in_order_through_few_buffers() {
+        let (a, b) = pair();
+        let mut mem = MmapMut::map_anon(4 << 16).unwrap();
+        // SAFETY: `mem` outlives the ring (dropped after it) and is touched only through
+        // the pieces; `b` outlives the ring too.
+        let ring = unsafe { RecvRing::new(&b, mem.as_mut_ptr(), mem.len(), 4) };
+        let mut ring = match ring {
+            Ok(r) => r,
+            Err(e) => {
+                crate::report_skip(&format!("no io_uring receive ring here: {e}"));
+                return;
+            }
+        };
+        assert_eq!(ring.buf_len(), 1 << 16);
+        let total: usize = 5 << 20;
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+            for c in data.chunks(70_001) {
+                a.write_all(c).unwrap();
+            }
+        });
+        let mut got = 0usize;
+        let mut fill = [0u32; 4];
+        let mut continued = 0;
+        while let Some(p) = ring.next(Duration::from_secs(10)).unwrap() {
+            assert_eq!(p.offset, fill[usize::from(p.buf)], "buffers fill front to back");
+            continued += usize::from(p.offset > 0);
+            fill[usize::from(p.buf)] += p.len;
+            let bytes = ring.bytes(&p);
+            assert!(bytes.iter().enumerate().all(|(i, &x)| x == ((got + i) % 251) as u8), "bytes out of order at {got}");
+            got += bytes.len();
+            if p.buf_done {
+                fill[usize::from(p.buf)] = 0;
+                ring.give_back(p.buf);
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(got, total);
+        assert!(continued > 0, "no completion continued a buffer: not incremental");
+        drop(ring);
+        drop(mem);
+    }
+
+    /// A silent peer times out; a reset one is an error, not an end of stream.
+    #[test]
+    fn timeout_and_reset() {
+        let (a, b) = pair();
+        let mut mem = MmapMut::map_anon(2 << 16).unwrap();
+        // SAFETY: as above.
+        let Ok(mut ring) = (unsafe { RecvRing::new(&b, mem.as_mut_ptr(), mem.len(), 2) }) else {
+            crate::report_skip("no io_uring receive ring here");
+            return;
+        };
+        let e = ring.next(Duration::from_millis(100)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        // SO_LINGER 0: close sends a RST.
+        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a plain setsockopt on an open socket with a correctly sized value.
+        unsafe {
+            libc::setsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), size_of::<libc::linger>() as u32)
+        };
+        drop(a);
+        let e = ring.next(Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        drop(ring);
+        drop(mem);
+    }
+}
