@@ -14,6 +14,8 @@ pub mod digest;
 pub mod encode;
 /// Sending and receiving a region.
 pub mod engine;
+/// Reading a data lane's frames: io_uring multishot receive, or plain reads.
+pub mod lane;
 /// Live per-worker counters for /metrics and status.
 pub mod live;
 /// The migration engine: pre-copy rounds, region mode.

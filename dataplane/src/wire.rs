@@ -260,9 +260,14 @@ impl Header {
 
     /// Verifies the CRC once the payload is in.
     pub fn verify(&self, payload: &[u8]) -> Result<(), FrameError> {
+        self.verify_parts([payload])
+    }
+
+    /// [`Header::verify`] of a payload that arrived in parts.
+    pub fn verify_parts<'p>(&self, parts: impl IntoIterator<Item = &'p [u8]>) -> Result<(), FrameError> {
         let mut h = *self;
         h.crc = 0.into();
-        let actual = checksum(&h, payload);
+        let actual = parts.into_iter().fold(crc32c::crc32c(h.as_bytes()), crc32c::crc32c_append);
         if actual != self.crc.get() {
             return Err(FrameError::Checksum { expected: self.crc.get(), actual });
         }

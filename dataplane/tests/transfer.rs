@@ -88,6 +88,8 @@ fn one_lane_raw() {
         assert_eq!(s.wire_bytes, r.wire_bytes);
         assert_eq!(s.compressed_in_bytes, 0);
         assert_eq!(s.transport, if p.tcp.io_uring { "tcp (io_uring)" } else { "sockets" });
+        // The receiver's plan says the same: its lanes receive through io_uring too.
+        assert_eq!(r.transport, s.transport);
     }
 }
 

@@ -23,12 +23,14 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, types};
 use memmap2::MmapMut;
+
+use crate::memmap::Arena;
 
 /// The buffer group of the ring (one group per `RecvRing`, each with its own io_uring).
 const BGID: u16 = 1;
@@ -37,14 +39,41 @@ const CANCEL: u64 = 2;
 /// `IOU_PBUF_RING_INC`.
 const PBUF_RING_INC: u16 = 2;
 
-/// Bytes the kernel delivered: `len` bytes at `offset` in buffer `buf`. `buf_done`: the
-/// kernel will put nothing more into `buf` until it is given back.
+/// Bytes the kernel delivered: `len` bytes at `offset` in buffer `buf`, of the buffer's
+/// `lending`-th lending. Only the ring makes pieces, so each names bytes the kernel completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
-    pub buf: u16,
-    pub offset: u32,
-    pub len: u32,
-    pub buf_done: bool,
+    buf: u16,
+    offset: u32,
+    len: u32,
+    buf_done: bool,
+    lending: u32,
+}
+
+impl Piece {
+    /// The buffer to give back once every piece of it has been used.
+    pub fn buf(&self) -> u16 {
+        self.buf
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The kernel puts nothing more into this piece's buffer until it is given back.
+    pub fn buf_done(&self) -> bool {
+        self.buf_done
+    }
+
+    /// `len` bytes of this piece from `start`.
+    pub fn sub(&self, start: u32, len: u32) -> Piece {
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.len), "{start}+{len} is outside {self:?}");
+        Piece { offset: self.offset + start, len, ..*self }
+    }
 }
 
 /// Why no piece came.
@@ -58,7 +87,11 @@ pub enum RecvError {
 
 pub struct RecvRing {
     ring: IoUring,
-    fd: RawFd,
+    /// A duplicate of the socket's descriptor, so the receive can be re-armed on it
+    /// whatever the caller does with its own.
+    fd: OwnedFd,
+    /// The memory the buffers are cut from, kept until the receive is over.
+    mem: Option<Arena>,
     /// The provided-buffer ring's entries, shared with the kernel.
     entries: MmapMut,
     tail: u16,
@@ -67,6 +100,8 @@ pub struct RecvRing {
     nbufs: u16,
     /// Bytes of each buffer the kernel has filled since it was last handed over.
     filled: Vec<u32>,
+    /// How often each buffer has been given back: a piece of an earlier lending is stale.
+    gens: Vec<u32>,
     /// Buffers the kernel holds (in the ring, or being filled).
     in_kernel: u16,
     armed: bool,
@@ -79,45 +114,55 @@ pub struct RecvRing {
 
 impl std::fmt::Debug for RecvRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecvRing").field("fd", &self.fd).field("buffers", &self.nbufs).field("buf_len", &self.buf_len).finish_non_exhaustive()
+        f.debug_struct("RecvRing")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("buffers", &self.nbufs)
+            .field("buf_len", &self.buf_len)
+            .finish_non_exhaustive()
     }
 }
 
 impl RecvRing {
-    /// Lends `len` bytes at `mem` to the kernel as `nbufs` equal buffers (a power of two
-    /// from 2 to 32768) for receiving on `sock`.
-    ///
-    /// # Safety
-    ///
-    /// `mem..mem + len` must stay mapped, and be neither read nor written by anyone else,
-    /// until the `RecvRing` is dropped, except for the bytes of pieces it returned and the
-    /// caller has not given back. `sock` must stay open as long.
-    pub unsafe fn new(sock: &impl AsRawFd, mem: *mut u8, len: usize, nbufs: u16) -> Result<RecvRing, RecvError> {
-        if !nbufs.is_power_of_two() || nbufs < 2 || nbufs > 32768 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{nbufs} receive buffers: need a power of two from 2 to 32768")).into());
+    /// Lends `mem` to the kernel as `nbufs` equal buffers (a power of two from 2 to
+    /// 32768) for receiving on `sock`. The ring owns the memory from now on; if it cannot
+    /// be set up, the memory comes back with the reason.
+    pub fn new(sock: &impl AsFd, mut mem: Arena, nbufs: u16) -> Result<RecvRing, (RecvError, Arena)> {
+        let invalid = |why: String| RecvError::Io(io::Error::new(io::ErrorKind::InvalidInput, why));
+        if !nbufs.is_power_of_two() || !(2..=32768).contains(&nbufs) {
+            return Err((invalid(format!("{nbufs} receive buffers: need a power of two from 2 to 32768")), mem));
         }
+        let len = mem.len();
         let buf_len = u32::try_from(len / usize::from(nbufs)).unwrap_or(u32::MAX) & !4095;
         if buf_len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes cannot make {nbufs} receive buffers")).into());
+            return Err((invalid(format!("{len} bytes cannot make {nbufs} receive buffers")), mem));
         }
-        let ring = IoUring::builder().setup_cqsize(u32::from(nbufs).max(64) * 4).build(8)?;
-        let entries = MmapMut::map_anon((usize::from(nbufs) * std::mem::size_of::<types::BufRingEntry>()).max(4096))?;
-        // SAFETY: `entries` is a zeroed, page-aligned mapping of `nbufs` entries that the
-        // struct keeps until after it unregisters the group (Drop).
-        unsafe { ring.submitter().register_buf_ring_with_flags(entries.as_ptr() as u64, nbufs, BGID, PBUF_RING_INC) }.map_err(
-            |e| {
-                if e.raw_os_error() == Some(libc::EINVAL) { RecvError::NoIncremental(e) } else { RecvError::Io(e) }
-            },
-        )?;
+        let set_up = || -> Result<(OwnedFd, IoUring, MmapMut), RecvError> {
+            let fd = sock.as_fd().try_clone_to_owned()?;
+            let ring = IoUring::builder().setup_cqsize(u32::from(nbufs).max(64) * 4).build(8)?;
+            let entries = MmapMut::map_anon((usize::from(nbufs) * std::mem::size_of::<types::BufRingEntry>()).max(4096))?;
+            // SAFETY: `entries` is a zeroed, page-aligned mapping of `nbufs` entries that
+            // the struct keeps until after it unregisters the group (Drop); if this
+            // function fails, the ring is dropped before the mapping.
+            unsafe { ring.submitter().register_buf_ring_with_flags(entries.as_ptr() as u64, nbufs, BGID, PBUF_RING_INC) }
+                .map_err(|e| if e.raw_os_error() == Some(libc::EINVAL) { RecvError::NoIncremental(e) } else { RecvError::Io(e) })?;
+            Ok((fd, ring, entries))
+        };
+        let (fd, ring, entries) = match set_up() {
+            Ok(r) => r,
+            Err(e) => return Err((e, mem)),
+        };
+        let base = mem.as_mut_slice().as_mut_ptr();
         let mut r = RecvRing {
             ring,
-            fd: sock.as_raw_fd(),
+            fd,
+            mem: Some(mem),
             entries,
             tail: 0,
-            base: mem,
+            base,
             buf_len,
             nbufs,
             filled: vec![0; usize::from(nbufs)],
+            gens: vec![0; usize::from(nbufs)],
             in_kernel: 0,
             armed: false,
             cancelled: false,
@@ -140,12 +185,17 @@ impl RecvRing {
         self.nbufs
     }
 
-    /// The bytes of `p`. They stay as they are until `p.buf` is given back.
+    /// The bytes of `p`. They stay as they are until `p`'s buffer is given back; a piece
+    /// of a buffer given back since, or of another ring, panics.
     pub fn bytes(&self, p: &Piece) -> &[u8] {
-        assert!(p.buf < self.nbufs && p.offset + p.len <= self.buf_len, "{p:?} is not a piece of this ring");
-        // SAFETY: the range lies inside buffer `p.buf` of the lent memory; the kernel has
-        // completed writing it and writes no byte of it again until the buffer is given
-        // back, which takes `&mut self`.
+        assert!(
+            p.buf < self.nbufs && p.offset + p.len <= self.buf_len && self.gens[usize::from(p.buf)] == p.lending,
+            "{p:?} is not a current piece of this ring"
+        );
+        // SAFETY: the range lies inside buffer `p.buf` of the lent memory (owned by `self`), in a part the
+        // kernel completed during the buffer's current lending (the generation matches);
+        // it writes no byte of that part again until the buffer is given back, which takes
+        // `&mut self` and so cannot happen while the returned slice lives.
         unsafe { std::slice::from_raw_parts(self.base.add(p.buf as usize * self.buf_len as usize + p.offset as usize), p.len as usize) }
     }
 
@@ -175,6 +225,7 @@ impl RecvRing {
     /// Hands buffer `buf` back to the kernel: every piece of it has been used.
     pub fn give_back(&mut self, buf: u16) {
         assert!(buf < self.nbufs);
+        self.gens[usize::from(buf)] = self.gens[usize::from(buf)].wrapping_add(1);
         self.push_entry(buf);
         self.publish();
     }
@@ -200,10 +251,10 @@ impl RecvRing {
                         u64::from(self.nbufs) * u64::from(self.buf_len)
                     )));
                 }
-                let sqe = opcode::RecvMulti::new(types::Fd(self.fd), BGID).build().user_data(RECV);
+                let sqe = opcode::RecvMulti::new(types::Fd(self.fd.as_raw_fd()), BGID).build().user_data(RECV);
                 // SAFETY: the receive writes only into buffers of the registered group,
-                // which lie in memory lent until drop; the socket outlives the ring (the
-                // caller's promise in `new`), and Drop cancels the receive.
+                // which lie in `self.mem`; Drop ends the receive before freeing it, and
+                // `self.fd` stays open as long.
                 unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
                 self.armed = true;
             }
@@ -242,7 +293,7 @@ impl RecvRing {
                 if buf_done {
                     self.in_kernel -= 1;
                 }
-                self.ready.push_back(Piece { buf, offset, len: res as u32, buf_done });
+                self.ready.push_back(Piece { buf, offset, len: res as u32, buf_done, lending: self.gens[usize::from(buf)] });
             } else if res == 0 {
                 self.eof = true;
             } else if -res == libc::ENOBUFS {
@@ -274,9 +325,9 @@ impl Drop for RecvRing {
             self.harvest();
         }
         if self.armed {
-            // Closing the ring (below) ends the receive in any case; this only says the
-            // cancel did not confirm it first.
-            log::warn!("io_uring receive on fd {} did not confirm its cancellation", self.fd);
+            // The kernel might still write into the buffers: leak them rather than free.
+            log::warn!("io_uring receive on fd {} did not confirm its cancellation: its buffers are leaked", self.fd.as_raw_fd());
+            std::mem::forget(self.mem.take());
         }
         let _ = self.ring.submitter().unregister_buf_ring(BGID);
     }
@@ -287,6 +338,10 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
+
+    fn arena(bytes: usize) -> Arena {
+        Arena::new(bytes, crate::memmap::ArenaKind::Normal, false).unwrap().0
+    }
 
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -300,13 +355,9 @@ mod tests {
     #[test]
     fn stream_arrives_in_order_through_few_buffers() {
         let (a, b) = pair();
-        let mut mem = MmapMut::map_anon(4 << 16).unwrap();
-        // SAFETY: `mem` outlives the ring (dropped after it) and is touched only through
-        // the pieces; `b` outlives the ring too.
-        let ring = unsafe { RecvRing::new(&b, mem.as_mut_ptr(), mem.len(), 4) };
-        let mut ring = match ring {
+        let mut ring = match RecvRing::new(&b, arena(4 << 16), 4) {
             Ok(r) => r,
-            Err(e) => {
+            Err((e, _)) => {
                 crate::report_skip(&format!("no io_uring receive ring here: {e}"));
                 return;
             }
@@ -327,28 +378,27 @@ mod tests {
             assert_eq!(p.offset, fill[usize::from(p.buf)], "buffers fill front to back");
             continued += usize::from(p.offset > 0);
             fill[usize::from(p.buf)] += p.len;
+            assert_eq!(ring.bytes(&p.sub(1.min(p.len), p.len - 1.min(p.len))), &ring.bytes(&p)[1.min(p.len as usize)..]);
             let bytes = ring.bytes(&p);
             assert!(bytes.iter().enumerate().all(|(i, &x)| x == ((got + i) % 251) as u8), "bytes out of order at {got}");
             got += bytes.len();
             if p.buf_done {
                 fill[usize::from(p.buf)] = 0;
                 ring.give_back(p.buf);
+                let stale = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ring.bytes(&p).len()));
+                assert!(stale.is_err(), "a piece of a buffer given back is refused");
             }
         }
         writer.join().unwrap();
         assert_eq!(got, total);
         assert!(continued > 0, "no completion continued a buffer: not incremental");
-        drop(ring);
-        drop(mem);
     }
 
     /// A silent peer times out; a reset one is an error, not an end of stream.
     #[test]
     fn timeout_and_reset() {
         let (a, b) = pair();
-        let mut mem = MmapMut::map_anon(2 << 16).unwrap();
-        // SAFETY: as above.
-        let Ok(mut ring) = (unsafe { RecvRing::new(&b, mem.as_mut_ptr(), mem.len(), 2) }) else {
+        let Ok(mut ring) = RecvRing::new(&b, arena(2 << 16), 2) else {
             crate::report_skip("no io_uring receive ring here");
             return;
         };
@@ -363,7 +413,5 @@ mod tests {
         drop(a);
         let e = ring.next(Duration::from_secs(5)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-        drop(ring);
-        drop(mem);
     }
 }

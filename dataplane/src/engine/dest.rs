@@ -4,8 +4,9 @@
 //! claimed.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::lane::Payload;
 
 /// A write that overlaps pages already written, runs past the end, or fails.
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +78,15 @@ impl<'f> Dest<'f> {
 
     /// Writes `bytes` at `offset` after claiming its pages.
     pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), DestError> {
-        self.claim(offset, bytes.len() as u64)?;
-        self.file.write_all_at(bytes, offset).map_err(|source| DestError::Write { offset, end: offset + bytes.len() as u64, source })
+        self.write_payload(offset, &Payload::One(bytes))
+    }
+
+    /// Writes a payload at `offset` after claiming its pages, with one `pwritev` for all
+    /// of its parts.
+    pub fn write_payload(&self, offset: u64, payload: &Payload<'_>) -> Result<(), DestError> {
+        let end = offset + payload.len() as u64;
+        self.claim(offset, payload.len() as u64)?;
+        crate::lane::pwrite_parts(self.file, payload.parts(), offset).map_err(|source| DestError::Write { offset, end, source })
     }
 
     /// Makes `offset..offset + len` read as zero again after claiming its pages: a page

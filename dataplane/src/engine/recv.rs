@@ -15,9 +15,10 @@ use zerocopy::IntoBytes;
 use super::dest::Dest;
 use super::{IDLE_TIMEOUT, PAGE, Report, cpu_seconds, tune_socket};
 use crate::auth::{Auth, server_handshake};
-use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_frame};
+use crate::conn::{SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
 use crate::encode::Decoder;
+use crate::lane::LaneReader;
 use crate::plan::Plan;
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout};
 
@@ -52,6 +53,8 @@ struct LaneStats {
     zero_pages: u64,
     compressed_in: u64,
     compressed_out: u64,
+    /// io_uring received this lane's bytes.
+    uring: bool,
 }
 
 /// Receives one session on `listener` into the file `out`.
@@ -150,7 +153,11 @@ fn session(
         lanes: u32::from(lanes),
         workers: u32::from(lanes),
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
-        transport: if rdma.is_some() { "rdma".into() } else { "tcp".into() },
+        transport: match (&rdma, total.uring) {
+            (Some(_), _) => "rdma".into(),
+            (None, true) => "tcp (io_uring)".into(),
+            (None, false) => "sockets".into(),
+        },
         compression: if rdma.is_some() { "off (RDMA)".into() } else { "as the sender chose".into() },
         digest: digest.hex(),
         digest_match: true,
@@ -197,6 +204,7 @@ fn tcp_lanes(
         total.zero_pages += r.zero_pages;
         total.compressed_in += r.compressed_in;
         total.compressed_out += r.compressed_out;
+        total.uring |= r.uring;
     }
     if dest.pages_claimed() != dest.pages() {
         return Err(SessionError::Protocol(format!(
@@ -245,38 +253,36 @@ fn lane(
             return Err(SessionError::Protocol(format!("data connection for lane {n}: out of range (0..{lanes}) or already open")));
         }
     }
-    log::info!("lane {n} connected");
-    // Room for several chunks per read syscall.
+    // The lane's arena holds several frames: a read syscall, or an io_uring receive,
+    // fetches as many as have arrived.
     let max_payload = wire::max_payload_for(layout.max_chunk);
-    // The lane's buffer is its arena: room for several frames per read syscall.
-    let arena = super::arena(opts.plan, 4 * (max_payload as usize + HEADER_LEN))?;
-    let mut reader = FrameReader::with_buffer(arena, max_payload);
+    let mut reader = LaneReader::new(opts.plan, &s, max_payload)?;
+    log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();
-    let mut st = LaneStats::default();
+    let mut st = LaneStats { uring: reader.uring(), ..LaneStats::default() };
     let live = crate::live::worker(crate::live::Role::Recv, usize::from(n));
+    let (mut page, mut scratch) = (vec![0u8; PAGE], Vec::new());
     loop {
         let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
         match kind {
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = layout.check_data(&h)?;
                 let first_page = offset / PAGE as u64;
-                let write =
-                    |bytes: &[u8]| dest.write(offset, bytes).map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")));
+                let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
                 match encoding {
                     Encoding::Raw => {
-                        write(payload)?;
-                        st.digest.add(region, first_page, PAGE, payload);
+                        dest.write_payload(offset, &payload).map_err(refused)?;
+                        payload.pages(PAGE, &mut page, |i, p| st.digest.combine(Digest::of_page(region, first_page + i, p)));
                     }
                     // The destination was created empty: its bytes are already zero.
                     Encoding::Zero => {
-                        dest.claim_zero(offset, u64::from(raw_len))
-                            .map_err(|e| SessionError::Protocol(format!("data frame refused: {e}")))?;
+                        dest.claim_zero(offset, u64::from(raw_len)).map_err(refused)?;
                         st.digest.add_zero(region, first_page, PAGE, u64::from(raw_len));
                         st.zero_pages += u64::from(raw_len).div_ceil(PAGE as u64);
                     }
                     Encoding::Zstd => {
-                        let bytes = dec.zstd(payload, raw_len)?;
-                        write(bytes)?;
+                        let bytes = dec.zstd(payload.contiguous(&mut scratch), raw_len)?;
+                        dest.write(offset, bytes).map_err(refused)?;
                         st.digest.add(region, first_page, PAGE, bytes);
                         st.compressed_in += u64::from(raw_len);
                         st.compressed_out += payload.len() as u64;
@@ -291,7 +297,7 @@ fn lane(
                 }
             }
             Kind::LaneEnd => {
-                let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, payload)?;
+                let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, payload.contiguous(&mut scratch))?;
                 if end.frames.get() != st.frames || end.bytes.get() != st.wire_bytes {
                     return Err(SessionError::Protocol(format!(
                         "lane {n} ended after {} frames / {} bytes, the sender sent {} / {}",
@@ -303,7 +309,7 @@ fn lane(
                 }
                 return Ok(st);
             }
-            Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
+            Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload.contiguous(&mut scratch)).into_owned())),
             other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
         }
     }

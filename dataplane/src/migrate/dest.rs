@@ -15,12 +15,13 @@ use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport};
 use crate::auth::{Auth, server_handshake};
-use crate::conn::{FrameReader, SessionError, expect_frame, send_error, write_frame};
+use crate::conn::{SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::engine::dest::Dest;
 use crate::engine::recv::accept_lane;
 use crate::engine::{PAGE, cpu_seconds, tune_socket};
+use crate::lane::{LaneReader, Payload};
 use crate::plan::Plan;
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout, features};
 
@@ -141,9 +142,11 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
     });
     let (rounds, lane_results) = outcome;
     let (rounds, digest) = rounds?;
-    let mut total = RoundCounts::default();
+    let (mut total, mut uring) = (RoundCounts::default(), false);
     for r in lane_results {
-        total += r?;
+        let (counts, ring) = r?;
+        total += counts;
+        uring |= ring;
     }
     let seconds = t0.elapsed().as_secs_f64();
     let report = MigrationReport {
@@ -157,7 +160,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
         seconds,
         downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size as f64 / (1u64 << 30) as f64),
-        transport: "tcp".into(),
+        transport: if uring { "tcp (io_uring)".into() } else { "sockets".into() },
         compression: "as the source chose".into(),
         lanes: u32::from(lanes),
         workers: u32::from(lanes),
@@ -277,7 +280,8 @@ struct Ctx<'a> {
 
 /// One lane for the whole session: DATA frames into the memfd, a ROUND_END per round
 /// (its counts checked, then reported), LANE_END after the last.
-fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<RoundCounts, SessionError> {
+/// Returns the lane's counts, and whether io_uring received them.
+fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCounts, bool), SessionError> {
     crate::engine::tune_data_socket(&s, ctx.plan)?;
     let hello = server_handshake(&mut s, ctx.auth, 0)?;
     let n = hello.lane.get();
@@ -292,13 +296,14 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<R
     }
     s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let max_payload = wire::max_payload_for(ctx.layout.max_chunk);
-    let arena = crate::engine::arena(ctx.plan, 4 * (max_payload as usize + HEADER_LEN))?;
-    let mut reader = FrameReader::with_buffer(arena, max_payload);
+    let mut reader = LaneReader::new(ctx.plan, &s, max_payload)?;
+    log::info!("migration lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();
     let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
     let live = crate::live::worker(crate::live::Role::MigrateIn, usize::from(n));
     let page = PAGE as u64;
     let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
+    let (mut one_page, mut scratch) = (vec![0u8; PAGE], Vec::new());
     loop {
         let (h, kind, payload) = reader.next(&mut s, "receiving migration data")?;
         match kind {
@@ -307,15 +312,11 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<R
                 // check_data bounded `region` by the session's regions.
                 let Target { dest, hashes } = &ctx.targets[region as usize];
                 let first = offset / page;
-                let record = |bytes: &[u8]| {
-                    for (i, p) in bytes.chunks(PAGE).enumerate() {
-                        hashes.set(first + i as u64, Digest::of_page(region, first + i as u64, p));
-                    }
-                };
+                let record = |i: u64, p: &[u8]| hashes.set(first + i, Digest::of_page(region, first + i, p));
                 match encoding {
                     Encoding::Raw => {
-                        dest.write(offset, payload).map_err(refused)?;
-                        record(payload);
+                        dest.write_payload(offset, &payload).map_err(refused)?;
+                        payload.pages(PAGE, &mut one_page, record);
                     }
                     Encoding::Zero => {
                         let len = u64::from(raw_len);
@@ -328,9 +329,9 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<R
                         this.zero_pages += len.div_ceil(page);
                     }
                     Encoding::Zstd => {
-                        let bytes = dec.zstd(payload, raw_len)?;
+                        let bytes = dec.zstd(payload.contiguous(&mut scratch), raw_len)?;
                         dest.write(offset, bytes).map_err(refused)?;
-                        record(bytes);
+                        Payload::One(bytes).pages(PAGE, &mut one_page, record);
                         this.compressed_in += u64::from(raw_len);
                         this.compressed_out += payload.len() as u64;
                     }
@@ -342,7 +343,7 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<R
                 live.add(u64::from(raw_len), (HEADER_LEN + payload.len()) as u64, 1, zero);
             }
             Kind::RoundEnd => {
-                let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload)?;
+                let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload.contiguous(&mut scratch))?;
                 if end.round.get() != round
                     || end.frames.get() != this.frames
                     || end.bytes.get() != this.wire_bytes
@@ -370,9 +371,9 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<R
                 if this.frames != 0 {
                     return Err(SessionError::Protocol(format!("lane {n} ended with {} frames outside a round", this.frames)));
                 }
-                return Ok(total);
+                return Ok((total, reader.uring()));
             }
-            Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
+            Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload.contiguous(&mut scratch)).into_owned())),
             other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
         }
     }
