@@ -1,12 +1,14 @@
 //! The source side of a migration: the control connection and the lanes stay open from
-//! round to round; each round runs one pinned thread per worker over the dirty windows.
+//! round to round; each round runs one pinned thread per worker over the dirty windows,
+//! which the control thread finds in the bitmap and hands over through a bounded queue.
 
 use std::fs::File;
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::ArrayQueue;
 use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, Verify};
@@ -249,21 +251,7 @@ impl<'a> Source<'a> {
                 self.regions.len()
             )));
         }
-        // The windows (chunk-sized, chunk-aligned within their region) that hold a dirty page.
-        let mut windows: Vec<(u32, u64)> = Vec::new();
-        for (i, r) in self.regions.iter().enumerate() {
-            let pages = super::pages(r.size);
-            let bits = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
-            windows.extend(
-                (0..pages.div_ceil(ppw))
-                    .filter(|&w| {
-                        let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
-                        all || (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0)
-                    })
-                    .map(|w| (i as u32, w)),
-            );
-        }
-        let next = AtomicUsize::new(0);
+        let feed = WindowFeed::new(WINDOW_QUEUE);
         let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
         let regions = &self.regions;
         let (chunk, to) = (self.chunk, self.opts.to.as_str());
@@ -281,21 +269,37 @@ impl<'a> Source<'a> {
                     Ok::<Digest, std::io::Error>(d)
                 })
             });
+            let feed = &feed;
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
                 .map(|w| {
-                    let (windows, next, pacer) = (&windows, &next, &pacer);
+                    let pacer = &pacer;
                     s.spawn(move || {
                         pin(w.cpu);
-                        let r = w.run(round, regions, chunk, windows, next, dirty, all, pacer, to);
+                        let r = w.run(round, regions, chunk, feed, dirty, all, pacer, to);
                         if r.is_err() {
-                            next.store(windows.len(), Ordering::Relaxed);
+                            feed.stop.store(true, Ordering::Relaxed);
                         }
                         r
                     })
                 })
                 .collect();
+            // This thread scans the bitmap while the workers send: the windows (chunk-sized,
+            // chunk-aligned within their region) that hold a dirty page.
+            'scan: for (i, r) in regions.iter().enumerate() {
+                let pages = super::pages(r.size);
+                let bits = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
+                for w in 0..pages.div_ceil(ppw) {
+                    let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
+                    if (all || (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0))
+                        && !feed.push((i as u32, w))
+                    {
+                        break 'scan;
+                    }
+                }
+            }
+            feed.scanned.store(true, Ordering::Release);
             let results: Vec<Result<RoundCounts, SessionError>> =
                 handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
             (
@@ -418,6 +422,62 @@ fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionEr
 }
 
 /// The bits of bitmap word `i` that fall in pages `first..end`.
+/// Windows the feed holds at most: a full queue makes the scanning thread wait for the
+/// workers, so a round's work list never grows with the guest.
+const WINDOW_QUEUE: usize = 4096;
+
+/// A round's dirty windows, from the control thread that scans the bitmap to the workers
+/// that send them: a bounded lock-free queue, so sending starts with the first dirty
+/// window found rather than after the whole bitmap has been scanned.
+struct WindowFeed {
+    queue: ArrayQueue<(u32, u64)>,
+    /// The scan is over: once the queue is empty, so is the round.
+    scanned: AtomicBool,
+    /// A worker failed: the others stop taking windows and the scan stops.
+    stop: AtomicBool,
+}
+
+impl WindowFeed {
+    fn new(capacity: usize) -> WindowFeed {
+        WindowFeed { queue: ArrayQueue::new(capacity), scanned: AtomicBool::new(false), stop: AtomicBool::new(false) }
+    }
+
+    /// Queues a window, waiting while the queue is full; false once the round is stopped.
+    fn push(&self, mut w: (u32, u64)) -> bool {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            match self.queue.push(w) {
+                Ok(()) => return true,
+                Err(back) => {
+                    w = back;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// The next window, waiting while the scan may still find one; `None` when the round
+    /// has no more, or was stopped.
+    fn pop(&self) -> Option<(u32, u64)> {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if let Some(w) = self.queue.pop() {
+                return Some(w);
+            }
+            // Acquire pairs with the scan's release store: every window it queued before
+            // is visible to the pop below.
+            if self.scanned.load(Ordering::Acquire) {
+                return self.queue.pop();
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
 fn word_mask(i: u64, first: u64, end: u64) -> u64 {
     let lo = first.saturating_sub(i * 64).min(64);
     let hi = end.saturating_sub(i * 64).min(64);
@@ -446,7 +506,7 @@ fn dirty_runs(dirty: &[u64], first: u64, end: u64, f: &mut impl FnMut(u64, u64))
 }
 
 impl Worker {
-    /// Sends this worker's share of a round: windows in turn from the shared counter;
+    /// Sends this worker's share of a round: windows in turn from the feed;
     /// each window's dirty pages are copied into the arena (the guest keeps running),
     /// encoded, and written to the next lane with one `writev`. Ends with ROUND_END on
     /// every lane.
@@ -456,8 +516,7 @@ impl Worker {
         round: u32,
         regions: &[Region],
         chunk: usize,
-        windows: &[(u32, u64)],
-        next: &AtomicUsize,
+        feed: &WindowFeed,
         dirty: &[u64],
         all: bool,
         pacer: &Pacer,
@@ -471,9 +530,7 @@ impl Worker {
         let mut live_zero = enc0.zero_pages;
         let mut turn = 0;
         let page = PAGE as u64;
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(region, w)) = windows.get(i) else { break };
+        while let Some((region, w)) = feed.pop() {
             let r = &regions[region as usize];
             let (source, size, sent, probe_holes) = (&r.memory, r.size, &r.sent, r.probe_holes);
             let dirty = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
@@ -588,5 +645,43 @@ mod tests {
         runs.clear();
         dirty_runs(&dirty, 5, 64, &mut |s, e| runs.push((s, e)));
         assert_eq!(runs, vec![(5, 6), (7, 8)]);
+    }
+
+    /// A queue far smaller than the work: every window reaches exactly one of three
+    /// workers, and none is lost at the end of the scan.
+    #[test]
+    fn window_feed_hands_each_window_to_one_worker() {
+        let feed = WindowFeed::new(8);
+        let taken: Vec<Vec<(u32, u64)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut got = Vec::new();
+                        while let Some(w) = feed.pop() {
+                            got.push(w);
+                        }
+                        got
+                    })
+                })
+                .collect();
+            for w in 0..10_000u64 {
+                assert!(feed.push(((w % 3) as u32, w)));
+            }
+            feed.scanned.store(true, Ordering::Release);
+            workers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<u64> = taken.iter().flatten().map(|&(_, w)| w).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
+    }
+
+    /// A failed worker stops the scan (a full queue no longer blocks it) and the others.
+    #[test]
+    fn window_feed_stops() {
+        let feed = WindowFeed::new(2);
+        assert!(feed.push((0, 0)) && feed.push((0, 1)));
+        feed.stop.store(true, Ordering::Relaxed);
+        assert!(!feed.push((0, 2)), "a full queue returns once stopped");
+        assert_eq!(feed.pop(), None);
     }
 }
