@@ -413,4 +413,37 @@ mod tests {
             }
         }
     }
+
+    /// Where a seccomp profile blocks io_uring, a lane asked to use it reads with plain
+    /// reads instead, and the frames arrive all the same.
+    #[test]
+    fn blocked_io_uring_falls_back_to_plain_reads() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let payload = vec![3u8; 70_000];
+        let h = Header::new(Kind::Error, payload.len() as u32).seal(&payload);
+        a.write_all(h.as_bytes()).unwrap();
+        a.write_all(&payload).unwrap();
+        let got = std::thread::spawn(move || {
+            if let Err(e) = hw::uring::block_io_uring_setup_on_this_thread() {
+                return Err(e.to_string());
+            }
+            let mut b = b;
+            let mut r = reader(true, &b, 1 << 20);
+            assert!(!r.uring(), "io_uring_setup is blocked on this thread");
+            let (_, kind, p) = r.next(&mut b, "test").unwrap();
+            let mut s = Vec::new();
+            Ok((kind, p.contiguous(&mut s).to_vec()))
+        })
+        .join()
+        .unwrap();
+        match got {
+            Ok((kind, bytes)) => {
+                assert_eq!(kind, Kind::Error);
+                assert!(bytes == payload);
+            }
+            Err(e) => hw::report_skip(&format!("cannot install a seccomp filter here: {e}")),
+        }
+    }
 }

@@ -135,6 +135,33 @@ fn try_buf_ring_and_multishot(mut ring: IoUring) -> (bool, bool) {
     (true, multishot)
 }
 
+/// Installs a seccomp filter on the calling thread only that fails `io_uring_setup`
+/// with EPERM, as Docker's default profile does: how tests show what ferry does in such a
+/// container. Irreversible for the thread (and threads it spawns later).
+pub fn block_io_uring_setup_on_this_thread() -> std::io::Result<()> {
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    let filter = [
+        // A = seccomp_data.nr
+        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+        // if A == io_uring_setup: next, else skip one
+        libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: libc::SYS_io_uring_setup as u32 },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
+    ];
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers; it only restricts this thread.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `prog` points to a valid BPF program that outlives the call (the kernel
+    // copies it); without SECCOMP_FILTER_FLAG_TSYNC it applies to this thread only.
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,32 +171,6 @@ mod tests {
         assert!(setup_error_reason(Some(libc::EPERM), Some(2)).contains("io_uring_disabled = 2"));
         assert!(setup_error_reason(Some(libc::EPERM), Some(0)).contains("seccomp"));
         assert!(setup_error_reason(Some(libc::ENOSYS), None).contains("no io_uring"));
-    }
-
-    /// Installs a seccomp filter on the calling thread only that fails `io_uring_setup`
-    /// with EPERM, as Docker's default profile does.
-    fn block_io_uring_setup_on_this_thread() -> std::io::Result<()> {
-        const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
-        const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-        let filter = [
-            // A = seccomp_data.nr
-            libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
-            // if A == io_uring_setup: next, else skip one
-            libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: libc::SYS_io_uring_setup as u32 },
-            libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
-            libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
-        ];
-        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
-        // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers; it only restricts this thread.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `prog` points to a valid BPF program that outlives the call (the kernel
-        // copies it); without SECCOMP_FILTER_FLAG_TSYNC it applies to this thread only.
-        if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
     }
 
     #[test]
