@@ -274,32 +274,34 @@ impl RecvRing {
         }
     }
 
+    /// Takes every completion off the queue (no allocation: pieces go to `ready`, which
+    /// keeps its capacity).
     fn harvest(&mut self) {
-        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
-        for cqe in cqes {
+        let RecvRing { ring, filled, gens, in_kernel, armed, ready, eof, failed, .. } = self;
+        for cqe in ring.completion() {
             if cqe.user_data() != RECV {
                 continue;
             }
             let flags = cqe.flags();
             if !cqueue::more(flags) {
-                self.armed = false;
+                *armed = false;
             }
             let res = cqe.result();
             if res > 0 {
                 let buf = cqueue::buffer_select(flags).expect("a receive with data names its buffer");
-                let offset = self.filled[usize::from(buf)];
+                let b = usize::from(buf);
                 let buf_done = !cqueue::buffer_more(flags);
-                self.filled[usize::from(buf)] += res as u32;
+                ready.push_back(Piece { buf, offset: filled[b], len: res as u32, buf_done, lending: gens[b] });
+                filled[b] += res as u32;
                 if buf_done {
-                    self.in_kernel -= 1;
+                    *in_kernel -= 1;
                 }
-                self.ready.push_back(Piece { buf, offset, len: res as u32, buf_done, lending: self.gens[usize::from(buf)] });
             } else if res == 0 {
-                self.eof = true;
+                *eof = true;
             } else if -res == libc::ENOBUFS {
                 // Every buffer is with the reader: re-armed once one comes back.
             } else if -res != libc::ECANCELED {
-                self.failed.get_or_insert(io::Error::from_raw_os_error(-res));
+                failed.get_or_insert(io::Error::from_raw_os_error(-res));
             }
         }
     }
