@@ -326,7 +326,7 @@ mod tests {
 
     fn reader(uring: bool, s: &TcpStream, max_payload: u32) -> LaneReader {
         let bytes = (4 * (HEADER_LEN + max_payload as usize)).div_ceil(2 << 20) * (2 << 20);
-        let (arena, _) = Arena::new(bytes, hw::memmap::ArenaKind::Normal, false).unwrap();
+        let (arena, _) = Arena::new(bytes, hw::memmap::ArenaKind::Normal, false, None).unwrap();
         LaneReader::over(arena, uring, s, max_payload)
     }
 

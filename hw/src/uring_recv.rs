@@ -342,7 +342,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     fn arena(bytes: usize) -> Arena {
-        Arena::new(bytes, crate::memmap::ArenaKind::Normal, false).unwrap().0
+        Arena::new(bytes, crate::memmap::ArenaKind::Normal, false, None).unwrap().0
     }
 
     fn pair() -> (TcpStream, TcpStream) {

@@ -125,7 +125,7 @@ pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize) -> Result<hw::me
         ArenaBacking::Normal => ArenaKind::Normal,
     };
     let bytes = (plan.arena.bytes_per_worker as usize).max(min_bytes).div_ceil(2 << 20) * (2 << 20);
-    let (a, notes) = Arena::new(bytes, want, plan.arena.mlock)?;
+    let (a, notes) = Arena::new(bytes, want, plan.arena.mlock, Some(plan.numa_node))?;
     LOGGED.call_once(|| {
         for n in &notes {
             log::warn!("arena: {n}");
