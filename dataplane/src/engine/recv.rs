@@ -256,6 +256,7 @@ fn lane(
     // The lane's arena holds several frames: a read syscall, or an io_uring receive,
     // fetches as many as have arrived.
     let max_payload = wire::max_payload_for(layout.max_chunk);
+    super::pin_lane(opts.plan, n);
     let mut reader = LaneReader::new(opts.plan, &s, max_payload)?;
     log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();

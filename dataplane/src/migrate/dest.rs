@@ -296,6 +296,7 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(
     }
     s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let max_payload = wire::max_payload_for(ctx.layout.max_chunk);
+    crate::engine::pin_lane(ctx.plan, n);
     let mut reader = LaneReader::new(ctx.plan, &s, max_payload)?;
     log::info!("migration lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();
