@@ -217,6 +217,20 @@ pub fn status(v: &serde_json::Value) -> String {
     let _ = writeln!(s, "  region bytes {}  wire bytes {}  zero pages {}", st["region_bytes"], st["wire_bytes"], st["zero_pages"]);
     let l = &st["chunk_latency_us"];
     let _ = writeln!(s, "  chunk send latency us: p50 {} p95 {} p99 {} max {}", l["p50"], l["p95"], l["p99"], l["max"]);
+    for w in st["worker_latency_us"].as_array().into_iter().flatten() {
+        let l = &w["latency_us"];
+        let what = if w["role"] == "send" { "chunk send" } else { "frame write" };
+        let _ = writeln!(
+            s,
+            "  {} worker {} {what} latency us: p50 {} p95 {} p99 {} max {}",
+            w["role"].as_str().unwrap_or("?"),
+            w["worker"],
+            l["p50"],
+            l["p95"],
+            l["p99"],
+            l["max"]
+        );
+    }
     for w in st["workers"].as_array().into_iter().flatten() {
         let c = &w["counters"];
         let _ = writeln!(
@@ -234,4 +248,27 @@ pub fn status(v: &serde_json::Value) -> String {
         let _ = writeln!(s, "  last error: {e}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lists_workers_and_their_latency() {
+        let v = serde_json::json!({
+            "plan": {"transport": "tcp (io_uring)", "workers": 2, "compression": "off"},
+            "status": {
+                "uptime_seconds": 5.0,
+                "active": [], "sessions": [{"role": "recv", "result": "ok", "count": 1}],
+                "region_bytes": {"recv": 100}, "wire_bytes": {"recv": 80}, "zero_pages": 3,
+                "chunk_latency_us": {"p50": 0, "p95": 0, "p99": 0, "max": 0},
+                "worker_latency_us": [{"role": "recv", "worker": 1, "latency_us": {"p50": 12, "p95": 30, "p99": 41, "max": 90}}],
+                "workers": [{"role": "recv", "worker": 1, "counters": {"region_bytes": 100, "wire_bytes": 80, "frames": 4, "zero_pages": 3}}],
+            }
+        });
+        let s = status(&v);
+        assert!(s.contains("recv worker 1 frame write latency us: p50 12 p95 30 p99 41 max 90"), "{s}");
+        assert!(s.contains("recv worker 1: region bytes 100  wire bytes 80  frames 4  zero pages 3"), "{s}");
+    }
 }

@@ -88,6 +88,8 @@ struct Totals {
     compressed_in: u64,
     compressed_out: u64,
     chunk_latency: hdrhistogram::Histogram<u64>,
+    /// Per (role, worker or lane): send chunk latency or receive frame write latency, µs.
+    worker_latency: BTreeMap<(&'static str, usize), hdrhistogram::Histogram<u64>>,
     session_seconds: hdrhistogram::Histogram<u64>,
     last_error: Option<String>,
 }
@@ -105,6 +107,7 @@ impl Default for Metrics {
                 compressed_in: 0,
                 compressed_out: 0,
                 chunk_latency: crate::engine::latency_histogram(),
+                worker_latency: BTreeMap::new(),
                 session_seconds: crate::engine::latency_histogram(),
                 last_error: None,
             }),
@@ -148,6 +151,9 @@ impl Metrics {
                 t.compressed_out += rep.compressed_out_bytes;
                 if let Some(h) = &rep.chunk_latency {
                     let _ = t.chunk_latency.add(h);
+                }
+                for (i, h) in rep.worker_latency.iter().enumerate() {
+                    let _ = t.worker_latency.entry((role, i)).or_insert_with(crate::engine::latency_histogram).add(h);
                 }
                 t.session_seconds.saturating_record((rep.seconds * 1e6) as u64);
             }
@@ -202,20 +208,30 @@ impl Metrics {
             "Region bytes sent compressed (stage=in) and their compressed size (stage=out).",
             vec![format!("{{stage=\"in\"}} {}", t.compressed_in), format!("{{stage=\"out\"}} {}", t.compressed_out)],
         );
-        let quantiles = |h: &hdrhistogram::Histogram<u64>| -> Vec<String> {
-            let mut v: Vec<String> =
-                [0.5, 0.95, 0.99].iter().map(|q| format!("{{quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6)).collect();
-            v.push(format!("{{quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
-            v.push(format!("_count {}", h.len()));
+        // A summary's lines, with `labels` (`k="v",...`, or empty) on each.
+        let quantiles = |h: &hdrhistogram::Histogram<u64>, labels: &str| -> Vec<String> {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let mut v: Vec<String> = [0.5, 0.95, 0.99]
+                .iter()
+                .map(|q| format!("{{{labels}{sep}quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6))
+                .collect();
+            v.push(format!("{{{labels}{sep}quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
+            v.push(if labels.is_empty() { format!("_count {}", h.len()) } else { format!("_count{{{labels}}} {}", h.len()) });
             v
         };
         add(
             "ferry_chunk_send_latency_seconds",
             "summary",
             "Time from handing a chunk to a connection until it was written.",
-            quantiles(&t.chunk_latency),
+            quantiles(&t.chunk_latency, ""),
         );
-        add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds));
+        add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds, ""));
+        add(
+            "ferry_worker_latency_seconds",
+            "summary",
+            "Per sending worker, chunk handed to a connection until written (role=send); per receiving lane, data frame arrived until in the destination (role=recv). Completed sessions.",
+            t.worker_latency.iter().flat_map(|((role, w), h)| quantiles(h, &format!("role=\"{role}\",worker=\"{w}\""))).collect(),
+        );
         // Live per-worker counters: updated by the workers as they go, not at session end.
         let live = crate::live::snapshot();
         let per_worker = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
@@ -249,6 +265,7 @@ impl Metrics {
             "wire_bytes": t.wire_bytes,
             "zero_pages": t.zero_pages,
             "chunk_latency_us": crate::engine::Percentiles::of(&t.chunk_latency),
+            "worker_latency_us": t.worker_latency.iter().map(|((r, w), h)| serde_json::json!({"role": r, "worker": w, "latency_us": crate::engine::Percentiles::of(h)})).collect::<Vec<_>>(),
             "last_error": t.last_error,
             "workers": crate::live::snapshot().into_iter().map(|(r, w, s)| serde_json::json!({"role": r.name(), "worker": w, "counters": s})).collect::<Vec<_>>(),
         })

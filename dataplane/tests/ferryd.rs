@@ -224,9 +224,23 @@ fn serves_transfers_status_and_metrics() {
         "ferry_worker_region_bytes_total{role=\"send\",worker=\"0\"} 300000",
         "ferry_worker_region_bytes_total{role=\"recv\",worker=\"0\"} 300000",
         "# TYPE ferry_worker_frames_total counter",
+        "# TYPE ferry_worker_latency_seconds summary",
+        "ferry_worker_latency_seconds{role=\"send\",worker=\"0\",quantile=\"0.99\"}",
+        "ferry_worker_latency_seconds{role=\"recv\",worker=\"0\",quantile=\"1\"}",
     ] {
         assert!(body.contains(want), "metrics lack {want}:\n{body}");
     }
+    // The receiving lane timed each data frame it wrote.
+    let frames: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_worker_latency_seconds_count{role=\"recv\",worker=\"0\"} "))
+        .expect("a recv lane latency count")
+        .parse()
+        .unwrap();
+    assert!(frames > 0, "{body}");
+    let st = ask(r#"{"cmd":"status"}"#);
+    let lat = st[0]["status"]["worker_latency_us"].as_array().unwrap();
+    assert!(lat.iter().any(|w| w["role"] == "recv" && w["latency_us"]["max"].as_u64().is_some()), "{lat:?}");
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
     assert!(!sock.exists(), "the control socket is removed on exit");

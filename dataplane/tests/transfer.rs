@@ -90,6 +90,10 @@ fn one_lane_raw() {
         assert_eq!(s.transport, if p.tcp.io_uring { "tcp (io_uring)" } else { "sockets" });
         // The receiver's plan says the same: its lanes receive through io_uring too.
         assert_eq!(r.transport, s.transport);
+        // Latency per sending worker and per receiving lane (frame write).
+        assert_eq!((s.worker_latency.len(), r.worker_latency.len()), (1, 1));
+        assert_eq!(r.worker_latency[0].len(), r.frames);
+        assert!(r.write_latency_us.is_some_and(|l| l.max >= l.p50) && s.write_latency_us.is_none());
     }
 }
 
@@ -99,6 +103,7 @@ fn four_lanes_zstd() {
     for p in both(plan(2, 2, Compression::Zstd { level: 1 }, 16 << 10)) {
         let (s, r) = round_trip(&data, &p);
         assert_eq!(s.lanes, 4);
+        assert_eq!((s.worker_latency.len(), r.worker_latency.len()), (2, 4), "per worker, per lane");
         assert!(s.compressed_in_bytes > 0 && s.compressed_out_bytes < s.compressed_in_bytes);
         assert_eq!(r.compressed_in_bytes, s.compressed_in_bytes);
         assert!(s.wire_bytes < data.len() as u64 / 2);

@@ -50,6 +50,14 @@ pub struct Report {
     /// The histogram behind `chunk_latency_us`, for aggregation across sessions.
     #[serde(skip)]
     pub chunk_latency: Option<hdrhistogram::Histogram<u64>>,
+    /// Receiver: time from a data frame's arrival until its bytes were in the destination
+    /// (decompression included), µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_latency_us: Option<Percentiles>,
+    /// Per worker (sender: chunk send latency) or lane (receiver: frame write latency),
+    /// in worker or lane order, µs: what ferryd's per-worker summaries add up.
+    #[serde(skip)]
+    pub worker_latency: Vec<hdrhistogram::Histogram<u64>>,
     /// RDMA sessions: registration speed and how the work requests were built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdma: Option<rdma::RdmaReport>,

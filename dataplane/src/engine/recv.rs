@@ -55,6 +55,10 @@ struct LaneStats {
     compressed_out: u64,
     /// io_uring received this lane's bytes.
     uring: bool,
+    /// The lane's number.
+    lane: u16,
+    /// Per data frame: arrival until written into the destination, µs.
+    write_latency: Option<hdrhistogram::Histogram<u64>>,
 }
 
 /// Receives one session on `listener` into the file `out`.
@@ -117,12 +121,12 @@ fn session(
     write_frame(ctl, Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
     log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
 
-    let (total, rdma) = match transport {
+    let ((total, write_latency), rdma) = match transport {
         DataTransport::Tcp => (tcp_lanes(listener, ctl, &layout, session, lanes, &dest, opts)?, None),
         DataTransport::Rdma => {
             let r = super::rdma::recv(ctl, &file, size, lanes, layout.max_chunk, opts.plan, opts.progress)?;
             let st = LaneStats { digest: r.digest, frames: r.imms, wire_bytes: r.bytes, zero_pages: r.zero_pages, ..LaneStats::default() };
-            (st, Some(r.report))
+            ((st, Vec::new()), Some(r.report))
         }
     };
     expect_frame(ctl, Kind::Done, &mut buf)?;
@@ -163,6 +167,14 @@ fn session(
         digest_match: true,
         chunk_latency_us: None,
         chunk_latency: None,
+        write_latency_us: (!write_latency.is_empty()).then(|| {
+            let mut all = super::latency_histogram();
+            for h in &write_latency {
+                let _ = all.add(h);
+            }
+            super::Percentiles::of(&all)
+        }),
+        worker_latency: write_latency,
         rdma,
     })
 }
@@ -177,7 +189,7 @@ fn tcp_lanes(
     lanes: u16,
     dest: &Dest<'_>,
     opts: &RecvOptions<'_>,
-) -> Result<LaneStats, SessionError> {
+) -> Result<(LaneStats, Vec<hdrhistogram::Histogram<u64>>), SessionError> {
     let seen = Mutex::new(vec![false; usize::from(lanes)]);
     let results: Vec<Result<LaneStats, SessionError>> = std::thread::scope(|s| {
         let mut handles = Vec::new();
@@ -195,9 +207,12 @@ fn tcp_lanes(
         }
         handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect()
     });
-    let mut total = LaneStats::default();
+    let (mut total, mut by_lane) = (LaneStats::default(), Vec::new());
     for r in results {
-        let r = r?;
+        let mut r = r?;
+        if let Some(h) = r.write_latency.take() {
+            by_lane.push((r.lane, h));
+        }
         total.digest.combine(r.digest);
         total.frames += r.frames;
         total.wire_bytes += r.wire_bytes;
@@ -213,7 +228,8 @@ fn tcp_lanes(
             dest.pages()
         )));
     }
-    Ok(total)
+    by_lane.sort_by_key(|(n, _)| *n);
+    Ok((total, by_lane.into_iter().map(|(_, h)| h).collect()))
 }
 
 /// Waits for the next data connection; fails if the control connection closes (the
@@ -260,11 +276,13 @@ fn lane(
     let mut reader = LaneReader::new(opts.plan, &s, max_payload)?;
     log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();
-    let mut st = LaneStats { uring: reader.uring(), ..LaneStats::default() };
+    let mut st = LaneStats { uring: reader.uring(), lane: n, ..LaneStats::default() };
+    let mut latency = super::latency_histogram();
     let live = crate::live::worker(crate::live::Role::Recv, usize::from(n));
     let (mut page, mut scratch) = (vec![0u8; PAGE], Vec::new());
     loop {
         let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
+        let arrived = Instant::now();
         match kind {
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = layout.check_data(&h)?;
@@ -289,6 +307,7 @@ fn lane(
                         st.compressed_out += payload.len() as u64;
                     }
                 }
+                latency.saturating_record(arrived.elapsed().as_micros() as u64);
                 st.frames += 1;
                 st.wire_bytes += (HEADER_LEN + payload.len()) as u64;
                 let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(PAGE as u64) } else { 0 };
@@ -308,6 +327,7 @@ fn lane(
                         end.bytes.get()
                     )));
                 }
+                st.write_latency = Some(latency);
                 return Ok(st);
             }
             Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload.contiguous(&mut scratch)).into_owned())),

@@ -200,8 +200,10 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let mut stats = EncodeStats::default();
     let mut wire_bytes = 0;
     let mut latency = super::latency_histogram();
+    let mut worker_latency = Vec::with_capacity(results.len());
     for r in results {
         let _ = latency.add(&r.latency);
+        worker_latency.push(r.latency);
         digest.combine(r.digest);
         wire_bytes += r.wire_bytes;
         stats.zero_pages += r.stats.zero_pages;
@@ -233,6 +235,8 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         digest_match: true,
         chunk_latency_us: (!latency.is_empty()).then(|| super::Percentiles::of(&latency)),
         chunk_latency: Some(latency),
+        write_latency_us: None,
+        worker_latency,
         rdma: rdma_report,
     })
 }
