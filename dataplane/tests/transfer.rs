@@ -152,12 +152,19 @@ fn wrong_key_moves_nothing() {
 
 /// A sender that speaks the protocol up to the first data frame, then writes `bad` on the
 /// lane. Returns the receiver's verdict.
-fn hostile(size: u64, bad: impl FnOnce(&mut TcpStream)) -> (Result<dataplane::engine::Report, SessionError>, PathBuf, tempfile::TempDir) {
+/// A session whose one lane carries what `bad` writes, to a receiver that reads its lanes
+/// through io_uring (`uring`) or with plain reads.
+fn hostile(
+    size: u64,
+    uring: bool,
+    bad: impl FnOnce(&mut TcpStream),
+) -> (Result<dataplane::engine::Report, SessionError>, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let p = plan(1, 1, Compression::Off, 64 << 10);
+    let mut p = plan(1, 1, Compression::Off, 64 << 10);
+    p.tcp.io_uring = uring;
     let got = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
         let mut ctl = TcpStream::connect(addr).unwrap();
@@ -183,12 +190,15 @@ fn frame(h: Header, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-fn assert_refused(size: u64, what: &str, bad: impl FnOnce(&mut TcpStream)) {
-    let (got, out, _dir) = hostile(size, bad);
-    let e = got.expect_err(what).to_string();
-    assert!(e.contains(what), "expected {what:?}, got: {e}");
-    assert!(!out.exists(), "{what}: the destination must not appear");
-    assert!(!Path::new(&format!("{}.partial", out.display())).exists(), "{what}: the partial file must be removed");
+/// Each bad input is refused by both ways of receiving.
+fn assert_refused(size: u64, what: &str, bad: impl Fn(&mut TcpStream)) {
+    for uring in [false, true] {
+        let (got, out, _dir) = hostile(size, uring, &bad);
+        let e = got.expect_err(what).to_string();
+        assert!(e.contains(what), "io_uring {uring}: expected {what:?}, got: {e}");
+        assert!(!out.exists(), "{what}: the destination must not appear");
+        assert!(!Path::new(&format!("{}.partial", out.display())).exists(), "{what}: the partial file must be removed");
+    }
 }
 
 #[test]
