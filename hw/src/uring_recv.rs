@@ -138,7 +138,15 @@ impl RecvRing {
         }
         let set_up = || -> Result<(OwnedFd, IoUring, MmapMut), RecvError> {
             let fd = sock.as_fd().try_clone_to_owned()?;
-            let ring = IoUring::builder().setup_cqsize(u32::from(nbufs).max(64) * 4).build(8)?;
+            // One thread submits and waits (the reader's); the kernel's receive work then
+            // runs when that thread waits for completions (DEFER_TASKRUN), not by
+            // interrupting its other syscalls. Kernels before 6.1 get a plain ring.
+            let cq = u32::from(nbufs).max(64) * 4;
+            let ring = match IoUring::builder().setup_cqsize(cq).setup_single_issuer().setup_defer_taskrun().build(8) {
+                Ok(r) => r,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder().setup_cqsize(cq).build(8)?,
+                Err(e) => return Err(e.into()),
+            };
             let entries = MmapMut::map_anon((usize::from(nbufs) * std::mem::size_of::<types::BufRingEntry>()).max(4096))?;
             // SAFETY: `entries` is a zeroed, page-aligned mapping of `nbufs` entries that
             // the struct keeps until after it unregisters the group (Drop); if this
