@@ -76,7 +76,7 @@ impl Piece {
     }
 }
 
-/// Why no piece came.
+/// Why a receive ring could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
     #[error("the kernel has no incremental provided-buffer rings (IOU_PBUF_RING_INC, Linux 6.12): {0}")]
@@ -200,10 +200,11 @@ impl RecvRing {
             p.buf < self.nbufs && p.offset + p.len <= self.buf_len && self.gens[usize::from(p.buf)] == p.lending,
             "{p:?} is not a current piece of this ring"
         );
-        // SAFETY: the range lies inside buffer `p.buf` of the lent memory (owned by `self`), in a part the
-        // kernel completed during the buffer's current lending (the generation matches);
-        // it writes no byte of that part again until the buffer is given back, which takes
-        // `&mut self` and so cannot happen while the returned slice lives.
+        // SAFETY: the range lies inside buffer `p.buf` of the lent memory (owned by `self`),
+        // in a part the kernel completed during the buffer's current lending (the
+        // generation matches); it writes no byte of that part again until the buffer is
+        // given back, which takes `&mut self` and so cannot happen while the returned slice
+        // lives.
         unsafe { std::slice::from_raw_parts(self.base.add(p.buf as usize * self.buf_len as usize + p.offset as usize), p.len as usize) }
     }
 
