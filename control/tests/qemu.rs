@@ -119,7 +119,19 @@ impl Qmp {
     }
 }
 
-struct Proc(Child);
+/// A child process, and for a proxy the thread copying its stderr into its log.
+struct Proc(Child, Option<std::thread::JoinHandle<()>>);
+
+impl Proc {
+    /// Waits for the process to exit, and then for its log to hold everything it wrote.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let st = self.0.wait().unwrap();
+        if let Some(h) = self.1.take() {
+            h.join().unwrap();
+        }
+        st
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -143,7 +155,7 @@ fn qemu(dir: &Path, name: &'static str, ram: &Path, extra: &[&str]) -> (Proc, Qm
         .stderr(log)
         .spawn()
         .unwrap();
-    let p = Proc(child);
+    let p = Proc(child, None);
     let q = Qmp::connect(&qmp);
     (p, q)
 }
@@ -166,12 +178,12 @@ fn proxy(dir: &Path, args: &[&str], name: &'static str) -> Proc {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Killed and reaped on every path, the panic below included.
-    let p = Proc(child);
+    let mut p = Proc(child, None);
     for line in lines.by_ref() {
         let line = line.unwrap();
         writeln!(log, "{line}").unwrap();
         if line.starts_with("ferry proxy:") {
-            std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(writeln!(log, "{l}"))));
+            p.1 = Some(std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(writeln!(log, "{l}")))));
             return p;
         }
     }
@@ -289,7 +301,7 @@ fn migrate(multifd: Option<u32>, compress: &str) {
     eprintln!("RAM sha256 (BIOS shadow window zeroed) {sh} on both sides; pages differing in that window: {diff:?}");
     dqmp.cmd("cont", json!({}));
     assert_eq!(dqmp.status(), "running");
-    let st = sp.0.wait().unwrap();
+    let st = sp.wait();
     assert!(st.success(), "{}", std::fs::read_to_string(d.join("src-proxy.log")).unwrap_or_default());
     let rep: Value = serde_json::from_str(&std::fs::read_to_string(d.join("src-proxy.json")).unwrap()).unwrap();
     let channels = rep["channels"].as_array().unwrap().len();
@@ -346,12 +358,12 @@ fn a_stream_cut_in_the_middle_fails_the_migration() {
     // QEMU has no progress event: poll until part of RAM has gone through the proxies.
     wait_for("some RAM to move", || sqmp.cmd("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 32 << 20);
     dp.0.kill().unwrap();
-    dp.0.wait().unwrap();
+    dp.wait();
     let ended = sqmp.wait_migration(&["completed", "failed", "cancelled"]);
     let info = sqmp.cmd("query-migrate", json!({}));
     assert_eq!(ended, "failed", "{info}");
     assert_eq!(sqmp.status(), "running", "the source guest keeps running after a failed migration");
-    let st = sp.0.wait().unwrap();
+    let st = sp.wait();
     assert!(!st.success(), "the source proxy reports the broken stream");
     let log = std::fs::read_to_string(d.join("src-proxy.log")).unwrap();
     assert!(log.contains("stream broke"), "{log}");
