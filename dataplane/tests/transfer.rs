@@ -97,6 +97,28 @@ fn one_lane_raw() {
     }
 }
 
+/// A plan that says io_uring, run where a seccomp profile refuses it: the sender's workers
+/// fall back to blocking sockets and the receiver's lanes to plain reads, the region
+/// arrives, and both reports say what carried it.
+#[test]
+fn io_uring_refused_at_run_time_falls_back_on_both_sides() {
+    let mut p = plan(2, 1, Compression::Off, 64 << 10);
+    p.transport = Transport::Tcp;
+    p.tcp.io_uring = true;
+    let data = image(100, 7);
+    // Threads inherit the filter: the receiver's lanes and the sender's workers start after it.
+    let got = std::thread::spawn(move || {
+        hw::uring::block_io_uring_setup_on_this_thread().map_err(|e| e.to_string())?;
+        Ok::<_, String>(round_trip(&data, &p))
+    })
+    .join()
+    .unwrap();
+    match got {
+        Ok((s, r)) => assert_eq!((s.transport.as_str(), r.transport.as_str()), ("sockets", "sockets")),
+        Err(e) => hw::report_skip(&format!("cannot install a seccomp filter here: {e}")),
+    }
+}
+
 #[test]
 fn four_lanes_zstd() {
     let data = image(257, 0);

@@ -124,6 +124,8 @@ pub(crate) struct WorkerResult {
     pub digest: Digest,
     pub wire_bytes: u64,
     pub latency: hdrhistogram::Histogram<u64>,
+    /// io_uring carried this worker's sends.
+    pub uring: bool,
 }
 
 pub(crate) fn connect(to: &str) -> Result<TcpStream, SessionError> {
@@ -201,6 +203,8 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let mut wire_bytes = 0;
     let mut latency = super::latency_histogram();
     let mut worker_latency = Vec::with_capacity(results.len());
+    // The plan's io_uring, unless every worker found it refused.
+    let used = if used == Transport::Tcp && !results.iter().any(|r| r.uring) { Transport::Sockets } else { used };
     for r in results {
         let _ = latency.add(&r.latency);
         worker_latency.push(r.latency);
@@ -326,17 +330,28 @@ fn worker(
         next,
         progress: opts.progress,
     };
-    if opts.plan.tcp.io_uring {
-        w.run_uring(&mut conns, slots, opts)?;
-    } else {
-        w.run_sockets(&mut conns, slots, opts)?;
+    // Where io_uring is refused at run time (a plan made outside the seccomp profile this
+    // runs under, say), the worker sends with blocking sockets, and says so once.
+    let ring = opts.plan.tcp.io_uring.then(|| {
+        let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
+        hw::uring_send::SendRing::with_zero_copy(opts.plan.tcp.ring_entries, &refs, opts.plan.tcp.send_zc)
+            .inspect_err(|e| {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| log::warn!("sending with blocking sockets instead of io_uring: the send ring cannot be created ({e})"));
+            })
+            .ok()
+    });
+    let uring = matches!(ring, Some(Some(_)));
+    match ring.flatten() {
+        Some(ring) => w.run_uring(ring, &mut conns, slots, opts)?,
+        None => w.run_sockets(&mut conns, slots, opts)?,
     }
     let Worker { enc, digest, wire_bytes, latency, .. } = w;
     for (conn, frames, sent) in &mut conns {
         let end = wire::LaneEnd { frames: (*frames).into(), bytes: (*sent).into() };
         write_frame(conn, Kind::LaneEnd, end.as_bytes())?;
     }
-    Ok(WorkerResult { stats: enc.stats, digest, wire_bytes, latency })
+    Ok(WorkerResult { stats: enc.stats, digest, wire_bytes, latency, uring })
 }
 
 /// A worker's encoding state, shared by its two ways of sending.
@@ -423,14 +438,11 @@ impl<'a> Worker<'a> {
     /// each, and the next chunk is encoded while they drain.
     fn run_uring(
         &mut self,
+        mut ring: hw::uring_send::SendRing<RingBatch<'a>>,
         conns: &mut [(TcpStream, u64, u64)],
         slots: Vec<&'a mut [u8]>,
         opts: &SendOptions<'_>,
     ) -> Result<(), SessionError> {
-        let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
-        let zero_copy = opts.plan.tcp.send_zc;
-        let mut ring = hw::uring_send::SendRing::<RingBatch<'a>>::with_zero_copy(opts.plan.tcp.ring_entries, &refs, zero_copy)
-            .map_err(|e| SessionError::io("creating the io_uring send ring", e))?;
         let mut spare: Vec<Batch<'a>> = slots.into_iter().map(Batch::new).collect();
         let mut ready: Option<Batch<'a>> = None;
         let mut submitted_at = vec![Instant::now(); conns.len()];
@@ -468,7 +480,7 @@ impl<'a> Worker<'a> {
                 spare.push(done.batch);
             }
         }
-        if zero_copy {
+        if opts.plan.tcp.send_zc {
             let zc = ring.zero_copy_stats();
             log::debug!("zero-copy sends: {zc:?}");
             if zc.copied > 0 {
