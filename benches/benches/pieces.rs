@@ -1,0 +1,124 @@
+//! The data plane's per-byte pieces, one 64 KiB chunk of the guest-memory corpus recipe at a
+//! time (`control::guest::fill_image`: 45% zero, 25% ELF, 15% text, 15% random pages):
+//! encoding (zero-page scan, CRC-32C sealing, zstd), decoding, the page digest, and frame
+//! parsing on the receiving side.
+//!
+//!     cargo bench -p ferry-benches --bench pieces
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use dataplane::conn::FrameReader;
+use dataplane::digest::Digest;
+use dataplane::encode::{Decoder, Encoder};
+use dataplane::plan::Compression;
+use dataplane::wire::{HEADER_LEN, Header, Kind, max_payload_for};
+use zerocopy::IntoBytes;
+
+const CHUNK: usize = 64 << 10;
+const PAGE: usize = 4096;
+
+/// 16 MiB of the corpus recipe, seeded.
+fn corpus() -> Vec<u8> {
+    let mut mem = vec![0u8; 16 << 20];
+    control::guest::fill_image(&mut mem, 7);
+    mem
+}
+
+fn encode(c: &mut Criterion) {
+    let mem = corpus();
+    let mut g = c.benchmark_group("encode");
+    g.throughput(Throughput::Bytes(mem.len() as u64));
+    for (name, policy) in [("off", Compression::Off), ("zstd1", Compression::Zstd { level: 1 })] {
+        let mut enc = Encoder::new(policy, CHUNK);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut wire = 0usize;
+                for (i, chunk) in mem.chunks(CHUNK).enumerate() {
+                    enc.encode::<()>(0, (i * CHUNK) as u64, PAGE, chunk, &mut |_, p| {
+                        wire += HEADER_LEN + p.len();
+                        Ok(())
+                    })
+                    .unwrap();
+                }
+                black_box(wire)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn decode(c: &mut Criterion) {
+    let mem = corpus();
+    let mut enc = Encoder::new(Compression::Zstd { level: 1 }, CHUNK);
+    let mut frames: Vec<(u32, Vec<u8>)> = Vec::new();
+    for (i, chunk) in mem.chunks(CHUNK).enumerate() {
+        enc.encode::<()>(0, (i * CHUNK) as u64, PAGE, chunk, &mut |h, p| {
+            if h.encoding == dataplane::wire::Encoding::Zstd as u8 {
+                frames.push((h.raw_len.get(), p.to_vec()));
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    let raw: u64 = frames.iter().map(|(n, _)| u64::from(*n)).sum();
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Bytes(raw));
+    let mut dec = Decoder::default();
+    g.bench_function("zstd1", |b| {
+        b.iter(|| {
+            for (n, p) in &frames {
+                black_box(dec.zstd(p, *n).unwrap().len());
+            }
+        })
+    });
+    g.finish();
+}
+
+fn digest(c: &mut Criterion) {
+    let mem = corpus();
+    let mut g = c.benchmark_group("digest");
+    g.throughput(Throughput::Bytes(mem.len() as u64));
+    g.bench_function("pages", |b| {
+        b.iter(|| {
+            let mut d = Digest::default();
+            d.add(0, 0, PAGE, &mem);
+            black_box(d)
+        })
+    });
+    g.finish();
+}
+
+/// The receiving lane's parse: header checks and CRC of every frame of 16 MiB of raw
+/// chunks, from one in-memory stream.
+fn parse(c: &mut Criterion) {
+    let mem = corpus();
+    let mut stream = Vec::with_capacity(mem.len() + mem.len() / CHUNK * HEADER_LEN);
+    for (i, chunk) in mem.chunks(CHUNK).enumerate() {
+        let h = Header::data(dataplane::wire::Encoding::Raw, 0, (i * CHUNK) as u64, CHUNK as u32, CHUNK as u32).seal(chunk);
+        stream.extend_from_slice(h.as_bytes());
+        stream.extend_from_slice(chunk);
+    }
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Bytes(stream.len() as u64));
+    let max = max_payload_for(CHUNK as u32);
+    g.bench_function("frames_crc", |b| {
+        b.iter(|| {
+            let mut r = FrameReader::new(4 * (HEADER_LEN + max as usize), max);
+            let mut src = &stream[..];
+            let mut n = 0;
+            while let Ok((_, Kind::Data, p)) = r.next(&mut src, "bench") {
+                n += p.len();
+            }
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = encode, decode, digest, parse
+}
+criterion_main!(benches);
