@@ -332,7 +332,7 @@ fn worker(
     };
     // Where io_uring is refused at run time (a plan made outside the seccomp profile this
     // runs under, say), the worker sends with blocking sockets, and says so once.
-    let ring = opts.plan.tcp.io_uring.then(|| {
+    let ring = if opts.plan.tcp.io_uring {
         let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
         hw::uring_send::SendRing::with_zero_copy(opts.plan.tcp.ring_entries, &refs, opts.plan.tcp.send_zc)
             .inspect_err(|e| {
@@ -340,9 +340,11 @@ fn worker(
                 LOGGED.call_once(|| log::warn!("sending with blocking sockets instead of io_uring: the send ring cannot be created ({e})"));
             })
             .ok()
-    });
-    let uring = matches!(ring, Some(Some(_)));
-    match ring.flatten() {
+    } else {
+        None
+    };
+    let uring = ring.is_some();
+    match ring {
         Some(ring) => w.run_uring(ring, &mut conns, slots, opts)?,
         None => w.run_sockets(&mut conns, slots, opts)?,
     }
