@@ -421,7 +421,6 @@ fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionEr
     Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages) })
 }
 
-/// The bits of bitmap word `i` that fall in pages `first..end`.
 /// Windows the feed holds at most: a full queue makes the scanning thread wait for the
 /// workers, so a round's work list never grows with the guest.
 const WINDOW_QUEUE: usize = 4096;
@@ -478,6 +477,7 @@ impl WindowFeed {
     }
 }
 
+/// The bits of bitmap word `i` that fall in pages `first..end`.
 fn word_mask(i: u64, first: u64, end: u64) -> u64 {
     let lo = first.saturating_sub(i * 64).min(64);
     let hi = end.saturating_sub(i * 64).min(64);
