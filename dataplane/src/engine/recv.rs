@@ -19,7 +19,7 @@ use crate::conn::{SessionError, expect_frame, send_error, write_frame};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::lane::LaneReader;
-use crate::plan::Plan;
+use crate::plan::{Plan, Transport};
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout};
 
 #[derive(Debug)]
@@ -158,10 +158,11 @@ fn session(
         workers: u32::from(lanes),
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
         transport: match (&rdma, total.uring) {
-            (Some(_), _) => "rdma".into(),
-            (None, true) => "tcp (io_uring)".into(),
-            (None, false) => "sockets".into(),
-        },
+            (Some(_), _) => Transport::Rdma,
+            (None, true) => Transport::Tcp,
+            (None, false) => Transport::Sockets,
+        }
+        .to_string(),
         compression: if rdma.is_some() { "off (RDMA)".into() } else { "as the sender chose".into() },
         digest: digest.hex(),
         digest_match: true,

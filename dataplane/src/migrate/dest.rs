@@ -22,7 +22,7 @@ use crate::engine::dest::Dest;
 use crate::engine::recv::accept_lane;
 use crate::engine::{PAGE, cpu_seconds, tune_socket};
 use crate::lane::{LaneReader, Payload};
-use crate::plan::Plan;
+use crate::plan::{Plan, Transport};
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout, features};
 
 #[derive(Debug)]
@@ -160,7 +160,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
         seconds,
         downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size as f64 / (1u64 << 30) as f64),
-        transport: if uring { "tcp (io_uring)".into() } else { "sockets".into() },
+        transport: if uring { Transport::Tcp } else { Transport::Sockets }.to_string(),
         compression: "as the source chose".into(),
         lanes: u32::from(lanes),
         workers: u32::from(lanes),
