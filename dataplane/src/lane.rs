@@ -324,6 +324,13 @@ mod tests {
     use std::net::TcpListener;
     use zerocopy::IntoBytes;
 
+    /// Both ends of a loopback connection: (writer, reader).
+    fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (a, l.accept().unwrap().0)
+    }
+
     fn reader(uring: bool, s: &TcpStream, max_payload: u32) -> LaneReader {
         let bytes = (4 * (HEADER_LEN + max_payload as usize)).div_ceil(2 << 20) * (2 << 20);
         let (arena, _) = Arena::new(bytes, hw::memmap::ArenaKind::Normal, false, None).unwrap();
@@ -346,9 +353,7 @@ mod tests {
             want.push(payload);
         }
         for uring in [true, false] {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut b, _) = l.accept().unwrap();
+            let (mut a, mut b) = tcp_pair();
             b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut r = reader(uring, &b, max);
             if uring && !r.uring() {
@@ -395,9 +400,7 @@ mod tests {
         let mut bad = payload.clone();
         bad[99_999] ^= 1;
         for (body, truncate) in [(bad, false), (payload, true)] {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut b, _) = l.accept().unwrap();
+            let (mut a, mut b) = tcp_pair();
             let mut r = reader(true, &b, 1 << 20);
             if !r.uring() {
                 hw::report_skip("no incremental io_uring buffer rings here");
@@ -418,9 +421,7 @@ mod tests {
     /// reads instead, and the frames arrive all the same.
     #[test]
     fn blocked_io_uring_falls_back_to_plain_reads() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
+        let (mut a, b) = tcp_pair();
         let payload = vec![3u8; 70_000];
         let h = Header::new(Kind::Error, payload.len() as u32).seal(&payload);
         a.write_all(h.as_bytes()).unwrap();

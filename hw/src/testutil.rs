@@ -1,4 +1,4 @@
-//! A small fake sysfs tree for unit tests.
+//! Unit-test helpers: a small fake sysfs tree, and a loopback TCP connection.
 
 use std::path::Path;
 
@@ -71,4 +71,12 @@ impl FakeSys {
         self.write("class/net/ens1f0/mtu", "9000\n");
         self.write("class/net/ens1f0/operstate", "up\n");
     }
+}
+
+/// Both ends of a fresh loopback TCP connection: (connecting side, accepted side).
+pub(crate) fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let a = std::net::TcpStream::connect(l.local_addr().expect("local addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    (a, b)
 }

@@ -347,25 +347,18 @@ impl Drop for RecvRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::tcp_pair;
     use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
 
     fn arena(bytes: usize) -> Arena {
         Arena::new(bytes, crate::memmap::ArenaKind::Normal, false, None).unwrap().0
-    }
-
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
     }
 
     /// Several MiB through four 64 KiB buffers: every byte arrives once and in order, each
     /// buffer is filled front to back, and the end of the stream is reported.
     #[test]
     fn stream_arrives_in_order_through_few_buffers() {
-        let (a, b) = pair();
+        let (a, b) = tcp_pair();
         let mut ring = match RecvRing::new(&b, arena(4 << 16), 4) {
             Ok(r) => r,
             Err((e, _)) => {
@@ -408,7 +401,7 @@ mod tests {
     /// A silent peer times out; a reset one is an error, not an end of stream.
     #[test]
     fn timeout_and_reset() {
-        let (a, b) = pair();
+        let (a, b) = tcp_pair();
         let Ok(mut ring) = RecvRing::new(&b, arena(2 << 16), 2) else {
             crate::report_skip("no io_uring receive ring here");
             return;
@@ -430,7 +423,7 @@ mod tests {
     /// fill, not a hang; giving one back lets the stream go on where it stopped.
     #[test]
     fn buffers_all_held_is_an_error_then_resumes() {
-        let (mut a, b) = pair();
+        let (mut a, b) = tcp_pair();
         let Ok(mut ring) = RecvRing::new(&b, arena(2 << 16), 2) else {
             crate::report_skip("no io_uring receive ring here");
             return;

@@ -437,10 +437,7 @@ mod tests {
 
     #[test]
     fn zero_copy_sends_arrive_whole_and_wait_for_their_notifications() {
-        use std::net::{TcpListener, TcpStream};
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut b, _) = l.accept().unwrap();
+        let (a, mut b) = crate::testutil::tcp_pair();
         let mut ring = match SendRing::<Owned>::with_zero_copy(8, &[&a], true) {
             Ok(r) => r,
             Err(e) => return crate::report_skip(&format!("io_uring unavailable: {e}")),
