@@ -234,6 +234,15 @@ fn ram_files(dir: &Path) -> (PathBuf, PathBuf) {
     (src, dst)
 }
 
+/// The source QEMU, running on the corpus image; the destination QEMU, paused with its
+/// incoming migration deferred; and the socket the destination is to listen on.
+fn qemu_pair(d: &Path) -> ((Proc, Qmp), (Proc, Qmp), PathBuf) {
+    let (src_ram, dst_ram) = ram_files(d);
+    let dst = qemu(d, "dst", &dst_ram, &["-S", "-incoming", "defer"]);
+    let src = qemu(d, "src", &src_ram, &[]);
+    (src, dst, d.join("dst-incoming.sock"))
+}
+
 /// A copy of a RAM dump with 0xC0000-0xFFFFF zeroed.
 fn mask_bios_shadow(dump: &Path) -> PathBuf {
     let mut b = std::fs::read(dump).unwrap();
@@ -262,10 +271,7 @@ fn workdir() -> tempfile::TempDir {
 fn migrate(multifd: Option<u32>, compress: &str) {
     let dir = workdir();
     let d = dir.path();
-    let (src_ram, dst_ram) = ram_files(d);
-    let dst_in = d.join("dst-incoming.sock");
-    let (_dq, mut dqmp) = qemu(d, "dst", &dst_ram, &["-S", "-incoming", "defer"]);
-    let (_sq, mut sqmp) = qemu(d, "src", &src_ram, &[]);
+    let ((_sq, mut sqmp), (_dq, mut dqmp), dst_in) = qemu_pair(d);
     if let Some(n) = multifd {
         for q in [&mut sqmp, &mut dqmp] {
             q.cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]}));
@@ -343,10 +349,7 @@ fn a_stream_cut_in_the_middle_fails_the_migration() {
     let _one = serial();
     let dir = workdir();
     let d = dir.path();
-    let (src_ram, dst_ram) = ram_files(d);
-    let dst_in = d.join("dst-incoming.sock");
-    let (_dq, mut dqmp) = qemu(d, "dst", &dst_ram, &["-S", "-incoming", "defer"]);
-    let (_sq, mut sqmp) = qemu(d, "src", &src_ram, &[]);
+    let ((_sq, mut sqmp), (_dq, mut dqmp), dst_in) = qemu_pair(d);
     // Slow enough to cut in the middle: 32 MB/s for 256 MiB.
     sqmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 32u64 << 20}));
     dqmp.cmd("migrate-incoming", json!({"uri": format!("unix:{}", dst_in.display())}));
