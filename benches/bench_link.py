@@ -13,7 +13,7 @@ Needs root (namespaces, tc). Traffic stays inside the namespaces this script cre
 import argparse, json, os, shutil, subprocess, tempfile
 from statistics import median
 
-from benchlib import FERRYCTL, corpus as _corpus, setup_link, sh, teardown_link
+from benchlib import FERRYCTL, corpus as _corpus, preflight, setup_link, sh, teardown_link
 
 NS_A, NS_B, IP_A, IP_B = "ferry-bench-a", "ferry-bench-b", "10.77.0.1", "10.77.0.2"
 NS, DEVS, IPS = (NS_A, NS_B), ("fbench-a", "fbench-b"), (IP_A, IP_B)
@@ -63,11 +63,8 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
-    if os.geteuid() != 0:
-        print(json.dumps({"skip": "needs root for network namespaces and tc"}))
+    if not preflight():
         return
-    if not os.path.exists(FERRYCTL):
-        raise SystemExit(f"{FERRYCTL} missing: cargo build --release")
     src = corpus(a.size_mib)
     link_gbps = a.mbit / 8000.0
     results = {}

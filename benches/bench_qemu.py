@@ -21,10 +21,10 @@ reports on loopback). Prints one JSON line per run and a summary with the ratios
 
 Needs root (namespaces, tc), qemu-system-x86_64 and /dev/kvm (TCG otherwise: slower).
 """
-import argparse, json, os, shutil, socket, subprocess, tempfile, time
+import argparse, json, os, shutil, socket, subprocess, tempfile, threading, time
 from statistics import median
 
-from benchlib import FERRYCTL, corpus, setup_link as _setup_link, sh, teardown_link as _teardown_link
+from benchlib import FERRYCTL, corpus, preflight, setup_link as _setup_link, sh, teardown_link as _teardown_link
 
 NS_A, NS_B, IP_A, IP_B = "ferry-q-a", "ferry-q-b", "10.78.0.1", "10.78.0.2"
 SETTLE_S = 6  # SeaBIOS POST re-dirties all RAM; after it the vCPU halts
@@ -87,8 +87,26 @@ class QMP:
     def event_time(self, name):
         for e in self.events:
             if e["event"] == name:
-                return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+                return stamp(e)
         return None
+
+    def wait_event(self, name, match=lambda data: True):
+        """The first event `name` whose data matches, seen before or waited for."""
+        i = 0
+        while True:
+            while i < len(self.events):
+                e = self.events[i]
+                i += 1
+                if e["event"] == name and match(e.get("data", {})):
+                    return e
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+
+
+def stamp(event):
+    """A QMP event's timestamp: this host's wall clock, as time.time()."""
+    return event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6
 
 
 def accel():
@@ -108,16 +126,15 @@ def qemu(ns, size_mib, ram, qmp, extra, log):
 
 
 def proxy(ns, args, key, out, log):
+    """A `ferryctl proxy`, returned once it says it listens; its stderr goes to `log`."""
     cmd = (["ip", "netns", "exec", ns] if ns else []) + [FERRYCTL, "proxy", *args, "--key", key, "--json"]
-    return subprocess.Popen(cmd, stdout=out, stderr=log, env={**os.environ, "RUST_LOG": "info"})
-
-
-def wait(what, f, timeout=120):
-    t = time.time()
-    while not f():
-        if time.time() - t > timeout:
-            raise RuntimeError(f"timed out: {what}")
-        time.sleep(0.02)
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "info"})
+    for line in p.stderr:
+        log.write(line)
+        if line.startswith("ferry proxy:"):
+            threading.Thread(target=lambda: [log.write(l) for l in p.stderr], daemon=True).start()
+            return p
+    raise RuntimeError(f"ferryctl proxy exited before it listened (status {p.wait()})")
 
 
 def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
@@ -138,6 +155,8 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
         t_start = time.time()
         dq, sq = QMP(dq_path), QMP(sq_path)
         caps = {"default": {}, "multifd4": {"multifd": True}, "multifd4-zstd": {"multifd": True}}[mode]
+        # MIGRATION events on the source, to wait on instead of polling its status.
+        sq.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         params = {"default": {}, "multifd4": {"multifd-channels": 4},
                   "multifd4-zstd": {"multifd-channels": 4, "multifd-compression": "zstd"}}[mode]
         for q in (sq, dq):
@@ -156,10 +175,8 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
             outs = {k: open(os.path.join(work, f"{k}.json"), "w+") for k in ("src", "dst")}
             serve = f"{host_b}:{port}"
             procs.append(proxy(ns_b, ["--serve", serve, "--forward", f"unix:{dst_sock}", "--compress", compress], key, outs["dst"], log))
-            wait("destination proxy", lambda: sh(*((["ip", "netns", "exec", ns_b] if ns_b else []) + ["ss", "-ltn", f"sport = :{port}"])).stdout.count("LISTEN") > 0)
             src_sock = os.path.join(work, "ferry.sock")
             procs.append(proxy(ns_a, ["--listen", f"unix:{src_sock}", "--to", serve, "--compress", compress], key, outs["src"], log))
-            wait("source proxy", lambda: os.path.exists(src_sock))
             uri = f"unix:{src_sock}"
         else:
             uri = f"tcp:{host_b}:{port}"
@@ -170,18 +187,15 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
         tx0 = veth_tx() if link else 0
         t0 = time.time()
         sq.cmd("migrate", uri=uri)
-        info = {}
-
-        def done():
-            nonlocal info
-            info = sq.cmd("query-migrate")
-            return info.get("status") in ("completed", "failed", "cancelled")
-        wait("migration", done, 600)
+        # The source's MIGRATION event ends it; the destination's RESUME is when the guest
+        # runs there: total time is up to that event's timestamp.
+        sq.wait_event("MIGRATION", lambda d: d.get("status") in ("completed", "failed", "cancelled"))
+        info = sq.cmd("query-migrate")
         if info["status"] != "completed":
             raise RuntimeError(f"migration {info['status']}: {info.get('error-desc')}")
-        wait("destination running", lambda: dq.cmd("query-status")["status"] == "running", 120)
-        total = time.time() - t0
-        stop, resume = sq.event_time("STOP"), dq.event_time("RESUME")
+        resume = stamp(dq.wait_event("RESUME"))
+        total = resume - t0
+        stop = sq.event_time("STOP")
         wire = veth_tx() - tx0 if link else None
         if via_ferry:
             for p in procs[2:]:
@@ -223,11 +237,8 @@ def main():
     ap.add_argument("--links", default="loopback,1gbit")
     ap.add_argument("--region-only", action="store_true", help="loopback: only QEMU multifd-4 against region mode, interleaved")
     a = ap.parse_args()
-    if os.geteuid() != 0:
-        print(json.dumps({"skip": "needs root for network namespaces and tc"}))
+    if not preflight():
         return
-    if not os.path.exists(FERRYCTL):
-        raise SystemExit(f"{FERRYCTL} missing: cargo build --release")
     src = corpus(a.size_mib)
     runs = {
         "loopback": [("default", False, None), ("multifd4", False, None), ("default", True, "off"), ("multifd4", True, "off")],

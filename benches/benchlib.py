@@ -1,10 +1,21 @@
-"""What the benchmark scripts share: running commands, the guest-memory corpus, and a
-link between two network namespaces shaped with tc tbf."""
-import os, shutil, subprocess, sys
+"""What the benchmark scripts share: the preflight, running commands, the guest-memory
+corpus, and a link between two network namespaces shaped with tc tbf."""
+import json, os, shutil, subprocess, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FERRYCTL = os.path.join(ROOT, "target", "release", "ferryctl")
+
+
+def preflight():
+    """Root (for namespaces and tc) and a release build. Without root, prints a skip line
+    and returns False."""
+    if os.geteuid() != 0:
+        print(json.dumps({"skip": "needs root for network namespaces and tc"}))
+        return False
+    if not os.path.exists(FERRYCTL):
+        raise SystemExit(f"{FERRYCTL} missing: cargo build --release")
+    return True
 
 
 def sh(*cmd, check=True):
