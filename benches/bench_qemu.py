@@ -189,12 +189,15 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
         sq.cmd("migrate", uri=uri)
         # The source's MIGRATION event ends it; the destination's RESUME is when the guest
         # runs there: total time is up to that event's timestamp.
-        sq.wait_event("MIGRATION", lambda d: d.get("status") in ("completed", "failed", "cancelled"))
-        info = sq.cmd("query-migrate")
-        if info["status"] != "completed":
+        end = sq.wait_event("MIGRATION", lambda d: d.get("status") in ("completed", "failed", "cancelled"))
+        if end["data"]["status"] != "completed":
+            info = sq.cmd("query-migrate")
             raise RuntimeError(f"migration {info['status']}: {info.get('error-desc')}")
         resume = stamp(dq.wait_event("RESUME"))
         total = resume - t0
+        # QEMU's own figures; asked after RESUME because the source fills in total-time
+        # only after it has announced completion.
+        info = sq.cmd("query-migrate")
         stop = sq.event_time("STOP")
         wire = veth_tx() - tx0 if link else None
         if via_ferry:
