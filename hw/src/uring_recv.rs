@@ -189,10 +189,6 @@ impl RecvRing {
         self.buf_len
     }
 
-    pub fn buffers(&self) -> u16 {
-        self.nbufs
-    }
-
     /// The bytes of `p`. They stay as they are until `p`'s buffer is given back; a piece
     /// of a buffer given back since, or of another ring, panics.
     pub fn bytes(&self, p: &Piece) -> &[u8] {
