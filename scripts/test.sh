@@ -9,12 +9,19 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
-# The frame decoder under libFuzzer for a bounded time. cargo fuzz needs nightly flags
-# (sanitizers); only a stable toolchain is available here, so RUSTC_BOOTSTRAP lets stable
-# accept them.
+# The frame decoder and the control-socket request parser under libFuzzer, each for a
+# bounded time. cargo fuzz needs nightly flags (sanitizers); only a stable toolchain is
+# available here, so RUSTC_BOOTSTRAP lets stable accept them.
 fuzz_secs=${FERRY_FUZZ_SECONDS:-60}
-(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run frames -- -max_total_time="$fuzz_secs" 2>&1) | tee -a "$log" | grep -E "^(Done|INFO: Seed)|DONE|ERROR|SUMMARY|panicked" || true
-grep -q "^Done [0-9]* runs" "$log" || { echo "fuzz: the frames target did not finish cleanly" >&2; exit 1; }
+for target in frames control; do
+  secs=$fuzz_secs
+  [ "$target" = control ] && secs=$(( (fuzz_secs + 1) / 2 ))
+  flog=$(mktemp)
+  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="$secs" 2>&1) | tee "$flog" | grep -E "^(Done|INFO: Seed)|DONE|ERROR|SUMMARY|panicked" || true
+  cat "$flog" >> "$log"
+  grep -q "^Done [0-9]* runs" "$flog" || { echo "fuzz: the $target target did not finish cleanly" >&2; rm -f "$flog"; exit 1; }
+  rm -f "$flog"
+done
 # Tests that could not run here printed `SKIP: <reason>`; they count as skipped, not passed.
 skips=$(grep -h '^SKIP:' "$log" | sort -u || true)
 [ -n "$skips" ] && echo "$skips"

@@ -17,6 +17,7 @@ pub struct Config {
     pub tcp: TcpConfig,
     pub link: LinkConfig,
     pub migration: MigrationConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -84,6 +85,40 @@ pub struct LinkConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MigrationConfig {
     pub compression: CompressionChoice,
+}
+
+/// What strangers, peers and local clients may cost this host (see
+/// [`dataplane::plan::Limits`] for what each bounds).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub preauth_connections: Int<1, 4096>,
+    pub preauth_bytes: Int<512, 1_048_576>,
+    pub handshake_timeout_ms: Int<100, 600_000>,
+    /// `"auto"`: what the host can back when a session starts.
+    pub max_region_gib: Setting<Int<1, 1_048_576>>,
+    pub max_lanes: Int<1, 4096>,
+    pub session_buffer_mib: Int<16, 1_048_576>,
+    pub control_clients: Int<1, 4096>,
+    pub control_fds_per_message: Int<1, 253>,
+    pub metrics_clients: Int<1, 4096>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = dataplane::plan::Limits::default();
+        Self {
+            preauth_connections: Int(u64::from(d.preauth_connections)),
+            preauth_bytes: Int(d.preauth_bytes),
+            handshake_timeout_ms: Int(d.handshake_timeout_ms),
+            max_region_gib: Setting::Auto,
+            max_lanes: Int(u64::from(d.max_lanes)),
+            session_buffer_mib: Int(d.session_buffer_bytes >> 20),
+            control_clients: Int(u64::from(d.control_clients)),
+            control_fds_per_message: Int(u64::from(d.control_fds_per_message)),
+            metrics_clients: Int(u64::from(d.metrics_clients)),
+        }
+    }
 }
 
 /// `"auto"` or a pinned value.
@@ -273,6 +308,18 @@ mod tests {
         assert_eq!(c.rdma.rq_depth.value(), Some(256));
         assert_eq!(c.rdma.device.get().as_deref(), Some("mlx5_1"));
         assert_eq!(c.migration.compression, CompressionChoice::Zstd(3));
+    }
+
+    #[test]
+    fn limits() {
+        let c = Config::parse("[limits]\npreauth_connections = 4\nmax_region_gib = 64\n").unwrap();
+        assert_eq!(c.limits.preauth_connections, Int(4));
+        assert_eq!(c.limits.max_region_gib.value(), Some(64));
+        assert_eq!(c.limits.max_lanes, LimitsConfig::default().max_lanes);
+        let e = Config::parse("[limits]\ncontrol_fds_per_message = 300\n").unwrap_err();
+        assert!(e.contains("between 1 and 253"), "{e}");
+        let e = Config::parse("[limits]\npreauth_conections = 4\n").unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

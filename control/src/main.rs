@@ -64,6 +64,10 @@ enum Cmd {
         /// Destination file.
         #[arg(long)]
         out: PathBuf,
+        /// Give up when no sender has authenticated within this many seconds (connections
+        /// that fail to authenticate are turned away meanwhile). Default: wait.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         t: TransferArgs,
     },
@@ -94,6 +98,10 @@ enum Cmd {
         /// off (default), zstd:N (1-19), or auto (compress while it finishes sooner).
         #[arg(long)]
         compress: Option<String>,
+        /// ferry config file (TOML): `[limits]` bound what unauthenticated connections and
+        /// channels may cost; `[migration] compression` is the default for --compress.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -246,13 +254,15 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             let (auth, plan, require_rdma) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
             report(transfer::send(&to, &file, auth, &plan, require_rdma, !t.json), t.json)
         }
-        Cmd::Recv { listen, out, t } => {
+        Cmd::Recv { listen, out, timeout, t } => {
             if let Some(sock) = t.daemon() {
                 let out = std::path::absolute(&out).map_err(|e| Fail(2, format!("{}: {e}", out.display())))?;
-                return daemon_report(transfer::via_ferryd(&sock, &dataplane::daemon::Request::Recv { listen, out }), t.json);
+                let req = dataplane::daemon::Request::Recv { listen, out, timeout_s: timeout };
+                return daemon_report(transfer::via_ferryd(&sock, &req), t.json);
             }
             let (auth, plan, _) = transfer_setup(&t, None, None)?;
-            report(transfer::recv(&listen, &out, auth, &plan, !t.json), t.json)
+            let timeout = timeout.map(std::time::Duration::from_secs);
+            report(transfer::recv(&listen, &out, auth, &plan, !t.json, timeout), t.json)
         }
         Cmd::Status { socket, json: as_json } => {
             let sock = socket.unwrap_or_else(transfer::default_socket);
@@ -261,14 +271,24 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
-        Cmd::Proxy { listen, to, serve, forward, key, insecure_no_auth, compress, json: as_json } => {
+        Cmd::Proxy { listen, to, serve, forward, key, insecure_no_auth, compress, config, json: as_json } => {
             let auth = transfer::auth(key.as_deref(), insecure_no_auth).map_err(|e| Fail(2, e))?;
-            let compression = match compress.as_deref() {
-                None | Some("off") => dataplane::plan::Compression::Off,
-                Some("auto") => dataplane::plan::Compression::Adaptive { level: 1 },
-                Some(c) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
+            let cfg = match &config {
+                Some(p) => Config::load(p).map_err(|e| Fail(2, e.to_string()))?,
+                None => Config::default(),
             };
-            let opts = dataplane::stream::ProxyOptions { auth, compression };
+            let compression = match (compress.as_deref(), config.is_some()) {
+                (Some("off"), _) | (None, false) => dataplane::plan::Compression::Off,
+                (Some("auto"), _) => dataplane::plan::Compression::Adaptive { level: 1 },
+                (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
+                (None, true) => match cfg.migration.compression {
+                    control::config::CompressionChoice::Off => dataplane::plan::Compression::Off,
+                    control::config::CompressionChoice::Auto => dataplane::plan::Compression::Adaptive { level: 1 },
+                    control::config::CompressionChoice::Zstd(level) => dataplane::plan::Compression::Zstd { level },
+                },
+            };
+            let limits = planner::limits_of(&cfg);
+            let opts = dataplane::stream::ProxyOptions { auth, compression, limits };
             let r = match (to, serve, forward) {
                 (Some(to), None, None) => {
                     let eps: Vec<dataplane::stream::Endpoint> =

@@ -72,20 +72,22 @@ pub fn auth(key: Option<&Path>, insecure: bool) -> Result<Auth, String> {
     }
 }
 
-/// Runs `f` while a progress bar (stderr, terminals only) follows `counter` up to `total`.
-fn with_progress<T>(total: u64, show: bool, counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
+/// Runs `f` while a progress bar (stderr, terminals only) follows `counter` up to `total`
+/// (which a receiver learns once the sender has described the region).
+fn with_progress<T>(total: &AtomicU64, show: bool, counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
     if !show || !std::io::stderr().is_terminal() {
         return f();
     }
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
-            let bar = indicatif::ProgressBar::new(total);
+            let bar = indicatif::ProgressBar::new(total.load(Ordering::Relaxed));
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             while !stop.load(Ordering::Relaxed) {
+                bar.set_length(total.load(Ordering::Relaxed));
                 bar.set_position(counter.load(Ordering::Relaxed));
                 // A display refresh, not a synchronisation: the transfer never waits on it.
                 std::thread::park_timeout(Duration::from_millis(100));
@@ -104,16 +106,16 @@ pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, require_rdma: bool, 
     let total = std::fs::metadata(file).map(|m| m.len()).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let progress = AtomicU64::new(0);
     let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress), require_rdma };
-    with_progress(total, show_progress, &progress, || send_file(file, &opts)).map_err(|e| e.to_string())
+    with_progress(&AtomicU64::new(total), show_progress, &progress, || send_file(file, &opts)).map_err(|e| e.to_string())
 }
 
-pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bool) -> Result<Report, String> {
+pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bool, timeout: Option<Duration>) -> Result<Report, String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     log::info!("listening on {}", listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string()));
-    // The size is known once the sender describes the session; the bar shows bytes so far.
-    let progress = AtomicU64::new(0);
-    let opts = RecvOptions { auth, plan, progress: Some(&progress) };
-    with_progress(0, show_progress, &progress, || recv_file(&listener, out, &opts)).map_err(|e| e.to_string())
+    // The size is known once the sender describes the session.
+    let (progress, total) = (AtomicU64::new(0), AtomicU64::new(0));
+    let opts = RecvOptions { auth, plan, progress: Some(&progress), total: Some(&total), timeout };
+    with_progress(&total, show_progress, &progress, || recv_file(&listener, out, &opts)).map_err(|e| e.to_string())
 }
 
 /// One line for a terminal.

@@ -183,12 +183,19 @@ fn keys_wrong_missing_or_exposed() {
     std::fs::write(&src, vec![5u8; 10000]).unwrap();
     let out = dir.path().join("dst.img");
     let addr = free_addr();
-    let recv = spawn_until(ferryctl().args(["recv", "--listen", &addr, "--key"]).arg(&k1).arg("--out").arg(&out), "listening on");
+    // A wrong key is turned away; the receiver keeps waiting for its real sender until its
+    // --timeout, and says that is why it gave up.
+    let recv = spawn_until(
+        ferryctl().args(["recv", "--listen", &addr, "--timeout", "3", "--key"]).arg(&k1).arg("--out").arg(&out),
+        "listening on",
+    );
     let send = ferryctl().args(["send", "--to", &addr, "--key"]).arg(&k2).arg("--file").arg(&src).output().unwrap();
     assert_eq!(send.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&send.stderr).contains("authentication failed"), "{}", String::from_utf8_lossy(&send.stderr));
     let r = recv.0.wait_with_output().unwrap();
+    let log = recv.1.join().unwrap();
     assert_eq!(r.status.code(), Some(1));
+    assert!(log.contains("turned away") && log.contains("timed out after 3 s"), "{log}");
     assert!(!out.exists());
 
     // No key and no --insecure-no-auth.

@@ -1,6 +1,11 @@
 //! Peer authentication: a pre-shared key and an HMAC-SHA256 challenge-response in both
 //! directions, so each side proves it holds the key before any data moves. Both nonces
-//! are fresh per connection, so a recorded handshake cannot be replayed.
+//! are fresh per connection, so a recorded handshake cannot be replayed. The handshake
+//! leaves both sides with the connection's frame keys ([`crate::session::seal`]); ACCEPT
+//! is the first frame sealed with them.
+//!
+//! Nothing the handshake reads is larger than [`crate::conn::PREAUTH_MAX_PAYLOAD`]; the
+//! listening side bounds its time and bytes in all (see [`crate::session::accept`]).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -10,7 +15,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use zerocopy::IntoBytes;
 
-use crate::conn::{SessionError, expect_frame, send_error, write_frame};
+use crate::conn::{SessionError, expect_frame, expect_plain_frame, send_plain_error, write_frame, write_plain_frame};
+use crate::session::seal::{Keys, Side};
 use crate::wire::{self, Challenge, Hello, Kind, Response, VERSION, features};
 
 /// A pre-shared key (at least 16 bytes).
@@ -103,10 +109,17 @@ fn our_features(auth: &Auth) -> u64 {
     }
 }
 
+fn psk(auth: &Auth) -> Option<&[u8]> {
+    match auth {
+        Auth::Key(k) => Some(&k.0),
+        Auth::Insecure => None,
+    }
+}
+
 /// The connecting side: HELLO, check the receiver's proof, send ours, wait for ACCEPT.
 /// `offer` adds optional features (such as [`features::RDMA`]) to those every build has.
-/// Returns the features both sides use.
-pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, session: u64, offer: u64) -> Result<u64, SessionError> {
+/// Returns the features both sides use, and the connection's frame keys.
+pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, session: u64, offer: u64) -> Result<(u64, Keys), SessionError> {
     let nc = nonce()?;
     let hello = Hello {
         version: VERSION.into(),
@@ -116,15 +129,15 @@ pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, sess
         session: session.into(),
         nonce: nc,
     };
-    write_frame(s, Kind::Hello, hello.as_bytes())?;
+    write_plain_frame(s, Kind::Hello, hello.as_bytes())?;
     let mut buf = Vec::new();
-    expect_frame(s, Kind::Challenge, &mut buf)?;
+    expect_plain_frame(s, Kind::Challenge, &mut buf)?;
     let ch: Challenge = wire::parse(Kind::Challenge, &buf)?;
     let peer_insecure = ch.features.get() & features::NO_AUTH != 0;
     let mac = match (auth, peer_insecure) {
         (Auth::Key(k), false) => {
             if !k.verify(SERVER_LABEL, &nc, &ch.nonce, &ch.mac) {
-                send_error(s, "authentication failed: the receiver's proof does not match our key");
+                send_plain_error(s, "authentication failed: the receiver's proof does not match our key");
                 return Err(SessionError::Auth("the receiver does not hold our key (wrong --key on one side)".into()));
             }
             k.mac(CLIENT_LABEL, &ch.nonce, &nc)
@@ -135,21 +148,22 @@ pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, sess
         }
         (Auth::Insecure, false) => return Err(SessionError::Auth("the receiver requires a key: pass --key".into())),
     };
-    write_frame(s, Kind::Response, Response { mac }.as_bytes())?;
-    expect_frame(s, Kind::Accept, &mut buf)?;
-    Ok(ch.features.get() & (our_features(auth) | offer))
+    write_plain_frame(s, Kind::Response, Response { mac }.as_bytes())?;
+    let mut keys = Keys::derive(psk(auth), Side::Client, &nc, &ch.nonce);
+    expect_frame(s, &mut keys.rx, Kind::Accept, &mut buf)?;
+    Ok((ch.features.get() & (our_features(auth) | offer), keys))
 }
 
 /// The listening side: read HELLO, prove the key, check the peer's proof. `offer` adds
 /// optional features. Returns the peer's HELLO (lane, session) once it is authenticated,
-/// its `features` narrowed to those both sides use.
-pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> Result<Hello, SessionError> {
+/// its `features` narrowed to those both sides use, and the connection's frame keys.
+pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> Result<(Hello, Keys), SessionError> {
     let mut buf = Vec::new();
-    expect_frame(s, Kind::Hello, &mut buf)?;
+    expect_plain_frame(s, Kind::Hello, &mut buf)?;
     let hello: Hello = wire::parse(Kind::Hello, &buf)?;
     if hello.version.get() != VERSION {
         let msg = format!("protocol version {} is not supported (this side speaks {VERSION})", hello.version.get());
-        send_error(s, &msg);
+        send_plain_error(s, &msg);
         return Err(SessionError::Protocol(msg));
     }
     let peer_insecure = hello.features.get() & features::NO_AUTH != 0;
@@ -158,29 +172,30 @@ pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> 
         (Auth::Key(k), false) => k.mac(SERVER_LABEL, &hello.nonce, &ns),
         (Auth::Insecure, true) => [0u8; 32],
         (Auth::Key(_), true) => {
-            send_error(s, "this receiver requires a key: the sender must pass --key");
+            send_plain_error(s, "this receiver requires a key: the sender must pass --key");
             return Err(SessionError::Auth("the sender offered no authentication (--insecure-no-auth) but this side has a key".into()));
         }
         (Auth::Insecure, false) => {
-            send_error(s, "this receiver runs without authentication: pass --insecure-no-auth to the sender too");
+            send_plain_error(s, "this receiver runs without authentication: pass --insecure-no-auth to the sender too");
             return Err(SessionError::Auth("the sender has a key but this side runs with --insecure-no-auth".into()));
         }
     };
     let ours = our_features(auth) | offer;
     let ch = Challenge { version: VERSION.into(), _pad: [0; 6], features: ours.into(), nonce: ns, mac };
-    write_frame(s, Kind::Challenge, ch.as_bytes())?;
-    expect_frame(s, Kind::Response, &mut buf)?;
+    write_plain_frame(s, Kind::Challenge, ch.as_bytes())?;
+    expect_plain_frame(s, Kind::Response, &mut buf)?;
     let resp: Response = wire::parse(Kind::Response, &buf)?;
     if let Auth::Key(k) = auth
         && !k.verify(CLIENT_LABEL, &ns, &hello.nonce, &resp.mac)
     {
-        send_error(s, "authentication failed: wrong key");
+        send_plain_error(s, "authentication failed: wrong key");
         return Err(SessionError::Auth("the sender does not hold our key (wrong --key on one side)".into()));
     }
-    write_frame(s, Kind::Accept, &[])?;
+    let mut keys = Keys::derive(psk(auth), Side::Server, &hello.nonce, &ns);
+    write_frame(s, &mut keys.tx, Kind::Accept, &[])?;
     let mut hello = hello;
     hello.features = (hello.features.get() & ours).into();
-    Ok(hello)
+    Ok((hello, keys))
 }
 
 #[cfg(test)]
@@ -197,7 +212,27 @@ mod tests {
         let t = std::thread::spawn(move || server_handshake(&mut b, &server, features::RDMA));
         let c = client_handshake(&mut a, &client, 3, 77, 0);
         drop(a);
-        (c, t.join().unwrap())
+        (c.map(|(f, _)| f), t.join().unwrap().map(|(h, _)| h))
+    }
+
+    /// Both sides leave the handshake with matching keys: what one seals, the other
+    /// verifies.
+    #[test]
+    fn keys_agree() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let (_, mut keys) = server_handshake(&mut b, &key(5), 0).unwrap();
+            write_frame(&mut b, &mut keys.tx, Kind::Done, b"from the server").unwrap();
+            let mut buf = Vec::new();
+            expect_frame(&mut b, &mut keys.rx, Kind::Round, &mut buf).unwrap();
+            buf
+        });
+        let (_, mut keys) = client_handshake(&mut a, &key(5), 0, 0, 0).unwrap();
+        let mut buf = Vec::new();
+        expect_frame(&mut a, &mut keys.rx, Kind::Done, &mut buf).unwrap();
+        assert_eq!(buf, b"from the server");
+        write_frame(&mut a, &mut keys.tx, Kind::Round, b"from the client").unwrap();
+        assert_eq!(t.join().unwrap(), b"from the client");
     }
 
     #[test]

@@ -1,16 +1,28 @@
 //! Frame I/O on a byte stream, and the error type of a session.
+//!
+//! Before the handshake completes, frames are plain and small ([`PREAUTH_MAX_PAYLOAD`]);
+//! after it, every frame carries a tag ([`crate::session::seal`]) and is read and written
+//! through the connection's keys.
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::session::seal::{Keys, Seal, TAG_LEN};
 use crate::wire::{FrameError, HEADER_LEN, Header, Kind};
+
+/// The largest payload a frame may carry before the peer has authenticated: the
+/// handshake's frames are under 100 bytes, an ERROR's reason a few hundred.
+pub const PREAUTH_MAX_PAYLOAD: u32 = 1024;
 
 /// Why a session failed. The sentence says what failed and, where it helps, what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("{op}: {source}")]
     Io { op: String, source: io::Error },
+    #[error("{op}: timed out after {secs} s without a word from the peer")]
+    TimedOut { op: String, secs: u64 },
     #[error("peer closed the connection during {op}: it exited or was killed mid-transfer")]
     PeerClosed { op: String },
     #[error("bad frame from the peer: {0}")]
@@ -19,6 +31,10 @@ pub enum SessionError {
     Auth(String),
     #[error("the peer reported an error: {0}")]
     Peer(String),
+    /// The local side called the session off: a VMM that went away, a VMM that did not
+    /// take its memory.
+    #[error("the migration was cancelled: {0}")]
+    Cancelled(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("digest mismatch: the destination does not hold the bytes the source sent (source {source_digest}, destination {dest_digest})")]
@@ -32,20 +48,39 @@ pub enum SessionError {
     /// A work completion with an error status, or a transfer the RDMA side gave up on.
     #[error("RDMA: {0}")]
     Rdma(String),
+    /// The session asked for more than this host's limits allow.
+    #[error(transparent)]
+    Limit(#[from] crate::session::limits::LimitError),
 }
 
 impl SessionError {
+    /// An I/O error during `op`: a closed connection, a timeout (with the socket's read
+    /// timeout `timeout`, when it has one) or another failure, each said as such.
     pub fn io(op: impl Into<String>, source: io::Error) -> SessionError {
+        SessionError::io_within(op, source, None)
+    }
+
+    pub fn io_within(op: impl Into<String>, source: io::Error, timeout: Option<std::time::Duration>) -> SessionError {
         let op = op.into();
         match source.kind() {
             io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => SessionError::PeerClosed { op },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                SessionError::TimedOut { op, secs: timeout.unwrap_or(crate::engine::IDLE_TIMEOUT).as_secs() }
+            }
             _ => SessionError::Io { op, source },
         }
     }
 }
 
-/// Writes one frame (header sealed with its CRC, then the payload) with one `writev`.
-pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
+/// Writes one sealed frame (header with its CRC, the payload, the tag) with one `writev`.
+pub fn write_frame(w: &mut impl Write, tx: &mut Seal, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
+    let h = Header::new(kind, payload.len() as u32).seal(payload);
+    let tag = tx.tag(&h, [payload]);
+    write_all_vectored(w, &[h.as_bytes(), payload, &tag]).map_err(|e| SessionError::io(format!("sending {kind:?}"), e))
+}
+
+/// Writes one frame of the handshake (no tag: no keys exist yet).
+pub fn write_plain_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
     let h = Header::new(kind, payload.len() as u32).seal(payload);
     write_all_vectored(w, &[h.as_bytes(), payload]).map_err(|e| SessionError::io(format!("sending {kind:?}"), e))
 }
@@ -64,28 +99,31 @@ pub fn write_all_vectored(w: &mut impl Write, bufs: &[&[u8]]) -> io::Result<()> 
     Ok(())
 }
 
-/// Reads one frame header and checks it (magic, kind, size).
-pub fn read_header(r: &mut impl Read, op: &str) -> Result<(Header, Kind), SessionError> {
+/// Reads one frame header and checks it (magic, kind, size against `max_payload`).
+fn read_header(r: &mut impl Read, op: &str, max_payload: u32) -> Result<(Header, Kind), SessionError> {
     let mut buf = [0u8; HEADER_LEN];
     r.read_exact(&mut buf).map_err(|e| SessionError::io(op, e))?;
     let h = Header::read_from_bytes(&buf).expect("HEADER_LEN bytes make a header");
     let kind = h.check()?;
+    if h.length.get() > max_payload {
+        return Err(FrameError::Oversized { len: h.length.get(), max: max_payload }.into());
+    }
     Ok((h, kind))
 }
 
-/// Reads the payload announced by `h` into `buf` (resized) and verifies the CRC.
-pub fn read_payload(r: &mut impl Read, h: &Header, buf: &mut Vec<u8>, op: &str) -> Result<(), SessionError> {
-    buf.resize(h.length.get() as usize, 0);
-    r.read_exact(buf).map_err(|e| SessionError::io(op, e))?;
-    h.verify(buf)?;
-    Ok(())
-}
-
-/// Reads a whole frame of the expected kind; an ERROR frame becomes [`SessionError::Peer`].
-pub fn expect_frame(r: &mut impl Read, want: Kind, buf: &mut Vec<u8>) -> Result<Header, SessionError> {
+/// Reads a whole frame of the expected kind into `buf`, checking its CRC and, with `rx`,
+/// its tag; an ERROR frame becomes [`SessionError::Peer`].
+fn expect(r: &mut impl Read, rx: Option<&mut Seal>, want: Kind, buf: &mut Vec<u8>, max: u32) -> Result<Header, SessionError> {
     let op = format!("waiting for {want:?}");
-    let (h, kind) = read_header(r, &op)?;
-    read_payload(r, &h, buf, &op)?;
+    let (h, kind) = read_header(r, &op, max)?;
+    buf.resize(h.length.get() as usize, 0);
+    r.read_exact(buf).map_err(|e| SessionError::io(&op, e))?;
+    h.verify(buf)?;
+    if let Some(rx) = rx {
+        let mut tag = [0u8; TAG_LEN];
+        r.read_exact(&mut tag).map_err(|e| SessionError::io(&op, e))?;
+        rx.verify(&h, [&buf[..]], &tag)?;
+    }
     if kind == Kind::Error && want != Kind::Error {
         return Err(SessionError::Peer(String::from_utf8_lossy(buf).into_owned()));
     }
@@ -95,35 +133,133 @@ pub fn expect_frame(r: &mut impl Read, want: Kind, buf: &mut Vec<u8>) -> Result<
     Ok(h)
 }
 
+/// Reads a whole sealed frame of the expected kind (payloads up to the wire maximum).
+pub fn expect_frame(r: &mut impl Read, rx: &mut Seal, want: Kind, buf: &mut Vec<u8>) -> Result<Header, SessionError> {
+    expect(r, Some(rx), want, buf, crate::wire::MAX_PAYLOAD)
+}
+
+/// Reads a handshake frame: no tag, and at most [`PREAUTH_MAX_PAYLOAD`] bytes of payload,
+/// checked before anything is allocated for it.
+pub fn expect_plain_frame(r: &mut impl Read, want: Kind, buf: &mut Vec<u8>) -> Result<Header, SessionError> {
+    expect(r, None, want, buf, PREAUTH_MAX_PAYLOAD)
+}
+
 /// Tells the peer why the session ends (best effort: the connection may be gone).
-pub fn send_error(w: &mut impl Write, msg: &str) {
-    let _ = write_frame(w, Kind::Error, msg.as_bytes());
+pub fn send_error(w: &mut impl Write, tx: &mut Seal, msg: &str) {
+    let _ = write_frame(w, tx, Kind::Error, msg.as_bytes());
+}
+
+/// [`send_error`] during the handshake.
+pub fn send_plain_error(w: &mut impl Write, msg: &str) {
+    let _ = write_plain_frame(w, Kind::Error, msg.as_bytes());
+}
+
+/// A session's control connection after the handshake: its stream and its keys.
+#[derive(Debug)]
+pub struct Ctl {
+    pub s: TcpStream,
+    keys: Keys,
+}
+
+impl Ctl {
+    pub fn new(s: TcpStream, keys: Keys) -> Ctl {
+        Ctl { s, keys }
+    }
+
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
+        write_frame(&mut self.s, &mut self.keys.tx, kind, payload)
+    }
+
+    /// The next frame, which must be `want` (an ERROR is the peer's reason).
+    pub fn expect(&mut self, want: Kind, buf: &mut Vec<u8>) -> Result<Header, SessionError> {
+        let timeout = self.s.read_timeout().ok().flatten();
+        expect_frame(&mut self.s, &mut self.keys.rx, want, buf).map_err(|e| match e {
+            SessionError::TimedOut { op, .. } => SessionError::TimedOut { op, secs: timeout.map_or(0, |t| t.as_secs()) },
+            e => e,
+        })
+    }
+
+    /// Tells the peer why the session ends (best effort).
+    pub fn error(&mut self, msg: &str) {
+        send_error(&mut self.s, &mut self.keys.tx, msg);
+    }
+
+    /// Ends the session with `msg` so that the peer reads it: the ERROR frame, then this
+    /// side's end of the stream, then whatever the peer still sends is read and dropped
+    /// (for up to 2 s) until it closes too. Closing with unread bytes would reset the
+    /// connection, and a reset can destroy the ERROR before the peer reads it.
+    pub fn close_with_error(mut self, msg: &str) {
+        self.error(msg);
+        let _ = self.s.shutdown(std::net::Shutdown::Write);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut sink = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || self.s.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match self.s.read(&mut sink) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The peer's own reason for a failure seen on a data connection: a receiver that
+    /// ran out of space or memory says why on the control connection before its lanes
+    /// close, and that reason beats "the peer closed the connection". Waits at most 2 s
+    /// for it; `e` itself when none comes.
+    pub fn reason_for(&mut self, e: SessionError) -> SessionError {
+        let broken = match &e {
+            SessionError::PeerClosed { .. } => true,
+            SessionError::Io { source, .. } => {
+                matches!(source.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted)
+            }
+            _ => false,
+        };
+        if !broken {
+            return e;
+        }
+        let before = self.s.read_timeout().ok().flatten();
+        if self.s.set_read_timeout(Some(std::time::Duration::from_secs(2))).is_err() {
+            return e;
+        }
+        let mut buf = Vec::new();
+        let r = match self.expect(Kind::Error, &mut buf) {
+            Ok(_) => SessionError::Peer(String::from_utf8_lossy(&buf).into_owned()),
+            Err(peer @ SessionError::Peer(_)) => peer,
+            Err(_) => e,
+        };
+        let _ = self.s.set_read_timeout(before);
+        r
+    }
 }
 
 /// Reads frames from a stream through one large buffer: a `read` syscall fetches as many
 /// frames as the socket holds, and each payload is handed out in place (no copy) until
-/// the next call.
+/// the next call. Every frame's CRC and tag are checked before it is handed out.
 #[derive(Debug)]
 pub struct FrameReader<B = Vec<u8>> {
     buf: B,
     start: usize,
     end: usize,
     max_payload: u32,
+    rx: Seal,
 }
 
 impl FrameReader<Vec<u8>> {
     /// A reader with at least `capacity` bytes of heap buffer.
-    pub fn new(capacity: usize, max_payload: u32) -> FrameReader<Vec<u8>> {
-        FrameReader::with_buffer(vec![0; capacity.max(HEADER_LEN + max_payload as usize)], max_payload)
+    pub fn new(capacity: usize, max_payload: u32, rx: Seal) -> FrameReader<Vec<u8>> {
+        FrameReader::with_buffer(vec![0; capacity.max(HEADER_LEN + max_payload as usize + TAG_LEN)], max_payload, rx)
     }
 }
 
 impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
     /// A reader over `buf` (an arena, say) that refuses payloads above `max_payload`
-    /// before reading them; `buf` must hold a header and the largest payload.
-    pub fn with_buffer(buf: B, max_payload: u32) -> FrameReader<B> {
-        assert!(buf.as_ref().len() >= HEADER_LEN + max_payload as usize, "frame buffer smaller than one frame");
-        FrameReader { buf, start: 0, end: 0, max_payload }
+    /// before reading them; `buf` must hold a header, the largest payload and a tag.
+    pub fn with_buffer(buf: B, max_payload: u32, rx: Seal) -> FrameReader<B> {
+        assert!(buf.as_ref().len() >= HEADER_LEN + max_payload as usize + TAG_LEN, "frame buffer smaller than one frame");
+        FrameReader { buf, start: 0, end: 0, max_payload, rx }
     }
 
     /// Makes `need` bytes from `start` available, reading more as needed.
@@ -145,7 +281,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
         Ok(())
     }
 
-    /// The next frame: its header, kind and CRC-verified payload.
+    /// The next frame: its header, kind and verified payload.
     pub fn next(&mut self, r: &mut impl Read, op: &str) -> Result<(Header, Kind, &[u8]), SessionError> {
         self.fill(r, HEADER_LEN, op)?;
         let h = Header::read_from_bytes(&self.buf.as_ref()[self.start..self.start + HEADER_LEN]).expect("HEADER_LEN bytes make a header");
@@ -153,15 +289,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
         if h.length.get() > self.max_payload {
             return Err(FrameError::Oversized { len: h.length.get(), max: self.max_payload }.into());
         }
-        let need = HEADER_LEN + h.length.get() as usize;
+        let len = h.length.get() as usize;
+        let need = HEADER_LEN + len + TAG_LEN;
         self.fill(r, need, op)?;
-        let payload = &self.buf.as_ref()[self.start + HEADER_LEN..self.start + need];
+        let at = self.start;
         self.start += need;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
+        let frame = &self.buf.as_ref()[at..at + need];
+        let (payload, tag) = frame[HEADER_LEN..].split_at(len);
         h.verify(payload)?;
+        self.rx.verify(&h, [payload], tag)?;
         Ok((h, kind, payload))
     }
 }
@@ -169,15 +309,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::seal::Side;
+
+    fn keys() -> (Keys, Keys) {
+        (Keys::derive(None, Side::Client, &[3; 32], &[4; 32]), Keys::derive(None, Side::Server, &[3; 32], &[4; 32]))
+    }
 
     #[test]
     fn frame_reader_splits_and_joins_reads() {
+        let (mut c, s) = keys();
         let mut wire = Vec::new();
         for i in 0..50u32 {
             let payload = vec![i as u8; (i * 97) as usize % 3000];
-            let h = Header::new(Kind::Error, payload.len() as u32).seal(&payload);
-            wire.extend_from_slice(h.as_bytes());
-            wire.extend_from_slice(&payload);
+            write_frame(&mut wire, &mut c.tx, Kind::Error, &payload).unwrap();
         }
         // A reader that returns at most 7 bytes per call, and a buffer smaller than a frame.
         struct Trickle<'a>(&'a [u8]);
@@ -190,7 +334,7 @@ mod tests {
             }
         }
         let mut src = Trickle(&wire);
-        let mut fr = FrameReader::new(100, 3000);
+        let mut fr = FrameReader::new(100, 3000, s.rx.clone());
         for i in 0..50u32 {
             let (_, kind, p) = fr.next(&mut src, "test").unwrap();
             assert_eq!(kind, Kind::Error);
@@ -200,11 +344,34 @@ mod tests {
         assert!(matches!(fr.next(&mut src, "test"), Err(SessionError::PeerClosed { .. })));
         // A truncated stream fails cleanly.
         let mut short = Trickle(&wire[..wire.len() / 2]);
-        let mut fr = FrameReader::new(4096, 4096);
+        let mut fr = FrameReader::new(4096, 4096, s.rx.clone());
         let mut n = 0;
         while fr.next(&mut short, "test").is_ok() {
             n += 1;
         }
         assert!(n < 50);
+        // A frame whose CRC was recomputed after a change fails its tag; so does a frame
+        // left out (the next one's sequence number is wrong).
+        let mut tampered = wire.clone();
+        tampered[HEADER_LEN + 5] ^= 1;
+        let h = Header::read_from_bytes(&tampered[..HEADER_LEN]).unwrap();
+        let len = h.length.get() as usize;
+        let resealed = h.seal(&tampered[HEADER_LEN..HEADER_LEN + len]);
+        tampered[..HEADER_LEN].copy_from_slice(resealed.as_bytes());
+        let mut fr = FrameReader::new(4096, 4096, s.rx.clone());
+        assert!(matches!(fr.next(&mut &tampered[..], "test"), Err(SessionError::Frame(FrameError::Tag { seq: 0, .. }))));
+        let first = HEADER_LEN + len + TAG_LEN;
+        let mut fr = FrameReader::new(4096, 4096, s.rx.clone());
+        assert!(matches!(fr.next(&mut &wire[first..], "test"), Err(SessionError::Frame(FrameError::Tag { .. }))));
+    }
+
+    #[test]
+    fn handshake_frames_are_small() {
+        let mut wire = Vec::new();
+        write_plain_frame(&mut wire, Kind::Hello, &vec![0u8; PREAUTH_MAX_PAYLOAD as usize + 1]).unwrap();
+        let mut buf = Vec::new();
+        let e = expect_plain_frame(&mut &wire[..], Kind::Hello, &mut buf).unwrap_err();
+        assert!(matches!(e, SessionError::Frame(FrameError::Oversized { .. })), "{e}");
+        assert!(buf.capacity() < 4096, "nothing was allocated for it");
     }
 }

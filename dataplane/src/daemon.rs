@@ -6,7 +6,7 @@
 //! "report":{...}}` or `{"ok":false,"error":"..."}` when it ends.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Auth;
+use crate::bounds::{RateLimited, Slots};
 use crate::engine::Report;
 use crate::engine::recv::{RecvOptions, recv_file};
 use crate::engine::send::{SendOptions, send_file};
@@ -35,6 +36,9 @@ pub enum Request {
     Recv {
         listen: String,
         out: PathBuf,
+        /// Seconds to wait for a sender that authenticates; none: wait.
+        #[serde(default)]
+        timeout_s: Option<u64>,
     },
     Send {
         to: String,
@@ -69,6 +73,17 @@ pub enum Request {
     Round,
     /// Inside a `migrate_out` conversation: the VMM has paused; stop-and-copy and verify.
     Final,
+    /// Inside a `migrate_in` conversation: the VMM holds the memory it was just handed
+    /// (the `memory` event); only now is the source told the migration succeeded.
+    Taken,
+}
+
+impl Request {
+    /// One control-socket line, as a request: unknown commands and fields, and values of
+    /// the wrong type, are errors that name them.
+    pub fn parse(line: &str) -> Result<Request, serde_json::Error> {
+        serde_json::from_str(line)
+    }
 }
 
 /// Counters and histograms, updated once per session (never per chunk).
@@ -115,14 +130,30 @@ impl Default for Metrics {
     }
 }
 
+/// A session counted as active until this is dropped, however the session ends.
+#[derive(Debug)]
+struct Active<'m> {
+    metrics: &'m Metrics,
+    role: &'static str,
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        let mut t = self.metrics.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.active.get_mut(self.role) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 impl Metrics {
-    fn begin(&self, role: &'static str) {
+    fn begin(&self, role: &'static str) -> Active<'_> {
         *self.inner.lock().expect("metrics").active.entry(role).or_default() += 1;
+        Active { metrics: self, role }
     }
 
     fn end_migration(&self, role: &'static str, r: &Result<MigrationReport, String>) {
         let mut t = self.inner.lock().expect("metrics");
-        *t.active.entry(role).or_default() -= 1;
         *t.sessions.entry((role, if r.is_ok() { "ok" } else { "error" })).or_default() += 1;
         match r {
             Ok(rep) => {
@@ -139,7 +170,6 @@ impl Metrics {
 
     fn end(&self, role: &'static str, r: &Result<Report, String>) {
         let mut t = self.inner.lock().expect("metrics");
-        *t.active.entry(role).or_default() -= 1;
         let result = if r.is_ok() { "ok" } else { "error" };
         *t.sessions.entry((role, result)).or_default() += 1;
         match r {
@@ -280,16 +310,31 @@ pub struct Daemon {
     pub metrics: Metrics,
 }
 
-/// Binds the control socket with mode 0600, replacing a stale socket file.
+/// Binds the control socket with mode 0600, replacing a stale socket file. Anything at
+/// `path` that is not a socket (a regular file, a directory) is left alone and refused.
 pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{} is served by a running ferryd", path.display())));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by a running ferryd", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
         }
-        std::fs::remove_file(path)?;
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket: it is left alone; give --control another path", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     let l = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -297,31 +342,50 @@ pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 impl Daemon {
-    /// Serves the control socket until the process ends; one thread per client.
+    /// Serves the control socket until the process ends: a thread per client, at most
+    /// the plan's `control_clients` at once (one more is told so and closed).
     pub fn serve_control(&self, listener: UnixListener) {
+        static ACCEPT: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
+        let slots = Slots::new(self.plan.limits.control_clients as usize);
         std::thread::scope(|s| {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        s.spawn(move || self.client(c));
-                    }
-                    Err(e) => log::warn!("control socket: accept failed: {e}"),
+            loop {
+                match listener.accept() {
+                    Ok((c, _)) => match slots.take() {
+                        Some(slot) => {
+                            s.spawn(move || {
+                                let _slot = slot;
+                                self.client(c);
+                            });
+                        }
+                        None => {
+                            let msg = format!("ferryd already serves {} control clients; try again later", slots.max());
+                            ACCEPT.warn(format_args!("control socket: {msg}"));
+                            let _ = c.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+                            let _ = LineConn::new(c).send(&serde_json::json!({"ok": false, "error": msg}).to_string(), &[]);
+                        }
+                    },
+                    Err(e) => crate::bounds::accept_failed(&e, "control socket", &ACCEPT),
                 }
             }
         });
     }
 
     fn client(&self, conn: UnixStream) {
-        let mut conn = LineConn::new(conn);
+        let mut conn = LineConn::with_max_fds(conn, self.plan.limits.control_fds_per_message as usize);
         let (line, fds) = match conn.recv() {
             Ok(Some(l)) => l,
             Ok(None) => return,
-            Err(e) => return log::warn!("control socket: {e}"),
+            Err(e) => {
+                static BAD: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
+                BAD.warn(format_args!("control socket: a client's request was refused: {e}"));
+                let _ = conn.send(&serde_json::json!({"ok": false, "error": format!("bad request: {e}")}).to_string(), &[]);
+                return;
+            }
         };
         let say = |v: serde_json::Value| {
             let _ = conn.send(&v.to_string(), &[]);
         };
-        let req: Request = match serde_json::from_str(&line) {
+        let req: Request = match Request::parse(&line) {
             Ok(r) => r,
             Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
         };
@@ -329,7 +393,7 @@ impl Daemon {
             return say(serde_json::json!({"ok": false, "error": "descriptors came with a command that takes none"}));
         }
         match req {
-            Request::MigrateIn { listen } => self.migrate_in(&conn, &listen),
+            Request::MigrateIn { listen } => self.migrate_in(&mut conn, &listen),
             Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, verify, regions } => {
                 let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, verify: verify.unwrap_or_default(), regions };
                 self.migrate_out(&mut conn, fds, &to, limits);
@@ -337,19 +401,30 @@ impl Daemon {
             Request::Round | Request::Final => {
                 say(serde_json::json!({"ok": false, "error": "round and final belong to a migrate_out conversation"}))
             }
+            Request::Taken => say(serde_json::json!({"ok": false, "error": "taken belongs to a migrate_in conversation"})),
             Request::Status => say(
                 serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}}),
             ),
-            Request::Recv { listen, out } => {
+            Request::Recv { listen, out, timeout_s } => {
                 let listener = match TcpListener::bind(&listen) {
                     Ok(l) => l,
                     Err(e) => return say(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")})),
                 };
                 let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(listen);
                 say(serde_json::json!({"event": "listening", "addr": addr}));
-                self.metrics.begin("recv");
-                let r = recv_file(&listener, &out, &RecvOptions { auth: self.auth.clone(), plan: &self.plan, progress: None })
-                    .map_err(|e| e.to_string());
+                let _active = self.metrics.begin("recv");
+                let r = recv_file(
+                    &listener,
+                    &out,
+                    &RecvOptions {
+                        auth: self.auth.clone(),
+                        plan: &self.plan,
+                        progress: None,
+                        total: None,
+                        timeout: timeout_s.map(std::time::Duration::from_secs),
+                    },
+                )
+                .map_err(|e| e.to_string());
                 self.metrics.end("recv", &r);
                 say(result(r));
             }
@@ -361,7 +436,7 @@ impl Daemon {
                         Err(e) => return say(serde_json::json!({"ok": false, "error": e})),
                     }
                 }
-                self.metrics.begin("send");
+                let _active = self.metrics.begin("send");
                 let r = send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false })
                     .map_err(|e| e.to_string());
                 self.metrics.end("send", &r);
@@ -370,30 +445,31 @@ impl Daemon {
         }
     }
 
-    /// Region mode, destination: one migration into a memfd, handed over on success.
-    fn migrate_in(&self, conn: &LineConn, listen: &str) {
-        let say = |v: serde_json::Value| {
-            let _ = conn.send(&v.to_string(), &[]);
-        };
+    /// Region mode, destination: one migration into memfds. The VMM is handed the
+    /// verified memory (`memory` event), says it holds it (`taken`), and only then is the
+    /// source told; the final reply says the source knows. The VMM closing its connection
+    /// at any point before cancels the migration.
+    fn migrate_in(&self, conn: &mut LineConn, listen: &str) {
         let listener = match TcpListener::bind(listen) {
             Ok(l) => l,
-            Err(e) => return say(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")})),
+            Err(e) => {
+                let _ = conn.send(&serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}).to_string(), &[]);
+                return;
+            }
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
-        say(serde_json::json!({"event": "listening", "addr": addr}));
-        self.metrics.begin("migrate_in");
-        let r =
-            crate::migrate::dest::accept(&listener, &DestOptions { auth: self.auth.clone(), plan: &self.plan }).map_err(|e| e.to_string());
+        let _ = conn.send(&serde_json::json!({"event": "listening", "addr": addr}).to_string(), &[]);
+        let _active = self.metrics.begin("migrate_in");
+        // A second descriptor of the VMM's connection, watched while the migration runs.
+        let watch = conn.stream().try_clone();
+        let opts = DestOptions { auth: self.auth.clone(), plan: &self.plan, vmm: watch.as_ref().ok().map(|w| w.as_fd()) };
+        let r = crate::migrate::dest::accept(&listener, &opts, |inc| hand_over(conn, inc)).map_err(|e| e.to_string());
         self.metrics.end_migration("migrate_in", &r.as_ref().map(|i| i.report.clone()).map_err(Clone::clone));
-        match r {
-            Ok(inc) => {
-                let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
-                if let Err(e) = conn.send(&serde_json::json!({"ok": true, "report": inc.report, "regions": fds.len()}).to_string(), &fds) {
-                    log::warn!("migrate_in: the destination VMM left before taking its memory ({e}); the memory is dropped");
-                }
-            }
-            Err(e) => say(serde_json::json!({"ok": false, "error": e})),
-        }
+        let last = match r {
+            Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        };
+        let _ = conn.send(&last.to_string(), &[]);
     }
 
     /// Region mode, source: checks the descriptors, connects, then runs the VMM's
@@ -402,7 +478,7 @@ impl Daemon {
         let say = |conn: &LineConn, v: serde_json::Value| {
             let _ = conn.send(&v.to_string(), &[]);
         };
-        self.metrics.begin("migrate_out");
+        let _active = self.metrics.begin("migrate_out");
         let r = self.migrate_out_inner(conn, fds, to, limits);
         self.metrics.end_migration("migrate_out", &r);
         match r {
@@ -433,8 +509,9 @@ impl Daemon {
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
         }
+        let rate_limit = limits.rate_limit_mbit.map(crate::migrate::source::rate_limit_bytes).transpose()?;
         // Every check that needs no peer comes before connecting to the destination: the
-        // bitmap here, each memory region in Source::connect_regions.
+        // bitmap and the size here, each memory region in Source::connect_regions.
         let sizes = memory
             .iter()
             .enumerate()
@@ -442,10 +519,18 @@ impl Daemon {
             .collect::<Result<Vec<u64>, String>>()?;
         match hw::memmap::is_memory_file(&bitmap) {
             Ok(true) => {}
-            Ok(false) => return Err("the dirty bitmap descriptor is not a memory file: give a memfd, or a tmpfs or hugetlbfs file".into()),
+            Ok(false) => {
+                return Err(format!(
+                    "the dirty bitmap descriptor is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
+                    hw::memmap::describe(&bitmap)
+                ));
+            }
             Err(e) => return Err(format!("the dirty bitmap descriptor: {e}")),
         }
-        let size: u64 = sizes.iter().sum();
+        let size: u64 = sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
+        crate::session::limits::check_region(size, &self.plan.limits, crate::session::limits::Backing::Source)
+            .map_err(|e| e.to_string())?;
+        // (Source::connect_regions checks it again for callers that come without ferryd.)
         let pages: Vec<u64> = sizes.iter().map(|&s| crate::migrate::pages(s)).collect();
         let want = crate::migrate::bitmap_bytes_regions(&sizes);
         let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
@@ -462,7 +547,7 @@ impl Daemon {
             plan: &plan,
             downtime_budget: limits.downtime_ms.map_or(crate::migrate::DEFAULT_DOWNTIME, std::time::Duration::from_millis),
             max_rounds: limits.max_rounds.unwrap_or(crate::migrate::DEFAULT_MAX_ROUNDS).max(1),
-            rate_limit: limits.rate_limit_mbit.map(|m| m * 1_000_000 / 8),
+            rate_limit,
             verify: limits.verify,
         };
         let refs: Vec<&std::fs::File> = memory.iter().collect();
@@ -484,7 +569,7 @@ impl Daemon {
                 Ok(None) => return Err("the VMM closed the control connection: migration abandoned".into()),
                 Err(e) => return Err(format!("reading the VMM's command: {e}")),
             };
-            match serde_json::from_str::<Request>(&line) {
+            match Request::parse(&line) {
                 Ok(Request::Round) => {
                     let rep = src.round(&read_bitmap()?).map_err(|e| e.to_string())?;
                     let _ = conn.send(&serde_json::json!({"event": "round", "round": rep}).to_string(), &[]);
@@ -496,23 +581,97 @@ impl Daemon {
         }
     }
 
-    /// Serves `GET /metrics` until the process ends.
+    /// Serves `/metrics` and `/healthz` (GET and HEAD) until the process ends: a thread per
+    /// client, at most the plan's `metrics_clients` at once, each request read within 5 s
+    /// and 8 KiB, so an idle or endless client delays no scrape.
     pub fn serve_metrics(&self, listener: TcpListener) {
-        for conn in listener.incoming().flatten() {
-            let _ = self.metrics_client(conn);
-        }
+        static ACCEPT: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
+        let slots = Slots::new(self.plan.limits.metrics_clients as usize);
+        std::thread::scope(|s| {
+            loop {
+                match listener.accept() {
+                    Ok((c, _)) => match slots.take() {
+                        Some(slot) => {
+                            s.spawn(move || {
+                                let _slot = slot;
+                                let _ = self.metrics_client(c);
+                            });
+                        }
+                        None => {
+                            let _ = c.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+                            let _ = (&c).write_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+                        }
+                    },
+                    Err(e) => crate::bounds::accept_failed(&e, "metrics", &ACCEPT),
+                }
+            }
+        });
     }
 
-    fn metrics_client(&self, mut conn: TcpStream) -> std::io::Result<()> {
-        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-        let mut first = String::new();
-        BufReader::new(&conn).read_line(&mut first)?;
-        let (status, body) = if first.starts_with("GET /metrics") {
-            ("200 OK", self.metrics.prometheus())
-        } else {
-            ("404 Not Found", "ferryd serves /metrics\n".to_string())
+    fn metrics_client(&self, conn: TcpStream) -> std::io::Result<()> {
+        const MAX_HEAD: u64 = 8 << 10;
+        let head = read_http_head(&conn, std::time::Duration::from_secs(5), MAX_HEAD)?;
+        let mut words = head.lines().next().unwrap_or("").split_whitespace();
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let (status, body) = match (method, path) {
+            ("GET" | "HEAD", "/metrics") => ("200 OK", self.metrics.prometheus()),
+            ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n".to_string()),
+            ("GET" | "HEAD", _) => ("404 Not Found", "ferryd serves /metrics and /healthz\n".to_string()),
+            _ => ("405 Method Not Allowed", "GET or HEAD\n".to_string()),
         };
-        write!(conn, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        conn.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut w = &conn;
+        write!(w, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n", body.len())?;
+        if method != "HEAD" {
+            w.write_all(body.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP request's head (up to the blank line), read within `timeout` in all and at most
+/// `max` bytes.
+fn read_http_head(conn: &TcpStream, timeout: std::time::Duration, max: u64) -> std::io::Result<String> {
+    let mut r = crate::bounds::Deadline::new(conn, timeout, max);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = std::io::Read::read(&mut r, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// How long a destination VMM may take to say it holds the memory it was handed.
+const TAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Hands a verified migration's memory to the destination VMM and waits until it says it
+/// holds it (`{"cmd":"taken"}`).
+fn hand_over(conn: &mut LineConn, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
+    let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
+    let event = serde_json::json!({"event": "memory", "report": inc.report, "regions": fds.len()});
+    conn.send(&event.to_string(), &fds).map_err(|e| format!("cannot hand it over: {e}"))?;
+    conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    let line = match conn.recv() {
+        Ok(Some((line, fds))) if fds.is_empty() => line,
+        Ok(Some(_)) => return Err("descriptors came with its answer".into()),
+        Ok(None) => return Err("it closed its connection instead of taking the memory".into()),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(format!("it did not say it took the memory within {} s", TAKE_TIMEOUT.as_secs()));
+        }
+        Err(e) => return Err(format!("reading its answer: {e}")),
+    };
+    let _ = conn.stream().set_read_timeout(None);
+    match Request::parse(&line) {
+        Ok(Request::Taken) => Ok(()),
+        Ok(other) => Err(format!("it answered {other:?} instead of taken")),
+        Err(e) => Err(format!("its answer is not a request: {e}")),
     }
 }
 

@@ -23,6 +23,7 @@ use zerocopy::FromBytes;
 
 use crate::conn::{FrameReader, SessionError};
 use crate::plan::Plan;
+use crate::session::seal::{Seal, TAG_LEN};
 use crate::wire::{FrameError, HEADER_LEN, Header, Kind};
 
 /// Buffers the arena is cut into for io_uring: a frame (a quarter of the arena at most)
@@ -153,10 +154,17 @@ pub(crate) fn pwrite_parts<'p>(file: &impl AsFd, parts: impl Iterator<Item = &'p
     Ok(())
 }
 
+/// The receive buffer a lane takes for frames of up to `max_payload` bytes: four whole
+/// frames (header, payload, tag), in whole 2 MiB pages.
+pub fn buffer_bytes(max_payload: u32) -> u64 {
+    (4 * (HEADER_LEN + max_payload as usize + TAG_LEN)).div_ceil(2 << 20) as u64 * (2 << 20)
+}
+
 /// Frames from io_uring's receive buffers.
 struct RingFrames {
     /// The ring owns the lane's arena.
     ring: RecvRing,
+    rx: Seal,
     max_payload: u32,
     timeout: Duration,
     /// Delivered pieces not yet parsed past, oldest first; `used` bytes of the first are.
@@ -185,27 +193,39 @@ impl RingFrames {
         Ok(())
     }
 
-    /// The first `HEADER_LEN` unparsed bytes, copied out.
-    fn peek_header(&self) -> [u8; HEADER_LEN] {
-        let mut out = [0u8; HEADER_LEN];
+    /// `N` unparsed bytes starting `at` bytes in, copied out.
+    fn peek<const N: usize>(&self, at: usize) -> [u8; N] {
+        let mut out = [0u8; N];
         let mut have = 0;
-        let mut skip = self.used as usize;
+        let mut skip = self.used as usize + at;
         for p in &self.pieces {
-            let b = &self.ring.bytes(p)[skip..];
+            let b = self.ring.bytes(p);
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let b = &b[skip..];
             skip = 0;
-            let n = b.len().min(HEADER_LEN - have);
+            let n = b.len().min(N - have);
             out[have..have + n].copy_from_slice(&b[..n]);
             have += n;
-            if have == HEADER_LEN {
+            if have == N {
                 break;
             }
         }
         out
     }
 
-    /// Parses past `HEADER_LEN + len` bytes, keeping the last `len` as `self.parts`.
+    /// Parses past `HEADER_LEN + len + TAG_LEN` bytes, keeping the `len` payload bytes as
+    /// `self.parts`.
     fn take(&mut self, len: usize) {
-        let (mut skip, mut take) = (HEADER_LEN as u32, len);
+        self.skip_take(HEADER_LEN as u32, len);
+        self.skip_take(TAG_LEN as u32, 0);
+        self.avail -= HEADER_LEN + len + TAG_LEN;
+    }
+
+    /// Parses past `skip` bytes, then past `take` bytes kept as parts.
+    fn skip_take(&mut self, mut skip: u32, mut take: usize) {
         while skip as usize + take > 0 {
             let p = *self.pieces.front().expect("fill made the bytes available");
             let s = skip.min(p.len() - self.used);
@@ -225,7 +245,6 @@ impl RingFrames {
                 }
             }
         }
-        self.avail -= HEADER_LEN + len;
     }
 
     fn next(&mut self, op: &str) -> Result<(Header, Kind, Payload<'_>), SessionError> {
@@ -234,16 +253,18 @@ impl RingFrames {
             self.ring.give_back(b);
         }
         self.fill(HEADER_LEN, op)?;
-        let h = Header::read_from_bytes(&self.peek_header()).expect("HEADER_LEN bytes make a header");
+        let h = Header::read_from_bytes(&self.peek::<HEADER_LEN>(0)).expect("HEADER_LEN bytes make a header");
         let kind = h.check()?;
         if h.length.get() > self.max_payload {
             return Err(FrameError::Oversized { len: h.length.get(), max: self.max_payload }.into());
         }
         let len = h.length.get() as usize;
-        self.fill(HEADER_LEN + len, op)?;
+        self.fill(HEADER_LEN + len + TAG_LEN, op)?;
+        let tag = self.peek::<TAG_LEN>(HEADER_LEN + len);
         self.take(len);
         let payload = Payload::Ring { ring: &self.ring, parts: &self.parts, len };
         h.verify_parts(payload.parts())?;
+        self.rx.verify(&h, payload.parts(), &tag)?;
         Ok((h, kind, payload))
     }
 }
@@ -265,18 +286,18 @@ impl std::fmt::Debug for LaneReader {
 }
 
 impl LaneReader {
-    /// A reader for `s` (handshake done), refusing payloads above `max_payload`. It uses
-    /// io_uring when the plan says so and the kernel has incremental buffer rings; a
-    /// silent peer fails after the socket's read timeout.
-    pub fn new(plan: &Plan, s: &TcpStream, max_payload: u32) -> Result<LaneReader, SessionError> {
-        let arena = crate::engine::arena(plan, 4 * (HEADER_LEN + max_payload as usize))?;
-        Ok(LaneReader::over(arena, plan.tcp.io_uring, s, max_payload))
+    /// A reader for `s` (handshake done, `rx` its receiving keys), refusing payloads above
+    /// `max_payload`. It uses io_uring when the plan says so and the kernel has
+    /// incremental buffer rings; a silent peer fails after the socket's read timeout.
+    pub fn new(plan: &Plan, s: &TcpStream, max_payload: u32, rx: Seal) -> Result<LaneReader, SessionError> {
+        let arena = crate::engine::arena(plan, buffer_bytes(max_payload) as usize)?;
+        Ok(LaneReader::over(arena, plan.tcp.io_uring, s, max_payload, rx))
     }
 
     /// A reader through `arena`, which holds four frames of `max_payload` at least.
-    fn over(arena: Arena, uring: bool, s: &TcpStream, max_payload: u32) -> LaneReader {
+    fn over(arena: Arena, uring: bool, s: &TcpStream, max_payload: u32, rx: Seal) -> LaneReader {
         if !uring {
-            return LaneReader { inner: Inner::Plain(FrameReader::with_buffer(arena, max_payload)) };
+            return LaneReader { inner: Inner::Plain(FrameReader::with_buffer(arena, max_payload, rx)) };
         }
         match RecvRing::new(s, arena, RING_BUFFERS) {
             Ok(ring) => {
@@ -284,6 +305,7 @@ impl LaneReader {
                 LaneReader {
                     inner: Inner::Ring(Box::new(RingFrames {
                         ring,
+                        rx,
                         max_payload,
                         timeout,
                         pieces: VecDeque::new(),
@@ -297,7 +319,7 @@ impl LaneReader {
             Err((e, arena)) => {
                 static LOGGED: std::sync::Once = std::sync::Once::new();
                 LOGGED.call_once(|| log::warn!("receiving with plain reads instead of io_uring: {e}"));
-                LaneReader { inner: Inner::Plain(FrameReader::with_buffer(arena, max_payload)) }
+                LaneReader { inner: Inner::Plain(FrameReader::with_buffer(arena, max_payload, rx)) }
             }
         }
     }
@@ -310,9 +332,15 @@ impl LaneReader {
     /// The next frame: its header, kind and CRC-verified payload. `s` is the stream the
     /// reader was made for.
     pub fn next(&mut self, s: &mut TcpStream, op: &str) -> Result<(Header, Kind, Payload<'_>), SessionError> {
+        // A timeout names the socket's own read timeout (a migration's lanes wait longer).
+        let timeout = s.read_timeout().ok().flatten();
+        let named = |e| match e {
+            SessionError::TimedOut { op, .. } => SessionError::TimedOut { op, secs: timeout.map_or(0, |t| t.as_secs()) },
+            e => e,
+        };
         match &mut self.inner {
-            Inner::Plain(r) => r.next(s, op).map(|(h, k, p)| (h, k, Payload::One(p))),
-            Inner::Ring(r) => r.next(op),
+            Inner::Plain(r) => r.next(s, op).map(|(h, k, p)| (h, k, Payload::One(p))).map_err(named),
+            Inner::Ring(r) => r.next(op).map_err(named),
         }
     }
 }
@@ -320,9 +348,17 @@ impl LaneReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::write_frame;
+    use crate::session::seal::{Keys, Side};
     use std::io::Write;
     use std::net::TcpListener;
     use zerocopy::IntoBytes;
+
+    /// The sending and receiving keys of one test connection.
+    fn keys() -> (Seal, Seal) {
+        let (c, s) = (Keys::derive(None, Side::Client, &[1; 32], &[2; 32]), Keys::derive(None, Side::Server, &[1; 32], &[2; 32]));
+        (c.tx, s.rx)
+    }
 
     /// Both ends of a loopback connection: (writer, reader).
     fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -331,10 +367,9 @@ mod tests {
         (a, l.accept().unwrap().0)
     }
 
-    fn reader(uring: bool, s: &TcpStream, max_payload: u32) -> LaneReader {
-        let bytes = (4 * (HEADER_LEN + max_payload as usize)).div_ceil(2 << 20) * (2 << 20);
-        let (arena, _) = Arena::new(bytes, hw::memmap::ArenaKind::Normal, false, None).unwrap();
-        LaneReader::over(arena, uring, s, max_payload)
+    fn reader(uring: bool, s: &TcpStream, max_payload: u32, rx: Seal) -> LaneReader {
+        let (arena, _) = Arena::new(buffer_bytes(max_payload) as usize, hw::memmap::ArenaKind::Normal, false, None).unwrap();
+        LaneReader::over(arena, uring, s, max_payload, rx)
     }
 
     /// Frames of every size, including ones larger than a receive buffer, written in odd
@@ -344,18 +379,17 @@ mod tests {
         let max = 300_000u32;
         let mut wire = Vec::new();
         let mut want = Vec::new();
+        let (mut tx, rx) = keys();
         for i in 0..200u32 {
             let len = (i as usize * 7919) % max as usize;
             let payload: Vec<u8> = (0..len).map(|j| (j as u32 ^ i) as u8).collect();
-            let h = Header::new(Kind::Error, len as u32).seal(&payload);
-            wire.extend_from_slice(h.as_bytes());
-            wire.extend_from_slice(&payload);
+            write_frame(&mut wire, &mut tx, Kind::Error, &payload).unwrap();
             want.push(payload);
         }
         for uring in [true, false] {
             let (mut a, mut b) = tcp_pair();
             b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut r = reader(uring, &b, max);
+            let mut r = reader(uring, &b, max, rx.clone());
             if uring && !r.uring() {
                 hw::report_skip("no incremental io_uring buffer rings here: the plain reader only");
                 continue;
@@ -391,28 +425,34 @@ mod tests {
         }
     }
 
-    /// A corrupted payload fails its checksum through the ring too, and a truncated frame
-    /// is the peer closing.
+    /// A corrupted payload fails its checksum through the ring too, a payload changed
+    /// with its checksum recomputed fails its tag, and a truncated frame is the peer
+    /// closing.
     #[test]
-    fn bad_checksum_and_truncation_through_the_ring() {
+    fn bad_checksum_tag_and_truncation_through_the_ring() {
         let payload = vec![7u8; 100_000];
-        let h = Header::new(Kind::Error, payload.len() as u32).seal(&payload);
-        let mut bad = payload.clone();
-        bad[99_999] ^= 1;
-        for (body, truncate) in [(bad, false), (payload, true)] {
+        let (mut tx, rx) = keys();
+        let mut good = Vec::new();
+        write_frame(&mut good, &mut tx, Kind::Error, &payload).unwrap();
+        let mut bad = good.clone();
+        bad[HEADER_LEN + 99_999] ^= 1;
+        let mut forged = bad.clone();
+        let h = Header::read_from_bytes(&forged[..HEADER_LEN]).unwrap().seal(&forged[HEADER_LEN..HEADER_LEN + 100_000]);
+        forged[..HEADER_LEN].copy_from_slice(h.as_bytes());
+        for (wire, case) in [(bad, "checksum"), (forged, "tag"), (good.clone(), "truncated")] {
             let (mut a, mut b) = tcp_pair();
-            let mut r = reader(true, &b, 1 << 20);
+            let mut r = reader(true, &b, 1 << 20, rx.clone());
             if !r.uring() {
                 hw::report_skip("no incremental io_uring buffer rings here");
                 return;
             }
-            a.write_all(h.as_bytes()).unwrap();
-            a.write_all(&body[..if truncate { 50_000 } else { body.len() }]).unwrap();
+            a.write_all(&wire[..if case == "truncated" { 50_000 } else { wire.len() }]).unwrap();
             drop(a);
-            match r.next(&mut b, "test") {
-                Err(SessionError::Frame(FrameError::Checksum { .. })) if !truncate => {}
-                Err(SessionError::PeerClosed { .. }) if truncate => {}
-                other => panic!("truncate={truncate}: {:?}", other.map(|f| f.1)),
+            match (r.next(&mut b, "test"), case) {
+                (Err(SessionError::Frame(FrameError::Checksum { .. })), "checksum") => {}
+                (Err(SessionError::Frame(FrameError::Tag { .. })), "tag") => {}
+                (Err(SessionError::PeerClosed { .. }), "truncated") => {}
+                (other, _) => panic!("{case}: {:?}", other.map(|f| f.1)),
             }
         }
     }
@@ -423,15 +463,14 @@ mod tests {
     fn blocked_io_uring_falls_back_to_plain_reads() {
         let (mut a, b) = tcp_pair();
         let payload = vec![3u8; 70_000];
-        let h = Header::new(Kind::Error, payload.len() as u32).seal(&payload);
-        a.write_all(h.as_bytes()).unwrap();
-        a.write_all(&payload).unwrap();
+        let (mut tx, rx) = keys();
+        write_frame(&mut a, &mut tx, Kind::Error, &payload).unwrap();
         let got = std::thread::spawn(move || {
             if let Err(e) = hw::uring::block_io_uring_setup_on_this_thread() {
                 return Err(e.to_string());
             }
             let mut b = b;
-            let mut r = reader(true, &b, 1 << 20);
+            let mut r = reader(true, &b, 1 << 20, rx);
             assert!(!r.uring(), "io_uring_setup is blocked on this thread");
             let (_, kind, p) = r.next(&mut b, "test").unwrap();
             let mut s = Vec::new();

@@ -4,6 +4,8 @@
 
 /// Pre-shared-key authentication (HMAC-SHA256 challenge-response both ways).
 pub mod auth;
+/// What a listener may spend on strangers: client slots, deadlines, accept backoff.
+pub mod bounds;
 /// Frame I/O on a stream, and the session error type.
 pub mod conn;
 /// ferryd as a service: control socket, metrics.
@@ -22,6 +24,8 @@ pub mod live;
 pub mod migrate;
 /// The resolved plan the data plane runs with.
 pub mod plan;
+/// The session layer: limits on what a peer may cost, authenticated accept.
+pub mod session;
 /// Stream mode: an unmodified VMM's migration stream carried between two proxies.
 pub mod stream;
 /// Wire protocol v1: frame header, kinds, checks.

@@ -33,8 +33,62 @@ pub struct Plan {
     pub tcp: TcpPlan,
     pub arena: ArenaPlan,
     pub compression: Compression,
+    /// What a peer, a VMM or a client may cost this host (see [`Limits`]).
+    #[serde(default)]
+    pub limits: Limits,
     /// Every decision with its value and reason, in the order they were made.
     pub reasons: Vec<Reason>,
+}
+
+/// What strangers, peers and local clients may cost: every bound is checked before the
+/// thing it bounds is spent. ferry.toml's `[limits]` sets them; these are the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections per listener that have not finished authenticating, at once; more are
+    /// closed on arrival.
+    pub preauth_connections: u32,
+    /// Bytes a connection may send before it has authenticated (a HELLO and a RESPONSE
+    /// are under 200).
+    pub preauth_bytes: u64,
+    /// The whole handshake of one connection, however its bytes trickle in.
+    pub handshake_timeout_ms: u64,
+    /// The largest guest memory or region (all of a session's regions together) this
+    /// host sends or receives; `None`: what the host can back when the session starts
+    /// (memory for a migration, free space for a file).
+    pub max_region_bytes: Option<u64>,
+    /// Lanes (data connections or queue pairs) one session may open.
+    pub max_lanes: u32,
+    /// Receive buffers one session may take (one per lane, sized by the session's chunk).
+    pub session_buffer_bytes: u64,
+    /// Control-socket clients served at once.
+    pub control_clients: u32,
+    /// Descriptors one control-socket message may carry.
+    pub control_fds_per_message: u32,
+    /// Metrics clients served at once.
+    pub metrics_clients: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            preauth_connections: 16,
+            preauth_bytes: 4096,
+            handshake_timeout_ms: 10_000,
+            max_region_bytes: None,
+            max_lanes: 64,
+            session_buffer_bytes: 1 << 30,
+            control_clients: 64,
+            control_fds_per_message: 64,
+            metrics_clients: 16,
+        }
+    }
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +278,17 @@ impl Plan {
         }
         if self.tcp.connections_per_worker == 0 {
             return Err("tcp.connections_per_worker must be positive".into());
+        }
+        let l = &self.limits;
+        if l.preauth_connections == 0 || l.handshake_timeout_ms == 0 || l.max_lanes == 0 || l.control_clients == 0 || l.metrics_clients == 0
+        {
+            return Err("limits: connection counts, lanes and the handshake timeout must be positive".into());
+        }
+        if l.preauth_bytes < 512 {
+            return Err(format!("limits.preauth_bytes {} is below the 512 bytes a handshake needs", l.preauth_bytes));
+        }
+        if !(1..=hw::fdpass::SCM_MAX_FD as u32).contains(&l.control_fds_per_message) {
+            return Err(format!("limits.control_fds_per_message {} is outside 1..={}", l.control_fds_per_message, hw::fdpass::SCM_MAX_FD));
         }
         Ok(())
     }

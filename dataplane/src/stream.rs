@@ -31,10 +31,12 @@ use serde::Serialize;
 use zerocopy::IntoBytes;
 use zstd_safe::{CCtx, DCtx};
 
-use crate::auth::{Auth, client_handshake, server_handshake};
+use crate::auth::{Auth, client_handshake};
 use crate::conn::{FrameReader, SessionError, write_all_vectored, write_frame};
 use crate::encode::Adaptive;
-use crate::plan::Compression;
+use crate::plan::{Compression, Limits};
+use crate::session::accept::{Acceptor, Next, Wait};
+use crate::session::seal::{Keys, Seal, TAG_LEN};
 use crate::wire::{self, Encoding, FrameError, HEADER_LEN, Header, Kind, features};
 
 /// Bytes read from QEMU per frame, at most.
@@ -207,6 +209,9 @@ impl Drop for Listener {
 pub struct ProxyOptions {
     pub auth: Auth,
     pub compression: Compression,
+    /// What unauthenticated connections may cost, and how many channels a migration may
+    /// open (`max_lanes`).
+    pub limits: Limits,
 }
 
 /// One channel, one direction's counters included for each side.
@@ -258,6 +263,8 @@ struct ChannelState {
     errors: Vec<String>,
     /// Every socket of every channel, to shut down when one channel fails.
     socks: Vec<(Conn, TcpStream)>,
+    /// Channels the destination accepted (authenticated) so far.
+    accepted: usize,
 }
 
 impl Channels {
@@ -335,14 +342,14 @@ pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<P
                     let ferry = connect(to)?;
                     let mut hs = ferry.try_clone().map_err(|e| SessionError::io("cloning a channel", e))?;
                     hs.set_read_timeout(Some(crate::engine::IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
-                    let f = client_handshake(&mut hs, &opts.auth, n, 0, features::STREAM)?;
+                    let (f, keys) = client_handshake(&mut hs, &opts.auth, n, 0, features::STREAM)?;
                     if f & features::STREAM == 0 {
                         return Err(not_a_stream_peer(to));
                     }
                     hs.set_read_timeout(None).map_err(|e| SessionError::io("clearing the read timeout", e))?;
-                    Ok(ferry)
+                    Ok((ferry, keys))
                 })();
-                let ferry = match opened {
+                let (ferry, keys) = match opened {
                     Ok(f) => f,
                     Err(e) => {
                         qemu.abort();
@@ -350,7 +357,7 @@ pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<P
                     }
                 };
                 log::info!("channel {n}: QEMU connected on {}; carried to {to}", listeners[l].uri());
-                start_channel(s, &channels, n, qemu, ferry, opts.compression)?;
+                start_channel(s, &channels, n, qemu, ferry, keys, opts.compression)?;
                 n = n.checked_add(1).ok_or_else(|| SessionError::Protocol("more than 65535 channels".into()))?;
                 Ok(())
             })();
@@ -366,67 +373,59 @@ pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<P
 }
 
 /// Destination side: accepts the source proxy's channels on `listener` and connects each
-/// to QEMU at `forward`, in channel order.
+/// to QEMU at `forward`, in channel order. Connections that do not authenticate as a
+/// stream-mode proxy (a port probe, a wrong key, a one-shot sender) are turned away on
+/// their own threads, bounded by the plan's limits, without touching the migration.
 pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptions) -> Result<ProxyReport, SessionError> {
     let channels = Channels::new();
+    let acc = Acceptor::new(listener, &opts.auth, features::STREAM, &opts.limits).map_err(|e| SessionError::io("listening", e))?;
+    let max_channels = opts.limits.max_lanes as usize;
     let mut t0 = None;
     std::thread::scope(|s| -> Result<(), SessionError> {
         while !channels.finished() {
-            if wait_readable(vec![listener.as_fd()])?.is_none() {
-                continue;
-            }
-            let (ferry, peer) = listener.accept().map_err(|e| SessionError::io("accepting a channel", e))?;
+            // Short waits: the loop ends once the migration's channels have.
+            let wait =
+                Wait { what: "the source proxy's channels", deadline: Some(Instant::now() + Duration::from_millis(100)), watch: &[] };
+            let a = match acc.next(wait, |a| {
+                if a.hello.features.get() & features::STREAM == 0 {
+                    return Err(format!("{} is not a stream-mode proxy (ferryctl proxy --listen ...)", a.peer));
+                }
+                let mut st = channels.state.lock().expect("channel state");
+                if st.accepted >= max_channels {
+                    return Err(format!("a migration may open {max_channels} channels ([limits] max_lanes)"));
+                }
+                st.accepted += 1;
+                Ok(())
+            }) {
+                Ok(Next::Conn(a)) => a,
+                Ok(Next::Watched(_)) | Err(SessionError::TimedOut { .. }) => continue,
+                Err(e) => return Err(e),
+            };
             t0.get_or_insert_with(Instant::now);
-            if tune(&ferry).is_err() {
+            if tune(&a.s).is_err() {
                 continue;
             }
             let channels = &channels;
-            // The handshake and the wait for this channel's turn run on the channel's own
-            // thread, so a slow or hostile connection holds up no other.
-            s.spawn(move || {
-                // A connection that does not complete the handshake (a port probe, a wrong
-                // key, a one-shot sender) is turned away without touching the migration.
-                let hello = ferry
-                    .try_clone()
-                    .map_err(|e| SessionError::io("cloning a channel", e))
-                    .and_then(|mut hs| handshake_in(&mut hs, &opts.auth, &peer.to_string()));
-                let n = match hello {
-                    Ok(n) => n,
-                    Err(e) => {
-                        log::warn!("a connection from {peer} was turned away: {e}");
-                        let _ = ferry.shutdown(Shutdown::Both);
-                        return;
+            let (ferry, peer, n, keys) = (a.s, a.peer, a.hello.lane.get(), a.keys);
+            // The wait for this channel's turn runs on the channel's own thread, so a
+            // channel that arrives early holds up no other.
+            s.spawn(move || match take_turn(channels, n, forward) {
+                Ok(qemu) => {
+                    log::info!("channel {n}: from {peer}, carried to QEMU at {forward}");
+                    if let Err(e) = start_channel_here(channels, n, qemu, ferry, keys, opts.compression) {
+                        log::warn!("channel {n}: {e}");
                     }
-                };
-                match take_turn(channels, n, forward) {
-                    Ok(qemu) => {
-                        log::info!("channel {n}: from {peer}, carried to QEMU at {forward}");
-                        if let Err(e) = start_channel_here(channels, n, qemu, ferry, opts.compression) {
-                            log::warn!("channel {n}: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        let _ = ferry.shutdown(Shutdown::Both);
-                        let mut st = channels.state.lock().expect("channel state");
-                        channels.fail(&mut st, format!("channel {n}: {e}"));
-                    }
+                }
+                Err(e) => {
+                    let _ = ferry.shutdown(Shutdown::Both);
+                    let mut st = channels.state.lock().expect("channel state");
+                    channels.fail(&mut st, format!("channel {n}: {e}"));
                 }
             });
         }
         Ok(())
     })?;
     channels.report("destination", opts.compression, t0.unwrap_or_else(Instant::now))
-}
-
-/// The destination's handshake, bounded in time; the channel number.
-fn handshake_in(s: &mut TcpStream, auth: &Auth, peer: &str) -> Result<u16, SessionError> {
-    s.set_read_timeout(Some(crate::engine::IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
-    let hello = server_handshake(s, auth, features::STREAM)?;
-    if hello.features.get() & features::STREAM == 0 {
-        return Err(SessionError::Protocol(format!("{peer} is not a stream-mode proxy (ferryctl proxy --listen ...)")));
-    }
-    s.set_read_timeout(None).map_err(|e| SessionError::io("clearing the read timeout", e))?;
-    Ok(hello.lane.get())
 }
 
 /// Waits until channel `n` is next, then connects it to QEMU: QEMU sees the connections
@@ -486,17 +485,25 @@ fn start_channel<'s>(
     n: u16,
     qemu: Conn,
     ferry: TcpStream,
+    keys: Keys,
     compression: Compression,
 ) -> Result<(), SessionError> {
     register(channels, n, &qemu, &ferry)?;
-    s.spawn(move || channels.end(n, run_channel(n, qemu, ferry, compression)));
+    s.spawn(move || channels.end(n, run_channel(n, qemu, ferry, keys, compression)));
     Ok(())
 }
 
 /// [`start_channel`] on the calling thread (the destination's channel thread).
-fn start_channel_here(channels: &Channels, n: u16, qemu: Conn, ferry: TcpStream, compression: Compression) -> Result<(), SessionError> {
+fn start_channel_here(
+    channels: &Channels,
+    n: u16,
+    qemu: Conn,
+    ferry: TcpStream,
+    keys: Keys,
+    compression: Compression,
+) -> Result<(), SessionError> {
     register(channels, n, &qemu, &ferry)?;
-    channels.end(n, run_channel(n, qemu, ferry, compression));
+    channels.end(n, run_channel(n, qemu, ferry, keys, compression));
     Ok(())
 }
 
@@ -510,21 +517,22 @@ fn register(channels: &Channels, n: u16, qemu: &Conn, ferry: &TcpStream) -> Resu
 }
 
 /// Both directions of one channel; the first failure aborts both.
-fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, compression: Compression) -> Result<ChannelReport, SessionError> {
+fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Compression) -> Result<ChannelReport, SessionError> {
+    let Keys { tx, rx } = keys;
     let t = Instant::now();
     let clone = |e| SessionError::io(format!("cloning channel {n}"), e);
     let (q2, f2) = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);
     let (qa, fa) = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);
     let (out, inn) = std::thread::scope(|s| {
         let out = s.spawn(move || {
-            let r = pump_out(n, qemu, ferry, compression);
+            let r = pump_out(n, qemu, ferry, tx, compression);
             if r.is_err() {
                 qa.abort();
                 let _ = fa.shutdown(Shutdown::Both);
             }
             r
         });
-        let inn = pump_in(n, f2, q2);
+        let inn = pump_in(n, f2, q2, rx);
         (out.join().expect("pump thread panicked"), inn)
     });
     let received = inn?;
@@ -535,7 +543,7 @@ fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, compression: Compression) -
 }
 
 /// QEMU -> ferry: frames of what QEMU writes, then LANE_END when QEMU closes its side.
-fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, compression: Compression) -> Result<ChannelReport, SessionError> {
+fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compression: Compression) -> Result<ChannelReport, SessionError> {
     let mut buf = vec![0u8; STREAM_CHUNK];
     let mut scratch = Vec::with_capacity(zstd_safe::compress_bound(STREAM_CHUNK));
     let mut cctx = CCtx::create();
@@ -568,14 +576,15 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, compression: Compressi
             }
         }
         let h = Header::data(encoding, 0, rep.sent_bytes, got as u32, payload.len() as u32).seal(payload);
-        write_all_vectored(&mut ferry, &[h.as_bytes(), payload]).map_err(|e| SessionError::io(format!("sending channel {n}"), e))?;
+        let tag = tx.tag(&h, [payload]);
+        write_all_vectored(&mut ferry, &[h.as_bytes(), payload, &tag]).map_err(|e| SessionError::io(format!("sending channel {n}"), e))?;
         adaptive.chunk_done(got as u64);
         rep.sent_bytes += got as u64;
-        rep.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+        rep.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
         rep.frames += 1;
     }
     let end = wire::LaneEnd { frames: rep.frames.into(), bytes: rep.sent_bytes.into() };
-    write_frame(&mut ferry, Kind::LaneEnd, end.as_bytes())?;
+    write_frame(&mut ferry, &mut tx, Kind::LaneEnd, end.as_bytes())?;
     let _ = ferry.shutdown(Shutdown::Write);
     Ok(rep)
 }
@@ -583,9 +592,9 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, compression: Compressi
 /// ferry -> QEMU: each frame checked (crc, stream position, lengths) and decoded; at
 /// LANE_END (whose counts must match) QEMU's side is closed for writing. Returns the
 /// stream bytes written to QEMU.
-fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn) -> Result<u64, SessionError> {
+fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal) -> Result<u64, SessionError> {
     let max = wire::max_payload_for(STREAM_CHUNK as u32);
-    let mut reader = FrameReader::new(4 * (HEADER_LEN + max as usize), max);
+    let mut reader = FrameReader::new(4 * (HEADER_LEN + max as usize + TAG_LEN), max, rx);
     let mut dctx = DCtx::create();
     let mut out = vec![0u8; STREAM_CHUNK];
     let (mut pos, mut frames) = (0u64, 0u64);

@@ -66,7 +66,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// "FRY1" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
-pub const VERSION: u16 = 1;
+/// Version 2: every frame after the handshake carries a tag ([`crate::session::seal`]).
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 32;
 /// The largest payload a frame may carry: a chunk (at most 1 MiB by the planner, 64 MiB
 /// if pinned) plus zstd's worst-case expansion. Larger lengths are rejected before any
@@ -206,6 +207,8 @@ pub enum FrameError {
     Lengths { encoding: Encoding, length: u32, raw_len: u32 },
     #[error("zstd payload decodes to {got} bytes, the header says {want}")]
     Decompress { want: u32, got: String },
+    #[error("{kind:?} frame {seq} failed authentication: it was altered, replayed or forged on the way")]
+    Tag { kind: Kind, seq: u64 },
 }
 
 impl Header {

@@ -29,6 +29,7 @@ fn plan() -> Plan {
         },
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Thp, hugepages_2m_needed: 4, mlock: true },
         compression: Compression::Off,
+        limits: Limits::default(),
         reasons: vec![Reason { decision: "transport".into(), value: "tcp".into(), because: "test".into() }],
     }
 }
@@ -196,7 +197,9 @@ fn serves_transfers_status_and_metrics() {
     let addr = listener.local_addr().unwrap().to_string();
     let back = dir.path().join("back");
     let got = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &back, &RecvOptions { auth: auth.clone(), plan: &p, progress: None }));
+        let r = s.spawn(|| {
+            recv_file(&listener, &back, &RecvOptions { auth: auth.clone(), plan: &p, progress: None, total: None, timeout: None })
+        });
         let reply = ask(&serde_json::json!({"cmd": "send", "to": addr, "file": src, "compress": "zstd:1"}).to_string());
         assert_eq!(reply[0]["ok"], true, "{reply:?}");
         assert!(reply[0]["report"]["compressed_in_bytes"].as_u64().unwrap() > 0);

@@ -70,7 +70,7 @@ fn opts<'a>(to: String, plan: &'a Plan) -> SourceOptions<'a> {
 fn destination(plan: Plan) -> (String, std::thread::JoinHandle<Result<Incoming, SessionError>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    (addr, std::thread::spawn(move || accept(&l, &DestOptions { auth: key(), plan: &plan })))
+    (addr, std::thread::spawn(move || accept(&l, &DestOptions { auth: key(), plan: &plan, vmm: None }, |_| Ok(()))))
 }
 
 #[test]
@@ -249,7 +249,11 @@ fn a_one_shot_receiver_is_not_a_migration_destination() {
     let p2 = plan.clone();
     let out = dir.path().join("out");
     let recv = std::thread::spawn(move || {
-        dataplane::engine::recv::recv_file(&l, &out, &dataplane::engine::recv::RecvOptions { auth: key(), plan: &p2, progress: None })
+        dataplane::engine::recv::recv_file(
+            &l,
+            &out,
+            &dataplane::engine::recv::RecvOptions { auth: key(), plan: &p2, progress: None, total: None, timeout: None },
+        )
     });
     let mem = guest(16, 0);
     let err = Source::connect(&mem, opts(addr, &plan)).unwrap_err();

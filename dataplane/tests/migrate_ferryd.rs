@@ -245,9 +245,14 @@ fn descriptors_that_are_not_guest_memory_are_refused() {
     let disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
     disk.as_file().set_len(2048 * PAGE).unwrap();
     let err = MigrateOut::start(&src.socket, to, disk.as_file(), &bitmap, &o).unwrap_err();
-    assert!(err.contains("guest memory descriptor is not a memory file"), "{err}");
+    assert!(err.contains("guest memory descriptor is a regular file on") && err.contains("not a memory file"), "{err}");
     let err = MigrateOut::start(&src.socket, to, &mem, disk.as_file(), &o).unwrap_err();
-    assert!(err.contains("dirty bitmap descriptor is not a memory file"), "{err}");
+    assert!(err.contains("dirty bitmap descriptor is a regular file on") && err.contains("not a memory file"), "{err}");
+    // A pipe, named as such.
+    let (r, _w) = std::io::pipe().unwrap();
+    let pipe = File::from(std::os::fd::OwnedFd::from(r));
+    let err = MigrateOut::start(&src.socket, to, &mem, &pipe, &o).unwrap_err();
+    assert!(err.contains("dirty bitmap descriptor is a pipe, not a memory file"), "{err}");
     let short = hw::memmap::memfd("short", 8, false).unwrap();
     let err = MigrateOut::start(&src.socket, to, &mem, &short, &o).unwrap_err();
     assert!(err.contains("has 8 bytes") && err.contains("need 256"), "{err}");

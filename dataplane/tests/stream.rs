@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::plan::Compression;
+use dataplane::plan::{Compression, Limits};
 use dataplane::stream::{Endpoint, Listener, ProxyOptions, destination, source};
 
 mod common;
@@ -36,11 +36,11 @@ fn setup(compression: Compression) -> Setup {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let serve = l.local_addr().unwrap().to_string();
     let fwd = Endpoint::Unix(dst_sock);
-    let dst = std::thread::spawn(move || destination(&l, &fwd, &ProxyOptions { auth: key(1), compression }));
+    let dst = std::thread::spawn(move || destination(&l, &fwd, &ProxyOptions { auth: key(1), compression, limits: Limits::default() }));
     let src_sock = dir.path().join("ferry.sock");
     let listener = Listener::bind(&Endpoint::Unix(src_sock.clone())).unwrap();
     let to = serve.clone();
-    let src = std::thread::spawn(move || source(&[listener], &to, &ProxyOptions { auth: key(1), compression }));
+    let src = std::thread::spawn(move || source(&[listener], &to, &ProxyOptions { auth: key(1), compression, limits: Limits::default() }));
     Setup { _dir: dir, src_sock, qemu_dst, src, dst, serve }
 }
 

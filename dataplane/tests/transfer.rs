@@ -3,15 +3,16 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use dataplane::auth::{Auth, client_handshake};
 use dataplane::conn::{SessionError, expect_frame, write_frame};
 use dataplane::engine::recv::{RecvOptions, recv_file};
 use dataplane::engine::send::{SendOptions, send_file};
 use dataplane::plan::*;
+use dataplane::session::seal::Seal;
 use dataplane::wire::{self, CONTROL_LANE, Encoding, HEADER_LEN, Header, Kind, Layout};
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 mod common;
 use common::plan;
@@ -67,13 +68,15 @@ fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::e
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (sent, got) = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None }));
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None, total: None, timeout: None }));
         let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None, require_rdma: false });
         (sent, r.join().unwrap())
     });
     let (sent, got) = (sent.unwrap(), got.unwrap());
     assert_eq!(std::fs::read(&out).unwrap(), data, "destination differs");
-    assert!(!Path::new(&format!("{}.partial", out.display())).exists());
+    let partials =
+        std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "partial"));
+    assert_eq!(partials.count(), 0, "no partial file is left");
     assert_eq!(sent.digest, got.digest);
     (sent, got)
 }
@@ -153,23 +156,44 @@ fn adaptive_and_empty_and_tiny() {
     }
 }
 
+/// A sender with the wrong key is refused, moves nothing, and does not end the receiver:
+/// it keeps listening for its real sender, who then succeeds.
 #[test]
-fn wrong_key_moves_nothing() {
+fn wrong_key_moves_nothing_and_the_receiver_keeps_listening() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let out = dir.path().join("out");
-    std::fs::write(&src, image(4, 0)).unwrap();
+    let data = image(4, 0);
+    std::fs::write(&src, &data).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let p = plan(1, 1, Compression::Off, 64 << 10);
-    let other = common::key(1);
-    let (sent, got) = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
-        (send_file(&src, &SendOptions { to: addr.clone(), auth: other, plan: &p, progress: None, require_rdma: false }), r.join().unwrap())
+    let timeout = Some(std::time::Duration::from_secs(20));
+    let (wrong, right, got) = std::thread::scope(|s| {
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout }));
+        let send = |auth| send_file(&src, &SendOptions { to: addr.clone(), auth, plan: &p, progress: None, require_rdma: false });
+        let wrong = send(common::key(1));
+        assert!(!out.exists());
+        (wrong, send(key()), r.join().unwrap())
     });
-    assert!(matches!(sent, Err(SessionError::Auth(_))), "{sent:?}");
-    assert!(matches!(got, Err(SessionError::Auth(_) | SessionError::Peer(_))), "{got:?}");
-    assert!(!out.exists());
+    assert!(matches!(wrong, Err(SessionError::Auth(_))), "{wrong:?}");
+    right.unwrap();
+    got.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
+/// A receiver whose sender never authenticates gives up at its deadline, saying so.
+#[test]
+fn a_receiver_gives_up_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = plan(1, 1, Compression::Off, 64 << 10);
+    let _probe = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let timeout = Some(std::time::Duration::from_secs(1));
+    let e = recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout }).unwrap_err();
+    assert!(e.to_string().contains("timed out after 1 s"), "{e}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing was created");
 }
 
 /// A sender that speaks the protocol up to the first data frame, then writes `bad` on the
@@ -179,7 +203,7 @@ fn wrong_key_moves_nothing() {
 fn hostile(
     size: u64,
     uring: bool,
-    bad: impl FnOnce(&mut TcpStream),
+    bad: impl FnOnce(&mut TcpStream, &mut Seal),
 ) -> (Result<dataplane::engine::Report, SessionError>, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -188,17 +212,17 @@ fn hostile(
     let mut p = plan(1, 1, Compression::Off, 64 << 10);
     p.tcp.io_uring = uring;
     let got = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None }));
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout: None }));
         let mut ctl = TcpStream::connect(addr).unwrap();
-        client_handshake(&mut ctl, &key(), CONTROL_LANE, 0, 0).unwrap();
+        let (_, mut keys) = client_handshake(&mut ctl, &key(), CONTROL_LANE, 0, 0).unwrap();
         let layout = Layout { page_size: 4096, max_chunk: 64 << 10, regions: vec![size] };
-        write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, 1, wire::DataTransport::Tcp)).unwrap();
+        write_frame(&mut ctl, &mut keys.tx, Kind::Session, &wire::session_payload(&layout, 1, wire::DataTransport::Tcp)).unwrap();
         let mut buf = Vec::new();
-        expect_frame(&mut ctl, Kind::SessionOk, &mut buf).unwrap();
+        expect_frame(&mut ctl, &mut keys.rx, Kind::SessionOk, &mut buf).unwrap();
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf).unwrap().session.get();
         let mut lane = TcpStream::connect(addr).unwrap();
-        client_handshake(&mut lane, &key(), 0, session, 0).unwrap();
-        bad(&mut lane);
+        let (_, mut lane_keys) = client_handshake(&mut lane, &key(), 0, session, 0).unwrap();
+        bad(&mut lane, &mut lane_keys.tx);
         drop(lane);
         drop(ctl);
         r.join().unwrap()
@@ -206,34 +230,37 @@ fn hostile(
     (got, out, dir)
 }
 
-fn frame(h: Header, payload: &[u8]) -> Vec<u8> {
+/// A frame as the session's keys seal it: header, payload, tag.
+fn frame(tx: &mut Seal, h: Header, payload: &[u8]) -> Vec<u8> {
     let mut v = h.as_bytes().to_vec();
     v.extend_from_slice(payload);
+    v.extend_from_slice(&tx.tag(&h, [payload]));
     v
 }
 
 /// Each bad input is refused by both ways of receiving.
-fn assert_refused(size: u64, what: &str, bad: impl Fn(&mut TcpStream)) {
+fn assert_refused(size: u64, what: &str, bad: impl Fn(&mut TcpStream, &mut Seal)) {
     for uring in [false, true] {
-        let (got, out, _dir) = hostile(size, uring, &bad);
+        let (got, out, dir) = hostile(size, uring, &bad);
         let e = got.expect_err(what).to_string();
         assert!(e.contains(what), "io_uring {uring}: expected {what:?}, got: {e}");
         assert!(!out.exists(), "{what}: the destination must not appear");
-        assert!(!Path::new(&format!("{}.partial", out.display())).exists(), "{what}: the partial file must be removed");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{what}: the partial file must be removed: {left:?}");
     }
 }
 
 #[test]
 fn offset_past_the_region() {
     let page = vec![1u8; 4096];
-    assert_refused(8192, "runs past the end of region 0", |l| {
-        l.write_all(&frame(Header::data(Encoding::Raw, 0, 8192, 4096, 4096).seal(&page), &page)).unwrap();
+    assert_refused(8192, "runs past the end of region 0", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 8192, 4096, 4096).seal(&page), &page)).unwrap();
     });
-    assert_refused(8192, "runs past the end", |l| {
-        l.write_all(&frame(Header::data(Encoding::Zero, 0, u64::MAX - 4095, 4096, 0).seal(&[]), &[])).unwrap();
+    assert_refused(8192, "runs past the end", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Zero, 0, u64::MAX - 4095, 4096, 0).seal(&[]), &[])).unwrap();
     });
-    assert_refused(8192, "region 3", |l| {
-        l.write_all(&frame(Header::data(Encoding::Raw, 3, 0, 4096, 4096).seal(&page), &page)).unwrap();
+    assert_refused(8192, "region 3", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 3, 0, 4096, 4096).seal(&page), &page)).unwrap();
     });
 }
 
@@ -242,71 +269,96 @@ fn bad_checksum() {
     let page = vec![1u8; 4096];
     let mut h = Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page);
     h.crc = (h.crc.get() ^ 1).into();
-    assert_refused(8192, "checksum mismatch", |l| l.write_all(&frame(h, &page)).unwrap());
+    assert_refused(8192, "checksum mismatch", |l, tx| l.write_all(&frame(tx, h, &page)).unwrap());
+}
+
+/// A relay that changes a frame and recomputes its checksum cannot recompute its tag:
+/// the frame fails authentication and nothing it carries is written.
+#[test]
+fn altered_frame_fails_authentication() {
+    let page = vec![1u8; 4096];
+    assert_refused(8192, "failed authentication", |l, tx| {
+        let mut f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+        f[HEADER_LEN + 10] ^= 0xff;
+        let h = Header::read_from_bytes(&f[..HEADER_LEN]).unwrap().seal(&f[HEADER_LEN..HEADER_LEN + 4096]);
+        f[..HEADER_LEN].copy_from_slice(h.as_bytes());
+        l.write_all(&f).unwrap();
+    });
+    // A frame left out: the next one's sequence number no longer matches.
+    assert_refused(8192, "failed authentication", |l, tx| {
+        let _skipped = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 4096, 4096, 4096).seal(&page), &page)).unwrap();
+    });
 }
 
 #[test]
 fn oversized_and_zeroed_and_unknown_frames() {
-    assert_refused(8192, "exceeds the", |l| l.write_all(Header::new(Kind::Data, wire::MAX_PAYLOAD + 1).as_bytes()).unwrap());
+    assert_refused(8192, "exceeds the", |l, _| l.write_all(Header::new(Kind::Data, wire::MAX_PAYLOAD + 1).as_bytes()).unwrap());
     // Within the protocol's maximum but beyond what this session's 64 KiB chunks can need:
     // refused before anything is allocated for it.
-    assert_refused(8192, "of 1048576 bytes exceeds the 70144-byte maximum", |l| {
+    assert_refused(8192, "of 1048576 bytes exceeds the 70144-byte maximum", |l, _| {
         l.write_all(Header::new(Kind::Data, 1 << 20).as_bytes()).unwrap()
     });
-    assert_refused(8192, "bad magic 0x00000000", |l| l.write_all(&[0u8; HEADER_LEN]).unwrap());
+    assert_refused(8192, "bad magic 0x00000000", |l, _| l.write_all(&[0u8; HEADER_LEN]).unwrap());
     let mut h = Header::new(Kind::Data, 0);
     h.kind = 200;
-    assert_refused(8192, "unknown frame kind 200", |l| l.write_all(h.seal(&[]).as_bytes()).unwrap());
-    assert_refused(8192, "expected a Data frame, got Session", |l| {
-        l.write_all(Header::new(Kind::Session, 0).seal(&[]).as_bytes()).unwrap()
+    assert_refused(8192, "unknown frame kind 200", |l, _| l.write_all(h.seal(&[]).as_bytes()).unwrap());
+    assert_refused(8192, "expected a Data frame, got Session", |l, tx| {
+        l.write_all(&frame(tx, Header::new(Kind::Session, 0).seal(&[]), &[])).unwrap()
     });
 }
 
 #[test]
 fn malformed_data_frames() {
-    assert_refused(8192, "carries 5 payload bytes for 4096", |l| {
-        l.write_all(&frame(Header::data(Encoding::Zero, 0, 0, 4096, 5).seal(b"12345"), b"12345")).unwrap();
+    assert_refused(8192, "carries 5 payload bytes for 4096", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Zero, 0, 0, 4096, 5).seal(b"12345"), b"12345")).unwrap();
     });
-    assert_refused(8192, "not aligned", |l| {
-        l.write_all(&frame(Header::data(Encoding::Zero, 0, 100, 4096, 0).seal(&[]), &[])).unwrap();
+    assert_refused(8192, "not aligned", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Zero, 0, 100, 4096, 0).seal(&[]), &[])).unwrap();
     });
     let junk = b"definitely not a zstd frame";
-    assert_refused(8192, "zstd payload decodes", |l| {
-        l.write_all(&frame(Header::data(Encoding::Zstd, 0, 0, 4096, junk.len() as u32).seal(junk), junk)).unwrap();
+    assert_refused(8192, "zstd payload decodes", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Zstd, 0, 0, 4096, junk.len() as u32).seal(junk), junk)).unwrap();
     });
 }
 
 #[test]
 fn truncated_stream_and_missing_lane_end() {
     let page = vec![1u8; 4096];
-    assert_refused(8192, "peer closed the connection", |l| {
-        let f = frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+    assert_refused(8192, "peer closed the connection", |l, tx| {
+        let f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
         l.write_all(&f[..HEADER_LEN + 100]).unwrap();
     });
     // Whole frames, but the sender vanishes before LANE_END and DONE.
-    assert_refused(8192, "peer closed the connection", |l| {
-        l.write_all(&frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
+    assert_refused(8192, "peer closed the connection", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
     });
     // A lane end that does not match what arrived.
-    assert_refused(8192, "lane 0 ended after 0 frames", |l| {
+    assert_refused(8192, "lane 0 ended after 0 frames", |l, tx| {
         let end = wire::LaneEnd { frames: 3.into(), bytes: 99.into() };
-        l.write_all(&frame(Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
+        l.write_all(&frame(tx, Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
     });
 }
 
 #[test]
 fn overlapping_and_missing_pages() {
     let page = vec![1u8; 4096];
-    assert_refused(8192, "pages already written", |l| {
-        let f = frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+    // Two frames for the same page, each sealed in its turn (a replay of the same frame
+    // fails its tag before the page is looked at).
+    assert_refused(8192, "pages already written", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
+    });
+    assert_refused(8192, "failed authentication", |l, tx| {
+        let f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
         l.write_all(&f).unwrap();
         l.write_all(&f).unwrap();
     });
     // Every frame well-formed and the lane's counts honest, but page 1 never sent.
-    assert_refused(8192, "1 of the region's 2 pages delivered", |l| {
-        let f = frame(Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
+    assert_refused(8192, "1 of the region's 2 pages delivered", |l, tx| {
+        let f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
         l.write_all(&f).unwrap();
         let end = wire::LaneEnd { frames: 1.into(), bytes: (f.len() as u64).into() };
-        l.write_all(&frame(Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
+        l.write_all(&frame(tx, Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
     });
 }

@@ -40,6 +40,7 @@ use std::path::PathBuf;
 
 use caps::KernelInfo;
 pub use caps::{CAPS_SCHEMA_VERSION, Capabilities};
+pub use memory::{HostMemory, host_memory};
 use sysfs::SysRoot;
 
 /// Where the probes look.

@@ -60,6 +60,46 @@ pub fn is_memory_file(file: &File) -> io::Result<bool> {
     Ok(file.metadata()?.is_file() && (fs == TMPFS_MAGIC || fs == HUGETLBFS_MAGIC))
 }
 
+/// What kind of file `file` is, in words for an error message: "a pipe", "a socket",
+/// "a directory", "a regular file on ext4", "a memfd or tmpfs file"...
+pub fn describe(file: &File) -> String {
+    use nix::sys::statfs::fstatfs;
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = file.metadata() else { return "a descriptor that cannot be examined".into() };
+    let t = meta.file_type();
+    if t.is_fifo() {
+        return "a pipe".into();
+    }
+    if t.is_socket() {
+        return "a socket".into();
+    }
+    if t.is_dir() {
+        return "a directory".into();
+    }
+    if t.is_char_device() {
+        return "a character device".into();
+    }
+    if t.is_block_device() {
+        return "a block device".into();
+    }
+    // statfs(2)'s f_type values (include/uapi/linux/magic.h).
+    let fs = fstatfs(file).map(|s| s.filesystem_type().0).unwrap_or(0);
+    let name = match fs {
+        0x0102_1994 => return "a memfd or tmpfs file".into(),
+        0x9584_58f6 => return "a hugetlbfs file".into(),
+        0xEF53 => "ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x794c_7630 => "overlayfs",
+        0x6969 => "nfs",
+        0x9fa0 => "procfs",
+        0x6265_6572 => "sysfs",
+        0x0102_1997 => "9p",
+        _ => return format!("a regular file on a file system with magic {fs:#x}"),
+    };
+    format!("a regular file on {name}")
+}
+
 /// A shared read-write mapping of a whole file: guest memory as a VMM (or ferry's guest
 /// simulator) writes it, while other processes read it through their own mappings.
 #[derive(Debug)]
@@ -236,6 +276,10 @@ mod tests {
         assert_eq!(SourceMap::new(&f).unwrap().as_slice()[4096], 9, "one file, two mappings");
         let disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         assert!(!is_memory_file(disk.as_file()).unwrap(), "a file on disk is not guest memory");
+        assert!(describe(disk.as_file()).starts_with("a regular file on"), "{}", describe(disk.as_file()));
+        assert_eq!(describe(&f), "a memfd or tmpfs file");
+        let (r, _w) = std::io::pipe().unwrap();
+        assert_eq!(describe(&File::from(std::os::fd::OwnedFd::from(r))), "a pipe");
     }
 
     #[test]

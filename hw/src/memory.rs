@@ -68,10 +68,47 @@ pub(crate) fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
+/// This host's memory as `/proc/meminfo` tells it now, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMemory {
+    /// RAM and swap together.
+    pub total: u64,
+    /// What can be allocated now without pushing other memory out: MemAvailable plus free
+    /// swap.
+    pub available: u64,
+}
+
+/// Reads `/proc/meminfo`: how much guest memory or incoming memory this host can back.
+pub fn host_memory() -> std::io::Result<HostMemory> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo")?)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "/proc/meminfo lacks MemTotal or MemAvailable"))
+}
+
+fn parse_meminfo(text: &str) -> Option<HostMemory> {
+    let field = |name: &str| -> Option<u64> {
+        let rest = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?;
+        rest.split_whitespace().next()?.parse::<u64>().ok().map(|kib| kib << 10)
+    };
+    let (swap, swap_free) = (field("SwapTotal").unwrap_or(0), field("SwapFree").unwrap_or(0));
+    Some(HostMemory { total: field("MemTotal")? + swap, available: field("MemAvailable")? + swap_free })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::FakeSys;
+
+    #[test]
+    fn meminfo() {
+        let m = parse_meminfo(
+            "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   20000000 kB\nSwapTotal: 1000 kB\nSwapFree: 500 kB\n",
+        )
+        .unwrap();
+        assert_eq!(m, HostMemory { total: 24_001_000 << 10, available: 20_000_500 << 10 });
+        assert!(parse_meminfo("MemFree: 1 kB\n").is_none());
+        let live = host_memory().unwrap();
+        assert!(live.total >= live.available / 2 && live.total > 0, "{live:?}");
+    }
 
     #[test]
     fn thp_mode_is_the_bracketed_word() {

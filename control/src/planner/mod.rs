@@ -7,7 +7,7 @@
 mod rdma;
 mod sizing;
 
-use dataplane::plan::{PLAN_SCHEMA_VERSION, Plan, Reason, Transport};
+use dataplane::plan::{Limits, PLAN_SCHEMA_VERSION, Plan, Reason, Transport};
 use hw::caps::Capabilities;
 
 use crate::config::{Config, TransportChoice};
@@ -57,6 +57,7 @@ pub fn plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, PlanError> {
     };
     let tcp = sizing::tcp(caps, cfg, transport, &link, workers, chunk, &mut r)?;
     let arena = sizing::arena(caps, cfg, numa_node, workers, chunk, &link, rdma.as_ref(), &tcp, &mut r)?;
+    let limits = limits(cfg, &mut r);
     Ok(Plan {
         schema_version: PLAN_SCHEMA_VERSION,
         host: caps.hostname.clone(),
@@ -70,8 +71,47 @@ pub fn plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, PlanError> {
         tcp,
         arena,
         compression,
+        limits,
         reasons: r.0,
     })
+}
+
+/// The limits `[limits]` sets.
+pub fn limits_of(cfg: &Config) -> Limits {
+    let c = &cfg.limits;
+    Limits {
+        preauth_connections: c.preauth_connections.0 as u32,
+        preauth_bytes: c.preauth_bytes.0,
+        handshake_timeout_ms: c.handshake_timeout_ms.0,
+        max_region_bytes: c.max_region_gib.value().map(|g| g << 30),
+        max_lanes: c.max_lanes.0 as u32,
+        session_buffer_bytes: c.session_buffer_mib.0 << 20,
+        control_clients: c.control_clients.0 as u32,
+        control_fds_per_message: c.control_fds_per_message.0 as u32,
+        metrics_clients: c.metrics_clients.0 as u32,
+    }
+}
+
+/// The limits from `[limits]`, as one decision.
+fn limits(cfg: &Config, r: &mut Reasons) -> Limits {
+    let l = limits_of(cfg);
+    let region = l.max_region_bytes.map_or_else(|| "what the host can back".to_string(), |b| format!("{} GiB", b >> 30));
+    r.add(
+        "limits",
+        format!(
+            "{} unauthenticated connections, {} s handshake, {} lanes and {} MiB of buffers per session, regions up to {region}",
+            l.preauth_connections,
+            l.handshake_timeout_ms as f64 / 1e3,
+            l.max_lanes,
+            l.session_buffer_bytes >> 20
+        ),
+        if cfg.limits == crate::config::LimitsConfig::default() {
+            "defaults ([limits] in ferry.toml)"
+        } else {
+            "from [limits] in ferry.toml"
+        },
+    );
+    l
 }
 
 /// The transport ladder: RDMA > TCP over io_uring > TCP over plain sockets. A forced

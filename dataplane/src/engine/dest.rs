@@ -26,10 +26,12 @@ pub struct Dest<'f> {
 }
 
 impl<'f> Dest<'f> {
-    /// `file` must already have its final length.
-    pub fn new(file: &'f File, len: u64, page: u64) -> Dest<'f> {
+    /// `file` must already have its final length. The claim table is one bit per page; a
+    /// host that cannot hold it gets an error, not an abort.
+    pub fn new(file: &'f File, len: u64, page: u64) -> Result<Dest<'f>, crate::session::limits::LimitError> {
         let pages = len.div_ceil(page);
-        Dest { file, len, page, claimed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+        let claimed = crate::session::limits::table_with(pages.div_ceil(64), || AtomicU64::new(0), "the page claim table")?;
+        Ok(Dest { file, len, page, claimed })
     }
 
     /// Claims the pages of `offset..offset + len` (`offset` on a page boundary).
@@ -134,7 +136,7 @@ mod tests {
         let p = dir.path().join("d");
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
         f.set_len(64 * 4096 + 100).unwrap();
-        let d = Dest::new(&f, 64 * 4096 + 100, 4096);
+        let d = Dest::new(&f, 64 * 4096 + 100, 4096).unwrap();
         assert_eq!(d.pages(), 65);
         d.write(4096, &[7u8; 8192]).unwrap();
         assert!(d.write(8192, &[1u8; 10]).is_err(), "page 2 is taken");
@@ -160,7 +162,7 @@ mod tests {
     fn rounds_rewrite_and_punch() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(4 * 4096).unwrap();
-        let d = Dest::new(&f, 4 * 4096, 4096);
+        let d = Dest::new(&f, 4 * 4096, 4096).unwrap();
         d.write(0, &[5u8; 4 * 4096]).unwrap();
         assert!(d.write(4096, &[6u8; 4096]).is_err(), "once per round");
         d.next_round();

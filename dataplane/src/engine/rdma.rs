@@ -1,10 +1,12 @@
 //! The RDMA transport: RC queue pairs and one-sided RDMA WRITEs straight into the
 //! receiver's registered destination.
 //!
-//! **Sender.** The source is registered once, for local reads only. Each worker owns a CQ,
-//! `qps_per_worker` QPs and its arena (registered once; its first pages are the zero
-//! buffer). A chunk becomes work requests (WRs): each WR writes one contiguous destination
-//! range and gathers its bytes with up to `send_sge` SGEs, from runs of source pages and,
+//! **Sender.** Each worker owns a CQ, `qps_per_worker` QPs and its arena (registered once;
+//! its first pages are the zero buffer, the rest staging slots). A chunk is read from the
+//! source with `pread` (never mapped: a file that shrinks is an error, not a SIGBUS), its
+//! data runs are staged in a slot, and it becomes work requests (WRs): each WR writes one
+//! contiguous destination range and gathers its bytes with up to `send_sge` SGEs, from
+//! staged runs of source pages and,
 //! for short zero gaps between them, from the zero buffer, so a chunk with scattered zero
 //! pages is one WR instead of several. Longer zero runs are skipped (the destination
 //! starts zeroed). The chunk's last WR is a WRITE_WITH_IMM: it consumes one receive the
@@ -26,14 +28,14 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, Mr, PathSpec, Qp, QpCaps, SendBatch, SendOp, Sge, Staging};
+use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, PathSpec, Qp, QpCaps, SendBatch, SendOp, Sge, Staging};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::send::WorkerResult;
 use super::{IDLE_TIMEOUT, PAGE};
-use crate::conn::{SessionError, expect_frame, write_frame};
+use crate::conn::{Ctl, SessionError};
 use crate::digest::Digest;
 use crate::encode::{EncodeStats, page_runs};
 use crate::plan::{Plan, RdmaPlan};
@@ -44,8 +46,7 @@ use crate::wire::{self, Kind};
 const ZERO_FILL_MAX: usize = 2 * PAGE;
 /// Completions read per `ibv_poll_cq`.
 const POLL_BATCH: usize = 32;
-/// Chunk slots in a worker's staging arena when the source cannot be registered in place:
-/// one being filled while the others are on the wire.
+/// Chunk slots in a worker's staging arena: one being filled while the others are on the wire.
 const STAGING_SLOTS: usize = 4;
 
 /// RDMA figures for the transfer report.
@@ -212,9 +213,9 @@ fn readable(ctl: &TcpStream) -> Result<bool, SessionError> {
 
 /// Waits until every worker is done, watching the control connection meanwhile: an ERROR
 /// frame or EOF from the peer stops the workers (`abort`) and is the session's error.
-fn watch_control(ctl: &mut TcpStream, done: &AtomicUsize, workers: usize, abort: &AtomicBool) -> Option<SessionError> {
+fn watch_control(ctl: &mut Ctl, done: &AtomicUsize, workers: usize, abort: &AtomicBool) -> Option<SessionError> {
     while done.load(Ordering::Acquire) < workers {
-        match readable(ctl) {
+        match readable(&ctl.s) {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => {
@@ -225,7 +226,7 @@ fn watch_control(ctl: &mut TcpStream, done: &AtomicUsize, workers: usize, abort:
         abort.store(true, Ordering::Relaxed);
         // Nothing but the peer's ERROR (or EOF) may arrive while the workers run.
         let mut buf = Vec::new();
-        return Some(match expect_frame(ctl, Kind::Error, &mut buf) {
+        return Some(match ctl.expect(Kind::Error, &mut buf) {
             Ok(_) => SessionError::Peer(String::from_utf8_lossy(&buf).into_owned()),
             Err(e) => e,
         });
@@ -259,8 +260,7 @@ fn first_error<T>(results: Vec<Result<T, SessionError>>) -> Result<Vec<T>, Sessi
 
 /// What every sending worker shares.
 struct Job<'a> {
-    source: &'a [u8],
-    src_mr: Option<&'a Mr<'a>>,
+    source: &'a super::send::SourceFile<'a>,
     chunk: usize,
     n_chunks: u64,
     next: &'a AtomicU64,
@@ -321,6 +321,8 @@ struct SendWorker<'a> {
     stats: EncodeStats,
     latency: hdrhistogram::Histogram<u64>,
     report: RdmaReport,
+    /// The chunk being sent, as read from the source.
+    chunk_buf: Vec<u8>,
     /// This worker's live counters.
     live: &'static crate::live::Counters,
 }
@@ -328,7 +330,7 @@ struct SendWorker<'a> {
 impl<'a> SendWorker<'a> {
     /// Turns the chunk at `start` into WRs (`self.wrs`, `self.sges`) and folds its pages
     /// into the digest.
-    fn build(&mut self, start: usize, bytes: &'a [u8]) {
+    fn build(&mut self, start: usize, bytes: &[u8]) {
         self.runs.clear();
         self.wrs.clear();
         self.sges.clear();
@@ -362,13 +364,8 @@ impl<'a> SendWorker<'a> {
                 self.wrs.push(open.take().expect("checked"));
             }
             let w = open.get_or_insert(Wr { offset: off as u64, first_sge: self.sges.len(), sges: 0, len: 0 });
-            match self.job.src_mr {
-                Some(src) => self.sges.push(src.sge(off, len)),
-                None => {
-                    self.stage.write(slot + s, &bytes[s..e]);
-                    self.sges.push(self.stage.sge(slot + s, len));
-                }
-            }
+            self.stage.write(slot + s, &bytes[s..e]);
+            self.sges.push(self.stage.sge(slot + s, len));
             w.sges += 1;
             w.len += len as u64;
         }
@@ -443,7 +440,6 @@ impl<'a> SendWorker<'a> {
         self.turn = l + 1;
         self.lanes[l].credits -= 1;
         let (addr, rkey) = (self.job.remote_addr, self.job.rkey);
-        let staged = self.job.src_mr.is_none();
         let mut i = 0;
         while i < self.wrs.len() {
             let lane = &self.lanes[l];
@@ -458,8 +454,8 @@ impl<'a> SendWorker<'a> {
                 let remote_addr = addr + w.offset;
                 let last = k + 1 == self.wrs.len();
                 let op = if last { SendOp::WriteImm { remote_addr, rkey, imm: index as u32 } } else { SendOp::Write { remote_addr, rkey } };
-                // A staged chunk's last WR is signaled: its completion frees the slot.
-                self.push(l, op, w.first_sge..w.first_sge + w.sges, w.len, staged && last);
+                // A chunk's last WR is signaled: its completion frees its staging slot.
+                self.push(l, op, w.first_sge..w.first_sge + w.sges, w.len, last);
                 self.report.work_requests += 1;
                 self.report.sges += w.sges as u64;
                 self.report.max_sges_per_wr = self.report.max_sges_per_wr.max(w.sges as u32);
@@ -496,16 +492,20 @@ impl<'a> SendWorker<'a> {
                 return Err(SessionError::Rdma(ABORTED.into()));
             }
             let start = i as usize * job.chunk;
-            let bytes = &job.source[start..(start + job.chunk).min(job.source.len())];
-            if job.src_mr.is_none() {
-                self.wait_for_slot()?;
-            }
+            let len = (job.source.size - start as u64).min(job.chunk as u64) as usize;
+            // The chunk is read with pread (never through a mapping of the file, which a
+            // shrinking file would turn into SIGBUS), then its data runs are staged.
+            let mut chunk = std::mem::take(&mut self.chunk_buf);
+            chunk.resize(job.chunk, 0);
+            job.source.read(&mut chunk[..len], start as u64)?;
+            self.wait_for_slot()?;
             let zero_before = self.stats.zero_pages;
             let wire_before: u64 = self.lanes.iter().map(|l| l.end.bytes.get()).sum();
-            self.build(start, bytes);
+            self.build(start, &chunk[..len]);
+            self.chunk_buf = chunk;
             self.post_chunk(i)?;
             let wire: u64 = self.lanes.iter().map(|l| l.end.bytes.get()).sum::<u64>() - wire_before;
-            self.live.add(bytes.len() as u64, wire, self.wrs.len() as u64, self.stats.zero_pages - zero_before);
+            self.live.add(len as u64, wire, self.wrs.len() as u64, self.stats.zero_pages - zero_before);
             self.chunks += 1;
             // Zero pages of a chunk count on the lane that carried its neighbours; an
             // all-zero chunk counts on lane 0.
@@ -513,7 +513,7 @@ impl<'a> SendWorker<'a> {
             self.lanes[l].end.zero_pages += self.stats.zero_pages - zero_before;
             self.stats.frames += self.wrs.len() as u64;
             if let Some(p) = job.progress {
-                p.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                p.fetch_add(len as u64, Ordering::Relaxed);
             }
         }
         // Signal the tail of each lane with a zero-length WRITE, then wait for everything.
@@ -540,11 +540,11 @@ impl<'a> SendWorker<'a> {
 /// runs `confirm` (DONE/RESULT) while the QPs still exist, so the receiver's last credit
 /// messages find them.
 pub(crate) fn send(
-    ctl: &mut TcpStream,
-    source: &[u8],
+    ctl: &mut Ctl,
+    source: &super::send::SourceFile<'_>,
     plan: &Plan,
     progress: Option<&AtomicU64>,
-    confirm: impl FnOnce(&mut TcpStream, Digest) -> Result<(), SessionError>,
+    confirm: impl FnOnce(&mut Ctl, Digest) -> Result<(), SessionError>,
 ) -> Result<(Vec<WorkerResult>, RdmaReport), SessionError> {
     let rp = plan.rdma.as_ref().ok_or_else(|| SessionError::Protocol("the plan has no rdma section".into()))?;
     let workers = plan.worker_cpus.len();
@@ -555,41 +555,18 @@ pub(crate) fn send(
     let pd = dev.ctx.alloc_pd()?;
     let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, ..RdmaReport::default() };
 
-    let t = Instant::now();
-    let registered = if source.is_empty() { None } else { Some(pd.register_read(source)) };
-    let src_mr = match registered {
-        None => None,
-        Some(Ok(mr)) => {
-            registration(&mut report, source.len() as u64, t);
-            log::info!(
-                "registered the {} MiB source on {} in {:.3} s ({:.2} GB/s)",
-                source.len() >> 20,
-                dev.name,
-                report.registration_seconds,
-                report.registration_gbps
-            );
-            Some(mr)
-        }
-        Some(Err(e)) => {
-            // Linux 6.1 pins every registration for writing (FOLL_WRITE|FOLL_FORCE), which a
-            // read-only mapping refuses with EFAULT (seen in the Soft-RoCE guest).
-            log::warn!(
-                "cannot register the source for zero-copy reads ({e}); older kernels (6.1) pin even read-only registrations \
-                 for writing: each chunk is copied into the worker's registered arena instead"
-            );
-            None
-        }
-    };
-    report.zero_copy = src_mr.is_some() || source.is_empty();
+    // The source is read with pread into each worker's registered arena, never mapped: a
+    // file that shrinks under the transfer is an error, not a SIGBUS that ends ferryd.
+    // (Registering a mapping of it for the NIC to read in place would need the CPU to stay
+    // off that mapping, and the zero-page scan reads every byte anyway.)
+    report.zero_copy = false;
     // Each worker's arena, registered once: the zero buffer (fresh anonymous memory reads
-    // as zero and is never written there), then the staging slots when they are needed.
-    let arena_bytes = ZERO_FILL_MAX + if src_mr.is_none() { STAGING_SLOTS * plan.chunk_size_bytes as usize } else { 0 };
+    // as zero and is never written there), then the staging slots.
+    let arena_bytes = ZERO_FILL_MAX + STAGING_SLOTS * plan.chunk_size_bytes as usize;
     let t = Instant::now();
     let stages =
         (0..workers).map(|_| Ok(pd.register_staging(super::arena(plan, arena_bytes)?)?)).collect::<Result<Vec<_>, SessionError>>()?;
-    if src_mr.is_none() {
-        registration(&mut report, stages.iter().map(|s| s.len() as u64).sum(), t);
-    }
+    registration(&mut report, stages.iter().map(|s| s.len() as u64).sum(), t);
     let cqs = (0..workers).map(|_| dev.ctx.create_cq(rp.cq_depth as i32)).collect::<Result<Vec<_>, _>>()?;
     let caps = QpCaps {
         max_send_wr: rp.sq_depth,
@@ -621,9 +598,9 @@ pub(crate) fn send(
         infiniband: u8::from(dev.gid_index.is_none()),
         _pad: [0; 7],
     };
-    write_frame(ctl, Kind::RdmaConnect, &wire::list_payload(&hello, &eps))?;
+    ctl.send(Kind::RdmaConnect, &wire::list_payload(&hello, &eps))?;
     let mut buf = Vec::new();
-    expect_frame(ctl, Kind::RdmaAccept, &mut buf)?;
+    ctl.expect(Kind::RdmaAccept, &mut buf)?;
     let (acc, peer) = wire::parse_list::<wire::RdmaAccept, wire::RdmaEndpoint>(Kind::RdmaAccept, &buf, lanes)?;
     let mtu = check_mtu(acc.mtu.get())?;
     if mtu > dev.mtu {
@@ -645,9 +622,8 @@ pub(crate) fn send(
     let done = AtomicUsize::new(0);
     let job = Job {
         source,
-        src_mr: src_mr.as_ref(),
         chunk: plan.chunk_size_bytes as usize,
-        n_chunks: source.len().div_ceil(plan.chunk_size_bytes as usize) as u64,
+        n_chunks: source.size.div_ceil(plan.chunk_size_bytes),
         next: &next,
         abort: &abort,
         progress,
@@ -680,7 +656,7 @@ pub(crate) fn send(
     }
     let results = first_error(results)?;
     report.data_seconds = t_data.elapsed().as_secs_f64();
-    report.data_gbps = if report.data_seconds > 0.0 { source.len() as f64 / report.data_seconds / 1e9 } else { 0.0 };
+    report.data_gbps = if report.data_seconds > 0.0 { source.size as f64 / report.data_seconds / 1e9 } else { 0.0 };
     let mut ends = Vec::with_capacity(lanes);
     let mut out = Vec::with_capacity(workers);
     let mut digest = Digest::default();
@@ -699,7 +675,7 @@ pub(crate) fn send(
         report.posts += rep.posts;
         out.push(r);
     }
-    write_frame(ctl, Kind::RdmaEnd, ends.as_bytes())?;
+    ctl.send(Kind::RdmaEnd, ends.as_bytes())?;
     confirm(ctl, digest)?;
     drop(keep);
     Ok((out, report))
@@ -757,6 +733,7 @@ fn run_send_worker<'a>(
         stats: EncodeStats::default(),
         latency: super::latency_histogram(),
         report: RdmaReport::default(),
+        chunk_buf: Vec::new(),
         live: crate::live::worker(crate::live::Role::Send, index),
     };
     w.run()?;
@@ -866,7 +843,7 @@ impl Poller<'_> {
 /// lane, answers RDMA_ACCEPT, and waits for RDMA_END and for every WRITE_WITH_IMM it
 /// announces. Returns the destination's digest, computed after deregistration.
 pub(crate) fn recv(
-    ctl: &mut TcpStream,
+    ctl: &mut Ctl,
     file: &std::fs::File,
     size: u64,
     lanes: u16,
@@ -876,7 +853,7 @@ pub(crate) fn recv(
 ) -> Result<Received, SessionError> {
     let lanes = usize::from(lanes);
     let mut buf = Vec::new();
-    expect_frame(ctl, Kind::RdmaConnect, &mut buf)?;
+    ctl.expect(Kind::RdmaConnect, &mut buf)?;
     let (hello, peer) = wire::parse_list::<wire::RdmaConnect, wire::RdmaEndpoint>(Kind::RdmaConnect, &buf, lanes)?;
     let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
     if workers == 0 || qpw == 0 || workers * qpw != lanes {
@@ -933,7 +910,7 @@ pub(crate) fn recv(
         credits: credits.into(),
         _pad: 0.into(),
     };
-    write_frame(ctl, Kind::RdmaAccept, &wire::list_payload(&acc, &eps))?;
+    ctl.send(Kind::RdmaAccept, &wire::list_payload(&acc, &eps))?;
     log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}); the sender writes directly into the destination", dev.name);
 
     let fail_after = std::env::var("FERRY_TEST_RDMA_QP_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
@@ -983,11 +960,9 @@ pub(crate) fn recv(
     // Nothing may write the destination any more: the QPs went with their pollers; now
     // the registration goes.
     drop(region);
-    let mut digest = Digest::default();
-    if size > 0 {
-        let map = hw::memmap::SourceMap::new(file).map_err(|source| SessionError::Region { path: "the destination".into(), source })?;
-        digest.add(0, 0, PAGE, map.as_slice());
-    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let digest = Digest::of_file(0, PAGE, file, size, threads, false)
+        .map_err(|source| SessionError::Region { path: "the destination".into(), source })?;
     let sum = |f: fn(&wire::RdmaLaneEnd) -> u64| ends.iter().map(f).sum::<u64>();
     Ok(Received { digest, imms: sum(|e| e.imms.get()), bytes: sum(|e| e.bytes.get()), zero_pages: sum(|e| e.zero_pages.get()), report })
 }
@@ -997,7 +972,7 @@ pub(crate) fn recv(
 /// arrives for the idle timeout.
 #[allow(clippy::too_many_arguments)]
 fn control_side(
-    ctl: &mut TcpStream,
+    ctl: &mut Ctl,
     lanes: usize,
     expected: &[AtomicU64],
     received: &[AtomicU64],
@@ -1034,13 +1009,13 @@ fn control_side(
             std::thread::park_timeout(Duration::from_millis(100));
             continue;
         }
-        match readable(ctl) {
+        match readable(&ctl.s) {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => return fail(e),
         }
         let mut buf = Vec::new();
-        if let Err(e) = expect_frame(ctl, Kind::RdmaEnd, &mut buf) {
+        if let Err(e) = ctl.expect(Kind::RdmaEnd, &mut buf) {
             return fail(e);
         }
         let list = match <[wire::RdmaLaneEnd]>::ref_from_bytes(&buf) {

@@ -1,25 +1,32 @@
 //! The receiving side: accepts one session, writes its region into a file, digests the
-//! result and answers the sender. The destination is written to `OUT.partial` and renamed
-//! to `OUT` only once the digests match; any failure removes it.
+//! result and answers the sender. The destination is written to a partial file of this
+//! session's own (`OUT.<random>.partial`, created exclusively) and renamed to `OUT` once
+//! the digests match; only then is the sender told the transfer succeeded. Any failure
+//! removes the partial file.
+//!
+//! Connections that do not authenticate (a port probe, a wrong key, garbage) are turned
+//! away and the receiver keeps listening for its real sender ([`crate::session::accept`]).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
 use super::dest::Dest;
-use super::{IDLE_TIMEOUT, PAGE, Report, cpu_seconds, tune_socket};
-use crate::auth::{Auth, server_handshake};
-use crate::conn::{SessionError, expect_frame, send_error, write_frame};
+use super::{PAGE, Report, cpu_seconds, tune_socket};
+use crate::auth::Auth;
+use crate::conn::{Ctl, SessionError};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::lane::LaneReader;
 use crate::plan::{Plan, Transport};
+use crate::session::accept::{Acceptor, Authed, Next, Wait};
+use crate::session::limits::{Backing, check_lanes, check_region};
+use crate::session::seal::TAG_LEN;
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout};
 
 #[derive(Debug)]
@@ -28,12 +35,35 @@ pub struct RecvOptions<'a> {
     pub plan: &'a Plan,
     /// Region bytes received so far, for a progress bar.
     pub progress: Option<&'a AtomicU64>,
+    /// The region's size once the sender has described it, for a progress bar.
+    pub total: Option<&'a AtomicU64>,
+    /// How long to wait for a sender that authenticates; `None`: as long as it takes.
+    pub timeout: Option<std::time::Duration>,
 }
 
-/// `OUT.partial`, removed on drop unless the transfer was confirmed.
+/// This session's partial file, removed on drop unless it was put in place.
 struct Partial {
     path: PathBuf,
     done: bool,
+}
+
+impl Partial {
+    /// Creates `OUT.<random>.partial` next to `out`, exclusively: two receivers given the
+    /// same `--out` never write into one file.
+    fn create(out: &Path) -> Result<(Partial, std::fs::File), SessionError> {
+        let mut id = [0u8; 6];
+        getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a file name: {e}")))?;
+        let suffix: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let path = PathBuf::from(format!("{}.{suffix}.partial", out.display()));
+        // Read-write: RDMA maps it shared to register it, and digests it afterwards.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
+        Ok((Partial { path, done: false }, file))
+    }
 }
 
 impl Drop for Partial {
@@ -61,16 +91,33 @@ struct LaneStats {
     write_latency: Option<hdrhistogram::Histogram<u64>>,
 }
 
-/// Receives one session on `listener` into the file `out`.
+/// Receives one session on `listener` into the file `out`. Connections that do not
+/// authenticate are turned away; the first that does is the session.
 pub fn recv_file(listener: &TcpListener, out: &Path, opts: &RecvOptions<'_>) -> Result<Report, SessionError> {
-    let (mut ctl, peer) = listener.accept().map_err(|e| SessionError::io("accepting the control connection", e))?;
-    tune_socket(&ctl)?;
+    if out.is_dir() {
+        return Err(SessionError::Region {
+            path: out.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::IsADirectory, "it is a directory: give --out a file name"),
+        });
+    }
+    // RDMA is offered when this side's plan has a device for it.
+    let offer = if opts.plan.rdma.is_some() { wire::features::RDMA } else { 0 };
+    let acc = Acceptor::new(listener, &opts.auth, offer, &opts.plan.limits).map_err(|e| SessionError::io("listening", e))?;
+    let wait = Wait { what: "a sender", deadline: opts.timeout.map(|t| Instant::now() + t), watch: &[] };
+    let Next::Conn(Authed { s, peer, hello, keys }) = acc.next(wait, |a| {
+        if a.hello.lane.get() == CONTROL_LANE { Ok(()) } else { Err(format!("lane {} before any session", a.hello.lane.get())) }
+    })?
+    else {
+        unreachable!("nothing is watched")
+    };
+    tune_socket(&s)?;
+    let mut ctl = Ctl::new(s, keys);
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
-    let r = session(listener, &mut ctl, out, opts, t0, cpu0);
+    let r = session(&acc, &mut ctl, hello.features.get(), out, opts, t0, cpu0);
     match &r {
         Err(SessionError::Peer(_) | SessionError::PeerClosed { .. }) => {}
-        Err(e) => send_error(&mut ctl, &e.to_string()),
+        Err(e) => ctl.close_with_error(&e.to_string()),
         Ok(_) => {}
     }
     log::info!("session from {peer} ended: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()));
@@ -78,22 +125,18 @@ pub fn recv_file(listener: &TcpListener, out: &Path, opts: &RecvOptions<'_>) -> 
 }
 
 fn session(
-    listener: &TcpListener,
-    ctl: &mut TcpStream,
+    acc: &Acceptor<'_>,
+    ctl: &mut Ctl,
+    features: u64,
     out: &Path,
     opts: &RecvOptions<'_>,
     t0: Instant,
     cpu0: f64,
 ) -> Result<Report, SessionError> {
-    // RDMA is offered when this side's plan has a device for it.
-    let hello = server_handshake(ctl, &opts.auth, if opts.plan.rdma.is_some() { wire::features::RDMA } else { 0 })?;
-    if hello.lane.get() != CONTROL_LANE {
-        return Err(SessionError::Protocol(format!("the first connection must be the control connection, got lane {}", hello.lane.get())));
-    }
     let mut buf = Vec::new();
-    expect_frame(ctl, Kind::Session, &mut buf)?;
+    ctl.expect(Kind::Session, &mut buf)?;
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
-    if transport == DataTransport::Rdma && hello.features.get() & wire::features::RDMA == 0 {
+    if transport == DataTransport::Rdma && features & wire::features::RDMA == 0 {
         return Err(SessionError::Protocol("the sender asked for RDMA, which the handshake did not agree on".into()));
     }
     if layout.regions.len() != 1 {
@@ -104,45 +147,59 @@ fn session(
         )));
     }
     let size = layout.regions[0];
-    let mut partial = Partial { path: PathBuf::from(format!("{}.partial", out.display())), done: false };
-    // Read-write: RDMA maps it shared to register it, and digests it afterwards.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&partial.path)
-        .map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
+    // What the session would cost is checked before any of it is spent.
+    let limits = &opts.plan.limits;
+    check_region(size, limits, Backing::File(out))?;
+    match transport {
+        DataTransport::Tcp => {
+            let max_payload = wire::max_payload_for(layout.max_chunk);
+            check_lanes(u64::from(lanes), crate::lane::buffer_bytes(max_payload), u64::from(layout.max_chunk), limits)?;
+        }
+        // The destination is registered (pinned) whole for the NIC to write into.
+        DataTransport::Rdma => {
+            check_lanes(u64::from(lanes), 0, u64::from(layout.max_chunk), limits)?;
+            check_region(size, limits, Backing::Memory)?;
+        }
+    }
+    let (mut partial, file) = Partial::create(out)?;
     file.set_len(size).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
-    let dest = Dest::new(&file, size, PAGE as u64);
+    let dest = Dest::new(&file, size, PAGE as u64)?;
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
     let session = u64::from_le_bytes(id);
-    write_frame(ctl, Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
+    ctl.send(Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
+    if let Some(t) = opts.total {
+        t.store(size, Ordering::Relaxed);
+    }
     log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
 
     let ((total, write_latency), rdma) = match transport {
-        DataTransport::Tcp => (tcp_lanes(listener, ctl, &layout, session, lanes, &dest, opts)?, None),
+        DataTransport::Tcp => (tcp_lanes(acc, ctl, &layout, session, lanes, &dest, opts)?, None),
         DataTransport::Rdma => {
             let r = super::rdma::recv(ctl, &file, size, lanes, layout.max_chunk, opts.plan, opts.progress)?;
             let st = LaneStats { digest: r.digest, frames: r.imms, wire_bytes: r.bytes, zero_pages: r.zero_pages, ..LaneStats::default() };
             ((st, Vec::new()), Some(r.report))
         }
     };
-    expect_frame(ctl, Kind::Done, &mut buf)?;
+    ctl.expect(Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
     // TCP lanes digested every byte as they wrote it; RDMA digested the destination once
     // it was deregistered.
     let digest = total.digest;
     let sender = Digest::from_bytes(done.digest);
-    let ok = digest == sender && done.bytes.get() == size;
-    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
-    write_frame(ctl, Kind::Result, result.as_bytes())?;
-    if !ok {
+    if digest != sender || done.bytes.get() != size {
+        let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
+        ctl.send(Kind::Result, result.as_bytes())?;
         return Err(SessionError::DigestMismatch { source_digest: sender.hex(), dest_digest: digest.hex() });
     }
+    // The file goes in place before the sender hears of success: a rename that fails
+    // (OUT became a directory, say) is reported to the sender as the failure it is.
     std::fs::rename(&partial.path, out).map_err(|source| SessionError::Region { path: out.display().to_string(), source })?;
     partial.done = true;
+    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 1.into(), _pad: 0.into() };
+    if let Err(e) = ctl.send(Kind::Result, result.as_bytes()) {
+        log::warn!("{} is in place, but the sender could not be told: {e}", out.display());
+    }
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Report {
         role: "recv".into(),
@@ -180,34 +237,65 @@ fn session(
     })
 }
 
+/// The sender's reason when its control connection stirs while the receiver waits on
+/// something else: an ERROR frame, or the connection closing.
+pub(crate) fn peer_ended(ctl: &mut Ctl, op: &str) -> SessionError {
+    let mut buf = Vec::new();
+    match ctl.expect(Kind::Error, &mut buf) {
+        Ok(_) => SessionError::Peer(String::from_utf8_lossy(&buf).into_owned()),
+        Err(SessionError::PeerClosed { .. }) => SessionError::PeerClosed { op: op.into() },
+        Err(e) => e,
+    }
+}
+
 /// The TCP data path: accepts one connection per lane and runs each on its own thread;
 /// every page of the region must have been delivered at the end.
 fn tcp_lanes(
-    listener: &TcpListener,
-    ctl: &TcpStream,
+    acc: &Acceptor<'_>,
+    ctl: &mut Ctl,
     layout: &Layout,
     session: u64,
     lanes: u16,
     dest: &Dest<'_>,
     opts: &RecvOptions<'_>,
 ) -> Result<(LaneStats, Vec<hdrhistogram::Histogram<u64>>), SessionError> {
-    let seen = Mutex::new(vec![false; usize::from(lanes)]);
-    let results: Vec<Result<LaneStats, SessionError>> = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for _ in 0..lanes {
-            match accept_lane(listener, ctl) {
-                Ok(conn) => {
-                    let seen = &seen;
-                    handles.push(s.spawn(move || lane(conn, layout, session, lanes, dest, seen, opts)));
-                }
-                Err(e) => {
-                    handles.push(s.spawn(move || Err(e)));
-                    break;
-                }
-            }
+    // Clones of the lanes, shut down when one lane fails so the others stop at once and the
+    // sender hears this side's reason without delay; the first lane to fail gives it.
+    let socks: Mutex<Vec<std::net::TcpStream>> = Mutex::new(Vec::new());
+    let first_failed = Mutex::new(None);
+    let stop_all = || {
+        for c in socks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect()
+    };
+    let (results, opened) = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        let opened = acc.lanes(session, lanes, &[ctl.s.as_fd()], |a| {
+            socks.lock().unwrap_or_else(|p| p.into_inner()).extend(a.s.try_clone());
+            let i = handles.len();
+            let (first_failed, stop_all) = (&first_failed, &stop_all);
+            handles.push(s.spawn(move || {
+                let r = lane(a, layout, dest, opts);
+                if r.is_err() {
+                    first_failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(i);
+                    stop_all();
+                }
+                r
+            }));
+        });
+        // Lanes that will never all be there: the ones running are stopped now.
+        if !matches!(opened, Ok(None)) {
+            stop_all();
+        }
+        (handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect::<Vec<_>>(), opened)
     });
+    if opened?.is_some() {
+        return Err(peer_ended(ctl, "waiting for the sender's data connections"));
+    }
+    let mut results = results;
+    if let Some(i) = first_failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(results.swap_remove(i).expect_err("the lane failed"));
+    }
     let (mut total, mut by_lane) = (LaneStats::default(), Vec::new());
     for r in results {
         let mut r = r?;
@@ -233,48 +321,15 @@ fn tcp_lanes(
     Ok((total, by_lane.into_iter().map(|(_, h)| h).collect()))
 }
 
-/// Waits for the next data connection; fails if the control connection closes (the
-/// sender died) or nothing arrives within the idle timeout.
-pub(crate) fn accept_lane(listener: &TcpListener, ctl: &TcpStream) -> Result<TcpStream, SessionError> {
-    let timeout = PollTimeout::try_from(IDLE_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::MAX);
-    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
-    let n = poll(&mut fds, timeout).map_err(|e| SessionError::io("waiting for data connections", e.into()))?;
-    if n == 0 {
-        return Err(SessionError::Protocol(format!("the sender opened too few data connections within {} s", IDLE_TIMEOUT.as_secs())));
-    }
-    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-        return Err(SessionError::PeerClosed { op: "waiting for data connections".into() });
-    }
-    let (conn, _) = listener.accept().map_err(|e| SessionError::io("accepting a data connection", e))?;
-    Ok(conn)
-}
-
-fn lane(
-    mut s: TcpStream,
-    layout: &Layout,
-    session: u64,
-    lanes: u16,
-    dest: &Dest<'_>,
-    seen: &Mutex<Vec<bool>>,
-    opts: &RecvOptions<'_>,
-) -> Result<LaneStats, SessionError> {
-    super::tune_data_socket(&s, opts.plan)?;
-    let hello = server_handshake(&mut s, &opts.auth, 0)?;
+fn lane(a: Authed, layout: &Layout, dest: &Dest<'_>, opts: &RecvOptions<'_>) -> Result<LaneStats, SessionError> {
+    let Authed { mut s, hello, keys, .. } = a;
     let n = hello.lane.get();
-    if hello.session.get() != session {
-        return Err(SessionError::Protocol(format!("data connection for session {:#x}, expected {session:#x}", hello.session.get())));
-    }
-    {
-        let mut seen = seen.lock().expect("lane table");
-        if n >= lanes || std::mem::replace(&mut seen[usize::from(n)], true) {
-            return Err(SessionError::Protocol(format!("data connection for lane {n}: out of range (0..{lanes}) or already open")));
-        }
-    }
+    super::tune_data_socket(&s, opts.plan)?;
     // The lane's arena holds several frames: a read syscall, or an io_uring receive,
     // fetches as many as have arrived.
     let max_payload = wire::max_payload_for(layout.max_chunk);
     super::pin_lane(opts.plan, n);
-    let mut reader = LaneReader::new(opts.plan, &s, max_payload)?;
+    let mut reader = LaneReader::new(opts.plan, &s, max_payload, keys.rx)?;
     log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();
     let mut st = LaneStats { uring: reader.uring(), lane: n, ..LaneStats::default() };
@@ -310,9 +365,9 @@ fn lane(
                 }
                 latency.saturating_record(arrived.elapsed().as_micros() as u64);
                 st.frames += 1;
-                st.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+                st.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
                 let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(PAGE as u64) } else { 0 };
-                live.add(u64::from(raw_len), (HEADER_LEN + payload.len()) as u64, 1, zero);
+                live.add(u64::from(raw_len), (HEADER_LEN + payload.len() + TAG_LEN) as u64, 1, zero);
                 if let Some(p) = opts.progress {
                     p.fetch_add(u64::from(raw_len), Ordering::Relaxed);
                 }

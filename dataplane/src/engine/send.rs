@@ -10,10 +10,11 @@ use zerocopy::IntoBytes;
 
 use super::{PAGE, Report, cpu_seconds, pin, tune_data_socket, tune_socket};
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{SessionError, expect_frame, send_error, write_all_vectored, write_frame};
+use crate::conn::{Ctl, SessionError, write_all_vectored, write_frame};
 use crate::digest::Digest;
 use crate::encode::{EncodeStats, Encoder};
 use crate::plan::{Plan, Transport};
+use crate::session::seal::{Seal, TAG_LEN};
 use crate::wire::{self, CONTROL_LANE, HEADER_LEN, Header, Kind, Layout, features};
 
 /// What to send, where, and how.
@@ -29,15 +30,17 @@ pub struct SendOptions<'a> {
     pub require_rdma: bool,
 }
 
-/// A chunk's frames, gathered for one `writev`: payloads that live in the source map are
-/// referenced in place; compressed payloads are copied into the batch's slot of the
-/// worker's arena.
+/// A chunk's frames, gathered for one `writev`: raw payloads are referenced in place in
+/// the chunk as it was read; compressed payloads are copied into the batch's slot of the
+/// worker's arena. Each frame's tag is computed when the batch is sealed for the
+/// connection it goes out on.
 pub(crate) struct Batch<'s> {
     /// Region offset of byte 0 of the slice raw payloads are read from.
     pub(crate) base: usize,
     headers: Vec<Header>,
     /// Per frame: (in staging?, start, len).
     payloads: Vec<(bool, usize, usize)>,
+    tags: Vec<[u8; TAG_LEN]>,
     staging: &'s mut [u8],
     staged: usize,
     pub(crate) wire_bytes: u64,
@@ -47,7 +50,7 @@ pub(crate) struct Batch<'s> {
 
 impl<'s> Batch<'s> {
     pub(crate) fn new(staging: &'s mut [u8]) -> Batch<'s> {
-        Batch { base: 0, headers: Vec::new(), payloads: Vec::new(), staging, staged: 0, wire_bytes: 0, region_bytes: 0 }
+        Batch { base: 0, headers: Vec::new(), payloads: Vec::new(), tags: Vec::new(), staging, staged: 0, wire_bytes: 0, region_bytes: 0 }
     }
 
     pub(crate) fn frames(&self) -> usize {
@@ -59,6 +62,7 @@ impl<'s> Batch<'s> {
         self.region_bytes = 0;
         self.headers.clear();
         self.payloads.clear();
+        self.tags.clear();
         self.staged = 0;
     }
 
@@ -78,27 +82,42 @@ impl<'s> Batch<'s> {
             }
             _ => (false, 0, 0),
         };
-        self.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+        self.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
         self.headers.push(h);
         self.payloads.push(entry);
     }
 
-    /// Calls `f` with the header and payload of each frame, in order.
+    fn payload<'b>(&'b self, source: &'b [u8], (staged, start, len): (bool, usize, usize)) -> &'b [u8] {
+        if staged { &self.staging[start..start + len] } else { &source[start..start + len] }
+    }
+
+    /// Tags every frame for the connection `tx` belongs to, in order: the batch must go
+    /// out whole on that connection next.
+    pub(crate) fn seal(&mut self, source: &[u8], tx: &mut Seal) {
+        let tags: Vec<[u8; TAG_LEN]> =
+            self.headers.iter().zip(&self.payloads).map(|(h, &p)| tx.tag(h, [self.payload(source, p)])).collect();
+        self.tags = tags;
+    }
+
+    /// Calls `f` with the header, payload and tag of each frame, in order (sealed first).
     fn for_each_slice<'b>(&'b self, source: &'b [u8], f: &mut dyn FnMut(&'b [u8])) {
-        for (h, &(staged, start, len)) in self.headers.iter().zip(&self.payloads) {
+        debug_assert_eq!(self.tags.len(), self.headers.len(), "a batch is sealed before it is written");
+        for ((h, &p), tag) in self.headers.iter().zip(&self.payloads).zip(&self.tags) {
             f(h.as_bytes());
-            if len > 0 {
-                f(if staged { &self.staging[start..start + len] } else { &source[start..start + len] });
+            if p.2 > 0 {
+                f(self.payload(source, p));
             }
+            f(tag);
         }
     }
 
-    /// Writes the frames; raw payloads come from `source`, which starts at region offset
-    /// `base`.
-    pub(crate) fn write(&self, source: &[u8], conn: &mut TcpStream) -> std::io::Result<()> {
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 2);
+    /// Seals the frames for `conn` and writes them; raw payloads come from `source`,
+    /// which starts at region offset `base`.
+    pub(crate) fn write(&mut self, source: &[u8], conn: &mut TcpStream, tx: &mut Seal) -> std::io::Result<()> {
+        self.seal(source, tx);
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.headers.len() * 3);
         self.for_each_slice(source, &mut |s| bufs.push(s));
-        // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (512 slices).
+        // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (768 slices).
         for part in bufs.chunks(1024) {
             write_all_vectored(conn, part)?;
         }
@@ -106,15 +125,33 @@ impl<'s> Batch<'s> {
     }
 }
 
-/// A batch with the source it points into, as the io_uring ring owns it while in flight.
+/// A batch with the chunk it points into (the worker's copy of the source's bytes), as
+/// the io_uring ring owns them while in flight.
 struct RingBatch<'a> {
     batch: Batch<'a>,
-    source: &'a [u8],
+    data: &'a mut [u8],
 }
 
 impl hw::uring_send::SendBuf for RingBatch<'_> {
     fn for_each_slice(&self, f: &mut dyn FnMut(&[u8])) {
-        self.batch.for_each_slice(self.source, f);
+        self.batch.for_each_slice(self.data, f);
+    }
+}
+
+/// One data connection of a sending worker: its keys, and what it carried.
+pub(crate) struct DataConn {
+    pub s: TcpStream,
+    pub tx: Seal,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+impl DataConn {
+    /// Connects lane `lane` of `session` and authenticates it.
+    pub(crate) fn open(to: &str, plan: &Plan, auth: &Auth, lane: u16, session: u64) -> Result<DataConn, SessionError> {
+        let mut s = connect_data(to, plan)?;
+        let (_, keys) = client_handshake(&mut s, auth, lane, session, 0)?;
+        Ok(DataConn { s, tx: keys.tx, frames: 0, bytes: 0 })
     }
 }
 
@@ -143,23 +180,65 @@ pub(crate) fn connect_data(to: &str, plan: &Plan) -> Result<TcpStream, SessionEr
     Ok(s)
 }
 
+/// The file a transfer reads: read with `pread` into the workers' arenas, never mapped,
+/// so a file that shrinks under the transfer is an error, not a SIGBUS.
+#[derive(Debug)]
+pub(crate) struct SourceFile<'f> {
+    pub file: &'f std::fs::File,
+    pub size: u64,
+    /// The caller owns the file's offset: hole probes (`lseek`) may move it.
+    pub probe_holes: bool,
+}
+
+impl SourceFile<'_> {
+    /// Reads `buf.len()` bytes at `offset` into `buf`; holes are zeroed without reading.
+    pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), SessionError> {
+        use std::os::unix::fs::FileExt;
+        // A hole probe past the end of a file that shrank also finds no data: the size is
+        // checked before zeros are taken for a hole.
+        if self.probe_holes && crate::digest::is_hole(self.file, offset, buf.len() as u64) {
+            self.check_size()?;
+            buf.fill(0);
+            return Ok(());
+        }
+        self.file.read_exact_at(buf, offset).map_err(|e| match self.check_size() {
+            Err(shrank) => shrank,
+            Ok(()) => SessionError::io(format!("reading the source at offset {offset}"), e),
+        })
+    }
+
+    /// The file still has the size it had when the transfer began.
+    pub(crate) fn check_size(&self) -> Result<(), SessionError> {
+        let now = self.file.metadata().map(|m| m.len()).map_err(|e| SessionError::io("examining the source", e))?;
+        if now != self.size {
+            return Err(SessionError::Protocol(format!(
+                "the source changed size from {} to {now} bytes while it was being sent: nothing is handed over",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Sends the file or memfd at `path` to a receiver; returns when the receiver has
 /// confirmed the destination's digest matches the source's.
 pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionError> {
     let file = std::fs::File::open(path).map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
-    let map = hw::memmap::SourceMap::new(&file).map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
-    let source = map.as_slice();
+    let size = file.metadata().map_err(|source| SessionError::Region { path: path.display().to_string(), source })?.len();
+    // Our own open file description: hole probes move only our offset.
+    let source = SourceFile { file: &file, size, probe_holes: true };
     let plan = opts.plan;
     let chunk = plan.chunk_size_bytes as usize;
     let workers = plan.worker_cpus.len();
     let per_worker = plan.tcp.connections_per_worker as usize;
-    let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: vec![source.len() as u64] };
+    let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: vec![size] };
 
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
-    let mut ctl = connect(&opts.to)?;
+    let mut s = connect(&opts.to)?;
     let want_rdma = plan.transport == Transport::Rdma;
-    let agreed = client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0, if want_rdma { features::RDMA } else { 0 })?;
+    let (agreed, keys) = client_handshake(&mut s, &opts.auth, CONTROL_LANE, 0, if want_rdma { features::RDMA } else { 0 })?;
+    let mut ctl = Ctl::new(s, keys);
     let rdma = want_rdma && agreed & features::RDMA != 0;
     // What carries the data: the plan's transport, or its TCP rung when RDMA is off.
     let used = match (rdma, plan.tcp.io_uring) {
@@ -170,7 +249,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     if want_rdma && !rdma {
         let why = format!("the receiver at {} has no RDMA port in its plan", opts.to);
         if opts.require_rdma {
-            send_error(&mut ctl, "the sender requires RDMA and this receiver offers none");
+            ctl.error("the sender requires RDMA and this receiver offers none");
             return Err(SessionError::Protocol(format!("{why}; --transport rdma was asked for (use auto or tcp to fall back)")));
         }
         log::warn!("{why}: sending over {used} instead");
@@ -179,23 +258,28 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         (true, Some(r)) => (workers * r.qps_per_worker as usize, wire::DataTransport::Rdma),
         _ => (workers * per_worker, wire::DataTransport::Tcp),
     };
-    write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16, transport))?;
+    ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, transport))?;
     let mut buf = Vec::new();
-    expect_frame(&mut ctl, Kind::SessionOk, &mut buf)?;
+    ctl.expect(Kind::SessionOk, &mut buf)?;
     let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
     log::info!(
-        "session {session:#x}: {} bytes to {} over {lanes} {} lane(s) from {workers} worker(s)",
-        source.len(),
+        "session {session:#x}: {size} bytes to {} over {lanes} {} lane(s) from {workers} worker(s)",
         opts.to,
         if rdma { "RDMA" } else { "TCP" }
     );
 
     let (results, rdma_report) = if rdma {
-        let (r, report) =
-            super::rdma::send(&mut ctl, source, plan, opts.progress, |ctl, digest| confirm(ctl, digest, source.len() as u64))?;
+        let done = |ctl: &mut Ctl, digest| {
+            if let Err(e) = source.check_size() {
+                ctl.error(&e.to_string());
+                return Err(e);
+            }
+            confirm(ctl, digest, size)
+        };
+        let (r, report) = super::rdma::send(&mut ctl, &source, plan, opts.progress, done)?;
         (r, Some(report))
     } else {
-        let r = tcp_workers(session, source, opts)?;
+        let r = tcp_workers(session, &source, opts).map_err(|e| ctl.reason_for(e))?;
         (r, None)
     };
     let mut digest = Digest::default();
@@ -216,10 +300,14 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         stats.frames += r.stats.frames;
     }
     if !rdma {
-        confirm(&mut ctl, digest, source.len() as u64)?;
+        if let Err(e) = source.check_size() {
+            ctl.error(&e.to_string());
+            return Err(e);
+        }
+        confirm(&mut ctl, digest, size)?;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let bytes = source.len() as u64;
+    let bytes = size;
     Ok(Report {
         role: "send".into(),
         bytes,
@@ -247,11 +335,11 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
 
 /// DONE with the source's digest, then the receiver's RESULT: fails unless the
 /// destination's digest matches.
-pub(crate) fn confirm(ctl: &mut TcpStream, digest: Digest, bytes: u64) -> Result<(), SessionError> {
+pub(crate) fn confirm(ctl: &mut Ctl, digest: Digest, bytes: u64) -> Result<(), SessionError> {
     let done = wire::Digest { digest: digest.to_bytes(), bytes: bytes.into(), ok: 0.into(), _pad: 0.into() };
-    write_frame(ctl, Kind::Done, done.as_bytes())?;
+    ctl.send(Kind::Done, done.as_bytes())?;
     let mut buf = Vec::new();
-    expect_frame(ctl, Kind::Result, &mut buf)?;
+    ctl.expect(Kind::Result, &mut buf)?;
     let result: wire::Digest = wire::parse(Kind::Result, &buf)?;
     let dest = Digest::from_bytes(result.digest);
     if result.ok.get() != 1 || dest != digest {
@@ -261,13 +349,13 @@ pub(crate) fn confirm(ctl: &mut TcpStream, digest: Digest, bytes: u64) -> Result
 }
 
 /// The TCP data path: one thread per worker, each with its connections.
-fn tcp_workers(session: u64, source: &[u8], opts: &SendOptions<'_>) -> Result<Vec<WorkerResult>, SessionError> {
+fn tcp_workers(session: u64, source: &SourceFile<'_>, opts: &SendOptions<'_>) -> Result<Vec<WorkerResult>, SessionError> {
     let plan = opts.plan;
     let chunk = plan.chunk_size_bytes as usize;
     let workers = plan.worker_cpus.len();
     let per_worker = plan.tcp.connections_per_worker as usize;
     let next = AtomicU64::new(0);
-    let n_chunks = source.len().div_ceil(chunk) as u64;
+    let n_chunks = source.size.div_ceil(chunk as u64);
     let results: Vec<Result<WorkerResult, SessionError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
@@ -294,7 +382,7 @@ fn worker(
     w: usize,
     per_worker: usize,
     session: u64,
-    source: &[u8],
+    source: &SourceFile<'_>,
     chunk: usize,
     n_chunks: u64,
     next: &AtomicU64,
@@ -302,12 +390,11 @@ fn worker(
 ) -> Result<WorkerResult, SessionError> {
     let mut conns = Vec::with_capacity(per_worker);
     for c in 0..per_worker {
-        let mut s = connect_data(&opts.to, opts.plan)?;
-        client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
-        conns.push((s, 0u64, 0u64));
+        conns.push(DataConn::open(&opts.to, opts.plan, &opts.auth, (w * per_worker + c) as u16, session)?);
     }
-    // Staging slots in the worker's arena: one per batch that can exist at once (one in
-    // flight per connection, and the one encoded ahead).
+    // Slots in the worker's arena: one per batch that can exist at once (one in flight per
+    // connection, and the one encoded ahead), each a chunk read from the source and a
+    // chunk for its compressed payloads.
     // With zero copy a written batch stays held until the kernel's notification, while
     // its connection already takes the next: two more per connection keep them busy.
     let slots_needed = match (opts.plan.tcp.io_uring, opts.plan.tcp.send_zc) {
@@ -315,8 +402,9 @@ fn worker(
         (true, false) => per_worker + 1,
         (false, _) => 1,
     };
-    let mut arena = super::arena(opts.plan, slots_needed * chunk)?;
-    let slots: Vec<&mut [u8]> = arena.as_mut_slice().chunks_mut(chunk).take(slots_needed).collect();
+    let mut arena = super::arena(opts.plan, 2 * slots_needed * chunk)?;
+    let slots: Vec<(&mut [u8], &mut [u8])> =
+        arena.as_mut_slice().chunks_mut(2 * chunk).take(slots_needed).map(|s| s.split_at_mut(chunk)).collect();
     let mut w = Worker {
         live: crate::live::worker(crate::live::Role::Send, w),
         live_zero: 0,
@@ -333,7 +421,7 @@ fn worker(
     // Where io_uring is refused at run time (a plan made outside the seccomp profile this
     // runs under, say), the worker sends with blocking sockets, and says so once.
     let ring = if opts.plan.tcp.io_uring {
-        let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.0).collect();
+        let refs: Vec<&TcpStream> = conns.iter().map(|c| &c.s).collect();
         hw::uring_send::SendRing::with_zero_copy(opts.plan.tcp.ring_entries, &refs, opts.plan.tcp.send_zc)
             .inspect_err(|e| {
                 static LOGGED: std::sync::Once = std::sync::Once::new();
@@ -349,9 +437,9 @@ fn worker(
         None => w.run_sockets(&mut conns, slots, opts)?,
     }
     let Worker { enc, digest, wire_bytes, latency, .. } = w;
-    for (conn, frames, sent) in &mut conns {
-        let end = wire::LaneEnd { frames: (*frames).into(), bytes: (*sent).into() };
-        write_frame(conn, Kind::LaneEnd, end.as_bytes())?;
+    for c in &mut conns {
+        let end = wire::LaneEnd { frames: c.frames.into(), bytes: c.bytes.into() };
+        write_frame(&mut c.s, &mut c.tx, Kind::LaneEnd, end.as_bytes())?;
     }
     Ok(WorkerResult { stats: enc.stats, digest, wire_bytes, latency, uring })
 }
@@ -366,7 +454,7 @@ struct Worker<'a> {
     wire_bytes: u64,
     /// Per-chunk send latency, this worker's own (merged after the session).
     latency: hdrhistogram::Histogram<u64>,
-    source: &'a [u8],
+    source: &'a SourceFile<'a>,
     chunk: usize,
     n_chunks: u64,
     next: &'a AtomicU64,
@@ -374,38 +462,42 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    /// Encodes the next chunk into `batch`; false when none is left.
-    fn encode_next(&mut self, batch: &mut Batch<'_>) -> bool {
+    /// Reads the next chunk into `data` and encodes it into `batch`; false when none is
+    /// left.
+    fn encode_next(&mut self, batch: &mut Batch<'_>, data: &mut [u8]) -> Result<bool, SessionError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         if i >= self.n_chunks {
-            return false;
+            return Ok(false);
         }
-        let source = self.source;
-        let start = i as usize * self.chunk;
-        let bytes = &source[start..(start + self.chunk).min(source.len())];
+        let start = i * self.chunk as u64;
+        let len = (self.source.size - start).min(self.chunk as u64) as usize;
+        self.source.read(&mut data[..len], start)?;
+        let bytes = &data[..len];
         batch.clear();
-        batch.region_bytes = bytes.len() as u64;
+        batch.base = start as usize;
+        batch.region_bytes = len as u64;
         let digest = &mut self.digest;
         // The digest follows the encoder's runs: zero runs are folded in without reading.
         self.enc
-            .encode::<()>(0, start as u64, PAGE, bytes, &mut |h, p| {
+            .encode::<()>(0, start, PAGE, bytes, &mut |h, p| {
                 let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
                 if h.encoding == wire::Encoding::Zero as u8 {
                     digest.add_zero(0, off / PAGE as u64, PAGE, len);
                 } else {
-                    digest.add(0, off / PAGE as u64, PAGE, &source[off as usize..(off + len) as usize]);
+                    let at = (off - start) as usize;
+                    digest.add(0, off / PAGE as u64, PAGE, &bytes[at..at + len as usize]);
                 }
                 batch.push(h, p);
                 Ok(())
             })
             .expect("the batch sink cannot fail");
-        true
+        Ok(true)
     }
 
-    fn sent(&mut self, batch: &Batch<'_>, conn: &mut (TcpStream, u64, u64)) {
+    fn sent(&mut self, batch: &Batch<'_>, conn: &mut DataConn) {
         self.enc.adaptive.chunk_done(batch.region_bytes);
-        conn.1 += batch.headers.len() as u64;
-        conn.2 += batch.wire_bytes;
+        conn.frames += batch.headers.len() as u64;
+        conn.bytes += batch.wire_bytes;
         self.wire_bytes += batch.wire_bytes;
         let zero = self.enc.stats.zero_pages;
         self.live.add(batch.region_bytes, batch.wire_bytes, batch.headers.len() as u64, zero - self.live_zero);
@@ -418,18 +510,19 @@ impl<'a> Worker<'a> {
     /// Blocking sockets: one chunk at a time, connections in turn.
     fn run_sockets(
         &mut self,
-        conns: &mut [(TcpStream, u64, u64)],
-        mut slots: Vec<&mut [u8]>,
+        conns: &mut [DataConn],
+        mut slots: Vec<(&mut [u8], &mut [u8])>,
         opts: &SendOptions<'_>,
     ) -> Result<(), SessionError> {
-        let mut batch = Batch::new(slots.pop().expect("one staging slot"));
+        let (data, staging) = slots.pop().expect("one slot");
+        let mut batch = Batch::new(staging);
         let mut turn = 0;
-        while self.encode_next(&mut batch) {
+        while self.encode_next(&mut batch, data)? {
             let n = conns.len();
             let conn = &mut conns[turn % n];
             turn += 1;
             let t = Instant::now();
-            batch.write(self.source, &mut conn.0).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
+            batch.write(data, &mut conn.s, &mut conn.tx).map_err(|e| SessionError::io(format!("sending data to {}", opts.to), e))?;
             self.latency.saturating_record(t.elapsed().as_micros() as u64);
             self.sent(&batch, conn);
         }
@@ -441,12 +534,13 @@ impl<'a> Worker<'a> {
     fn run_uring(
         &mut self,
         mut ring: hw::uring_send::SendRing<RingBatch<'a>>,
-        conns: &mut [(TcpStream, u64, u64)],
-        slots: Vec<&'a mut [u8]>,
+        conns: &mut [DataConn],
+        slots: Vec<(&'a mut [u8], &'a mut [u8])>,
         opts: &SendOptions<'_>,
     ) -> Result<(), SessionError> {
-        let mut spare: Vec<Batch<'a>> = slots.into_iter().map(Batch::new).collect();
-        let mut ready: Option<Batch<'a>> = None;
+        let mut spare: Vec<RingBatch<'a>> =
+            slots.into_iter().map(|(data, staging)| RingBatch { batch: Batch::new(staging), data }).collect();
+        let mut ready: Option<RingBatch<'a>> = None;
         let mut submitted_at = vec![Instant::now(); conns.len()];
         let mut more = true;
         let io_err = |e| SessionError::io(format!("sending data to {}", opts.to), e);
@@ -456,7 +550,7 @@ impl<'a> Worker<'a> {
                 && more
                 && let Some(mut b) = spare.pop()
             {
-                more = self.encode_next(&mut b);
+                more = self.encode_next(&mut b.batch, b.data)?;
                 if more {
                     ready = Some(b);
                 } else {
@@ -464,11 +558,12 @@ impl<'a> Worker<'a> {
                 }
             }
             if let Some(idle) = (0..conns.len()).find(|&c| !ring.busy(c))
-                && let Some(b) = ready.take()
+                && let Some(mut b) = ready.take()
             {
-                self.sent(&b, &mut conns[idle]);
+                b.batch.seal(b.data, &mut conns[idle].tx);
+                self.sent(&b.batch, &mut conns[idle]);
                 submitted_at[idle] = Instant::now();
-                ring.submit(idle, RingBatch { batch: b, source: self.source }).map_err(io_err)?;
+                ring.submit(idle, b).map_err(io_err)?;
                 continue;
             }
             if !ring.any_busy() {
@@ -479,7 +574,7 @@ impl<'a> Worker<'a> {
             }
             for (c, done) in ring.wait().map_err(io_err)? {
                 self.latency.saturating_record(submitted_at[c].elapsed().as_micros() as u64);
-                spare.push(done.batch);
+                spare.push(done);
             }
         }
         if opts.plan.tcp.send_zc {

@@ -4,31 +4,46 @@
 //! Each lane writes its pages into the memfd and records each page's hash in a table, so
 //! the destination's digest after the last round is a fold over that table, not a second
 //! pass over the memory while the guest is paused.
+//!
+//! The source hears of success only once the destination VMM holds the memory: after the
+//! digests match, the memory is handed over (`deliver`), and RESULT goes out only when
+//! that succeeded. A destination VMM that goes away before then cancels the migration: the
+//! source is told, so its VMM resumes the guest.
 
 use std::fs::File;
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Mutex;
+use std::io::Write;
+use std::net::{Shutdown, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport};
-use crate::auth::{Auth, server_handshake};
-use crate::conn::{SessionError, expect_frame, send_error, write_frame};
+use crate::auth::Auth;
+use crate::conn::{Ctl, SessionError};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::engine::dest::Dest;
-use crate::engine::recv::accept_lane;
+use crate::engine::recv::peer_ended;
 use crate::engine::{PAGE, cpu_seconds, tune_socket};
 use crate::lane::{LaneReader, Payload};
 use crate::plan::{Plan, Transport};
+use crate::session::accept::{Acceptor, Authed, Next, Wait};
+use crate::session::limits::{Backing, check_lanes, check_region};
+use crate::session::seal::TAG_LEN;
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout, features};
 
 #[derive(Debug)]
 pub struct DestOptions<'a> {
     pub auth: Auth,
     pub plan: &'a Plan,
+    /// The destination VMM's control connection, if it has one: when it stirs (the VMM
+    /// closed it) before the memory is handed over, the migration is cancelled.
+    pub vmm: Option<BorrowedFd<'a>>,
 }
 
 /// A migration that arrived whole: the guest memory (a memfd per region, in the source's
@@ -42,36 +57,82 @@ pub struct Incoming {
 /// A lane's message to the control thread: one per round, or its failure.
 type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
 
-/// Accepts one migration on `listener` into a new memfd. Fails, and drops the memory,
-/// unless every round arrived and the final digest matches.
-pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>) -> Result<Incoming, SessionError> {
-    let (mut ctl, peer) = listener.accept().map_err(|e| SessionError::io("accepting the control connection", e))?;
-    tune_socket(&ctl)?;
-    let r = session(listener, &mut ctl, opts);
+fn vmm_gone() -> SessionError {
+    SessionError::Cancelled("the destination VMM closed its control connection; the source keeps the guest".into())
+}
+
+/// Accepts one migration on `listener` into new memfds. Connections that do not
+/// authenticate are turned away while it waits for its source. Once every round arrived
+/// and the final digest matches, `deliver` hands the memory to the destination VMM; only
+/// when it succeeds is the source told. Fails, and drops the memory, otherwise.
+pub fn accept(
+    listener: &TcpListener,
+    opts: &DestOptions<'_>,
+    deliver: impl FnOnce(&Incoming) -> Result<(), String>,
+) -> Result<Incoming, SessionError> {
+    let acc = Acceptor::new(listener, &opts.auth, features::MIGRATE, &opts.plan.limits).map_err(|e| SessionError::io("listening", e))?;
+    let watch: Vec<BorrowedFd<'_>> = opts.vmm.into_iter().collect();
+    let wait = Wait { what: "a migration source", deadline: None, watch: &watch };
+    let a = match acc.next(wait, |a| match (a.hello.lane.get(), a.hello.features.get() & features::MIGRATE) {
+        (CONTROL_LANE, 0) => {
+            Err("this ferryd waits for a migration (migrate_in); a one-shot `ferryctl send` goes to `ferryctl recv`".into())
+        }
+        (CONTROL_LANE, _) => Ok(()),
+        (n, _) => Err(format!("lane {n} before any session")),
+    })? {
+        Next::Conn(a) => a,
+        Next::Watched(_) => return Err(vmm_gone()),
+    };
+    tune_socket(&a.s)?;
+    let peer = a.peer;
+    let mut ctl = Ctl::new(a.s, a.keys);
+    let r = session(&acc, &mut ctl, opts).and_then(|(incoming, digest)| {
+        // The VMM takes its memory before the source hears of success.
+        if let Err(why) = deliver(&incoming) {
+            return Err(SessionError::Cancelled(format!(
+                "the destination VMM did not take its memory ({why}); the source keeps the guest"
+            )));
+        }
+        let size = incoming.report.bytes;
+        let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 1.into(), _pad: 0.into() };
+        ctl.send(Kind::Result, result.as_bytes())?;
+        Ok(incoming)
+    });
     match &r {
         Err(SessionError::Peer(_) | SessionError::PeerClosed { .. }) => {}
-        Err(e) => send_error(&mut ctl, &e.to_string()),
+        Err(e) => ctl.close_with_error(&e.to_string()),
         Ok(_) => {}
     }
-    log::info!("migration from {peer} ended: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "memory verified".into()));
+    log::info!("migration from {peer} ended: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "memory verified and handed over".into()));
     r
 }
 
-fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) -> Result<Incoming, SessionError> {
+/// Watches the VMM's connection while the session runs: when it stirs, the control thread
+/// is told (a message, and a byte on `wake`), and stops the migration.
+fn watch_vmm(vmm: BorrowedFd<'_>, tx: &mpsc::Sender<LaneMsg>, wake: &UnixStream, gone: &AtomicBool, done: &AtomicBool) {
+    while !done.load(Ordering::Acquire) {
+        let mut fds = [PollFd::new(vmm, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(100u8)) {
+            Ok(n) if n > 0 => {
+                gone.store(true, Ordering::Release);
+                let _ = tx.send(Err(vmm_gone()));
+                let _ = (&*wake).write(&[1]);
+                return;
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The session after its control connection authenticated: the memory verified, and the
+/// digest RESULT is to carry (not sent yet).
+fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<(Incoming, Digest), SessionError> {
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
-    let hello = server_handshake(ctl, &opts.auth, features::MIGRATE)?;
-    if hello.lane.get() != CONTROL_LANE {
-        return Err(SessionError::Protocol(format!("the first connection must be the control connection, got lane {}", hello.lane.get())));
-    }
-    if hello.features.get() & features::MIGRATE == 0 {
-        return Err(SessionError::Protocol(
-            "this ferryd waits for a migration (migrate_in); a one-shot `ferryctl send` goes to `ferryctl recv`".into(),
-        ));
-    }
-    ctl.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+    ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let mut buf = Vec::new();
-    expect_frame(ctl, Kind::Session, &mut buf)?;
+    ctl.expect(Kind::Session, &mut buf)?;
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
     if transport != DataTransport::Tcp {
         return Err(SessionError::Protocol(format!("a migration runs over TCP lanes; the source asked for {transport:?}")));
@@ -79,7 +140,12 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
     if layout.page_size != PAGE as u32 {
         return Err(SessionError::Protocol(format!("page size {} (this ferryd tracks {PAGE}-byte pages)", layout.page_size)));
     }
-    let size: u64 = layout.regions.iter().sum();
+    let size: u64 = layout.regions.iter().fold(0u64, |a, &r| a.saturating_add(r));
+    // What the session would cost is checked before any of it is spent.
+    let limits = &opts.plan.limits;
+    check_region(size, limits, Backing::Memory)?;
+    let max_payload = wire::max_payload_for(layout.max_chunk);
+    check_lanes(u64::from(lanes), crate::lane::buffer_bytes(max_payload), u64::from(layout.max_chunk), limits)?;
     let memory = layout
         .regions
         .iter()
@@ -88,50 +154,52 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
                 .map_err(|source| SessionError::Region { path: format!("a {bytes}-byte memfd for the incoming guest memory"), source })
         })
         .collect::<Result<Vec<File>, _>>()?;
-    let targets: Vec<Target<'_>> = memory
+    let targets = memory
         .iter()
         .zip(&layout.regions)
-        .map(|(m, &bytes)| Target { dest: Dest::new(m, bytes, PAGE as u64), hashes: PageHashes::new(super::pages(bytes)) })
-        .collect();
+        .map(|(m, &bytes)| Ok(Target { dest: Dest::new(m, bytes, PAGE as u64)?, hashes: PageHashes::new(super::pages(bytes))? }))
+        .collect::<Result<Vec<Target<'_>>, crate::session::limits::LimitError>>()?;
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
     let session = u64::from_le_bytes(id);
-    write_frame(ctl, Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
+    ctl.send(Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
     log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", targets.len());
 
-    let seen = Mutex::new(vec![false; usize::from(lanes)]);
     let (tx, rx) = mpsc::channel::<LaneMsg>();
-    // Clones of every connection, shut down when one side fails so no thread waits on a
-    // peer that will not speak again.
-    let mut socks = vec![ctl.try_clone().map_err(|e| SessionError::io("cloning the control connection", e))?];
-    let ctx = Ctx { layout: &layout, session, lanes, targets: &targets, seen: &seen, plan: opts.plan, auth: &opts.auth };
+    // A lane that fails, or the VMM leaving, sends its error and wakes the control thread
+    // with a byte here, so it never waits on a source that will not speak again.
+    let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    // Clones of the lanes, shut down when the session fails so no lane waits on a peer.
+    let mut socks = Vec::new();
+    let ctx = Ctx { layout: &layout, targets: &targets, plan: opts.plan };
+    let (gone, done) = (AtomicBool::new(false), AtomicBool::new(false));
     let outcome = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        let mut opened = Ok(());
-        for _ in 0..lanes {
-            match accept_lane(listener, ctl).and_then(|c| c.try_clone().map(|k| (c, k)).map_err(|e| SessionError::io("cloning a lane", e)))
-            {
-                Ok((conn, clone)) => {
-                    socks.push(clone);
-                    let (tx, ctx, ctl_clone) = (tx.clone(), &ctx, socks[0].try_clone());
-                    handles.push(s.spawn(move || {
-                        let r = lane(conn, ctx, &tx);
-                        if let Err(e) = &r {
-                            let _ = tx.send(Err(SessionError::Protocol(e.to_string())));
-                            if let Ok(c) = ctl_clone {
-                                let _ = c.shutdown(Shutdown::Both);
-                            }
-                        }
-                        r
-                    }));
-                }
-                Err(e) => {
-                    opened = Err(e);
-                    break;
-                }
-            }
+        if let Some(vmm) = opts.vmm {
+            let (tx, wake, gone, done) = (tx.clone(), &wake, &gone, &done);
+            s.spawn(move || watch_vmm(vmm, &tx, wake, gone, done));
         }
-        let r = opened.and_then(|()| rounds(ctl, &rx, lanes, &targets));
+        let mut handles = Vec::new();
+        let mut watch = vec![ctl.s.as_fd()];
+        watch.extend(opts.vmm);
+        let opened = acc.lanes(session, lanes, &watch, |a| {
+            socks.extend(a.s.try_clone());
+            let (tx, ctx, wake) = (tx.clone(), &ctx, &wake);
+            handles.push(s.spawn(move || {
+                let r = lane(a, ctx, &tx);
+                if let Err(e) = &r {
+                    let _ = tx.send(Err(SessionError::Protocol(e.to_string())));
+                    let _ = (&*wake).write(&[1]);
+                }
+                r
+            }));
+        });
+        let r = match opened {
+            Ok(None) => rounds(ctl, &woken, &rx, lanes, &targets),
+            Ok(Some(0)) => Err(peer_ended(ctl, "waiting for the source's data connections")),
+            Ok(Some(_)) => Err(vmm_gone()),
+            Err(e) => Err(e),
+        };
+        done.store(true, Ordering::Release);
         if r.is_err() {
             for c in &socks {
                 let _ = c.shutdown(Shutdown::Both);
@@ -141,6 +209,10 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
         (r, lane_results)
     });
     let (rounds, lane_results) = outcome;
+    // The VMM leaving is the reason, whatever it broke on its way.
+    if gone.load(Ordering::Acquire) {
+        return Err(vmm_gone());
+    }
     let (rounds, digest) = rounds?;
     let (mut total, mut uring) = (RoundCounts::default(), false);
     for r in lane_results {
@@ -148,6 +220,7 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
         total += counts;
         uring |= ring;
     }
+    drop(targets);
     let seconds = t0.elapsed().as_secs_f64();
     let report = MigrationReport {
         role: "destination".into(),
@@ -169,13 +242,14 @@ fn session(listener: &TcpListener, ctl: &mut TcpStream, opts: &DestOptions<'_>) 
         rounds,
         ..MigrationReport::default()
     };
-    Ok(Incoming { memory, report })
+    Ok((Incoming { memory, report }, digest))
 }
 
 /// The control thread's part: each ROUND is checked against what the lanes reported,
 /// then confirmed; after the last, DONE's digest against the page table.
 fn rounds(
-    ctl: &mut TcpStream,
+    ctl: &mut Ctl,
+    woken: &UnixStream,
     rx: &mpsc::Receiver<LaneMsg>,
     lanes: u16,
     targets: &[Target<'_>],
@@ -189,11 +263,29 @@ fn rounds(
         let round = reports.len() as u32;
         // A lane that failed shut the control connection down to wake this read; its
         // error is the one to report.
-        let lane_error = |e: SessionError| match rx.try_recv() {
-            Ok(Err(lane)) => lane,
-            _ => e,
+        // The failure a lane (or the VMM's watcher) reported, if any: it is the one to
+        // report, not what it broke on its way.
+        let lane_error = |e: SessionError| loop {
+            match rx.try_recv() {
+                Ok(Err(lane)) => break lane,
+                Ok(Ok(_)) => continue,
+                Err(_) => break e,
+            }
         };
-        expect_frame(ctl, Kind::Round, &mut buf).map_err(lane_error)?;
+        // The next ROUND, unless a lane or the VMM says the session is over first.
+        let mut fds = [PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN), PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
+        let ms = i32::try_from(ROUND_IDLE_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => {
+                return Err(SessionError::TimedOut { op: format!("waiting for round {round}"), secs: ROUND_IDLE_TIMEOUT.as_secs() });
+            }
+            Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => {
+                return Err(lane_error(SessionError::Protocol("a lane failed".into())));
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SessionError::io("waiting for the next round", e.into())),
+        }
+        ctl.expect(Kind::Round, &mut buf).map_err(lane_error)?;
         let r: wire::Round = wire::parse(Kind::Round, &buf)?;
         if r.round.get() != round {
             return Err(SessionError::Protocol(format!("ROUND {} arrived; round {round} was next", r.round.get())));
@@ -222,7 +314,7 @@ fn rounds(
             t.dest.next_round();
         }
         let ok = wire::RoundOk { round: round.into(), _pad: 0.into(), pages: sum.pages.into() };
-        write_frame(ctl, Kind::RoundOk, ok.as_bytes())?;
+        ctl.send(Kind::RoundOk, ok.as_bytes())?;
         let last = r.last.get() == 1;
         let seconds = started.elapsed().as_secs_f64();
         let dirty_bytes = (sum.pages * PAGE as u64).min(size);
@@ -245,16 +337,16 @@ fn rounds(
         }
         started = Instant::now();
     }
-    expect_frame(ctl, Kind::Done, &mut buf)?;
+    ctl.expect(Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
     let digest: Digest = targets.iter().map(|t| t.hashes.fold()).sum();
     let source = Digest::from_bytes(done.digest);
-    let ok = digest == source && done.bytes.get() == size;
-    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
-    write_frame(ctl, Kind::Result, result.as_bytes())?;
-    if !ok {
+    if digest != source || done.bytes.get() != size {
+        let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
+        ctl.send(Kind::Result, result.as_bytes())?;
         return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
     }
+    // RESULT (success) goes out once the destination VMM holds the memory: see accept.
     if let Some(last) = reports.last_mut() {
         last.seconds += started.elapsed().as_secs_f64();
     }
@@ -270,34 +362,21 @@ struct Target<'f> {
 /// What every lane thread shares.
 struct Ctx<'a> {
     layout: &'a Layout,
-    session: u64,
-    lanes: u16,
     targets: &'a [Target<'a>],
-    seen: &'a Mutex<Vec<bool>>,
     plan: &'a Plan,
-    auth: &'a Auth,
 }
 
 /// One lane for the whole session: DATA frames into the memfd, a ROUND_END per round
 /// (its counts checked, then reported), LANE_END after the last.
 /// Returns the lane's counts, and whether io_uring received them.
-fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCounts, bool), SessionError> {
+fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCounts, bool), SessionError> {
+    let Authed { mut s, hello, keys, .. } = a;
     crate::engine::tune_data_socket(&s, ctx.plan)?;
-    let hello = server_handshake(&mut s, ctx.auth, 0)?;
     let n = hello.lane.get();
-    if hello.session.get() != ctx.session {
-        return Err(SessionError::Protocol(format!("data connection for session {:#x}, expected {:#x}", hello.session.get(), ctx.session)));
-    }
-    {
-        let mut seen = ctx.seen.lock().expect("lane table");
-        if n >= ctx.lanes || std::mem::replace(&mut seen[usize::from(n)], true) {
-            return Err(SessionError::Protocol(format!("data connection for lane {n}: out of range (0..{}) or already open", ctx.lanes)));
-        }
-    }
     s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let max_payload = wire::max_payload_for(ctx.layout.max_chunk);
     crate::engine::pin_lane(ctx.plan, n);
-    let mut reader = LaneReader::new(ctx.plan, &s, max_payload)?;
+    let mut reader = LaneReader::new(ctx.plan, &s, max_payload, keys.rx)?;
     log::info!("migration lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut dec = Decoder::default();
     let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
@@ -339,9 +418,9 @@ fn lane(mut s: TcpStream, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(
                 }
                 this.frames += 1;
                 this.pages += u64::from(raw_len).div_ceil(page);
-                this.wire_bytes += (HEADER_LEN + payload.len()) as u64;
+                this.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
                 let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(page) } else { 0 };
-                live.add(u64::from(raw_len), (HEADER_LEN + payload.len()) as u64, 1, zero);
+                live.add(u64::from(raw_len), (HEADER_LEN + payload.len() + TAG_LEN) as u64, 1, zero);
             }
             Kind::RoundEnd => {
                 let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload.contiguous(&mut scratch))?;

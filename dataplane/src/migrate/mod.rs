@@ -82,8 +82,9 @@ pub fn parse_bitmap_regions(raw: &[u8], pages: &[u64]) -> Result<Vec<u64>, Strin
 pub(crate) struct PageHashes(Vec<AtomicU64>);
 
 impl PageHashes {
-    pub(crate) fn new(pages: u64) -> PageHashes {
-        PageHashes((0..2 * pages).map(|_| AtomicU64::new(0)).collect())
+    /// A table for `pages` pages; an error, not an abort, where the host cannot hold it.
+    pub(crate) fn new(pages: u64) -> Result<PageHashes, crate::session::limits::LimitError> {
+        crate::session::limits::table_with(pages.saturating_mul(2), || AtomicU64::new(0), "page hashes").map(PageHashes)
     }
 
     /// Within a round only one thread stores a page's hash; Relaxed is enough because the

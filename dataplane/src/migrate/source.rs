@@ -13,7 +13,7 @@ use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, Verify};
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{SessionError, expect_frame, send_error, write_frame};
+use crate::conn::{Ctl, SessionError, write_frame};
 use crate::digest::Digest;
 use crate::encode::Encoder;
 use crate::engine::send::{Batch, connect, connect_data};
@@ -36,6 +36,7 @@ pub struct SourceOptions<'a> {
 
 struct Lane {
     s: TcpStream,
+    tx: crate::session::seal::Seal,
     frames: u64,
     bytes: u64,
     pages: u64,
@@ -61,15 +62,27 @@ struct Pacer {
 
 impl Pacer {
     fn pace(&self, bytes: u64) {
-        if let Some(rate) = self.rate {
+        if let Some(rate) = self.rate.filter(|r| *r > 0.0) {
             let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            let due = self.start + Duration::from_secs_f64(total as f64 / rate);
+            // A rate checked positive gives a finite, non-negative delay.
+            let Ok(after) = Duration::try_from_secs_f64(total as f64 / rate) else { return };
+            let due = self.start + after;
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
         }
     }
+}
+
+/// The rate limit in bytes per second for `mbit` megabits per second of guest memory: at
+/// least 1 Mbit/s, at most 100 Tbit/s.
+pub fn rate_limit_bytes(mbit: u64) -> Result<u64, String> {
+    const MAX_MBIT: u64 = 100_000_000;
+    if mbit == 0 || mbit > MAX_MBIT {
+        return Err(format!("rate_limit_mbit {mbit}: give 1 to {MAX_MBIT} Mbit/s, or leave it out for no limit"));
+    }
+    Ok(mbit * 1_000_000 / 8)
 }
 
 /// One region of guest memory (a memory file of the VMM's) and what ferry keeps for it.
@@ -94,7 +107,7 @@ pub struct Source<'a> {
     /// All regions together.
     size: u64,
     chunk: usize,
-    ctl: TcpStream,
+    ctl: Ctl,
     workers: Vec<Worker>,
     rounds: Vec<RoundReport>,
     /// When the previous round started: the dirty bitmap of the next one covers the time since.
@@ -125,6 +138,14 @@ impl<'a> Source<'a> {
         if memory.is_empty() || memory.len() > wire::MAX_REGIONS {
             return Err(SessionError::Protocol(format!("{} memory regions (1..={} allowed)", memory.len(), wire::MAX_REGIONS)));
         }
+        // What the regions claim is checked before ferry allocates a page table for them: a
+        // sparse memfd may claim any size.
+        let mut claimed = 0u64;
+        for (i, m) in memory.iter().enumerate() {
+            let len = m.metadata().map_err(|source| SessionError::Region { path: format!("guest memory region {i}"), source })?.len();
+            claimed = claimed.saturating_add(len);
+        }
+        crate::session::limits::check_region(claimed, &opts.plan.limits, crate::session::limits::Backing::Source)?;
         let mut regions = Vec::with_capacity(memory.len());
         let mut word = 0;
         for (i, m) in memory.iter().enumerate() {
@@ -140,31 +161,32 @@ impl<'a> Source<'a> {
         let chunk = plan.chunk_size_bytes as usize;
         let t0 = Instant::now();
         let cpu0 = cpu_seconds();
-        let mut ctl = connect(&opts.to)?;
-        let agreed = client_handshake(&mut ctl, &opts.auth, CONTROL_LANE, 0, features::MIGRATE)?;
+        let mut s = connect(&opts.to)?;
+        let (agreed, keys) = client_handshake(&mut s, &opts.auth, CONTROL_LANE, 0, features::MIGRATE)?;
+        let mut ctl = Ctl::new(s, keys);
         if agreed & features::MIGRATE == 0 {
-            send_error(&mut ctl, "this is a migration; the receiver takes one-shot transfers");
+            ctl.error("this is a migration; the receiver takes one-shot transfers");
             return Err(SessionError::Protocol(format!(
                 "{} is a one-shot receiver (`ferryctl recv`), not a migration destination: start one with ferryd's migrate_in",
                 opts.to
             )));
         }
-        ctl.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+        ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         let per_worker = plan.tcp.connections_per_worker as usize;
         let n_workers = plan.worker_cpus.len();
         let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: regions.iter().map(|r| r.size).collect() };
         let lanes = n_workers * per_worker;
-        write_frame(&mut ctl, Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
+        ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
         let mut buf = Vec::new();
-        expect_frame(&mut ctl, Kind::SessionOk, &mut buf)?;
+        ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
         let mut workers = Vec::with_capacity(n_workers);
         for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
             let mut lanes = Vec::with_capacity(per_worker);
             for c in 0..per_worker {
                 let mut s = connect_data(&opts.to, plan)?;
-                client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
-                lanes.push(Lane { s, frames: 0, bytes: 0, pages: 0 });
+                let (_, keys) = client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
+                lanes.push(Lane { s, tx: keys.tx, frames: 0, bytes: 0, pages: 0 });
             }
             let arena = crate::engine::arena(plan, 2 * chunk)?;
             let live = crate::live::worker(crate::live::Role::MigrateOut, w);
@@ -251,6 +273,7 @@ impl<'a> Source<'a> {
                 self.regions.len()
             )));
         }
+        self.check_sizes(round, "start")?;
         let feed = WindowFeed::new(WINDOW_QUEUE);
         let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
         let regions = &self.regions;
@@ -311,12 +334,15 @@ impl<'a> Source<'a> {
         });
         let mut c = RoundCounts::default();
         for r in results {
-            c += r?;
+            c += r.map_err(|e| self.ctl.reason_for(e))?;
         }
+        // A region that shrank while the round read it sent zeros for the pages past its
+        // new end (they read as holes): fail before the destination confirms the round.
+        self.check_sizes(round, "end")?;
         let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
-        write_frame(&mut self.ctl, Kind::Round, end.as_bytes())?;
+        self.ctl.send(Kind::Round, end.as_bytes())?;
         let mut buf = Vec::new();
-        expect_frame(&mut self.ctl, Kind::RoundOk, &mut buf)?;
+        self.ctl.expect(Kind::RoundOk, &mut buf)?;
         let ok: wire::RoundOk = wire::parse(Kind::RoundOk, &buf)?;
         if ok.round.get() != round || ok.pages.get() != c.pages {
             return Err(SessionError::Protocol(format!(
@@ -336,7 +362,7 @@ impl<'a> Source<'a> {
                 for w in &mut self.workers {
                     for l in &mut w.lanes {
                         let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
-                        write_frame(&mut l.s, Kind::LaneEnd, end.as_bytes())?;
+                        write_frame(&mut l.s, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
                     }
                 }
                 crate::engine::send::confirm(&mut self.ctl, d, self.size)?;
@@ -397,12 +423,33 @@ impl<'a> Source<'a> {
     }
 }
 
+impl Source<'_> {
+    /// Every region still has the size it had when the migration began: guest memory that
+    /// is resized under a migration cannot be migrated faithfully.
+    fn check_sizes(&self, round: u32, when: &str) -> Result<(), SessionError> {
+        for (i, r) in self.regions.iter().enumerate() {
+            let now =
+                r.memory.metadata().map_err(|source| SessionError::Region { path: format!("guest memory region {i}"), source })?.len();
+            if now != r.size {
+                return Err(SessionError::Protocol(format!(
+                    "guest memory region {i} changed size from {} to {now} bytes (seen at the {when} of round {round}): the VMM must not resize guest memory while it migrates; the migration is abandoned and the source guest should resume",
+                    r.size
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks and opens region `i` of the guest memory; its bitmap words start at `word`.
 fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionError> {
     let what = if i == 0 { "the guest memory descriptor".to_string() } else { format!("guest memory region {i}") };
     let err = |source| SessionError::Region { path: what.clone(), source };
     if !hw::memmap::is_memory_file(memory).map_err(err)? {
-        return Err(SessionError::Protocol(format!("{what} is not a memory file: give a memfd, or a tmpfs or hugetlbfs file")));
+        return Err(SessionError::Protocol(format!(
+            "{what} is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
+            hw::memmap::describe(memory)
+        )));
     }
     // A description of our own, read-only: the descriptor the VMM passed shares its file
     // offset with the VMM, which the hole probes (lseek SEEK_DATA) would move.
@@ -418,7 +465,7 @@ fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionEr
         return Err(SessionError::Protocol(format!("{what} is empty")));
     }
     let pages = super::pages(size);
-    Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages) })
+    Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages)? })
 }
 
 /// Windows the feed holds at most: a full queue makes the scanning thread wait for the
@@ -597,7 +644,9 @@ impl Worker {
             let n = self.lanes.len();
             let lane = &mut self.lanes[turn % n];
             turn += 1;
-            batch.write(&snapshot[..], &mut lane.s).map_err(|e| SessionError::io(format!("sending round {round} to {to}"), e))?;
+            batch
+                .write(&snapshot[..], &mut lane.s, &mut lane.tx)
+                .map_err(|e| SessionError::io(format!("sending round {round} to {to}"), e))?;
             self.enc.adaptive.chunk_done(batch.region_bytes);
             lane.frames += batch.frames() as u64;
             lane.bytes += batch.wire_bytes;
@@ -616,7 +665,7 @@ impl Worker {
                 bytes: l.bytes.into(),
                 pages: l.pages.into(),
             };
-            write_frame(&mut l.s, Kind::RoundEnd, end.as_bytes())?;
+            write_frame(&mut l.s, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
             (l.frames, l.bytes, l.pages) = (0, 0, 0);
         }
         let enc = self.enc.stats;

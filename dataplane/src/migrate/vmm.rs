@@ -20,11 +20,24 @@
 //! Guest memory in several memory files (slots, NUMA nodes) goes as several regions: their
 //! descriptors in order, then the bitmap's, which holds each region's bitmap in turn.
 //!
-//! Destination VMM: `{"cmd":"migrate_in","listen":"HOST:PORT"}`, answered by
-//! `{"event":"listening","addr":..}` and, once the memory is verified, `{"ok":true,
-//! "report":{...},"regions":N}` with a memfd per region attached, in the source's order.
-//! On failure no descriptor comes back.
-//! Closing the connection cancels the migration.
+//! Destination VMM, one connection per migration:
+//!
+//! ```text
+//!  VMM                                                     destination ferryd
+//!   │── {"cmd":"migrate_in","listen":"HOST:PORT"} ───────────────►│
+//!   │◄─ {"event":"listening","addr":..} ──────────────────────────│  the source connects
+//!   │                                                             │  rounds, digest check
+//!   │◄─ {"event":"memory","regions":N,"report":{...}} + N memfds ─│  verified memory
+//!   │── {"cmd":"taken"} ─────────────────────────────────────────►│  the VMM holds it
+//!   │                                                             │  RESULT to the source
+//!   │◄─ {"ok":true,"report":{...}} ───────────────────────────────│  the source knows: run
+//! ```
+//!
+//! The memfds come in the source's order, one per region. The VMM runs the guest only
+//! after the final `{"ok":true}`; an `{"ok":false,"error":..}` instead (at any point)
+//! means the migration failed and memory it was handed must be discarded. Closing the
+//! connection before `taken` cancels the migration: the source is told, and its VMM
+//! resumes the guest.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -126,13 +139,20 @@ impl MigrateIn {
     }
 
     /// Blocks until the migration ends: the verified guest memory (one memfd per region, in
-    /// the source's order), or why not.
+    /// the source's order), or why not. The memory is taken (`taken`), and returned once
+    /// ferryd says the source knows the migration succeeded.
     pub fn wait(mut self) -> Result<(Vec<File>, MigrationReport), String> {
         let (v, fds) = reply(&mut self.conn)?;
-        let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
-        if fds.is_empty() || v["regions"].as_u64() != Some(fds.len() as u64) {
-            return Err(format!("ferryd reported success with {} memory descriptor(s) for {} region(s)", fds.len(), v["regions"]));
+        if v["event"] != "memory" {
+            return Err(format!("ferryd sent {v} where the memory was due"));
         }
-        Ok((fds.into_iter().map(File::from).collect(), report))
+        if fds.is_empty() || v["regions"].as_u64() != Some(fds.len() as u64) {
+            return Err(format!("ferryd handed over {} memory descriptor(s) for {} region(s)", fds.len(), v["regions"]));
+        }
+        let memory: Vec<File> = fds.into_iter().map(File::from).collect();
+        self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        let (v, _) = reply(&mut self.conn)?;
+        let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
+        Ok((memory, report))
     }
 }

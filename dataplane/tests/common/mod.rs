@@ -27,6 +27,7 @@ pub fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) ->
         },
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
         compression,
+        limits: Limits::default(),
         reasons: vec![],
     }
 }
