@@ -28,5 +28,5 @@ pub mod plan;
 pub mod session;
 /// Stream mode: an unmodified VMM's migration stream carried between two proxies.
 pub mod stream;
-/// Wire protocol v1: frame header, kinds, checks.
+/// Wire protocol v2: frame header, kinds, checks.
 pub mod wire;

@@ -1,4 +1,4 @@
-//! Wire protocol v1: frames, their header, and the checks every received frame passes
+//! Wire protocol v2: frames, their header, and the checks every received frame passes
 //! before anything it carries is written.
 //!
 //! A session is one control connection plus one data connection per lane. Every
@@ -10,7 +10,7 @@
 //!    │── HELLO (version, features, lane = CONTROL, nonce_c) ───►│
 //!    │◄── CHALLENGE (features, nonce_s, HMAC_k("srv"‖nc‖ns)) ───│  receiver proves the key
 //!    │── RESPONSE (HMAC_k("cli"‖ns‖nc)) ───────────────────────►│  sender proves the key
-//!    │◄── ACCEPT ───────────────────────────────────────────────│  (or ERROR, connection closed)
+//!    │◄── ACCEPT (the first sealed frame) ──────────────────────│  (or ERROR, connection closed)
 //!    │── SESSION (page size, chunk size, lanes, regions) ──────►│  receiver checks and allocates
 //!    │◄── SESSION_OK (session id) ──────────────────────────────│
 //!    │ data connection per lane (same handshake, lane = i, session id)
@@ -53,13 +53,18 @@
 //!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│
 //!    │ after the last round (the VMM has paused): LANE_END on every lane, then
 //!    │── DONE (digest of the whole paused source) ─────────────►│  per-page hashes kept as
-//!    │◄── RESULT ───────────────────────────────────────────────│  pages landed; hands the
-//!    │                                                          │  memfd to the VMM if equal
+//!    │                                                          │  pages landed; if equal,
+//!    │                                                          │  the VMM takes the memfd
+//!    │◄── RESULT ───────────────────────────────────────────────│  then the source is told
 //! ```
 //!
 //! Every frame is a 32-byte [`Header`] followed by `length` payload bytes. The header's
 //! `crc` is CRC-32C over the header (with `crc` zero) and the payload. A zeroed header is
-//! invalid (wrong magic). Integers are little-endian.
+//! invalid (wrong magic). Integers are little-endian. Every frame after the handshake
+//! (from ACCEPT on) is followed by a 16-byte tag under the connection's keys
+//! ([`crate::session::seal`]); the handshake's own frames are plain and at most
+//! [`crate::conn::PREAUTH_MAX_PAYLOAD`] bytes. Version 2 added the tags; a version-1 peer is
+//! refused at HELLO.
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -183,7 +188,7 @@ const _: () = assert!(std::mem::size_of::<Header>() == HEADER_LEN);
 /// A frame that fails a check. Each names what was wrong; none is ever written.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("bad magic {0:#010x}: not a ferry v1 peer, or the stream lost sync")]
+    #[error("bad magic {0:#010x}: not a ferry peer, or the stream lost sync")]
     Magic(u32),
     #[error("unknown frame kind {0}")]
     Kind(u8),
