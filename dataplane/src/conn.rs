@@ -170,6 +170,11 @@ impl Ctl {
         write_frame(&mut self.s, &mut self.keys.tx, kind, payload)
     }
 
+    /// The session's key for digests of memory that arrived without frames.
+    pub fn digest_key(&self) -> &crate::digest::DigestKey {
+        &self.keys.digest
+    }
+
     /// The next frame, which must be `want` (an ERROR is the peer's reason).
     pub fn expect(&mut self, want: Kind, buf: &mut Vec<u8>) -> Result<Header, SessionError> {
         let timeout = self.s.read_timeout().ok().flatten();

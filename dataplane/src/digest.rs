@@ -5,7 +5,13 @@
 //! digests combine; the seed binds each page's hash to its place, so a page written at the
 //! wrong offset changes the digest. Hashing the page unseeded first lets a zero page
 //! (45% of a typical guest) use a precomputed hash instead of being read. It catches
-//! corruption and loss, not an adversary (the HMAC handshake keeps those out).
+//! corruption and loss, not an adversary: over TCP every frame that carried the pages was
+//! authenticated ([`crate::session::seal`]).
+//!
+//! Memory that arrives without frames (RDMA's one-sided writes) is digested with
+//! [`Hashing::Keyed`] instead: each page's share is a keyed BLAKE3 of its BLAKE3 hash and
+//! its place, under a key from the session's handshake, so nobody without the key can make
+//! a changed memory fold to the same digest (XOR-folding unkeyed hashes could be forged).
 
 use std::sync::OnceLock;
 
@@ -34,6 +40,57 @@ pub(crate) fn is_hole(file: &std::fs::File, off: u64, n: u64) -> bool {
     }
 }
 
+/// The key of a keyed digest: derived per session from the handshake.
+#[derive(Clone)]
+pub struct DigestKey(pub(crate) [u8; 32]);
+
+impl std::fmt::Debug for DigestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DigestKey(..)")
+    }
+}
+
+impl DigestKey {
+    fn place(&self, page_hash: &blake3::Hash, region: u32, page: u64) -> u128 {
+        let mut m = blake3::Hasher::new_keyed(&self.0);
+        m.update(page_hash.as_bytes());
+        m.update(&region.to_le_bytes());
+        m.update(&page.to_le_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&m.finalize().as_bytes()[..16]);
+        u128::from_le_bytes(out)
+    }
+}
+
+/// How each page's share of a digest is computed.
+#[derive(Debug, Clone, Copy)]
+pub enum Hashing<'k> {
+    /// xxh3: for pages whose frames were authenticated on the way.
+    Fast,
+    /// Keyed BLAKE3: for pages that arrived without frames.
+    Keyed(&'k DigestKey),
+}
+
+impl Hashing<'_> {
+    fn page(self, region: u32, page: u64, bytes: &[u8]) -> u128 {
+        match self {
+            Hashing::Fast => place(xxh3_128(bytes), region, page),
+            Hashing::Keyed(k) => k.place(&blake3::hash(bytes), region, page),
+        }
+    }
+
+    fn zero_page(self, region: u32, page: u64, len: usize) -> u128 {
+        match self {
+            Hashing::Fast => place(zero_hash(len), region, page),
+            Hashing::Keyed(k) => {
+                static FULL: OnceLock<blake3::Hash> = OnceLock::new();
+                let h = if len == 4096 { *FULL.get_or_init(|| blake3::hash(&[0u8; 4096])) } else { blake3::hash(&vec![0u8; len]) };
+                k.place(&h, region, page)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Digest(pub u128);
 
@@ -51,17 +108,27 @@ impl Digest {
     /// Folds in the pages of `bytes`, which start at page `first_page` of `region`. The
     /// last page may be short (the region's tail).
     pub fn add(&mut self, region: u32, first_page: u64, page_size: usize, bytes: &[u8]) {
+        self.add_with(Hashing::Fast, region, first_page, page_size, bytes);
+    }
+
+    /// [`Digest::add`] with the given hashing.
+    pub fn add_with(&mut self, h: Hashing<'_>, region: u32, first_page: u64, page_size: usize, bytes: &[u8]) {
         for (i, page) in bytes.chunks(page_size).enumerate() {
-            self.0 ^= place(xxh3_128(page), region, first_page + i as u64);
+            self.0 ^= h.page(region, first_page + i as u64, page);
         }
     }
 
     /// Folds in `len` zero bytes starting at page `first_page`, without reading any.
     pub fn add_zero(&mut self, region: u32, first_page: u64, page_size: usize, len: u64) {
+        self.add_zero_with(Hashing::Fast, region, first_page, page_size, len);
+    }
+
+    /// [`Digest::add_zero`] with the given hashing.
+    pub fn add_zero_with(&mut self, h: Hashing<'_>, region: u32, first_page: u64, page_size: usize, len: u64) {
         let pages = len.div_ceil(page_size as u64);
         for i in 0..pages {
             let this = (len - i * page_size as u64).min(page_size as u64) as usize;
-            self.0 ^= place(zero_hash(this), region, first_page + i);
+            self.0 ^= h.zero_page(region, first_page + i, this);
         }
     }
 
@@ -104,6 +171,19 @@ impl Digest {
         threads: usize,
         probe_holes: bool,
     ) -> std::io::Result<Digest> {
+        Digest::of_file_with(Hashing::Fast, region, page_size, file, len, threads, probe_holes)
+    }
+
+    /// [`Digest::of_file`] with the given hashing.
+    pub fn of_file_with(
+        h: Hashing<'_>,
+        region: u32,
+        page_size: usize,
+        file: &std::fs::File,
+        len: u64,
+        threads: usize,
+        probe_holes: bool,
+    ) -> std::io::Result<Digest> {
         use std::os::unix::fs::FileExt;
         use std::sync::atomic::{AtomicU64, Ordering};
         const PIECE: u64 = 1 << 20;
@@ -122,11 +202,11 @@ impl Digest {
                             }
                             let (off, n) = (i * PIECE, (len - i * PIECE).min(PIECE) as usize);
                             if probe_holes && is_hole(file, off, n as u64) {
-                                d.add_zero(region, off / page_size as u64, page_size, n as u64);
+                                d.add_zero_with(h, region, off / page_size as u64, page_size, n as u64);
                                 continue;
                             }
                             file.read_exact_at(&mut buf[..n], off)?;
-                            d.add(region, off / page_size as u64, page_size, &buf[..n]);
+                            d.add_with(h, region, off / page_size as u64, page_size, &buf[..n]);
                         }
                     })
                 })
@@ -196,6 +276,29 @@ mod tests {
         let mut image = vec![0u8; 5 << 20];
         image[2 << 20..(2 << 20) + 4096].copy_from_slice(&data[..4096]);
         assert_eq!(Digest::of_file(0, 4096, &m, 5 << 20, 2, true).unwrap(), Digest::of_region(0, 4096, &image, 1));
+    }
+
+    /// A keyed digest agrees with itself computed any way (pages, zeros, a file), differs
+    /// from the fast one and under another key.
+    #[test]
+    fn keyed_digests() {
+        let (k, other) = (DigestKey([1; 32]), DigestKey([2; 32]));
+        let mut data = vec![0u8; 3 * 4096 + 10];
+        data[4096] = 1;
+        let mut whole = Digest::default();
+        whole.add_with(Hashing::Keyed(&k), 0, 0, 4096, &data);
+        let mut parts = Digest::default();
+        parts.add_zero_with(Hashing::Keyed(&k), 0, 0, 4096, 4096);
+        parts.add_with(Hashing::Keyed(&k), 0, 1, 4096, &data[4096..8192]);
+        parts.add_zero_with(Hashing::Keyed(&k), 0, 2, 4096, 4096 + 10);
+        assert_eq!(parts, whole);
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        assert_eq!(Digest::of_file_with(Hashing::Keyed(&k), 0, 4096, &f, data.len() as u64, 2, false).unwrap(), whole);
+        assert_ne!(whole, Digest::of_region(0, 4096, &data, 1));
+        let mut o = Digest::default();
+        o.add_with(Hashing::Keyed(&other), 0, 0, 4096, &data);
+        assert_ne!(o, whole);
     }
 
     #[test]

@@ -518,7 +518,7 @@ fn register(channels: &Channels, n: u16, qemu: &Conn, ferry: &TcpStream) -> Resu
 
 /// Both directions of one channel; the first failure aborts both.
 fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Compression) -> Result<ChannelReport, SessionError> {
-    let Keys { tx, rx } = keys;
+    let Keys { tx, rx, .. } = keys;
     let t = Instant::now();
     let clone = |e| SessionError::io(format!("cloning channel {n}"), e);
     let (q2, f2) = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);

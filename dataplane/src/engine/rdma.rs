@@ -18,7 +18,9 @@
 //! as WRITE_WITH_IMMs consume them and hands them back as credits (a zero-length inline
 //! SEND_WITH_IMM carrying the count). The CPU never touches the data: the NIC places it.
 //! Once RDMA_END says how many WRITE_WITH_IMMs each lane sent and all have arrived, the
-//! destination is deregistered, then digested and compared as on TCP.
+//! destination is deregistered, then digested and compared as on TCP, but with a keyed
+//! digest ([`Hashing::Keyed`]): the pages came without authenticated frames, so what
+//! landed is checked under a key from the session's handshake.
 //!
 //! Compression does not apply: a one-sided write cannot be decoded on arrival, and the
 //! planner only picks RDMA where the link outruns zstd.
@@ -36,7 +38,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::send::WorkerResult;
 use super::{IDLE_TIMEOUT, PAGE};
 use crate::conn::{Ctl, SessionError};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestKey, Hashing};
 use crate::encode::{EncodeStats, page_runs};
 use crate::plan::{Plan, RdmaPlan};
 use crate::wire::{self, Kind};
@@ -261,6 +263,8 @@ fn first_error<T>(results: Vec<Result<T, SessionError>>) -> Result<Vec<T>, Sessi
 /// What every sending worker shares.
 struct Job<'a> {
     source: &'a super::send::SourceFile<'a>,
+    /// One-sided writes arrive without frames: the pages' digest is keyed.
+    digest_key: &'a DigestKey,
     chunk: usize,
     n_chunks: u64,
     next: &'a AtomicU64,
@@ -341,7 +345,7 @@ impl<'a> SendWorker<'a> {
         for (i, &(s, e, zero)) in self.runs.iter().enumerate() {
             let (off, len) = (start + s, e - s);
             if zero {
-                self.digest.add_zero(0, (off / PAGE) as u64, PAGE, len as u64);
+                self.digest.add_zero_with(Hashing::Keyed(self.job.digest_key), 0, (off / PAGE) as u64, PAGE, len as u64);
                 let fill = open.is_some() && len <= ZERO_FILL_MAX && i + 1 < self.runs.len();
                 let room = open.is_some_and(|w| w.sges + 2 <= self.send_sge);
                 if fill && room {
@@ -358,7 +362,7 @@ impl<'a> SendWorker<'a> {
                 }
                 continue;
             }
-            self.digest.add(0, (off / PAGE) as u64, PAGE, &bytes[s..e]);
+            self.digest.add_with(Hashing::Keyed(self.job.digest_key), 0, (off / PAGE) as u64, PAGE, &bytes[s..e]);
             self.stats.raw_bytes += len as u64;
             if open.is_some_and(|w| w.sges >= self.send_sge) {
                 self.wrs.push(open.take().expect("checked"));
@@ -620,8 +624,10 @@ pub(crate) fn send(
     let next = AtomicU64::new(0);
     let abort = AtomicBool::new(false);
     let done = AtomicUsize::new(0);
+    let digest_key = ctl.digest_key().clone();
     let job = Job {
         source,
+        digest_key: &digest_key,
         chunk: plan.chunk_size_bytes as usize,
         n_chunks: source.size.div_ceil(plan.chunk_size_bytes),
         next: &next,
@@ -961,7 +967,7 @@ pub(crate) fn recv(
     // the registration goes.
     drop(region);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let digest = Digest::of_file(0, PAGE, file, size, threads, false)
+    let digest = Digest::of_file_with(Hashing::Keyed(ctl.digest_key()), 0, PAGE, file, size, threads, false)
         .map_err(|source| SessionError::Region { path: "the destination".into(), source })?;
     let sum = |f: fn(&wire::RdmaLaneEnd) -> u64| ends.iter().map(f).sum::<u64>();
     Ok(Received { digest, imms: sum(|e| e.imms.get()), bytes: sum(|e| e.bytes.get()), zero_pages: sum(|e| e.zero_pages.get()), report })

@@ -39,13 +39,15 @@ impl std::fmt::Debug for Seal {
     }
 }
 
-/// A connection's two directions.
+/// A connection's two directions, and the key of a digest of memory that arrives without
+/// frames (RDMA).
 #[derive(Debug, Clone)]
 pub struct Keys {
     /// Frames this side sends.
     pub tx: Seal,
     /// Frames this side receives.
     pub rx: Seal,
+    pub digest: crate::digest::DigestKey,
 }
 
 /// Which end of the handshake this side was.
@@ -68,9 +70,10 @@ impl Keys {
             m.finalize().into_bytes().into()
         };
         let (c2s, s2c) = (Seal { key: key(b"ferry-v2 c2s"), seq: 0 }, Seal { key: key(b"ferry-v2 s2c"), seq: 0 });
+        let digest = crate::digest::DigestKey(key(b"ferry-v2 digest"));
         match side {
-            Side::Client => Keys { tx: c2s, rx: s2c },
-            Side::Server => Keys { tx: s2c, rx: c2s },
+            Side::Client => Keys { tx: c2s, rx: s2c, digest },
+            Side::Server => Keys { tx: s2c, rx: c2s, digest },
         }
     }
 }
