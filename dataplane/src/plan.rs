@@ -45,8 +45,8 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Connections per listener that have not finished authenticating, at once; more are
-    /// closed on arrival.
+    /// Connections per listener that have not finished authenticating, at once; more wait
+    /// in the kernel's backlog until one finishes.
     pub preauth_connections: u32,
     /// Bytes a connection may send before it has authenticated (a HELLO and a RESPONSE
     /// are under 200).

@@ -182,6 +182,51 @@ fn wrong_key_moves_nothing_and_the_receiver_keeps_listening() {
     assert_eq!(std::fs::read(&out).unwrap(), data);
 }
 
+/// Strangers that keep connecting while a four-lane session opens (probes, garbage, a
+/// wrong key) take no lane slot and fail nothing: every lane is the sender's.
+#[test]
+fn strangers_during_lane_setup_take_no_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let out = dir.path().join("out");
+    let data = image(300, 100);
+    std::fs::write(&src, &data).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let p = plan(2, 2, Compression::Off, 64 << 10);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, got) = std::thread::scope(|s| {
+        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout: None }));
+        s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(mut c) = TcpStream::connect(&addr) {
+                    // Once the receiver is done nobody answers: do not wait for it.
+                    c.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
+                    match n % 3 {
+                        0 => drop(c),
+                        1 => {
+                            let _ = c.write_all(&[0x42; 64]);
+                        }
+                        _ => {
+                            let _ = client_handshake(&mut c, &common::key(9), 0, 0, 0);
+                        }
+                    }
+                }
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: &p, progress: None, require_rdma: false });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (sent, r.join().unwrap())
+    });
+    sent.unwrap();
+    got.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
 /// A receiver whose sender never authenticates gives up at its deadline, saying so.
 #[test]
 fn a_receiver_gives_up_at_its_deadline() {

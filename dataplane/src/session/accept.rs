@@ -4,9 +4,11 @@
 //! so a port probe, a wrong key, garbage, or a peer that sends a byte now and then costs
 //! the session nothing: it is turned away (with a rate-limited log line) and the acceptor
 //! keeps listening for its real peer. What an unauthenticated connection may cost is
-//! bounded by the plan's [`Limits`]: how many may be authenticating at once (more are
-//! closed on arrival), how long the whole handshake may take, and how many bytes it may
-//! send. Running out of descriptors pauses accepting instead of failing the session.
+//! bounded by the plan's [`Limits`]: how many may be authenticating at once (more wait in
+//! the kernel's backlog for a slot, so strangers holding every slot delay the real peer by
+//! at most one handshake timeout instead of shutting it out), how long the whole handshake
+//! may take, and how many bytes it may send. Running out of descriptors pauses accepting
+//! instead of failing the session.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -137,7 +139,10 @@ impl<'l> Acceptor<'l> {
                 }
                 None => Duration::from_secs(1),
             };
-            let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN), PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN)];
+            // The listener is watched only while a handshake slot is free.
+            let room = self.pending.load(Ordering::Acquire) < self.limits.preauth_connections as usize;
+            let listen = if room { PollFlags::POLLIN } else { PollFlags::empty() };
+            let mut fds = vec![PollFd::new(self.listener.as_fd(), listen), PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN)];
             if fired.is_none() {
                 fds.extend(wait.watch.iter().map(|f| PollFd::new(*f, PollFlags::POLLIN)));
             }
@@ -165,21 +170,26 @@ impl<'l> Acceptor<'l> {
     /// Accepts every connection waiting, each onto a handshake thread of its own, while
     /// the pre-authentication slots last.
     fn accept_all(&self, what: &str) {
+        let max = self.limits.preauth_connections as usize;
         loop {
+            // AcqRel pairs with the handshake threads' release when they finish. With every
+            // slot taken, the rest wait in the kernel's backlog (bounded by the kernel) for a
+            // slot: closing them would let strangers that hold the slots shut out the real
+            // peer, whose connection now waits its turn instead.
+            if self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_err() {
+                self.log.warn(format_args!("{what}: {max} connections are authenticating; the next wait for one of them to finish"));
+                return;
+            }
             let (s, peer) = match self.listener.accept() {
                 Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    crate::bounds::accept_failed(&e, what, &self.log);
+                    self.pending.fetch_sub(1, Ordering::Release);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        crate::bounds::accept_failed(&e, what, &self.log);
+                    }
                     return;
                 }
             };
-            let max = self.limits.preauth_connections as usize;
-            // AcqRel pairs with the handshake threads' release when they finish.
-            if self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_err() {
-                self.log.warn(format_args!("{what}: {max} connections are already authenticating; one from {peer} was closed"));
-                continue;
-            }
             let (auth, offer, done, wake, pending) =
                 (self.auth.clone(), self.offer, self.done_tx.clone(), self.wake_tx.clone(), self.pending.clone());
             let (timeout, bytes) = (self.limits.handshake_timeout(), self.limits.preauth_bytes);
@@ -255,7 +265,11 @@ fn handshake(s: TcpStream, peer: SocketAddr, auth: &Auth, offer: u64, timeout: D
         })
     })();
     match r {
-        Ok((hello, keys)) => Ok(Authed { s, peer, hello, keys }),
+        // The handshake's deadline is not the session's: the caller sets its own timeouts.
+        Ok((hello, keys)) => match s.set_read_timeout(None).and_then(|()| s.set_write_timeout(None)) {
+            Ok(()) => Ok(Authed { s, peer, hello, keys }),
+            Err(e) => Err((peer, SessionError::io("clearing the handshake's timeouts", e))),
+        },
         Err(e) => Err((peer, e)),
     }
 }
@@ -307,6 +321,34 @@ mod tests {
         real.join().unwrap().unwrap();
         assert!(wrong.join().unwrap(), "the wrong key was refused");
         drop(extra);
+    }
+
+    /// Tricklers in every handshake slot delay the real peer (it waits in the backlog)
+    /// but do not shut it out: it gets through once their handshake timeout frees a slot.
+    #[test]
+    fn full_slots_delay_the_real_peer_without_shutting_it_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let acc = Acceptor::new(&l, &key(), 0, &limits()).unwrap();
+        let squatters: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"F").unwrap();
+                s
+            })
+            .collect();
+        let real = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            client_handshake(&mut s, &key(), 3, 1, 0).map(|_| ())
+        });
+        let wait = Wait { what: "a test peer", deadline: Some(Instant::now() + Duration::from_secs(10)), watch: &[] };
+        let start = Instant::now();
+        assert!(matches!(acc.next(wait, |_| Ok(())).unwrap(), Next::Conn(a) if a.hello.lane.get() == 3));
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        real.join().unwrap().unwrap();
+        drop(squatters);
     }
 
     #[test]
