@@ -108,18 +108,20 @@ pub fn accept(
 }
 
 /// Watches the VMM's connection while the session runs: when it stirs, the control thread
-/// is told (a message, and a byte on `wake`), and stops the migration.
-fn watch_vmm(vmm: BorrowedFd<'_>, tx: &mpsc::Sender<LaneMsg>, wake: &UnixStream, gone: &AtomicBool, done: &AtomicBool) {
-    while !done.load(Ordering::Acquire) {
-        let mut fds = [PollFd::new(vmm, PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(100u8)) {
-            Ok(n) if n > 0 => {
+/// is told (a message, and a byte on `wake`), and stops the migration. Returns when `stop`
+/// stirs (the session is over).
+fn watch_vmm(vmm: BorrowedFd<'_>, stop: &UnixStream, tx: &mpsc::Sender<LaneMsg>, wake: &UnixStream, gone: &AtomicBool) {
+    loop {
+        let mut fds = [PollFd::new(vmm, PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => return,
+            Ok(_) => {
                 gone.store(true, Ordering::Release);
                 let _ = tx.send(Err(vmm_gone()));
                 let _ = (&*wake).write(&[1]);
                 return;
             }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return,
         }
     }
@@ -172,11 +174,13 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
     // Clones of the lanes, shut down when the session fails so no lane waits on a peer.
     let mut socks = Vec::new();
     let ctx = Ctx { layout: &layout, targets: &targets, plan: opts.plan };
-    let (gone, done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let gone = AtomicBool::new(false);
+    // Closed when the session is over: the VMM's watcher returns at once.
+    let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     let outcome = std::thread::scope(|s| {
         if let Some(vmm) = opts.vmm {
-            let (tx, wake, gone, done) = (tx.clone(), &wake, &gone, &done);
-            s.spawn(move || watch_vmm(vmm, &tx, wake, gone, done));
+            let (tx, wake, gone, stop) = (tx.clone(), &wake, &gone, &stop_rx);
+            s.spawn(move || watch_vmm(vmm, stop, &tx, wake, gone));
         }
         let mut handles = Vec::new();
         let mut watch = vec![ctl.s.as_fd()];
@@ -199,7 +203,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
             Ok(Some(_)) => Err(vmm_gone()),
             Err(e) => Err(e),
         };
-        done.store(true, Ordering::Release);
+        let _ = stop_tx.shutdown(Shutdown::Both);
         if r.is_err() {
             for c in &socks {
                 let _ = c.shutdown(Shutdown::Both);
