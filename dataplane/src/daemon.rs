@@ -549,6 +549,8 @@ impl Daemon {
             max_rounds: limits.max_rounds.unwrap_or(crate::migrate::DEFAULT_MAX_ROUNDS).max(1),
             rate_limit,
             verify: limits.verify,
+            job: crate::migrate::source::Job::Migrate,
+            progress: None,
         };
         let refs: Vec<&std::fs::File> = memory.iter().collect();
         let mut src = Source::connect_regions(&refs, opts).map_err(|e| e.to_string())?;

@@ -6,6 +6,8 @@
 pub mod auth;
 /// What a listener may spend on strangers: client slots, deadlines, accept backoff.
 pub mod bounds;
+/// An encoded chunk: a window's pages as frames, owning its arena slots.
+pub mod chunk;
 /// Frame I/O on a stream, and the session error type.
 pub mod conn;
 /// ferryd as a service: control socket, metrics.
@@ -28,5 +30,9 @@ pub mod plan;
 pub mod session;
 /// Stream mode: an unmodified VMM's migration stream carried between two proxies.
 pub mod stream;
+/// Where a sending worker's chunks go: its lanes on sockets or io_uring.
+pub mod transport;
 /// Wire protocol v2: frame header, kinds, checks.
 pub mod wire;
+/// The sending worker, the window feed and the pacer: one loop for every job.
+pub mod worker;

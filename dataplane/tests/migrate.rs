@@ -55,15 +55,7 @@ fn dirty(bitmap: &mut [u64], page: u64) {
 }
 
 fn opts<'a>(to: String, plan: &'a Plan) -> SourceOptions<'a> {
-    SourceOptions {
-        to,
-        auth: key(),
-        plan,
-        downtime_budget: Duration::from_millis(300),
-        max_rounds: 30,
-        rate_limit: None,
-        verify: Verify::Sent,
-    }
+    SourceOptions { downtime_budget: Duration::from_millis(300), ..SourceOptions::migrate(to, key(), plan) }
 }
 
 /// A destination on a free port, on its own thread.

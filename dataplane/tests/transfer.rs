@@ -248,7 +248,7 @@ fn a_receiver_gives_up_at_its_deadline() {
 fn hostile(
     size: u64,
     uring: bool,
-    bad: impl FnOnce(&mut TcpStream, &mut Seal),
+    bad: impl FnOnce(&mut TcpStream, &mut Seal, &mut TcpStream, &mut Seal),
 ) -> (Result<dataplane::engine::Report, SessionError>, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -267,7 +267,7 @@ fn hostile(
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf).unwrap().session.get();
         let mut lane = TcpStream::connect(addr).unwrap();
         let (_, mut lane_keys) = client_handshake(&mut lane, &key(), 0, session, 0).unwrap();
-        bad(&mut lane, &mut lane_keys.tx);
+        bad(&mut lane, &mut lane_keys.tx, &mut ctl, &mut keys.tx);
         drop(lane);
         drop(ctl);
         r.join().unwrap()
@@ -283,8 +283,13 @@ fn frame(tx: &mut Seal, h: Header, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Each bad input is refused by both ways of receiving.
+/// Each bad input on the lane is refused by both ways of receiving.
 fn assert_refused(size: u64, what: &str, bad: impl Fn(&mut TcpStream, &mut Seal)) {
+    assert_refused_with_ctl(size, what, |l, tx, _, _| bad(l, tx));
+}
+
+/// [`assert_refused`] of what is written on the lane and the control connection.
+fn assert_refused_with_ctl(size: u64, what: &str, bad: impl Fn(&mut TcpStream, &mut Seal, &mut TcpStream, &mut Seal)) {
     for uring in [false, true] {
         let (got, out, dir) = hostile(size, uring, &bad);
         let e = got.expect_err(what).to_string();
@@ -374,13 +379,19 @@ fn truncated_stream_and_missing_lane_end() {
         let f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
         l.write_all(&f[..HEADER_LEN + 100]).unwrap();
     });
-    // Whole frames, but the sender vanishes before LANE_END and DONE.
+    // Whole frames, but the sender vanishes before the round's end and DONE.
     assert_refused(8192, "peer closed the connection", |l, tx| {
         l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
     });
-    // A lane end that does not match what arrived.
-    assert_refused(8192, "lane 0 ended after 0 frames", |l, tx| {
-        let end = wire::LaneEnd { frames: 3.into(), bytes: 99.into() };
+    // A round's end that does not match what arrived.
+    assert_refused(8192, "lane 0 ended round 0 after 3 frames", |l, tx| {
+        let end = wire::RoundEnd { round: 0.into(), _pad: 0.into(), frames: 3.into(), bytes: 99.into(), pages: 0.into() };
+        l.write_all(&frame(tx, Header::new(Kind::RoundEnd, 32).seal(end.as_bytes()), end.as_bytes())).unwrap();
+    });
+    // Data after the last round, outside any round.
+    assert_refused(8192, "frames outside a round", |l, tx| {
+        l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
+        let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
         l.write_all(&frame(tx, Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
     });
 }
@@ -399,11 +410,15 @@ fn overlapping_and_missing_pages() {
         l.write_all(&f).unwrap();
         l.write_all(&f).unwrap();
     });
-    // Every frame well-formed and the lane's counts honest, but page 1 never sent.
-    assert_refused(8192, "1 of the region's 2 pages delivered", |l, tx| {
+    // Every frame well-formed and the counts honest, but page 1 never sent: the only
+    // round cannot end.
+    assert_refused_with_ctl(8192, "round 0 must cover all 2", |l, tx, ctl, ctl_tx| {
         let f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
         l.write_all(&f).unwrap();
-        let end = wire::LaneEnd { frames: 1.into(), bytes: (f.len() as u64).into() };
-        l.write_all(&frame(tx, Header::new(Kind::LaneEnd, 16).seal(end.as_bytes()), end.as_bytes())).unwrap();
+        let end = wire::RoundEnd { round: 0.into(), _pad: 0.into(), frames: 1.into(), bytes: (f.len() as u64).into(), pages: 1.into() };
+        l.write_all(&frame(tx, Header::new(Kind::RoundEnd, 32).seal(end.as_bytes()), end.as_bytes())).unwrap();
+        let round = wire::Round { round: 0.into(), last: 1.into(), pages: 1.into() };
+        write_frame(ctl, ctl_tx, Kind::Round, round.as_bytes()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
     });
 }

@@ -226,6 +226,61 @@ impl Arena {
     }
 }
 
+impl Arena {
+    /// Cuts the arena into owned slots of `size` bytes each, as many as fit: each slot
+    /// can move between threads and into a send ring or a work request and back, while the
+    /// mapping stays alive as long as any slot of it does.
+    pub fn into_slots(mut self, size: usize) -> Vec<Slot> {
+        let size = size.max(1);
+        let n = self.map.len() / size;
+        let base = self.map.as_mut_ptr();
+        let owner = std::sync::Arc::new(self.map);
+        (0..n)
+            // SAFETY: `i * size + size <= len`, so the pointer stays inside the mapping.
+            .map(|i| Slot { _owner: owner.clone(), ptr: unsafe { base.add(i * size) }, len: size })
+            .collect()
+    }
+}
+
+/// An owned piece of an [`Arena`]: no other slot overlaps it, and it keeps the mapping
+/// alive. Memory the kernel or a NIC reads while a buffer is in flight is a slot moved
+/// into the ring or work request, so no Rust reference to it exists meanwhile.
+pub struct Slot {
+    _owner: std::sync::Arc<MmapMut>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+// SAFETY: a slot is the only handle to its bytes (slots are disjoint, and the arena that
+// was cut into them is gone), so moving it to another thread moves that exclusive access;
+// the mapping it keeps alive is plain memory.
+unsafe impl Send for Slot {}
+// SAFETY: through `&Slot` only reads happen (Deref), and no `&mut` to the same bytes can
+// exist at the same time (DerefMut needs `&mut Slot`).
+unsafe impl Sync for Slot {}
+
+impl std::ops::Deref for Slot {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr + len` lies inside the mapping `_owner` keeps alive, no other
+        // slot overlaps it, and writers need `&mut self`, which `&self` excludes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Slot {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for Deref; `&mut self` makes this the only access to these bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
 impl AsRef<[u8]> for Arena {
     fn as_ref(&self) -> &[u8] {
         &self.map
@@ -291,6 +346,20 @@ mod tests {
         if a.kind() != ArenaKind::Hugetlb2m {
             assert!(!notes.is_empty(), "a fallback is always explained");
         }
+    }
+
+    #[test]
+    fn slots_are_disjoint_and_outlive_the_arena() {
+        let (a, _) = Arena::new(2 << 20, ArenaKind::Normal, false, None).unwrap();
+        let mut slots = a.into_slots(600 << 10);
+        assert_eq!(slots.len(), 3);
+        for (i, s) in slots.iter_mut().enumerate() {
+            s.fill(i as u8 + 1);
+        }
+        let last = slots.pop().unwrap();
+        drop(slots);
+        let t = std::thread::spawn(move || last.iter().all(|&b| b == 3));
+        assert!(t.join().unwrap(), "the slot kept its bytes and its mapping");
     }
 
     #[test]

@@ -9,14 +9,21 @@
 //! every notification of every send that used it.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use io_uring::{IoUring, cqueue, opcode, types};
 
-/// A send buffer: a list of byte ranges whose addresses stay fixed while it is owned by
-/// the ring (the implementor keeps them in heap allocations or borrowed memory it does
-/// not touch).
-pub trait SendBuf {
+/// A send buffer: a list of byte ranges the kernel reads while the ring owns the buffer.
+///
+/// # Safety
+///
+/// The ranges `for_each_slice` yields must stay valid for reads, at the same addresses and
+/// with the same lengths, from the call until the ring hands the buffer back, even though
+/// the value itself is moved into and out of the ring: they must live in memory the value
+/// owns through a pointer (a heap allocation, a mapping) or borrows for at least as long,
+/// never inline in the value. Nothing may write them meanwhile. Implementing the trait
+/// promises this; the ring hands the ranges to the kernel on that promise.
+pub unsafe trait SendBuf {
     /// Calls `f` with each range, in order.
     fn for_each_slice(&self, f: &mut dyn FnMut(&[u8]));
 }
@@ -59,10 +66,11 @@ pub struct ZcStats {
     pub copied: u64,
 }
 
-/// One ring driving `N` connections.
+/// One ring driving `N` connections, whose descriptors it owns: they stay open until the
+/// kernel has let go of every buffer.
 pub struct SendRing<B> {
     ring: IoUring,
-    fds: Vec<RawFd>,
+    fds: Vec<OwnedFd>,
     /// Buffers the ring holds, by slot (the SQEs' user data): being written, or written
     /// and waiting for their zero-copy notifications.
     slots: Vec<Option<InFlight<B>>>,
@@ -89,22 +97,22 @@ unsafe impl<B: Send> Send for SendRing<B> {}
 const ZC_COPIED: i32 = 1 << 31;
 
 impl<B: SendBuf> SendRing<B> {
-    /// A ring of `entries` for `conns`, sending with WRITEV. The connections must outlive
-    /// the ring (the caller keeps them and drops the ring first).
-    pub fn new(entries: u32, conns: &[&impl AsRawFd]) -> io::Result<Self> {
+    /// A ring of `entries` for `conns` (descriptors it now owns: duplicates of the
+    /// caller's sockets, say), sending with WRITEV.
+    pub fn new(entries: u32, conns: Vec<OwnedFd>) -> io::Result<Self> {
         SendRing::with_zero_copy(entries, conns, false)
     }
 
     /// [`SendRing::new`], sending with SENDMSG_ZC when `zero_copy`. A connection takes its
     /// next buffer as soon as the previous one is written; the written buffer comes back
     /// once its notifications are in.
-    pub fn with_zero_copy(entries: u32, conns: &[&impl AsRawFd], zero_copy: bool) -> io::Result<Self> {
+    pub fn with_zero_copy(entries: u32, conns: Vec<OwnedFd>, zero_copy: bool) -> io::Result<Self> {
         Ok(SendRing {
             // Room for a send and a cancel per connection.
             ring: IoUring::new(entries.max(2 * conns.len() as u32).next_power_of_two())?,
-            fds: conns.iter().map(|c| c.as_raw_fd()).collect(),
-            slots: Vec::new(),
             writing: conns.iter().map(|_| None).collect(),
+            fds: conns,
+            slots: Vec::new(),
             iov_spare: Vec::new(),
             zero_copy,
             zc: ZcStats::default(),
@@ -125,8 +133,14 @@ impl<B: SendBuf> SendRing<B> {
         self.zc
     }
 
-    /// Queues `buf` on connection `conn`, which must not be busy.
-    pub fn submit(&mut self, conn: usize, buf: B) -> io::Result<()> {
+    /// Connections the ring drives.
+    pub fn connections(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// Queues `buf` on connection `conn`, which must not be busy. A buffer that cannot be
+    /// queued comes back with the error.
+    pub fn submit(&mut self, conn: usize, buf: B) -> Result<(), (io::Error, B)> {
         assert!(!self.busy(conn), "one send in flight per connection keeps its bytes in order");
         let mut iov = self.iov_spare.pop().unwrap_or_default();
         iov.clear();
@@ -149,16 +163,20 @@ impl<B: SendBuf> SendRing<B> {
             }
         };
         if let Err(e) = self.push(slot) {
-            self.slots[slot] = None;
-            return Err(e);
+            let f = self.slots[slot].take().expect("just placed");
+            self.iov_spare.push(f.iov);
+            return Err((e, f.buf));
         }
         self.writing[conn] = Some(slot);
-        self.ring.submit().map(drop)
+        // The entry is queued: a failed submit leaves it queued for the next one (in
+        // `wait`), where a lasting error shows.
+        let _ = self.ring.submit();
+        Ok(())
     }
 
     fn push(&mut self, slot: usize) -> io::Result<()> {
         let f = self.slots[slot].as_mut().expect("held");
-        let fd = types::Fd(self.fds[f.conn]);
+        let fd = types::Fd(self.fds[f.conn].as_raw_fd());
         let iov = &f.iov[f.at..];
         // IOV_MAX is 1024 per call; a short write resubmits the rest.
         let n = iov.len().min(1024);
@@ -328,7 +346,9 @@ mod tests {
 
     #[derive(Debug)]
     struct Owned(Vec<Vec<u8>>);
-    impl SendBuf for Owned {
+    // SAFETY: the ranges are the inner vectors' heap buffers, which moving `Owned` does not
+    // move, and nothing writes them while the ring holds the value.
+    unsafe impl SendBuf for Owned {
         fn for_each_slice(&self, f: &mut dyn FnMut(&[u8])) {
             self.0.iter().for_each(|v| f(v));
         }
@@ -338,7 +358,7 @@ mod tests {
     fn writes_in_order_across_connections_with_short_writes() {
         let (a1, mut b1) = UnixStream::pair().unwrap();
         let (a2, mut b2) = UnixStream::pair().unwrap();
-        let mut ring = match SendRing::<Owned>::new(8, &[&a1, &a2]) {
+        let mut ring = match SendRing::<Owned>::new(8, vec![a1.try_clone().unwrap().into(), a2.try_clone().unwrap().into()]) {
             Ok(r) => r,
             Err(e) => {
                 crate::report_skip(&format!("io_uring unavailable: {e}"));
@@ -389,8 +409,8 @@ mod tests {
     #[test]
     fn buffers_completed_together_all_come_back() {
         let pairs: Vec<_> = (0..4).map(|_| UnixStream::pair().unwrap()).collect();
-        let ours: Vec<&UnixStream> = pairs.iter().map(|(a, _)| a).collect();
-        let Ok(mut ring) = SendRing::<Owned>::new(8, &ours) else { return };
+        let ours: Vec<OwnedFd> = pairs.iter().map(|(a, _)| a.try_clone().unwrap().into()).collect();
+        let Ok(mut ring) = SendRing::<Owned>::new(8, ours) else { return };
         for round in 0..50 {
             for c in 0..4 {
                 if !ring.busy(c) {
@@ -417,7 +437,7 @@ mod tests {
         let (a1, b1) = UnixStream::pair().unwrap();
         let (a2, _b2) = UnixStream::pair().unwrap();
         drop(b1);
-        let Ok(mut ring) = SendRing::<Owned>::new(4, &[&a1, &a2]) else { return };
+        let Ok(mut ring) = SendRing::<Owned>::new(4, vec![a1.into(), a2.into()]) else { return };
         ring.submit(0, Owned(vec![vec![1; 100]])).unwrap();
         ring.submit(1, Owned(vec![vec![2; 100]])).unwrap();
         let mut failed = false;
@@ -438,7 +458,7 @@ mod tests {
     #[test]
     fn zero_copy_sends_arrive_whole_and_wait_for_their_notifications() {
         let (a, mut b) = crate::testutil::tcp_pair();
-        let mut ring = match SendRing::<Owned>::with_zero_copy(8, &[&a], true) {
+        let mut ring = match SendRing::<Owned>::with_zero_copy(8, vec![a.try_clone().unwrap().into()], true) {
             Ok(r) => r,
             Err(e) => return crate::report_skip(&format!("io_uring unavailable: {e}")),
         };
@@ -452,7 +472,7 @@ mod tests {
         for round in 0..3u8 {
             match ring.submit(0, Owned(vec![vec![round; 7], big[7..].to_vec()])) {
                 Ok(()) => {}
-                Err(e) => return crate::report_skip(&format!("SENDMSG_ZC not accepted: {e}")),
+                Err((e, _)) => return crate::report_skip(&format!("SENDMSG_ZC not accepted: {e}")),
             }
             match ring.wait() {
                 Ok(done) => assert_eq!(done.len(), 1),
@@ -479,7 +499,7 @@ mod tests {
     fn a_closed_peer_is_an_error_and_drop_is_clean() {
         let (a, b) = UnixStream::pair().unwrap();
         drop(b);
-        let Ok(mut ring) = SendRing::<Owned>::new(4, &[&a]) else { return };
+        let Ok(mut ring) = SendRing::<Owned>::new(4, vec![a.into()]) else { return };
         ring.submit(0, Owned(vec![vec![1; 100]])).unwrap();
         let e = ring.wait().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");

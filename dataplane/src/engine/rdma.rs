@@ -746,7 +746,7 @@ fn run_send_worker<'a>(
     let ends: Vec<wire::RdmaLaneEnd> = w.lanes.iter().map(|l| l.end).collect();
     let wire_bytes = ends.iter().map(|e| e.bytes.get()).sum();
     let qps = w.lanes.into_iter().map(|l| l.qp).collect();
-    Ok((WorkerResult { stats: w.stats, digest: w.digest, wire_bytes, latency: w.latency, uring: false }, ends, w.report, qps))
+    Ok((WorkerResult { stats: w.stats, digest: w.digest, wire_bytes, latency: w.latency }, ends, w.report, qps))
 }
 
 // ---------------------------------------------------------------------------------------

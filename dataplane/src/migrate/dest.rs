@@ -127,11 +127,10 @@ fn watch_vmm(vmm: BorrowedFd<'_>, stop: &UnixStream, tx: &mpsc::Sender<LaneMsg>,
     }
 }
 
-/// The session after its control connection authenticated: the memory verified, and the
-/// digest RESULT is to carry (not sent yet).
+/// The session after its control connection authenticated: the SESSION checked, new
+/// memfds for its regions, its rounds received; the memory verified, and the digest
+/// RESULT is to carry (not sent yet).
 fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<(Incoming, Digest), SessionError> {
-    let t0 = Instant::now();
-    let cpu0 = cpu_seconds();
     ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let mut buf = Vec::new();
     ctl.expect(Kind::Session, &mut buf)?;
@@ -139,15 +138,10 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
     if transport != DataTransport::Tcp {
         return Err(SessionError::Protocol(format!("a migration runs over TCP lanes; the source asked for {transport:?}")));
     }
-    if layout.page_size != PAGE as u32 {
-        return Err(SessionError::Protocol(format!("page size {} (this ferryd tracks {PAGE}-byte pages)", layout.page_size)));
-    }
     let size: u64 = layout.regions.iter().fold(0u64, |a, &r| a.saturating_add(r));
     // What the session would cost is checked before any of it is spent.
-    let limits = &opts.plan.limits;
-    check_region(size, limits, Backing::Memory)?;
-    let max_payload = wire::max_payload_for(layout.max_chunk);
-    check_lanes(u64::from(lanes), crate::lane::buffer_bytes(max_payload), u64::from(layout.max_chunk), limits)?;
+    check_region(size, &opts.plan.limits, Backing::Memory)?;
+    check_session(&layout, lanes, opts.plan)?;
     let memory = layout
         .regions
         .iter()
@@ -156,35 +150,98 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
                 .map_err(|source| SessionError::Region { path: format!("a {bytes}-byte memfd for the incoming guest memory"), source })
         })
         .collect::<Result<Vec<File>, _>>()?;
+    let session = session_ok(ctl)?;
+    log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", memory.len());
+    let sink = SinkOptions { plan: opts.plan, vmm: opts.vmm, role: crate::live::Role::MigrateIn, progress: None };
+    let got = receive(acc, ctl, &layout, lanes, session, &memory, &sink)?;
+    Ok((Incoming { memory, report: got.report }, got.digest))
+}
+
+/// The checks every receiver makes of a SESSION before it spends anything on it (the
+/// region's size is checked by the caller, against what backs it there): the page size,
+/// and lanes and their buffers against the limits.
+pub(crate) fn check_session(layout: &Layout, lanes: u16, plan: &Plan) -> Result<(), SessionError> {
+    if layout.page_size != PAGE as u32 {
+        return Err(SessionError::Protocol(format!("page size {} (this side tracks {PAGE}-byte pages)", layout.page_size)));
+    }
+    let max_payload = wire::max_payload_for(layout.max_chunk);
+    check_lanes(u64::from(lanes), crate::lane::buffer_bytes(max_payload), u64::from(layout.max_chunk), &plan.limits)?;
+    Ok(())
+}
+
+/// A new session id, sent in SESSION_OK.
+pub(crate) fn session_ok(ctl: &mut Ctl) -> Result<u64, SessionError> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
+    let session = u64::from_le_bytes(id);
+    ctl.send(Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
+    Ok(session)
+}
+
+/// How a session is received, whatever it writes into.
+#[derive(Debug)]
+pub(crate) struct SinkOptions<'a> {
+    pub plan: &'a Plan,
+    /// Watched while the session runs: when it stirs, the session is cancelled.
+    pub vmm: Option<BorrowedFd<'a>>,
+    /// The lanes' live counters.
+    pub role: crate::live::Role,
+    /// Region bytes received so far, for a progress bar.
+    pub progress: Option<&'a std::sync::atomic::AtomicU64>,
+}
+
+/// What a session delivered.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub report: MigrationReport,
+    /// The destination's digest, equal to the source's (RESULT not sent yet).
+    pub digest: Digest,
+    /// Per lane, in lane order: a data frame's arrival until its bytes were in the
+    /// destination, µs.
+    pub write_latency: Vec<hdrhistogram::Histogram<u64>>,
+}
+
+/// The receiving loop of every session, one-shot or migration: accepts the session's lanes
+/// and runs each on its own thread, writing its pages into `memory` (one file per region,
+/// of the regions' sizes, reading as zero) once each per round, while this thread checks
+/// each ROUND against what the lanes counted and confirms it; after the last round,
+/// DONE's digest against the pages as they landed. RESULT is the caller's to send, once
+/// the data is where its user will read it.
+pub(crate) fn receive(
+    acc: &Acceptor<'_>,
+    ctl: &mut Ctl,
+    layout: &Layout,
+    lanes: u16,
+    session: u64,
+    memory: &[File],
+    o: &SinkOptions<'_>,
+) -> Result<Received, SessionError> {
+    let t0 = Instant::now();
+    let cpu0 = cpu_seconds();
+    let size: u64 = layout.regions.iter().sum();
     let targets = memory
         .iter()
         .zip(&layout.regions)
         .map(|(m, &bytes)| Ok(Target { dest: Dest::new(m, bytes, PAGE as u64)?, hashes: PageHashes::new(super::pages(bytes))? }))
         .collect::<Result<Vec<Target<'_>>, crate::session::limits::LimitError>>()?;
-    let mut id = [0u8; 8];
-    getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
-    let session = u64::from_le_bytes(id);
-    ctl.send(Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
-    log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", targets.len());
-
     let (tx, rx) = mpsc::channel::<LaneMsg>();
     // A lane that fails, or the VMM leaving, sends its error and wakes the control thread
     // with a byte here, so it never waits on a source that will not speak again.
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     // Clones of the lanes, shut down when the session fails so no lane waits on a peer.
     let mut socks = Vec::new();
-    let ctx = Ctx { layout: &layout, targets: &targets, plan: opts.plan };
+    let ctx = Ctx { layout, targets: &targets, plan: o.plan, role: o.role, progress: o.progress };
     let gone = AtomicBool::new(false);
     // Closed when the session is over: the VMM's watcher returns at once.
     let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     let outcome = std::thread::scope(|s| {
-        if let Some(vmm) = opts.vmm {
+        if let Some(vmm) = o.vmm {
             let (tx, wake, gone, stop) = (tx.clone(), &wake, &gone, &stop_rx);
             s.spawn(move || watch_vmm(vmm, stop, &tx, wake, gone));
         }
         let mut handles = Vec::new();
         let mut watch = vec![ctl.s.as_fd()];
-        watch.extend(opts.vmm);
+        watch.extend(o.vmm);
         let opened = acc.lanes(session, lanes, &watch, |a| {
             socks.extend(a.s.try_clone());
             let (tx, ctx, wake) = (tx.clone(), &ctx, &wake);
@@ -217,13 +274,24 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
     if gone.load(Ordering::Acquire) {
         return Err(vmm_gone());
     }
-    let (rounds, digest) = rounds?;
-    let (mut total, mut uring) = (RoundCounts::default(), false);
+    // A lane's own failure (a frame it refused) beats the control connection closing after
+    // it, which is only what the source did next.
+    let (rounds, digest) = match rounds {
+        Ok(r) => r,
+        Err(e @ (SessionError::PeerClosed { .. } | SessionError::Io { .. })) => {
+            let lane_error = lane_results.into_iter().filter_map(Result::err).find(|l| !matches!(l, SessionError::PeerClosed { .. }));
+            return Err(lane_error.unwrap_or(e));
+        }
+        Err(e) => return Err(e),
+    };
+    let (mut total, mut uring, mut by_lane) = (RoundCounts::default(), false, Vec::new());
     for r in lane_results {
-        let (counts, ring) = r?;
-        total += counts;
-        uring |= ring;
+        let l = r?;
+        total += l.counts;
+        uring |= l.uring;
+        by_lane.push((l.lane, l.latency));
     }
+    by_lane.sort_by_key(|(n, _)| *n);
     drop(targets);
     let seconds = t0.elapsed().as_secs_f64();
     let report = MigrationReport {
@@ -236,7 +304,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
         compressed_out_bytes: total.compressed_out,
         seconds,
         downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
-        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size as f64 / (1u64 << 30) as f64),
+        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
         transport: if uring { Transport::Tcp } else { Transport::Sockets }.to_string(),
         compression: "as the source chose".into(),
         lanes: u32::from(lanes),
@@ -246,7 +314,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
         rounds,
         ..MigrationReport::default()
     };
-    Ok((Incoming { memory, report }, digest))
+    Ok(Received { report, digest, write_latency: by_lane.into_iter().map(|(_, h)| h).collect() })
 }
 
 /// The control thread's part: each ROUND is checked against what the lanes reported,
@@ -368,12 +436,24 @@ struct Ctx<'a> {
     layout: &'a Layout,
     targets: &'a [Target<'a>],
     plan: &'a Plan,
+    role: crate::live::Role,
+    progress: Option<&'a std::sync::atomic::AtomicU64>,
+}
+
+/// What a lane counted over the whole session.
+struct LaneDone {
+    lane: u16,
+    counts: RoundCounts,
+    /// io_uring received its bytes.
+    uring: bool,
+    /// Per data frame: arrival until written, µs.
+    latency: hdrhistogram::Histogram<u64>,
 }
 
 /// One lane for the whole session: DATA frames into the memfd, a ROUND_END per round
 /// (its counts checked, then reported), LANE_END after the last.
-/// Returns the lane's counts, and whether io_uring received them.
-fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCounts, bool), SessionError> {
+/// Returns the lane's counts, whether io_uring received them, and its write latency.
+fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneDone, SessionError> {
     let Authed { mut s, hello, keys, .. } = a;
     crate::engine::tune_data_socket(&s, ctx.plan)?;
     let n = hello.lane.get();
@@ -381,15 +461,17 @@ fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCo
     let max_payload = wire::max_payload_for(ctx.layout.max_chunk);
     crate::engine::pin_lane(ctx.plan, n);
     let mut reader = LaneReader::new(ctx.plan, &s, max_payload, keys.rx)?;
-    log::info!("migration lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
+    log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
+    let mut latency = crate::engine::latency_histogram();
     let mut dec = Decoder::default();
     let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
-    let live = crate::live::worker(crate::live::Role::MigrateIn, usize::from(n));
+    let live = crate::live::worker(ctx.role, usize::from(n));
     let page = PAGE as u64;
     let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
     let (mut one_page, mut scratch) = (vec![0u8; PAGE], Vec::new());
     loop {
-        let (h, kind, payload) = reader.next(&mut s, "receiving migration data")?;
+        let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
+        let arrived = Instant::now();
         match kind {
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = ctx.layout.check_data(&h)?;
@@ -425,6 +507,10 @@ fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCo
                 this.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
                 let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(page) } else { 0 };
                 live.add(u64::from(raw_len), (HEADER_LEN + payload.len() + TAG_LEN) as u64, 1, zero);
+                latency.saturating_record(arrived.elapsed().as_micros() as u64);
+                if let Some(p) = ctx.progress {
+                    p.fetch_add(u64::from(raw_len), Ordering::Relaxed);
+                }
             }
             Kind::RoundEnd => {
                 let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload.contiguous(&mut scratch))?;
@@ -455,7 +541,7 @@ fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<(RoundCo
                 if this.frames != 0 {
                     return Err(SessionError::Protocol(format!("lane {n} ended with {} frames outside a round", this.frames)));
                 }
-                return Ok((total, reader.uring()));
+                return Ok(LaneDone { lane: n, counts: total, uring: reader.uring(), latency });
             }
             Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload.contiguous(&mut scratch)).into_owned())),
             other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),

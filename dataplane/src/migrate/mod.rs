@@ -209,6 +209,9 @@ pub struct MigrationReport {
     pub verify: Verify,
     pub digest: String,
     pub digest_match: bool,
+    /// Per worker (source): each chunk's time from posting until written, µs.
+    #[serde(skip)]
+    pub worker_latency: Vec<hdrhistogram::Histogram<u64>>,
 }
 
 impl MigrationReport {

@@ -1,76 +1,66 @@
-//! The source side of a migration: the control connection and the lanes stay open from
-//! round to round; each round runs one pinned thread per worker over the dirty windows,
-//! which the control thread finds in the bitmap and hands over through a bounded queue.
+//! The source side of a session: a migration's pre-copy rounds, or a one-shot transfer
+//! (one round of every page). The control connection and the lanes stay open from round
+//! to round; each round the control thread finds the dirty windows and the session's
+//! workers ([`crate::worker`]) send them on their lanes, over io_uring or sockets.
 
 use std::fs::File;
-use std::net::TcpStream;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
 use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, Verify};
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{Ctl, SessionError, write_frame};
+use crate::conn::{Ctl, SessionError};
 use crate::digest::Digest;
 use crate::encode::Encoder;
-use crate::engine::send::{Batch, connect, connect_data};
+use crate::engine::send::{connect, connect_data};
 use crate::engine::{PAGE, cpu_seconds, pin};
 use crate::plan::{Plan, Transport};
+use crate::transport::{Lane, Tx};
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, features};
+use crate::worker::{Pacer, Region, Round, WINDOW_QUEUE, WindowFeed, Worker};
 
-/// Where to migrate and within which limits.
+/// What a session moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// A VMM's guest memory, in pre-copy rounds, to a `migrate_in` destination; the
+    /// regions must be memory (memfd, tmpfs, hugetlbfs).
+    Migrate,
+    /// A file, in one round, to `ferryctl recv` (or ferryd's `recv`).
+    Transfer,
+}
+
+/// Where to send, and within which limits.
 #[derive(Debug, Clone)]
 pub struct SourceOptions<'a> {
     pub to: String,
     pub auth: Auth,
     pub plan: &'a Plan,
+    pub job: Job,
     pub downtime_budget: Duration,
     pub max_rounds: u32,
     /// Region bytes per second, at most (a token bucket with one chunk of burst).
     pub rate_limit: Option<u64>,
     pub verify: Verify,
+    /// Region bytes sent so far, for a progress bar.
+    pub progress: Option<&'a AtomicU64>,
 }
 
-struct Lane {
-    s: TcpStream,
-    tx: crate::session::seal::Seal,
-    frames: u64,
-    bytes: u64,
-    pages: u64,
-}
-
-/// A worker's own state, kept across rounds: its lanes, its zstd context (and the
-/// adaptive policy's measurements) and its arena: one chunk for the snapshot of the
-/// pages being sent, one for compressed payloads.
-struct Worker {
-    cpu: u32,
-    live: &'static crate::live::Counters,
-    lanes: Vec<Lane>,
-    enc: Encoder,
-    arena: hw::memmap::Arena,
-}
-
-/// Spaces writes so that the round's region bytes never run ahead of `rate` per second.
-struct Pacer {
-    start: Instant,
-    rate: Option<f64>,
-    sent: AtomicU64,
-}
-
-impl Pacer {
-    fn pace(&self, bytes: u64) {
-        if let Some(rate) = self.rate.filter(|r| *r > 0.0) {
-            let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            // A rate checked positive gives a finite, non-negative delay.
-            let Ok(after) = Duration::try_from_secs_f64(total as f64 / rate) else { return };
-            let due = self.start + after;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
+impl<'a> SourceOptions<'a> {
+    /// A migration's options with QEMU's defaults: 300 ms of downtime, 30 rounds, no rate
+    /// limit, `verify: sent`.
+    pub fn migrate(to: String, auth: Auth, plan: &'a Plan) -> SourceOptions<'a> {
+        SourceOptions {
+            to,
+            auth,
+            plan,
+            job: Job::Migrate,
+            downtime_budget: super::DEFAULT_DOWNTIME,
+            max_rounds: super::DEFAULT_MAX_ROUNDS,
+            rate_limit: None,
+            verify: Verify::Sent,
+            progress: None,
         }
     }
 }
@@ -85,22 +75,7 @@ pub fn rate_limit_bytes(mbit: u64) -> Result<u64, String> {
     Ok(mbit * 1_000_000 / 8)
 }
 
-/// One region of guest memory (a memory file of the VMM's) and what ferry keeps for it.
-struct Region {
-    /// The memory, read with `pread`: no page faults, and holes (never-touched pages of a
-    /// memfd) read as zeros without being allocated.
-    memory: File,
-    /// `memory` has a file offset of its own: hole probes may move it.
-    probe_holes: bool,
-    size: u64,
-    /// Where this region's words start in the dirty bitmap, and how many it has.
-    word: usize,
-    words: usize,
-    /// Every page's hash as last sent.
-    sent: PageHashes,
-}
-
-/// A migration in progress, from the source's side.
+/// A session in progress, from the source's side.
 pub struct Source<'a> {
     opts: SourceOptions<'a>,
     regions: Vec<Region>,
@@ -139,38 +114,68 @@ impl<'a> Source<'a> {
             return Err(SessionError::Protocol(format!("{} memory regions (1..={} allowed)", memory.len(), wire::MAX_REGIONS)));
         }
         // What the regions claim is checked before ferry allocates a page table for them: a
-        // sparse memfd may claim any size.
+        // sparse memfd may claim any size. A transfer's file is bounded by the configured
+        // limit only (it may be on a disk far larger than memory); its page table is
+        // allocated without aborting.
         let mut claimed = 0u64;
         for (i, m) in memory.iter().enumerate() {
-            let len = m.metadata().map_err(|source| SessionError::Region { path: format!("guest memory region {i}"), source })?.len();
+            let len = m.metadata().map_err(|source| SessionError::Region { path: format!("region {i}"), source })?.len();
             claimed = claimed.saturating_add(len);
         }
-        crate::session::limits::check_region(claimed, &opts.plan.limits, crate::session::limits::Backing::Source)?;
+        let limits = &opts.plan.limits;
+        match opts.job {
+            Job::Migrate => crate::session::limits::check_region(claimed, limits, crate::session::limits::Backing::Source)?,
+            Job::Transfer => {
+                if let Some(max) = limits.max_region_bytes.filter(|&m| claimed > m) {
+                    return Err(crate::session::limits::LimitError::Region {
+                        what: "the file",
+                        bytes: claimed,
+                        max,
+                        why: "[limits] max_region_gib".into(),
+                    }
+                    .into());
+                }
+            }
+        }
         let mut regions = Vec::with_capacity(memory.len());
         let mut word = 0;
         for (i, m) in memory.iter().enumerate() {
-            let r = open_region(i, m, word)?;
+            let r = open_region(i, m, word, opts.job)?;
             word += r.words;
             regions.push(r);
         }
-        let size: u64 = regions.iter().map(|r| r.size).sum();
-        let plan = opts.plan;
-        if plan.transport == Transport::Rdma {
-            log::info!("migration lanes run over TCP: RDMA migration is not built yet");
+        if opts.plan.transport == Transport::Rdma {
+            log::info!("session lanes run over TCP: RDMA for sessions of rounds is not built yet");
         }
-        let chunk = plan.chunk_size_bytes as usize;
         let t0 = Instant::now();
         let cpu0 = cpu_seconds();
         let mut s = connect(&opts.to)?;
-        let (agreed, keys) = client_handshake(&mut s, &opts.auth, CONTROL_LANE, 0, features::MIGRATE)?;
+        let offer = if opts.job == Job::Migrate { features::MIGRATE } else { 0 };
+        let (agreed, keys) = client_handshake(&mut s, &opts.auth, CONTROL_LANE, 0, offer)?;
         let mut ctl = Ctl::new(s, keys);
-        if agreed & features::MIGRATE == 0 {
+        if opts.job == Job::Migrate && agreed & features::MIGRATE == 0 {
             ctl.error("this is a migration; the receiver takes one-shot transfers");
             return Err(SessionError::Protocol(format!(
                 "{} is a one-shot receiver (`ferryctl recv`), not a migration destination: start one with ferryd's migrate_in",
                 opts.to
             )));
         }
+        Source::start(ctl, regions, opts, t0, cpu0)
+    }
+
+    /// A transfer of `file` on a control connection already authenticated (the caller
+    /// offered RDMA, which the receiver did not take).
+    pub(crate) fn transfer_over(ctl: Ctl, file: &File, opts: SourceOptions<'a>) -> Result<Source<'a>, SessionError> {
+        let (t0, cpu0) = (Instant::now(), cpu_seconds());
+        let region = open_region(0, file, 0, Job::Transfer)?;
+        Source::start(ctl, vec![region], opts, t0, cpu0)
+    }
+
+    /// Describes the session on `ctl` (SESSION), opens its lanes and sets up its workers.
+    fn start(mut ctl: Ctl, regions: Vec<Region>, opts: SourceOptions<'a>, t0: Instant, cpu0: f64) -> Result<Source<'a>, SessionError> {
+        let size: u64 = regions.iter().map(|r| r.size).sum();
+        let plan = opts.plan;
+        let chunk = plan.chunk_size_bytes as usize;
         ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         let per_worker = plan.tcp.connections_per_worker as usize;
         let n_workers = plan.worker_cpus.len();
@@ -181,16 +186,25 @@ impl<'a> Source<'a> {
         ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
         let mut workers = Vec::with_capacity(n_workers);
+        // A fallback is said once per session, not once per worker.
+        let mut noted = false;
+        let mut note = |why: String| {
+            if !std::mem::replace(&mut noted, true) {
+                log::warn!("session {session:#x}: {why}");
+            }
+        };
+        let role = if opts.job == Job::Migrate { crate::live::Role::MigrateOut } else { crate::live::Role::Send };
         for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
             let mut lanes = Vec::with_capacity(per_worker);
             for c in 0..per_worker {
                 let mut s = connect_data(&opts.to, plan)?;
                 let (_, keys) = client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
-                lanes.push(Lane { s, tx: keys.tx, frames: 0, bytes: 0, pages: 0 });
+                lanes.push(Lane::new(s, keys.tx));
             }
-            let arena = crate::engine::arena(plan, 2 * chunk)?;
-            let live = crate::live::worker(crate::live::Role::MigrateOut, w);
-            workers.push(Worker { cpu, live, lanes, enc: Encoder::new(plan.compression, chunk), arena });
+            let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
+            let arena = crate::engine::arena(plan, Worker::arena_bytes(&tx, chunk))?;
+            let live = crate::live::worker(role, w);
+            workers.push(Worker::new(cpu, live, Encoder::new(plan.compression, chunk), tx, arena, chunk));
         }
         // The paused source is digested during the last round; that bounds the downtime
         // from below, so the estimate needs its speed.
@@ -217,7 +231,17 @@ impl<'a> Source<'a> {
     }
 
     pub fn lanes(&self) -> usize {
-        self.workers.iter().map(|w| w.lanes.len()).sum()
+        self.workers.iter().map(|w| w.tx.lanes().len()).sum()
+    }
+
+    /// The transport the lanes use: io_uring unless every worker fell back to sockets.
+    pub fn transport(&self) -> Transport {
+        if self.workers.iter().any(|w| w.tx.uring()) { Transport::Tcp } else { Transport::Sockets }
+    }
+
+    /// Per worker, its chunks' latency from posting until written, µs.
+    pub fn worker_latency(&self) -> Vec<hdrhistogram::Histogram<u64>> {
+        self.workers.iter().map(|w| w.latency.clone()).collect()
     }
 
     /// Runs a pre-copy round. Round 0 sends every page whatever `dirty` says; later rounds
@@ -238,7 +262,7 @@ impl<'a> Source<'a> {
             downtime_ms: last.seconds * 1e3,
             downtime_budget_ms: self.opts.downtime_budget.as_secs_f64() * 1e3,
             cpu_seconds_per_gib: (cpu_seconds() - self.cpu0) / (self.size as f64 / (1u64 << 30) as f64),
-            transport: if self.opts.plan.tcp.io_uring { "tcp (blocking sockets for migration lanes)".into() } else { "sockets".into() },
+            transport: self.transport().to_string(),
             compression: self.opts.plan.compression.to_string(),
             lanes: self.lanes() as u32,
             workers: self.workers.len() as u32,
@@ -246,6 +270,7 @@ impl<'a> Source<'a> {
             verify: self.opts.verify,
             digest: digest.hex(),
             digest_match: true,
+            worker_latency: self.worker_latency(),
             ..MigrationReport::default()
         };
         for r in &self.rounds {
@@ -256,13 +281,22 @@ impl<'a> Source<'a> {
             rep.compressed_out_bytes += r.compressed_out_bytes;
         }
         rep.rounds = std::mem::take(&mut self.rounds);
+        let (mut notifications, mut copied) = (0, 0);
+        for zc in self.workers.iter().filter_map(|w| w.tx.zero_copy_stats()) {
+            notifications += zc.notifications;
+            copied += zc.copied;
+        }
+        if copied > 0 {
+            log::info!(
+                "zero-copy sends: the kernel copied {copied} of {notifications} (loopback, or a NIC without scatter-gather): tcp.send_zc = \"off\" saves the pinning"
+            );
+        }
         Ok(rep)
     }
 
     fn run_round(&mut self, dirty: &[u64], last: bool) -> Result<(RoundReport, Option<Digest>), SessionError> {
         let round = self.rounds.len() as u32;
         let start = Instant::now();
-        let ppw = (self.chunk / PAGE) as u64;
         let all = round == 0;
         let words: usize = self.regions.iter().map(|r| r.words).sum();
         if !all && dirty.len() != words {
@@ -277,7 +311,7 @@ impl<'a> Source<'a> {
         let feed = WindowFeed::new(WINDOW_QUEUE);
         let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
         let regions = &self.regions;
-        let (chunk, to) = (self.chunk, self.opts.to.as_str());
+        let job = Round { round, regions, chunk: self.chunk, feed: &feed, dirty, all, pacer: &pacer, progress: self.opts.progress };
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;
@@ -292,15 +326,14 @@ impl<'a> Source<'a> {
                     Ok::<Digest, std::io::Error>(d)
                 })
             });
-            let feed = &feed;
+            let (job, feed) = (&job, &feed);
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
                 .map(|w| {
-                    let pacer = &pacer;
                     s.spawn(move || {
                         pin(w.cpu);
-                        let r = w.run(round, regions, chunk, feed, dirty, all, pacer, to);
+                        let r = w.run_round(job);
                         if r.is_err() {
                             feed.stop.store(true, Ordering::Relaxed);
                         }
@@ -308,21 +341,8 @@ impl<'a> Source<'a> {
                     })
                 })
                 .collect();
-            // This thread scans the bitmap while the workers send: the windows (chunk-sized,
-            // chunk-aligned within their region) that hold a dirty page.
-            'scan: for (i, r) in regions.iter().enumerate() {
-                let pages = super::pages(r.size);
-                let bits = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
-                for w in 0..pages.div_ceil(ppw) {
-                    let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
-                    if (all || (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0))
-                        && !feed.push((i as u32, w))
-                    {
-                        break 'scan;
-                    }
-                }
-            }
-            feed.scanned.store(true, Ordering::Release);
+            // This thread scans the bitmap while the workers send.
+            crate::worker::scan(regions, dirty, all, self.chunk, feed);
             let results: Vec<Result<RoundCounts, SessionError>> =
                 handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
             (
@@ -360,10 +380,11 @@ impl<'a> Source<'a> {
         let digest = match digest {
             Some(d) => {
                 for w in &mut self.workers {
-                    for l in &mut w.lanes {
-                        let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
-                        write_frame(&mut l.s, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
-                    }
+                    w.tx.end_lanes()?;
+                }
+                if self.opts.job == Job::Transfer {
+                    // A file that shrank was read as holes past its new end.
+                    self.check_sizes(round, "end")?;
                 }
                 crate::engine::send::confirm(&mut self.ctl, d, self.size)?;
                 Some(d)
@@ -441,15 +462,26 @@ impl Source<'_> {
     }
 }
 
-/// Checks and opens region `i` of the guest memory; its bitmap words start at `word`.
-fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionError> {
-    let what = if i == 0 { "the guest memory descriptor".to_string() } else { format!("guest memory region {i}") };
+/// Checks and opens region `i`; its bitmap words start at `word`. A migration's regions
+/// must be memory; a transfer's may be any regular file (or memfd).
+fn open_region(i: usize, memory: &File, word: usize, job: Job) -> Result<Region, SessionError> {
+    let what = match (job, i) {
+        (Job::Transfer, _) => "the file".to_string(),
+        (Job::Migrate, 0) => "the guest memory descriptor".to_string(),
+        (Job::Migrate, _) => format!("guest memory region {i}"),
+    };
     let err = |source| SessionError::Region { path: what.clone(), source };
-    if !hw::memmap::is_memory_file(memory).map_err(err)? {
-        return Err(SessionError::Protocol(format!(
-            "{what} is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
-            hw::memmap::describe(memory)
-        )));
+    match job {
+        Job::Migrate if !hw::memmap::is_memory_file(memory).map_err(err)? => {
+            return Err(SessionError::Protocol(format!(
+                "{what} is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
+                hw::memmap::describe(memory)
+            )));
+        }
+        Job::Transfer if !memory.metadata().map_err(err)?.is_file() => {
+            return Err(SessionError::Protocol(format!("{what} is {}, not a regular file", hw::memmap::describe(memory))));
+        }
+        _ => {}
     }
     // A description of our own, read-only: the descriptor the VMM passed shares its file
     // offset with the VMM, which the hole probes (lseek SEEK_DATA) would move.
@@ -461,276 +493,9 @@ fn open_region(i: usize, memory: &File, word: usize) -> Result<Region, SessionEr
         }
     };
     let size = memory.metadata().map_err(err)?.len();
-    if size == 0 {
+    if size == 0 && job == Job::Migrate {
         return Err(SessionError::Protocol(format!("{what} is empty")));
     }
     let pages = super::pages(size);
     Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages)? })
-}
-
-/// Windows the feed holds at most: a full queue makes the scanning thread wait for the
-/// workers, so a round's work list never grows with the guest.
-const WINDOW_QUEUE: usize = 4096;
-
-/// A round's dirty windows, from the control thread that scans the bitmap to the workers
-/// that send them: a bounded lock-free queue, so sending starts with the first dirty
-/// window found rather than after the whole bitmap has been scanned.
-struct WindowFeed {
-    queue: ArrayQueue<(u32, u64)>,
-    /// The scan is over: once the queue is empty, so is the round.
-    scanned: AtomicBool,
-    /// A worker failed: the others stop taking windows and the scan stops.
-    stop: AtomicBool,
-}
-
-impl WindowFeed {
-    fn new(capacity: usize) -> WindowFeed {
-        WindowFeed { queue: ArrayQueue::new(capacity), scanned: AtomicBool::new(false), stop: AtomicBool::new(false) }
-    }
-
-    /// Queues a window, waiting while the queue is full; false once the round is stopped.
-    fn push(&self, mut w: (u32, u64)) -> bool {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            match self.queue.push(w) {
-                Ok(()) => return true,
-                Err(back) => {
-                    w = back;
-                    std::thread::yield_now();
-                }
-            }
-        }
-    }
-
-    /// The next window, waiting while the scan may still find one; `None` when the round
-    /// has no more, or was stopped.
-    fn pop(&self) -> Option<(u32, u64)> {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return None;
-            }
-            if let Some(w) = self.queue.pop() {
-                return Some(w);
-            }
-            // Acquire pairs with the scan's release store: every window it queued before
-            // is visible to the pop below.
-            if self.scanned.load(Ordering::Acquire) {
-                return self.queue.pop();
-            }
-            std::thread::yield_now();
-        }
-    }
-}
-
-/// The bits of bitmap word `i` that fall in pages `first..end`.
-fn word_mask(i: u64, first: u64, end: u64) -> u64 {
-    let lo = first.saturating_sub(i * 64).min(64);
-    let hi = end.saturating_sub(i * 64).min(64);
-    if hi <= lo {
-        return 0;
-    }
-    let upto = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
-    upto & !((1u64 << lo) - 1)
-}
-
-/// Calls `f(first, end)` for each run of consecutive dirty pages in `first..end`.
-fn dirty_runs(dirty: &[u64], first: u64, end: u64, f: &mut impl FnMut(u64, u64)) {
-    let mut p = first;
-    while p < end {
-        let bit = |p: u64| dirty[(p / 64) as usize] >> (p % 64) & 1 == 1;
-        if !bit(p) {
-            p += 1;
-            continue;
-        }
-        let s = p;
-        while p < end && bit(p) {
-            p += 1;
-        }
-        f(s, p);
-    }
-}
-
-impl Worker {
-    /// Sends this worker's share of a round: windows in turn from the feed;
-    /// each window's dirty pages are copied into the arena (the guest keeps running),
-    /// encoded, and written to the next lane with one `writev`. Ends with ROUND_END on
-    /// every lane.
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &mut self,
-        round: u32,
-        regions: &[Region],
-        chunk: usize,
-        feed: &WindowFeed,
-        dirty: &[u64],
-        all: bool,
-        pacer: &Pacer,
-        to: &str,
-    ) -> Result<RoundCounts, SessionError> {
-        let (snapshot, staging) = self.arena.as_mut_slice().split_at_mut(chunk);
-        let staging = &mut staging[..chunk];
-        let mut batch = Batch::new(staging);
-        let mut c = RoundCounts::default();
-        let enc0 = self.enc.stats;
-        let mut live_zero = enc0.zero_pages;
-        let mut turn = 0;
-        let page = PAGE as u64;
-        while let Some((region, w)) = feed.pop() {
-            let r = &regions[region as usize];
-            let (source, size, sent, probe_holes) = (&r.memory, r.size, &r.sent, r.probe_holes);
-            let dirty = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
-            let base = w * chunk as u64;
-            let (first, end) = (base / page, ((base + chunk as u64).min(size)).div_ceil(page));
-            batch.clear();
-            batch.base = base as usize;
-            let enc = &mut self.enc;
-            let mut pages = 0;
-            let mut read_err = None;
-            let mut send_run = |s: u64, e: u64| {
-                let (from, to) = ((s * page) as usize, ((e * page).min(size)) as usize);
-                let at = from - base as usize;
-                // Memory the guest never touched is a hole in its memfd: a zero frame,
-                // without reading or scanning it (one lseek per run).
-                if probe_holes && crate::digest::is_hole(source, from as u64, (to - from) as u64) {
-                    let len = (to - from) as u64;
-                    for i in 0..len.div_ceil(page) {
-                        sent.set(s + i, Digest::of_zero_page(region, s + i, (len - i * page).min(page) as usize));
-                    }
-                    batch.push(wire::Header::data(wire::Encoding::Zero, region, from as u64, len as u32, 0).seal(&[]), &[]);
-                    enc.stats.zero_pages += e - s;
-                    enc.stats.frames += 1;
-                    pages += e - s;
-                    return;
-                }
-                // The guest may be writing these pages: what is sent is this copy, so its
-                // checksum and the bytes on the wire agree.
-                if let Err(e) = source.read_exact_at(&mut snapshot[at..at + to - from], from as u64) {
-                    read_err.get_or_insert(e);
-                    return;
-                }
-                let bytes = &snapshot[at..at + to - from];
-                enc.encode::<()>(region, from as u64, PAGE, bytes, &mut |h, p| {
-                    // Each page's hash from the bytes this frame carries.
-                    let (off, len) = (h.offset.get(), u64::from(h.raw_len.get()));
-                    let first = off / page;
-                    if h.encoding == wire::Encoding::Zero as u8 {
-                        for i in 0..len.div_ceil(page) {
-                            sent.set(first + i, Digest::of_zero_page(region, first + i, (len - i * page).min(page) as usize));
-                        }
-                    } else {
-                        let rel = (off - from as u64) as usize;
-                        for (i, pg) in bytes[rel..rel + len as usize].chunks(PAGE).enumerate() {
-                            sent.set(first + i as u64, Digest::of_page(region, first + i as u64, pg));
-                        }
-                    }
-                    batch.push(h, p);
-                    Ok(())
-                })
-                .expect("the batch sink cannot fail");
-                pages += e - s;
-            };
-            if all {
-                send_run(first, end);
-            } else {
-                dirty_runs(dirty, first, end, &mut send_run);
-            }
-            if let Some(e) = read_err {
-                return Err(SessionError::io(format!("reading guest memory region {region} in window {w}"), e));
-            }
-            batch.region_bytes = pages * page;
-            pacer.pace(batch.region_bytes);
-            let n = self.lanes.len();
-            let lane = &mut self.lanes[turn % n];
-            turn += 1;
-            batch
-                .write(&snapshot[..], &mut lane.s, &mut lane.tx)
-                .map_err(|e| SessionError::io(format!("sending round {round} to {to}"), e))?;
-            self.enc.adaptive.chunk_done(batch.region_bytes);
-            lane.frames += batch.frames() as u64;
-            lane.bytes += batch.wire_bytes;
-            lane.pages += pages;
-            let zero = self.enc.stats.zero_pages;
-            self.live.add((pages * page).min(size - base), batch.wire_bytes, batch.frames() as u64, zero - live_zero);
-            live_zero = zero;
-            c.pages += pages;
-            c.wire_bytes += batch.wire_bytes;
-        }
-        for l in &mut self.lanes {
-            let end = wire::RoundEnd {
-                round: round.into(),
-                _pad: 0.into(),
-                frames: l.frames.into(),
-                bytes: l.bytes.into(),
-                pages: l.pages.into(),
-            };
-            write_frame(&mut l.s, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
-            (l.frames, l.bytes, l.pages) = (0, 0, 0);
-        }
-        let enc = self.enc.stats;
-        c.zero_pages = enc.zero_pages - enc0.zero_pages;
-        c.compressed_in = enc.compressed_in - enc0.compressed_in;
-        c.compressed_out = enc.compressed_out - enc0.compressed_out;
-        c.frames = enc.frames - enc0.frames;
-        Ok(c)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_and_runs() {
-        assert_eq!(word_mask(0, 0, 64), u64::MAX);
-        assert_eq!(word_mask(0, 3, 5), 0b11000);
-        assert_eq!(word_mask(1, 60, 70), 0b111111);
-        assert_eq!(word_mask(2, 60, 70), 0);
-        let dirty = [0b1011_0000u64, 1 | 1 << 63];
-        let mut runs = Vec::new();
-        dirty_runs(&dirty, 0, 128, &mut |s, e| runs.push((s, e)));
-        assert_eq!(runs, vec![(4, 6), (7, 8), (64, 65), (127, 128)]);
-        runs.clear();
-        dirty_runs(&dirty, 5, 64, &mut |s, e| runs.push((s, e)));
-        assert_eq!(runs, vec![(5, 6), (7, 8)]);
-    }
-
-    /// A queue far smaller than the work: every window reaches exactly one of three
-    /// workers, and none is lost at the end of the scan.
-    #[test]
-    fn window_feed_hands_each_window_to_one_worker() {
-        let feed = WindowFeed::new(8);
-        let taken: Vec<Vec<(u32, u64)>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..3)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut got = Vec::new();
-                        while let Some(w) = feed.pop() {
-                            got.push(w);
-                        }
-                        got
-                    })
-                })
-                .collect();
-            for w in 0..10_000u64 {
-                assert!(feed.push(((w % 3) as u32, w)));
-            }
-            feed.scanned.store(true, Ordering::Release);
-            workers.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let mut all: Vec<u64> = taken.iter().flatten().map(|&(_, w)| w).collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
-    }
-
-    /// A failed worker stops the scan (a full queue no longer blocks it) and the others.
-    #[test]
-    fn window_feed_stops() {
-        let feed = WindowFeed::new(2);
-        assert!(feed.push((0, 0)) && feed.push((0, 1)));
-        feed.stop.store(true, Ordering::Relaxed);
-        assert!(!feed.push((0, 2)), "a full queue returns once stopped");
-        assert_eq!(feed.pop(), None);
-    }
 }

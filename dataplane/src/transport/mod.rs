@@ -1,0 +1,206 @@
+//! Where a sending worker's chunks go: its lanes of a session, on one transport. A closed
+//! set, dispatched by `match`; every variant keeps one contract:
+//!
+//! - [`Tx::post`] takes an encoded, unsealed chunk, seals it for a lane and puts it on the
+//!   wire (or in flight); the chunk comes back to the worker's spares once the transport
+//!   is done with its memory.
+//! - [`Tx::reap`] waits for at least one chunk to come back.
+//! - [`Tx::end_round`] waits for every chunk in flight, then ends the round on each lane
+//!   with its counts (ROUND_END); [`Tx::end_lanes`] ends the lanes (LANE_END).
+//!
+//! Sockets write each chunk with blocking `writev` calls, lanes in turn. io_uring keeps
+//! one write in flight per lane (SEND_ZC where the plan says), so the worker encodes the
+//! next chunk while the last ones drain.
+
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use hw::uring_send::SendRing;
+use zerocopy::IntoBytes;
+
+use crate::chunk::Batch;
+use crate::conn::{SessionError, write_frame};
+use crate::session::seal::Seal;
+use crate::wire::{self, Kind};
+
+/// One data connection of a sending worker, and what it carried in the current round.
+#[derive(Debug)]
+pub(crate) struct Lane {
+    pub s: TcpStream,
+    pub tx: Seal,
+    frames: u64,
+    bytes: u64,
+    pages: u64,
+}
+
+impl Lane {
+    pub(crate) fn new(s: TcpStream, tx: Seal) -> Lane {
+        Lane { s, tx, frames: 0, bytes: 0, pages: 0 }
+    }
+
+    fn carried(&mut self, b: &Batch) {
+        self.frames += b.frames() as u64;
+        self.bytes += b.frames.wire_bytes;
+        self.pages += b.frames.pages;
+    }
+}
+
+/// A worker's lanes on their transport.
+pub(crate) enum Tx {
+    Sockets { lanes: Vec<Lane>, turn: usize, to: String },
+    Uring { lanes: Vec<Lane>, ring: Box<SendRing<Batch>>, posted: Vec<Instant>, zero_copy: bool, to: String },
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx").field("uring", &self.uring()).field("lanes", &self.lanes().len()).finish()
+    }
+}
+
+impl Tx {
+    /// Lanes over io_uring when `uring` (with zero-copy sends when `zero_copy`), or
+    /// blocking sockets; where the ring cannot be made (a seccomp profile refusing
+    /// io_uring), sockets, and `note` is told why (once per session).
+    pub(crate) fn open(lanes: Vec<Lane>, uring: bool, entries: u32, zero_copy: bool, to: &str, note: &mut dyn FnMut(String)) -> Tx {
+        let to = to.to_string();
+        if uring {
+            let fds: std::io::Result<Vec<OwnedFd>> = lanes.iter().map(|l| l.s.try_clone().map(OwnedFd::from)).collect();
+            match fds.and_then(|fds| SendRing::with_zero_copy(entries, fds, zero_copy)) {
+                Ok(ring) => {
+                    let posted = vec![Instant::now(); lanes.len()];
+                    return Tx::Uring { lanes, ring: Box::new(ring), posted, zero_copy, to };
+                }
+                Err(e) => note(format!("sending with blocking sockets instead of io_uring: the send ring cannot be created ({e})")),
+            }
+        }
+        Tx::Sockets { lanes, turn: 0, to }
+    }
+
+    pub(crate) fn uring(&self) -> bool {
+        matches!(self, Tx::Uring { .. })
+    }
+
+    pub(crate) fn lanes(&self) -> &[Lane] {
+        match self {
+            Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes,
+        }
+    }
+
+    /// Chunks the worker needs to keep every lane busy: one in flight per lane and one
+    /// being encoded; with zero copy a written chunk stays held until the kernel's
+    /// notification while its lane takes the next, so two more per lane.
+    pub(crate) fn chunks_wanted(&self) -> usize {
+        match self {
+            Tx::Sockets { .. } => 1,
+            Tx::Uring { lanes, zero_copy: false, .. } => lanes.len() + 1,
+            Tx::Uring { lanes, zero_copy: true, .. } => 3 * lanes.len() + 1,
+        }
+    }
+
+    /// Puts `b` on a lane: written at once (sockets; `b` is back in `spare` on return) or
+    /// in flight (io_uring). `latency` gets each chunk's time from posting to written.
+    pub(crate) fn post(
+        &mut self,
+        mut b: Batch,
+        spare: &mut Vec<Batch>,
+        latency: &mut hdrhistogram::Histogram<u64>,
+    ) -> Result<(), SessionError> {
+        match self {
+            Tx::Sockets { lanes, turn, to } => {
+                let n = lanes.len();
+                let lane = &mut lanes[*turn % n];
+                *turn += 1;
+                b.seal(&mut lane.tx);
+                let t = Instant::now();
+                let r = b.write(&mut lane.s);
+                latency.saturating_record(t.elapsed().as_micros() as u64);
+                lane.carried(&b);
+                spare.push(b);
+                r.map_err(|e| SessionError::io(format!("sending data to {to}"), e))
+            }
+            Tx::Uring { .. } => {
+                let lane = loop {
+                    let Tx::Uring { ring, lanes, .. } = self else { unreachable!() };
+                    if let Some(l) = (0..lanes.len()).find(|&l| !ring.busy(l)) {
+                        break l;
+                    }
+                    self.reap(spare, latency)?;
+                };
+                let Tx::Uring { lanes, ring, posted, to, .. } = self else { unreachable!() };
+                b.seal(&mut lanes[lane].tx);
+                lanes[lane].carried(&b);
+                posted[lane] = Instant::now();
+                ring.submit(lane, b).map_err(|(e, b)| {
+                    spare.push(b);
+                    SessionError::io(format!("sending data to {to}"), e)
+                })
+            }
+        }
+    }
+
+    /// Waits until at least one chunk in flight has come back (io_uring); nothing to do on
+    /// sockets, whose chunks come back at once.
+    pub(crate) fn reap(&mut self, spare: &mut Vec<Batch>, latency: &mut hdrhistogram::Histogram<u64>) -> Result<(), SessionError> {
+        if let Tx::Uring { ring, posted, to, .. } = self {
+            if !ring.any_busy() {
+                return Ok(());
+            }
+            for (lane, b) in ring.wait().map_err(|e| SessionError::io(format!("sending data to {to}"), e))? {
+                latency.saturating_record(posted[lane].elapsed().as_micros() as u64);
+                spare.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every chunk in flight, then ends round `round` on every lane with what
+    /// it carried (ROUND_END), and starts the lanes' counts afresh.
+    pub(crate) fn end_round(
+        &mut self,
+        round: u32,
+        spare: &mut Vec<Batch>,
+        latency: &mut hdrhistogram::Histogram<u64>,
+    ) -> Result<(), SessionError> {
+        while let Tx::Uring { ring, .. } = self
+            && ring.any_busy()
+        {
+            self.reap(spare, latency)?;
+        }
+        for l in self.lanes_mut() {
+            let end = wire::RoundEnd {
+                round: round.into(),
+                _pad: 0.into(),
+                frames: l.frames.into(),
+                bytes: l.bytes.into(),
+                pages: l.pages.into(),
+            };
+            write_frame(&mut l.s, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
+            (l.frames, l.bytes, l.pages) = (0, 0, 0);
+        }
+        Ok(())
+    }
+
+    /// Ends every lane (LANE_END): the session's data is all sent.
+    pub(crate) fn end_lanes(&mut self) -> Result<(), SessionError> {
+        for l in self.lanes_mut() {
+            let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
+            write_frame(&mut l.s, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn lanes_mut(&mut self) -> &mut [Lane] {
+        match self {
+            Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes,
+        }
+    }
+
+    /// io_uring zero-copy counters, when the lanes use it.
+    pub(crate) fn zero_copy_stats(&self) -> Option<hw::uring_send::ZcStats> {
+        match self {
+            Tx::Uring { ring, zero_copy: true, .. } => Some(ring.zero_copy_stats()),
+            _ => None,
+        }
+    }
+}

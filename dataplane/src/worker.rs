@@ -1,0 +1,379 @@
+//! The sending worker and what feeds it: one loop for every job and transport. A round's
+//! control thread finds the chunk-sized windows that hold a dirty page (every window, in
+//! round 0 and in a one-shot transfer) and hands them over a bounded lock-free queue
+//! ([`WindowFeed`]); each worker takes windows in turn, reads their dirty pages into a
+//! chunk of its arena with `pread` (the guest keeps running; a file that shrinks is an
+//! error, not a SIGBUS), encodes them (zero pages as a flag, zstd by the policy), hashes
+//! each page as sent, and posts the chunk on one of its lanes ([`crate::transport::Tx`]).
+//! At the end of the round each lane says what it carried (ROUND_END).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::chunk::Batch;
+use crate::conn::SessionError;
+use crate::digest::Digest;
+use crate::encode::Encoder;
+use crate::engine::PAGE;
+use crate::migrate::{PageHashes, RoundCounts};
+use crate::transport::Tx;
+use crate::wire;
+
+/// One region of the source (a memory file of a VMM's, or the file a transfer sends) and
+/// what ferry keeps for it.
+pub(crate) struct Region {
+    /// Read with `pread`: no page faults, and holes (never-touched pages of a memfd) read as
+    /// zeros without being allocated.
+    pub memory: File,
+    /// `memory` has a file offset of its own: hole probes (`lseek`) may move it.
+    pub probe_holes: bool,
+    pub size: u64,
+    /// Where this region's words start in the dirty bitmap, and how many it has.
+    pub word: usize,
+    pub words: usize,
+    /// Every page's hash as last sent.
+    pub sent: PageHashes,
+}
+
+/// Spaces writes so that the round's region bytes never run ahead of `rate` per second.
+pub(crate) struct Pacer {
+    pub start: Instant,
+    pub rate: Option<f64>,
+    pub sent: AtomicU64,
+}
+
+impl Pacer {
+    pub(crate) fn pace(&self, bytes: u64) {
+        if let Some(rate) = self.rate.filter(|r| *r > 0.0) {
+            let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            // A rate checked positive gives a finite, non-negative delay.
+            let Ok(after) = Duration::try_from_secs_f64(total as f64 / rate) else { return };
+            let due = self.start + after;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+    }
+}
+
+/// Windows the feed holds at most: a full queue makes the scanning thread wait for the
+/// workers, so a round's work list never grows with the guest.
+pub(crate) const WINDOW_QUEUE: usize = 4096;
+
+/// A round's dirty windows, from the control thread that scans the bitmap to the workers
+/// that send them: a bounded lock-free queue, so sending starts with the first dirty
+/// window found rather than after the whole bitmap has been scanned.
+pub(crate) struct WindowFeed {
+    queue: ArrayQueue<(u32, u64)>,
+    /// The scan is over: once the queue is empty, so is the round.
+    pub scanned: AtomicBool,
+    /// A worker failed: the others stop taking windows and the scan stops.
+    pub stop: AtomicBool,
+}
+
+impl WindowFeed {
+    pub(crate) fn new(capacity: usize) -> WindowFeed {
+        WindowFeed { queue: ArrayQueue::new(capacity), scanned: AtomicBool::new(false), stop: AtomicBool::new(false) }
+    }
+
+    /// Queues a window, waiting while the queue is full; false once the round is stopped.
+    pub(crate) fn push(&self, mut w: (u32, u64)) -> bool {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            match self.queue.push(w) {
+                Ok(()) => return true,
+                Err(back) => {
+                    w = back;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// The next window, waiting while the scan may still find one; `None` when the round
+    /// has no more, or was stopped.
+    pub(crate) fn pop(&self) -> Option<(u32, u64)> {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if let Some(w) = self.queue.pop() {
+                return Some(w);
+            }
+            // Acquire pairs with the scan's release store: every window it queued before
+            // is visible to the pop below.
+            if self.scanned.load(Ordering::Acquire) {
+                return self.queue.pop();
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The bits of bitmap word `i` that fall in pages `first..end`.
+pub(crate) fn word_mask(i: u64, first: u64, end: u64) -> u64 {
+    let lo = first.saturating_sub(i * 64).min(64);
+    let hi = end.saturating_sub(i * 64).min(64);
+    if hi <= lo {
+        return 0;
+    }
+    let upto = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
+    upto & !((1u64 << lo) - 1)
+}
+
+/// Calls `f(first, end)` for each run of consecutive dirty pages in `first..end`.
+pub(crate) fn dirty_runs(dirty: &[u64], first: u64, end: u64, f: &mut impl FnMut(u64, u64)) {
+    let mut p = first;
+    while p < end {
+        let bit = |p: u64| dirty[(p / 64) as usize] >> (p % 64) & 1 == 1;
+        if !bit(p) {
+            p += 1;
+            continue;
+        }
+        let s = p;
+        while p < end && bit(p) {
+            p += 1;
+        }
+        f(s, p);
+    }
+}
+
+/// Scans the regions' dirty bitmaps (every page when `all`) and queues each chunk-sized,
+/// chunk-aligned window that holds a dirty page; marks the feed scanned at the end.
+pub(crate) fn scan(regions: &[Region], dirty: &[u64], all: bool, chunk: usize, feed: &WindowFeed) {
+    let ppw = (chunk / PAGE) as u64;
+    'scan: for (i, r) in regions.iter().enumerate() {
+        let pages = r.size.div_ceil(PAGE as u64);
+        let bits = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
+        for w in 0..pages.div_ceil(ppw) {
+            let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
+            if (all || (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0))
+                && !feed.push((i as u32, w))
+            {
+                break 'scan;
+            }
+        }
+    }
+    feed.scanned.store(true, Ordering::Release);
+}
+
+/// What every worker shares during one round.
+pub(crate) struct Round<'a> {
+    pub round: u32,
+    pub regions: &'a [Region],
+    pub chunk: usize,
+    pub feed: &'a WindowFeed,
+    /// The dirty bitmap (ignored when `all`).
+    pub dirty: &'a [u64],
+    pub all: bool,
+    pub pacer: &'a Pacer,
+    /// Region bytes sent so far, for a progress bar.
+    pub progress: Option<&'a AtomicU64>,
+}
+
+/// A sending worker of one session: its CPU, lanes, encoder, chunks and counters, kept
+/// from round to round.
+pub(crate) struct Worker {
+    pub cpu: u32,
+    live: &'static crate::live::Counters,
+    pub enc: Encoder,
+    pub tx: Tx,
+    spare: Vec<Batch>,
+    /// The current window's dirty runs (kept to reuse its allocation).
+    runs: Vec<(u64, u64)>,
+    /// Per chunk: posted until written, µs.
+    pub latency: hdrhistogram::Histogram<u64>,
+}
+
+impl Worker {
+    /// A worker sending on `tx`, with chunks cut from `arena` (two slots of `chunk` bytes
+    /// each: the window as read, and its compressed payloads).
+    pub(crate) fn new(
+        cpu: u32,
+        live: &'static crate::live::Counters,
+        enc: Encoder,
+        tx: Tx,
+        arena: hw::memmap::Arena,
+        chunk: usize,
+    ) -> Worker {
+        let mut slots = arena.into_slots(chunk);
+        let mut spare = Vec::new();
+        while slots.len() >= 2 && spare.len() < tx.chunks_wanted() {
+            let (d, s) = (slots.pop().expect("two"), slots.pop().expect("two"));
+            spare.push(Batch::new(d, s));
+        }
+        Worker { cpu, live, enc, tx, spare, runs: Vec::new(), latency: crate::engine::latency_histogram() }
+    }
+
+    /// Arena bytes a worker on `tx` needs for chunks of `chunk` bytes.
+    pub(crate) fn arena_bytes(tx: &Tx, chunk: usize) -> usize {
+        2 * chunk * tx.chunks_wanted()
+    }
+
+    /// Sends this worker's share of a round: windows in turn from the feed, each read,
+    /// encoded and posted on the next free lane; then ROUND_END on every lane.
+    pub(crate) fn run_round(&mut self, r: &Round<'_>) -> Result<RoundCounts, SessionError> {
+        let enc0 = self.enc.stats;
+        let mut live_zero = enc0.zero_pages;
+        let mut c = RoundCounts::default();
+        loop {
+            let Some(mut b) = self.spare.pop() else {
+                self.tx.reap(&mut self.spare, &mut self.latency)?;
+                continue;
+            };
+            let Some((region, w)) = r.feed.pop() else {
+                self.spare.push(b);
+                break;
+            };
+            self.fill(&mut b, r, region, w)?;
+            let f = &b.frames;
+            r.pacer.pace(f.region_bytes);
+            self.enc.adaptive.chunk_done(f.region_bytes);
+            let zero = self.enc.stats.zero_pages;
+            self.live.add(f.region_bytes, f.wire_bytes, b.frames() as u64, zero - live_zero);
+            live_zero = zero;
+            if let Some(p) = r.progress {
+                p.fetch_add(f.region_bytes, Ordering::Relaxed);
+            }
+            c.pages += f.pages;
+            c.wire_bytes += f.wire_bytes;
+            self.tx.post(b, &mut self.spare, &mut self.latency)?;
+        }
+        self.tx.end_round(r.round, &mut self.spare, &mut self.latency)?;
+        let enc = self.enc.stats;
+        c.zero_pages = enc.zero_pages - enc0.zero_pages;
+        c.compressed_in = enc.compressed_in - enc0.compressed_in;
+        c.compressed_out = enc.compressed_out - enc0.compressed_out;
+        c.frames = enc.frames - enc0.frames;
+        Ok(c)
+    }
+
+    /// Reads window `w` of `region` (its dirty pages, or all of them) into `b` and encodes
+    /// it, recording each page's hash as sent.
+    fn fill(&mut self, b: &mut Batch, r: &Round<'_>, region: u32, w: u64) -> Result<(), SessionError> {
+        let reg = &r.regions[region as usize];
+        let page = PAGE as u64;
+        let base = w * r.chunk as u64;
+        let (first, end) = (base / page, ((base + r.chunk as u64).min(reg.size)).div_ceil(page));
+        b.clear(base);
+        self.runs.clear();
+        if r.all {
+            self.runs.push((first, end));
+        } else {
+            let runs = &mut self.runs;
+            dirty_runs(&r.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
+        }
+        for &(s, e) in &self.runs {
+            let (from, to) = (s * page, (e * page).min(reg.size));
+            let at = (from - base) as usize;
+            let len = (to - from) as usize;
+            let fr = &mut b.frames;
+            // Memory the guest never touched is a hole in its memfd: a zero frame, without
+            // reading or scanning it (one lseek per run).
+            if reg.probe_holes && crate::digest::is_hole(&reg.memory, from, len as u64) {
+                for i in 0..(len as u64).div_ceil(page) {
+                    reg.sent.set(s + i, Digest::of_zero_page(region, s + i, (len as u64 - i * page).min(page) as usize));
+                }
+                fr.push(wire::Header::data(wire::Encoding::Zero, region, from, len as u32, 0).seal(&[]), &[]);
+                self.enc.stats.zero_pages += e - s;
+                self.enc.stats.frames += 1;
+                fr.pages += e - s;
+                fr.region_bytes += len as u64;
+                continue;
+            }
+            // The guest may be writing these pages: what is sent is this copy, so its
+            // checksum, its tag and the bytes on the wire agree.
+            reg.memory
+                .read_exact_at(&mut b.data[at..at + len], from)
+                .map_err(|e| SessionError::io(format!("reading region {region} at offset {from}"), e))?;
+            let (sent, bytes, fr) = (&reg.sent, &b.data[at..at + len], &mut b.frames);
+            self.enc
+                .encode::<()>(region, from, PAGE, bytes, &mut |h, p| {
+                    // Each page's hash from the bytes this frame carries.
+                    let (off, flen) = (h.offset.get(), u64::from(h.raw_len.get()));
+                    let fp = off / page;
+                    if h.encoding == wire::Encoding::Zero as u8 {
+                        for i in 0..flen.div_ceil(page) {
+                            sent.set(fp + i, Digest::of_zero_page(region, fp + i, (flen - i * page).min(page) as usize));
+                        }
+                    } else {
+                        let rel = (off - from) as usize;
+                        for (i, pg) in bytes[rel..rel + flen as usize].chunks(PAGE).enumerate() {
+                            sent.set(fp + i as u64, Digest::of_page(region, fp + i as u64, pg));
+                        }
+                    }
+                    fr.push(h, p);
+                    Ok(())
+                })
+                .expect("the frame sink cannot fail");
+            fr.pages += e - s;
+            fr.region_bytes += len as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_and_runs() {
+        assert_eq!(word_mask(0, 0, 64), u64::MAX);
+        assert_eq!(word_mask(0, 3, 5), 0b11000);
+        assert_eq!(word_mask(1, 60, 70), 0b111111);
+        assert_eq!(word_mask(2, 60, 70), 0);
+        let dirty = [0b1011_0000u64, 1 | 1 << 63];
+        let mut runs = Vec::new();
+        dirty_runs(&dirty, 0, 128, &mut |s, e| runs.push((s, e)));
+        assert_eq!(runs, vec![(4, 6), (7, 8), (64, 65), (127, 128)]);
+        runs.clear();
+        dirty_runs(&dirty, 5, 64, &mut |s, e| runs.push((s, e)));
+        assert_eq!(runs, vec![(5, 6), (7, 8)]);
+    }
+
+    /// A queue far smaller than the work: every window reaches exactly one of three
+    /// workers, and none is lost at the end of the scan.
+    #[test]
+    fn window_feed_hands_each_window_to_one_worker() {
+        let feed = WindowFeed::new(8);
+        let taken: Vec<Vec<(u32, u64)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut got = Vec::new();
+                        while let Some(w) = feed.pop() {
+                            got.push(w);
+                        }
+                        got
+                    })
+                })
+                .collect();
+            for w in 0..10_000u64 {
+                assert!(feed.push(((w % 3) as u32, w)));
+            }
+            feed.scanned.store(true, Ordering::Release);
+            workers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<u64> = taken.iter().flatten().map(|&(_, w)| w).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
+    }
+
+    /// A failed worker stops the scan (a full queue no longer blocks it) and the others.
+    #[test]
+    fn window_feed_stops() {
+        let feed = WindowFeed::new(2);
+        assert!(feed.push((0, 0)) && feed.push((0, 1)));
+        feed.stop.store(true, Ordering::Relaxed);
+        assert!(!feed.push((0, 2)), "a full queue returns once stopped");
+        assert_eq!(feed.pop(), None);
+    }
+}
