@@ -2,7 +2,10 @@
 //! before anything it carries is written.
 //!
 //! A session is one control connection plus one data connection per lane. Every
-//! connection starts with the same authenticated handshake (see [`crate::auth`]).
+//! connection starts with the same authenticated handshake (see [`crate::auth`]). Every
+//! session moves its regions in rounds: a one-shot transfer is one round over every page;
+//! a migration (handshake feature `MIGRATE`, see [`crate::migrate`]) runs pre-copy rounds,
+//! in which pages may be sent again, each at most once per round.
 //!
 //! ```text
 //!  sender                                                   receiver
@@ -11,20 +14,29 @@
 //!    │◄── CHALLENGE (features, nonce_s, HMAC_k("srv"‖nc‖ns)) ───│  receiver proves the key
 //!    │── RESPONSE (HMAC_k("cli"‖ns‖nc)) ───────────────────────►│  sender proves the key
 //!    │◄── ACCEPT (the first sealed frame) ──────────────────────│  (or ERROR, connection closed)
-//!    │── SESSION (page size, chunk size, lanes, regions) ──────►│  receiver checks and allocates
-//!    │◄── SESSION_OK (session id) ──────────────────────────────│
+//!    │── SESSION (page size, chunk size, lanes, regions) ──────►│  receiver checks, allocates
+//!    │◄── SESSION_OK (session id) ──────────────────────────────│  (a file, or memfds)
 //!    │ data connection per lane (same handshake, lane = i, session id)
-//!    │── DATA (region, offset, raw | zero | zstd, crc32c) ─────►│  bounds-checked, crc-checked,
-//!    │── DATA ... ─────────────────────────────────────────────►│  then written
-//!    │── LANE_END (frames, bytes) ─────────────────────────────►│
+//!    │ round r = 0, 1, ...: round 0 carries every page, later rounds the dirty ones
+//!    │── DATA (region, offset, raw | zero | zstd, crc32c) ─────►│  bounds-checked, crc- and
+//!    │── DATA ... on every lane ───────────────────────────────►│  tag-checked, then written;
+//!    │                                                          │  ZERO frames punch holes
+//!    │── ROUND_END (r, frames, bytes, pages) on every lane ────►│
 //!    │ control connection
-//!    │── DONE (digest of the source) ──────────────────────────►│  after every lane ended,
-//!    │◄── RESULT (digest of the destination, verdict) ──────────│  digests the destination
+//!    │── ROUND (r, last, pages) ───────────────────────────────►│  checks the lanes' counts
+//!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│
+//!    │ after the last round (a transfer's only one; a migration's once the VMM has paused):
+//!    │── LANE_END on every lane ───────────────────────────────►│
+//!    │── DONE (digest of the source as sent) ──────────────────►│  per-page hashes kept as
+//!    │                                                          │  pages landed; if equal,
+//!    │                                                          │  the file goes in place or
+//!    │                                                          │  the VMM takes the memfds
+//!    │◄── RESULT (digest of the destination, verdict) ──────────│  then the sender is told
 //! ```
 //!
-//! With RDMA (SESSION says `transport = rdma`) no data connections open. The control
-//! connection carries the queue-pair exchange, and the data moves as one-sided RDMA
-//! WRITEs straight into the receiver's registered destination:
+//! With RDMA (SESSION says `transport = rdma`, a one-shot transfer) no data connections
+//! open. The control connection carries the queue-pair exchange, and the data moves as
+//! one-sided RDMA WRITEs straight into the receiver's registered destination:
 //!
 //! ```text
 //!    │── SESSION (transport rdma, lanes = workers x QPs) ──────►│
@@ -36,26 +48,7 @@
 //!    │══ RDMA WRITE_WITH_IMM (last WR of a chunk) ═════════════►│  consumes a receive
 //!    │◄═ SEND_WITH_IMM (credits: receives re-posted) ═══════════│
 //!    │── RDMA_END (per lane: WRITE_WITH_IMMs, bytes) ──────────►│  waits for them all,
-//!    │── DONE / ◄── RESULT, as above ───────────────────────────│  deregisters, digests
-//! ```
-//!
-//! A migration (handshake feature `MIGRATE`, see [`crate::migrate`]) keeps its lanes open
-//! for several pre-copy rounds. Pages may be sent again in a later round; within a round
-//! each page at most once:
-//!
-//! ```text
-//!    │── SESSION (one region: the guest memory) ───────────────►│  creates a memfd
-//!    │◄── SESSION_OK ───────────────────────────────────────────│
-//!    │ round r = 0, 1, ...: round 0 carries every page, later rounds the dirty ones
-//!    │── DATA ... on every lane ───────────────────────────────►│  ZERO frames punch holes
-//!    │── ROUND_END (r, frames, bytes, pages) on every lane ────►│
-//!    │── ROUND (r, last, pages) ───────────────────────────────►│  checks the lanes' counts
-//!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│
-//!    │ after the last round (the VMM has paused): LANE_END on every lane, then
-//!    │── DONE (digest of the whole paused source) ─────────────►│  per-page hashes kept as
-//!    │                                                          │  pages landed; if equal,
-//!    │                                                          │  the VMM takes the memfd
-//!    │◄── RESULT ───────────────────────────────────────────────│  then the source is told
+//!    │── DONE / ◄── RESULT, as above ───────────────────────────│  deregisters, digests (keyed)
 //! ```
 //!
 //! Every frame is a 32-byte [`Header`] followed by `length` payload bytes. The header's
