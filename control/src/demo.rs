@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
 use dataplane::migrate::{MigrationReport, RoundReport};
+use dataplane::plan::Transport;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -216,9 +217,6 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     if !(a.dirty_rate_mbs >= 0.0 && a.dirty_rate_mbs.is_finite()) {
         return Err(bad(format!("--dirty-rate-mbs {}: a rate of 0 or more MB/s", a.dirty_rate_mbs)));
     }
-    if a.transport.as_deref() == Some("rdma") {
-        return Err(bad("--transport rdma: migrations run over TCP lanes (RDMA migration is not built yet); use tcp or sockets".into()));
-    }
     let mut cfg = match &a.config {
         Some(p) => Config::load(p).map_err(|e| bad(e.to_string()))?,
         None => Config::default(),
@@ -235,12 +233,15 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let bin = ferryd_binary(a.ferryd.as_deref());
     let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path).map_err(fail)?;
     let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path).map_err(fail)?;
+    let per_worker =
+        plan.rdma.as_ref().filter(|_| plan.transport == Transport::Rdma).map_or(plan.tcp.connections_per_worker, |r| r.qps_per_worker);
     progress(format!(
-        "source and destination ferryd running (pids {} and {}): {} worker(s), {} lane(s) each, compression {}",
+        "source and destination ferryd running (pids {} and {}): {} worker(s), {} {} lane(s) each, compression {}",
         src.child.id(),
         dst.child.id(),
         plan.worker_cpus.len(),
-        plan.worker_cpus.len() as u32 * plan.tcp.connections_per_worker,
+        plan.worker_cpus.len() as u32 * per_worker,
+        plan.transport,
         plan.compression
     ));
 

@@ -48,6 +48,10 @@ pub enum SessionError {
     /// A work completion with an error status, or a transfer the RDMA side gave up on.
     #[error("RDMA: {0}")]
     Rdma(String),
+    /// A thread stopped because another part of the session failed first (that failure
+    /// is the one to report).
+    #[error("stopped: the session failed elsewhere")]
+    Stopped,
     /// The session asked for more than this host's limits allow.
     #[error(transparent)]
     Limit(#[from] crate::session::limits::LimitError),

@@ -551,6 +551,7 @@ impl Daemon {
             verify: limits.verify,
             job: crate::migrate::source::Job::Migrate,
             progress: None,
+            require_rdma: false,
         };
         let refs: Vec<&std::fs::File> = memory.iter().collect();
         let mut src = Source::connect_regions(&refs, opts).map_err(|e| e.to_string())?;

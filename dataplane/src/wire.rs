@@ -34,21 +34,26 @@
 //!    │◄── RESULT (digest of the destination, verdict) ──────────│  then the sender is told
 //! ```
 //!
-//! With RDMA (SESSION says `transport = rdma`, a one-shot transfer) no data connections
-//! open. The control connection carries the queue-pair exchange, and the data moves as
-//! one-sided RDMA WRITEs straight into the receiver's registered destination:
+//! With RDMA (SESSION says `transport = rdma`; a transfer or a migration, the handshake
+//! having agreed on feature `RDMA`) no data connections open. The control connection
+//! carries the queue-pair exchange, and the data moves as one-sided RDMA WRITEs straight
+//! into the receiver's registered regions (see [`crate::transport::rdma`]):
 //!
 //! ```text
 //!    │── SESSION (transport rdma, lanes = workers x QPs) ──────►│
 //!    │◄── SESSION_OK ───────────────────────────────────────────│
-//!    │── RDMA_CONNECT (MTU, per lane: QPN, PSN, LID, GID) ─────►│  creates QPs, registers the
-//!    │◄── RDMA_ACCEPT (addr, rkey, MTU, credits, per lane: ...)─│  destination (remote write),
-//!    │                                                          │  posts receives
+//!    │── RDMA_CONNECT (MTU, per lane: QPN, PSN, LID, GID) ─────►│  creates QPs, registers each
+//!    │◄── RDMA_ACCEPT (MTU, credits, per lane: QPN ...,         │  region (remote write),
+//!    │                 per region: addr, rkey) ─────────────────│  posts receives
+//!    │ round r = 0, 1, ...
 //!    │══ RDMA WRITE (gathered SGEs) ═══════════════════════════►│  placed by the NIC
-//!    │══ RDMA WRITE_WITH_IMM (last WR of a chunk) ═════════════►│  consumes a receive
+//!    │══ RDMA WRITE_WITH_IMM (a window's last WR; imm = window)►│  consumes a receive
 //!    │◄═ SEND_WITH_IMM (credits: receives re-posted) ═══════════│
-//!    │── RDMA_END (per lane: WRITE_WITH_IMMs, bytes) ──────────►│  waits for them all,
-//!    │── DONE / ◄── RESULT, as above ───────────────────────────│  deregisters, digests (keyed)
+//!    │── RDMA_END (r; per lane: WRITE_WITH_IMMs, bytes, pages) ►│
+//!    │── ROUND (r, last, pages) ───────────────────────────────►│  waits for every WRITE_WITH_IMM,
+//!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│  hashes (keyed) the windows
+//!    │ after the last round:                                    │  they named, as they landed
+//!    │── DONE / ◄── RESULT, as above ───────────────────────────│  (deregistered first)
 //! ```
 //!
 //! Every frame is a 32-byte [`Header`] followed by `length` payload bytes. The header's
@@ -387,17 +392,32 @@ pub struct RdmaConnect {
     pub _pad: [u8; 7],
 }
 
-/// RDMA_ACCEPT payload: this struct, then one [`RdmaEndpoint`] per lane.
+/// RDMA_ACCEPT payload: this struct, then one [`RdmaEndpoint`] per lane, then one
+/// [`RdmaRegion`] per region of the session.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RdmaAccept {
-    /// Where region 0 is registered, and its key.
-    pub addr: U64,
-    pub rkey: U32,
     /// The path MTU both sides use: the smaller of the two.
     pub mtu: U32,
     /// Receives posted per lane: WRITE_WITH_IMMs the sender may have outstanding.
     pub credits: U32,
+}
+
+/// Where a region of the destination is registered for the sender's writes.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaRegion {
+    pub addr: U64,
+    pub rkey: U32,
+    pub _pad: U32,
+}
+
+/// RDMA_END payload: this struct, then one [`RdmaLaneEnd`] per lane: what each lane
+/// carried in the round.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaRoundEnd {
+    pub round: U32,
     pub _pad: U32,
 }
 
@@ -412,14 +432,16 @@ pub struct RdmaEndpoint {
     pub gid: [u8; 16],
 }
 
-/// RDMA_END payload: one per lane.
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+/// A lane's part of RDMA_END: what it carried in the round.
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RdmaLaneEnd {
-    /// WRITE_WITH_IMMs posted on the lane.
+    /// WRITE_WITH_IMMs posted on the lane (one per window written).
     pub imms: U64,
     /// Region bytes written on the lane.
     pub bytes: U64,
+    /// Region pages the round carried on the lane, zero pages included.
+    pub pages: U64,
     /// Zero pages skipped (not written) on the lane.
     pub zero_pages: U64,
 }
@@ -439,10 +461,39 @@ where
     Ok((head, list))
 }
 
+/// Parses a fixed header, `n` entries of one kind, then `m` of another.
+pub fn parse_lists<H, T, U>(kind: Kind, payload: &[u8], n: usize, m: usize) -> Result<(H, &[T], &[U]), FrameError>
+where
+    H: FromBytes + KnownLayout + Immutable + Copy,
+    T: FromBytes + KnownLayout + Immutable,
+    U: FromBytes + KnownLayout + Immutable,
+{
+    let bad = |why: String| FrameError::Payload { kind, why };
+    let (head, rest) = H::read_from_prefix(payload).map_err(|_| bad(format!("{} bytes is too short", payload.len())))?;
+    let split = n
+        .checked_mul(std::mem::size_of::<T>())
+        .filter(|&b| b <= rest.len())
+        .ok_or_else(|| bad(format!("{} bytes of entries", rest.len())))?;
+    let (a, b) = rest.split_at(split);
+    let first = <[T]>::ref_from_bytes(a).map_err(|_| bad(format!("{} bytes of entries", a.len())))?;
+    let second = <[U]>::ref_from_bytes(b).map_err(|_| bad(format!("{} bytes of entries", b.len())))?;
+    if second.len() != m {
+        return Err(bad(format!("{} entries, expected {m}", second.len())));
+    }
+    Ok((head, first, second))
+}
+
 /// A fixed header followed by a list of entries, as one payload.
 pub fn list_payload<H: IntoBytes + Immutable, T: IntoBytes + Immutable>(head: &H, list: &[T]) -> Vec<u8> {
     let mut out = head.as_bytes().to_vec();
     out.extend_from_slice(list.as_bytes());
+    out
+}
+
+/// A fixed header followed by two lists, as one payload.
+pub fn lists_payload<H: IntoBytes + Immutable, T: IntoBytes + Immutable, U: IntoBytes + Immutable>(head: &H, a: &[T], b: &[U]) -> Vec<u8> {
+    let mut out = list_payload(head, a);
+    out.extend_from_slice(b.as_bytes());
     out
 }
 

@@ -5,7 +5,9 @@
 //! chunk of its arena with `pread` (the guest keeps running; a file that shrinks is an
 //! error, not a SIGBUS), encodes them (zero pages as a flag, zstd by the policy), hashes
 //! each page as sent, and posts the chunk on one of its lanes ([`crate::transport::Tx`]).
-//! At the end of the round each lane says what it carried (ROUND_END).
+//! At the end of the round each lane says what it carried (ROUND_END). On RDMA the window
+//! goes to the transport whole: it reads the pages into a registered slot and writes them
+//! into the destination's memory (no frames, no encoder).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -164,6 +166,22 @@ pub(crate) fn scan(regions: &[Region], dirty: &[u64], all: bool, chunk: usize, f
     feed.scanned.store(true, Ordering::Release);
 }
 
+/// The runs of pages of window `w` of `region` a round sends (its dirty pages, or all of
+/// them), into `runs`; returns their region bytes.
+fn window_runs(runs: &mut Vec<(u64, u64)>, r: &Round<'_>, region: u32, w: u64) -> u64 {
+    let reg = &r.regions[region as usize];
+    let page = PAGE as u64;
+    let base = w * r.chunk as u64;
+    let (first, end) = (base / page, ((base + r.chunk as u64).min(reg.size)).div_ceil(page));
+    runs.clear();
+    if r.all {
+        runs.push((first, end));
+    } else {
+        dirty_runs(&r.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
+    }
+    runs.iter().map(|&(s, e)| (e * page).min(reg.size) - s * page).sum()
+}
+
 /// What every worker shares during one round.
 pub(crate) struct Round<'a> {
     pub round: u32,
@@ -190,26 +208,31 @@ pub(crate) struct Worker {
     runs: Vec<(u64, u64)>,
     /// Per chunk: posted until written, µs.
     pub latency: hdrhistogram::Histogram<u64>,
+    /// RDMA: what each lane carried in the last round, for RDMA_END.
+    pub rdma_ends: Vec<wire::RdmaLaneEnd>,
 }
 
 impl Worker {
     /// A worker sending on `tx`, with chunks cut from `arena` (two slots of `chunk` bytes
-    /// each: the window as read, and its compressed payloads).
+    /// each: the window as read, and its compressed payloads); RDMA lanes bring registered
+    /// slots of their own, and no arena.
     pub(crate) fn new(
         cpu: u32,
         live: &'static crate::live::Counters,
         enc: Encoder,
         tx: Tx,
-        arena: hw::memmap::Arena,
+        arena: Option<hw::memmap::Arena>,
         chunk: usize,
     ) -> Worker {
-        let mut slots = arena.into_slots(chunk);
         let mut spare = Vec::new();
-        while slots.len() >= 2 && spare.len() < tx.chunks_wanted() {
-            let (d, s) = (slots.pop().expect("two"), slots.pop().expect("two"));
-            spare.push(Batch::new(d, s));
+        if let Some(arena) = arena {
+            let mut slots = arena.into_slots(chunk);
+            while slots.len() >= 2 && spare.len() < tx.chunks_wanted() {
+                let (d, s) = (slots.pop().expect("two"), slots.pop().expect("two"));
+                spare.push(Batch::new(d, s));
+            }
         }
-        Worker { cpu, live, enc, tx, spare, runs: Vec::new(), latency: crate::engine::latency_histogram() }
+        Worker { cpu, live, enc, tx, spare, runs: Vec::new(), latency: crate::engine::latency_histogram(), rdma_ends: Vec::new() }
     }
 
     /// Arena bytes a worker on `tx` needs for chunks of `chunk` bytes.
@@ -218,21 +241,39 @@ impl Worker {
     }
 
     /// Sends this worker's share of a round: windows in turn from the feed, each read,
-    /// encoded and posted on the next free lane; then ROUND_END on every lane.
+    /// encoded and posted on the next free lane (or, on RDMA, written into the
+    /// destination); then the round's end on every lane.
     pub(crate) fn run_round(&mut self, r: &Round<'_>) -> Result<RoundCounts, SessionError> {
         let enc0 = self.enc.stats;
         let mut live_zero = enc0.zero_pages;
         let mut c = RoundCounts::default();
+        let rdma = matches!(self.tx, Tx::Rdma(_));
         loop {
-            let Some(mut b) = self.spare.pop() else {
+            if !rdma && self.spare.is_empty() {
                 self.tx.reap(&mut self.spare, &mut self.latency)?;
                 continue;
-            };
-            let Some((region, w)) = r.feed.pop() else {
+            }
+            let Some((region, w)) = r.feed.pop() else { break };
+            if let Tx::Rdma(t) = &mut self.tx {
+                let reg = &r.regions[region as usize];
+                let region_bytes = window_runs(&mut self.runs, r, region, w);
+                let sent = t.send_window(r.round, &reg.memory, reg.probe_holes, reg.size, region, w, r.chunk, &self.runs, &reg.sent)?;
+                r.pacer.pace(region_bytes);
+                self.live.add(region_bytes, sent.bytes, sent.imms, sent.zero_pages);
+                if let Some(p) = r.progress {
+                    p.fetch_add(region_bytes, Ordering::Relaxed);
+                }
+                c.pages += sent.pages;
+                c.zero_pages += sent.zero_pages;
+                c.wire_bytes += sent.bytes;
+                c.frames += sent.imms;
+                continue;
+            }
+            let mut b = self.spare.pop().expect("a spare chunk");
+            if let Err(e) = self.fill(&mut b, r, region, w) {
                 self.spare.push(b);
-                break;
-            };
-            self.fill(&mut b, r, region, w)?;
+                return Err(e);
+            }
             let f = &b.frames;
             r.pacer.pace(f.region_bytes);
             self.enc.adaptive.chunk_done(f.region_bytes);
@@ -246,12 +287,14 @@ impl Worker {
             c.wire_bytes += f.wire_bytes;
             self.tx.post(b, &mut self.spare, &mut self.latency)?;
         }
-        self.tx.end_round(r.round, &mut self.spare, &mut self.latency)?;
-        let enc = self.enc.stats;
-        c.zero_pages = enc.zero_pages - enc0.zero_pages;
-        c.compressed_in = enc.compressed_in - enc0.compressed_in;
-        c.compressed_out = enc.compressed_out - enc0.compressed_out;
-        c.frames = enc.frames - enc0.frames;
+        self.rdma_ends = self.tx.end_round(r.round, &mut self.spare, &mut self.latency)?;
+        if !rdma {
+            let enc = self.enc.stats;
+            c.zero_pages = enc.zero_pages - enc0.zero_pages;
+            c.compressed_in = enc.compressed_in - enc0.compressed_in;
+            c.compressed_out = enc.compressed_out - enc0.compressed_out;
+            c.frames = enc.frames - enc0.frames;
+        }
         Ok(c)
     }
 
@@ -261,15 +304,8 @@ impl Worker {
         let reg = &r.regions[region as usize];
         let page = PAGE as u64;
         let base = w * r.chunk as u64;
-        let (first, end) = (base / page, ((base + r.chunk as u64).min(reg.size)).div_ceil(page));
         b.clear(base);
-        self.runs.clear();
-        if r.all {
-            self.runs.push((first, end));
-        } else {
-            let runs = &mut self.runs;
-            dirty_runs(&r.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
-        }
+        window_runs(&mut self.runs, r, region, w);
         for &(s, e) in &self.runs {
             let (from, to) = (s * page, (e * page).min(reg.size));
             let at = (from - base) as usize;

@@ -265,6 +265,13 @@ unsafe impl Send for Slot {}
 // exist at the same time (DerefMut needs `&mut Slot`).
 unsafe impl Sync for Slot {}
 
+impl Slot {
+    /// The mapping the slot belongs to (for a registration that must outlive it).
+    pub(crate) fn owner(&self) -> std::sync::Arc<MmapMut> {
+        self._owner.clone()
+    }
+}
+
 impl std::ops::Deref for Slot {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -1,11 +1,8 @@
-//! Moving a region: the sender's workers ([`send`]) and the receiver's lanes ([`recv`]).
-//!
-//! One worker thread per planned CPU, pinned; each owns its connections (lanes), its
-//! encoder (zstd context, buffers) and its counters. Workers take chunks from a shared
-//! counter (one atomic add per chunk) and share nothing else on the hot path.
+//! One-shot transfers: `ferryctl send` ([`send`]) and `ferryctl recv` ([`recv`]), each a
+//! session of one round on the migration's workers and receiving loop.
+//! Also what every session shares: the page size, timeouts, socket tuning, arenas.
 
 pub mod dest;
-pub mod rdma;
 pub mod recv;
 pub mod send;
 
@@ -60,7 +57,7 @@ pub struct Report {
     pub worker_latency: Vec<hdrhistogram::Histogram<u64>>,
     /// RDMA sessions: registration speed and how the work requests were built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rdma: Option<rdma::RdmaReport>,
+    pub rdma: Option<crate::transport::rdma::RdmaReport>,
 }
 
 /// Latency percentiles.

@@ -17,12 +17,11 @@ use zerocopy::IntoBytes;
 use super::{Report, cpu_seconds, tune_socket};
 use crate::auth::Auth;
 use crate::conn::{Ctl, SessionError};
-use crate::digest::Digest;
 use crate::migrate::dest::{Received, SinkOptions};
-use crate::plan::{Plan, Transport};
+use crate::plan::Plan;
 use crate::session::accept::{Acceptor, Authed, Next, Wait};
-use crate::session::limits::{Backing, check_lanes, check_region};
-use crate::wire::{self, CONTROL_LANE, DataTransport, Kind, Layout};
+use crate::session::limits::{Backing, check_region};
+use crate::wire::{self, CONTROL_LANE, DataTransport, Kind};
 
 #[derive(Debug)]
 pub struct RecvOptions<'a> {
@@ -114,9 +113,6 @@ fn session(
     let mut buf = Vec::new();
     ctl.expect(Kind::Session, &mut buf)?;
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
-    if transport == DataTransport::Rdma && features & wire::features::RDMA == 0 {
-        return Err(SessionError::Protocol("the sender asked for RDMA, which the handshake did not agree on".into()));
-    }
     if layout.regions.len() != 1 {
         return Err(SessionError::Protocol(format!(
             "this receiver writes one region into {}; the sender described {}",
@@ -128,13 +124,10 @@ fn session(
     // What the session would cost is checked before any of it is spent.
     let limits = &opts.plan.limits;
     check_region(size, limits, Backing::File(out))?;
-    match transport {
-        DataTransport::Tcp => crate::migrate::dest::check_session(&layout, lanes, opts.plan)?,
+    crate::migrate::dest::check_session(&layout, lanes, transport, features, opts.plan)?;
+    if transport == DataTransport::Rdma {
         // The destination is registered (pinned) whole for the NIC to write into.
-        DataTransport::Rdma => {
-            check_lanes(u64::from(lanes), 0, u64::from(layout.max_chunk), limits)?;
-            check_region(size, limits, Backing::Memory)?;
-        }
+        check_region(size, limits, Backing::Memory)?;
     }
     let (mut partial, file) = Partial::create(out)?;
     file.set_len(size).map_err(|source| SessionError::Region { path: partial.path.display().to_string(), source })?;
@@ -143,15 +136,14 @@ fn session(
         t.store(size, Ordering::Relaxed);
     }
     log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
-    let (mut report, digest) = match transport {
-        DataTransport::Tcp => {
-            let sink = SinkOptions { plan: opts.plan, vmm: None, role: crate::live::Role::Recv, progress: opts.progress };
-            let got = crate::migrate::dest::receive(acc, ctl, &layout, lanes, session, std::slice::from_ref(&file), &sink)?;
-            let digest = got.digest;
-            (from_session(got), digest)
-        }
-        DataTransport::Rdma => rdma(ctl, &file, size, lanes, &layout, opts)?,
+    let sink = SinkOptions { plan: opts.plan, vmm: None, role: crate::live::Role::Recv, progress: opts.progress };
+    let memory = std::slice::from_ref(&file);
+    let got = match transport {
+        DataTransport::Tcp => crate::migrate::dest::receive(acc, ctl, &layout, lanes, session, memory, &sink)?,
+        DataTransport::Rdma => crate::transport::rdma::rx::receive(ctl, &layout, lanes, memory, &sink)?,
     };
+    let digest = got.digest;
+    let mut report = from_session(got);
     // The file goes in place before the sender hears of success: a rename that fails
     // (OUT became a directory, say) is reported to the sender as the failure it is.
     std::fs::rename(&partial.path, out).map_err(|source| SessionError::Region { path: out.display().to_string(), source })?;
@@ -184,51 +176,14 @@ fn from_session(got: Received) -> Report {
         lanes: m.lanes,
         workers: m.lanes,
         transport: m.transport,
-        compression: "as the sender chose".into(),
+        compression: m.compression,
         digest: m.digest,
         digest_match: true,
         write_latency_us: (!all.is_empty()).then(|| super::Percentiles::of(&all)),
         worker_latency: got.write_latency,
+        rdma: m.rdma,
         ..Report::default()
     }
-}
-
-/// The one-shot RDMA path: the sender writes the whole file into this side's registered
-/// destination; DONE's digest against the destination's keyed digest.
-fn rdma(
-    ctl: &mut Ctl,
-    file: &std::fs::File,
-    size: u64,
-    lanes: u16,
-    layout: &Layout,
-    opts: &RecvOptions<'_>,
-) -> Result<(Report, Digest), SessionError> {
-    let r = super::rdma::recv(ctl, file, size, lanes, layout.max_chunk, opts.plan, opts.progress)?;
-    let mut buf = Vec::new();
-    ctl.expect(Kind::Done, &mut buf)?;
-    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
-    let sender = Digest::from_bytes(done.digest);
-    if r.digest != sender || done.bytes.get() != size {
-        let result = wire::Digest { digest: r.digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
-        ctl.send(Kind::Result, result.as_bytes())?;
-        return Err(SessionError::DigestMismatch { source_digest: sender.hex(), dest_digest: r.digest.hex() });
-    }
-    let report = Report {
-        role: "recv".into(),
-        bytes: size,
-        wire_bytes: r.bytes,
-        zero_pages: r.zero_pages,
-        frames: r.imms,
-        lanes: u32::from(lanes),
-        workers: u32::from(lanes),
-        transport: Transport::Rdma.to_string(),
-        compression: "off (RDMA)".into(),
-        digest: r.digest.hex(),
-        digest_match: true,
-        rdma: Some(r.report),
-        ..Report::default()
-    };
-    Ok((report, r.digest))
 }
 
 /// The sender's reason when its control connection stirs while the receiver waits on

@@ -1,6 +1,6 @@
 //! The sending side of a one-shot transfer: a session of one round over every page of a
 //! file, on the same workers and lanes as a migration ([`crate::migrate::source`]); over
-//! RDMA when both sides' plans have a port for it ([`super::rdma`]).
+//! RDMA when both sides' plans have a port for it ([`crate::transport::rdma`]).
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -10,14 +10,13 @@ use std::time::Instant;
 use zerocopy::IntoBytes;
 
 use super::{Report, cpu_seconds, tune_data_socket, tune_socket};
-use crate::auth::{Auth, client_handshake};
+use crate::auth::Auth;
 use crate::conn::{Ctl, SessionError};
 use crate::digest::Digest;
-use crate::encode::EncodeStats;
 use crate::migrate::MigrationReport;
 use crate::migrate::source::{Job, Source, SourceOptions};
-use crate::plan::{Plan, Transport};
-use crate::wire::{self, CONTROL_LANE, Kind, Layout, features};
+use crate::plan::Plan;
+use crate::wire::{self, Kind};
 
 /// What to send, where, and how.
 #[derive(Debug)]
@@ -30,14 +29,6 @@ pub struct SendOptions<'a> {
     /// The plan's RDMA is required (`--transport rdma`): fail rather than fall back to TCP
     /// when the receiver has no RDMA port.
     pub require_rdma: bool,
-}
-
-/// What an RDMA sending worker counted.
-pub(crate) struct WorkerResult {
-    pub stats: EncodeStats,
-    pub digest: Digest,
-    pub wire_bytes: u64,
-    pub latency: hdrhistogram::Histogram<u64>,
 }
 
 pub(crate) fn connect(to: &str) -> Result<TcpStream, SessionError> {
@@ -55,46 +46,6 @@ pub(crate) fn connect_data(to: &str, plan: &Plan) -> Result<TcpStream, SessionEr
     Ok(s)
 }
 
-/// The file a transfer reads: read with `pread` into the workers' arenas, never mapped,
-/// so a file that shrinks under the transfer is an error, not a SIGBUS.
-#[derive(Debug)]
-pub(crate) struct SourceFile<'f> {
-    pub file: &'f std::fs::File,
-    pub size: u64,
-    /// The caller owns the file's offset: hole probes (`lseek`) may move it.
-    pub probe_holes: bool,
-}
-
-impl SourceFile<'_> {
-    /// Reads `buf.len()` bytes at `offset` into `buf`; holes are zeroed without reading.
-    pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), SessionError> {
-        use std::os::unix::fs::FileExt;
-        // A hole probe past the end of a file that shrank also finds no data: the size is
-        // checked before zeros are taken for a hole.
-        if self.probe_holes && crate::digest::is_hole(self.file, offset, buf.len() as u64) {
-            self.check_size()?;
-            buf.fill(0);
-            return Ok(());
-        }
-        self.file.read_exact_at(buf, offset).map_err(|e| match self.check_size() {
-            Err(shrank) => shrank,
-            Ok(()) => SessionError::io(format!("reading the source at offset {offset}"), e),
-        })
-    }
-
-    /// The file still has the size it had when the transfer began.
-    pub(crate) fn check_size(&self) -> Result<(), SessionError> {
-        let now = self.file.metadata().map(|m| m.len()).map_err(|e| SessionError::io("examining the source", e))?;
-        if now != self.size {
-            return Err(SessionError::Protocol(format!(
-                "the source changed size from {} to {now} bytes while it was being sent: nothing is handed over",
-                self.size
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Sends the file or memfd at `path` to a receiver; returns when the receiver has
 /// confirmed that the file is in place and its digest matches the source's.
 pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionError> {
@@ -104,26 +55,11 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
     let source_opts = SourceOptions {
         job: Job::Transfer,
         progress: opts.progress,
+        require_rdma: opts.require_rdma,
         ..SourceOptions::migrate(opts.to.clone(), opts.auth.clone(), opts.plan)
     };
-    if opts.plan.transport != Transport::Rdma {
-        let rep = Source::connect(&file, source_opts)?.finish(&[])?;
-        return Ok(report(rep, opts.plan, t0, cpu0));
-    }
-    let mut s = connect(&opts.to)?;
-    let (agreed, keys) = client_handshake(&mut s, &opts.auth, CONTROL_LANE, 0, features::RDMA)?;
-    let mut ctl = Ctl::new(s, keys);
-    if agreed & features::RDMA == 0 {
-        let why = format!("the receiver at {} has no RDMA port in its plan", opts.to);
-        if opts.require_rdma {
-            ctl.error("the sender requires RDMA and this receiver offers none");
-            return Err(SessionError::Protocol(format!("{why}; --transport rdma was asked for (use auto or tcp to fall back)")));
-        }
-        log::warn!("{why}: sending over TCP instead");
-        let rep = Source::transfer_over(ctl, &file, source_opts)?.finish(&[])?;
-        return Ok(report(rep, opts.plan, t0, cpu0));
-    }
-    send_rdma(ctl, &file, opts, t0, cpu0)
+    let rep = Source::connect(&file, source_opts)?.finish(&[])?;
+    Ok(report(rep, opts.plan, t0, cpu0))
 }
 
 /// A transfer's report from its session's.
@@ -146,77 +82,16 @@ fn report(m: MigrationReport, plan: &Plan, t0: Instant, cpu0: f64) -> Report {
         lanes: m.lanes,
         workers: m.workers,
         cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (m.bytes.max(1) as f64 / (1u64 << 30) as f64),
+        compression: if m.rdma.is_some() { m.compression } else { plan.compression.to_string() },
         transport: m.transport,
-        compression: plan.compression.to_string(),
         digest: m.digest,
         digest_match: true,
         chunk_latency_us: (!latency.is_empty()).then(|| super::Percentiles::of(&latency)),
         chunk_latency: Some(latency),
         write_latency_us: None,
         worker_latency: m.worker_latency,
-        rdma: None,
+        rdma: m.rdma,
     }
-}
-
-/// The one-shot RDMA path: one-sided WRITEs of the whole file into the receiver's
-/// registered destination.
-fn send_rdma(mut ctl: Ctl, file: &std::fs::File, opts: &SendOptions<'_>, t0: Instant, cpu0: f64) -> Result<Report, SessionError> {
-    let size = file.metadata().map_err(|source| SessionError::Region { path: "the file".into(), source })?.len();
-    // Our own open file description: hole probes move only our offset.
-    let source = SourceFile { file, size, probe_holes: true };
-    let plan = opts.plan;
-    let rp = plan.rdma.as_ref().ok_or_else(|| SessionError::Protocol("the plan has no rdma section".into()))?;
-    let workers = plan.worker_cpus.len();
-    let lanes = workers * rp.qps_per_worker as usize;
-    let layout = Layout { page_size: super::PAGE as u32, max_chunk: plan.chunk_size_bytes as u32, regions: vec![size] };
-    ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Rdma))?;
-    let mut buf = Vec::new();
-    ctl.expect(Kind::SessionOk, &mut buf)?;
-    let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
-    log::info!("session {session:#x}: {size} bytes to {} over {lanes} RDMA lane(s) from {workers} worker(s)", opts.to);
-    let done = |ctl: &mut Ctl, digest| {
-        if let Err(e) = source.check_size() {
-            ctl.error(&e.to_string());
-            return Err(e);
-        }
-        confirm(ctl, digest, size)
-    };
-    let (results, rdma) = super::rdma::send(&mut ctl, &source, plan, opts.progress, done)?;
-    let (mut digest, mut stats, mut wire_bytes) = (Digest::default(), EncodeStats::default(), 0);
-    let mut latency = super::latency_histogram();
-    let mut worker_latency = Vec::with_capacity(results.len());
-    for r in results {
-        let _ = latency.add(&r.latency);
-        worker_latency.push(r.latency);
-        digest.combine(r.digest);
-        wire_bytes += r.wire_bytes;
-        stats.zero_pages += r.stats.zero_pages;
-        stats.frames += r.stats.frames;
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    Ok(Report {
-        role: "send".into(),
-        bytes: size,
-        wire_bytes,
-        seconds,
-        gbps: size as f64 / seconds / 1e9,
-        zero_pages: stats.zero_pages,
-        compressed_in_bytes: 0,
-        compressed_out_bytes: 0,
-        frames: stats.frames,
-        lanes: lanes as u32,
-        workers: workers as u32,
-        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
-        transport: Transport::Rdma.to_string(),
-        compression: "off (RDMA writes place pages directly)".into(),
-        digest: digest.hex(),
-        digest_match: true,
-        chunk_latency_us: (!latency.is_empty()).then(|| super::Percentiles::of(&latency)),
-        chunk_latency: Some(latency),
-        write_latency_us: None,
-        worker_latency,
-        rdma: Some(rdma),
-    })
 }
 
 /// DONE with the source's digest, then the receiver's RESULT: fails unless the

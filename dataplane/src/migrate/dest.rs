@@ -57,7 +57,7 @@ pub struct Incoming {
 /// A lane's message to the control thread: one per round, or its failure.
 type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
 
-fn vmm_gone() -> SessionError {
+pub(crate) fn vmm_gone() -> SessionError {
     SessionError::Cancelled("the destination VMM closed its control connection; the source keeps the guest".into())
 }
 
@@ -70,7 +70,9 @@ pub fn accept(
     opts: &DestOptions<'_>,
     deliver: impl FnOnce(&Incoming) -> Result<(), String>,
 ) -> Result<Incoming, SessionError> {
-    let acc = Acceptor::new(listener, &opts.auth, features::MIGRATE, &opts.plan.limits).map_err(|e| SessionError::io("listening", e))?;
+    // RDMA is offered when this side's plan has a device for it.
+    let offer = features::MIGRATE | if opts.plan.rdma.is_some() { features::RDMA } else { 0 };
+    let acc = Acceptor::new(listener, &opts.auth, offer, &opts.plan.limits).map_err(|e| SessionError::io("listening", e))?;
     let watch: Vec<BorrowedFd<'_>> = opts.vmm.into_iter().collect();
     let wait = Wait { what: "a migration source", deadline: None, watch: &watch };
     let a = match acc.next(wait, |a| match (a.hello.lane.get(), a.hello.features.get() & features::MIGRATE) {
@@ -85,8 +87,9 @@ pub fn accept(
     };
     tune_socket(&a.s)?;
     let peer = a.peer;
+    let agreed = a.hello.features.get();
     let mut ctl = Ctl::new(a.s, a.keys);
-    let r = session(&acc, &mut ctl, opts).and_then(|(incoming, digest)| {
+    let r = session(&acc, &mut ctl, agreed, opts).and_then(|(incoming, digest)| {
         // The VMM takes its memory before the source hears of success.
         if let Err(why) = deliver(&incoming) {
             return Err(SessionError::Cancelled(format!(
@@ -130,18 +133,15 @@ fn watch_vmm(vmm: BorrowedFd<'_>, stop: &UnixStream, tx: &mpsc::Sender<LaneMsg>,
 /// The session after its control connection authenticated: the SESSION checked, new
 /// memfds for its regions, its rounds received; the memory verified, and the digest
 /// RESULT is to carry (not sent yet).
-fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<(Incoming, Digest), SessionError> {
+fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_>) -> Result<(Incoming, Digest), SessionError> {
     ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let mut buf = Vec::new();
     ctl.expect(Kind::Session, &mut buf)?;
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
-    if transport != DataTransport::Tcp {
-        return Err(SessionError::Protocol(format!("a migration runs over TCP lanes; the source asked for {transport:?}")));
-    }
     let size: u64 = layout.regions.iter().fold(0u64, |a, &r| a.saturating_add(r));
     // What the session would cost is checked before any of it is spent.
     check_region(size, &opts.plan.limits, Backing::Memory)?;
-    check_session(&layout, lanes, opts.plan)?;
+    check_session(&layout, lanes, transport, agreed, opts.plan)?;
     let memory = layout
         .regions
         .iter()
@@ -153,19 +153,30 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, opts: &DestOptions<'_>) -> Result<
     let session = session_ok(ctl)?;
     log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", memory.len());
     let sink = SinkOptions { plan: opts.plan, vmm: opts.vmm, role: crate::live::Role::MigrateIn, progress: None };
-    let got = receive(acc, ctl, &layout, lanes, session, &memory, &sink)?;
+    let got = match transport {
+        DataTransport::Tcp => receive(acc, ctl, &layout, lanes, session, &memory, &sink)?,
+        DataTransport::Rdma => crate::transport::rdma::rx::receive(ctl, &layout, lanes, &memory, &sink)?,
+    };
     Ok((Incoming { memory, report: got.report }, got.digest))
 }
 
 /// The checks every receiver makes of a SESSION before it spends anything on it (the
-/// region's size is checked by the caller, against what backs it there): the page size,
-/// and lanes and their buffers against the limits.
-pub(crate) fn check_session(layout: &Layout, lanes: u16, plan: &Plan) -> Result<(), SessionError> {
+/// region's size is checked by the caller, against what backs it there): the transport
+/// against the handshake (`agreed` features), the page size, and lanes and their buffers
+/// against the limits. RDMA lanes have no receive buffers: the NIC writes into the
+/// destination, which is registered (pinned) whole.
+pub(crate) fn check_session(layout: &Layout, lanes: u16, transport: DataTransport, agreed: u64, plan: &Plan) -> Result<(), SessionError> {
+    if transport == DataTransport::Rdma && (agreed & features::RDMA == 0 || plan.rdma.is_none()) {
+        return Err(SessionError::Protocol("the sender asked for RDMA, which the handshake did not agree on".into()));
+    }
     if layout.page_size != PAGE as u32 {
         return Err(SessionError::Protocol(format!("page size {} (this side tracks {PAGE}-byte pages)", layout.page_size)));
     }
-    let max_payload = wire::max_payload_for(layout.max_chunk);
-    check_lanes(u64::from(lanes), crate::lane::buffer_bytes(max_payload), u64::from(layout.max_chunk), &plan.limits)?;
+    let buffers = match transport {
+        DataTransport::Tcp => crate::lane::buffer_bytes(wire::max_payload_for(layout.max_chunk)),
+        DataTransport::Rdma => 0,
+    };
+    check_lanes(u64::from(lanes), buffers, u64::from(layout.max_chunk), &plan.limits)?;
     Ok(())
 }
 

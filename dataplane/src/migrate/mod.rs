@@ -212,6 +212,9 @@ pub struct MigrationReport {
     /// Per worker (source): each chunk's time from posting until written, µs.
     #[serde(skip)]
     pub worker_latency: Vec<hdrhistogram::Histogram<u64>>,
+    /// RDMA sessions: the device, registration and how the work requests were built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<crate::transport::rdma::RdmaReport>,
 }
 
 impl MigrationReport {

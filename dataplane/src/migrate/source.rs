@@ -4,19 +4,25 @@
 //! workers ([`crate::worker`]) send them on their lanes, over io_uring or sockets.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, Verify};
 use crate::auth::{Auth, client_handshake};
 use crate::conn::{Ctl, SessionError};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestKey, Hashing};
 use crate::encode::Encoder;
 use crate::engine::send::{connect, connect_data};
 use crate::engine::{PAGE, cpu_seconds, pin};
 use crate::plan::{Plan, Transport};
+use crate::transport::rdma::RdmaReport;
 use crate::transport::{Lane, Tx};
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, features};
 use crate::worker::{Pacer, Region, Round, WINDOW_QUEUE, WindowFeed, Worker};
@@ -45,6 +51,9 @@ pub struct SourceOptions<'a> {
     pub verify: Verify,
     /// Region bytes sent so far, for a progress bar.
     pub progress: Option<&'a AtomicU64>,
+    /// The plan's RDMA is required (`--transport rdma`): fail rather than fall back to TCP
+    /// lanes when the destination offers no RDMA.
+    pub require_rdma: bool,
 }
 
 impl<'a> SourceOptions<'a> {
@@ -61,6 +70,7 @@ impl<'a> SourceOptions<'a> {
             rate_limit: None,
             verify: Verify::Sent,
             progress: None,
+            require_rdma: false,
         }
     }
 }
@@ -90,6 +100,13 @@ pub struct Source<'a> {
     /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, measured at
     /// connect.
     digest_seconds_per_gib: f64,
+    /// RDMA sessions: the session's figures so far.
+    rdma: Option<RdmaReport>,
+    /// Set when the session fails: RDMA workers waiting on their completion queues stop.
+    abort: Arc<AtomicBool>,
+    /// RDMA sessions: pages arrive without frames, so every digest of them is keyed
+    /// ([`crate::digest::Hashing::Keyed`]) with the session's key.
+    digest_key: Option<DigestKey>,
     t0: Instant,
     cpu0: f64,
 }
@@ -144,13 +161,11 @@ impl<'a> Source<'a> {
             word += r.words;
             regions.push(r);
         }
-        if opts.plan.transport == Transport::Rdma {
-            log::info!("session lanes run over TCP: RDMA for sessions of rounds is not built yet");
-        }
         let t0 = Instant::now();
         let cpu0 = cpu_seconds();
         let mut s = connect(&opts.to)?;
-        let offer = if opts.job == Job::Migrate { features::MIGRATE } else { 0 };
+        let want_rdma = opts.plan.transport == Transport::Rdma && opts.plan.rdma.is_some();
+        let offer = if opts.job == Job::Migrate { features::MIGRATE } else { 0 } | if want_rdma { features::RDMA } else { 0 };
         let (agreed, keys) = client_handshake(&mut s, &opts.auth, CONTROL_LANE, 0, offer)?;
         let mut ctl = Ctl::new(s, keys);
         if opts.job == Job::Migrate && agreed & features::MIGRATE == 0 {
@@ -160,31 +175,60 @@ impl<'a> Source<'a> {
                 opts.to
             )));
         }
-        Source::start(ctl, regions, opts, t0, cpu0)
+        let rdma = want_rdma && agreed & features::RDMA != 0;
+        if want_rdma && !rdma {
+            let why = format!("{} has no RDMA port in its plan", opts.to);
+            if opts.require_rdma {
+                ctl.error("the sender requires RDMA and this side offers none");
+                return Err(SessionError::Protocol(format!("{why}; --transport rdma was asked for (use auto or tcp to fall back)")));
+            }
+            log::warn!("{why}: sending over TCP lanes instead");
+        } else if opts.require_rdma && !rdma {
+            return Err(SessionError::Protocol("--transport rdma was asked for, but this side's plan has no RDMA port".into()));
+        }
+        Source::start(ctl, regions, opts, rdma, t0, cpu0)
     }
 
-    /// A transfer of `file` on a control connection already authenticated (the caller
-    /// offered RDMA, which the receiver did not take).
-    pub(crate) fn transfer_over(ctl: Ctl, file: &File, opts: SourceOptions<'a>) -> Result<Source<'a>, SessionError> {
-        let (t0, cpu0) = (Instant::now(), cpu_seconds());
-        let region = open_region(0, file, 0, Job::Transfer)?;
-        Source::start(ctl, vec![region], opts, t0, cpu0)
-    }
-
-    /// Describes the session on `ctl` (SESSION), opens its lanes and sets up its workers.
-    fn start(mut ctl: Ctl, regions: Vec<Region>, opts: SourceOptions<'a>, t0: Instant, cpu0: f64) -> Result<Source<'a>, SessionError> {
+    /// Describes the session on `ctl` (SESSION), opens its lanes (TCP connections, or RDMA
+    /// queue pairs when `rdma`) and sets up its workers.
+    fn start(
+        mut ctl: Ctl,
+        regions: Vec<Region>,
+        opts: SourceOptions<'a>,
+        rdma: bool,
+        t0: Instant,
+        cpu0: f64,
+    ) -> Result<Source<'a>, SessionError> {
         let size: u64 = regions.iter().map(|r| r.size).sum();
         let plan = opts.plan;
         let chunk = plan.chunk_size_bytes as usize;
         ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
-        let per_worker = plan.tcp.connections_per_worker as usize;
+        let rp = plan.rdma.as_ref().filter(|_| rdma);
+        let per_worker = match rp {
+            Some(rp) => rp.qps_per_worker as usize,
+            None => plan.tcp.connections_per_worker as usize,
+        };
         let n_workers = plan.worker_cpus.len();
         let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: regions.iter().map(|r| r.size).collect() };
         let lanes = n_workers * per_worker;
-        ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
+        let transport = if rp.is_some() { wire::DataTransport::Rdma } else { wire::DataTransport::Tcp };
+        ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, transport))?;
         let mut buf = Vec::new();
         ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+        let role = if opts.job == Job::Migrate { crate::live::Role::MigrateOut } else { crate::live::Role::Send };
+        let abort = Arc::new(AtomicBool::new(false));
+        if let Some(rp) = rp {
+            let (workers, report) = rdma_workers(&mut ctl, plan, rp, &layout, role, &abort)?;
+            let key = Some(ctl.digest_key().clone());
+            log::info!(
+                "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} RDMA QP(s) on {} from {n_workers} worker(s)",
+                regions.len(),
+                opts.to,
+                report.device
+            );
+            return Source::ready(opts, regions, ctl, workers, Some(report), key, abort, t0, cpu0);
+        }
         let mut workers = Vec::with_capacity(n_workers);
         // A fallback is said once per session, not once per worker.
         let mut noted = false;
@@ -193,7 +237,6 @@ impl<'a> Source<'a> {
                 log::warn!("session {session:#x}: {why}");
             }
         };
-        let role = if opts.job == Job::Migrate { crate::live::Role::MigrateOut } else { crate::live::Role::Send };
         for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
             let mut lanes = Vec::with_capacity(per_worker);
             for c in 0..per_worker {
@@ -204,8 +247,31 @@ impl<'a> Source<'a> {
             let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
             let arena = crate::engine::arena(plan, Worker::arena_bytes(&tx, chunk))?;
             let live = crate::live::worker(role, w);
-            workers.push(Worker::new(cpu, live, Encoder::new(plan.compression, chunk), tx, arena, chunk));
+            workers.push(Worker::new(cpu, live, Encoder::new(plan.compression, chunk), tx, Some(arena), chunk));
         }
+        log::info!(
+            "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
+            regions.len(),
+            opts.to
+        );
+        Source::ready(opts, regions, ctl, workers, None, None, abort, t0, cpu0)
+    }
+
+    /// The session, its lanes open.
+    #[allow(clippy::too_many_arguments)]
+    fn ready(
+        opts: SourceOptions<'a>,
+        regions: Vec<Region>,
+        ctl: Ctl,
+        workers: Vec<Worker>,
+        rdma: Option<RdmaReport>,
+        digest_key: Option<DigestKey>,
+        abort: Arc<AtomicBool>,
+        t0: Instant,
+        cpu0: f64,
+    ) -> Result<Source<'a>, SessionError> {
+        let size: u64 = regions.iter().map(|r| r.size).sum();
+        let chunk = opts.plan.chunk_size_bytes as usize;
         // The paused source is digested during the last round; that bounds the downtime
         // from below, so the estimate needs its speed.
         let mut digest_seconds_per_gib = 0.0;
@@ -218,12 +284,22 @@ impl<'a> Source<'a> {
             std::hint::black_box(d);
             digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample as f64 / (1u64 << 30) as f64);
         }
-        log::info!(
-            "migration session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
-            regions.len(),
-            opts.to
-        );
-        Ok(Source { opts, regions, size, chunk, ctl, workers, rounds: Vec::new(), last_start: None, digest_seconds_per_gib, t0, cpu0 })
+        Ok(Source {
+            opts,
+            regions,
+            size,
+            chunk,
+            ctl,
+            workers,
+            rounds: Vec::new(),
+            last_start: None,
+            digest_seconds_per_gib,
+            rdma,
+            abort,
+            digest_key,
+            t0,
+            cpu0,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -231,17 +307,26 @@ impl<'a> Source<'a> {
     }
 
     pub fn lanes(&self) -> usize {
-        self.workers.iter().map(|w| w.tx.lanes().len()).sum()
+        self.workers.iter().map(|w| w.tx.lane_count()).sum()
     }
 
-    /// The transport the lanes use: io_uring unless every worker fell back to sockets.
+    /// The transport the lanes use: RDMA, or io_uring unless every worker fell back to
+    /// sockets.
     pub fn transport(&self) -> Transport {
-        if self.workers.iter().any(|w| w.tx.uring()) { Transport::Tcp } else { Transport::Sockets }
+        let t: Vec<Transport> = self.workers.iter().map(|w| w.tx.transport()).collect();
+        [Transport::Rdma, Transport::Tcp].into_iter().find(|x| t.contains(x)).unwrap_or(Transport::Sockets)
     }
 
-    /// Per worker, its chunks' latency from posting until written, µs.
+    /// Per worker, its chunks' latency from posting until written (RDMA: until the
+    /// window's last WRITE completed), µs.
     pub fn worker_latency(&self) -> Vec<hdrhistogram::Histogram<u64>> {
-        self.workers.iter().map(|w| w.latency.clone()).collect()
+        self.workers
+            .iter()
+            .map(|w| match &w.tx {
+                Tx::Rdma(t) => t.latency.clone(),
+                _ => w.latency.clone(),
+            })
+            .collect()
     }
 
     /// Runs a pre-copy round. Round 0 sends every page whatever `dirty` says; later rounds
@@ -263,7 +348,11 @@ impl<'a> Source<'a> {
             downtime_budget_ms: self.opts.downtime_budget.as_secs_f64() * 1e3,
             cpu_seconds_per_gib: (cpu_seconds() - self.cpu0) / (self.size as f64 / (1u64 << 30) as f64),
             transport: self.transport().to_string(),
-            compression: self.opts.plan.compression.to_string(),
+            compression: if self.rdma.is_some() {
+                "off (RDMA writes place pages directly)".into()
+            } else {
+                self.opts.plan.compression.to_string()
+            },
             lanes: self.lanes() as u32,
             workers: self.workers.len() as u32,
             rate_limit_bytes_per_second: self.opts.rate_limit,
@@ -279,6 +368,16 @@ impl<'a> Source<'a> {
             rep.zero_pages += r.zero_pages;
             rep.compressed_in_bytes += r.compressed_in_bytes;
             rep.compressed_out_bytes += r.compressed_out_bytes;
+        }
+        if let Some(mut r) = self.rdma.take() {
+            for w in &self.workers {
+                if let Tx::Rdma(t) = &w.tx {
+                    r.add(&t.report);
+                }
+            }
+            r.data_seconds = self.rounds.iter().map(|r| r.seconds).sum();
+            r.data_gbps = if r.data_seconds > 0.0 { rep.sent_bytes as f64 / r.data_seconds / 1e9 } else { 0.0 };
+            rep.rdma = Some(r);
         }
         rep.rounds = std::mem::take(&mut self.rounds);
         let (mut notifications, mut copied) = (0, 0);
@@ -315,18 +414,24 @@ impl<'a> Source<'a> {
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;
-        let (results, digest) = std::thread::scope(|s| {
+        let key = self.digest_key.as_ref();
+        // Each worker says it is done with a byte here, so this thread can wait for them
+        // and for the destination at once.
+        let (done_tx, done_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+        let (results, digest, ctl_failed) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
             let digest = full.then(|| {
                 s.spawn(move || {
                     let mut d = Digest::default();
+                    let h = key.map_or(Hashing::Fast, Hashing::Keyed);
                     for (i, r) in regions.iter().enumerate() {
-                        d.combine(Digest::of_file(i as u32, PAGE, &r.memory, r.size, digest_threads, r.probe_holes)?);
+                        d.combine(Digest::of_file_with(h, i as u32, PAGE, &r.memory, r.size, digest_threads, r.probe_holes)?);
                     }
                     Ok::<Digest, std::io::Error>(d)
                 })
             });
-            let (job, feed) = (&job, &feed);
+            let (job, feed, abort, done_tx, chunk) = (&job, &feed, &*self.abort, &done_tx, self.chunk);
+            let n = self.workers.len();
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
@@ -336,13 +441,21 @@ impl<'a> Source<'a> {
                         let r = w.run_round(job);
                         if r.is_err() {
                             feed.stop.store(true, Ordering::Relaxed);
+                            abort.store(true, Ordering::Relaxed);
                         }
+                        let _ = (&*done_tx).write(&[1]);
                         r
                     })
                 })
                 .collect();
-            // This thread scans the bitmap while the workers send.
-            crate::worker::scan(regions, dirty, all, self.chunk, feed);
+            s.spawn(move || crate::worker::scan(regions, dirty, all, chunk, feed));
+            // The destination says nothing during a round: a readable control connection
+            // is its ERROR, or its end. The workers are stopped, and the reason kept.
+            let ctl_failed = watch_round(&mut self.ctl, &done_rx, n).err();
+            if ctl_failed.is_some() {
+                feed.stop.store(true, Ordering::Relaxed);
+                abort.store(true, Ordering::Relaxed);
+            }
             let results: Vec<Result<RoundCounts, SessionError>> =
                 handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
             (
@@ -350,8 +463,12 @@ impl<'a> Source<'a> {
                 digest.map(|d| {
                     d.join().expect("digest thread panicked").map_err(|e| SessionError::io("digesting the paused guest memory", e))
                 }),
+                ctl_failed,
             )
         });
+        if let Some(e) = ctl_failed {
+            return Err(e);
+        }
         let mut c = RoundCounts::default();
         for r in results {
             c += r.map_err(|e| self.ctl.reason_for(e))?;
@@ -359,6 +476,12 @@ impl<'a> Source<'a> {
         // A region that shrank while the round read it sent zeros for the pages past its
         // new end (they read as holes): fail before the destination confirms the round.
         self.check_sizes(round, "end")?;
+        if self.rdma.is_some() {
+            // RDMA lanes end their round here: what each carried, worker-major.
+            let ends: Vec<wire::RdmaLaneEnd> = self.workers.iter_mut().flat_map(|w| std::mem::take(&mut w.rdma_ends)).collect();
+            let head = wire::RdmaRoundEnd { round: round.into(), _pad: 0.into() };
+            self.ctl.send(Kind::RdmaEnd, &wire::list_payload(&head, &ends))?;
+        }
         let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
         self.ctl.send(Kind::Round, end.as_bytes())?;
         let mut buf = Vec::new();
@@ -460,6 +583,99 @@ impl Source<'_> {
         }
         Ok(())
     }
+}
+
+/// Waits until `n` workers have said they are done on `done`, watching the control
+/// connection meanwhile: readable there means the destination sent ERROR (or closed),
+/// which is returned.
+fn watch_round(ctl: &mut Ctl, done: &UnixStream, n: usize) -> Result<(), SessionError> {
+    let mut finished = 0;
+    let mut bytes = [0u8; 64];
+    while finished < n {
+        let mut fds = [PollFd::new(done.as_fd(), PollFlags::POLLIN), PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[0].revents().is_some_and(|r| !r.is_empty()) => {
+                finished += (&*done).read(&mut bytes).map_err(|e| SessionError::io("waiting for the workers", e))?;
+            }
+            Ok(_) => return Err(crate::engine::recv::peer_ended(ctl, "sending a round")),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SessionError::io("waiting for the workers", e.into())),
+        }
+    }
+    Ok(())
+}
+
+/// An RDMA session's workers: each with its CQ and QPs, connected to the destination's
+/// through RDMA_CONNECT and RDMA_ACCEPT, and its arena registered.
+fn rdma_workers(
+    ctl: &mut Ctl,
+    plan: &Plan,
+    rp: &crate::plan::RdmaPlan,
+    layout: &Layout,
+    role: crate::live::Role,
+    abort: &Arc<AtomicBool>,
+) -> Result<(Vec<Worker>, RdmaReport), SessionError> {
+    use crate::transport::rdma::{self, tx};
+    let n_workers = plan.worker_cpus.len();
+    let qpw = rp.qps_per_worker as usize;
+    let lanes = n_workers * qpw;
+    let chunk = layout.max_chunk as usize;
+    let dev = rdma::device(rp)?;
+    let unconnected = (0..n_workers).map(|_| tx::create(&dev, rp, qpw)).collect::<Result<Vec<_>, _>>()?;
+    let eps: Vec<wire::RdmaEndpoint> = unconnected.iter().flat_map(|u| u.qps.iter().map(|(qp, psn)| dev.endpoint(qp, *psn))).collect();
+    let hello = wire::RdmaConnect {
+        workers: (n_workers as u16).into(),
+        qps_per_worker: (qpw as u16).into(),
+        mtu: dev.mtu.into(),
+        infiniband: u8::from(dev.gid_index.is_none()),
+        _pad: [0; 7],
+    };
+    ctl.send(Kind::RdmaConnect, &wire::list_payload(&hello, &eps))?;
+    let mut buf = Vec::new();
+    ctl.expect(Kind::RdmaAccept, &mut buf)?;
+    let (acc, peers, regions) =
+        wire::parse_lists::<wire::RdmaAccept, wire::RdmaEndpoint, wire::RdmaRegion>(Kind::RdmaAccept, &buf, lanes, layout.regions.len())?;
+    let mtu = rdma::check_mtu(acc.mtu.get())?;
+    if mtu > dev.mtu {
+        return Err(SessionError::Protocol(format!("the destination chose path MTU {mtu}, above this side's {}", dev.mtu)));
+    }
+    let credits = acc.credits.get();
+    if credits == 0 {
+        return Err(SessionError::Protocol("the destination granted no credits".into()));
+    }
+    let remote: Vec<(u64, u32)> = regions.iter().map(|r| (r.addr.get(), r.rkey.get())).collect();
+    let windows = rdma::Windows::new(&layout.regions, chunk as u64)?;
+    let key = ctl.digest_key().clone();
+    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, ..RdmaReport::default() };
+    let mut workers = Vec::with_capacity(n_workers);
+    for (w, (u, &cpu)) in unconnected.into_iter().zip(&plan.worker_cpus).enumerate() {
+        let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk))?;
+        let setup = tx::Setup {
+            dev: dev.clone(),
+            rp,
+            mtu,
+            credits,
+            peers: &peers[w * qpw..(w + 1) * qpw],
+            remote: remote.clone(),
+            windows: windows.clone(),
+            key: key.clone(),
+            arena,
+            chunk,
+            abort: abort.clone(),
+        };
+        let t = tx::RdmaTx::connect(u, setup)?;
+        report.registered_bytes += t.report.registered_bytes;
+        report.registration_seconds += t.report.registration_seconds;
+        let live = crate::live::worker(role, w);
+        // RDMA writes pages as they are: the encoder only counts.
+        let enc = Encoder::new(crate::plan::Compression::Off, chunk);
+        workers.push(Worker::new(cpu, live, enc, Tx::Rdma(Box::new(t)), None, chunk));
+    }
+    if report.registration_seconds > 0.0 {
+        report.registration_gbps = report.registered_bytes as f64 / report.registration_seconds / 1e9;
+    }
+    log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}, {credits} credits per QP)", dev.name);
+    Ok((workers, report))
 }
 
 /// Checks and opens region `i`; its bitmap words start at `word`. A migration's regions

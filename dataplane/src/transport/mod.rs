@@ -11,6 +11,13 @@
 //! Sockets write each chunk with blocking `writev` calls, lanes in turn. io_uring keeps
 //! one write in flight per lane (SEND_ZC where the plan says), so the worker encodes the
 //! next chunk while the last ones drain.
+//!
+//! RDMA ([`rdma`]) carries no frames: the worker hands it whole windows
+//! ([`rdma::tx::RdmaTx::send_window`]), which become one-sided WRITEs into the
+//! destination's registered memory; a round ends with RDMA_END on the control connection
+//! instead of ROUND_END on each lane.
+
+pub mod rdma;
 
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
@@ -50,11 +57,12 @@ impl Lane {
 pub(crate) enum Tx {
     Sockets { lanes: Vec<Lane>, turn: usize, to: String },
     Uring { lanes: Vec<Lane>, ring: Box<SendRing<Batch>>, posted: Vec<Instant>, zero_copy: bool, to: String },
+    Rdma(Box<rdma::tx::RdmaTx>),
 }
 
 impl std::fmt::Debug for Tx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tx").field("uring", &self.uring()).field("lanes", &self.lanes().len()).finish()
+        f.debug_struct("Tx").field("transport", &self.transport()).field("lanes", &self.lane_count()).finish()
     }
 }
 
@@ -77,21 +85,29 @@ impl Tx {
         Tx::Sockets { lanes, turn: 0, to }
     }
 
-    pub(crate) fn uring(&self) -> bool {
-        matches!(self, Tx::Uring { .. })
+    /// The transport these lanes run on.
+    pub(crate) fn transport(&self) -> crate::plan::Transport {
+        match self {
+            Tx::Sockets { .. } => crate::plan::Transport::Sockets,
+            Tx::Uring { .. } => crate::plan::Transport::Tcp,
+            Tx::Rdma(_) => crate::plan::Transport::Rdma,
+        }
     }
 
-    pub(crate) fn lanes(&self) -> &[Lane] {
+    pub(crate) fn lane_count(&self) -> usize {
         match self {
-            Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes,
+            Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes.len(),
+            Tx::Rdma(t) => t.lanes(),
         }
     }
 
     /// Chunks the worker needs to keep every lane busy: one in flight per lane and one
     /// being encoded; with zero copy a written chunk stays held until the kernel's
-    /// notification while its lane takes the next, so two more per lane.
+    /// notification while its lane takes the next, so two more per lane. RDMA reads
+    /// windows into registered slots of its own.
     pub(crate) fn chunks_wanted(&self) -> usize {
         match self {
+            Tx::Rdma(_) => 0,
             Tx::Sockets { .. } => 1,
             Tx::Uring { lanes, zero_copy: false, .. } => lanes.len() + 1,
             Tx::Uring { lanes, zero_copy: true, .. } => 3 * lanes.len() + 1,
@@ -136,6 +152,10 @@ impl Tx {
                     SessionError::io(format!("sending data to {to}"), e)
                 })
             }
+            Tx::Rdma(_) => {
+                spare.push(b);
+                Err(SessionError::Protocol("an encoded chunk was posted on RDMA lanes, which take windows".into()))
+            }
         }
     }
 
@@ -155,13 +175,17 @@ impl Tx {
     }
 
     /// Waits for every chunk in flight, then ends round `round` on every lane with what
-    /// it carried (ROUND_END), and starts the lanes' counts afresh.
+    /// it carried (ROUND_END), and starts the lanes' counts afresh. RDMA lanes end their
+    /// round on the control connection: their counts come back, for RDMA_END.
     pub(crate) fn end_round(
         &mut self,
         round: u32,
         spare: &mut Vec<Batch>,
         latency: &mut hdrhistogram::Histogram<u64>,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Vec<wire::RdmaLaneEnd>, SessionError> {
+        if let Tx::Rdma(t) = self {
+            return t.end_round();
+        }
         while let Tx::Uring { ring, .. } = self
             && ring.any_busy()
         {
@@ -178,10 +202,11 @@ impl Tx {
             write_frame(&mut l.s, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
             (l.frames, l.bytes, l.pages) = (0, 0, 0);
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
-    /// Ends every lane (LANE_END): the session's data is all sent.
+    /// Ends every lane (LANE_END): the session's data is all sent. (RDMA lanes have no
+    /// stream to end.)
     pub(crate) fn end_lanes(&mut self) -> Result<(), SessionError> {
         for l in self.lanes_mut() {
             let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
@@ -193,6 +218,7 @@ impl Tx {
     fn lanes_mut(&mut self) -> &mut [Lane] {
         match self {
             Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes,
+            Tx::Rdma(_) => &mut [],
         }
     }
 

@@ -35,7 +35,7 @@ pub(crate) fn probe(sys: &SysRoot) -> Result<Vec<RdmaDevice>, String> {
     Ok(devices)
 }
 
-fn read_device(sys: &SysRoot, ctx: &Context<'_>) -> Result<RdmaDevice, RdmaError> {
+fn read_device(sys: &SysRoot, ctx: &Context) -> Result<RdmaDevice, RdmaError> {
     let a = ctx.query_device()?;
     let name = ctx.name().to_string();
     let base = format!("class/infiniband/{name}");
@@ -85,7 +85,7 @@ fn read_device(sys: &SysRoot, ctx: &Context<'_>) -> Result<RdmaDevice, RdmaError
     })
 }
 
-fn read_port(ctx: &Context<'_>, port: u8) -> Result<RdmaPort, RdmaError> {
+fn read_port(ctx: &Context, port: u8) -> Result<RdmaPort, RdmaError> {
     let p = ctx.query_port(port)?;
     let link_layer = match u32::from(p.link_layer) {
         sys::IBV_LINK_LAYER_ETHERNET => LinkLayer::Ethernet,
@@ -128,7 +128,7 @@ fn read_port(ctx: &Context<'_>, port: u8) -> Result<RdmaPort, RdmaError> {
 /// Finds the largest `max_inline_data` an RC QP can be created with, by bisection over
 /// `0..=4096` (providers reject a request above their limit), and returns what the
 /// provider granted for it (some round up).
-fn probe_max_inline(ctx: &Context<'_>, a: &sys::ibv_device_attr) -> Result<u32, RdmaError> {
+fn probe_max_inline(ctx: &Context, a: &sys::ibv_device_attr) -> Result<u32, RdmaError> {
     let pd = ctx.alloc_pd()?;
     let cq = ctx.create_cq(16)?;
     let wr = (a.max_qp_wr.max(1) as u32).min(16);

@@ -1,12 +1,20 @@
 //! Owning wrappers over the raw verbs of `ibverbs-sys`: device list, device context,
-//! protection domain, completion queue and RC queue pair. Each object is released in
-//! `Drop`, children borrow their parent so they cannot outlive it, and every verb that
-//! fails comes back as a typed [`RdmaError`] naming the verb and the device.
+//! protection domain, completion queue, RC queue pair and memory registrations. Each
+//! object is released in `Drop`, and every child holds a counted reference to its parents
+//! (a QP to its PD and CQ, a CQ and a PD to their context, a registration to its PD and
+//! its memory), so it never outlives them, whichever thread keeps it for however long (a
+//! persistent worker, a session). Every verb that fails comes back as a typed
+//! [`RdmaError`] naming the verb and the device.
+//!
+//! Work requests name memory the NIC reads or writes after the post returns: posting is
+//! `unsafe` ([`Qp::post_send`]), with the contract that the memory stays valid and
+//! untouched until the request's completion is polled.
 
 use std::ffi::CStr;
 use std::io;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use ibverbs_sys as sys;
 
@@ -97,13 +105,15 @@ impl DeviceList {
         }
     }
 
-    pub fn open(&self, i: usize) -> Result<Context<'_>, RdmaError> {
+    /// Opens device `i`. The context stays usable after the list is freed (libibverbs:
+    /// an opened device remains valid once its list is gone).
+    pub fn open(&self, i: usize) -> Result<Context, RdmaError> {
         assert!(i < self.len);
         let name = self.name(i);
         // SAFETY: `i < len`, so the slot holds a valid device pointer owned by the list.
         let ctx = unsafe { sys::ibv_open_device(*self.list.as_ptr().add(i)) };
         match NonNull::new(ctx) {
-            Some(ctx) => Ok(Context { ctx, name, _list: PhantomData }),
+            Some(ctx) => Ok(Context { inner: Arc::new(CtxInner { ctx, name }) }),
             None => Err(RdmaError::OpenDevice { device: name, source: io::Error::last_os_error() }),
         }
     }
@@ -111,7 +121,7 @@ impl DeviceList {
 
 impl DeviceList {
     /// Opens the device called `name`.
-    pub fn open_by_name(&self, name: &str) -> Result<Context<'_>, RdmaError> {
+    pub fn open_by_name(&self, name: &str) -> Result<Context, RdmaError> {
         match (0..self.len).find(|&i| self.name(i) == name) {
             Some(i) => self.open(i),
             None => Err(RdmaError::NoDevice {
@@ -124,18 +134,22 @@ impl DeviceList {
 
 impl Drop for DeviceList {
     fn drop(&mut self) {
-        // SAFETY: the list came from `ibv_get_device_list` and is freed once. Contexts
-        // borrow the list, so none is open past this point.
+        // SAFETY: the list came from `ibv_get_device_list` and is freed once; contexts
+        // opened from it stay valid (libibverbs' contract for `ibv_free_device_list`).
         unsafe { sys::ibv_free_device_list(self.list.as_ptr()) }
     }
 }
 
-/// An open device (`ibv_context`).
 #[derive(Debug)]
-pub struct Context<'list> {
+struct CtxInner {
     ctx: NonNull<sys::ibv_context>,
     name: String,
-    _list: PhantomData<&'list DeviceList>,
+}
+
+/// An open device (`ibv_context`), shared by everything made on it.
+#[derive(Debug, Clone)]
+pub struct Context {
+    inner: Arc<CtxInner>,
 }
 
 /// One populated GID table entry.
@@ -146,17 +160,21 @@ pub struct GidEntry {
     pub ndev_ifindex: u32,
 }
 
-impl Context<'_> {
+impl Context {
     pub fn name(&self) -> &str {
-        &self.name
+        &self.inner.name
+    }
+
+    fn raw(&self) -> *mut sys::ibv_context {
+        self.inner.ctx.as_ptr()
     }
 
     pub fn query_device(&self) -> Result<sys::ibv_device_attr, RdmaError> {
         let mut attr = sys::ibv_device_attr::default();
         // SAFETY: the context is open and `attr` is a writable `ibv_device_attr`.
-        let ret = unsafe { sys::ibv_query_device(self.ctx.as_ptr(), &mut attr) };
+        let ret = unsafe { sys::ibv_query_device(self.raw(), &mut attr) };
         if ret != 0 {
-            return Err(RdmaError::QueryDevice { device: self.name.clone(), source: errno_or(ret) });
+            return Err(RdmaError::QueryDevice { device: self.name().to_string(), source: errno_or(ret) });
         }
         Ok(attr)
     }
@@ -166,9 +184,9 @@ impl Context<'_> {
         // SAFETY: the exported `ibv_query_port` fills the compat layout, which is a prefix
         // of `ibv_port_attr`; verbs.h's inline wrapper passes a zeroed `ibv_port_attr`
         // cast the same way when the provider has no extended query.
-        let ret = unsafe { sys::ibv_query_port(self.ctx.as_ptr(), port, (&mut attr as *mut sys::ibv_port_attr).cast()) };
+        let ret = unsafe { sys::ibv_query_port(self.raw(), port, (&mut attr as *mut sys::ibv_port_attr).cast()) };
         if ret != 0 {
-            return Err(RdmaError::QueryPort { device: self.name.clone(), port, source: errno_or(ret) });
+            return Err(RdmaError::QueryPort { device: self.name().to_string(), port, source: errno_or(ret) });
         }
         Ok(attr)
     }
@@ -178,14 +196,13 @@ impl Context<'_> {
         let mut entry = sys::ibv_gid_entry::default();
         // SAFETY: the context is open; `entry` is writable and its size is passed so the
         // library writes no more than `size_of::<ibv_gid_entry>()` bytes.
-        let ret = unsafe {
-            sys::_ibv_query_gid_ex(self.ctx.as_ptr(), u32::from(port), index, &mut entry, 0, std::mem::size_of::<sys::ibv_gid_entry>())
-        };
+        let ret =
+            unsafe { sys::_ibv_query_gid_ex(self.raw(), u32::from(port), index, &mut entry, 0, std::mem::size_of::<sys::ibv_gid_entry>()) };
         if ret == libc::ENODATA {
             return Ok(None);
         }
         if ret != 0 {
-            return Err(RdmaError::QueryGid { device: self.name.clone(), port, index, source: errno_or(ret) });
+            return Err(RdmaError::QueryGid { device: self.name().to_string(), port, index, source: errno_or(ret) });
         }
         // SAFETY: every bit pattern of the 16-byte union is a valid `raw` array.
         let raw = unsafe { entry.gid.raw };
@@ -196,36 +213,37 @@ impl Context<'_> {
     pub fn active_port(&self, port: u8) -> Result<PortInfo, RdmaError> {
         let a = self.query_port(port)?;
         if a.state != sys::ibv_port_state::IBV_PORT_ACTIVE {
-            return Err(RdmaError::PortNotActive { device: self.name.clone(), port, state: a.state });
+            return Err(RdmaError::PortNotActive { device: self.name().to_string(), port, state: a.state });
         }
         Ok(PortInfo { lid: a.lid, active_mtu: mtu_bytes(a.active_mtu) })
     }
 
-    pub fn alloc_pd(&self) -> Result<Pd<'_>, RdmaError> {
-        // SAFETY: the context is open; the PD is released in `Pd::drop` before the
-        // context closes (it borrows the context).
-        let pd = unsafe { sys::ibv_alloc_pd(self.ctx.as_ptr()) };
+    pub fn alloc_pd(&self) -> Result<Pd, RdmaError> {
+        // SAFETY: the context is open; the PD keeps a reference to it and is released in
+        // `PdInner::drop`, before the context can close.
+        let pd = unsafe { sys::ibv_alloc_pd(self.raw()) };
         match NonNull::new(pd) {
-            Some(pd) => Ok(Pd { pd, ctx: self }),
-            None => Err(RdmaError::AllocPd { device: self.name.clone(), source: io::Error::last_os_error() }),
+            Some(pd) => Ok(Pd { inner: Arc::new(PdInner { pd, ctx: self.inner.clone() }) }),
+            None => Err(RdmaError::AllocPd { device: self.name().to_string(), source: io::Error::last_os_error() }),
         }
     }
 
-    pub fn create_cq(&self, cqe: i32) -> Result<Cq<'_>, RdmaError> {
+    pub fn create_cq(&self, cqe: i32) -> Result<Cq, RdmaError> {
         // SAFETY: the context is open; no completion channel and no user context are
-        // attached; the CQ is destroyed in `Cq::drop` before the context closes.
-        let cq = unsafe { sys::ibv_create_cq(self.ctx.as_ptr(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        // attached; the CQ keeps a reference to the context and is destroyed in
+        // `CqInner::drop`, before the context can close.
+        let cq = unsafe { sys::ibv_create_cq(self.raw(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
         match NonNull::new(cq) {
-            Some(cq) => Ok(Cq { cq, device: self.name.clone(), _ctx: PhantomData }),
-            None => Err(RdmaError::CreateCq { device: self.name.clone(), cqe, source: io::Error::last_os_error() }),
+            Some(cq) => Ok(Cq { inner: Arc::new(CqInner { cq, device: self.name().to_string(), _ctx: self.inner.clone() }) }),
+            None => Err(RdmaError::CreateCq { device: self.name().to_string(), cqe, source: io::Error::last_os_error() }),
         }
     }
 }
 
-impl Drop for Context<'_> {
+impl Drop for CtxInner {
     fn drop(&mut self) {
-        // SAFETY: opened by `ibv_open_device`, closed once; PDs, CQs and QPs borrow the
-        // context and are gone by now.
+        // SAFETY: opened by `ibv_open_device`, closed once; PDs, CQs and QPs hold a
+        // reference to this and are gone by now.
         unsafe { sys::ibv_close_device(self.ctx.as_ptr()) };
     }
 }
@@ -260,26 +278,39 @@ fn mtu_enum(device: &str, bytes: u32) -> Result<sys::ibv_mtu, RdmaError> {
 }
 
 // SAFETY: libibverbs objects may be used from any thread ("all verbs are thread safe",
-// rdma-core's libibverbs documentation); a context and a PD are only read after creation.
-unsafe impl Sync for Context<'_> {}
-// SAFETY: as above; the PD handle is only passed to verbs.
-unsafe impl Sync for Pd<'_> {}
-// SAFETY: as above; providers serialise polls of one CQ internally.
-unsafe impl Send for Cq<'_> {}
+// rdma-core's libibverbs documentation); a context is only read after creation.
+unsafe impl Send for CtxInner {}
 // SAFETY: as above.
-unsafe impl Sync for Cq<'_> {}
+unsafe impl Sync for CtxInner {}
+// SAFETY: as above; the PD handle is only passed to verbs.
+unsafe impl Send for PdInner {}
+// SAFETY: as above.
+unsafe impl Sync for PdInner {}
+// SAFETY: as above; providers serialise polls of one CQ internally.
+unsafe impl Send for CqInner {}
+// SAFETY: as above.
+unsafe impl Sync for CqInner {}
 // SAFETY: as above; a QP is posted to by the one thread that owns it (`&mut self`).
-unsafe impl Send for Qp<'_> {}
+unsafe impl Send for Qp {}
+// SAFETY: a batch's raw pointers (`next`, `sg_list`) are null outside `post_send`, which
+// links them into the batch's own vectors and clears the batch before it returns; the
+// SGEs' addresses are plain numbers. Moving a batch moves everything it refers to.
+unsafe impl Send for SendBatch<'_> {}
 // SAFETY: an MR is immutable after registration; its keys are plain numbers.
 unsafe impl Send for Mr<'_> {}
 // SAFETY: as above.
 unsafe impl Sync for Mr<'_> {}
 
-/// A protection domain.
 #[derive(Debug)]
-pub struct Pd<'ctx> {
+struct PdInner {
     pd: NonNull<sys::ibv_pd>,
-    ctx: &'ctx Context<'ctx>,
+    ctx: Arc<CtxInner>,
+}
+
+/// A protection domain, shared by the QPs and registrations made in it.
+#[derive(Debug, Clone)]
+pub struct Pd {
+    inner: Arc<PdInner>,
 }
 
 /// Capacities of a queue pair, as asked for or as granted.
@@ -292,14 +323,18 @@ pub struct QpCaps {
     pub max_inline_data: u32,
 }
 
-impl<'ctx> Pd<'ctx> {
+impl Pd {
+    fn device(&self) -> String {
+        self.inner.ctx.name.clone()
+    }
+
     /// Creates an RC queue pair on `cq` (send and receive) and returns it with the
     /// capacities the provider granted, which may exceed those asked for.
-    pub fn create_rc_qp<'pd>(&'pd self, cq: &'pd Cq<'ctx>, caps: QpCaps) -> Result<(Qp<'pd>, QpCaps), RdmaError> {
+    pub fn create_rc_qp(&self, cq: &Cq, caps: QpCaps) -> Result<(Qp, QpCaps), RdmaError> {
         let mut init = sys::ibv_qp_init_attr {
             qp_context: std::ptr::null_mut(),
-            send_cq: cq.cq.as_ptr(),
-            recv_cq: cq.cq.as_ptr(),
+            send_cq: cq.inner.cq.as_ptr(),
+            recv_cq: cq.inner.cq.as_ptr(),
             srq: std::ptr::null_mut(),
             cap: sys::ibv_qp_cap {
                 max_send_wr: caps.max_send_wr,
@@ -311,10 +346,10 @@ impl<'ctx> Pd<'ctx> {
             qp_type: sys::ibv_qp_type::IBV_QPT_RC,
             sq_sig_all: 0,
         };
-        // SAFETY: the PD and CQ are live (borrowed for the QP's lifetime) and `init` is a
+        // SAFETY: the PD and CQ are live (the QP keeps references to both) and `init` is a
         // fully initialised attribute block the library reads and updates with the
         // granted capacities.
-        let qp = unsafe { sys::ibv_create_qp(self.pd.as_ptr(), &mut init) };
+        let qp = unsafe { sys::ibv_create_qp(self.inner.pd.as_ptr(), &mut init) };
         match NonNull::new(qp) {
             Some(qp) => {
                 let c = init.cap;
@@ -325,16 +360,16 @@ impl<'ctx> Pd<'ctx> {
                     max_recv_sge: c.max_recv_sge,
                     max_inline_data: c.max_inline_data,
                 };
-                Ok((Qp { qp, device: self.ctx.name.clone(), _pd: PhantomData }, granted))
+                Ok((Qp { qp, device: self.device(), _pd: self.inner.clone(), _cq: cq.inner.clone() }, granted))
             }
-            None => Err(RdmaError::CreateQp { device: self.ctx.name.clone(), source: io::Error::last_os_error() }),
+            None => Err(RdmaError::CreateQp { device: self.device(), source: io::Error::last_os_error() }),
         }
     }
 
     /// Registers `mem` for local reads only: the NIC may gather from it into the work
     /// requests this side posts, and nothing else. The borrow keeps the memory mapped for
     /// as long as the registration lives.
-    pub fn register_read<'a>(&'a self, mem: &'a [u8]) -> Result<Mr<'a>, RdmaError> {
+    pub fn register_read<'a>(&self, mem: &'a [u8]) -> Result<Mr<'a>, RdmaError> {
         // SAFETY: `mem` is borrowed for the MR's lifetime, so it stays mapped; without a
         // write flag the NIC only reads it (the kernel pins it without FOLL_WRITE).
         unsafe { self.reg(mem.as_ptr().cast_mut(), mem.len(), 0) }
@@ -344,7 +379,7 @@ impl<'ctx> Pd<'ctx> {
     /// RDMA WRITEs from the peer (`IBV_ACCESS_REMOTE_WRITE`). The memory is reachable only
     /// through the NIC while registered; [`RemoteRegion`] gives no Rust view of it, so a
     /// write landing at any moment races with nothing. Read the file after dropping it.
-    pub fn register_remote_write(&self, file: &std::fs::File, len: usize) -> Result<RemoteRegion<'_>, RdmaError> {
+    pub fn register_remote_write(&self, file: &std::fs::File, len: usize) -> Result<RemoteRegion, RdmaError> {
         if len == 0 {
             return Ok(RemoteRegion { mr: None, _map: None });
         }
@@ -360,16 +395,20 @@ impl<'ctx> Pd<'ctx> {
         Ok(RemoteRegion { mr: Some(mr), _map: Some(map) })
     }
 
-    /// Registers a worker's arena for local access and takes ownership of it: the CPU
-    /// copies bytes in with [`Staging::write`], the NIC gathers them out. No Rust
-    /// reference to the arena's bytes exists while it is registered.
-    pub fn register_staging(&self, mut arena: crate::memmap::Arena) -> Result<Staging<'_>, RdmaError> {
-        let len = arena.len();
-        let ptr = arena.as_mut_slice().as_mut_ptr();
-        // SAFETY: the arena is owned by the returned value and dropped after the MR (field
-        // order); its mapping never moves. The CPU reaches it only through `write`.
-        let mr = unsafe { self.reg(ptr, len, sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0) }?;
-        Ok(Staging { mr, ptr, _arena: arena })
+    /// Registers `arena` for local access (the NIC gathers from it) and cuts it into
+    /// owned slots of `size` bytes: the CPU fills a slot through `&mut`, and a work request
+    /// gathers from it ([`RegSlot::sge`]) once it has moved out of the CPU's hands. The
+    /// registration lasts as long as any slot, and the mapping longer still.
+    pub fn register_slots(&self, arena: crate::memmap::Arena, size: usize) -> Result<Vec<RegSlot>, RdmaError> {
+        let (base, len) = (arena.as_slice().as_ptr().cast_mut(), arena.len());
+        let slots = arena.into_slots(size);
+        let Some(owner) = slots.first().map(|s| s.owner()) else { return Ok(Vec::new()) };
+        // SAFETY: the mapping stays alive as long as the registration: `MrOwned` holds a
+        // reference to it and drops it after deregistering. The CPU touches it only through
+        // the slots, each borrowed exclusively, and the NIC only reads it.
+        let mr = unsafe { self.reg(base, len, sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0) }?;
+        let mr = Arc::new(MrOwned { mr: mr.into_raw_static(), _map: owner });
+        Ok(slots.into_iter().map(|slot| RegSlot { mr: mr.clone(), slot }).collect())
     }
 
     /// # Safety
@@ -377,20 +416,20 @@ impl<'ctx> Pd<'ctx> {
     /// `addr..addr + len` must stay mapped for the life of the returned MR, and if
     /// `access` lets the NIC write it, no Rust reference to those bytes may be used while
     /// the MR lives.
-    unsafe fn reg<'a>(&'a self, addr: *mut u8, len: usize, access: u32) -> Result<Mr<'a>, RdmaError> {
+    unsafe fn reg<'a>(&self, addr: *mut u8, len: usize, access: u32) -> Result<Mr<'a>, RdmaError> {
         // SAFETY: the PD is live; the caller guarantees the memory for the MR's lifetime.
-        let mr = unsafe { sys::ibv_reg_mr(self.pd.as_ptr(), addr.cast(), len, access as i32) };
+        let mr = unsafe { sys::ibv_reg_mr(self.inner.pd.as_ptr(), addr.cast(), len, access as i32) };
         match NonNull::new(mr) {
-            Some(mr) => Ok(Mr { mr, len, _mem: PhantomData }),
-            None => Err(RdmaError::RegMr { device: self.ctx.name.clone(), len, source: io::Error::last_os_error() }),
+            Some(mr) => Ok(Mr { mr, len, _pd: self.inner.clone(), _mem: PhantomData }),
+            None => Err(RdmaError::RegMr { device: self.device(), len, source: io::Error::last_os_error() }),
         }
     }
 }
 
-impl Drop for Pd<'_> {
+impl Drop for PdInner {
     fn drop(&mut self) {
-        // SAFETY: allocated by `ibv_alloc_pd`, freed once; QPs and MRs borrow the PD and
-        // are gone.
+        // SAFETY: allocated by `ibv_alloc_pd`, freed once; QPs and MRs hold a reference to
+        // this and are gone.
         unsafe { sys::ibv_dealloc_pd(self.pd.as_ptr()) };
     }
 }
@@ -400,10 +439,21 @@ impl Drop for Pd<'_> {
 pub struct Mr<'a> {
     mr: NonNull<sys::ibv_mr>,
     len: usize,
+    _pd: Arc<PdInner>,
     _mem: PhantomData<&'a [u8]>,
 }
 
 impl<'a> Mr<'a> {
+    /// The registration with its borrow given up: the caller keeps the memory alive
+    /// otherwise (see `MrOwned`).
+    fn into_raw_static(self) -> Mr<'static> {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: moving the fields out of a value that is never dropped: nothing is
+        // deregistered or released twice.
+        let pd = unsafe { std::ptr::read(&this._pd) };
+        Mr { mr: this.mr, len: this.len, _pd: pd, _mem: PhantomData }
+    }
+
     pub fn lkey(&self) -> u32 {
         // SAFETY: the MR is registered until drop; the library never changes its keys.
         unsafe { self.mr.as_ref().lkey }
@@ -449,12 +499,12 @@ impl Drop for Mr<'_> {
 /// A destination the peer writes into: a shared file mapping registered for remote
 /// writes. Dropping it deregisters the MR first, then unmaps.
 #[derive(Debug)]
-pub struct RemoteRegion<'pd> {
-    mr: Option<Mr<'pd>>,
+pub struct RemoteRegion {
+    mr: Option<Mr<'static>>,
     _map: Option<memmap2::MmapRaw>,
 }
 
-impl RemoteRegion<'_> {
+impl RemoteRegion {
     /// Address and rkey the peer writes to (zero for an empty region).
     pub fn addr(&self) -> u64 {
         self.mr.as_ref().map_or(0, |m| m.addr())
@@ -465,45 +515,47 @@ impl RemoteRegion<'_> {
     }
 }
 
-/// A registered arena the CPU fills and the NIC reads: a bounce buffer for sources that
-/// cannot be registered in place, and the zero buffer.
+/// A registration whose memory is kept alive by the registration itself (a mapping it
+/// holds a reference to). Deregistered first, then the mapping is let go.
 #[derive(Debug)]
-pub struct Staging<'pd> {
-    mr: Mr<'pd>,
-    ptr: *mut u8,
-    _arena: crate::memmap::Arena,
+struct MrOwned {
+    mr: Mr<'static>,
+    _map: Arc<memmap2::MmapMut>,
 }
 
-// SAFETY: the arena is owned; the pointer is only dereferenced through `write`, which
-// takes a shared reference but copies into a range the caller keeps exclusive (see there).
-unsafe impl Send for Staging<'_> {}
-// SAFETY: as above: concurrent `write`s to disjoint ranges do not conflict, and ferry gives
-// each staging arena to one worker.
-unsafe impl Sync for Staging<'_> {}
+/// An owned slot of a registered arena ([`Pd::register_slots`]).
+#[derive(Debug)]
+pub struct RegSlot {
+    mr: Arc<MrOwned>,
+    slot: crate::memmap::Slot,
+}
 
-impl Staging<'_> {
-    pub fn len(&self) -> usize {
-        self.mr.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.mr.is_empty()
-    }
-
-    /// Copies `bytes` in at `offset`. Work requests still in flight may be reading other
-    /// parts of the arena; the caller must not overwrite a range an unfinished WR gathers
-    /// from (that would send the new bytes, not break memory safety: no Rust reference to
-    /// the arena's memory exists).
-    pub fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset.checked_add(bytes.len()).is_some_and(|e| e <= self.len()), "write past the staging arena");
-        // SAFETY: in bounds (checked above); `bytes` cannot overlap the arena, which no
-        // Rust reference points into.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) }
-    }
-
-    /// An SGE for `len` bytes at `offset` of the arena.
+impl RegSlot {
+    /// An SGE for `len` bytes at `offset` of this slot. The entry borrows the slot: a work
+    /// request built from it must be posted, and the slot kept from the CPU, until the
+    /// request completes (the contract of [`Qp::post_send`]).
     pub fn sge(&self, offset: usize, len: usize) -> Sge<'_> {
-        self.mr.sge(offset, len)
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= self.slot.len()),
+            "SGE {offset}+{len} outside a {}-byte slot",
+            self.slot.len()
+        );
+        let at = self.slot.as_ptr() as u64 - self.mr.mr.addr() + offset as u64;
+        let s = self.mr.mr.sge(at as usize, len);
+        Sge { raw: s.raw, _mem: PhantomData }
+    }
+}
+
+impl std::ops::Deref for RegSlot {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.slot
+    }
+}
+
+impl std::ops::DerefMut for RegSlot {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.slot
     }
 }
 
@@ -596,14 +648,26 @@ impl<'a> SendBatch<'a> {
         self.sges.clear();
         self.first_sge.clear();
     }
+
+    /// The batch emptied, for SGEs of another lifetime: its storage is kept, so a batch
+    /// reused from chunk to chunk allocates only while it grows.
+    pub fn recycle<'b>(mut self) -> SendBatch<'b> {
+        self.clear();
+        SendBatch { wrs: self.wrs, sges: self.sges, first_sge: self.first_sge, _mem: PhantomData }
+    }
 }
 
-/// A completion queue.
 #[derive(Debug)]
-pub struct Cq<'ctx> {
+struct CqInner {
     cq: NonNull<sys::ibv_cq>,
     device: String,
-    _ctx: PhantomData<&'ctx Context<'ctx>>,
+    _ctx: Arc<CtxInner>,
+}
+
+/// A completion queue, shared by the QPs made on it.
+#[derive(Debug, Clone)]
+pub struct Cq {
+    inner: Arc<CqInner>,
 }
 
 /// A work completion, read out of the CQ.
@@ -637,7 +701,7 @@ impl Completion {
     }
 }
 
-impl Cq<'_> {
+impl Cq {
     /// Polls up to `out.len()` (at most 64) completions; returns how many were written.
     /// Providers lock the CQ, so a shared reference is enough (ferry polls each CQ from
     /// one thread).
@@ -648,12 +712,12 @@ impl Cq<'_> {
         // `poll_cq` from the context's ops table, as here. The CQ is live, and `wcs` has
         // room for `want` entries, of which the provider writes the first `n`.
         let n = unsafe {
-            let cq = self.cq.as_ptr();
+            let cq = self.inner.cq.as_ptr();
             let poll = (*(*cq).context).ops.poll_cq.expect("every provider implements poll_cq");
             poll(cq, want as i32, wcs.as_mut_ptr().cast())
         };
         if n < 0 {
-            return Err(RdmaError::PollCq { device: self.device.clone() });
+            return Err(RdmaError::PollCq { device: self.inner.device.clone() });
         }
         for (o, wc) in out.iter_mut().zip(&wcs[..n as usize]) {
             // SAFETY: the provider initialised the first `n` entries.
@@ -672,10 +736,10 @@ impl Cq<'_> {
     }
 }
 
-impl Drop for Cq<'_> {
+impl Drop for CqInner {
     fn drop(&mut self) {
-        // SAFETY: created by `ibv_create_cq`, destroyed once; QPs using it borrow it and
-        // are destroyed first.
+        // SAFETY: created by `ibv_create_cq`, destroyed once; QPs using it hold a
+        // reference to this and are destroyed first.
         unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
     }
 }
@@ -698,15 +762,16 @@ pub struct PathSpec {
     pub mtu: u32,
 }
 
-/// A queue pair.
+/// A queue pair. It keeps its PD and CQ alive, and is destroyed before them.
 #[derive(Debug)]
-pub struct Qp<'pd> {
+pub struct Qp {
     qp: NonNull<sys::ibv_qp>,
     device: String,
-    _pd: PhantomData<&'pd Pd<'pd>>,
+    _pd: Arc<PdInner>,
+    _cq: Arc<CqInner>,
 }
 
-impl Qp<'_> {
+impl Qp {
     pub fn qpn(&self) -> u32 {
         // SAFETY: the QP is live; `qp_num` is set at creation and never changes.
         unsafe { self.qp.as_ref().qp_num }
@@ -787,7 +852,14 @@ impl Qp<'_> {
 
     /// Posts every work request in `batch` with one `ibv_post_send` (one doorbell), then
     /// clears it.
-    pub fn post_send(&mut self, batch: &mut SendBatch<'_>) -> Result<(), RdmaError> {
+    ///
+    /// # Safety
+    ///
+    /// The NIC reads the memory the requests' SGEs name after this returns, until each
+    /// request completes: that memory must stay registered, mapped and unwritten until the
+    /// completion covering the request has been polled from the QP's CQ (or the QP has
+    /// been destroyed). Inline requests are copied at post time and need nothing after.
+    pub unsafe fn post_send(&mut self, batch: &mut SendBatch<'_>) -> Result<(), RdmaError> {
         if batch.wrs.is_empty() {
             return Ok(());
         }
@@ -808,7 +880,8 @@ impl Qp<'_> {
         // SAFETY: `ibv_post_send` is static inline in verbs.h and calls the provider's
         // `post_send` from the context's ops table, as here. The QP is live; the list is
         // linked above; every SGE lies in a registered region alive for the batch's
-        // lifetime (`Sge<'a>`), which is what the provider copies inline data from.
+        // lifetime (`Sge<'a>`), which is what the provider copies inline data from; the
+        // caller keeps it so until the completions (this function's contract).
         let ret = unsafe {
             let qp = self.qp.as_ptr();
             let post = (*(*qp).context).ops.post_send.expect("every provider implements post_send");
@@ -819,6 +892,15 @@ impl Qp<'_> {
             return Err(RdmaError::PostSend { device: self.device.clone(), qpn: self.qpn(), source: errno_or(ret) });
         }
         Ok(())
+    }
+
+    /// Posts one work request that names no memory (a zero-length WRITE, a SEND with only
+    /// an immediate): nothing has to outlive the call, so this is safe.
+    pub fn post_empty(&mut self, wr_id: u64, op: SendOp, signaled: bool) -> Result<(), RdmaError> {
+        let mut batch = SendBatch::default();
+        batch.push(wr_id, op, &[], signaled, false);
+        // SAFETY: the request gathers no SGE, so no memory is read after the post.
+        unsafe { self.post_send(&mut batch) }
     }
 
     /// Posts `count` receives without buffers (for WRITE with immediate and zero-length
@@ -856,9 +938,10 @@ impl Qp<'_> {
     }
 }
 
-impl Drop for Qp<'_> {
+impl Drop for Qp {
     fn drop(&mut self) {
-        // SAFETY: created by `ibv_create_qp`, destroyed once, before its PD and CQ.
+        // SAFETY: created by `ibv_create_qp`, destroyed once, before its PD and CQ (whose
+        // references it holds).
         unsafe { sys::ibv_destroy_qp(self.qp.as_ptr()) };
     }
 }

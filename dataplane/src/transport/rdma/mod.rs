@@ -1,0 +1,310 @@
+//! The RDMA transport: RC queue pairs and one-sided RDMA WRITEs straight into the
+//! destination's registered memory, for every session of rounds (a one-shot transfer or a
+//! migration).
+//!
+//! **Sender** ([`tx`]). Each worker owns a CQ, `qps_per_worker` QPs (its lanes) and its
+//! arena, registered once per session and cut into slots; the first is the zero buffer. A
+//! window's dirty pages are read with `pread` into a slot (never through a mapping: a file
+//! that shrinks is an error, not a SIGBUS) and become work requests: each WR writes one
+//! contiguous destination range and gathers its bytes with up to `send_sge` SGEs, from
+//! runs of the slot and, for short zero gaps between them, from the zero buffer. Zero pages
+//! are skipped in round 0 (the destination starts zeroed) and written from the zero buffer
+//! in later rounds, where a page may have turned zero. A window's last WR is a
+//! WRITE_WITH_IMM carrying the window's number: it spends one of the receiver's credits,
+//! and RC ordering places every earlier WRITE of the window before it. A window's WRs go
+//! out with one doorbell; its last WR is signaled, and its completion gives the slot back.
+//!
+//! **Receiver** ([`rx`]). Each region's memory is registered for remote writes for the
+//! session. One thread per sender worker polls that worker's CQ, counts WRITE_WITH_IMMs,
+//! notes the windows they name, re-posts receives and hands them back as credits. The CPU
+//! never touches the data while it lands.
+//!
+//! **Rounds and verification.** At a round's end each worker waits for its WRs to
+//! complete and the source sends RDMA_END (per lane: WRITE_WITH_IMMs, bytes, pages) then
+//! ROUND on the control connection. The destination waits for every WRITE_WITH_IMM the
+//! round announced, then hashes the windows they named: one-sided writes come without
+//! frames to check, so each page's share of the digest is keyed ([`Hashing::Keyed`]) and
+//! computed from what landed; the source keys its hashes of the pages as sent. Pages no
+//! window ever wrote hash as the zero pages they are. The final digests are compared as
+//! on TCP: the cost is reading and hashing each round's windows at the destination before
+//! ROUND_OK, which in the last round counts in the downtime (the report's last round).
+//!
+//! Compression does not apply: a one-sided write cannot be decoded on arrival, and the
+//! planner only picks RDMA where the link outruns zstd.
+
+pub(crate) mod rx;
+pub(crate) mod tx;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hw::rdma::verbs::{Completion, Context, DeviceList, Endpoint, PathSpec, Pd, Qp};
+use serde::{Deserialize, Serialize};
+
+use crate::conn::SessionError;
+use crate::digest::Hashing;
+use crate::engine::IDLE_TIMEOUT;
+use crate::plan::RdmaPlan;
+use crate::wire;
+
+/// Completions read per `ibv_poll_cq`.
+pub(crate) const POLL_BATCH: usize = 32;
+
+/// RDMA figures for a session's report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RdmaReport {
+    pub device: String,
+    pub qps: u32,
+    pub path_mtu: u32,
+    /// Bytes this side registered (sender: its arenas; receiver: the destination).
+    pub registered_bytes: u64,
+    pub registration_seconds: f64,
+    /// Registration speed, GB/s (10^9): pinning and mapping pages is the slow part of
+    /// starting an RDMA session over a large region.
+    pub registration_gbps: f64,
+    /// Sender: WRs posted (WRITEs and WRITE_WITH_IMMs), their SGEs and the most in one.
+    pub work_requests: u64,
+    pub sges: u64,
+    pub max_sges_per_wr: u32,
+    /// Zero pages written from the zero buffer (to keep a WR whole, or because a page
+    /// turned zero after round 0).
+    pub zero_fill_pages: u64,
+    /// The NIC gathers straight from the source (false: each window is read into a
+    /// registered arena first, which is always the case now: the source is read with
+    /// `pread`).
+    pub zero_copy: bool,
+    pub write_imms: u64,
+    pub inline_wrs: u64,
+    /// Doorbells (`ibv_post_send` calls).
+    pub posts: u64,
+    /// Sender: from the first post to the last completion, and the region bytes per second
+    /// over that time (GB/s), which is what ib_write_bw's figure compares with.
+    pub data_seconds: f64,
+    pub data_gbps: f64,
+    /// Receiver: seconds spent hashing the windows each round wrote (keyed), in all and in
+    /// the last round (downtime).
+    pub verify_seconds: f64,
+    pub verify_last_round_seconds: f64,
+}
+
+impl RdmaReport {
+    pub(crate) fn registration(&mut self, bytes: u64, t: Instant) {
+        let s = t.elapsed().as_secs_f64();
+        self.registered_bytes += bytes;
+        self.registration_seconds += s;
+        self.registration_gbps =
+            if self.registration_seconds > 0.0 { self.registered_bytes as f64 / self.registration_seconds / 1e9 } else { 0.0 };
+    }
+
+    /// Adds a worker's counts.
+    pub(crate) fn add(&mut self, o: &RdmaReport) {
+        self.work_requests += o.work_requests;
+        self.sges += o.sges;
+        self.max_sges_per_wr = self.max_sges_per_wr.max(o.max_sges_per_wr);
+        self.zero_fill_pages += o.zero_fill_pages;
+        self.write_imms += o.write_imms;
+        self.inline_wrs += o.inline_wrs;
+        self.posts += o.posts;
+    }
+}
+
+/// The plan's device and port, opened once per process (its context and protection domain
+/// are shared by every session), with this side's address on it.
+#[derive(Debug)]
+pub(crate) struct Device {
+    pub ctx: Context,
+    pub pd: Pd,
+    pub name: String,
+    pub port: u8,
+    pub gid_index: Option<u8>,
+    pub lid: u16,
+    pub gid: [u8; 16],
+    /// The smaller of the plan's MTU and the port's active MTU.
+    pub mtu: u32,
+}
+
+/// Opens (once) the device and port `rp` names.
+pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
+    static OPEN: OnceLock<Mutex<HashMap<(String, u8, Option<u32>), Arc<Device>>>> = OnceLock::new();
+    let key = (rp.device.clone(), rp.port, rp.gid_index);
+    let mut open = OPEN.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = open.get(&key) {
+        return Ok(d.clone());
+    }
+    let list = DeviceList::get()?;
+    let ctx = list.open_by_name(&rp.device)?;
+    drop(list);
+    let port = ctx.active_port(rp.port)?;
+    let stale = |what: String| SessionError::Rdma(format!("{what}: the plan is stale, run `ferryctl tune` again"));
+    let (gid_index, gid) = match rp.gid_index {
+        Some(i) => {
+            let idx = u8::try_from(i).map_err(|_| stale(format!("GID index {i} is out of range")))?;
+            let g = ctx.query_gid(rp.port, i)?.ok_or_else(|| stale(format!("{} port {} has no GID at index {i}", rp.device, rp.port)))?;
+            (Some(idx), g.raw)
+        }
+        None => (None, [0; 16]),
+    };
+    let pd = ctx.alloc_pd()?;
+    let d = Arc::new(Device {
+        pd,
+        ctx,
+        name: rp.device.clone(),
+        port: rp.port,
+        gid_index,
+        lid: port.lid,
+        gid,
+        mtu: rp.mtu.min(port.active_mtu),
+    });
+    open.insert(key, d.clone());
+    Ok(d)
+}
+
+impl Device {
+    pub(crate) fn path(&self, mtu: u32) -> PathSpec {
+        PathSpec { port: self.port, gid_index: self.gid_index, mtu }
+    }
+
+    pub(crate) fn endpoint(&self, qp: &Qp, psn: u32) -> wire::RdmaEndpoint {
+        wire::RdmaEndpoint { qpn: qp.qpn().into(), psn: psn.into(), lid: self.lid.into(), _pad: [0; 6], gid: self.gid }
+    }
+}
+
+pub(crate) fn remote(e: &wire::RdmaEndpoint) -> Endpoint {
+    Endpoint { qpn: e.qpn.get(), psn: e.psn.get(), lid: e.lid.get(), gid: e.gid }
+}
+
+/// A random 24-bit initial packet sequence number.
+pub(crate) fn psn() -> Result<u32, SessionError> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).map_err(|e| SessionError::Protocol(format!("no randomness for a PSN: {e}")))?;
+    Ok(u32::from_le_bytes(b) & 0x00ff_ffff)
+}
+
+pub(crate) fn check_mtu(mtu: u32) -> Result<u32, SessionError> {
+    if mtu.is_power_of_two() && (256..=4096).contains(&mtu) {
+        Ok(mtu)
+    } else {
+        Err(SessionError::Protocol(format!("path MTU {mtu} is not one of 256, 512, 1024, 2048, 4096")))
+    }
+}
+
+/// `ibv_wc_status` values the messages explain.
+mod wc_status {
+    pub const WR_FLUSH_ERR: u32 = 5;
+    pub const REM_ACCESS_ERR: u32 = 10;
+    pub const RETRY_EXC_ERR: u32 = 12;
+}
+
+/// A completion with an error status, as a sentence naming the verb and the status.
+pub(crate) fn completion_error(wc: &Completion, device: &str, what: &str) -> SessionError {
+    let hint = match wc.status {
+        wc_status::RETRY_EXC_ERR => {
+            ": the peer stopped acknowledging (it exited, or its queue pair was destroyed or moved to the error state)"
+        }
+        wc_status::REM_ACCESS_ERR => ": the peer's memory region refused the write (deregistered, or the wrong key)",
+        wc_status::WR_FLUSH_ERR => ": the queue pair had already failed",
+        _ => "",
+    };
+    SessionError::Rdma(format!(
+        "{what} on {device} QP {} completed with status {} \"{}\" (vendor error {:#x}){hint}",
+        wc.qpn,
+        wc.status,
+        wc.status_str(),
+        wc.vendor_err
+    ))
+}
+
+/// Backs off while a CQ stays empty: spin briefly, then yield, then nap, so a waiting
+/// thread leaves the CPU to the provider (Soft-RoCE does its work in kernel threads) and
+/// to the other workers.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    empty: u32,
+    since: Option<Instant>,
+}
+
+impl Backoff {
+    pub(crate) fn progress(&mut self) {
+        self.empty = 0;
+        self.since = None;
+    }
+
+    /// Waits a little, longer the longer the CQ has stayed empty.
+    pub(crate) fn pause(&mut self) {
+        self.empty = self.empty.saturating_add(1);
+        self.since.get_or_insert_with(Instant::now);
+        match self.empty {
+            0..64 => std::hint::spin_loop(),
+            64..1024 => std::thread::yield_now(),
+            _ => std::thread::sleep(Duration::from_micros(50)),
+        }
+    }
+
+    /// [`Backoff::pause`], failing once nothing has happened for the idle timeout.
+    pub(crate) fn wait(&mut self, what: &str) -> Result<(), SessionError> {
+        if self.since.is_some_and(|t| t.elapsed() > IDLE_TIMEOUT) {
+            return Err(SessionError::TimedOut { op: format!("{what} (no RDMA completion)"), secs: IDLE_TIMEOUT.as_secs() });
+        }
+        self.pause();
+        Ok(())
+    }
+}
+
+/// Windows of a session's regions, numbered across regions: the immediate a window's last
+/// WRITE carries.
+#[derive(Debug, Clone)]
+pub(crate) struct Windows {
+    /// Per region: the number of its first window.
+    first: Vec<u32>,
+    chunk: u64,
+    sizes: Vec<u64>,
+}
+
+impl Windows {
+    pub(crate) fn new(sizes: &[u64], chunk: u64) -> Result<Windows, SessionError> {
+        let mut first = Vec::with_capacity(sizes.len());
+        let mut n = 0u64;
+        for &s in sizes {
+            first.push(u32::try_from(n).map_err(|_| SessionError::Protocol("more than 2^32 windows in one session".into()))?);
+            n += s.div_ceil(chunk);
+        }
+        u32::try_from(n).map_err(|_| SessionError::Protocol("more than 2^32 windows in one session".into()))?;
+        Ok(Windows { first, chunk, sizes: sizes.to_vec() })
+    }
+
+    /// The immediate of window `w` of `region`.
+    pub(crate) fn id(&self, region: u32, w: u64) -> u32 {
+        self.first[region as usize] + w as u32
+    }
+
+    /// The region, and the byte range in it, of window `id`; `None` for a number no window
+    /// has.
+    pub(crate) fn range(&self, id: u32) -> Option<(u32, u64, u64)> {
+        let r = self.first.partition_point(|&f| f <= id).checked_sub(1)?;
+        let w = u64::from(id - self.first[r]);
+        let start = w * self.chunk;
+        let size = self.sizes[r];
+        (start < size).then(|| (r as u32, start, (start + self.chunk).min(size)))
+    }
+}
+
+/// The hashing of one-sided writes under the session's key.
+pub(crate) fn keyed(key: &crate::digest::DigestKey) -> Hashing<'_> {
+    Hashing::Keyed(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_number_across_regions() {
+        let w = Windows::new(&[3 * 4096, 10, 4096], 2 * 4096).unwrap();
+        assert_eq!((w.id(0, 0), w.id(0, 1), w.id(1, 0), w.id(2, 0)), (0, 1, 2, 3));
+        assert_eq!(w.range(1), Some((0, 8192, 12288)));
+        assert_eq!(w.range(2), Some((1, 0, 10)));
+        assert_eq!(w.range(3), Some((2, 0, 4096)));
+        assert_eq!(w.range(4), None);
+    }
+}

@@ -1,0 +1,479 @@
+//! The receiving side of the RDMA transport: the destination's regions registered for
+//! remote writes, one polling thread per sender worker, and the rounds on the control
+//! connection (see [`super`]).
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hw::rdma::verbs::{Completion, Cq, Qp, QpCaps, SendOp};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use zerocopy::IntoBytes;
+
+use super::{Backoff, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed};
+use crate::conn::{Ctl, SessionError};
+use crate::digest::{Digest, DigestKey};
+use crate::engine::{IDLE_TIMEOUT, PAGE, cpu_seconds};
+use crate::migrate::dest::{Received, SinkOptions};
+use crate::migrate::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport};
+use crate::wire::{self, Kind, Layout};
+
+/// What every polling thread shares with the control thread.
+struct Shared<'a> {
+    /// Per lane: WRITE_WITH_IMMs received so far.
+    received: &'a [AtomicU64],
+    /// Per poller: the windows its lanes' WRITE_WITH_IMMs named since the last drain.
+    named: &'a [Mutex<Vec<u32>>],
+    /// Set by the first thread that fails, or by the control thread when the session ends.
+    stop: &'a AtomicBool,
+    /// A byte here wakes the control thread when a poller fails.
+    wake: &'a UnixStream,
+}
+
+/// One receiving thread: polls one sender worker's CQ, counts WRITE_WITH_IMMs, notes the
+/// windows they name, re-posts receives and returns them as credits.
+struct Poller<'a> {
+    index: usize,
+    qps: Vec<Qp>,
+    cq: Cq,
+    first_lane: usize,
+    shared: Shared<'a>,
+    credit_batch: u32,
+    send_depth: u32,
+    device: &'a str,
+    /// Test hook (`FERRY_TEST_RDMA_QP_ERROR_AFTER=N`): move the first QP to the error
+    /// state after N WRITE_WITH_IMMs, as a failing NIC or a destroyed QP would.
+    fail_after: Option<u64>,
+    live: &'static crate::live::Counters,
+    windows: &'a Windows,
+    progress: Option<&'a AtomicU64>,
+}
+
+impl Poller<'_> {
+    fn run(&mut self) -> Result<(), SessionError> {
+        let n = self.qps.len();
+        let mut pending = vec![0u32; n];
+        let mut sends = vec![0u32; n];
+        let mut wcs = [Completion::default(); POLL_BATCH];
+        let mut backoff = Backoff::default();
+        let mut named = Vec::new();
+        loop {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let got = self.cq.poll(&mut wcs)?;
+            for wc in &wcs[..got] {
+                let l = wc.wr_id as usize;
+                if !wc.ok() {
+                    let what = if wc.is_recv() { "a receive for RDMA WRITE_WITH_IMM" } else { "a credit SEND" };
+                    return Err(completion_error(wc, self.device, what));
+                }
+                if wc.is_recv() {
+                    self.shared.received[self.first_lane + l].fetch_add(1, Ordering::Release);
+                    pending[l] += 1;
+                    if let Some(id) = wc.imm {
+                        named.push(id);
+                        let bytes = self.windows.range(id).map_or(0, |(_, a, b)| b - a);
+                        self.live.add(bytes, 0, 1, 0);
+                        if let Some(p) = self.progress {
+                            p.fetch_add(bytes, Ordering::Relaxed);
+                        }
+                    }
+                } else {
+                    sends[l] -= 1;
+                }
+            }
+            if !named.is_empty() {
+                self.shared.named[self.index].lock().unwrap_or_else(|p| p.into_inner()).append(&mut named);
+            }
+            if let Some(after) = self.fail_after
+                && self.shared.received[self.first_lane].load(Ordering::Relaxed) >= after
+            {
+                log::warn!("FERRY_TEST_RDMA_QP_ERROR_AFTER: moving QP {} to the error state", self.qps[0].qpn());
+                self.qps[0].set_error()?;
+                self.fail_after = None;
+            }
+            for l in 0..n {
+                if pending[l] >= self.credit_batch && sends[l] < self.send_depth {
+                    self.qps[l].post_recvs(l as u64, pending[l] as usize)?;
+                    self.qps[l].post_empty(l as u64, SendOp::SendImm { imm: pending[l] }, true)?;
+                    sends[l] += 1;
+                    pending[l] = 0;
+                }
+            }
+            if got == 0 {
+                // The session's idle timeout is kept by the control thread.
+                backoff.pause();
+            } else {
+                backoff.progress();
+            }
+        }
+    }
+}
+
+/// The receiving loop of an RDMA session (SESSION_OK sent): the QP exchange, then each
+/// round's one-sided writes, waited for and hashed (keyed) before ROUND_OK, then DONE's
+/// digest against what landed. RESULT is the caller's to send.
+pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File], o: &SinkOptions<'_>) -> Result<Received, SessionError> {
+    let t0 = Instant::now();
+    let cpu0 = cpu_seconds();
+    let lanes = usize::from(lanes);
+    let key = ctl.digest_key().clone();
+    let mut buf = Vec::new();
+    ctl.expect(Kind::RdmaConnect, &mut buf)?;
+    let (hello, peer) = wire::parse_list::<wire::RdmaConnect, wire::RdmaEndpoint>(Kind::RdmaConnect, &buf, lanes)?;
+    let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
+    if workers == 0 || qpw == 0 || workers * qpw != lanes {
+        return Err(SessionError::Protocol(format!("RDMA_CONNECT: {workers} worker(s) x {qpw} QP(s) for {lanes} lane(s)")));
+    }
+    let rp = o.plan.rdma.as_ref().ok_or_else(|| SessionError::Protocol("this receiver's plan has no RDMA device".into()))?;
+    let dev = super::device(rp)?;
+    if (hello.infiniband == 1) != dev.gid_index.is_none() {
+        return Err(SessionError::Protocol("the sender and this receiver are on different link layers (InfiniBand and RoCE)".into()));
+    }
+    let mtu = check_mtu(hello.mtu.get().min(dev.mtu))?;
+    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, ..RdmaReport::default() };
+    let t = Instant::now();
+    let regions = memory
+        .iter()
+        .zip(&layout.regions)
+        .map(|(m, &size)| dev.pd.register_remote_write(m, size as usize))
+        .collect::<Result<Vec<_>, _>>()?;
+    let size: u64 = layout.regions.iter().sum();
+    report.registration(size, t);
+    log::info!(
+        "registered {} MiB of destination on {} for remote writes in {:.3} s ({:.2} GB/s)",
+        size >> 20,
+        dev.name,
+        report.registration_seconds,
+        report.registration_gbps
+    );
+    let credits = rp.rq_depth.max(1);
+    // Credits go back in batches of a quarter of the receive queue, so at most five
+    // credit messages are ever in flight per QP.
+    let credit_batch = (credits / 4).max(1);
+    let send_depth = credits.div_ceil(credit_batch) + 1;
+    let cq_depth = (qpw as u32 * (credits + send_depth)) as i32;
+    let cqs = (0..workers).map(|_| dev.ctx.create_cq(cq_depth)).collect::<Result<Vec<_>, _>>()?;
+    let caps = QpCaps { max_send_wr: send_depth, max_recv_wr: credits, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0 };
+    let mut qps: Vec<Vec<Qp>> = Vec::with_capacity(workers);
+    let mut eps = Vec::with_capacity(lanes);
+    for cq in &cqs {
+        let mut mine = Vec::with_capacity(qpw);
+        for l in 0..qpw {
+            let (mut qp, _) = dev.pd.create_rc_qp(cq, caps)?;
+            let p = super::psn()?;
+            qp.connect(&dev.path(mtu), p, &super::remote(&peer[eps.len()]), true)?;
+            // Receives can be posted from INIT on; these are in place before RDMA_ACCEPT
+            // lets the sender write.
+            qp.post_recvs(l as u64, credits as usize)?;
+            eps.push(dev.endpoint(&qp, p));
+            mine.push(qp);
+        }
+        qps.push(mine);
+    }
+    let regs: Vec<wire::RdmaRegion> =
+        regions.iter().map(|r| wire::RdmaRegion { addr: r.addr().into(), rkey: r.rkey().into(), _pad: 0.into() }).collect();
+    let acc = wire::RdmaAccept { mtu: mtu.into(), credits: credits.into() };
+    ctl.send(Kind::RdmaAccept, &wire::lists_payload(&acc, &eps, &regs))?;
+    log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}); the sender writes directly into the destination", dev.name);
+
+    // Every page starts as the zero page it is; each round's windows replace theirs.
+    let windows = Windows::new(&layout.regions, u64::from(layout.max_chunk))?;
+    let hashes = layout
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(r, &bytes)| {
+            let pages = crate::migrate::pages(bytes);
+            let h = PageHashes::new(pages)?;
+            for p in 0..pages {
+                let len = (bytes - p * PAGE as u64).min(PAGE as u64);
+                let mut d = Digest::default();
+                d.add_zero_with(keyed(&key), r as u32, p, PAGE, len);
+                h.set(p, d);
+            }
+            Ok(h)
+        })
+        .collect::<Result<Vec<PageHashes>, crate::session::limits::LimitError>>()?;
+    let fail_after = std::env::var("FERRY_TEST_RDMA_QP_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
+    let received: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(0)).collect();
+    let named: Vec<Mutex<Vec<u32>>> = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
+    let stop = AtomicBool::new(false);
+    let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    let (results, rounds) = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
+            let shared = Shared { received: &received, named: &named, stop: &stop, wake: &wake };
+            let mut p = Poller {
+                index: w,
+                qps: mine,
+                cq,
+                first_lane: w * qpw,
+                shared,
+                credit_batch,
+                send_depth,
+                device: &dev.name,
+                fail_after: if w == 0 { fail_after } else { None },
+                live: crate::live::worker(o.role, w),
+                windows: &windows,
+                progress: o.progress,
+            };
+            handles.push(s.spawn(move || {
+                let r = p.run();
+                if r.is_err() {
+                    p.shared.stop.store(true, Ordering::Relaxed);
+                    let _ = std::io::Write::write(&mut &*p.shared.wake, &[1]);
+                }
+                r
+            }));
+        }
+        let ctx = Rounds {
+            received: &received,
+            named: &named,
+            stop: &stop,
+            woken: &woken,
+            vmm: o.vmm,
+            windows: &windows,
+            memory,
+            hashes: &hashes,
+            key: &key,
+        };
+        let r = ctx.run(ctl, lanes, &mut report);
+        stop.store(true, Ordering::Relaxed);
+        (handles.into_iter().map(|h| h.join().expect("RDMA poller panicked")).collect::<Vec<_>>(), r)
+    });
+    // A poller's own failure says what failed; the control thread's is what it saw next.
+    for r in results {
+        r?;
+    }
+    let rounds = rounds?;
+    // Nothing may write the destination any more: the QPs went with their pollers; now
+    // the registrations go.
+    drop(regions);
+    ctl.expect(Kind::Done, &mut buf)?;
+    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
+    let digest: Digest = hashes.iter().map(PageHashes::fold).sum();
+    let source = Digest::from_bytes(done.digest);
+    if digest != source || done.bytes.get() != size {
+        let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
+        ctl.send(Kind::Result, result.as_bytes())?;
+        return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let report = MigrationReport {
+        role: "destination".into(),
+        bytes: size,
+        sent_bytes: rounds.iter().map(|r| r.dirty_bytes).sum(),
+        wire_bytes: rounds.iter().map(|r| r.wire_bytes).sum(),
+        zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
+        seconds,
+        downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
+        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
+        transport: crate::plan::Transport::Rdma.to_string(),
+        compression: "off (RDMA writes place pages directly)".into(),
+        lanes: lanes as u32,
+        workers: workers as u32,
+        digest: digest.hex(),
+        digest_match: true,
+        rounds,
+        rdma: Some(report),
+        ..MigrationReport::default()
+    };
+    Ok(Received { report, digest, write_latency: Vec::new() })
+}
+
+/// The control thread's part of an RDMA session.
+struct Rounds<'a> {
+    received: &'a [AtomicU64],
+    named: &'a [Mutex<Vec<u32>>],
+    stop: &'a AtomicBool,
+    woken: &'a UnixStream,
+    /// The destination VMM's connection: when it stirs, the migration is cancelled.
+    vmm: Option<BorrowedFd<'a>>,
+    windows: &'a Windows,
+    memory: &'a [File],
+    hashes: &'a [PageHashes],
+    key: &'a DigestKey,
+}
+
+impl Rounds<'_> {
+    /// Each round: RDMA_END says what each lane carried, and ROUND (sent right after it)
+    /// is checked against the lanes' pages; every WRITE_WITH_IMM RDMA_END announces is
+    /// waited for, the windows they named are hashed from what landed, and the round is
+    /// confirmed.
+    fn run(&self, ctl: &mut Ctl, lanes: usize, report: &mut RdmaReport) -> Result<Vec<RoundReport>, SessionError> {
+        let mut expected = vec![0u64; lanes];
+        let mut buf = Vec::new();
+        let mut reports = Vec::new();
+        let mut started = Instant::now();
+        loop {
+            let round = reports.len() as u32;
+            self.wait_ctl(ctl, round)?;
+            ctl.expect(Kind::RdmaEnd, &mut buf)?;
+            let (head, ends) = wire::parse_list::<wire::RdmaRoundEnd, wire::RdmaLaneEnd>(Kind::RdmaEnd, &buf, lanes)?;
+            if head.round.get() != round {
+                return Err(SessionError::Protocol(format!("RDMA_END for round {} arrived; round {round} was next", head.round.get())));
+            }
+            let ends = ends.to_vec();
+            for (e, l) in expected.iter_mut().zip(&ends) {
+                *e =
+                    e.checked_add(l.imms.get()).ok_or_else(|| SessionError::Protocol("RDMA_END announces more than 2^64 writes".into()))?;
+            }
+            ctl.expect(Kind::Round, &mut buf)?;
+            let r: wire::Round = wire::parse(Kind::Round, &buf)?;
+            let pages = ends.iter().try_fold(0u64, |a, e| a.checked_add(e.pages.get()));
+            if r.round.get() != round || Some(r.pages.get()) != pages {
+                return Err(SessionError::Protocol(format!(
+                    "ROUND {} with {} pages arrived; RDMA_END of round {round} announced {pages:?}",
+                    r.round.get(),
+                    r.pages.get()
+                )));
+            }
+            let pages = r.pages.get();
+            self.wait_imms(ctl, &expected, round)?;
+            let tv = Instant::now();
+            let mut ids = Vec::new();
+            for n in self.named {
+                ids.append(&mut n.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            self.hash_windows(&ids)?;
+            let verify = tv.elapsed().as_secs_f64();
+            report.verify_seconds += verify;
+            let ok = wire::RoundOk { round: round.into(), _pad: 0.into(), pages: pages.into() };
+            ctl.send(Kind::RoundOk, ok.as_bytes())?;
+            let last = r.last.get() == 1;
+            let seconds = started.elapsed().as_secs_f64();
+            let dirty_bytes = (pages * PAGE as u64).min(self.windows_bytes());
+            reports.push(RoundReport {
+                round,
+                last,
+                dirty_pages: pages,
+                dirty_bytes,
+                zero_pages: ends.iter().map(|e| e.zero_pages.get()).sum(),
+                wire_bytes: ends.iter().map(|e| e.bytes.get()).sum(),
+                frames: ends.iter().map(|e| e.imms.get()).sum(),
+                seconds,
+                gbps: dirty_bytes as f64 / seconds / 1e9,
+                ..RoundReport::default()
+            });
+            if last {
+                report.verify_last_round_seconds = verify;
+                return Ok(reports);
+            }
+            started = Instant::now();
+        }
+    }
+
+    fn windows_bytes(&self) -> u64 {
+        self.memory.iter().map(|m| m.metadata().map_or(0, |md| md.len())).sum()
+    }
+
+    /// Waits until the control connection has a frame, a poller failed, the VMM went away,
+    /// or the source has been silent for the round timeout.
+    fn wait_ctl(&self, ctl: &Ctl, round: u32) -> Result<(), SessionError> {
+        let ms = i32::try_from(ROUND_IDLE_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+        match self.poll(Some(ctl), PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX))? {
+            true => Ok(()),
+            false => Err(SessionError::TimedOut { op: format!("waiting for round {round}"), secs: ROUND_IDLE_TIMEOUT.as_secs() }),
+        }
+    }
+
+    /// Polls the control connection (when given), the pollers' wake-up socket and the
+    /// VMM's connection: true when the control connection is readable, false on timeout;
+    /// an error when a poller failed or the VMM went away.
+    fn poll(&self, ctl: Option<&Ctl>, timeout: PollTimeout) -> Result<bool, SessionError> {
+        let mut fds = vec![PollFd::new(self.woken.as_fd(), PollFlags::POLLIN)];
+        fds.extend(self.vmm.map(|v| PollFd::new(v, PollFlags::POLLIN)));
+        fds.extend(ctl.map(|c| PollFd::new(c.s.as_fd(), PollFlags::POLLIN)));
+        let stirred = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        loop {
+            match poll(&mut fds, timeout) {
+                Ok(0) => return Ok(false),
+                Ok(_) if stirred(&fds[0]) => return Err(SessionError::Stopped),
+                Ok(_) if self.vmm.is_some() && stirred(&fds[1]) => return Err(crate::migrate::dest::vmm_gone()),
+                Ok(_) => return Ok(true),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(SessionError::io("waiting for the next round", e.into())),
+            }
+        }
+    }
+
+    /// Waits until every lane has received the WRITE_WITH_IMMs announced so far. The
+    /// source says nothing more until ROUND_OK: anything on the control connection now is
+    /// its ERROR, or its end.
+    fn wait_imms(&self, ctl: &mut Ctl, expected: &[u64], round: u32) -> Result<(), SessionError> {
+        let mut last = (0u64, Instant::now());
+        loop {
+            let mut done = true;
+            let mut total = 0;
+            for (l, (r, &e)) in self.received.iter().zip(expected).enumerate() {
+                // Acquire pairs with the pollers' release: the window ids they noted before
+                // counting are in `named`.
+                let got = r.load(Ordering::Acquire);
+                if got > e {
+                    return Err(SessionError::Protocol(format!("lane {l} received more WRITE_WITH_IMMs than RDMA_END announces")));
+                }
+                done &= got == e;
+                total += got;
+            }
+            if done {
+                return Ok(());
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(SessionError::Stopped);
+            }
+            if total != last.0 {
+                last = (total, Instant::now());
+            } else if last.1.elapsed() > IDLE_TIMEOUT {
+                return Err(SessionError::TimedOut {
+                    op: format!("waiting for round {round}'s RDMA WRITE_WITH_IMMs (the sender stopped)"),
+                    secs: IDLE_TIMEOUT.as_secs(),
+                });
+            }
+            // A failed poller, the VMM leaving or the source failing ends the wait at once.
+            if self.poll(Some(ctl), PollTimeout::ZERO)? {
+                return Err(crate::engine::recv::peer_ended(ctl, &format!("waiting for round {round}'s RDMA writes")));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Hashes (keyed) every page of the windows `ids` names, as they landed, on a few
+    /// threads.
+    fn hash_windows(&self, ids: &[u32]) -> Result<(), SessionError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(ids.len()).max(1);
+        let next = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| -> Result<(), SessionError> {
+                        let mut buf = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                            let Some(&id) = ids.get(i) else { return Ok(()) };
+                            let (region, start, end) = self.windows.range(id).ok_or_else(|| {
+                                SessionError::Protocol(format!("a WRITE_WITH_IMM named window {id}, which the session has not"))
+                            })?;
+                            buf.resize((end - start) as usize, 0);
+                            self.memory[region as usize]
+                                .read_exact_at(&mut buf, start)
+                                .map_err(|e| SessionError::io("reading what landed to verify it", e))?;
+                            let first = start / PAGE as u64;
+                            for (k, pg) in buf.chunks(PAGE).enumerate() {
+                                let mut d = Digest::default();
+                                d.add_with(keyed(self.key), region, first + k as u64, PAGE, pg);
+                                self.hashes[region as usize].set(first + k as u64, d);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().expect("hashing thread panicked"))
+        })
+    }
+}
