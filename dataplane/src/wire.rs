@@ -49,10 +49,12 @@
 //!    │══ RDMA WRITE (gathered SGEs) ═══════════════════════════►│  placed by the NIC
 //!    │══ RDMA WRITE_WITH_IMM (a window's last WR; imm = window)►│  consumes a receive
 //!    │◄═ SEND_WITH_IMM (credits: receives re-posted) ═══════════│
-//!    │── RDMA_END (r; per lane: WRITE_WITH_IMMs, bytes, pages) ►│
+//!    │── RDMA_END (r, runs; per lane: WRITE_WITH_IMMs, bytes,   │
+//!    │             pages) ─────────────────────────────────────►│
+//!    │── RDMA_PAGES (page runs written; rounds after 0) ... ───►│
 //!    │── ROUND (r, last, pages) ───────────────────────────────►│  waits for every WRITE_WITH_IMM,
-//!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│  hashes (keyed) the windows
-//!    │ after the last round:                                    │  they named, as they landed
+//!    │◄── ROUND_OK (r, pages) ──────────────────────────────────│  hashes (keyed) the pages
+//!    │ after the last round:                                    │  written, as they landed
 //!    │── DONE / ◄── RESULT, as above ───────────────────────────│  (deregistered first)
 //! ```
 //!
@@ -123,6 +125,7 @@ pub enum Kind {
     RoundEnd = 15,
     Round = 16,
     RoundOk = 17,
+    RdmaPages = 18,
 }
 
 impl Kind {
@@ -146,6 +149,7 @@ impl Kind {
             15 => RoundEnd,
             16 => Round,
             17 => RoundOk,
+            18 => RdmaPages,
             _ => return None,
         })
     }
@@ -413,13 +417,30 @@ pub struct RdmaRegion {
 }
 
 /// RDMA_END payload: this struct, then one [`RdmaLaneEnd`] per lane: what each lane
-/// carried in the round.
+/// carried in the round. `runs` [`RdmaRun`]s follow in RDMA_PAGES frames.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RdmaRoundEnd {
     pub round: U32,
-    pub _pad: U32,
+    /// 1: the round wrote whole windows (every page of each window a WRITE_WITH_IMM
+    /// named; round 0); 0: the pages `runs` lists.
+    pub whole: U32,
+    /// Page runs the RDMA_PAGES frames after this one list.
+    pub runs: U64,
 }
+
+/// RDMA_PAGES payload: up to [`RDMA_RUNS_PER_FRAME`] of these, the runs of pages a round
+/// wrote (the receiver hashes exactly those).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RdmaRun {
+    pub region: U32,
+    pub pages: U32,
+    pub first: U64,
+}
+
+/// Runs per RDMA_PAGES frame (1 MiB of payload).
+pub const RDMA_RUNS_PER_FRAME: usize = 65536;
 
 /// One queue pair's address.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]

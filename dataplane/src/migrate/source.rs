@@ -104,6 +104,9 @@ pub struct Source<'a> {
     rdma: Option<RdmaReport>,
     /// Set when the session fails: RDMA workers waiting on their completion queues stop.
     abort: Arc<AtomicBool>,
+    /// Seconds the workers spent sending, all rounds together (each round's time less
+    /// the wait for the destination's confirmation).
+    data_seconds: f64,
     /// RDMA sessions: pages arrive without frames, so every digest of them is keyed
     /// ([`crate::digest::Hashing::Keyed`]) with the session's key.
     digest_key: Option<DigestKey>,
@@ -296,6 +299,7 @@ impl<'a> Source<'a> {
             digest_seconds_per_gib,
             rdma,
             abort,
+            data_seconds: 0.0,
             digest_key,
             t0,
             cpu0,
@@ -375,7 +379,7 @@ impl<'a> Source<'a> {
                     r.add(&t.report);
                 }
             }
-            r.data_seconds = self.rounds.iter().map(|r| r.seconds).sum();
+            r.data_seconds = self.data_seconds;
             r.data_gbps = if r.data_seconds > 0.0 { rep.sent_bytes as f64 / r.data_seconds / 1e9 } else { 0.0 };
             rep.rdma = Some(r);
         }
@@ -469,6 +473,8 @@ impl<'a> Source<'a> {
         if let Some(e) = ctl_failed {
             return Err(e);
         }
+        // The workers are done: what follows is the destination's confirmation.
+        self.data_seconds += start.elapsed().as_secs_f64();
         let mut c = RoundCounts::default();
         for r in results {
             c += r.map_err(|e| self.ctl.reason_for(e))?;
@@ -479,8 +485,15 @@ impl<'a> Source<'a> {
         if self.rdma.is_some() {
             // RDMA lanes end their round here: what each carried, worker-major.
             let ends: Vec<wire::RdmaLaneEnd> = self.workers.iter_mut().flat_map(|w| std::mem::take(&mut w.rdma_ends)).collect();
-            let head = wire::RdmaRoundEnd { round: round.into(), _pad: 0.into() };
+            // Rounds after the first wrote the dirty pages only: the destination is told
+            // which, and hashes exactly those (not the whole windows).
+            let runs = if all { 0 } else { rdma_runs(&self.regions, dirty, &mut |_| Ok(()))? };
+            let head = wire::RdmaRoundEnd { round: round.into(), whole: u32::from(all).into(), runs: runs.into() };
             self.ctl.send(Kind::RdmaEnd, &wire::list_payload(&head, &ends))?;
+            if !all {
+                let ctl = &mut self.ctl;
+                rdma_runs(&self.regions, dirty, &mut |frame| ctl.send(Kind::RdmaPages, frame.as_bytes()))?;
+            }
         }
         let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
         self.ctl.send(Kind::Round, end.as_bytes())?;
@@ -583,6 +596,40 @@ impl Source<'_> {
         }
         Ok(())
     }
+}
+
+/// The runs of dirty pages of every region, in frames of at most
+/// [`wire::RDMA_RUNS_PER_FRAME`] handed to `frame`; returns how many runs there are.
+fn rdma_runs(
+    regions: &[Region],
+    dirty: &[u64],
+    frame: &mut dyn FnMut(&[wire::RdmaRun]) -> Result<(), SessionError>,
+) -> Result<u64, SessionError> {
+    let mut buf: Vec<wire::RdmaRun> = Vec::with_capacity(wire::RDMA_RUNS_PER_FRAME.min(4096));
+    let mut n = 0u64;
+    let mut failed = None;
+    for (i, r) in regions.iter().enumerate() {
+        let bits = &dirty[r.word..r.word + r.words];
+        crate::worker::dirty_runs(bits, 0, super::pages(r.size), &mut |mut s, e| {
+            while s < e && failed.is_none() {
+                let len = (e - s).min(u64::from(u32::MAX));
+                buf.push(wire::RdmaRun { region: (i as u32).into(), pages: (len as u32).into(), first: s.into() });
+                n += 1;
+                s += len;
+                if buf.len() == wire::RDMA_RUNS_PER_FRAME {
+                    failed = frame(&buf).err();
+                    buf.clear();
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+    if !buf.is_empty() {
+        frame(&buf)?;
+    }
+    Ok(n)
 }
 
 /// Waits until `n` workers have said they are done on `done`, watching the control

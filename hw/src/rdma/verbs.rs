@@ -57,6 +57,8 @@ pub enum RdmaError {
     PostRecv { device: String, qpn: u32, source: io::Error },
     #[error("ibv_poll_cq({device}) failed")]
     PollCq { device: String },
+    #[error("{op}({device}) failed: {source}")]
+    CqEvent { device: String, op: &'static str, source: io::Error },
 }
 
 /// Verbs return either NULL with errno set, or a positive errno value.
@@ -229,16 +231,71 @@ impl Context {
     }
 
     pub fn create_cq(&self, cqe: i32) -> Result<Cq, RdmaError> {
-        // SAFETY: the context is open; no completion channel and no user context are
-        // attached; the CQ keeps a reference to the context and is destroyed in
-        // `CqInner::drop`, before the context can close.
-        let cq = unsafe { sys::ibv_create_cq(self.raw(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        self.cq(cqe, None)
+    }
+
+    /// A CQ with a completion channel of its own: a thread with nothing to poll can sleep
+    /// until the next completion ([`Cq::arm`], [`Cq::wait`]) instead of spinning, which
+    /// on Soft-RoCE takes the CPU from the kernel threads doing the work.
+    pub fn create_waitable_cq(&self, cqe: i32) -> Result<Cq, RdmaError> {
+        let err = |op, source| RdmaError::CqEvent { device: self.name().to_string(), op, source };
+        // SAFETY: the context is open; the channel keeps a reference to it and is
+        // destroyed in `ChannelInner::drop`, after the CQ that holds it.
+        let ch = unsafe { sys::ibv_create_comp_channel(self.raw()) };
+        let ch = NonNull::new(ch).ok_or_else(|| err("ibv_create_comp_channel", io::Error::last_os_error()))?;
+        let ch = Arc::new(ChannelInner { ch, _ctx: self.inner.clone() });
+        // Non-blocking: a wait that finds no event (it was consumed, or it is spurious)
+        // returns instead of blocking in `ibv_get_cq_event`.
+        let fd = ch.fd();
+        // SAFETY: `fd` is the channel's open descriptor for as long as `ch` lives.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(err("fcntl(O_NONBLOCK) on the completion channel", io::Error::last_os_error()));
+        }
+        self.cq(cqe, Some(ch))
+    }
+
+    fn cq(&self, cqe: i32, channel: Option<Arc<ChannelInner>>) -> Result<Cq, RdmaError> {
+        let ch = channel.as_ref().map_or(std::ptr::null_mut(), |c| c.ch.as_ptr());
+        // SAFETY: the context is open; `ch` is null or a live channel of this context,
+        // which the CQ keeps alive (`CqInner::channel`); no user context is attached; the
+        // CQ keeps a reference to the context and is destroyed in `CqInner::drop`, before
+        // the context can close.
+        let cq = unsafe { sys::ibv_create_cq(self.raw(), cqe, std::ptr::null_mut(), ch, 0) };
         match NonNull::new(cq) {
-            Some(cq) => Ok(Cq { inner: Arc::new(CqInner { cq, device: self.name().to_string(), _ctx: self.inner.clone() }) }),
+            Some(cq) => Ok(Cq { inner: Arc::new(CqInner { cq, device: self.name().to_string(), channel, _ctx: self.inner.clone() }) }),
             None => Err(RdmaError::CreateCq { device: self.name().to_string(), cqe, source: io::Error::last_os_error() }),
         }
     }
 }
+
+#[derive(Debug)]
+struct ChannelInner {
+    ch: NonNull<sys::ibv_comp_channel>,
+    _ctx: Arc<CtxInner>,
+}
+
+impl ChannelInner {
+    fn fd(&self) -> i32 {
+        // SAFETY: the channel is live; `fd` is set at creation and never changes.
+        unsafe { (*self.ch.as_ptr()).fd }
+    }
+}
+
+impl Drop for ChannelInner {
+    fn drop(&mut self) {
+        // SAFETY: created by `ibv_create_comp_channel`, destroyed once; the only CQ on it
+        // held this and is destroyed by now, its events all acknowledged (`Cq::wait`).
+        unsafe { sys::ibv_destroy_comp_channel(self.ch.as_ptr()) };
+    }
+}
+
+// SAFETY: a channel is a descriptor and a reference count that libibverbs manages; its
+// verbs may be called from any thread.
+unsafe impl Send for ChannelInner {}
+// SAFETY: as above.
+unsafe impl Sync for ChannelInner {}
 
 impl Drop for CtxInner {
     fn drop(&mut self) {
@@ -661,6 +718,9 @@ impl<'a> SendBatch<'a> {
 struct CqInner {
     cq: NonNull<sys::ibv_cq>,
     device: String,
+    /// Dropped (and the channel destroyed, if this was its last holder) after `drop`
+    /// destroyed the CQ.
+    channel: Option<Arc<ChannelInner>>,
     _ctx: Arc<CtxInner>,
 }
 
@@ -733,6 +793,62 @@ impl Cq {
             };
         }
         Ok(n as usize)
+    }
+}
+
+impl Cq {
+    /// Asks for an event on the completion channel at the next completion. Without a
+    /// channel (a CQ from [`Context::create_cq`]) there is nothing to arm.
+    pub fn arm(&self) -> Result<(), RdmaError> {
+        if self.inner.channel.is_none() {
+            return Ok(());
+        }
+        // SAFETY: `ibv_req_notify_cq` is static inline in verbs.h: it calls the provider's
+        // `req_notify_cq` from the context's ops table, as here, on a live CQ.
+        let ret = unsafe {
+            let cq = self.inner.cq.as_ptr();
+            let notify = (*(*cq).context).ops.req_notify_cq.expect("every provider implements req_notify_cq");
+            notify(cq, 0)
+        };
+        if ret != 0 {
+            return Err(RdmaError::CqEvent { device: self.inner.device.clone(), op: "ibv_req_notify_cq", source: errno_or(ret) });
+        }
+        Ok(())
+    }
+
+    /// Sleeps until the armed CQ has an event, at most `timeout`; the event is consumed
+    /// and acknowledged. True when one came. Poll the CQ afterwards either way (an event
+    /// may be stale, and completions may have come without one). Without a channel this
+    /// just sleeps `timeout` (capped at 1 ms).
+    pub fn wait(&self, timeout: std::time::Duration) -> Result<bool, RdmaError> {
+        let Some(ch) = &self.inner.channel else {
+            std::thread::sleep(timeout.min(std::time::Duration::from_millis(1)));
+            return Ok(false);
+        };
+        let err = |op, source| RdmaError::CqEvent { device: self.inner.device.clone(), op, source };
+        let mut pfd = libc::pollfd { fd: ch.fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(err("poll on the completion channel", e)) };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut cq: *mut sys::ibv_cq = std::ptr::null_mut();
+        let mut ctx: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: the channel is live and non-blocking; the out pointers are valid.
+        let ret = unsafe { sys::ibv_get_cq_event(ch.ch.as_ptr(), &mut cq, &mut ctx) };
+        if ret != 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok(false) } else { Err(err("ibv_get_cq_event", e)) };
+        }
+        // SAFETY: the event is for the only CQ on this channel, ours (live); acknowledged
+        // at once, so destroying the CQ never waits on an unacknowledged event.
+        unsafe { sys::ibv_ack_cq_events(cq, 1) };
+        Ok(true)
     }
 }
 

@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Context, DeviceList, Endpoint, PathSpec, Pd, Qp};
+use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, PathSpec, Pd, Qp};
 use serde::{Deserialize, Serialize};
 
 use crate::conn::SessionError;
@@ -78,8 +78,9 @@ pub struct RdmaReport {
     pub inline_wrs: u64,
     /// Doorbells (`ibv_post_send` calls).
     pub posts: u64,
-    /// Sender: from the first post to the last completion, and the region bytes per second
-    /// over that time (GB/s), which is what ib_write_bw's figure compares with.
+    /// Sender: the rounds' sending time (until the last WRITE of each round completed, not
+    /// counting the wait for the destination's confirmation), and the region bytes per
+    /// second over that time (GB/s), which is what ib_write_bw's figure compares with.
     pub data_seconds: f64,
     pub data_gbps: f64,
     /// Receiver: seconds spent hashing the windows each round wrote (keyed), in all and in
@@ -215,9 +216,14 @@ pub(crate) fn completion_error(wc: &Completion, device: &str, what: &str) -> Ses
     ))
 }
 
-/// Backs off while a CQ stays empty: spin briefly, then yield, then nap, so a waiting
-/// thread leaves the CPU to the provider (Soft-RoCE does its work in kernel threads) and
-/// to the other workers.
+/// Polls before a thread that finds its CQ empty stops spinning, and polls it yields for.
+const SPINS: u32 = 64;
+const YIELDS: u32 = 256;
+
+/// How a thread waits on a CQ that stays empty: spin briefly, yield a little, then sleep
+/// on the CQ's completion channel until the next completion. Spinning longer would take
+/// the CPU from the provider (Soft-RoCE does its work in kernel threads) and from the
+/// other workers.
 #[derive(Debug, Default)]
 pub(crate) struct Backoff {
     empty: u32,
@@ -230,25 +236,40 @@ impl Backoff {
         self.since = None;
     }
 
-    /// Waits a little, longer the longer the CQ has stayed empty.
-    pub(crate) fn pause(&mut self) {
-        self.empty = self.empty.saturating_add(1);
-        self.since.get_or_insert_with(Instant::now);
-        match self.empty {
-            0..64 => std::hint::spin_loop(),
-            64..1024 => std::thread::yield_now(),
-            _ => std::thread::sleep(Duration::from_micros(50)),
-        }
-    }
-
-    /// [`Backoff::pause`], failing once nothing has happened for the idle timeout.
-    pub(crate) fn wait(&mut self, what: &str) -> Result<(), SessionError> {
+    /// Fails once nothing has completed for the idle timeout.
+    pub(crate) fn check(&self, what: &str) -> Result<(), SessionError> {
         if self.since.is_some_and(|t| t.elapsed() > IDLE_TIMEOUT) {
             return Err(SessionError::TimedOut { op: format!("{what} (no RDMA completion)"), secs: IDLE_TIMEOUT.as_secs() });
         }
-        self.pause();
         Ok(())
     }
+}
+
+/// Polls `cq` into `wcs`. When it is empty: spins or yields at first, then arms the CQ,
+/// polls once more (a completion between the two polls would raise no event), and sleeps
+/// until an event or for `nap`. Returns the completions read; 0 after a wait.
+pub(crate) fn poll_cq(cq: &Cq, wcs: &mut [Completion], b: &mut Backoff, nap: Duration) -> Result<usize, SessionError> {
+    let n = cq.poll(wcs)?;
+    if n > 0 {
+        b.progress();
+        return Ok(n);
+    }
+    b.empty = b.empty.saturating_add(1);
+    b.since.get_or_insert_with(Instant::now);
+    match b.empty {
+        0..SPINS => std::hint::spin_loop(),
+        SPINS..YIELDS => std::thread::yield_now(),
+        _ => {
+            cq.arm()?;
+            let n = cq.poll(wcs)?;
+            if n > 0 {
+                b.progress();
+                return Ok(n);
+            }
+            cq.wait(nap)?;
+        }
+    }
+    Ok(0)
 }
 
 /// Windows of a session's regions, numbered across regions: the immediate a window's last

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use hw::rdma::verbs::{Completion, Cq, Qp, QpCaps, SendOp};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
-use super::{Backoff, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed};
+use super::{Backoff, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed, poll_cq};
 use crate::conn::{Ctl, SessionError};
 use crate::digest::{Digest, DigestKey};
 use crate::engine::{IDLE_TIMEOUT, PAGE, cpu_seconds};
@@ -65,7 +65,9 @@ impl Poller<'_> {
             if self.shared.stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let got = self.cq.poll(&mut wcs)?;
+            // Sleeps on the CQ's channel when idle; 1 ms at most, so the end of the session
+            // (`stop`) is seen at once.
+            let got = poll_cq(&self.cq, &mut wcs, &mut backoff, Duration::from_millis(1))?;
             for wc in &wcs[..got] {
                 let l = wc.wr_id as usize;
                 if !wc.ok() {
@@ -104,12 +106,6 @@ impl Poller<'_> {
                     sends[l] += 1;
                     pending[l] = 0;
                 }
-            }
-            if got == 0 {
-                // The session's idle timeout is kept by the control thread.
-                backoff.pause();
-            } else {
-                backoff.progress();
             }
         }
     }
@@ -158,7 +154,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let credit_batch = (credits / 4).max(1);
     let send_depth = credits.div_ceil(credit_batch) + 1;
     let cq_depth = (qpw as u32 * (credits + send_depth)) as i32;
-    let cqs = (0..workers).map(|_| dev.ctx.create_cq(cq_depth)).collect::<Result<Vec<_>, _>>()?;
+    let cqs = (0..workers).map(|_| dev.ctx.create_waitable_cq(cq_depth)).collect::<Result<Vec<_>, _>>()?;
     let caps = QpCaps { max_send_wr: send_depth, max_recv_wr: credits, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0 };
     let mut qps: Vec<Vec<Qp>> = Vec::with_capacity(workers);
     let mut eps = Vec::with_capacity(lanes);
@@ -200,6 +196,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
             Ok(h)
         })
         .collect::<Result<Vec<PageHashes>, crate::session::limits::LimitError>>()?;
+    let written = layout.regions.iter().map(|&b| Written::new(b)).collect::<Result<Vec<_>, _>>()?;
     let fail_after = std::env::var("FERRY_TEST_RDMA_QP_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
     let received: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(0)).collect();
     let named: Vec<Mutex<Vec<u32>>> = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
@@ -242,6 +239,8 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
             memory,
             hashes: &hashes,
             key: &key,
+            written: Mutex::new(written),
+            layout_sizes: &layout.regions,
         };
         let r = ctx.run(ctl, lanes, &mut report);
         stop.store(true, Ordering::Relaxed);
@@ -299,13 +298,47 @@ struct Rounds<'a> {
     memory: &'a [File],
     hashes: &'a [PageHashes],
     key: &'a DigestKey,
+    /// Per region: the pages the current round wrote (rounds after 0).
+    written: Mutex<Vec<Written>>,
+    layout_sizes: &'a [u64],
+}
+
+/// A region's pages written in a round, one bit each.
+struct Written {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl Written {
+    fn new(bytes: u64) -> Result<Written, crate::session::limits::LimitError> {
+        let pages = crate::migrate::pages(bytes);
+        let n = pages.div_ceil(64) as usize;
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(n)
+            .map_err(|_| crate::session::limits::LimitError::Alloc { what: "the written-page bitmap", bytes: n as u64 * 8 })?;
+        words.resize(n, 0);
+        Ok(Written { words, pages })
+    }
+
+    /// Marks pages `first..end` (within the region).
+    fn mark(&mut self, first: u64, end: u64) {
+        let mut p = first;
+        while p < end {
+            let w = p / 64;
+            let upto = ((w + 1) * 64).min(end);
+            self.words[w as usize] |= crate::worker::word_mask(w, p, upto);
+            p = upto;
+        }
+    }
 }
 
 impl Rounds<'_> {
-    /// Each round: RDMA_END says what each lane carried, and ROUND (sent right after it)
-    /// is checked against the lanes' pages; every WRITE_WITH_IMM RDMA_END announces is
-    /// waited for, the windows they named are hashed from what landed, and the round is
-    /// confirmed.
+    /// Each round: RDMA_END says what each lane carried, RDMA_PAGES which pages the round
+    /// wrote (after round 0), and ROUND (sent right after them) is checked against both;
+    /// every WRITE_WITH_IMM RDMA_END announces is waited for, the pages written (round 0:
+    /// the windows the WRITE_WITH_IMMs named) are hashed from what landed, and the round
+    /// is confirmed.
     fn run(&self, ctl: &mut Ctl, lanes: usize, report: &mut RdmaReport) -> Result<Vec<RoundReport>, SessionError> {
         let mut expected = vec![0u64; lanes];
         let mut buf = Vec::new();
@@ -324,12 +357,18 @@ impl Rounds<'_> {
                 *e =
                     e.checked_add(l.imms.get()).ok_or_else(|| SessionError::Protocol("RDMA_END announces more than 2^64 writes".into()))?;
             }
+            let whole = match head.whole.get() {
+                0 => false,
+                1 if head.runs.get() == 0 => true,
+                w => return Err(SessionError::Protocol(format!("RDMA_END: whole {w} with {} runs", head.runs.get()))),
+            };
+            let run_pages = self.read_runs(ctl, head.runs.get(), &mut buf)?;
             ctl.expect(Kind::Round, &mut buf)?;
             let r: wire::Round = wire::parse(Kind::Round, &buf)?;
             let pages = ends.iter().try_fold(0u64, |a, e| a.checked_add(e.pages.get()));
-            if r.round.get() != round || Some(r.pages.get()) != pages {
+            if r.round.get() != round || Some(r.pages.get()) != pages || (!whole && run_pages != r.pages.get()) {
                 return Err(SessionError::Protocol(format!(
-                    "ROUND {} with {} pages arrived; RDMA_END of round {round} announced {pages:?}",
+                    "ROUND {} with {} pages arrived; RDMA_END of round {round} announced {pages:?} in its lanes and {run_pages} in its runs",
                     r.round.get(),
                     r.pages.get()
                 )));
@@ -341,7 +380,11 @@ impl Rounds<'_> {
             for n in self.named {
                 ids.append(&mut n.lock().unwrap_or_else(|p| p.into_inner()));
             }
-            self.hash_windows(&ids)?;
+            if whole {
+                self.hash_windows(&ids)?;
+            } else {
+                self.hash_runs()?;
+            }
             let verify = tv.elapsed().as_secs_f64();
             report.verify_seconds += verify;
             let ok = wire::RoundOk { round: round.into(), _pad: 0.into(), pages: pages.into() };
@@ -367,6 +410,96 @@ impl Rounds<'_> {
             }
             started = Instant::now();
         }
+    }
+
+    /// Reads `runs` page runs from RDMA_PAGES frames and marks their pages in `written`;
+    /// returns how many pages they cover.
+    fn read_runs(&self, ctl: &mut Ctl, runs: u64, buf: &mut Vec<u8>) -> Result<u64, SessionError> {
+        let bad = |why: String| SessionError::Protocol(format!("RDMA_PAGES: {why}"));
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut got, mut pages) = (0u64, 0u64);
+        while got < runs {
+            ctl.expect(Kind::RdmaPages, buf)?;
+            let list = <[wire::RdmaRun]>::ref_from_bytes(buf).map_err(|_| bad(format!("{} bytes is not a list of runs", buf.len())))?;
+            if list.is_empty() || list.len() > wire::RDMA_RUNS_PER_FRAME || got + list.len() as u64 > runs {
+                return Err(bad(format!("{} runs in a frame, {got} of {runs} read before", list.len())));
+            }
+            for run in list {
+                let (region, first, n) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
+                let Some(bits) = written.get_mut(region) else {
+                    return Err(bad(format!("region {region} (the session has {})", self.memory.len())));
+                };
+                let end = first
+                    .checked_add(n)
+                    .filter(|&e| n > 0 && e <= bits.pages)
+                    .ok_or_else(|| bad(format!("pages {first}+{n} of region {region}, which has {}", bits.pages)))?;
+                bits.mark(first, end);
+                pages += n;
+            }
+            got += list.len() as u64;
+        }
+        Ok(pages)
+    }
+
+    /// Hashes (keyed) every page marked in `written`, as it landed, on a few threads; the
+    /// marks are cleared.
+    fn hash_runs(&self) -> Result<(), SessionError> {
+        const WORDS_PER_TASK: usize = 1024;
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let tasks: Vec<(usize, usize)> =
+            written.iter().enumerate().flat_map(|(r, b)| (0..b.words.len()).step_by(WORDS_PER_TASK).map(move |w| (r, w))).collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(tasks.len()).max(1);
+        let next = AtomicU64::new(0);
+        let marks: &[Written] = &written;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| -> Result<(), SessionError> {
+                        let mut buf = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                            let Some(&(region, w)) = tasks.get(i) else { return Ok(()) };
+                            let bits = &marks[region];
+                            let words = &bits.words[..(w + WORDS_PER_TASK).min(bits.words.len())];
+                            let mut failed = None;
+                            crate::worker::dirty_runs(words, w as u64 * 64, (words.len() as u64 * 64).min(bits.pages), &mut |a, b| {
+                                if failed.is_none() {
+                                    failed = self.hash_pages(region as u32, a, b, &mut buf).err();
+                                }
+                            });
+                            if let Some(e) = failed {
+                                return Err(e);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().expect("hashing thread panicked"))
+        })?;
+        for b in written.iter_mut() {
+            b.words.fill(0);
+        }
+        Ok(())
+    }
+
+    /// Hashes (keyed) pages `first..end` of `region` as they landed, reading at most 256
+    /// pages at a time.
+    fn hash_pages(&self, region: u32, first: u64, end: u64, buf: &mut Vec<u8>) -> Result<(), SessionError> {
+        let size = self.layout_sizes[region as usize];
+        let mut p = first;
+        while p < end {
+            let n = (end - p).min(256);
+            let (from, to) = (p * PAGE as u64, ((p + n) * PAGE as u64).min(size));
+            buf.resize((to - from) as usize, 0);
+            self.memory[region as usize].read_exact_at(buf, from).map_err(|e| SessionError::io("reading what landed to verify it", e))?;
+            for (k, pg) in buf.chunks(PAGE).enumerate() {
+                let mut d = Digest::default();
+                d.add_with(keyed(self.key), region, p + k as u64, PAGE, pg);
+                self.hashes[region as usize].set(p + k as u64, d);
+            }
+            p += n;
+        }
+        Ok(())
     }
 
     fn windows_bytes(&self) -> u64 {
@@ -475,5 +608,23 @@ impl Rounds<'_> {
                 .collect();
             handles.into_iter().try_for_each(|h| h.join().expect("hashing thread panicked"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_pages_come_back_as_runs() {
+        let mut w = Written::new(300 * 4096 - 10).unwrap();
+        assert_eq!(w.pages, 300);
+        w.mark(3, 5);
+        w.mark(60, 200);
+        w.mark(4, 6);
+        w.mark(299, 300);
+        let mut runs = Vec::new();
+        crate::worker::dirty_runs(&w.words, 0, w.pages, &mut |a, b| runs.push((a, b)));
+        assert_eq!(runs, vec![(3, 6), (60, 200), (299, 300)]);
     }
 }

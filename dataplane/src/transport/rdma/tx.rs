@@ -6,11 +6,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hw::rdma::verbs::{Completion, Cq, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
 
-use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed};
+use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed, poll_cq};
 use crate::conn::SessionError;
 use crate::digest::{Digest, DigestKey};
 use crate::engine::PAGE;
@@ -118,7 +118,7 @@ pub(crate) struct Unconnected {
 
 /// Creates a worker's CQ and `qpw` QPs.
 pub(crate) fn create(dev: &Device, rp: &RdmaPlan, qpw: usize) -> Result<Unconnected, SessionError> {
-    let cq = dev.ctx.create_cq(rp.cq_depth as i32)?;
+    let cq = dev.ctx.create_waitable_cq(rp.cq_depth as i32)?;
     let caps = QpCaps {
         max_send_wr: rp.sq_depth,
         max_recv_wr: rp.rq_depth,
@@ -220,14 +220,14 @@ impl RdmaTx {
     /// Reads completions: credits come back, signaled WRs retire what they cover and free
     /// the slots they gathered from. Waits a little when there are none.
     fn poll(&mut self, waiting_for: &str) -> Result<(), SessionError> {
-        let n = self.cq.poll(&mut self.wcs)?;
+        // A nap short enough that a failure elsewhere (`abort`) stops this worker promptly.
+        let n = poll_cq(&self.cq, &mut self.wcs, &mut self.backoff, Duration::from_millis(10))?;
         if n == 0 {
             if self.abort.load(Ordering::Relaxed) {
                 return Err(SessionError::Stopped);
             }
-            return self.backoff.wait(waiting_for);
+            return self.backoff.check(waiting_for);
         }
-        self.backoff.progress();
         for wc in &self.wcs[..n] {
             if wc.is_recv() {
                 if !wc.ok() {
