@@ -291,3 +291,68 @@ fn strangers_do_not_stop_a_migration_destination() {
     MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap().finish().unwrap();
     waiter.join().unwrap().unwrap();
 }
+
+/// The source's view of its guest memory, to show a failed migration left it as it was.
+fn fingerprint(mem: &File, pages: u64) -> u64 {
+    let mut buf = vec![0u8; (pages * PAGE) as usize];
+    mem.read_exact_at(&mut buf, 0).unwrap();
+    buf.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Case 7, on each TCP transport (blocking sockets, io_uring): the destination ferryd is
+/// killed mid-round, then the source ferryd. Each time the surviving side's VMM is told,
+/// the source's memory is as it was, nothing is handed to a destination VMM, and a retry
+/// through a fresh ferryd succeeds.
+#[test]
+fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
+    for uring in [false, true] {
+        let what = if uring { "io_uring" } else { "sockets" };
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = plan();
+        p.transport = if uring { dataplane::plan::Transport::Tcp } else { dataplane::plan::Transport::Sockets };
+        p.tcp.io_uring = uring;
+        let pages = 8192; // 32 MiB: 2.7 s at the rate below
+        let (mem, bitmap) = guest(pages);
+        let before = fingerprint(&mem, pages);
+        let slow = OutOptions { rate_limit_mbit: Some(100), ..OutOptions::default() };
+
+        // The destination dies mid-round.
+        let src = Ferryd::start_with(dir.path(), "src", &p, None);
+        let mut dst = Ferryd::start_with(dir.path(), "dst", &p, None);
+        let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+        let mut out = MigrateOut::start(&src.socket, &incoming.addr, &mem, &bitmap, &slow).unwrap();
+        let round = std::thread::spawn(move || out.round());
+        std::thread::sleep(Duration::from_millis(700));
+        dst.child.kill().unwrap();
+        let err = round.join().unwrap().unwrap_err();
+        println!("{what}, destination killed mid-round, the source VMM hears: {err}");
+        assert!(err.contains("peer closed") || err.contains("reset") || err.contains("Broken pipe"), "{what}: {err}");
+        assert!(incoming.wait().is_err(), "{what}: nothing is handed to the destination VMM");
+        assert_eq!(fingerprint(&mem, pages), before, "{what}: the source's memory is untouched");
+
+        // The source dies mid-round; the destination ferryd lives on.
+        let dst = Ferryd::start_with(dir.path(), "dst2", &p, None);
+        let mut src2 = Ferryd::start_with(dir.path(), "src2", &p, None);
+        let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+        let addr = incoming.addr.clone();
+        let waiter = std::thread::spawn(move || incoming.wait());
+        let mut out = MigrateOut::start(&src2.socket, &addr, &mem, &bitmap, &slow).unwrap();
+        let round = std::thread::spawn(move || out.round());
+        std::thread::sleep(Duration::from_millis(700));
+        src2.child.kill().unwrap();
+        assert!(round.join().unwrap().is_err(), "{what}: the source VMM is told");
+        let err = waiter.join().unwrap().unwrap_err();
+        println!("{what}, source killed mid-round, the destination VMM hears: {err}");
+        assert!(err.contains("peer closed") || err.contains("reset"), "{what}: {err}");
+        wait_until(10, "the destination's session to end", || active(&dst, "migrate_in") == 0);
+
+        // A retry from the first source ferryd into the surviving destination succeeds.
+        let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+        let addr = incoming.addr.clone();
+        let waiter = std::thread::spawn(move || incoming.wait());
+        let rep = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap().finish().unwrap();
+        let (memory, _) = waiter.join().unwrap().unwrap();
+        assert_eq!(rep.transport, p.transport.to_string(), "{what}");
+        assert_eq!(fingerprint(&memory[0], pages), before, "{what}: the retry delivered the guest");
+    }
+}

@@ -292,8 +292,14 @@ fn rdma_migration_on_soft_roce() {
     let dir = tempfile::tempdir().unwrap();
     let script = HELPERS.to_string()
         + r#"
+# The reference, as in the transfer test: perftest's RDMA WRITE bandwidth, 128 KiB messages.
+ib_write_bw -d rxe0 -i 1 -x $RXE_GID_INDEX -F -s 131072 -D 4 > /tmp/bw.srv 2>&1 &
+listening 18515
+ib_write_bw -d rxe0 -i 1 -x $RXE_GID_INDEX -F -s 131072 -D 4 $RXE_IP > /tmp/bw.cli 2>&1
+wait
+section write_bw /tmp/bw.cli
 migrate() {
-  $F demo --size-mib 64 --dirty-rate-mbs 16 --transport $2 $3 --json > /tmp/$1.json 2> /tmp/$1.log
+  $F demo --size-mib 64 --dirty-rate-mbs 4 --transport $2 $3 --json > /tmp/$1.json 2> /tmp/$1.log
   echo "rc=$?" >> /tmp/$1.log
   section $1 /tmp/$1.json
   section $1-log /tmp/$1.log
@@ -301,6 +307,25 @@ migrate() {
 migrate rdma rdma ""
 migrate rdma-full rdma "--verify full"
 migrate tcp tcp ""
+
+# The destination's first QP moves to the error state mid-round (the test hook, which both
+# ferryd inherit from the demo; only the receiving side acts on it).
+FERRY_TEST_RDMA_QP_ERROR_AFTER=20 $F demo --size-mib 64 --dirty-rate-mbs 4 --transport rdma > /dev/null 2> /tmp/qperr.log
+echo "rc=$?" >> /tmp/qperr.log
+section qp-error /tmp/qperr.log
+
+# The destination ferryd is killed mid-round, once its QPs are connected.
+$F demo --size-mib 64 --dirty-rate-mbs 4 --transport rdma > /dev/null 2> /tmp/dk.log &
+D=$!
+i=0
+while ! grep -q "QP(s) connected" /tmp/ferry-demo-*/destination.log 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done
+for p in /proc/[0-9]*; do grep -q destination.sock $p/cmdline 2>/dev/null && kill -9 ${p#/proc/}; done
+wait $D
+echo "rc=$?" >> /tmp/dk.log
+section dest-killed /tmp/dk.log
+
+# A retry after both failures succeeds.
+migrate retry rdma ""
 exit 0
 "#;
     let logs = common::boot(dir.path(), &script, &[ferryctl, &ferryd], false, 480);
@@ -330,12 +355,29 @@ exit 0
 
     let t = report("tcp");
     assert_eq!(t["verified"], true, "{t}");
+
+    let qp = section(log, "qp-error");
+    println!("the destination's QP in the error state mid-round, the source VMM hears:\n{qp}");
+    assert!(!qp.contains("rc=0") && qp.contains("ferryctl: "), "the migration must fail:\n{qp}");
+    assert!(qp.contains("completed with status"), "the failed completion is named:\n{qp}");
+    let dk = section(log, "dest-killed");
+    println!("the destination ferryd killed mid-round, the source VMM hears:\n{dk}");
+    assert!(!dk.contains("rc=0") && dk.contains("ferryctl: "), "the migration must fail:\n{dk}");
+    assert!(dk.contains("peer closed") || dk.contains("completed with status"), "unclear message:\n{dk}");
+    assert_eq!(report("retry")["verified"], true);
+
+    let bw = section(log, "write_bw");
+    let line = bw.lines().rfind(|l| l.trim_start().starts_with("131072")).unwrap_or_else(|| panic!("no ib_write_bw result:\n{bw}"));
+    let perftest_mbs: f64 = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    let data_mbs = x["data_gbps"].as_f64().unwrap() * 1e3;
     println!(
-        "Soft-RoCE guest, 64 MiB guest dirtying 16 MB/s, {} build: RDMA {:.3} GB/s, {} rounds, ferry downtime {:.1} ms, {:.2} CPU s/GiB; io_uring TCP {:.3} GB/s, {} rounds, ferry downtime {:.1} ms, {:.2} CPU s/GiB (RDMA/TCP {:.2}x)",
+        "Soft-RoCE guest, 64 MiB guest dirtying 4 MB/s, {} build: ib_write_bw {perftest_mbs:.2} MB/s; RDMA migration data phase {data_mbs:.2} MB/s (ratio {:.2}), whole {:.3} GB/s, {} rounds, ferry downtime {:.1} ms (destination verify {:.1} ms), {:.2} CPU s/GiB; io_uring TCP {:.3} GB/s, {} rounds, ferry downtime {:.1} ms, {:.2} CPU s/GiB (RDMA/TCP {:.2}x)",
         if cfg!(debug_assertions) { "debug" } else { "release" },
+        data_mbs / perftest_mbs,
         r["gbps"].as_f64().unwrap(),
         rounds.len(),
         r["ferry_downtime_ms"].as_f64().unwrap(),
+        d["verify_last_round_seconds"].as_f64().unwrap() * 1e3,
         r["cpu_seconds_per_gib"].as_f64().unwrap(),
         t["gbps"].as_f64().unwrap(),
         t["rounds"].as_array().unwrap().len(),
