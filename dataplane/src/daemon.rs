@@ -281,6 +281,25 @@ impl Metrics {
             "Zero pages sent or received as a flag per worker or lane, live.",
             per_worker(|s| s.zero_pages),
         );
+        // The running sessions, each worker or lane apart: listed until the session ends
+        // (its counts are in the totals above, before and after).
+        let running = crate::live::sessions();
+        let per_session = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
+            running.iter().map(|(r, id, w, s)| format!("{{role=\"{}\",session=\"{id:016x}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
+        };
+        add(
+            "ferry_session_region_bytes",
+            "counter",
+            "Region bytes each running session's workers (sender) or lanes (receiver) have handled.",
+            per_session(|s| s.region_bytes),
+        );
+        add(
+            "ferry_session_wire_bytes",
+            "counter",
+            "Bytes on the wire per running session's worker or lane.",
+            per_session(|s| s.wire_bytes),
+        );
+        add("ferry_session_frames", "counter", "Data frames per running session's worker or lane.", per_session(|s| s.frames));
         out
     }
 
@@ -298,6 +317,7 @@ impl Metrics {
             "worker_latency_us": t.worker_latency.iter().map(|((r, w), h)| serde_json::json!({"role": r, "worker": w, "latency_us": crate::engine::Percentiles::of(h)})).collect::<Vec<_>>(),
             "last_error": t.last_error,
             "workers": crate::live::snapshot().into_iter().map(|(r, w, s)| serde_json::json!({"role": r.name(), "worker": w, "counters": s})).collect::<Vec<_>>(),
+            "running": crate::live::sessions().into_iter().map(|(r, id, w, s)| serde_json::json!({"role": r.name(), "session": format!("{id:016x}"), "worker": w, "counters": s})).collect::<Vec<_>>(),
         })
     }
 }

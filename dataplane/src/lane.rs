@@ -289,8 +289,8 @@ impl LaneReader {
     /// A reader for `s` (handshake done, `rx` its receiving keys), refusing payloads above
     /// `max_payload`. It uses io_uring when the plan says so and the kernel has
     /// incremental buffer rings; a silent peer fails after the socket's read timeout.
-    pub fn new(plan: &Plan, s: &TcpStream, max_payload: u32, rx: Seal) -> Result<LaneReader, SessionError> {
-        let arena = crate::engine::arena(plan, buffer_bytes(max_payload) as usize)?;
+    pub fn new(plan: &Plan, s: &TcpStream, max_payload: u32, rx: Seal, live: &crate::live::Session) -> Result<LaneReader, SessionError> {
+        let arena = crate::engine::arena(plan, buffer_bytes(max_payload) as usize, live)?;
         Ok(LaneReader::over(arena, plan.tcp.io_uring, s, max_payload, rx))
     }
 

@@ -211,7 +211,7 @@ pub(crate) struct Round<'a> {
 /// from round to round.
 pub(crate) struct Worker {
     pub cpu: u32,
-    live: &'static crate::live::Counters,
+    live: crate::live::WorkerCounters,
     pub enc: Encoder,
     pub tx: Tx,
     spare: Vec<Batch>,
@@ -229,7 +229,7 @@ impl Worker {
     /// slots of their own, and no arena.
     pub(crate) fn new(
         cpu: u32,
-        live: &'static crate::live::Counters,
+        live: crate::live::WorkerCounters,
         enc: Encoder,
         tx: Tx,
         arena: Option<hw::memmap::Arena>,

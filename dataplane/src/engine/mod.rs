@@ -127,11 +127,11 @@ pub(crate) fn pin_lane(plan: &crate::plan::Plan, n: u16) {
 }
 
 /// A worker's arena as the plan describes it (backing, mlock), at least `min_bytes`. Each
-/// fallback down the hugepage ladder is logged once per process, not once per worker.
-pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize) -> Result<hw::memmap::Arena, SessionError> {
+/// fallback down the hugepage ladder is said once per session (`live`), not once per
+/// worker.
+pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize, live: &crate::live::Session) -> Result<hw::memmap::Arena, SessionError> {
     use crate::plan::ArenaBacking;
     use hw::memmap::{Arena, ArenaKind};
-    static LOGGED: std::sync::Once = std::sync::Once::new();
     let want = match plan.arena.backing {
         ArenaBacking::Hugetlb2m => ArenaKind::Hugetlb2m,
         ArenaBacking::Thp => ArenaKind::Thp,
@@ -139,11 +139,12 @@ pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize) -> Result<hw::me
     };
     let bytes = (plan.arena.bytes_per_worker as usize).max(min_bytes).div_ceil(2 << 20) * (2 << 20);
     let (a, notes) = Arena::new(bytes, want, plan.arena.mlock, Some(plan.numa_node))?;
-    LOGGED.call_once(|| {
-        for n in &notes {
-            log::warn!("arena: {n}");
-        }
-        log::info!("arenas: {} MiB per worker, {:?} pages, {}", bytes >> 20, a.kind(), if a.locked() { "locked" } else { "not locked" });
-    });
+    for n in &notes {
+        live.note(true, &format!("arena: {n}"));
+    }
+    live.note(
+        false,
+        &format!("arenas: {} MiB per worker, {:?} pages, {}", bytes >> 20, a.kind(), if a.locked() { "locked" } else { "not locked" }),
+    );
     Ok(a)
 }

@@ -136,7 +136,7 @@ fn session(
         t.store(size, Ordering::Relaxed);
     }
     log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
-    let sink = SinkOptions { plan: opts.plan, vmm: None, role: crate::live::Role::Recv, progress: opts.progress };
+    let sink = SinkOptions { plan: opts.plan, vmm: None, role: crate::live::Role::Recv, progress: opts.progress, session };
     let memory = std::slice::from_ref(&file);
     let got = match transport {
         DataTransport::Tcp => crate::migrate::dest::receive(acc, ctl, &layout, lanes, session, memory, &sink)?,

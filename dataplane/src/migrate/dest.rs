@@ -152,7 +152,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
         .collect::<Result<Vec<File>, _>>()?;
     let session = session_ok(ctl)?;
     log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", memory.len());
-    let sink = SinkOptions { plan: opts.plan, vmm: opts.vmm, role: crate::live::Role::MigrateIn, progress: None };
+    let sink = SinkOptions { plan: opts.plan, vmm: opts.vmm, role: crate::live::Role::MigrateIn, progress: None, session };
     let got = match transport {
         DataTransport::Tcp => receive(acc, ctl, &layout, lanes, session, &memory, &sink)?,
         DataTransport::Rdma => crate::transport::rdma::rx::receive(ctl, &layout, lanes, &memory, &sink)?,
@@ -199,6 +199,8 @@ pub(crate) struct SinkOptions<'a> {
     pub role: crate::live::Role,
     /// Region bytes received so far, for a progress bar.
     pub progress: Option<&'a std::sync::atomic::AtomicU64>,
+    /// The session's id (SESSION_OK), for its live counters.
+    pub session: u64,
 }
 
 /// What a session delivered.
@@ -241,7 +243,9 @@ pub(crate) fn receive(
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     // Clones of the lanes, shut down when the session fails so no lane waits on a peer.
     let mut socks = Vec::new();
-    let ctx = Ctx { layout, targets: &targets, plan: o.plan, role: o.role, progress: o.progress };
+    // This session's own counters, one per lane.
+    let live = crate::live::session(o.role, session, usize::from(lanes));
+    let ctx = Ctx { layout, targets: &targets, plan: o.plan, live: &live, progress: o.progress };
     let gone = AtomicBool::new(false);
     // Closed when the session is over: the VMM's watcher returns at once.
     let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
@@ -447,7 +451,7 @@ struct Ctx<'a> {
     layout: &'a Layout,
     targets: &'a [Target<'a>],
     plan: &'a Plan,
-    role: crate::live::Role,
+    live: &'a crate::live::Session,
     progress: Option<&'a std::sync::atomic::AtomicU64>,
 }
 
@@ -471,12 +475,12 @@ fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneDone
     s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let max_payload = wire::max_payload_for(ctx.layout.max_chunk);
     crate::engine::pin_lane(ctx.plan, n);
-    let mut reader = LaneReader::new(ctx.plan, &s, max_payload, keys.rx)?;
+    let mut reader = LaneReader::new(ctx.plan, &s, max_payload, keys.rx, ctx.live)?;
     log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
     let mut latency = crate::engine::latency_histogram();
     let mut dec = Decoder::default();
     let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
-    let live = crate::live::worker(ctx.role, usize::from(n));
+    let live = ctx.live.worker(usize::from(n));
     let page = PAGE as u64;
     let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
     let (mut one_page, mut scratch) = (vec![0u8; PAGE], Vec::new());

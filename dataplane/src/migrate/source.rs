@@ -112,6 +112,8 @@ pub struct Source<'a> {
     digest_key: Option<DigestKey>,
     t0: Instant,
     cpu0: f64,
+    /// The session's live counters (last: the workers, which count into them, go first).
+    _live: crate::live::Session,
 }
 
 impl std::fmt::Debug for Source<'_> {
@@ -220,9 +222,11 @@ impl<'a> Source<'a> {
         ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
         let role = if opts.job == Job::Migrate { crate::live::Role::MigrateOut } else { crate::live::Role::Send };
+        // This session's own counters: concurrent sessions never count into one slot.
+        let live = crate::live::session(role, session, n_workers);
         let abort = Arc::new(AtomicBool::new(false));
         if let Some(rp) = rp {
-            let (workers, report) = rdma_workers(&mut ctl, plan, rp, &layout, role, &abort)?;
+            let (workers, report) = rdma_workers(&mut ctl, plan, rp, &layout, &live, &abort)?;
             let key = Some(ctl.digest_key().clone());
             log::info!(
                 "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} RDMA QP(s) on {} from {n_workers} worker(s)",
@@ -230,16 +234,11 @@ impl<'a> Source<'a> {
                 opts.to,
                 report.device
             );
-            return Source::ready(opts, regions, ctl, workers, Some(report), key, abort, t0, cpu0);
+            return Source::ready(opts, regions, ctl, workers, Some(report), key, abort, live, t0, cpu0);
         }
         let mut workers = Vec::with_capacity(n_workers);
         // A fallback is said once per session, not once per worker.
-        let mut noted = false;
-        let mut note = |why: String| {
-            if !std::mem::replace(&mut noted, true) {
-                log::warn!("session {session:#x}: {why}");
-            }
-        };
+        let mut note = |why: String| live.note(true, &why);
         for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
             let mut lanes = Vec::with_capacity(per_worker);
             for c in 0..per_worker {
@@ -248,16 +247,15 @@ impl<'a> Source<'a> {
                 lanes.push(Lane::new(s, keys.tx));
             }
             let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
-            let arena = crate::engine::arena(plan, Worker::arena_bytes(&tx, chunk))?;
-            let live = crate::live::worker(role, w);
-            workers.push(Worker::new(cpu, live, Encoder::new(plan.compression, chunk), tx, Some(arena), chunk));
+            let arena = crate::engine::arena(plan, Worker::arena_bytes(&tx, chunk), &live)?;
+            workers.push(Worker::new(cpu, live.worker(w), Encoder::new(plan.compression, chunk), tx, Some(arena), chunk));
         }
         log::info!(
             "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
             regions.len(),
             opts.to
         );
-        Source::ready(opts, regions, ctl, workers, None, None, abort, t0, cpu0)
+        Source::ready(opts, regions, ctl, workers, None, None, abort, live, t0, cpu0)
     }
 
     /// The session, its lanes open.
@@ -270,6 +268,7 @@ impl<'a> Source<'a> {
         rdma: Option<RdmaReport>,
         digest_key: Option<DigestKey>,
         abort: Arc<AtomicBool>,
+        live: crate::live::Session,
         t0: Instant,
         cpu0: f64,
     ) -> Result<Source<'a>, SessionError> {
@@ -303,6 +302,7 @@ impl<'a> Source<'a> {
             digest_key,
             t0,
             cpu0,
+            _live: live,
         })
     }
 
@@ -659,7 +659,7 @@ fn rdma_workers(
     plan: &Plan,
     rp: &crate::plan::RdmaPlan,
     layout: &Layout,
-    role: crate::live::Role,
+    live: &crate::live::Session,
     abort: &Arc<AtomicBool>,
 ) -> Result<(Vec<Worker>, RdmaReport), SessionError> {
     use crate::transport::rdma::{self, tx};
@@ -696,7 +696,7 @@ fn rdma_workers(
     let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, ..RdmaReport::default() };
     let mut workers = Vec::with_capacity(n_workers);
     for (w, (u, &cpu)) in unconnected.into_iter().zip(&plan.worker_cpus).enumerate() {
-        let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk))?;
+        let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk), live)?;
         let setup = tx::Setup {
             dev: dev.clone(),
             rp,
@@ -713,10 +713,9 @@ fn rdma_workers(
         let t = tx::RdmaTx::connect(u, setup)?;
         report.registered_bytes += t.report.registered_bytes;
         report.registration_seconds += t.report.registration_seconds;
-        let live = crate::live::worker(role, w);
         // RDMA writes pages as they are: the encoder only counts.
         let enc = Encoder::new(crate::plan::Compression::Off, chunk);
-        workers.push(Worker::new(cpu, live, enc, Tx::Rdma(Box::new(t)), None, chunk));
+        workers.push(Worker::new(cpu, live.worker(w), enc, Tx::Rdma(Box::new(t)), None, chunk));
     }
     if report.registration_seconds > 0.0 {
         report.registration_gbps = report.registered_bytes as f64 / report.registration_seconds / 1e9;

@@ -48,7 +48,7 @@ struct Poller<'a> {
     /// Test hook (`FERRY_TEST_RDMA_QP_ERROR_AFTER=N`): move the first QP to the error
     /// state after N WRITE_WITH_IMMs, as a failing NIC or a destroyed QP would.
     fail_after: Option<u64>,
-    live: &'static crate::live::Counters,
+    live: crate::live::WorkerCounters,
     windows: &'a Windows,
     progress: Option<&'a AtomicU64>,
 }
@@ -202,6 +202,8 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let named: Vec<Mutex<Vec<u32>>> = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
     let stop = AtomicBool::new(false);
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    // This session's own counters, one per sender worker (its QPs share a poller).
+    let live = crate::live::session(o.role, o.session, workers);
     let (results, rounds) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
@@ -216,7 +218,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
                 send_depth,
                 device: &dev.name,
                 fail_after: if w == 0 { fail_after } else { None },
-                live: crate::live::worker(o.role, w),
+                live: live.worker(w),
                 windows: &windows,
                 progress: o.progress,
             };
