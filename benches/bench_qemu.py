@@ -9,7 +9,9 @@ migrated
 
 on loopback and over a 1 Gbit/s link (two network namespaces joined by a veth pair,
 `tc tbf` on both ends). Also region mode on loopback (`ferryctl bench migrate`, the same
-corpus recipe, a guest at rest) against QEMU's multifd-4.
+corpus recipe, a guest at rest), over io_uring and over sockets, against QEMU's
+multifd-4, with CPU seconds per GiB: both ferryd (the bench's own figure) against both
+QEMU processes (from `migrate` until the destination runs).
 
 Per run: total time (from `migrate` until the destination QEMU has loaded everything and
 runs), downtime (the source's STOP event to the destination's RESUME event, both QMP
@@ -185,6 +187,7 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
         if settle > 0:
             time.sleep(settle)
         tx0 = veth_tx() if link else 0
+        cpu0 = proc_cpu(sp.pid) + proc_cpu(dp.pid)
         t0 = time.time()
         sq.cmd("migrate", uri=uri)
         # The source's MIGRATION event ends it; the destination's RESUME is when the guest
@@ -195,6 +198,9 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
             raise RuntimeError(f"migration {info['status']}: {info.get('error-desc')}")
         resume = stamp(dq.wait_event("RESUME"))
         total = resume - t0
+        # Both QEMU processes' CPU time from `migrate` until the destination runs (read
+        # at once after RESUME; the idle guest's halted vCPU adds next to nothing).
+        qemu_cpu = proc_cpu(sp.pid) + proc_cpu(dp.pid) - cpu0
         # QEMU's own figures; asked after RESUME because the source fills in total-time
         # only after it has announced completion.
         info = sq.cmd("query-migrate")
@@ -212,7 +218,7 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
                 "ferry_compress": compress if via_ferry else None, "total_s": round(total, 3),
                 "qemu_total_ms": info.get("total-time"), "downtime_ms": round((resume - stop) * 1e3, 1) if stop and resume else None,
                 "qemu_downtime_ms": info.get("downtime"), "transferred_bytes": info["ram"]["transferred"], "wire_bytes": wire,
-                "load": round(os.getloadavg()[0], 2)}
+                "qemu_cpu_s_per_gib": round(qemu_cpu / (size_mib / 1024), 3), "load": round(os.getloadavg()[0], 2)}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -224,13 +230,21 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
                 os.unlink(p)
 
 
-def region_mode(size_mib):
-    r = subprocess.run([FERRYCTL, "bench", "migrate", "--size-mib", str(size_mib), "--dirty-rate-mbs", "0", "--json"],
-                       capture_output=True, text=True, check=True)
+def proc_cpu(pid):
+    """A process's user + system CPU seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def region_mode(size_mib, transport):
+    r = subprocess.run([FERRYCTL, "bench", "migrate", "--size-mib", str(size_mib), "--dirty-rate-mbs", "0", "--transport", transport,
+                        "--json"], capture_output=True, text=True, check=True)
     j = json.loads(r.stdout)
-    return {"link": "loopback", "mode": "region", "via": "ferry region mode", "total_s": round(j["total_seconds"], 3),
-            "downtime_ms": round(j["downtime_ms"], 1), "transferred_bytes": j["sent_bytes"], "wire_bytes": j["wire_bytes"],
-            "rounds": len(j["rounds"]), "load": round(os.getloadavg()[0], 2)}
+    return {"link": "loopback", "mode": "region", "via": f"ferry region mode ({transport})", "transport": j["source"]["transport"],
+            "total_s": round(j["total_seconds"], 3), "downtime_ms": round(j["downtime_ms"], 1), "transferred_bytes": j["sent_bytes"],
+            "wire_bytes": j["wire_bytes"], "rounds": len(j["rounds"]), "cpu_s_per_gib": round(j["cpu_seconds_per_gib"], 3),
+            "load": round(os.getloadavg()[0], 2)}
 
 
 def main():
@@ -266,28 +280,36 @@ def main():
                     print(json.dumps(r), flush=True)
                     results.append(r)
                 if link == "loopback":
-                    r = region_mode(a.size_mib)
-                    r["rep"] = rep
-                    print(json.dumps(r), flush=True)
-                    results.append(r)
+                    for transport in ("tcp", "sockets"):
+                        r = region_mode(a.size_mib, transport)
+                        r["rep"] = rep
+                        print(json.dumps(r), flush=True)
+                        results.append(r)
             if link == "1gbit":
                 teardown_link()
     finally:
         teardown_link()
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(link, mode, via, compress=None):
-        xs = [r["total_s"] for r in results if r["link"] == link and r["mode"] == mode and r["via"].startswith(via)
-              and (compress is None or r.get("ferry_compress") == compress)]
+    def med(link, mode, via, compress=None, key="total_s"):
+        xs = [r[key] for r in results if r["link"] == link and r["mode"] == mode and r["via"].startswith(via)
+              and (compress is None or r.get("ferry_compress") == compress) and r.get(key) is not None]
         return median(xs) if xs else None
     summary = {}
     if "loopback" in a.links:
         q, qm = med("loopback", "default", "qemu"), med("loopback", "multifd4", "qemu")
         f, fm = med("loopback", "default", "ferry"), med("loopback", "multifd4", "ferry")
-        rg = med("loopback", "region", "ferry region")
+        qc = med("loopback", "multifd4", "qemu", key="qemu_cpu_s_per_gib")
         summary["loopback"] = {"qemu_default_s": q, "ferry_default_s": f, "extra_hop_default": f / q - 1 if q and f else None,
                                "qemu_multifd4_s": qm, "ferry_multifd4_s": fm, "extra_hop_multifd4": fm / qm - 1 if qm and fm else None,
-                               "region_mode_s": rg, "region_vs_qemu_multifd4": rg / qm if qm and rg else None}
+                               "qemu_multifd4_cpu_s_per_gib": qc}
+        for t in ("tcp", "sockets"):
+            rg = med("loopback", "region", f"ferry region mode ({t})")
+            rc = med("loopback", "region", f"ferry region mode ({t})", key="cpu_s_per_gib")
+            summary["loopback"][f"region_{t}_s"] = rg
+            summary["loopback"][f"region_{t}_vs_qemu_multifd4"] = rg / qm if qm and rg else None
+            summary["loopback"][f"region_{t}_cpu_s_per_gib"] = rc
+            summary["loopback"][f"region_{t}_cpu_vs_qemu_multifd4"] = rc / qc if qc and rc else None
     if "1gbit" in a.links:
         q, qz = med("1gbit", "default", "qemu"), med("1gbit", "multifd4-zstd", "qemu")
         summary["1gbit"] = {"qemu_default_s": q, "qemu_multifd4_zstd_s": qz}
