@@ -156,6 +156,16 @@ wait
 cmp small.img /tmp/d6 && echo CMP-OK >> /tmp/s6.log
 section small /tmp/s6.json
 section small-log /tmp/s6.log
+
+# An empty file: nothing to register; the session runs on TCP lanes.
+: > /tmp/empty.img
+$F recv --listen $IP:7008 --out /tmp/d8 --key /tmp/k --embedded > /dev/null 2> /tmp/r8.log &
+waitfor /tmp/r8.log "listening on"
+$F send --to $IP:7008 --file /tmp/empty.img --key /tmp/k --transport rdma --embedded > /dev/null 2> /tmp/s8.log
+echo "sender-rc=$?" >> /tmp/s8.log
+wait
+cmp /tmp/empty.img /tmp/d8 && echo CMP-OK >> /tmp/s8.log
+section empty /tmp/s8.log
 exit 0
 "#;
     let logs = common::boot(dir.path(), &script, &[Path::new(env!("CARGO_BIN_EXE_ferryctl")), &big, &small], false, 480);
@@ -213,6 +223,8 @@ exit 0
     let small: serde_json::Value = serde_json::from_str(&section(log, "small")).unwrap_or_else(|e| panic!("{e}\n{log}"));
     assert!(section(log, "small-log").contains("CMP-OK"));
     assert_eq!(small["rdma"]["inline_wrs"], 1, "{small}");
+    let empty = section(log, "empty");
+    assert!(empty.contains("sender-rc=0") && empty.contains("CMP-OK"), "an empty file goes through:\n{empty}");
 
     // ferry against ib_write_bw on the same device in the same guest.
     let bw = section(log, "write_bw");

@@ -208,7 +208,9 @@ impl<'a> Source<'a> {
         let plan = opts.plan;
         let chunk = plan.chunk_size_bytes as usize;
         ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
-        let rp = plan.rdma.as_ref().filter(|_| rdma);
+        // An empty region has nothing to register: such a session (an empty file) runs on
+        // TCP lanes, which the receiver takes as well.
+        let rp = plan.rdma.as_ref().filter(|_| rdma && regions.iter().all(|r| r.size > 0));
         let per_worker = match rp {
             Some(rp) => rp.qps_per_worker as usize,
             None => plan.tcp.connections_per_worker as usize,
