@@ -180,6 +180,19 @@ impl Encoder {
         result
     }
 
+    /// One frame for `bytes` as they are, with no page structure (stream mode: a VMM's
+    /// migration stream), compressed by the policy where that shrinks it enough.
+    pub fn encode_bytes<E>(
+        &mut self,
+        region: u32,
+        offset: u64,
+        bytes: &[u8],
+        emit: &mut impl FnMut(Header, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let level = self.level();
+        self.emit_run(region, offset, false, bytes, level, emit)
+    }
+
     /// One frame for a run of zero or of non-zero pages.
     fn emit_run<E>(
         &mut self,

@@ -29,20 +29,17 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::Serialize;
 use zerocopy::IntoBytes;
-use zstd_safe::{CCtx, DCtx};
 
 use crate::auth::{Auth, client_handshake};
 use crate::conn::{FrameReader, SessionError, write_all_vectored, write_frame};
-use crate::encode::Adaptive;
+use crate::encode::{Decoder, Encoder};
 use crate::plan::{Compression, Limits};
 use crate::session::accept::{Acceptor, Next, Wait};
 use crate::session::seal::{Keys, Seal, TAG_LEN};
-use crate::wire::{self, Encoding, FrameError, HEADER_LEN, Header, Kind, features};
+use crate::wire::{self, Encoding, FrameError, HEADER_LEN, Kind, features};
 
 /// Bytes read from QEMU per frame, at most.
 pub const STREAM_CHUNK: usize = 256 << 10;
-/// A chunk is sent compressed only below this share of its size.
-const KEEP_IF_BELOW: f64 = 0.9;
 
 /// Where QEMU is: `unix:/path` or `tcp:HOST:PORT` (QEMU's own URI syntax), or a bare
 /// `HOST:PORT`.
@@ -545,9 +542,8 @@ fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Co
 /// QEMU -> ferry: frames of what QEMU writes, then LANE_END when QEMU closes its side.
 fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compression: Compression) -> Result<ChannelReport, SessionError> {
     let mut buf = vec![0u8; STREAM_CHUNK];
-    let mut scratch = Vec::with_capacity(zstd_safe::compress_bound(STREAM_CHUNK));
-    let mut cctx = CCtx::create();
-    let mut adaptive = Adaptive::default();
+    // The encoder every session uses: its zstd context, scratch and adaptive policy.
+    let mut enc = Encoder::new(compression, STREAM_CHUNK);
     let mut rep = ChannelReport { channel: n, ..ChannelReport::default() };
     loop {
         let got = match qemu.read(&mut buf) {
@@ -556,33 +552,19 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compress
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(SessionError::io(format!("reading QEMU's stream on channel {n}"), e)),
         };
-        let chunk = &buf[..got];
-        let level = match compression {
-            Compression::Off => None,
-            Compression::Zstd { level } => Some(level),
-            Compression::Adaptive { level } => adaptive.compressing().then_some(level),
-        };
-        let mut payload = chunk;
-        let mut encoding = Encoding::Raw;
-        if let Some(level) = level {
-            scratch.clear();
-            if let Ok(k) = cctx.compress(&mut scratch, chunk, level) {
-                if (k as f64) < KEEP_IF_BELOW * got as f64 {
-                    payload = &scratch;
-                    encoding = Encoding::Zstd;
-                    rep.compressed_in_bytes += got as u64;
-                    rep.compressed_out_bytes += k as u64;
-                }
-            }
-        }
-        let h = Header::data(encoding, 0, rep.sent_bytes, got as u32, payload.len() as u32).seal(payload);
-        let tag = tx.tag(&h, [payload]);
-        write_all_vectored(&mut ferry, &[h.as_bytes(), payload, &tag]).map_err(|e| SessionError::io(format!("sending channel {n}"), e))?;
-        adaptive.chunk_done(got as u64);
+        let mut wire_bytes = 0;
+        enc.encode_bytes(0, rep.sent_bytes, &buf[..got], &mut |h, payload| {
+            let tag = tx.tag(&h, [payload]);
+            wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
+            write_all_vectored(&mut ferry, &[h.as_bytes(), payload, &tag]).map_err(|e| SessionError::io(format!("sending channel {n}"), e))
+        })?;
+        enc.adaptive.chunk_done(got as u64);
         rep.sent_bytes += got as u64;
-        rep.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
+        rep.wire_bytes += wire_bytes;
         rep.frames += 1;
     }
+    rep.compressed_in_bytes = enc.stats.compressed_in;
+    rep.compressed_out_bytes = enc.stats.compressed_out;
     let end = wire::LaneEnd { frames: rep.frames.into(), bytes: rep.sent_bytes.into() };
     write_frame(&mut ferry, &mut tx, Kind::LaneEnd, end.as_bytes())?;
     let _ = ferry.shutdown(Shutdown::Write);
@@ -595,8 +577,7 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compress
 fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal) -> Result<u64, SessionError> {
     let max = wire::max_payload_for(STREAM_CHUNK as u32);
     let mut reader = FrameReader::new(4 * (HEADER_LEN + max as usize + TAG_LEN), max, rx);
-    let mut dctx = DCtx::create();
-    let mut out = vec![0u8; STREAM_CHUNK];
+    let mut dec = Decoder::default();
     let (mut pos, mut frames) = (0u64, 0u64);
     let op = format!("receiving channel {n}");
     let fail = |e: SessionError, qemu: &Conn| {
@@ -614,13 +595,7 @@ fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal) -> Result<u64
                 }
                 let bytes: &[u8] = match enc {
                     Encoding::Raw if payload.len() == raw => payload,
-                    Encoding::Zstd => match dctx.decompress(&mut out[..], payload) {
-                        Ok(k) if k == raw => &out[..raw],
-                        other => {
-                            let e = FrameError::Decompress { want: raw as u32, got: format!("{other:?}") };
-                            return Err(fail(e.into(), &qemu));
-                        }
-                    },
+                    Encoding::Zstd => dec.zstd(payload, raw as u32).map_err(|e| fail(e.into(), &qemu))?,
                     _ => {
                         return Err(fail(
                             FrameError::Lengths { encoding: enc, length: payload.len() as u32, raw_len: raw as u32 }.into(),
