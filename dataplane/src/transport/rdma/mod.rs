@@ -127,7 +127,9 @@ pub(crate) struct Device {
 
 /// Opens (once) the device and port `rp` names.
 pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
-    static OPEN: OnceLock<Mutex<HashMap<(String, u8, Option<u32>), Arc<Device>>>> = OnceLock::new();
+    /// Device name, port and GID index.
+    type Key = (String, u8, Option<u32>);
+    static OPEN: OnceLock<Mutex<HashMap<Key, Arc<Device>>>> = OnceLock::new();
     let key = (rp.device.clone(), rp.port, rp.gid_index);
     let mut open = OPEN.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(d) = open.get(&key) {
