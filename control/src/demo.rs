@@ -272,6 +272,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         max_rounds: Some(a.max_rounds),
         rate_limit_mbit: a.rate_limit_mbit,
         compress: a.compress.clone(),
+        transport: a.transport.clone(),
         verify: a.verify,
     };
     let with_logs =

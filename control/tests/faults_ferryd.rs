@@ -133,8 +133,9 @@ fn oversized_migrations_are_refused_and_ferryd_lives_on() {
     assert_eq!(active(&dst, "migrate_in"), 0);
 }
 
-/// Case 7: a sparse memfd claiming 256 TiB of guest memory, and rate limits of 0 or one
-/// that overflows, are refused with a reason; ferryd lives on and counts nothing active.
+/// Case 7: a sparse memfd claiming 256 TiB of guest memory, rate limits of 0 or one that
+/// overflows, and transports the plan cannot give are refused with a reason; ferryd lives
+/// on and counts nothing active.
 #[test]
 fn impossible_guests_and_rates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,6 +149,12 @@ fn impossible_guests_and_rates_are_refused() {
         let o = OutOptions { rate_limit_mbit: Some(rate), ..OutOptions::default() };
         let err = MigrateOut::start(&src.socket, "127.0.0.1:1", &mem, &bitmap, &o).unwrap_err();
         assert!(err.contains("rate_limit_mbit"), "{err}");
+    }
+    // A transport the plan cannot give, or none known.
+    for (t, why) in [("rdma", "has no RDMA port"), ("carrier-pigeon", "give rdma, tcp, sockets or auto")] {
+        let o = OutOptions { transport: Some(t.into()), ..OutOptions::default() };
+        let err = MigrateOut::start(&src.socket, "127.0.0.1:1", &mem, &bitmap, &o).unwrap_err();
+        assert!(err.contains(why), "{t}: {err}");
     }
     assert!(src.alive(), "{}", src.log());
     assert_eq!(active(&src, "migrate_out"), 0);
@@ -346,13 +353,17 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
         assert!(err.contains("peer closed") || err.contains("reset"), "{what}: {err}");
         wait_until(10, "the destination's session to end", || active(&dst, "migrate_in") == 0);
 
-        // A retry from the first source ferryd into the surviving destination succeeds.
+        // A retry from the first source ferryd into the surviving destination succeeds,
+        // on the other transport (the VMM's `transport` overrides the plan's).
         let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
         let addr = incoming.addr.clone();
         let waiter = std::thread::spawn(move || incoming.wait());
-        let rep = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap().finish().unwrap();
+        let other = if uring { "sockets" } else { "tcp" };
+        let o = OutOptions { transport: Some(other.into()), ..OutOptions::default() };
+        let rep = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &o).unwrap().finish().unwrap();
         let (memory, _) = waiter.join().unwrap().unwrap();
-        assert_eq!(rep.transport, p.transport.to_string(), "{what}");
+        let want = if uring { dataplane::plan::Transport::Sockets } else { dataplane::plan::Transport::Tcp };
+        assert_eq!(rep.transport, want.to_string(), "{what}: the retry ran on {other}");
         assert_eq!(fingerprint(&memory[0], pages), before, "{what}: the retry delivered the guest");
     }
 }

@@ -24,7 +24,7 @@ use crate::engine::send::{SendOptions, send_file};
 use crate::migrate::MigrationReport;
 use crate::migrate::dest::DestOptions;
 use crate::migrate::source::{Source, SourceOptions};
-use crate::plan::{Compression, Plan};
+use crate::plan::{Compression, Plan, Transport};
 use hw::fdpass::LineConn;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -62,6 +62,10 @@ pub enum Request {
         rate_limit_mbit: Option<u64>,
         #[serde(default)]
         compress: Option<String>,
+        /// `rdma`, `tcp` (io_uring), `sockets` or `auto` (the plan's, falling back to TCP
+        /// lanes when the destination has no RDMA).
+        #[serde(default)]
+        transport: Option<String>,
         /// `sent` (default) or `full`: see [`crate::migrate::Verify`].
         #[serde(default)]
         verify: Option<crate::migrate::Verify>,
@@ -414,8 +418,9 @@ impl Daemon {
         }
         match req {
             Request::MigrateIn { listen } => self.migrate_in(&mut conn, &listen),
-            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, verify, regions } => {
-                let limits = Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, verify: verify.unwrap_or_default(), regions };
+            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify, regions } => {
+                let limits =
+                    Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify: verify.unwrap_or_default(), regions };
                 self.migrate_out(&mut conn, fds, &to, limits);
             }
             Request::Round | Request::Final => {
@@ -529,6 +534,27 @@ impl Daemon {
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
         }
+        let require_rdma = match limits.transport.as_deref() {
+            None | Some("auto") => false,
+            Some("rdma") if plan.rdma.is_some() => {
+                plan.transport = Transport::Rdma;
+                true
+            }
+            Some("rdma") => {
+                return Err("\"transport\": \"rdma\", but this ferryd's plan has no RDMA port (`ferryctl tune` says why)".into());
+            }
+            Some("tcp") => {
+                plan.transport = Transport::Tcp;
+                plan.tcp.io_uring = true;
+                false
+            }
+            Some("sockets") => {
+                plan.transport = Transport::Sockets;
+                plan.tcp.io_uring = false;
+                false
+            }
+            Some(t) => return Err(format!("\"transport\": {t:?}: give rdma, tcp, sockets or auto")),
+        };
         let rate_limit = limits.rate_limit_mbit.map(crate::migrate::source::rate_limit_bytes).transpose()?;
         // Every check that needs no peer comes before connecting to the destination: the
         // bitmap and the size here, each memory region in Source::connect_regions.
@@ -571,7 +597,7 @@ impl Daemon {
             verify: limits.verify,
             job: crate::migrate::source::Job::Migrate,
             progress: None,
-            require_rdma: false,
+            require_rdma,
         };
         let refs: Vec<&std::fs::File> = memory.iter().collect();
         let mut src = Source::connect_regions(&refs, opts).map_err(|e| e.to_string())?;
@@ -705,6 +731,7 @@ struct Limits {
     max_rounds: Option<u32>,
     rate_limit_mbit: Option<u64>,
     compress: Option<String>,
+    transport: Option<String>,
     verify: crate::migrate::Verify,
     regions: Option<usize>,
 }

@@ -58,6 +58,8 @@ pub struct OutOptions {
     pub rate_limit_mbit: Option<u64>,
     /// `off`, `zstd:N` or `auto`; the plan's policy when none.
     pub compress: Option<String>,
+    /// `rdma`, `tcp`, `sockets` or `auto`; the plan's transport when none.
+    pub transport: Option<String>,
     pub verify: super::Verify,
 }
 
@@ -94,7 +96,8 @@ impl MigrateOut {
     pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
         let mut conn = connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
-            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "verify": o.verify, "regions": memory.len()});
+            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "transport": o.transport, "verify": o.verify,
+            "regions": memory.len()});
         let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
         fds.push(bitmap.as_fd());
         conn.send(&req.to_string(), &fds).map_err(|e| format!("writing to ferryd: {e}"))?;
