@@ -244,7 +244,7 @@ impl<'a> Source<'a> {
         for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
             let mut lanes = Vec::with_capacity(per_worker);
             for c in 0..per_worker {
-                let mut s = connect_data(&opts.to, plan)?;
+                let mut s = connect_data(&opts.to, plan).map_err(|e| gone_or(&mut ctl, e, "opening the data lanes"))?;
                 let (_, keys) = client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
                 lanes.push(Lane::new(s, keys.tx));
             }
@@ -632,6 +632,17 @@ fn rdma_runs(
         frame(&buf)?;
     }
     Ok(n)
+}
+
+/// `e`, unless the destination has ended the session meanwhile (its control connection
+/// is readable: an ERROR, or its end), which is then the reason: a lane that cannot
+/// connect to a receiver that died says so, not "connection refused".
+fn gone_or(ctl: &mut Ctl, e: SessionError, op: &str) -> SessionError {
+    let mut fds = [PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => crate::engine::recv::peer_ended(ctl, op),
+        _ => e,
+    }
 }
 
 /// Waits until `n` workers have said they are done on `done`, watching the control
