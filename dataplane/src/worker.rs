@@ -464,4 +464,280 @@ mod tests {
         assert!(!feed.push((0, 2)), "a full queue returns once stopped");
         assert_eq!(feed.pop(), None);
     }
+
+    /// The transport contract, the same suite for every TCP transport (blocking sockets,
+    /// io_uring, io_uring with zero-copy sends): a worker sending rounds over two lanes to
+    /// real receivers. Every page of the region arrives once per round, intact (tags and
+    /// CRCs checked, payloads decoded and compared with the source), each lane's
+    /// ROUND_END equals what it carried, every chunk comes back to the worker's spares, and
+    /// a receiver that goes away mid-round is an error, not a hang. (RDMA keeps the same
+    /// contract through whole sessions in the Soft-RoCE guest: `control/tests/rxe_transfer.rs`.)
+    mod contract {
+        use std::collections::BTreeMap;
+        use std::io::Write;
+        use std::net::{TcpListener, TcpStream};
+        use std::os::unix::fs::FileExt;
+        use std::sync::Mutex;
+        use std::sync::atomic::AtomicU64;
+        use std::time::{Duration, Instant};
+
+        use super::super::*;
+        use crate::conn::FrameReader;
+        use crate::encode::Decoder;
+        use crate::plan::Compression;
+        use crate::session::seal::{Keys, Side};
+        use crate::transport::{Lane, Tx};
+        use crate::wire::{Encoding, Kind};
+
+        const CHUNK: usize = 64 << 10;
+        const PAGES: u64 = 1000;
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Kind3 {
+            Sockets,
+            Uring,
+            UringZeroCopy,
+        }
+
+        /// Guest-like memory: random, text-like (compressible) and zero pages, and a short
+        /// last page.
+        fn region() -> (File, Vec<u8>) {
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let mut data = Vec::new();
+            for p in 0..PAGES {
+                for i in 0..PAGE / 8 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let w = match p % 4 {
+                        0 => 0,
+                        1 => u64::from_le_bytes(*b"ferry.. ") ^ (i as u64 % 3),
+                        _ => x,
+                    };
+                    data.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            data.truncate(data.len() - 100);
+            let f = hw::memmap::memfd("contract", data.len() as u64, false).unwrap();
+            f.write_all_at(&data, 0).unwrap();
+            (f, data)
+        }
+
+        /// What a lane's ROUND_END said against what the lane carried: (frames said,
+        /// frames seen, bytes said, bytes seen, pages said less pages seen).
+        type RoundSeen = (u64, u64, u64, u64, u64);
+
+        /// A receiver for one lane: checks every frame, decodes it into `dest`, and at each
+        /// ROUND_END reports what arrived and what it said on `ends`, until LANE_END.
+        fn receive(
+            s: TcpStream,
+            rx: crate::session::seal::Seal,
+            dest: &Mutex<Vec<u8>>,
+            counts: &Mutex<BTreeMap<u64, u32>>,
+            stop_after: Option<u64>,
+            ends: std::sync::mpsc::Sender<RoundSeen>,
+        ) -> Result<(), SessionError> {
+            let max = wire::max_payload_for(CHUNK as u32);
+            let mut r = FrameReader::new(1 << 20, max, rx);
+            let mut s = s;
+            let mut dec = Decoder::default();
+            let (mut frames, mut bytes, mut pages) = (0u64, 0u64, 0u64);
+            loop {
+                let (h, kind, payload) = r.next(&mut s, "contract")?;
+                match kind {
+                    Kind::Data => {
+                        frames += 1;
+                        if stop_after.is_some_and(|n| frames >= n) {
+                            // The receiver goes away mid-round.
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                            return Ok(());
+                        }
+                        let (off, raw) = (h.offset.get(), h.raw_len.get() as usize);
+                        bytes += (wire::HEADER_LEN + payload.len() + crate::session::seal::TAG_LEN) as u64;
+                        pages += raw.div_ceil(PAGE) as u64;
+                        let mut d = dest.lock().unwrap();
+                        let at = off as usize;
+                        match h.encoding().unwrap() {
+                            Encoding::Zero => d[at..at + raw].fill(0),
+                            Encoding::Raw => d[at..at + raw].copy_from_slice(payload),
+                            Encoding::Zstd => d[at..at + raw].copy_from_slice(dec.zstd(payload, raw as u32).unwrap()),
+                        }
+                        let mut c = counts.lock().unwrap();
+                        for p in off / PAGE as u64..(off + raw as u64).div_ceil(PAGE as u64) {
+                            *c.entry(p).or_default() += 1;
+                        }
+                    }
+                    Kind::RoundEnd => {
+                        let e: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload).unwrap();
+                        let _ = ends.send((e.frames.get(), frames, e.bytes.get(), bytes, e.pages.get() - pages));
+                        (frames, bytes, pages) = (0, 0, 0);
+                    }
+                    Kind::LaneEnd => return Ok(()),
+                    k => panic!("unexpected {k:?}"),
+                }
+            }
+        }
+
+        fn lanes(n: usize) -> (Vec<Lane>, Vec<(TcpStream, crate::session::seal::Seal)>) {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut tx, mut rx) = (Vec::new(), Vec::new());
+            for i in 0..n {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (s, _) = l.accept().unwrap();
+                c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+                let nonce = [i as u8; 32];
+                let (kc, ks) =
+                    (Keys::derive(Some(b"k"), Side::Client, &nonce, &nonce), Keys::derive(Some(b"k"), Side::Server, &nonce, &nonce));
+                tx.push(Lane::new(c, kc.tx));
+                rx.push((s, ks.rx));
+            }
+            (tx, rx)
+        }
+
+        fn worker(kind: Kind3, lanes: Vec<Lane>, compression: Compression) -> Option<Worker> {
+            let uring = kind != Kind3::Sockets;
+            let mut why = None;
+            let tx = Tx::open(lanes, uring, 64, kind == Kind3::UringZeroCopy, "contract", &mut |w| why = Some(w));
+            if uring && tx.transport() != crate::plan::Transport::Tcp {
+                hw::report_skip(&format!("{kind:?}: {}", why.unwrap_or_default()));
+                return None;
+            }
+            let live = crate::live::session(crate::live::Role::Send, 0xc0, 1);
+            let arena = hw::memmap::Arena::new(Worker::arena_bytes(&tx, CHUNK), hw::memmap::ArenaKind::Normal, false, None).unwrap().0;
+            Some(Worker::new(0, live.worker(0), Encoder::new(compression, CHUNK), tx, Some(arena), CHUNK))
+        }
+
+        fn run(w: &mut Worker, regions: &[Region], round: u32, dirty: &[u64], all: bool) -> Result<RoundCounts, SessionError> {
+            let feed = WindowFeed::new(8);
+            let pacer = Pacer { start: Instant::now(), rate: None, sent: AtomicU64::new(0) };
+            let r = Round { round, regions, chunk: CHUNK, feed: &feed, dirty, all, pacer: &pacer, progress: None };
+            std::thread::scope(|s| {
+                s.spawn(|| scan(regions, dirty, all, CHUNK, &feed));
+                let got = w.run_round(&r);
+                if got.is_err() {
+                    feed.stop.store(true, Ordering::Relaxed);
+                }
+                got
+            })
+        }
+
+        #[test]
+        fn every_transport_keeps_the_contract() {
+            for kind in [Kind3::Sockets, Kind3::Uring, Kind3::UringZeroCopy] {
+                let (mem, data) = region();
+                let size = data.len() as u64;
+                let pages = size.div_ceil(PAGE as u64);
+                let regions = [Region {
+                    memory: mem.try_clone().unwrap(),
+                    probe_holes: false,
+                    size,
+                    word: 0,
+                    words: pages.div_ceil(64) as usize,
+                    sent: crate::migrate::PageHashes::new(pages).unwrap(),
+                }];
+                let (tx, rx) = lanes(2);
+                let Some(w) = worker(kind, tx, Compression::Zstd { level: 1 }) else { continue };
+                let dest = Mutex::new(vec![0xeeu8; data.len()]);
+                let counts = Mutex::new(BTreeMap::new());
+                // Round 0: every page; round 1: pages 3, 500..520 and the last, changed first.
+                let changed: Vec<u64> = [3].into_iter().chain(500..520).chain([pages - 1]).collect();
+                let mut dirty = vec![0u64; pages.div_ceil(64) as usize];
+                for &p in &changed {
+                    dirty[(p / 64) as usize] |= 1 << (p % 64);
+                }
+                let (ends_tx, ends) = std::sync::mpsc::channel();
+                // Both lanes' ROUND_END for a round: every frame before it has been taken.
+                let round_ends = || {
+                    (0..2)
+                        .map(|_| ends.recv_timeout(Duration::from_secs(30)).expect("a ROUND_END on each lane"))
+                        .collect::<Vec<RoundSeen>>()
+                };
+                let check = |seen: Vec<RoundSeen>| {
+                    for (said_frames, frames, said_bytes, bytes, page_gap) in seen {
+                        assert_eq!(
+                            (said_frames, said_bytes, page_gap),
+                            (frames, bytes, 0),
+                            "{kind:?}: ROUND_END equals what the lane carried"
+                        );
+                    }
+                };
+                std::thread::scope(|s| {
+                    let receivers: Vec<_> = rx
+                        .into_iter()
+                        .map(|(sock, seal)| {
+                            let (dest, counts, ends_tx) = (&dest, &counts, ends_tx.clone());
+                            s.spawn(move || receive(sock, seal, dest, counts, None, ends_tx))
+                        })
+                        .collect();
+                    // Owned here: a failed assertion drops the lanes, and the receivers end.
+                    let mut w = w;
+                    let c0 = run(&mut w, &regions, 0, &[], true).unwrap();
+                    assert_eq!(c0.pages, pages, "{kind:?}: round 0 carries every page");
+                    check(round_ends());
+                    assert_eq!(counts.lock().unwrap().len() as u64, pages, "{kind:?}: every page");
+                    assert!(counts.lock().unwrap().values().all(|&n| n == 1), "{kind:?}: each page once");
+                    let new_page = [0x5au8; PAGE];
+                    for &p in &changed {
+                        let len = (size - p * PAGE as u64).min(PAGE as u64) as usize;
+                        mem.write_all_at(&new_page[..len], p * PAGE as u64).unwrap();
+                    }
+                    counts.lock().unwrap().clear();
+                    let c1 = run(&mut w, &regions, 1, &dirty, false).unwrap();
+                    assert_eq!(c1.pages, changed.len() as u64, "{kind:?}");
+                    check(round_ends());
+                    assert_eq!(counts.lock().unwrap().keys().copied().collect::<Vec<_>>(), changed, "{kind:?}: the dirty pages");
+                    assert!(counts.lock().unwrap().values().all(|&n| n == 1), "{kind:?}: each dirty page once");
+                    w.tx.end_lanes().unwrap();
+                    assert_eq!(w.spare.len(), w.tx.chunks_wanted(), "{kind:?}: every chunk came back");
+                    for h in receivers {
+                        h.join().unwrap().unwrap();
+                    }
+                });
+                let mut now = data.clone();
+                for &p in &changed {
+                    let len = (size - p * PAGE as u64).min(PAGE as u64) as usize;
+                    now[(p * PAGE as u64) as usize..][..len].fill(0x5a);
+                }
+                assert!(*dest.lock().unwrap() == now, "{kind:?}: the destination holds the source");
+            }
+        }
+
+        #[test]
+        fn a_receiver_that_goes_away_mid_round_is_an_error_on_every_transport() {
+            for kind in [Kind3::Sockets, Kind3::Uring, Kind3::UringZeroCopy] {
+                // Larger than the socket buffers, so the sender must notice.
+                let big = 64u64 << 20;
+                let mem = hw::memmap::memfd("contract-big", big, false).unwrap();
+                let page: Vec<u8> = (0..PAGE).map(|i| (i * 7 % 251) as u8 + 1).collect();
+                for p in 0..big / PAGE as u64 {
+                    mem.write_all_at(&page, p * PAGE as u64).unwrap();
+                }
+                let pages = big / PAGE as u64;
+                let regions = [Region {
+                    memory: mem,
+                    probe_holes: false,
+                    size: big,
+                    word: 0,
+                    words: pages.div_ceil(64) as usize,
+                    sent: crate::migrate::PageHashes::new(pages).unwrap(),
+                }];
+                let (tx, rx) = lanes(2);
+                let Some(mut w) = worker(kind, tx, Compression::Off) else { continue };
+                let (dest, counts) = (Mutex::new(vec![0u8; big as usize]), Mutex::new(BTreeMap::new()));
+                let t = Instant::now();
+                let r = std::thread::scope(|s| {
+                    for (sock, seal) in rx {
+                        let (dest, counts) = (&dest, &counts);
+                        let ends = std::sync::mpsc::channel().0;
+                        s.spawn(move || receive(sock, seal, dest, counts, Some(3), ends));
+                    }
+                    run(&mut w, &regions, 0, &[], true)
+                });
+                let err = r.expect_err("the round must fail");
+                println!("{kind:?}: {err} after {:?}", t.elapsed());
+                assert!(t.elapsed() < Duration::from_secs(20), "{kind:?}: failed promptly, not at a timeout");
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
 }
