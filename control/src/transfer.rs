@@ -105,7 +105,7 @@ fn with_progress<T>(total: &AtomicU64, show: bool, counter: &AtomicU64, f: impl 
 pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, require_rdma: bool, show_progress: bool) -> Result<Report, String> {
     let total = std::fs::metadata(file).map(|m| m.len()).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let progress = AtomicU64::new(0);
-    let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress), require_rdma };
+    let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress), require_rdma, pool: None };
     with_progress(&AtomicU64::new(total), show_progress, &progress, || send_file(file, &opts)).map_err(|e| e.to_string())
 }
 

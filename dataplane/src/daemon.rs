@@ -332,6 +332,8 @@ pub struct Daemon {
     pub plan: Plan,
     pub auth: Auth,
     pub metrics: Metrics,
+    /// The sending workers, for ferryd's lifetime: every session runs on them.
+    pub pool: crate::pool::Pool,
 }
 
 /// Binds the control socket with mode 0600, replacing a stale socket file. Anything at
@@ -462,8 +464,11 @@ impl Daemon {
                     }
                 }
                 let _active = self.metrics.begin("send");
-                let r = send_file(&file, &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false })
-                    .map_err(|e| e.to_string());
+                let r = send_file(
+                    &file,
+                    &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false, pool: Some(&self.pool) },
+                )
+                .map_err(|e| e.to_string());
                 self.metrics.end("send", &r);
                 say(result(r));
             }
@@ -598,6 +603,7 @@ impl Daemon {
             job: crate::migrate::source::Job::Migrate,
             progress: None,
             require_rdma,
+            pool: Some(&self.pool),
         };
         let refs: Vec<&std::fs::File> = memory.iter().collect();
         let mut src = Source::connect_regions(&refs, opts).map_err(|e| e.to_string())?;

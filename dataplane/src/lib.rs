@@ -26,6 +26,8 @@ pub mod live;
 pub mod migrate;
 /// The resolved plan the data plane runs with.
 pub mod plan;
+/// The persistent worker threads: one per planned CPU, each with its arena.
+pub mod pool;
 /// The session layer: limits on what a peer may cost, authenticated accept.
 pub mod session;
 /// Stream mode: an unmodified VMM's migration stream carried between two proxies.
@@ -34,5 +36,5 @@ pub mod stream;
 pub mod transport;
 /// Wire protocol v2: frame header, kinds, checks.
 pub mod wire;
-/// The sending worker, the window feed and the pacer: one loop for every job.
+/// The sending worker's steps, the window feed and the pacer: one loop for every job.
 pub mod worker;

@@ -1,25 +1,30 @@
 //! The sending worker and what feeds it: one loop for every job and transport. A round's
-//! control thread finds the chunk-sized windows that hold a dirty page (every window, in
-//! round 0 and in a one-shot transfer) and hands them over a bounded lock-free queue
-//! ([`WindowFeed`]); each worker takes windows in turn, reads their dirty pages into a
-//! chunk of its arena with `pread` (the guest keeps running; a file that shrinks is an
-//! error, not a SIGBUS), encodes them (zero pages as a flag, zstd by the policy), hashes
-//! each page as sent, and posts the chunk on one of its lanes ([`crate::transport::Tx`]).
-//! At the end of the round each lane says what it carried (ROUND_END). On RDMA the window
-//! goes to the transport whole: it reads the pages into a registered slot and writes them
-//! into the destination's memory (no frames, no encoder).
+//! windows (chunk-sized, chunk-aligned pieces of the regions) are claimed by the workers a
+//! block at a time from a shared cursor ([`WindowFeed`]); a worker skips the windows that
+//! hold no dirty page (none, in round 0 and in a one-shot transfer), reads the dirty pages
+//! of the others into a chunk of its arena with `pread` (the guest keeps running; a file
+//! that shrinks is an error, not a SIGBUS), encodes them (zero pages as a flag, zstd by the
+//! policy), hashes each page as sent, and posts the chunk on one of its lanes
+//! ([`crate::transport::Tx`]). At the end of the round each lane says what it carried
+//! (ROUND_END). On RDMA the window goes to the transport whole: it reads the pages into a
+//! registered slot and writes them into the destination's memory (no frames, no encoder).
+//!
+//! A worker's round is a sequence of steps ([`Worker::step`]), one window each, so that a
+//! thread of the persistent pool ([`crate::pool`]) can take turns between the rounds of
+//! several sessions; a paced session that is ahead of its rate waits without holding the
+//! thread.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use crossbeam_queue::ArrayQueue;
 
 use crate::chunk::Batch;
 use crate::conn::SessionError;
 use crate::digest::Digest;
-use crate::encode::Encoder;
+use crate::encode::{EncodeStats, Encoder};
 use crate::engine::PAGE;
 use crate::migrate::{PageHashes, RoundCounts};
 use crate::transport::Tx;
@@ -41,7 +46,8 @@ pub(crate) struct Region {
     pub sent: PageHashes,
 }
 
-/// Spaces writes so that the round's region bytes never run ahead of `rate` per second.
+/// Keeps a round's region bytes from running ahead of `rate` per second: a worker asks
+/// before each window ([`Pacer::ahead`]) and counts what it sent.
 pub(crate) struct Pacer {
     pub start: Instant,
     pub rate: Option<f64>,
@@ -49,73 +55,72 @@ pub(crate) struct Pacer {
 }
 
 impl Pacer {
-    pub(crate) fn pace(&self, bytes: u64) {
-        if let Some(rate) = self.rate.filter(|r| *r > 0.0) {
-            let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            // A rate checked positive gives a finite, non-negative delay.
-            let Ok(after) = Duration::try_from_secs_f64(total as f64 / rate) else { return };
-            let due = self.start + after;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
+    /// When the round is ahead of its rate, the time at which it no longer is.
+    pub(crate) fn ahead(&self) -> Option<Instant> {
+        let rate = self.rate.filter(|r| *r > 0.0)?;
+        // A rate checked positive gives a finite, non-negative delay.
+        let after = Duration::try_from_secs_f64(self.sent.load(Ordering::Relaxed) as f64 / rate).ok()?;
+        let due = self.start + after;
+        (due > Instant::now()).then_some(due)
+    }
+
+    pub(crate) fn sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
-/// Windows the feed holds at most: a full queue makes the scanning thread wait for the
-/// workers, so a round's work list never grows with the guest.
-pub(crate) const WINDOW_QUEUE: usize = 4096;
+/// Windows a worker claims at once: few enough that the round's last claims spread over
+/// the workers, many enough that a sparse round costs one atomic add per 64 windows.
+const CLAIM: u64 = 64;
 
-/// A round's dirty windows, from the control thread that scans the bitmap to the workers
-/// that send them: a bounded lock-free queue, so sending starts with the first dirty
-/// window found rather than after the whole bitmap has been scanned.
+/// A round's windows, numbered across the regions, claimed by the workers a block at a
+/// time from one atomic cursor: no queue to fill and no scanning thread, and a round's
+/// bookkeeping does not grow with the guest.
 pub(crate) struct WindowFeed {
-    queue: ArrayQueue<(u32, u64)>,
-    /// The scan is over: once the queue is empty, so is the round.
-    pub scanned: AtomicBool,
-    /// A worker failed: the others stop taking windows and the scan stops.
-    pub stop: AtomicBool,
+    /// The number of each region's first window, then the total.
+    starts: Vec<u64>,
+    next: AtomicU64,
+    /// A worker failed: the others stop claiming windows.
+    stop: AtomicBool,
 }
 
 impl WindowFeed {
-    pub(crate) fn new(capacity: usize) -> WindowFeed {
-        WindowFeed { queue: ArrayQueue::new(capacity), scanned: AtomicBool::new(false), stop: AtomicBool::new(false) }
+    pub(crate) fn new(regions: &[Region], chunk: usize) -> WindowFeed {
+        let mut starts = Vec::with_capacity(regions.len() + 1);
+        let mut at = 0;
+        for r in regions {
+            starts.push(at);
+            at += r.size.div_ceil(chunk as u64);
+        }
+        starts.push(at);
+        WindowFeed { starts, next: AtomicU64::new(0), stop: AtomicBool::new(false) }
     }
 
-    /// Queues a window, waiting while the queue is full; false once the round is stopped.
-    pub(crate) fn push(&self, mut w: (u32, u64)) -> bool {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            match self.queue.push(w) {
-                Ok(()) => return true,
-                Err(back) => {
-                    w = back;
-                    std::thread::yield_now();
-                }
-            }
+    /// The next block of windows, `None` once every window is claimed or the round has
+    /// been stopped.
+    pub(crate) fn claim(&self) -> Option<Range<u64>> {
+        if self.stopped() {
+            return None;
         }
+        let total = *self.starts.last().expect("the total");
+        let first = self.next.fetch_add(CLAIM, Ordering::Relaxed);
+        (first < total).then(|| first..(first + CLAIM).min(total))
     }
 
-    /// The next window, waiting while the scan may still find one; `None` when the round
-    /// has no more, or was stopped.
-    pub(crate) fn pop(&self) -> Option<(u32, u64)> {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return None;
-            }
-            if let Some(w) = self.queue.pop() {
-                return Some(w);
-            }
-            // Acquire pairs with the scan's release store: every window it queued before
-            // is visible to the pop below.
-            if self.scanned.load(Ordering::Acquire) {
-                return self.queue.pop();
-            }
-            std::thread::yield_now();
-        }
+    /// Window `g` of the numbering as (region, window of that region).
+    fn window(&self, g: u64) -> (u32, u64) {
+        // The last region starting at or before `g` (empty regions start where the next
+        // one does, and hold no window).
+        let r = self.starts.partition_point(|&s| s <= g) - 1;
+        (r as u32, g - self.starts[r])
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 }
 
@@ -158,63 +163,87 @@ pub(crate) fn dirty_runs(dirty: &[u64], first: u64, end: u64, f: &mut impl FnMut
     }
 }
 
-/// Scans the regions' dirty bitmaps (every page when `all`) and queues each chunk-sized,
-/// chunk-aligned window that holds a dirty page; marks the feed scanned at the end.
-pub(crate) fn scan(regions: &[Region], dirty: &[u64], all: bool, chunk: usize, feed: &WindowFeed) {
-    let ppw = (chunk / PAGE) as u64;
-    'scan: for (i, r) in regions.iter().enumerate() {
-        let pages = r.size.div_ceil(PAGE as u64);
-        let bits = if all { &[][..] } else { &dirty[r.word..r.word + r.words] };
-        for w in 0..pages.div_ceil(ppw) {
-            let (first, end) = (w * ppw, ((w + 1) * ppw).min(pages));
-            if (all || (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0))
-                && !feed.push((i as u32, w))
-            {
-                break 'scan;
-            }
-        }
-    }
-    feed.scanned.store(true, Ordering::Release);
-}
-
-/// The runs of pages of window `w` of `region` a round sends (its dirty pages, or all of
-/// them), into `runs`; returns their region bytes.
-fn window_runs(runs: &mut Vec<(u64, u64)>, r: &Round<'_>, region: u32, w: u64) -> u64 {
-    let reg = &r.regions[region as usize];
-    let page = PAGE as u64;
-    let base = w * r.chunk as u64;
-    let (first, end) = (base / page, ((base + r.chunk as u64).min(reg.size)).div_ceil(page));
-    runs.clear();
-    if r.all {
-        runs.push((first, end));
-    } else {
-        dirty_runs(&r.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
-    }
-    runs.iter().map(|&(s, e)| (e * page).min(reg.size) - s * page).sum()
-}
-
-/// What every worker shares during one round.
-pub(crate) struct Round<'a> {
+/// What every worker shares during one round; owned (the regions and the bitmap behind
+/// `Arc`s), so the round can be handed to the pool's threads.
+pub(crate) struct Round {
     pub round: u32,
-    pub regions: &'a [Region],
+    pub regions: Arc<[Region]>,
     pub chunk: usize,
-    pub feed: &'a WindowFeed,
+    pub feed: WindowFeed,
     /// The dirty bitmap (ignored when `all`).
-    pub dirty: &'a [u64],
+    pub dirty: Arc<[u64]>,
     pub all: bool,
-    pub pacer: &'a Pacer,
-    /// Region bytes sent so far, for a progress bar.
-    pub progress: Option<&'a AtomicU64>,
+    pub pacer: Pacer,
+    /// Region bytes sent so far this round, for a progress bar.
+    pub progress: AtomicU64,
 }
 
-/// A sending worker of one session: its CPU, lanes, encoder, chunks and counters, kept
-/// from round to round.
+impl Round {
+    pub(crate) fn new(round: u32, regions: Arc<[Region]>, chunk: usize, dirty: Arc<[u64]>, all: bool, rate: Option<f64>) -> Round {
+        let feed = WindowFeed::new(&regions, chunk);
+        let pacer = Pacer { start: Instant::now(), rate, sent: AtomicU64::new(0) };
+        Round { round, regions, chunk, feed, dirty, all, pacer, progress: AtomicU64::new(0) }
+    }
+
+    /// Whether window `w` of region `i` holds a page this round sends.
+    fn window_dirty(&self, i: u32, w: u64) -> bool {
+        if self.all {
+            return true;
+        }
+        let reg = &self.regions[i as usize];
+        let ppw = (self.chunk / PAGE) as u64;
+        let (first, end) = (w * ppw, ((w + 1) * ppw).min(reg.size.div_ceil(PAGE as u64)));
+        let bits = &self.dirty[reg.word..reg.word + reg.words];
+        (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0)
+    }
+
+    /// The runs of pages of window `w` of `region` the round sends (its dirty pages, or
+    /// all of them), into `runs`; returns their region bytes.
+    fn window_runs(&self, runs: &mut Vec<(u64, u64)>, region: u32, w: u64) -> u64 {
+        let reg = &self.regions[region as usize];
+        let page = PAGE as u64;
+        let base = w * self.chunk as u64;
+        let (first, end) = (base / page, ((base + self.chunk as u64).min(reg.size)).div_ceil(page));
+        runs.clear();
+        if self.all {
+            runs.push((first, end));
+        } else {
+            dirty_runs(&self.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
+        }
+        runs.iter().map(|&(s, e)| (e * page).min(reg.size) - s * page).sum()
+    }
+}
+
+/// A worker's place in a round: the windows it has claimed and not yet taken, and what it
+/// sent so far.
+#[derive(Debug, Default)]
+pub(crate) struct RoundRun {
+    block: Range<u64>,
+    counts: RoundCounts,
+    enc0: EncodeStats,
+    live_zero: u64,
+}
+
+/// What one step of a round did.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Sent a window, or took chunks back: call again.
+    Sent,
+    /// Could not go on now: ahead of the round's rate (until the time given), or every
+    /// spare chunk is in another session's flight.
+    Wait(Option<Instant>),
+    /// The round is over for this worker: its lanes have ended it.
+    Done(Result<RoundCounts, SessionError>),
+}
+
+/// A sending worker's part of one session: its lanes, encoder and counters, kept from
+/// round to round. Its chunks come from the pool thread that runs it.
 pub(crate) struct Worker {
-    pub cpu: u32,
+    /// Which of the pool's workers runs it.
+    pub index: usize,
     live: crate::live::WorkerCounters,
     pub enc: Encoder,
     pub tx: Tx,
-    spare: Vec<Batch>,
     /// The current window's dirty runs (kept to reuse its allocation).
     runs: Vec<(u64, u64)>,
     /// Per chunk: posted until written, µs.
@@ -224,99 +253,127 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// A worker sending on `tx`, with chunks cut from `arena` (two slots of `chunk` bytes
-    /// each: the window as read, and its compressed payloads); RDMA lanes bring registered
-    /// slots of their own, and no arena.
-    pub(crate) fn new(
-        cpu: u32,
-        live: crate::live::WorkerCounters,
-        enc: Encoder,
-        tx: Tx,
-        arena: Option<hw::memmap::Arena>,
-        chunk: usize,
-    ) -> Worker {
-        let mut spare = Vec::new();
-        if let Some(arena) = arena {
-            let mut slots = arena.into_slots(chunk);
-            while slots.len() >= 2 && spare.len() < tx.chunks_wanted() {
-                let (d, s) = (slots.pop().expect("two"), slots.pop().expect("two"));
-                spare.push(Batch::new(d, s));
+    /// Pool worker `index`'s part of a session, sending on `tx`.
+    pub(crate) fn new(index: usize, live: crate::live::WorkerCounters, enc: Encoder, tx: Tx) -> Worker {
+        Worker { index, live, enc, tx, runs: Vec::new(), latency: crate::engine::latency_histogram(), rdma_ends: Vec::new() }
+    }
+
+    /// Where a round starts.
+    pub(crate) fn start(&self) -> RoundRun {
+        RoundRun { block: 0..0, counts: RoundCounts::default(), enc0: self.enc.stats, live_zero: self.enc.stats.zero_pages }
+    }
+
+    /// One step of round `r`: a window read, encoded and posted on the next free lane
+    /// (or, on RDMA, written into the destination), chunks taken back, or, once the
+    /// round has no more windows for this worker, the round's end on every lane. Chunks
+    /// come from and go back to `spare`. A failure stops the round for every worker.
+    pub(crate) fn step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>) -> Step {
+        match self.try_step(run, r, spare) {
+            Ok(s) => s,
+            Err(e) => {
+                r.feed.stop();
+                Step::Done(Err(e))
             }
         }
-        Worker { cpu, live, enc, tx, spare, runs: Vec::new(), latency: crate::engine::latency_histogram(), rdma_ends: Vec::new() }
     }
 
-    /// Arena bytes a worker on `tx` needs for chunks of `chunk` bytes.
-    pub(crate) fn arena_bytes(tx: &Tx, chunk: usize) -> usize {
-        2 * chunk * tx.chunks_wanted()
-    }
-
-    /// Sends this worker's share of a round: windows in turn from the feed, each read,
-    /// encoded and posted on the next free lane (or, on RDMA, written into the
-    /// destination); then the round's end on every lane.
-    pub(crate) fn run_round(&mut self, r: &Round<'_>) -> Result<RoundCounts, SessionError> {
-        let enc0 = self.enc.stats;
-        let mut live_zero = enc0.zero_pages;
-        let mut c = RoundCounts::default();
-        let rdma = matches!(self.tx, Tx::Rdma(_));
+    /// A whole round on the calling thread, waiting where a step must.
+    #[cfg(test)]
+    pub(crate) fn run_round(&mut self, r: &Round, spare: &mut Vec<Batch>) -> Result<RoundCounts, SessionError> {
+        let mut run = self.start();
         loop {
-            if !rdma && self.spare.is_empty() {
-                self.tx.reap(&mut self.spare, &mut self.latency)?;
-                continue;
+            match self.step(&mut run, r, spare) {
+                Step::Sent => {}
+                Step::Wait(_) => std::thread::yield_now(),
+                Step::Done(c) => return c,
             }
-            let Some((region, w)) = r.feed.pop() else { break };
-            if let Tx::Rdma(t) = &mut self.tx {
-                let reg = &r.regions[region as usize];
-                let region_bytes = window_runs(&mut self.runs, r, region, w);
-                let sent = t.send_window(r.round, &reg.memory, reg.probe_holes, reg.size, region, w, r.chunk, &self.runs, &reg.sent)?;
-                r.pacer.pace(region_bytes);
-                self.live.add(region_bytes, sent.bytes, sent.imms, sent.zero_pages);
-                if let Some(p) = r.progress {
-                    p.fetch_add(region_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// The next window of the round that holds a page it sends, claiming blocks as needed.
+    fn next_window(run: &mut RoundRun, r: &Round) -> Option<(u32, u64)> {
+        loop {
+            if let Some(g) = run.block.next() {
+                let (region, w) = r.feed.window(g);
+                if r.window_dirty(region, w) {
+                    return Some((region, w));
                 }
-                c.pages += sent.pages;
-                c.zero_pages += sent.zero_pages;
-                c.wire_bytes += sent.bytes;
-                c.frames += sent.imms;
                 continue;
             }
-            let mut b = self.spare.pop().expect("a spare chunk");
-            if let Err(e) = self.fill(&mut b, r, region, w) {
-                self.spare.push(b);
-                return Err(e);
-            }
-            let f = &b.frames;
-            r.pacer.pace(f.region_bytes);
-            self.enc.adaptive.chunk_done(f.region_bytes);
-            let zero = self.enc.stats.zero_pages;
-            self.live.add(f.region_bytes, f.wire_bytes, b.frames() as u64, zero - live_zero);
-            live_zero = zero;
-            if let Some(p) = r.progress {
-                p.fetch_add(f.region_bytes, Ordering::Relaxed);
-            }
-            c.pages += f.pages;
-            c.wire_bytes += f.wire_bytes;
-            self.tx.post(b, &mut self.spare, &mut self.latency)?;
+            run.block = r.feed.claim()?;
         }
-        self.rdma_ends = self.tx.end_round(r.round, &mut self.spare, &mut self.latency)?;
-        if !rdma {
-            let enc = self.enc.stats;
-            c.zero_pages = enc.zero_pages - enc0.zero_pages;
-            c.compressed_in = enc.compressed_in - enc0.compressed_in;
-            c.compressed_out = enc.compressed_out - enc0.compressed_out;
-            c.frames = enc.frames - enc0.frames;
+    }
+
+    fn try_step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>) -> Result<Step, SessionError> {
+        let rdma = matches!(self.tx, Tx::Rdma(_));
+        if !rdma && spare.is_empty() {
+            if self.tx.in_flight() {
+                self.tx.reap(spare, &mut self.latency)?;
+                return Ok(Step::Sent);
+            }
+            return Ok(Step::Wait(None));
         }
-        Ok(c)
+        if let Some(due) = r.pacer.ahead() {
+            return Ok(Step::Wait(Some(due)));
+        }
+        let Some((region, w)) = Self::next_window(run, r) else {
+            self.rdma_ends = self.tx.end_round(r.round, spare, &mut self.latency)?;
+            let mut c = run.counts;
+            if !rdma {
+                let (enc, enc0) = (self.enc.stats, run.enc0);
+                c.zero_pages = enc.zero_pages - enc0.zero_pages;
+                c.compressed_in = enc.compressed_in - enc0.compressed_in;
+                c.compressed_out = enc.compressed_out - enc0.compressed_out;
+                c.frames = enc.frames - enc0.frames;
+            }
+            return Ok(Step::Done(Ok(c)));
+        };
+        let c = &mut run.counts;
+        if let Tx::Rdma(t) = &mut self.tx {
+            let reg = &r.regions[region as usize];
+            let region_bytes = r.window_runs(&mut self.runs, region, w);
+            let sent = t.send_window(r.round, &reg.memory, reg.probe_holes, reg.size, region, w, r.chunk, &self.runs, &reg.sent)?;
+            r.pacer.sent(region_bytes);
+            r.progress.fetch_add(region_bytes, Ordering::Relaxed);
+            self.live.add(region_bytes, sent.bytes, sent.imms, sent.zero_pages);
+            c.pages += sent.pages;
+            c.zero_pages += sent.zero_pages;
+            c.wire_bytes += sent.bytes;
+            c.frames += sent.imms;
+            return Ok(Step::Sent);
+        }
+        let mut b = spare.pop().expect("a spare chunk");
+        if let Err(e) = self.fill(&mut b, r, region, w) {
+            spare.push(b);
+            return Err(e);
+        }
+        let f = &b.frames;
+        r.pacer.sent(f.region_bytes);
+        r.progress.fetch_add(f.region_bytes, Ordering::Relaxed);
+        self.enc.adaptive.chunk_done(f.region_bytes);
+        let zero = self.enc.stats.zero_pages;
+        self.live.add(f.region_bytes, f.wire_bytes, b.frames() as u64, zero - run.live_zero);
+        run.live_zero = zero;
+        c.pages += f.pages;
+        c.wire_bytes += f.wire_bytes;
+        self.tx.post(b, spare, &mut self.latency)?;
+        Ok(Step::Sent)
+    }
+
+    /// Takes back every chunk the lanes still hold (a failed round's, whose sends are
+    /// cancelled), so the pool thread keeps all of its arena.
+    pub(crate) fn reclaim(&mut self, spare: &mut Vec<Batch>) {
+        self.tx.reclaim(spare);
     }
 
     /// Reads window `w` of `region` (its dirty pages, or all of them) into `b` and encodes
     /// it, recording each page's hash as sent.
-    fn fill(&mut self, b: &mut Batch, r: &Round<'_>, region: u32, w: u64) -> Result<(), SessionError> {
+    fn fill(&mut self, b: &mut Batch, r: &Round, region: u32, w: u64) -> Result<(), SessionError> {
         let reg = &r.regions[region as usize];
         let page = PAGE as u64;
         let base = w * r.chunk as u64;
         b.clear(base);
-        window_runs(&mut self.runs, r, region, w);
+        r.window_runs(&mut self.runs, region, w);
         for &(s, e) in &self.runs {
             let (from, to) = (s * page, (e * page).min(reg.size));
             let at = (from - base) as usize;
@@ -427,42 +484,78 @@ mod tests {
         }
     }
 
-    /// A queue far smaller than the work: every window reaches exactly one of three
-    /// workers, and none is lost at the end of the scan.
+    /// Regions of `sizes` bytes (memfds, holes), with their bitmap words one after another.
+    fn regions(sizes: &[u64]) -> Arc<[Region]> {
+        let mut word = 0;
+        sizes
+            .iter()
+            .map(|&size| {
+                let pages = size.div_ceil(PAGE as u64);
+                let words = pages.div_ceil(64) as usize;
+                let r = Region {
+                    memory: hw::memmap::memfd("feed", size, false).unwrap(),
+                    probe_holes: true,
+                    size,
+                    word,
+                    words,
+                    sent: PageHashes::new(pages).unwrap(),
+                };
+                word += words;
+                r
+            })
+            .collect()
+    }
+
+    /// Three workers claiming blocks from one cursor: every window of every region
+    /// (empty ones and ragged ends included) reaches exactly one of them, as the right
+    /// (region, window).
     #[test]
     fn window_feed_hands_each_window_to_one_worker() {
-        let feed = WindowFeed::new(8);
+        let chunk = 64 << 10;
+        let sizes = [0, 5 << 20, 0, (3 << 20) + 4096, 100 << 20, 4096];
+        let regions = regions(&sizes);
+        let feed = WindowFeed::new(&regions, chunk);
         let taken: Vec<Vec<(u32, u64)>> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..3)
                 .map(|_| {
                     s.spawn(|| {
                         let mut got = Vec::new();
-                        while let Some(w) = feed.pop() {
-                            got.push(w);
+                        while let Some(block) = feed.claim() {
+                            got.extend(block.map(|g| feed.window(g)));
                         }
                         got
                     })
                 })
                 .collect();
-            for w in 0..10_000u64 {
-                assert!(feed.push(((w % 3) as u32, w)));
-            }
-            feed.scanned.store(true, Ordering::Release);
             workers.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let mut all: Vec<u64> = taken.iter().flatten().map(|&(_, w)| w).collect();
+        let mut all: Vec<(u32, u64)> = taken.into_iter().flatten().collect();
         all.sort_unstable();
-        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
+        let want: Vec<(u32, u64)> =
+            sizes.iter().enumerate().flat_map(|(i, &size)| (0..size.div_ceil(chunk as u64)).map(move |w| (i as u32, w))).collect();
+        assert_eq!(all, want);
     }
 
-    /// A failed worker stops the scan (a full queue no longer blocks it) and the others.
+    /// A round takes the windows holding a dirty page and no other; a stopped round
+    /// hands out nothing more.
     #[test]
-    fn window_feed_stops() {
-        let feed = WindowFeed::new(2);
-        assert!(feed.push((0, 0)) && feed.push((0, 1)));
-        feed.stop.store(true, Ordering::Relaxed);
-        assert!(!feed.push((0, 2)), "a full queue returns once stopped");
-        assert_eq!(feed.pop(), None);
+    fn a_round_takes_the_dirty_windows_and_stops() {
+        let chunk = 64 << 10;
+        let regions = regions(&[8 << 20, 1 << 20]);
+        // Region 0: pages 0, 17 and 2047 (windows 0, 1, 127); region 1 (words 32..36):
+        // page 255 (window 15).
+        let mut dirty = vec![0u64; 36];
+        dirty[0] |= 1 | 1 << 17;
+        dirty[31] |= 1 << 63;
+        dirty[35] |= 1 << 63;
+        let r = Round::new(1, regions, chunk, dirty.into(), false, None);
+        let mut run = RoundRun::default();
+        let got: Vec<(u32, u64)> = std::iter::from_fn(|| Worker::next_window(&mut run, &r)).collect();
+        assert_eq!(got, vec![(0, 0), (0, 1), (0, 127), (1, 15)]);
+        let r = Round::new(0, r.regions.clone(), chunk, Arc::from(&[][..]), true, None);
+        assert!(r.feed.claim().is_some());
+        r.feed.stop();
+        assert_eq!(r.feed.claim(), None);
     }
 
     /// The transport contract, the same suite for every TCP transport (blocking sockets,
@@ -478,7 +571,6 @@ mod tests {
         use std::net::{TcpListener, TcpStream};
         use std::os::unix::fs::FileExt;
         use std::sync::Mutex;
-        use std::sync::atomic::AtomicU64;
         use std::time::{Duration, Instant};
 
         use super::super::*;
@@ -603,22 +695,27 @@ mod tests {
                 return None;
             }
             let live = crate::live::session(crate::live::Role::Send, 0xc0, 1);
-            let arena = hw::memmap::Arena::new(Worker::arena_bytes(&tx, CHUNK), hw::memmap::ArenaKind::Normal, false, None).unwrap().0;
-            Some(Worker::new(0, live.worker(0), Encoder::new(compression, CHUNK), tx, Some(arena), CHUNK))
+            Some(Worker::new(0, live.worker(0), Encoder::new(compression, CHUNK), tx))
         }
 
-        fn run(w: &mut Worker, regions: &[Region], round: u32, dirty: &[u64], all: bool) -> Result<RoundCounts, SessionError> {
-            let feed = WindowFeed::new(8);
-            let pacer = Pacer { start: Instant::now(), rate: None, sent: AtomicU64::new(0) };
-            let r = Round { round, regions, chunk: CHUNK, feed: &feed, dirty, all, pacer: &pacer, progress: None };
-            std::thread::scope(|s| {
-                s.spawn(|| scan(regions, dirty, all, CHUNK, &feed));
-                let got = w.run_round(&r);
-                if got.is_err() {
-                    feed.stop.store(true, Ordering::Relaxed);
-                }
-                got
-            })
+        /// What a pool thread lends its workers: chunks enough for `lanes` with zero copy.
+        fn chunks(lanes: usize) -> Vec<Batch> {
+            let n = Tx::chunks_for(lanes, true);
+            let arena = hw::memmap::Arena::new(2 * CHUNK * n, hw::memmap::ArenaKind::Normal, false, None).unwrap().0;
+            let mut slots = arena.into_slots(CHUNK);
+            std::iter::from_fn(|| Some(Batch::new(slots.pop()?, slots.pop()?))).collect()
+        }
+
+        fn run(
+            w: &mut Worker,
+            spare: &mut Vec<Batch>,
+            regions: &Arc<[Region]>,
+            round: u32,
+            dirty: &[u64],
+            all: bool,
+        ) -> Result<RoundCounts, SessionError> {
+            let r = Round::new(round, regions.clone(), CHUNK, Arc::from(dirty), all, None);
+            w.run_round(&r, spare)
         }
 
         #[test]
@@ -627,16 +724,18 @@ mod tests {
                 let (mem, data) = region();
                 let size = data.len() as u64;
                 let pages = size.div_ceil(PAGE as u64);
-                let regions = [Region {
+                let regions: Arc<[Region]> = Arc::new([Region {
                     memory: mem.try_clone().unwrap(),
                     probe_holes: false,
                     size,
                     word: 0,
                     words: pages.div_ceil(64) as usize,
                     sent: crate::migrate::PageHashes::new(pages).unwrap(),
-                }];
+                }]);
                 let (tx, rx) = lanes(2);
                 let Some(w) = worker(kind, tx, Compression::Zstd { level: 1 }) else { continue };
+                let mut spare = chunks(2);
+                let lent = spare.len();
                 let dest = Mutex::new(vec![0xeeu8; data.len()]);
                 let counts = Mutex::new(BTreeMap::new());
                 // Round 0: every page; round 1: pages 3, 500..520 and the last, changed first.
@@ -671,7 +770,7 @@ mod tests {
                         .collect();
                     // Owned here: a failed assertion drops the lanes, and the receivers end.
                     let mut w = w;
-                    let c0 = run(&mut w, &regions, 0, &[], true).unwrap();
+                    let c0 = run(&mut w, &mut spare, &regions, 0, &[], true).unwrap();
                     assert_eq!(c0.pages, pages, "{kind:?}: round 0 carries every page");
                     check(round_ends());
                     assert_eq!(counts.lock().unwrap().len() as u64, pages, "{kind:?}: every page");
@@ -682,13 +781,13 @@ mod tests {
                         mem.write_all_at(&new_page[..len], p * PAGE as u64).unwrap();
                     }
                     counts.lock().unwrap().clear();
-                    let c1 = run(&mut w, &regions, 1, &dirty, false).unwrap();
+                    let c1 = run(&mut w, &mut spare, &regions, 1, &dirty, false).unwrap();
                     assert_eq!(c1.pages, changed.len() as u64, "{kind:?}");
                     check(round_ends());
                     assert_eq!(counts.lock().unwrap().keys().copied().collect::<Vec<_>>(), changed, "{kind:?}: the dirty pages");
                     assert!(counts.lock().unwrap().values().all(|&n| n == 1), "{kind:?}: each dirty page once");
                     w.tx.end_lanes().unwrap();
-                    assert_eq!(w.spare.len(), w.tx.chunks_wanted(), "{kind:?}: every chunk came back");
+                    assert_eq!(spare.len(), lent, "{kind:?}: every chunk came back");
                     for h in receivers {
                         h.join().unwrap().unwrap();
                     }
@@ -713,16 +812,18 @@ mod tests {
                     mem.write_all_at(&page, p * PAGE as u64).unwrap();
                 }
                 let pages = big / PAGE as u64;
-                let regions = [Region {
+                let regions: Arc<[Region]> = Arc::new([Region {
                     memory: mem,
                     probe_holes: false,
                     size: big,
                     word: 0,
                     words: pages.div_ceil(64) as usize,
                     sent: crate::migrate::PageHashes::new(pages).unwrap(),
-                }];
+                }]);
                 let (tx, rx) = lanes(2);
                 let Some(mut w) = worker(kind, tx, Compression::Off) else { continue };
+                let mut spare = chunks(2);
+                let lent = spare.len();
                 let (dest, counts) = (Mutex::new(vec![0u8; big as usize]), Mutex::new(BTreeMap::new()));
                 let t = Instant::now();
                 let r = std::thread::scope(|s| {
@@ -731,9 +832,12 @@ mod tests {
                         let ends = std::sync::mpsc::channel().0;
                         s.spawn(move || receive(sock, seal, dest, counts, Some(3), ends));
                     }
-                    run(&mut w, &regions, 0, &[], true)
+                    run(&mut w, &mut spare, &regions, 0, &[], true)
                 });
                 let err = r.expect_err("the round must fail");
+                // What the lanes still held comes back (the pool thread keeps its arena).
+                w.reclaim(&mut spare);
+                assert_eq!(spare.len(), lent, "{kind:?}: every chunk came back after the failure");
                 println!("{kind:?}: {err} after {:?}", t.elapsed());
                 assert!(t.elapsed() < Duration::from_secs(20), "{kind:?}: failed promptly, not at a timeout");
                 let _ = std::io::stdout().flush();

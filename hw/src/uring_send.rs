@@ -80,6 +80,9 @@ pub struct SendRing<B> {
     iov_spare: Vec<Vec<libc::iovec>>,
     zero_copy: bool,
     zc: ZcStats,
+    /// Buffers whose send failed, released by the kernel: [`SendRing::release_all`] gives
+    /// them back to their owner.
+    failed: Vec<B>,
 }
 
 impl<B> std::fmt::Debug for SendRing<B> {
@@ -116,6 +119,7 @@ impl<B: SendBuf> SendRing<B> {
             iov_spare: Vec::new(),
             zero_copy,
             zc: ZcStats::default(),
+            failed: Vec::new(),
         })
     }
 
@@ -266,6 +270,7 @@ impl<B: SendBuf> SendRing<B> {
                     match f.failed {
                         Some(e) => {
                             error.get_or_insert(e);
+                            self.failed.push(f.buf);
                         }
                         None => {
                             self.iov_spare.push(f.iov);
@@ -274,10 +279,14 @@ impl<B: SendBuf> SendRing<B> {
                     }
                 }
             }
-            self.ring.submit()?;
             if let Some(e) = error {
+                // Written or not, these buffers are the owner's again: kept with the failed
+                // ones for `release_all`.
+                self.failed.extend(done.into_iter().map(|(_, b)| b));
+                let _ = self.ring.submit();
                 return Err(e);
             }
+            self.ring.submit()?;
             if !done.is_empty() {
                 return Ok(done);
             }
@@ -285,12 +294,15 @@ impl<B: SendBuf> SendRing<B> {
     }
 }
 
-impl<B> Drop for SendRing<B> {
-    /// Cancels what is still being written and waits until the kernel has let go of every
-    /// buffer (every send completed, every zero-copy notification in) before they are
-    /// freed.
-    fn drop(&mut self) {
+impl<B> SendRing<B> {
+    /// Cancels what is still being written, waits until the kernel has let go of every
+    /// buffer (every send completed, every zero-copy notification in) and returns them all,
+    /// written, cancelled or failed: a sender whose connection failed gets its buffers
+    /// back. If the ring itself fails, the buffers it still holds are leaked rather than
+    /// handed back while the kernel might still read them.
+    pub fn release_all(&mut self) -> Vec<B> {
         const CANCEL: u64 = 1 << 63;
+        let mut back = std::mem::take(&mut self.failed);
         for (slot, f) in self.slots.iter().enumerate() {
             if f.as_ref().is_some_and(|f| f.op) {
                 let sqe = opcode::AsyncCancel::new(slot as u64).build().user_data(CANCEL | slot as u64);
@@ -300,19 +312,20 @@ impl<B> Drop for SendRing<B> {
         }
         for f in &mut self.slots {
             if f.as_ref().is_some_and(InFlight::settled) {
-                *f = None;
+                back.extend(f.take().map(|f| f.buf));
             }
+        }
+        for w in &mut self.writing {
+            *w = None;
         }
         while self.slots.iter().any(Option::is_some) {
             if self.ring.submit_and_wait(1).is_err() {
-                // The ring is unusable; leak the buffers rather than free memory the
-                // kernel might still read from.
                 for f in &mut self.slots {
                     if let Some(f) = f.take() {
                         std::mem::forget(f);
                     }
                 }
-                return;
+                return back;
             }
             let cqes: Vec<(u64, u32)> = self.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
             for (ud, flags) in cqes {
@@ -330,11 +343,20 @@ impl<B> Drop for SendRing<B> {
                         }
                     }
                     if f.settled() {
-                        self.slots[slot] = None;
+                        back.extend(self.slots[slot].take().map(|f| f.buf));
                     }
                 }
             }
         }
+        back
+    }
+}
+
+impl<B> Drop for SendRing<B> {
+    /// Cancels what is still being written and waits until the kernel has let go of every
+    /// buffer before they are freed ([`SendRing::release_all`]).
+    fn drop(&mut self) {
+        drop(self.release_all());
     }
 }
 
@@ -503,5 +525,26 @@ mod tests {
         ring.submit(0, Owned(vec![vec![1; 100]])).unwrap();
         let e = ring.wait().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+    }
+
+    /// A failed send's buffer and one stuck behind a peer that does not read both come
+    /// back from `release_all`, and the ring is empty afterwards.
+    #[test]
+    fn release_all_gives_back_failed_and_stuck_buffers() {
+        let (a1, b1) = UnixStream::pair().unwrap();
+        let (a2, _b2) = UnixStream::pair().unwrap();
+        drop(b1);
+        let mut ring = match SendRing::<Owned>::new(4, vec![a1.into(), a2.into()]) {
+            Ok(r) => r,
+            Err(e) => return crate::report_skip(&format!("io_uring unavailable: {e}")),
+        };
+        ring.submit(0, Owned(vec![vec![1; 100]])).unwrap();
+        // Far more than the socket buffer: the peer never reads, so this stays in flight.
+        ring.submit(1, Owned(vec![vec![2; 8 << 20]])).unwrap();
+        assert_eq!(ring.wait().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert!(ring.any_busy(), "the stuck send is still in flight");
+        let back = ring.release_all();
+        assert_eq!(back.len(), 2, "both buffers come back");
+        assert!(!ring.any_busy());
     }
 }

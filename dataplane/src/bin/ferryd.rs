@@ -98,7 +98,16 @@ fn main() -> ExitCode {
         plan.arena.backing,
         plan.compression
     );
-    let daemon: &'static Daemon = Box::leak(Box::new(Daemon { plan, auth, metrics: Metrics::default() }));
+    // The sending workers start with ferryd and live as long: a thread per planned CPU,
+    // its arena mapped and locked once.
+    let pool = match dataplane::pool::Pool::new(&plan) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("cannot start the worker pool: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let daemon: &'static Daemon = Box::leak(Box::new(Daemon { plan, auth, metrics: Metrics::default(), pool }));
     std::thread::spawn(move || daemon.serve_control(control));
     if let Some(l) = metrics {
         log::info!("metrics on http://{}/metrics", l.local_addr().map_or_else(|_| args.metrics.clone(), |a| a.to_string()));

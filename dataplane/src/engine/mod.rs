@@ -130,6 +130,19 @@ pub(crate) fn pin_lane(plan: &crate::plan::Plan, n: u16) {
 /// fallback down the hugepage ladder is said once per session (`live`), not once per
 /// worker.
 pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize, live: &crate::live::Session) -> Result<hw::memmap::Arena, SessionError> {
+    let (a, notes) = arena_with_notes(plan, min_bytes)?;
+    for (important, n) in &notes {
+        live.note(*important, n);
+    }
+    Ok(a)
+}
+
+/// [`arena`], returning what there is to say about it: each fallback down the hugepage
+/// ladder (`true`: a warning) and what it got.
+pub(crate) fn arena_with_notes(
+    plan: &crate::plan::Plan,
+    min_bytes: usize,
+) -> Result<(hw::memmap::Arena, Vec<(bool, String)>), SessionError> {
     use crate::plan::ArenaBacking;
     use hw::memmap::{Arena, ArenaKind};
     let want = match plan.arena.backing {
@@ -138,13 +151,11 @@ pub(crate) fn arena(plan: &crate::plan::Plan, min_bytes: usize, live: &crate::li
         ArenaBacking::Normal => ArenaKind::Normal,
     };
     let bytes = (plan.arena.bytes_per_worker as usize).max(min_bytes).div_ceil(2 << 20) * (2 << 20);
-    let (a, notes) = Arena::new(bytes, want, plan.arena.mlock, Some(plan.numa_node))?;
-    for n in &notes {
-        live.note(true, &format!("arena: {n}"));
-    }
-    live.note(
+    let (a, fallbacks) = Arena::new(bytes, want, plan.arena.mlock, Some(plan.numa_node))?;
+    let mut notes: Vec<(bool, String)> = fallbacks.iter().map(|n| (true, format!("arena: {n}"))).collect();
+    notes.push((
         false,
-        &format!("arenas: {} MiB per worker, {:?} pages, {}", bytes >> 20, a.kind(), if a.locked() { "locked" } else { "not locked" }),
-    );
-    Ok(a)
+        format!("arenas: {} MiB per worker, {:?} pages, {}", bytes >> 20, a.kind(), if a.locked() { "locked" } else { "not locked" }),
+    ));
+    Ok((a, notes))
 }

@@ -29,6 +29,8 @@ pub struct SendOptions<'a> {
     /// The plan's RDMA is required (`--transport rdma`): fail rather than fall back to TCP
     /// when the receiver has no RDMA port.
     pub require_rdma: bool,
+    /// ferryd's worker threads; without them the transfer starts its own.
+    pub pool: Option<&'a crate::pool::Pool>,
 }
 
 pub(crate) fn connect(to: &str) -> Result<TcpStream, SessionError> {
@@ -56,6 +58,7 @@ pub fn send_file(path: &Path, opts: &SendOptions<'_>) -> Result<Report, SessionE
         job: Job::Transfer,
         progress: opts.progress,
         require_rdma: opts.require_rdma,
+        pool: opts.pool,
         ..SourceOptions::migrate(opts.to.clone(), opts.auth.clone(), opts.plan)
     };
     let rep = Source::connect(&file, source_opts)?.finish(&[])?;

@@ -1,10 +1,11 @@
 //! The source side of a session: a migration's pre-copy rounds, or a one-shot transfer
 //! (one round of every page). The control connection and the lanes stay open from round
-//! to round; each round the control thread finds the dirty windows and the session's
-//! workers ([`crate::worker`]) send them on their lanes, over io_uring or sockets.
+//! to round; each round the control thread hands the round to the session's workers on
+//! the persistent pool ([`crate::pool`]), which send its dirty windows on their lanes
+//! ([`crate::worker`]): RDMA queue pairs, io_uring or sockets.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -20,12 +21,13 @@ use crate::conn::{Ctl, SessionError};
 use crate::digest::{Digest, DigestKey, Hashing};
 use crate::encode::Encoder;
 use crate::engine::send::{connect, connect_data};
-use crate::engine::{PAGE, cpu_seconds, pin};
+use crate::engine::{PAGE, cpu_seconds};
 use crate::plan::{Plan, Transport};
+use crate::pool::{Done, Pool, Task};
 use crate::transport::rdma::RdmaReport;
 use crate::transport::{Lane, Tx};
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, features};
-use crate::worker::{Pacer, Region, Round, WINDOW_QUEUE, WindowFeed, Worker};
+use crate::worker::{Region, Round, Worker};
 
 /// What a session moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,9 @@ pub struct SourceOptions<'a> {
     /// The plan's RDMA is required (`--transport rdma`): fail rather than fall back to TCP
     /// lanes when the destination offers no RDMA.
     pub require_rdma: bool,
+    /// The worker threads to run on (ferryd's); without one, the session starts a pool of
+    /// its own from the plan, for its lifetime.
+    pub pool: Option<&'a Pool>,
 }
 
 impl<'a> SourceOptions<'a> {
@@ -71,6 +76,7 @@ impl<'a> SourceOptions<'a> {
             verify: Verify::Sent,
             progress: None,
             require_rdma: false,
+            pool: None,
         }
     }
 }
@@ -85,10 +91,28 @@ pub fn rate_limit_bytes(mbit: u64) -> Result<u64, String> {
     Ok(mbit * 1_000_000 / 8)
 }
 
+/// The worker threads a session runs on: shared (ferryd's), or its own.
+enum Workers<'a> {
+    Shared(&'a Pool),
+    Own(Pool),
+}
+
+impl std::ops::Deref for Workers<'_> {
+    type Target = Pool;
+    fn deref(&self) -> &Pool {
+        match self {
+            Workers::Shared(p) => p,
+            Workers::Own(p) => p,
+        }
+    }
+}
+
 /// A session in progress, from the source's side.
 pub struct Source<'a> {
     opts: SourceOptions<'a>,
-    regions: Vec<Region>,
+    /// Shared with the pool's threads during a round.
+    regions: Arc<[Region]>,
+    pool: Workers<'a>,
     /// All regions together.
     size: u64,
     chunk: usize,
@@ -168,6 +192,13 @@ impl<'a> Source<'a> {
         }
         let t0 = Instant::now();
         let cpu0 = cpu_seconds();
+        if let Some(p) = opts.pool.filter(|p| p.chunk() != opts.plan.chunk_size_bytes as usize) {
+            return Err(SessionError::Protocol(format!(
+                "the plan's chunk is {} bytes, the worker pool's {}: the pool is made from the same plan",
+                opts.plan.chunk_size_bytes,
+                p.chunk()
+            )));
+        }
         let mut s = connect(&opts.to)?;
         let want_rdma = opts.plan.transport == Transport::Rdma && opts.plan.rdma.is_some();
         let offer = if opts.job == Job::Migrate { features::MIGRATE } else { 0 } | if want_rdma { features::RDMA } else { 0 };
@@ -215,7 +246,7 @@ impl<'a> Source<'a> {
             Some(rp) => rp.qps_per_worker as usize,
             None => plan.tcp.connections_per_worker as usize,
         };
-        let n_workers = plan.worker_cpus.len();
+        let n_workers = opts.pool.map_or(plan.worker_cpus.len(), |p| p.workers());
         let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: regions.iter().map(|r| r.size).collect() };
         let lanes = n_workers * per_worker;
         let transport = if rp.is_some() { wire::DataTransport::Rdma } else { wire::DataTransport::Tcp };
@@ -223,12 +254,17 @@ impl<'a> Source<'a> {
         let mut buf = Vec::new();
         ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+        // Without ferryd's workers, the session's own, for its lifetime (an embedded run).
+        let pool = match opts.pool {
+            Some(p) => Workers::Shared(p),
+            None => Workers::Own(Pool::new(plan).inspect_err(|e| ctl.error(&e.to_string()))?),
+        };
         let role = if opts.job == Job::Migrate { crate::live::Role::MigrateOut } else { crate::live::Role::Send };
         // This session's own counters: concurrent sessions never count into one slot.
         let live = crate::live::session(role, session, n_workers);
         let abort = Arc::new(AtomicBool::new(false));
         if let Some(rp) = rp {
-            let (workers, report) = rdma_workers(&mut ctl, plan, rp, &layout, &live, &abort)?;
+            let (workers, report) = rdma_workers(&mut ctl, plan, rp, &layout, n_workers, &live, &abort)?;
             let key = Some(ctl.digest_key().clone());
             log::info!(
                 "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} RDMA QP(s) on {} from {n_workers} worker(s)",
@@ -236,12 +272,17 @@ impl<'a> Source<'a> {
                 opts.to,
                 report.device
             );
-            return Source::ready(opts, regions, ctl, workers, Some(report), key, abort, live, t0, cpu0);
+            return Source::ready(opts, regions, pool, ctl, workers, Some(report), key, abort, live, t0, cpu0);
+        }
+        // The pool's arenas were mapped once, when it started: what that said is said for
+        // every session.
+        for (important, n) in pool.notes() {
+            live.note(*important, n);
         }
         let mut workers = Vec::with_capacity(n_workers);
         // A fallback is said once per session, not once per worker.
         let mut note = |why: String| live.note(true, &why);
-        for (w, &cpu) in plan.worker_cpus.iter().enumerate() {
+        for w in 0..n_workers {
             let mut lanes = Vec::with_capacity(per_worker);
             for c in 0..per_worker {
                 let mut s = connect_data(&opts.to, plan).map_err(|e| gone_or(&mut ctl, e, "opening the data lanes"))?;
@@ -249,15 +290,14 @@ impl<'a> Source<'a> {
                 lanes.push(Lane::new(s, keys.tx));
             }
             let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
-            let arena = crate::engine::arena(plan, Worker::arena_bytes(&tx, chunk), &live)?;
-            workers.push(Worker::new(cpu, live.worker(w), Encoder::new(plan.compression, chunk), tx, Some(arena), chunk));
+            workers.push(Worker::new(w, live.worker(w), Encoder::new(plan.compression, chunk), tx));
         }
         log::info!(
             "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
             regions.len(),
             opts.to
         );
-        Source::ready(opts, regions, ctl, workers, None, None, abort, live, t0, cpu0)
+        Source::ready(opts, regions, pool, ctl, workers, None, None, abort, live, t0, cpu0)
     }
 
     /// The session, its lanes open.
@@ -265,6 +305,7 @@ impl<'a> Source<'a> {
     fn ready(
         opts: SourceOptions<'a>,
         regions: Vec<Region>,
+        pool: Workers<'a>,
         ctl: Ctl,
         workers: Vec<Worker>,
         rdma: Option<RdmaReport>,
@@ -290,7 +331,8 @@ impl<'a> Source<'a> {
         }
         Ok(Source {
             opts,
-            regions,
+            regions: regions.into(),
+            pool,
             size,
             chunk,
             ctl,
@@ -413,18 +455,15 @@ impl<'a> Source<'a> {
             )));
         }
         self.check_sizes(round, "start")?;
-        let feed = WindowFeed::new(WINDOW_QUEUE);
-        let pacer = Pacer { start, rate: self.opts.rate_limit.map(|r| r as f64), sent: AtomicU64::new(0) };
-        let regions = &self.regions;
-        let job = Round { round, regions, chunk: self.chunk, feed: &feed, dirty, all, pacer: &pacer, progress: self.opts.progress };
+        let dirty: Arc<[u64]> = if all { Arc::from(&[][..]) } else { Arc::from(dirty) };
+        let job = Arc::new(Round::new(round, self.regions.clone(), self.chunk, dirty.clone(), all, self.opts.rate_limit.map(|r| r as f64)));
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;
         let key = self.digest_key.as_ref();
-        // Each worker says it is done with a byte here, so this thread can wait for them
-        // and for the destination at once.
-        let (done_tx, done_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
-        let (results, digest, ctl_failed) = std::thread::scope(|s| {
+        let regions = &*self.regions;
+        let (done, woken) = Done::new(self.workers.len(), self.abort.clone())?;
+        let (digest, handed, failed) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
             let digest = full.then(|| {
                 s.spawn(move || {
@@ -436,51 +475,58 @@ impl<'a> Source<'a> {
                     Ok::<Digest, std::io::Error>(d)
                 })
             });
-            let (job, feed, abort, done_tx, chunk) = (&job, &feed, &*self.abort, &done_tx, self.chunk);
-            let n = self.workers.len();
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
-                .map(|w| {
-                    s.spawn(move || {
-                        pin(w.cpu);
-                        let r = w.run_round(job);
-                        if r.is_err() {
-                            feed.stop.store(true, Ordering::Relaxed);
-                            abort.store(true, Ordering::Relaxed);
-                        }
-                        let _ = (&*done_tx).write(&[1]);
-                        r
-                    })
-                })
-                .collect();
-            s.spawn(move || crate::worker::scan(regions, dirty, all, chunk, feed));
-            // The destination says nothing during a round: a readable control connection
-            // is its ERROR, or its end. The workers are stopped, and the reason kept.
-            let ctl_failed = watch_round(&mut self.ctl, &done_rx, n).err();
-            if ctl_failed.is_some() {
-                feed.stop.store(true, Ordering::Relaxed);
-                abort.store(true, Ordering::Relaxed);
+            // Each worker of the pool takes its part of the session and the round.
+            let (mut handed, mut failed) = (0, None);
+            for worker in std::mem::take(&mut self.workers) {
+                match self.pool.submit(Task { worker, round: job.clone(), done: done.clone() }) {
+                    Ok(()) => handed += 1,
+                    Err(refused) => {
+                        let (t, e) = *refused;
+                        job.feed.stop();
+                        self.abort.store(true, Ordering::Relaxed);
+                        self.workers.push(t.worker);
+                        failed.get_or_insert(e);
+                    }
+                }
             }
-            let results: Vec<Result<RoundCounts, SessionError>> =
-                handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
-            (
-                results,
-                digest.map(|d| {
-                    d.join().expect("digest thread panicked").map_err(|e| SessionError::io("digesting the paused guest memory", e))
-                }),
-                ctl_failed,
-            )
+            // The destination says nothing during a round: a readable control connection
+            // is its ERROR, or its end. The workers are stopped, and the reason kept; they
+            // are waited for either way, so the session has its lanes back.
+            let (finished, ctl_failed) = watch_round(&mut self.ctl, &woken, handed, &job.progress, self.opts.progress);
+            if let Some(e) = ctl_failed {
+                job.feed.stop();
+                self.abort.store(true, Ordering::Relaxed);
+                failed = failed.or(Some(e));
+                if let Err(e) = crate::pool::wait_for(&woken, handed - finished) {
+                    log::error!("{e}");
+                }
+            }
+            let digest = digest
+                .map(|d| d.join().expect("digest thread panicked").map_err(|e| SessionError::io("digesting the paused guest memory", e)));
+            (digest, handed, failed)
         });
-        if let Some(e) = ctl_failed {
+        let results = done.take();
+        debug_assert_eq!(results.len(), handed);
+        let mut c = RoundCounts::default();
+        let mut worker_failed = None;
+        for (w, r) in results {
+            self.workers.push(w);
+            match r {
+                Ok(r) => c += r,
+                Err(e) => {
+                    worker_failed.get_or_insert(e);
+                }
+            }
+        }
+        self.workers.sort_by_key(|w| w.index);
+        if let Some(e) = failed {
             return Err(e);
+        }
+        if let Some(e) = worker_failed {
+            return Err(self.ctl.reason_for(e));
         }
         // The workers are done: what follows is the destination's confirmation.
         self.data_seconds += start.elapsed().as_secs_f64();
-        let mut c = RoundCounts::default();
-        for r in results {
-            c += r.map_err(|e| self.ctl.reason_for(e))?;
-        }
         // A region that shrank while the round read it sent zeros for the pages past its
         // new end (they read as holes): fail before the destination confirms the round.
         self.check_sizes(round, "end")?;
@@ -489,12 +535,12 @@ impl<'a> Source<'a> {
             let ends: Vec<wire::RdmaLaneEnd> = self.workers.iter_mut().flat_map(|w| std::mem::take(&mut w.rdma_ends)).collect();
             // Rounds after the first wrote the dirty pages only: the destination is told
             // which, and hashes exactly those (not the whole windows).
-            let runs = if all { 0 } else { rdma_runs(&self.regions, dirty, &mut |_| Ok(()))? };
+            let runs = if all { 0 } else { rdma_runs(&self.regions, &dirty, &mut |_| Ok(()))? };
             let head = wire::RdmaRoundEnd { round: round.into(), whole: u32::from(all).into(), runs: runs.into() };
             self.ctl.send(Kind::RdmaEnd, &wire::list_payload(&head, &ends))?;
             if !all {
                 let ctl = &mut self.ctl;
-                rdma_runs(&self.regions, dirty, &mut |frame| ctl.send(Kind::RdmaPages, frame.as_bytes()))?;
+                rdma_runs(&self.regions, &dirty, &mut |frame| ctl.send(Kind::RdmaPages, frame.as_bytes()))?;
             }
         }
         let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
@@ -645,24 +691,46 @@ fn gone_or(ctl: &mut Ctl, e: SessionError, op: &str) -> SessionError {
     }
 }
 
-/// Waits until `n` workers have said they are done on `done`, watching the control
+/// Waits until `n` workers have said they are done on `woken`, watching the control
 /// connection meanwhile: readable there means the destination sent ERROR (or closed),
-/// which is returned.
-fn watch_round(ctl: &mut Ctl, done: &UnixStream, n: usize) -> Result<(), SessionError> {
+/// which is returned with how many workers had finished. The round's `sent` bytes are
+/// passed on to `progress` as they grow.
+fn watch_round(
+    ctl: &mut Ctl,
+    woken: &UnixStream,
+    n: usize,
+    sent: &AtomicU64,
+    progress: Option<&AtomicU64>,
+) -> (usize, Option<SessionError>) {
     let mut finished = 0;
     let mut bytes = [0u8; 64];
+    let mut told = 0;
+    let mut tell = || {
+        if let Some(p) = progress {
+            let now = sent.load(Ordering::Relaxed);
+            p.fetch_add(now - told, Ordering::Relaxed);
+            told = now;
+        }
+    };
+    // With a progress bar to feed, look at the count ten times a second.
+    let timeout = if progress.is_some() { PollTimeout::from(100u8) } else { PollTimeout::NONE };
     while finished < n {
-        let mut fds = [PollFd::new(done.as_fd(), PollFlags::POLLIN), PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) if fds[0].revents().is_some_and(|r| !r.is_empty()) => {
-                finished += (&*done).read(&mut bytes).map_err(|e| SessionError::io("waiting for the workers", e))?;
-            }
-            Ok(_) => return Err(crate::engine::recv::peer_ended(ctl, "sending a round")),
+        let mut fds = [PollFd::new(woken.as_fd(), PollFlags::POLLIN), PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN)];
+        let r = poll(&mut fds, timeout);
+        tell();
+        match r {
+            Ok(0) => {}
+            Ok(_) if fds[0].revents().is_some_and(|r| !r.is_empty()) => match (&*woken).read(&mut bytes[..(n - finished).min(64)]) {
+                Ok(k) => finished += k,
+                Err(e) => return (finished, Some(SessionError::io("waiting for the workers", e))),
+            },
+            Ok(_) => return (finished, Some(crate::engine::recv::peer_ended(ctl, "sending a round"))),
             Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(SessionError::io("waiting for the workers", e.into())),
+            Err(e) => return (finished, Some(SessionError::io("waiting for the workers", e.into()))),
         }
     }
-    Ok(())
+    tell();
+    (finished, None)
 }
 
 /// An RDMA session's workers: each with its CQ and QPs, connected to the destination's
@@ -672,11 +740,11 @@ fn rdma_workers(
     plan: &Plan,
     rp: &crate::plan::RdmaPlan,
     layout: &Layout,
+    n_workers: usize,
     live: &crate::live::Session,
     abort: &Arc<AtomicBool>,
 ) -> Result<(Vec<Worker>, RdmaReport), SessionError> {
     use crate::transport::rdma::{self, tx};
-    let n_workers = plan.worker_cpus.len();
     let qpw = rp.qps_per_worker as usize;
     let lanes = n_workers * qpw;
     let chunk = layout.max_chunk as usize;
@@ -708,7 +776,7 @@ fn rdma_workers(
     let key = ctl.digest_key().clone();
     let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, ..RdmaReport::default() };
     let mut workers = Vec::with_capacity(n_workers);
-    for (w, (u, &cpu)) in unconnected.into_iter().zip(&plan.worker_cpus).enumerate() {
+    for (w, u) in unconnected.into_iter().enumerate() {
         let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk), live)?;
         let setup = tx::Setup {
             dev: dev.clone(),
@@ -728,7 +796,7 @@ fn rdma_workers(
         report.registration_seconds += t.report.registration_seconds;
         // RDMA writes pages as they are: the encoder only counts.
         let enc = Encoder::new(crate::plan::Compression::Off, chunk);
-        workers.push(Worker::new(cpu, live.worker(w), enc, Tx::Rdma(Box::new(t)), None, chunk));
+        workers.push(Worker::new(w, live.worker(w), enc, Tx::Rdma(Box::new(t))));
     }
     if report.registration_seconds > 0.0 {
         report.registration_gbps = report.registered_bytes as f64 / report.registration_seconds / 1e9;

@@ -4,7 +4,8 @@
 //! - [`Tx::post`] takes an encoded, unsealed chunk, seals it for a lane and puts it on the
 //!   wire (or in flight); the chunk comes back to the worker's spares once the transport
 //!   is done with its memory.
-//! - [`Tx::reap`] waits for at least one chunk to come back.
+//! - [`Tx::reap`] waits for at least one chunk to come back; [`Tx::reclaim`] takes every
+//!   chunk back after a failure.
 //! - [`Tx::end_round`] waits for every chunk in flight, then ends the round on each lane
 //!   with its counts (ROUND_END); [`Tx::end_lanes`] ends the lanes (LANE_END).
 //!
@@ -101,17 +102,12 @@ impl Tx {
         }
     }
 
-    /// Chunks the worker needs to keep every lane busy: one in flight per lane and one
-    /// being encoded; with zero copy a written chunk stays held until the kernel's
-    /// notification while its lane takes the next, so two more per lane. RDMA reads
-    /// windows into registered slots of its own.
-    pub(crate) fn chunks_wanted(&self) -> usize {
-        match self {
-            Tx::Rdma(_) => 0,
-            Tx::Sockets { .. } => 1,
-            Tx::Uring { lanes, zero_copy: false, .. } => lanes.len() + 1,
-            Tx::Uring { lanes, zero_copy: true, .. } => 3 * lanes.len() + 1,
-        }
+    /// Chunks a worker needs to keep `lanes` TCP lanes busy: one in flight per lane and
+    /// one being encoded; with zero copy a written chunk stays held until the kernel's
+    /// notification while its lane takes the next, so two more per lane. (RDMA reads
+    /// windows into registered slots of its own.)
+    pub(crate) fn chunks_for(lanes: usize, zero_copy: bool) -> usize {
+        if zero_copy { 3 * lanes + 1 } else { lanes + 1 }
     }
 
     /// Puts `b` on a lane: written at once (sockets; `b` is back in `spare` on return) or
@@ -141,7 +137,10 @@ impl Tx {
                     if let Some(l) = (0..lanes.len()).find(|&l| !ring.busy(l)) {
                         break l;
                     }
-                    self.reap(spare, latency)?;
+                    if let Err(e) = self.reap(spare, latency) {
+                        spare.push(b);
+                        return Err(e);
+                    }
                 };
                 let Tx::Uring { lanes, ring, posted, to, .. } = self else { unreachable!() };
                 b.seal(&mut lanes[lane].tx);
@@ -172,6 +171,20 @@ impl Tx {
             }
         }
         Ok(())
+    }
+
+    /// Whether a chunk is in flight (io_uring): [`Tx::reap`] would give one back.
+    pub(crate) fn in_flight(&self) -> bool {
+        matches!(self, Tx::Uring { ring, .. } if ring.any_busy())
+    }
+
+    /// Takes back every chunk still in flight, cancelling its send: after a failure, so
+    /// that the worker's arena is whole for the next session. The lanes are unusable
+    /// afterwards.
+    pub(crate) fn reclaim(&mut self, spare: &mut Vec<Batch>) {
+        if let Tx::Uring { ring, .. } = self {
+            spare.extend(ring.release_all());
+        }
     }
 
     /// Waits for every chunk in flight, then ends round `round` on every lane with what
