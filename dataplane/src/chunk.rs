@@ -105,7 +105,7 @@ impl Batch {
     }
 
     /// Calls `f` with the header, payload and tag of each frame, in order.
-    fn slices<'b>(&'b self, f: &mut dyn FnMut(&'b [u8])) {
+    pub(crate) fn slices<'b>(&'b self, f: &mut dyn FnMut(&'b [u8])) {
         let fr = &self.frames;
         debug_assert_eq!(fr.tags.len(), fr.headers.len(), "a batch is sealed before it is written");
         for ((h, &p), tag) in fr.headers.iter().zip(&fr.payloads).zip(&fr.tags) {

@@ -384,8 +384,14 @@ mod tests {
         let mem = hw::memmap::memfd("pool", size, false).unwrap();
         mem.write_all_at(&vec![7u8; size as usize], 0).unwrap();
         let pages = size / 4096;
-        let region =
-            Region { memory: mem, probe_holes: false, size, word: 0, words: pages.div_ceil(64) as usize, sent: crate::migrate::PageHashes::new(pages).unwrap() };
+        let region = Region {
+            memory: mem,
+            probe_holes: false,
+            size,
+            word: 0,
+            words: pages.div_ceil(64) as usize,
+            sent: crate::migrate::PageHashes::new(pages).unwrap(),
+        };
         let round = Arc::new(Round::new(0, Arc::new([region]), CHUNK, Arc::from(&[][..]), true, rate));
         (w, round, drain)
     }

@@ -558,16 +558,16 @@ mod tests {
         assert_eq!(r.feed.claim(), None);
     }
 
-    /// The transport contract, the same suite for every TCP transport (blocking sockets,
-    /// io_uring, io_uring with zero-copy sends): a worker sending rounds over two lanes to
-    /// real receivers. Every page of the region arrives once per round, intact (tags and
+    /// The transport contract, the same suite for the mock ([`crate::transport::mock`])
+    /// and every TCP transport (blocking sockets, io_uring, io_uring with zero-copy sends):
+    /// a worker sending rounds over two lanes to checking receivers. Every page of the region arrives once per round, intact (tags and
     /// CRCs checked, payloads decoded and compared with the source), each lane's
     /// ROUND_END equals what it carried, every chunk comes back to the worker's spares, and
     /// a receiver that goes away mid-round is an error, not a hang. (RDMA keeps the same
     /// contract through whole sessions in the Soft-RoCE guest: `control/tests/rxe_transfer.rs`.)
     mod contract {
         use std::collections::BTreeMap;
-        use std::io::Write;
+        use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
         use std::os::unix::fs::FileExt;
         use std::sync::Mutex;
@@ -586,6 +586,7 @@ mod tests {
 
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         enum Kind3 {
+            Mock,
             Sockets,
             Uring,
             UringZeroCopy,
@@ -622,7 +623,7 @@ mod tests {
         /// A receiver for one lane: checks every frame, decodes it into `dest`, and at each
         /// ROUND_END reports what arrived and what it said on `ends`, until LANE_END.
         fn receive(
-            s: TcpStream,
+            mut s: Box<dyn Read + Send>,
             rx: crate::session::seal::Seal,
             dest: &Mutex<Vec<u8>>,
             counts: &Mutex<BTreeMap<u64, u32>>,
@@ -631,7 +632,6 @@ mod tests {
         ) -> Result<(), SessionError> {
             let max = wire::max_payload_for(CHUNK as u32);
             let mut r = FrameReader::new(1 << 20, max, rx);
-            let mut s = s;
             let mut dec = Decoder::default();
             let (mut frames, mut bytes, mut pages) = (0u64, 0u64, 0u64);
             loop {
@@ -640,8 +640,8 @@ mod tests {
                     Kind::Data => {
                         frames += 1;
                         if stop_after.is_some_and(|n| frames >= n) {
-                            // The receiver goes away mid-round.
-                            let _ = s.shutdown(std::net::Shutdown::Both);
+                            // The receiver goes away mid-round (a socket closed with
+                            // unread data is reset).
                             return Ok(());
                         }
                         let (off, raw) = (h.offset.get(), h.raw_len.get() as usize);
@@ -670,32 +670,47 @@ mod tests {
             }
         }
 
-        fn lanes(n: usize) -> (Vec<Lane>, Vec<(TcpStream, crate::session::seal::Seal)>) {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let (mut tx, mut rx) = (Vec::new(), Vec::new());
-            for i in 0..n {
-                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-                let (s, _) = l.accept().unwrap();
-                c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-                let nonce = [i as u8; 32];
-                let (kc, ks) =
-                    (Keys::derive(Some(b"k"), Side::Client, &nonce, &nonce), Keys::derive(Some(b"k"), Side::Server, &nonce, &nonce));
-                tx.push(Lane::new(c, kc.tx));
-                rx.push((s, ks.rx));
-            }
-            (tx, rx)
-        }
+        type ReadEnd = (Box<dyn Read + Send>, crate::session::seal::Seal);
 
-        fn worker(kind: Kind3, lanes: Vec<Lane>, compression: Compression) -> Option<Worker> {
-            let uring = kind != Kind3::Sockets;
-            let mut why = None;
-            let tx = Tx::open(lanes, uring, 64, kind == Kind3::UringZeroCopy, "contract", &mut |w| why = Some(w));
-            if uring && tx.transport() != crate::plan::Transport::Tcp {
-                hw::report_skip(&format!("{kind:?}: {}", why.unwrap_or_default()));
-                return None;
-            }
+        /// A worker on `n` lanes of transport `kind`, and the lanes' reading ends; `None`
+        /// (said) where io_uring is not to be had.
+        fn setup(kind: Kind3, n: usize, compression: Compression) -> Option<(Worker, Vec<ReadEnd>)> {
+            let keys = |i: usize| {
+                let nonce = [i as u8; 32];
+                (Keys::derive(Some(b"k"), Side::Client, &nonce, &nonce), Keys::derive(Some(b"k"), Side::Server, &nonce, &nonce))
+            };
+            let mut rx: Vec<ReadEnd> = Vec::new();
+            let tx = if kind == Kind3::Mock {
+                let mut lanes = Vec::new();
+                for i in 0..n {
+                    let (w, r) = crate::transport::mock::pipe(4);
+                    let (kc, ks) = keys(i);
+                    lanes.push((w, kc.tx));
+                    rx.push((Box::new(r), ks.rx));
+                }
+                Tx::Mock(Box::new(crate::transport::mock::MockTx::new(lanes)))
+            } else {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let mut lanes = Vec::new();
+                for i in 0..n {
+                    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                    let (s, _) = l.accept().unwrap();
+                    c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let (kc, ks) = keys(i);
+                    lanes.push(Lane::new(c, kc.tx));
+                    rx.push((Box::new(s), ks.rx));
+                }
+                let uring = kind != Kind3::Sockets;
+                let mut why = None;
+                let tx = Tx::open(lanes, uring, 64, kind == Kind3::UringZeroCopy, "contract", &mut |w| why = Some(w));
+                if uring && tx.transport() != crate::plan::Transport::Tcp {
+                    hw::report_skip(&format!("{kind:?}: {}", why.unwrap_or_default()));
+                    return None;
+                }
+                tx
+            };
             let live = crate::live::session(crate::live::Role::Send, 0xc0, 1);
-            Some(Worker::new(0, live.worker(0), Encoder::new(compression, CHUNK), tx))
+            Some((Worker::new(0, live.worker(0), Encoder::new(compression, CHUNK), tx), rx))
         }
 
         /// What a pool thread lends its workers: chunks enough for `lanes` with zero copy.
@@ -720,7 +735,7 @@ mod tests {
 
         #[test]
         fn every_transport_keeps_the_contract() {
-            for kind in [Kind3::Sockets, Kind3::Uring, Kind3::UringZeroCopy] {
+            for kind in [Kind3::Mock, Kind3::Sockets, Kind3::Uring, Kind3::UringZeroCopy] {
                 let (mem, data) = region();
                 let size = data.len() as u64;
                 let pages = size.div_ceil(PAGE as u64);
@@ -732,8 +747,7 @@ mod tests {
                     words: pages.div_ceil(64) as usize,
                     sent: crate::migrate::PageHashes::new(pages).unwrap(),
                 }]);
-                let (tx, rx) = lanes(2);
-                let Some(w) = worker(kind, tx, Compression::Zstd { level: 1 }) else { continue };
+                let Some((w, rx)) = setup(kind, 2, Compression::Zstd { level: 1 }) else { continue };
                 let mut spare = chunks(2);
                 let lent = spare.len();
                 let dest = Mutex::new(vec![0xeeu8; data.len()]);
@@ -803,7 +817,7 @@ mod tests {
 
         #[test]
         fn a_receiver_that_goes_away_mid_round_is_an_error_on_every_transport() {
-            for kind in [Kind3::Sockets, Kind3::Uring, Kind3::UringZeroCopy] {
+            for kind in [Kind3::Mock, Kind3::Sockets, Kind3::Uring, Kind3::UringZeroCopy] {
                 // Larger than the socket buffers, so the sender must notice.
                 let big = 64u64 << 20;
                 let mem = hw::memmap::memfd("contract-big", big, false).unwrap();
@@ -820,8 +834,7 @@ mod tests {
                     words: pages.div_ceil(64) as usize,
                     sent: crate::migrate::PageHashes::new(pages).unwrap(),
                 }]);
-                let (tx, rx) = lanes(2);
-                let Some(mut w) = worker(kind, tx, Compression::Off) else { continue };
+                let Some((mut w, rx)) = setup(kind, 2, Compression::Off) else { continue };
                 let mut spare = chunks(2);
                 let lent = spare.len();
                 let (dest, counts) = (Mutex::new(vec![0u8; big as usize]), Mutex::new(BTreeMap::new()));

@@ -185,7 +185,14 @@ fn serves_transfers_status_and_metrics() {
     let p = plan();
     send_file(
         &src,
-        &SendOptions { to: first["addr"].as_str().unwrap().into(), auth: auth.clone(), plan: &p, progress: None, require_rdma: false, pool: None },
+        &SendOptions {
+            to: first["addr"].as_str().unwrap().into(),
+            auth: auth.clone(),
+            plan: &p,
+            progress: None,
+            require_rdma: false,
+            pool: None,
+        },
     )
     .unwrap();
     let last: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();

@@ -69,7 +69,8 @@ fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::e
     let addr = listener.local_addr().unwrap().to_string();
     let (sent, got) = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None, total: None, timeout: None }));
-        let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None, require_rdma: false, pool: None });
+        let sent =
+            send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None, require_rdma: false, pool: None });
         (sent, r.join().unwrap())
     });
     let (sent, got) = (sent.unwrap(), got.unwrap());
@@ -171,7 +172,8 @@ fn wrong_key_moves_nothing_and_the_receiver_keeps_listening() {
     let timeout = Some(std::time::Duration::from_secs(20));
     let (wrong, right, got) = std::thread::scope(|s| {
         let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout }));
-        let send = |auth| send_file(&src, &SendOptions { to: addr.clone(), auth, plan: &p, progress: None, require_rdma: false, pool: None });
+        let send =
+            |auth| send_file(&src, &SendOptions { to: addr.clone(), auth, plan: &p, progress: None, require_rdma: false, pool: None });
         let wrong = send(common::key(1));
         assert!(!out.exists());
         (wrong, send(key()), r.join().unwrap())
@@ -218,7 +220,8 @@ fn strangers_during_lane_setup_take_no_lane() {
             }
         });
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let sent = send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: &p, progress: None, require_rdma: false, pool: None });
+        let sent =
+            send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: &p, progress: None, require_rdma: false, pool: None });
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         (sent, r.join().unwrap())
     });

@@ -18,6 +18,8 @@
 //! destination's registered memory; a round ends with RDMA_END on the control connection
 //! instead of ROUND_END on each lane.
 
+#[cfg(test)]
+pub(crate) mod mock;
 pub mod rdma;
 
 use std::net::TcpStream;
@@ -56,9 +58,22 @@ impl Lane {
 
 /// A worker's lanes on their transport.
 pub(crate) enum Tx {
-    Sockets { lanes: Vec<Lane>, turn: usize, to: String },
-    Uring { lanes: Vec<Lane>, ring: Box<SendRing<Batch>>, posted: Vec<Instant>, zero_copy: bool, to: String },
+    Sockets {
+        lanes: Vec<Lane>,
+        turn: usize,
+        to: String,
+    },
+    Uring {
+        lanes: Vec<Lane>,
+        ring: Box<SendRing<Batch>>,
+        posted: Vec<Instant>,
+        zero_copy: bool,
+        to: String,
+    },
     Rdma(Box<rdma::tx::RdmaTx>),
+    /// In-memory lanes for tests ([`mock`]).
+    #[cfg(test)]
+    Mock(Box<mock::MockTx>),
 }
 
 impl std::fmt::Debug for Tx {
@@ -92,6 +107,9 @@ impl Tx {
             Tx::Sockets { .. } => crate::plan::Transport::Sockets,
             Tx::Uring { .. } => crate::plan::Transport::Tcp,
             Tx::Rdma(_) => crate::plan::Transport::Rdma,
+            // A stream transport, like the sockets it stands in for.
+            #[cfg(test)]
+            Tx::Mock(_) => crate::plan::Transport::Sockets,
         }
     }
 
@@ -99,6 +117,8 @@ impl Tx {
         match self {
             Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes.len(),
             Tx::Rdma(t) => t.lanes(),
+            #[cfg(test)]
+            Tx::Mock(m) => m.lanes.len(),
         }
     }
 
@@ -155,12 +175,41 @@ impl Tx {
                 spare.push(b);
                 Err(SessionError::Protocol("an encoded chunk was posted on RDMA lanes, which take windows".into()))
             }
+            #[cfg(test)]
+            Tx::Mock(m) => {
+                let lane = loop {
+                    if let Some(l) = m.free_lane() {
+                        break l;
+                    }
+                    let (done, r) = m.complete_one().expect("every lane busy: a chunk is in flight");
+                    spare.push(done);
+                    if let Err(e) = r {
+                        spare.push(b);
+                        return Err(SessionError::io("sending data to the mock", e));
+                    }
+                };
+                let l = &mut m.lanes[lane];
+                b.seal(&mut l.tx);
+                l.frames += b.frames() as u64;
+                l.bytes += b.frames.wire_bytes;
+                l.pages += b.frames.pages;
+                m.in_flight.push_back((lane, b));
+                Ok(())
+            }
         }
     }
 
     /// Waits until at least one chunk in flight has come back (io_uring); nothing to do on
     /// sockets, whose chunks come back at once.
     pub(crate) fn reap(&mut self, spare: &mut Vec<Batch>, latency: &mut hdrhistogram::Histogram<u64>) -> Result<(), SessionError> {
+        #[cfg(test)]
+        if let Tx::Mock(m) = self {
+            if let Some((b, r)) = m.complete_one() {
+                spare.push(b);
+                r.map_err(|e| SessionError::io("sending data to the mock", e))?;
+            }
+            return Ok(());
+        }
         if let Tx::Uring { ring, posted, to, .. } = self {
             if !ring.any_busy() {
                 return Ok(());
@@ -175,15 +224,23 @@ impl Tx {
 
     /// Whether a chunk is in flight (io_uring): [`Tx::reap`] would give one back.
     pub(crate) fn in_flight(&self) -> bool {
-        matches!(self, Tx::Uring { ring, .. } if ring.any_busy())
+        match self {
+            Tx::Uring { ring, .. } => ring.any_busy(),
+            #[cfg(test)]
+            Tx::Mock(m) => !m.in_flight.is_empty(),
+            _ => false,
+        }
     }
 
     /// Takes back every chunk still in flight, cancelling its send: after a failure, so
     /// that the worker's arena is whole for the next session. The lanes are unusable
     /// afterwards.
     pub(crate) fn reclaim(&mut self, spare: &mut Vec<Batch>) {
-        if let Tx::Uring { ring, .. } = self {
-            spare.extend(ring.release_all());
+        match self {
+            Tx::Uring { ring, .. } => spare.extend(ring.release_all()),
+            #[cfg(test)]
+            Tx::Mock(m) => spare.extend(m.in_flight.drain(..).map(|(_, b)| b)),
+            _ => {}
         }
     }
 
@@ -199,10 +256,23 @@ impl Tx {
         if let Tx::Rdma(t) = self {
             return t.end_round();
         }
-        while let Tx::Uring { ring, .. } = self
-            && ring.any_busy()
-        {
+        while self.in_flight() {
             self.reap(spare, latency)?;
+        }
+        #[cfg(test)]
+        if let Tx::Mock(m) = self {
+            for l in &mut m.lanes {
+                let end = wire::RoundEnd {
+                    round: round.into(),
+                    _pad: 0.into(),
+                    frames: l.frames.into(),
+                    bytes: l.bytes.into(),
+                    pages: l.pages.into(),
+                };
+                write_frame(&mut l.w, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
+                (l.frames, l.bytes, l.pages) = (0, 0, 0);
+            }
+            return Ok(Vec::new());
         }
         for l in self.lanes_mut() {
             let end = wire::RoundEnd {
@@ -221,6 +291,14 @@ impl Tx {
     /// Ends every lane (LANE_END): the session's data is all sent. (RDMA lanes have no
     /// stream to end.)
     pub(crate) fn end_lanes(&mut self) -> Result<(), SessionError> {
+        #[cfg(test)]
+        if let Tx::Mock(m) = self {
+            for l in &mut m.lanes {
+                let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
+                write_frame(&mut l.w, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
+            }
+            return Ok(());
+        }
         for l in self.lanes_mut() {
             let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
             write_frame(&mut l.s, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
@@ -232,6 +310,8 @@ impl Tx {
         match self {
             Tx::Sockets { lanes, .. } | Tx::Uring { lanes, .. } => lanes,
             Tx::Rdma(_) => &mut [],
+            #[cfg(test)]
+            Tx::Mock(_) => &mut [],
         }
     }
 
