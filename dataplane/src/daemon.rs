@@ -430,7 +430,7 @@ impl Daemon {
             }
             Request::Taken => say(serde_json::json!({"ok": false, "error": "taken belongs to a migrate_in conversation"})),
             Request::Status => say(
-                serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}}),
+                serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
             Request::Recv { listen, out, timeout_s } => {
                 let listener = match TcpListener::bind(&listen) {

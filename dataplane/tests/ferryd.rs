@@ -167,7 +167,18 @@ fn serves_transfers_status_and_metrics() {
         writeln!(c, "{req}").unwrap();
         BufReader::new(c).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
     };
-    assert_eq!(ask(r#"{"cmd":"status"}"#)[0]["ok"], true);
+    let st = ask(r#"{"cmd":"status"}"#);
+    assert_eq!(st[0]["ok"], true);
+    // The sending workers run from the start, one per planned CPU.
+    assert_eq!(st[0]["pool"]["cpus"], serde_json::json!([0]), "{st:?}");
+    let threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    assert_eq!(threads().iter().filter(|c| c.starts_with("ferry-w")).count(), 1, "{:?}", threads());
     let bad = ask(r#"{"cmd":"launch-missiles"}"#);
     assert_eq!(bad[0]["ok"], false);
     assert!(bad[0]["error"].as_str().unwrap().contains("bad request"));
@@ -214,6 +225,8 @@ fn serves_transfers_status_and_metrics() {
     });
     got.unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), data);
+    // The send ran on the pool: still its one worker thread, no other sending thread.
+    assert_eq!(threads().iter().filter(|c| c.starts_with("ferry-w")).count(), 1, "{:?}", threads());
 
     // A send that cannot connect is reported and counted.
     let failed = ask(r#"{"cmd":"send","to":"127.0.0.1:1","file":"/nonexistent"}"#);
