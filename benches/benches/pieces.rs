@@ -10,7 +10,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dataplane::conn::FrameReader;
 use dataplane::digest::Digest;
-use dataplane::encode::{Decoder, Encoder};
+use dataplane::encode::{Compressor, Decoder, Encoder};
 use dataplane::plan::Compression;
 use dataplane::wire::{HEADER_LEN, Header, Kind, max_payload_for};
 use zerocopy::IntoBytes;
@@ -30,12 +30,13 @@ fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode");
     g.throughput(Throughput::Bytes(mem.len() as u64));
     for (name, policy) in [("off", Compression::Off), ("zstd1", Compression::Zstd { level: 1 })] {
-        let mut enc = Encoder::new(policy, CHUNK);
+        let mut enc = Encoder::new(policy);
+        let mut z = Compressor::new(CHUNK);
         g.bench_function(name, |b| {
             b.iter(|| {
                 let mut wire = 0usize;
                 for (i, chunk) in mem.chunks(CHUNK).enumerate() {
-                    enc.encode::<()>(0, (i * CHUNK) as u64, PAGE, chunk, &mut |_, p| {
+                    enc.encode::<()>(&mut z, 0, (i * CHUNK) as u64, PAGE, chunk, &mut |_, p| {
                         wire += HEADER_LEN + p.len();
                         Ok(())
                     })
@@ -50,10 +51,11 @@ fn encode(c: &mut Criterion) {
 
 fn decode(c: &mut Criterion) {
     let mem = corpus();
-    let mut enc = Encoder::new(Compression::Zstd { level: 1 }, CHUNK);
+    let mut enc = Encoder::new(Compression::Zstd { level: 1 });
+    let mut z = Compressor::new(CHUNK);
     let mut frames: Vec<(u32, Vec<u8>)> = Vec::new();
     for (i, chunk) in mem.chunks(CHUNK).enumerate() {
-        enc.encode::<()>(0, (i * CHUNK) as u64, PAGE, chunk, &mut |h, p| {
+        enc.encode::<()>(&mut z, 0, (i * CHUNK) as u64, PAGE, chunk, &mut |h, p| {
             if h.encoding == dataplane::wire::Encoding::Zstd as u8 {
                 frames.push((h.raw_len.get(), p.to_vec()));
             }

@@ -124,10 +124,32 @@ pub struct EncodeStats {
     pub frames: u64,
 }
 
-pub struct Encoder {
+/// A zstd compression context and the buffer it compresses into: what compressing costs
+/// to set up, kept by whoever encodes many chunks (a pool worker thread keeps one for every
+/// session it serves; each call is a whole zstd frame, so nothing carries over between
+/// sessions).
+pub struct Compressor {
     cctx: CCtx<'static>,
-    policy: Compression,
     scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor").field("capacity", &self.scratch.capacity()).finish()
+    }
+}
+
+impl Compressor {
+    /// A context for chunks of at most `max_chunk` bytes.
+    pub fn new(max_chunk: usize) -> Compressor {
+        Compressor { cctx: CCtx::create(), scratch: Vec::with_capacity(zstd_safe::compress_bound(max_chunk)) }
+    }
+}
+
+/// A session's encoding: its compression policy, the adaptive policy's measurements and
+/// what it encoded. The zstd context is lent by the caller ([`Compressor`]).
+pub struct Encoder {
+    policy: Compression,
     pub adaptive: Adaptive,
     pub stats: EncodeStats,
 }
@@ -139,14 +161,8 @@ impl std::fmt::Debug for Encoder {
 }
 
 impl Encoder {
-    pub fn new(policy: Compression, max_chunk: usize) -> Encoder {
-        Encoder {
-            cctx: CCtx::create(),
-            policy,
-            scratch: Vec::with_capacity(zstd_safe::compress_bound(max_chunk)),
-            adaptive: Adaptive::default(),
-            stats: EncodeStats::default(),
-        }
+    pub fn new(policy: Compression) -> Encoder {
+        Encoder { policy, adaptive: Adaptive::default(), stats: EncodeStats::default() }
     }
 
     fn level(&self) -> Option<i32> {
@@ -158,9 +174,10 @@ impl Encoder {
     }
 
     /// Encodes `bytes` (at `offset` of `region`, page-aligned) into frames, calling `emit`
-    /// with each sealed header and its payload.
+    /// with each sealed header and its payload; compressing with `z`.
     pub fn encode<E>(
         &mut self,
+        z: &mut Compressor,
         region: u32,
         offset: u64,
         page_size: usize,
@@ -174,7 +191,7 @@ impl Encoder {
                 self.stats.zero_pages += (end - start).div_ceil(page_size) as u64;
             }
             if result.is_ok() {
-                result = self.emit_run(region, offset + start as u64, zero, &bytes[start..end], level, emit);
+                result = self.emit_run(z, region, offset + start as u64, zero, &bytes[start..end], level, emit);
             }
         });
         result
@@ -184,18 +201,21 @@ impl Encoder {
     /// migration stream), compressed by the policy where that shrinks it enough.
     pub fn encode_bytes<E>(
         &mut self,
+        z: &mut Compressor,
         region: u32,
         offset: u64,
         bytes: &[u8],
         emit: &mut impl FnMut(Header, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let level = self.level();
-        self.emit_run(region, offset, false, bytes, level, emit)
+        self.emit_run(z, region, offset, false, bytes, level, emit)
     }
 
     /// One frame for a run of zero or of non-zero pages.
+    #[allow(clippy::too_many_arguments)]
     fn emit_run<E>(
         &mut self,
+        z: &mut Compressor,
         region: u32,
         offset: u64,
         zero: bool,
@@ -209,13 +229,13 @@ impl Encoder {
             return emit(Header::data(Encoding::Zero, region, offset, raw_len, 0).seal(&[]), &[]);
         }
         if let Some(level) = level {
-            self.scratch.clear();
-            if let Ok(n) = self.cctx.compress(&mut self.scratch, run, level) {
+            z.scratch.clear();
+            if let Ok(n) = z.cctx.compress(&mut z.scratch, run, level) {
                 if (n as f64) < KEEP_IF_BELOW * run.len() as f64 {
                     self.stats.compressed_in += run.len() as u64;
                     self.stats.compressed_out += n as u64;
-                    let h = Header::data(Encoding::Zstd, region, offset, raw_len, n as u32).seal(&self.scratch);
-                    return emit(h, &self.scratch);
+                    let h = Header::data(Encoding::Zstd, region, offset, raw_len, n as u32).seal(&z.scratch);
+                    return emit(h, &z.scratch);
                 }
             }
         }
@@ -261,7 +281,7 @@ mod tests {
 
     fn frames(enc: &mut Encoder, data: &[u8]) -> Vec<(Header, Vec<u8>)> {
         let mut out = Vec::new();
-        enc.encode::<()>(0, 1 << 20, 4096, data, &mut |h, p| {
+        enc.encode::<()>(&mut Compressor::new(1 << 20), 0, 1 << 20, 4096, data, &mut |h, p| {
             out.push((h, p.to_vec()));
             Ok(())
         })
@@ -295,7 +315,7 @@ mod tests {
         data.extend(page(|_| 0));
         data.extend(page(|i| (i * 31 % 256) as u8));
         data.extend(page(|_| 0));
-        let mut enc = Encoder::new(Compression::Off, 1 << 20);
+        let mut enc = Encoder::new(Compression::Off);
         let f = frames(&mut enc, &data);
         let kinds: Vec<_> = f.iter().map(|(h, _)| (h.encoding().unwrap(), h.offset.get(), h.raw_len.get())).collect();
         assert_eq!(
@@ -311,7 +331,7 @@ mod tests {
     #[test]
     fn zstd_round_trip_and_incompressible_goes_raw() {
         let text: Vec<u8> = b"guest memory page with text ".iter().cycle().take(8192).copied().collect();
-        let mut enc = Encoder::new(Compression::Zstd { level: 1 }, 1 << 20);
+        let mut enc = Encoder::new(Compression::Zstd { level: 1 });
         let f = frames(&mut enc, &text);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].0.encoding().unwrap(), Encoding::Zstd);
@@ -362,5 +382,28 @@ mod tests {
         a.rate = [Some(100e6), Some(300e6)];
         window(&mut a, 1);
         assert!(a.compressing());
+    }
+
+    /// One context serves sessions with different levels in turn (as a pool thread's
+    /// does): each frame decodes to its input, whatever was compressed before it.
+    #[test]
+    fn one_context_serves_sessions_in_turn() {
+        let mut z = Compressor::new(1 << 20);
+        let text: Vec<u8> = b"guest memory page with text ".iter().cycle().take(16384).copied().collect();
+        let other: Vec<u8> = (0..16384u32).map(|i| (i / 64 % 7) as u8 + b'a').collect();
+        let (mut fast, mut slow) = (Encoder::new(Compression::Zstd { level: 1 }), Encoder::new(Compression::Zstd { level: 9 }));
+        let mut dec = Decoder::default();
+        for _ in 0..3 {
+            for (enc, data) in [(&mut fast, &text), (&mut slow, &other)] {
+                let mut got = Vec::new();
+                enc.encode::<()>(&mut z, 0, 0, 4096, data, &mut |h, p| {
+                    assert_eq!(h.encoding().unwrap(), Encoding::Zstd);
+                    got.extend_from_slice(dec.zstd(p, h.raw_len.get()).unwrap());
+                    Ok(())
+                })
+                .unwrap();
+                assert!(got == *data);
+            }
+        }
     }
 }

@@ -19,6 +19,7 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::chunk::Batch;
 use crate::conn::SessionError;
+use crate::encode::Compressor;
 use crate::migrate::RoundCounts;
 use crate::plan::Plan;
 use crate::worker::{Round, RoundRun, Step, Worker};
@@ -153,7 +154,7 @@ impl Pool {
                             return;
                         }
                     };
-                    serve(&inbox2, spare);
+                    serve(&inbox2, spare, Compressor::new(chunk));
                 })
                 .map_err(|e| SessionError::io("starting a worker thread", e))?;
             let mut m = Member { cpu, inbox, thread: Some(thread) };
@@ -247,8 +248,8 @@ impl Drop for Pool {
 }
 
 /// A worker thread's loop: takes new rounds from its inbox, and steps every round it
-/// holds in turn until each is done, lending chunks from `spare`.
-fn serve(inbox: &Inbox, mut spare: Vec<Batch>) {
+/// holds in turn until each is done, lending chunks from `spare` and its zstd context.
+fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
     let total = spare.len();
     let mut active: Vec<(Task, RoundRun)> = Vec::new();
     let (mut idle, mut lost) = (0u32, 0usize);
@@ -275,10 +276,11 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>) {
         while i < active.len() {
             let (t, run) = &mut active[i];
             // A panic in a step fails that session's round only: the thread serves on.
-            let step = std::panic::catch_unwind(AssertUnwindSafe(|| t.worker.step(run, &t.round, &mut spare))).unwrap_or_else(|_| {
-                t.round.feed.stop();
-                Step::Done(Err(SessionError::Protocol("a sending worker panicked (a bug): the round is abandoned".into())))
-            });
+            let step =
+                std::panic::catch_unwind(AssertUnwindSafe(|| t.worker.step(run, &t.round, &mut spare, &mut z))).unwrap_or_else(|_| {
+                    t.round.feed.stop();
+                    Step::Done(Err(SessionError::Protocol("a sending worker panicked (a bug): the round is abandoned".into())))
+                });
             match step {
                 Step::Sent => {
                     moved = true;
@@ -380,7 +382,7 @@ mod tests {
         let keys = Keys::derive(Some(b"k"), Side::Client, &[1; 32], &[2; 32]);
         let tx = Tx::open(vec![Lane::new(c, keys.tx)], false, 64, false, "test", &mut |_| {});
         let live = crate::live::session(crate::live::Role::Send, 0x9001, 1);
-        let w = Worker::new(0, live.worker(0), Encoder::new(Compression::Off, CHUNK), tx);
+        let w = Worker::new(0, live.worker(0), Encoder::new(Compression::Off), tx);
         let mem = hw::memmap::memfd("pool", size, false).unwrap();
         mem.write_all_at(&vec![7u8; size as usize], 0).unwrap();
         let pages = size / 4096;

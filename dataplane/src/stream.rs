@@ -32,7 +32,7 @@ use zerocopy::IntoBytes;
 
 use crate::auth::{Auth, client_handshake};
 use crate::conn::{FrameReader, SessionError, write_all_vectored, write_frame};
-use crate::encode::{Decoder, Encoder};
+use crate::encode::{Compressor, Decoder, Encoder};
 use crate::plan::{Compression, Limits};
 use crate::session::accept::{Acceptor, Next, Wait};
 use crate::session::seal::{Keys, Seal, TAG_LEN};
@@ -542,8 +542,9 @@ fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Co
 /// QEMU -> ferry: frames of what QEMU writes, then LANE_END when QEMU closes its side.
 fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compression: Compression) -> Result<ChannelReport, SessionError> {
     let mut buf = vec![0u8; STREAM_CHUNK];
-    // The encoder every session uses: its zstd context, scratch and adaptive policy.
-    let mut enc = Encoder::new(compression, STREAM_CHUNK);
+    // The encoder every session uses (its adaptive policy), with this channel's zstd context.
+    let mut enc = Encoder::new(compression);
+    let mut z = Compressor::new(STREAM_CHUNK);
     let mut rep = ChannelReport { channel: n, ..ChannelReport::default() };
     loop {
         let got = match qemu.read(&mut buf) {
@@ -553,7 +554,7 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compress
             Err(e) => return Err(SessionError::io(format!("reading QEMU's stream on channel {n}"), e)),
         };
         let mut wire_bytes = 0;
-        enc.encode_bytes(0, rep.sent_bytes, &buf[..got], &mut |h, payload| {
+        enc.encode_bytes(&mut z, 0, rep.sent_bytes, &buf[..got], &mut |h, payload| {
             let tag = tx.tag(&h, [payload]);
             wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
             write_all_vectored(&mut ferry, &[h.as_bytes(), payload, &tag]).map_err(|e| SessionError::io(format!("sending channel {n}"), e))

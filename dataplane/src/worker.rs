@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::chunk::Batch;
 use crate::conn::SessionError;
 use crate::digest::Digest;
-use crate::encode::{EncodeStats, Encoder};
+use crate::encode::{Compressor, EncodeStats, Encoder};
 use crate::engine::PAGE;
 use crate::migrate::{PageHashes, RoundCounts};
 use crate::transport::Tx;
@@ -267,8 +267,8 @@ impl Worker {
     /// (or, on RDMA, written into the destination), chunks taken back, or, once the
     /// round has no more windows for this worker, the round's end on every lane. Chunks
     /// come from and go back to `spare`. A failure stops the round for every worker.
-    pub(crate) fn step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>) -> Step {
-        match self.try_step(run, r, spare) {
+    pub(crate) fn step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>, z: &mut Compressor) -> Step {
+        match self.try_step(run, r, spare, z) {
             Ok(s) => s,
             Err(e) => {
                 r.feed.stop();
@@ -281,8 +281,9 @@ impl Worker {
     #[cfg(test)]
     pub(crate) fn run_round(&mut self, r: &Round, spare: &mut Vec<Batch>) -> Result<RoundCounts, SessionError> {
         let mut run = self.start();
+        let mut z = Compressor::new(r.chunk);
         loop {
-            match self.step(&mut run, r, spare) {
+            match self.step(&mut run, r, spare, &mut z) {
                 Step::Sent => {}
                 Step::Wait(_) => std::thread::yield_now(),
                 Step::Done(c) => return c,
@@ -304,7 +305,7 @@ impl Worker {
         }
     }
 
-    fn try_step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>) -> Result<Step, SessionError> {
+    fn try_step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>, z: &mut Compressor) -> Result<Step, SessionError> {
         let rdma = matches!(self.tx, Tx::Rdma(_));
         if !rdma && spare.is_empty() {
             if self.tx.in_flight() {
@@ -343,7 +344,7 @@ impl Worker {
             return Ok(Step::Sent);
         }
         let mut b = spare.pop().expect("a spare chunk");
-        if let Err(e) = self.fill(&mut b, r, region, w) {
+        if let Err(e) = self.fill(&mut b, r, region, w, z) {
             spare.push(b);
             return Err(e);
         }
@@ -368,7 +369,7 @@ impl Worker {
 
     /// Reads window `w` of `region` (its dirty pages, or all of them) into `b` and encodes
     /// it, recording each page's hash as sent.
-    fn fill(&mut self, b: &mut Batch, r: &Round, region: u32, w: u64) -> Result<(), SessionError> {
+    fn fill(&mut self, b: &mut Batch, r: &Round, region: u32, w: u64, z: &mut Compressor) -> Result<(), SessionError> {
         let reg = &r.regions[region as usize];
         let page = PAGE as u64;
         let base = w * r.chunk as u64;
@@ -399,7 +400,7 @@ impl Worker {
                 .map_err(|e| SessionError::io(format!("reading region {region} at offset {from}"), e))?;
             let (sent, bytes, fr) = (&reg.sent, &b.data[at..at + len], &mut b.frames);
             self.enc
-                .encode::<()>(region, from, PAGE, bytes, &mut |h, p| {
+                .encode::<()>(z, region, from, PAGE, bytes, &mut |h, p| {
                     // Each page's hash from the bytes this frame carries.
                     let (off, flen) = (h.offset.get(), u64::from(h.raw_len.get()));
                     let fp = off / page;
@@ -710,7 +711,7 @@ mod tests {
                 tx
             };
             let live = crate::live::session(crate::live::Role::Send, 0xc0, 1);
-            Some((Worker::new(0, live.worker(0), Encoder::new(compression, CHUNK), tx), rx))
+            Some((Worker::new(0, live.worker(0), Encoder::new(compression), tx), rx))
         }
 
         /// What a pool thread lends its workers: chunks enough for `lanes` with zero copy.

@@ -290,7 +290,7 @@ impl<'a> Source<'a> {
                 lanes.push(Lane::new(s, keys.tx));
             }
             let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
-            workers.push(Worker::new(w, live.worker(w), Encoder::new(plan.compression, chunk), tx));
+            workers.push(Worker::new(w, live.worker(w), Encoder::new(plan.compression), tx));
         }
         log::info!(
             "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
@@ -795,7 +795,7 @@ fn rdma_workers(
         report.registered_bytes += t.report.registered_bytes;
         report.registration_seconds += t.report.registration_seconds;
         // RDMA writes pages as they are: the encoder only counts.
-        let enc = Encoder::new(crate::plan::Compression::Off, chunk);
+        let enc = Encoder::new(crate::plan::Compression::Off);
         workers.push(Worker::new(w, live.worker(w), enc, Tx::Rdma(Box::new(t))));
     }
     if report.registration_seconds > 0.0 {
