@@ -11,6 +11,7 @@
 //! socket in [`vmm`].
 
 pub mod dest;
+pub mod estimate;
 pub mod source;
 pub mod vmm;
 
@@ -168,6 +169,18 @@ pub struct RoundReport {
     pub frames: u64,
     /// From the round's start until the destination confirmed every page.
     pub seconds: f64,
+    /// Of `seconds`, the source's: until its workers had sent every page (in the last
+    /// round with `verify: full`, and the paused source was digested).
+    #[serde(default)]
+    pub data_seconds: f64,
+    /// Of `seconds`, the rest: the destination's confirmation of the round (and, in the
+    /// last round, the verdict: digests compared, memory handed to the destination VMM).
+    #[serde(default)]
+    pub confirm_seconds: f64,
+    /// Of `confirm_seconds`, in the last round: the verdict (DONE, the destination's
+    /// digest and hand-over to its VMM, RESULT).
+    #[serde(default)]
+    pub verdict_seconds: f64,
     /// Dirty bytes per second over the round, GB/s (10^9).
     pub gbps: f64,
     /// How fast the guest dirtied memory before this round, GB/s; none for round 0.

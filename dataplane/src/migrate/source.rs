@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,6 +125,8 @@ pub struct Source<'a> {
     /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, measured at
     /// connect.
     digest_seconds_per_gib: f64,
+    /// Seconds to fold every page's hash into the digest, timed at connect.
+    fold_seconds: f64,
     /// RDMA sessions: the session's figures so far.
     rdma: Option<RdmaReport>,
     /// Set when the session fails: RDMA workers waiting on their completion queues stop.
@@ -321,14 +324,13 @@ impl<'a> Source<'a> {
         // from below, so the estimate needs its speed.
         let mut digest_seconds_per_gib = 0.0;
         if opts.verify == Verify::Full {
-            let r = &regions[0];
-            let sample = r.size.min(16 << 20);
-            let t = Instant::now();
-            let d = Digest::of_file(0, PAGE, &r.memory, sample, 1, r.probe_holes)
-                .map_err(|source| SessionError::Region { path: "guest memory region 0".into(), source })?;
-            std::hint::black_box(d);
-            digest_seconds_per_gib = t.elapsed().as_secs_f64() / (sample as f64 / (1u64 << 30) as f64);
+            digest_seconds_per_gib = sample_digest(&regions)?;
         }
+        // The verdict folds every page's hash, on each side: timed here, on hashes of the
+        // same count.
+        let t = Instant::now();
+        std::hint::black_box(regions.iter().map(|r| r.sent.fold()).sum::<Digest>());
+        let fold_seconds = t.elapsed().as_secs_f64();
         Ok(Source {
             opts,
             regions: regions.into(),
@@ -340,6 +342,7 @@ impl<'a> Source<'a> {
             rounds: Vec::new(),
             last_start: None,
             digest_seconds_per_gib,
+            fold_seconds,
             rdma,
             abort,
             data_seconds: 0.0,
@@ -526,7 +529,8 @@ impl<'a> Source<'a> {
             return Err(self.ctl.reason_for(e));
         }
         // The workers are done: what follows is the destination's confirmation.
-        self.data_seconds += start.elapsed().as_secs_f64();
+        let data_seconds = start.elapsed().as_secs_f64();
+        self.data_seconds += data_seconds;
         // A region that shrank while the round read it sent zeros for the pages past its
         // new end (they read as holes): fail before the destination confirms the round.
         self.check_sizes(round, "end")?;
@@ -561,6 +565,7 @@ impl<'a> Source<'a> {
             None if last => Some(self.regions.iter().map(|r| r.sent.fold()).sum()),
             None => None,
         };
+        let verdict_start = Instant::now();
         let digest = match digest {
             Some(d) => {
                 for w in &mut self.workers {
@@ -575,24 +580,33 @@ impl<'a> Source<'a> {
             }
             None => None,
         };
+        let verdict_seconds = if last { verdict_start.elapsed().as_secs_f64() } else { 0.0 };
         let seconds = start.elapsed().as_secs_f64();
         let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
         let gbps = dirty_bytes as f64 / seconds / 1e9;
         let dirty_rate = self.last_start.filter(|_| round > 0).map(|prev| dirty_bytes as f64 / start.duration_since(prev).as_secs_f64());
         self.last_start = Some(start);
-        // The bandwidth for the estimate: this round's, unless it moved too little to
-        // measure; then the most recent round that did (round 0 always does).
-        let enough = (8 << 20).min(self.size / 2);
-        let bw = std::iter::once((dirty_bytes, gbps))
-            .chain(self.rounds.iter().rev().map(|r| (r.dirty_bytes, r.gbps)))
-            .find(|&(b, _)| b >= enough)
-            .map(|(_, g)| g * 1e9);
-        let estimate = match (dirty_rate, bw) {
-            (Some(rate), Some(bw)) => {
-                let next_dirty = (rate * seconds).min(self.size as f64);
-                // With a full digest the paused memory is read beside the last round.
-                let digest = self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64;
-                Some((next_dirty / bw).max(digest) * 1e3)
+        // What this round measured counts in the estimate (see [`super::estimate`]).
+        let this = RoundReport {
+            round,
+            dirty_pages: c.pages,
+            zero_pages: c.zero_pages,
+            data_seconds,
+            confirm_seconds: seconds - data_seconds,
+            ..RoundReport::default()
+        };
+        let measured: Vec<RoundReport> = self.rounds.iter().cloned().chain(std::iter::once(this)).collect();
+        let estimate = match (dirty_rate, super::estimate::page_seconds(&measured)) {
+            (Some(rate), Some(page_seconds)) => {
+                let inputs = super::estimate::Inputs {
+                    next_pages: (rate * seconds).min(self.size as f64) / PAGE as f64,
+                    page_seconds,
+                    confirm_seconds: super::estimate::confirm_seconds(&measured),
+                    verdict_seconds: 2.0 * self.fold_seconds,
+                    // With a full digest the paused memory is read beside the last round.
+                    digest_seconds: self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64,
+                };
+                Some(super::estimate::downtime_seconds(&inputs) * 1e3)
             }
             _ => None,
         };
@@ -608,6 +622,9 @@ impl<'a> Source<'a> {
             compressed_out_bytes: c.compressed_out,
             frames: c.frames,
             seconds,
+            data_seconds,
+            confirm_seconds: seconds - data_seconds,
+            verdict_seconds,
             gbps,
             dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
             estimated_downtime_ms: estimate,
@@ -644,6 +661,47 @@ impl Source<'_> {
         }
         Ok(())
     }
+}
+
+/// Seconds to digest a GiB of the guest on one CPU: 32 pieces of 512 KiB spread over the
+/// regions (their mix of zero, hole and data pages, not just the first pages), each read
+/// and hashed as the full digest does.
+fn sample_digest(regions: &[Region]) -> Result<f64, SessionError> {
+    const PIECES: u64 = 32;
+    const PIECE: u64 = 512 << 10;
+    let size: u64 = regions.iter().map(|r| r.size).sum();
+    if size == 0 {
+        return Ok(0.0);
+    }
+    let mut buf = vec![0u8; PIECE as usize];
+    let (mut d, mut sampled) = (Digest::default(), 0u64);
+    let t = Instant::now();
+    for k in 0..PIECES {
+        // The k-th piece of the regions laid end to end.
+        let mut at = size / PIECES * k;
+        let Some((i, r)) = regions.iter().enumerate().find(|(_, r)| {
+            let inside = at < r.size;
+            if !inside {
+                at -= r.size;
+            }
+            inside
+        }) else {
+            continue;
+        };
+        let off = at / PAGE as u64 * PAGE as u64;
+        let len = PIECE.min(r.size - off);
+        if r.probe_holes && crate::digest::is_hole(&r.memory, off, len) {
+            d.add_zero(i as u32, off / PAGE as u64, PAGE, len);
+        } else {
+            r.memory
+                .read_exact_at(&mut buf[..len as usize], off)
+                .map_err(|source| SessionError::Region { path: format!("guest memory region {i}"), source })?;
+            d.add(i as u32, off / PAGE as u64, PAGE, &buf[..len as usize]);
+        }
+        sampled += len;
+    }
+    std::hint::black_box(d);
+    Ok(t.elapsed().as_secs_f64() / (sampled.max(1) as f64 / (1u64 << 30) as f64))
 }
 
 /// The runs of dirty pages of every region, in frames of at most

@@ -1,0 +1,127 @@
+//! The downtime estimate behind the pause advice: how long the stop-and-copy round would
+//! take if the VMM paused now. A pure function of what the rounds so far measured, so it
+//! can be tested on its own.
+//!
+//! The last round is modelled as its parts, each from a measurement:
+//!
+//! - **data**: the pages expected dirty (the guest's measured dirty rate over the time a
+//!   round takes) at the cost per page the recent rounds' data phase measured (dirty
+//!   rounds' scattered pages cost more than round 0's stream, so round 0 is the fallback
+//!   only);
+//! - **the full digest** (`verify: full`): the paused source is digested beside the data
+//!   phase, so the longer of the two counts;
+//! - **the confirmation**: the destination confirming a round (its lanes drained, pages
+//!   counted), the median of the rounds after the first (round 0's includes draining a
+//!   backlog no later round has; the timings are noisy upwards);
+//! - **the verdict**: the digests folded on both sides and compared, and the memory handed
+//!   to the destination VMM: two folds of every page's hash, timed when the session
+//!   started, and one more confirmation's round trip.
+
+use super::RoundReport;
+
+/// What one estimate is made of (seconds, and pages).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Inputs {
+    /// Pages expected dirty if the VMM paused now.
+    pub next_pages: f64,
+    /// Data-phase seconds per dirty page.
+    pub page_seconds: f64,
+    /// The destination's confirmation of a round.
+    pub confirm_seconds: f64,
+    /// The verdict after the last round, less its round trip.
+    pub verdict_seconds: f64,
+    /// `verify: full`: digesting the paused source (0 otherwise).
+    pub digest_seconds: f64,
+}
+
+/// The downtime, seconds, if the VMM paused now.
+pub fn downtime_seconds(i: &Inputs) -> f64 {
+    (i.next_pages * i.page_seconds).max(i.digest_seconds) + 2.0 * i.confirm_seconds + i.verdict_seconds
+}
+
+/// Rounds after the first with fewer dirty pages than this time too little to tell the
+/// cost of a page from the noise.
+const MIN_PAGES: u64 = 64;
+
+/// Data-phase seconds per dirty page: the most recent round after the first that moved
+/// enough pages; else round 0's, over its pages that were not zero (zero pages cost
+/// almost nothing to send).
+pub fn page_seconds(rounds: &[RoundReport]) -> Option<f64> {
+    if let Some(r) = rounds.iter().rev().filter(|r| r.round > 0).find(|r| r.dirty_pages >= MIN_PAGES) {
+        return Some(r.data_seconds / r.dirty_pages as f64);
+    }
+    let r0 = rounds.first()?;
+    let pages = r0.dirty_pages.saturating_sub(r0.zero_pages).max(1);
+    Some(r0.data_seconds / pages as f64)
+}
+
+/// The destination's confirmation of a round: the median over the rounds after the first
+/// (over round 0 alone while there is no other).
+pub fn confirm_seconds(rounds: &[RoundReport]) -> f64 {
+    let later = rounds.iter().any(|r| r.round > 0);
+    let mut c: Vec<f64> = rounds.iter().filter(|r| r.round > 0 || !later).map(|r| r.confirm_seconds).collect();
+    if c.is_empty() {
+        return 0.0;
+    }
+    c.sort_by(f64::total_cmp);
+    c[c.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(round: u32, pages: u64, zero: u64, data_ms: f64, confirm_ms: f64) -> RoundReport {
+        RoundReport {
+            round,
+            dirty_pages: pages,
+            zero_pages: zero,
+            data_seconds: data_ms / 1e3,
+            confirm_seconds: confirm_ms / 1e3,
+            ..RoundReport::default()
+        }
+    }
+
+    #[test]
+    fn parts_add_up_and_the_digest_overlaps_the_data() {
+        let i = Inputs { next_pages: 1000.0, page_seconds: 10e-6, confirm_seconds: 1e-3, verdict_seconds: 0.5e-3, digest_seconds: 0.0 };
+        assert!((downtime_seconds(&i) - 12.5e-3).abs() < 1e-9, "10 ms of pages, two round trips, the folds");
+        // A digest longer than the data phase replaces it; a shorter one hides behind it.
+        let full = Inputs { digest_seconds: 150e-3, ..i };
+        assert!((downtime_seconds(&full) - 152.5e-3).abs() < 1e-9);
+        let short = Inputs { digest_seconds: 1e-3, ..i };
+        assert_eq!(downtime_seconds(&short), downtime_seconds(&i));
+        // Nothing dirty still costs the confirmation and the verdict.
+        assert!((downtime_seconds(&Inputs { next_pages: 0.0, ..i }) - 2.5e-3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_estimate_grows_with_the_dirty_pages() {
+        let mut last = 0.0;
+        for pages in [0.0, 1.0, 100.0, 1e4, 1e6] {
+            let d = downtime_seconds(&Inputs { next_pages: pages, page_seconds: 5e-6, confirm_seconds: 1e-4, ..Inputs::default() });
+            assert!(d >= last);
+            last = d;
+        }
+    }
+
+    #[test]
+    fn the_cost_of_a_page_comes_from_the_latest_dirty_round() {
+        // Round 0: 1000 pages, 600 zero, 4 ms: 10 µs per non-zero page.
+        let r0 = round(0, 1000, 600, 4.0, 5.0);
+        assert_eq!(page_seconds(&[]), None);
+        assert!((page_seconds(std::slice::from_ref(&r0)).unwrap() - 10e-6).abs() < 1e-12);
+        // A dirty round of 500 pages in 10 ms: 20 µs per page, and it wins.
+        let r1 = round(1, 500, 0, 10.0, 0.2);
+        assert!((page_seconds(&[r0.clone(), r1.clone()]).unwrap() - 20e-6).abs() < 1e-12);
+        // A later round too small to tell leaves round 1's figure.
+        let r2 = round(2, 3, 0, 1.0, 0.3);
+        assert!((page_seconds(&[r0.clone(), r1.clone(), r2.clone()]).unwrap() - 20e-6).abs() < 1e-12);
+        // The confirmation: the median of the rounds after the first (round 0 drains a
+        // backlog), so one slow round does not swing it.
+        assert!((confirm_seconds(std::slice::from_ref(&r0)) - 5e-3).abs() < 1e-12);
+        let r3 = round(3, 100, 0, 1.0, 0.25);
+        assert!((confirm_seconds(&[r0, r1, r2, r3]) - 0.25e-3).abs() < 1e-12);
+        assert_eq!(confirm_seconds(&[]), 0.0);
+    }
+}
