@@ -334,6 +334,19 @@ pub struct Daemon {
     pub metrics: Metrics,
     /// The sending workers, for ferryd's lifetime: every session runs on them.
     pub pool: crate::pool::Pool,
+    /// Set on SIGTERM: the sessions in flight finish, no new one starts.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Requests that start work (a session), from before the drain check until they end.
+    pub in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'d>(&'d std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Binds the control socket with mode 0600, replacing a stale socket file. Anything at
@@ -418,6 +431,19 @@ impl Daemon {
         if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. }) {
             return say(serde_json::json!({"ok": false, "error": "descriptors came with a command that takes none"}));
         }
+        let starts_work =
+            matches!(req, Request::MigrateIn { .. } | Request::MigrateOut { .. } | Request::Recv { .. } | Request::Send { .. });
+        // Counted before the drain is checked (both SeqCst): either this request sees the
+        // drain and is refused, or the drain sees it and waits for it.
+        let _in_flight = starts_work.then(|| {
+            self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            InFlight(&self.in_flight)
+        });
+        if starts_work && self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return say(
+                serde_json::json!({"ok": false, "error": "ferryd is shutting down: it finishes the sessions in flight and starts no new one; try another host or after the restart"}),
+            );
+        }
         match req {
             Request::MigrateIn { listen } => self.migrate_in(&mut conn, &listen),
             Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify, regions } => {
@@ -430,7 +456,7 @@ impl Daemon {
             }
             Request::Taken => say(serde_json::json!({"ok": false, "error": "taken belongs to a migrate_in conversation"})),
             Request::Status => say(
-                serde_json::json!({"ok": true, "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
+                serde_json::json!({"ok": true, "draining": self.draining.load(std::sync::atomic::Ordering::Acquire), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
             Request::Recv { listen, out, timeout_s } => {
                 let listener = match TcpListener::bind(&listen) {

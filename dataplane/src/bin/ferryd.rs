@@ -1,15 +1,21 @@
 //! `ferryd`: the data-plane daemon. Loads and checks a plan, takes transfer commands on a
-//! UNIX control socket (mode 0600), serves Prometheus metrics on a local port, and exits
-//! cleanly on SIGTERM or SIGINT.
+//! UNIX control socket (mode 0600), serves Prometheus metrics on a local port. SIGTERM or
+//! SIGINT drains it: no new session starts, the sessions in flight finish within
+//! `--drain-seconds`; past that (or on a second signal) they are abandoned, their partial
+//! files removed, and ferryd exits 1. SIGHUP is ignored (there is nothing to reload).
+//! Under systemd (`Type=notify`) it says when it is ready and when it stops.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dataplane::auth::{Auth, Key};
 use dataplane::daemon::{Daemon, Metrics, bind_control};
 use dataplane::plan::Plan;
 use nix::sys::signal::{SigSet, Signal};
+use sd_notify::NotifyState;
 
 #[derive(Parser, Debug)]
 #[command(name = "ferryd", version, about = "ferry data-plane daemon")]
@@ -29,6 +35,10 @@ struct Args {
     /// Run without peer authentication.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// On SIGTERM, how long the sessions in flight may take to finish before they are
+    /// abandoned.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    drain_seconds: u64,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -65,8 +75,9 @@ fn main() -> ExitCode {
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGTERM);
     stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGHUP);
     if let Err(e) = stop.thread_block() {
-        log::error!("cannot block SIGTERM/SIGINT: {e}");
+        log::error!("cannot block SIGTERM/SIGINT/SIGHUP: {e}");
         return ExitCode::FAILURE;
     }
     let control = match bind_control(&args.control) {
@@ -107,7 +118,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let daemon: &'static Daemon = Box::leak(Box::new(Daemon { plan, auth, metrics: Metrics::default(), pool }));
+    let daemon: &'static Daemon = Box::leak(Box::new(Daemon {
+        plan,
+        auth,
+        metrics: Metrics::default(),
+        pool,
+        draining: AtomicBool::new(false),
+        in_flight: AtomicU64::new(0),
+    }));
     std::thread::spawn(move || daemon.serve_control(control));
     if let Some(l) = metrics {
         log::info!("metrics on http://{}/metrics", l.local_addr().map_or_else(|_| args.metrics.clone(), |a| a.to_string()));
@@ -115,16 +133,67 @@ fn main() -> ExitCode {
     }
     log::info!("control socket {}", args.control.display());
     log::info!("ferryd ready (pid {})", std::process::id());
-    let code = match stop.wait() {
-        Ok(sig) => {
-            log::info!("{sig:?} received, shutting down");
-            ExitCode::SUCCESS
+    notify(&[NotifyState::Ready, NotifyState::Status("ready")]);
+    // Stop signals are counted by a thread of their own: the first drains, a second
+    // abandons the drain.
+    static STOPS: AtomicU32 = AtomicU32::new(0);
+    std::thread::spawn(move || {
+        loop {
+            match stop.wait() {
+                Ok(Signal::SIGHUP) => log::info!("SIGHUP ignored: ferryd has nothing to reload (restart it to run a new plan)"),
+                Ok(sig) => {
+                    log::info!("{sig:?} received: shutting down");
+                    STOPS.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    log::error!("waiting for signals failed: {e}; stopping");
+                    STOPS.fetch_add(2, Ordering::SeqCst);
+                    return;
+                }
+            }
         }
-        Err(e) => {
-            log::error!("waiting for signals failed: {e}");
-            ExitCode::FAILURE
-        }
-    };
+    });
+    while STOPS.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let code = drain(daemon, Duration::from_secs(args.drain_seconds), &STOPS);
     let _ = std::fs::remove_file(&args.control);
     code
+}
+
+/// Stops taking new sessions and waits for those in flight, up to `grace` or a second stop
+/// signal; then exits 0 if none was left, 1 if some were abandoned (their partial files
+/// removed; their peers see the connections close).
+fn drain(daemon: &Daemon, grace: Duration, stops: &AtomicU32) -> ExitCode {
+    daemon.draining.store(true, Ordering::SeqCst);
+    let in_flight = || daemon.in_flight.load(Ordering::SeqCst);
+    let n = in_flight();
+    log::info!("draining: {n} session(s) in flight finish (up to {} s), no new one starts", grace.as_secs());
+    notify(&[NotifyState::Stopping, NotifyState::Status(&format!("draining {n} session(s)"))]);
+    let deadline = Instant::now() + grace;
+    while in_flight() > 0 {
+        if Instant::now() >= deadline || stops.load(Ordering::SeqCst) > 1 {
+            let left = in_flight();
+            let removed = dataplane::engine::recv::remove_partials();
+            log::error!(
+                "drain ended with {left} session(s) still running: abandoned{}",
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", partial file(s) removed: {}", removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+                }
+            );
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log::info!("drained: every session finished; exiting");
+    ExitCode::SUCCESS
+}
+
+/// Tells systemd (when it started ferryd with Type=notify); nothing otherwise.
+fn notify(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        log::warn!("cannot notify systemd: {e}");
+    }
 }

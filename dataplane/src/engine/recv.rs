@@ -41,6 +41,18 @@ struct Partial {
     done: bool,
 }
 
+/// Every partial file this process is writing now: a process that must exit before its
+/// sessions end (a drain that timed out) removes them ([`remove_partials`]), as each
+/// session would have on failure.
+static PARTIALS: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Removes the partial files of every receive in flight in this process, and returns
+/// their paths; for a process about to exit with sessions still running.
+pub fn remove_partials() -> Vec<PathBuf> {
+    let live = PARTIALS.lock().unwrap_or_else(|p| p.into_inner());
+    live.iter().filter(|p| std::fs::remove_file(p).is_ok()).cloned().collect()
+}
+
 impl Partial {
     /// Creates `OUT.<random>.partial` next to `out`, exclusively: two receivers given the
     /// same `--out` never write into one file.
@@ -56,12 +68,14 @@ impl Partial {
             .create_new(true)
             .open(&path)
             .map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
+        PARTIALS.lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone());
         Ok((Partial { path, done: false }, file))
     }
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
+        PARTIALS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.path);
         if !self.done {
             let _ = std::fs::remove_file(&self.path);
         }
