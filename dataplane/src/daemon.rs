@@ -697,7 +697,12 @@ impl Daemon {
         let (status, body) = match (method, path) {
             ("GET" | "HEAD", "/metrics") => ("200 OK", self.metrics.prometheus()),
             ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n".to_string()),
-            ("GET" | "HEAD", _) => ("404 Not Found", "ferryd serves /metrics and /healthz\n".to_string()),
+            // Not ready while draining: a load balancer or orchestrator sends no new work.
+            ("GET" | "HEAD", "/readyz") if self.draining.load(std::sync::atomic::Ordering::SeqCst) => {
+                ("503 Service Unavailable", "draining\n".to_string())
+            }
+            ("GET" | "HEAD", "/readyz") => ("200 OK", "ready\n".to_string()),
+            ("GET" | "HEAD", _) => ("404 Not Found", "ferryd serves /metrics, /healthz and /readyz\n".to_string()),
             _ => ("405 Method Not Allowed", "GET or HEAD\n".to_string()),
         };
         conn.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;

@@ -43,6 +43,12 @@ fn plan() -> Plan {
 /// A ferryd on `dir`'s plan with control socket `name.sock`, once it says it is ready;
 /// the rest of its log goes to a thread that returns it.
 fn ferryd(dir: &Path, name: &str, extra: &[&str]) -> (Child, PathBuf, std::thread::JoinHandle<String>) {
+    let (child, sock, log, _) = ferryd_with_metrics(dir, name, extra, "off");
+    (child, sock, log)
+}
+
+/// [`ferryd`] serving metrics on `metrics`, and the address it serves them on.
+fn ferryd_with_metrics(dir: &Path, name: &str, extra: &[&str], metrics: &str) -> (Child, PathBuf, std::thread::JoinHandle<String>, String) {
     let plan_path = dir.join("plan.json");
     std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
     let sock = dir.join(format!("{name}.sock"));
@@ -51,20 +57,35 @@ fn ferryd(dir: &Path, name: &str, extra: &[&str]) -> (Child, PathBuf, std::threa
         .arg(&plan_path)
         .arg("--control")
         .arg(&sock)
-        .args(["--metrics", "off", "--insecure-no-auth"])
+        .args(["--metrics", metrics, "--insecure-no-auth"])
         .args(extra)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = String::new();
     for line in lines.by_ref() {
-        if line.unwrap().contains("ferryd ready") {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("metrics on http://").nth(1) {
+            addr = rest.trim_end_matches("/metrics").to_string();
+        }
+        if line.contains("ferryd ready") {
             break;
         }
     }
     let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
-    (child, sock, rest)
+    (child, sock, rest, addr)
+}
+
+/// The status line of `GET path` on ferryd's metrics server.
+fn http_status(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    body.lines().next().unwrap_or("").to_string()
 }
 
 /// A control conversation: the request, then each reply line as it comes.
@@ -93,7 +114,8 @@ fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
 #[test]
 fn sighup_is_ignored_and_sigterm_lets_the_session_in_flight_finish() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, sock, log) = ferryd(dir.path(), "ferryd", &[]);
+    let (mut child, sock, log, metrics) = ferryd_with_metrics(dir.path(), "ferryd", &[], "127.0.0.1:0");
+    assert_eq!(http_status(&metrics, "/readyz"), "HTTP/1.0 200 OK");
     signal(&child, Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(200));
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP left ferryd running");
@@ -111,7 +133,9 @@ fn sighup_is_ignored_and_sigterm_lets_the_session_in_flight_finish() {
         assert!(t.elapsed() < Duration::from_secs(5), "ferryd never said it drains");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // No new session starts...
+    // Not ready, still healthy, and no new session starts...
+    assert_eq!(http_status(&metrics, "/readyz"), "HTTP/1.0 503 Service Unavailable");
+    assert_eq!(http_status(&metrics, "/healthz"), "HTTP/1.0 200 OK");
     let refused = ask(&sock, serde_json::json!({"cmd": "send", "to": addr, "file": "/etc/hostname"})).next().unwrap();
     assert_eq!(refused["ok"], false);
     assert!(refused["error"].as_str().unwrap().contains("shutting down"), "{refused}");
