@@ -349,9 +349,51 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Binds the control socket with mode 0600, replacing a stale socket file. Anything at
-/// `path` that is not a socket (a regular file, a directory) is left alone and refused.
-pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+/// Who may use the control socket: its mode (owner and group bits only) and group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: u32,
+    pub group: Option<nix::unistd::Gid>,
+}
+
+impl Default for SocketAccess {
+    /// The owner only (mode 0600).
+    fn default() -> SocketAccess {
+        SocketAccess { mode: 0o600, group: None }
+    }
+}
+
+impl SocketAccess {
+    /// `mode` in octal (`0660`) and `group` a name or a number. Other users may never
+    /// connect: whoever can reach the socket can hand ferryd memory and send it anywhere.
+    pub fn parse(mode: &str, group: Option<&str>) -> Result<SocketAccess, String> {
+        let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+            .map_err(|_| format!("--control-mode {mode}: give an octal mode such as 0600 or 0660"))?;
+        if m & !0o770 != 0 {
+            return Err(format!(
+                "--control-mode {mode}: only owner and group bits may be set (0600, 0660): every client of the control socket can make ferryd read and send memory"
+            ));
+        }
+        let group = match group {
+            None => None,
+            Some(g) => Some(match g.parse::<u32>() {
+                Ok(n) => nix::unistd::Gid::from_raw(n),
+                Err(_) => {
+                    nix::unistd::Group::from_name(g)
+                        .map_err(|e| format!("--control-group {g}: {e}"))?
+                        .ok_or_else(|| format!("--control-group {g}: no such group"))?
+                        .gid
+                }
+            }),
+        };
+        Ok(SocketAccess { mode: m, group })
+    }
+}
+
+/// Binds the control socket with `access` (mode 0600 by default), replacing a stale
+/// socket file. Anything at `path` that is not a socket (a regular file, a directory) is
+/// left alone and refused.
+pub fn bind_control(path: &Path, access: SocketAccess) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -376,7 +418,13 @@ pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) => return Err(e),
     }
     let l = UnixListener::bind(path)?;
+    // The group first, then the mode: the socket never grants the group access with the
+    // wrong group.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(g) = access.group {
+        nix::unistd::chown(path, None, Some(g)).map_err(std::io::Error::from)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
     Ok(l)
 }
 

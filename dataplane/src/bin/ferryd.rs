@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dataplane::auth::{Auth, Key};
-use dataplane::daemon::{Daemon, Metrics, bind_control};
+use dataplane::daemon::{Daemon, Metrics, SocketAccess, bind_control};
 use dataplane::plan::Plan;
 use nix::sys::signal::{SigSet, Signal};
 use sd_notify::NotifyState;
@@ -26,6 +26,13 @@ struct Args {
     /// Control socket (created with mode 0600).
     #[arg(long, default_value = "/run/ferry/ferryd.sock")]
     control: PathBuf,
+    /// The control socket's mode, octal: 0600 (the owner) or 0660 (and its group, for a
+    /// VMM that runs as another user); other users are never let in.
+    #[arg(long, default_value = "0600", value_name = "MODE")]
+    control_mode: String,
+    /// The control socket's group (a name or a number), for `--control-mode 0660`.
+    #[arg(long, value_name = "GROUP")]
+    control_group: Option<String>,
     /// Address for Prometheus metrics (GET /metrics), or "off".
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics: String,
@@ -80,7 +87,14 @@ fn main() -> ExitCode {
         log::error!("cannot block SIGTERM/SIGINT/SIGHUP: {e}");
         return ExitCode::FAILURE;
     }
-    let control = match bind_control(&args.control) {
+    let access = match SocketAccess::parse(&args.control_mode, args.control_group.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let control = match bind_control(&args.control, access) {
         Ok(l) => l,
         Err(e) => {
             log::error!("cannot create the control socket {}: {e}", args.control.display());
