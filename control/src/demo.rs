@@ -247,10 +247,12 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
 
     // The guest: memory in a memfd, filled with the image; the dirty bitmap in another.
     let size = a.size_mib << 20;
-    let mem =
-        hw::memmap::memfd("ferry-demo-guest", size, false).map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
+    // Written by the demo only (the image, then the workload); ferryd gets a read-only
+    // descriptor.
+    let mut map = hw::memmap::OwnedMemory::new("ferry-demo-guest", size)
+        .map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
+    let mem = map.reader().map_err(|e| fail(format!("cannot open the guest memory read-only: {e}")))?;
     let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false).map_err(|e| fail(e.to_string()))?;
-    let mut map = hw::memmap::SharedMap::new(&mem).map_err(|e| fail(format!("cannot map the guest memory: {e}")))?;
     let image = guest::fill_image(map.as_mut_slice(), a.seed);
     progress(format!(
         "guest: {} MiB image in {:.1} s ({} zero, {} ELF, {} text, {} random pages)",

@@ -280,13 +280,13 @@ impl DirtyLog {
 #[derive(Debug)]
 pub struct Workload {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(hw::memmap::SharedMap, u64)>,
+    handle: std::thread::JoinHandle<(hw::memmap::OwnedMemory, u64)>,
 }
 
 impl Workload {
     /// Dirties `rate` bytes of pages per second (in 1 ms steps) with `pattern`; each write
     /// stores a counter in the page and marks the page in `log`.
-    pub fn start(mut map: hw::memmap::SharedMap, log: Arc<DirtyLog>, rate: u64, pattern: Pattern, seed: u64) -> Workload {
+    pub fn start(mut map: hw::memmap::OwnedMemory, log: Arc<DirtyLog>, rate: u64, pattern: Pattern, seed: u64) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
@@ -322,7 +322,7 @@ impl Workload {
     }
 
     /// Pauses the guest: the workload stops, and its mapping and page-write count come back.
-    pub fn pause(self) -> (hw::memmap::SharedMap, u64) {
+    pub fn pause(self) -> (hw::memmap::OwnedMemory, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("workload thread panicked")
     }
@@ -348,10 +348,10 @@ mod tests {
 
     #[test]
     fn workload_marks_what_it_writes() {
-        let f = hw::memmap::memfd("guest-test", 256 * PAGE as u64, false).unwrap();
-        let before = hw::memmap::SourceMap::new(&f).unwrap().as_slice().to_vec();
+        let m = hw::memmap::OwnedMemory::new("guest-test", 256 * PAGE as u64).unwrap();
+        let before = m.as_slice().to_vec();
         let log = Arc::new(DirtyLog::new(256));
-        let w = Workload::start(hw::memmap::SharedMap::new(&f).unwrap(), log.clone(), 40 << 20, Pattern::Hot, 1);
+        let w = Workload::start(m, log.clone(), 40 << 20, Pattern::Hot, 1);
         // Until the workload has marked a page.
         while log.words.iter().all(|w| w.load(Ordering::Relaxed) == 0) {
             std::thread::yield_now();

@@ -227,8 +227,9 @@ fn ram_files(dir: &Path) -> (PathBuf, PathBuf) {
     let src = dir.join("src.ram");
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&src).unwrap();
     f.set_len(MIB << 20).unwrap();
-    let mut m = hw::memmap::SharedMap::new(&f).unwrap();
-    control::guest::fill_image(m.as_mut_slice(), 20240601);
+    let mut image = vec![0u8; (MIB << 20) as usize];
+    control::guest::fill_image(&mut image, 20240601);
+    std::os::unix::fs::FileExt::write_all_at(&f, &image, 0).unwrap();
     let dst = dir.join("dst.ram");
     std::fs::File::create(&dst).unwrap().set_len(MIB << 20).unwrap();
     (src, dst)

@@ -1,41 +1,13 @@
-//! Memory mappings: a read-only view of a file or memfd (the source of a transfer), and
-//! per-worker arenas on the hugepage ladder (reserved 2 MiB pages, THP, normal pages),
-//! locked in memory when asked.
+//! Memory: memfds, memory this process owns and shares read-only (a simulated guest's
+//! RAM), and per-worker arenas on the hugepage ladder (reserved 2 MiB pages, THP, normal
+//! pages), locked in memory when asked. Files others write (a VMM's guest memory) are never
+//! mapped: they are read with `pread`, so a file that shrinks is an error, not a SIGBUS,
+//! and no Rust reference ever covers bytes another process changes.
 
 use std::fs::File;
 use std::io;
 
-use memmap2::{Advice, Mmap, MmapMut, MmapOptions};
-
-/// A read-only mapping of a whole file.
-#[derive(Debug)]
-pub struct SourceMap {
-    map: Option<Mmap>,
-}
-
-impl SourceMap {
-    /// Maps `file` read-only. The caller must not let the file shrink while the mapping
-    /// is used (reading a truncated page raises SIGBUS); concurrent writers give torn data,
-    /// which the transfer's digest reports.
-    pub fn new(file: &File) -> io::Result<SourceMap> {
-        let len = file.metadata()?.len();
-        if len == 0 {
-            return Ok(SourceMap { map: None });
-        }
-        // SAFETY: the mapping is private to this value and read-only. Another process may
-        // still write the file (a VMM's guest memory changes under us by design); that
-        // changes what we read, not Rust's aliasing guarantees for memory we own, and the
-        // end-to-end digest catches a torn source. Shrinking the file is the caller's
-        // documented obligation above.
-        let map = unsafe { MmapOptions::new().len(len as usize).map(file)? };
-        let _ = map.advise(Advice::Sequential);
-        Ok(SourceMap { map: Some(map) })
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
-}
+use memmap2::{Advice, MmapMut, MmapOptions};
 
 /// A new memfd of `len` bytes (close-on-exec): guest memory, a dirty bitmap, or a
 /// migration's destination. `hugetlb` asks for 2 MiB pages (`MFD_HUGETLB`); `len` must
@@ -50,6 +22,60 @@ pub fn memfd(name: &str, len: u64, hugetlb: bool) -> io::Result<File> {
     let f = File::from(fd);
     f.set_len(len)?;
     Ok(f)
+}
+
+/// Memory this process owns and writes, shared with others for reading (a simulated
+/// guest's RAM): a memfd sealed against shrinking and growing, mapped shared and writable.
+/// Its only writable descriptor stays inside; others get read-only ones
+/// ([`OwnedMemory::reader`]), which can neither write nor truncate it. So the slices it
+/// hands out are sound: nothing else writes the bytes while they are borrowed, and no page
+/// of the mapping can vanish (no SIGBUS).
+pub struct OwnedMemory {
+    map: Option<MmapMut>,
+    file: File,
+}
+
+impl std::fmt::Debug for OwnedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedMemory").field("len", &self.as_slice().len()).finish()
+    }
+}
+
+impl OwnedMemory {
+    /// `len` zeroed bytes in a new memfd called `name`.
+    pub fn new(name: &str, len: u64) -> io::Result<OwnedMemory> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).map_err(io::Error::from)?;
+        let file = File::from(fd);
+        file.set_len(len)?;
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(io::Error::from)?;
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the memfd is new and its only writable descriptor is `file`, private
+            // to this value (readers get read-only descriptors, which cannot write, truncate
+            // or punch it); the seals keep its size for its lifetime. So no page of the
+            // mapping disappears, and only this value's `&mut self` writes it.
+            Some(unsafe { MmapOptions::new().len(len as usize).map_mut(&file)? })
+        };
+        Ok(OwnedMemory { map, file })
+    }
+
+    /// A read-only descriptor of the memory, to hand to another process (or read with
+    /// `pread`).
+    pub fn reader(&self) -> io::Result<File> {
+        File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file)))
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
 }
 
 /// Whether `file` is memory: a memfd or tmpfs file (shmem) or a hugetlbfs file. A
@@ -98,39 +124,6 @@ pub fn describe(file: &File) -> String {
         _ => return format!("a regular file on a file system with magic {fs:#x}"),
     };
     format!("a regular file on {name}")
-}
-
-/// A shared read-write mapping of a whole file: guest memory as a VMM (or ferry's guest
-/// simulator) writes it, while other processes read it through their own mappings.
-#[derive(Debug)]
-pub struct SharedMap {
-    map: Option<MmapMut>,
-}
-
-impl SharedMap {
-    /// Maps `file` shared and writable. As with [`SourceMap`], the file must not shrink
-    /// while mapped; writes are visible to every other mapping of the file.
-    pub fn new(file: &File) -> io::Result<SharedMap> {
-        let len = file.metadata()?.len();
-        if len == 0 {
-            return Ok(SharedMap { map: None });
-        }
-        // SAFETY: this value owns the mapping and hands out Rust references only through
-        // `&self`/`&mut self`, so within this process the borrow rules hold. Other processes
-        // reading the file see our writes, which is the point; one writing it concurrently
-        // would change what we read, as documented for `SourceMap`. Shrinking is the caller's
-        // obligation above.
-        let map = unsafe { MmapOptions::new().len(len as usize).map_mut(file)? };
-        Ok(SharedMap { map: Some(map) })
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.map.as_deref_mut().unwrap_or(&mut [])
-    }
 }
 
 /// What backs an arena, after the ladder.
@@ -318,24 +311,33 @@ impl AsMut<[u8]> for Arena {
 mod tests {
     use super::*;
 
+    /// Owned memory: written through its map, read through a read-only descriptor that
+    /// can neither write nor shrink it.
     #[test]
-    fn source_map_reads_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        std::fs::write(&p, b"abcdef").unwrap();
-        let m = SourceMap::new(&File::open(&p).unwrap()).unwrap();
-        assert_eq!(m.as_slice(), b"abcdef");
-        std::fs::write(&p, b"").unwrap();
-        assert!(SourceMap::new(&File::open(&p).unwrap()).unwrap().as_slice().is_empty());
+    fn owned_memory_is_sealed_and_shared_read_only() {
+        use std::os::unix::fs::FileExt;
+        let mut m = OwnedMemory::new("ferry-owned", 3 * 4096).unwrap();
+        m.as_mut_slice()[5000] = 7;
+        let r = m.reader().unwrap();
+        assert!(is_memory_file(&r).unwrap());
+        let mut b = [0u8; 1];
+        r.read_exact_at(&mut b, 5000).unwrap();
+        assert_eq!(b[0], 7);
+        assert!(r.write_at(&[1], 0).is_err(), "the reader cannot write");
+        assert!(r.set_len(4096).is_err(), "nor shrink it");
+        assert!(m.file.set_len(4096).is_err(), "the seal keeps the size even for the owner");
+        assert_eq!(m.as_slice()[5000], 7);
     }
 
     #[test]
     fn memfd_is_memory_and_shared() {
         let f = memfd("ferry-test", 3 * 4096, false).unwrap();
         assert!(is_memory_file(&f).unwrap());
-        let mut w = SharedMap::new(&f).unwrap();
-        w.as_mut_slice()[4096] = 9;
-        assert_eq!(SourceMap::new(&f).unwrap().as_slice()[4096], 9, "one file, two mappings");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[9], 4096).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 4096).unwrap();
+        assert_eq!(b[0], 9);
         let disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         assert!(!is_memory_file(disk.as_file()).unwrap(), "a file on disk is not guest memory");
         assert!(describe(disk.as_file()).starts_with("a regular file on"), "{}", describe(disk.as_file()));

@@ -51,9 +51,10 @@ fn read_device(sys: &SysRoot, ctx: &Context) -> Result<RdmaDevice, RdmaError> {
             None
         }
     };
-    // SAFETY: fw_ver is a NUL-terminated C string filled by ibv_query_device (64 bytes,
-    // zero-initialised before the call, so a terminator is present).
-    let fw_ver = unsafe { std::ffi::CStr::from_ptr(a.fw_ver.as_ptr()) }.to_string_lossy().into_owned();
+    // fw_ver is 64 bytes, NUL-terminated when the name is shorter: read up to the first
+    // NUL or the end, whichever comes first.
+    let raw: Vec<u8> = a.fw_ver.iter().map(|&c| c as u8).collect();
+    let fw_ver = String::from_utf8_lossy(raw.split(|&b| b == 0).next().unwrap_or(&[])).into_owned();
     let pos = |v: i32| v.max(0) as u32;
     Ok(RdmaDevice {
         driver: sys.link_name(&format!("{base}/device/driver")).or_else(|| {
