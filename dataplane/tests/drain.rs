@@ -60,6 +60,7 @@ fn ferryd_with_metrics(dir: &Path, name: &str, extra: &[&str], metrics: &str) ->
         .args(["--metrics", metrics, "--insecure-no-auth"])
         .args(extra)
         .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

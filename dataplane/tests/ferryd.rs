@@ -43,6 +43,7 @@ fn ferryd(plan_path: &std::path::Path) -> std::process::Child {
         .arg(control)
         .args(["--metrics", "127.0.0.1:0", "--insecure-no-auth"])
         .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ferryd")
@@ -145,6 +146,7 @@ fn serves_transfers_status_and_metrics() {
         .args(["--metrics", "127.0.0.1:0", "--key"])
         .arg(&key_path)
         .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -286,6 +288,7 @@ fn control_socket_mode_and_group() {
             .arg(dir.path().join("c.sock"))
             .args(["--metrics", "off", "--insecure-no-auth"])
             .args(args)
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
