@@ -191,7 +191,7 @@ impl Encoder {
                 self.stats.zero_pages += (end - start).div_ceil(page_size) as u64;
             }
             if result.is_ok() {
-                result = self.emit_run(z, region, offset + start as u64, zero, &bytes[start..end], level, emit);
+                result = self.emit_run(z, (region, offset + start as u64), zero, &bytes[start..end], level, emit);
             }
         });
         result
@@ -208,16 +208,14 @@ impl Encoder {
         emit: &mut impl FnMut(Header, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let level = self.level();
-        self.emit_run(z, region, offset, false, bytes, level, emit)
+        self.emit_run(z, (region, offset), false, bytes, level, emit)
     }
 
     /// One frame for a run of zero or of non-zero pages.
-    #[allow(clippy::too_many_arguments)]
     fn emit_run<E>(
         &mut self,
         z: &mut Compressor,
-        region: u32,
-        offset: u64,
+        (region, offset): (u32, u64),
         zero: bool,
         run: &[u8],
         level: Option<i32>,

@@ -92,6 +92,19 @@ pub fn rate_limit_bytes(mbit: u64) -> Result<u64, String> {
     Ok(mbit * 1_000_000 / 8)
 }
 
+/// A session whose lanes are open: its control connection, its workers' parts, and what
+/// the transport set up.
+struct Opened {
+    ctl: Ctl,
+    workers: Vec<Worker>,
+    /// RDMA sessions: the figures so far.
+    rdma: Option<RdmaReport>,
+    /// RDMA sessions: the key page hashes are keyed with.
+    digest_key: Option<DigestKey>,
+    abort: Arc<AtomicBool>,
+    live: crate::live::Session,
+}
+
 /// The worker threads a session runs on: shared (ferryd's), or its own.
 enum Workers<'a> {
     Shared(&'a Pool),
@@ -275,7 +288,8 @@ impl<'a> Source<'a> {
                 opts.to,
                 report.device
             );
-            return Source::ready(opts, regions, pool, ctl, workers, Some(report), key, abort, live, t0, cpu0);
+            let opened = Opened { ctl, workers, rdma: Some(report), digest_key: key, abort, live };
+            return Source::ready(opts, regions, pool, opened, t0, cpu0);
         }
         // The pool's arenas were mapped once, when it started: what that said is said for
         // every session.
@@ -300,24 +314,19 @@ impl<'a> Source<'a> {
             regions.len(),
             opts.to
         );
-        Source::ready(opts, regions, pool, ctl, workers, None, None, abort, live, t0, cpu0)
+        Source::ready(opts, regions, pool, Opened { ctl, workers, rdma: None, digest_key: None, abort, live }, t0, cpu0)
     }
 
     /// The session, its lanes open.
-    #[allow(clippy::too_many_arguments)]
     fn ready(
         opts: SourceOptions<'a>,
         regions: Vec<Region>,
         pool: Workers<'a>,
-        ctl: Ctl,
-        workers: Vec<Worker>,
-        rdma: Option<RdmaReport>,
-        digest_key: Option<DigestKey>,
-        abort: Arc<AtomicBool>,
-        live: crate::live::Session,
+        opened: Opened,
         t0: Instant,
         cpu0: f64,
     ) -> Result<Source<'a>, SessionError> {
+        let Opened { ctl, workers, rdma, digest_key, abort, live } = opened;
         let size: u64 = regions.iter().map(|r| r.size).sum();
         let chunk = opts.plan.chunk_size_bytes as usize;
         // The paused source is digested during the last round; that bounds the downtime
