@@ -121,6 +121,9 @@ impl Pool {
     /// (at least the chunks its lanes can hold in flight). Fails if an arena cannot be
     /// had (memlock too low, say): nothing is left running.
     pub fn new(plan: &Plan) -> Result<Pool, SessionError> {
+        if plan.worker_cpus.is_empty() {
+            return Err(SessionError::Protocol("the plan names no worker CPU: `ferryctl tune` again".into()));
+        }
         let chunk = plan.chunk_size_bytes as usize;
         // Per worker, at least what its lanes can hold in flight with zero-copy sends; a
         // chunk is two slots (the window as read, its compressed payloads).
@@ -160,8 +163,11 @@ impl Pool {
             let mut m = Member { cpu, inbox, thread: Some(thread) };
             match ready_rx.recv() {
                 Ok(Ok((n, chunks))) => {
-                    if i == 0 {
-                        notes = n;
+                    // Each worker's fallbacks, said once however many workers had them.
+                    for note in n {
+                        if !notes.contains(&note) {
+                            notes.push(note);
+                        }
                     }
                     chunks_per_worker = chunks_per_worker.min(chunks);
                     members.push(m);
