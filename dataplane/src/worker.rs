@@ -224,6 +224,17 @@ pub(crate) struct RoundRun {
     live_zero: u64,
 }
 
+/// Clean windows a step looks at, at most, before it lets the thread's other sessions go.
+const SCAN_PER_STEP: usize = 4096;
+
+/// What [`Worker::next_window`] found.
+enum Next {
+    /// A window holding a page the round sends.
+    Window(u32, u64),
+    /// Only clean windows so far: look again next step.
+    Clean,
+}
+
 /// What one step of a round did.
 #[derive(Debug)]
 pub(crate) enum Step {
@@ -291,18 +302,21 @@ impl Worker {
         }
     }
 
-    /// The next window of the round that holds a page it sends, claiming blocks as needed.
-    fn next_window(run: &mut RoundRun, r: &Round) -> Option<(u32, u64)> {
-        loop {
+    /// The next window of the round that holds a page it sends, claiming blocks as needed;
+    /// `Clean` after looking at [`SCAN_PER_STEP`] clean windows (so a sparse round of a
+    /// large guest does not hold the thread from its other sessions); `None` at the end.
+    fn next_window(run: &mut RoundRun, r: &Round) -> Option<Next> {
+        for _ in 0..SCAN_PER_STEP {
             if let Some(g) = run.block.next() {
                 let (region, w) = r.feed.window(g);
                 if r.window_dirty(region, w) {
-                    return Some((region, w));
+                    return Some(Next::Window(region, w));
                 }
                 continue;
             }
             run.block = r.feed.claim()?;
         }
+        Some(Next::Clean)
     }
 
     fn try_step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>, z: &mut Compressor) -> Result<Step, SessionError> {
@@ -317,17 +331,10 @@ impl Worker {
         if let Some(due) = r.pacer.ahead() {
             return Ok(Step::Wait(Some(due)));
         }
-        let Some((region, w)) = Self::next_window(run, r) else {
-            self.rdma_ends = self.tx.end_round(r.round, spare, &mut self.latency)?;
-            let mut c = run.counts;
-            if !rdma {
-                let (enc, enc0) = (self.enc.stats, run.enc0);
-                c.zero_pages = enc.zero_pages - enc0.zero_pages;
-                c.compressed_in = enc.compressed_in - enc0.compressed_in;
-                c.compressed_out = enc.compressed_out - enc0.compressed_out;
-                c.frames = enc.frames - enc0.frames;
-            }
-            return Ok(Step::Done(Ok(c)));
+        let (region, w) = match Self::next_window(run, r) {
+            Some(Next::Window(region, w)) => (region, w),
+            Some(Next::Clean) => return Ok(Step::Sent),
+            None => return self.end_round(run, r, spare, rdma),
         };
         let c = &mut run.counts;
         if let Tx::Rdma(t) = &mut self.tx {
@@ -359,6 +366,20 @@ impl Worker {
         c.wire_bytes += f.wire_bytes;
         self.tx.post(b, spare, &mut self.latency)?;
         Ok(Step::Sent)
+    }
+
+    /// The round's end on every lane, once the round has no more windows for this worker.
+    fn end_round(&mut self, run: &RoundRun, r: &Round, spare: &mut Vec<Batch>, rdma: bool) -> Result<Step, SessionError> {
+        self.rdma_ends = self.tx.end_round(r.round, spare, &mut self.latency)?;
+        let mut c = run.counts;
+        if !rdma {
+            let (enc, enc0) = (self.enc.stats, run.enc0);
+            c.zero_pages = enc.zero_pages - enc0.zero_pages;
+            c.compressed_in = enc.compressed_in - enc0.compressed_in;
+            c.compressed_out = enc.compressed_out - enc0.compressed_out;
+            c.frames = enc.frames - enc0.frames;
+        }
+        Ok(Step::Done(Ok(c)))
     }
 
     /// Takes back every chunk the lanes still hold (a failed round's, whose sends are
@@ -551,8 +572,27 @@ mod tests {
         dirty[35] |= 1 << 63;
         let r = Round::new(1, regions, chunk, dirty.into(), false, None);
         let mut run = RoundRun::default();
-        let got: Vec<(u32, u64)> = std::iter::from_fn(|| Worker::next_window(&mut run, &r)).collect();
+        let got: Vec<(u32, u64)> = std::iter::from_fn(|| Worker::next_window(&mut run, &r))
+            .filter_map(|n| match n {
+                Next::Window(region, w) => Some((region, w)),
+                Next::Clean => None,
+            })
+            .collect();
         assert_eq!(got, vec![(0, 0), (0, 1), (0, 127), (1, 15)]);
+        // A sparse round of a large region: a step looks at SCAN_PER_STEP clean windows at
+        // most, then lets other sessions go; the dirty window is found on a later step.
+        let big = self::regions(&[(SCAN_PER_STEP as u64 + 100) * chunk as u64]);
+        let words = big[0].words;
+        let mut dirty = vec![0u64; words];
+        dirty[words - 1] |= 1 << 63;
+        let pages = big[0].size / PAGE as u64;
+        let last_window = (pages - 1) / (chunk / PAGE) as u64;
+        assert_eq!(pages % 64, 0, "the last bit is the last page");
+        let sparse = Round::new(1, big, chunk, dirty.into(), false, None);
+        let mut run = RoundRun::default();
+        assert!(matches!(Worker::next_window(&mut run, &sparse), Some(Next::Clean)));
+        assert!(matches!(Worker::next_window(&mut run, &sparse), Some(Next::Window(0, w)) if w == last_window));
+        assert!(Worker::next_window(&mut run, &sparse).is_none());
         let r = Round::new(0, r.regions.clone(), chunk, Arc::from(&[][..]), true, None);
         assert!(r.feed.claim().is_some());
         r.feed.stop();
