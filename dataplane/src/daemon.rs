@@ -113,15 +113,20 @@ struct Totals {
     last_error: Option<String>,
 }
 
+/// Every session role ferryd counts: each series is there, at zero, from the start, so
+/// `increase()` over a fleet sees a role's first session (and first failure).
+const ROLES: [&str; 4] = ["send", "recv", "migrate_in", "migrate_out"];
+
 impl Default for Metrics {
     fn default() -> Self {
+        let zero = || ROLES.iter().map(|&r| (r, 0)).collect::<BTreeMap<&'static str, u64>>();
         Metrics {
             started: Instant::now(),
             inner: Mutex::new(Totals {
-                sessions: BTreeMap::new(),
-                active: BTreeMap::new(),
-                region_bytes: BTreeMap::new(),
-                wire_bytes: BTreeMap::new(),
+                sessions: ROLES.iter().flat_map(|&r| [((r, "ok"), 0), ((r, "error"), 0)]).collect(),
+                active: zero(),
+                region_bytes: zero(),
+                wire_bytes: zero(),
                 zero_pages: 0,
                 compressed_in: 0,
                 compressed_out: 0,

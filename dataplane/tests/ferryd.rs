@@ -171,6 +171,25 @@ fn serves_transfers_status_and_metrics() {
     };
     let st = ask(r#"{"cmd":"status"}"#);
     assert_eq!(st[0]["ok"], true);
+    // Every role's series is there at zero before any session: a fleet's increase() sees
+    // the first one.
+    {
+        use std::io::Read;
+        let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        write!(http, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        http.read_to_string(&mut body).unwrap();
+        for role in ["send", "recv", "migrate_in", "migrate_out"] {
+            for want in [
+                format!("ferry_sessions_total{{role=\"{role}\",result=\"error\"}} 0"),
+                format!("ferry_sessions_total{{role=\"{role}\",result=\"ok\"}} 0"),
+                format!("ferry_sessions_active{{role=\"{role}\"}} 0"),
+                format!("ferry_region_bytes_total{{role=\"{role}\"}} 0"),
+            ] {
+                assert!(body.contains(&want), "{want} missing:\n{body}");
+            }
+        }
+    }
     // The sending workers run from the start, one per planned CPU.
     assert_eq!(st[0]["pool"]["cpus"], serde_json::json!([0]), "{st:?}");
     let threads = || -> Vec<String> {
