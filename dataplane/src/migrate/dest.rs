@@ -90,6 +90,11 @@ pub fn accept(
     let agreed = a.hello.features.get();
     let mut ctl = Ctl::new(a.s, a.keys);
     let r = session(&acc, &mut ctl, agreed, opts).and_then(|(incoming, digest)| {
+        // A VMM that left while the last round ran (its watcher may not have stopped the
+        // session in time) is the reason, not the hand-over that would fail on it.
+        if opts.vmm.is_some_and(stirred) {
+            return Err(vmm_gone());
+        }
         // The VMM takes its memory before the source hears of success.
         if let Err(why) = deliver(&incoming) {
             return Err(SessionError::Cancelled(format!(
@@ -108,6 +113,13 @@ pub fn accept(
     }
     log::info!("migration from {peer} ended: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "memory verified and handed over".into()));
     r
+}
+
+/// Whether the VMM's connection stirred (readable: it closed, or spoke out of turn), as
+/// [`watch_vmm`] takes it, without waiting.
+fn stirred(vmm: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(vmm, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Watches the VMM's connection while the session runs: when it stirs, the control thread
