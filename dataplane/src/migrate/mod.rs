@@ -114,7 +114,10 @@ impl PageHashes {
     pub(crate) fn set(&self, page: u64, d: Digest) {
         let (lo, hi) = (&self.pages[2 * page as usize], &self.pages[2 * page as usize + 1]);
         let (new_lo, new_hi) = (d.0 as u64, (d.0 >> 64) as u64);
-        let (old_lo, old_hi) = (lo.swap(new_lo, Ordering::Relaxed), hi.swap(new_hi, Ordering::Relaxed));
+        // One writer per page per round: a load and a store, not a locked exchange.
+        let (old_lo, old_hi) = (lo.load(Ordering::Relaxed), hi.load(Ordering::Relaxed));
+        lo.store(new_lo, Ordering::Relaxed);
+        hi.store(new_hi, Ordering::Relaxed);
         let t = &self.totals[(page >> 4) as usize % SHARDS].0;
         t[0].fetch_xor(old_lo ^ new_lo, Ordering::Relaxed);
         t[1].fetch_xor(old_hi ^ new_hi, Ordering::Relaxed);

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use super::Lane;
 use crate::chunk::Batch;
 use crate::session::seal::Seal;
 
@@ -57,20 +58,10 @@ impl Read for PipeReader {
     }
 }
 
-/// One mock lane: a pipe, its seal, and what it carried this round.
-#[derive(Debug)]
-pub(crate) struct MockLane {
-    pub w: PipeWriter,
-    pub tx: Seal,
-    pub frames: u64,
-    pub bytes: u64,
-    pub pages: u64,
-}
-
 /// A worker's mock lanes.
 #[derive(Debug)]
 pub(crate) struct MockTx {
-    pub lanes: Vec<MockLane>,
+    pub lanes: Vec<Lane<PipeWriter>>,
     /// Chunks posted and not yet written, oldest first, with their lane.
     pub in_flight: VecDeque<(usize, Batch)>,
     turn: usize,
@@ -78,7 +69,7 @@ pub(crate) struct MockTx {
 
 impl MockTx {
     pub(crate) fn new(lanes: Vec<(PipeWriter, Seal)>) -> MockTx {
-        let lanes = lanes.into_iter().map(|(w, tx)| MockLane { w, tx, frames: 0, bytes: 0, pages: 0 }).collect();
+        let lanes = lanes.into_iter().map(|(w, tx)| Lane::new(w, tx)).collect();
         MockTx { lanes, in_flight: VecDeque::new(), turn: 0 }
     }
 
@@ -96,7 +87,7 @@ impl MockTx {
         let (lane, b) = self.in_flight.pop_front()?;
         let mut bufs: Vec<&[u8]> = Vec::new();
         b.slices(&mut |s| bufs.push(s));
-        let w = &mut self.lanes[lane].w;
+        let w = &mut self.lanes[lane].s;
         let r = bufs.iter().try_for_each(|s| w.write_all(s));
         drop(bufs);
         Some((b, r))

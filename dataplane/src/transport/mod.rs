@@ -35,17 +35,18 @@ use crate::session::seal::Seal;
 use crate::wire::{self, Kind};
 
 /// One data connection of a sending worker, and what it carried in the current round.
+/// (The mock transport's lanes are the same over an in-memory pipe.)
 #[derive(Debug)]
-pub(crate) struct Lane {
-    pub s: TcpStream,
+pub(crate) struct Lane<S = TcpStream> {
+    pub s: S,
     pub tx: Seal,
     frames: u64,
     bytes: u64,
     pages: u64,
 }
 
-impl Lane {
-    pub(crate) fn new(s: TcpStream, tx: Seal) -> Lane {
+impl<S: std::io::Write> Lane<S> {
+    pub(crate) fn new(s: S, tx: Seal) -> Lane<S> {
         Lane { s, tx, frames: 0, bytes: 0, pages: 0 }
     }
 
@@ -53,6 +54,27 @@ impl Lane {
         self.frames += b.frames() as u64;
         self.bytes += b.frames.wire_bytes;
         self.pages += b.frames.pages;
+    }
+
+    /// Ends round `round` on this lane with what it carried (ROUND_END), and starts the
+    /// counts afresh.
+    fn end_round(&mut self, round: u32) -> Result<(), SessionError> {
+        let end = wire::RoundEnd {
+            round: round.into(),
+            _pad: 0.into(),
+            frames: self.frames.into(),
+            bytes: self.bytes.into(),
+            pages: self.pages.into(),
+        };
+        write_frame(&mut self.s, &mut self.tx, Kind::RoundEnd, end.as_bytes())?;
+        (self.frames, self.bytes, self.pages) = (0, 0, 0);
+        Ok(())
+    }
+
+    /// Ends the lane (LANE_END).
+    fn end(&mut self) -> Result<(), SessionError> {
+        let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
+        write_frame(&mut self.s, &mut self.tx, Kind::LaneEnd, end.as_bytes())
     }
 }
 
@@ -190,9 +212,7 @@ impl Tx {
                 };
                 let l = &mut m.lanes[lane];
                 b.seal(&mut l.tx);
-                l.frames += b.frames() as u64;
-                l.bytes += b.frames.wire_bytes;
-                l.pages += b.frames.pages;
+                l.carried(&b);
                 m.in_flight.push_back((lane, b));
                 Ok(())
             }
@@ -261,30 +281,9 @@ impl Tx {
         }
         #[cfg(test)]
         if let Tx::Mock(m) = self {
-            for l in &mut m.lanes {
-                let end = wire::RoundEnd {
-                    round: round.into(),
-                    _pad: 0.into(),
-                    frames: l.frames.into(),
-                    bytes: l.bytes.into(),
-                    pages: l.pages.into(),
-                };
-                write_frame(&mut l.w, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
-                (l.frames, l.bytes, l.pages) = (0, 0, 0);
-            }
-            return Ok(Vec::new());
+            return m.lanes.iter_mut().try_for_each(|l| l.end_round(round)).map(|()| Vec::new());
         }
-        for l in self.lanes_mut() {
-            let end = wire::RoundEnd {
-                round: round.into(),
-                _pad: 0.into(),
-                frames: l.frames.into(),
-                bytes: l.bytes.into(),
-                pages: l.pages.into(),
-            };
-            write_frame(&mut l.s, &mut l.tx, Kind::RoundEnd, end.as_bytes())?;
-            (l.frames, l.bytes, l.pages) = (0, 0, 0);
-        }
+        self.lanes_mut().iter_mut().try_for_each(|l| l.end_round(round))?;
         Ok(Vec::new())
     }
 
@@ -293,17 +292,9 @@ impl Tx {
     pub(crate) fn end_lanes(&mut self) -> Result<(), SessionError> {
         #[cfg(test)]
         if let Tx::Mock(m) = self {
-            for l in &mut m.lanes {
-                let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
-                write_frame(&mut l.w, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
-            }
-            return Ok(());
+            return m.lanes.iter_mut().try_for_each(Lane::end);
         }
-        for l in self.lanes_mut() {
-            let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
-            write_frame(&mut l.s, &mut l.tx, Kind::LaneEnd, end.as_bytes())?;
-        }
-        Ok(())
+        self.lanes_mut().iter_mut().try_for_each(Lane::end)
     }
 
     fn lanes_mut(&mut self) -> &mut [Lane] {
