@@ -55,9 +55,7 @@ fn four_migrations_at_once_through_one_pair_of_ferryd() {
     for uring in [false, true] {
         let what = if uring { "io_uring" } else { "sockets" };
         let dir = tempfile::tempdir().unwrap();
-        let mut p = plan();
-        p.transport = if uring { dataplane::plan::Transport::Tcp } else { dataplane::plan::Transport::Sockets };
-        p.tcp.io_uring = uring;
+        let p = plan_on(uring);
         let (src, dst) = (Ferryd::start_with(dir.path(), "src", &p, None), Ferryd::start_with(dir.path(), "dst", &p, None));
         let guests: Vec<(File, File)> = (0..4).map(guest).collect();
         // 8 MiB each at 64 Mbit/s: a second each, all four under way together.

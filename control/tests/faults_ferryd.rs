@@ -315,9 +315,7 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
     for uring in [false, true] {
         let what = if uring { "io_uring" } else { "sockets" };
         let dir = tempfile::tempdir().unwrap();
-        let mut p = plan();
-        p.transport = if uring { dataplane::plan::Transport::Tcp } else { dataplane::plan::Transport::Sockets };
-        p.tcp.io_uring = uring;
+        let p = plan_on(uring);
         let pages = 8192; // 32 MiB: 2.7 s at the rate below
         let (mem, bitmap) = guest(pages);
         let before = fingerprint(&mem, pages);
@@ -329,7 +327,7 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
         let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
         let mut out = MigrateOut::start(&src.socket, &incoming.addr, &mem, &bitmap, &slow).unwrap();
         let round = std::thread::spawn(move || out.round());
-        std::thread::sleep(Duration::from_millis(700));
+        wait_until(10, "the round to be under way at the destination", || dst.moving("migrate_in"));
         dst.child.kill().unwrap();
         let err = round.join().unwrap().unwrap_err();
         println!("{what}, destination killed mid-round, the source VMM hears: {err}");
@@ -345,7 +343,7 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
         let waiter = std::thread::spawn(move || incoming.wait());
         let mut out = MigrateOut::start(&src2.socket, &addr, &mem, &bitmap, &slow).unwrap();
         let round = std::thread::spawn(move || out.round());
-        std::thread::sleep(Duration::from_millis(700));
+        wait_until(10, "the round to be under way at the source", || src2.moving("migrate_out"));
         src2.child.kill().unwrap();
         assert!(round.join().unwrap().is_err(), "{what}: the source VMM is told");
         let err = waiter.join().unwrap().unwrap_err();

@@ -608,11 +608,11 @@ mod tests {
     /// contract through whole sessions in the Soft-RoCE guest: `control/tests/rxe_transfer.rs`.)
     mod contract {
         use std::collections::BTreeMap;
-        use std::io::{Read, Write};
+        use std::io::Read;
         use std::net::{TcpListener, TcpStream};
         use std::os::unix::fs::FileExt;
         use std::sync::Mutex;
-        use std::time::{Duration, Instant};
+        use std::time::Duration;
 
         use super::super::*;
         use crate::conn::FrameReader;
@@ -879,7 +879,6 @@ mod tests {
                 let mut spare = chunks(2);
                 let lent = spare.len();
                 let (dest, counts) = (Mutex::new(vec![0u8; big as usize]), Mutex::new(BTreeMap::new()));
-                let t = Instant::now();
                 let r = std::thread::scope(|s| {
                     for (sock, seal) in rx {
                         let (dest, counts) = (&dest, &counts);
@@ -889,12 +888,11 @@ mod tests {
                     run(&mut w, &mut spare, &regions, 0, &[], true)
                 });
                 let err = r.expect_err("the round must fail");
+                // The peer's going away is the error, not a write timeout that expired.
+                assert!(matches!(err, SessionError::PeerClosed { .. }), "{kind:?}: {err}");
                 // What the lanes still held comes back (the pool thread keeps its arena).
                 w.reclaim(&mut spare);
                 assert_eq!(spare.len(), lent, "{kind:?}: every chunk came back after the failure");
-                println!("{kind:?}: {err} after {:?}", t.elapsed());
-                assert!(t.elapsed() < Duration::from_secs(20), "{kind:?}: failed promptly, not at a timeout");
-                let _ = std::io::stdout().flush();
             }
         }
     }

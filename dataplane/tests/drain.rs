@@ -1,11 +1,13 @@
 //! ferryd's lifecycle under signals: SIGHUP leaves it running; SIGTERM drains it (no new
 //! session starts, the one in flight finishes, exit 0); a drain past its grace abandons
-//! the session, removes its partial file and exits 1.
+//! the session, removes its partial file and exits 1. The tests wait on what ferryd says
+//! in its log, not on the clock.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use dataplane::auth::Auth;
@@ -14,69 +16,90 @@ use dataplane::plan::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+mod common;
+
+/// One worker, one blocking-socket lane, 64 KiB chunks.
 fn plan() -> Plan {
-    Plan {
-        schema_version: PLAN_SCHEMA_VERSION,
-        host: "test".into(),
-        transport: Transport::Sockets,
-        numa_node: 0,
-        worker_cpus: vec![0],
-        control_cpu: None,
-        link: LinkPlan { interface: Some("lo".into()), speed_gbps: 10.0, rtt_us: 10.0, speed_assumed: true },
-        chunk_size_bytes: 64 << 10,
-        rdma: None,
-        tcp: TcpPlan {
-            connections_per_worker: 1,
-            io_uring: false,
-            ring_entries: 64,
-            send_zc: false,
-            socket_buffer_bytes: Some(1 << 20),
-            socket_buffer_needed_bytes: 1 << 20,
-        },
-        arena: ArenaPlan { bytes_per_worker: 4 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
-        compression: Compression::Off,
-        limits: Limits::default(),
-        reasons: vec![],
-    }
+    common::plan(1, 1, Compression::Off, 64 << 10)
 }
 
-/// A ferryd on `dir`'s plan with control socket `name.sock`, once it says it is ready;
-/// the rest of its log goes to a thread that returns it.
-fn ferryd(dir: &Path, name: &str, extra: &[&str]) -> (Child, PathBuf, std::thread::JoinHandle<String>) {
-    let (child, sock, log, _) = ferryd_with_metrics(dir, name, extra, "off");
-    (child, sock, log)
+/// A running ferryd and its log, a line at a time as it writes them.
+struct Ferryd {
+    child: Child,
+    sock: PathBuf,
+    log: Receiver<String>,
+    /// What was read of the log so far, for failure messages.
+    seen: String,
 }
 
-/// [`ferryd`] serving metrics on `metrics`, and the address it serves them on.
-fn ferryd_with_metrics(dir: &Path, name: &str, extra: &[&str], metrics: &str) -> (Child, PathBuf, std::thread::JoinHandle<String>, String) {
-    let plan_path = dir.join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
-    let sock = dir.join(format!("{name}.sock"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
-        .arg("--plan")
-        .arg(&plan_path)
-        .arg("--control")
-        .arg(&sock)
-        .args(["--metrics", metrics, "--insecure-no-auth"])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.split("metrics on http://").nth(1) {
-            addr = rest.trim_end_matches("/metrics").to_string();
-        }
-        if line.contains("ferryd ready") {
-            break;
+impl Ferryd {
+    /// A ferryd on `dir`'s plan with control socket `name.sock`, serving metrics on
+    /// `metrics`, once it says it is ready; returns the metrics address too.
+    fn start(dir: &Path, name: &str, extra: &[&str], metrics: &str) -> (Ferryd, String) {
+        let plan_path = dir.join("plan.json");
+        std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
+        let sock = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--plan")
+            .arg(&plan_path)
+            .arg("--control")
+            .arg(&sock)
+            .args(["--metrics", metrics, "--insecure-no-auth"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
+        let mut d = Ferryd { child, sock, log, seen: String::new() };
+        let ready = d.wait_for("ferryd ready");
+        let addr = d.seen.split("metrics on http://").nth(1).map_or(String::new(), |r| r.split("/metrics").next().unwrap().to_string());
+        assert!(ready.contains("ferryd ready"));
+        (d, addr)
+    }
+
+    /// The next log line that contains `what` (60 s at most: a bound, not a measure).
+    fn wait_for(&mut self, what: &str) -> String {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.log.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.seen += &line;
+                    self.seen += "\n";
+                    if line.contains(what) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("ferryd never said {what:?} ({e:?}):\n{}", self.seen),
+            }
         }
     }
-    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
-    (child, sock, rest, addr)
+
+    /// The exit status, once ferryd's log has ended (it exited) and the rest of its log.
+    fn exit(mut self) -> (std::process::ExitStatus, String) {
+        loop {
+            match self.log.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    self.seen += &line;
+                    self.seen += "\n";
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("ferryd did not exit:\n{}", self.seen),
+            }
+        }
+        (self.child.wait().unwrap(), self.seen)
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
 }
 
 /// The status line of `GET path` on ferryd's metrics server.
@@ -96,52 +119,33 @@ fn ask(sock: &Path, req: serde_json::Value) -> impl Iterator<Item = serde_json::
     BufReader::new(c).lines().map_while(Result::ok).map(|l| serde_json::from_str(&l).unwrap())
 }
 
-fn signal(child: &Child, sig: Signal) {
-    kill(Pid::from_raw(child.id() as i32), sig).unwrap();
-}
-
-/// Waits for `child` to exit, up to `limit`.
-fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 #[test]
 fn sighup_is_ignored_and_sigterm_lets_the_session_in_flight_finish() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, sock, log, metrics) = ferryd_with_metrics(dir.path(), "ferryd", &[], "127.0.0.1:0");
+    let (mut d, metrics) = Ferryd::start(dir.path(), "ferryd", &[], "127.0.0.1:0");
     assert_eq!(http_status(&metrics, "/readyz"), "HTTP/1.0 200 OK");
-    signal(&child, Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(child.try_wait().unwrap().is_none(), "SIGHUP left ferryd running");
-    assert_eq!(ask(&sock, serde_json::json!({"cmd": "status"})).next().unwrap()["draining"], false);
+    d.signal(Signal::SIGHUP);
+    d.wait_for("SIGHUP ignored");
+    assert!(d.running(), "SIGHUP left ferryd running");
+    assert_eq!(ask(&d.sock, serde_json::json!({"cmd": "status"})).next().unwrap()["draining"], false);
 
     // A receive in flight: ferryd listens, waiting for its sender.
     let out = dir.path().join("out.img");
-    let mut recv = ask(&sock, serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out}));
+    let mut recv = ask(&d.sock, serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out}));
     let addr = recv.next().unwrap()["addr"].as_str().unwrap().to_string();
     let verdict = std::thread::spawn(move || recv.next().unwrap());
 
-    signal(&child, Signal::SIGTERM);
-    let t = Instant::now();
-    while ask(&sock, serde_json::json!({"cmd": "status"})).next().unwrap()["draining"] != true {
-        assert!(t.elapsed() < Duration::from_secs(5), "ferryd never said it drains");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.signal(Signal::SIGTERM);
+    let draining = d.wait_for("draining:");
+    assert!(draining.contains("1 session(s) in flight"), "{draining}");
+    assert_eq!(ask(&d.sock, serde_json::json!({"cmd": "status"})).next().unwrap()["draining"], true);
     // Not ready, still healthy, and no new session starts...
     assert_eq!(http_status(&metrics, "/readyz"), "HTTP/1.0 503 Service Unavailable");
     assert_eq!(http_status(&metrics, "/healthz"), "HTTP/1.0 200 OK");
-    let refused = ask(&sock, serde_json::json!({"cmd": "send", "to": addr, "file": "/etc/hostname"})).next().unwrap();
+    let refused = ask(&d.sock, serde_json::json!({"cmd": "send", "to": addr, "file": "/etc/hostname"})).next().unwrap();
     assert_eq!(refused["ok"], false);
     assert!(refused["error"].as_str().unwrap().contains("shutting down"), "{refused}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "ferryd waits for its session");
+    assert!(d.running(), "ferryd waits for its session");
     // ...and the one in flight finishes: the file arrives whole, then ferryd exits 0.
     let src = dir.path().join("src.img");
     let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
@@ -151,19 +155,18 @@ fn sighup_is_ignored_and_sigterm_lets_the_session_in_flight_finish() {
     let v = verdict.join().unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(std::fs::read(&out).unwrap(), data);
-    let status = exit_within(&mut child, Duration::from_secs(10)).expect("ferryd exits once drained");
-    let log = log.join().unwrap();
+    let (status, log) = d.exit();
     assert!(status.success(), "{status:?}\n{log}");
-    assert!(log.contains("SIGHUP ignored") && log.contains("drained"), "{log}");
+    assert!(log.contains("drained"), "{log}");
 }
 
 #[test]
 fn a_drain_past_its_grace_abandons_the_session_and_removes_its_partial_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut receiver, rsock, rlog) = ferryd(dir.path(), "receiver", &["--drain-seconds", "1"]);
-    let (mut sender, ssock, _slog) = ferryd(dir.path(), "sender", &[]);
+    let (mut receiver, _) = Ferryd::start(dir.path(), "receiver", &["--drain-seconds", "1"], "off");
+    let (sender, _) = Ferryd::start(dir.path(), "sender", &[], "off");
     let out = dir.path().join("out.img");
-    let mut recv = ask(&rsock, serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out}));
+    let mut recv = ask(&receiver.sock, serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out}));
     let addr = recv.next().unwrap()["addr"].as_str().unwrap().to_string();
     let verdict = std::thread::spawn(move || recv.next());
     // Large enough that the sender is still sending when it is stopped.
@@ -174,29 +177,26 @@ fn a_drain_past_its_grace_abandons_the_session_and_removes_its_partial_file() {
         f.write_all(&page).unwrap();
     }
     drop(f);
-    let ssock2 = ssock.clone();
-    let send = std::thread::spawn(move || ask(&ssock2, serde_json::json!({"cmd": "send", "to": addr, "file": src})).next());
-    // The sender stops mid-transfer, once the receiver has its partial file.
+    let ssock = sender.sock.clone();
+    let send = std::thread::spawn(move || ask(&ssock, serde_json::json!({"cmd": "send", "to": addr, "file": src})).next());
+    // The sender stops mid-transfer, once the receiver has its partial file (it says so
+    // when the session starts).
+    receiver.wait_for("bytes into");
+    sender.signal(Signal::SIGSTOP);
     let partials = || -> Vec<PathBuf> {
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().ends_with(".partial")).collect()
     };
-    let t = Instant::now();
-    while partials().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(20), "no partial file appeared");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    signal(&sender, Signal::SIGSTOP);
-    signal(&receiver, Signal::SIGTERM);
-    let status = exit_within(&mut receiver, Duration::from_secs(10)).expect("the drain gives up after its grace");
-    let log = rlog.join().unwrap();
+    assert_eq!(partials().len(), 1, "the receive has its partial file");
+    receiver.signal(Signal::SIGTERM);
+    let (status, log) = receiver.exit();
     assert_eq!(status.code(), Some(1), "work was abandoned: {log}");
     assert!(log.contains("abandoned") && log.contains(".partial"), "{log}");
     assert!(partials().is_empty(), "the partial file is removed: {:?}", partials());
     assert!(!out.exists());
     // The receiver's client saw the conversation end without a success.
     assert!(verdict.join().unwrap().is_none_or(|v| v["ok"] != true));
-    signal(&sender, Signal::SIGCONT);
-    signal(&sender, Signal::SIGKILL);
-    let _ = sender.wait();
+    sender.signal(Signal::SIGCONT);
+    sender.signal(Signal::SIGKILL);
+    let _ = sender.exit();
     let _ = send.join();
 }

@@ -86,6 +86,14 @@ pub fn plan() -> Plan {
     }
 }
 
+/// [`plan`] on one TCP transport: io_uring when `uring`, blocking sockets otherwise.
+pub fn plan_on(uring: bool) -> Plan {
+    let mut p = plan();
+    p.transport = if uring { Transport::Tcp } else { Transport::Sockets };
+    p.tcp.io_uring = uring;
+    p
+}
+
 pub fn free_addr() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
@@ -205,6 +213,13 @@ impl Ferryd {
     }
 
     /// The Prometheus text.
+    /// Whether a running `role` session here has moved bytes (its live counters in
+    /// /metrics): the session is under way.
+    pub fn moving(&self, role: &str) -> bool {
+        let prefix = format!("ferry_session_region_bytes{{role=\"{role}\",");
+        self.scrape().lines().filter(|l| l.starts_with(&prefix)).any(|l| l.rsplit(' ').next().is_some_and(|n| n != "0"))
+    }
+
     pub fn scrape(&self) -> String {
         use std::io::{Read, Write};
         let mut c = TcpStream::connect(self.metrics.as_ref().unwrap()).unwrap();

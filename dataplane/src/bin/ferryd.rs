@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -148,29 +148,28 @@ fn main() -> ExitCode {
     log::info!("control socket {}", args.control.display());
     log::info!("ferryd ready (pid {})", std::process::id());
     notify(&[NotifyState::Ready, NotifyState::Status("ready")]);
-    // Stop signals are counted by a thread of their own: the first drains, a second
-    // abandons the drain.
-    static STOPS: AtomicU32 = AtomicU32::new(0);
+    // Stop signals come from a thread of their own, over a channel: the first drains, a
+    // second abandons the drain.
+    let (stops_tx, stops) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         loop {
             match stop.wait() {
                 Ok(Signal::SIGHUP) => log::info!("SIGHUP ignored: ferryd has nothing to reload (restart it to run a new plan)"),
                 Ok(sig) => {
                     log::info!("{sig:?} received: shutting down");
-                    STOPS.fetch_add(1, Ordering::SeqCst);
+                    let _ = stops_tx.send(());
                 }
                 Err(e) => {
                     log::error!("waiting for signals failed: {e}; stopping");
-                    STOPS.fetch_add(2, Ordering::SeqCst);
+                    // Dropping the sender ends the drain at once.
                     return;
                 }
             }
         }
     });
-    while STOPS.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let code = drain(daemon, Duration::from_secs(args.drain_seconds), &STOPS);
+    // Until the first stop signal (or the signal thread's end).
+    let _ = stops.recv();
+    let code = drain(daemon, Duration::from_secs(args.drain_seconds), &stops);
     let _ = std::fs::remove_file(&args.control);
     code
 }
@@ -178,7 +177,7 @@ fn main() -> ExitCode {
 /// Stops taking new sessions and waits for those in flight, up to `grace` or a second stop
 /// signal; then exits 0 if none was left, 1 if some were abandoned (their partial files
 /// removed; their peers see the connections close).
-fn drain(daemon: &Daemon, grace: Duration, stops: &AtomicU32) -> ExitCode {
+fn drain(daemon: &Daemon, grace: Duration, stops: &std::sync::mpsc::Receiver<()>) -> ExitCode {
     daemon.draining.store(true, Ordering::SeqCst);
     let in_flight = || daemon.in_flight.load(Ordering::SeqCst);
     let n = in_flight();
@@ -186,7 +185,14 @@ fn drain(daemon: &Daemon, grace: Duration, stops: &AtomicU32) -> ExitCode {
     notify(&[NotifyState::Stopping, NotifyState::Status(&format!("draining {n} session(s)"))]);
     let deadline = Instant::now() + grace;
     while in_flight() > 0 {
-        if Instant::now() >= deadline || stops.load(Ordering::SeqCst) > 1 {
+        // Sessions end on their own threads: look again every 50 ms, or at once on a
+        // second stop signal.
+        let now = Instant::now();
+        let again = stops.recv_timeout(deadline.saturating_duration_since(now).min(Duration::from_millis(50)));
+        if now >= deadline || !matches!(again, Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+            if in_flight() == 0 {
+                break;
+            }
             let left = in_flight();
             let removed = dataplane::engine::recv::remove_partials();
             log::error!(
@@ -199,7 +205,6 @@ fn drain(daemon: &Daemon, grace: Duration, stops: &AtomicU32) -> ExitCode {
             );
             return ExitCode::FAILURE;
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     log::info!("drained: every session finished; exiting");
     ExitCode::SUCCESS
