@@ -43,14 +43,18 @@ struct Partial {
 
 /// Every partial file this process is writing now: a process that must exit before its
 /// sessions end (a drain that timed out) removes them ([`remove_partials`]), as each
-/// session would have on failure.
-static PARTIALS: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+/// session would have on failure. Closed (`true`) once they are removed: no receive
+/// creates one after.
+static PARTIALS: std::sync::Mutex<(bool, std::collections::BTreeSet<PathBuf>)> =
+    std::sync::Mutex::new((false, std::collections::BTreeSet::new()));
 
 /// Removes the partial files of every receive in flight in this process, and returns
-/// their paths; for a process about to exit with sessions still running.
+/// their paths; for a process about to exit with sessions still running. No partial file
+/// is created afterwards.
 pub fn remove_partials() -> Vec<PathBuf> {
-    let live = PARTIALS.lock().unwrap_or_else(|p| p.into_inner());
-    live.iter().filter(|p| std::fs::remove_file(p).is_ok()).cloned().collect()
+    let mut live = PARTIALS.lock().unwrap_or_else(|p| p.into_inner());
+    live.0 = true;
+    live.1.iter().filter(|p| std::fs::remove_file(p).is_ok()).cloned().collect()
 }
 
 impl Partial {
@@ -61,6 +65,12 @@ impl Partial {
         getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a file name: {e}")))?;
         let suffix: String = id.iter().map(|b| format!("{b:02x}")).collect();
         let path = PathBuf::from(format!("{}.{suffix}.partial", out.display()));
+        // Registered before it exists, under the lock: a drain removing every partial file
+        // either sees it or has closed the registry first.
+        let mut live = PARTIALS.lock().unwrap_or_else(|p| p.into_inner());
+        if live.0 {
+            return Err(SessionError::Cancelled("this receiver is shutting down".into()));
+        }
         // Read-write: RDMA maps it shared to register it, and digests it afterwards.
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -68,14 +78,14 @@ impl Partial {
             .create_new(true)
             .open(&path)
             .map_err(|source| SessionError::Region { path: path.display().to_string(), source })?;
-        PARTIALS.lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone());
+        live.1.insert(path.clone());
         Ok((Partial { path, done: false }, file))
     }
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        PARTIALS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.path);
+        PARTIALS.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&self.path);
         if !self.done {
             let _ = std::fs::remove_file(&self.path);
         }

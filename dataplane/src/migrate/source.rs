@@ -138,8 +138,6 @@ pub struct Source<'a> {
     /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, measured at
     /// connect.
     digest_seconds_per_gib: f64,
-    /// Seconds to fold every page's hash into the digest, timed at connect.
-    fold_seconds: f64,
     /// RDMA sessions: the session's figures so far.
     rdma: Option<RdmaReport>,
     /// Set when the session fails: RDMA workers waiting on their completion queues stop.
@@ -335,11 +333,6 @@ impl<'a> Source<'a> {
         if opts.verify == Verify::Full {
             digest_seconds_per_gib = sample_digest(&regions)?;
         }
-        // The verdict folds every page's hash, on each side: timed here, on hashes of the
-        // same count.
-        let t = Instant::now();
-        std::hint::black_box(regions.iter().map(|r| r.sent.fold()).sum::<Digest>());
-        let fold_seconds = t.elapsed().as_secs_f64();
         Ok(Source {
             opts,
             regions: regions.into(),
@@ -351,7 +344,6 @@ impl<'a> Source<'a> {
             rounds: Vec::new(),
             last_start: None,
             digest_seconds_per_gib,
-            fold_seconds,
             rdma,
             abort,
             data_seconds: 0.0,
@@ -611,7 +603,6 @@ impl<'a> Source<'a> {
                     next_pages: (rate * seconds).min(self.size as f64) / PAGE as f64,
                     page_seconds,
                     confirm_seconds: super::estimate::confirm_seconds(&measured),
-                    verdict_seconds: 2.0 * self.fold_seconds,
                     // With a full digest the paused memory is read beside the last round.
                     digest_seconds: self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64,
                 };
