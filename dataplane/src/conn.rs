@@ -118,7 +118,12 @@ fn read_header(r: &mut impl Read, op: &str, max_payload: u32) -> Result<(Header,
 /// Reads a whole frame of the expected kind into `buf`, checking its CRC and, with `rx`,
 /// its tag; an ERROR frame becomes [`SessionError::Peer`].
 fn expect(r: &mut impl Read, rx: Option<&mut Seal>, want: Kind, buf: &mut Vec<u8>, max: u32) -> Result<Header, SessionError> {
-    let op = format!("waiting for {want:?}");
+    expect_any(r, rx, &[want], buf, max)
+}
+
+/// [`expect`] of any of the kinds in `want` (the first is the one named in errors).
+fn expect_any(r: &mut impl Read, rx: Option<&mut Seal>, want: &[Kind], buf: &mut Vec<u8>, max: u32) -> Result<Header, SessionError> {
+    let op = format!("waiting for {:?}", want[0]);
     let (h, kind) = read_header(r, &op, max)?;
     buf.resize(h.length.get() as usize, 0);
     r.read_exact(buf).map_err(|e| SessionError::io(&op, e))?;
@@ -128,11 +133,11 @@ fn expect(r: &mut impl Read, rx: Option<&mut Seal>, want: Kind, buf: &mut Vec<u8
         r.read_exact(&mut tag).map_err(|e| SessionError::io(&op, e))?;
         rx.verify(&h, [&buf[..]], &tag)?;
     }
-    if kind == Kind::Error && want != Kind::Error {
+    if kind == Kind::Error && !want.contains(&Kind::Error) {
         return Err(SessionError::Peer(String::from_utf8_lossy(buf).into_owned()));
     }
-    if kind != want {
-        return Err(FrameError::Unexpected { expected: want, got: kind }.into());
+    if !want.contains(&kind) {
+        return Err(FrameError::Unexpected { expected: want[0], got: kind }.into());
     }
     Ok(h)
 }
@@ -186,6 +191,11 @@ impl Ctl {
             SessionError::TimedOut { op, .. } => SessionError::TimedOut { op, secs: timeout.map_or(0, |t| t.as_secs()) },
             e => e,
         })
+    }
+
+    /// The next frame, which must be one of `want`; its kind is the header's.
+    pub fn expect_any(&mut self, want: &[Kind], buf: &mut Vec<u8>) -> Result<Header, SessionError> {
+        expect_any(&mut self.s, Some(&mut self.keys.rx), want, buf, crate::wire::MAX_PAYLOAD)
     }
 
     /// Tells the peer why the session ends (best effort).

@@ -49,6 +49,9 @@ pub enum Request {
     /// memory comes back as a memfd with the final reply.
     MigrateIn {
         listen: String,
+        /// Post-copy: seconds to wait for the source after the link broke (default 120).
+        #[serde(default)]
+        recover_s: Option<u64>,
     },
     /// Region mode, source: guest memory and dirty-bitmap descriptors come with this line
     /// (SCM_RIGHTS); `round` and `final` lines follow on the same connection.
@@ -72,6 +75,9 @@ pub enum Request {
         /// How many memory descriptors come before the bitmap's, if the VMM wants it checked.
         #[serde(default)]
         regions: Option<usize>,
+        /// Post-copy: seconds to keep reconnecting after the link broke (default 120).
+        #[serde(default)]
+        recover_s: Option<u64>,
     },
     /// Inside a `migrate_out` conversation: a pre-copy round over the bitmap's pages.
     Round,
@@ -80,6 +86,16 @@ pub enum Request {
     /// Inside a `migrate_in` conversation: the VMM holds the memory it was just handed
     /// (the `memory` event); only now is the source told the migration succeeded.
     Taken,
+    /// Inside a `migrate_out` conversation: the VMM has paused and written the final
+    /// bitmap; switch over to post-copy (`switched` event when the destination runs the
+    /// guest, the report when every page is there).
+    Postcopy,
+    /// Inside a `migrate_in` conversation, after the `postcopy` event: the VMM's
+    /// userfaultfd comes with this line, registered (missing and minor modes) over its
+    /// mapping of each region, which `maps` gives in order.
+    Faults {
+        maps: Vec<crate::migrate::postcopy::Mapping>,
+    },
 }
 
 impl Request {
@@ -481,7 +497,7 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
         };
-        if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. }) {
+        if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. } | Request::Faults { .. }) {
             return say(serde_json::json!({"ok": false, "error": "descriptors came with a command that takes none"}));
         }
         let starts_work =
@@ -498,16 +514,26 @@ impl Daemon {
             );
         }
         match req {
-            Request::MigrateIn { listen } => self.migrate_in(&mut conn, &listen),
-            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify, regions } => {
-                let limits =
-                    Limits { downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify: verify.unwrap_or_default(), regions };
+            Request::MigrateIn { listen, recover_s } => self.migrate_in(&mut conn, &listen, recover_s),
+            Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify, regions, recover_s } => {
+                let limits = Limits {
+                    downtime_ms,
+                    max_rounds,
+                    rate_limit_mbit,
+                    compress,
+                    transport,
+                    verify: verify.unwrap_or_default(),
+                    regions,
+                    recover_s,
+                };
                 self.migrate_out(&mut conn, fds, &to, limits);
             }
-            Request::Round | Request::Final => {
-                say(serde_json::json!({"ok": false, "error": "round and final belong to a migrate_out conversation"}))
+            Request::Round | Request::Final | Request::Postcopy => {
+                say(serde_json::json!({"ok": false, "error": "round, final and postcopy belong to a migrate_out conversation"}))
             }
-            Request::Taken => say(serde_json::json!({"ok": false, "error": "taken belongs to a migrate_in conversation"})),
+            Request::Taken | Request::Faults { .. } => {
+                say(serde_json::json!({"ok": false, "error": "taken and faults belong to a migrate_in conversation"}))
+            }
             Request::Status => say(
                 serde_json::json!({"ok": true, "draining": self.draining.load(std::sync::atomic::Ordering::Acquire), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
@@ -558,7 +584,7 @@ impl Daemon {
     /// verified memory (`memory` event), says it holds it (`taken`), and only then is the
     /// source told; the final reply says the source knows. The VMM closing its connection
     /// at any point before cancels the migration.
-    fn migrate_in(&self, conn: &mut LineConn, listen: &str) {
+    fn migrate_in(&self, conn: &mut LineConn, listen: &str, recover_s: Option<u64>) {
         let listener = match TcpListener::bind(listen) {
             Ok(l) => l,
             Err(e) => {
@@ -571,8 +597,13 @@ impl Daemon {
         let _active = self.metrics.begin("migrate_in");
         // A second descriptor of the VMM's connection, watched while the migration runs.
         let watch = conn.stream().try_clone();
-        let opts = DestOptions { auth: self.auth.clone(), plan: &self.plan, vmm: watch.as_ref().ok().map(|w| w.as_fd()) };
-        let r = crate::migrate::dest::accept(&listener, &opts, |inc| hand_over(conn, inc)).map_err(|e| e.to_string());
+        let opts = DestOptions {
+            auth: self.auth.clone(),
+            plan: &self.plan,
+            vmm: watch.as_ref().ok().map(|w| w.as_fd()),
+            recover: recover_s.map(std::time::Duration::from_secs),
+        };
+        let r = crate::migrate::dest::accept(&listener, &opts, DestConn(conn)).map_err(|e| e.to_string());
         self.metrics.end_migration("migrate_in", &r.as_ref().map(|i| i.report.clone()).map_err(Clone::clone));
         let last = match r {
             Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
@@ -709,7 +740,13 @@ impl Daemon {
                     let _ = conn.send(&serde_json::json!({"event": "round", "round": rep}).to_string(), &[]);
                 }
                 Ok(Request::Final) => return src.finish(&read_bitmap()?).map_err(|e| e.to_string()),
-                Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round or final expected)")),
+                Ok(Request::Postcopy) => {
+                    src.switch_over(&read_bitmap()?).map_err(|e| e.to_string())?;
+                    let _ = conn.send(&serde_json::json!({"event": "switched", "switch_ms": src.switch_ms()}).to_string(), &[]);
+                    let recover = limits.recover_s.map_or(crate::migrate::postcopy::DEFAULT_RECOVER, std::time::Duration::from_secs);
+                    return src.postcopy(recover).map_err(|e| e.to_string());
+                }
+                Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round, final or postcopy expected)")),
                 Err(e) => return Err(format!("bad request: {e}")),
             }
         }
@@ -814,6 +851,52 @@ fn hand_over(conn: &mut LineConn, inc: &crate::migrate::dest::Incoming) -> Resul
     }
 }
 
+/// The destination VMM on its control connection, as a migration meets it.
+struct DestConn<'c>(&'c mut LineConn);
+
+impl crate::migrate::dest::DestVmm for DestConn<'_> {
+    fn deliver(&mut self, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
+        hand_over(self.0, inc)
+    }
+
+    /// The memory goes with a `postcopy` event; the VMM answers `faults` with its
+    /// userfaultfd and mappings.
+    fn switch_over(
+        &mut self,
+        inc: &crate::migrate::dest::Incoming,
+    ) -> Result<(hw::uffd::Userfault, Vec<crate::migrate::postcopy::Mapping>), String> {
+        let conn = &mut *self.0;
+        let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
+        let event = serde_json::json!({"event": "postcopy", "regions": fds.len(), "report": inc.report});
+        conn.send(&event.to_string(), &fds).map_err(|e| format!("cannot hand the memory over: {e}"))?;
+        conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+        let answer = conn.recv();
+        let _ = conn.stream().set_read_timeout(None);
+        let (line, mut fds) = match answer {
+            Ok(Some(got)) => got,
+            Ok(None) => return Err("the destination VMM closed its connection instead of registering its memory".into()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(format!("the destination VMM did not hand over its userfaultfd within {} s", TAKE_TIMEOUT.as_secs()));
+            }
+            Err(e) => return Err(format!("reading the destination VMM's answer: {e}")),
+        };
+        let maps = match Request::parse(&line) {
+            Ok(Request::Faults { maps }) => maps,
+            Ok(other) => return Err(format!("the destination VMM answered {other:?} instead of faults")),
+            Err(e) => return Err(format!("the destination VMM's answer is not a request: {e}")),
+        };
+        if fds.len() != 1 {
+            return Err(format!("faults comes with one descriptor, the userfaultfd; {} came", fds.len()));
+        }
+        let uffd = hw::uffd::Userfault::from_fd(fds.pop().expect("one"))?;
+        Ok((uffd, maps))
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        self.0.send(&serde_json::json!({"event": "running"}).to_string(), &[]).map_err(|e| e.to_string())
+    }
+}
+
 /// A migration's limits as the VMM asked for them.
 #[derive(Debug)]
 struct Limits {
@@ -824,6 +907,7 @@ struct Limits {
     transport: Option<String>,
     verify: crate::migrate::Verify,
     regions: Option<usize>,
+    recover_s: Option<u64>,
 }
 
 fn result(r: Result<Report, String>) -> serde_json::Value {

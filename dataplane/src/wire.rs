@@ -101,8 +101,11 @@ pub mod features {
     /// The connection is a stream-mode channel: an unmodified VMM's migration stream
     /// carried between two proxies (see [`crate::stream`]).
     pub const STREAM: u64 = 1 << 4;
+    /// The connection belongs to a migration's post-copy phase: it resumes a session the
+    /// destination already switched over (RESUME), see [`crate::migrate::postcopy`].
+    pub const POSTCOPY: u64 = 1 << 5;
     /// Every feature this build understands.
-    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE | STREAM;
+    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE | STREAM | POSTCOPY;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +129,19 @@ pub enum Kind {
     Round = 16,
     RoundOk = 17,
     RdmaPages = 18,
+    /// Source to destination, instead of the last round: switch over to post-copy; the
+    /// pages still stale follow in RUNS frames.
+    Switch = 19,
+    /// RUNS payload: a list of [`RdmaRun`]s (pages still stale, or still needed).
+    Runs = 20,
+    /// Destination to source: the destination VMM runs the guest now.
+    Switched = 21,
+    /// Source to destination, on a post-copy connection: resume session `session`.
+    Resume = 22,
+    /// Destination to source: the pages it still needs follow in RUNS frames.
+    Needed = 23,
+    /// Destination to source on the fault lane: send these pages first.
+    Fetch = 24,
 }
 
 impl Kind {
@@ -150,6 +166,12 @@ impl Kind {
             16 => Round,
             17 => RoundOk,
             18 => RdmaPages,
+            19 => Switch,
+            20 => Runs,
+            21 => Switched,
+            22 => Resume,
+            23 => Needed,
+            24 => Fetch,
             _ => return None,
         })
     }
@@ -575,6 +597,22 @@ pub struct Digest {
     /// RESULT: 1 when the receiver's digest matched the sender's.
     pub ok: U32,
     pub _pad: U32,
+}
+
+/// SWITCH and NEEDED payload: how many [`RdmaRun`]s the RUNS frames after it list.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RunCount {
+    pub runs: U64,
+    /// SWITCH: the pre-copy rounds sent; NEEDED: pages placed so far.
+    pub count: U64,
+}
+
+/// RESUME payload: the pre-copy session a post-copy connection continues.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Resume {
+    pub session: U64,
 }
 
 /// Parses a fixed-size payload.

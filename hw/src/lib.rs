@@ -24,8 +24,8 @@ pub mod net;
 mod nic;
 /// CPUs, cores and NUMA nodes.
 mod topology;
-/// userfaultfd and its write-protect features.
-mod uffd;
+/// userfaultfd: what the kernel offers, and a VMM's userfaultfd for post-copy.
+pub mod uffd;
 /// io_uring availability and features.
 pub mod uring;
 /// Receiving on a connection with io_uring: multishot receive into provided buffers.

@@ -66,6 +66,225 @@ fn open(extra: libc::c_int) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
 }
 
+
+// ---- post-copy: a VMM's userfaultfd, and the handler's side of it ----------------------
+
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
+/// `UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR`.
+const MODE_MISSING_MINOR: u64 = 1 | 4;
+const DONTWAKE: u64 = 1;
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_continue` and `struct uffdio_zeropage` (the same layout).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioFill {
+    range: UffdioRange,
+    mode: u64,
+    result: i64,
+}
+
+nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
+nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
+nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioFill);
+nix::ioctl_readwrite!(uffdio_continue, 0xAA, 0x07, UffdioFill);
+
+/// A userfaultfd over guest memory: created and registered by the VMM ([`Userfault::create`],
+/// [`Userfault::register`]), handed to ferryd by SCM_RIGHTS, which reads its faults and
+/// resolves them ([`Userfault::faults`], [`Userfault::map`], [`Userfault::zero`]).
+///
+/// Every resolution only installs a page where the registered mapping has none (the
+/// kernel refuses with `EEXIST` otherwise): it never replaces a page that memory already
+/// shows, so none of these calls can change bytes that any code, in the VMM or here, has
+/// read. A thread that touches a registered page before it is resolved waits in the
+/// kernel; that is the point, not undefined behaviour.
+#[derive(Debug)]
+pub struct Userfault {
+    fd: OwnedFd,
+}
+
+/// One page fault read from a userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The faulting address, in the VMM's address space, rounded down to its page.
+    pub addr: u64,
+    pub write: bool,
+    /// A minor fault: the page is in the file, only the mapping lacks it.
+    pub minor: bool,
+}
+
+/// What a resolution found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// The page is mapped now (and its waiters woken).
+    Mapped,
+    /// Something mapped it before (waiters still need a wake).
+    AlreadyMapped,
+    /// Minor mode: the file has no page there yet.
+    NoPage,
+}
+
+impl Userfault {
+    /// The VMM's side: a new userfaultfd that reports missing and minor faults on shared
+    /// memory (memfd, tmpfs). Faults from the kernel on the guest's behalf (KVM) need
+    /// privilege; without it, only user-mode faults are reported, which a process that
+    /// touches its memory itself (ferry's simulated guest) is enough for.
+    pub fn create() -> Result<Userfault, String> {
+        let fd = open(0).or_else(|e| if e == Errno::EPERM { open(UFFD_USER_MODE_ONLY) } else { Err(e) }).map_err(|e| match e {
+            Errno::EPERM => "userfaultfd denied (EPERM): set vm.unprivileged_userfaultfd = 1, or run with CAP_SYS_PTRACE".to_string(),
+            e => format!("userfaultfd: {e}"),
+        })?;
+        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM, ioctls: 0 };
+        // SAFETY: `fd` is a userfaultfd we own; `api` is a writable `struct uffdio_api`
+        // that outlives the call.
+        unsafe { uffdio_api(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut api) }
+            .map_err(|e| format!("this kernel cannot report minor faults on shared memory (UFFDIO_API: {e}); post-copy needs Linux 5.14 or later"))?;
+        Ok(Userfault { fd })
+    }
+
+    /// The VMM's side: registers `len` bytes at `addr` (a shared mapping of a memory file,
+    /// page-aligned) for missing and minor faults. From now on a thread touching a page of
+    /// it that is not mapped yet waits until the handler resolves it.
+    pub fn register(&self, addr: usize, len: usize) -> Result<(), String> {
+        let mut r = UffdioRegister { range: UffdioRange { start: addr as u64, len: len as u64 }, mode: MODE_MISSING_MINOR, ioctls: 0 };
+        // SAFETY: `r` is a writable `struct uffdio_register` that outlives the call. The
+        // registration changes no byte of memory: later accesses to unmapped pages wait for
+        // the handler instead of being filled by the kernel.
+        unsafe { uffdio_register(self.raw(), &mut r) }.map(drop).map_err(|e| {
+            format!("registering {len} bytes at {addr:#x} for missing and minor faults: {e} (a shared mapping of a memfd or tmpfs file, page-aligned)")
+        })
+    }
+
+    /// The handler's side: takes a userfaultfd another process created and registered.
+    /// It must be one: anything else is refused here.
+    pub fn from_fd(fd: OwnedFd) -> Result<Userfault, String> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).unwrap_or_default();
+        if !link.to_string_lossy().contains("userfaultfd") {
+            return Err(format!("the descriptor is {}, not a userfaultfd", link.display()));
+        }
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(|e| format!("making the userfaultfd non-blocking: {e}"))?;
+        Ok(Userfault { fd })
+    }
+
+    fn raw(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
+    /// Reads the page faults waiting now (none if there are none), into `out`. Events
+    /// other than page faults (fork, remap, remove) are not asked for and are skipped.
+    pub fn faults(&self, out: &mut Vec<Fault>) -> Result<(), String> {
+        let mut buf = [0u8; 32 * 64];
+        loop {
+            match nix::unistd::read(&self.fd, &mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    for m in buf[..n].chunks_exact(32) {
+                        if m[0] != UFFD_EVENT_PAGEFAULT {
+                            continue;
+                        }
+                        let flags = u64::from_ne_bytes(m[8..16].try_into().expect("8 bytes"));
+                        let addr = u64::from_ne_bytes(m[16..24].try_into().expect("8 bytes"));
+                        out.push(Fault {
+                            addr: addr & !4095,
+                            write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                            minor: flags & UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                        });
+                    }
+                    if n < buf.len() {
+                        return Ok(());
+                    }
+                }
+                Err(Errno::EAGAIN) => return Ok(()),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(format!("reading page faults: {e}")),
+            }
+        }
+    }
+
+    /// Maps the file's pages at `addr..addr + len` (minor mode: they are in the file) and
+    /// wakes threads waiting on them.
+    pub fn map(&self, addr: u64, len: u64) -> Result<Resolved, Errno> {
+        let mut c = UffdioFill { range: UffdioRange { start: addr, len }, mode: 0, result: 0 };
+        // SAFETY: `c` is a writable `struct uffdio_continue` that outlives the call. The
+        // kernel only installs the file's own page where the mapping has none, and refuses
+        // (EEXIST) where one is mapped: no byte anyone has read changes.
+        match unsafe { uffdio_continue(self.raw(), &mut c) } {
+            Ok(_) => Ok(Resolved::Mapped),
+            Err(Errno::EEXIST) => Ok(Resolved::AlreadyMapped),
+            Err(Errno::EFAULT) => Ok(Resolved::NoPage),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fills `addr..addr + len` with zero pages (missing mode: the file has none there) and
+    /// wakes threads waiting on them.
+    pub fn zero(&self, addr: u64, len: u64) -> Result<Resolved, Errno> {
+        let mut z = UffdioFill { range: UffdioRange { start: addr, len }, mode: 0, result: 0 };
+        // SAFETY: `z` is a writable `struct uffdio_zeropage` that outlives the call. The
+        // kernel fills only pages that are missing (EEXIST otherwise).
+        match unsafe { uffdio_zeropage(self.raw(), &mut z) } {
+            Ok(_) => Ok(Resolved::Mapped),
+            Err(Errno::EEXIST) => Ok(Resolved::AlreadyMapped),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Wakes the threads waiting on `addr..addr + len`, whose pages something else mapped.
+    pub fn wake(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        let mut r = UffdioRange { start: addr, len };
+        // SAFETY: `r` is a `struct uffdio_range` that outlives the call; a wake changes no
+        // memory (a woken thread faults again if its page is still missing).
+        unsafe { uffdio_wake(self.raw(), &mut r) }.map(drop)
+    }
+
+    /// Whether `addr..addr + len` is registered with this userfaultfd in minor mode, asked
+    /// of the kernel without changing anything: a minor resolution with `DONTWAKE` of a
+    /// page that must be missing from the file (the caller punched it out) fails with
+    /// `EFAULT` where it is registered, `ENOENT` where this userfaultfd does not cover it,
+    /// and `EINVAL` where it is registered without minor mode.
+    pub fn check_registered(&self, hole_addr: u64) -> Result<(), String> {
+        let mut c = UffdioFill { range: UffdioRange { start: hole_addr, len: 4096 }, mode: DONTWAKE, result: 0 };
+        // SAFETY: as in `map`; the page at `hole_addr` is missing from the file, so nothing
+        // is installed.
+        match unsafe { uffdio_continue(self.raw(), &mut c) } {
+            Err(Errno::EFAULT) => Ok(()),
+            Ok(_) | Err(Errno::EEXIST) => Ok(()),
+            Err(Errno::ENOENT) => Err(format!("the userfaultfd is not registered over the guest memory at {hole_addr:#x}")),
+            Err(Errno::EINVAL) => {
+                Err(format!("the guest memory at {hole_addr:#x} is registered without minor-fault mode (register missing and minor)"))
+            }
+            Err(e) => Err(format!("checking the userfaultfd's registration at {hole_addr:#x}: {e}")),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Userfault {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -44,6 +44,9 @@ pub struct DestOptions<'a> {
     /// The destination VMM's control connection, if it has one: when it stirs (the VMM
     /// closed it) before the memory is handed over, the migration is cancelled.
     pub vmm: Option<BorrowedFd<'a>>,
+    /// Post-copy: how long to wait for the source after the link broke
+    /// ([`super::postcopy::DEFAULT_RECOVER`] when none).
+    pub recover: Option<std::time::Duration>,
 }
 
 /// A migration that arrived whole: the guest memory (a memfd per region, in the source's
@@ -55,7 +58,36 @@ pub struct Incoming {
 }
 
 /// A lane's message to the control thread: one per round, or its failure.
-type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
+pub(super) type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
+
+/// The destination VMM, as a migration into this ferryd meets it.
+pub trait DestVmm {
+    /// Pre-copy: hands over the verified memory; returns once the VMM holds it.
+    fn deliver(&mut self, incoming: &Incoming) -> Result<(), String>;
+    /// Post-copy: hands over the memory whose stale pages are still to come; returns the
+    /// VMM's userfaultfd, registered over its mapping of each region, and the mappings.
+    fn switch_over(&mut self, _incoming: &Incoming) -> Result<(hw::uffd::Userfault, Vec<super::postcopy::Mapping>), String> {
+        Err("this destination takes no post-copy".into())
+    }
+    /// Post-copy: ferryd serves the guest's faults now; the VMM may run the guest.
+    fn run(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(&Incoming) -> Result<(), String>> DestVmm for F {
+    fn deliver(&mut self, incoming: &Incoming) -> Result<(), String> {
+        self(incoming)
+    }
+}
+
+/// How a session's rounds ended.
+pub(crate) enum Ended {
+    /// The last round arrived and DONE's digest matched (RESULT not sent yet).
+    Verified(Digest),
+    /// SWITCH arrived: post-copy, with these pages still stale.
+    Switch(Vec<wire::RdmaRun>),
+}
 
 pub(crate) fn vmm_gone() -> SessionError {
     SessionError::Cancelled("the destination VMM closed its control connection; the source keeps the guest".into())
@@ -65,13 +97,9 @@ pub(crate) fn vmm_gone() -> SessionError {
 /// authenticate are turned away while it waits for its source. Once every round arrived
 /// and the final digest matches, `deliver` hands the memory to the destination VMM; only
 /// when it succeeds is the source told. Fails, and drops the memory, otherwise.
-pub fn accept(
-    listener: &TcpListener,
-    opts: &DestOptions<'_>,
-    deliver: impl FnOnce(&Incoming) -> Result<(), String>,
-) -> Result<Incoming, SessionError> {
+pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl DestVmm) -> Result<Incoming, SessionError> {
     // RDMA is offered when this side's plan has a device for it.
-    let offer = features::MIGRATE | if opts.plan.rdma.is_some() { features::RDMA } else { 0 };
+    let offer = features::MIGRATE | features::POSTCOPY | if opts.plan.rdma.is_some() { features::RDMA } else { 0 };
     let acc = Acceptor::new(listener, &opts.auth, offer, &opts.plan.limits).map_err(|e| SessionError::io("listening", e))?;
     let watch: Vec<BorrowedFd<'_>> = opts.vmm.into_iter().collect();
     let wait = Wait { what: "a migration source", deadline: None, watch: &watch };
@@ -89,14 +117,29 @@ pub fn accept(
     let peer = a.peer;
     let agreed = a.hello.features.get();
     let mut ctl = Ctl::new(a.s, a.keys);
-    let r = session(&acc, &mut ctl, agreed, opts).and_then(|(incoming, digest)| {
+    let r = session(&acc, &mut ctl, agreed, opts).and_then(|(mut incoming, ended, switch)| {
         // A VMM that left while the last round ran (its watcher may not have stopped the
         // session in time) is the reason, not the hand-over that would fail on it.
         if opts.vmm.is_some_and(stirred) {
             return Err(vmm_gone());
         }
+        let digest = match ended {
+            Ended::Verified(d) => d,
+            Ended::Switch(stale) => {
+                let (id, hashes) = switch.expect("a switch-over comes with its session's state");
+                let post = super::postcopy::switch_over(&acc, &mut ctl, &incoming, id, hashes, &stale, opts, &mut vmm)?;
+                incoming.report.rounds.extend(post.rounds);
+                incoming.report.postcopy = Some(post.report);
+                post.digest
+            }
+        };
+        if incoming.report.postcopy.is_some() {
+            // Post-copy: the VMM has run the guest on this memory since the switch-over,
+            // and the last attempt's RESULT told the source.
+            return Ok(incoming);
+        }
         // The VMM takes its memory before the source hears of success.
-        if let Err(why) = deliver(&incoming) {
+        if let Err(why) = vmm.deliver(&incoming) {
             return Err(SessionError::Cancelled(format!(
                 "the destination VMM did not take its memory ({why}); the source keeps the guest"
             )));
@@ -142,10 +185,13 @@ fn watch_vmm(vmm: BorrowedFd<'_>, stop: &UnixStream, tx: &mpsc::Sender<LaneMsg>,
     }
 }
 
+/// What a post-copy needs of the pre-copy session: its id, and its page hashes.
+type SwitchState = Option<(u64, Vec<PageHashes>)>;
+
 /// The session after its control connection authenticated: the SESSION checked, new
 /// memfds for its regions, its rounds received; the memory verified, and the digest
-/// RESULT is to carry (not sent yet).
-fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_>) -> Result<(Incoming, Digest), SessionError> {
+/// RESULT is to carry (not sent yet), or the switch-over to post-copy.
+fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_>) -> Result<(Incoming, Ended, SwitchState), SessionError> {
     ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let mut buf = Vec::new();
     ctl.expect(Kind::Session, &mut buf)?;
@@ -169,7 +215,12 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
         DataTransport::Tcp => receive(acc, ctl, &layout, lanes, session, &memory, &sink)?,
         DataTransport::Rdma => crate::transport::rdma::rx::receive(ctl, &layout, lanes, &memory, &sink)?,
     };
-    Ok((Incoming { memory, report: got.report }, got.digest))
+    let switch = got.switch.map(|hashes| (session, hashes));
+    let ended = match got.stale {
+        Some(stale) => Ended::Switch(stale),
+        None => Ended::Verified(got.digest),
+    };
+    Ok((Incoming { memory, report: got.report }, ended, switch))
 }
 
 /// The checks every receiver makes of a SESSION before it spends anything on it (the
@@ -224,6 +275,10 @@ pub(crate) struct Received {
     /// Per lane, in lane order: a data frame's arrival until its bytes were in the
     /// destination, µs.
     pub write_latency: Vec<hdrhistogram::Histogram<u64>>,
+    /// A switch-over to post-copy: the pages still stale (`digest` is not a verdict then).
+    pub stale: Option<Vec<wire::RdmaRun>>,
+    /// With `stale`: every region's page hashes, which post-copy goes on updating.
+    pub switch: Option<Vec<PageHashes>>,
 }
 
 /// The receiving loop of every session, one-shot or migration: accepts the session's lanes
@@ -257,7 +312,7 @@ pub(crate) fn receive(
     let mut socks = Vec::new();
     // This session's own counters, one per lane.
     let live = crate::live::session(o.role, session, usize::from(lanes));
-    let ctx = Ctx { layout, targets: &targets, plan: o.plan, live: &live, progress: o.progress };
+    let ctx = Ctx { layout, targets: &targets, plan: o.plan, live: &live, progress: o.progress, postcopy: None };
     let gone = AtomicBool::new(false);
     // Closed when the session is over: the VMM's watcher returns at once.
     let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
@@ -303,7 +358,7 @@ pub(crate) fn receive(
     }
     // A lane's own failure (a frame it refused) beats the control connection closing after
     // it, which is only what the source did next.
-    let (rounds, digest) = match rounds {
+    let (rounds, ended) = match rounds {
         Ok(r) => r,
         Err(e @ (SessionError::PeerClosed { .. } | SessionError::Io { .. })) => {
             let lane_error = lane_results.into_iter().filter_map(Result::err).find(|l| !matches!(l, SessionError::PeerClosed { .. }));
@@ -319,7 +374,10 @@ pub(crate) fn receive(
         by_lane.push((l.lane, l.latency));
     }
     by_lane.sort_by_key(|(n, _)| *n);
-    drop(targets);
+    let (digest, stale, switch) = match ended {
+        Ended::Verified(d) => (d, None, None),
+        Ended::Switch(stale) => (Digest::default(), Some(stale), Some(targets.into_iter().map(|t| t.hashes).collect())),
+    };
     let seconds = t0.elapsed().as_secs_f64();
     let report = MigrationReport {
         role: "destination".into(),
@@ -341,7 +399,7 @@ pub(crate) fn receive(
         rounds,
         ..MigrationReport::default()
     };
-    Ok(Received { report, digest, write_latency: by_lane.into_iter().map(|(_, h)| h).collect() })
+    Ok(Received { report, digest, write_latency: by_lane.into_iter().map(|(_, h)| h).collect(), stale, switch })
 }
 
 /// The control thread's part: each ROUND is checked against what the lanes reported,
@@ -352,7 +410,7 @@ fn rounds(
     rx: &mpsc::Receiver<LaneMsg>,
     lanes: u16,
     targets: &[Target<'_>],
-) -> Result<(Vec<RoundReport>, Digest), SessionError> {
+) -> Result<(Vec<RoundReport>, Ended), SessionError> {
     let all_pages: u64 = targets.iter().map(|t| t.dest.pages()).sum();
     let size: u64 = targets.iter().map(|t| t.dest.len()).sum();
     let mut buf = Vec::new();
@@ -384,7 +442,15 @@ fn rounds(
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(SessionError::io("waiting for the next round", e.into())),
         }
-        ctl.expect(Kind::Round, &mut buf).map_err(lane_error)?;
+        let h = ctl.expect_any(&[Kind::Round, Kind::Switch], &mut buf).map_err(lane_error)?;
+        if h.kind == Kind::Switch as u8 {
+            // The source's lanes ended (LANE_END) before SWITCH: post-copy from here.
+            if round == 0 {
+                return Err(SessionError::Protocol("SWITCH before round 0: every page must be sent once first".into()));
+            }
+            let (stale, _) = super::postcopy::recv_runs_after(ctl, Kind::Switch, &mut buf)?;
+            return Ok((reports, Ended::Switch(stale)));
+        }
         let r: wire::Round = wire::parse(Kind::Round, &buf)?;
         if r.round.get() != round {
             return Err(SessionError::Protocol(format!("ROUND {} arrived; round {round} was next", r.round.get())));
@@ -449,28 +515,30 @@ fn rounds(
     if let Some(last) = reports.last_mut() {
         last.seconds += started.elapsed().as_secs_f64();
     }
-    Ok((reports, digest))
+    Ok((reports, Ended::Verified(digest)))
 }
 
 /// One region of the incoming memory: its writer and its page hashes.
-struct Target<'f> {
+pub(super) struct Target<'f> {
     dest: Dest<'f>,
     hashes: PageHashes,
 }
 
 /// What every lane thread shares.
-struct Ctx<'a> {
-    layout: &'a Layout,
-    targets: &'a [Target<'a>],
-    plan: &'a Plan,
-    live: &'a crate::live::Session,
-    progress: Option<&'a std::sync::atomic::AtomicU64>,
+pub(super) struct Ctx<'a> {
+    pub layout: &'a Layout,
+    pub targets: &'a [Target<'a>],
+    pub plan: &'a Plan,
+    pub live: &'a crate::live::Session,
+    pub progress: Option<&'a std::sync::atomic::AtomicU64>,
+    /// Post-copy lanes place their pages through the claim bits instead of `targets`.
+    pub postcopy: Option<&'a super::postcopy::Placement>,
 }
 
 /// What a lane counted over the whole session.
-struct LaneDone {
+pub(super) struct LaneDone {
     lane: u16,
-    counts: RoundCounts,
+    pub counts: RoundCounts,
     /// io_uring received its bytes.
     uring: bool,
     /// Per data frame: arrival until written, µs.
@@ -480,7 +548,7 @@ struct LaneDone {
 /// One lane for the whole session: DATA frames into the memfd, a ROUND_END per round
 /// (its counts checked, then reported), LANE_END after the last.
 /// Returns the lane's counts, whether io_uring received them, and its write latency.
-fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneDone, SessionError> {
+pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneDone, SessionError> {
     let Authed { mut s, hello, keys, .. } = a;
     crate::engine::tune_data_socket(&s, ctx.plan)?;
     let n = hello.lane.get();
@@ -500,6 +568,15 @@ fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneDone
         let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
         let arrived = Instant::now();
         match kind {
+            Kind::Data if ctx.postcopy.is_some() => {
+                let pc = ctx.postcopy.expect("checked");
+                let pages = pc.place_frame(ctx.layout, &h, &payload, &mut dec, &mut scratch, false)?;
+                let wire = (HEADER_LEN + payload.len() + TAG_LEN) as u64;
+                this.frames += 1;
+                this.pages += pages;
+                this.wire_bytes += wire;
+                live.add(u64::from(h.raw_len.get()), wire, 1, 0);
+            }
             Kind::Data => {
                 let (encoding, region, offset, raw_len) = ctx.layout.check_data(&h)?;
                 // check_data bounded `region` by the session's regions.

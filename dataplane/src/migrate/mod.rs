@@ -12,6 +12,7 @@
 
 pub mod dest;
 pub mod estimate;
+pub mod postcopy;
 pub mod source;
 pub mod vmm;
 
@@ -91,6 +92,12 @@ pub(crate) struct PageHashes {
     /// The running XOR, in shards on cache lines of their own so that workers setting
     /// pages of different windows rarely touch one line.
     totals: Box<[Shard]>,
+}
+
+impl std::fmt::Debug for PageHashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageHashes").field("pages", &(self.pages.len() / 2)).finish()
+    }
 }
 
 #[repr(align(64))]
@@ -229,6 +236,13 @@ pub struct RoundReport {
     pub estimated_downtime_ms: Option<f64>,
     /// Pause now: the estimate fits the budget, or the round limit is reached.
     pub advise_pause: bool,
+    /// The guest is not converging (the round limit is reached and the estimate is over
+    /// the budget): switch over to post-copy rather than pause for the estimate.
+    #[serde(default)]
+    pub advise_postcopy: bool,
+    /// Why ferry advises what it does, in words.
+    #[serde(default)]
+    pub advice: String,
 }
 
 /// A whole migration, as each side reports it.
@@ -267,6 +281,13 @@ pub struct MigrationReport {
     /// RDMA sessions: the device, registration and how the work requests were built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdma: Option<crate::transport::rdma::RdmaReport>,
+    /// Migrations that switched over to post-copy: what it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<postcopy::PostcopyReport>,
+    /// Post-copy (source): from the VMM's `postcopy` until the destination VMM could run
+    /// the guest, ms: ferry's part of the switch-over downtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_ms: Option<f64>,
 }
 
 impl MigrationReport {

@@ -103,6 +103,8 @@ struct Opened {
     digest_key: Option<DigestKey>,
     abort: Arc<AtomicBool>,
     live: crate::live::Session,
+    /// The destination's id for the session (SESSION_OK).
+    session: u64,
 }
 
 /// The worker threads a session runs on: shared (ferryd's), or its own.
@@ -150,6 +152,11 @@ pub struct Source<'a> {
     digest_key: Option<DigestKey>,
     t0: Instant,
     cpu0: f64,
+    /// The destination's id for the session: post-copy attempts RESUME it.
+    session: u64,
+    /// Post-copy: what the switch-over took, and what the attempts did.
+    switch_seconds: Option<f64>,
+    postcopy: super::postcopy::PostcopyReport,
     /// The session's live counters (last: the workers, which count into them, go first).
     _live: crate::live::Session,
 }
@@ -286,33 +293,16 @@ impl<'a> Source<'a> {
                 opts.to,
                 report.device
             );
-            let opened = Opened { ctl, workers, rdma: Some(report), digest_key: key, abort, live };
+            let opened = Opened { ctl, workers, rdma: Some(report), digest_key: key, abort, live, session };
             return Source::ready(opts, regions, pool, opened, t0, cpu0);
         }
-        // The pool's arenas were mapped once, when it started: what that said is said for
-        // every session.
-        for (important, n) in pool.notes() {
-            live.note(*important, n);
-        }
-        let mut workers = Vec::with_capacity(n_workers);
-        // A fallback is said once per session, not once per worker.
-        let mut note = |why: String| live.note(true, &why);
-        for w in 0..n_workers {
-            let mut lanes = Vec::with_capacity(per_worker);
-            for c in 0..per_worker {
-                let mut s = connect_data(&opts.to, plan).map_err(|e| gone_or(&mut ctl, e, "opening the data lanes"))?;
-                let (_, keys) = client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
-                lanes.push(Lane::new(s, keys.tx));
-            }
-            let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
-            workers.push(Worker::new(w, live.worker(w), Encoder::new(plan.compression), tx));
-        }
+        let workers = tcp_workers(&mut ctl, &opts, &pool, &live, session, n_workers, per_worker)?;
         log::info!(
             "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} lane(s) from {n_workers} worker(s)",
             regions.len(),
             opts.to
         );
-        Source::ready(opts, regions, pool, Opened { ctl, workers, rdma: None, digest_key: None, abort, live }, t0, cpu0)
+        Source::ready(opts, regions, pool, Opened { ctl, workers, rdma: None, digest_key: None, abort, live, session }, t0, cpu0)
     }
 
     /// The session, its lanes open.
@@ -324,7 +314,7 @@ impl<'a> Source<'a> {
         t0: Instant,
         cpu0: f64,
     ) -> Result<Source<'a>, SessionError> {
-        let Opened { ctl, workers, rdma, digest_key, abort, live } = opened;
+        let Opened { ctl, workers, rdma, digest_key, abort, live, session } = opened;
         let size: u64 = regions.iter().map(|r| r.size).sum();
         let chunk = opts.plan.chunk_size_bytes as usize;
         // The paused source is digested during the last round; that bounds the downtime
@@ -350,6 +340,9 @@ impl<'a> Source<'a> {
             digest_key,
             t0,
             cpu0,
+            session,
+            switch_seconds: None,
+            postcopy: super::postcopy::PostcopyReport::default(),
             _live: live,
         })
     }
@@ -392,11 +385,16 @@ impl<'a> Source<'a> {
     pub fn finish(mut self, dirty: &[u64]) -> Result<MigrationReport, SessionError> {
         let (last, digest) = self.run_round(dirty, true)?;
         let digest = digest.expect("the last round digests the source");
+        Ok(self.report(last.seconds * 1e3, digest))
+    }
+
+    /// The whole migration's report, once the destination confirmed `digest`.
+    fn report(&mut self, downtime_ms: f64, digest: Digest) -> MigrationReport {
         let mut rep = MigrationReport {
             role: "source".into(),
             bytes: self.size,
             seconds: self.t0.elapsed().as_secs_f64(),
-            downtime_ms: last.seconds * 1e3,
+            downtime_ms,
             downtime_budget_ms: self.opts.downtime_budget.as_secs_f64() * 1e3,
             cpu_seconds_per_gib: (cpu_seconds() - self.cpu0) / (self.size as f64 / (1u64 << 30) as f64),
             transport: self.transport().to_string(),
@@ -442,7 +440,146 @@ impl<'a> Source<'a> {
                 "zero-copy sends: the kernel copied {copied} of {notifications} (loopback, or a NIC without scatter-gather): tcp.send_zc = \"off\" saves the pinning"
             );
         }
-        Ok(rep)
+        if let Some(s) = self.switch_seconds {
+            rep.switch_ms = Some(s * 1e3);
+            rep.postcopy = Some(self.postcopy.clone());
+        }
+        rep
+    }
+
+    /// Post-copy: from the VMM's `postcopy` until the destination said it runs the guest.
+    pub fn switch_ms(&self) -> Option<f64> {
+        self.switch_seconds.map(|s| s * 1e3)
+    }
+
+    /// The switch-over to post-copy, once the VMM has paused and `dirty` is its final
+    /// bitmap: the lanes end, SWITCH tells the destination which pages are still stale,
+    /// and SWITCHED says its VMM runs the guest. From here the source must never resume
+    /// the guest, whatever happens next.
+    pub fn switch_over(&mut self, dirty: &[u64]) -> Result<(), SessionError> {
+        let t = Instant::now();
+        if self.rdma.is_some() {
+            return Err(SessionError::Protocol(
+                "post-copy runs over TCP lanes and this migration's pre-copy runs over RDMA: use transport tcp for post-copy (RDMA READ of faults is not built yet)".into(),
+            ));
+        }
+        let words: usize = self.regions.iter().map(|r| r.words).sum();
+        if self.rounds.is_empty() || dirty.len() != words {
+            return Err(SessionError::Protocol(format!(
+                "post-copy needs round 0 first and a final bitmap of {words} words ({} came)",
+                dirty.len()
+            )));
+        }
+        self.check_sizes(self.rounds.len() as u32, "switch-over")?;
+        for w in &mut self.workers {
+            w.tx.end_lanes()?;
+        }
+        let mut runs = Vec::new();
+        rdma_runs(&self.regions, dirty, &mut |frame| {
+            runs.extend_from_slice(frame);
+            Ok(())
+        })?;
+        self.postcopy.stale_pages = runs.iter().map(|r| u64::from(r.pages.get())).sum();
+        super::postcopy::send_runs(&mut self.ctl, Kind::Switch, self.rounds.len() as u64, &runs)?;
+        let mut buf = Vec::new();
+        self.ctl.expect(Kind::Switched, &mut buf)?;
+        self.switch_seconds = Some(t.elapsed().as_secs_f64());
+        log::info!(
+            "post-copy: the destination runs the guest {:.1} ms after the switch-over began; {} page(s) to go",
+            t.elapsed().as_secs_f64() * 1e3,
+            self.postcopy.stale_pages
+        );
+        Ok(())
+    }
+
+    /// Post-copy after [`Source::switch_over`]: attempts until the destination holds every
+    /// page and the digests matched. A link that breaks is reconnected (with the same key,
+    /// resuming this session) for up to `recover`; the destination says what it still
+    /// needs each time.
+    pub fn postcopy(mut self, recover: Duration) -> Result<MigrationReport, SessionError> {
+        let t = Instant::now();
+        let (mut since, mut delay) = (Instant::now(), Duration::from_millis(20));
+        let digest = loop {
+            self.postcopy.attempts += 1;
+            match self.postcopy_attempt() {
+                Ok(d) => break d,
+                Err(e) if super::postcopy::is_link_failure(&e) => {
+                    if self.postcopy.attempts == 1 || since.elapsed() < delay {
+                        since = Instant::now();
+                    }
+                    if since.elapsed() >= recover {
+                        return Err(SessionError::Cancelled(format!(
+                            "the link to the destination broke during post-copy and did not come back within {} s ({e}); the guest runs at the destination, which cannot complete it without the pages still here: keep this memory for a manual resume",
+                            recover.as_secs()
+                        )));
+                    }
+                    log::warn!("post-copy attempt {} failed ({e}); reconnecting", self.postcopy.attempts);
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.postcopy.all_local_seconds = t.elapsed().as_secs_f64();
+        let switch = self.switch_seconds.unwrap_or(0.0) * 1e3;
+        Ok(self.report(switch, digest))
+    }
+
+    /// One post-copy attempt: a new control connection that RESUMEs this session, NEEDED
+    /// from the destination, new lanes and a fault lane; the pages needed pushed as one
+    /// round while the fault lane answers FETCHes; then DONE and RESULT.
+    fn postcopy_attempt(&mut self) -> Result<Digest, SessionError> {
+        let mut s = connect(&self.opts.to)?;
+        let (agreed, keys) = client_handshake(&mut s, &self.opts.auth, CONTROL_LANE, 0, features::MIGRATE | features::POSTCOPY)?;
+        let mut ctl = Ctl::new(s, keys);
+        if agreed & features::POSTCOPY == 0 {
+            ctl.error("post-copy was not agreed");
+            return Err(SessionError::Protocol(format!("{} does not take post-copy", self.opts.to)));
+        }
+        ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+        ctl.send(Kind::Resume, wire::Resume { session: self.session.into() }.as_bytes())?;
+        let mut buf = Vec::new();
+        let (needed, placed) = super::postcopy::recv_runs(&mut ctl, Kind::Needed, &mut buf)?;
+        let pages: Vec<u64> = self.regions.iter().map(|r| super::pages(r.size)).collect();
+        let dirty = super::postcopy::runs_to_bitmap(&needed, &pages)?;
+        log::info!(
+            "post-copy attempt {}: the destination placed {placed} page(s) and needs {}",
+            self.postcopy.attempts,
+            needed.iter().map(|r| u64::from(r.pages.get())).sum::<u64>()
+        );
+        let plan = self.opts.plan;
+        let n_workers = self.pool.workers();
+        let per_worker = plan.tcp.connections_per_worker as usize;
+        let lanes = n_workers * per_worker + 1;
+        let layout = Layout { page_size: PAGE as u32, max_chunk: self.chunk as u32, regions: self.regions.iter().map(|r| r.size).collect() };
+        ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
+        ctl.expect(Kind::SessionOk, &mut buf)?;
+        let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+        let live = crate::live::session(crate::live::Role::MigrateOut, session, n_workers);
+        let workers = tcp_workers(&mut ctl, &self.opts, &self.pool, &live, session, n_workers, per_worker)?;
+        let mut fs = connect_data(&self.opts.to, plan).map_err(|e| gone_or(&mut ctl, e, "opening the fault lane"))?;
+        let (_, fault_keys) = client_handshake(&mut fs, &self.opts.auth, (lanes - 1) as u16, session, 0)?;
+        self.ctl = ctl;
+        self.workers = workers;
+        self._live = live;
+        self.abort.store(false, Ordering::Relaxed);
+        let stop = AtomicBool::new(false);
+        let fault_sock = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
+        let regions = self.regions.clone();
+        let (r, answered) = std::thread::scope(|s| {
+            let answers = s.spawn(|| super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop));
+            let r = self.run_round(&dirty, true);
+            stop.store(true, Ordering::Relaxed);
+            let _ = fault_sock.shutdown(std::net::Shutdown::Both);
+            (r, answers.join().expect("fault lane thread panicked"))
+        });
+        match answered {
+            Ok(n) => self.postcopy.pages_by_fault += n,
+            Err(e) if r.is_ok() => log::debug!("post-copy fault lane: {e}"),
+            Err(_) => {}
+        }
+        let (_, digest) = r?;
+        Ok(digest.expect("the last round digests the source"))
     }
 
     fn run_round(&mut self, dirty: &[u64], last: bool) -> Result<(RoundReport, Option<Digest>), SessionError> {
@@ -611,6 +748,19 @@ impl<'a> Source<'a> {
             _ => None,
         };
         let budget = self.opts.downtime_budget.as_secs_f64() * 1e3;
+        let fits = estimate.is_some_and(|e| e <= budget);
+        let limit = round + 1 >= self.opts.max_rounds;
+        let advice = match (last, fits, limit) {
+            (true, _, _) => String::new(),
+            (false, true, _) => format!("pause: the estimated downtime fits the {budget:.0} ms budget"),
+            (false, false, true) => format!(
+                "switch to post-copy (or pause, over budget): round {} of {} and the estimate {} is over the {budget:.0} ms budget; the guest is not converging",
+                round + 1,
+                self.opts.max_rounds,
+                estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms"))
+            ),
+            (false, false, false) => "continue: another round should shrink the dirty set".into(),
+        };
         let report = RoundReport {
             round,
             last,
@@ -628,7 +778,9 @@ impl<'a> Source<'a> {
             gbps,
             dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
             estimated_downtime_ms: estimate,
-            advise_pause: !last && (estimate.is_some_and(|e| e <= budget) || round + 1 >= self.opts.max_rounds),
+            advise_pause: !last && (fits || limit),
+            advise_postcopy: !last && !fits && limit,
+            advice,
         };
         log::info!(
             "round {round}{}: {} dirty pages ({:.1} MiB) in {:.3} s = {:.2} GB/s, estimated downtime {}{}",
@@ -736,6 +888,39 @@ fn rdma_runs(
         frame(&buf)?;
     }
     Ok(n)
+}
+
+/// The TCP lanes of session `session` for `n_workers` workers of `per_worker` lanes each:
+/// connected, authenticated, and set on their transport (io_uring or sockets).
+fn tcp_workers(
+    ctl: &mut Ctl,
+    opts: &SourceOptions<'_>,
+    pool: &Pool,
+    live: &crate::live::Session,
+    session: u64,
+    n_workers: usize,
+    per_worker: usize,
+) -> Result<Vec<Worker>, SessionError> {
+    let plan = opts.plan;
+    // The pool's arenas were mapped once, when it started: what that said is said for
+    // every session.
+    for (important, n) in pool.notes() {
+        live.note(*important, n);
+    }
+    let mut workers = Vec::with_capacity(n_workers);
+    // A fallback is said once per session, not once per worker.
+    let mut note = |why: String| live.note(true, &why);
+    for w in 0..n_workers {
+        let mut lanes = Vec::with_capacity(per_worker);
+        for c in 0..per_worker {
+            let mut s = connect_data(&opts.to, plan).map_err(|e| gone_or(ctl, e, "opening the data lanes"))?;
+            let (_, keys) = client_handshake(&mut s, &opts.auth, (w * per_worker + c) as u16, session, 0)?;
+            lanes.push(Lane::new(s, keys.tx));
+        }
+        let tx = Tx::open(lanes, plan.tcp.io_uring, plan.tcp.ring_entries, plan.tcp.send_zc, &opts.to, &mut note);
+        workers.push(Worker::new(w, live.worker(w), Encoder::new(plan.compression), tx));
+    }
+    Ok(workers)
 }
 
 /// `e`, unless the destination has ended the session meanwhile (its control connection

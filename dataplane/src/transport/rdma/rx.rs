@@ -285,7 +285,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         rdma: Some(report),
         ..MigrationReport::default()
     };
-    Ok(Received { report, digest, write_latency: Vec::new() })
+    Ok(Received { report, digest, write_latency: Vec::new(), stale: None, switch: None })
 }
 
 /// The control thread's part of an RDMA session.
