@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
+use dataplane::migrate::postcopy::Mapping;
+use dataplane::migrate::vmm::{Arrival, MigrateIn, MigrateOut, OutOptions};
 use dataplane::migrate::{MigrationReport, RoundReport};
 use dataplane::plan::Transport;
 use serde::Serialize;
@@ -59,9 +60,35 @@ pub struct MigrateArgs {
     /// The ferryd binary (default: next to ferryctl, then $PATH).
     #[arg(long, value_name = "PATH")]
     pub ferryd: Option<PathBuf>,
+    /// Post-copy: switch over when ferry advises pausing or post-copy (or after
+    /// --switch-after-rounds); the guest runs on the destination at once, its faults
+    /// served by ferry, and the rest of its memory follows.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// With --postcopy: switch over after this many pre-copy rounds, whatever ferry
+    /// advises.
+    #[arg(long, requires = "postcopy")]
+    pub switch_after_rounds: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What post-copy did in the demo.
+#[derive(Debug, Serialize)]
+pub struct PostcopyDemo {
+    /// Pre-copy rounds before the switch-over.
+    pub rounds_before_switch: u32,
+    /// The VMM's view: from pausing the source guest until the destination guest runs.
+    pub switchover_downtime_ms: f64,
+    /// ferry's part: from the `postcopy` command until the destination said it runs.
+    pub ferry_switch_ms: f64,
+    /// The destination ferryd's account (faults, latency, pages by fault and by push).
+    #[serde(flatten)]
+    pub destination: dataplane::migrate::postcopy::PostcopyReport,
+    /// Pages the destination guest touched, and its page writes there.
+    pub pages_touched: u64,
+    pub page_writes_at_destination: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,8 +130,12 @@ pub struct DemoReport {
     pub compression_ratio: f64,
     /// CPU seconds of both ferryd processes per GiB of guest memory.
     pub cpu_seconds_per_gib: f64,
-    /// The destination's memory equals the paused source's, compared byte for byte.
+    /// The destination's memory equals the paused source's, compared byte for byte
+    /// (post-copy: every page the destination guest touched held the source's page when it
+    /// first read it, and every other page equals it byte for byte).
     pub verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyDemo>,
     pub verify_seconds: f64,
     pub source: MigrationReport,
     pub destination: MigrationReport,
@@ -264,8 +295,9 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let cpu0 = src.cpu_seconds() + dst.cpu_seconds();
     let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").map_err(fail)?;
     let addr = incoming.addr.clone();
+    let (running_tx, running) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
-        let r = incoming.wait();
+        let r = destination_vmm(incoming, running_tx);
         (r, Instant::now())
     });
     let t0 = Instant::now();
@@ -276,6 +308,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         compress: a.compress.clone(),
         transport: a.transport.clone(),
         verify: a.verify,
+        recover_s: None,
     };
     let with_logs =
         |e: String| fail(format!("{e}\n--- source ferryd ---\n{}\n--- destination ferryd ---\n{}", src.log_tail(), dst.log_tail()));
@@ -283,10 +316,12 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     // Dirty logging starts now: round 0 sends everything, round 1 what changed since.
     harvest(&log)?;
     let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &opts).map_err(with_logs)?;
+    let mut rounds = 0;
     loop {
         let r = out.round().map_err(with_logs)?;
         progress(round_line(&r));
-        if r.advise_pause {
+        rounds += 1;
+        if r.advise_pause || r.advise_postcopy || a.switch_after_rounds.is_some_and(|n| rounds >= n) {
             break;
         }
         harvest(&log)?;
@@ -295,9 +330,14 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let paused = Instant::now();
     let last = harvest(&log)?;
     progress(format!("guest paused; {last} pages dirtied since the last round"));
+    let run = Run { a, size, t0, paused, cpu0, image, page_writes, plan: &plan, src: &src, dst: &dst };
+    if a.postcopy {
+        return postcopy(run, out, waiter, map, &mem, rounds, progress, running).map_err(with_logs);
+    }
     let source = out.finish().map_err(with_logs)?;
     let ((memory, destination), resumed) = match waiter.join().expect("waiter thread panicked") {
-        (Ok(m), at) => (m, at),
+        (Ok(Arrived::Memory(m, r)), at) => ((m, r), at),
+        (Ok(Arrived::Postcopy(..)), _) => return Err(fail("the destination switched to post-copy unasked".into())),
         (Err(e), _) => return Err(with_logs(e)),
     };
     let downtime = resumed.duration_since(paused).as_secs_f64();
@@ -316,19 +356,176 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         .map_err(|m: Vec<File>| fail(format!("the destination handed over {} memory regions, the guest has 1", m.len())))?;
     compare(&mem, &memory, size).map_err(fail)?;
     let verify_seconds = tv.elapsed().as_secs_f64();
-    Ok(DemoReport {
-        guest: image,
-        workload: WorkloadReport { pattern: a.pattern, dirty_rate_mbs: a.dirty_rate_mbs, page_writes },
+    Ok(report(&run, source, destination, total, downtime * 1e3, cpu, verify_seconds, None))
+}
+
+/// What one demo run measured, for its report.
+struct Run<'a> {
+    a: &'a MigrateArgs,
+    size: u64,
+    t0: Instant,
+    paused: Instant,
+    cpu0: f64,
+    image: ImageStats,
+    page_writes: u64,
+    plan: &'a dataplane::plan::Plan,
+    src: &'a Ferryd,
+    dst: &'a Ferryd,
+}
+
+/// What the destination VMM's thread got.
+enum Arrived {
+    Memory(Vec<File>, MigrationReport),
+    /// Post-copy: the mapping the guest runs on (registered), and when ferryd said it
+    /// serves the faults; the report follows on the channel's second message.
+    Postcopy(MigrationReport),
+}
+
+/// The destination VMM: takes the memory, or (post-copy) maps it, registers a
+/// userfaultfd over the mapping, hands it to ferryd and runs the guest there, which it
+/// hands to `running` with the time.
+fn destination_vmm(
+    incoming: MigrateIn,
+    running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>,
+) -> Result<Arrived, String> {
+    match incoming.next()? {
+        Arrival::Memory(m, r) => Ok(Arrived::Memory(m, r)),
+        Arrival::Postcopy(mut p) => {
+            let [file] = &p.memory[..] else {
+                return Err(format!("the destination handed over {} memory regions, the guest has 1", p.memory.len()));
+            };
+            let uffd = hw::uffd::Userfault::create()?;
+            let map = uffd.map_registered(file)?;
+            let maps = [Mapping { addr: map.addr(), len: map.as_slice().len() as u64 }];
+            p.serve(&uffd, &maps)?;
+            let _ = running.send((map, Instant::now()));
+            let report = p.wait();
+            // Every page is local: the mapping stops faulting into ferry.
+            drop(uffd);
+            report.map(Arrived::Postcopy)
+        }
+    }
+}
+
+/// The post-copy half of the demo, once the source guest paused: the switch-over, the
+/// guest's workload at the destination while ferry serves its faults and pushes the rest,
+/// and the check of what the guest saw against the paused source.
+#[allow(clippy::too_many_arguments)]
+fn postcopy(
+    run: Run<'_>,
+    out: MigrateOut,
+    waiter: std::thread::JoinHandle<(Result<Arrived, String>, Instant)>,
+    map: hw::memmap::OwnedMemory,
+    mem: &File,
+    rounds: u32,
+    progress: &mut dyn FnMut(String),
+    running: std::sync::mpsc::Receiver<(hw::uffd::GuestMapping, Instant)>,
+) -> Result<DemoReport, String> {
+    let a = run.a;
+    let switching = out.postcopy()?;
+    let (dest_map, resumed) = match running.recv_timeout(Duration::from_secs(30)) {
+        Ok(m) => m,
+        Err(_) => return Err(match waiter.join().expect("waiter thread panicked").0 {
+            Err(e) => e,
+            Ok(_) => "the destination VMM never ran the guest".into(),
+        }),
+    };
+    let workload = guest::DestWorkload::start(dest_map, (a.dirty_rate_mbs * 1e6) as u64, a.pattern, a.seed);
+    let downtime_ms = resumed.duration_since(run.paused).as_secs_f64() * 1e3;
+    progress(format!(
+        "switched over to post-copy: the guest runs at the destination {downtime_ms:.1} ms after it paused (ferry {:.1} ms)",
+        switching.switch_ms
+    ));
+    let source = switching.wait()?;
+    let (dest, done) = waiter.join().expect("waiter thread panicked");
+    let destination = match dest? {
+        Arrived::Postcopy(r) => r,
+        Arrived::Memory(..) => return Err("the destination took the memory as pre-copy".into()),
+    };
+    let total = done.duration_since(run.t0).as_secs_f64();
+    let (dest_map, seen) = workload.stop();
+    let cpu = run.src.cpu_seconds() + run.dst.cpu_seconds() - run.cpu0;
+    let tv = Instant::now();
+    drop(map);
+    check_postcopy(mem, dest_map.as_slice(), &seen)?;
+    let verify_seconds = tv.elapsed().as_secs_f64();
+    let pc = destination.postcopy.clone().unwrap_or_default();
+    progress(format!(
+        "post-copy: {} stale pages; {} faults ({} waited for the source: p50 {} us, p99 {} us, max {} us); {} pages by fault, {} pushed; all local after {:.3} s",
+        pc.stale_pages,
+        pc.faults,
+        pc.remote_faults,
+        pc.fault_latency_us_p50,
+        pc.fault_latency_us_p99,
+        pc.fault_latency_us_max,
+        pc.pages_by_fault,
+        pc.pages_by_push,
+        pc.all_local_seconds
+    ));
+    let demo = PostcopyDemo {
+        rounds_before_switch: rounds,
+        switchover_downtime_ms: downtime_ms,
+        ferry_switch_ms: switching_ms(&source),
+        destination: pc,
+        pages_touched: seen.pages.iter().filter(|p| p.is_some()).count() as u64,
+        page_writes_at_destination: seen.page_writes,
+    };
+    Ok(report(&run, source, destination, total, downtime_ms, cpu, verify_seconds, Some(demo)))
+}
+
+fn switching_ms(source: &MigrationReport) -> f64 {
+    source.switch_ms.unwrap_or(0.0)
+}
+
+/// Post-copy's check: each page the destination guest touched held the paused source's
+/// page when the guest first read it; every other page equals the source's byte for byte.
+fn check_postcopy(want: &File, got: &[u8], seen: &guest::FirstSeen) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mut page = vec![0u8; guest::PAGE];
+    for (p, first) in seen.pages.iter().enumerate() {
+        let at = p * guest::PAGE;
+        want.read_exact_at(&mut page, at as u64).map_err(|e| format!("reading the guest memory: {e}"))?;
+        match first {
+            Some(h) if *h != guest::page_hash(&page) => {
+                return Err(format!(
+                    "the destination guest read page {p} (offset {at:#x}) before it held the source's content: post-copy served a stale page"
+                ));
+            }
+            None if got[at..at + guest::PAGE] != page[..] => {
+                return Err(format!("the migrated memory differs from the paused guest at page {p} (offset {at:#x})"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The demo's report from both sides' reports.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    run: &Run<'_>,
+    source: MigrationReport,
+    destination: MigrationReport,
+    total: f64,
+    downtime_ms: f64,
+    cpu: f64,
+    verify_seconds: f64,
+    postcopy: Option<PostcopyDemo>,
+) -> DemoReport {
+    let (a, size) = (run.a, run.size);
+    DemoReport {
+        guest: run.image.clone(),
+        workload: WorkloadReport { pattern: a.pattern, dirty_rate_mbs: a.dirty_rate_mbs, page_writes: run.page_writes },
         plan: PlanSummary {
             transport: source.transport.clone(),
-            workers: plan.worker_cpus.len(),
+            workers: run.plan.worker_cpus.len(),
             lanes: source.lanes,
-            chunk_bytes: plan.chunk_size_bytes,
+            chunk_bytes: run.plan.chunk_size_bytes,
             compression: source.compression.clone(),
         },
         rounds: source.rounds.clone(),
         total_seconds: total,
-        downtime_ms: downtime * 1e3,
+        downtime_ms,
         ferry_downtime_ms: source.downtime_ms,
         downtime_budget_ms: a.downtime_ms as f64,
         gbps: size as f64 / total / 1e9,
@@ -339,9 +536,10 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         cpu_seconds_per_gib: cpu / (size as f64 / (1u64 << 30) as f64),
         verified: true,
         verify_seconds,
+        postcopy,
         source,
         destination,
-    })
+    }
 }
 
 /// Compares two memory files of `size` bytes; the first differing page is the error.

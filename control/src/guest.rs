@@ -328,6 +328,81 @@ impl Workload {
     }
 }
 
+/// The guest once it runs on the destination after a post-copy switch-over: the same
+/// workload over the destination VMM's mapping of the memory, which faults into ferry
+/// for every page it touches first. Each page's content as the guest first saw it is
+/// hashed before the guest writes it, so the end can check that every page the guest read
+/// was the source's final page, not a stale or missing one.
+#[derive(Debug)]
+pub struct DestWorkload {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(hw::uffd::GuestMapping, FirstSeen)>,
+}
+
+/// What the destination guest saw.
+#[derive(Debug)]
+pub struct FirstSeen {
+    /// Per page: the hash of its content when the guest first touched it; none if never.
+    pub pages: Vec<Option<u64>>,
+    pub page_writes: u64,
+}
+
+/// A page's hash for [`FirstSeen`].
+pub fn page_hash(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+impl DestWorkload {
+    /// Runs the workload on `map` (the destination's memory, registered with the
+    /// userfaultfd ferryd serves) at `rate` bytes of page writes per second.
+    pub fn start(mut map: hw::uffd::GuestMapping, rate: u64, pattern: Pattern, seed: u64) -> DestWorkload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mem = map.as_mut_slice();
+            let pages = (mem.len() / PAGE) as u64;
+            let mut seen = FirstSeen { pages: vec![None; pages as usize], page_writes: 0 };
+            let mut rng = Rng::new(seed ^ 0xde57);
+            let (hot_len, hot_start) = ((pages / 16).max(1), rng.below(pages.max(1)));
+            let (mut cursor, mut counter) = (0u64, 1u64 << 40);
+            let t0 = Instant::now();
+            while !flag.load(Ordering::Relaxed) && pages > 0 {
+                let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
+                while seen.page_writes < due && !flag.load(Ordering::Relaxed) {
+                    let page = match pattern {
+                        Pattern::Uniform => rng.below(pages),
+                        Pattern::Hot if rng.below(10) < 9 => (hot_start + rng.below(hot_len)) % pages,
+                        Pattern::Hot => rng.below(pages),
+                        Pattern::Sequential => {
+                            cursor = (cursor + 1) % pages;
+                            cursor
+                        }
+                    };
+                    let at = page as usize * PAGE;
+                    let slot = &mut seen.pages[page as usize];
+                    if slot.is_none() {
+                        // The first touch reads the page: a fault ferry resolves.
+                        *slot = Some(page_hash(&mem[at..at + PAGE]));
+                    }
+                    let off = at + (counter as usize % (PAGE / 8)) * 8;
+                    mem[off..off + 8].copy_from_slice(&counter.to_le_bytes());
+                    counter += 1;
+                    seen.page_writes += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (map, seen)
+        });
+        DestWorkload { stop, handle }
+    }
+
+    /// Stops the workload: the mapping and what the guest saw come back.
+    pub fn stop(self) -> (hw::uffd::GuestMapping, FirstSeen) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("destination workload thread panicked")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

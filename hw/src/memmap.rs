@@ -24,6 +24,18 @@ pub fn memfd(name: &str, len: u64, hugetlb: bool) -> io::Result<File> {
     Ok(f)
 }
 
+/// [`memfd`], sealed against shrinking and growing: memory another process may map
+/// without fearing that pages vanish under it (a migration's destination memory).
+pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).map_err(io::Error::from)?;
+    let f = File::from(fd);
+    f.set_len(len)?;
+    fcntl(&f, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW)).map_err(io::Error::from)?;
+    Ok(f)
+}
+
 /// Memory this process owns and writes, shared with others for reading (a simulated
 /// guest's RAM): a memfd sealed against shrinking and growing, mapped shared and writable.
 /// Its only writable descriptor stays inside; others get read-only ones

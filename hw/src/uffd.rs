@@ -279,6 +279,62 @@ impl Userfault {
     }
 }
 
+/// A VMM's shared, writable mapping of guest memory that it registered with a
+/// [`Userfault`] before anything touched it ([`Userfault::map_registered`]).
+///
+/// Every page this mapping shows was installed by the fault handler (ferryd), which only
+/// installs a page where the mapping has none, after writing it: so bytes do not change
+/// under a borrow of the slice except by this process's own writes. The file must be
+/// sealed against shrinking, so no page of the mapping can vanish (no SIGBUS). What the
+/// handler process does is outside this process's control, as with any shared memory: the
+/// contract is ferry's, that a page is written only before it is mapped.
+pub struct GuestMapping {
+    map: memmap2::MmapMut,
+}
+
+impl std::fmt::Debug for GuestMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMapping").field("addr", &self.addr()).field("len", &self.map.len()).finish()
+    }
+}
+
+impl GuestMapping {
+    pub fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
+
+impl Userfault {
+    /// Maps `file` (a memory file sealed against shrinking) shared and writable, and
+    /// registers the mapping for missing and minor faults before returning it.
+    pub fn map_registered(&self, file: &std::fs::File) -> Result<GuestMapping, String> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        let seals = fcntl(file, FcntlArg::F_GET_SEALS).map_err(|e| format!("reading the guest memory's seals: {e}"))?;
+        if !SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
+            return Err("the guest memory is not sealed against shrinking: a mapping of it could lose pages (SIGBUS)".into());
+        }
+        let len = file.metadata().map_err(|e| format!("the guest memory: {e}"))?.len();
+        if len == 0 || len % 4096 != 0 {
+            return Err(format!("the guest memory has {len} bytes: whole pages, at least one"));
+        }
+        // SAFETY: the file cannot shrink (sealed, checked above), so no page of the mapping
+        // disappears. The mapping is registered below before this function returns, so no
+        // code touches a page of it before the fault handler installs it; the handler only
+        // installs pages the mapping lacks (see `GuestMapping`).
+        let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map_mut(file) }.map_err(|e| format!("mapping the guest memory: {e}"))?;
+        self.register(map.as_ptr() as usize, map.len())?;
+        Ok(GuestMapping { map })
+    }
+}
+
 impl std::os::fd::AsFd for Userfault {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()

@@ -204,7 +204,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
         .regions
         .iter()
         .map(|&bytes| {
-            hw::memmap::memfd("ferry-migration", bytes, false)
+            hw::memmap::sealed_memfd("ferry-migration", bytes)
                 .map_err(|source| SessionError::Region { path: format!("a {bytes}-byte memfd for the incoming guest memory"), source })
         })
         .collect::<Result<Vec<File>, _>>()?;
@@ -618,6 +618,10 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
             }
             Kind::RoundEnd => {
                 let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload.contiguous(&mut scratch))?;
+                // A post-copy push is one round, numbered after the source's pre-copy rounds.
+                if ctx.postcopy.is_some() && this.frames == end.frames.get() {
+                    round = end.round.get();
+                }
                 if end.round.get() != round
                     || end.frames.get() != this.frames
                     || end.bytes.get() != this.wire_bytes

@@ -802,6 +802,13 @@ fn attempt(
             Ok(Some(_)) => Err(SessionError::Cancelled("the destination VMM closed its control connection during post-copy".into())),
             Err(e) => Err(e),
         };
+        // A failure that is not the link's ends the migration: the source is told why.
+        if let Err(e) = &r
+            && !is_link_failure(e)
+            && !matches!(e, SessionError::Peer(_))
+        {
+            ctl.error(&e.to_string());
+        }
         // Every lane ends now: done, or the attempt failed and the next one starts afresh.
         pc.close_link();
         for c in &socks {

@@ -33,8 +33,21 @@
 //!   │◄─ {"ok":true,"report":{...}} ───────────────────────────────│  the source knows: run
 //! ```
 //!
+//! Post-copy (see [`super::postcopy`]): instead of `final`, the paused source VMM sends
+//! `{"cmd":"postcopy"}`; the destination VMM gets the memory at once and serves it to
+//! the guest through a userfaultfd that ferryd resolves:
+//!
+//! ```text
+//!  source VMM      source ferryd        destination ferryd          destination VMM
+//!   │── postcopy ─────►│── SWITCH ──────────►│── {"event":"postcopy"} + memfds ─►│ maps, registers
+//!   │                  │                     │◄─ {"cmd":"faults","maps":[..]} + uffd ─│
+//!   │                  │◄─ SWITCHED ─────────│── {"event":"running"} ───────────►│ runs the guest
+//!   │◄─ {"event":"switched"} (never resume)  │   faults fetched first, the rest pushed
+//!   │◄─ {"ok":true,"report"} ───────────────►│── {"ok":true,"report"} ─────────►│ closes its uffd
+//! ```
+//!
 //! The memfds come in the source's order, one per region. The VMM runs the guest only
-//! after the final `{"ok":true}`; an `{"ok":false,"error":..}` instead (at any point)
+//! after the final `{"ok":true}` (post-copy: after `running`); an `{"ok":false,"error":..}` instead (at any point)
 //! means the migration failed and memory it was handed must be discarded. Closing the
 //! connection before `taken` cancels the migration: the source is told, and its VMM
 //! resumes the guest.
@@ -61,6 +74,8 @@ pub struct OutOptions {
     /// `rdma`, `tcp`, `sockets` or `auto`; the plan's transport when none.
     pub transport: Option<String>,
     pub verify: super::Verify,
+    /// Post-copy: seconds to keep reconnecting after the link broke (ferryd's default 120).
+    pub recover_s: Option<u64>,
 }
 
 fn connect(socket: &Path) -> Result<LineConn, String> {
@@ -97,7 +112,7 @@ impl MigrateOut {
         let mut conn = connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
             "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "transport": o.transport, "verify": o.verify,
-            "regions": memory.len()});
+            "regions": memory.len(), "recover_s": o.recover_s});
         let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
         fds.push(bitmap.as_fd());
         conn.send(&req.to_string(), &fds).map_err(|e| format!("writing to ferryd: {e}"))?;
@@ -122,6 +137,73 @@ impl MigrateOut {
         let v = self.step("final")?;
         serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
     }
+
+    /// The switch-over to post-copy after the VMM paused and wrote the final bitmap: returns
+    /// once the destination runs the guest. From then on this VMM must not resume it.
+    pub fn postcopy(mut self) -> Result<PostcopyOut, String> {
+        let v = self.step("postcopy")?;
+        if v["event"] != "switched" {
+            return Err(format!("ferryd sent {v} where the switch-over was due"));
+        }
+        Ok(PostcopyOut { conn: self.conn, switch_ms: v["switch_ms"].as_f64().unwrap_or(0.0) })
+    }
+}
+
+/// A migration in post-copy, from the source VMM's side.
+#[derive(Debug)]
+pub struct PostcopyOut {
+    conn: LineConn,
+    /// ferry's part of the switch-over: from `postcopy` until the destination ran the guest.
+    pub switch_ms: f64,
+}
+
+impl PostcopyOut {
+    /// Blocks until every page is at the destination and verified: the report; or why not
+    /// (the guest then cannot complete, and this VMM keeps its memory).
+    pub fn wait(mut self) -> Result<MigrationReport, String> {
+        let (v, _) = reply(&mut self.conn)?;
+        serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
+    }
+}
+
+/// What arrives at the destination VMM.
+#[derive(Debug)]
+pub enum Arrival {
+    /// Pre-copy: the verified memory, taken, and the report.
+    Memory(Vec<File>, MigrationReport),
+    /// Post-copy: memory to map and register before the guest may run.
+    Postcopy(PostcopyIn),
+}
+
+/// A migration that switched over to post-copy, from the destination VMM's side.
+#[derive(Debug)]
+pub struct PostcopyIn {
+    conn: LineConn,
+    /// The guest memory, one memfd per region; stale pages fill in as the guest runs.
+    pub memory: Vec<File>,
+}
+
+impl PostcopyIn {
+    /// Hands ferryd the userfaultfd registered over `maps` (this VMM's mapping of each
+    /// region, in order; missing and minor modes); returns once ferryd serves the faults:
+    /// the guest may run now.
+    pub fn serve(&mut self, uffd: &hw::uffd::Userfault, maps: &[super::postcopy::Mapping]) -> Result<(), String> {
+        self.conn
+            .send(&json!({"cmd": "faults", "maps": maps}).to_string(), &[uffd.as_fd()])
+            .map_err(|e| format!("writing to ferryd: {e}"))?;
+        let (v, _) = reply(&mut self.conn)?;
+        if v["event"] != "running" {
+            return Err(format!("ferryd sent {v} where running was due"));
+        }
+        Ok(())
+    }
+
+    /// Blocks until every page is local and verified: the report. The VMM then closes its
+    /// userfaultfd (its mapping stops faulting into ferry).
+    pub fn wait(mut self) -> Result<MigrationReport, String> {
+        let (v, _) = reply(&mut self.conn)?;
+        serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
+    }
 }
 
 /// An incoming migration: the destination VMM waits for its memory.
@@ -134,8 +216,15 @@ pub struct MigrateIn {
 
 impl MigrateIn {
     pub fn start(socket: &Path, listen: &str) -> Result<MigrateIn, String> {
+        MigrateIn::start_with(socket, listen, None)
+    }
+
+    /// [`MigrateIn::start`] with post-copy's recovery time: seconds to wait for the source
+    /// after the link broke (ferryd's default 120).
+    pub fn start_with(socket: &Path, listen: &str, recover_s: Option<u64>) -> Result<MigrateIn, String> {
         let mut conn = connect(socket)?;
-        conn.send(&json!({"cmd": "migrate_in", "listen": listen}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        conn.send(&json!({"cmd": "migrate_in", "listen": listen, "recover_s": recover_s}).to_string(), &[])
+            .map_err(|e| format!("writing to ferryd: {e}"))?;
         let (v, _) = reply(&mut conn)?;
         let addr = v["addr"].as_str().ok_or_else(|| format!("ferryd did not say where it listens: {v}"))?.to_string();
         Ok(MigrateIn { conn, addr })
@@ -144,18 +233,31 @@ impl MigrateIn {
     /// Blocks until the migration ends: the verified guest memory (one memfd per region, in
     /// the source's order), or why not. The memory is taken (`taken`), and returned once
     /// ferryd says the source knows the migration succeeded.
-    pub fn wait(mut self) -> Result<(Vec<File>, MigrationReport), String> {
+    pub fn wait(self) -> Result<(Vec<File>, MigrationReport), String> {
+        match self.next()? {
+            Arrival::Memory(m, r) => Ok((m, r)),
+            Arrival::Postcopy(_) => Err("the source switched to post-copy: a VMM that takes it calls MigrateIn::next".into()),
+        }
+    }
+
+    /// Blocks until the memory arrives: verified and taken (pre-copy), or to be served
+    /// through a userfaultfd (post-copy).
+    pub fn next(mut self) -> Result<Arrival, String> {
         let (v, fds) = reply(&mut self.conn)?;
-        if v["event"] != "memory" {
+        let postcopy = v["event"] == "postcopy";
+        if v["event"] != "memory" && !postcopy {
             return Err(format!("ferryd sent {v} where the memory was due"));
         }
         if fds.is_empty() || v["regions"].as_u64() != Some(fds.len() as u64) {
             return Err(format!("ferryd handed over {} memory descriptor(s) for {} region(s)", fds.len(), v["regions"]));
         }
         let memory: Vec<File> = fds.into_iter().map(File::from).collect();
+        if postcopy {
+            return Ok(Arrival::Postcopy(PostcopyIn { conn: self.conn, memory }));
+        }
         self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
         let (v, _) = reply(&mut self.conn)?;
         let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
-        Ok((memory, report))
+        Ok(Arrival::Memory(memory, report))
     }
 }
