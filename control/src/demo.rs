@@ -321,7 +321,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         let r = out.round().map_err(with_logs)?;
         progress(round_line(&r));
         rounds += 1;
-        if r.advise_pause || r.advise_postcopy || a.switch_after_rounds.is_some_and(|n| rounds >= n) {
+        if r.advise_pause || (a.postcopy && r.advise_postcopy) || a.switch_after_rounds.is_some_and(|n| rounds >= n) {
             break;
         }
         harvest(&log)?;
@@ -399,10 +399,8 @@ fn destination_vmm(
             let maps = [Mapping { addr: map.addr(), len: map.as_slice().len() as u64 }];
             p.serve(&uffd, &maps)?;
             let _ = running.send((map, Instant::now()));
-            let report = p.wait();
-            // Every page is local: the mapping stops faulting into ferry.
-            drop(uffd);
-            report.map(Arrived::Postcopy)
+            // Every page local: the mapping is unregistered, and stops faulting into ferry.
+            p.wait(&uffd).map(Arrived::Postcopy)
         }
     }
 }
@@ -575,26 +573,57 @@ fn round_line(r: &RoundReport) -> String {
         r.seconds,
         r.gbps,
         r.estimated_downtime_ms.filter(|_| !r.last).map_or_else(String::new, |e| format!(", downtime if paused now ~{e:.0} ms")),
-        if r.advise_pause { ": pause" } else { "" }
+        match (r.advise_pause, r.advise_postcopy) {
+            (true, _) => ": pause",
+            (false, true) => ": switch to post-copy",
+            _ => "",
+        }
     )
 }
 
 /// The report for a terminal.
 pub fn summary(r: &DemoReport) -> String {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let downtime = match &r.postcopy {
+        Some(p) => format!(
+            "switch-over downtime {:.1} ms (ferry's part {:.1} ms; pre-copy rounds before it: {}; budget {:.0} ms)\n\
+             post-copy: {} stale pages; {} faults, {} waited for the source (p50 {} us, p99 {} us, max {} us); \
+             {} pages by fault, {} pushed; all local {:.3} s after the switch-over; {} attempt(s)",
+            r.downtime_ms,
+            p.ferry_switch_ms,
+            p.rounds_before_switch,
+            r.downtime_budget_ms,
+            p.destination.stale_pages,
+            p.destination.faults,
+            p.destination.remote_faults,
+            p.destination.fault_latency_us_p50,
+            p.destination.fault_latency_us_p99,
+            p.destination.fault_latency_us_max,
+            p.destination.pages_by_fault,
+            p.destination.pages_by_push,
+            p.destination.all_local_seconds,
+            p.destination.attempts
+        ),
+        None => format!(
+            "downtime {:.1} ms (ferry's stop-and-copy and verification {:.1} ms; budget {:.0} ms)",
+            r.downtime_ms, r.ferry_downtime_ms, r.downtime_budget_ms
+        ),
+    };
+    let check = if r.postcopy.is_some() {
+        "every page the destination guest read was the paused source's, and every page it did not touch equals it byte for byte"
+    } else {
+        "destination memory equals the paused guest byte for byte"
+    };
     format!(
         "migrated {:.0} MiB in {:.3} s ({:.2} GB/s) over {} lane(s), {} round(s)\n\
-         downtime {:.1} ms (ferry's stop-and-copy and verification {:.1} ms; budget {:.0} ms)\n\
+         {downtime}\n\
          sent {:.1} MiB of pages, {:.1} MiB on the wire; {} zero pages skipped; compression {} ({:.2}x)\n\
-         {:.2} CPU s/GiB (both ferryd); destination memory equals the paused guest byte for byte (compared in {:.2} s)",
+         {:.2} CPU s/GiB (both ferryd); {check} (checked in {:.2} s)",
         mib(r.guest.bytes),
         r.total_seconds,
         r.gbps,
         r.plan.lanes,
         r.rounds.len(),
-        r.downtime_ms,
-        r.ferry_downtime_ms,
-        r.downtime_budget_ms,
         mib(r.sent_bytes),
         mib(r.wire_bytes),
         r.zero_pages,

@@ -96,6 +96,9 @@ pub enum Request {
     Faults {
         maps: Vec<crate::migrate::postcopy::Mapping>,
     },
+    /// Inside a `migrate_in` conversation, after the `local` event: the VMM has
+    /// unregistered its mapping; ferryd stops resolving its faults.
+    Released,
 }
 
 impl Request {
@@ -531,8 +534,8 @@ impl Daemon {
             Request::Round | Request::Final | Request::Postcopy => {
                 say(serde_json::json!({"ok": false, "error": "round, final and postcopy belong to a migrate_out conversation"}))
             }
-            Request::Taken | Request::Faults { .. } => {
-                say(serde_json::json!({"ok": false, "error": "taken and faults belong to a migrate_in conversation"}))
+            Request::Taken | Request::Faults { .. } | Request::Released => {
+                say(serde_json::json!({"ok": false, "error": "taken, faults and released belong to a migrate_in conversation"}))
             }
             Request::Status => say(
                 serde_json::json!({"ok": true, "draining": self.draining.load(std::sync::atomic::Ordering::Acquire), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
@@ -894,6 +897,23 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
 
     fn run(&mut self) -> Result<(), String> {
         self.0.send(&serde_json::json!({"event": "running"}).to_string(), &[]).map_err(|e| e.to_string())
+    }
+
+    fn all_local(&mut self) -> Result<(), String> {
+        let conn = &mut *self.0;
+        conn.send(&serde_json::json!({"event": "local"}).to_string(), &[]).map_err(|e| e.to_string())?;
+        conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+        let answer = conn.recv();
+        let _ = conn.stream().set_read_timeout(None);
+        match answer {
+            Ok(Some((line, _))) => match Request::parse(&line) {
+                Ok(Request::Released) => Ok(()),
+                Ok(other) => Err(format!("it answered {other:?} instead of released")),
+                Err(e) => Err(format!("its answer is not a request: {e}")),
+            },
+            Ok(None) => Err("it closed its connection".into()),
+            Err(e) => Err(format!("no answer within {} s: {e}", TAKE_TIMEOUT.as_secs())),
+        }
     }
 }
 

@@ -4,65 +4,16 @@
 //! `control/tests/faults_ferryd.rs` and, over RDMA, `control/tests/rxe_transfer.rs`.)
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
 use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
-use dataplane::plan::*;
 
 const PAGE: u64 = 4096;
 
 mod common;
 
-fn plan() -> Plan {
-    common::plan(2, 1, Compression::Off, 256 << 10)
-}
-
-/// A ferryd with its own control socket, killed when dropped.
-struct Ferryd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Ferryd {
-    fn start(dir: &Path, name: &str) -> Ferryd {
-        let plan_path = dir.join("plan.json");
-        if !plan_path.exists() {
-            std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
-            std::fs::write(dir.join("key"), "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        let socket = dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
-            .arg("--plan")
-            .arg(&plan_path)
-            .arg("--key")
-            .arg(dir.join("key"))
-            .arg("--control")
-            .arg(&socket)
-            .args(["--metrics", "off"])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Blocks on ferryd's own output until it says ready; the rest is drained.
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("ferryd ready")), "ferryd {name} exited before it was ready");
-        std::thread::spawn(move || lines.for_each(drop));
-        Ferryd { child, socket }
-    }
-}
-
-impl Drop for Ferryd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Ferryd;
 
 fn page_bytes(p: u64, generation: u8) -> Vec<u8> {
     (0..PAGE).map(|i| (i as u8).wrapping_add(p as u8).wrapping_mul(7) ^ generation).collect()

@@ -105,6 +105,7 @@ struct UffdioFill {
 }
 
 nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
+nix::ioctl_read!(uffdio_unregister, 0xAA, 0x01, UffdioRange);
 nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
 nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioFill);
 nix::ioctl_readwrite!(uffdio_continue, 0xAA, 0x07, UffdioFill);
@@ -173,6 +174,15 @@ impl Userfault {
         unsafe { uffdio_register(self.raw(), &mut r) }.map(drop).map_err(|e| {
             format!("registering {len} bytes at {addr:#x} for missing and minor faults: {e} (a shared mapping of a memfd or tmpfs file, page-aligned)")
         })
+    }
+
+    /// The VMM's side, once every page is local: unregisters `len` bytes at `addr`, so the
+    /// kernel resolves their faults from now on (and wakes any waiting for the handler).
+    pub fn unregister(&self, addr: u64, len: u64) -> Result<(), String> {
+        let mut r = UffdioRange { start: addr, len };
+        // SAFETY: `r` is a `struct uffdio_range` that outlives the call; unregistering
+        // changes no byte of memory.
+        unsafe { uffdio_unregister(self.raw(), &mut r) }.map(drop).map_err(|e| format!("unregistering the guest memory: {e}"))
     }
 
     /// The handler's side: takes a userfaultfd another process created and registered.
@@ -258,22 +268,22 @@ impl Userfault {
         unsafe { uffdio_wake(self.raw(), &mut r) }.map(drop)
     }
 
-    /// Whether `addr..addr + len` is registered with this userfaultfd in minor mode, asked
-    /// of the kernel without changing anything: a minor resolution with `DONTWAKE` of a
-    /// page that must be missing from the file (the caller punched it out) fails with
-    /// `EFAULT` where it is registered, `ENOENT` where this userfaultfd does not cover it,
-    /// and `EINVAL` where it is registered without minor mode.
+    /// Whether the page at `hole_addr` is registered for minor faults, asked of the kernel
+    /// without changing anything: a minor resolution with `DONTWAKE` of a page that is
+    /// missing from the file (the caller makes sure of it) fails with `EFAULT` where it is
+    /// registered, and with `ENOENT` or `EINVAL` where nothing is registered there, or not
+    /// in minor mode. (The kernel checks that the mapping is registered with a userfaultfd
+    /// of the same process, not with this one: a VMM that registered with another one of
+    /// its own is not caught here.)
     pub fn check_registered(&self, hole_addr: u64) -> Result<(), String> {
         let mut c = UffdioFill { range: UffdioRange { start: hole_addr, len: 4096 }, mode: DONTWAKE, result: 0 };
         // SAFETY: as in `map`; the page at `hole_addr` is missing from the file, so nothing
         // is installed.
         match unsafe { uffdio_continue(self.raw(), &mut c) } {
-            Err(Errno::EFAULT) => Ok(()),
-            Ok(_) | Err(Errno::EEXIST) => Ok(()),
-            Err(Errno::ENOENT) => Err(format!("the userfaultfd is not registered over the guest memory at {hole_addr:#x}")),
-            Err(Errno::EINVAL) => {
-                Err(format!("the guest memory at {hole_addr:#x} is registered without minor-fault mode (register missing and minor)"))
-            }
+            Err(Errno::EFAULT) | Ok(_) | Err(Errno::EEXIST) => Ok(()),
+            Err(Errno::ENOENT | Errno::EINVAL) => Err(format!(
+                "the guest memory at {hole_addr:#x} is not registered with the userfaultfd for minor faults (register each region's mapping for missing and minor faults, and give its address)"
+            )),
             Err(e) => Err(format!("checking the userfaultfd's registration at {hole_addr:#x}: {e}")),
         }
     }
@@ -343,6 +353,21 @@ impl std::os::fd::AsFd for Userfault {
 
 #[cfg(test)]
 mod tests {
+    /// ferryd takes only a userfaultfd where one belongs.
+    #[test]
+    fn a_descriptor_that_is_not_a_userfaultfd_is_refused() {
+        let f = crate::memmap::memfd("not-uffd", 4096, false).unwrap();
+        let err = super::Userfault::from_fd(f.into()).unwrap_err();
+        assert!(err.contains("not a userfaultfd") && err.contains("memfd:not-uffd"), "{err}");
+        match super::Userfault::create() {
+            Ok(u) => {
+                let fd = std::os::fd::OwnedFd::from(u.fd);
+                assert!(super::Userfault::from_fd(fd).is_ok());
+            }
+            Err(e) => crate::report_skip(&format!("userfaultfd unavailable here: {e}")),
+        }
+    }
+
     #[test]
     fn live_probe_has_a_value_or_a_reason() {
         let caps = super::probe();

@@ -73,6 +73,11 @@ pub trait DestVmm {
     fn run(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Post-copy: every page is local and verified; returns once the VMM has unregistered
+    /// its mapping (ferryd resolves its faults until then).
+    fn all_local(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl<F: FnMut(&Incoming) -> Result<(), String>> DestVmm for F {
@@ -130,6 +135,7 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
                 let post = super::postcopy::switch_over(&acc, &mut ctl, &incoming, id, hashes, &stale, opts, &mut vmm)?;
                 incoming.report.rounds.extend(post.rounds);
                 incoming.report.postcopy = Some(post.report);
+                incoming.report.digest = post.digest.hex();
                 post.digest
             }
         };

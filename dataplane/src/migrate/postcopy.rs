@@ -139,6 +139,8 @@ pub(crate) struct Placement {
     latency: Mutex<hdrhistogram::Histogram<u64>>,
     switched: Instant,
     all_local: Mutex<Option<f64>>,
+    /// Why the fault thread stopped, if it failed.
+    failure: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Placement {
@@ -212,6 +214,7 @@ impl Placement {
             latency: Mutex::new(crate::engine::latency_histogram()),
             switched: Instant::now(),
             all_local: Mutex::new(if n == 0 { Some(0.0) } else { None }),
+            failure: Mutex::new(None),
         };
         for i in 0..pc.regions.len() {
             pc.check_registration(i)?;
@@ -450,10 +453,20 @@ impl Placement {
                 break Err(e);
             }
         };
-        if r.is_err() {
+        if let Err(e) = &r {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             let _ = (&*failed).write(&[1]);
         }
         r
+    }
+
+    /// The fault thread's failure, as the migration's error.
+    fn failed(&self) -> SessionError {
+        let why = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        protocol(format!(
+            "post-copy failed at the destination: {}; the guest cannot complete",
+            why.unwrap_or_else(|| "its fault thread stopped".into())
+        ))
     }
 
     pub(crate) fn report(&self, attempts: u32) -> PostcopyReport {
@@ -660,7 +673,7 @@ pub(crate) fn switch_over(
         pc.remaining()
     );
     let recover = opts.recover.unwrap_or(DEFAULT_RECOVER);
-    let (rounds, digest, attempts) = serve(acc, &pc, session, opts, recover)?;
+    let (rounds, digest, attempts) = serve(acc, &pc, session, opts, recover, vmm)?;
     Ok(Finished { rounds, report: pc.report(attempts), digest })
 }
 
@@ -672,6 +685,7 @@ fn serve(
     session: u64,
     opts: &super::dest::DestOptions<'_>,
     recover: Duration,
+    vmm: &mut impl super::dest::DestVmm,
 ) -> Result<(Vec<super::RoundReport>, Digest, u32), SessionError> {
     let pair = || UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e));
     let ((stop_tx, stop_rx), (failed_tx, failed_rx)) = (pair()?, pair()?);
@@ -689,8 +703,7 @@ fn serve(
                 });
                 let a = match next {
                     Ok(Next::Conn(a)) => a,
-                    // The fault thread's own error is the reason; it is taken after the join.
-                    Ok(Next::Watched(0)) => return Err(protocol("the fault thread failed".into())),
+                    Ok(Next::Watched(0)) => return Err(pc.failed()),
                     Ok(Next::Watched(_)) => {
                         return Err(SessionError::Cancelled(
                             "the destination VMM closed its control connection during post-copy: the guest is gone".into(),
@@ -707,7 +720,13 @@ fn serve(
                 };
                 attempts += 1;
                 match attempt(acc, a, pc, session, opts.plan, &watch) {
-                    Ok(Some((rounds, digest))) => return Ok((rounds, digest, attempts)),
+                    Ok(Some((rounds, digest))) => {
+                        // The guest's faults are resolved here until its VMM unregistered.
+                        if let Err(e) = vmm.all_local() {
+                            log::warn!("post-copy: the destination VMM did not release its memory: {e}");
+                        }
+                        return Ok((rounds, digest, attempts));
+                    }
                     Ok(None) => {}
                     Err(e) if is_link_failure(&e) => {
                         log::warn!("post-copy: the link to the source broke ({e}); waiting up to {} s for it", recover.as_secs());
@@ -719,11 +738,30 @@ fn serve(
         })();
         let _ = stop_tx.shutdown(Shutdown::Both);
         let fault_result = faults.join().expect("fault thread panicked");
-        match (r, fault_result) {
-            (Err(_), Err(fe)) => Err(fe),
+        let r = match (r, fault_result) {
+            (Err(_), Err(_)) => Err(pc.failed()),
             (r, _) => r,
+        };
+        if let Err(e) = &r {
+            tell_source(acc, e);
         }
+        r
     })
+}
+
+/// Post-copy failed here while no attempt was open: the source is reconnecting to resume
+/// it. Its next connection (within a few seconds) is told why, so it stops.
+fn tell_source(acc: &Acceptor<'_>, e: &SessionError) {
+    if matches!(e, SessionError::Peer(_)) {
+        return;
+    }
+    let wait = Wait { what: "the source, to tell it post-copy failed", deadline: Some(Instant::now() + Duration::from_secs(5)), watch: &[] };
+    if let Ok(Next::Conn(a)) = acc.next(wait, |a| match a.hello.lane.get() {
+        CONTROL_LANE => Ok(()),
+        _ => Err("post-copy failed here".into()),
+    }) {
+        Ctl::new(a.s, a.keys).close_with_error(&e.to_string());
+    }
 }
 
 /// One post-copy attempt on a connection that authenticated for post-copy: RESUME, NEEDED,
@@ -796,9 +834,9 @@ fn attempt(
             }
         });
         let r = match opened {
-            Ok(None) => push_round(&mut ctl, &woken, &rx, fault_lane_no, pc, t),
+            Ok(None) => push_round(&mut ctl, &woken, watch[0], &rx, fault_lane_no, pc, t),
             Ok(Some(0)) => Err(crate::engine::recv::peer_ended(&mut ctl, "waiting for the post-copy lanes")),
-            Ok(Some(1)) => Err(protocol("the fault thread failed".into())),
+            Ok(Some(1)) => Err(pc.failed()),
             Ok(Some(_)) => Err(SessionError::Cancelled("the destination VMM closed its control connection during post-copy".into())),
             Err(e) => Err(e),
         };
@@ -823,6 +861,7 @@ fn attempt(
 fn push_round(
     ctl: &mut Ctl,
     woken: &UnixStream,
+    fault_failed: BorrowedFd<'_>,
     rx: &mpsc::Receiver<LaneMsg>,
     data_lanes: u16,
     pc: &Placement,
@@ -836,11 +875,20 @@ fn push_round(
             Err(_) => break e,
         }
     };
-    let mut fds = [PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN), PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, PollTimeout::NONE) {
-        Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => return Err(lane_error(protocol("a lane failed".into()))),
-        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-        Err(e) => return Err(SessionError::io("waiting for the push round", e.into())),
+    let stirred = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+    loop {
+        let mut fds = [
+            PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+            PollFd::new(fault_failed, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if stirred(&fds[2]) => return Err(pc.failed()),
+            Ok(_) if stirred(&fds[1]) => return Err(lane_error(protocol("a lane failed".into()))),
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SessionError::io("waiting for the push round", e.into())),
+        }
     }
     ctl.expect(Kind::Round, &mut buf).map_err(lane_error)?;
     let r: wire::Round = wire::parse(Kind::Round, &buf)?;

@@ -750,16 +750,24 @@ impl<'a> Source<'a> {
         let budget = self.opts.downtime_budget.as_secs_f64() * 1e3;
         let fits = estimate.is_some_and(|e| e <= budget);
         let limit = round + 1 >= self.opts.max_rounds;
-        let advice = match (last, fits, limit) {
-            (true, _, _) => String::new(),
-            (false, true, _) => format!("pause: the estimated downtime fits the {budget:.0} ms budget"),
-            (false, false, true) => format!(
-                "switch to post-copy (or pause, over budget): round {} of {} and the estimate {} is over the {budget:.0} ms budget; the guest is not converging",
+        // Not converging: a round after the first re-sent that dirtied at least 90% as
+        // many pages as the round before it, so more rounds will not shrink the pause.
+        let stalled = round >= 2 && self.rounds.last().is_some_and(|prev| c.pages * 10 >= prev.dirty_pages * 9);
+        let over = estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms"));
+        let advice = match (last, fits, limit, stalled) {
+            (true, ..) => String::new(),
+            (false, true, ..) => format!("pause: the estimated downtime {over} fits the {budget:.0} ms budget"),
+            (false, false, true, _) => format!(
+                "pause over budget, or switch to post-copy: round {} of {} and the estimate {over} is over the {budget:.0} ms budget",
                 round + 1,
-                self.opts.max_rounds,
-                estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms"))
+                self.opts.max_rounds
             ),
-            (false, false, false) => "continue: another round should shrink the dirty set".into(),
+            (false, false, false, true) => format!(
+                "switch to post-copy: the guest dirtied {} pages in this round after {} in the last, so more rounds will not bring the estimate {over} under the {budget:.0} ms budget",
+                c.pages,
+                self.rounds.last().map_or(0, |p| p.dirty_pages)
+            ),
+            (false, false, false, false) => format!("continue: the estimate {over} is over the {budget:.0} ms budget and the dirty set is still shrinking"),
         };
         let report = RoundReport {
             round,
@@ -779,7 +787,7 @@ impl<'a> Source<'a> {
             dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
             estimated_downtime_ms: estimate,
             advise_pause: !last && (fits || limit),
-            advise_postcopy: !last && !fits && limit,
+            advise_postcopy: !last && !fits && (limit || stalled),
             advice,
         };
         log::info!(
@@ -792,6 +800,7 @@ impl<'a> Source<'a> {
             estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms")),
             if report.advise_pause { ": pause now" } else { "" }
         );
+        log::debug!("round {round}: {}", report.advice);
         self.rounds.push(report.clone());
         Ok((report, digest))
     }

@@ -43,7 +43,9 @@
 //!   │                  │                     │◄─ {"cmd":"faults","maps":[..]} + uffd ─│
 //!   │                  │◄─ SWITCHED ─────────│── {"event":"running"} ───────────►│ runs the guest
 //!   │◄─ {"event":"switched"} (never resume)  │   faults fetched first, the rest pushed
-//!   │◄─ {"ok":true,"report"} ───────────────►│── {"ok":true,"report"} ─────────►│ closes its uffd
+//!   │◄─ {"ok":true,"report"} ───────────────►│── {"event":"local"} ────────────►│ unregisters
+//!   │                  │                     │◄─ {"cmd":"released"} ────────────│
+//!   │                  │                     │── {"ok":true,"report"} ─────────►│
 //! ```
 //!
 //! The memfds come in the source's order, one per region. The VMM runs the guest only
@@ -181,6 +183,8 @@ pub struct PostcopyIn {
     conn: LineConn,
     /// The guest memory, one memfd per region; stale pages fill in as the guest runs.
     pub memory: Vec<File>,
+    /// What [`PostcopyIn::serve`] registered, unregistered by [`PostcopyIn::wait`].
+    maps: Vec<super::postcopy::Mapping>,
 }
 
 impl PostcopyIn {
@@ -195,12 +199,24 @@ impl PostcopyIn {
         if v["event"] != "running" {
             return Err(format!("ferryd sent {v} where running was due"));
         }
+        self.maps = maps.to_vec();
         Ok(())
     }
 
-    /// Blocks until every page is local and verified: the report. The VMM then closes its
-    /// userfaultfd (its mapping stops faulting into ferry).
-    pub fn wait(mut self) -> Result<MigrationReport, String> {
+    /// Blocks until every page is local and verified, then unregisters the mappings
+    /// [`PostcopyIn::serve`] handed over from `uffd` (the kernel resolves their faults from
+    /// then on) and tells ferryd, which stops resolving them: the report. ferryd resolves
+    /// the guest's faults until then, so the thread that calls this must not be one that
+    /// touches the memory.
+    pub fn wait(mut self, uffd: &hw::uffd::Userfault) -> Result<MigrationReport, String> {
+        let (v, _) = reply(&mut self.conn)?;
+        if v["event"] != "local" {
+            return Err(format!("ferryd sent {v} where local was due"));
+        }
+        for m in &self.maps {
+            uffd.unregister(m.addr, m.len)?;
+        }
+        self.conn.send(&json!({"cmd": "released"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
         let (v, _) = reply(&mut self.conn)?;
         serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
     }
@@ -253,7 +269,7 @@ impl MigrateIn {
         }
         let memory: Vec<File> = fds.into_iter().map(File::from).collect();
         if postcopy {
-            return Ok(Arrival::Postcopy(PostcopyIn { conn: self.conn, memory }));
+            return Ok(Arrival::Postcopy(PostcopyIn { conn: self.conn, memory, maps: Vec::new() }));
         }
         self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
         let (v, _) = reply(&mut self.conn)?;

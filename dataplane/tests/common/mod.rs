@@ -36,3 +36,137 @@ pub fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) ->
 pub fn key(b: u8) -> Auth {
     Auth::Key(Key::from_bytes(vec![b; 32]).unwrap())
 }
+
+/// A ferryd with its own control socket (and the plan of [`ferryd_plan`]), killed when
+/// dropped.
+pub struct Ferryd {
+    pub child: std::process::Child,
+    pub socket: std::path::PathBuf,
+}
+
+/// The plan the test ferryd processes run: 2 workers of one lane each, 256 KiB chunks.
+pub fn ferryd_plan() -> Plan {
+    plan(2, 1, Compression::Off, 256 << 10)
+}
+
+impl Ferryd {
+    pub fn start(dir: &std::path::Path, name: &str) -> Ferryd {
+        use std::io::BufRead;
+        let plan_path = dir.join("plan.json");
+        if !plan_path.exists() {
+            std::fs::write(&plan_path, serde_json::to_string(&ferryd_plan()).unwrap()).unwrap();
+            std::fs::write(dir.join("key"), "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let socket = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--plan")
+            .arg(&plan_path)
+            .arg("--key")
+            .arg(dir.join("key"))
+            .arg("--control")
+            .arg(&socket)
+            .args(["--metrics", "off"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Blocks on ferryd's own output until it says ready; the rest is drained.
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("ferryd ready")), "ferryd {name} exited before it was ready");
+        // Kept in DIR/NAME.log for a failing test's reader.
+        let log = dir.join(format!("{name}.log"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut out = std::fs::File::create(log).ok();
+            for l in lines.map_while(Result::ok) {
+                if let Some(f) = out.as_mut() {
+                    let _ = writeln!(f, "{l}");
+                }
+            }
+        });
+        Ferryd { child, socket }
+    }
+}
+
+impl Drop for Ferryd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on loopback standing for the network between two hosts: it can be cut
+/// (every connection through it closed, new ones closed as they come) and restored.
+pub struct Proxy {
+    pub addr: String,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    target: String,
+    /// (forwarding, connections accepted, connections refused while cut)
+    counts: std::sync::Mutex<(bool, usize, usize)>,
+    changed: std::sync::Condvar,
+    open: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = std::sync::Arc::new(ProxyState {
+            target: target.to_string(),
+            counts: std::sync::Mutex::new((true, 0, 0)),
+            changed: std::sync::Condvar::new(),
+            open: std::sync::Mutex::new(Vec::new()),
+        });
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(c) = c else { return };
+                let forwarding = {
+                    let mut n = st.counts.lock().unwrap();
+                    if n.0 { n.1 += 1 } else { n.2 += 1 }
+                    n.0
+                };
+                if forwarding && let Ok(up) = std::net::TcpStream::connect(&st.target) {
+                    let mut open = st.open.lock().unwrap();
+                    open.extend([c.try_clone().unwrap(), up.try_clone().unwrap()]);
+                    for (mut from, mut to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+                st.changed.notify_all();
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// Closes every connection through the relay; new ones are closed as they come.
+    pub fn cut(&self) {
+        self.state.counts.lock().unwrap().0 = false;
+        for c in self.state.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Relays new connections again.
+    pub fn restore(&self) {
+        self.state.counts.lock().unwrap().0 = true;
+    }
+
+    /// Waits (at most a minute) until `done(accepted, refused)` holds.
+    pub fn wait_for(&self, done: impl Fn(usize, usize) -> bool) {
+        let n = self.state.counts.lock().unwrap();
+        let (n, timeout) = self.state.changed.wait_timeout_while(n, std::time::Duration::from_secs(60), |n| !done(n.1, n.2)).unwrap();
+        assert!(!timeout.timed_out(), "the relay saw {} connection(s) and refused {}", n.1, n.2);
+    }
+}

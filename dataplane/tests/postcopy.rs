@@ -1,0 +1,273 @@
+//! Post-copy through real `ferryd` processes, driven as the two VMMs drive it: the
+//! destination VMM maps the memory it is handed, registers a userfaultfd over the mapping
+//! and passes it to ferryd, and the guest reads pages that are still at the source. The
+//! link between the hosts runs through a relay the tests cut: restored (the migration
+//! completes), never restored, or with the source ferryd killed. And the VMM's mistakes: a
+//! userfaultfd that does not cover the memory, a descriptor that is not one, a fault
+//! outside every region.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use dataplane::migrate::MigrationReport;
+use dataplane::migrate::postcopy::Mapping;
+use dataplane::migrate::vmm::{Arrival, MigrateIn, MigrateOut, OutOptions, PostcopyIn};
+use hw::uffd::{GuestMapping, Userfault};
+
+mod common;
+use common::{Ferryd, Proxy};
+
+const PAGE: u64 = 4096;
+const PAGES: u64 = 512;
+
+fn page_bytes(p: u64, generation: u8) -> Vec<u8> {
+    (0..PAGE).map(|i| (i as u8).wrapping_add(p as u8).wrapping_mul(7) ^ generation).collect()
+}
+
+/// 2 MiB of guest memory (every fourth page left zero) and its bitmap memfd.
+fn guest() -> (File, File) {
+    let mem = hw::memmap::memfd("guest", PAGES * PAGE, false).unwrap();
+    for p in (0..PAGES).filter(|p| p % 4 != 0) {
+        mem.write_all_at(&page_bytes(p, 1), p * PAGE).unwrap();
+    }
+    let bitmap = hw::memmap::memfd("dirty", dataplane::migrate::bitmap_bytes(PAGES * PAGE), false).unwrap();
+    (mem, bitmap)
+}
+
+/// The guest writes `pages` (generation `g`; zero pages for odd `p` when `g` is 9) and
+/// the VMM's bitmap says so.
+fn dirty(mem: &File, bitmap: &File, pages: impl Iterator<Item = u64>, g: u8) {
+    let mut words = vec![0u64; PAGES.div_ceil(64) as usize];
+    for p in pages {
+        let bytes = if g == 9 && p % 2 == 1 { vec![0; PAGE as usize] } else { page_bytes(p, g) };
+        mem.write_all_at(&bytes, p * PAGE).unwrap();
+        words[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    bitmap.write_all_at(&raw, 0).unwrap();
+}
+
+fn page_of(f: &File, p: u64) -> Vec<u8> {
+    let mut v = vec![0u8; PAGE as usize];
+    f.read_exact_at(&mut v, p * PAGE).unwrap();
+    v
+}
+
+/// Whether this kernel lets this process serve minor faults on shared memory.
+fn userfaultfd_or_skip() -> bool {
+    match Userfault::create() {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP: post-copy needs userfaultfd with minor faults on shared memory: {e}");
+            false
+        }
+    }
+}
+
+/// A destination VMM that registers its mapping and hands ferryd the userfaultfd: what it
+/// holds once ferryd serves the faults.
+struct Running {
+    pc: PostcopyIn,
+    map: GuestMapping,
+    uffd: Userfault,
+}
+
+fn take_postcopy(incoming: MigrateIn) -> Result<Running, String> {
+    let Arrival::Postcopy(mut pc) = incoming.next()? else { return Err("the memory came as pre-copy".into()) };
+    let uffd = Userfault::create()?;
+    let map = uffd.map_registered(&pc.memory[0])?;
+    pc.serve(&uffd, &[Mapping { addr: map.addr(), len: PAGES * PAGE }])?;
+    Ok(Running { pc, map, uffd })
+}
+
+/// Pre-copy round 0 and the guest dirtying `stale`, then the switch-over: the source's
+/// post-copy and the destination VMM, running.
+fn switch_over(
+    src: &Ferryd,
+    to: &str,
+    incoming: MigrateIn,
+    mem: &File,
+    bitmap: &File,
+    o: &OutOptions,
+    stale: impl Iterator<Item = u64>,
+) -> (dataplane::migrate::vmm::PostcopyOut, Running) {
+    let vmm = std::thread::spawn(move || take_postcopy(incoming));
+    let mut out = MigrateOut::start(&src.socket, to, mem, bitmap, o).unwrap();
+    assert_eq!(out.round().unwrap().dirty_pages, PAGES);
+    dirty(mem, bitmap, stale, 9);
+    let switched = out.postcopy().unwrap();
+    (switched, vmm.join().unwrap().unwrap())
+}
+
+/// Every page of the mapping equals the source's (each read of a stale page is a fault).
+fn assert_guest_sees(map: &GuestMapping, mem: &File) {
+    for p in (0..PAGES).rev() {
+        let at = (p * PAGE) as usize;
+        assert!(map.as_slice()[at..at + PAGE as usize] == page_of(mem, p)[..], "page {p}");
+    }
+}
+
+fn finish(run: Running) -> Result<MigrationReport, String> {
+    let Running { pc, map, uffd } = run;
+    let r = pc.wait(&uffd);
+    drop(map);
+    r
+}
+
+#[test]
+fn a_guest_runs_at_the_destination_before_its_memory_arrived() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let to = incoming.addr.clone();
+    let (out, run) = switch_over(&src, &to, incoming, &mem, &bitmap, &OutOptions::default(), (0..PAGES).filter(|p| p % 3 == 0));
+    // The guest reads every page at once, last first: stale pages fault to the source.
+    assert_guest_sees(&run.map, &mem);
+    let dest = finish(run).unwrap();
+    let source = out.wait().unwrap();
+    let pc = dest.postcopy.expect("a post-copy report");
+    assert_eq!(pc.stale_pages, PAGES.div_ceil(3));
+    assert_eq!(pc.pages_by_fault + pc.pages_by_push, pc.stale_pages, "{pc:?}");
+    assert!(pc.faults >= 1 && pc.attempts == 1, "{pc:?}");
+    assert_eq!(dest.digest, source.digest);
+    assert!(source.switch_ms.is_some_and(|ms| ms > 0.0));
+}
+
+#[test]
+fn a_link_cut_during_post_copy_and_restored_completes_the_migration() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", Some(60)).unwrap();
+    let relay = Proxy::start(&incoming.addr);
+    // 16 Mbit/s: the push of 400 stale pages takes most of a second, so the cut lands in it.
+    let o = OutOptions { rate_limit_mbit: Some(16), recover_s: Some(60), ..OutOptions::default() };
+    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
+    // Pre-copy: a control connection and two lanes; the post-copy attempt: the same and a
+    // fault lane. Cut once it is up.
+    relay.wait_for(|accepted, _| accepted >= 7);
+    relay.cut();
+    std::thread::scope(|s| {
+        // The guest touches the last page, which the push has not reached: it waits.
+        let (map, last) = (&run.map, ((PAGES - 1) * PAGE) as usize);
+        let reader = s.spawn(move || map.as_slice()[last..last + PAGE as usize].to_vec());
+        // The source tries again, twice, into the cut.
+        relay.wait_for(|_, refused| refused >= 2);
+        assert!(!reader.is_finished(), "a page still at the source was read while the link was cut");
+        relay.restore();
+        assert!(reader.join().unwrap() == page_of(&mem, PAGES - 1));
+    });
+    assert_guest_sees(&run.map, &mem);
+    let dest = finish(run).unwrap();
+    let source = out.wait().unwrap();
+    let pc = dest.postcopy.unwrap();
+    assert!(pc.attempts >= 2, "{pc:?}");
+    assert_eq!(pc.pages_by_fault + pc.pages_by_push, PAGES - 100);
+    assert!(source.postcopy.unwrap().attempts >= 2);
+    assert_eq!(dest.digest, source.digest);
+}
+
+#[test]
+fn a_link_that_never_comes_back_fails_both_sides_clearly() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", Some(2)).unwrap();
+    let relay = Proxy::start(&incoming.addr);
+    let o = OutOptions { rate_limit_mbit: Some(16), recover_s: Some(2), ..OutOptions::default() };
+    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
+    relay.wait_for(|accepted, _| accepted >= 7);
+    relay.cut();
+    let err = finish(run).unwrap_err();
+    assert!(err.contains("did not come back within 2 s") && err.contains("cannot complete"), "{err}");
+    let err = out.wait().unwrap_err();
+    assert!(err.contains("did not come back within 2 s") && err.contains("keep this memory"), "{err}");
+}
+
+#[test]
+fn a_source_ferryd_killed_in_post_copy_is_reported_at_the_destination() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", Some(2)).unwrap();
+    let relay = Proxy::start(&incoming.addr);
+    let o = OutOptions { rate_limit_mbit: Some(16), ..OutOptions::default() };
+    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
+    relay.wait_for(|accepted, _| accepted >= 7);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+    let err = finish(run).unwrap_err();
+    assert!(err.contains("source did not come back") && err.contains("cannot complete"), "{err}");
+    assert!(out.wait().is_err());
+}
+
+#[test]
+fn a_userfaultfd_that_does_not_cover_the_memory_is_refused_and_the_source_keeps_the_guest() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let to = incoming.addr.clone();
+    let vmm = std::thread::spawn(move || {
+        let Ok(Arrival::Postcopy(mut pc)) = incoming.next() else { panic!("no post-copy") };
+        let uffd = Userfault::create().unwrap();
+        let map = uffd.map_registered(&pc.memory[0]).unwrap();
+        // The VMM names an address its registration does not cover (nothing is mapped there).
+        let err = pc.serve(&uffd, &[Mapping { addr: map.addr() + (1 << 40), len: PAGES * PAGE }]).unwrap_err();
+        drop(map);
+        err
+    });
+    let mut out = MigrateOut::start(&src.socket, &to, &mem, &bitmap, &OutOptions::default()).unwrap();
+    out.round().unwrap();
+    dirty(&mem, &bitmap, 0..10, 2);
+    let err = out.postcopy().unwrap_err();
+    assert!(err.contains("post-copy refused") && err.contains("the source keeps the guest"), "{err}");
+    let vmm_err = vmm.join().unwrap();
+    assert!(vmm_err.contains("is not registered with the userfaultfd") && err.contains("not registered"), "{vmm_err} / {err}");
+}
+
+#[test]
+fn a_fault_outside_every_region_fails_the_migration_clearly() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let to = incoming.addr.clone();
+    // 16 Mbit/s: the migration is still in post-copy when the stray fault comes.
+    let o = OutOptions { rate_limit_mbit: Some(16), ..OutOptions::default() };
+    let (out, run) = switch_over(&src, &to, incoming, &mem, &bitmap, &o, 100..PAGES);
+    // The VMM registered more than the guest memory with the same userfaultfd.
+    let extra = hw::memmap::sealed_memfd("extra", PAGE).unwrap();
+    let extra_map = run.uffd.map_registered(&extra).unwrap();
+    std::thread::scope(|s| {
+        let toucher = s.spawn(|| extra_map.as_slice()[0]);
+        let Running { pc, map, uffd } = run;
+        let err = pc.wait(&uffd).unwrap_err();
+        assert!(err.contains("outside every region"), "{err}");
+        // The VMM closes its userfaultfd: the touching thread goes on (the page reads zero).
+        drop(uffd);
+        assert_eq!(toucher.join().unwrap(), 0);
+        drop(map);
+    });
+    let err = out.wait().unwrap_err();
+    assert!(err.contains("outside every region"), "{err}");
+}
