@@ -130,6 +130,24 @@ struct Totals {
     worker_latency: BTreeMap<(&'static str, usize), hdrhistogram::Histogram<u64>>,
     session_seconds: hdrhistogram::Histogram<u64>,
     last_error: Option<String>,
+    postcopy: PostcopyTotals,
+}
+
+/// Post-copy's share of the metrics: migrations that switched over, and what they did.
+#[derive(Debug)]
+struct PostcopyTotals {
+    /// Completed post-copy migrations, by role.
+    migrations: BTreeMap<&'static str, u64>,
+    local_faults: u64,
+    remote_faults: u64,
+    pages_by_fault: u64,
+    pages_by_push: u64,
+    /// Attempts after the first: the link broke and came back.
+    reconnects: u64,
+    /// A remote fault's wait, µs (destination).
+    fault_latency: hdrhistogram::Histogram<u64>,
+    /// ferry's part of the switch-over, µs (source).
+    switch: hdrhistogram::Histogram<u64>,
 }
 
 /// Every session role ferryd counts: each series is there, at zero, from the start, so
@@ -153,6 +171,16 @@ impl Default for Metrics {
                 worker_latency: BTreeMap::new(),
                 session_seconds: crate::engine::latency_histogram(),
                 last_error: None,
+                postcopy: PostcopyTotals {
+                    migrations: [("migrate_in", 0), ("migrate_out", 0)].into_iter().collect(),
+                    local_faults: 0,
+                    remote_faults: 0,
+                    pages_by_fault: 0,
+                    pages_by_push: 0,
+                    reconnects: 0,
+                    fault_latency: crate::engine::latency_histogram(),
+                    switch: crate::engine::latency_histogram(),
+                },
             }),
         }
     }
@@ -191,6 +219,23 @@ impl Metrics {
                 t.compressed_in += rep.compressed_in_bytes;
                 t.compressed_out += rep.compressed_out_bytes;
                 t.session_seconds.saturating_record((rep.seconds * 1e6) as u64);
+                if let Some(pc) = &rep.postcopy {
+                    let p = &mut t.postcopy;
+                    *p.migrations.entry(role).or_default() += 1;
+                    p.reconnects += u64::from(pc.attempts.saturating_sub(1));
+                    if role == "migrate_in" {
+                        p.local_faults += pc.faults - pc.remote_faults;
+                        p.remote_faults += pc.remote_faults;
+                        p.pages_by_fault += pc.pages_by_fault;
+                        p.pages_by_push += pc.pages_by_push;
+                        if let Some(h) = &pc.fault_latency {
+                            let _ = p.fault_latency.add(h);
+                        }
+                    }
+                }
+                if let Some(ms) = rep.switch_ms {
+                    t.postcopy.switch.saturating_record((ms * 1e3) as u64);
+                }
             }
             Err(e) => t.last_error = Some(e.clone()),
         }
@@ -289,6 +334,43 @@ impl Metrics {
             "summary",
             "Per sending worker, chunk handed to a connection until written (role=send); per receiving lane, data frame arrived until in the destination (role=recv). Completed sessions.",
             t.worker_latency.iter().flat_map(|((role, w), h)| quantiles(h, &format!("role=\"{role}\",worker=\"{w}\""))).collect(),
+        );
+        let pc = &t.postcopy;
+        add(
+            "ferry_postcopy_migrations_total",
+            "counter",
+            "Migrations that switched over to post-copy and completed, by role.",
+            pc.migrations.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+        );
+        add(
+            "ferry_postcopy_faults_total",
+            "counter",
+            "Guest page faults resolved in post-copy (destination): kind=remote waited for the source, kind=local did not.",
+            vec![format!("{{kind=\"local\"}} {}", pc.local_faults), format!("{{kind=\"remote\"}} {}", pc.remote_faults)],
+        );
+        add(
+            "ferry_postcopy_pages_total",
+            "counter",
+            "Stale pages placed in post-copy (destination), by how they came: fetched for a fault, or pushed.",
+            vec![format!("{{by=\"fault\"}} {}", pc.pages_by_fault), format!("{{by=\"push\"}} {}", pc.pages_by_push)],
+        );
+        add(
+            "ferry_postcopy_reconnects_total",
+            "counter",
+            "Post-copy links that broke and came back (attempts after the first).",
+            vec![format!(" {}", pc.reconnects)],
+        );
+        add(
+            "ferry_postcopy_fault_latency_seconds",
+            "summary",
+            "A remote fault's wait at the destination, from reading it until its page was mapped.",
+            quantiles(&pc.fault_latency, ""),
+        );
+        add(
+            "ferry_postcopy_switch_seconds",
+            "summary",
+            "ferry's part of a post-copy switch-over (source): from the VMM's postcopy until the destination ran the guest.",
+            quantiles(&pc.switch, ""),
         );
         // Live per-worker counters: updated by the workers as they go, not at session end.
         let live = crate::live::snapshot();
@@ -946,5 +1028,48 @@ pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, Stri
             Some(Ok(level)) if (1..=19).contains(&level) => Ok(Compression::Zstd { level }),
             _ => Err(format!("\"{s}\" is not a compression policy: use auto, off or zstd:<1-19>")),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A post-copy migration's figures reach the exposition, per role.
+    #[test]
+    fn post_copy_is_counted() {
+        let m = Metrics::default();
+        let before = m.prometheus();
+        for want in ["ferry_postcopy_faults_total{kind=\"remote\"} 0", "ferry_postcopy_migrations_total{role=\"migrate_in\"} 0"] {
+            assert!(before.contains(want), "{want} missing at zero:\n{before}");
+        }
+        let mut h = crate::engine::latency_histogram();
+        h.saturating_record(250);
+        let pc = crate::migrate::postcopy::PostcopyReport {
+            faults: 10,
+            remote_faults: 4,
+            pages_by_fault: 4,
+            pages_by_push: 96,
+            attempts: 2,
+            fault_latency: Some(h),
+            ..Default::default()
+        };
+        let rep = MigrationReport { postcopy: Some(pc.clone()), ..MigrationReport::default() };
+        m.end_migration("migrate_in", &Ok(rep));
+        let src = MigrationReport { postcopy: Some(pc), switch_ms: Some(3.5), ..MigrationReport::default() };
+        m.end_migration("migrate_out", &Ok(src));
+        let text = m.prometheus();
+        for want in [
+            "ferry_postcopy_migrations_total{role=\"migrate_in\"} 1",
+            "ferry_postcopy_migrations_total{role=\"migrate_out\"} 1",
+            "ferry_postcopy_faults_total{kind=\"local\"} 6",
+            "ferry_postcopy_faults_total{kind=\"remote\"} 4",
+            "ferry_postcopy_pages_total{by=\"push\"} 96",
+            "ferry_postcopy_reconnects_total 2",
+            "ferry_postcopy_fault_latency_seconds_count 1",
+            "ferry_postcopy_switch_seconds{quantile=\"1\"} 0.003",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
     }
 }

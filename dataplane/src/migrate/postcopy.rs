@@ -80,6 +80,9 @@ pub struct PostcopyReport {
     pub all_local_seconds: f64,
     /// Connection sets it took (1: the link held).
     pub attempts: u32,
+    /// The remote faults' waits, µs, for ferryd's metrics (destination).
+    #[serde(skip)]
+    pub fault_latency: Option<hdrhistogram::Histogram<u64>>,
 }
 
 /// A stale page's content as it arrived.
@@ -483,6 +486,7 @@ impl Placement {
             fault_latency_us_max: if h.is_empty() { 0 } else { h.max() },
             all_local_seconds: self.all_local.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(0.0),
             attempts,
+            fault_latency: Some(h.clone()),
         }
     }
 }
