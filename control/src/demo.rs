@@ -165,7 +165,7 @@ impl Ferryd {
             .arg(&socket)
             .args(["--metrics", "off"])
             // The ready line is an info line, whatever the caller's RUST_LOG says.
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("FERRY_DEMO_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -256,7 +256,10 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let caps = hw::probe(&hw::ProbeOptions::default());
     let plan = transfer::transfer_plan(&caps, &cfg).map_err(bad)?;
 
-    let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| fail(format!("cannot make a work directory: {e}")))?;
+    let mut dir =
+        tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| fail(format!("cannot make a work directory: {e}")))?;
+    // FERRY_DEMO_LOG=debug FERRY_DEMO_KEEP=1: both ferryd logs at debug, kept afterwards.
+    dir.disable_cleanup(std::env::var_os("FERRY_DEMO_KEEP").is_some());
     let plan_path = dir.path().join("plan.json");
     std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise")).map_err(|e| fail(e.to_string()))?;
     let key_path = dir.path().join("key");
@@ -384,12 +387,9 @@ enum Arrived {
 /// The destination VMM: takes the memory, or (post-copy) maps it, registers a
 /// userfaultfd over the mapping, hands it to ferryd and runs the guest there, which it
 /// hands to `running` with the time.
-fn destination_vmm(
-    incoming: MigrateIn,
-    running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>,
-) -> Result<Arrived, String> {
+fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>) -> Result<Arrived, String> {
     match incoming.next()? {
-        Arrival::Memory(m, r) => Ok(Arrived::Memory(m, r)),
+        Arrival::Memory(m, r) => Ok(Arrived::Memory(m, *r)),
         Arrival::Postcopy(mut p) => {
             let [file] = &p.memory[..] else {
                 return Err(format!("the destination handed over {} memory regions, the guest has 1", p.memory.len()));
@@ -423,10 +423,12 @@ fn postcopy(
     let switching = out.postcopy()?;
     let (dest_map, resumed) = match running.recv_timeout(Duration::from_secs(30)) {
         Ok(m) => m,
-        Err(_) => return Err(match waiter.join().expect("waiter thread panicked").0 {
-            Err(e) => e,
-            Ok(_) => "the destination VMM never ran the guest".into(),
-        }),
+        Err(_) => {
+            return Err(match waiter.join().expect("waiter thread panicked").0 {
+                Err(e) => e,
+                Ok(_) => "the destination VMM never ran the guest".into(),
+            });
+        }
     };
     let workload = guest::DestWorkload::start(dest_map, (a.dirty_rate_mbs * 1e6) as u64, a.pattern, a.seed);
     let downtime_ms = resumed.duration_since(run.paused).as_secs_f64() * 1e3;

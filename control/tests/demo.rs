@@ -75,6 +75,28 @@ fn bench_migrate_obeys_the_rate_limit_and_compresses() {
 }
 
 #[test]
+fn demo_postcopy_runs_the_guest_at_the_destination_and_verifies_what_it_read() {
+    if let Err(e) = hw::uffd::Userfault::create() {
+        hw::report_skip(&format!("post-copy needs userfaultfd with minor faults on shared memory: {e}"));
+        return;
+    }
+    let r = run_json(&["demo", "--size-mib", "48", "--dirty-rate-mbs", "400", "--postcopy", "--switch-after-rounds", "1", "--json"]);
+    if r.is_null() {
+        return;
+    }
+    assert_eq!(r["verified"], true);
+    let pc = &r["postcopy"];
+    assert_eq!(pc["rounds_before_switch"], 1, "{r}");
+    let stale = pc["stale_pages"].as_u64().unwrap();
+    assert!(stale > 0, "the workload dirtied pages after round 0: {r}");
+    assert_eq!(pc["pages_by_fault"].as_u64().unwrap() + pc["pages_by_push"].as_u64().unwrap(), stale, "{pc}");
+    assert!(pc["pages_touched"].as_u64().unwrap() > 0 && pc["faults"].as_u64().unwrap() > 0, "{pc}");
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["destination"]["digest"], r["source"]["digest"]);
+    assert_eq!(r["source"]["postcopy"]["attempts"], 1);
+}
+
+#[test]
 fn bad_demo_arguments_exit_2() {
     for args in [
         &["demo", "--transport", "rdma"][..],

@@ -62,7 +62,7 @@ fn opts<'a>(to: String, plan: &'a Plan) -> SourceOptions<'a> {
 fn destination(plan: Plan) -> (String, std::thread::JoinHandle<Result<Incoming, SessionError>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    (addr, std::thread::spawn(move || accept(&l, &DestOptions { auth: key(), plan: &plan, vmm: None }, |_| Ok(()))))
+    (addr, std::thread::spawn(move || accept(&l, &DestOptions { auth: key(), plan: &plan, vmm: None, recover: None }, |_: &_| Ok(()))))
 }
 
 #[test]

@@ -66,7 +66,6 @@ fn open(extra: libc::c_int) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
 }
 
-
 // ---- post-copy: a VMM's userfaultfd, and the handler's side of it ----------------------
 
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
@@ -158,8 +157,9 @@ impl Userfault {
         let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM, ioctls: 0 };
         // SAFETY: `fd` is a userfaultfd we own; `api` is a writable `struct uffdio_api`
         // that outlives the call.
-        unsafe { uffdio_api(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut api) }
-            .map_err(|e| format!("this kernel cannot report minor faults on shared memory (UFFDIO_API: {e}); post-copy needs Linux 5.14 or later"))?;
+        unsafe { uffdio_api(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut api) }.map_err(|e| {
+            format!("this kernel cannot report minor faults on shared memory (UFFDIO_API: {e}); post-copy needs Linux 5.14 or later")
+        })?;
         Ok(Userfault { fd })
     }
 
@@ -339,7 +339,8 @@ impl Userfault {
         // disappears. The mapping is registered below before this function returns, so no
         // code touches a page of it before the fault handler installs it; the handler only
         // installs pages the mapping lacks (see `GuestMapping`).
-        let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map_mut(file) }.map_err(|e| format!("mapping the guest memory: {e}"))?;
+        let map =
+            unsafe { memmap2::MmapOptions::new().len(len as usize).map_mut(file) }.map_err(|e| format!("mapping the guest memory: {e}"))?;
         self.register(map.as_ptr() as usize, map.len())?;
         Ok(GuestMapping { map })
     }
@@ -361,7 +362,7 @@ mod tests {
         assert!(err.contains("not a userfaultfd") && err.contains("memfd:not-uffd"), "{err}");
         match super::Userfault::create() {
             Ok(u) => {
-                let fd = std::os::fd::OwnedFd::from(u.fd);
+                let fd = u.fd;
                 assert!(super::Userfault::from_fd(fd).is_ok());
             }
             Err(e) => crate::report_skip(&format!("userfaultfd unavailable here: {e}")),

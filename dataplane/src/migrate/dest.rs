@@ -131,8 +131,9 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
         let digest = match ended {
             Ended::Verified(d) => d,
             Ended::Switch(stale) => {
-                let (id, hashes) = switch.expect("a switch-over comes with its session's state");
-                let post = super::postcopy::switch_over(&acc, &mut ctl, &incoming, id, hashes, &stale, opts, &mut vmm)?;
+                let (session, hashes) = switch.expect("a switch-over comes with its session's state");
+                let pre = super::postcopy::Precopy { session, hashes, stale };
+                let post = super::postcopy::switch_over(&acc, &mut ctl, &incoming, pre, opts, &mut vmm)?;
                 incoming.report.rounds.extend(post.rounds);
                 incoming.report.postcopy = Some(post.report);
                 incoming.report.digest = post.digest.hex();
@@ -454,7 +455,9 @@ fn rounds(
             if round == 0 {
                 return Err(SessionError::Protocol("SWITCH before round 0: every page must be sent once first".into()));
             }
+            let t = Instant::now();
             let (stale, _) = super::postcopy::recv_runs_after(ctl, Kind::Switch, &mut buf)?;
+            log::debug!("post-copy switch-over: {} stale run(s) read in {:?}", stale.len(), t.elapsed());
             return Ok((reports, Ended::Switch(stale)));
         }
         let r: wire::Round = wire::parse(Kind::Round, &buf)?;

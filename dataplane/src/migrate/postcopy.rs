@@ -39,15 +39,15 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::PageHashes;
 use crate::conn::{Ctl, FrameReader, SessionError, write_frame};
-use crate::plan::Plan;
-use crate::session::accept::{Acceptor, Authed, Next, Wait};
-use crate::wire::{CONTROL_LANE, features};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::engine::PAGE;
 use crate::lane::Payload;
+use crate::plan::Plan;
+use crate::session::accept::{Acceptor, Authed, Next, Wait};
 use crate::session::seal::{Keys, Seal};
 use crate::wire::{self, Encoding, Kind, Layout, RdmaRun};
+use crate::wire::{CONTROL_LANE, features};
 
 /// How long either side waits for the other to come back after the link broke in post-copy,
 /// unless the VMM says otherwise.
@@ -104,6 +104,17 @@ impl Bits {
     /// Sets the bit; whether it was clear.
     fn take(&self, p: u64) -> bool {
         self.0[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel) >> (p % 64) & 1 == 0
+    }
+}
+
+/// Sets bits `from..to` of `words`, a whole word at a time where it can.
+fn set_run(words: &mut [u64], from: u64, to: u64) {
+    let mut p = from;
+    while p < to {
+        let (w, lo) = ((p / 64) as usize, p % 64);
+        let hi = (to - (p - lo)).min(64);
+        words[w] |= if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        p += hi - lo;
     }
 }
 
@@ -170,7 +181,7 @@ impl Placement {
         if maps.len() != memory.len() {
             return Err(format!("the VMM mapped {} region(s); the guest has {}", maps.len(), memory.len()));
         }
-        let mut regions = Vec::with_capacity(memory.len());
+        let mut regions: Vec<Region> = Vec::with_capacity(memory.len());
         for (i, ((m, h), map)) in memory.iter().zip(hashes).zip(maps).enumerate() {
             let size = m.metadata().map_err(|e| format!("region {i}: {e}"))?.len();
             if map.len != size || map.addr % PAGE as u64 != 0 {
@@ -192,16 +203,21 @@ impl Placement {
                 hashes: h,
             });
         }
-        let mut n = 0;
+        // The stale bits are built as plain words, a run's whole words at a time.
+        let mut words: Vec<Vec<u64>> = regions.iter().map(|r| vec![0u64; r.pages.div_ceil(64) as usize]).collect();
         for run in stale {
             let (r, first, len) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
-            let reg = regions.get(r).ok_or_else(|| format!("SWITCH names region {r}; the guest has {}", memory.len()))?;
-            if first.checked_add(len).is_none_or(|e| e > reg.pages) || len == 0 {
-                return Err(format!("SWITCH names pages {first}+{len} of region {r}, which has {}", reg.pages));
+            let pages =
+                regions.get(r).map(|reg| reg.pages).ok_or_else(|| format!("SWITCH names region {r}; the guest has {}", memory.len()))?;
+            if first.checked_add(len).is_none_or(|e| e > pages) || len == 0 {
+                return Err(format!("SWITCH names pages {first}+{len} of region {r}, which has {pages}"));
             }
-            for p in first..first + len {
-                n += u64::from(reg.stale.take(p));
-            }
+            set_run(&mut words[r], first, first + len);
+        }
+        let mut n = 0;
+        for (reg, w) in regions.iter_mut().zip(words) {
+            n += w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+            reg.stale = Bits(w.into_iter().map(AtomicU64::new).collect());
         }
         let pc = Placement {
             regions,
@@ -582,12 +598,7 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
 /// The source's fault lane in one attempt: each FETCH answered with its pages, read from
 /// the paused guest memory, as DATA frames (zero pages as such), until the destination
 /// ends the lane or `stop` is set. Returns the pages answered.
-pub(crate) fn answer_fetches(
-    s: TcpStream,
-    keys: Keys,
-    regions: &[crate::worker::Region],
-    stop: &AtomicBool,
-) -> Result<u64, SessionError> {
+pub(crate) fn answer_fetches(s: TcpStream, keys: Keys, regions: &[crate::worker::Region], stop: &AtomicBool) -> Result<u64, SessionError> {
     let Keys { mut tx, rx, .. } = keys;
     let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     let mut s = s;
@@ -625,8 +636,7 @@ pub(crate) fn answer_fetches(
             };
             let body: &[u8] = if h.encoding == Encoding::Zero as u8 { &[] } else { bytes };
             let tag = tx.tag(&h, [body]);
-            crate::conn::write_all_vectored(&mut w, &[h.as_bytes(), body, &tag])
-                .map_err(|e| SessionError::io("answering a fault", e))?;
+            crate::conn::write_all_vectored(&mut w, &[h.as_bytes(), body, &tag]).map_err(|e| SessionError::io("answering a fault", e))?;
             answered += 1;
         }
     }
@@ -642,6 +652,15 @@ pub(crate) fn is_link_failure(e: &SessionError) -> bool {
     matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. })
 }
 
+/// What post-copy takes over from the pre-copy session at the destination.
+pub(crate) struct Precopy {
+    /// The session's id: post-copy attempts RESUME it.
+    pub session: u64,
+    /// Every region's page hashes, which post-copy goes on updating.
+    pub hashes: Vec<PageHashes>,
+    /// The pages SWITCH named stale.
+    pub stale: Vec<RdmaRun>,
+}
 
 /// What the destination's post-copy produced.
 pub(crate) struct Finished {
@@ -658,18 +677,20 @@ pub(crate) fn switch_over(
     acc: &Acceptor<'_>,
     ctl: &mut Ctl,
     incoming: &super::dest::Incoming,
-    session: u64,
-    hashes: Vec<PageHashes>,
-    stale: &[RdmaRun],
+    pre: Precopy,
     opts: &super::dest::DestOptions<'_>,
     vmm: &mut impl super::dest::DestVmm,
 ) -> Result<Finished, SessionError> {
+    let Precopy { session, hashes, stale } = pre;
     let t = Instant::now();
     let cancelled = |why: String| SessionError::Cancelled(format!("post-copy refused: {why}; the source keeps the guest"));
     let (uffd, maps) = vmm.switch_over(incoming).map_err(cancelled)?;
-    let pc = Placement::new(&incoming.memory, hashes, stale, &maps, uffd).map_err(cancelled)?;
+    let handed = t.elapsed();
+    let pc = Placement::new(&incoming.memory, hashes, &stale, &maps, uffd).map_err(cancelled)?;
+    let placed = t.elapsed();
     // The point of no return: once the source reads SWITCHED it never resumes the guest.
     ctl.send(Kind::Switched, &[])?;
+    log::debug!("post-copy switch-over: VMM registered after {handed:?}, placement ready after {placed:?}");
     vmm.run().map_err(|e| SessionError::Cancelled(format!("the destination VMM could not run the guest: {e}")))?;
     log::info!(
         "post-copy: the guest runs here {:.1} ms after SWITCH; {} page(s) are still at the source",
@@ -759,7 +780,8 @@ fn tell_source(acc: &Acceptor<'_>, e: &SessionError) {
     if matches!(e, SessionError::Peer(_)) {
         return;
     }
-    let wait = Wait { what: "the source, to tell it post-copy failed", deadline: Some(Instant::now() + Duration::from_secs(5)), watch: &[] };
+    let wait =
+        Wait { what: "the source, to tell it post-copy failed", deadline: Some(Instant::now() + Duration::from_secs(5)), watch: &[] };
     if let Ok(Next::Conn(a)) = acc.next(wait, |a| match a.hello.lane.get() {
         CONTROL_LANE => Ok(()),
         _ => Err("post-copy failed here".into()),
@@ -898,7 +920,8 @@ fn push_round(
     let r: wire::Round = wire::parse(Kind::Round, &buf)?;
     let mut sum = super::RoundCounts::default();
     for _ in 0..data_lanes {
-        let (_, _, c) = rx.recv_timeout(super::ROUND_IDLE_TIMEOUT).map_err(|_| protocol("the lanes did not end the push round".into()))??;
+        let (_, _, c) =
+            rx.recv_timeout(super::ROUND_IDLE_TIMEOUT).map_err(|_| protocol("the lanes did not end the push round".into()))??;
         sum += c;
     }
     if sum.pages != r.pages.get() || r.last.get() != 1 {
@@ -941,4 +964,20 @@ fn push_round(
         ..super::RoundReport::default()
     };
     Ok((vec![report], digest))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runs_set_exactly_their_bits() {
+        let mut w = vec![0u64; 3];
+        super::set_run(&mut w, 3, 5);
+        super::set_run(&mut w, 60, 130);
+        assert_eq!(w[0], 0b11000 | (0b1111 << 60));
+        assert_eq!(w[1], u64::MAX);
+        assert_eq!(w[2], 0b11);
+        let mut v = vec![0u64; 1];
+        super::set_run(&mut v, 0, 64);
+        assert_eq!(v[0], u64::MAX);
+    }
 }

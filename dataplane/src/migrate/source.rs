@@ -480,7 +480,9 @@ impl<'a> Source<'a> {
             Ok(())
         })?;
         self.postcopy.stale_pages = runs.iter().map(|r| u64::from(r.pages.get())).sum();
+        let ready = t.elapsed();
         super::postcopy::send_runs(&mut self.ctl, Kind::Switch, self.rounds.len() as u64, &runs)?;
+        log::debug!("post-copy switch-over: lanes ended and {} run(s) listed in {ready:?}, sent in {:?}", runs.len(), t.elapsed());
         let mut buf = Vec::new();
         self.ctl.expect(Kind::Switched, &mut buf)?;
         self.switch_seconds = Some(t.elapsed().as_secs_f64());
@@ -551,7 +553,8 @@ impl<'a> Source<'a> {
         let n_workers = self.pool.workers();
         let per_worker = plan.tcp.connections_per_worker as usize;
         let lanes = n_workers * per_worker + 1;
-        let layout = Layout { page_size: PAGE as u32, max_chunk: self.chunk as u32, regions: self.regions.iter().map(|r| r.size).collect() };
+        let layout =
+            Layout { page_size: PAGE as u32, max_chunk: self.chunk as u32, regions: self.regions.iter().map(|r| r.size).collect() };
         ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
         ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
@@ -767,7 +770,9 @@ impl<'a> Source<'a> {
                 c.pages,
                 self.rounds.last().map_or(0, |p| p.dirty_pages)
             ),
-            (false, false, false, false) => format!("continue: the estimate {over} is over the {budget:.0} ms budget and the dirty set is still shrinking"),
+            (false, false, false, false) => {
+                format!("continue: the estimate {over} is over the {budget:.0} ms budget and the dirty set is still shrinking")
+            }
         };
         let report = RoundReport {
             round,

@@ -172,7 +172,7 @@ impl PostcopyOut {
 #[derive(Debug)]
 pub enum Arrival {
     /// Pre-copy: the verified memory, taken, and the report.
-    Memory(Vec<File>, MigrationReport),
+    Memory(Vec<File>, Box<MigrationReport>),
     /// Post-copy: memory to map and register before the guest may run.
     Postcopy(PostcopyIn),
 }
@@ -251,7 +251,7 @@ impl MigrateIn {
     /// ferryd says the source knows the migration succeeded.
     pub fn wait(self) -> Result<(Vec<File>, MigrationReport), String> {
         match self.next()? {
-            Arrival::Memory(m, r) => Ok((m, r)),
+            Arrival::Memory(m, r) => Ok((m, *r)),
             Arrival::Postcopy(_) => Err("the source switched to post-copy: a VMM that takes it calls MigrateIn::next".into()),
         }
     }
@@ -274,6 +274,6 @@ impl MigrateIn {
         self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
         let (v, _) = reply(&mut self.conn)?;
         let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
-        Ok(Arrival::Memory(memory, report))
+        Ok(Arrival::Memory(memory, Box::new(report)))
     }
 }

@@ -130,7 +130,11 @@ impl Proxy {
                 let Ok(c) = c else { return };
                 let forwarding = {
                     let mut n = st.counts.lock().unwrap();
-                    if n.0 { n.1 += 1 } else { n.2 += 1 }
+                    if n.0 {
+                        n.1 += 1
+                    } else {
+                        n.2 += 1
+                    }
                     n.0
                 };
                 if forwarding && let Ok(up) = std::net::TcpStream::connect(&st.target) {
