@@ -176,13 +176,48 @@ pub(crate) struct Round {
     pub pacer: Pacer,
     /// Region bytes sent so far this round, for a progress bar.
     pub progress: AtomicU64,
+    /// Post-copy: windows near the guest's recent faults, sent ahead of the cursor.
+    pub hints: Option<Hints>,
+}
+
+/// Windows to send first (post-copy: where the guest faulted lately), each window still
+/// sent once: whichever of the hint and the cursor takes it first.
+#[derive(Debug)]
+pub(crate) struct Hints {
+    /// Window numbers (of [`WindowFeed`]'s numbering), pushed by whoever learns of faults.
+    pub queue: Arc<crossbeam_queue::ArrayQueue<u64>>,
+    taken: Vec<AtomicU64>,
+}
+
+impl Hints {
+    /// Hints from `queue` for a round of `windows` windows.
+    pub(crate) fn new(queue: Arc<crossbeam_queue::ArrayQueue<u64>>, windows: u64) -> Hints {
+        Hints { queue, taken: (0..windows.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Takes window `g`; whether it was not taken before.
+    fn take(&self, g: u64) -> bool {
+        let bit = 1u64 << (g % 64);
+        self.taken.get((g / 64) as usize).is_some_and(|w| w.fetch_or(bit, Ordering::AcqRel) & bit == 0)
+    }
 }
 
 impl Round {
     pub(crate) fn new(round: u32, regions: Arc<[Region]>, chunk: usize, dirty: Arc<[u64]>, all: bool, rate: Option<f64>) -> Round {
         let feed = WindowFeed::new(&regions, chunk);
         let pacer = Pacer { start: Instant::now(), rate, sent: AtomicU64::new(0) };
-        Round { round, regions, chunk, feed, dirty, all, pacer, progress: AtomicU64::new(0) }
+        Round { round, regions, chunk, feed, dirty, all, pacer, progress: AtomicU64::new(0), hints: None }
+    }
+
+    /// The round's windows, all regions together.
+    pub(crate) fn windows(&self) -> u64 {
+        *self.feed.starts.last().expect("the total")
+    }
+
+    /// The window of [`WindowFeed`]'s numbering that holds page `page` of region `region`.
+    pub(crate) fn window_of(regions: &[Region], chunk: usize, region: usize, page: u64) -> u64 {
+        let before: u64 = regions[..region].iter().map(|r| r.size.div_ceil(chunk as u64)).sum();
+        before + page * PAGE as u64 / chunk as u64
     }
 
     /// Whether window `w` of region `i` holds a page this round sends.
@@ -306,8 +341,21 @@ impl Worker {
     /// `Clean` after looking at [`SCAN_PER_STEP`] clean windows (so a sparse round of a
     /// large guest does not hold the thread from its other sessions); `None` at the end.
     fn next_window(run: &mut RoundRun, r: &Round) -> Option<Next> {
+        if let Some(h) = &r.hints {
+            while let Some(g) = h.queue.pop() {
+                if g < r.windows() && h.take(g) {
+                    let (region, w) = r.feed.window(g);
+                    if r.window_dirty(region, w) {
+                        return Some(Next::Window(region, w));
+                    }
+                }
+            }
+        }
         for _ in 0..SCAN_PER_STEP {
             if let Some(g) = run.block.next() {
+                if r.hints.as_ref().is_some_and(|h| !h.take(g)) {
+                    continue;
+                }
                 let (region, w) = r.feed.window(g);
                 if r.window_dirty(region, w) {
                     return Some(Next::Window(region, w));
@@ -556,6 +604,33 @@ mod tests {
         let want: Vec<(u32, u64)> =
             sizes.iter().enumerate().flat_map(|(i, &size)| (0..size.div_ceil(chunk as u64)).map(move |w| (i as u32, w))).collect();
         assert_eq!(all, want);
+    }
+
+    /// Hinted windows (post-copy: near the guest's faults) go first, and the cursor skips
+    /// them after: each window once; a hint of a clean window or out of range is dropped.
+    #[test]
+    fn hinted_windows_go_first_and_once() {
+        let chunk = 64 << 10;
+        let regions = regions(&[8 << 20, 1 << 20]);
+        let mut dirty = vec![0u64; 36];
+        dirty[0] |= 1 | 1 << 17;
+        dirty[31] |= 1 << 63;
+        dirty[35] |= 1 << 63;
+        let mut r = Round::new(1, regions.clone(), chunk, dirty.into(), false, None);
+        let q = Arc::new(crossbeam_queue::ArrayQueue::new(8));
+        // Region 1's page 255 (its window 15), a clean window, one past the end.
+        for g in [Round::window_of(&regions, chunk, 1, 255), 5, 10_000] {
+            q.push(g).unwrap();
+        }
+        r.hints = Some(Hints::new(q, r.windows()));
+        let mut run = RoundRun::default();
+        let got: Vec<(u32, u64)> = std::iter::from_fn(|| Worker::next_window(&mut run, &r))
+            .filter_map(|n| match n {
+                Next::Window(region, w) => Some((region, w)),
+                Next::Clean => None,
+            })
+            .collect();
+        assert_eq!(got, vec![(1, 15), (0, 0), (0, 1), (0, 127)]);
     }
 
     /// A round takes the windows holding a dirty page and no other; a stopped round

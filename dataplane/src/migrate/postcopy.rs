@@ -595,10 +595,30 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
     r
 }
 
+/// Windows the push sends first, at most, waiting at once.
+pub(crate) const HINTS: usize = 4096;
+/// Windows from a fault's on that the push sends first: the guest's next touches are
+/// likely near its last (a sequential scan, a hot set).
+const HINT_WINDOWS: u64 = 4;
+
+/// Where the source's fault lane tells the push about faults.
+#[derive(Clone, Copy)]
+pub(crate) struct Near<'a> {
+    pub hints: &'a crossbeam_queue::ArrayQueue<u64>,
+    pub chunk: usize,
+}
+
 /// The source's fault lane in one attempt: each FETCH answered with its pages, read from
 /// the paused guest memory, as DATA frames (zero pages as such), until the destination
-/// ends the lane or `stop` is set. Returns the pages answered.
-pub(crate) fn answer_fetches(s: TcpStream, keys: Keys, regions: &[crate::worker::Region], stop: &AtomicBool) -> Result<u64, SessionError> {
+/// ends the lane or `stop` is set; the windows from each fault on go to the push first.
+/// Returns the pages answered.
+pub(crate) fn answer_fetches(
+    s: TcpStream,
+    keys: Keys,
+    regions: &[crate::worker::Region],
+    stop: &AtomicBool,
+    near: Near<'_>,
+) -> Result<u64, SessionError> {
     let Keys { mut tx, rx, .. } = keys;
     let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     let mut s = s;
@@ -638,6 +658,11 @@ pub(crate) fn answer_fetches(s: TcpStream, keys: Keys, regions: &[crate::worker:
             let tag = tx.tag(&h, [body]);
             crate::conn::write_all_vectored(&mut w, &[h.as_bytes(), body, &tag]).map_err(|e| SessionError::io("answering a fault", e))?;
             answered += 1;
+        }
+        let g = crate::worker::Round::window_of(regions, near.chunk, r as usize, first);
+        for w in g..g + HINT_WINDOWS {
+            // A full queue drops the hint: the cursor still sends the window.
+            let _ = near.hints.push(w);
         }
     }
     Ok(answered)

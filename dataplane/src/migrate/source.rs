@@ -157,6 +157,8 @@ pub struct Source<'a> {
     /// Post-copy: what the switch-over took, and what the attempts did.
     switch_seconds: Option<f64>,
     postcopy: super::postcopy::PostcopyReport,
+    /// Post-copy: windows near the destination's recent faults, which the push sends first.
+    hints: Option<Arc<crossbeam_queue::ArrayQueue<u64>>>,
     /// The session's live counters (last: the workers, which count into them, go first).
     _live: crate::live::Session,
 }
@@ -343,6 +345,7 @@ impl<'a> Source<'a> {
             session,
             switch_seconds: None,
             postcopy: super::postcopy::PostcopyReport::default(),
+            hints: None,
             _live: live,
         })
     }
@@ -569,8 +572,11 @@ impl<'a> Source<'a> {
         let stop = AtomicBool::new(false);
         let fault_sock = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
         let regions = self.regions.clone();
+        let hints = Arc::new(crossbeam_queue::ArrayQueue::new(super::postcopy::HINTS));
+        self.hints = Some(hints.clone());
+        let near = super::postcopy::Near { hints: &hints, chunk: self.chunk };
         let (r, answered) = std::thread::scope(|s| {
-            let answers = s.spawn(|| super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop));
+            let answers = s.spawn(|| super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near));
             let r = self.run_round(&dirty, true);
             stop.store(true, Ordering::Relaxed);
             let _ = fault_sock.shutdown(std::net::Shutdown::Both);
@@ -600,7 +606,11 @@ impl<'a> Source<'a> {
         }
         self.check_sizes(round, "start")?;
         let dirty: Arc<[u64]> = if all { Arc::from(&[][..]) } else { Arc::from(dirty) };
-        let job = Arc::new(Round::new(round, self.regions.clone(), self.chunk, dirty.clone(), all, self.opts.rate_limit.map(|r| r as f64)));
+        let mut job = Round::new(round, self.regions.clone(), self.chunk, dirty.clone(), all, self.opts.rate_limit.map(|r| r as f64));
+        if let Some(q) = &self.hints {
+            job.hints = Some(crate::worker::Hints::new(q.clone(), job.windows()));
+        }
+        let job = Arc::new(job);
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;
