@@ -271,3 +271,23 @@ fn a_fault_outside_every_region_fails_the_migration_clearly() {
     let err = out.wait().unwrap_err();
     assert!(err.contains("outside every region"), "{err}");
 }
+
+#[test]
+fn a_destination_vmm_that_goes_away_in_post_copy_fails_both_sides() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let to = incoming.addr.clone();
+    let o = OutOptions { rate_limit_mbit: Some(16), ..OutOptions::default() };
+    let (out, run) = switch_over(&src, &to, incoming, &mem, &bitmap, &o, 100..PAGES);
+    // The VMM closes its control connection mid-push (it died, say).
+    let Running { pc, map, uffd } = run;
+    drop(pc);
+    let err = out.wait().unwrap_err();
+    assert!(err.contains("destination VMM closed its control connection during post-copy"), "{err}");
+    drop((map, uffd));
+}

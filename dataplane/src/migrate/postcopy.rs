@@ -155,6 +155,8 @@ pub(crate) struct Placement {
     all_local: Mutex<Option<f64>>,
     /// Why the fault thread stopped, if it failed.
     failure: Mutex<Option<String>>,
+    /// Post-copy is over (done or failed): the fault thread waits for no placer.
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Placement {
@@ -234,6 +236,7 @@ impl Placement {
             switched: Instant::now(),
             all_local: Mutex::new(if n == 0 { Some(0.0) } else { None }),
             failure: Mutex::new(None),
+            stopping: AtomicBool::new(false),
         };
         for i in 0..pc.regions.len() {
             pc.check_registration(i)?;
@@ -409,8 +412,12 @@ impl Placement {
                     return Ok(());
                 }
             }
-            // Claimed: its placer is writing it and maps it in a moment.
+            // Claimed: its placer is writing it and maps it in a moment (unless the attempt
+            // failed under it: the placement is being torn down then).
             while !reg.placed.get(page) {
+                if self.stopping.load(Ordering::Acquire) {
+                    return Ok(());
+                }
                 std::thread::yield_now();
             }
         }
@@ -754,11 +761,7 @@ fn serve(
                 let a = match next {
                     Ok(Next::Conn(a)) => a,
                     Ok(Next::Watched(0)) => return Err(pc.failed()),
-                    Ok(Next::Watched(_)) => {
-                        return Err(SessionError::Cancelled(
-                            "the destination VMM closed its control connection during post-copy: the guest is gone".into(),
-                        ));
-                    }
+                    Ok(Next::Watched(_)) => return Err(vmm_gone_in_postcopy()),
                     Err(SessionError::TimedOut { .. }) => {
                         return Err(SessionError::Cancelled(format!(
                             "the source did not come back within {} s of the link breaking: {} page(s) of the guest are still only at the source, so the guest cannot complete here",
@@ -786,6 +789,7 @@ fn serve(
                 }
             }
         })();
+        pc.stopping.store(true, Ordering::Release);
         let _ = stop_tx.shutdown(Shutdown::Both);
         let fault_result = faults.join().expect("fault thread panicked");
         let r = match (r, fault_result) {
@@ -797,6 +801,10 @@ fn serve(
         }
         r
     })
+}
+
+fn vmm_gone_in_postcopy() -> SessionError {
+    SessionError::Cancelled("the destination VMM closed its control connection during post-copy: the guest is gone".into())
 }
 
 /// Post-copy failed here while no attempt was open: the source is reconnecting to resume
@@ -885,10 +893,10 @@ fn attempt(
             }
         });
         let r = match opened {
-            Ok(None) => push_round(&mut ctl, &woken, watch[0], &rx, fault_lane_no, pc, t),
+            Ok(None) => push_round(&mut ctl, &woken, watch, &rx, fault_lane_no, pc, t),
             Ok(Some(0)) => Err(crate::engine::recv::peer_ended(&mut ctl, "waiting for the post-copy lanes")),
             Ok(Some(1)) => Err(pc.failed()),
-            Ok(Some(_)) => Err(SessionError::Cancelled("the destination VMM closed its control connection during post-copy".into())),
+            Ok(Some(_)) => Err(vmm_gone_in_postcopy()),
             Err(e) => Err(e),
         };
         // A failure that is not the link's ends the migration: the source is told why.
@@ -912,7 +920,7 @@ fn attempt(
 fn push_round(
     ctl: &mut Ctl,
     woken: &UnixStream,
-    fault_failed: BorrowedFd<'_>,
+    watch: &[BorrowedFd<'_>],
     rx: &mpsc::Receiver<LaneMsg>,
     data_lanes: u16,
     pc: &Placement,
@@ -928,13 +936,12 @@ fn push_round(
     };
     let stirred = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
     loop {
-        let mut fds = [
-            PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN),
-            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
-            PollFd::new(fault_failed, PollFlags::POLLIN),
-        ];
+        // The fault thread's failure, then the destination VMM (if watched).
+        let mut fds = vec![PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN), PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
+        fds.extend(watch.iter().map(|w| PollFd::new(*w, PollFlags::POLLIN)));
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) if stirred(&fds[2]) => return Err(pc.failed()),
+            Ok(_) if fds.len() > 3 && stirred(&fds[3]) => return Err(vmm_gone_in_postcopy()),
             Ok(_) if stirred(&fds[1]) => return Err(lane_error(protocol("a lane failed".into()))),
             Ok(_) => break,
             Err(nix::errno::Errno::EINTR) => {}

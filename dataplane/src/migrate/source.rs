@@ -503,14 +503,16 @@ impl<'a> Source<'a> {
     /// needs each time.
     pub fn postcopy(mut self, recover: Duration) -> Result<MigrationReport, SessionError> {
         let t = Instant::now();
+        // Since when the destination has not been reached (it said what it needs).
         let (mut since, mut delay) = (Instant::now(), Duration::from_millis(20));
         let digest = loop {
             self.postcopy.attempts += 1;
-            match self.postcopy_attempt() {
+            let mut reached = false;
+            match self.postcopy_attempt(&mut reached) {
                 Ok(d) => break d,
                 Err(e) if super::postcopy::is_link_failure(&e) => {
-                    if self.postcopy.attempts == 1 || since.elapsed() < delay {
-                        since = Instant::now();
+                    if reached {
+                        (since, delay) = (Instant::now(), Duration::from_millis(20));
                     }
                     if since.elapsed() >= recover {
                         return Err(SessionError::Cancelled(format!(
@@ -533,7 +535,7 @@ impl<'a> Source<'a> {
     /// One post-copy attempt: a new control connection that RESUMEs this session, NEEDED
     /// from the destination, new lanes and a fault lane; the pages needed pushed as one
     /// round while the fault lane answers FETCHes; then DONE and RESULT.
-    fn postcopy_attempt(&mut self) -> Result<Digest, SessionError> {
+    fn postcopy_attempt(&mut self, reached: &mut bool) -> Result<Digest, SessionError> {
         let mut s = connect(&self.opts.to)?;
         let (agreed, keys) = client_handshake(&mut s, &self.opts.auth, CONTROL_LANE, 0, features::MIGRATE | features::POSTCOPY)?;
         let mut ctl = Ctl::new(s, keys);
@@ -545,6 +547,7 @@ impl<'a> Source<'a> {
         ctl.send(Kind::Resume, wire::Resume { session: self.session.into() }.as_bytes())?;
         let mut buf = Vec::new();
         let (needed, placed) = super::postcopy::recv_runs(&mut ctl, Kind::Needed, &mut buf)?;
+        *reached = true;
         let pages: Vec<u64> = self.regions.iter().map(|r| super::pages(r.size)).collect();
         let dirty = super::postcopy::runs_to_bitmap(&needed, &pages)?;
         log::info!(
