@@ -629,6 +629,9 @@ pub(crate) fn answer_fetches(
     let Keys { mut tx, rx, .. } = keys;
     let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     let mut s = s;
+    // The guest may fault rarely: the lane waits for as long as the attempt runs (it ends
+    // by `stop` and a shutdown), not for a data connection's idle timeout.
+    s.set_read_timeout(None).map_err(|e| SessionError::io("configuring the fault lane", e))?;
     let mut reader = FrameReader::new(64 << 10, 4096, rx);
     let mut page = vec![0u8; PAGE];
     let mut answered = 0;
