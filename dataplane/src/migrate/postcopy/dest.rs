@@ -1,0 +1,368 @@
+//! The destination's post-copy: the switch-over, then attempts (a control connection that
+//! RESUMEs the session, the push lanes and the fault lane) until one completes.
+
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use zerocopy::IntoBytes;
+
+use super::placement::Placement;
+use super::{DEFAULT_RECOVER, PostcopyReport, is_link_failure, protocol, send_runs};
+use crate::conn::{Ctl, FrameReader, SessionError};
+use crate::digest::Digest;
+use crate::encode::Decoder;
+use crate::engine::PAGE;
+use crate::lane::Payload;
+use crate::migrate::PageHashes;
+use crate::migrate::dest::LaneMsg;
+use crate::plan::Plan;
+use crate::session::accept::{Acceptor, Authed, Next, Wait};
+use crate::session::seal::Keys;
+use crate::wire::{self, CONTROL_LANE, Kind, Layout, RdmaRun, features};
+
+/// What post-copy takes over from the pre-copy session at the destination.
+pub(crate) struct Precopy {
+    /// The session's id: post-copy attempts RESUME it.
+    pub session: u64,
+    /// Every region's page hashes, which post-copy goes on updating.
+    pub hashes: Vec<PageHashes>,
+    /// The pages SWITCH named stale.
+    pub stale: Vec<RdmaRun>,
+}
+
+/// What the destination's post-copy produced.
+pub(crate) struct Finished {
+    pub rounds: Vec<crate::migrate::RoundReport>,
+    pub report: PostcopyReport,
+    pub digest: Digest,
+}
+
+/// The destination's switch-over, after SWITCH arrived on the pre-copy session `ctl`: the
+/// memory goes to the VMM, its userfaultfd is checked, the source hears SWITCHED and the
+/// VMM runs the guest; then post-copy is served until every page is placed and the
+/// digest matched (RESULT sent), whatever the link does meanwhile.
+pub(crate) fn switch_over(
+    acc: &Acceptor<'_>,
+    ctl: &mut Ctl,
+    incoming: &crate::migrate::dest::Incoming,
+    pre: Precopy,
+    opts: &crate::migrate::dest::DestOptions<'_>,
+    vmm: &mut impl crate::migrate::dest::DestVmm,
+) -> Result<Finished, SessionError> {
+    let Precopy { session, hashes, stale } = pre;
+    let t = Instant::now();
+    let cancelled = |why: String| SessionError::Cancelled(format!("post-copy refused: {why}; the source keeps the guest"));
+    let (uffd, maps) = vmm.switch_over(incoming).map_err(cancelled)?;
+    let handed = t.elapsed();
+    let pc = Placement::new(&incoming.memory, hashes, &stale, &maps, uffd).map_err(cancelled)?;
+    let placed = t.elapsed();
+    // The point of no return: once the source reads SWITCHED it never resumes the guest.
+    ctl.send(Kind::Switched, &[])?;
+    log::debug!("post-copy switch-over: VMM registered after {handed:?}, placement ready after {placed:?}");
+    vmm.run().map_err(|e| SessionError::Cancelled(format!("the destination VMM could not run the guest: {e}")))?;
+    log::info!(
+        "post-copy: the guest runs here {:.1} ms after SWITCH; {} page(s) are still at the source",
+        t.elapsed().as_secs_f64() * 1e3,
+        pc.remaining()
+    );
+    let recover = opts.recover.unwrap_or(DEFAULT_RECOVER);
+    let (rounds, digest, attempts) = serve(acc, &pc, session, opts, recover, vmm)?;
+    Ok(Finished { rounds, report: pc.report(attempts), digest })
+}
+
+/// Serves post-copy attempts until one completes: the fault thread runs throughout; a link
+/// that breaks is waited for up to `recover`.
+fn serve(
+    acc: &Acceptor<'_>,
+    pc: &Placement,
+    session: u64,
+    opts: &crate::migrate::dest::DestOptions<'_>,
+    recover: Duration,
+    vmm: &mut impl crate::migrate::dest::DestVmm,
+) -> Result<(Vec<crate::migrate::RoundReport>, Digest, u32), SessionError> {
+    let pair = || UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e));
+    let ((stop_tx, stop_rx), (failed_tx, failed_rx)) = (pair()?, pair()?);
+    std::thread::scope(|s| {
+        let faults = s.spawn(|| pc.serve_faults(&stop_rx, &failed_tx));
+        let r = (|| {
+            let (mut since, mut attempts) = (Instant::now(), 0u32);
+            loop {
+                let mut watch = vec![failed_rx.as_fd()];
+                watch.extend(opts.vmm);
+                let wait = Wait { what: "the source, to go on with post-copy", deadline: Some(since + recover), watch: &watch };
+                let next = acc.next(wait, |a| match (a.hello.lane.get(), a.hello.features.get() & features::POSTCOPY) {
+                    (CONTROL_LANE, f) if f != 0 => Ok(()),
+                    _ => Err("this ferryd is in a migration's post-copy: only its source may connect".into()),
+                });
+                let a = match next {
+                    Ok(Next::Conn(a)) => a,
+                    Ok(Next::Watched(0)) => return Err(pc.failed()),
+                    Ok(Next::Watched(_)) => return Err(vmm_gone_in_postcopy()),
+                    Err(SessionError::TimedOut { .. }) => {
+                        return Err(SessionError::Cancelled(format!(
+                            "the source did not come back within {} s of the link breaking: {} page(s) of the guest are still only at the source, so the guest cannot complete here",
+                            recover.as_secs(),
+                            pc.remaining()
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                };
+                attempts += 1;
+                match attempt(acc, a, pc, session, opts.plan, &watch) {
+                    Ok(Some((rounds, digest))) => {
+                        // The guest's faults are resolved here until its VMM unregistered.
+                        if let Err(e) = vmm.all_local() {
+                            log::warn!("post-copy: the destination VMM did not release its memory: {e}");
+                        }
+                        return Ok((rounds, digest, attempts));
+                    }
+                    Ok(None) => {}
+                    Err(e) if is_link_failure(&e) => {
+                        log::warn!("post-copy: the link to the source broke ({e}); waiting up to {} s for it", recover.as_secs());
+                        since = Instant::now();
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })();
+        pc.stopping.store(true, Ordering::Release);
+        let _ = stop_tx.shutdown(Shutdown::Both);
+        let fault_result = faults.join().expect("fault thread panicked");
+        let r = match (r, fault_result) {
+            (Err(_), Err(_)) => Err(pc.failed()),
+            (r, _) => r,
+        };
+        if let Err(e) = &r {
+            tell_source(acc, e);
+        }
+        r
+    })
+}
+
+fn vmm_gone_in_postcopy() -> SessionError {
+    SessionError::Cancelled("the destination VMM closed its control connection during post-copy: the guest is gone".into())
+}
+
+/// Post-copy failed here while no attempt was open: the source is reconnecting to resume
+/// it. Its next connection (within a few seconds) is told why, so it stops.
+fn tell_source(acc: &Acceptor<'_>, e: &SessionError) {
+    if matches!(e, SessionError::Peer(_)) {
+        return;
+    }
+    let wait =
+        Wait { what: "the source, to tell it post-copy failed", deadline: Some(Instant::now() + Duration::from_secs(5)), watch: &[] };
+    if let Ok(Next::Conn(a)) = acc.next(wait, |a| match a.hello.lane.get() {
+        CONTROL_LANE => Ok(()),
+        _ => Err("post-copy failed here".into()),
+    }) {
+        Ctl::new(a.s, a.keys).close_with_error(&e.to_string());
+    }
+}
+
+/// One post-copy attempt on a connection that authenticated for post-copy: RESUME, NEEDED,
+/// the push session and its fault lane, then ROUND, DONE and RESULT. `Ok(None)`: the
+/// connection was for another session and was turned away.
+fn attempt(
+    acc: &Acceptor<'_>,
+    a: Authed,
+    pc: &Placement,
+    session: u64,
+    plan: &Plan,
+    watch: &[BorrowedFd<'_>],
+) -> Result<Option<(Vec<crate::migrate::RoundReport>, Digest)>, SessionError> {
+    crate::engine::tune_socket(&a.s)?;
+    let peer = a.peer;
+    let mut ctl = Ctl::new(a.s, a.keys);
+    ctl.s.set_read_timeout(Some(crate::migrate::ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+    let mut buf = Vec::new();
+    ctl.expect(Kind::Resume, &mut buf)?;
+    let resume: wire::Resume = wire::parse(Kind::Resume, &buf)?;
+    if resume.session.get() != session {
+        log::warn!("post-copy: {peer} asked to resume session {:#x}; this is {session:#x}", resume.session.get());
+        ctl.close_with_error(&format!("no migration {:#x} is in post-copy here", resume.session.get()));
+        return Ok(None);
+    }
+    let needed = pc.needed();
+    let placed = pc.stale_pages - pc.remaining();
+    log::info!("post-copy: the source is back ({peer}); {} page(s) still needed", pc.remaining());
+    send_runs(&mut ctl, Kind::Needed, placed, &needed)?;
+    ctl.expect(Kind::Session, &mut buf)?;
+    let (layout, lanes, transport) = wire::parse_session(&buf)?;
+    let sizes: Vec<u64> = pc.regions.iter().map(|r| r.size).collect();
+    if layout.regions != sizes || transport != wire::DataTransport::Tcp || lanes < 2 {
+        let why = format!(
+            "a post-copy session must describe the same regions ({sizes:?}) over TCP lanes and a fault lane; it described {:?} over {lanes} {transport:?} lane(s)",
+            layout.regions
+        );
+        ctl.error(&why);
+        return Err(protocol(why));
+    }
+    crate::migrate::dest::check_session(&layout, lanes, transport, features::MIGRATE, plan)?;
+    let id = crate::migrate::dest::session_ok(&mut ctl)?;
+    let live = crate::live::session(crate::live::Role::MigrateIn, id, usize::from(lanes));
+    let ctx = crate::migrate::dest::Ctx { layout: &layout, targets: &[], plan, live: &live, progress: None, postcopy: Some(pc) };
+    let (tx, rx) = mpsc::channel::<LaneMsg>();
+    let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    let fault_lane_no = lanes - 1;
+    let t = Instant::now();
+    let mut socks = Vec::new();
+    std::thread::scope(|s| {
+        let mut w = vec![ctl.s.as_fd()];
+        w.extend_from_slice(watch);
+        let opened = acc.lanes(id, lanes, &w, |a| {
+            socks.extend(a.s.try_clone());
+            let (tx, ctx, wake, layout) = (tx.clone(), &ctx, &wake, &layout);
+            if a.hello.lane.get() == fault_lane_no {
+                s.spawn(move || {
+                    if let Err(e) = fault_lane(pc, layout, a.s, a.keys) {
+                        let _ = tx.send(Err(e));
+                        let _ = (&*wake).write(&[1]);
+                    }
+                });
+            } else {
+                s.spawn(move || {
+                    if let Err(e) = crate::migrate::dest::lane(a, ctx, &tx) {
+                        let _ = tx.send(Err(e));
+                        let _ = (&*wake).write(&[1]);
+                    }
+                });
+            }
+        });
+        let r = match opened {
+            Ok(None) => push_round(&mut ctl, &woken, watch, &rx, fault_lane_no, pc, t),
+            Ok(Some(0)) => Err(crate::engine::recv::peer_ended(&mut ctl, "waiting for the post-copy lanes")),
+            Ok(Some(1)) => Err(pc.failed()),
+            Ok(Some(_)) => Err(vmm_gone_in_postcopy()),
+            Err(e) => Err(e),
+        };
+        // A failure that is not the link's ends the migration: the source is told why.
+        if let Err(e) = &r
+            && !is_link_failure(e)
+            && !matches!(e, SessionError::Peer(_))
+        {
+            ctl.error(&e.to_string());
+        }
+        // Every lane ends now: done, or the attempt failed and the next one starts afresh.
+        pc.close_link();
+        for c in &socks {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        r.map(Some)
+    })
+}
+
+/// The control thread of an attempt: the push round's end on every data lane and ROUND,
+/// every page placed, ROUND_OK; then DONE's digest against the pages as placed, and RESULT.
+fn push_round(
+    ctl: &mut Ctl,
+    woken: &UnixStream,
+    watch: &[BorrowedFd<'_>],
+    rx: &mpsc::Receiver<LaneMsg>,
+    data_lanes: u16,
+    pc: &Placement,
+    t: Instant,
+) -> Result<(Vec<crate::migrate::RoundReport>, Digest), SessionError> {
+    let mut buf = Vec::new();
+    let lane_error = |e: SessionError| loop {
+        match rx.try_recv() {
+            Ok(Err(lane)) => break lane,
+            Ok(Ok(_)) => continue,
+            Err(_) => break e,
+        }
+    };
+    let stirred = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+    loop {
+        // The fault thread's failure, then the destination VMM (if watched).
+        let mut fds = vec![PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN), PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
+        fds.extend(watch.iter().map(|w| PollFd::new(*w, PollFlags::POLLIN)));
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if stirred(&fds[2]) => return Err(pc.failed()),
+            Ok(_) if fds.len() > 3 && stirred(&fds[3]) => return Err(vmm_gone_in_postcopy()),
+            Ok(_) if stirred(&fds[1]) => return Err(lane_error(protocol("a lane failed".into()))),
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SessionError::io("waiting for the push round", e.into())),
+        }
+    }
+    ctl.expect(Kind::Round, &mut buf).map_err(lane_error)?;
+    let r: wire::Round = wire::parse(Kind::Round, &buf)?;
+    let mut sum = crate::migrate::RoundCounts::default();
+    for _ in 0..data_lanes {
+        let (_, _, c) =
+            rx.recv_timeout(crate::migrate::ROUND_IDLE_TIMEOUT).map_err(|_| protocol("the lanes did not end the push round".into()))??;
+        sum += c;
+    }
+    if sum.pages != r.pages.get() || r.last.get() != 1 {
+        return Err(protocol(format!("the push round: the source counted {} pages, the lanes {}", r.pages.get(), sum.pages)));
+    }
+    // Every needed page was pushed, so each is claimed; a claim still being placed (by the
+    // fault lane) finishes in a moment.
+    let until = Instant::now() + Duration::from_secs(5);
+    while pc.remaining() > 0 && Instant::now() < until {
+        std::thread::yield_now();
+    }
+    if pc.remaining() > 0 {
+        return Err(protocol(format!("the push round ended with {} stale page(s) not placed", pc.remaining())));
+    }
+    let ok = wire::RoundOk { round: r.round, _pad: 0.into(), pages: sum.pages.into() };
+    ctl.send(Kind::RoundOk, ok.as_bytes())?;
+    ctl.expect(Kind::Done, &mut buf)?;
+    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
+    let digest = pc.digest();
+    let size: u64 = pc.regions.iter().map(|r| r.size).sum();
+    let source = Digest::from_bytes(done.digest);
+    let ok = digest == source && done.bytes.get() == size;
+    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
+    ctl.send(Kind::Result, result.as_bytes())?;
+    if !ok {
+        return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let dirty_bytes = sum.pages * PAGE as u64;
+    let report = crate::migrate::RoundReport {
+        round: r.round.get(),
+        last: true,
+        dirty_pages: sum.pages,
+        dirty_bytes,
+        zero_pages: sum.zero_pages,
+        wire_bytes: sum.wire_bytes,
+        frames: sum.frames,
+        seconds,
+        gbps: dirty_bytes as f64 / seconds / 1e9,
+        ..crate::migrate::RoundReport::default()
+    };
+    Ok((vec![report], digest))
+}
+
+/// The destination's fault lane in one attempt: the source's answers to FETCH, placed as
+/// they come, until LANE_END. The lane's sending half is the placement's link meanwhile.
+pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Keys) -> Result<(), SessionError> {
+    let Keys { tx, rx, .. } = keys;
+    let writer = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
+    pc.open_link(writer, tx);
+    let r = (|| {
+        let mut s = s;
+        s.set_read_timeout(None).map_err(|e| SessionError::io("configuring the fault lane", e))?;
+        let mut reader = FrameReader::new(256 << 10, wire::max_payload_for(layout.max_chunk), rx);
+        let (mut dec, mut scratch) = (Decoder::default(), Vec::new());
+        loop {
+            let (h, kind, payload) = reader.next(&mut s, "reading the fault lane")?;
+            match kind {
+                Kind::Data => {
+                    pc.place_frame(layout, &h, &Payload::One(payload), &mut dec, &mut scratch, true)?;
+                }
+                Kind::LaneEnd => return Ok(()),
+                Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
+                other => return Err(wire::FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
+            }
+        }
+    })();
+    pc.close_link();
+    r
+}

@@ -1,0 +1,148 @@
+//! Post-copy: the destination runs the guest before all of its memory arrived, and ferry
+//! moves the rest after it resumed.
+//!
+//! At switch-over the source sends SWITCH with the pages still stale (the final dirty
+//! bitmap) instead of a last round. The destination hands its memory to the destination
+//! VMM, which maps it, registers a userfaultfd over the mapping (missing and minor faults)
+//! and passes it to ferryd; once ferryd has checked the registration, the source hears
+//! SWITCHED and the VMM runs the guest.
+//!
+//! From then on the destination's [`Placement`] owns every stale page: a guest thread
+//! touching one waits in the kernel while ferryd fetches it on the fault lane, ahead of
+//! the bulk push that the source runs on the other lanes as one more round over the pages
+//! the destination still needs. A claim bit per page places each page exactly once,
+//! whichever way it came; a page the guest may already have written is never written
+//! again. Pages that were not stale are mapped at once when the guest touches them.
+//!
+//! Every post-copy connection set is an *attempt*: the source connects, says which
+//! session it continues (RESUME), hears which pages the destination still needs (NEEDED),
+//! and pushes them. When the link breaks, faulting threads wait, the source reconnects
+//! within the recovery time, and the next attempt pushes only what is still missing.
+//! The last attempt ends like any migration: the digest of every page as sent against
+//! every page as placed, and only then success.
+
+//! The pieces: [`placement`] (the destination's page state and fault resolution), [`dest`]
+//! (the switch-over and the attempts at the destination) and [`source`] (the source's
+//! answers to faults).
+
+pub(crate) mod dest;
+pub(crate) mod placement;
+pub(crate) mod source;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::conn::{Ctl, SessionError};
+use crate::wire::{self, Kind, RdmaRun};
+
+pub(crate) use dest::{Precopy, switch_over};
+pub(crate) use placement::Placement;
+pub(crate) use source::{HINTS, Near, answer_fetches};
+
+fn protocol(why: String) -> SessionError {
+    SessionError::Protocol(why)
+}
+
+/// How long either side waits for the other to come back after the link broke in post-copy,
+/// unless the VMM says otherwise.
+pub const DEFAULT_RECOVER: Duration = Duration::from_secs(120);
+
+/// Where the destination VMM mapped one region of the guest memory, in its address space.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Mapping {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// What post-copy did, for the reports of both sides.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyReport {
+    /// Pages still stale at switch-over.
+    pub stale_pages: u64,
+    /// Guest page faults ferryd resolved (destination).
+    pub faults: u64,
+    /// Of those, faults on stale pages that had to wait for the source.
+    pub remote_faults: u64,
+    /// Stale pages placed by a fault's fetch, and by the background push.
+    pub pages_by_fault: u64,
+    pub pages_by_push: u64,
+    /// A remote fault's wait, from reading it to its page being mapped, µs.
+    pub fault_latency_us_p50: u64,
+    pub fault_latency_us_p99: u64,
+    pub fault_latency_us_max: u64,
+    /// From switch-over until every page was local.
+    pub all_local_seconds: f64,
+    /// Connection sets it took (1: the link held).
+    pub attempts: u32,
+    /// The remote faults' waits, µs, for ferryd's metrics (destination).
+    #[serde(skip)]
+    pub fault_latency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Sends `runs` after a SWITCH or NEEDED head frame of `kind`.
+pub(crate) fn send_runs(ctl: &mut Ctl, kind: Kind, count: u64, runs: &[RdmaRun]) -> Result<(), SessionError> {
+    let head = wire::RunCount { runs: (runs.len() as u64).into(), count: count.into() };
+    ctl.send(kind, head.as_bytes())?;
+    for frame in runs.chunks(wire::RDMA_RUNS_PER_FRAME) {
+        ctl.send(Kind::Runs, frame.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Reads a SWITCH or NEEDED frame (`kind`) and the runs after it: the runs, and its count.
+pub(crate) fn recv_runs(ctl: &mut Ctl, kind: Kind, buf: &mut Vec<u8>) -> Result<(Vec<RdmaRun>, u64), SessionError> {
+    ctl.expect(kind, buf)?;
+    recv_runs_after(ctl, kind, buf)
+}
+
+/// [`recv_runs`] once the head frame is in `buf`.
+pub(crate) fn recv_runs_after(ctl: &mut Ctl, kind: Kind, buf: &mut Vec<u8>) -> Result<(Vec<RdmaRun>, u64), SessionError> {
+    let head: wire::RunCount = wire::parse(kind, buf)?;
+    let n = head.runs.get();
+    let bad = |why: String| protocol(format!("{kind:?}: {why}"));
+    let mut runs = Vec::new();
+    while (runs.len() as u64) < n {
+        ctl.expect(Kind::Runs, buf)?;
+        let list = <[RdmaRun]>::ref_from_bytes(buf).map_err(|_| bad(format!("{} bytes is not a list of runs", buf.len())))?;
+        if list.is_empty() || list.len() > wire::RDMA_RUNS_PER_FRAME || runs.len() as u64 + list.len() as u64 > n {
+            return Err(bad(format!("{} runs in a frame, {} of {n} read before", list.len(), runs.len())));
+        }
+        runs.extend_from_slice(list);
+    }
+    Ok((runs, head.count.get()))
+}
+
+/// The dirty bitmap (words of every region in turn) that `runs` mark, for regions of
+/// `pages` pages each.
+pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64]) -> Result<Vec<u64>, SessionError> {
+    let starts: Vec<usize> = pages
+        .iter()
+        .scan(0usize, |at, &p| {
+            let s = *at;
+            *at += p.div_ceil(64) as usize;
+            Some(s)
+        })
+        .collect();
+    let words: usize = pages.iter().map(|p| p.div_ceil(64) as usize).sum();
+    let mut bits = vec![0u64; words];
+    for run in runs {
+        let (r, first, n) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
+        let Some(&total) = pages.get(r) else {
+            return Err(protocol(format!("NEEDED names region {r}; the guest has {}", pages.len())));
+        };
+        if n == 0 || first.checked_add(n).is_none_or(|e| e > total) {
+            return Err(protocol(format!("NEEDED names pages {first}+{n} of region {r}, which has {total}")));
+        }
+        for p in first..first + n {
+            bits[starts[r] + (p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    Ok(bits)
+}
+
+/// Whether `e` is the link failing (the attempt may be retried), not the session.
+pub(crate) fn is_link_failure(e: &SessionError) -> bool {
+    matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. })
+}

@@ -1,0 +1,468 @@
+//! The destination's post-copy state: which pages are still stale, which were placed,
+//! the VMM's userfaultfd, and the faults waiting for the source.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use hw::uffd::{Fault, Resolved, Userfault};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use zerocopy::IntoBytes;
+
+use super::{Mapping, PostcopyReport, protocol};
+use crate::conn::{SessionError, write_frame};
+use crate::digest::Digest;
+use crate::encode::Decoder;
+use crate::engine::PAGE;
+use crate::lane::Payload;
+use crate::migrate::PageHashes;
+use crate::session::seal::Seal;
+use crate::wire::{self, Encoding, Kind, Layout, RdmaRun};
+
+/// A stale page's content as it arrived.
+enum Content<'a> {
+    Bytes(&'a [u8]),
+    Zero,
+}
+
+/// One bit per page.
+struct Bits(Vec<AtomicU64>);
+
+impl Bits {
+    fn new(pages: u64) -> Bits {
+        Bits((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn get(&self, p: u64) -> bool {
+        self.0[(p / 64) as usize].load(Ordering::Acquire) >> (p % 64) & 1 == 1
+    }
+    /// Sets the bit; whether it was clear.
+    fn take(&self, p: u64) -> bool {
+        self.0[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel) >> (p % 64) & 1 == 0
+    }
+}
+
+/// Sets bits `from..to` of `words`, a whole word at a time where it can.
+fn set_run(words: &mut [u64], from: u64, to: u64) {
+    let mut p = from;
+    while p < to {
+        let (w, lo) = ((p / 64) as usize, p % 64);
+        let hi = (to - (p - lo)).min(64);
+        words[w] |= if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        p += hi - lo;
+    }
+}
+
+/// One region of the guest memory on the destination.
+pub(super) struct Region {
+    file: File,
+    pub(super) size: u64,
+    pages: u64,
+    map: Mapping,
+    stale: Bits,
+    claimed: Bits,
+    placed: Bits,
+    hashes: PageHashes,
+}
+
+/// The fault lane's sending half in the current attempt.
+struct Link {
+    s: TcpStream,
+    tx: Seal,
+}
+
+/// The destination's post-copy state: which pages are still stale, which were placed, the
+/// VMM's userfaultfd, and the faults waiting for the source.
+pub(crate) struct Placement {
+    pub(super) regions: Vec<Region>,
+    uffd: Userfault,
+    remaining: AtomicU64,
+    pub(super) stale_pages: u64,
+    /// Stale pages a guest thread waits for, and since when.
+    pending: Mutex<HashMap<(u32, u64), Instant>>,
+    link: Mutex<Option<Link>>,
+    faults: AtomicU64,
+    remote_faults: AtomicU64,
+    by_fault: AtomicU64,
+    by_push: AtomicU64,
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
+    switched: Instant,
+    all_local: Mutex<Option<f64>>,
+    /// Why the fault thread stopped, if it failed.
+    failure: Mutex<Option<String>>,
+    /// Post-copy is over (done or failed): the fault thread waits for no placer.
+    pub(super) stopping: AtomicBool,
+}
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placement").field("regions", &self.regions.len()).field("remaining", &self.remaining).finish()
+    }
+}
+
+impl Placement {
+    /// Post-copy over `memory` (the regions' memfds, as handed to the VMM) with their page
+    /// hashes from pre-copy; `stale` lists the pages SWITCH named; `maps` is where the VMM
+    /// mapped each region, registered with `uffd`. The registration is checked here.
+    pub(crate) fn new(
+        memory: &[File],
+        hashes: Vec<PageHashes>,
+        stale: &[RdmaRun],
+        maps: &[Mapping],
+        uffd: Userfault,
+    ) -> Result<Placement, String> {
+        if maps.len() != memory.len() {
+            return Err(format!("the VMM mapped {} region(s); the guest has {}", maps.len(), memory.len()));
+        }
+        let mut regions: Vec<Region> = Vec::with_capacity(memory.len());
+        for (i, ((m, h), map)) in memory.iter().zip(hashes).zip(maps).enumerate() {
+            let size = m.metadata().map_err(|e| format!("region {i}: {e}"))?.len();
+            if map.len != size || map.addr % PAGE as u64 != 0 {
+                return Err(format!(
+                    "the VMM mapped region {i} as {} bytes at {:#x}; it has {size} bytes (page-aligned, whole)",
+                    map.len, map.addr
+                ));
+            }
+            let file = m.try_clone().map_err(|e| format!("region {i}: {e}"))?;
+            let pages = crate::migrate::pages(size);
+            regions.push(Region {
+                file,
+                size,
+                pages,
+                map: *map,
+                stale: Bits::new(pages),
+                claimed: Bits::new(pages),
+                placed: Bits::new(pages),
+                hashes: h,
+            });
+        }
+        // The stale bits are built as plain words, a run's whole words at a time.
+        let mut words: Vec<Vec<u64>> = regions.iter().map(|r| vec![0u64; r.pages.div_ceil(64) as usize]).collect();
+        for run in stale {
+            let (r, first, len) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
+            let pages =
+                regions.get(r).map(|reg| reg.pages).ok_or_else(|| format!("SWITCH names region {r}; the guest has {}", memory.len()))?;
+            if first.checked_add(len).is_none_or(|e| e > pages) || len == 0 {
+                return Err(format!("SWITCH names pages {first}+{len} of region {r}, which has {pages}"));
+            }
+            set_run(&mut words[r], first, first + len);
+        }
+        let mut n = 0;
+        for (reg, w) in regions.iter_mut().zip(words) {
+            n += w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+            reg.stale = Bits(w.into_iter().map(AtomicU64::new).collect());
+        }
+        let pc = Placement {
+            regions,
+            uffd,
+            remaining: AtomicU64::new(n),
+            stale_pages: n,
+            pending: Mutex::new(HashMap::new()),
+            link: Mutex::new(None),
+            faults: AtomicU64::new(0),
+            remote_faults: AtomicU64::new(0),
+            by_fault: AtomicU64::new(0),
+            by_push: AtomicU64::new(0),
+            latency: Mutex::new(crate::engine::latency_histogram()),
+            switched: Instant::now(),
+            all_local: Mutex::new(if n == 0 { Some(0.0) } else { None }),
+            failure: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        };
+        for i in 0..pc.regions.len() {
+            pc.check_registration(i)?;
+        }
+        Ok(pc)
+    }
+
+    /// Asks the kernel whether the userfaultfd covers region `i` in minor mode, on a page
+    /// that is missing from the file: a hole if there is one, or else a stale page punched
+    /// out (its content is fetched again anyway). Clean pages are never touched.
+    fn check_registration(&self, i: usize) -> Result<(), String> {
+        let r = &self.regions[i];
+        let hole = nix::unistd::lseek(&r.file, 0, nix::unistd::Whence::SeekHole).map_err(|e| format!("region {i}: {e}"))? as u64;
+        let page = if hole < r.size {
+            hole / PAGE as u64
+        } else {
+            // No hole: a stale page, punched out of the file.
+            let Some(p) = (0..r.pages).find(|&p| r.stale.get(p)) else {
+                // Every page present and none stale: a clean page, which mapping is harmless.
+                return self.uffd.check_registered(r.map.addr).map_err(|e| format!("region {i}: {e}"));
+            };
+            use nix::fcntl::{FallocateFlags, fallocate};
+            fallocate(
+                &r.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                (p * PAGE as u64) as i64,
+                PAGE as i64,
+            )
+            .map_err(|e| format!("region {i}: {e}"))?;
+            p
+        };
+        self.uffd.check_registered(r.map.addr + page * PAGE as u64).map_err(|e| format!("region {i}: {e}"))
+    }
+
+    pub(super) fn remaining(&self) -> u64 {
+        self.remaining.load(Ordering::Acquire)
+    }
+
+    /// The stale pages not claimed yet, as runs.
+    pub(super) fn needed(&self) -> Vec<RdmaRun> {
+        let mut out = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            let mut p = 0;
+            while p < r.pages {
+                if r.stale.get(p) && !r.claimed.get(p) {
+                    let first = p;
+                    while p < r.pages && p - first < u64::from(u32::MAX) && r.stale.get(p) && !r.claimed.get(p) {
+                        p += 1;
+                    }
+                    out.push(RdmaRun { region: (i as u32).into(), pages: ((p - first) as u32).into(), first: first.into() });
+                } else {
+                    p += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The digest of every page as placed (or as it arrived in pre-copy).
+    pub(super) fn digest(&self) -> Digest {
+        self.regions.iter().map(|r| r.hashes.fold()).sum()
+    }
+
+    /// Places the pages of one DATA frame that arrived on a post-copy lane (`by_fault`: the
+    /// fault lane). Every page must be stale; one already placed is dropped.
+    pub(crate) fn place_frame(
+        &self,
+        layout: &Layout,
+        h: &wire::Header,
+        payload: &Payload<'_>,
+        dec: &mut Decoder,
+        scratch: &mut Vec<u8>,
+        by_fault: bool,
+    ) -> Result<u64, SessionError> {
+        let (encoding, region, offset, raw_len) = layout.check_data(h)?;
+        let first = offset / PAGE as u64;
+        let pages = u64::from(raw_len).div_ceil(PAGE as u64);
+        let bytes = match encoding {
+            Encoding::Raw => payload.contiguous(scratch),
+            Encoding::Zero => &[][..],
+            Encoding::Zstd => dec.zstd(payload.contiguous(scratch), raw_len)?,
+        };
+        for i in 0..pages {
+            let content = match encoding {
+                Encoding::Zero => Content::Zero,
+                _ => {
+                    let at = (i * PAGE as u64) as usize;
+                    Content::Bytes(&bytes[at..(at + PAGE).min(bytes.len())])
+                }
+            };
+            self.place(region, first + i, content, by_fault)?;
+        }
+        Ok(pages)
+    }
+
+    /// Places stale page `page` of region `r` unless it was placed already: claims it,
+    /// writes it into the file, records its hash, and maps it into the guest (which wakes a
+    /// thread waiting on it).
+    fn place(&self, r: u32, page: u64, content: Content<'_>, by_fault: bool) -> Result<bool, SessionError> {
+        let reg = &self.regions[r as usize];
+        if !reg.stale.get(page) {
+            return Err(protocol(format!(
+                "page {page} of region {r} arrived during post-copy, but it was not stale: the guest owns it, and it was not written"
+            )));
+        }
+        let won = reg.claimed.take(page);
+        if won {
+            let off = page * PAGE as u64;
+            let len = (reg.size - off).min(PAGE as u64) as usize;
+            let zeros = [0u8; PAGE];
+            let (bytes, digest) = match content {
+                Content::Bytes(b) if b.len() == len => (b, Digest::of_page(r, page, b)),
+                Content::Bytes(b) => return Err(protocol(format!("page {page} of region {r}: {} bytes for a {len}-byte page", b.len()))),
+                Content::Zero => (&zeros[..len], Digest::of_zero_page(r, page, len)),
+            };
+            reg.file.write_all_at(bytes, off).map_err(|e| SessionError::io(format!("placing page {page} of region {r}"), e))?;
+            reg.hashes.set(page, digest);
+            reg.placed.take(page);
+            let addr = reg.map.addr + off;
+            match self.uffd.map(addr, PAGE as u64) {
+                Ok(Resolved::Mapped) => {}
+                Ok(_) => {
+                    let _ = self.uffd.wake(addr, PAGE as u64);
+                }
+                Err(e) => return Err(protocol(format!("mapping page {page} of region {r} into the guest: {e}"))),
+            }
+            if by_fault { &self.by_fault } else { &self.by_push }.fetch_add(1, Ordering::Relaxed);
+            if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                *self.all_local.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.switched.elapsed().as_secs_f64());
+                log::info!("post-copy: every page is local after {:.3} s", self.switched.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(t) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&(r, page))
+            && won
+        {
+            self.latency.lock().unwrap_or_else(|p| p.into_inner()).saturating_record(t.elapsed().as_micros() as u64);
+        }
+        Ok(won)
+    }
+
+    /// The region and page of a guest address.
+    fn locate(&self, addr: u64) -> Option<(u32, u64)> {
+        self.regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| addr >= r.map.addr && addr - r.map.addr < r.size)
+            .map(|(i, r)| (i as u32, (addr - r.map.addr) / PAGE as u64))
+    }
+
+    /// Resolves one fault: a page that is local is mapped at once; a stale one is asked of
+    /// the source on the fault lane (when there is one; else when the next attempt opens).
+    fn on_fault(&self, f: Fault) -> Result<(), SessionError> {
+        let Some((r, page)) = self.locate(f.addr) else {
+            return Err(protocol(format!(
+                "a page fault at {:#x} is outside every region of the guest memory: the VMM registered memory with the userfaultfd that it did not give ferry",
+                f.addr
+            )));
+        };
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let reg = &self.regions[r as usize];
+        if reg.stale.get(page) && !reg.placed.get(page) {
+            if !reg.claimed.get(page) {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let new = !pending.contains_key(&(r, page));
+                pending.entry((r, page)).or_insert_with(Instant::now);
+                drop(pending);
+                // Placed meanwhile: its mapping woke the thread, or the local path below does.
+                if !reg.claimed.get(page) {
+                    if new {
+                        self.remote_faults.fetch_add(1, Ordering::Relaxed);
+                        self.fetch(r, page);
+                    }
+                    return Ok(());
+                }
+            }
+            // Claimed: its placer is writing it and maps it in a moment (unless the attempt
+            // failed under it: the placement is being torn down then).
+            while !reg.placed.get(page) {
+                if self.stopping.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                std::thread::yield_now();
+            }
+        }
+        let addr = f.addr;
+        let r = match self.uffd.map(addr, PAGE as u64) {
+            Ok(Resolved::NoPage) => self.uffd.zero(addr, PAGE as u64),
+            other => other,
+        };
+        match r {
+            Ok(Resolved::Mapped) => Ok(()),
+            Ok(_) => self.uffd.wake(addr, PAGE as u64).map_err(|e| protocol(format!("waking the guest at {addr:#x}: {e}"))),
+            Err(e) => Err(protocol(format!("resolving the guest's fault at {addr:#x}: {e}"))),
+        }
+    }
+
+    /// Asks the source for one page on the fault lane, if one is open.
+    fn fetch(&self, r: u32, page: u64) {
+        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = link.as_mut() {
+            let run = RdmaRun { region: r.into(), pages: 1.into(), first: page.into() };
+            if write_frame(&mut l.s, &mut l.tx, Kind::Fetch, run.as_bytes()).is_err() {
+                // The attempt is failing; the next one asks again.
+                *link = None;
+            }
+        }
+    }
+
+    /// A new attempt's fault lane: every fault still waiting is asked for on it.
+    pub(super) fn open_link(&self, s: TcpStream, tx: Seal) {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(Link { s, tx });
+        let waiting: Vec<(u32, u64)> = self.pending.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        for (r, page) in waiting {
+            self.fetch(r, page);
+        }
+    }
+
+    pub(super) fn close_link(&self) {
+        if let Some(l) = self.link.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = l.s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Reads and resolves the guest's faults until `stop` stirs. A fault ferry cannot
+    /// resolve is returned (and `failed` woken).
+    pub(super) fn serve_faults(&self, stop: &UnixStream, failed: &UnixStream) -> Result<(), SessionError> {
+        let mut faults = Vec::new();
+        let r = loop {
+            let mut fds = [PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => break Ok(()),
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => break Err(SessionError::io("waiting for page faults", e.into())),
+            }
+            if let Err(e) = self.uffd.faults(&mut faults) {
+                break Err(protocol(e));
+            }
+            if let Some(e) = faults.drain(..).find_map(|f| self.on_fault(f).err()) {
+                break Err(e);
+            }
+        };
+        if let Err(e) = &r {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            let _ = (&*failed).write(&[1]);
+        }
+        r
+    }
+
+    /// The fault thread's failure, as the migration's error.
+    pub(super) fn failed(&self) -> SessionError {
+        let why = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        protocol(format!(
+            "post-copy failed at the destination: {}; the guest cannot complete",
+            why.unwrap_or_else(|| "its fault thread stopped".into())
+        ))
+    }
+
+    pub(super) fn report(&self, attempts: u32) -> PostcopyReport {
+        let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let q = |x: f64| if h.is_empty() { 0 } else { h.value_at_quantile(x) };
+        PostcopyReport {
+            stale_pages: self.stale_pages,
+            faults: self.faults.load(Ordering::Relaxed),
+            remote_faults: self.remote_faults.load(Ordering::Relaxed),
+            pages_by_fault: self.by_fault.load(Ordering::Relaxed),
+            pages_by_push: self.by_push.load(Ordering::Relaxed),
+            fault_latency_us_p50: q(0.5),
+            fault_latency_us_p99: q(0.99),
+            fault_latency_us_max: if h.is_empty() { 0 } else { h.max() },
+            all_local_seconds: self.all_local.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(0.0),
+            attempts,
+            fault_latency: Some(h.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runs_set_exactly_their_bits() {
+        let mut w = vec![0u64; 3];
+        super::set_run(&mut w, 3, 5);
+        super::set_run(&mut w, 60, 130);
+        assert_eq!(w[0], 0b11000 | (0b1111 << 60));
+        assert_eq!(w[1], u64::MAX);
+        assert_eq!(w[2], 0b11);
+        let mut v = vec![0u64; 1];
+        super::set_run(&mut v, 0, 64);
+        assert_eq!(v[0], u64::MAX);
+    }
+}

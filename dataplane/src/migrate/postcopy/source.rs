@@ -1,0 +1,90 @@
+//! The source's side of the fault path: FETCH answered from the paused guest memory, and
+//! the push told where the guest faults.
+
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use zerocopy::IntoBytes;
+
+use super::protocol;
+use crate::conn::{FrameReader, SessionError};
+use crate::engine::PAGE;
+use crate::session::seal::Keys;
+use crate::wire::{self, Encoding, Kind, RdmaRun};
+
+/// Windows the push sends first, at most, waiting at once.
+pub(crate) const HINTS: usize = 4096;
+/// Windows from a fault's on that the push sends first: the guest's next touches are
+/// likely near its last (a sequential scan, a hot set).
+const HINT_WINDOWS: u64 = 4;
+
+/// Where the source's fault lane tells the push about faults.
+#[derive(Clone, Copy)]
+pub(crate) struct Near<'a> {
+    pub hints: &'a crossbeam_queue::ArrayQueue<u64>,
+    pub chunk: usize,
+}
+
+/// The source's fault lane in one attempt: each FETCH answered with its pages, read from
+/// the paused guest memory, as DATA frames (zero pages as such), until the destination
+/// ends the lane or `stop` is set; the windows from each fault on go to the push first.
+/// Returns the pages answered.
+pub(crate) fn answer_fetches(
+    s: TcpStream,
+    keys: Keys,
+    regions: &[crate::worker::Region],
+    stop: &AtomicBool,
+    near: Near<'_>,
+) -> Result<u64, SessionError> {
+    let Keys { mut tx, rx, .. } = keys;
+    let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
+    let mut s = s;
+    // The guest may fault rarely: the lane waits for as long as the attempt runs (it ends
+    // by `stop` and a shutdown), not for a data connection's idle timeout.
+    s.set_read_timeout(None).map_err(|e| SessionError::io("configuring the fault lane", e))?;
+    let mut reader = FrameReader::new(64 << 10, 4096, rx);
+    let mut page = vec![0u8; PAGE];
+    let mut answered = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let (_, kind, payload) = match reader.next(&mut s, "reading the fault lane") {
+            Ok(f) => f,
+            Err(_) if stop.load(Ordering::Relaxed) => break,
+            Err(e) => return Err(e),
+        };
+        let run: RdmaRun = match kind {
+            Kind::Fetch => wire::parse(Kind::Fetch, payload)?,
+            Kind::LaneEnd => break,
+            other => return Err(wire::FrameError::Unexpected { expected: Kind::Fetch, got: other }.into()),
+        };
+        let (r, first, n) = (run.region.get(), run.first.get(), u64::from(run.pages.get()));
+        let region = regions.get(r as usize).ok_or_else(|| protocol(format!("FETCH of region {r}")))?;
+        if n == 0 || n > 64 || first.checked_add(n).is_none_or(|e| e > crate::migrate::pages(region.size)) {
+            return Err(protocol(format!("FETCH of pages {first}+{n} of region {r}")));
+        }
+        for p in first..first + n {
+            let off = p * PAGE as u64;
+            let len = (region.size - off).min(PAGE as u64) as usize;
+            region
+                .memory
+                .read_exact_at(&mut page[..len], off)
+                .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
+            let bytes = &page[..len];
+            let h = if bytes.iter().all(|&b| b == 0) {
+                wire::Header::data(Encoding::Zero, r, off, len as u32, 0).seal(&[])
+            } else {
+                wire::Header::data(Encoding::Raw, r, off, len as u32, len as u32).seal(bytes)
+            };
+            let body: &[u8] = if h.encoding == Encoding::Zero as u8 { &[] } else { bytes };
+            let tag = tx.tag(&h, [body]);
+            crate::conn::write_all_vectored(&mut w, &[h.as_bytes(), body, &tag]).map_err(|e| SessionError::io("answering a fault", e))?;
+            answered += 1;
+        }
+        let g = crate::worker::Round::window_of(regions, near.chunk, r as usize, first);
+        for w in g..g + HINT_WINDOWS {
+            // A full queue drops the hint: the cursor still sends the window.
+            let _ = near.hints.push(w);
+        }
+    }
+    Ok(answered)
+}
