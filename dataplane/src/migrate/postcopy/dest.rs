@@ -65,7 +65,12 @@ pub(crate) fn switch_over(
     // The point of no return: once the source reads SWITCHED it never resumes the guest.
     ctl.send(Kind::Switched, &[])?;
     log::debug!("post-copy switch-over: VMM registered after {handed:?}, placement ready after {placed:?}");
-    vmm.run().map_err(|e| SessionError::Cancelled(format!("the destination VMM could not run the guest: {e}")))?;
+    if let Err(e) = vmm.run() {
+        // The source already heard SWITCHED: its first reconnect hears why instead.
+        let e = SessionError::Cancelled(format!("the destination VMM could not run the guest: {e}"));
+        tell_source(acc, &e);
+        return Err(e);
+    }
     log::info!(
         "post-copy: the guest runs here {:.1} ms after SWITCH; {} page(s) are still at the source",
         t.elapsed().as_secs_f64() * 1e3,
