@@ -65,7 +65,9 @@ pub struct PostcopyReport {
     pub faults: u64,
     /// Of those, faults on stale pages that had to wait for the source.
     pub remote_faults: u64,
-    /// Stale pages placed by a fault's fetch, and by the background push.
+    /// Stale pages placed by a fault's fetch, and by the background push (destination).
+    /// At the source, `pages_by_fault` counts the FETCHes it answered, some of which the
+    /// push had placed first.
     pub pages_by_fault: u64,
     pub pages_by_push: u64,
     /// A remote fault's wait, from reading it to its page being mapped, µs.
@@ -145,4 +147,30 @@ pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64]) -> Result<Vec<u64>
 /// Whether `e` is the link failing (the attempt may be retried), not the session.
 pub(crate) fn is_link_failure(e: &SessionError) -> bool {
     matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(region: u32, first: u64, pages: u32) -> RdmaRun {
+        RdmaRun { region: region.into(), pages: pages.into(), first: first.into() }
+    }
+
+    /// NEEDED's runs become the bitmap a round sends; runs outside the regions are refused.
+    #[test]
+    fn needed_runs_make_a_checked_bitmap() {
+        // Regions of 70 and 3 pages: words 0-1, then word 2.
+        let bits = runs_to_bitmap(&[run(0, 63, 2), run(1, 2, 1)], &[70, 3]).unwrap();
+        assert_eq!(bits, vec![1 << 63, 1, 1 << 2]);
+        for (bad, want) in [
+            (run(2, 0, 1), "region 2"),
+            (run(1, 2, 2), "pages 2+2 of region 1"),
+            (run(0, u64::MAX, 1), "of region 0"),
+            (run(0, 0, 0), "pages 0+0"),
+        ] {
+            let err = runs_to_bitmap(&[bad], &[70, 3]).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
 }
