@@ -565,13 +565,10 @@ impl<'a> Source<'a> {
         ctl.expect(Kind::SessionOk, &mut buf)?;
         let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
         let live = crate::live::session(crate::live::Role::MigrateOut, session, n_workers);
-        let workers = tcp_workers(&mut ctl, &self.opts, &self.pool, &live, session, n_workers, per_worker)?;
+        // The fault lane first, answering at once: faults that came since the switch-over
+        // wait for it, not for the push's lanes as well.
         let mut fs = connect_data(&self.opts.to, plan).map_err(|e| gone_or(&mut ctl, e, "opening the fault lane"))?;
         let (_, fault_keys) = client_handshake(&mut fs, &self.opts.auth, (lanes - 1) as u16, session, 0)?;
-        self.ctl = ctl;
-        self.workers = workers;
-        self._live = live;
-        self.abort.store(false, Ordering::Relaxed);
         let stop = AtomicBool::new(false);
         let fault_sock = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
         let regions = self.regions.clone();
@@ -580,7 +577,13 @@ impl<'a> Source<'a> {
         let near = super::postcopy::Near { hints: &hints, chunk: self.chunk };
         let (r, answered) = std::thread::scope(|s| {
             let answers = s.spawn(|| super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near));
-            let r = self.run_round(&dirty, true);
+            let r = tcp_workers(&mut ctl, &self.opts, &self.pool, &live, session, n_workers, per_worker).and_then(|workers| {
+                self.ctl = ctl;
+                self.workers = workers;
+                self._live = live;
+                self.abort.store(false, Ordering::Relaxed);
+                self.run_round(&dirty, true)
+            });
             stop.store(true, Ordering::Relaxed);
             let _ = fault_sock.shutdown(std::net::Shutdown::Both);
             (r, answers.join().expect("fault lane thread panicked"))

@@ -384,6 +384,11 @@ impl Placement {
 
     /// A new attempt's fault lane: every fault still waiting is asked for on it.
     pub(super) fn open_link(&self, s: TcpStream, tx: Seal) {
+        log::debug!(
+            "post-copy: a fault lane is open {:?} after the switch-over, {} fault(s) waiting",
+            self.switched.elapsed(),
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+        );
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(Link { s, tx });
         let waiting: Vec<(u32, u64)> = self.pending.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         for (r, page) in waiting {
