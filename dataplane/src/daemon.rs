@@ -629,7 +629,7 @@ impl Daemon {
                 };
                 let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(listen);
                 say(serde_json::json!({"event": "listening", "addr": addr}));
-                let _active = self.metrics.begin("recv");
+                let active = self.metrics.begin("recv");
                 let r = recv_file(
                     &listener,
                     &out,
@@ -643,6 +643,8 @@ impl Daemon {
                 )
                 .map_err(|e| e.to_string());
                 self.metrics.end("recv", &r);
+                // Not active once the reply says it ended: a status read after it agrees.
+                drop(active);
                 say(result(r));
             }
             Request::Send { to, file, compress } => {
@@ -653,13 +655,14 @@ impl Daemon {
                         Err(e) => return say(serde_json::json!({"ok": false, "error": e})),
                     }
                 }
-                let _active = self.metrics.begin("send");
+                let active = self.metrics.begin("send");
                 let r = send_file(
                     &file,
                     &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false, pool: Some(&self.pool) },
                 )
                 .map_err(|e| e.to_string());
                 self.metrics.end("send", &r);
+                drop(active);
                 say(result(r));
             }
         }
@@ -679,7 +682,7 @@ impl Daemon {
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         let _ = conn.send(&serde_json::json!({"event": "listening", "addr": addr}).to_string(), &[]);
-        let _active = self.metrics.begin("migrate_in");
+        let active = self.metrics.begin("migrate_in");
         // A second descriptor of the VMM's connection, watched while the migration runs.
         let watch = conn.stream().try_clone();
         let opts = DestOptions {
@@ -690,6 +693,8 @@ impl Daemon {
         };
         let r = crate::migrate::dest::accept(&listener, &opts, DestConn(conn)).map_err(|e| e.to_string());
         self.metrics.end_migration("migrate_in", &r.as_ref().map(|i| i.report.clone()).map_err(Clone::clone));
+        // Not active once the reply says it ended: a status read after it agrees.
+        drop(active);
         let last = match r {
             Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
             Err(e) => serde_json::json!({"ok": false, "error": e}),
@@ -703,9 +708,10 @@ impl Daemon {
         let say = |conn: &LineConn, v: serde_json::Value| {
             let _ = conn.send(&v.to_string(), &[]);
         };
-        let _active = self.metrics.begin("migrate_out");
+        let active = self.metrics.begin("migrate_out");
         let r = self.migrate_out_inner(conn, fds, to, limits);
         self.metrics.end_migration("migrate_out", &r);
+        drop(active);
         match r {
             Ok(rep) => say(conn, serde_json::json!({"ok": true, "report": rep})),
             Err(e) => say(conn, serde_json::json!({"ok": false, "error": e})),
