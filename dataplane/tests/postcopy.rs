@@ -114,6 +114,38 @@ fn finish(run: Running) -> Result<MigrationReport, String> {
     r
 }
 
+/// Two ferryd and a guest switched over to post-copy through a relay, pages 100.. stale and
+/// pushed at 16 Mbit/s: the push takes most of a second, so what a test does lands in it.
+/// `recover_s`: the destination's and the source's recovery times.
+struct SlowPush {
+    _dir: tempfile::TempDir,
+    src: Ferryd,
+    _dst: Ferryd,
+    mem: File,
+    relay: Proxy,
+    out: dataplane::migrate::vmm::PostcopyOut,
+    run: Running,
+}
+
+fn slow_push(recover_s: (Option<u64>, Option<u64>)) -> SlowPush {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", recover_s.0).unwrap();
+    let relay = Proxy::start(&incoming.addr);
+    let o = OutOptions { rate_limit_mbit: Some(16), recover_s: recover_s.1, ..OutOptions::default() };
+    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
+    SlowPush { _dir: dir, src, _dst: dst, mem, relay, out, run }
+}
+
+impl SlowPush {
+    /// Waits until the post-copy attempt is up: pre-copy took a control connection and two
+    /// lanes, the attempt the same and a fault lane.
+    fn attempt_up(&self) {
+        self.relay.wait_for(|accepted, _| accepted >= 7);
+    }
+}
+
 #[test]
 fn a_guest_runs_at_the_destination_before_its_memory_arrived() {
     if !userfaultfd_or_skip() {
@@ -142,29 +174,21 @@ fn a_link_cut_during_post_copy_and_restored_completes_the_migration() {
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
-    let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", Some(60)).unwrap();
-    let relay = Proxy::start(&incoming.addr);
-    // 16 Mbit/s: the push of 400 stale pages takes most of a second, so the cut lands in it.
-    let o = OutOptions { rate_limit_mbit: Some(16), recover_s: Some(60), ..OutOptions::default() };
-    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
-    // Pre-copy: a control connection and two lanes; the post-copy attempt: the same and a
-    // fault lane. Cut once it is up.
-    relay.wait_for(|accepted, _| accepted >= 7);
-    relay.cut();
+    let t = slow_push((Some(60), Some(60)));
+    t.attempt_up();
+    t.relay.cut();
     std::thread::scope(|s| {
         // The guest touches the last page, which the push has not reached: it waits.
-        let (map, last) = (&run.map, ((PAGES - 1) * PAGE) as usize);
+        let (map, last) = (&t.run.map, ((PAGES - 1) * PAGE) as usize);
         let reader = s.spawn(move || map.as_slice()[last..last + PAGE as usize].to_vec());
         // The source tries again, twice, into the cut.
-        relay.wait_for(|_, refused| refused >= 2);
+        t.relay.wait_for(|_, refused| refused >= 2);
         assert!(!reader.is_finished(), "a page still at the source was read while the link was cut");
-        relay.restore();
-        assert!(reader.join().unwrap() == page_of(&mem, PAGES - 1));
+        t.relay.restore();
+        assert!(reader.join().unwrap() == page_of(&t.mem, PAGES - 1));
     });
-    assert_guest_sees(&run.map, &mem);
+    assert_guest_sees(&t.run.map, &t.mem);
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
     let dest = finish(run).unwrap();
     let source = out.wait().unwrap();
     let pc = dest.postcopy.unwrap();
@@ -179,15 +203,10 @@ fn a_link_that_never_comes_back_fails_both_sides_clearly() {
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
-    let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", Some(2)).unwrap();
-    let relay = Proxy::start(&incoming.addr);
-    let o = OutOptions { rate_limit_mbit: Some(16), recover_s: Some(2), ..OutOptions::default() };
-    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
-    relay.wait_for(|accepted, _| accepted >= 7);
-    relay.cut();
+    let t = slow_push((Some(2), Some(2)));
+    t.attempt_up();
+    t.relay.cut();
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
     let err = finish(run).unwrap_err();
     assert!(err.contains("did not come back within 2 s") && err.contains("cannot complete"), "{err}");
     let err = out.wait().unwrap_err();
@@ -199,16 +218,11 @@ fn a_source_ferryd_killed_in_post_copy_is_reported_at_the_destination() {
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (mut src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
-    let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", Some(2)).unwrap();
-    let relay = Proxy::start(&incoming.addr);
-    let o = OutOptions { rate_limit_mbit: Some(16), ..OutOptions::default() };
-    let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
-    relay.wait_for(|accepted, _| accepted >= 7);
-    src.child.kill().unwrap();
-    src.child.wait().unwrap();
+    let mut t = slow_push((Some(2), None));
+    t.attempt_up();
+    t.src.child.kill().unwrap();
+    t.src.child.wait().unwrap();
+    let SlowPush { _dir, _dst, out, run, .. } = t;
     let err = finish(run).unwrap_err();
     assert!(err.contains("source did not come back") && err.contains("cannot complete"), "{err}");
     assert!(out.wait().is_err());
@@ -247,14 +261,7 @@ fn a_fault_outside_every_region_fails_the_migration_clearly() {
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
-    let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
-    let to = incoming.addr.clone();
-    // 16 Mbit/s: the migration is still in post-copy when the stray fault comes.
-    let o = OutOptions { rate_limit_mbit: Some(16), ..OutOptions::default() };
-    let (out, run) = switch_over(&src, &to, incoming, &mem, &bitmap, &o, 100..PAGES);
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = slow_push((None, None));
     // The VMM registered more than the guest memory with the same userfaultfd.
     let extra = hw::memmap::sealed_memfd("extra", PAGE).unwrap();
     let extra_map = run.uffd.map_registered(&extra).unwrap();
@@ -277,13 +284,7 @@ fn a_destination_vmm_that_goes_away_in_post_copy_fails_both_sides() {
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
-    let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
-    let to = incoming.addr.clone();
-    let o = OutOptions { rate_limit_mbit: Some(16), ..OutOptions::default() };
-    let (out, run) = switch_over(&src, &to, incoming, &mem, &bitmap, &o, 100..PAGES);
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = slow_push((None, None));
     // The VMM closes its control connection mid-push (it died, say).
     let Running { pc, map, uffd } = run;
     drop(pc);
