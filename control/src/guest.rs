@@ -245,6 +245,37 @@ pub enum Pattern {
     Sequential,
 }
 
+/// The next page a workload writes, by its pattern.
+struct Picker {
+    pattern: Pattern,
+    pages: u64,
+    rng: Rng,
+    hot_len: u64,
+    hot_start: u64,
+    cursor: u64,
+}
+
+impl Picker {
+    /// For memory of `pages` pages (at least one).
+    fn new(pattern: Pattern, pages: u64, seed: u64) -> Picker {
+        let mut rng = Rng::new(seed);
+        let (hot_len, hot_start) = ((pages / 16).max(1), rng.below(pages.max(1)));
+        Picker { pattern, pages, rng, hot_len, hot_start, cursor: 0 }
+    }
+
+    fn next(&mut self) -> u64 {
+        match self.pattern {
+            Pattern::Uniform => self.rng.below(self.pages),
+            Pattern::Hot if self.rng.below(10) < 9 => (self.hot_start + self.rng.below(self.hot_len)) % self.pages,
+            Pattern::Hot => self.rng.below(self.pages),
+            Pattern::Sequential => {
+                self.cursor = (self.cursor + 1) % self.pages;
+                self.cursor
+            }
+        }
+    }
+}
+
 /// The guest's dirty log: one bit per page, set after the page is written.
 #[derive(Debug)]
 pub struct DirtyLog {
@@ -292,22 +323,13 @@ impl Workload {
         let handle = std::thread::spawn(move || {
             let mem = map.as_mut_slice();
             let pages = (mem.len() / PAGE) as u64;
-            let mut rng = Rng::new(seed ^ 0x5eed);
-            let (hot_len, hot_start) = ((pages / 16).max(1), rng.below(pages.max(1)));
-            let (mut done, mut cursor, mut counter) = (0u64, 0u64, 1u64);
+            let mut pick = Picker::new(pattern, pages, seed ^ 0x5eed);
+            let (mut done, mut counter) = (0u64, 1u64);
             let t0 = Instant::now();
             while !flag.load(Ordering::Relaxed) && pages > 0 {
                 let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
                 while done < due {
-                    let page = match pattern {
-                        Pattern::Uniform => rng.below(pages),
-                        Pattern::Hot if rng.below(10) < 9 => (hot_start + rng.below(hot_len)) % pages,
-                        Pattern::Hot => rng.below(pages),
-                        Pattern::Sequential => {
-                            cursor = (cursor + 1) % pages;
-                            cursor
-                        }
-                    };
+                    let page = pick.next();
                     let at = page as usize * PAGE + (counter as usize % (PAGE / 8)) * 8;
                     mem[at..at + 8].copy_from_slice(&counter.to_le_bytes());
                     log.mark(page);
@@ -362,22 +384,13 @@ impl DestWorkload {
             let mem = map.as_mut_slice();
             let pages = (mem.len() / PAGE) as u64;
             let mut seen = FirstSeen { pages: vec![None; pages as usize], page_writes: 0 };
-            let mut rng = Rng::new(seed ^ 0xde57);
-            let (hot_len, hot_start) = ((pages / 16).max(1), rng.below(pages.max(1)));
-            let (mut cursor, mut counter) = (0u64, 1u64 << 40);
+            let mut pick = Picker::new(pattern, pages, seed ^ 0xde57);
+            let mut counter = 1u64 << 40;
             let t0 = Instant::now();
             while !flag.load(Ordering::Relaxed) && pages > 0 {
                 let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
                 while seen.page_writes < due && !flag.load(Ordering::Relaxed) {
-                    let page = match pattern {
-                        Pattern::Uniform => rng.below(pages),
-                        Pattern::Hot if rng.below(10) < 9 => (hot_start + rng.below(hot_len)) % pages,
-                        Pattern::Hot => rng.below(pages),
-                        Pattern::Sequential => {
-                            cursor = (cursor + 1) % pages;
-                            cursor
-                        }
-                    };
+                    let page = pick.next();
                     let at = page as usize * PAGE;
                     let slot = &mut seen.pages[page as usize];
                     if slot.is_none() {
