@@ -606,31 +606,40 @@ mod tests {
         assert_eq!(all, want);
     }
 
-    /// Hinted windows (post-copy: near the guest's faults) go first, and the cursor skips
-    /// them after: each window once; a hint of a clean window or out of range is dropped.
-    #[test]
-    fn hinted_windows_go_first_and_once() {
-        let chunk = 64 << 10;
-        let regions = regions(&[8 << 20, 1 << 20]);
+    /// Two regions (8 MiB and 1 MiB, 64 KiB windows) and a round of them with dirty pages
+    /// in region 0's windows 0, 1 and 127 (pages 0, 17, 2047) and region 1's window 15 (page
+    /// 255; its words are 32..36).
+    fn four_dirty_windows() -> Round {
         let mut dirty = vec![0u64; 36];
         dirty[0] |= 1 | 1 << 17;
         dirty[31] |= 1 << 63;
         dirty[35] |= 1 << 63;
-        let mut r = Round::new(1, regions.clone(), chunk, dirty.into(), false, None);
-        let q = Arc::new(crossbeam_queue::ArrayQueue::new(8));
-        // Region 1's page 255 (its window 15), a clean window, one past the end.
-        for g in [Round::window_of(&regions, chunk, 1, 255), 5, 10_000] {
-            q.push(g).unwrap();
-        }
-        r.hints = Some(Hints::new(q, r.windows()));
+        Round::new(1, regions(&[8 << 20, 1 << 20]), 64 << 10, dirty.into(), false, None)
+    }
+
+    /// Every window a round hands out, in order.
+    fn windows_of(r: &Round) -> Vec<(u32, u64)> {
         let mut run = RoundRun::default();
-        let got: Vec<(u32, u64)> = std::iter::from_fn(|| Worker::next_window(&mut run, &r))
+        std::iter::from_fn(|| Worker::next_window(&mut run, r))
             .filter_map(|n| match n {
                 Next::Window(region, w) => Some((region, w)),
                 Next::Clean => None,
             })
-            .collect();
-        assert_eq!(got, vec![(1, 15), (0, 0), (0, 1), (0, 127)]);
+            .collect()
+    }
+
+    /// Hinted windows (post-copy: near the guest's faults) go first, and the cursor skips
+    /// them after: each window once; a hint of a clean window or out of range is dropped.
+    #[test]
+    fn hinted_windows_go_first_and_once() {
+        let mut r = four_dirty_windows();
+        let q = Arc::new(crossbeam_queue::ArrayQueue::new(8));
+        // Region 1's page 255 (its window 15), a clean window, one past the end.
+        for g in [Round::window_of(&r.regions, r.chunk, 1, 255), 5, 10_000] {
+            q.push(g).unwrap();
+        }
+        r.hints = Some(Hints::new(q, r.windows()));
+        assert_eq!(windows_of(&r), vec![(1, 15), (0, 0), (0, 1), (0, 127)]);
     }
 
     /// A round takes the windows holding a dirty page and no other; a stopped round
@@ -638,22 +647,8 @@ mod tests {
     #[test]
     fn a_round_takes_the_dirty_windows_and_stops() {
         let chunk = 64 << 10;
-        let regions = regions(&[8 << 20, 1 << 20]);
-        // Region 0: pages 0, 17 and 2047 (windows 0, 1, 127); region 1 (words 32..36):
-        // page 255 (window 15).
-        let mut dirty = vec![0u64; 36];
-        dirty[0] |= 1 | 1 << 17;
-        dirty[31] |= 1 << 63;
-        dirty[35] |= 1 << 63;
-        let r = Round::new(1, regions, chunk, dirty.into(), false, None);
-        let mut run = RoundRun::default();
-        let got: Vec<(u32, u64)> = std::iter::from_fn(|| Worker::next_window(&mut run, &r))
-            .filter_map(|n| match n {
-                Next::Window(region, w) => Some((region, w)),
-                Next::Clean => None,
-            })
-            .collect();
-        assert_eq!(got, vec![(0, 0), (0, 1), (0, 127), (1, 15)]);
+        let r = four_dirty_windows();
+        assert_eq!(windows_of(&r), vec![(0, 0), (0, 1), (0, 127), (1, 15)]);
         // A sparse round of a large region: a step looks at SCAN_PER_STEP clean windows at
         // most, then lets other sessions go; the dirty window is found on a later step.
         let big = self::regions(&[(SCAN_PER_STEP as u64 + 100) * chunk as u64]);
