@@ -377,28 +377,28 @@ pub fn page_hash(bytes: &[u8]) -> u64 {
 impl DestWorkload {
     /// Runs the workload on `map` (the destination's memory, registered with the
     /// userfaultfd ferryd serves) at `rate` bytes of page writes per second.
-    pub fn start(mut map: hw::uffd::GuestMapping, rate: u64, pattern: Pattern, seed: u64) -> DestWorkload {
+    pub fn start(map: hw::uffd::GuestMapping, rate: u64, pattern: Pattern, seed: u64) -> DestWorkload {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mem = map.as_mut_slice();
-            let pages = (mem.len() / PAGE) as u64;
+            let pages = map.len() / PAGE as u64;
             let mut seen = FirstSeen { pages: vec![None; pages as usize], page_writes: 0 };
             let mut pick = Picker::new(pattern, pages, seed ^ 0xde57);
             let mut counter = 1u64 << 40;
+            let mut page_bytes = vec![0u8; PAGE];
             let t0 = Instant::now();
             while !flag.load(Ordering::Relaxed) && pages > 0 {
                 let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
                 while seen.page_writes < due && !flag.load(Ordering::Relaxed) {
                     let page = pick.next();
-                    let at = page as usize * PAGE;
                     let slot = &mut seen.pages[page as usize];
                     if slot.is_none() {
                         // The first touch reads the page: a fault ferry resolves.
-                        *slot = Some(page_hash(&mem[at..at + PAGE]));
+                        map.read(page * PAGE as u64, &mut page_bytes);
+                        *slot = Some(page_hash(&page_bytes));
                     }
-                    let off = at + (counter as usize % (PAGE / 8)) * 8;
-                    mem[off..off + 8].copy_from_slice(&counter.to_le_bytes());
+                    let word = page as usize * (PAGE / 8) + counter as usize % (PAGE / 8);
+                    map.words()[word].store(counter, Ordering::Relaxed);
                     counter += 1;
                     seen.page_writes += 1;
                 }

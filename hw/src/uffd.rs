@@ -292,19 +292,19 @@ impl Userfault {
 /// A VMM's shared, writable mapping of guest memory that it registered with a
 /// [`Userfault`] before anything touched it ([`Userfault::map_registered`]).
 ///
-/// Every page this mapping shows was installed by the fault handler (ferryd), which only
-/// installs a page where the mapping has none, after writing it: so bytes do not change
-/// under a borrow of the slice except by this process's own writes. The file must be
-/// sealed against shrinking, so no page of the mapping can vanish (no SIGBUS). What the
-/// handler process does is outside this process's control, as with any shared memory: the
-/// contract is ferry's, that a page is written only before it is mapped.
+/// The memory is shared with the fault handler's process (ferryd), which writes pages of
+/// the file: this process cannot know when. So the mapping is never handed out as bytes
+/// (a `&[u8]` promises that nothing changes them); it is 64-bit words accessed atomically
+/// ([`GuestMapping::words`], [`GuestMapping::read`]), which stay sound whatever another
+/// process writes. The file is sealed against shrinking, so no page of the mapping can
+/// vanish (no SIGBUS).
 pub struct GuestMapping {
-    map: memmap2::MmapMut,
+    map: memmap2::MmapRaw,
 }
 
 impl std::fmt::Debug for GuestMapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestMapping").field("addr", &self.addr()).field("len", &self.map.len()).finish()
+        f.debug_struct("GuestMapping").field("addr", &self.addr()).field("len", &self.len()).finish()
     }
 }
 
@@ -313,18 +313,41 @@ impl GuestMapping {
         self.map.as_ptr() as u64
     }
 
-    pub fn as_slice(&self) -> &[u8] {
-        &self.map
+    /// Bytes mapped (whole pages).
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.map
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// The memory as 64-bit words: a load of a page not resolved yet waits for the
+    /// handler, as the guest's access would.
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping is page-aligned and whole pages long (checked at
+        // `map_registered`), so it holds `len / 8` aligned u64s, and it stays mapped while
+        // `self` is borrowed; its file cannot shrink (sealed), so every word stays
+        // accessible. AtomicU64 has u64's size and alignment, and every access through the
+        // slice is atomic, so another process writing the file at any time is no data race
+        // in this one.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<std::sync::atomic::AtomicU64>(), self.map.len() / 8) }
+    }
+
+    /// Copies the bytes at `offset` (8-byte aligned) into `out` (a multiple of 8 bytes),
+    /// a word at a time.
+    pub fn read(&self, offset: u64, out: &mut [u8]) {
+        let first = (offset / 8) as usize;
+        for (w, o) in self.words()[first..first + out.len() / 8].iter().zip(out.chunks_exact_mut(8)) {
+            o.copy_from_slice(&w.load(std::sync::atomic::Ordering::Relaxed).to_ne_bytes());
+        }
     }
 }
 
 impl Userfault {
-    /// Maps `file` (a memory file sealed against shrinking) shared and writable, and
-    /// registers the mapping for missing and minor faults before returning it.
+    /// Maps `file` (a memory file sealed against shrinking, whole pages) shared and
+    /// writable, and registers the mapping for missing and minor faults before returning
+    /// it.
     pub fn map_registered(&self, file: &std::fs::File) -> Result<GuestMapping, String> {
         use nix::fcntl::{FcntlArg, SealFlag, fcntl};
         let seals = fcntl(file, FcntlArg::F_GET_SEALS).map_err(|e| format!("reading the guest memory's seals: {e}"))?;
@@ -335,12 +358,7 @@ impl Userfault {
         if len == 0 || len % 4096 != 0 {
             return Err(format!("the guest memory has {len} bytes: whole pages, at least one"));
         }
-        // SAFETY: the file cannot shrink (sealed, checked above), so no page of the mapping
-        // disappears. The mapping is registered below before this function returns, so no
-        // code touches a page of it before the fault handler installs it; the handler only
-        // installs pages the mapping lacks (see `GuestMapping`).
-        let map =
-            unsafe { memmap2::MmapOptions::new().len(len as usize).map_mut(file) }.map_err(|e| format!("mapping the guest memory: {e}"))?;
+        let map = memmap2::MmapOptions::new().len(len as usize).map_raw(file).map_err(|e| format!("mapping the guest memory: {e}"))?;
         self.register(map.as_ptr() as usize, map.len())?;
         Ok(GuestMapping { map })
     }
