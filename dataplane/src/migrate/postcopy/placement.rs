@@ -39,12 +39,14 @@ impl Bits {
     fn new(pages: u64) -> Bits {
         Bits((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
     }
+    // SeqCst: a fault's waiting bit and a placer's claim bit are each set by one side and
+    // read by the other afterwards; of the two, at least one sees the other's.
     fn get(&self, p: u64) -> bool {
-        self.0[(p / 64) as usize].load(Ordering::Acquire) >> (p % 64) & 1 == 1
+        self.0[(p / 64) as usize].load(Ordering::SeqCst) >> (p % 64) & 1 == 1
     }
     /// Sets the bit; whether it was clear.
     fn take(&self, p: u64) -> bool {
-        self.0[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel) >> (p % 64) & 1 == 0
+        self.0[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::SeqCst) >> (p % 64) & 1 == 0
     }
 }
 
@@ -68,8 +70,14 @@ pub(super) struct Region {
     stale: Bits,
     claimed: Bits,
     placed: Bits,
+    /// A guest thread faulted on the page while it was stale: its placer looks in
+    /// `pending` (the other placers, nearly all of them, take no lock).
+    waiting: Bits,
     hashes: PageHashes,
 }
+
+/// What a zero page is placed from.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// The fault lane's sending half in the current attempt.
 struct Link {
@@ -136,9 +144,11 @@ impl Placement {
                 size,
                 pages,
                 map: *map,
-                stale: Bits::new(pages),
+                // Built below from SWITCH's runs.
+                stale: Bits(Vec::new()),
                 claimed: Bits::new(pages),
                 placed: Bits::new(pages),
+                waiting: Bits::new(pages),
                 hashes: h,
             });
         }
@@ -283,11 +293,10 @@ impl Placement {
         if won {
             let off = page * PAGE as u64;
             let len = (reg.size - off).min(PAGE as u64) as usize;
-            let zeros = [0u8; PAGE];
             let (bytes, digest) = match content {
                 Content::Bytes(b) if b.len() == len => (b, Digest::of_page(r, page, b)),
                 Content::Bytes(b) => return Err(protocol(format!("page {page} of region {r}: {} bytes for a {len}-byte page", b.len()))),
-                Content::Zero => (&zeros[..len], Digest::of_zero_page(r, page, len)),
+                Content::Zero => (&ZERO_PAGE[..len], Digest::of_zero_page(r, page, len)),
             };
             reg.file.write_all_at(bytes, off).map_err(|e| SessionError::io(format!("placing page {page} of region {r}"), e))?;
             reg.hashes.set(page, digest);
@@ -306,7 +315,10 @@ impl Placement {
                 log::info!("post-copy: every page is local after {:.3} s", self.switched.elapsed().as_secs_f64());
             }
         }
-        if let Some(t) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&(r, page))
+        // Checked after the claim: a fault that set its bit after this look sees the claim
+        // and takes its own entry out (see `on_fault`).
+        if reg.waiting.get(page)
+            && let Some(t) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&(r, page))
             && won
         {
             self.latency.lock().unwrap_or_else(|p| p.into_inner()).saturating_record(t.elapsed().as_micros() as u64);
@@ -336,11 +348,13 @@ impl Placement {
         let reg = &self.regions[r as usize];
         if reg.stale.get(page) && !reg.placed.get(page) {
             if !reg.claimed.get(page) {
+                // Set before the entry and before looking at the claim again: a placer that
+                // claims the page after this look sees the bit (see `place`).
+                reg.waiting.take(page);
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 let new = !pending.contains_key(&(r, page));
                 pending.entry((r, page)).or_insert_with(Instant::now);
                 drop(pending);
-                // Placed meanwhile: its mapping woke the thread, or the local path below does.
                 if !reg.claimed.get(page) {
                     if new {
                         self.remote_faults.fetch_add(1, Ordering::Relaxed);
@@ -348,6 +362,9 @@ impl Placement {
                     }
                     return Ok(());
                 }
+                // Claimed meanwhile: its placer may have looked before the bit was set, so
+                // the entry goes here (its mapping woke the thread, or the path below does).
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&(r, page));
             }
             // Claimed: its placer is writing it and maps it in a moment (unless the attempt
             // failed under it: the placement is being torn down then).
