@@ -124,6 +124,34 @@ impl WindowFeed {
     }
 }
 
+/// One bit per item (page, window), set by any thread: whoever sets a bit first knows it.
+/// SeqCst, so two threads that each set one bit and then read the other's agree on an
+/// order (post-copy's claim and waiting bits rely on that).
+#[derive(Debug)]
+pub(crate) struct AtomicBits(Vec<AtomicU64>);
+
+impl AtomicBits {
+    /// `n` clear bits.
+    pub(crate) fn new(n: u64) -> AtomicBits {
+        AtomicBits((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The bits of `words`, as they are.
+    pub(crate) fn from_words(words: Vec<u64>) -> AtomicBits {
+        AtomicBits(words.into_iter().map(AtomicU64::new).collect())
+    }
+
+    pub(crate) fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize].load(Ordering::SeqCst) >> (i % 64) & 1 == 1
+    }
+
+    /// Sets bit `i`; whether it was clear before.
+    pub(crate) fn take(&self, i: u64) -> bool {
+        let bit = 1u64 << (i % 64);
+        self.0[(i / 64) as usize].fetch_or(bit, Ordering::SeqCst) & bit == 0
+    }
+}
+
 /// The bits of bitmap word `i` that fall in pages `first..end`.
 pub(crate) fn word_mask(i: u64, first: u64, end: u64) -> u64 {
     let lo = first.saturating_sub(i * 64).min(64);
@@ -186,19 +214,14 @@ pub(crate) struct Round {
 pub(crate) struct Hints {
     /// Window numbers (of [`WindowFeed`]'s numbering), pushed by whoever learns of faults.
     pub queue: Arc<crossbeam_queue::ArrayQueue<u64>>,
-    taken: Vec<AtomicU64>,
+    /// Windows sent already (of the round's `windows`).
+    taken: AtomicBits,
 }
 
 impl Hints {
     /// Hints from `queue` for a round of `windows` windows.
     pub(crate) fn new(queue: Arc<crossbeam_queue::ArrayQueue<u64>>, windows: u64) -> Hints {
-        Hints { queue, taken: (0..windows.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
-    }
-
-    /// Takes window `g`; whether it was not taken before.
-    fn take(&self, g: u64) -> bool {
-        let bit = 1u64 << (g % 64);
-        self.taken.get((g / 64) as usize).is_some_and(|w| w.fetch_or(bit, Ordering::AcqRel) & bit == 0)
+        Hints { queue, taken: AtomicBits::new(windows) }
     }
 }
 
@@ -343,7 +366,7 @@ impl Worker {
     fn next_window(run: &mut RoundRun, r: &Round) -> Option<Next> {
         if let Some(h) = &r.hints {
             while let Some(g) = h.queue.pop() {
-                if g < r.windows() && h.take(g) {
+                if g < r.windows() && h.taken.take(g) {
                     let (region, w) = r.feed.window(g);
                     if r.window_dirty(region, w) {
                         return Some(Next::Window(region, w));
@@ -353,7 +376,7 @@ impl Worker {
         }
         for _ in 0..SCAN_PER_STEP {
             if let Some(g) = run.block.next() {
-                if r.hints.as_ref().is_some_and(|h| !h.take(g)) {
+                if r.hints.as_ref().is_some_and(|h| !h.taken.take(g)) {
                     continue;
                 }
                 let (region, w) = r.feed.window(g);

@@ -549,7 +549,7 @@ impl<'a> Source<'a> {
         let (needed, placed) = super::postcopy::recv_runs(&mut ctl, Kind::Needed, &mut buf)?;
         *reached = true;
         let pages: Vec<u64> = self.regions.iter().map(|r| super::pages(r.size)).collect();
-        let dirty = super::postcopy::runs_to_bitmap(&needed, &pages)?;
+        let dirty = super::postcopy::runs_to_bitmap(&needed, &pages, "NEEDED")?;
         log::info!(
             "post-copy attempt {}: the destination placed {placed} page(s) and needs {}",
             self.postcopy.attempts,

@@ -116,9 +116,9 @@ pub(crate) fn recv_runs_after(ctl: &mut Ctl, kind: Kind, buf: &mut Vec<u8>) -> R
     Ok((runs, head.count.get()))
 }
 
-/// The dirty bitmap (words of every region in turn) that `runs` mark, for regions of
-/// `pages` pages each.
-pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64]) -> Result<Vec<u64>, SessionError> {
+/// The bitmap (words of every region in turn) that `runs` mark, for regions of `pages`
+/// pages each; a run outside them is refused, named as `what`'s (SWITCH, NEEDED).
+pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64], what: &str) -> Result<Vec<u64>, SessionError> {
     let starts: Vec<usize> = pages
         .iter()
         .scan(0usize, |at, &p| {
@@ -132,13 +132,13 @@ pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64]) -> Result<Vec<u64>
     for run in runs {
         let (r, first, n) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
         let Some(&total) = pages.get(r) else {
-            return Err(protocol(format!("NEEDED names region {r}; the guest has {}", pages.len())));
+            return Err(protocol(format!("{what} names region {r}; the guest has {}", pages.len())));
         };
-        if n == 0 || first.checked_add(n).is_none_or(|e| e > total) {
-            return Err(protocol(format!("NEEDED names pages {first}+{n} of region {r}, which has {total}")));
-        }
-        for p in first..first + n {
-            bits[starts[r] + (p / 64) as usize] |= 1 << (p % 64);
+        let Some(end) = first.checked_add(n).filter(|&e| n > 0 && e <= total) else {
+            return Err(protocol(format!("{what} names pages {first}+{n} of region {r}, which has {total}")));
+        };
+        for k in first / 64..end.div_ceil(64) {
+            bits[starts[r] + k as usize] |= crate::worker::word_mask(k, first, end);
         }
     }
     Ok(bits)
@@ -161,16 +161,19 @@ mod tests {
     #[test]
     fn needed_runs_make_a_checked_bitmap() {
         // Regions of 70 and 3 pages: words 0-1, then word 2.
-        let bits = runs_to_bitmap(&[run(0, 63, 2), run(1, 2, 1)], &[70, 3]).unwrap();
+        let bits = runs_to_bitmap(&[run(0, 63, 2), run(1, 2, 1)], &[70, 3], "NEEDED").unwrap();
         assert_eq!(bits, vec![1 << 63, 1, 1 << 2]);
+        // Whole words, and a run across three.
+        let bits = runs_to_bitmap(&[run(0, 3, 2), run(0, 60, 70)], &[130], "SWITCH").unwrap();
+        assert_eq!(bits, vec![0b11000 | (0b1111 << 60), u64::MAX, 0b11]);
         for (bad, want) in [
             (run(2, 0, 1), "region 2"),
             (run(1, 2, 2), "pages 2+2 of region 1"),
             (run(0, u64::MAX, 1), "of region 0"),
             (run(0, 0, 0), "pages 0+0"),
         ] {
-            let err = runs_to_bitmap(&[bad], &[70, 3]).unwrap_err().to_string();
-            assert!(err.contains(want), "{err}");
+            let err = runs_to_bitmap(&[bad], &[70, 3], "NEEDED").unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("NEEDED names"), "{err}");
         }
     }
 }

@@ -25,40 +25,12 @@ use crate::lane::Payload;
 use crate::migrate::PageHashes;
 use crate::session::seal::Seal;
 use crate::wire::{self, Encoding, Kind, Layout, RdmaRun};
+use crate::worker::AtomicBits;
 
 /// A stale page's content as it arrived.
 enum Content<'a> {
     Bytes(&'a [u8]),
     Zero,
-}
-
-/// One bit per page.
-struct Bits(Vec<AtomicU64>);
-
-impl Bits {
-    fn new(pages: u64) -> Bits {
-        Bits((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-    }
-    // SeqCst: a fault's waiting bit and a placer's claim bit are each set by one side and
-    // read by the other afterwards; of the two, at least one sees the other's.
-    fn get(&self, p: u64) -> bool {
-        self.0[(p / 64) as usize].load(Ordering::SeqCst) >> (p % 64) & 1 == 1
-    }
-    /// Sets the bit; whether it was clear.
-    fn take(&self, p: u64) -> bool {
-        self.0[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::SeqCst) >> (p % 64) & 1 == 0
-    }
-}
-
-/// Sets bits `from..to` of `words`, a whole word at a time where it can.
-fn set_run(words: &mut [u64], from: u64, to: u64) {
-    let mut p = from;
-    while p < to {
-        let (w, lo) = ((p / 64) as usize, p % 64);
-        let hi = (to - (p - lo)).min(64);
-        words[w] |= if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-        p += hi - lo;
-    }
 }
 
 /// One region of the guest memory on the destination.
@@ -67,12 +39,12 @@ pub(super) struct Region {
     pub(super) size: u64,
     pages: u64,
     map: Mapping,
-    stale: Bits,
-    claimed: Bits,
-    placed: Bits,
+    stale: AtomicBits,
+    claimed: AtomicBits,
+    placed: AtomicBits,
     /// A guest thread faulted on the page while it was stale: its placer looks in
     /// `pending` (the other placers, nearly all of them, take no lock).
-    waiting: Bits,
+    waiting: AtomicBits,
     hashes: PageHashes,
 }
 
@@ -145,28 +117,22 @@ impl Placement {
                 pages,
                 map: *map,
                 // Built below from SWITCH's runs.
-                stale: Bits(Vec::new()),
-                claimed: Bits::new(pages),
-                placed: Bits::new(pages),
-                waiting: Bits::new(pages),
+                stale: AtomicBits::new(0),
+                claimed: AtomicBits::new(pages),
+                placed: AtomicBits::new(pages),
+                waiting: AtomicBits::new(pages),
                 hashes: h,
             });
         }
-        // The stale bits are built as plain words, a run's whole words at a time.
-        let mut words: Vec<Vec<u64>> = regions.iter().map(|r| vec![0u64; r.pages.div_ceil(64) as usize]).collect();
-        for run in stale {
-            let (r, first, len) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
-            let pages =
-                regions.get(r).map(|reg| reg.pages).ok_or_else(|| format!("SWITCH names region {r}; the guest has {}", memory.len()))?;
-            if first.checked_add(len).is_none_or(|e| e > pages) || len == 0 {
-                return Err(format!("SWITCH names pages {first}+{len} of region {r}, which has {pages}"));
-            }
-            set_run(&mut words[r], first, first + len);
-        }
+        // SWITCH's runs, checked against the regions, as one bitmap; each region's words
+        // become its stale bits.
+        let pages: Vec<u64> = regions.iter().map(|r| r.pages).collect();
+        let mut words = super::runs_to_bitmap(stale, &pages, "SWITCH").map_err(|e| e.to_string())?.into_iter();
         let mut n = 0;
-        for (reg, w) in regions.iter_mut().zip(words) {
+        for reg in &mut regions {
+            let w: Vec<u64> = words.by_ref().take(reg.pages.div_ceil(64) as usize).collect();
             n += w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
-            reg.stale = Bits(w.into_iter().map(AtomicU64::new).collect());
+            reg.stale = AtomicBits::from_words(w);
         }
         let pc = Placement {
             regions,
@@ -470,21 +436,5 @@ impl Placement {
             attempts,
             fault_latency: Some(h.clone()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn runs_set_exactly_their_bits() {
-        let mut w = vec![0u64; 3];
-        super::set_run(&mut w, 3, 5);
-        super::set_run(&mut w, 60, 130);
-        assert_eq!(w[0], 0b11000 | (0b1111 << 60));
-        assert_eq!(w[1], u64::MAX);
-        assert_eq!(w[2], 0b11);
-        let mut v = vec![0u64; 1];
-        super::set_run(&mut v, 0, 64);
-        assert_eq!(v[0], u64::MAX);
     }
 }
