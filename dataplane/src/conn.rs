@@ -79,8 +79,14 @@ impl SessionError {
 /// Writes one sealed frame (header with its CRC, the payload, the tag) with one `writev`.
 pub fn write_frame(w: &mut impl Write, tx: &mut Seal, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
     let h = Header::new(kind, payload.len() as u32).seal(payload);
-    let tag = tx.tag(&h, [payload]);
-    write_all_vectored(w, &[h.as_bytes(), payload, &tag]).map_err(|e| SessionError::io(format!("sending {kind:?}"), e))
+    write_sealed(w, tx, &h, payload).map_err(|e| SessionError::io(format!("sending {kind:?}"), e))
+}
+
+/// Writes a frame whose header is built and sealed already (an encoder's DATA frame), its
+/// payload and its tag, with one `writev`.
+pub fn write_sealed(w: &mut impl Write, tx: &mut Seal, h: &Header, payload: &[u8]) -> io::Result<()> {
+    let tag = tx.tag(h, [payload]);
+    write_all_vectored(w, &[h.as_bytes(), payload, &tag])
 }
 
 /// Writes one frame of the handshake (no tag: no keys exist yet).

@@ -5,13 +5,13 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use zerocopy::IntoBytes;
-
 use super::protocol;
-use crate::conn::{FrameReader, SessionError};
+use crate::conn::{FrameReader, SessionError, write_sealed};
+use crate::encode::{Compressor, Encoder};
 use crate::engine::PAGE;
+use crate::plan::Compression;
 use crate::session::seal::Keys;
-use crate::wire::{self, Encoding, Kind, RdmaRun};
+use crate::wire::{self, Kind, RdmaRun};
 
 /// Windows the push sends first, at most, waiting at once.
 pub(crate) const HINTS: usize = 4096;
@@ -44,7 +44,10 @@ pub(crate) fn answer_fetches(
     // by `stop` and a shutdown), not for a data connection's idle timeout.
     s.set_read_timeout(None).map_err(|e| SessionError::io("configuring the fault lane", e))?;
     let mut reader = FrameReader::new(64 << 10, 4096, rx);
-    let mut page = vec![0u8; PAGE];
+    // A FETCH asks for a chunk's pages at most: their frames fit the session's layout.
+    let max_fetch = (near.chunk / PAGE).max(1) as u64;
+    let mut pages = vec![0u8; max_fetch as usize * PAGE];
+    let (mut enc, mut z) = (Encoder::new(Compression::Off), Compressor::new(pages.len()));
     let mut answered = 0;
     while !stop.load(Ordering::Relaxed) {
         let (_, kind, payload) = match reader.next(&mut s, "reading the fault lane") {
@@ -59,27 +62,20 @@ pub(crate) fn answer_fetches(
         };
         let (r, first, n) = (run.region.get(), run.first.get(), u64::from(run.pages.get()));
         let region = regions.get(r as usize).ok_or_else(|| protocol(format!("FETCH of region {r}")))?;
-        if n == 0 || n > 64 || first.checked_add(n).is_none_or(|e| e > crate::migrate::pages(region.size)) {
+        if n == 0 || n > max_fetch || first.checked_add(n).is_none_or(|e| e > crate::migrate::pages(region.size)) {
             return Err(protocol(format!("FETCH of pages {first}+{n} of region {r}")));
         }
-        for p in first..first + n {
-            let off = p * PAGE as u64;
-            let len = (region.size - off).min(PAGE as u64) as usize;
-            region
-                .memory
-                .read_exact_at(&mut page[..len], off)
-                .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
-            let bytes = &page[..len];
-            let h = if bytes.iter().all(|&b| b == 0) {
-                wire::Header::data(Encoding::Zero, r, off, len as u32, 0).seal(&[])
-            } else {
-                wire::Header::data(Encoding::Raw, r, off, len as u32, len as u32).seal(bytes)
-            };
-            let body: &[u8] = if h.encoding == Encoding::Zero as u8 { &[] } else { bytes };
-            let tag = tx.tag(&h, [body]);
-            crate::conn::write_all_vectored(&mut w, &[h.as_bytes(), body, &tag]).map_err(|e| SessionError::io("answering a fault", e))?;
-            answered += 1;
-        }
+        // The pages in one read, framed by the encoder (zero pages as such, no compression:
+        // a fault waits for this).
+        let (off, end) = (first * PAGE as u64, ((first + n) * PAGE as u64).min(region.size));
+        let bytes = &mut pages[..(end - off) as usize];
+        region
+            .memory
+            .read_exact_at(bytes, off)
+            .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
+        enc.encode(&mut z, r, off, PAGE, bytes, &mut |h, payload| write_sealed(&mut w, &mut tx, &h, payload))
+            .map_err(|e| SessionError::io("answering a fault", e))?;
+        answered += n;
         let g = crate::worker::Round::window_of(regions, near.chunk, r as usize, first);
         for w in g..g + HINT_WINDOWS {
             // A full queue drops the hint: the cursor still sends the window.
