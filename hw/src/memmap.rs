@@ -57,12 +57,9 @@ impl OwnedMemory {
     /// `len` zeroed bytes in a new memfd called `name`.
     pub fn new(name: &str, len: u64) -> io::Result<OwnedMemory> {
         use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-        use nix::sys::memfd::{MFdFlags, memfd_create};
-        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).map_err(io::Error::from)?;
-        let file = File::from(fd);
-        file.set_len(len)?;
-        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-        fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(io::Error::from)?;
+        let file = sealed_memfd(name, len)?;
+        // And no seal may be taken away or added (a write seal would fail our writes).
+        fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SEAL)).map_err(io::Error::from)?;
         let map = if len == 0 {
             None
         } else {
