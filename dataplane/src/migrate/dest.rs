@@ -151,9 +151,7 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
                 "the destination VMM did not take its memory ({why}); the source keeps the guest"
             )));
         }
-        let size = incoming.report.bytes;
-        let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 1.into(), _pad: 0.into() };
-        ctl.send(Kind::Result, result.as_bytes())?;
+        result_ok(&mut ctl, digest, incoming.report.bytes)?;
         Ok(incoming)
     });
     match &r {
@@ -425,30 +423,9 @@ fn rounds(
     let mut started = Instant::now();
     loop {
         let round = reports.len() as u32;
-        // A lane that failed shut the control connection down to wake this read; its
-        // error is the one to report.
-        // The failure a lane (or the VMM's watcher) reported, if any: it is the one to
-        // report, not what it broke on its way.
-        let lane_error = |e: SessionError| loop {
-            match rx.try_recv() {
-                Ok(Err(lane)) => break lane,
-                Ok(Ok(_)) => continue,
-                Err(_) => break e,
-            }
-        };
         // The next ROUND, unless a lane or the VMM says the session is over first.
-        let mut fds = [PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN), PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
-        let ms = i32::try_from(ROUND_IDLE_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
-        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
-            Ok(0) => {
-                return Err(SessionError::TimedOut { op: format!("waiting for round {round}"), secs: ROUND_IDLE_TIMEOUT.as_secs() });
-            }
-            Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => {
-                return Err(lane_error(SessionError::Protocol("a lane failed".into())));
-            }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(SessionError::io("waiting for the next round", e.into())),
-        }
+        await_control(ctl, woken, &[], rx, Some(ROUND_IDLE_TIMEOUT), &format!("waiting for round {round}"))?;
+        let lane_error = |e| lane_error(rx, e);
         let h = ctl.expect_any(&[Kind::Round, Kind::Switch], &mut buf).map_err(lane_error)?;
         if h.kind == Kind::Switch as u8 {
             // The source's lanes ended (LANE_END) before SWITCH: post-copy from here.
@@ -464,16 +441,7 @@ fn rounds(
         if r.round.get() != round {
             return Err(SessionError::Protocol(format!("ROUND {} arrived; round {round} was next", r.round.get())));
         }
-        let mut sum = RoundCounts::default();
-        for _ in 0..lanes {
-            let (n, got, c) = rx
-                .recv_timeout(ROUND_IDLE_TIMEOUT)
-                .map_err(|_| SessionError::Protocol(format!("the lanes did not end round {round}")))??;
-            if got != round {
-                return Err(SessionError::Protocol(format!("lane {n} ended round {got} during round {round}")));
-            }
-            sum += c;
-        }
+        let sum = round_ends(rx, lanes, Some(round))?;
         let claimed: u64 = targets.iter().map(|t| t.dest.pages_claimed()).sum();
         if sum.pages != r.pages.get() || claimed != sum.pages || (round == 0 && claimed != all_pages) {
             return Err(SessionError::Protocol(format!(
@@ -490,41 +458,130 @@ fn rounds(
         let ok = wire::RoundOk { round: round.into(), _pad: 0.into(), pages: sum.pages.into() };
         ctl.send(Kind::RoundOk, ok.as_bytes())?;
         let last = r.last.get() == 1;
-        let seconds = started.elapsed().as_secs_f64();
-        let dirty_bytes = (sum.pages * PAGE as u64).min(size);
-        reports.push(RoundReport {
-            round,
-            last,
-            dirty_pages: sum.pages,
-            dirty_bytes,
-            zero_pages: sum.zero_pages,
-            wire_bytes: sum.wire_bytes,
-            compressed_in_bytes: sum.compressed_in,
-            compressed_out_bytes: sum.compressed_out,
-            frames: sum.frames,
-            seconds,
-            gbps: dirty_bytes as f64 / seconds / 1e9,
-            ..RoundReport::default()
-        });
+        reports.push(received_round(round, last, &sum, started.elapsed().as_secs_f64(), size));
         if last {
             break;
         }
         started = Instant::now();
     }
-    ctl.expect(Kind::Done, &mut buf)?;
-    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
     let digest: Digest = targets.iter().map(|t| t.hashes.fold()).sum();
+    check_done(ctl, &mut buf, digest, size)?;
+    // RESULT (success) goes out once the destination VMM holds the memory: see accept.
+    if let Some(last) = reports.last_mut() {
+        last.seconds += started.elapsed().as_secs_f64();
+    }
+    Ok((reports, Ended::Verified(digest)))
+}
+
+/// What [`await_control`] saw stir first.
+pub(super) enum Stirred {
+    /// The control connection: its next frame can be read.
+    Control,
+    /// `extra[i]`.
+    Watched(usize),
+}
+
+/// Waits until the control connection has its next frame, for `timeout` at most (none: no
+/// limit), unless first an `extra` descriptor stirs (in their order), or a lane fails (a
+/// byte on `woken`: its error is returned).
+pub(super) fn await_control(
+    ctl: &Ctl,
+    woken: &UnixStream,
+    extra: &[BorrowedFd<'_>],
+    rx: &mpsc::Receiver<LaneMsg>,
+    timeout: Option<std::time::Duration>,
+    what: &str,
+) -> Result<Stirred, SessionError> {
+    let stirred = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+    let limit = timeout
+        .map_or(PollTimeout::NONE, |t| PollTimeout::try_from(t.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX));
+    loop {
+        let mut fds: Vec<PollFd<'_>> = extra.iter().map(|w| PollFd::new(*w, PollFlags::POLLIN)).collect();
+        fds.push(PollFd::new(woken.as_fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN));
+        match poll(&mut fds, limit) {
+            Ok(0) => return Err(SessionError::TimedOut { op: what.into(), secs: timeout.map_or(0, |t| t.as_secs()) }),
+            Ok(_) => {
+                if let Some(i) = fds[..extra.len()].iter().position(stirred) {
+                    return Ok(Stirred::Watched(i));
+                }
+                if stirred(&fds[extra.len()]) {
+                    return Err(lane_error(rx, SessionError::Protocol("a lane failed".into())));
+                }
+                return Ok(Stirred::Control);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SessionError::io(what, e.into())),
+        }
+    }
+}
+
+/// The failure a lane (or the VMM's watcher) reported, if any: it is the one to report,
+/// not `e`, which is only what it broke on its way.
+pub(super) fn lane_error(rx: &mpsc::Receiver<LaneMsg>, e: SessionError) -> SessionError {
+    loop {
+        match rx.try_recv() {
+            Ok(Err(lane)) => return lane,
+            Ok(Ok(_)) => continue,
+            Err(_) => return e,
+        }
+    }
+}
+
+/// What `lanes` lanes counted in a round, once each has ended it (`round`: the one each
+/// must have ended; none for post-copy's push, numbered by the source).
+pub(super) fn round_ends(rx: &mpsc::Receiver<LaneMsg>, lanes: u16, round: Option<u32>) -> Result<RoundCounts, SessionError> {
+    let name = round.map_or_else(|| "the push round".to_string(), |r| format!("round {r}"));
+    let mut sum = RoundCounts::default();
+    for _ in 0..lanes {
+        let (n, got, c) =
+            rx.recv_timeout(ROUND_IDLE_TIMEOUT).map_err(|_| SessionError::Protocol(format!("the lanes did not end {name}")))??;
+        if round.is_some_and(|r| r != got) {
+            return Err(SessionError::Protocol(format!("lane {n} ended round {got} during {name}")));
+        }
+        sum += c;
+    }
+    Ok(sum)
+}
+
+/// A round as this side received it, for the report.
+pub(super) fn received_round(round: u32, last: bool, sum: &RoundCounts, seconds: f64, size: u64) -> RoundReport {
+    let dirty_bytes = (sum.pages * PAGE as u64).min(size);
+    RoundReport {
+        round,
+        last,
+        dirty_pages: sum.pages,
+        dirty_bytes,
+        zero_pages: sum.zero_pages,
+        wire_bytes: sum.wire_bytes,
+        compressed_in_bytes: sum.compressed_in,
+        compressed_out_bytes: sum.compressed_out,
+        frames: sum.frames,
+        seconds,
+        gbps: dirty_bytes as f64 / seconds / 1e9,
+        ..RoundReport::default()
+    }
+}
+
+/// DONE's digest against `digest`, this side's of the `size` bytes: on a mismatch,
+/// RESULT says so and the mismatch is the error. Success's RESULT is the caller's to send
+/// ([`result_ok`]), once the data is where its user reads it.
+pub(super) fn check_done(ctl: &mut Ctl, buf: &mut Vec<u8>, digest: Digest, size: u64) -> Result<(), SessionError> {
+    ctl.expect(Kind::Done, buf)?;
+    let done: wire::Digest = wire::parse(Kind::Done, buf)?;
     let source = Digest::from_bytes(done.digest);
     if digest != source || done.bytes.get() != size {
         let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
         ctl.send(Kind::Result, result.as_bytes())?;
         return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
     }
-    // RESULT (success) goes out once the destination VMM holds the memory: see accept.
-    if let Some(last) = reports.last_mut() {
-        last.seconds += started.elapsed().as_secs_f64();
-    }
-    Ok((reports, Ended::Verified(digest)))
+    Ok(())
+}
+
+/// RESULT: the destination holds the `size` bytes of `digest` where its user reads them.
+pub(super) fn result_ok(ctl: &mut Ctl, digest: Digest, size: u64) -> Result<(), SessionError> {
+    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 1.into(), _pad: 0.into() };
+    ctl.send(Kind::Result, result.as_bytes())
 }
 
 /// One region of the incoming memory: its writer and its page hashes.

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
 use super::placement::Placement;
@@ -17,7 +16,6 @@ use super::{DEFAULT_RECOVER, PostcopyReport, is_link_failure, protocol, send_run
 use crate::conn::{Ctl, FrameReader, SessionError};
 use crate::digest::Digest;
 use crate::encode::Decoder;
-use crate::engine::PAGE;
 use crate::lane::Payload;
 use crate::migrate::PageHashes;
 use crate::migrate::dest::LaneMsg;
@@ -273,36 +271,15 @@ fn push_round(
     pc: &Placement,
     t: Instant,
 ) -> Result<(Vec<crate::migrate::RoundReport>, Digest), SessionError> {
+    use crate::migrate::dest::{Stirred, await_control, lane_error, round_ends};
     let mut buf = Vec::new();
-    let lane_error = |e: SessionError| loop {
-        match rx.try_recv() {
-            Ok(Err(lane)) => break lane,
-            Ok(Ok(_)) => continue,
-            Err(_) => break e,
-        }
-    };
-    let stirred = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-    loop {
-        // The fault thread's failure, then the destination VMM (if watched).
-        let mut fds = vec![PollFd::new(ctl.s.as_fd(), PollFlags::POLLIN), PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
-        fds.extend(watch.iter().map(|w| PollFd::new(*w, PollFlags::POLLIN)));
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) if stirred(&fds[2]) => return Err(pc.failed()),
-            Ok(_) if fds.len() > 3 && stirred(&fds[3]) => return Err(vmm_gone_in_postcopy()),
-            Ok(_) if stirred(&fds[1]) => return Err(lane_error(protocol("a lane failed".into()))),
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(SessionError::io("waiting for the push round", e.into())),
-        }
+    // The fault thread's failure, then the destination VMM (if watched), come first.
+    if let Stirred::Watched(i) = await_control(ctl, woken, watch, rx, None, "waiting for the push round")? {
+        return Err(if i == 0 { pc.failed() } else { vmm_gone_in_postcopy() });
     }
-    ctl.expect(Kind::Round, &mut buf).map_err(lane_error)?;
+    ctl.expect(Kind::Round, &mut buf).map_err(|e| lane_error(rx, e))?;
     let r: wire::Round = wire::parse(Kind::Round, &buf)?;
-    let mut sum = crate::migrate::RoundCounts::default();
-    for _ in 0..data_lanes {
-        let (_, _, c) =
-            rx.recv_timeout(crate::migrate::ROUND_IDLE_TIMEOUT).map_err(|_| protocol("the lanes did not end the push round".into()))??;
-        sum += c;
-    }
+    let sum = round_ends(rx, data_lanes, None)?;
     if sum.pages != r.pages.get() || r.last.get() != 1 {
         return Err(protocol(format!("the push round: the source counted {} pages, the lanes {}", r.pages.get(), sum.pages)));
     }
@@ -317,31 +294,12 @@ fn push_round(
     }
     let ok = wire::RoundOk { round: r.round, _pad: 0.into(), pages: sum.pages.into() };
     ctl.send(Kind::RoundOk, ok.as_bytes())?;
-    ctl.expect(Kind::Done, &mut buf)?;
-    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
     let digest = pc.digest();
     let size: u64 = pc.regions.iter().map(|r| r.size).sum();
-    let source = Digest::from_bytes(done.digest);
-    let ok = digest == source && done.bytes.get() == size;
-    let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: u32::from(ok).into(), _pad: 0.into() };
-    ctl.send(Kind::Result, result.as_bytes())?;
-    if !ok {
-        return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
-    }
-    let seconds = t.elapsed().as_secs_f64();
-    let dirty_bytes = sum.pages * PAGE as u64;
-    let report = crate::migrate::RoundReport {
-        round: r.round.get(),
-        last: true,
-        dirty_pages: sum.pages,
-        dirty_bytes,
-        zero_pages: sum.zero_pages,
-        wire_bytes: sum.wire_bytes,
-        frames: sum.frames,
-        seconds,
-        gbps: dirty_bytes as f64 / seconds / 1e9,
-        ..crate::migrate::RoundReport::default()
-    };
+    crate::migrate::dest::check_done(ctl, &mut buf, digest, size)?;
+    // Every page is placed in the guest's memory: the source may know.
+    crate::migrate::dest::result_ok(ctl, digest, size)?;
+    let report = crate::migrate::dest::received_round(r.round.get(), true, &sum, t.elapsed().as_secs_f64(), size);
     Ok((vec![report], digest))
 }
 
