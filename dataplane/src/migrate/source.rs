@@ -273,10 +273,7 @@ impl<'a> Source<'a> {
         let layout = Layout { page_size: PAGE as u32, max_chunk: chunk as u32, regions: regions.iter().map(|r| r.size).collect() };
         let lanes = n_workers * per_worker;
         let transport = if rp.is_some() { wire::DataTransport::Rdma } else { wire::DataTransport::Tcp };
-        ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, transport))?;
-        let mut buf = Vec::new();
-        ctl.expect(Kind::SessionOk, &mut buf)?;
-        let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+        let session = describe(&mut ctl, &layout, lanes, transport)?;
         // Without ferryd's workers, the session's own, for its lifetime (an embedded run).
         let pool = match opts.pool {
             Some(p) => Workers::Shared(p),
@@ -561,9 +558,7 @@ impl<'a> Source<'a> {
         let lanes = n_workers * per_worker + 1;
         let layout =
             Layout { page_size: PAGE as u32, max_chunk: self.chunk as u32, regions: self.regions.iter().map(|r| r.size).collect() };
-        ctl.send(Kind::Session, &wire::session_payload(&layout, lanes as u16, wire::DataTransport::Tcp))?;
-        ctl.expect(Kind::SessionOk, &mut buf)?;
-        let session = wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get();
+        let session = describe(&mut ctl, &layout, lanes, wire::DataTransport::Tcp)?;
         let live = crate::live::session(crate::live::Role::MigrateOut, session, n_workers);
         // The fault lane first, answering at once: faults that came since the switch-over
         // wait for it, not for the push's lanes as well.
@@ -918,6 +913,15 @@ fn rdma_runs(
         frame(&buf)?;
     }
     Ok(n)
+}
+
+/// SESSION: the session's layout, its lanes and their transport; the destination's id
+/// for it (SESSION_OK).
+fn describe(ctl: &mut Ctl, layout: &Layout, lanes: usize, transport: wire::DataTransport) -> Result<u64, SessionError> {
+    ctl.send(Kind::Session, &wire::session_payload(layout, lanes as u16, transport))?;
+    let mut buf = Vec::new();
+    ctl.expect(Kind::SessionOk, &mut buf)?;
+    Ok(wire::parse::<wire::SessionOk>(Kind::SessionOk, &buf)?.session.get())
 }
 
 /// The TCP lanes of session `session` for `n_workers` workers of `per_worker` lanes each:
