@@ -333,9 +333,13 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let paused = Instant::now();
     let last = harvest(&log)?;
     progress(format!("guest paused; {last} pages dirtied since the last round"));
-    let run = Run { a, size, t0, paused, cpu0, image, page_writes, plan: &plan, src: &src, dst: &dst };
+    let run = Run { a, size, t0, paused, cpu0, image, page_writes, rounds, mem: &mem, plan: &plan, src: &src, dst: &dst };
     if a.postcopy {
-        return postcopy(run, out, waiter, map, &mem, rounds, progress, running).map_err(with_logs);
+        // The paused guest is read through `mem`; its mapping goes after, not in the
+        // switch-over's downtime (unmapping a large guest takes milliseconds).
+        let r = postcopy(run, out, DestinationVmm { waiter, running }, progress).map_err(with_logs);
+        drop(map);
+        return r;
     }
     let source = out.finish().map_err(with_logs)?;
     let ((memory, destination), resumed) = match waiter.join().expect("waiter thread panicked") {
@@ -359,7 +363,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         .map_err(|m: Vec<File>| fail(format!("the destination handed over {} memory regions, the guest has 1", m.len())))?;
     compare(&mem, &memory, size).map_err(fail)?;
     let verify_seconds = tv.elapsed().as_secs_f64();
-    Ok(report(&run, source, destination, total, downtime * 1e3, cpu, verify_seconds, None))
+    Ok(report(&run, source, destination, Measured { total, downtime_ms: downtime * 1e3, cpu, verify_seconds }, None))
 }
 
 /// What one demo run measured, for its report.
@@ -371,6 +375,10 @@ struct Run<'a> {
     cpu0: f64,
     image: ImageStats,
     page_writes: u64,
+    /// Pre-copy rounds run.
+    rounds: u32,
+    /// The paused guest's memory, read-only.
+    mem: &'a File,
     plan: &'a dataplane::plan::Plan,
     src: &'a Ferryd,
     dst: &'a Ferryd,
@@ -378,10 +386,28 @@ struct Run<'a> {
 
 /// What the destination VMM's thread got.
 enum Arrived {
+    /// Pre-copy: the verified memory and the report.
     Memory(Vec<File>, MigrationReport),
-    /// Post-copy: the mapping the guest runs on (registered), and when ferryd said it
-    /// serves the faults; the report follows on the channel's second message.
+    /// Post-copy: the report, once every page was local (the mapping the guest ran on went
+    /// to the main thread on `running`).
     Postcopy(MigrationReport),
+}
+
+/// The destination VMM's thread: its result and when it came, and (post-copy) the mapping
+/// the guest runs on with the time ferryd began serving its faults.
+struct DestinationVmm {
+    waiter: std::thread::JoinHandle<(Result<Arrived, String>, Instant)>,
+    running: std::sync::mpsc::Receiver<(hw::uffd::GuestMapping, Instant)>,
+}
+
+/// Times and CPU one demo run measured.
+struct Measured {
+    /// From handing the memory to the source ferryd until the destination VMM had it.
+    total: f64,
+    downtime_ms: f64,
+    /// Both ferryd's CPU seconds.
+    cpu: f64,
+    verify_seconds: f64,
 }
 
 /// The destination VMM: takes the memory, or (post-copy) maps it, registers a
@@ -408,17 +434,8 @@ fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uf
 /// The post-copy half of the demo, once the source guest paused: the switch-over, the
 /// guest's workload at the destination while ferry serves its faults and pushes the rest,
 /// and the check of what the guest saw against the paused source.
-#[allow(clippy::too_many_arguments)]
-fn postcopy(
-    run: Run<'_>,
-    out: MigrateOut,
-    waiter: std::thread::JoinHandle<(Result<Arrived, String>, Instant)>,
-    map: hw::memmap::OwnedMemory,
-    mem: &File,
-    rounds: u32,
-    progress: &mut dyn FnMut(String),
-    running: std::sync::mpsc::Receiver<(hw::uffd::GuestMapping, Instant)>,
-) -> Result<DemoReport, String> {
+fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut dyn FnMut(String)) -> Result<DemoReport, String> {
+    let DestinationVmm { waiter, running } = vmm;
     let a = run.a;
     let switching = out.postcopy()?;
     let (dest_map, resumed) = match running.recv_timeout(Duration::from_secs(30)) {
@@ -446,8 +463,7 @@ fn postcopy(
     let (dest_map, seen) = workload.stop();
     let cpu = run.src.cpu_seconds() + run.dst.cpu_seconds() - run.cpu0;
     let tv = Instant::now();
-    drop(map);
-    check_postcopy(mem, &dest_map, &seen)?;
+    check_postcopy(run.mem, &dest_map, &seen)?;
     let verify_seconds = tv.elapsed().as_secs_f64();
     let pc = destination.postcopy.clone().unwrap_or_default();
     progress(format!(
@@ -463,18 +479,14 @@ fn postcopy(
         pc.all_local_seconds
     ));
     let demo = PostcopyDemo {
-        rounds_before_switch: rounds,
+        rounds_before_switch: run.rounds,
         switchover_downtime_ms: downtime_ms,
-        ferry_switch_ms: switching_ms(&source),
+        ferry_switch_ms: source.switch_ms.unwrap_or(0.0),
         destination: pc,
         pages_touched: seen.pages.iter().filter(|p| p.is_some()).count() as u64,
         page_writes_at_destination: seen.page_writes,
     };
-    Ok(report(&run, source, destination, total, downtime_ms, cpu, verify_seconds, Some(demo)))
-}
-
-fn switching_ms(source: &MigrationReport) -> f64 {
-    source.switch_ms.unwrap_or(0.0)
+    Ok(report(&run, source, destination, Measured { total, downtime_ms, cpu, verify_seconds }, Some(demo)))
 }
 
 /// Post-copy's check: each page the destination guest touched held the paused source's
@@ -502,17 +514,8 @@ fn check_postcopy(want: &File, got: &hw::uffd::GuestMapping, seen: &guest::First
 }
 
 /// The demo's report from both sides' reports.
-#[allow(clippy::too_many_arguments)]
-fn report(
-    run: &Run<'_>,
-    source: MigrationReport,
-    destination: MigrationReport,
-    total: f64,
-    downtime_ms: f64,
-    cpu: f64,
-    verify_seconds: f64,
-    postcopy: Option<PostcopyDemo>,
-) -> DemoReport {
+fn report(run: &Run<'_>, source: MigrationReport, destination: MigrationReport, m: Measured, postcopy: Option<PostcopyDemo>) -> DemoReport {
+    let Measured { total, downtime_ms, cpu, verify_seconds } = m;
     let (a, size) = (run.a, run.size);
     DemoReport {
         guest: run.image.clone(),

@@ -276,6 +276,23 @@ impl Picker {
     }
 }
 
+/// Calls `write` with the next page of `pick`, `rate` bytes of pages per second (in 1 ms
+/// steps, as a guest's vCPUs would spread them), until `stop` is set; returns how many
+/// pages it wrote.
+fn run_paced(stop: &AtomicBool, rate: u64, pick: &mut Picker, write: &mut dyn FnMut(u64)) -> u64 {
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    while !stop.load(Ordering::Relaxed) && pick.pages > 0 {
+        let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
+        while done < due && !stop.load(Ordering::Relaxed) {
+            write(pick.next());
+            done += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    done
+}
+
 /// The guest's dirty log: one bit per page, set after the page is written.
 #[derive(Debug)]
 pub struct DirtyLog {
@@ -322,22 +339,14 @@ impl Workload {
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mem = map.as_mut_slice();
-            let pages = (mem.len() / PAGE) as u64;
-            let mut pick = Picker::new(pattern, pages, seed ^ 0x5eed);
-            let (mut done, mut counter) = (0u64, 1u64);
-            let t0 = Instant::now();
-            while !flag.load(Ordering::Relaxed) && pages > 0 {
-                let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
-                while done < due {
-                    let page = pick.next();
-                    let at = page as usize * PAGE + (counter as usize % (PAGE / 8)) * 8;
-                    mem[at..at + 8].copy_from_slice(&counter.to_le_bytes());
-                    log.mark(page);
-                    counter += 1;
-                    done += 1;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            let mut pick = Picker::new(pattern, (mem.len() / PAGE) as u64, seed ^ 0x5eed);
+            let mut counter = 1u64;
+            let done = run_paced(&flag, rate, &mut pick, &mut |page| {
+                let at = page as usize * PAGE + (counter as usize % (PAGE / 8)) * 8;
+                mem[at..at + 8].copy_from_slice(&counter.to_le_bytes());
+                log.mark(page);
+                counter += 1;
+            });
             (map, done)
         });
         Workload { stop, handle }
@@ -386,24 +395,19 @@ impl DestWorkload {
             let mut pick = Picker::new(pattern, pages, seed ^ 0xde57);
             let mut counter = 1u64 << 40;
             let mut page_bytes = vec![0u8; PAGE];
-            let t0 = Instant::now();
-            while !flag.load(Ordering::Relaxed) && pages > 0 {
-                let due = (t0.elapsed().as_secs_f64() * rate as f64 / PAGE as f64) as u64;
-                while seen.page_writes < due && !flag.load(Ordering::Relaxed) {
-                    let page = pick.next();
-                    let slot = &mut seen.pages[page as usize];
-                    if slot.is_none() {
-                        // The first touch reads the page: a fault ferry resolves.
-                        map.read(page * PAGE as u64, &mut page_bytes);
-                        *slot = Some(page_hash(&page_bytes));
-                    }
-                    let word = page as usize * (PAGE / 8) + counter as usize % (PAGE / 8);
-                    map.words()[word].store(counter, Ordering::Relaxed);
-                    counter += 1;
-                    seen.page_writes += 1;
+            let first = &mut seen.pages;
+            let writes = run_paced(&flag, rate, &mut pick, &mut |page| {
+                let slot = &mut first[page as usize];
+                if slot.is_none() {
+                    // The first touch reads the page: a fault ferry resolves.
+                    map.read(page * PAGE as u64, &mut page_bytes);
+                    *slot = Some(page_hash(&page_bytes));
                 }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+                let word = page as usize * (PAGE / 8) + counter as usize % (PAGE / 8);
+                map.words()[word].store(counter, Ordering::Relaxed);
+                counter += 1;
+            });
+            seen.page_writes = writes;
             (map, seen)
         });
         DestWorkload { stop, handle }
