@@ -113,6 +113,15 @@ fn assert_guest_sees(map: &GuestMapping, mem: &File) {
     }
 }
 
+/// A source and a destination ferryd, and a destination VMM waiting for its memory
+/// (`recover_s`: its recovery time).
+fn hosts(recover_s: Option<u64>) -> (tempfile::TempDir, Ferryd, Ferryd, MigrateIn) {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", recover_s).unwrap();
+    (dir, src, dst, incoming)
+}
+
 fn finish(run: Running) -> Result<MigrationReport, String> {
     let Running { pc, map, uffd } = run;
     let r = pc.wait(&uffd);
@@ -134,10 +143,8 @@ struct SlowPush {
 }
 
 fn slow_push(recover_s: (Option<u64>, Option<u64>)) -> SlowPush {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (dir, src, dst, incoming) = hosts(recover_s.0);
     let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start_with(&dst.socket, "127.0.0.1:0", recover_s.0).unwrap();
     let relay = Proxy::start(&incoming.addr);
     let o = OutOptions { rate_limit_mbit: Some(16), recover_s: recover_s.1, ..OutOptions::default() };
     let (out, run) = switch_over(&src, &relay.addr, incoming, &mem, &bitmap, &o, 100..PAGES);
@@ -157,10 +164,8 @@ fn a_guest_runs_at_the_destination_before_its_memory_arrived() {
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (_dir, src, _dst, incoming) = hosts(None);
     let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
     let to = incoming.addr.clone();
     let (out, run) = switch_over(&src, &to, incoming, &mem, &bitmap, &OutOptions::default(), (0..PAGES).filter(|p| p % 3 == 0));
     // The guest reads every page at once, last first: stale pages fault to the source.
@@ -239,10 +244,8 @@ fn a_userfaultfd_that_does_not_cover_the_memory_is_refused_and_the_source_keeps_
     if !userfaultfd_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (_dir, src, _dst, incoming) = hosts(None);
     let (mem, bitmap) = guest();
-    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
     let to = incoming.addr.clone();
     let vmm = std::thread::spawn(move || {
         let Ok(Arrival::Postcopy(mut pc)) = incoming.next() else { panic!("no post-copy") };
