@@ -51,6 +51,11 @@ pub struct MigrateArgs {
     /// landed; no downtime cost) or full (the paused memory itself, read in the downtime).
     #[arg(long, default_value = "sent")]
     pub verify: dataplane::migrate::Verify,
+    /// Allocate every page of the guest memory up front and hand ferryd a read-write
+    /// descriptor, as a VMM preallocating guest RAM does: over RDMA with --verify full the
+    /// NIC can then gather pages in place.
+    #[arg(long)]
+    pub prealloc: bool,
     /// Seed of the guest image and the workload.
     #[arg(long, default_value_t = 20240601)]
     pub seed: u64,
@@ -281,13 +286,12 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
 
     // The guest: memory in a memfd, filled with the image; the dirty bitmap in another.
     let size = a.size_mib << 20;
-    // Written by the demo only (the image, then the workload); ferryd gets a read-only
-    // descriptor.
-    let mut map = hw::memmap::OwnedMemory::new("ferry-demo-guest", size)
-        .map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
-    let mem = map.reader().map_err(|e| fail(format!("cannot open the guest memory read-only: {e}")))?;
+    // Written by the demo only (the image, then the workload): ferryd gets a read-only
+    // descriptor; or, preallocated, shared read-write as a VMM hands over its memfd.
+    let mut map = guest::GuestRam::new(size, a.prealloc).map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
+    let mem = map.descriptor().map_err(|e| fail(format!("cannot open the guest memory: {e}")))?;
     let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false).map_err(|e| fail(e.to_string()))?;
-    let image = guest::fill_image(map.as_mut_slice(), a.seed);
+    let image = map.fill_image(a.seed).map_err(|e| fail(format!("cannot write the guest image: {e}")))?;
     progress(format!(
         "guest: {} MiB image in {:.1} s ({} zero, {} ELF, {} text, {} random pages)",
         a.size_mib, image.seconds, image.zero_pages, image.elf_pages, image.text_pages, image.random_pages

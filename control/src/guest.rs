@@ -324,36 +324,97 @@ impl DirtyLog {
     }
 }
 
-/// A running workload: it owns the guest memory's writable mapping until paused.
+/// The guest's RAM as the demo's VMM holds it.
+#[derive(Debug)]
+pub enum GuestRam {
+    /// Written by this process only; ferryd gets a read-only descriptor.
+    Owned(hw::memmap::OwnedMemory),
+    /// Preallocated and shared read-write, as a VMM hands ferryd its own memfd; this
+    /// process writes it a word at a time.
+    Shared(hw::memmap::SharedMemory),
+}
+
+impl GuestRam {
+    /// `len` zeroed bytes: preallocated and shared read-write, or owned.
+    pub fn new(len: u64, prealloc: bool) -> std::io::Result<GuestRam> {
+        Ok(if prealloc {
+            GuestRam::Shared(hw::memmap::SharedMemory::new("ferry-demo-guest", len)?)
+        } else {
+            GuestRam::Owned(hw::memmap::OwnedMemory::new("ferry-demo-guest", len)?)
+        })
+    }
+
+    /// The descriptor a VMM hands ferryd: read-only for owned memory, read-write for
+    /// shared.
+    pub fn descriptor(&self) -> std::io::Result<File> {
+        match self {
+            GuestRam::Owned(m) => m.reader(),
+            GuestRam::Shared(m) => m.file().try_clone(),
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            GuestRam::Owned(m) => m.as_slice().len() as u64,
+            GuestRam::Shared(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the image ([`fill_image`]); shared memory through a buffer of its size.
+    pub fn fill_image(&mut self, seed: u64) -> std::io::Result<ImageStats> {
+        match self {
+            GuestRam::Owned(m) => Ok(fill_image(m.as_mut_slice(), seed)),
+            GuestRam::Shared(m) => {
+                let mut buf = vec![0u8; m.len() as usize];
+                let st = fill_image(&mut buf, seed);
+                m.file().write_all_at(&buf, 0)?;
+                Ok(st)
+            }
+        }
+    }
+
+    /// Stores `v` at byte `at` (8-byte aligned).
+    fn store(&mut self, at: usize, v: u64) {
+        match self {
+            GuestRam::Owned(m) => m.as_mut_slice()[at..at + 8].copy_from_slice(&v.to_le_bytes()),
+            GuestRam::Shared(m) => m.words()[at / 8].store(v.to_le(), Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running workload: it owns the guest memory until paused.
 #[derive(Debug)]
 pub struct Workload {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(hw::memmap::OwnedMemory, u64)>,
+    handle: std::thread::JoinHandle<(GuestRam, u64)>,
 }
 
 impl Workload {
     /// Dirties `rate` bytes of pages per second (in 1 ms steps) with `pattern`; each write
     /// stores a counter in the page and marks the page in `log`.
-    pub fn start(mut map: hw::memmap::OwnedMemory, log: Arc<DirtyLog>, rate: u64, pattern: Pattern, seed: u64) -> Workload {
+    pub fn start(mut ram: GuestRam, log: Arc<DirtyLog>, rate: u64, pattern: Pattern, seed: u64) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mem = map.as_mut_slice();
-            let mut pick = Picker::new(pattern, (mem.len() / PAGE) as u64, seed ^ 0x5eed);
+            let mut pick = Picker::new(pattern, ram.len() / PAGE as u64, seed ^ 0x5eed);
             let mut counter = 1u64;
             let done = run_paced(&flag, rate, &mut pick, &mut |page| {
                 let at = page as usize * PAGE + (counter as usize % (PAGE / 8)) * 8;
-                mem[at..at + 8].copy_from_slice(&counter.to_le_bytes());
+                ram.store(at, counter);
                 log.mark(page);
                 counter += 1;
             });
-            (map, done)
+            (ram, done)
         });
         Workload { stop, handle }
     }
 
-    /// Pauses the guest: the workload stops, and its mapping and page-write count come back.
-    pub fn pause(self) -> (hw::memmap::OwnedMemory, u64) {
+    /// Pauses the guest: the workload stops, and its memory and page-write count come back.
+    pub fn pause(self) -> (GuestRam, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("workload thread panicked")
     }
@@ -443,12 +504,13 @@ mod tests {
         let m = hw::memmap::OwnedMemory::new("guest-test", 256 * PAGE as u64).unwrap();
         let before = m.as_slice().to_vec();
         let log = Arc::new(DirtyLog::new(256));
-        let w = Workload::start(m, log.clone(), 40 << 20, Pattern::Hot, 1);
+        let w = Workload::start(GuestRam::Owned(m), log.clone(), 40 << 20, Pattern::Hot, 1);
         // Until the workload has marked a page.
         while log.words.iter().all(|w| w.load(Ordering::Relaxed) == 0) {
             std::thread::yield_now();
         }
-        let (map, writes) = w.pause();
+        let (ram, writes) = w.pause();
+        let GuestRam::Owned(map) = ram else { unreachable!("started owned") };
         assert!(writes > 0);
         let bitmap = hw::memmap::memfd("bitmap-test", 32, false).unwrap();
         let n = log.harvest_into(&bitmap).unwrap();

@@ -415,8 +415,19 @@ pub struct RdmaConnect {
     pub mtu: U32,
     /// 1 on InfiniBand (address by LID), 0 on RoCE (by GID).
     pub infiniband: u8,
-    pub _pad: [u8; 7],
+    /// How what the one-sided writes placed is checked: [`ONE_SIDED_EACH_ROUND`] or
+    /// [`ONE_SIDED_AT_END`].
+    pub check: u8,
+    pub _pad: [u8; 6],
 }
+
+/// [`RdmaConnect::check`]: each round's pages are hashed (keyed) at both ends as they are
+/// sent and as they landed, and the running digests compared at the end.
+pub const ONE_SIDED_EACH_ROUND: u8 = 0;
+/// [`RdmaConnect::check`]: no page is hashed during the rounds (the CPU never reads what
+/// the NIC moves); once the last round has landed, both ends digest all of the memory
+/// (keyed) and compare.
+pub const ONE_SIDED_AT_END: u8 = 1;
 
 /// RDMA_ACCEPT payload: this struct, then one [`RdmaEndpoint`] per lane, then one
 /// [`RdmaRegion`] per region of the session.

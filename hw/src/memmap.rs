@@ -87,6 +87,65 @@ impl OwnedMemory {
     }
 }
 
+/// Memory this process shares read-write with others (a simulated guest's RAM whose VMM
+/// hands over its own descriptor, as VMMs do): a preallocated memfd sealed against
+/// shrinking and growing, mapped shared. Since others may write it at any moment, this
+/// process sees it only as 64-bit words accessed atomically ([`SharedMemory::words`]),
+/// never as bytes; `pread`/`pwrite` on [`SharedMemory::file`] do the rest.
+pub struct SharedMemory {
+    map: Option<memmap2::MmapRaw>,
+    file: File,
+}
+
+impl std::fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMemory").field("len", &self.len()).finish()
+    }
+}
+
+impl SharedMemory {
+    /// `len` zeroed bytes (a whole number of pages), every page allocated, in a new memfd
+    /// called `name`.
+    pub fn new(name: &str, len: u64) -> io::Result<SharedMemory> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        if len % 4096 != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes is not a whole number of pages")));
+        }
+        let file = sealed_memfd(name, len)?;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SEAL)).map_err(io::Error::from)?;
+        if len > 0 {
+            nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len as i64).map_err(io::Error::from)?;
+        }
+        let map = if len == 0 { None } else { Some(MmapOptions::new().len(len as usize).map_raw(&file)?) };
+        Ok(SharedMemory { map, file })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.map.as_ref().map_or(0, |m| m.len() as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The read-write descriptor, for `pread`/`pwrite` and to hand to another process.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The memory as 64-bit words.
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        let Some(map) = &self.map else { return &[] };
+        // SAFETY: the mapping is page-aligned and whole pages long (checked in `new`), so
+        // it holds `len / 8` aligned u64s, and it stays mapped while `self` is borrowed;
+        // the file cannot shrink (sealed, and the seals sealed), so every word stays
+        // accessible. AtomicU64 has u64's size and alignment, and every access through the
+        // slice is atomic, so another process writing the file at any time is no data race
+        // in this one.
+        unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<std::sync::atomic::AtomicU64>(), map.len() / 8) }
+    }
+}
+
 /// Whether `file` is memory: a memfd or tmpfs file (shmem) or a hugetlbfs file. A
 /// migration source must be one: a disk file's pages are not guest RAM.
 pub fn is_memory_file(file: &File) -> io::Result<bool> {
@@ -319,6 +378,24 @@ impl AsMut<[u8]> for Arena {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shared memory: preallocated, its words and its descriptor see the same bytes, and
+    /// its size is sealed.
+    #[test]
+    fn shared_memory_words_and_descriptor_agree() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        use std::sync::atomic::Ordering;
+        assert!(SharedMemory::new("ferry-test-odd", 4097).is_err(), "not whole pages");
+        let m = SharedMemory::new("ferry-test-shared", 4 * 4096).unwrap();
+        assert!(m.file().metadata().unwrap().blocks() * 512 >= 4 * 4096, "every page allocated");
+        m.words()[513].store(u64::from_le_bytes(*b"ferry!!!"), Ordering::Relaxed);
+        let mut b = [0u8; 8];
+        m.file().read_exact_at(&mut b, 513 * 8).unwrap();
+        assert_eq!(&b, b"ferry!!!");
+        m.file().write_all_at(b"written.", 8).unwrap();
+        assert_eq!(m.words()[1].load(Ordering::Relaxed).to_le_bytes(), *b"written.");
+        assert!(m.file().set_len(4096).is_err(), "sealed against shrinking");
+    }
 
     /// Owned memory: written through its map, read through a read-only descriptor that
     /// can neither write nor shrink it.

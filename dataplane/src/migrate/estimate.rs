@@ -9,7 +9,8 @@
 //!   rounds' scattered pages cost more than round 0's stream, so round 0 is the fallback
 //!   only);
 //! - **the full digest** (`verify: full`): the paused source is digested beside the data
-//!   phase, so the longer of the two counts;
+//!   phase, so the longer of the two counts; over RDMA the destination then digests what
+//!   landed, after the last write (one-sided writes checked at the end), which adds;
 //! - **the confirmation**: the destination confirming a round (its lanes drained, pages
 //!   counted), the median of the rounds after the first (round 0's includes draining a
 //!   backlog no later round has; the timings are noisy upwards);
@@ -30,11 +31,14 @@ pub struct Inputs {
     pub confirm_seconds: f64,
     /// `verify: full`: digesting the paused source (0 otherwise).
     pub digest_seconds: f64,
+    /// Over RDMA with `verify: full`: the destination digesting all of what landed once
+    /// the last write did (0 otherwise).
+    pub after_data_seconds: f64,
 }
 
 /// The downtime, seconds, if the VMM paused now.
 pub fn downtime_seconds(i: &Inputs) -> f64 {
-    (i.next_pages * i.page_seconds).max(i.digest_seconds) + 2.0 * i.confirm_seconds
+    (i.next_pages * i.page_seconds).max(i.digest_seconds) + i.after_data_seconds + 2.0 * i.confirm_seconds
 }
 
 /// Rounds after the first with fewer dirty pages than this time too little to tell the
@@ -82,13 +86,17 @@ mod tests {
 
     #[test]
     fn parts_add_up_and_the_digest_overlaps_the_data() {
-        let i = Inputs { next_pages: 1000.0, page_seconds: 10e-6, confirm_seconds: 1e-3, digest_seconds: 0.0 };
+        let i = Inputs { next_pages: 1000.0, page_seconds: 10e-6, confirm_seconds: 1e-3, ..Inputs::default() };
         assert!((downtime_seconds(&i) - 12e-3).abs() < 1e-9, "10 ms of pages, the round's and the verdict's round trips");
         // A digest longer than the data phase replaces it; a shorter one hides behind it.
         let full = Inputs { digest_seconds: 150e-3, ..i };
         assert!((downtime_seconds(&full) - 152e-3).abs() < 1e-9);
         let short = Inputs { digest_seconds: 1e-3, ..i };
         assert_eq!(downtime_seconds(&short), downtime_seconds(&i));
+        // The destination's digest after the last write (RDMA, checked at the end) adds to
+        // the source's overlapping one.
+        let rdma = Inputs { digest_seconds: 150e-3, after_data_seconds: 140e-3, ..i };
+        assert!((downtime_seconds(&rdma) - 292e-3).abs() < 1e-9);
         // Nothing dirty still costs the confirmation and the verdict.
         assert!((downtime_seconds(&Inputs { next_pages: 0.0, ..i }) - 2e-3).abs() < 1e-9);
     }

@@ -215,12 +215,13 @@ pub struct RoundReport {
     pub frames: u64,
     /// From the round's start until the destination confirmed every page.
     pub seconds: f64,
-    /// Of `seconds`, the source's: until its workers had sent every page (in the last
-    /// round with `verify: full`, and the paused source was digested).
+    /// Of `seconds`, the source's: until its workers had sent every page.
     #[serde(default)]
     pub data_seconds: f64,
     /// Of `seconds`, the rest: the destination's confirmation of the round (and, in the
-    /// last round, the verdict: digests compared, memory handed to the destination VMM).
+    /// last round, the verdict: digests compared, memory handed to the destination VMM;
+    /// with `verify: full`, the paused source's digest finishing, and over RDMA the
+    /// destination's digest of what landed).
     #[serde(default)]
     pub confirm_seconds: f64,
     /// Of `confirm_seconds`, in the last round: the verdict (DONE, the destination's

@@ -25,10 +25,11 @@ use crate::engine::send::{connect, connect_data};
 use crate::engine::{PAGE, cpu_seconds};
 use crate::plan::{Plan, Transport};
 use crate::pool::{Done, Pool, Task};
-use crate::transport::rdma::RdmaReport;
+use crate::transport::rdma::{Check, RdmaReport};
 use crate::transport::{Lane, Tx};
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, features};
 use crate::worker::{Region, Round, Worker};
+use hw::rdma::verbs::LocalRegion;
 
 /// What a session moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,14 +246,17 @@ impl<'a> Source<'a> {
         } else if opts.require_rdma && !rdma {
             return Err(SessionError::Protocol("--transport rdma was asked for, but this side's plan has no RDMA port".into()));
         }
-        Source::start(ctl, regions, opts, rdma, t0, cpu0)
+        // The VMM's own descriptors where they are read-write: only to register the memory
+        // on kernels that pin even a read-only registration for writing (before 6.2).
+        let writable = memory.iter().map(|m| read_write(m)).collect();
+        Source::start(ctl, (regions, writable), opts, rdma, t0, cpu0)
     }
 
     /// Describes the session on `ctl` (SESSION), opens its lanes (TCP connections, or RDMA
     /// queue pairs when `rdma`) and sets up its workers.
     fn start(
         mut ctl: Ctl,
-        regions: Vec<Region>,
+        (regions, writable): (Vec<Region>, Vec<Option<File>>),
         opts: SourceOptions<'a>,
         rdma: bool,
         t0: Instant,
@@ -284,7 +288,12 @@ impl<'a> Source<'a> {
         let live = crate::live::session(role, session, n_workers);
         let abort = Arc::new(AtomicBool::new(false));
         if let Some(rp) = rp {
-            let (workers, report) = rdma_workers(&mut ctl, plan, rp, &layout, n_workers, &live, &abort)?;
+            // A migration verified in full checks one-sided writes once, at the end: the
+            // paused source is digested anyway, so hashing every page each round would
+            // only slow the data phase (see `transport::rdma`).
+            let at_end = opts.job == Job::Migrate && opts.verify == Verify::Full;
+            let want = RdmaLanes { rp, layout: &layout, regions: &regions, writable: &writable, workers: n_workers, at_end };
+            let (workers, report) = rdma_workers(&mut ctl, plan, &want, &live, &abort)?;
             let key = Some(ctl.digest_key().clone());
             log::info!(
                 "session {session:#x}: {size} bytes in {} region(s) to {} over {lanes} RDMA QP(s) on {} from {n_workers} worker(s)",
@@ -618,7 +627,7 @@ impl<'a> Source<'a> {
         let key = self.digest_key.as_ref();
         let regions = &*self.regions;
         let (done, woken) = Done::new(self.workers.len(), self.abort.clone())?;
-        let (digest, handed, failed) = std::thread::scope(|s| {
+        let (digest, handed, failed, data_seconds) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
             let digest = full.then(|| {
                 s.spawn(move || {
@@ -656,9 +665,11 @@ impl<'a> Source<'a> {
                     log::error!("{e}");
                 }
             }
+            // The data phase is the workers' (a full digest still running is not).
+            let data_seconds = start.elapsed().as_secs_f64();
             let digest = digest
                 .map(|d| d.join().expect("digest thread panicked").map_err(|e| SessionError::io("digesting the paused guest memory", e)));
-            (digest, handed, failed)
+            (digest, handed, failed, data_seconds)
         });
         let results = done.take();
         debug_assert_eq!(results.len(), handed);
@@ -681,7 +692,6 @@ impl<'a> Source<'a> {
             return Err(self.ctl.reason_for(e));
         }
         // The workers are done: what follows is the destination's confirmation.
-        let data_seconds = start.elapsed().as_secs_f64();
         self.data_seconds += data_seconds;
         // A region that shrank while the round read it sent zeros for the pages past its
         // new end (they read as holes): fail before the destination confirms the round.
@@ -748,14 +758,18 @@ impl<'a> Source<'a> {
             ..RoundReport::default()
         };
         let measured: Vec<RoundReport> = self.rounds.iter().cloned().chain(std::iter::once(this)).collect();
+        let full_digest = self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64;
         let estimate = match (dirty_rate, super::estimate::page_seconds(&measured)) {
             (Some(rate), Some(page_seconds)) => {
                 let inputs = super::estimate::Inputs {
                     next_pages: (rate * seconds).min(self.size as f64) / PAGE as f64,
                     page_seconds,
                     confirm_seconds: super::estimate::confirm_seconds(&measured),
-                    // With a full digest the paused memory is read beside the last round.
-                    digest_seconds: self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64,
+                    // With a full digest the paused memory is read beside the last round;
+                    // over RDMA the destination then digests what landed (its speed taken
+                    // to be this side's).
+                    digest_seconds: full_digest,
+                    after_data_seconds: if self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd) { full_digest } else { 0.0 },
                 };
                 Some(super::estimate::downtime_seconds(&inputs) * 1e3)
             }
@@ -1010,18 +1024,29 @@ fn watch_round(
     (finished, None)
 }
 
+/// What an RDMA session's lanes are to be.
+struct RdmaLanes<'p> {
+    rp: &'p crate::plan::RdmaPlan,
+    layout: &'p Layout,
+    regions: &'p [Region],
+    /// Per region, the VMM's descriptor when it is read-write.
+    writable: &'p [Option<File>],
+    workers: usize,
+    /// One-sided writes are checked at the end, not each round ([`wire::ONE_SIDED_AT_END`]).
+    at_end: bool,
+}
+
 /// An RDMA session's workers: each with its CQ and QPs, connected to the destination's
 /// through RDMA_CONNECT and RDMA_ACCEPT, and its arena registered.
 fn rdma_workers(
     ctl: &mut Ctl,
     plan: &Plan,
-    rp: &crate::plan::RdmaPlan,
-    layout: &Layout,
-    n_workers: usize,
+    want: &RdmaLanes<'_>,
     live: &crate::live::Session,
     abort: &Arc<AtomicBool>,
 ) -> Result<(Vec<Worker>, RdmaReport), SessionError> {
     use crate::transport::rdma::{self, tx};
+    let &RdmaLanes { rp, layout, regions: memory, writable, workers: n_workers, at_end } = want;
     let qpw = rp.qps_per_worker as usize;
     let lanes = n_workers * qpw;
     let chunk = layout.max_chunk as usize;
@@ -1033,7 +1058,8 @@ fn rdma_workers(
         qps_per_worker: (qpw as u16).into(),
         mtu: dev.mtu.into(),
         infiniband: u8::from(dev.gid_index.is_none()),
-        _pad: [0; 7],
+        check: if at_end { wire::ONE_SIDED_AT_END } else { wire::ONE_SIDED_EACH_ROUND },
+        _pad: [0; 6],
     };
     ctl.send(Kind::RdmaConnect, &wire::list_payload(&hello, &eps))?;
     let mut buf = Vec::new();
@@ -1051,7 +1077,28 @@ fn rdma_workers(
     let remote: Vec<(u64, u32)> = regions.iter().map(|r| (r.addr.get(), r.rkey.get())).collect();
     let windows = rdma::Windows::new(&layout.regions, chunk as u64)?;
     let key = ctl.digest_key().clone();
-    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, ..RdmaReport::default() };
+    let check = if at_end { rdma::Check::AtEnd } else { rdma::Check::EachRound };
+    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, check, ..RdmaReport::default() };
+    // Pages hashed as sent are read anyway: zero-copy pays only when they are not.
+    let guest = if at_end {
+        let t = Instant::now();
+        match register_guest(&dev, memory, writable) {
+            Ok(g) => {
+                report.registration(memory.iter().map(|r| r.size).sum(), t);
+                report.zero_copy = true;
+                log::info!("the guest memory is registered on {}: the NIC gathers its pages in place", dev.name);
+                Some(g)
+            }
+            Err(why) => {
+                log::info!("pages are staged through registered buffers: {why}");
+                report.staging_reason = Some(why);
+                None
+            }
+        }
+    } else {
+        report.staging_reason = Some("verify sent hashes every page as sent, so each is read into a staging buffer anyway".into());
+        None
+    };
     let mut workers = Vec::with_capacity(n_workers);
     for (w, u) in unconnected.into_iter().enumerate() {
         let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk), live)?;
@@ -1063,23 +1110,67 @@ fn rdma_workers(
             peers: &peers[w * qpw..(w + 1) * qpw],
             remote: remote.clone(),
             windows: windows.clone(),
-            key: key.clone(),
+            key: (!at_end).then(|| key.clone()),
+            guest: guest.clone(),
             arena,
             chunk,
             abort: abort.clone(),
         };
         let t = tx::RdmaTx::connect(u, setup)?;
-        report.registered_bytes += t.report.registered_bytes;
-        report.registration_seconds += t.report.registration_seconds;
+        report.registered(t.report.registered_bytes, t.report.registration_seconds);
         // RDMA writes pages as they are: the encoder only counts.
         let enc = Encoder::new(crate::plan::Compression::Off);
         workers.push(Worker::new(w, live.worker(w), enc, Tx::Rdma(Box::new(t))));
     }
-    if report.registration_seconds > 0.0 {
-        report.registration_gbps = report.registered_bytes as f64 / report.registration_seconds / 1e9;
-    }
     log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}, {credits} credits per QP)", dev.name);
     Ok((workers, report))
+}
+
+/// The guest memory registered for the NIC's local reads, every region of it; or why not.
+/// Registering pins every page, which would allocate the pages a sparse guest never
+/// touched, so memory not wholly allocated is staged instead ([`unallocated`]), as is
+/// memory the kernel will not register. A read-only mapping is tried first; where the
+/// kernel refuses it (before 6.2 it pins for writing even to read), the VMM's read-write
+/// descriptor is mapped read-write instead, if it gave one (the NIC still only reads).
+fn register_guest(
+    dev: &crate::transport::rdma::Device,
+    regions: &[Region],
+    writable: &[Option<File>],
+) -> Result<Arc<[LocalRegion]>, String> {
+    let mut out = Vec::with_capacity(regions.len());
+    for ((i, r), rw) in regions.iter().enumerate().zip(writable) {
+        let missing = unallocated(&r.memory, r.size).map_err(|e| format!("region {i} cannot be examined: {e}"))?;
+        if missing > 0 {
+            return Err(format!(
+                "{} MiB of region {i} were never allocated (a guest that has not touched all of its memory), which registering would allocate",
+                missing >> 20
+            ));
+        }
+        let len = usize::try_from(r.size).map_err(|_| format!("region {i} is too large to map"))?;
+        let g = match (dev.pd.register_local_read(&r.memory, len), rw) {
+            (Ok(g), _) => g,
+            (Err(e), None) => {
+                return Err(format!("registering region {i} read-only failed ({e}), and the VMM gave no read-write descriptor"));
+            }
+            (Err(_), Some(rw)) => dev.pd.register_local_read(rw, len).map_err(|e| format!("registering region {i} failed: {e}"))?,
+        };
+        out.push(g);
+    }
+    Ok(out.into())
+}
+
+/// A descriptor of `file`'s open file description if it is read-write.
+fn read_write(file: &File) -> Option<File> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL).ok()?);
+    (flags & OFlag::O_ACCMODE == OFlag::O_RDWR).then(|| file.try_clone().ok()).flatten()
+}
+
+/// Bytes of the first `len` of `file` that have no memory behind them yet (its allocated
+/// blocks, which count pages written or preallocated, against its length).
+pub(crate) fn unallocated(file: &File, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(len.saturating_sub(file.metadata()?.blocks().saturating_mul(512)))
 }
 
 /// Checks and opens region `i`; its bitmap words start at `word`. A migration's regions
@@ -1118,4 +1209,23 @@ fn open_region(i: usize, memory: &File, word: usize, job: Job) -> Result<Region,
     }
     let pages = super::pages(size);
     Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memory a guest never touched has nothing behind it; written or preallocated, it
+    /// does (what decides zero-copy RDMA).
+    #[test]
+    fn unallocated_counts_untouched_memory() {
+        let len = 64 * PAGE as u64;
+        let mut m = hw::memmap::OwnedMemory::new("ferry-test-alloc", len).unwrap();
+        m.as_mut_slice()[..PAGE].fill(1);
+        let f = m.reader().unwrap();
+        assert_eq!(unallocated(&f, len).unwrap(), 63 * PAGE as u64, "the pages after the first are untouched");
+        let shared = hw::memmap::SharedMemory::new("ferry-test-prealloc", len).unwrap();
+        assert_eq!(unallocated(shared.file(), len).unwrap(), 0, "preallocated");
+        assert!(read_write(shared.file()).is_some() && read_write(&f).is_none(), "which descriptors are read-write");
+    }
 }

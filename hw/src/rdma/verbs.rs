@@ -452,6 +452,28 @@ impl Pd {
         Ok(RemoteRegion { mr: Some(mr), _map: Some(map) })
     }
 
+    /// Maps the first `len` bytes of `file` shared (read-only, or read-write when `file`
+    /// is open read-write) and registers them for the NIC to gather from (local reads
+    /// only): guest memory sent without a copy. Other processes may write the file at any
+    /// time, so [`LocalRegion`] gives no Rust view of it, only SGEs. Before Linux 6.2 the
+    /// kernel pins even a read-only registration for writing, which a read-only shared
+    /// mapping refuses (EFAULT): there only a read-write descriptor registers.
+    pub fn register_local_read(&self, file: &std::fs::File, len: usize) -> Result<LocalRegion, RdmaError> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        if len == 0 {
+            return Ok(LocalRegion { mr: None, _map: None });
+        }
+        let writable = fcntl(file, FcntlArg::F_GETFL).is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE == OFlag::O_RDWR);
+        let opts = memmap2::MmapOptions::new().len(len).to_owned();
+        let map = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) }
+            .map_err(|source| RdmaError::Map { what: format!("{len} bytes of guest memory"), source })?;
+        // SAFETY: the mapping is owned by the returned region and unmapped only after the
+        // MR is deregistered (field order in `LocalRegion`). Without write access the NIC
+        // only reads it, and no Rust reference to its bytes is ever made.
+        let mr = unsafe { self.reg(map.as_mut_ptr(), len, 0) }?;
+        Ok(LocalRegion { mr: Some(mr), _map: Some(map) })
+    }
+
     /// Registers `arena` for local access (the NIC gathers from it) and cuts it into
     /// owned slots of `size` bytes: the CPU fills a slot through `&mut`, and a work request
     /// gathers from it ([`RegSlot::sge`]) once it has moved out of the CPU's hands. The
@@ -569,6 +591,35 @@ impl RemoteRegion {
 
     pub fn rkey(&self) -> u32 {
         self.mr.as_ref().map_or(0, |m| m.rkey())
+    }
+}
+
+/// Memory the NIC gathers from in place ([`Pd::register_local_read`]): a shared,
+/// read-only file mapping that other processes write whenever they like. A work request
+/// gathering from it sends whatever the bytes are when the NIC reads them; Rust never
+/// reads them at all. Dropping it deregisters the MR first, then unmaps.
+#[derive(Debug)]
+pub struct LocalRegion {
+    mr: Option<Mr<'static>>,
+    _map: Option<memmap2::MmapRaw>,
+}
+
+impl LocalRegion {
+    /// An SGE for `len` bytes at `offset` (within the registered length). The contract of
+    /// [`Qp::post_send`] asks only that the region outlive the request's completion: its
+    /// bytes are never the CPU's to keep unwritten.
+    pub fn sge(&self, offset: usize, len: usize) -> Sge<'_> {
+        let mr = self.mr.as_ref().expect("an SGE in an empty region");
+        let s = mr.sge(offset, len);
+        Sge { raw: s.raw, _mem: PhantomData }
+    }
+
+    pub fn len(&self) -> usize {
+        self.mr.as_ref().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -975,6 +1026,9 @@ impl Qp {
     /// request completes: that memory must stay registered, mapped and unwritten until the
     /// completion covering the request has been polled from the QP's CQ (or the QP has
     /// been destroyed). Inline requests are copied at post time and need nothing after.
+    /// Memory of a [`LocalRegion`] need only stay registered: no Rust code ever sees its
+    /// bytes, so a write by another process while the NIC reads decides what is sent,
+    /// nothing more.
     pub unsafe fn post_send(&mut self, batch: &mut SendBatch<'_>) -> Result<(), RdmaError> {
         if batch.wrs.is_empty() {
             return Ok(());

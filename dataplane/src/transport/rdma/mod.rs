@@ -29,6 +29,14 @@
 //! on TCP: the cost is reading and hashing each round's windows at the destination before
 //! ROUND_OK, which in the last round counts in the downtime (the report's last round).
 //!
+//! With `verify: full` a migration checks the one-sided writes at the end instead
+//! ([`Check::AtEnd`]): no page is hashed during the rounds at either end, so the CPU never
+//! reads what the NIC moves (beyond round 0's zero-page test); once the last round has
+//! landed, the destination digests all of its memory (keyed) while the source digests the
+//! paused guest, and the two are compared. The data phase runs at the NIC's pace; the
+//! destination's digest is downtime, which the estimate counts and the report gives
+//! (`verify_last_round_seconds`).
+//!
 //! Compression does not apply: a one-sided write cannot be decoded on arrival, and the
 //! planner only picks RDMA where the link outruns zstd.
 
@@ -51,10 +59,26 @@ use crate::wire;
 /// Completions read per `ibv_poll_cq`.
 pub(crate) const POLL_BATCH: usize = 32;
 
+/// How what the one-sided writes placed is checked (the destination cannot see pages
+/// arrive).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// Each page hashed (keyed) as sent and, before each round is confirmed, as it landed:
+    /// the CPU reads every page at both ends, and the last round's hashing is downtime.
+    #[default]
+    EachRound,
+    /// Nothing hashed during the rounds: once the last round has landed, both ends digest
+    /// all of the memory (keyed). The data phase runs at the NIC's pace; the destination's
+    /// digest of everything is downtime (`verify: full`).
+    AtEnd,
+}
+
 /// RDMA figures for a session's report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RdmaReport {
     pub device: String,
+    pub check: Check,
     pub qps: u32,
     pub path_mtu: u32,
     /// Bytes this side registered (sender: its arenas; receiver: the destination).
@@ -70,10 +94,12 @@ pub struct RdmaReport {
     /// Zero pages written from the zero buffer (to keep a WR whole, or because a page
     /// turned zero after round 0).
     pub zero_fill_pages: u64,
-    /// The NIC gathers straight from the source (false: each window is read into a
-    /// registered arena first, which is always the case now: the source is read with
-    /// `pread`).
+    /// Sender: the NIC gathers pages in place from the guest memory, registered for local
+    /// reads (one-sided writes checked at the end, and no holes in the memory); false: each
+    /// window is read with `pread` into a registered staging buffer, for the reason below.
     pub zero_copy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_reason: Option<String>,
     pub write_imms: u64,
     pub inline_wrs: u64,
     /// Doorbells (`ibv_post_send` calls).
@@ -83,15 +109,21 @@ pub struct RdmaReport {
     /// second over that time (GB/s), which is what ib_write_bw's figure compares with.
     pub data_seconds: f64,
     pub data_gbps: f64,
-    /// Receiver: seconds spent hashing the windows each round wrote (keyed), in all and in
-    /// the last round (downtime).
+    /// Receiver: seconds spent hashing what landed (keyed): each round's pages, or
+    /// ([`Check::AtEnd`]) all of the memory after the last round; in all, and in the last
+    /// round (downtime).
     pub verify_seconds: f64,
     pub verify_last_round_seconds: f64,
 }
 
 impl RdmaReport {
+    /// Counts `bytes` registered since `t`.
     pub(crate) fn registration(&mut self, bytes: u64, t: Instant) {
-        let s = t.elapsed().as_secs_f64();
+        self.registered(bytes, t.elapsed().as_secs_f64());
+    }
+
+    /// Counts `bytes` registered in `s` seconds.
+    pub(crate) fn registered(&mut self, bytes: u64, s: f64) {
         self.registered_bytes += bytes;
         self.registration_seconds += s;
         self.registration_gbps =

@@ -3,7 +3,7 @@
 //! connection (see [`super`]).
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
@@ -14,7 +14,7 @@ use hw::rdma::verbs::{Completion, Cq, Qp, QpCaps, SendOp};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::{Backoff, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed, poll_cq};
+use super::{Backoff, Check, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed, poll_cq};
 use crate::conn::{Ctl, SessionError};
 use crate::digest::{Digest, DigestKey};
 use crate::engine::{IDLE_TIMEOUT, PAGE, cpu_seconds};
@@ -132,7 +132,12 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         return Err(SessionError::Protocol("the sender and this receiver are on different link layers (InfiniBand and RoCE)".into()));
     }
     let mtu = check_mtu(hello.mtu.get().min(dev.mtu))?;
-    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, ..RdmaReport::default() };
+    let check = match hello.check {
+        wire::ONE_SIDED_EACH_ROUND => Check::EachRound,
+        wire::ONE_SIDED_AT_END => Check::AtEnd,
+        c => return Err(SessionError::Protocol(format!("RDMA_CONNECT: check {c} is neither each round (0) nor at the end (1)"))),
+    };
+    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, check, ..RdmaReport::default() };
     let t = Instant::now();
     let regions = memory
         .iter()
@@ -178,10 +183,11 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     ctl.send(Kind::RdmaAccept, &wire::lists_payload(&acc, &eps, &regs))?;
     log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}); the sender writes directly into the destination", dev.name);
 
-    // Every page starts as the zero page it is; each round's windows replace theirs.
+    // Every page starts as the zero page it is; each round's windows replace theirs
+    // (checked at the end: no page hashes at all).
     let windows = Windows::new(&layout.regions, u64::from(layout.max_chunk))?;
-    let hashes = layout
-        .regions
+    let per_page = if check == Check::EachRound { &layout.regions[..] } else { &[][..] };
+    let hashes = per_page
         .iter()
         .enumerate()
         .map(|(r, &bytes)| {
@@ -243,6 +249,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
             key: &key,
             written: Mutex::new(written),
             layout_sizes: &layout.regions,
+            check,
         };
         let r = ctx.run(ctl, lanes, &mut report);
         stop.store(true, Ordering::Relaxed);
@@ -252,13 +259,13 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     for r in results {
         r?;
     }
-    let rounds = rounds?;
+    let (rounds, at_end) = rounds?;
     // Nothing may write the destination any more: the QPs went with their pollers; now
     // the registrations go.
     drop(regions);
     ctl.expect(Kind::Done, &mut buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
-    let digest: Digest = hashes.iter().map(PageHashes::fold).sum();
+    let digest: Digest = at_end.unwrap_or_else(|| hashes.iter().map(PageHashes::fold).sum());
     let source = Digest::from_bytes(done.digest);
     if digest != source || done.bytes.get() != size {
         let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
@@ -303,6 +310,7 @@ struct Rounds<'a> {
     /// Per region: the pages the current round wrote (rounds after 0).
     written: Mutex<Vec<Written>>,
     layout_sizes: &'a [u64],
+    check: Check,
 }
 
 /// A region's pages written in a round, one bit each.
@@ -340,8 +348,9 @@ impl Rounds<'_> {
     /// wrote (after round 0), and ROUND (sent right after them) is checked against both;
     /// every WRITE_WITH_IMM RDMA_END announces is waited for, the pages written (round 0:
     /// the windows the WRITE_WITH_IMMs named) are hashed from what landed, and the round
-    /// is confirmed.
-    fn run(&self, ctl: &mut Ctl, lanes: usize, report: &mut RdmaReport) -> Result<Vec<RoundReport>, SessionError> {
+    /// is confirmed. Checked at the end, nothing is hashed until the last round has
+    /// landed; then all of the memory is digested, and that digest returned.
+    fn run(&self, ctl: &mut Ctl, lanes: usize, report: &mut RdmaReport) -> Result<(Vec<RoundReport>, Option<Digest>), SessionError> {
         let mut expected = vec![0u64; lanes];
         let mut buf = Vec::new();
         let mut reports = Vec::new();
@@ -376,22 +385,28 @@ impl Rounds<'_> {
                 )));
             }
             let pages = r.pages.get();
+            let last = r.last.get() == 1;
             self.wait_imms(ctl, &expected, round)?;
             let tv = Instant::now();
             let mut ids = Vec::new();
             for n in self.named {
                 ids.append(&mut n.lock().unwrap_or_else(|p| p.into_inner()));
             }
-            if whole {
-                self.hash_windows(&ids)?;
-            } else {
-                self.hash_runs()?;
+            let mut at_end = None;
+            match self.check {
+                Check::EachRound if whole => self.hash_windows(&ids)?,
+                Check::EachRound => self.hash_runs()?,
+                Check::AtEnd => {
+                    self.written.lock().unwrap_or_else(|p| p.into_inner()).iter_mut().for_each(|b| b.words.fill(0));
+                    if last {
+                        at_end = Some(self.digest_all()?);
+                    }
+                }
             }
             let verify = tv.elapsed().as_secs_f64();
             report.verify_seconds += verify;
             let ok = wire::RoundOk { round: round.into(), _pad: 0.into(), pages: pages.into() };
             ctl.send(Kind::RoundOk, ok.as_bytes())?;
-            let last = r.last.get() == 1;
             let seconds = started.elapsed().as_secs_f64();
             let dirty_bytes = (pages * PAGE as u64).min(self.windows_bytes());
             reports.push(RoundReport {
@@ -408,7 +423,7 @@ impl Rounds<'_> {
             });
             if last {
                 report.verify_last_round_seconds = verify;
-                return Ok(reports);
+                return Ok((reports, at_end));
             }
             started = Instant::now();
         }
@@ -576,6 +591,24 @@ impl Rounds<'_> {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
+    }
+
+    /// The digest (keyed) of all of the memory as it landed, on every CPU: what the source
+    /// digests of the paused guest ([`Check::AtEnd`]). Pages never written are holes,
+    /// folded in as zeros without reading them.
+    fn digest_all(&self) -> Result<Digest, SessionError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut d = Digest::default();
+        for (i, (m, &size)) in self.memory.iter().zip(self.layout_sizes).enumerate() {
+            // A description of our own for the hole probes (they move its offset), else
+            // every page is read.
+            let own = File::open(format!("/proc/self/fd/{}", m.as_raw_fd())).ok();
+            let (file, probe) = own.as_ref().map_or((m, false), |f| (f, true));
+            let part = Digest::of_file_with(keyed(self.key), i as u32, PAGE, file, size, threads, probe)
+                .map_err(|e| SessionError::io("digesting what landed", e))?;
+            d.combine(part);
+        }
+        Ok(d)
     }
 
     /// Hashes (keyed) every page of the windows `ids` names, as they landed, on a few

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Cq, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
+use hw::rdma::verbs::{Completion, Cq, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
 
 use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed, poll_cq};
 use crate::conn::SessionError;
@@ -43,8 +43,9 @@ struct Lane {
 /// Where a WR's SGE gathers from.
 #[derive(Debug, Clone, Copy)]
 enum From {
-    /// `len` bytes at `at` of the window's slot.
-    Slot { at: usize, len: usize },
+    /// The `len` bytes of pages at window offset `at`: from the window's slot, or in place
+    /// from the registered guest memory.
+    Pages { at: usize, len: usize },
     /// `len` zero bytes.
     Zero { len: usize },
 }
@@ -70,8 +71,14 @@ pub(crate) struct RdmaTx {
     zero: RegSlot,
     /// Per region: where the destination registered it, and its key.
     remote: Vec<(u64, u32)>,
+    /// Per region, when the guest memory is registered for the NIC to gather from in
+    /// place (zero-copy): WRs gather the pages from it rather than from the slot, and a
+    /// window is read only to find zero pages in round 0 or to hash what is sent.
+    guest: Option<Arc<[LocalRegion]>>,
     windows: Windows,
-    key: DigestKey,
+    /// The key pages are hashed under as sent; `None` when one-sided writes are checked
+    /// at the end ([`crate::wire::ONE_SIDED_AT_END`]) and no page is hashed as sent.
+    key: Option<DigestKey>,
     sq_depth: u32,
     signal_every: u32,
     inline_max: u64,
@@ -145,7 +152,10 @@ pub(crate) struct Setup<'a> {
     pub peers: &'a [wire::RdmaEndpoint],
     pub remote: Vec<(u64, u32)>,
     pub windows: Windows,
-    pub key: DigestKey,
+    /// `None`: no page is hashed as sent (checked at the end).
+    pub key: Option<DigestKey>,
+    /// The guest memory registered for local reads (zero-copy), one per region.
+    pub guest: Option<Arc<[LocalRegion]>>,
     /// The worker's arena: cut into a zero buffer and [`SLOTS`] slots of a chunk each.
     pub arena: hw::memmap::Arena,
     pub chunk: usize,
@@ -188,6 +198,7 @@ impl RdmaTx {
             in_flight: VecDeque::new(),
             zero,
             remote: s.remote,
+            guest: s.guest,
             windows: s.windows,
             key: s.key,
             sq_depth: s.rp.sq_depth,
@@ -268,8 +279,9 @@ impl RdmaTx {
     }
 
     /// Sends the pages of window `w` of region `region` that `runs` (page ranges, all in
-    /// the window) name: read into a slot, hashed as sent (keyed), written by one-sided
-    /// WRITEs ending with a WRITE_WITH_IMM. Zero pages are skipped in round 0.
+    /// the window) name: read into a slot (unless nothing needs reading), hashed as sent
+    /// (keyed, unless checked at the end), written by one-sided WRITEs ending with a
+    /// WRITE_WITH_IMM. Zero pages are skipped in round 0.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send_window(
         &mut self,
@@ -288,10 +300,17 @@ impl RdmaTx {
         let mut slot = self.take_slot()?;
         self.subruns.clear();
         let (mut pages, mut skipped) = (0, 0);
+        // Zero-copy after round 0, with nothing to hash: the dirty pages are written as
+        // they are (a page that turned zero included), and the CPU reads none of them.
+        let unread = self.guest.is_some() && round > 0 && self.key.is_none();
         for &(s, e) in runs {
             let (from, to) = (s * page, (e * page).min(size));
             let (at, len) = ((from - base) as usize, (to - from) as usize);
             pages += e - s;
+            if unread {
+                self.subruns.push((at, at + len, false));
+                continue;
+            }
             if probe_holes && crate::digest::is_hole(memory, from, len as u64) {
                 self.subruns.push((at, at + len, true));
                 continue;
@@ -302,19 +321,10 @@ impl RdmaTx {
             let subruns = &mut self.subruns;
             crate::encode::page_runs(&slot[at..at + len], PAGE, &mut |a, b, zero| subruns.push((at + a, at + b, zero)));
         }
-        // Each page's hash, keyed, as the destination will compute it from what lands.
-        for &(a, b, zero) in &self.subruns {
-            let first = (base + a as u64) / page;
-            let mut d = Digest::default();
-            for (i, pg) in slot[a..b].chunks(PAGE).enumerate() {
-                d.0 = 0;
-                if zero {
-                    d.add_zero_with(keyed(&self.key), region, first + i as u64, PAGE, pg.len() as u64);
-                } else {
-                    d.add_with(keyed(&self.key), region, first + i as u64, PAGE, pg);
-                }
-                sent.set(first + i as u64, d);
-            }
+        // Each page's hash, keyed, as the destination will compute it from what lands
+        // (unless both ends digest everything at the end instead).
+        if let Some(key) = &self.key {
+            hash_sent(key, &self.subruns, &slot, base, region, sent);
         }
         self.build(round, base);
         for &(a, b, zero) in &self.subruns {
@@ -332,7 +342,7 @@ impl RdmaTx {
         let l = self.lane_with_credit()?;
         let imm = self.windows.id(region, w);
         let bytes = self.wrs.iter().map(|w| w.len).sum();
-        self.post(l, &slot, region, imm)?;
+        self.post(l, &slot, (region, base), imm)?;
         let lane = &mut self.lanes[l];
         lane.end.imms += 1;
         lane.end.pages += pages;
@@ -372,7 +382,7 @@ impl RdmaTx {
                 }
                 let first = self.parts.len();
                 let w = open.get_or_insert(Wr { offset: base + cur as u64, first, parts: 0, len: 0 });
-                self.parts.push(if zero { From::Zero { len } } else { From::Slot { at: cur, len } });
+                self.parts.push(if zero { From::Zero { len } } else { From::Pages { at: cur, len } });
                 w.parts += 1;
                 w.len += len as u64;
                 if zero {
@@ -398,10 +408,12 @@ impl RdmaTx {
         }
     }
 
-    /// Posts the built WRs on lane `l` in as few doorbells as the send queue allows; the
-    /// last is a WRITE_WITH_IMM carrying `imm`, and signaled (its completion frees `slot`).
+    /// Posts the built WRs of window `(region, base)` on lane `l` in as few doorbells as
+    /// the send queue allows; the last is a WRITE_WITH_IMM carrying `imm`, and signaled
+    /// (its completion frees `slot`). Pages gather from `slot`, or in place from the guest
+    /// memory when it is registered.
     #[allow(unsafe_code)]
-    fn post(&mut self, l: usize, slot: &RegSlot, region: u32, imm: u32) -> Result<(), SessionError> {
+    fn post(&mut self, l: usize, slot: &RegSlot, (region, base): (u32, u64), imm: u32) -> Result<(), SessionError> {
         let (addr, rkey) = self.remote[region as usize];
         let mut i = 0;
         while i < self.wrs.len() {
@@ -422,7 +434,10 @@ impl RdmaTx {
                 sges.clear();
                 for p in &self.parts[w.first..w.first + w.parts] {
                     sges.push(match *p {
-                        From::Slot { at, len } => slot.sge(at, len),
+                        From::Pages { at, len } => match &self.guest {
+                            Some(g) => g[region as usize].sge(base as usize + at, len),
+                            None => slot.sge(at, len),
+                        },
                         // A zero piece is never longer than the zero buffer.
                         From::Zero { len } => self.zero.sge(0, len),
                     });
@@ -444,10 +459,13 @@ impl RdmaTx {
                 lane.end.bytes += w.len;
                 batch.push(wr_id, op, &sges, signaled, inline);
             }
-            // SAFETY: the SGEs name `slot` and the zero buffer. The zero buffer lives as
-            // long as this worker and is never written; `slot` moves into `in_flight` right
-            // after this call and comes back to the CPU only once the signaled completion of
-            // the window's last WR (which covers every earlier WR on the QP) is polled.
+            // SAFETY: the SGEs name `slot`, the zero buffer or the guest memory. The zero
+            // buffer lives as long as this worker and is never written; `slot` moves into
+            // `in_flight` right after this call and comes back to the CPU only once the
+            // signaled completion of the window's last WR (which covers every earlier WR on
+            // the QP) is polled. The guest memory is a `LocalRegion`, which this worker
+            // holds (an `Arc`) until it is dropped after its last completion or with its
+            // QPs, and whose bytes Rust never sees.
             let posted = unsafe { self.lanes[l].qp.post_send(&mut batch) };
             drop(sges);
             self.batch = Some(batch.recycle());
@@ -481,5 +499,24 @@ impl RdmaTx {
             self.poll("waiting for the round's last RDMA WRITEs to complete")?;
         }
         Ok(self.lanes.iter_mut().map(|l| std::mem::take(&mut l.end)).collect())
+    }
+}
+
+/// Records each page of `subruns` (window offsets into `slot`, zero or not) in `sent` as
+/// the destination will hash it from what lands: keyed, in its place.
+fn hash_sent(key: &DigestKey, subruns: &[(usize, usize, bool)], slot: &[u8], base: u64, region: u32, sent: &PageHashes) {
+    let page = PAGE as u64;
+    for &(a, b, zero) in subruns {
+        let first = (base + a as u64) / page;
+        let mut d = Digest::default();
+        for (i, pg) in slot[a..b].chunks(PAGE).enumerate() {
+            d.0 = 0;
+            if zero {
+                d.add_zero_with(keyed(key), region, first + i as u64, PAGE, pg.len() as u64);
+            } else {
+                d.add_with(keyed(key), region, first + i as u64, PAGE, pg);
+            }
+            sent.set(first + i as u64, d);
+        }
     }
 }
