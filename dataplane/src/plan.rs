@@ -1,7 +1,7 @@
 //! The plan: every number the data plane runs with, already resolved by the planner in
 //! `control` (no "auto" is left), each with the reason it was chosen.
 //!
-//! `ferryctl tune --json` writes it; `ferryd --plan FILE` and `ferryctl apply` read it.
+//! `ferryctl tune --json` writes it; `ferryd --plan FILE` reads it.
 //! Unknown fields are rejected: a plan written by a newer `ferryctl` fails loudly rather
 //! than being half-obeyed.
 

@@ -411,7 +411,7 @@ impl Worker {
         if let Tx::Rdma(t) = &mut self.tx {
             let reg = &r.regions[region as usize];
             let region_bytes = r.window_runs(&mut self.runs, region, w);
-            let sent = t.send_window(r.round, &reg.memory, reg.probe_holes, reg.size, region, w, r.chunk, &self.runs, &reg.sent)?;
+            let sent = t.send_window(r.round, reg, (region, w), r.chunk, &self.runs)?;
             r.pacer.sent(region_bytes);
             r.progress.fetch_add(region_bytes, Ordering::Relaxed);
             self.live.add(region_bytes, sent.bytes, sent.imms, sent.zero_pages);

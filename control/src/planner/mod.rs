@@ -56,7 +56,7 @@ pub fn plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, PlanError> {
         None => None,
     };
     let tcp = sizing::tcp(caps, cfg, transport, &link, workers, chunk, &mut r)?;
-    let arena = sizing::arena(caps, cfg, numa_node, workers, chunk, &link, rdma.as_ref(), &tcp, &mut r)?;
+    let arena = sizing::arena(caps, cfg, (numa_node, workers, chunk), (&link, rdma.as_ref(), &tcp), &mut r)?;
     let limits = limits(cfg, &mut r);
     Ok(Plan {
         schema_version: PLAN_SCHEMA_VERSION,

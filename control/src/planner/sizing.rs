@@ -481,17 +481,13 @@ pub(super) fn tcp(
     })
 }
 
-/// Arena size per worker and its backing (the hugepage ladder).
-#[allow(clippy::too_many_arguments)]
+/// Arena size per worker and its backing (the hugepage ladder), for `workers` workers on
+/// `node` with chunks of `chunk` bytes, over the lanes already planned.
 pub(super) fn arena(
     caps: &Capabilities,
     cfg: &Config,
-    node: u32,
-    workers: u32,
-    chunk: u64,
-    link: &LinkPlan,
-    rdma: Option<&RdmaPlan>,
-    tcp: &TcpPlan,
+    (node, workers, chunk): (u32, u32, u64),
+    (link, rdma, tcp): (&LinkPlan, Option<&RdmaPlan>, &TcpPlan),
     r: &mut Reasons,
 ) -> Result<ArenaPlan, PlanError> {
     let bytes = match cfg.dataplane.arena_mib_per_worker.value() {

@@ -1,6 +1,6 @@
 //! The downtime estimate behind the pause advice: how long the stop-and-copy round would
-//! take if the VMM paused now. A pure function of what the rounds so far measured, so it
-//! can be tested on its own.
+//! take if the VMM paused now, and the advice itself. Pure functions of what the rounds so
+//! far measured, so they can be tested on their own.
 //!
 //! The last round is modelled as its parts, each from a measurement:
 //!
@@ -69,6 +69,59 @@ pub fn confirm_seconds(rounds: &[RoundReport]) -> f64 {
     c[c.len() / 2]
 }
 
+/// What the advice after a round is made of.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AdviceInputs {
+    /// The round was the stop-and-copy one: nothing is left to advise.
+    pub last: bool,
+    /// The downtime estimate, ms (`None` until a dirty rate has been measured).
+    pub estimate_ms: Option<f64>,
+    pub budget_ms: f64,
+    pub round: u32,
+    pub max_rounds: u32,
+    /// Pages this round sent, and the round before it.
+    pub pages: u64,
+    pub previous_pages: Option<u64>,
+}
+
+/// The advice after a round: pause, switch to post-copy, or continue, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advice {
+    pub pause: bool,
+    pub postcopy: bool,
+    pub text: String,
+}
+
+/// Pause once the estimate fits the budget, or at the round limit; switch to post-copy at
+/// the round limit over budget, or when the guest is not converging (a round after the
+/// second re-sent at least 90% as many pages as the round before it, so more rounds will
+/// not shrink the pause); else continue.
+pub fn advise(a: &AdviceInputs) -> Advice {
+    let fits = a.estimate_ms.is_some_and(|e| e <= a.budget_ms);
+    let limit = a.round + 1 >= a.max_rounds;
+    let stalled = a.round >= 2 && a.previous_pages.is_some_and(|prev| a.pages * 10 >= prev * 9);
+    let over = a.estimate_ms.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms"));
+    let budget = a.budget_ms;
+    let text = match (a.last, fits, limit, stalled) {
+        (true, ..) => String::new(),
+        (false, true, ..) => format!("pause: the estimated downtime {over} fits the {budget:.0} ms budget"),
+        (false, false, true, _) => format!(
+            "pause over budget, or switch to post-copy: round {} of {} and the estimate {over} is over the {budget:.0} ms budget",
+            a.round + 1,
+            a.max_rounds
+        ),
+        (false, false, false, true) => format!(
+            "switch to post-copy: the guest dirtied {} pages in this round after {} in the last, so more rounds will not bring the estimate {over} under the {budget:.0} ms budget",
+            a.pages,
+            a.previous_pages.unwrap_or(0)
+        ),
+        (false, false, false, false) => {
+            format!("continue: the estimate {over} is over the {budget:.0} ms budget and the dirty set is still shrinking")
+        }
+    };
+    Advice { pause: !a.last && (fits || limit), postcopy: !a.last && !fits && (limit || stalled), text }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +152,39 @@ mod tests {
         assert!((downtime_seconds(&rdma) - 292e-3).abs() < 1e-9);
         // Nothing dirty still costs the confirmation and the verdict.
         assert!((downtime_seconds(&Inputs { next_pages: 0.0, ..i }) - 2e-3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_advice_follows_the_budget_the_limit_and_convergence() {
+        let a = AdviceInputs {
+            last: false,
+            estimate_ms: Some(500.0),
+            budget_ms: 300.0,
+            round: 3,
+            max_rounds: 30,
+            pages: 500,
+            previous_pages: Some(1000),
+        };
+        // Over budget and shrinking: continue.
+        let c = advise(&a);
+        assert!(!c.pause && !c.postcopy && c.text.starts_with("continue"), "{c:?}");
+        // Fits: pause, and no post-copy.
+        let p = advise(&AdviceInputs { estimate_ms: Some(250.0), ..a });
+        assert!(p.pause && !p.postcopy && p.text.starts_with("pause:"), "{p:?}");
+        // No estimate yet never fits.
+        assert!(!advise(&AdviceInputs { estimate_ms: None, ..a }).pause);
+        // Not converging (95% of the last round's pages): post-copy, not pause.
+        let s = advise(&AdviceInputs { pages: 950, ..a });
+        assert!(!s.pause && s.postcopy && s.text.starts_with("switch to post-copy"), "{s:?}");
+        // Rounds 0 and 1 are too early to call it stalled.
+        assert!(!advise(&AdviceInputs { round: 1, pages: 950, ..a }).postcopy);
+        // The round limit over budget: pause or post-copy; within budget: pause only.
+        let l = advise(&AdviceInputs { round: 29, ..a });
+        assert!(l.pause && l.postcopy && l.text.contains("round 30 of 30"), "{l:?}");
+        let lf = advise(&AdviceInputs { round: 29, estimate_ms: Some(100.0), ..a });
+        assert!(lf.pause && !lf.postcopy);
+        // The last round advises nothing.
+        assert_eq!(advise(&AdviceInputs { last: true, ..a }), Advice { pause: false, postcopy: false, text: String::new() });
     }
 
     #[test]

@@ -384,7 +384,7 @@ impl<'a> Source<'a> {
     }
 
     /// Runs a pre-copy round. Round 0 sends every page whatever `dirty` says; later rounds
-    /// the pages `dirty` marks (see [`super::parse_bitmap`]).
+    /// the pages `dirty` marks (see [`super::parse_bitmap_regions`]).
     pub fn round(&mut self, dirty: &[u64]) -> Result<RoundReport, SessionError> {
         self.run_round(dirty, false).map(|(r, _)| r)
     }
@@ -601,9 +601,86 @@ impl<'a> Source<'a> {
         Ok(digest.expect("the last round digests the source"))
     }
 
+    /// One round: the workers send it (and, paused with `verify: full`, the source is
+    /// digested beside them), the destination confirms it, and after the last the verdict;
+    /// then the estimate and the advice for the next.
     fn run_round(&mut self, dirty: &[u64], last: bool) -> Result<(RoundReport, Option<Digest>), SessionError> {
         let round = self.rounds.len() as u32;
         let start = Instant::now();
+        let all = round == 0;
+        let job = self.round_job(round, dirty)?;
+        // The VMM is paused during the last round: a full digest may use every CPU.
+        let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
+        let full = last && self.opts.verify == Verify::Full;
+        let (c, digest, data_seconds) = self.send_round(&job, full.then_some(digest_threads), start)?;
+        // The workers are done: what follows is the destination's confirmation.
+        self.data_seconds += data_seconds;
+        // A region that shrank while the round read it sent zeros for the pages past its
+        // new end (they read as holes): fail before the destination confirms the round.
+        self.check_sizes(round, "end")?;
+        self.confirm_round(&job, last, c.pages)?;
+        let digest = match digest {
+            Some(d) => Some(d),
+            None if last => Some(self.regions.iter().map(|r| r.sent.fold()).sum()),
+            None => None,
+        };
+        let verdict_start = Instant::now();
+        if let Some(d) = digest {
+            self.verdict(round, d)?;
+        }
+        let verdict_seconds = if last { verdict_start.elapsed().as_secs_f64() } else { 0.0 };
+        let seconds = start.elapsed().as_secs_f64();
+        let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
+        let gbps = dirty_bytes as f64 / seconds / 1e9;
+        let dirty_rate = self.last_start.filter(|_| !all).map(|prev| dirty_bytes as f64 / start.duration_since(prev).as_secs_f64());
+        self.last_start = Some(start);
+        let mut report = RoundReport {
+            round,
+            last,
+            dirty_pages: c.pages,
+            dirty_bytes,
+            zero_pages: c.zero_pages,
+            wire_bytes: c.wire_bytes,
+            compressed_in_bytes: c.compressed_in,
+            compressed_out_bytes: c.compressed_out,
+            frames: c.frames,
+            seconds,
+            data_seconds,
+            confirm_seconds: seconds - data_seconds,
+            verdict_seconds,
+            gbps,
+            dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
+            ..RoundReport::default()
+        };
+        report.estimated_downtime_ms = self.estimate(&report, dirty_rate, digest_threads);
+        let advice = super::estimate::advise(&super::estimate::AdviceInputs {
+            last,
+            estimate_ms: report.estimated_downtime_ms,
+            budget_ms: self.opts.downtime_budget.as_secs_f64() * 1e3,
+            round,
+            max_rounds: self.opts.max_rounds,
+            pages: c.pages,
+            previous_pages: self.rounds.last().map(|p| p.dirty_pages),
+        });
+        (report.advise_pause, report.advise_postcopy, report.advice) = (advice.pause, advice.postcopy, advice.text);
+        log::info!(
+            "round {round}{}: {} dirty pages ({:.1} MiB) in {:.3} s = {:.2} GB/s, estimated downtime {}{}",
+            if last { " (stop-and-copy)" } else { "" },
+            c.pages,
+            dirty_bytes as f64 / (1 << 20) as f64,
+            seconds,
+            gbps,
+            report.estimated_downtime_ms.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms")),
+            if report.advise_pause { ": pause now" } else { "" }
+        );
+        log::debug!("round {round}: {}", report.advice);
+        self.rounds.push(report.clone());
+        Ok((report, digest))
+    }
+
+    /// Round `round`'s work for the pool: every page in round 0, else the pages `dirty`
+    /// (the VMM's bitmap, checked against the regions) marks.
+    fn round_job(&self, round: u32, dirty: &[u64]) -> Result<Arc<Round>, SessionError> {
         let all = round == 0;
         let words: usize = self.regions.iter().map(|r| r.words).sum();
         if !all && dirty.len() != words {
@@ -616,25 +693,34 @@ impl<'a> Source<'a> {
         }
         self.check_sizes(round, "start")?;
         let dirty: Arc<[u64]> = if all { Arc::from(&[][..]) } else { Arc::from(dirty) };
-        let mut job = Round::new(round, self.regions.clone(), self.chunk, dirty.clone(), all, self.opts.rate_limit.map(|r| r as f64));
+        let mut job = Round::new(round, self.regions.clone(), self.chunk, dirty, all, self.opts.rate_limit.map(|r| r as f64));
         if let Some(q) = &self.hints {
             job.hints = Some(crate::worker::Hints::new(q.clone(), job.windows()));
         }
-        let job = Arc::new(job);
-        // The VMM is paused during the last round: a full digest may use every CPU.
-        let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
-        let full = last && self.opts.verify == Verify::Full;
+        Ok(Arc::new(job))
+    }
+
+    /// Hands the round to the pool's workers and waits for them, watching the control
+    /// connection; with `digest_threads`, digests the paused source beside them. Returns
+    /// what the workers counted, that digest, and the data phase's seconds (the workers',
+    /// since `start`).
+    fn send_round(
+        &mut self,
+        job: &Arc<Round>,
+        digest_threads: Option<usize>,
+        start: Instant,
+    ) -> Result<(RoundCounts, Option<Digest>, f64), SessionError> {
         let key = self.digest_key.as_ref();
         let regions = &*self.regions;
         let (done, woken) = Done::new(self.workers.len(), self.abort.clone())?;
         let (digest, handed, failed, data_seconds) = std::thread::scope(|s| {
             // The VMM has paused: digest the source beside the last round's lanes.
-            let digest = full.then(|| {
+            let digest = digest_threads.map(|threads| {
                 s.spawn(move || {
                     let mut d = Digest::default();
                     let h = key.map_or(Hashing::Fast, Hashing::Keyed);
                     for (i, r) in regions.iter().enumerate() {
-                        d.combine(Digest::of_file_with(h, i as u32, PAGE, &r.memory, r.size, digest_threads, r.probe_holes)?);
+                        d.combine(Digest::of_file_with(h, i as u32, PAGE, &r.memory, r.size, threads, r.probe_holes)?);
                     }
                     Ok::<Digest, std::io::Error>(d)
                 })
@@ -691,148 +777,72 @@ impl<'a> Source<'a> {
         if let Some(e) = worker_failed {
             return Err(self.ctl.reason_for(e));
         }
-        // The workers are done: what follows is the destination's confirmation.
-        self.data_seconds += data_seconds;
-        // A region that shrank while the round read it sent zeros for the pages past its
-        // new end (they read as holes): fail before the destination confirms the round.
-        self.check_sizes(round, "end")?;
+        Ok((c, digest.transpose()?, data_seconds))
+    }
+
+    /// The round's end on the control connection (over RDMA, what each lane carried and
+    /// which pages were written, first), and the destination's confirmation of `pages`.
+    fn confirm_round(&mut self, job: &Round, last: bool, pages: u64) -> Result<(), SessionError> {
+        let (round, all) = (job.round, job.round == 0);
         if self.rdma.is_some() {
             // RDMA lanes end their round here: what each carried, worker-major.
             let ends: Vec<wire::RdmaLaneEnd> = self.workers.iter_mut().flat_map(|w| std::mem::take(&mut w.rdma_ends)).collect();
             // Rounds after the first wrote the dirty pages only: the destination is told
             // which, and hashes exactly those (not the whole windows).
-            let runs = if all { 0 } else { rdma_runs(&self.regions, &dirty, &mut |_| Ok(()))? };
+            let runs = if all { 0 } else { rdma_runs(&self.regions, &job.dirty, &mut |_| Ok(()))? };
             let head = wire::RdmaRoundEnd { round: round.into(), whole: u32::from(all).into(), runs: runs.into() };
             self.ctl.send(Kind::RdmaEnd, &wire::list_payload(&head, &ends))?;
             if !all {
                 let ctl = &mut self.ctl;
-                rdma_runs(&self.regions, &dirty, &mut |frame| ctl.send(Kind::RdmaPages, frame.as_bytes()))?;
+                rdma_runs(&self.regions, &job.dirty, &mut |frame| ctl.send(Kind::RdmaPages, frame.as_bytes()))?;
             }
         }
-        let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: c.pages.into() };
+        let end = wire::Round { round: round.into(), last: u32::from(last).into(), pages: pages.into() };
         self.ctl.send(Kind::Round, end.as_bytes())?;
         let mut buf = Vec::new();
         self.ctl.expect(Kind::RoundOk, &mut buf)?;
         let ok: wire::RoundOk = wire::parse(Kind::RoundOk, &buf)?;
-        if ok.round.get() != round || ok.pages.get() != c.pages {
+        if ok.round.get() != round || ok.pages.get() != pages {
             return Err(SessionError::Protocol(format!(
-                "the destination confirmed round {} with {} pages; round {round} sent {}",
+                "the destination confirmed round {} with {} pages; round {round} sent {pages}",
                 ok.round.get(),
                 ok.pages.get(),
-                c.pages
             )));
         }
-        let digest = match digest.transpose()? {
-            Some(d) => Some(d),
-            None if last => Some(self.regions.iter().map(|r| r.sent.fold()).sum()),
-            None => None,
-        };
-        let verdict_start = Instant::now();
-        let digest = match digest {
-            Some(d) => {
-                for w in &mut self.workers {
-                    w.tx.end_lanes()?;
-                }
-                if self.opts.job == Job::Transfer {
-                    // A file that shrank was read as holes past its new end.
-                    self.check_sizes(round, "end")?;
-                }
-                crate::engine::send::confirm(&mut self.ctl, d, self.size)?;
-                Some(d)
-            }
-            None => None,
-        };
-        let verdict_seconds = if last { verdict_start.elapsed().as_secs_f64() } else { 0.0 };
-        let seconds = start.elapsed().as_secs_f64();
-        let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
-        let gbps = dirty_bytes as f64 / seconds / 1e9;
-        let dirty_rate = self.last_start.filter(|_| round > 0).map(|prev| dirty_bytes as f64 / start.duration_since(prev).as_secs_f64());
-        self.last_start = Some(start);
-        // What this round measured counts in the estimate (see [`super::estimate`]).
-        let this = RoundReport {
-            round,
-            dirty_pages: c.pages,
-            zero_pages: c.zero_pages,
-            data_seconds,
-            confirm_seconds: seconds - data_seconds,
-            ..RoundReport::default()
-        };
-        let measured: Vec<RoundReport> = self.rounds.iter().cloned().chain(std::iter::once(this)).collect();
+        Ok(())
+    }
+
+    /// The verdict after the last round: the lanes end, and the destination compares
+    /// `digest` with what landed.
+    fn verdict(&mut self, round: u32, digest: Digest) -> Result<(), SessionError> {
+        for w in &mut self.workers {
+            w.tx.end_lanes()?;
+        }
+        if self.opts.job == Job::Transfer {
+            // A file that shrank was read as holes past its new end.
+            self.check_sizes(round, "end")?;
+        }
+        crate::engine::send::confirm(&mut self.ctl, digest, self.size)
+    }
+
+    /// The downtime if the VMM paused after `this` round, ms (see [`super::estimate`]);
+    /// `None` until a dirty rate has been measured.
+    fn estimate(&self, this: &RoundReport, dirty_rate: Option<f64>, digest_threads: usize) -> Option<f64> {
+        let measured: Vec<RoundReport> = self.rounds.iter().cloned().chain(std::iter::once(this.clone())).collect();
+        let rate = dirty_rate?;
+        let page_seconds = super::estimate::page_seconds(&measured)?;
         let full_digest = self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64;
-        let estimate = match (dirty_rate, super::estimate::page_seconds(&measured)) {
-            (Some(rate), Some(page_seconds)) => {
-                let inputs = super::estimate::Inputs {
-                    next_pages: (rate * seconds).min(self.size as f64) / PAGE as f64,
-                    page_seconds,
-                    confirm_seconds: super::estimate::confirm_seconds(&measured),
-                    // With a full digest the paused memory is read beside the last round;
-                    // over RDMA the destination then digests what landed (its speed taken
-                    // to be this side's).
-                    digest_seconds: full_digest,
-                    after_data_seconds: if self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd) { full_digest } else { 0.0 },
-                };
-                Some(super::estimate::downtime_seconds(&inputs) * 1e3)
-            }
-            _ => None,
+        let inputs = super::estimate::Inputs {
+            next_pages: (rate * this.seconds).min(self.size as f64) / PAGE as f64,
+            page_seconds,
+            confirm_seconds: super::estimate::confirm_seconds(&measured),
+            // With a full digest the paused memory is read beside the last round; over
+            // RDMA the destination then digests what landed (its speed taken to be this
+            // side's).
+            digest_seconds: full_digest,
+            after_data_seconds: if self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd) { full_digest } else { 0.0 },
         };
-        let budget = self.opts.downtime_budget.as_secs_f64() * 1e3;
-        let fits = estimate.is_some_and(|e| e <= budget);
-        let limit = round + 1 >= self.opts.max_rounds;
-        // Not converging: a round after the first re-sent that dirtied at least 90% as
-        // many pages as the round before it, so more rounds will not shrink the pause.
-        let stalled = round >= 2 && self.rounds.last().is_some_and(|prev| c.pages * 10 >= prev.dirty_pages * 9);
-        let over = estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms"));
-        let advice = match (last, fits, limit, stalled) {
-            (true, ..) => String::new(),
-            (false, true, ..) => format!("pause: the estimated downtime {over} fits the {budget:.0} ms budget"),
-            (false, false, true, _) => format!(
-                "pause over budget, or switch to post-copy: round {} of {} and the estimate {over} is over the {budget:.0} ms budget",
-                round + 1,
-                self.opts.max_rounds
-            ),
-            (false, false, false, true) => format!(
-                "switch to post-copy: the guest dirtied {} pages in this round after {} in the last, so more rounds will not bring the estimate {over} under the {budget:.0} ms budget",
-                c.pages,
-                self.rounds.last().map_or(0, |p| p.dirty_pages)
-            ),
-            (false, false, false, false) => {
-                format!("continue: the estimate {over} is over the {budget:.0} ms budget and the dirty set is still shrinking")
-            }
-        };
-        let report = RoundReport {
-            round,
-            last,
-            dirty_pages: c.pages,
-            dirty_bytes,
-            zero_pages: c.zero_pages,
-            wire_bytes: c.wire_bytes,
-            compressed_in_bytes: c.compressed_in,
-            compressed_out_bytes: c.compressed_out,
-            frames: c.frames,
-            seconds,
-            data_seconds,
-            confirm_seconds: seconds - data_seconds,
-            verdict_seconds,
-            gbps,
-            dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
-            estimated_downtime_ms: estimate,
-            advise_pause: !last && (fits || limit),
-            advise_postcopy: !last && !fits && (limit || stalled),
-            advice,
-        };
-        log::info!(
-            "round {round}{}: {} dirty pages ({:.1} MiB) in {:.3} s = {:.2} GB/s, estimated downtime {}{}",
-            if last { " (stop-and-copy)" } else { "" },
-            c.pages,
-            dirty_bytes as f64 / (1 << 20) as f64,
-            seconds,
-            gbps,
-            estimate.map_or_else(|| "unknown".into(), |e| format!("{e:.0} ms")),
-            if report.advise_pause { ": pause now" } else { "" }
-        );
-        log::debug!("round {round}: {}", report.advice);
-        self.rounds.push(report.clone());
-        Ok((report, digest))
+        Some(super::estimate::downtime_seconds(&inputs) * 1e3)
     }
 }
 

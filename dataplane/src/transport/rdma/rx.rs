@@ -126,82 +126,11 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     if workers == 0 || qpw == 0 || workers * qpw != lanes {
         return Err(SessionError::Protocol(format!("RDMA_CONNECT: {workers} worker(s) x {qpw} QP(s) for {lanes} lane(s)")));
     }
-    let rp = o.plan.rdma.as_ref().ok_or_else(|| SessionError::Protocol("this receiver's plan has no RDMA device".into()))?;
-    let dev = super::device(rp)?;
-    if (hello.infiniband == 1) != dev.gid_index.is_none() {
-        return Err(SessionError::Protocol("the sender and this receiver are on different link layers (InfiniBand and RoCE)".into()));
-    }
-    let mtu = check_mtu(hello.mtu.get().min(dev.mtu))?;
-    let check = match hello.check {
-        wire::ONE_SIDED_EACH_ROUND => Check::EachRound,
-        wire::ONE_SIDED_AT_END => Check::AtEnd,
-        c => return Err(SessionError::Protocol(format!("RDMA_CONNECT: check {c} is neither each round (0) nor at the end (1)"))),
-    };
-    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, check, ..RdmaReport::default() };
-    let t = Instant::now();
-    let regions = memory
-        .iter()
-        .zip(&layout.regions)
-        .map(|(m, &size)| dev.pd.register_remote_write(m, size as usize))
-        .collect::<Result<Vec<_>, _>>()?;
+    let Accepted { dev, regions, cqs, qps, mut report, credit_batch, send_depth } = accept(ctl, &hello, peer, memory, layout, o)?;
+    let check = report.check;
     let size: u64 = layout.regions.iter().sum();
-    report.registration(size, t);
-    log::info!(
-        "registered {} MiB of destination on {} for remote writes in {:.3} s ({:.2} GB/s)",
-        size >> 20,
-        dev.name,
-        report.registration_seconds,
-        report.registration_gbps
-    );
-    let credits = rp.rq_depth.max(1);
-    // Credits go back in batches of a quarter of the receive queue, so at most five
-    // credit messages are ever in flight per QP.
-    let credit_batch = (credits / 4).max(1);
-    let send_depth = credits.div_ceil(credit_batch) + 1;
-    let cq_depth = (qpw as u32 * (credits + send_depth)) as i32;
-    let cqs = (0..workers).map(|_| dev.ctx.create_waitable_cq(cq_depth)).collect::<Result<Vec<_>, _>>()?;
-    let caps = QpCaps { max_send_wr: send_depth, max_recv_wr: credits, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0 };
-    let mut qps: Vec<Vec<Qp>> = Vec::with_capacity(workers);
-    let mut eps = Vec::with_capacity(lanes);
-    for cq in &cqs {
-        let mut mine = Vec::with_capacity(qpw);
-        for l in 0..qpw {
-            let (mut qp, _) = dev.pd.create_rc_qp(cq, caps)?;
-            let p = super::psn()?;
-            qp.connect(&dev.path(mtu), p, &super::remote(&peer[eps.len()]), true)?;
-            // Receives can be posted from INIT on; these are in place before RDMA_ACCEPT
-            // lets the sender write.
-            qp.post_recvs(l as u64, credits as usize)?;
-            eps.push(dev.endpoint(&qp, p));
-            mine.push(qp);
-        }
-        qps.push(mine);
-    }
-    let regs: Vec<wire::RdmaRegion> =
-        regions.iter().map(|r| wire::RdmaRegion { addr: r.addr().into(), rkey: r.rkey().into(), _pad: 0.into() }).collect();
-    let acc = wire::RdmaAccept { mtu: mtu.into(), credits: credits.into() };
-    ctl.send(Kind::RdmaAccept, &wire::lists_payload(&acc, &eps, &regs))?;
-    log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}); the sender writes directly into the destination", dev.name);
-
-    // Every page starts as the zero page it is; each round's windows replace theirs
-    // (checked at the end: no page hashes at all).
     let windows = Windows::new(&layout.regions, u64::from(layout.max_chunk))?;
-    let per_page = if check == Check::EachRound { &layout.regions[..] } else { &[][..] };
-    let hashes = per_page
-        .iter()
-        .enumerate()
-        .map(|(r, &bytes)| {
-            let pages = crate::migrate::pages(bytes);
-            let h = PageHashes::new(pages)?;
-            for p in 0..pages {
-                let len = (bytes - p * PAGE as u64).min(PAGE as u64);
-                let mut d = Digest::default();
-                d.add_zero_with(keyed(&key), r as u32, p, PAGE, len);
-                h.set(p, d);
-            }
-            Ok(h)
-        })
-        .collect::<Result<Vec<PageHashes>, crate::session::limits::LimitError>>()?;
+    let hashes = zero_hashes(layout, &key, check)?;
     let written = layout.regions.iter().map(|&b| Written::new(b)).collect::<Result<Vec<_>, _>>()?;
     let fail_after = std::env::var("FERRY_TEST_RDMA_QP_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
     let received: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(0)).collect();
@@ -293,6 +222,111 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         ..MigrationReport::default()
     };
     Ok(Received { report, digest, write_latency: Vec::new(), stale: None, switch: None })
+}
+
+/// An RDMA session's receiving side, set up: the destination registered for remote
+/// writes, a CQ and QPs per sender worker, connected.
+struct Accepted {
+    dev: std::sync::Arc<super::Device>,
+    regions: Vec<hw::rdma::verbs::RemoteRegion>,
+    cqs: Vec<Cq>,
+    qps: Vec<Vec<Qp>>,
+    report: RdmaReport,
+    credit_batch: u32,
+    send_depth: u32,
+}
+
+/// Answers RDMA_CONNECT (`hello`, the sender's `peer` endpoints): registers `memory` for
+/// remote writes, connects a QP per lane with its receives posted, and sends RDMA_ACCEPT.
+fn accept(
+    ctl: &mut Ctl,
+    hello: &wire::RdmaConnect,
+    peer: &[wire::RdmaEndpoint],
+    memory: &[File],
+    layout: &Layout,
+    o: &SinkOptions<'_>,
+) -> Result<Accepted, SessionError> {
+    let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
+    let lanes = workers * qpw;
+    let rp = o.plan.rdma.as_ref().ok_or_else(|| SessionError::Protocol("this receiver's plan has no RDMA device".into()))?;
+    let dev = super::device(rp)?;
+    if (hello.infiniband == 1) != dev.gid_index.is_none() {
+        return Err(SessionError::Protocol("the sender and this receiver are on different link layers (InfiniBand and RoCE)".into()));
+    }
+    let mtu = check_mtu(hello.mtu.get().min(dev.mtu))?;
+    let check = match hello.check {
+        wire::ONE_SIDED_EACH_ROUND => Check::EachRound,
+        wire::ONE_SIDED_AT_END => Check::AtEnd,
+        c => return Err(SessionError::Protocol(format!("RDMA_CONNECT: check {c} is neither each round (0) nor at the end (1)"))),
+    };
+    let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, check, ..RdmaReport::default() };
+    let t = Instant::now();
+    let regions = memory
+        .iter()
+        .zip(&layout.regions)
+        .map(|(m, &size)| dev.pd.register_remote_write(m, size as usize))
+        .collect::<Result<Vec<_>, _>>()?;
+    let size: u64 = layout.regions.iter().sum();
+    report.registration(size, t);
+    log::info!(
+        "registered {} MiB of destination on {} for remote writes in {:.3} s ({:.2} GB/s)",
+        size >> 20,
+        dev.name,
+        report.registration_seconds,
+        report.registration_gbps
+    );
+    let credits = rp.rq_depth.max(1);
+    // Credits go back in batches of a quarter of the receive queue, so at most five
+    // credit messages are ever in flight per QP.
+    let credit_batch = (credits / 4).max(1);
+    let send_depth = credits.div_ceil(credit_batch) + 1;
+    let cq_depth = (qpw as u32 * (credits + send_depth)) as i32;
+    let cqs = (0..workers).map(|_| dev.ctx.create_waitable_cq(cq_depth)).collect::<Result<Vec<_>, _>>()?;
+    let caps = QpCaps { max_send_wr: send_depth, max_recv_wr: credits, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0 };
+    let mut qps: Vec<Vec<Qp>> = Vec::with_capacity(workers);
+    let mut eps = Vec::with_capacity(lanes);
+    for cq in &cqs {
+        let mut mine = Vec::with_capacity(qpw);
+        for l in 0..qpw {
+            let (mut qp, _) = dev.pd.create_rc_qp(cq, caps)?;
+            let p = super::psn()?;
+            qp.connect(&dev.path(mtu), p, &super::remote(&peer[eps.len()]), true)?;
+            // Receives can be posted from INIT on; these are in place before RDMA_ACCEPT
+            // lets the sender write.
+            qp.post_recvs(l as u64, credits as usize)?;
+            eps.push(dev.endpoint(&qp, p));
+            mine.push(qp);
+        }
+        qps.push(mine);
+    }
+    let regs: Vec<wire::RdmaRegion> =
+        regions.iter().map(|r| wire::RdmaRegion { addr: r.addr().into(), rkey: r.rkey().into(), _pad: 0.into() }).collect();
+    let acc = wire::RdmaAccept { mtu: mtu.into(), credits: credits.into() };
+    ctl.send(Kind::RdmaAccept, &wire::lists_payload(&acc, &eps, &regs))?;
+    log::info!("{lanes} RDMA QP(s) connected on {} (MTU {mtu}); the sender writes directly into the destination", dev.name);
+    Ok(Accepted { dev, regions, cqs, qps, report, credit_batch, send_depth })
+}
+
+/// Every page's hash as the zero page it starts as (each round's windows replace theirs);
+/// none when the writes are checked at the end.
+fn zero_hashes(layout: &Layout, key: &DigestKey, check: Check) -> Result<Vec<PageHashes>, SessionError> {
+    let per_page = if check == Check::EachRound { &layout.regions[..] } else { &[][..] };
+    let hashes = per_page
+        .iter()
+        .enumerate()
+        .map(|(r, &bytes)| {
+            let pages = crate::migrate::pages(bytes);
+            let h = PageHashes::new(pages)?;
+            for p in 0..pages {
+                let len = (bytes - p * PAGE as u64).min(PAGE as u64);
+                let mut d = Digest::default();
+                d.add_zero_with(keyed(key), r as u32, p, PAGE, len);
+                h.set(p, d);
+            }
+            Ok(h)
+        })
+        .collect::<Result<Vec<PageHashes>, crate::session::limits::LimitError>>()?;
+    Ok(hashes)
 }
 
 /// The control thread's part of an RDMA session.

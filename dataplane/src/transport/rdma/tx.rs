@@ -2,7 +2,6 @@
 //! registered slots, and how a window becomes work requests (see [`super`]).
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +16,7 @@ use crate::engine::PAGE;
 use crate::migrate::PageHashes;
 use crate::plan::RdmaPlan;
 use crate::wire;
+use crate::worker::Region;
 
 /// Zero gaps up to this long between two data runs are written from the zero buffer,
 /// keeping one WR, rather than skipped at the cost of a second WR.
@@ -282,19 +282,16 @@ impl RdmaTx {
     /// the window) name: read into a slot (unless nothing needs reading), hashed as sent
     /// (keyed, unless checked at the end), written by one-sided WRITEs ending with a
     /// WRITE_WITH_IMM. Zero pages are skipped in round 0.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn send_window(
         &mut self,
         round: u32,
-        memory: &File,
-        probe_holes: bool,
-        size: u64,
-        region: u32,
-        w: u64,
+        reg: &Region,
+        (region, w): (u32, u64),
         chunk: usize,
         runs: &[(u64, u64)],
-        sent: &PageHashes,
     ) -> Result<WindowSent, SessionError> {
+        let Region { memory, probe_holes, size, sent, .. } = reg;
+        let (probe_holes, size) = (*probe_holes, *size);
         let page = PAGE as u64;
         let base = w * chunk as u64;
         let mut slot = self.take_slot()?;
