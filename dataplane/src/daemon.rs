@@ -267,150 +267,18 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn prometheus(&self) -> String {
         let t = self.inner.lock().expect("metrics");
-        let mut out = String::new();
-        let mut add = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
-            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
-            for l in lines {
-                out += &format!("{name}{l}\n");
-            }
-        };
-        add(
+        let mut e = Exposition::default();
+        e.add(
             "ferry_uptime_seconds",
             "gauge",
             "Seconds since ferryd started.",
             vec![format!(" {:.3}", self.started.elapsed().as_secs_f64())],
         );
-        add(
-            "ferry_sessions_total",
-            "counter",
-            "Transfer sessions, by role and result.",
-            t.sessions.iter().map(|((role, res), n)| format!("{{role=\"{role}\",result=\"{res}\"}} {n}")).collect(),
-        );
-        add(
-            "ferry_sessions_active",
-            "gauge",
-            "Transfer sessions running now.",
-            t.active.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-        );
-        add(
-            "ferry_region_bytes_total",
-            "counter",
-            "Region bytes moved by completed sessions.",
-            t.region_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-        );
-        add(
-            "ferry_wire_bytes_total",
-            "counter",
-            "Bytes on the wire for completed sessions.",
-            t.wire_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-        );
-        add("ferry_zero_pages_total", "counter", "Zero pages sent as a flag instead of data.", vec![format!(" {}", t.zero_pages)]);
-        add(
-            "ferry_compressed_bytes_total",
-            "counter",
-            "Region bytes sent compressed (stage=in) and their compressed size (stage=out).",
-            vec![format!("{{stage=\"in\"}} {}", t.compressed_in), format!("{{stage=\"out\"}} {}", t.compressed_out)],
-        );
-        // A summary's lines, with `labels` (`k="v",...`, or empty) on each.
-        let quantiles = |h: &hdrhistogram::Histogram<u64>, labels: &str| -> Vec<String> {
-            let sep = if labels.is_empty() { "" } else { "," };
-            let mut v: Vec<String> = [0.5, 0.95, 0.99]
-                .iter()
-                .map(|q| format!("{{{labels}{sep}quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6))
-                .collect();
-            v.push(format!("{{{labels}{sep}quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
-            v.push(if labels.is_empty() { format!("_count {}", h.len()) } else { format!("_count{{{labels}}} {}", h.len()) });
-            v
-        };
-        add(
-            "ferry_chunk_send_latency_seconds",
-            "summary",
-            "Time from handing a chunk to a connection until it was written.",
-            quantiles(&t.chunk_latency, ""),
-        );
-        add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds, ""));
-        add(
-            "ferry_worker_latency_seconds",
-            "summary",
-            "Per sending worker, chunk handed to a connection until written (role=send); per receiving lane, data frame arrived until in the destination (role=recv). Completed sessions.",
-            t.worker_latency.iter().flat_map(|((role, w), h)| quantiles(h, &format!("role=\"{role}\",worker=\"{w}\""))).collect(),
-        );
-        let pc = &t.postcopy;
-        add(
-            "ferry_postcopy_migrations_total",
-            "counter",
-            "Migrations that switched over to post-copy and completed, by role.",
-            pc.migrations.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-        );
-        add(
-            "ferry_postcopy_faults_total",
-            "counter",
-            "Guest page faults resolved in post-copy (destination): kind=remote waited for the source, kind=local did not.",
-            vec![format!("{{kind=\"local\"}} {}", pc.local_faults), format!("{{kind=\"remote\"}} {}", pc.remote_faults)],
-        );
-        add(
-            "ferry_postcopy_pages_total",
-            "counter",
-            "Stale pages placed in post-copy (destination), by how they came: fetched for a fault, or pushed.",
-            vec![format!("{{by=\"fault\"}} {}", pc.pages_by_fault), format!("{{by=\"push\"}} {}", pc.pages_by_push)],
-        );
-        add(
-            "ferry_postcopy_reconnects_total",
-            "counter",
-            "Post-copy links that broke and came back (attempts after the first).",
-            vec![format!(" {}", pc.reconnects)],
-        );
-        add(
-            "ferry_postcopy_fault_latency_seconds",
-            "summary",
-            "A remote fault's wait at the destination, from reading it until its page was mapped.",
-            quantiles(&pc.fault_latency, ""),
-        );
-        add(
-            "ferry_postcopy_switch_seconds",
-            "summary",
-            "ferry's part of a post-copy switch-over (source): from the VMM's postcopy until the destination ran the guest.",
-            quantiles(&pc.switch, ""),
-        );
-        // Live per-worker counters: updated by the workers as they go, not at session end.
-        let live = crate::live::snapshot();
-        let per_worker = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
-            live.iter().map(|(r, w, s)| format!("{{role=\"{}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
-        };
-        add(
-            "ferry_worker_region_bytes_total",
-            "counter",
-            "Region bytes each worker (sender) or lane (receiver) has handled, live.",
-            per_worker(|s| s.region_bytes),
-        );
-        add("ferry_worker_wire_bytes_total", "counter", "Bytes on the wire per worker or lane, live.", per_worker(|s| s.wire_bytes));
-        add("ferry_worker_frames_total", "counter", "Data frames per worker or lane, live.", per_worker(|s| s.frames));
-        add(
-            "ferry_worker_zero_pages_total",
-            "counter",
-            "Zero pages sent or received as a flag per worker or lane, live.",
-            per_worker(|s| s.zero_pages),
-        );
-        // The running sessions, each worker or lane apart: listed until the session ends
-        // (its counts are in the totals above, before and after).
-        let running = crate::live::sessions();
-        let per_session = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
-            running.iter().map(|(r, id, w, s)| format!("{{role=\"{}\",session=\"{id:016x}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
-        };
-        add(
-            "ferry_session_region_bytes",
-            "counter",
-            "Region bytes each running session's workers (sender) or lanes (receiver) have handled.",
-            per_session(|s| s.region_bytes),
-        );
-        add(
-            "ferry_session_wire_bytes",
-            "counter",
-            "Bytes on the wire per running session's worker or lane.",
-            per_session(|s| s.wire_bytes),
-        );
-        add("ferry_session_frames", "counter", "Data frames per running session's worker or lane.", per_session(|s| s.frames));
-        out
+        session_metrics(&mut e, &t);
+        latency_metrics(&mut e, &t);
+        postcopy_metrics(&mut e, &t.postcopy);
+        live_metrics(&mut e);
+        e.0
     }
 
     /// What `ferryctl status` shows.
@@ -1035,6 +903,160 @@ pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, Stri
             _ => Err(format!("\"{s}\" is not a compression policy: use auto, off or zstd:<1-19>")),
         },
     }
+}
+
+/// Prometheus text exposition, a metric family at a time.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn add(&mut self, name: &str, kind: &str, help: &str, lines: Vec<String>) {
+        self.0 += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for l in lines {
+            self.0 += &format!("{name}{l}\n");
+        }
+    }
+}
+
+/// A summary's lines, with `labels` (`k="v",...`, or empty) on each.
+fn quantiles(h: &hdrhistogram::Histogram<u64>, labels: &str) -> Vec<String> {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut v: Vec<String> = [0.5, 0.95, 0.99]
+        .iter()
+        .map(|q| format!("{{{labels}{sep}quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6))
+        .collect();
+    v.push(format!("{{{labels}{sep}quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
+    v.push(if labels.is_empty() { format!("_count {}", h.len()) } else { format!("_count{{{labels}}} {}", h.len()) });
+    v
+}
+
+/// Sessions by role and result, and the bytes they moved.
+fn session_metrics(e: &mut Exposition, t: &Totals) {
+    e.add(
+        "ferry_sessions_total",
+        "counter",
+        "Transfer sessions, by role and result.",
+        t.sessions.iter().map(|((role, res), n)| format!("{{role=\"{role}\",result=\"{res}\"}} {n}")).collect(),
+    );
+    e.add(
+        "ferry_sessions_active",
+        "gauge",
+        "Transfer sessions running now.",
+        t.active.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+    );
+    e.add(
+        "ferry_region_bytes_total",
+        "counter",
+        "Region bytes moved by completed sessions.",
+        t.region_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+    );
+    e.add(
+        "ferry_wire_bytes_total",
+        "counter",
+        "Bytes on the wire for completed sessions.",
+        t.wire_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+    );
+    e.add("ferry_zero_pages_total", "counter", "Zero pages sent as a flag instead of data.", vec![format!(" {}", t.zero_pages)]);
+    e.add(
+        "ferry_compressed_bytes_total",
+        "counter",
+        "Region bytes sent compressed (stage=in) and their compressed size (stage=out).",
+        vec![format!("{{stage=\"in\"}} {}", t.compressed_in), format!("{{stage=\"out\"}} {}", t.compressed_out)],
+    );
+}
+
+/// Chunk, session and per-worker latencies of completed sessions.
+fn latency_metrics(e: &mut Exposition, t: &Totals) {
+    e.add(
+        "ferry_chunk_send_latency_seconds",
+        "summary",
+        "Time from handing a chunk to a connection until it was written.",
+        quantiles(&t.chunk_latency, ""),
+    );
+    e.add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds, ""));
+    e.add(
+            "ferry_worker_latency_seconds",
+            "summary",
+            "Per sending worker, chunk handed to a connection until written (role=send); per receiving lane, data frame arrived until in the destination (role=recv). Completed sessions.",
+            t.worker_latency.iter().flat_map(|((role, w), h)| quantiles(h, &format!("role=\"{role}\",worker=\"{w}\""))).collect(),
+        );
+}
+
+/// Post-copy's counts and latencies.
+fn postcopy_metrics(e: &mut Exposition, pc: &PostcopyTotals) {
+    e.add(
+        "ferry_postcopy_migrations_total",
+        "counter",
+        "Migrations that switched over to post-copy and completed, by role.",
+        pc.migrations.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
+    );
+    e.add(
+        "ferry_postcopy_faults_total",
+        "counter",
+        "Guest page faults resolved in post-copy (destination): kind=remote waited for the source, kind=local did not.",
+        vec![format!("{{kind=\"local\"}} {}", pc.local_faults), format!("{{kind=\"remote\"}} {}", pc.remote_faults)],
+    );
+    e.add(
+        "ferry_postcopy_pages_total",
+        "counter",
+        "Stale pages placed in post-copy (destination), by how they came: fetched for a fault, or pushed.",
+        vec![format!("{{by=\"fault\"}} {}", pc.pages_by_fault), format!("{{by=\"push\"}} {}", pc.pages_by_push)],
+    );
+    e.add(
+        "ferry_postcopy_reconnects_total",
+        "counter",
+        "Post-copy links that broke and came back (attempts after the first).",
+        vec![format!(" {}", pc.reconnects)],
+    );
+    e.add(
+        "ferry_postcopy_fault_latency_seconds",
+        "summary",
+        "A remote fault's wait at the destination, from reading it until its page was mapped.",
+        quantiles(&pc.fault_latency, ""),
+    );
+    e.add(
+        "ferry_postcopy_switch_seconds",
+        "summary",
+        "ferry's part of a post-copy switch-over (source): from the VMM's postcopy until the destination ran the guest.",
+        quantiles(&pc.switch, ""),
+    );
+}
+
+/// The live per-worker counters, and each running session's.
+fn live_metrics(e: &mut Exposition) {
+    // Live per-worker counters: updated by the workers as they go, not at session end.
+    let live = crate::live::snapshot();
+    let per_worker = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
+        live.iter().map(|(r, w, s)| format!("{{role=\"{}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
+    };
+    e.add(
+        "ferry_worker_region_bytes_total",
+        "counter",
+        "Region bytes each worker (sender) or lane (receiver) has handled, live.",
+        per_worker(|s| s.region_bytes),
+    );
+    e.add("ferry_worker_wire_bytes_total", "counter", "Bytes on the wire per worker or lane, live.", per_worker(|s| s.wire_bytes));
+    e.add("ferry_worker_frames_total", "counter", "Data frames per worker or lane, live.", per_worker(|s| s.frames));
+    e.add(
+        "ferry_worker_zero_pages_total",
+        "counter",
+        "Zero pages sent or received as a flag per worker or lane, live.",
+        per_worker(|s| s.zero_pages),
+    );
+    // The running sessions, each worker or lane apart: listed until the session ends
+    // (its counts are in the totals above, before and after).
+    let running = crate::live::sessions();
+    let per_session = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
+        running.iter().map(|(r, id, w, s)| format!("{{role=\"{}\",session=\"{id:016x}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
+    };
+    e.add(
+        "ferry_session_region_bytes",
+        "counter",
+        "Region bytes each running session's workers (sender) or lanes (receiver) have handled.",
+        per_session(|s| s.region_bytes),
+    );
+    e.add("ferry_session_wire_bytes", "counter", "Bytes on the wire per running session's worker or lane.", per_session(|s| s.wire_bytes));
+    e.add("ferry_session_frames", "counter", "Data frames per running session's worker or lane.", per_session(|s| s.frames));
 }
 
 #[cfg(test)]

@@ -249,11 +249,34 @@ pub(super) fn queues(
     let rq = resolve(r, dev, "rq_depth", cfg.rdma.rq_depth.value(), max_wr, "max_qp_wr", &|| {
         (sq, "one receive per immediate-data completion; as deep as the send queue so receive credits never bind first".into())
     })?;
-    // CQ: every send and receive of every QP of the worker may complete before the worker
-    // polls; an overrun moves the QPs to the error state.
-    let max_cqe = u64::from(a.max_cqe);
+    let (sq, rq, cq) = cq_depth(cfg, dev, u64::from(a.max_cqe), qps, (sq, rq), r)?;
+    let (send_sge, recv_sge, inline) = gathers(cfg, p, chunk, r)?;
+    let signal_interval = SIGNAL_INTERVAL.min(u32::try_from(sq).unwrap_or(u32::MAX));
+    r.add("signal_interval", signal_interval, format!("one CQE per {SIGNAL_INTERVAL} posts (at most the SQ depth): completion polling stays off the critical path while a full SQ still has signaled requests to reap"));
+    let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    Ok(RdmaPlan {
+        device: p.device.name.clone(),
+        port: p.port.port,
+        link_layer: format!("{:?}", p.port.link_layer),
+        gid_index: p.gid.as_ref().map(|g| g.index),
+        mtu: p.port.active_mtu,
+        qps_per_worker: u(qps),
+        sq_depth: u(sq),
+        rq_depth: u(rq),
+        cq_depth: u(cq),
+        send_sge: u(send_sge),
+        recv_sge: u(recv_sge),
+        inline_threshold_bytes: u(inline),
+        signal_interval,
+    })
+}
+
+/// The CQ's depth, and the send and receive queues it can cover: every send and receive of
+/// every QP of a worker may complete before the worker polls, and an overrun moves the QPs
+/// to the error state. Queues shrink to fit `max_cqe` unless the config pinned them.
+fn cq_depth(cfg: &Config, dev: &str, max_cqe: u64, qps: u64, (sq, rq): (u64, u64), r: &mut Reasons) -> Result<(u64, u64, u64), PlanError> {
     let need = qps * (sq + rq);
-    let (sq, rq, cq) = match cfg.rdma.cq_depth.value() {
+    match cfg.rdma.cq_depth.value() {
         Some(v) => {
             if v > max_cqe {
                 return Err(PlanError::RdmaSetting {
@@ -270,11 +293,11 @@ pub(super) fn queues(
                 });
             }
             r.add("cq_depth", v, "pinned by config");
-            (sq, rq, v)
+            Ok((sq, rq, v))
         }
         None if need <= max_cqe => {
             r.add("cq_depth", need, format!("{qps} QP(s) x (sq {sq} + rq {rq}) entries: every queued request can complete before a poll without overrunning the CQ (max_cqe {max_cqe})"));
-            (sq, rq, need)
+            Ok((sq, rq, need))
         }
         None => {
             if cfg.rdma.sq_depth.value().is_some() || cfg.rdma.rq_depth.value().is_some() {
@@ -291,9 +314,14 @@ pub(super) fn queues(
                 qps * 2 * shrunk,
                 format!("max_cqe {max_cqe} cannot cover {qps} x ({sq} + {rq}): send and receive queues shrunk to {shrunk} each"),
             );
-            (shrunk, shrunk, qps * 2 * shrunk)
+            Ok((shrunk, shrunk, qps * 2 * shrunk))
         }
-    };
+    }
+}
+
+/// SGEs per send and receive, and the inline threshold.
+fn gathers(cfg: &Config, p: &PortChoice, chunk: u64, r: &mut Reasons) -> Result<(u64, u64, u64), PlanError> {
+    let (a, dev) = (&p.device.attrs, &p.device.name);
     let max_sge = u64::from(a.max_sge);
     let send_sge = resolve(r, dev, "send_sge", cfg.rdma.send_sge.value(), max_sge, "max_sge", &|| {
         let want = (chunk / PAGE).max(1);
@@ -326,22 +354,5 @@ pub(super) fn queues(
             (max_inline.min(u64::from(INLINE_CAP)), because)
         },
     )?;
-    let signal_interval = SIGNAL_INTERVAL.min(u32::try_from(sq).unwrap_or(u32::MAX));
-    r.add("signal_interval", signal_interval, format!("one CQE per {SIGNAL_INTERVAL} posts (at most the SQ depth): completion polling stays off the critical path while a full SQ still has signaled requests to reap"));
-    let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-    Ok(RdmaPlan {
-        device: p.device.name.clone(),
-        port: p.port.port,
-        link_layer: format!("{:?}", p.port.link_layer),
-        gid_index: p.gid.as_ref().map(|g| g.index),
-        mtu: p.port.active_mtu,
-        qps_per_worker: u(qps),
-        sq_depth: u(sq),
-        rq_depth: u(rq),
-        cq_depth: u(cq),
-        send_sge: u(send_sge),
-        recv_sge: u(recv_sge),
-        inline_threshold_bytes: u(inline),
-        signal_interval,
-    })
+    Ok((send_sge, recv_sge, inline))
 }

@@ -381,6 +381,43 @@ pub(super) fn tcp(
     };
     let bdp = link.bdp_bytes();
     let needed = pow2(2 * bdp.max(chunk));
+    let (sockbuf, autotune) = socket_buffer(caps, cfg, bdp, needed, r);
+    let io_uring = transport == Transport::Tcp || (transport == Transport::Rdma && caps.io_uring.available);
+    let entries = match cfg.tcp.ring_entries.value() {
+        Some(v) => {
+            r.add("tcp.ring_entries", v, "pinned by config");
+            v
+        }
+        None => {
+            let per_conn = sockbuf.unwrap_or(needed.max(autotune)).div_ceil(chunk) + 2;
+            let v = pow2(conns * per_conn).clamp(64, 4096);
+            r.add(
+                "tcp.ring_entries",
+                v,
+                format!(
+                    "{conns} connection(s) x ({} chunk sends to fill a socket buffer + a receive + a timeout), at least 64",
+                    per_conn - 2
+                ),
+            );
+            v
+        }
+    };
+    let send_zc = send_zc(caps, cfg, link, io_uring, chunk, r)?;
+    let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    Ok(TcpPlan {
+        connections_per_worker: u(conns),
+        io_uring,
+        ring_entries: u(entries),
+        send_zc,
+        socket_buffer_bytes: sockbuf,
+        socket_buffer_needed_bytes: needed,
+    })
+}
+
+/// The socket buffer: TCP autotuning's, unless twice the larger of the bandwidth-delay
+/// product (`bdp`) and a chunk (`needed`) is more and the kernel lets SO_SNDBUF set it.
+/// Returns it (`None`: autotuning) and autotuning's ceiling.
+fn socket_buffer(caps: &Capabilities, cfg: &Config, bdp: u64, needed: u64, r: &mut Reasons) -> (Option<u64>, u64) {
     let lim = &caps.socket_limits;
     let cap = lim.wmem_max.zip(lim.rmem_max).map(|(w, r)| w.min(r));
     let autotune = lim.tcp_wmem_max.zip(lim.tcp_rmem_max).map(|(w, r)| w.min(r)).unwrap_or(MIN_SOCKET_BUFFER);
@@ -419,29 +456,13 @@ pub(super) fn tcp(
             }
         },
     };
-    let io_uring = transport == Transport::Tcp || (transport == Transport::Rdma && caps.io_uring.available);
-    let entries = match cfg.tcp.ring_entries.value() {
-        Some(v) => {
-            r.add("tcp.ring_entries", v, "pinned by config");
-            v
-        }
-        None => {
-            let per_conn = sockbuf.unwrap_or(needed.max(autotune)).div_ceil(chunk) + 2;
-            let v = pow2(conns * per_conn).clamp(64, 4096);
-            r.add(
-                "tcp.ring_entries",
-                v,
-                format!(
-                    "{conns} connection(s) x ({} chunk sends to fill a socket buffer + a receive + a timeout), at least 64",
-                    per_conn - 2
-                ),
-            );
-            v
-        }
-    };
-    // Workers gather a chunk's frames into one zero-copy SENDMSG_ZC.
+    (sockbuf, autotune)
+}
+
+/// Whether workers send a chunk's frames with one zero-copy SENDMSG_ZC.
+fn send_zc(caps: &Capabilities, cfg: &Config, link: &LinkPlan, io_uring: bool, chunk: u64, r: &mut Reasons) -> Result<bool, PlanError> {
     let zc_ok = caps.io_uring.send_zc && caps.io_uring.sendmsg_zc;
-    let send_zc = match cfg.tcp.send_zc {
+    Ok(match cfg.tcp.send_zc {
         Switch::On if !zc_ok => return Err(setting_err("tcp.send_zc", "\"on\"", "this kernel's io_uring has no SEND_ZC/SENDMSG_ZC")),
         Switch::On => {
             r.add("tcp.send_zc", "on", "forced by config");
@@ -469,15 +490,6 @@ pub(super) fn tcp(
             r.add("tcp.send_zc", if on { "on" } else { "off" }, because);
             on
         }
-    };
-    let u = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-    Ok(TcpPlan {
-        connections_per_worker: u(conns),
-        io_uring,
-        ring_entries: u(entries),
-        send_zc,
-        socket_buffer_bytes: sockbuf,
-        socket_buffer_needed_bytes: needed,
     })
 }
 
