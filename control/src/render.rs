@@ -44,6 +44,13 @@ pub fn probe(c: &Capabilities) -> String {
             opt(n.rdma_device.as_ref())
         );
     }
+    rdma_devices(&mut s, c);
+    memory_and_kernel(&mut s, c);
+    s
+}
+
+/// `probe`'s RDMA devices: limits, notes, ports and GIDs.
+fn rdma_devices(s: &mut String, c: &Capabilities) {
     let _ = writeln!(s, "\nRDMA devices");
     if c.rdma_devices.is_empty() {
         let _ = writeln!(s, "  none: {}", c.rdma_unavailable_reason.as_deref().unwrap_or("-"));
@@ -96,6 +103,10 @@ pub fn probe(c: &Capabilities) -> String {
             }
         }
     }
+}
+
+/// `probe`'s io_uring, hugepages, memlock and userfaultfd.
+fn memory_and_kernel(s: &mut String, c: &Capabilities) {
     let u = &c.io_uring;
     let _ = writeln!(
         s,
@@ -144,7 +155,6 @@ pub fn probe(c: &Capabilities) -> String {
         },
         f.unprivileged_sysctl.map_or(String::new(), |v| format!(" (vm.unprivileged_userfaultfd = {v})"))
     );
-    s
 }
 
 pub fn plan(p: &Plan) -> String {

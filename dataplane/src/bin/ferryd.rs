@@ -56,24 +56,10 @@ fn main() -> ExitCode {
     let level = ["info", "debug", "trace"][usize::from(args.verbose.min(2))];
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
 
-    let plan = match Plan::load(&args.plan) {
-        Ok(p) => p,
+    let (plan, auth) = match inputs(&args) {
+        Ok(v) => v,
         Err(e) => {
             log::error!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let auth = match (&args.key, args.insecure_no_auth) {
-        (Some(k), false) => match Key::load(k) {
-            Ok(k) => Auth::Key(k),
-            Err(e) => {
-                log::error!("{e}");
-                return ExitCode::from(2);
-            }
-        },
-        (None, true) => Auth::Insecure,
-        _ => {
-            log::error!("give --key FILE (peers authenticate with a pre-shared key; `ferryctl keygen --out FILE`) or --insecure-no-auth");
             return ExitCode::from(2);
         }
     };
@@ -87,29 +73,9 @@ fn main() -> ExitCode {
         log::error!("cannot block SIGTERM/SIGINT/SIGHUP: {e}");
         return ExitCode::FAILURE;
     }
-    let access = match SocketAccess::parse(&args.control_mode, args.control_group.as_deref()) {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let control = match bind_control(&args.control, access) {
+    let (control, metrics) = match listeners(&args) {
         Ok(l) => l,
-        Err(e) => {
-            log::error!("cannot create the control socket {}: {e}", args.control.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let metrics = match args.metrics.as_str() {
-        "off" => None,
-        addr => match std::net::TcpListener::bind(addr) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                log::error!("cannot serve metrics on {addr}: {e} (use --metrics off or another address)");
-                return ExitCode::FAILURE;
-            }
-        },
+        Err(code) => return code,
     };
     log::info!(
         "plan for {}: transport {}, {} worker(s) on node {} (CPUs {:?}), chunk {} KiB, arena {} MiB/worker ({:?}), compression {}",
@@ -148,8 +114,64 @@ fn main() -> ExitCode {
     log::info!("control socket {}", args.control.display());
     log::info!("ferryd ready (pid {})", std::process::id());
     notify(&[NotifyState::Ready, NotifyState::Status("ready")]);
-    // Stop signals come from a thread of their own, over a channel: the first drains, a
-    // second abandons the drain.
+    let stops = stop_signals(stop);
+    // Until the first stop signal (or the signal thread's end).
+    let _ = stops.recv();
+    let code = drain(daemon, Duration::from_secs(args.drain_seconds), &stops);
+    let _ = std::fs::remove_file(&args.control);
+    code
+}
+
+/// The plan and how peers authenticate, from the command line; a sentence saying what is
+/// wrong otherwise (exit 2).
+fn inputs(args: &Args) -> Result<(Plan, Auth), String> {
+    let plan = Plan::load(&args.plan).map_err(|e| e.to_string())?;
+    let auth = match (&args.key, args.insecure_no_auth) {
+        (Some(k), false) => Auth::Key(Key::load(k).map_err(|e| e.to_string())?),
+        (None, true) => Auth::Insecure,
+        _ => {
+            return Err(
+                "give --key FILE (peers authenticate with a pre-shared key; `ferryctl keygen --out FILE`) or --insecure-no-auth".into()
+            );
+        }
+    };
+    Ok((plan, auth))
+}
+
+/// The control socket (with its mode and group) and the metrics listener, or the exit
+/// code after saying why not.
+fn listeners(args: &Args) -> Result<(std::os::unix::net::UnixListener, Option<std::net::TcpListener>), ExitCode> {
+    let access = match SocketAccess::parse(&args.control_mode, args.control_group.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("{e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let control = match bind_control(&args.control, access) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("cannot create the control socket {}: {e}", args.control.display());
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    let metrics = match args.metrics.as_str() {
+        "off" => None,
+        addr => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::error!("cannot serve metrics on {addr}: {e} (use --metrics off or another address)");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+    };
+    Ok((control, metrics))
+}
+
+/// Stop signals, waited for on a thread of their own and told over a channel: the first
+/// drains, a second abandons the drain. SIGHUP is ignored. The channel closes if waiting
+/// for signals fails.
+fn stop_signals(stop: SigSet) -> std::sync::mpsc::Receiver<()> {
     let (stops_tx, stops) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         loop {
@@ -167,11 +189,7 @@ fn main() -> ExitCode {
             }
         }
     });
-    // Until the first stop signal (or the signal thread's end).
-    let _ = stops.recv();
-    let code = drain(daemon, Duration::from_secs(args.drain_seconds), &stops);
-    let _ = std::fs::remove_file(&args.control);
-    code
+    stops
 }
 
 /// Stops taking new sessions and waits for those in flight, up to `grace` or a second stop
