@@ -76,36 +76,7 @@ enum Cmd {
     /// unix:/run/ferry/ID.sock`). Destination: `--serve HOST:PORT --forward unix:/path`
     /// (QEMU's `-incoming` socket). One migration per proxy; QEMU multifd channels are
     /// carried side by side.
-    Proxy {
-        /// Source: where QEMU migrates to, unix:/path or tcp:HOST:PORT (repeatable).
-        #[arg(long, value_name = "ENDPOINT", requires = "to", conflicts_with_all = ["serve", "forward"])]
-        listen: Vec<String>,
-        /// Source: the destination proxy, HOST:PORT.
-        #[arg(long, requires = "listen")]
-        to: Option<String>,
-        /// Destination: the address the source proxy connects to, HOST:PORT.
-        #[arg(long, requires = "forward")]
-        serve: Option<String>,
-        /// Destination: the destination QEMU's -incoming socket, unix:/path or tcp:HOST:PORT.
-        #[arg(long, value_name = "ENDPOINT", requires = "serve")]
-        forward: Option<String>,
-        /// Pre-shared key file (hex, mode 0600), the same on both sides.
-        #[arg(long, value_name = "FILE")]
-        key: Option<PathBuf>,
-        /// Run without authentication (both sides must say so).
-        #[arg(long)]
-        insecure_no_auth: bool,
-        /// off (default), zstd:N (1-19), or auto (compress while it finishes sooner).
-        #[arg(long)]
-        compress: Option<String>,
-        /// ferry config file (TOML): `[limits]` bound what unauthenticated connections and
-        /// channels may cost; `[migration] compression` is the default for --compress.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Proxy(ProxyArgs),
     /// Write a new random pre-shared key (mode 0600).
     Keygen {
         #[arg(long)]
@@ -229,6 +200,39 @@ fn inputs(a: &PlanArgs) -> Result<(Capabilities, Config), Fail> {
     Ok((caps, cfg))
 }
 
+/// `ferryctl proxy`'s arguments.
+#[derive(clap::Args, Debug)]
+struct ProxyArgs {
+    /// Source: where QEMU migrates to, unix:/path or tcp:HOST:PORT (repeatable).
+    #[arg(long, value_name = "ENDPOINT", requires = "to", conflicts_with_all = ["serve", "forward"])]
+    listen: Vec<String>,
+    /// Source: the destination proxy, HOST:PORT.
+    #[arg(long, requires = "listen")]
+    to: Option<String>,
+    /// Destination: the address the source proxy connects to, HOST:PORT.
+    #[arg(long, requires = "forward")]
+    serve: Option<String>,
+    /// Destination: the destination QEMU's -incoming socket, unix:/path or tcp:HOST:PORT.
+    #[arg(long, value_name = "ENDPOINT", requires = "serve")]
+    forward: Option<String>,
+    /// Pre-shared key file (hex, mode 0600), the same on both sides.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Run without authentication (both sides must say so).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// off (default), zstd:N (1-19), or auto (compress while it finishes sooner).
+    #[arg(long)]
+    compress: Option<String>,
+    /// ferry config file (TOML): `[limits]` bound what unauthenticated connections and
+    /// channels may cost; `[migration] compression` is the default for --compress.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn run(cmd: Cmd) -> Result<u8, Fail> {
     match cmd {
         Cmd::Probe { json: as_json, sysfs_root } => {
@@ -271,72 +275,7 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
-        Cmd::Proxy { listen, to, serve, forward, key, insecure_no_auth, compress, config, json: as_json } => {
-            let auth = transfer::auth(key.as_deref(), insecure_no_auth).map_err(|e| Fail(2, e))?;
-            let cfg = match &config {
-                Some(p) => Config::load(p).map_err(|e| Fail(2, e.to_string()))?,
-                None => Config::default(),
-            };
-            let compression = match (compress.as_deref(), config.is_some()) {
-                (Some("off"), _) | (None, false) => dataplane::plan::Compression::Off,
-                (Some("auto"), _) => dataplane::plan::Compression::Adaptive { level: 1 },
-                (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
-                (None, true) => match cfg.migration.compression {
-                    control::config::CompressionChoice::Off => dataplane::plan::Compression::Off,
-                    control::config::CompressionChoice::Auto => dataplane::plan::Compression::Adaptive { level: 1 },
-                    control::config::CompressionChoice::Zstd(level) => dataplane::plan::Compression::Zstd { level },
-                },
-            };
-            let limits = planner::limits_of(&cfg);
-            let opts = dataplane::stream::ProxyOptions { auth, compression, limits };
-            let r = match (to, serve, forward) {
-                (Some(to), None, None) => {
-                    let eps: Vec<dataplane::stream::Endpoint> =
-                        listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e| Fail(2, e))?;
-                    let listeners: Vec<_> = eps
-                        .iter()
-                        .map(|e| dataplane::stream::Listener::bind(e).map_err(|err| Fail(2, format!("cannot listen on {e}: {err}"))))
-                        .collect::<Result<_, _>>()?;
-                    for l in &listeners {
-                        eprintln!("ferry proxy: QEMU can migrate to {} (carried to {to})", l.uri());
-                    }
-                    dataplane::stream::source(&listeners, &to, &opts)
-                }
-                (None, Some(serve), Some(forward)) => {
-                    let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e| Fail(2, e))?;
-                    let l = std::net::TcpListener::bind(&serve).map_err(|e| Fail(2, format!("cannot listen on {serve}: {e}")))?;
-                    eprintln!(
-                        "ferry proxy: listening on {} for the source proxy; QEMU at {fwd}",
-                        l.local_addr().map_or(serve, |a| a.to_string())
-                    );
-                    dataplane::stream::destination(&l, &fwd, &opts)
-                }
-                _ => {
-                    return Err(Fail(
-                        2,
-                        "give --listen ENDPOINT --to HOST:PORT (source) or --serve HOST:PORT --forward ENDPOINT (destination)".into(),
-                    ));
-                }
-            };
-            let r = r.map_err(|e| Fail(1, e.to_string()))?;
-            emit(&if as_json {
-                json(&r)
-            } else {
-                format!(
-                    "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
-                    r.role,
-                    r.channels.len(),
-                    r.sent_bytes,
-                    r.received_bytes,
-                    r.seconds,
-                    r.gbps,
-                    r.wire_bytes,
-                    r.compression,
-                    r.compression_ratio
-                )
-            });
-            Ok(0)
-        }
+        Cmd::Proxy(p) => proxy(p),
         Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => demo(&a),
         Cmd::Doctor(a) => {
             let (caps, cfg) = inputs(&a)?;
@@ -346,6 +285,73 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(if report.blocking { 1 } else { 0 })
         }
     }
+}
+
+/// Stream mode: a source proxy (QEMU migrates to its `--listen` sockets) or a destination
+/// proxy (feeding QEMU's `-incoming` socket).
+fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
+    let ProxyArgs { listen, to, serve, forward, key, insecure_no_auth, compress, config, json: as_json } = p;
+    let auth = transfer::auth(key.as_deref(), insecure_no_auth).map_err(|e| Fail(2, e))?;
+    let cfg = match &config {
+        Some(p) => Config::load(p).map_err(|e| Fail(2, e.to_string()))?,
+        None => Config::default(),
+    };
+    let compression = match (compress.as_deref(), config.is_some()) {
+        (Some("off"), _) | (None, false) => dataplane::plan::Compression::Off,
+        (Some("auto"), _) => dataplane::plan::Compression::Adaptive { level: 1 },
+        (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
+        (None, true) => match cfg.migration.compression {
+            control::config::CompressionChoice::Off => dataplane::plan::Compression::Off,
+            control::config::CompressionChoice::Auto => dataplane::plan::Compression::Adaptive { level: 1 },
+            control::config::CompressionChoice::Zstd(level) => dataplane::plan::Compression::Zstd { level },
+        },
+    };
+    let limits = planner::limits_of(&cfg);
+    let opts = dataplane::stream::ProxyOptions { auth, compression, limits };
+    let r = match (to, serve, forward) {
+        (Some(to), None, None) => {
+            let eps: Vec<dataplane::stream::Endpoint> =
+                listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e| Fail(2, e))?;
+            let listeners: Vec<_> = eps
+                .iter()
+                .map(|e| dataplane::stream::Listener::bind(e).map_err(|err| Fail(2, format!("cannot listen on {e}: {err}"))))
+                .collect::<Result<_, _>>()?;
+            for l in &listeners {
+                eprintln!("ferry proxy: QEMU can migrate to {} (carried to {to})", l.uri());
+            }
+            dataplane::stream::source(&listeners, &to, &opts)
+        }
+        (None, Some(serve), Some(forward)) => {
+            let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e| Fail(2, e))?;
+            let l = std::net::TcpListener::bind(&serve).map_err(|e| Fail(2, format!("cannot listen on {serve}: {e}")))?;
+            eprintln!("ferry proxy: listening on {} for the source proxy; QEMU at {fwd}", l.local_addr().map_or(serve, |a| a.to_string()));
+            dataplane::stream::destination(&l, &fwd, &opts)
+        }
+        _ => {
+            return Err(Fail(
+                2,
+                "give --listen ENDPOINT --to HOST:PORT (source) or --serve HOST:PORT --forward ENDPOINT (destination)".into(),
+            ));
+        }
+    };
+    let r = r.map_err(|e| Fail(1, e.to_string()))?;
+    emit(&if as_json {
+        json(&r)
+    } else {
+        format!(
+            "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
+            r.role,
+            r.channels.len(),
+            r.sent_bytes,
+            r.received_bytes,
+            r.seconds,
+            r.gbps,
+            r.wire_bytes,
+            r.compression,
+            r.compression_ratio
+        )
+    });
+    Ok(0)
 }
 
 /// Key, plan, and whether the config or `--transport` insists on RDMA.

@@ -604,31 +604,7 @@ impl Daemon {
                 memory.len()
             ));
         }
-        let mut plan = self.plan.clone();
-        if let Some(c) = &limits.compress {
-            plan.compression = parse_compression(c, plan.compression)?;
-        }
-        let require_rdma = match limits.transport.as_deref() {
-            None | Some("auto") => false,
-            Some("rdma") if plan.rdma.is_some() => {
-                plan.transport = Transport::Rdma;
-                true
-            }
-            Some("rdma") => {
-                return Err("\"transport\": \"rdma\", but this ferryd's plan has no RDMA port (`ferryctl tune` says why)".into());
-            }
-            Some("tcp") => {
-                plan.transport = Transport::Tcp;
-                plan.tcp.io_uring = true;
-                false
-            }
-            Some("sockets") => {
-                plan.transport = Transport::Sockets;
-                plan.tcp.io_uring = false;
-                false
-            }
-            Some(t) => return Err(format!("\"transport\": {t:?}: give rdma, tcp, sockets or auto")),
-        };
+        let (plan, require_rdma) = self.plan_for(&limits)?;
         let rate_limit = limits.rate_limit_mbit.map(crate::migrate::source::rate_limit_bytes).transpose()?;
         // Every check that needs no peer comes before connecting to the destination: the
         // bitmap and the size here, each memory region in Source::connect_regions.
@@ -637,30 +613,7 @@ impl Daemon {
             .enumerate()
             .map(|(i, m)| m.metadata().map(|md| md.len()).map_err(|e| format!("guest memory region {i}: {e}")))
             .collect::<Result<Vec<u64>, String>>()?;
-        match hw::memmap::is_memory_file(&bitmap) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(format!(
-                    "the dirty bitmap descriptor is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
-                    hw::memmap::describe(&bitmap)
-                ));
-            }
-            Err(e) => return Err(format!("the dirty bitmap descriptor: {e}")),
-        }
-        let size: u64 = sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
-        crate::session::limits::check_region(size, &self.plan.limits, crate::session::limits::Backing::Source)
-            .map_err(|e| e.to_string())?;
-        // (Source::connect_regions checks it again for callers that come without ferryd.)
-        let pages: Vec<u64> = sizes.iter().map(|&s| crate::migrate::pages(s)).collect();
-        let want = crate::migrate::bitmap_bytes_regions(&sizes);
-        let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
-        if have != want {
-            return Err(format!(
-                "the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({} pages in {} region(s)) need {want}",
-                pages.iter().sum::<u64>(),
-                sizes.len()
-            ));
-        }
+        let (pages, want) = self.check_bitmap(&bitmap, &sizes)?;
         let opts = SourceOptions {
             to: to.to_string(),
             auth: self.auth.clone(),
@@ -709,6 +662,68 @@ impl Daemon {
                 Err(e) => return Err(format!("bad request: {e}")),
             }
         }
+    }
+
+    /// This ferryd's plan with a migration's compression and transport applied, and
+    /// whether RDMA is required.
+    fn plan_for(&self, limits: &Limits) -> Result<(Plan, bool), String> {
+        let mut plan = self.plan.clone();
+        if let Some(c) = &limits.compress {
+            plan.compression = parse_compression(c, plan.compression)?;
+        }
+        let require_rdma = match limits.transport.as_deref() {
+            None | Some("auto") => false,
+            Some("rdma") if plan.rdma.is_some() => {
+                plan.transport = Transport::Rdma;
+                true
+            }
+            Some("rdma") => {
+                return Err("\"transport\": \"rdma\", but this ferryd's plan has no RDMA port (`ferryctl tune` says why)".into());
+            }
+            Some("tcp") => {
+                plan.transport = Transport::Tcp;
+                plan.tcp.io_uring = true;
+                false
+            }
+            Some("sockets") => {
+                plan.transport = Transport::Sockets;
+                plan.tcp.io_uring = false;
+                false
+            }
+            Some(t) => return Err(format!("\"transport\": {t:?}: give rdma, tcp, sockets or auto")),
+        };
+        Ok((plan, require_rdma))
+    }
+
+    /// Checks the dirty bitmap: a memory file of exactly the bits the regions of `sizes`
+    /// need, and their total within the limits. Returns each region's pages, and the
+    /// bitmap's bytes.
+    fn check_bitmap(&self, bitmap: &std::fs::File, sizes: &[u64]) -> Result<(Vec<u64>, u64), String> {
+        match hw::memmap::is_memory_file(bitmap) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "the dirty bitmap descriptor is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
+                    hw::memmap::describe(bitmap)
+                ));
+            }
+            Err(e) => return Err(format!("the dirty bitmap descriptor: {e}")),
+        }
+        let size: u64 = sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
+        crate::session::limits::check_region(size, &self.plan.limits, crate::session::limits::Backing::Source)
+            .map_err(|e| e.to_string())?;
+        // (Source::connect_regions checks it again for callers that come without ferryd.)
+        let pages: Vec<u64> = sizes.iter().map(|&s| crate::migrate::pages(s)).collect();
+        let want = crate::migrate::bitmap_bytes_regions(sizes);
+        let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
+        if have != want {
+            return Err(format!(
+                "the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({} pages in {} region(s)) need {want}",
+                pages.iter().sum::<u64>(),
+                sizes.len()
+            ));
+        }
+        Ok((pages, want))
     }
 
     /// Serves `/metrics` and `/healthz` (GET and HEAD) until the process ends: a thread per
