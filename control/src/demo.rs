@@ -245,57 +245,11 @@ fn ferryd_binary(given: Option<&Path>) -> PathBuf {
 
 /// Runs the demo migration; `progress` gets one line per event for a terminal.
 pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoReport, (u8, String)> {
-    let bad = |e: String| (2u8, e);
     let fail = |e: String| (1u8, e);
-    if a.size_mib == 0 {
-        return Err(bad("--size-mib must be at least 1".into()));
-    }
-    if !(a.dirty_rate_mbs >= 0.0 && a.dirty_rate_mbs.is_finite()) {
-        return Err(bad(format!("--dirty-rate-mbs {}: a rate of 0 or more MB/s", a.dirty_rate_mbs)));
-    }
-    let mut cfg = match &a.config {
-        Some(p) => Config::load(p).map_err(|e| bad(e.to_string()))?,
-        None => Config::default(),
-    };
-    transfer::override_config(&mut cfg, Some(a.transport.as_deref().unwrap_or("tcp")), a.compress.as_deref()).map_err(bad)?;
-    let caps = hw::probe(&hw::ProbeOptions::default());
-    let plan = transfer::transfer_plan(&caps, &cfg).map_err(bad)?;
-
-    let mut dir =
-        tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| fail(format!("cannot make a work directory: {e}")))?;
-    // FERRY_DEMO_LOG=debug FERRY_DEMO_KEEP=1: both ferryd logs at debug, kept afterwards.
-    dir.disable_cleanup(std::env::var_os("FERRY_DEMO_KEEP").is_some());
-    let plan_path = dir.path().join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise")).map_err(|e| fail(e.to_string()))?;
-    let key_path = dir.path().join("key");
-    transfer::write_new_key(&key_path).map_err(|(_, e)| fail(e))?;
-    let bin = ferryd_binary(a.ferryd.as_deref());
-    let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path).map_err(fail)?;
-    let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path).map_err(fail)?;
-    let per_worker =
-        plan.rdma.as_ref().filter(|_| plan.transport == Transport::Rdma).map_or(plan.tcp.connections_per_worker, |r| r.qps_per_worker);
-    progress(format!(
-        "source and destination ferryd running (pids {} and {}): {} worker(s), {} {} lane(s) each, compression {}",
-        src.child.id(),
-        dst.child.id(),
-        plan.worker_cpus.len(),
-        plan.worker_cpus.len() as u32 * per_worker,
-        plan.transport,
-        plan.compression
-    ));
-
-    // The guest: memory in a memfd, filled with the image; the dirty bitmap in another.
+    // The work directory lives as long as the ferryd in it.
+    let (_dir, plan, src, dst) = start_ferryds(a, progress)?;
     let size = a.size_mib << 20;
-    // Written by the demo only (the image, then the workload): ferryd gets a read-only
-    // descriptor; or, preallocated, shared read-write as a VMM hands over its memfd.
-    let mut map = guest::GuestRam::new(size, a.prealloc).map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
-    let mem = map.descriptor().map_err(|e| fail(format!("cannot open the guest memory: {e}")))?;
-    let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false).map_err(|e| fail(e.to_string()))?;
-    let image = map.fill_image(a.seed).map_err(|e| fail(format!("cannot write the guest image: {e}")))?;
-    progress(format!(
-        "guest: {} MiB image in {:.1} s ({} zero, {} ELF, {} text, {} random pages)",
-        a.size_mib, image.seconds, image.zero_pages, image.elf_pages, image.text_pages, image.random_pages
-    ));
+    let (map, mem, bitmap, image) = guest_memory(a, progress)?;
     let log = Arc::new(DirtyLog::new(size.div_ceil(guest::PAGE as u64)));
     let workload = Workload::start(map, log.clone(), (a.dirty_rate_mbs * 1e6) as u64, a.pattern, a.seed);
 
@@ -368,6 +322,71 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     compare(&mem, &memory, size).map_err(fail)?;
     let verify_seconds = tv.elapsed().as_secs_f64();
     Ok(report(&run, source, destination, Measured { total, downtime_ms: downtime * 1e3, cpu, verify_seconds }, None))
+}
+
+/// Checks the arguments, plans, and starts the source and destination ferryd in a work
+/// directory of their own (kept with FERRY_DEMO_KEEP=1).
+fn start_ferryds(
+    a: &MigrateArgs,
+    progress: &mut dyn FnMut(String),
+) -> Result<(tempfile::TempDir, dataplane::plan::Plan, Ferryd, Ferryd), (u8, String)> {
+    let bad = |e: String| (2u8, e);
+    let fail = |e: String| (1u8, e);
+    if a.size_mib == 0 {
+        return Err(bad("--size-mib must be at least 1".into()));
+    }
+    if !(a.dirty_rate_mbs >= 0.0 && a.dirty_rate_mbs.is_finite()) {
+        return Err(bad(format!("--dirty-rate-mbs {}: a rate of 0 or more MB/s", a.dirty_rate_mbs)));
+    }
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p).map_err(|e| bad(e.to_string()))?,
+        None => Config::default(),
+    };
+    transfer::override_config(&mut cfg, Some(a.transport.as_deref().unwrap_or("tcp")), a.compress.as_deref()).map_err(bad)?;
+    let caps = hw::probe(&hw::ProbeOptions::default());
+    let plan = transfer::transfer_plan(&caps, &cfg).map_err(bad)?;
+
+    let mut dir =
+        tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| fail(format!("cannot make a work directory: {e}")))?;
+    // FERRY_DEMO_LOG=debug FERRY_DEMO_KEEP=1: both ferryd logs at debug, kept afterwards.
+    dir.disable_cleanup(std::env::var_os("FERRY_DEMO_KEEP").is_some());
+    let plan_path = dir.path().join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise")).map_err(|e| fail(e.to_string()))?;
+    let key_path = dir.path().join("key");
+    transfer::write_new_key(&key_path).map_err(|(_, e)| fail(e))?;
+    let bin = ferryd_binary(a.ferryd.as_deref());
+    let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path).map_err(fail)?;
+    let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path).map_err(fail)?;
+    let per_worker =
+        plan.rdma.as_ref().filter(|_| plan.transport == Transport::Rdma).map_or(plan.tcp.connections_per_worker, |r| r.qps_per_worker);
+    progress(format!(
+        "source and destination ferryd running (pids {} and {}): {} worker(s), {} {} lane(s) each, compression {}",
+        src.child.id(),
+        dst.child.id(),
+        plan.worker_cpus.len(),
+        plan.worker_cpus.len() as u32 * per_worker,
+        plan.transport,
+        plan.compression
+    ));
+    Ok((dir, plan, src, dst))
+}
+
+/// The guest: memory in a memfd, filled with the image (and the descriptor ferryd gets);
+/// the dirty bitmap in another.
+fn guest_memory(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<(guest::GuestRam, File, File, ImageStats), (u8, String)> {
+    let fail = |e: String| (1u8, e);
+    let size = a.size_mib << 20;
+    // Written by the demo only (the image, then the workload): ferryd gets a read-only
+    // descriptor; or, preallocated, shared read-write as a VMM hands over its memfd.
+    let mut map = guest::GuestRam::new(size, a.prealloc).map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
+    let mem = map.descriptor().map_err(|e| fail(format!("cannot open the guest memory: {e}")))?;
+    let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false).map_err(|e| fail(e.to_string()))?;
+    let image = map.fill_image(a.seed).map_err(|e| fail(format!("cannot write the guest image: {e}")))?;
+    progress(format!(
+        "guest: {} MiB image in {:.1} s ({} zero, {} ELF, {} text, {} random pages)",
+        a.size_mib, image.seconds, image.zero_pages, image.elf_pages, image.text_pages, image.random_pages
+    ));
+    Ok((map, mem, bitmap, image))
 }
 
 /// What one demo run measured, for its report.
