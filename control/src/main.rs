@@ -14,7 +14,7 @@ use control::{capsfile, doctor, planner, render, transfer};
 use hw::{Capabilities, ProbeOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "ferryctl", version, about = "ferry control: probe the hardware, plan the data plane, check the host")]
+#[command(name = "ferryctl", version = dataplane::long_version(), about = "ferry control: probe the hardware, plan the data plane, check the host")]
 struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

@@ -53,6 +53,14 @@ fn golden_plans() {
 }
 
 #[test]
+fn version_names_the_revision_and_the_wire_protocol() {
+    let out = ferryctl(&["--version"]);
+    assert!(out.status.success());
+    let v = text(&out.stdout);
+    assert!(v.contains(&format!("revision {}", dataplane::REVISION)) && v.contains("wire protocol 2"), "{v}");
+}
+
+#[test]
 fn probe_this_machine() {
     let out = ferryctl(&["probe", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -269,6 +269,17 @@ impl Metrics {
         let t = self.inner.lock().expect("metrics");
         let mut e = Exposition::default();
         e.add(
+            "ferry_build_info",
+            "gauge",
+            "ferryd's build: release, git revision and wire protocol version (always 1).",
+            vec![format!(
+                "{{version=\"{}\",revision=\"{}\",wire_protocol=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION"),
+                crate::REVISION,
+                crate::wire::VERSION
+            )],
+        );
+        e.add(
             "ferry_uptime_seconds",
             "gauge",
             "Seconds since ferryd started.",
@@ -285,6 +296,9 @@ impl Metrics {
     pub fn status(&self) -> serde_json::Value {
         let t = self.inner.lock().expect("metrics");
         serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "revision": crate::REVISION,
+            "wire_protocol": crate::wire::VERSION,
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "sessions": t.sessions.iter().map(|((r, res), n)| serde_json::json!({"role": r, "result": res, "count": n})).collect::<Vec<_>>(),
             "active": t.active.iter().map(|(r, n)| serde_json::json!({"role": r, "count": n})).collect::<Vec<_>>(),

@@ -38,3 +38,13 @@ pub mod transport;
 pub mod wire;
 /// The sending worker's steps, the window feed and the pacer: one loop for every job.
 pub mod worker;
+
+/// The git revision this build came from ("unknown" outside a checkout).
+pub const REVISION: &str = env!("FERRY_REVISION");
+
+/// `--version`'s text: the release, the revision and the wire protocol's version (the
+/// two ends of a session must speak the same one).
+pub fn long_version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| format!("{} (revision {REVISION}, wire protocol {})", env!("CARGO_PKG_VERSION"), wire::VERSION))
+}

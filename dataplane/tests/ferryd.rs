@@ -189,7 +189,16 @@ fn serves_transfers_status_and_metrics() {
                 assert!(body.contains(&want), "{want} missing:\n{body}");
             }
         }
+        let build = format!(
+            "ferry_build_info{{version=\"{}\",revision=\"{}\",wire_protocol=\"2\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            dataplane::REVISION
+        );
+        assert!(body.contains(&build), "{build} missing:\n{body}");
     }
+    // Status names the build and the wire protocol it speaks.
+    let s = &st[0]["status"];
+    assert_eq!((s["revision"].as_str(), s["wire_protocol"].as_u64()), (Some(dataplane::REVISION), Some(2)), "{st:?}");
     // The sending workers run from the start, one per planned CPU.
     assert_eq!(st[0]["pool"]["cpus"], serde_json::json!([0]), "{st:?}");
     let threads = || -> Vec<String> {

@@ -18,7 +18,7 @@ use nix::sys::signal::{SigSet, Signal};
 use sd_notify::NotifyState;
 
 #[derive(Parser, Debug)]
-#[command(name = "ferryd", version, about = "ferry data-plane daemon")]
+#[command(name = "ferryd", version = dataplane::long_version(), about = "ferry data-plane daemon")]
 struct Args {
     /// Plan to run with (written by `ferryctl tune --json`).
     #[arg(long)]
