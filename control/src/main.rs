@@ -160,14 +160,33 @@ struct PlanArgs {
 /// Failure with the exit status it maps to.
 struct Fail(u8, String);
 
+impl Cmd {
+    /// Whether the command was asked for JSON output (its errors then come as JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Cmd::Probe { json, .. } | Cmd::Status { json, .. } => *json,
+            Cmd::Tune(a) | Cmd::Doctor(a) => a.json,
+            Cmd::Send { t, .. } | Cmd::Recv { t, .. } => t.json,
+            Cmd::Proxy(p) => p.json,
+            Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => a.json,
+            Cmd::Keygen { .. } => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = ["warn", "info", "debug", "trace"][usize::from(cli.verbose.min(3))];
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let as_json = cli.cmd.json();
     match run(cli.cmd) {
         Ok(code) => ExitCode::from(code),
         Err(Fail(code, msg)) => {
             eprintln!("ferryctl: {msg}");
+            if as_json {
+                // Scripts reading stdout get the failure as data, with the exit status.
+                emit(&json(&serde_json::json!({ "ok": false, "error": msg, "exit_status": code })));
+            }
             ExitCode::from(code)
         }
     }

@@ -197,6 +197,12 @@ fn bad_input_exits_2_naming_the_field() {
     let out = ferryctl(&["tune", "--caps", caps, "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("rdma.device = \"mlx5_0\": no such RDMA device"), "{}", text(&out.stderr));
+    // With --json, the failure is data on stdout too, with the exit status.
+    let out = ferryctl(&["tune", "--caps", caps, "--config", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    assert_eq!((v["ok"].as_bool(), v["exit_status"].as_u64()), (Some(false), Some(2)), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no such RDMA device"), "{v}");
 
     // Malformed capabilities files.
     let good = std::fs::read_to_string(caps).unwrap();
