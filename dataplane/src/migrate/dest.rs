@@ -371,6 +371,21 @@ pub(crate) fn receive(
         }
         Err(e) => return Err(e),
     };
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
+    received(rounds, ended, lane_results, targets, (size, lanes), (seconds, cpu_seconds_per_gib))
+}
+
+/// What a session that ended well received: the lanes' counts and latencies folded, the
+/// destination's report, and the digest or (switched to post-copy) the stale pages.
+fn received(
+    rounds: Vec<RoundReport>,
+    ended: Ended,
+    lane_results: Vec<Result<LaneDone, SessionError>>,
+    targets: Vec<Target<'_>>,
+    (size, lanes): (u64, u16),
+    (seconds, cpu_seconds_per_gib): (f64, f64),
+) -> Result<Received, SessionError> {
     let (mut total, mut uring, mut by_lane) = (RoundCounts::default(), false, Vec::new());
     for r in lane_results {
         let l = r?;
@@ -383,7 +398,6 @@ pub(crate) fn receive(
         Ended::Verified(d) => (d, None, None),
         Ended::Switch(stale) => (Digest::default(), Some(stale), Some(targets.into_iter().map(|t| t.hashes).collect())),
     };
-    let seconds = t0.elapsed().as_secs_f64();
     let report = MigrationReport {
         role: "destination".into(),
         bytes: size,
@@ -394,7 +408,7 @@ pub(crate) fn receive(
         compressed_out_bytes: total.compressed_out,
         seconds,
         downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
-        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
+        cpu_seconds_per_gib,
         transport: if uring { Transport::Tcp } else { Transport::Sockets }.to_string(),
         compression: "as the source chose".into(),
         lanes: u32::from(lanes),

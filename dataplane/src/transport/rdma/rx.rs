@@ -202,26 +202,35 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
     let report = MigrationReport {
-        role: "destination".into(),
         bytes: size,
-        sent_bytes: rounds.iter().map(|r| r.dirty_bytes).sum(),
-        wire_bytes: rounds.iter().map(|r| r.wire_bytes).sum(),
-        zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
         seconds,
-        downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
-        cpu_seconds_per_gib: (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64),
-        transport: crate::plan::Transport::Rdma.to_string(),
-        compression: "off (RDMA writes place pages directly)".into(),
+        cpu_seconds_per_gib,
         lanes: lanes as u32,
         workers: workers as u32,
         digest: digest.hex(),
-        digest_match: true,
-        rounds,
-        rdma: Some(report),
-        ..MigrationReport::default()
+        ..destination_report(rounds, report)
     };
     Ok(Received { report, digest, write_latency: Vec::new(), stale: None, switch: None })
+}
+
+/// The destination's report of an RDMA session from its rounds and RDMA figures (the
+/// caller fills in sizes, times and the digest).
+fn destination_report(rounds: Vec<RoundReport>, rdma: RdmaReport) -> MigrationReport {
+    MigrationReport {
+        role: "destination".into(),
+        sent_bytes: rounds.iter().map(|r| r.dirty_bytes).sum(),
+        wire_bytes: rounds.iter().map(|r| r.wire_bytes).sum(),
+        zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
+        downtime_ms: rounds.last().map_or(0.0, |r| r.seconds * 1e3),
+        transport: crate::plan::Transport::Rdma.to_string(),
+        compression: "off (RDMA writes place pages directly)".into(),
+        digest_match: true,
+        rounds,
+        rdma: Some(rdma),
+        ..MigrationReport::default()
+    }
 }
 
 /// An RDMA session's receiving side, set up: the destination registered for remote
