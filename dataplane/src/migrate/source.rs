@@ -1178,7 +1178,7 @@ fn read_write(file: &File) -> Option<File> {
 
 /// Bytes of the first `len` of `file` that have no memory behind them yet (its allocated
 /// blocks, which count pages written or preallocated, against its length).
-pub(crate) fn unallocated(file: &File, len: u64) -> std::io::Result<u64> {
+fn unallocated(file: &File, len: u64) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(len.saturating_sub(file.metadata()?.blocks().saturating_mul(512)))
 }

@@ -594,8 +594,9 @@ impl RemoteRegion {
     }
 }
 
-/// Memory the NIC gathers from in place ([`Pd::register_local_read`]): a shared,
-/// read-only file mapping that other processes write whenever they like. A work request
+/// Memory the NIC gathers from in place ([`Pd::register_local_read`]): a shared file
+/// mapping (read-only where the kernel allows), registered for local reads only, that
+/// other processes write whenever they like. A work request
 /// gathering from it sends whatever the bytes are when the NIC reads them; Rust never
 /// reads them at all. Dropping it deregisters the MR first, then unmaps.
 #[derive(Debug)]
