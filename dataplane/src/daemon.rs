@@ -504,50 +504,57 @@ impl Daemon {
             Request::Status => say(
                 serde_json::json!({"ok": true, "draining": self.draining.load(std::sync::atomic::Ordering::Acquire), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
-            Request::Recv { listen, out, timeout_s } => {
-                let listener = match TcpListener::bind(&listen) {
-                    Ok(l) => l,
-                    Err(e) => return say(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")})),
-                };
-                let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(listen);
-                say(serde_json::json!({"event": "listening", "addr": addr}));
-                let active = self.metrics.begin("recv");
-                let r = recv_file(
-                    &listener,
-                    &out,
-                    &RecvOptions {
-                        auth: self.auth.clone(),
-                        plan: &self.plan,
-                        progress: None,
-                        total: None,
-                        timeout: timeout_s.map(std::time::Duration::from_secs),
-                    },
-                )
-                .map_err(|e| e.to_string());
-                self.metrics.end("recv", &r);
-                // Not active once the reply says it ended: a status read after it agrees.
-                drop(active);
-                say(result(r));
-            }
-            Request::Send { to, file, compress } => {
-                let mut plan = self.plan.clone();
-                if let Some(c) = compress {
-                    match parse_compression(&c, plan.compression) {
-                        Ok(c) => plan.compression = c,
-                        Err(e) => return say(serde_json::json!({"ok": false, "error": e})),
-                    }
-                }
-                let active = self.metrics.begin("send");
-                let r = send_file(
-                    &file,
-                    &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false, pool: Some(&self.pool) },
-                )
-                .map_err(|e| e.to_string());
-                self.metrics.end("send", &r);
-                drop(active);
-                say(result(r));
+            Request::Recv { listen, out, timeout_s } => say(self.recv(&listen, &out, timeout_s, &say)),
+            Request::Send { to, file, compress } => say(self.send(to, &file, compress)),
+        }
+    }
+
+    /// A one-shot receive into `out`: the listening address first (an event), then the
+    /// result.
+    fn recv(&self, listen: &str, out: &std::path::Path, timeout_s: Option<u64>, say: &dyn Fn(serde_json::Value)) -> serde_json::Value {
+        let listener = match TcpListener::bind(listen) {
+            Ok(l) => l,
+            Err(e) => return serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}),
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
+        say(serde_json::json!({"event": "listening", "addr": addr}));
+        let active = self.metrics.begin("recv");
+        let r = recv_file(
+            &listener,
+            out,
+            &RecvOptions {
+                auth: self.auth.clone(),
+                plan: &self.plan,
+                progress: None,
+                total: None,
+                timeout: timeout_s.map(std::time::Duration::from_secs),
+            },
+        )
+        .map_err(|e| e.to_string());
+        self.metrics.end("recv", &r);
+        // Not active once the reply says it ended: a status read after it agrees.
+        drop(active);
+        result(r)
+    }
+
+    /// A one-shot send of `file`, at the plan's compression or `compress`.
+    fn send(&self, to: String, file: &std::path::Path, compress: Option<String>) -> serde_json::Value {
+        let mut plan = self.plan.clone();
+        if let Some(c) = compress {
+            match parse_compression(&c, plan.compression) {
+                Ok(c) => plan.compression = c,
+                Err(e) => return serde_json::json!({"ok": false, "error": e}),
             }
         }
+        let active = self.metrics.begin("send");
+        let r = send_file(
+            file,
+            &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false, pool: Some(&self.pool) },
+        )
+        .map_err(|e| e.to_string());
+        self.metrics.end("send", &r);
+        drop(active);
+        result(r)
     }
 
     /// Region mode, destination: one migration into memfds. The VMM is handed the

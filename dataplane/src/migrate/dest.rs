@@ -702,22 +702,7 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
                 if ctx.postcopy.is_some() && this.frames == end.frames.get() {
                     round = end.round.get();
                 }
-                if end.round.get() != round
-                    || end.frames.get() != this.frames
-                    || end.bytes.get() != this.wire_bytes
-                    || end.pages.get() != this.pages
-                {
-                    return Err(SessionError::Protocol(format!(
-                        "lane {n} ended round {} after {} frames / {} bytes / {} pages; it received round {round}: {} / {} / {}",
-                        end.round.get(),
-                        end.frames.get(),
-                        end.bytes.get(),
-                        end.pages.get(),
-                        this.frames,
-                        this.wire_bytes,
-                        this.pages
-                    )));
-                }
+                check_round_end(n, round, &this, &end)?;
                 total += this;
                 if tx.send(Ok((n, round, this))).is_err() {
                     return Err(SessionError::Protocol("the migration ended".into()));
@@ -735,4 +720,21 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
             other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
         }
     }
+}
+
+/// A lane's ROUND_END against what the lane received in round `round`.
+fn check_round_end(n: u16, round: u32, this: &RoundCounts, end: &wire::RoundEnd) -> Result<(), SessionError> {
+    if end.round.get() != round || end.frames.get() != this.frames || end.bytes.get() != this.wire_bytes || end.pages.get() != this.pages {
+        return Err(SessionError::Protocol(format!(
+            "lane {n} ended round {} after {} frames / {} bytes / {} pages; it received round {round}: {} / {} / {}",
+            end.round.get(),
+            end.frames.get(),
+            end.bytes.get(),
+            end.pages.get(),
+            this.frames,
+            this.wire_bytes,
+            this.pages
+        )));
+    }
+    Ok(())
 }
