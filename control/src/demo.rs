@@ -400,7 +400,8 @@ struct Run<'a> {
     page_writes: u64,
     /// Pre-copy rounds run.
     rounds: u32,
-    /// The paused guest's memory, read-only.
+    /// The paused guest's memory (read-only, unless the guest was preallocated and
+    /// shared read-write).
     mem: &'a File,
     plan: &'a dataplane::plan::Plan,
     src: &'a Ferryd,

@@ -1060,39 +1060,32 @@ fn postcopy_metrics(e: &mut Exposition, pc: &PostcopyTotals) {
 
 /// The live per-worker counters, and each running session's.
 fn live_metrics(e: &mut Exposition) {
+    type Field = fn(&crate::live::Snapshot) -> u64;
     // Live per-worker counters: updated by the workers as they go, not at session end.
     let live = crate::live::snapshot();
-    let per_worker = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
-        live.iter().map(|(r, w, s)| format!("{{role=\"{}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
-    };
-    e.add(
-        "ferry_worker_region_bytes_total",
-        "counter",
-        "Region bytes each worker (sender) or lane (receiver) has handled, live.",
-        per_worker(|s| s.region_bytes),
-    );
-    e.add("ferry_worker_wire_bytes_total", "counter", "Bytes on the wire per worker or lane, live.", per_worker(|s| s.wire_bytes));
-    e.add("ferry_worker_frames_total", "counter", "Data frames per worker or lane, live.", per_worker(|s| s.frames));
-    e.add(
-        "ferry_worker_zero_pages_total",
-        "counter",
-        "Zero pages sent or received as a flag per worker or lane, live.",
-        per_worker(|s| s.zero_pages),
-    );
+    let per_worker: [(&str, &str, Field); 4] = [
+        ("ferry_worker_region_bytes_total", "Region bytes each worker (sender) or lane (receiver) has handled, live.", |s| s.region_bytes),
+        ("ferry_worker_wire_bytes_total", "Bytes on the wire per worker or lane, live.", |s| s.wire_bytes),
+        ("ferry_worker_frames_total", "Data frames per worker or lane, live.", |s| s.frames),
+        ("ferry_worker_zero_pages_total", "Zero pages sent or received as a flag per worker or lane, live.", |s| s.zero_pages),
+    ];
+    for (name, help, f) in per_worker {
+        e.add(name, "counter", help, live.iter().map(|(r, w, s)| format!("{{role=\"{}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect());
+    }
     // The running sessions, each worker or lane apart: listed until the session ends
     // (its counts are in the totals above, before and after).
     let running = crate::live::sessions();
-    let per_session = |f: fn(&crate::live::Snapshot) -> u64| -> Vec<String> {
-        running.iter().map(|(r, id, w, s)| format!("{{role=\"{}\",session=\"{id:016x}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect()
-    };
-    e.add(
-        "ferry_session_region_bytes",
-        "counter",
-        "Region bytes each running session's workers (sender) or lanes (receiver) have handled.",
-        per_session(|s| s.region_bytes),
-    );
-    e.add("ferry_session_wire_bytes", "counter", "Bytes on the wire per running session's worker or lane.", per_session(|s| s.wire_bytes));
-    e.add("ferry_session_frames", "counter", "Data frames per running session's worker or lane.", per_session(|s| s.frames));
+    let per_session: [(&str, &str, Field); 3] = [
+        ("ferry_session_region_bytes", "Region bytes each running session's workers (sender) or lanes (receiver) have handled.", |s| {
+            s.region_bytes
+        }),
+        ("ferry_session_wire_bytes", "Bytes on the wire per running session's worker or lane.", |s| s.wire_bytes),
+        ("ferry_session_frames", "Data frames per running session's worker or lane.", |s| s.frames),
+    ];
+    for (name, help, f) in per_session {
+        let lines = running.iter().map(|(r, id, w, s)| format!("{{role=\"{}\",session=\"{id:016x}\",worker=\"{w}\"}} {}", r.name(), f(s)));
+        e.add(name, "counter", help, lines.collect());
+    }
 }
 
 #[cfg(test)]

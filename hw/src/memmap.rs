@@ -36,6 +36,27 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
     Ok(f)
 }
 
+/// A new open file description of `file`, read-only, with a file offset of its own (so
+/// `lseek` on it moves nobody else's): through `/proc/self/fd`.
+pub fn reopen_read_only(file: &File) -> io::Result<File> {
+    File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file)))
+}
+
+/// The words of `map`, each accessed atomically: memory another process may write at any
+/// moment, seen without a data race.
+///
+/// # Safety
+///
+/// `map` must be page-aligned and a whole number of pages long, and its file must be
+/// unable to shrink (sealed) while the returned slice is borrowed, so every word stays
+/// mapped and accessible.
+pub(crate) unsafe fn atomic_words(map: &memmap2::MmapRaw) -> &[std::sync::atomic::AtomicU64] {
+    // SAFETY: the caller keeps the mapping page-aligned, whole pages long and backed, so
+    // it holds `len / 8` aligned u64s for as long as `map` is borrowed. AtomicU64 has
+    // u64's size and alignment, and every access through the slice is atomic.
+    unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<std::sync::atomic::AtomicU64>(), map.len() / 8) }
+}
+
 /// Memory this process owns and writes, shared with others for reading (a simulated
 /// guest's RAM): a memfd sealed against shrinking and growing, mapped shared and writable.
 /// Its only writable descriptor stays inside; others get read-only ones
@@ -75,7 +96,7 @@ impl OwnedMemory {
     /// A read-only descriptor of the memory, to hand to another process (or read with
     /// `pread`).
     pub fn reader(&self) -> io::Result<File> {
-        File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file)))
+        reopen_read_only(&self.file)
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -136,13 +157,10 @@ impl SharedMemory {
     /// The memory as 64-bit words.
     pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
         let Some(map) = &self.map else { return &[] };
-        // SAFETY: the mapping is page-aligned and whole pages long (checked in `new`), so
-        // it holds `len / 8` aligned u64s, and it stays mapped while `self` is borrowed;
-        // the file cannot shrink (sealed, and the seals sealed), so every word stays
-        // accessible. AtomicU64 has u64's size and alignment, and every access through the
-        // slice is atomic, so another process writing the file at any time is no data race
-        // in this one.
-        unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<std::sync::atomic::AtomicU64>(), map.len() / 8) }
+        // SAFETY: the mapping is page-aligned and whole pages long (checked in `new`) and
+        // stays mapped while `self` is borrowed; the file cannot shrink (sealed, and the
+        // seals sealed).
+        unsafe { atomic_words(map) }
     }
 }
 

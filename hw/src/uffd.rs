@@ -326,12 +326,9 @@ impl GuestMapping {
     /// handler, as the guest's access would.
     pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
         // SAFETY: the mapping is page-aligned and whole pages long (checked at
-        // `map_registered`), so it holds `len / 8` aligned u64s, and it stays mapped while
-        // `self` is borrowed; its file cannot shrink (sealed), so every word stays
-        // accessible. AtomicU64 has u64's size and alignment, and every access through the
-        // slice is atomic, so another process writing the file at any time is no data race
-        // in this one.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<std::sync::atomic::AtomicU64>(), self.map.len() / 8) }
+        // `map_registered`) and stays mapped while `self` is borrowed; its file cannot
+        // shrink (sealed).
+        unsafe { crate::memmap::atomic_words(&self.map) }
     }
 
     /// Copies the bytes at `offset` (8-byte aligned) into `out` (a multiple of 8 bytes),

@@ -788,7 +788,8 @@ impl<'a> Source<'a> {
             // RDMA lanes end their round here: what each carried, worker-major.
             let ends: Vec<wire::RdmaLaneEnd> = self.workers.iter_mut().flat_map(|w| std::mem::take(&mut w.rdma_ends)).collect();
             // Rounds after the first wrote the dirty pages only: the destination is told
-            // which, and hashes exactly those (not the whole windows).
+            // which, counts them against ROUND and (checked each round) hashes exactly
+            // those, not the whole windows.
             let runs = if all { 0 } else { rdma_runs(&self.regions, &job.dirty, &mut |_| Ok(()))? };
             let head = wire::RdmaRoundEnd { round: round.into(), whole: u32::from(all).into(), runs: runs.into() };
             self.ctl.send(Kind::RdmaEnd, &wire::list_payload(&head, &ends))?;
@@ -1206,7 +1207,7 @@ fn open_region(i: usize, memory: &File, word: usize, job: Job) -> Result<Region,
     }
     // A description of our own, read-only: the descriptor the VMM passed shares its file
     // offset with the VMM, which the hole probes (lseek SEEK_DATA) would move.
-    let (memory, probe_holes) = match File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(memory))) {
+    let (memory, probe_holes) = match hw::memmap::reopen_read_only(memory) {
         Ok(f) => (f, true),
         Err(e) => {
             log::warn!("cannot reopen {what} through /proc ({e}): every page is read, holes included");

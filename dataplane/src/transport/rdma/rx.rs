@@ -3,7 +3,7 @@
 //! connection (see [`super`]).
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
@@ -320,7 +320,7 @@ fn accept(
 /// none when the writes are checked at the end.
 fn zero_hashes(layout: &Layout, key: &DigestKey, check: Check) -> Result<Vec<PageHashes>, SessionError> {
     let per_page = if check == Check::EachRound { &layout.regions[..] } else { &[][..] };
-    let hashes = per_page
+    per_page
         .iter()
         .enumerate()
         .map(|(r, &bytes)| {
@@ -334,8 +334,8 @@ fn zero_hashes(layout: &Layout, key: &DigestKey, check: Check) -> Result<Vec<Pag
             }
             Ok(h)
         })
-        .collect::<Result<Vec<PageHashes>, crate::session::limits::LimitError>>()?;
-    Ok(hashes)
+        .collect::<Result<Vec<PageHashes>, crate::session::limits::LimitError>>()
+        .map_err(SessionError::from)
 }
 
 /// The control thread's part of an RDMA session.
@@ -439,12 +439,8 @@ impl Rounds<'_> {
             match self.check {
                 Check::EachRound if whole => self.hash_windows(&ids)?,
                 Check::EachRound => self.hash_runs()?,
-                Check::AtEnd => {
-                    self.written.lock().unwrap_or_else(|p| p.into_inner()).iter_mut().for_each(|b| b.words.fill(0));
-                    if last {
-                        at_end = Some(self.digest_all()?);
-                    }
-                }
+                Check::AtEnd if last => at_end = Some(self.digest_all()?),
+                Check::AtEnd => {}
             }
             let verify = tv.elapsed().as_secs_f64();
             report.verify_seconds += verify;
@@ -472,8 +468,8 @@ impl Rounds<'_> {
         }
     }
 
-    /// Reads `runs` page runs from RDMA_PAGES frames and marks their pages in `written`;
-    /// returns how many pages they cover.
+    /// Reads `runs` page runs from RDMA_PAGES frames and (checked each round) marks their
+    /// pages in `written`; returns how many pages they cover.
     fn read_runs(&self, ctl: &mut Ctl, runs: u64, buf: &mut Vec<u8>) -> Result<u64, SessionError> {
         let bad = |why: String| SessionError::Protocol(format!("RDMA_PAGES: {why}"));
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
@@ -493,7 +489,10 @@ impl Rounds<'_> {
                     .checked_add(n)
                     .filter(|&e| n > 0 && e <= bits.pages)
                     .ok_or_else(|| bad(format!("pages {first}+{n} of region {region}, which has {}", bits.pages)))?;
-                bits.mark(first, end);
+                // Checked at the end, the runs are only counted: nothing hashes them.
+                if self.check == Check::EachRound {
+                    bits.mark(first, end);
+                }
                 pages += n;
             }
             got += list.len() as u64;
@@ -645,7 +644,7 @@ impl Rounds<'_> {
         for (i, (m, &size)) in self.memory.iter().zip(self.layout_sizes).enumerate() {
             // A description of our own for the hole probes (they move its offset), else
             // every page is read.
-            let own = File::open(format!("/proc/self/fd/{}", m.as_raw_fd())).ok();
+            let own = hw::memmap::reopen_read_only(m).ok();
             let (file, probe) = own.as_ref().map_or((m, false), |f| (f, true));
             let part = Digest::of_file_with(keyed(self.key), i as u32, PAGE, file, size, threads, probe)
                 .map_err(|e| SessionError::io("digesting what landed", e))?;
