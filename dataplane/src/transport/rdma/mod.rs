@@ -4,10 +4,12 @@
 //!
 //! **Sender** ([`tx`]). Each worker owns a CQ, `qps_per_worker` QPs (its lanes) and its
 //! arena, registered once per session and cut into slots; the first is the zero buffer. A
-//! window's dirty pages are read with `pread` into a slot (never through a mapping: a file
-//! that shrinks is an error, not a SIGBUS) and become work requests: each WR writes one
-//! contiguous destination range and gathers its bytes with up to `send_sge` SGEs, from
-//! runs of the slot and, for short zero gaps between them, from the zero buffer. Zero pages
+//! window's dirty pages are read with `pread` into a slot (the CPU never reads through a
+//! mapping: a file that shrinks is an error, not a SIGBUS) and become work requests: each
+//! WR writes one contiguous destination range and gathers its bytes with up to `send_sge`
+//! SGEs, from runs of the slot (or, zero-copy, from the guest memory registered in place,
+//! which only the NIC reads; see below) and, for short zero gaps between them, from the
+//! zero buffer. Zero pages
 //! are skipped in round 0 (the destination starts zeroed) and written from the zero buffer
 //! in later rounds, where a page may have turned zero. A window's last WR is a
 //! WRITE_WITH_IMM carrying the window's number: it spends one of the receiver's credits,
@@ -35,7 +37,9 @@
 //! landed, the destination digests all of its memory (keyed) while the source digests the
 //! paused guest, and the two are compared. The data phase runs at the NIC's pace; the
 //! destination's digest is downtime, which the estimate counts and the report gives
-//! (`verify_last_round_seconds`).
+//! (`verify_last_round_seconds`). Then, if the guest memory is wholly allocated, the source
+//! registers it for local reads and the WRs gather pages in place (`zero_copy`); a window
+//! is read into its slot only in round 0, to skip zero pages.
 //!
 //! Compression does not apply: a one-sided write cannot be decoded on arrival, and the
 //! planner only picks RDMA where the link outruns zstd.
