@@ -15,6 +15,8 @@ pkgs=(pkg-config gcc cmake libclang-dev libibverbs-dev ibverbs-providers libnl-3
       libhwloc-dev libudev-dev)
 # What ../shared/tools/rxe-vm/build-initramfs.sh puts into the guest, plus iproute2.
 test_pkgs=(qemu-system-x86 linux-image-amd64 busybox-static rdma-core ibverbs-utils perftest iproute2 kmod cpio)
+# promtool (package prometheus) lints the metrics and tests the alert rules.
+test_pkgs+=(prometheus)
 [ $want_test = 1 ] && pkgs+=("${test_pkgs[@]}")
 
 missing=()

@@ -5,14 +5,10 @@
 //! replies `{"event":"listening",...}` (recv) as soon as it can, and `{"ok":true,
 //! "report":{...}}` or `{"ok":false,"error":"..."}` when it ends.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +17,8 @@ use crate::bounds::{RateLimited, Slots};
 use crate::engine::Report;
 use crate::engine::recv::{RecvOptions, recv_file};
 use crate::engine::send::{SendOptions, send_file};
+use crate::live::Role;
+use crate::metrics::{Failed, Metrics};
 use crate::migrate::MigrationReport;
 use crate::migrate::dest::DestOptions;
 use crate::migrate::source::{Source, SourceOptions};
@@ -109,211 +107,6 @@ impl Request {
     }
 }
 
-/// Counters and histograms, updated once per session (never per chunk).
-#[derive(Debug)]
-pub struct Metrics {
-    started: Instant,
-    inner: Mutex<Totals>,
-}
-
-#[derive(Debug)]
-struct Totals {
-    sessions: BTreeMap<(&'static str, &'static str), u64>,
-    active: BTreeMap<&'static str, u64>,
-    region_bytes: BTreeMap<&'static str, u64>,
-    wire_bytes: BTreeMap<&'static str, u64>,
-    zero_pages: u64,
-    compressed_in: u64,
-    compressed_out: u64,
-    chunk_latency: hdrhistogram::Histogram<u64>,
-    /// Per (role, worker or lane): send chunk latency or receive frame write latency, µs.
-    worker_latency: BTreeMap<(&'static str, usize), hdrhistogram::Histogram<u64>>,
-    session_seconds: hdrhistogram::Histogram<u64>,
-    last_error: Option<String>,
-    postcopy: PostcopyTotals,
-}
-
-/// Post-copy's share of the metrics: migrations that switched over, and what they did.
-#[derive(Debug)]
-struct PostcopyTotals {
-    /// Completed post-copy migrations, by role.
-    migrations: BTreeMap<&'static str, u64>,
-    local_faults: u64,
-    remote_faults: u64,
-    pages_by_fault: u64,
-    pages_by_push: u64,
-    /// Attempts after the first: the link broke and came back.
-    reconnects: u64,
-    /// A remote fault's wait, µs (destination).
-    fault_latency: hdrhistogram::Histogram<u64>,
-    /// ferry's part of the switch-over, µs (source).
-    switch: hdrhistogram::Histogram<u64>,
-}
-
-/// Every session role ferryd counts: each series is there, at zero, from the start, so
-/// `increase()` over a fleet sees a role's first session (and first failure).
-const ROLES: [&str; 4] = ["send", "recv", "migrate_in", "migrate_out"];
-
-impl Default for Metrics {
-    fn default() -> Self {
-        let zero = || ROLES.iter().map(|&r| (r, 0)).collect::<BTreeMap<&'static str, u64>>();
-        Metrics {
-            started: Instant::now(),
-            inner: Mutex::new(Totals {
-                sessions: ROLES.iter().flat_map(|&r| [((r, "ok"), 0), ((r, "error"), 0)]).collect(),
-                active: zero(),
-                region_bytes: zero(),
-                wire_bytes: zero(),
-                zero_pages: 0,
-                compressed_in: 0,
-                compressed_out: 0,
-                chunk_latency: crate::engine::latency_histogram(),
-                worker_latency: BTreeMap::new(),
-                session_seconds: crate::engine::latency_histogram(),
-                last_error: None,
-                postcopy: PostcopyTotals {
-                    migrations: [("migrate_in", 0), ("migrate_out", 0)].into_iter().collect(),
-                    local_faults: 0,
-                    remote_faults: 0,
-                    pages_by_fault: 0,
-                    pages_by_push: 0,
-                    reconnects: 0,
-                    fault_latency: crate::engine::latency_histogram(),
-                    switch: crate::engine::latency_histogram(),
-                },
-            }),
-        }
-    }
-}
-
-/// A session counted as active until this is dropped, however the session ends.
-#[derive(Debug)]
-struct Active<'m> {
-    metrics: &'m Metrics,
-    role: &'static str,
-}
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        let mut t = self.metrics.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.active.get_mut(self.role) {
-            *n = n.saturating_sub(1);
-        }
-    }
-}
-
-impl Metrics {
-    fn begin(&self, role: &'static str) -> Active<'_> {
-        *self.inner.lock().expect("metrics").active.entry(role).or_default() += 1;
-        Active { metrics: self, role }
-    }
-
-    fn end_migration(&self, role: &'static str, r: &Result<MigrationReport, String>) {
-        let mut t = self.inner.lock().expect("metrics");
-        *t.sessions.entry((role, if r.is_ok() { "ok" } else { "error" })).or_default() += 1;
-        match r {
-            Ok(rep) => {
-                *t.region_bytes.entry(role).or_default() += rep.sent_bytes;
-                *t.wire_bytes.entry(role).or_default() += rep.wire_bytes;
-                t.zero_pages += rep.zero_pages;
-                t.compressed_in += rep.compressed_in_bytes;
-                t.compressed_out += rep.compressed_out_bytes;
-                t.session_seconds.saturating_record((rep.seconds * 1e6) as u64);
-                if let Some(pc) = &rep.postcopy {
-                    let p = &mut t.postcopy;
-                    *p.migrations.entry(role).or_default() += 1;
-                    p.reconnects += u64::from(pc.attempts.saturating_sub(1));
-                    if role == "migrate_in" {
-                        p.local_faults += pc.faults - pc.remote_faults;
-                        p.remote_faults += pc.remote_faults;
-                        p.pages_by_fault += pc.pages_by_fault;
-                        p.pages_by_push += pc.pages_by_push;
-                        if let Some(h) = &pc.fault_latency {
-                            let _ = p.fault_latency.add(h);
-                        }
-                    }
-                }
-                if let Some(ms) = rep.switch_ms {
-                    t.postcopy.switch.saturating_record((ms * 1e3) as u64);
-                }
-            }
-            Err(e) => t.last_error = Some(e.clone()),
-        }
-    }
-
-    fn end(&self, role: &'static str, r: &Result<Report, String>) {
-        let mut t = self.inner.lock().expect("metrics");
-        let result = if r.is_ok() { "ok" } else { "error" };
-        *t.sessions.entry((role, result)).or_default() += 1;
-        match r {
-            Ok(rep) => {
-                *t.region_bytes.entry(role).or_default() += rep.bytes;
-                *t.wire_bytes.entry(role).or_default() += rep.wire_bytes;
-                t.zero_pages += rep.zero_pages;
-                t.compressed_in += rep.compressed_in_bytes;
-                t.compressed_out += rep.compressed_out_bytes;
-                if let Some(h) = &rep.chunk_latency {
-                    let _ = t.chunk_latency.add(h);
-                }
-                for (i, h) in rep.worker_latency.iter().enumerate() {
-                    let _ = t.worker_latency.entry((role, i)).or_insert_with(crate::engine::latency_histogram).add(h);
-                }
-                t.session_seconds.saturating_record((rep.seconds * 1e6) as u64);
-            }
-            Err(e) => t.last_error = Some(e.clone()),
-        }
-    }
-
-    /// The Prometheus text exposition.
-    pub fn prometheus(&self) -> String {
-        let t = self.inner.lock().expect("metrics");
-        let mut e = Exposition::default();
-        e.add(
-            "ferry_build_info",
-            "gauge",
-            "ferryd's build: release, git revision and wire protocol version (always 1).",
-            vec![format!(
-                "{{version=\"{}\",revision=\"{}\",wire_protocol=\"{}\"}} 1",
-                env!("CARGO_PKG_VERSION"),
-                crate::REVISION,
-                crate::wire::VERSION
-            )],
-        );
-        e.add(
-            "ferry_uptime_seconds",
-            "gauge",
-            "Seconds since ferryd started.",
-            vec![format!(" {:.3}", self.started.elapsed().as_secs_f64())],
-        );
-        session_metrics(&mut e, &t);
-        latency_metrics(&mut e, &t);
-        postcopy_metrics(&mut e, &t.postcopy);
-        live_metrics(&mut e);
-        e.0
-    }
-
-    /// What `ferryctl status` shows.
-    pub fn status(&self) -> serde_json::Value {
-        let t = self.inner.lock().expect("metrics");
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "revision": crate::REVISION,
-            "wire_protocol": crate::wire::VERSION,
-            "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "sessions": t.sessions.iter().map(|((r, res), n)| serde_json::json!({"role": r, "result": res, "count": n})).collect::<Vec<_>>(),
-            "active": t.active.iter().map(|(r, n)| serde_json::json!({"role": r, "count": n})).collect::<Vec<_>>(),
-            "region_bytes": t.region_bytes,
-            "wire_bytes": t.wire_bytes,
-            "zero_pages": t.zero_pages,
-            "chunk_latency_us": crate::engine::Percentiles::of(&t.chunk_latency),
-            "worker_latency_us": t.worker_latency.iter().map(|((r, w), h)| serde_json::json!({"role": r, "worker": w, "latency_us": crate::engine::Percentiles::of(h)})).collect::<Vec<_>>(),
-            "last_error": t.last_error,
-            "workers": crate::live::snapshot().into_iter().map(|(r, w, s)| serde_json::json!({"role": r.name(), "worker": w, "counters": s})).collect::<Vec<_>>(),
-            "running": crate::live::sessions().into_iter().map(|(r, id, w, s)| serde_json::json!({"role": r.name(), "session": format!("{id:016x}"), "worker": w, "counters": s})).collect::<Vec<_>>(),
-        })
-    }
-}
-
 /// The running service's shared state.
 #[derive(Debug)]
 pub struct Daemon {
@@ -323,7 +116,7 @@ pub struct Daemon {
     /// The sending workers, for ferryd's lifetime: every session runs on them.
     pub pool: crate::pool::Pool,
     /// Set on SIGTERM: the sessions in flight finish, no new one starts.
-    pub draining: std::sync::atomic::AtomicBool,
+    draining: std::sync::atomic::AtomicBool,
     /// Requests that start work (a session), from before the drain check until they end.
     pub in_flight: std::sync::atomic::AtomicU64,
 }
@@ -417,6 +210,17 @@ pub fn bind_control(path: &Path, access: SocketAccess) -> std::io::Result<UnixLi
 }
 
 impl Daemon {
+    pub fn new(plan: Plan, auth: Auth, pool: crate::pool::Pool) -> Daemon {
+        Daemon {
+            plan,
+            auth,
+            metrics: Metrics::default(),
+            pool,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            in_flight: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
     /// Serves the control socket until the process ends: a thread per client, at most
     /// the plan's `control_clients` at once (one more is told so and closed).
     pub fn serve_control(&self, listener: UnixListener) {
@@ -475,7 +279,7 @@ impl Daemon {
             self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             InFlight(&self.in_flight)
         });
-        if starts_work && self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        if starts_work && self.is_draining() {
             return say(
                 serde_json::json!({"ok": false, "error": "ferryd is shutting down: it finishes the sessions in flight and starts no new one; try another host or after the restart"}),
             );
@@ -502,7 +306,7 @@ impl Daemon {
                 say(serde_json::json!({"ok": false, "error": "taken, faults and released belong to a migrate_in conversation"}))
             }
             Request::Status => say(
-                serde_json::json!({"ok": true, "draining": self.draining.load(std::sync::atomic::Ordering::Acquire), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
+                serde_json::json!({"ok": true, "draining": self.is_draining(), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
             Request::Recv { listen, out, timeout_s } => say(self.recv(&listen, &out, timeout_s, &say)),
             Request::Send { to, file, compress } => say(self.send(to, &file, compress)),
@@ -518,7 +322,7 @@ impl Daemon {
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         say(serde_json::json!({"event": "listening", "addr": addr}));
-        let active = self.metrics.begin("recv");
+        let active = self.metrics.begin(Role::Recv);
         let r = recv_file(
             &listener,
             out,
@@ -530,8 +334,8 @@ impl Daemon {
                 timeout: timeout_s.map(std::time::Duration::from_secs),
             },
         )
-        .map_err(|e| e.to_string());
-        self.metrics.end("recv", &r);
+        .map_err(Failed::from);
+        self.metrics.end(Role::Recv, r.as_ref());
         // Not active once the reply says it ended: a status read after it agrees.
         drop(active);
         result(r)
@@ -546,13 +350,13 @@ impl Daemon {
                 Err(e) => return serde_json::json!({"ok": false, "error": e}),
             }
         }
-        let active = self.metrics.begin("send");
+        let active = self.metrics.begin(Role::Send);
         let r = send_file(
             file,
             &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false, pool: Some(&self.pool) },
         )
-        .map_err(|e| e.to_string());
-        self.metrics.end("send", &r);
+        .map_err(Failed::from);
+        self.metrics.end(Role::Send, r.as_ref());
         drop(active);
         result(r)
     }
@@ -571,7 +375,7 @@ impl Daemon {
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         let _ = conn.send(&serde_json::json!({"event": "listening", "addr": addr}).to_string(), &[]);
-        let active = self.metrics.begin("migrate_in");
+        let active = self.metrics.begin(Role::MigrateIn);
         // A second descriptor of the VMM's connection, watched while the migration runs.
         let watch = conn.stream().try_clone();
         let opts = DestOptions {
@@ -580,13 +384,13 @@ impl Daemon {
             vmm: watch.as_ref().ok().map(|w| w.as_fd()),
             recover: recover_s.map(std::time::Duration::from_secs),
         };
-        let r = crate::migrate::dest::accept(&listener, &opts, DestConn(conn)).map_err(|e| e.to_string());
-        self.metrics.end_migration("migrate_in", &r.as_ref().map(|i| i.report.clone()).map_err(Clone::clone));
+        let r = crate::migrate::dest::accept(&listener, &opts, DestConn(conn)).map_err(Failed::from);
+        self.metrics.end_migration(Role::MigrateIn, r.as_ref().map(|i| &i.report));
         // Not active once the reply says it ended: a status read after it agrees.
         drop(active);
         let last = match r {
             Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
-            Err(e) => serde_json::json!({"ok": false, "error": e}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.message}),
         };
         let _ = conn.send(&last.to_string(), &[]);
     }
@@ -597,33 +401,33 @@ impl Daemon {
         let say = |conn: &LineConn, v: serde_json::Value| {
             let _ = conn.send(&v.to_string(), &[]);
         };
-        let active = self.metrics.begin("migrate_out");
+        let active = self.metrics.begin(Role::MigrateOut);
         let r = self.migrate_out_inner(conn, fds, to, limits);
-        self.metrics.end_migration("migrate_out", &r);
+        self.metrics.end_migration(Role::MigrateOut, r.as_ref());
         drop(active);
         match r {
             Ok(rep) => say(conn, serde_json::json!({"ok": true, "report": rep})),
-            Err(e) => say(conn, serde_json::json!({"ok": false, "error": e})),
+            Err(e) => say(conn, serde_json::json!({"ok": false, "error": e.message})),
         }
     }
 
-    fn migrate_out_inner(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, String> {
+    fn migrate_out_inner(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, Failed> {
         // The guest memory regions, in order, then the dirty bitmap.
         let mut fds = fds;
         if fds.len() < 2 {
-            return Err(format!(
+            return Err(Failed::from(format!(
                 "migrate_out takes the guest memory descriptors (one per region) and then the dirty bitmap's; {} came",
                 fds.len()
-            ));
+            )));
         }
         let bitmap = std::fs::File::from(fds.pop().expect("two or more"));
         let memory: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
         if limits.regions.is_some_and(|n| n != memory.len()) {
-            return Err(format!(
+            return Err(Failed::from(format!(
                 "\"regions\": {} but {} memory descriptors came (and the bitmap's)",
                 limits.regions.unwrap_or(0),
                 memory.len()
-            ));
+            )));
         }
         let (plan, require_rdma) = self.plan_for(&limits)?;
         let rate_limit = limits.rate_limit_mbit.map(crate::migrate::source::rate_limit_bytes).transpose()?;
@@ -649,7 +453,7 @@ impl Daemon {
             pool: Some(&self.pool),
         };
         let refs: Vec<&std::fs::File> = memory.iter().collect();
-        let mut src = Source::connect_regions(&refs, opts).map_err(|e| e.to_string())?;
+        let mut src = Source::connect_regions(&refs, opts)?;
         let _ = conn.send(
             &serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "regions": sizes.len(), "lanes": src.lanes()})
                 .to_string(),
@@ -665,22 +469,22 @@ impl Daemon {
                 Ok(Some((l, fds))) if fds.is_empty() => l,
                 Ok(Some(_)) => return Err("descriptors came with a round command".into()),
                 Ok(None) => return Err("the VMM closed the control connection: migration abandoned".into()),
-                Err(e) => return Err(format!("reading the VMM's command: {e}")),
+                Err(e) => return Err(format!("reading the VMM's command: {e}").into()),
             };
             match Request::parse(&line) {
                 Ok(Request::Round) => {
-                    let rep = src.round(&read_bitmap()?).map_err(|e| e.to_string())?;
+                    let rep = src.round(&read_bitmap()?)?;
                     let _ = conn.send(&serde_json::json!({"event": "round", "round": rep}).to_string(), &[]);
                 }
-                Ok(Request::Final) => return src.finish(&read_bitmap()?).map_err(|e| e.to_string()),
+                Ok(Request::Final) => return src.finish(&read_bitmap()?).map_err(Failed::from),
                 Ok(Request::Postcopy) => {
-                    src.switch_over(&read_bitmap()?).map_err(|e| e.to_string())?;
+                    src.switch_over(&read_bitmap()?)?;
                     let _ = conn.send(&serde_json::json!({"event": "switched", "switch_ms": src.switch_ms()}).to_string(), &[]);
                     let recover = limits.recover_s.map_or(crate::migrate::postcopy::DEFAULT_RECOVER, std::time::Duration::from_secs);
-                    return src.postcopy(recover).map_err(|e| e.to_string());
+                    return src.postcopy(recover).map_err(Failed::from);
                 }
-                Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round, final or postcopy expected)")),
-                Err(e) => return Err(format!("bad request: {e}")),
+                Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round, final or postcopy expected)").into()),
+                Err(e) => return Err(format!("bad request: {e}").into()),
             }
         }
     }
@@ -747,76 +551,47 @@ impl Daemon {
         Ok((pages, want))
     }
 
-    /// Serves `/metrics` and `/healthz` (GET and HEAD) until the process ends: a thread per
-    /// client, at most the plan's `metrics_clients` at once, each request read within 5 s
-    /// and 8 KiB, so an idle or endless client delays no scrape.
+    /// Serves `/metrics`, `/healthz` and `/readyz` (GET and HEAD) until the process ends,
+    /// on one thread ([`crate::http`]): up to the plan's `metrics_clients` at once, the
+    /// oldest dropped for a newcomer past that, each answered within 5 s of connecting and
+    /// 8 KiB of request head, so idle or endless clients delay no scrape.
     pub fn serve_metrics(&self, listener: TcpListener) {
-        static ACCEPT: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
-        let slots = Slots::new(self.plan.limits.metrics_clients as usize);
-        std::thread::scope(|s| {
-            loop {
-                match listener.accept() {
-                    Ok((c, _)) => match slots.take() {
-                        Some(slot) => {
-                            s.spawn(move || {
-                                let _slot = slot;
-                                let _ = self.metrics_client(c);
-                            });
-                        }
-                        None => {
-                            let _ = c.set_write_timeout(Some(std::time::Duration::from_millis(100)));
-                            let _ = (&c).write_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
-                        }
-                    },
-                    Err(e) => crate::bounds::accept_failed(&e, "metrics", &ACCEPT),
+        let limits = crate::http::Limits {
+            clients: self.plan.limits.metrics_clients as usize,
+            timeout: std::time::Duration::from_secs(5),
+            max_head: 8 << 10,
+        };
+        crate::http::serve(&listener, limits, &|r| self.http_answer(r));
+    }
+
+    fn http_answer(&self, r: &crate::http::Request) -> crate::http::Response {
+        use crate::http::Response;
+        match r.path {
+            "/metrics" => {
+                let openmetrics = r.accept.contains("application/openmetrics-text");
+                Response {
+                    status: "200 OK",
+                    content_type: if openmetrics { crate::metrics::OPENMETRICS } else { crate::metrics::TEXT },
+                    body: self.metrics.encode(openmetrics),
                 }
             }
-        });
-    }
-
-    fn metrics_client(&self, conn: TcpStream) -> std::io::Result<()> {
-        const MAX_HEAD: u64 = 8 << 10;
-        let head = read_http_head(&conn, std::time::Duration::from_secs(5), MAX_HEAD)?;
-        let mut words = head.lines().next().unwrap_or("").split_whitespace();
-        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        let (status, body) = match (method, path) {
-            ("GET" | "HEAD", "/metrics") => ("200 OK", self.metrics.prometheus()),
-            ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n".to_string()),
+            "/healthz" => Response::text("200 OK", "ok\n"),
             // Not ready while draining: a load balancer or orchestrator sends no new work.
-            ("GET" | "HEAD", "/readyz") if self.draining.load(std::sync::atomic::Ordering::SeqCst) => {
-                ("503 Service Unavailable", "draining\n".to_string())
-            }
-            ("GET" | "HEAD", "/readyz") => ("200 OK", "ready\n".to_string()),
-            ("GET" | "HEAD", _) => ("404 Not Found", "ferryd serves /metrics, /healthz and /readyz\n".to_string()),
-            _ => ("405 Method Not Allowed", "GET or HEAD\n".to_string()),
-        };
-        conn.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;
-        let mut w = &conn;
-        write!(w, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n", body.len())?;
-        if method != "HEAD" {
-            w.write_all(body.as_bytes())?;
+            "/readyz" if self.is_draining() => Response::text("503 Service Unavailable", "draining\n"),
+            "/readyz" => Response::text("200 OK", "ready\n"),
+            _ => Response::text("404 Not Found", "ferryd serves /metrics, /healthz and /readyz\n"),
         }
-        Ok(())
     }
-}
 
-/// An HTTP request's head (up to the blank line), read within `timeout` in all and at most
-/// `max` bytes.
-fn read_http_head(conn: &TcpStream, timeout: std::time::Duration, max: u64) -> std::io::Result<String> {
-    let mut r = crate::bounds::Deadline::new(conn, timeout, max);
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    loop {
-        let n = std::io::Read::read(&mut r, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break;
-        }
+    /// SIGTERM: new sessions are refused from now on; `/readyz` and the metrics say so.
+    pub fn start_drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.set_draining(true);
     }
-    Ok(String::from_utf8_lossy(&head).into_owned())
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// How long a destination VMM may take to say it holds the memory it was handed.
@@ -922,10 +697,10 @@ struct Limits {
     recover_s: Option<u64>,
 }
 
-fn result(r: Result<Report, String>) -> serde_json::Value {
+fn result(r: Result<Report, Failed>) -> serde_json::Value {
     match r {
         Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
-        Err(e) => serde_json::json!({"ok": false, "error": e}),
+        Err(e) => serde_json::json!({"ok": false, "error": e.message}),
     }
 }
 
@@ -938,195 +713,5 @@ pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, Stri
             Some(Ok(level)) if (1..=19).contains(&level) => Ok(Compression::Zstd { level }),
             _ => Err(format!("\"{s}\" is not a compression policy: use auto, off or zstd:<1-19>")),
         },
-    }
-}
-
-/// Prometheus text exposition, a metric family at a time.
-#[derive(Default)]
-struct Exposition(String);
-
-impl Exposition {
-    fn add(&mut self, name: &str, kind: &str, help: &str, lines: Vec<String>) {
-        self.0 += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
-        for l in lines {
-            self.0 += &format!("{name}{l}\n");
-        }
-    }
-}
-
-/// A summary's lines, with `labels` (`k="v",...`, or empty) on each.
-fn quantiles(h: &hdrhistogram::Histogram<u64>, labels: &str) -> Vec<String> {
-    let sep = if labels.is_empty() { "" } else { "," };
-    let mut v: Vec<String> = [0.5, 0.95, 0.99]
-        .iter()
-        .map(|q| format!("{{{labels}{sep}quantile=\"{q}\"}} {:.6}", h.value_at_quantile(*q) as f64 / 1e6))
-        .collect();
-    v.push(format!("{{{labels}{sep}quantile=\"1\"}} {:.6}", h.max() as f64 / 1e6));
-    v.push(if labels.is_empty() { format!("_count {}", h.len()) } else { format!("_count{{{labels}}} {}", h.len()) });
-    v
-}
-
-/// Sessions by role and result, and the bytes they moved.
-fn session_metrics(e: &mut Exposition, t: &Totals) {
-    e.add(
-        "ferry_sessions_total",
-        "counter",
-        "Transfer sessions, by role and result.",
-        t.sessions.iter().map(|((role, res), n)| format!("{{role=\"{role}\",result=\"{res}\"}} {n}")).collect(),
-    );
-    e.add(
-        "ferry_sessions_active",
-        "gauge",
-        "Transfer sessions running now.",
-        t.active.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-    );
-    e.add(
-        "ferry_region_bytes_total",
-        "counter",
-        "Region bytes moved by completed sessions.",
-        t.region_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-    );
-    e.add(
-        "ferry_wire_bytes_total",
-        "counter",
-        "Bytes on the wire for completed sessions.",
-        t.wire_bytes.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-    );
-    e.add("ferry_zero_pages_total", "counter", "Zero pages sent as a flag instead of data.", vec![format!(" {}", t.zero_pages)]);
-    e.add(
-        "ferry_compressed_bytes_total",
-        "counter",
-        "Region bytes sent compressed (stage=in) and their compressed size (stage=out).",
-        vec![format!("{{stage=\"in\"}} {}", t.compressed_in), format!("{{stage=\"out\"}} {}", t.compressed_out)],
-    );
-}
-
-/// Chunk, session and per-worker latencies of completed sessions.
-fn latency_metrics(e: &mut Exposition, t: &Totals) {
-    e.add(
-        "ferry_chunk_send_latency_seconds",
-        "summary",
-        "Time from handing a chunk to a connection until it was written.",
-        quantiles(&t.chunk_latency, ""),
-    );
-    e.add("ferry_session_seconds", "summary", "Duration of completed sessions.", quantiles(&t.session_seconds, ""));
-    e.add(
-            "ferry_worker_latency_seconds",
-            "summary",
-            "Per sending worker, chunk handed to a connection until written (role=send); per receiving lane, data frame arrived until in the destination (role=recv). Completed sessions.",
-            t.worker_latency.iter().flat_map(|((role, w), h)| quantiles(h, &format!("role=\"{role}\",worker=\"{w}\""))).collect(),
-        );
-}
-
-/// Post-copy's counts and latencies.
-fn postcopy_metrics(e: &mut Exposition, pc: &PostcopyTotals) {
-    e.add(
-        "ferry_postcopy_migrations_total",
-        "counter",
-        "Migrations that switched over to post-copy and completed, by role.",
-        pc.migrations.iter().map(|(r, n)| format!("{{role=\"{r}\"}} {n}")).collect(),
-    );
-    e.add(
-        "ferry_postcopy_faults_total",
-        "counter",
-        "Guest page faults resolved in post-copy (destination): kind=remote waited for the source, kind=local did not.",
-        vec![format!("{{kind=\"local\"}} {}", pc.local_faults), format!("{{kind=\"remote\"}} {}", pc.remote_faults)],
-    );
-    e.add(
-        "ferry_postcopy_pages_total",
-        "counter",
-        "Stale pages placed in post-copy (destination), by how they came: fetched for a fault, or pushed.",
-        vec![format!("{{by=\"fault\"}} {}", pc.pages_by_fault), format!("{{by=\"push\"}} {}", pc.pages_by_push)],
-    );
-    e.add(
-        "ferry_postcopy_reconnects_total",
-        "counter",
-        "Post-copy links that broke and came back (attempts after the first).",
-        vec![format!(" {}", pc.reconnects)],
-    );
-    e.add(
-        "ferry_postcopy_fault_latency_seconds",
-        "summary",
-        "A remote fault's wait at the destination, from reading it until its page was mapped.",
-        quantiles(&pc.fault_latency, ""),
-    );
-    e.add(
-        "ferry_postcopy_switch_seconds",
-        "summary",
-        "ferry's part of a post-copy switch-over (source): from the VMM's postcopy until the destination ran the guest.",
-        quantiles(&pc.switch, ""),
-    );
-}
-
-/// The live per-worker counters, and each running session's.
-fn live_metrics(e: &mut Exposition) {
-    type Field = fn(&crate::live::Snapshot) -> u64;
-    // Live per-worker counters: updated by the workers as they go, not at session end.
-    let live = crate::live::snapshot();
-    let per_worker: [(&str, &str, Field); 4] = [
-        ("ferry_worker_region_bytes_total", "Region bytes each worker (sender) or lane (receiver) has handled, live.", |s| s.region_bytes),
-        ("ferry_worker_wire_bytes_total", "Bytes on the wire per worker or lane, live.", |s| s.wire_bytes),
-        ("ferry_worker_frames_total", "Data frames per worker or lane, live.", |s| s.frames),
-        ("ferry_worker_zero_pages_total", "Zero pages sent or received as a flag per worker or lane, live.", |s| s.zero_pages),
-    ];
-    for (name, help, f) in per_worker {
-        e.add(name, "counter", help, live.iter().map(|(r, w, s)| format!("{{role=\"{}\",worker=\"{w}\"}} {}", r.name(), f(s))).collect());
-    }
-    // The running sessions, each worker or lane apart: listed until the session ends
-    // (its counts are in the totals above, before and after).
-    let running = crate::live::sessions();
-    let per_session: [(&str, &str, Field); 3] = [
-        ("ferry_session_region_bytes", "Region bytes each running session's workers (sender) or lanes (receiver) have handled.", |s| {
-            s.region_bytes
-        }),
-        ("ferry_session_wire_bytes", "Bytes on the wire per running session's worker or lane.", |s| s.wire_bytes),
-        ("ferry_session_frames", "Data frames per running session's worker or lane.", |s| s.frames),
-    ];
-    for (name, help, f) in per_session {
-        let lines = running.iter().map(|(r, id, w, s)| format!("{{role=\"{}\",session=\"{id:016x}\",worker=\"{w}\"}} {}", r.name(), f(s)));
-        e.add(name, "counter", help, lines.collect());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A post-copy migration's figures reach the exposition, per role.
-    #[test]
-    fn post_copy_is_counted() {
-        let m = Metrics::default();
-        let before = m.prometheus();
-        for want in ["ferry_postcopy_faults_total{kind=\"remote\"} 0", "ferry_postcopy_migrations_total{role=\"migrate_in\"} 0"] {
-            assert!(before.contains(want), "{want} missing at zero:\n{before}");
-        }
-        let mut h = crate::engine::latency_histogram();
-        h.saturating_record(250);
-        let pc = crate::migrate::postcopy::PostcopyReport {
-            faults: 10,
-            remote_faults: 4,
-            pages_by_fault: 4,
-            pages_by_push: 96,
-            attempts: 2,
-            fault_latency: Some(h),
-            ..Default::default()
-        };
-        let rep = MigrationReport { postcopy: Some(pc.clone()), ..MigrationReport::default() };
-        m.end_migration("migrate_in", &Ok(rep));
-        let src = MigrationReport { postcopy: Some(pc), switch_ms: Some(3.5), ..MigrationReport::default() };
-        m.end_migration("migrate_out", &Ok(src));
-        let text = m.prometheus();
-        for want in [
-            "ferry_postcopy_migrations_total{role=\"migrate_in\"} 1",
-            "ferry_postcopy_migrations_total{role=\"migrate_out\"} 1",
-            "ferry_postcopy_faults_total{kind=\"local\"} 6",
-            "ferry_postcopy_faults_total{kind=\"remote\"} 4",
-            "ferry_postcopy_pages_total{by=\"push\"} 96",
-            "ferry_postcopy_reconnects_total 2",
-            "ferry_postcopy_fault_latency_seconds_count 1",
-            "ferry_postcopy_switch_seconds{quantile=\"1\"} 0.003",
-        ] {
-            assert!(text.contains(want), "{want} missing:\n{text}");
-        }
     }
 }

@@ -18,10 +18,14 @@ pub mod digest;
 pub mod encode;
 /// Sending and receiving a region.
 pub mod engine;
+/// The metrics endpoint's HTTP server: one thread polling every client.
+pub mod http;
 /// Reading a data lane's frames: io_uring multishot receive, or plain reads.
 pub mod lane;
 /// Live per-worker counters for /metrics and status.
 pub mod live;
+/// ferryd's Prometheus metrics.
+pub mod metrics;
 /// The migration engine: pre-copy rounds, region mode.
 pub mod migrate;
 /// The resolved plan the data plane runs with.

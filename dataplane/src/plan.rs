@@ -80,7 +80,7 @@ impl Default for Limits {
             session_buffer_bytes: 1 << 30,
             control_clients: 64,
             control_fds_per_message: 64,
-            metrics_clients: 16,
+            metrics_clients: 256,
         }
     }
 }

@@ -7,12 +7,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dataplane::auth::{Auth, Key};
-use dataplane::daemon::{Daemon, Metrics, SocketAccess, bind_control};
+use dataplane::daemon::{Daemon, SocketAccess, bind_control};
 use dataplane::plan::Plan;
 use nix::sys::signal::{SigSet, Signal};
 use sd_notify::NotifyState;
@@ -98,14 +98,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let daemon: &'static Daemon = Box::leak(Box::new(Daemon {
-        plan,
-        auth,
-        metrics: Metrics::default(),
-        pool,
-        draining: AtomicBool::new(false),
-        in_flight: AtomicU64::new(0),
-    }));
+    let daemon: &'static Daemon = Box::leak(Box::new(Daemon::new(plan, auth, pool)));
     std::thread::spawn(move || daemon.serve_control(control));
     if let Some(l) = metrics {
         log::info!("metrics on http://{}/metrics", l.local_addr().map_or_else(|_| args.metrics.clone(), |a| a.to_string()));
@@ -196,7 +189,7 @@ fn stop_signals(stop: SigSet) -> std::sync::mpsc::Receiver<()> {
 /// signal; then exits 0 if none was left, 1 if some were abandoned (their partial files
 /// removed; their peers see the connections close).
 fn drain(daemon: &Daemon, grace: Duration, stops: &std::sync::mpsc::Receiver<()>) -> ExitCode {
-    daemon.draining.store(true, Ordering::SeqCst);
+    daemon.start_drain();
     let in_flight = || daemon.in_flight.load(Ordering::SeqCst);
     let n = in_flight();
     log::info!("draining: {n} session(s) in flight finish (up to {} s), no new one starts", grace.as_secs());
