@@ -212,9 +212,9 @@ pub fn bind_control(path: &Path, access: SocketAccess) -> std::io::Result<UnixLi
 impl Daemon {
     pub fn new(plan: Plan, auth: Auth, pool: crate::pool::Pool) -> Daemon {
         Daemon {
+            metrics: Metrics::new(plan.worker_cpus.len()),
             plan,
             auth,
-            metrics: Metrics::default(),
             pool,
             draining: std::sync::atomic::AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicU64::new(0),

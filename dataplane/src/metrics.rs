@@ -272,6 +272,14 @@ fn latency_family<L: Clone + std::hash::Hash + Eq>(buckets: fn() -> Latency) -> 
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(1)
+    }
+}
+
+impl Metrics {
+    /// The metrics of a ferryd with `workers` workers (each role's per-worker series are
+    /// there at zero for those; lanes beyond appear as they count).
+    pub fn new(workers: usize) -> Metrics {
         let f = Families {
             sessions: Family::default(),
             active: Family::default(),
@@ -320,6 +328,9 @@ impl Default for Metrics {
             for stage in ["in", "out"] {
                 let _ = f.compressed_bytes.get_or_create(&RoleStageL { role, stage });
             }
+            for worker in 0..workers.max(1) as u64 {
+                let _ = f.worker_latency.get_or_create(&RoleWorkerL { role, worker });
+            }
         }
         for role in [Role::Send, Role::MigrateOut].map(Role::name) {
             let _ = f.chunk_latency.get_or_create(&RoleL { role });
@@ -332,11 +343,15 @@ impl Default for Metrics {
             let _ = m.downtime.get_or_create(&l);
             let _ = m.over_budget.get_or_create(&l);
             let _ = m.verify_failures.get_or_create(&l);
+            let _ = m.last_downtime.get_or_create(&l);
+            let _ = m.last_rounds.get_or_create(&l);
+            let _ = m.last_bytes.get_or_create(&l);
             let _ = f.postcopy.migrations.get_or_create(&l);
         }
         let out = RoleL { role: Role::MigrateOut.name() };
         let _ = m.dirty_rate.get_or_create(&out);
         let _ = m.estimated_downtime.get_or_create(&out);
+        let _ = m.last_estimated_downtime.get_or_create(&out);
         for advice in ["pause", "postcopy", "continue"] {
             let _ = m.advice.get_or_create(&AdviceL { advice });
         }

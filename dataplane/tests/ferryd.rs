@@ -421,3 +421,87 @@ fn metrics_under_idle_clients_and_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The names an exposition declares (`# TYPE`, a histogram's with its `_bucket`, `_sum`
+/// and `_count`) or has samples of.
+fn exported_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for l in exposition.lines() {
+        if let Some(t) = l.strip_prefix("# TYPE ") {
+            let (name, kind) = t.split_once(' ').unwrap();
+            out.insert(name.to_string());
+            if kind == "histogram" {
+                out.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+        } else if !l.starts_with('#') && !l.is_empty() {
+            out.insert(l.split(['{', ' ']).next().unwrap_or("").to_string());
+        }
+    }
+    out
+}
+
+/// Every ferry_* and process_* name in `text` (rules, dashboards).
+fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for prefix in ["ferry_", "process_"] {
+        for (i, _) in text.match_indices(prefix) {
+            if i > 0 && text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let name: String = text[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            // A prefix alone ("ferry_*" in a comment) names nothing.
+            if name.len() > prefix.len() {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+/// The alert rules and the dashboard in deploy/ name only series ferryd exports; the rules
+/// pass `promtool check rules` and their tests `promtool test rules`, and every dashboard
+/// query compiles (promtool checks each as a recording rule).
+#[test]
+fn deploy_rules_and_dashboard_name_real_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.json");
+    std::fs::write(&path, serde_json::to_string(&plan()).unwrap()).unwrap();
+    let (mut child, addr) = ferryd_with_metrics(&path);
+    let body = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    let exported = exported_names(body.split_once("\r\n\r\n").unwrap().1);
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let rules = std::fs::read_to_string(deploy.join("prometheus/ferry-rules.yaml")).unwrap();
+    let dashboard_text = std::fs::read_to_string(deploy.join("grafana/ferry-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard_text).expect("the dashboard is JSON");
+    for (what, text) in [("ferry-rules.yaml", &rules), ("ferry-dashboard.json", &dashboard_text)] {
+        let names = names_in(text);
+        assert!(names.len() > 5, "{what}: {names:?}");
+        for name in names {
+            assert!(exported.contains(&name), "{what} names {name}, which ferryd does not export:\n{exported:?}");
+        }
+    }
+    // Every query of the dashboard, as a recording rule promtool can check.
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().replace("$__rate_interval", "5m").replace("$instance", ".*"));
+        }
+    }
+    assert!(exprs.len() > 10);
+    let mut queries = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        queries += &format!("      - record: dashboard:query{i}\n        expr: {}\n", serde_json::to_string(e).unwrap());
+    }
+    let queries_path = dir.path().join("dashboard-queries.yaml");
+    std::fs::write(&queries_path, queries).unwrap();
+    let promtool = |args: &[&std::ffi::OsStr]| Command::new("promtool").args(args).current_dir(deploy.join("prometheus")).output();
+    let Ok(out) = promtool(&["check".as_ref(), "rules".as_ref(), "ferry-rules.yaml".as_ref(), queries_path.as_os_str()]) else {
+        hw::report_skip("promtool not installed (Debian: prometheus): the rules and the dashboard's queries were not checked");
+        return;
+    };
+    assert!(out.status.success(), "promtool check rules: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = promtool(&["test".as_ref(), "rules".as_ref(), "ferry-rules.test.yaml".as_ref()]).unwrap();
+    assert!(out.status.success(), "promtool test rules: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
