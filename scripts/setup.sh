@@ -2,8 +2,8 @@
 # Installs what ferry needs on Debian 12 (idempotent, non-interactive).
 #   scripts/setup.sh          build and runtime packages (rdma-core, hwloc, libclang for bindgen)
 #   scripts/setup.sh --test   also QEMU, a kernel and perftest for the Soft-RoCE test guest,
-#                             builds the guest image (../shared/tools/rxe-vm), and installs
-#                             cargo-fuzz
+#                             builds the guest image (../shared/tools/rxe-vm), installs
+#                             cargo-fuzz and cargo-deb, promtool and the packaging tools
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 want_test=0
@@ -15,8 +15,10 @@ pkgs=(pkg-config gcc cmake libclang-dev libibverbs-dev ibverbs-providers libnl-3
       libhwloc-dev libudev-dev)
 # What ../shared/tools/rxe-vm/build-initramfs.sh puts into the guest, plus iproute2.
 test_pkgs=(qemu-system-x86 linux-image-amd64 busybox-static rdma-core ibverbs-utils perftest iproute2 kmod cpio)
-# promtool (package prometheus) lints the metrics and tests the alert rules.
-test_pkgs+=(prometheus)
+# promtool (package prometheus) lints the metrics and tests the alert rules; the deploy
+# checks (scripts/check-deploy.sh) build the .deb (dpkg-dev), an image (mmdebstrap,
+# podman, runc) and validate the Kubernetes tree (python3-yaml, python3-venv).
+test_pkgs+=(prometheus dpkg-dev mmdebstrap podman runc python3-yaml python3-venv curl)
 [ $want_test = 1 ] && pkgs+=("${test_pkgs[@]}")
 
 missing=()
@@ -35,6 +37,8 @@ command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (htt
 if [ $want_test = 1 ]; then
   # The frame decoder's fuzz target (fuzz/). cargo-fuzz comes from crates.io.
   command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
+  # The .deb (scripts/package.sh).
+  command -v cargo-deb >/dev/null || cargo install --quiet --locked cargo-deb
   shared=${FERRY_SHARED_DIR:-$here/../shared}
   build=${RXE_VM_BUILD:-${XDG_CACHE_HOME:-$HOME/.cache}/rxe-vm}
   if [ ! -x "$shared/tools/rxe-vm/build-initramfs.sh" ]; then

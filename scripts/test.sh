@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: lints (clippy, with undocumented unsafe blocks denied),
-# unit and integration tests, and the Soft-RoCE guest tests. Ends with the totals.
+# unit and integration tests, the Soft-RoCE guest tests, the fuzzers for a bounded time,
+# and the deploy checks (package, units, Kubernetes, image). Ends with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
@@ -22,6 +23,10 @@ for target in frames control; do
   grep -q "^Done [0-9]* runs" "$flog" || { echo "fuzz: the $target target did not finish cleanly" >&2; rm -f "$flog"; exit 1; }
   rm -f "$flog"
 done
+# The deploy artifacts with the real tools: the .deb installed, its unit verified, scored
+# and run; the Kubernetes tree validated; the image built and run (scripts/check-deploy.sh).
+scripts/check-deploy.sh 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "deploy checks failed" >&2; exit 1; }
 # Tests that could not run here printed `SKIP: <reason>`; they count as skipped, not passed.
 skips=$(grep -h '^SKIP:' "$log" | sort -u || true)
 [ -n "$skips" ] && echo "$skips"

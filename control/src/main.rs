@@ -90,6 +90,11 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Print a shell completion script for ferryctl (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages of ferryctl, each of its commands, and ferryd into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Show a running ferryd's sessions and counters.
     Status {
         /// ferryd's control socket (default: $FERRY_SOCKET or /run/ferry/ferryd.sock).
@@ -169,7 +174,7 @@ impl Cmd {
             Cmd::Send { t, .. } | Cmd::Recv { t, .. } => t.json,
             Cmd::Proxy(p) => p.json,
             Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => a.json,
-            Cmd::Keygen { .. } => false,
+            Cmd::Keygen { .. } | Cmd::Completions { .. } | Cmd::Manpages { .. } => false,
         }
     }
 }
@@ -190,6 +195,17 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// ferryctl's manual pages (one per command, `ferryctl-send.1` and so on) and ferryd's.
+fn manpages(dir: &std::path::Path) -> Result<u8, Fail> {
+    let fail = |e: std::io::Error| Fail(1, format!("writing manual pages into {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let ferryctl = <Cli as clap::CommandFactory>::command().version(env!("CARGO_PKG_VERSION"));
+    clap_mangen::generate_to(ferryctl, dir).map_err(fail)?;
+    let ferryd = <dataplane::args::FerrydArgs as clap::CommandFactory>::command().version(env!("CARGO_PKG_VERSION"));
+    clap_mangen::generate_to(ferryd, dir).map_err(fail)?;
+    Ok(0)
 }
 
 fn probe_opts(sysfs_root: Option<PathBuf>) -> ProbeOptions {
@@ -294,6 +310,11 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "ferryctl", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Manpages { dir } => manpages(&dir),
         Cmd::Proxy(p) => proxy(p),
         Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => demo(&a),
         Cmd::Doctor(a) => {

@@ -60,6 +60,30 @@ fn version_names_the_revision_and_the_wire_protocol() {
     assert!(v.contains(&format!("revision {}", dataplane::REVISION)) && v.contains("wire protocol 2"), "{v}");
 }
 
+/// The completions and manual pages the package ships come from the CLI definitions:
+/// every command is in them, ferryd's page included.
+#[test]
+fn completions_and_manual_pages() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ferryctl(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for cmd in ["tune", "doctor", "send", "recv", "proxy", "status"] {
+            assert!(script.contains(cmd), "{shell} completion lacks {cmd}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferryctl(&["manpages", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in ["ferryctl.1", "ferryctl-send.1", "ferryctl-bench-migrate.1", "ferryd.1"] {
+        let roff = std::fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{page} is not a manual page:\n{roff}");
+    }
+    let ferryd = std::fs::read_to_string(dir.path().join("ferryd.1")).unwrap();
+    assert!(ferryd.contains("drain") && ferryd.contains("control"), "{ferryd}");
+    assert_eq!(ferryctl(&["completions", "tcsh"]).status.code(), Some(2));
+}
+
 #[test]
 fn probe_this_machine() {
     let out = ferryctl(&["probe", "--json"]);

@@ -2,6 +2,8 @@
 //! or config files itself.
 #![deny(unsafe_code)]
 
+/// ferryd's command line.
+pub mod args;
 /// Pre-shared-key authentication (HMAC-SHA256 challenge-response both ways).
 pub mod auth;
 /// What a listener may spend on strangers: client slots, deadlines, accept backoff.

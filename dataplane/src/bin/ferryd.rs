@@ -5,7 +5,6 @@
 //! files removed, and ferryd exits 1. SIGHUP is ignored (there is nothing to reload).
 //! Under systemd (`Type=notify`) it says when it is ready and when it stops.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,39 +16,7 @@ use dataplane::plan::Plan;
 use nix::sys::signal::{SigSet, Signal};
 use sd_notify::NotifyState;
 
-#[derive(Parser, Debug)]
-#[command(name = "ferryd", version = dataplane::long_version(), about = "ferry data-plane daemon")]
-struct Args {
-    /// Plan to run with (written by `ferryctl tune --json`).
-    #[arg(long)]
-    plan: PathBuf,
-    /// Control socket (created with mode 0600).
-    #[arg(long, default_value = "/run/ferry/ferryd.sock")]
-    control: PathBuf,
-    /// The control socket's mode, octal: 0600 (the owner) or 0660 (and its group, for a
-    /// VMM that runs as another user); other users are never let in.
-    #[arg(long, default_value = "0600", value_name = "MODE")]
-    control_mode: String,
-    /// The control socket's group (a name or a number), for `--control-mode 0660`.
-    #[arg(long, value_name = "GROUP")]
-    control_group: Option<String>,
-    /// Address for Prometheus metrics (GET /metrics), or "off".
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    metrics: String,
-    /// Pre-shared key file for peers (hex, mode 0600).
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
-    /// Run without peer authentication.
-    #[arg(long)]
-    insecure_no_auth: bool,
-    /// On SIGTERM, how long the sessions in flight may take to finish before they are
-    /// abandoned.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-    drain_seconds: u64,
-    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-}
+use dataplane::args::FerrydArgs as Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();
