@@ -48,7 +48,7 @@ def transfer(src, compress, port, work):
             break
     else:
         raise SystemExit("ferryctl recv never listened: " + "".join(seen))
-    s = subprocess.run(["ip", "netns", "exec", NS_A, FERRYCTL, "send", "--embedded", "--json", "--compress", compress,
+    s = subprocess.run(["ip", "netns", "exec", NS_A, FERRYCTL, "send", "--embedded", "--json", "--compression", compress,
                         "--to", f"{IP_B}:{port}", "--key", key, "--file", src], capture_output=True, text=True)
     r_out, r_err = recv.communicate(timeout=600)
     if s.returncode != 0 or recv.returncode != 0:

@@ -176,9 +176,9 @@ def one(work, size_mib, src_img, link, mode, via_ferry, compress, port):
             dq.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
             outs = {k: open(os.path.join(work, f"{k}.json"), "w+") for k in ("src", "dst")}
             serve = f"{host_b}:{port}"
-            procs.append(proxy(ns_b, ["--serve", serve, "--forward", f"unix:{dst_sock}", "--compress", compress], key, outs["dst"], log))
+            procs.append(proxy(ns_b, ["--serve", serve, "--forward", f"unix:{dst_sock}", "--compression", compress], key, outs["dst"], log))
             src_sock = os.path.join(work, "ferry.sock")
-            procs.append(proxy(ns_a, ["--listen", f"unix:{src_sock}", "--to", serve, "--compress", compress], key, outs["src"], log))
+            procs.append(proxy(ns_a, ["--listen", f"unix:{src_sock}", "--to", serve, "--compression", compress], key, outs["src"], log))
             uri = f"unix:{src_sock}"
         else:
             uri = f"tcp:{host_b}:{port}"

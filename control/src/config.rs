@@ -6,6 +6,8 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
 
@@ -17,6 +19,7 @@ pub struct Config {
     pub tcp: TcpConfig,
     pub link: LinkConfig,
     pub migration: MigrationConfig,
+    pub daemon: DaemonConfig,
     pub limits: LimitsConfig,
 }
 
@@ -81,10 +84,108 @@ pub struct LinkConfig {
     pub rtt_us: Setting<Int<1, 1_000_000>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// What migrations use where a VMM's request names nothing (see
+/// [`dataplane::plan::MigrationDefaults`]); a request's own value wins.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MigrationConfig {
     pub compression: CompressionChoice,
+    pub downtime_ms: Int<1, 600_000>,
+    pub max_rounds: Int<1, 10_000>,
+    /// `"off"` or Mbit/s.
+    pub rate_limit_mbit: OffOr<Int<1, 100_000_000>>,
+    pub verify: dataplane::migrate::Verify,
+    pub recover_s: Int<1, 86_400>,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        let d = dataplane::plan::MigrationDefaults::default();
+        Self {
+            compression: CompressionChoice::Auto,
+            downtime_ms: Int(d.downtime_ms),
+            max_rounds: Int(u64::from(d.max_rounds)),
+            rate_limit_mbit: OffOr::Off,
+            verify: d.verify,
+            recover_s: Int(d.recover_s),
+        }
+    }
+}
+
+/// How ferryd serves (see [`dataplane::plan::DaemonSettings`]); its flags win.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    pub control: PathBuf,
+    /// Octal, `"0600"` or `"0660"`.
+    pub control_mode: String,
+    /// A group name or number; `""`: the owner's.
+    pub control_group: String,
+    /// `"HOST:PORT"` or `"off"`.
+    pub metrics: String,
+    /// `""`: none (ferryd must be given `--key` or `--insecure-no-auth`).
+    pub key: PathBuf,
+    pub drain_seconds: Int<1, 3600>,
+    /// `"any"` or `"FIRST-LAST"`.
+    pub incoming_ports: PortRange,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        let d = dataplane::plan::DaemonSettings::default();
+        Self {
+            control: d.control,
+            control_mode: d.control_mode,
+            control_group: String::new(),
+            metrics: d.metrics,
+            key: PathBuf::new(),
+            drain_seconds: Int(d.drain_seconds),
+            incoming_ports: PortRange::Any,
+        }
+    }
+}
+
+/// `"off"` or a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum OffOr<T> {
+    #[default]
+    Off,
+    Set(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OffOr<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Through Setting's visitor: "auto" is not a word here, "off" is.
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) if s == "off" => Ok(OffOr::Off),
+            toml::Value::String(s) => Err(de::Error::custom(format!("\"{s}\": give \"off\" or a number"))),
+            v => T::deserialize(v).map(OffOr::Set).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// `"any"` or `"FIRST-LAST"` (ports, inclusive).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PortRange {
+    #[default]
+    Any,
+    Range(u16, u16),
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "any" {
+            return Ok(PortRange::Any);
+        }
+        let bad = || de::Error::custom(format!("\"{s}\" is not a port range: give \"any\" or \"FIRST-LAST\" (1-65535)"));
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (a, b) = (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
+        if a == 0 || a > b {
+            return Err(bad());
+        }
+        Ok(PortRange::Range(a, b))
+    }
 }
 
 /// What strangers, peers and local clients may cost this host (see
@@ -308,6 +409,31 @@ mod tests {
         assert_eq!(c.rdma.rq_depth.value(), Some(256));
         assert_eq!(c.rdma.device.get().as_deref(), Some("mlx5_1"));
         assert_eq!(c.migration.compression, CompressionChoice::Zstd(3));
+    }
+
+    #[test]
+    fn migration_and_daemon() {
+        let c = Config::parse(
+            "[migration]\ndowntime_ms = 50\nmax_rounds = 8\nrate_limit_mbit = 2000\nverify = \"full\"\n\
+             [daemon]\ncontrol_mode = \"0660\"\ncontrol_group = \"kvm\"\nkey = \"/etc/ferry/ferry.key\"\nincoming_ports = \"49152-49215\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.migration.downtime_ms, Int(50));
+        assert_eq!(c.migration.rate_limit_mbit, OffOr::Set(Int(2000)));
+        assert_eq!(c.migration.verify, dataplane::migrate::Verify::Full);
+        assert_eq!(c.migration.recover_s, MigrationConfig::default().recover_s);
+        assert_eq!(c.daemon.incoming_ports, PortRange::Range(49152, 49215));
+        assert_eq!(c.daemon.metrics, "127.0.0.1:9464");
+        for (bad, says) in [
+            ("[migration]\nrate_limit_mbit = \"auto\"\n", "give \"off\" or a number"),
+            ("[migration]\nrate_limit_mbit = 0\n", "between 1 and"),
+            ("[migration]\nverify = \"most\"\n", "unknown variant"),
+            ("[daemon]\nincoming_ports = \"9000-8000\"\n", "not a port range"),
+            ("[daemon]\nmetrcs = \"off\"\n", "unknown field"),
+        ] {
+            let e = Config::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub transport: Option<String>,
     /// off, zstd:N (1-19), or auto (compress only while it finishes sooner).
-    #[arg(long)]
+    #[arg(long = "compression", alias = "compress", value_name = "POLICY")]
     pub compress: Option<String>,
     /// Downtime budget: ferry advises pausing once its estimate fits, ms.
     #[arg(long, default_value_t = 300)]
@@ -268,7 +268,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         rate_limit_mbit: a.rate_limit_mbit,
         compress: a.compress.clone(),
         transport: a.transport.clone(),
-        verify: a.verify,
+        verify: Some(a.verify),
         recover_s: None,
     };
     let with_logs =

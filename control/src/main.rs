@@ -53,7 +53,8 @@ enum Cmd {
         #[arg(long)]
         transport: Option<String>,
         /// off, zstd:N (1-19), or auto (compress only while it finishes sooner).
-        #[arg(long)]
+        /// Default: ferry.toml's `[migration] compression`.
+        #[arg(long = "compression", alias = "compress", value_name = "POLICY")]
         compress: Option<String>,
     },
     /// Receive one region into a file, written as OUT.partial and renamed once the digest matches.
@@ -257,10 +258,10 @@ struct ProxyArgs {
     #[arg(long)]
     insecure_no_auth: bool,
     /// off (default), zstd:N (1-19), or auto (compress while it finishes sooner).
-    #[arg(long)]
+    #[arg(long = "compression", alias = "compress", value_name = "POLICY")]
     compress: Option<String>,
     /// ferry config file (TOML): `[limits]` bound what unauthenticated connections and
-    /// channels may cost; `[migration] compression` is the default for --compress.
+    /// channels may cost; `[migration] compression` is the default for --compression.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Print the report as JSON.
@@ -337,8 +338,7 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
         None => Config::default(),
     };
     let compression = match (compress.as_deref(), config.is_some()) {
-        (Some("off"), _) | (None, false) => dataplane::plan::Compression::Off,
-        (Some("auto"), _) => dataplane::plan::Compression::Adaptive { level: 1 },
+        (None, false) => dataplane::plan::Compression::Off,
         (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
         (None, true) => match cfg.migration.compression {
             control::config::CompressionChoice::Off => dataplane::plan::Compression::Off,

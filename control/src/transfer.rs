@@ -43,7 +43,7 @@ pub fn override_config(cfg: &mut Config, transport: Option<&str>, compress: Opti
         };
     }
     if let Some(c) = compress {
-        cfg.migration.compression = c.parse::<CompressionChoice>().map_err(|e| format!("--compress: {e}"))?;
+        cfg.migration.compression = c.parse::<CompressionChoice>().map_err(|e| format!("--compression: {e}"))?;
     }
     Ok(())
 }

@@ -54,7 +54,7 @@ fn bench_migrate_obeys_the_rate_limit_and_compresses() {
         "0",
         "--rate-limit-mbit",
         "400",
-        "--compress",
+        "--compression",
         "zstd:1",
         "--pattern",
         "sequential",
@@ -102,7 +102,7 @@ fn bad_demo_arguments_exit_2() {
         &["demo", "--transport", "rdma"][..],
         &["demo", "--size-mib", "0"],
         &["demo", "--dirty-rate-mbs=-1"],
-        &["demo", "--compress", "lz4"],
+        &["demo", "--compression", "lz4"],
     ] {
         let Some(mut c) = ferryctl() else { return };
         let out = c.args(args).output().unwrap();

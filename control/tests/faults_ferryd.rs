@@ -178,7 +178,7 @@ fn a_file_that_shrinks_while_ferryd_sends_it() {
     std::fs::create_dir(&out_dir).unwrap();
     let r = receiver(&addr, &out_dir.join("out"), &key, &[]);
     let rpid = Pid::from_raw(r.child.id() as i32);
-    let req = json!({"cmd": "send", "to": addr, "file": big, "compress": "off"});
+    let req = json!({"cmd": "send", "to": addr, "file": big, "compression": "off"});
     let sock = d.socket.clone();
     let t = std::thread::spawn(move || {
         let mut c = UnixStream::connect(&sock).unwrap();

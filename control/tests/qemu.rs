@@ -283,9 +283,9 @@ fn migrate(multifd: Option<u32>, compress: &str) {
     dqmp.cmd("migrate-incoming", json!({"uri": format!("unix:{}", dst_in.display())}));
     let port = free_port();
     let serve = format!("127.0.0.1:{port}");
-    let _dp = proxy(d, &["--serve", &serve, "--forward", &format!("unix:{}", dst_in.display()), "--compress", compress], "dst-proxy");
+    let _dp = proxy(d, &["--serve", &serve, "--forward", &format!("unix:{}", dst_in.display()), "--compression", compress], "dst-proxy");
     let src_sock = d.join("ferry-src.sock");
-    let mut sp = proxy(d, &["--listen", &format!("unix:{}", src_sock.display()), "--to", &serve, "--compress", compress], "src-proxy");
+    let mut sp = proxy(d, &["--listen", &format!("unix:{}", src_sock.display()), "--to", &serve, "--compression", compress], "src-proxy");
     assert_eq!(sqmp.status(), "running");
     sqmp.cmd("migrate", json!({"uri": format!("unix:{}", src_sock.display())}));
     let ended = sqmp.wait_migration(&["completed", "failed", "cancelled"]);

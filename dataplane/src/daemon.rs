@@ -41,6 +41,9 @@ pub enum Request {
     Send {
         to: String,
         file: PathBuf,
+        /// `off`, `zstd:N` or `auto`; the plan's policy when none. (`compress` is the old
+        /// name, still accepted.)
+        #[serde(default, alias = "compress", rename = "compression")]
         compress: Option<String>,
     },
     /// Region mode, destination: waits for one migration on `listen`; the verified guest
@@ -61,7 +64,8 @@ pub enum Request {
         max_rounds: Option<u32>,
         #[serde(default)]
         rate_limit_mbit: Option<u64>,
-        #[serde(default)]
+        /// As for `send`.
+        #[serde(default, alias = "compress", rename = "compression")]
         compress: Option<String>,
         /// `rdma`, `tcp` (io_uring), `sockets` or `auto` (the plan's, falling back to TCP
         /// lanes when the destination has no RDMA).
@@ -293,7 +297,7 @@ impl Daemon {
                     rate_limit_mbit,
                     compress,
                     transport,
-                    verify: verify.unwrap_or_default(),
+                    verify: verify.unwrap_or(self.plan.migration.verify),
                     regions,
                     recover_s,
                 };
@@ -316,7 +320,7 @@ impl Daemon {
     /// A one-shot receive into `out`: the listening address first (an event), then the
     /// result.
     fn recv(&self, listen: &str, out: &std::path::Path, timeout_s: Option<u64>, say: &dyn Fn(serde_json::Value)) -> serde_json::Value {
-        let listener = match TcpListener::bind(listen) {
+        let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
             Err(e) => return serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}),
         };
@@ -366,7 +370,7 @@ impl Daemon {
     /// source told; the final reply says the source knows. The VMM closing its connection
     /// at any point before cancels the migration.
     fn migrate_in(&self, conn: &mut LineConn, listen: &str, recover_s: Option<u64>) {
-        let listener = match TcpListener::bind(listen) {
+        let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
             Err(e) => {
                 let _ = conn.send(&serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}).to_string(), &[]);
@@ -382,7 +386,7 @@ impl Daemon {
             auth: self.auth.clone(),
             plan: &self.plan,
             vmm: watch.as_ref().ok().map(|w| w.as_fd()),
-            recover: recover_s.map(std::time::Duration::from_secs),
+            recover: Some(std::time::Duration::from_secs(recover_s.unwrap_or(self.plan.migration.recover_s))),
         };
         let r = crate::migrate::dest::accept(&listener, &opts, DestConn(conn)).map_err(Failed::from);
         self.metrics.end_migration(Role::MigrateIn, r.as_ref().map(|i| &i.report));
@@ -430,7 +434,9 @@ impl Daemon {
             )));
         }
         let (plan, require_rdma) = self.plan_for(&limits)?;
-        let rate_limit = limits.rate_limit_mbit.map(crate::migrate::source::rate_limit_bytes).transpose()?;
+        // What the request leaves out, the plan's [migration] defaults give.
+        let defaults = &self.plan.migration;
+        let rate_limit = limits.rate_limit_mbit.or(defaults.rate_limit_mbit).map(crate::migrate::source::rate_limit_bytes).transpose()?;
         // Every check that needs no peer comes before connecting to the destination: the
         // bitmap and the size here, each memory region in Source::connect_regions.
         let sizes = memory
@@ -443,8 +449,8 @@ impl Daemon {
             to: to.to_string(),
             auth: self.auth.clone(),
             plan: &plan,
-            downtime_budget: limits.downtime_ms.map_or(crate::migrate::DEFAULT_DOWNTIME, std::time::Duration::from_millis),
-            max_rounds: limits.max_rounds.unwrap_or(crate::migrate::DEFAULT_MAX_ROUNDS).max(1),
+            downtime_budget: std::time::Duration::from_millis(limits.downtime_ms.unwrap_or(defaults.downtime_ms)),
+            max_rounds: limits.max_rounds.unwrap_or(defaults.max_rounds).max(1),
             rate_limit,
             verify: limits.verify,
             job: crate::migrate::source::Job::Migrate,
@@ -480,7 +486,7 @@ impl Daemon {
                 Ok(Request::Postcopy) => {
                     src.switch_over(&read_bitmap()?)?;
                     let _ = conn.send(&serde_json::json!({"event": "switched", "switch_ms": src.switch_ms()}).to_string(), &[]);
-                    let recover = limits.recover_s.map_or(crate::migrate::postcopy::DEFAULT_RECOVER, std::time::Duration::from_secs);
+                    let recover = std::time::Duration::from_secs(limits.recover_s.unwrap_or(self.plan.migration.recover_s));
                     return src.postcopy(recover).map_err(Failed::from);
                 }
                 Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round, final or postcopy expected)").into()),
@@ -580,6 +586,31 @@ impl Daemon {
             "/readyz" if self.is_draining() => Response::text("503 Service Unavailable", "draining\n"),
             "/readyz" => Response::text("200 OK", "ready\n"),
             _ => Response::text("404 Not Found", "ferryd serves /metrics, /healthz and /readyz\n"),
+        }
+    }
+
+    /// A listener for a receive or an incoming migration on `listen`. Port 0 leaves the
+    /// port to ferryd: the first free one of the plan's `incoming_ports` when it has
+    /// them (a firewall opens those), any the kernel gives otherwise.
+    fn bind_incoming(&self, listen: &str) -> std::io::Result<TcpListener> {
+        let addr: std::net::SocketAddr = match listen.parse() {
+            Ok(a) => a,
+            // A host name: the kernel's choice of port stands.
+            Err(_) => return TcpListener::bind(listen),
+        };
+        match self.plan.daemon.incoming_ports {
+            Some((first, last)) if addr.port() == 0 => {
+                let mut last_err = None;
+                for port in first..=last {
+                    match TcpListener::bind(std::net::SocketAddr::new(addr.ip(), port)) {
+                        Ok(l) => return Ok(l),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                let e = last_err.expect("a range has a port");
+                Err(std::io::Error::new(e.kind(), format!("no free port in incoming_ports {first}-{last} (last: {e})")))
+            }
+            _ => TcpListener::bind(addr),
         }
     }
 
@@ -704,11 +735,16 @@ fn result(r: Result<Report, Failed>) -> serde_json::Value {
     }
 }
 
-/// `off`, `zstd:N`, or `auto` (the plan's own policy).
+/// `off`, `zstd` (level 1), `zstd:N`, or `auto`: compress only while it finishes sooner
+/// (the plan's adaptive level if it has one, else 1), as `auto` means in ferry.toml.
 pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, String> {
     match s {
-        "auto" => Ok(plan),
+        "auto" => Ok(match plan {
+            Compression::Adaptive { .. } => plan,
+            _ => Compression::Adaptive { level: 1 },
+        }),
         "off" => Ok(Compression::Off),
+        "zstd" => Ok(Compression::Zstd { level: 1 }),
         _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
             Some(Ok(level)) if (1..=19).contains(&level) => Ok(Compression::Zstd { level }),
             _ => Err(format!("\"{s}\" is not a compression policy: use auto, off or zstd:<1-19>")),

@@ -36,6 +36,12 @@ pub struct Plan {
     /// What a peer, a VMM or a client may cost this host (see [`Limits`]).
     #[serde(default)]
     pub limits: Limits,
+    /// What a migration uses where its request names nothing (ferry.toml's `[migration]`).
+    #[serde(default)]
+    pub migration: MigrationDefaults,
+    /// How ferryd serves (ferry.toml's `[daemon]`); its command-line flags win.
+    #[serde(default)]
+    pub daemon: DaemonSettings,
     /// Every decision with its value and reason, in the order they were made.
     pub reasons: Vec<Reason>,
 }
@@ -88,6 +94,73 @@ impl Default for Limits {
 impl Limits {
     pub fn handshake_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// A migration's settings where the VMM's request leaves them out; a request's own value
+/// always wins. ferry.toml's `[migration]` sets them; these are the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationDefaults {
+    /// The pause ferry aims for: the advice says pause once the estimate fits.
+    pub downtime_ms: u64,
+    /// Pre-copy rounds before ferry advises pausing (or post-copy) whatever the estimate.
+    pub max_rounds: u32,
+    /// The data lanes' rate limit, Mbit/s; none: as fast as the link goes.
+    pub rate_limit_mbit: Option<u64>,
+    /// What the final digest covers.
+    pub verify: crate::migrate::Verify,
+    /// Post-copy: how long either side waits for a broken link to come back.
+    pub recover_s: u64,
+}
+
+impl Default for MigrationDefaults {
+    fn default() -> MigrationDefaults {
+        MigrationDefaults {
+            downtime_ms: crate::migrate::DEFAULT_DOWNTIME.as_millis() as u64,
+            max_rounds: crate::migrate::DEFAULT_MAX_ROUNDS,
+            rate_limit_mbit: None,
+            verify: crate::migrate::Verify::default(),
+            recover_s: crate::migrate::postcopy::DEFAULT_RECOVER.as_secs(),
+        }
+    }
+}
+
+/// Where and how ferryd serves. ferry.toml's `[daemon]` sets them, ferryd's flags
+/// override them; these are the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSettings {
+    /// The control socket.
+    pub control: std::path::PathBuf,
+    /// Its mode, octal: 0600 or 0660.
+    pub control_mode: String,
+    /// Its group (a name or a number), with mode 0660.
+    pub control_group: Option<String>,
+    /// Where metrics are served, or "off".
+    pub metrics: String,
+    /// The pre-shared key peers authenticate with; none: ferryd must be told
+    /// (`--key`, or `--insecure-no-auth`).
+    pub key: Option<std::path::PathBuf>,
+    /// On SIGTERM, how long sessions in flight may take to finish.
+    pub drain_seconds: u64,
+    /// Ports a receive or an incoming migration listens on when its request leaves the
+    /// port to ferryd (port 0): the first free one of `first..=last`. None: any the kernel
+    /// gives.
+    pub incoming_ports: Option<(u16, u16)>,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> DaemonSettings {
+        DaemonSettings {
+            control: "/run/ferry/ferryd.sock".into(),
+            control_mode: "0600".into(),
+            control_group: None,
+            metrics: "127.0.0.1:9464".into(),
+            key: None,
+            drain_seconds: 30,
+            incoming_ports: None,
+        }
     }
 }
 
@@ -289,6 +362,15 @@ impl Plan {
         }
         if !(1..=hw::fdpass::SCM_MAX_FD as u32).contains(&l.control_fds_per_message) {
             return Err(format!("limits.control_fds_per_message {} is outside 1..={}", l.control_fds_per_message, hw::fdpass::SCM_MAX_FD));
+        }
+        let m = &self.migration;
+        if m.downtime_ms == 0 || m.max_rounds == 0 || m.recover_s == 0 || m.rate_limit_mbit == Some(0) {
+            return Err("migration: downtime_ms, max_rounds, recover_s and rate_limit_mbit must be positive".into());
+        }
+        if let Some((first, last)) = self.daemon.incoming_ports
+            && (first == 0 || first > last)
+        {
+            return Err(format!("daemon.incoming_ports {first}-{last} is not a range of ports"));
         }
         Ok(())
     }

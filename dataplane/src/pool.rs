@@ -364,6 +364,8 @@ mod tests {
             arena: ArenaPlan { bytes_per_worker: 1 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
             compression: Compression::Off,
             limits: Limits::default(),
+            migration: Default::default(),
+            daemon: Default::default(),
             reasons: vec![],
         }
     }

@@ -30,6 +30,8 @@ fn plan() -> Plan {
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Thp, hugepages_2m_needed: 4, mlock: true },
         compression: Compression::Off,
         limits: Limits::default(),
+        migration: Default::default(),
+        daemon: Default::default(),
         reasons: vec![Reason { decision: "transport".into(), value: "tcp".into(), because: "test".into() }],
     }
 }
@@ -504,4 +506,41 @@ fn deploy_rules_and_dashboard_name_real_series() {
     assert!(out.status.success(), "promtool check rules: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let out = promtool(&["test".as_ref(), "rules".as_ref(), "ferry-rules.test.yaml".as_ref()]).unwrap();
     assert!(out.status.success(), "promtool test rules: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// With nothing but `--plan`, ferryd takes its control socket, metrics address and key
+/// from the plan (ferry.toml's `[daemon]`); a flag still wins over the plan.
+#[test]
+fn the_plan_says_how_ferryd_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut p = plan();
+    p.daemon.control = dir.path().join("from-plan.sock");
+    p.daemon.metrics = "off".into();
+    p.daemon.key = Some(key);
+    let path = dir.path().join("plan.json");
+    std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
+    for (flags, socket) in
+        [(vec![], "from-plan.sock"), (vec!["--control".to_string(), dir.path().join("flag.sock").display().to_string()], "flag.sock")]
+    {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--plan")
+            .arg(&path)
+            .args(&flags)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log: Vec<String> = lines.map_while(Result::ok).take_while(|l| !l.contains("ferryd ready")).collect();
+        assert!(log.iter().any(|l| l.contains(socket)), "{log:?}");
+        assert!(!log.iter().any(|l| l.contains("metrics on")), "metrics are off in the plan: {log:?}");
+        let mut c = hw::fdpass::LineConn::new(std::os::unix::net::UnixStream::connect(dir.path().join(socket)).unwrap());
+        c.send("{\"cmd\":\"status\"}", &[]).unwrap();
+        assert!(c.recv().unwrap().unwrap().0.contains("\"ok\":true"));
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        assert!(child.wait().unwrap().success());
+    }
 }

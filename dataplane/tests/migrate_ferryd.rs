@@ -163,3 +163,43 @@ fn descriptors_that_are_not_guest_memory_are_refused() {
         assert!(line.contains(want), "{req}: {line}");
     }
 }
+
+/// What a VMM's request leaves out comes from the plan (ferry.toml's `[migration]`): the
+/// downtime budget, the round limit and the verification; an incoming migration asked
+/// for port 0 listens on the first free port of `[daemon] incoming_ports`.
+#[test]
+fn the_plan_gives_what_a_request_leaves_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free port to make the range of, and the one above it taken: the range's first
+    // free port is the second.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let first = taken.local_addr().unwrap().port();
+    let mut plan = common::ferryd_plan();
+    plan.migration = dataplane::plan::MigrationDefaults {
+        downtime_ms: 77,
+        max_rounds: 2,
+        verify: dataplane::migrate::Verify::Full,
+        ..Default::default()
+    };
+    plan.daemon.incoming_ports = Some((first, first.saturating_add(20)));
+    std::fs::write(dir.path().join("plan.json"), serde_json::to_string(&plan).unwrap()).unwrap();
+    let (src, dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let (mem, bitmap) = guest();
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
+    let port: u16 = incoming.addr.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(port > first && port <= first + 20, "listening on {port}, outside {first}-{} past the taken {first}", first + 20);
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || incoming.wait());
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
+    out.round().unwrap();
+    dirty(&mem, &bitmap, &[3], 2);
+    // Round 1 is the plan's last pre-copy round: ferry advises pausing whatever it estimates.
+    let r1 = out.round().unwrap();
+    assert!(r1.advise_pause || r1.advise_postcopy, "{r1:?}");
+    let rep = out.finish().unwrap();
+    assert_eq!(rep.downtime_budget_ms, 77.0);
+    assert_eq!(rep.verify, dataplane::migrate::Verify::Full);
+    let (got, _) = waiter.join().unwrap().unwrap();
+    assert!(contents(&got[0]) == contents(&mem));
+    drop(taken);
+}

@@ -30,7 +30,7 @@ fn args() -> Args {
         match v[i].as_str() {
             "--size-mib" => a.size_mib = val.parse().expect("--size-mib N"),
             "--reps" => a.reps = val.parse().expect("--reps N"),
-            "--compress" => a.compress = val,
+            "--compression" => a.compress = val,
             "--transport" => a.transport = val,
             other => panic!("unknown argument {other}"),
         }
@@ -126,7 +126,7 @@ fn ferry(src: &Path, compress: &str, transport: &str) -> Value {
     wait_for(&mut err, "listening on");
     let err_rest = std::thread::spawn(move || err.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
     let send = Command::new(&bin)
-        .args(["send", "--embedded", "--json", "--compress", compress, "--transport", transport, "--to", &addr, "--key"])
+        .args(["send", "--embedded", "--json", "--compression", compress, "--transport", transport, "--to", &addr, "--key"])
         .arg(&key)
         .arg("--file")
         .arg(src)

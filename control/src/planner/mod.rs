@@ -58,6 +58,7 @@ pub fn plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, PlanError> {
     let tcp = sizing::tcp(caps, cfg, transport, &link, workers, chunk, &mut r)?;
     let arena = sizing::arena(caps, cfg, (numa_node, workers, chunk), (&link, rdma.as_ref(), &tcp), &mut r)?;
     let limits = limits(cfg, &mut r);
+    let (migration, daemon) = (migration_of(cfg), daemon_of(cfg));
     Ok(Plan {
         schema_version: PLAN_SCHEMA_VERSION,
         host: caps.hostname.clone(),
@@ -72,8 +73,43 @@ pub fn plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, PlanError> {
         arena,
         compression,
         limits,
+        migration,
+        daemon,
         reasons: r.0,
     })
+}
+
+/// The migration defaults `[migration]` sets.
+pub fn migration_of(cfg: &Config) -> dataplane::plan::MigrationDefaults {
+    let m = &cfg.migration;
+    dataplane::plan::MigrationDefaults {
+        downtime_ms: m.downtime_ms.0,
+        max_rounds: m.max_rounds.0 as u32,
+        rate_limit_mbit: match m.rate_limit_mbit {
+            crate::config::OffOr::Off => None,
+            crate::config::OffOr::Set(v) => Some(v.0),
+        },
+        verify: m.verify,
+        recover_s: m.recover_s.0,
+    }
+}
+
+/// ferryd's settings from `[daemon]`.
+pub fn daemon_of(cfg: &Config) -> dataplane::plan::DaemonSettings {
+    let d = &cfg.daemon;
+    let some = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
+    dataplane::plan::DaemonSettings {
+        control: d.control.clone(),
+        control_mode: d.control_mode.clone(),
+        control_group: (!d.control_group.is_empty()).then(|| d.control_group.clone()),
+        metrics: d.metrics.clone(),
+        key: some(&d.key),
+        drain_seconds: d.drain_seconds.0,
+        incoming_ports: match d.incoming_ports {
+            crate::config::PortRange::Any => None,
+            crate::config::PortRange::Range(a, b) => Some((a, b)),
+        },
+    }
 }
 
 /// The limits `[limits]` sets.

@@ -82,6 +82,8 @@ pub fn plan() -> Plan {
         arena: ArenaPlan { bytes_per_worker: 4 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
         compression: Compression::Off,
         limits: Limits { handshake_timeout_ms: 2000, ..Limits::default() },
+        migration: Default::default(),
+        daemon: Default::default(),
         reasons: vec![],
     }
 }
@@ -310,7 +312,7 @@ impl Receiver {
 /// `ferryctl send --embedded`: exit code and stderr.
 pub fn send(to: &str, file: &Path, key: &Path) -> (Option<i32>, String) {
     let out = ferryctl()
-        .args(["send", "--embedded", "--json", "--to", to, "--compress", "off", "--transport", "sockets", "--file"])
+        .args(["send", "--embedded", "--json", "--to", to, "--compression", "off", "--transport", "sockets", "--file"])
         .arg(file)
         .arg("--key")
         .arg(key)

@@ -40,7 +40,8 @@ fn main() -> ExitCode {
         log::error!("cannot block SIGTERM/SIGINT/SIGHUP: {e}");
         return ExitCode::FAILURE;
     }
-    let (control, metrics) = match listeners(&args) {
+    let settings = plan.daemon.clone();
+    let (control, metrics) = match listeners(&settings) {
         Ok(l) => l,
         Err(code) => return code,
     };
@@ -68,30 +69,31 @@ fn main() -> ExitCode {
     let daemon: &'static Daemon = Box::leak(Box::new(Daemon::new(plan, auth, pool)));
     std::thread::spawn(move || daemon.serve_control(control));
     if let Some(l) = metrics {
-        log::info!("metrics on http://{}/metrics", l.local_addr().map_or_else(|_| args.metrics.clone(), |a| a.to_string()));
+        log::info!("metrics on http://{}/metrics", l.local_addr().map_or_else(|_| settings.metrics.clone(), |a| a.to_string()));
         std::thread::spawn(move || daemon.serve_metrics(l));
     }
-    log::info!("control socket {}", args.control.display());
+    log::info!("control socket {}", settings.control.display());
     log::info!("ferryd ready (pid {})", std::process::id());
     notify(&[NotifyState::Ready, NotifyState::Status("ready")]);
     let stops = stop_signals(stop);
     // Until the first stop signal (or the signal thread's end).
     let _ = stops.recv();
-    let code = drain(daemon, Duration::from_secs(args.drain_seconds), &stops);
-    let _ = std::fs::remove_file(&args.control);
+    let code = drain(daemon, Duration::from_secs(settings.drain_seconds), &stops);
+    let _ = std::fs::remove_file(&settings.control);
     code
 }
 
-/// The plan and how peers authenticate, from the command line; a sentence saying what is
-/// wrong otherwise (exit 2).
+/// The plan (its daemon settings with the flags over them) and how peers authenticate;
+/// a sentence saying what is wrong otherwise (exit 2).
 fn inputs(args: &Args) -> Result<(Plan, Auth), String> {
-    let plan = Plan::load(&args.plan).map_err(|e| e.to_string())?;
-    let auth = match (&args.key, args.insecure_no_auth) {
+    let mut plan = Plan::load(&args.plan).map_err(|e| e.to_string())?;
+    plan.daemon = args.resolve(&plan.daemon);
+    let auth = match (&plan.daemon.key, args.insecure_no_auth) {
         (Some(k), false) => Auth::Key(Key::load(k).map_err(|e| e.to_string())?),
         (None, true) => Auth::Insecure,
         _ => {
             return Err(
-                "give --key FILE (peers authenticate with a pre-shared key; `ferryctl keygen --out FILE`) or --insecure-no-auth".into()
+                "give --key FILE or `[daemon] key` in ferry.toml (peers authenticate with a pre-shared key; `ferryctl keygen --out FILE`), or --insecure-no-auth".into()
             );
         }
     };
@@ -100,7 +102,9 @@ fn inputs(args: &Args) -> Result<(Plan, Auth), String> {
 
 /// The control socket (with its mode and group) and the metrics listener, or the exit
 /// code after saying why not.
-fn listeners(args: &Args) -> Result<(std::os::unix::net::UnixListener, Option<std::net::TcpListener>), ExitCode> {
+fn listeners(
+    args: &dataplane::plan::DaemonSettings,
+) -> Result<(std::os::unix::net::UnixListener, Option<std::net::TcpListener>), ExitCode> {
     let access = match SocketAccess::parse(&args.control_mode, args.control_group.as_deref()) {
         Ok(a) => a,
         Err(e) => {

@@ -75,7 +75,8 @@ pub struct OutOptions {
     pub compress: Option<String>,
     /// `rdma`, `tcp`, `sockets` or `auto`; the plan's transport when none.
     pub transport: Option<String>,
-    pub verify: super::Verify,
+    /// What the final digest covers; ferryd's plan's (`[migration] verify`) when none.
+    pub verify: Option<super::Verify>,
     /// Post-copy: seconds to keep reconnecting after the link broke (ferryd's default 120).
     pub recover_s: Option<u64>,
 }
@@ -113,7 +114,7 @@ impl MigrateOut {
     pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
         let mut conn = connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
-            "rate_limit_mbit": o.rate_limit_mbit, "compress": o.compress, "transport": o.transport, "verify": o.verify,
+            "rate_limit_mbit": o.rate_limit_mbit, "compression": o.compress, "transport": o.transport, "verify": o.verify,
             "regions": memory.len(), "recover_s": o.recover_s});
         let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
         fds.push(bitmap.as_fd());

@@ -28,6 +28,8 @@ pub fn plan(workers: usize, conns: u32, compression: Compression, chunk: u64) ->
         arena: ArenaPlan { bytes_per_worker: 8 << 20, backing: ArenaBacking::Normal, hugepages_2m_needed: 0, mlock: false },
         compression,
         limits: Limits::default(),
+        migration: Default::default(),
+        daemon: Default::default(),
         reasons: vec![],
     }
 }
@@ -53,8 +55,11 @@ impl Ferryd {
     pub fn start(dir: &std::path::Path, name: &str) -> Ferryd {
         use std::io::BufRead;
         let plan_path = dir.join("plan.json");
+        // A test may have written a plan of its own.
         if !plan_path.exists() {
             std::fs::write(&plan_path, serde_json::to_string(&ferryd_plan()).unwrap()).unwrap();
+        }
+        if !dir.join("key").exists() {
             std::fs::write(dir.join("key"), "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
