@@ -289,7 +289,10 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
                     return Err(Fail(2, "--transport is ferryd's plan when sending through it (use --embedded to choose)".into()));
                 }
                 let file = std::path::absolute(&file).map_err(|e| Fail(2, format!("{}: {e}", file.display())))?;
-                return daemon_report(transfer::via_ferryd(&sock, &dataplane::daemon::Request::Send { to, file, compress }), t.json);
+                // ferryd reports its progress when a bar will show it.
+                let bar = transfer::Bar::new(!t.json);
+                let req = dataplane::daemon::Request::Send { to, file, compress, progress: !t.json };
+                return daemon_report(transfer::via_ferryd(&sock, &req, &bar), t.json);
             }
             let (auth, plan, require_rdma) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
             report(transfer::send(&to, &file, auth, &plan, require_rdma, !t.json), t.json)
@@ -297,8 +300,9 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         Cmd::Recv { listen, out, timeout, t } => {
             if let Some(sock) = t.daemon() {
                 let out = std::path::absolute(&out).map_err(|e| Fail(2, format!("{}: {e}", out.display())))?;
-                let req = dataplane::daemon::Request::Recv { listen, out, timeout_s: timeout };
-                return daemon_report(transfer::via_ferryd(&sock, &req), t.json);
+                let bar = transfer::Bar::new(!t.json);
+                let req = dataplane::daemon::Request::Recv { listen, out, timeout_s: timeout, progress: !t.json };
+                return daemon_report(transfer::via_ferryd(&sock, &req, &bar), t.json);
             }
             let (auth, plan, _) = transfer_setup(&t, None, None)?;
             let timeout = timeout.map(std::time::Duration::from_secs);
@@ -306,7 +310,7 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         }
         Cmd::Status { socket, json: as_json } => {
             let sock = socket.unwrap_or_else(transfer::default_socket);
-            let v = transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status).map_err(|e| Fail(1, e))?;
+            let v = transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status, &transfer::Bar::new(false)).map_err(|e| Fail(1, e))?;
             emit(&if as_json { json(&v) } else { render::status(&v) });
             Ok(0)
         }

@@ -207,6 +207,36 @@ pub fn doctor(r: &Report) -> String {
 }
 
 /// `ferryctl status` from ferryd's status reply.
+/// Bytes in MiB below a GiB, else GiB.
+fn size(bytes: u64) -> String {
+    if bytes < 1 << 30 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    } else {
+        format!("{:.2} GiB", bytes as f64 / f64::from(1 << 30))
+    }
+}
+
+/// One running session: its round, that round's progress against its total, the rate and
+/// the round's ETA.
+pub fn session_progress(p: &serde_json::Value) -> String {
+    let bytes = |k: &str| p[k].as_u64().unwrap_or(0);
+    let round = p["round"].as_u64().map_or_else(String::new, |r| format!("round {r}, "));
+    let moved = match p["round_total_bytes"].as_u64() {
+        Some(t) => format!("{} of {}", size(bytes("round_bytes")), size(t)),
+        None => size(bytes("round_bytes")),
+    };
+    let eta = p["eta_seconds"].as_f64().map_or_else(String::new, |e| format!(", eta {e:.1} s"));
+    let of = if bytes("size_bytes") > 0 { format!(", size {}", size(bytes("size_bytes"))) } else { String::new() };
+    format!(
+        "running {} {}: {round}{moved}, {:.2} GB/s{eta} ({} moved in {:.1} s{of})",
+        p["role"].as_str().unwrap_or("?"),
+        p["session"].as_str().unwrap_or("?"),
+        p["bytes_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+        size(bytes("bytes")),
+        p["seconds"].as_f64().unwrap_or(0.0)
+    )
+}
+
 pub fn status(v: &serde_json::Value) -> String {
     let st = &v["status"];
     let mut s = String::new();
@@ -218,6 +248,9 @@ pub fn status(v: &serde_json::Value) -> String {
         v["plan"]["workers"],
         v["plan"]["compression"].as_str().unwrap_or("?")
     );
+    for p in st["progress"].as_array().into_iter().flatten() {
+        let _ = writeln!(s, "  {}", session_progress(p));
+    }
     for a in st["active"].as_array().into_iter().flatten() {
         let _ = writeln!(s, "  active {}: {}", a["role"].as_str().unwrap_or("?"), a["count"]);
     }
@@ -280,5 +313,21 @@ mod tests {
         let s = status(&v);
         assert!(s.contains("recv worker 1 frame write latency us: p50 12 p95 30 p99 41 max 90"), "{s}");
         assert!(s.contains("recv worker 1: region bytes 100  wire bytes 80  frames 4  zero pages 3"), "{s}");
+    }
+
+    /// A running migration's line: its round against the round's total, the rate, the
+    /// ETA; a receive whose size is known but not its rounds.
+    #[test]
+    fn session_progress_lines() {
+        let p = serde_json::json!({"role": "migrate_out", "session": "00000000000000ab", "seconds": 12.34, "size_bytes": 8u64 << 30,
+            "round": 3, "bytes": 9u64 << 30, "round_bytes": 412u64 << 20, "round_total_bytes": 1u64 << 30,
+            "bytes_per_second": 1.2e9, "eta_seconds": 0.5});
+        assert_eq!(
+            session_progress(&p),
+            "running migrate_out 00000000000000ab: round 3, 412.0 MiB of 1.00 GiB, 1.20 GB/s, eta 0.5 s (9.00 GiB moved in 12.3 s, size 8.00 GiB)"
+        );
+        let p = serde_json::json!({"role": "migrate_in", "session": "01", "seconds": 2.0, "size_bytes": 0, "round": null,
+            "bytes": 3u64 << 20, "round_bytes": 3u64 << 20, "round_total_bytes": null, "bytes_per_second": 1.5e6, "eta_seconds": null});
+        assert_eq!(session_progress(&p), "running migrate_in 01: 3.0 MiB, 0.00 GB/s (3.0 MiB moved in 2.0 s)");
     }
 }

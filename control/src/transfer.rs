@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dataplane::auth::{Auth, Key};
@@ -72,32 +72,53 @@ pub fn auth(key: Option<&Path>, insecure: bool) -> Result<Auth, String> {
     }
 }
 
-/// Runs `f` while a progress bar (stderr, terminals only) follows `counter` up to `total`
-/// (which a receiver learns once the sender has described the region).
+/// A progress bar on stderr, on terminals only: a spinner with the bytes moved until the
+/// total is known (a receiver learns it when the sender describes the region), then a bar
+/// against the total with the rate and an ETA.
+#[derive(Debug)]
+pub struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    pub fn new(show: bool) -> Bar {
+        if !show || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(Self::style("{spinner} {bytes} {binary_bytes_per_sec} (waiting for the size)"));
+        Bar(Some(bar))
+    }
+
+    fn style(template: &str) -> indicatif::ProgressStyle {
+        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    }
+
+    /// `done` of `total` bytes (0: not known yet).
+    pub fn update(&self, done: u64, total: u64) {
+        let Some(bar) = &self.0 else { return };
+        if total > 0 && bar.length() != Some(total) {
+            bar.set_length(total);
+            bar.set_style(Self::style("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}"));
+        }
+        bar.set_position(done);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Runs `f` while a progress bar follows `counter` up to `total`.
 fn with_progress<T>(total: &AtomicU64, show: bool, counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
-    if !show || !std::io::stderr().is_terminal() {
+    let bar = Bar::new(show);
+    if bar.0.is_none() {
         return f();
     }
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let bar = indicatif::ProgressBar::new(total.load(Ordering::Relaxed));
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            while !stop.load(Ordering::Relaxed) {
-                bar.set_length(total.load(Ordering::Relaxed));
-                bar.set_position(counter.load(Ordering::Relaxed));
-                // A display refresh, not a synchronisation: the transfer never waits on it.
-                std::thread::park_timeout(Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        });
-        let r = f();
-        stop.store(true, Ordering::Relaxed);
-        r
-    })
+    let tick = || bar.update(counter.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+    dataplane::live::ticking(Duration::from_millis(100), tick, f)
 }
 
 /// Sends `file`; `require_rdma` fails the transfer rather than falling back to TCP when the
@@ -147,8 +168,9 @@ pub fn default_socket() -> std::path::PathBuf {
     std::env::var_os("FERRY_SOCKET").map_or_else(|| "/run/ferry/ferryd.sock".into(), Into::into)
 }
 
-/// Sends one request to ferryd and follows its replies to the final one.
-pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request) -> Result<serde_json::Value, String> {
+/// Sends one request to ferryd and follows its replies to the final one, with its
+/// `progress` events (asked for by the request) on `bar`.
+pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
     let mut conn =
         std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))?;
@@ -159,6 +181,10 @@ pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request) -> Result
         let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("ferryd sent a bad reply ({e}): {reply}"))?;
         if v["event"] == "listening" {
             log::info!("listening on {} (via ferryd at {})", v["addr"].as_str().unwrap_or("?"), socket.display());
+            continue;
+        }
+        if v["event"] == "progress" {
+            bar.update(v["bytes"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
             continue;
         }
         if v["ok"] == true {

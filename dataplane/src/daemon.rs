@@ -25,6 +25,7 @@ use crate::migrate::source::{Source, SourceOptions};
 use crate::plan::{Compression, Plan, Transport};
 use hw::fdpass::LineConn;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A command on the control socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +38,10 @@ pub enum Request {
         /// Seconds to wait for a sender that authenticates; none: wait.
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// Send `{"event":"progress","bytes":N,"total":T}` every 250 ms while it runs
+        /// (T is 0 until the sender has described the region).
+        #[serde(default)]
+        progress: bool,
     },
     Send {
         to: String,
@@ -45,6 +50,9 @@ pub enum Request {
         /// name, still accepted.)
         #[serde(default, alias = "compress", rename = "compression")]
         compress: Option<String>,
+        /// As for `recv`.
+        #[serde(default)]
+        progress: bool,
     },
     /// Region mode, destination: waits for one migration on `listen`; the verified guest
     /// memory comes back as a memfd with the final reply.
@@ -312,14 +320,21 @@ impl Daemon {
             Request::Status => say(
                 serde_json::json!({"ok": true, "draining": self.is_draining(), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
-            Request::Recv { listen, out, timeout_s } => say(self.recv(&listen, &out, timeout_s, &say)),
-            Request::Send { to, file, compress } => say(self.send(to, &file, compress)),
+            Request::Recv { listen, out, timeout_s, progress } => say(self.recv(&listen, &out, timeout_s, &say, progress)),
+            Request::Send { to, file, compress, progress } => say(self.send(to, &file, compress, progress.then_some(&say))),
         }
     }
 
     /// A one-shot receive into `out`: the listening address first (an event), then the
     /// result.
-    fn recv(&self, listen: &str, out: &std::path::Path, timeout_s: Option<u64>, say: &dyn Fn(serde_json::Value)) -> serde_json::Value {
+    fn recv(
+        &self,
+        listen: &str,
+        out: &std::path::Path,
+        timeout_s: Option<u64>,
+        say: &(dyn Fn(serde_json::Value) + Sync),
+        progress: bool,
+    ) -> serde_json::Value {
         let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
             Err(e) => return serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}),
@@ -327,18 +342,16 @@ impl Daemon {
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         say(serde_json::json!({"event": "listening", "addr": addr}));
         let active = self.metrics.begin(Role::Recv);
-        let r = recv_file(
-            &listener,
-            out,
-            &RecvOptions {
-                auth: self.auth.clone(),
-                plan: &self.plan,
-                progress: None,
-                total: None,
-                timeout: timeout_s.map(std::time::Duration::from_secs),
-            },
-        )
-        .map_err(Failed::from);
+        let (done, total) = (AtomicU64::new(0), AtomicU64::new(0));
+        let opts = RecvOptions {
+            auth: self.auth.clone(),
+            plan: &self.plan,
+            progress: Some(&done),
+            total: Some(&total),
+            timeout: timeout_s.map(std::time::Duration::from_secs),
+        };
+        let run = || recv_file(&listener, out, &opts).map_err(Failed::from);
+        let r = progress_events(progress.then_some(say), &done, &total, run);
         self.metrics.end(Role::Recv, r.as_ref());
         // Not active once the reply says it ended: a status read after it agrees.
         drop(active);
@@ -346,7 +359,13 @@ impl Daemon {
     }
 
     /// A one-shot send of `file`, at the plan's compression or `compress`.
-    fn send(&self, to: String, file: &std::path::Path, compress: Option<String>) -> serde_json::Value {
+    fn send(
+        &self,
+        to: String,
+        file: &std::path::Path,
+        compress: Option<String>,
+        say: Option<&(dyn Fn(serde_json::Value) + Sync)>,
+    ) -> serde_json::Value {
         let mut plan = self.plan.clone();
         if let Some(c) = compress {
             match parse_compression(&c, plan.compression) {
@@ -355,11 +374,11 @@ impl Daemon {
             }
         }
         let active = self.metrics.begin(Role::Send);
-        let r = send_file(
-            file,
-            &SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: None, require_rdma: false, pool: Some(&self.pool) },
-        )
-        .map_err(Failed::from);
+        let done = AtomicU64::new(0);
+        let total = AtomicU64::new(std::fs::metadata(file).map_or(0, |m| m.len()));
+        let opts =
+            SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: Some(&done), require_rdma: false, pool: Some(&self.pool) };
+        let r = progress_events(say, &done, &total, || send_file(file, &opts).map_err(Failed::from));
         self.metrics.end(Role::Send, r.as_ref());
         drop(active);
         result(r)
@@ -726,6 +745,17 @@ struct Limits {
     verify: crate::migrate::Verify,
     regions: Option<usize>,
     recover_s: Option<u64>,
+}
+
+/// Runs `f`, telling `say` (when given) every 250 ms how far it got: `progress` events with
+/// the region bytes `done` and the `total` (0 until known).
+fn progress_events<T>(say: Option<&(dyn Fn(serde_json::Value) + Sync)>, done: &AtomicU64, total: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let Some(say) = say else { return f() };
+    let tick = || {
+        let (bytes, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        say(serde_json::json!({"event": "progress", "bytes": bytes, "total": total}));
+    };
+    crate::live::ticking(std::time::Duration::from_millis(250), tick, f)
 }
 
 fn result(r: Result<Report, Failed>) -> serde_json::Value {

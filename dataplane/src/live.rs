@@ -6,7 +6,7 @@
 //! per-session figures (histograms, session totals) are folded in when a session ends, in
 //! [`crate::daemon`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Slots per role; workers and lanes beyond share slots modulo this (their sums stay right).
@@ -101,12 +101,69 @@ impl Snapshot {
     }
 }
 
-/// The counters of one running session, one per worker (sender) or lane (receiver).
+/// The counters of one running session, one per worker (sender) or lane (receiver), and
+/// where it stands: its size, its round and what that round is to move.
 #[derive(Debug)]
 pub struct SessionCounters {
     pub role: Role,
     pub id: u64,
     counters: Box<[Counters]>,
+    started: std::time::Instant,
+    /// Region or guest memory bytes; 0 until known.
+    size: AtomicU64,
+    /// The round running now; `u32::MAX` before the first or where rounds are not known.
+    round: AtomicU32,
+    /// Region bytes the round is to move; 0 when not known.
+    round_total: AtomicU64,
+    /// The session's region bytes when the round began.
+    round_base: AtomicU64,
+}
+
+/// Where a running session stands, for `ferryctl status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Progress {
+    pub role: &'static str,
+    pub session: String,
+    pub seconds: f64,
+    /// Region or guest memory bytes (0 until known).
+    pub size_bytes: u64,
+    pub round: Option<u32>,
+    /// Region bytes handled over the whole session.
+    pub bytes: u64,
+    /// Of them, this round's, and what the round is to move (when known).
+    pub round_bytes: u64,
+    pub round_total_bytes: Option<u64>,
+    /// Region bytes per second over the whole session.
+    pub bytes_per_second: f64,
+    /// This round's remaining bytes at that rate, when the round's total is known.
+    pub eta_seconds: Option<f64>,
+}
+
+impl SessionCounters {
+    fn bytes(&self) -> u64 {
+        self.counters.iter().map(|c| c.region_bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    fn progress(&self) -> Progress {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let bytes = self.bytes();
+        let round = Some(self.round.load(Ordering::Relaxed)).filter(|&r| r != u32::MAX);
+        let round_bytes = bytes.saturating_sub(self.round_base.load(Ordering::Relaxed));
+        let total = Some(self.round_total.load(Ordering::Relaxed)).filter(|&t| t > 0);
+        let rate = if seconds > 0.0 { bytes as f64 / seconds } else { 0.0 };
+        Progress {
+            role: self.role.name(),
+            session: format!("{:016x}", self.id),
+            seconds,
+            size_bytes: self.size.load(Ordering::Relaxed),
+            round,
+            bytes,
+            round_bytes,
+            round_total_bytes: total,
+            bytes_per_second: rate,
+            eta_seconds: total.filter(|_| rate > 0.0).map(|t| t.saturating_sub(round_bytes) as f64 / rate),
+        }
+    }
 }
 
 /// The sessions running now. A session leaves it, and its counts join the process's
@@ -127,9 +184,30 @@ pub struct Session {
 
 /// Counters for session `id` in `role` with `n` workers or lanes.
 pub fn session(role: Role, id: u64, n: usize) -> Session {
-    let c = Arc::new(SessionCounters { role, id, counters: (0..n.max(1)).map(|_| Counters::new()).collect() });
+    let c = Arc::new(SessionCounters {
+        role,
+        id,
+        counters: (0..n.max(1)).map(|_| Counters::new()).collect(),
+        started: std::time::Instant::now(),
+        size: AtomicU64::new(0),
+        round: AtomicU32::new(u32::MAX),
+        round_total: AtomicU64::new(0),
+        round_base: AtomicU64::new(0),
+    });
     sessions_lock().push(c.clone());
     Session { c, noted: Mutex::new(Vec::new()) }
+}
+
+/// A receiving session of `size` region bytes over `n` lanes or pollers: a one-shot
+/// receive is one round of the whole region; a migration's rounds are the source's to
+/// know.
+pub fn receiver(role: Role, id: u64, n: usize, size: u64) -> Session {
+    let s = session(role, id, n);
+    s.set_size(size);
+    if role == Role::Recv {
+        s.begin_round(0, Some(size));
+    }
+    s
 }
 
 impl Session {
@@ -144,6 +222,18 @@ impl Session {
         noted.push(msg.to_string());
         let level = if warn { log::Level::Warn } else { log::Level::Info };
         log::log!(level, "session {:#x}: {msg}", self.c.id);
+    }
+
+    /// The region's (or guest memory's) size, once known.
+    pub fn set_size(&self, bytes: u64) {
+        self.c.size.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Round `round` begins, to move `bytes` of region (when known).
+    pub fn begin_round(&self, round: u32, bytes: Option<u64>) {
+        self.c.round_base.store(self.c.bytes(), Ordering::Relaxed);
+        self.c.round_total.store(bytes.unwrap_or(0), Ordering::Relaxed);
+        self.c.round.store(round, Ordering::Relaxed);
     }
 
     /// Worker (or lane) `w`'s counters.
@@ -203,6 +293,32 @@ pub fn sessions() -> Vec<(Role, u64, usize, Snapshot)> {
     running.iter().flat_map(|r| r.counters.iter().enumerate().map(|(w, c)| (r.role, r.id, w, c.snapshot()))).collect()
 }
 
+/// Where each running session stands.
+pub fn progress() -> Vec<Progress> {
+    sessions_lock().iter().map(|s| s.progress()).collect()
+}
+
+/// Runs `f` while another thread calls `tick` about every `every`, and once more after
+/// `f` returns: a display's refresh (a progress bar, progress events), never something
+/// `f` waits on.
+pub fn ticking<T>(every: std::time::Duration, tick: impl Fn() + Sync, f: impl FnOnce() -> T) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let ticker = s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                tick();
+                std::thread::park_timeout(every);
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        ticker.thread().unpark();
+        let _ = ticker.join();
+        tick();
+        r
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,9 +342,17 @@ mod tests {
         assert!(mine.iter().any(|(_, id, _, s)| *id == 0xb && s.region_bytes == 8192 && s.frames == 2));
         let running = total(Role::MigrateIn, SLOTS - 1);
         assert_eq!(running.region_bytes - before.region_bytes, 4096 + 8192);
+        assert!(!sessions().iter().any(|(_, id, _, _)| *id == 0xa || *id == 0xb), "ended sessions are not listed");
+        let p = progress().into_iter().find(|p| p.session == format!("{:016x}", 0xa)).unwrap();
+        assert_eq!((p.bytes, p.round, p.round_total_bytes), (4096, None, None));
+        a.set_size(1 << 20);
+        a.begin_round(2, Some(8192));
+        a.worker(0).add(4096, 0, 1, 0);
+        let p = progress().into_iter().find(|p| p.session == format!("{:016x}", 0xa)).unwrap();
+        assert_eq!((p.size_bytes, p.round, p.round_bytes, p.round_total_bytes), (1 << 20, Some(2), 4096, Some(8192)));
+        assert!(p.eta_seconds.is_some_and(|e| e >= 0.0) && p.bytes_per_second > 0.0, "{p:?}");
         drop(a);
         drop(b);
-        assert!(!sessions().iter().any(|(_, id, _, _)| *id == 0xa || *id == 0xb), "ended sessions are not listed");
         let after = total(Role::MigrateIn, SLOTS - 1);
         assert_eq!(after.region_bytes - before.region_bytes, 4096 + 8192, "their counts stay in the totals");
         assert_eq!(after.frames - before.frames, 3);

@@ -659,6 +659,7 @@ impl Metrics {
             "worker_latency_us": worker_latency,
             "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
             "workers": crate::live::snapshot().into_iter().map(|(r, w, s)| serde_json::json!({"role": r.name(), "worker": w, "counters": s})).collect::<Vec<_>>(),
+            "progress": crate::live::progress(),
             "running": crate::live::sessions().into_iter().map(|(r, id, w, s)| serde_json::json!({"role": r.name(), "session": format!("{id:016x}"), "worker": w, "counters": s})).collect::<Vec<_>>(),
         })
     }

@@ -544,3 +544,57 @@ fn the_plan_says_how_ferryd_serves() {
         assert!(child.wait().unwrap().success());
     }
 }
+
+/// A send and a receive through ferryd that ask for progress get `progress` events while
+/// they run, the receiver's total 0 until the sender has described the region, and the
+/// last event saying every byte arrived, before the final reply.
+#[test]
+fn progress_events_follow_a_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.json");
+    std::fs::write(&path, serde_json::to_string(&plan()).unwrap()).unwrap();
+    let (mut child, _) = ferryd_with_metrics(&path);
+    let sock = dir.path().join("ferryd.sock");
+    let size = 24u64 << 20;
+    let src = dir.path().join("src");
+    std::fs::write(&src, (0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    let ask = |req: serde_json::Value| -> Vec<serde_json::Value> {
+        use std::io::Write;
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        writeln!(c, "{req}").unwrap();
+        let mut out = Vec::new();
+        for l in BufReader::new(c).lines() {
+            let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();
+            let last = v.get("ok").is_some();
+            out.push(v);
+            if last {
+                break;
+            }
+        }
+        out
+    };
+    // The receive's first reply is where it listens; its events follow on that connection.
+    use std::io::Write;
+    let mut rc = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let out = dir.path().join("out");
+    writeln!(rc, "{}", serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out, "progress": true})).unwrap();
+    let mut lines = BufReader::new(rc).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let addr = first["addr"].as_str().unwrap().to_string();
+    let receiver =
+        std::thread::spawn(move || lines.map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap()).collect::<Vec<_>>());
+    let sent = ask(serde_json::json!({"cmd": "send", "to": addr, "file": src, "compression": "off", "progress": true}));
+    let received = receiver.join().unwrap();
+    for (what, replies) in [("send", &sent), ("recv", &received)] {
+        let (last, events) = replies.split_last().unwrap();
+        assert_eq!(last["ok"], true, "{what}: {last}");
+        assert!(!events.is_empty() && events.iter().all(|e| e["event"] == "progress"), "{what}: {replies:?}");
+        let end = events.last().unwrap();
+        assert_eq!((end["bytes"].as_u64(), end["total"].as_u64()), (Some(size), Some(size)), "{what}: {events:?}");
+        let totals: Vec<u64> = events.iter().map(|e| e["total"].as_u64().unwrap()).collect();
+        assert!(totals.iter().all(|&t| t == 0 || t == size), "{what}: {totals:?}");
+    }
+    assert_eq!(std::fs::read(&out).unwrap().len() as u64, size);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}

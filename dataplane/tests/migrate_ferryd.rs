@@ -81,6 +81,14 @@ fn a_guest_migrates_through_two_ferryd() {
             .sum();
         assert_eq!(bytes, 2048 * PAGE, "{role}: {st}");
         assert!(st["status"]["active"].to_string().contains(role), "{st}");
+        // Where the session stands: the guest's size and what has moved; the source also
+        // knows its round and what the round had to move.
+        let p = st["status"]["progress"].as_array().unwrap().iter().find(|p| p["role"] == role).cloned().unwrap_or_default();
+        assert_eq!((p["size_bytes"].as_u64(), p["bytes"].as_u64()), (Some(2048 * PAGE), Some(2048 * PAGE)), "{role}: {st}");
+        if role == "migrate_out" {
+            assert_eq!((p["round"].as_u64(), p["round_total_bytes"].as_u64()), (Some(0), Some(2048 * PAGE)), "{st}");
+            assert_eq!(p["eta_seconds"].as_f64(), Some(0.0), "{st}");
+        }
     }
     dirty(&mem, &bitmap, &[0, 1, 700, 2047], 2);
     let r1 = out.round().unwrap();

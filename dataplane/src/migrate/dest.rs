@@ -316,7 +316,7 @@ pub(crate) fn receive(
     // Clones of the lanes, shut down when the session fails so no lane waits on a peer.
     let mut socks = Vec::new();
     // This session's own counters, one per lane.
-    let live = crate::live::session(o.role, session, usize::from(lanes));
+    let live = crate::live::receiver(o.role, session, usize::from(lanes), size);
     let ctx = Ctx { layout, targets: &targets, plan: o.plan, live: &live, progress: o.progress, postcopy: None };
     let gone = AtomicBool::new(false);
     // Closed when the session is over: the VMM's watcher returns at once.

@@ -161,7 +161,7 @@ pub struct Source<'a> {
     /// Post-copy: windows near the destination's recent faults, which the push sends first.
     hints: Option<Arc<crossbeam_queue::ArrayQueue<u64>>>,
     /// The session's live counters (last: the workers, which count into them, go first).
-    _live: crate::live::Session,
+    live: crate::live::Session,
 }
 
 impl std::fmt::Debug for Source<'_> {
@@ -323,6 +323,7 @@ impl<'a> Source<'a> {
         cpu0: f64,
     ) -> Result<Source<'a>, SessionError> {
         let Opened { ctl, workers, rdma, digest_key, abort, live, session } = opened;
+        live.set_size(regions.iter().map(|r| r.size).sum());
         let size: u64 = regions.iter().map(|r| r.size).sum();
         let chunk = opts.plan.chunk_size_bytes as usize;
         // The paused source is digested during the last round; that bounds the downtime
@@ -352,7 +353,7 @@ impl<'a> Source<'a> {
             switch_seconds: None,
             postcopy: super::postcopy::PostcopyReport::default(),
             hints: None,
-            _live: live,
+            live,
         })
     }
 
@@ -584,7 +585,8 @@ impl<'a> Source<'a> {
             let r = tcp_workers(&mut ctl, &self.opts, &self.pool, &live, session, n_workers, per_worker).and_then(|workers| {
                 self.ctl = ctl;
                 self.workers = workers;
-                self._live = live;
+                live.set_size(self.size);
+                self.live = live;
                 self.abort.store(false, Ordering::Relaxed);
                 self.run_round(&dirty, true)
             });
@@ -609,6 +611,10 @@ impl<'a> Source<'a> {
         let start = Instant::now();
         let all = round == 0;
         let job = self.round_job(round, dirty)?;
+        // What `ferryctl status` shows of this session: the round and what it moves (the
+        // marked pages, less any bit past a region's end, which the job refuses anyway).
+        let marked = if all { self.size } else { dirty.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * PAGE as u64 };
+        self.live.begin_round(round, Some(marked.min(self.size)));
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
         let full = last && self.opts.verify == Verify::Full;

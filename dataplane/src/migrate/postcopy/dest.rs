@@ -208,7 +208,7 @@ fn attempt(
     }
     crate::migrate::dest::check_session(&layout, lanes, transport, features::MIGRATE, plan)?;
     let id = crate::migrate::dest::session_ok(&mut ctl)?;
-    let live = crate::live::session(crate::live::Role::MigrateIn, id, usize::from(lanes));
+    let live = crate::live::receiver(crate::live::Role::MigrateIn, id, usize::from(lanes), layout.regions.iter().sum());
     let ctx = crate::migrate::dest::Ctx { layout: &layout, targets: &[], plan, live: &live, progress: None, postcopy: Some(pc) };
     let (tx, rx) = mpsc::channel::<LaneMsg>();
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;

@@ -138,7 +138,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let stop = AtomicBool::new(false);
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     // This session's own counters, one per sender worker (its QPs share a poller).
-    let live = crate::live::session(o.role, o.session, workers);
+    let live = crate::live::receiver(o.role, o.session, workers, size);
     let (results, rounds) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
