@@ -104,12 +104,7 @@ impl Ferryd {
 
 /// The status line of `GET path` on ferryd's metrics server.
 fn http_status(addr: &str, path: &str) -> String {
-    use std::io::Read;
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    c.read_to_string(&mut body).unwrap();
-    body.lines().next().unwrap_or("").to_string()
+    http_body(addr, path).lines().next().unwrap_or("").to_string()
 }
 
 /// A control conversation: the request, then each reply line as it comes.
@@ -199,4 +194,63 @@ fn a_drain_past_its_grace_abandons_the_session_and_removes_its_partial_file() {
     sender.signal(Signal::SIGKILL);
     let _ = sender.exit();
     let _ = send.join();
+}
+
+/// SIGTERM to the source's ferryd between two rounds of a migration: the migration goes
+/// on as the VMM drives it (more rounds, the stop-and-copy round, the destination's
+/// verdict) and completes verified; meanwhile a new migration is refused, `/readyz` says
+/// 503 and `ferry_draining` 1; once it ends, ferryd exits 0.
+#[test]
+fn sigterm_during_a_migration_lets_it_finish() {
+    use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, metrics) = Ferryd::start(dir.path(), "src", &[], "127.0.0.1:0");
+    let (dst, _) = Ferryd::start(dir.path(), "dst", &[], "off");
+    let pages = 2048u64;
+    let mem = hw::memmap::memfd("guest", pages * 4096, false).unwrap();
+    for p in (0..pages).step_by(3) {
+        mem.write_all_at(&[p as u8 | 1; 4096], p * 4096).unwrap();
+    }
+    let bitmap = hw::memmap::memfd("dirty", dataplane::migrate::bitmap_bytes(pages * 4096), false).unwrap();
+    let incoming = MigrateIn::start(&dst.sock, "127.0.0.1:0").unwrap();
+    let addr = incoming.addr.clone();
+    let waiter = std::thread::spawn(move || incoming.wait());
+    let mut out = MigrateOut::start(&src.sock, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
+    out.round().unwrap();
+    src.signal(Signal::SIGTERM);
+    src.wait_for("draining: 1 session(s) in flight");
+    // A second migration is refused while the first goes on.
+    let (other, other_bitmap) = (hw::memmap::memfd("g2", 4096, false).unwrap(), hw::memmap::memfd("b2", 8, false).unwrap());
+    let refused = MigrateOut::start(&src.sock, &addr, &other, &other_bitmap, &OutOptions::default()).unwrap_err();
+    assert!(refused.contains("shutting down"), "{refused}");
+    assert_eq!(http_status(&metrics, "/readyz"), "HTTP/1.0 503 Service Unavailable");
+    assert!(http_body(&metrics, "/metrics").contains("ferry_draining 1"));
+    // The guest writes on; the VMM runs another round and then the last.
+    mem.write_all_at(&[0xee; 4096], 7 * 4096).unwrap();
+    bitmap.write_all_at(&(1u64 << 7).to_le_bytes(), 0).unwrap();
+    assert_eq!(out.round().unwrap().dirty_pages, 1);
+    mem.write_all_at(&[0xdd; 4096], 9 * 4096).unwrap();
+    bitmap.write_all_at(&(1u64 << 9).to_le_bytes(), 0).unwrap();
+    let rep = out.finish().unwrap();
+    assert!(rep.digest_match && rep.rounds.len() == 3, "{rep:?}");
+    let (got, _) = waiter.join().unwrap().unwrap();
+    let mut a = vec![0u8; (pages * 4096) as usize];
+    let mut b = a.clone();
+    mem.read_exact_at(&mut a, 0).unwrap();
+    got[0].read_exact_at(&mut b, 0).unwrap();
+    assert!(a == b, "the destination holds the guest's memory");
+    let (status, log) = src.exit();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("drained: every session finished"), "{log}");
+}
+
+/// The whole answer to `GET path` on ferryd's metrics server.
+fn http_body(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    body
 }
