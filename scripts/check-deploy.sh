@@ -113,7 +113,7 @@ podman --runtime runc run -d --name ferry-deploy-check --network host --read-onl
   --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
   --cap-drop all --cap-add IPC_LOCK --security-opt seccomp="$PWD/deploy/kubernetes/seccomp-ferry.json" \
   -v "$work/run:/run/ferry" -v "$work/key:/etc/ferry/key:ro" "$image" \
-  sh -c 'ferryctl doctor --config /etc/ferry/ferry.toml >/dev/null && ferryctl tune --json --config /etc/ferry/ferry.toml > /run/ferry/plan.json && exec ferryd --plan /run/ferry/plan.json --key /etc/ferry/key/ferry.key --control /run/ferry/ferryd.sock --metrics 127.0.0.1:9465' >/dev/null
+  sh -c 'ferryctl doctor --config /etc/ferry/ferry.toml >/dev/null && ferryctl tune --json --config /etc/ferry/ferry.toml > /run/ferry/plan.json && exec ferryd --plan /run/ferry/plan.json --key /etc/ferry/key/ferry.key --control /run/ferry/ferryd.sock --control-mode 0600 --metrics 127.0.0.1:9465' >/dev/null
 for _ in $(seq 100); do [ -S "$work/run/ferryd.sock" ] && break; sleep 0.1; done
 target/release/ferryctl status --socket "$work/run/ferryd.sock" --json > "$work/image-status.json" \
   || { podman logs ferry-deploy-check >&2; echo "deploy: ferryd in the image did not answer" >&2; exit 1; }

@@ -145,6 +145,17 @@ impl Default for DaemonConfig {
     }
 }
 
+impl DaemonConfig {
+    /// What ferryd would refuse at start, refused here (by `tune` and `doctor`) instead.
+    fn check(&self) -> Result<(), String> {
+        dataplane::daemon::SocketAccess::parse(&self.control_mode, None).map_err(|e| format!("[daemon] control_mode: {e}"))?;
+        if self.metrics != "off" && self.metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("[daemon] metrics = \"{}\": give HOST:PORT (an IP address and a port) or \"off\"", self.metrics));
+        }
+        Ok(())
+    }
+}
+
 /// `"off"` or a value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum OffOr<T> {
@@ -155,7 +166,7 @@ pub enum OffOr<T> {
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for OffOr<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Through Setting's visitor: "auto" is not a word here, "off" is.
+        // Through a TOML value: "off" is a word here, "auto" is not.
         match toml::Value::deserialize(d)? {
             toml::Value::String(s) if s == "off" => Ok(OffOr::Off),
             toml::Value::String(s) => Err(de::Error::custom(format!("\"{s}\": give \"off\" or a number"))),
@@ -379,7 +390,9 @@ impl Config {
 
     /// Parses TOML text; the error names the line and the field.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())
+        let c: Config = toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())?;
+        c.daemon.check()?;
+        Ok(c)
     }
 }
 
@@ -430,6 +443,8 @@ mod tests {
             ("[migration]\nverify = \"most\"\n", "unknown variant"),
             ("[daemon]\nincoming_ports = \"9000-8000\"\n", "not a port range"),
             ("[daemon]\nmetrcs = \"off\"\n", "unknown field"),
+            ("[daemon]\ncontrol_mode = \"0666\"\n", "only owner and group bits"),
+            ("[daemon]\nmetrics = \"localhost\"\n", "give HOST:PORT"),
         ] {
             let e = Config::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

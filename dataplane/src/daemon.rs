@@ -167,8 +167,11 @@ impl SocketAccess {
                 "--control-mode {mode}: only owner and group bits may be set (0600, 0660): every client of the control socket can make ferryd read and send memory"
             ));
         }
+        // A group matters only to a mode with group bits: with 0600 it is not applied
+        // (changing the socket's group would need CAP_CHOWN for nothing).
         let group = match group {
             None => None,
+            Some(_) if m & 0o070 == 0 => None,
             Some(g) => Some(match g.parse::<u32>() {
                 Ok(n) => nix::unistd::Gid::from_raw(n),
                 Err(_) => {
