@@ -351,8 +351,12 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
         },
     };
     let limits = planner::limits_of(&cfg);
-    let opts = dataplane::stream::ProxyOptions { auth, compression, limits };
-    let r = match (to, serve, forward) {
+    // Bind first (a clear error, and the address QEMU needs, before any progress display).
+    enum Side {
+        Source(Vec<dataplane::stream::Listener>, String),
+        Destination(std::net::TcpListener, dataplane::stream::Endpoint),
+    }
+    let side = match (to, serve, forward) {
         (Some(to), None, None) => {
             let eps: Vec<dataplane::stream::Endpoint> =
                 listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e| Fail(2, e))?;
@@ -363,13 +367,13 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
             for l in &listeners {
                 eprintln!("ferry proxy: QEMU can migrate to {} (carried to {to})", l.uri());
             }
-            dataplane::stream::source(&listeners, &to, &opts)
+            Side::Source(listeners, to)
         }
         (None, Some(serve), Some(forward)) => {
             let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e| Fail(2, e))?;
             let l = std::net::TcpListener::bind(&serve).map_err(|e| Fail(2, format!("cannot listen on {serve}: {e}")))?;
             eprintln!("ferry proxy: listening on {} for the source proxy; QEMU at {fwd}", l.local_addr().map_or(serve, |a| a.to_string()));
-            dataplane::stream::destination(&l, &fwd, &opts)
+            Side::Destination(l, fwd)
         }
         _ => {
             return Err(Fail(
@@ -378,6 +382,19 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
             ));
         }
     };
+    let progress = std::sync::Arc::new(dataplane::stream::StreamProgress::default());
+    let opts = dataplane::stream::ProxyOptions { auth, compression, limits, progress: Some(progress.clone()) };
+    // The stream's length is QEMU's to know: a spinner with the bytes carried and the channels.
+    let bar = transfer::Bar::new(!as_json);
+    let tick = || {
+        let channels = progress.channels.load(std::sync::atomic::Ordering::Relaxed);
+        bar.update_unsized(progress.bytes.load(std::sync::atomic::Ordering::Relaxed), &format!("{channels} channel(s)"));
+    };
+    let r = dataplane::live::ticking(std::time::Duration::from_millis(100), tick, || match &side {
+        Side::Source(listeners, to) => dataplane::stream::source(listeners, to, &opts),
+        Side::Destination(l, fwd) => dataplane::stream::destination(l, fwd, &opts),
+    });
+    drop(bar);
     let r = r.map_err(|e| Fail(1, e.to_string()))?;
     emit(&if as_json {
         json(&r)

@@ -101,6 +101,16 @@ impl Bar {
         }
         bar.set_position(done);
     }
+
+    /// `done` bytes of a stream whose length nobody knows, with `what` beside them.
+    pub fn update_unsized(&self, done: u64, what: &str) {
+        let Some(bar) = &self.0 else { return };
+        if bar.message().is_empty() {
+            bar.set_style(Self::style("{spinner} {bytes} {binary_bytes_per_sec} {msg}"));
+        }
+        bar.set_message(what.to_string());
+        bar.set_position(done);
+    }
 }
 
 impl Drop for Bar {

@@ -22,7 +22,7 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -209,6 +209,15 @@ pub struct ProxyOptions {
     /// What unauthenticated connections may cost, and how many channels a migration may
     /// open (`max_lanes`).
     pub limits: Limits,
+    /// Counted as the stream goes, for a progress display.
+    pub progress: Option<std::sync::Arc<StreamProgress>>,
+}
+
+/// A proxied migration so far: stream bytes carried (both directions) and channels opened.
+#[derive(Debug, Default)]
+pub struct StreamProgress {
+    pub bytes: AtomicU64,
+    pub channels: AtomicU64,
 }
 
 /// One channel, one direction's counters included for each side.
@@ -248,6 +257,7 @@ struct Channels {
     state: Mutex<ChannelState>,
     turn: Condvar,
     failed: AtomicBool,
+    progress: std::sync::Arc<StreamProgress>,
 }
 
 #[derive(Default)]
@@ -265,8 +275,13 @@ struct ChannelState {
 }
 
 impl Channels {
-    fn new() -> Channels {
-        Channels { state: Mutex::new(ChannelState::default()), turn: Condvar::new(), failed: AtomicBool::new(false) }
+    fn new(opts: &ProxyOptions) -> Channels {
+        Channels {
+            state: Mutex::new(ChannelState::default()),
+            turn: Condvar::new(),
+            failed: AtomicBool::new(false),
+            progress: opts.progress.clone().unwrap_or_default(),
+        }
     }
 
     fn finished(&self) -> bool {
@@ -326,7 +341,7 @@ impl Channels {
 /// destination proxy at `to`. Returns when QEMU's first (main) connection and every other
 /// have ended, or the stream broke.
 pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<ProxyReport, SessionError> {
-    let channels = Channels::new();
+    let channels = Channels::new(opts);
     let mut t0 = None;
     std::thread::scope(|s| {
         let mut n: u16 = 0;
@@ -374,7 +389,7 @@ pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<P
 /// stream-mode proxy (a port probe, a wrong key, a one-shot sender) are turned away on
 /// their own threads, bounded by the plan's limits, without touching the migration.
 pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptions) -> Result<ProxyReport, SessionError> {
-    let channels = Channels::new();
+    let channels = Channels::new(opts);
     let acc = Acceptor::new(listener, &opts.auth, features::STREAM, &opts.limits).map_err(|e| SessionError::io("listening", e))?;
     let max_channels = opts.limits.max_lanes as usize;
     let mut t0 = None;
@@ -486,7 +501,7 @@ fn start_channel<'s>(
     compression: Compression,
 ) -> Result<(), SessionError> {
     register(channels, n, &qemu, &ferry)?;
-    s.spawn(move || channels.end(n, run_channel(n, qemu, ferry, keys, compression)));
+    s.spawn(move || channels.end(n, run_channel(n, qemu, ferry, keys, compression, &channels.progress)));
     Ok(())
 }
 
@@ -500,7 +515,7 @@ fn start_channel_here(
     compression: Compression,
 ) -> Result<(), SessionError> {
     register(channels, n, &qemu, &ferry)?;
-    channels.end(n, run_channel(n, qemu, ferry, keys, compression));
+    channels.end(n, run_channel(n, qemu, ferry, keys, compression, &channels.progress));
     Ok(())
 }
 
@@ -510,11 +525,19 @@ fn register(channels: &Channels, n: u16, qemu: &Conn, ferry: &TcpStream) -> Resu
     let mut st = channels.state.lock().expect("channel state");
     st.running += 1;
     st.socks.push(pair);
+    channels.progress.channels.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
 /// Both directions of one channel; the first failure aborts both.
-fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Compression) -> Result<ChannelReport, SessionError> {
+fn run_channel(
+    n: u16,
+    qemu: Conn,
+    ferry: TcpStream,
+    keys: Keys,
+    compression: Compression,
+    progress: &StreamProgress,
+) -> Result<ChannelReport, SessionError> {
     let Keys { tx, rx, .. } = keys;
     let t = Instant::now();
     let clone = |e| SessionError::io(format!("cloning channel {n}"), e);
@@ -522,14 +545,14 @@ fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Co
     let (qa, fa) = (qemu.try_clone().map_err(clone)?, ferry.try_clone().map_err(clone)?);
     let (out, inn) = std::thread::scope(|s| {
         let out = s.spawn(move || {
-            let r = pump_out(n, qemu, ferry, tx, compression);
+            let r = pump_out(n, qemu, ferry, tx, compression, progress);
             if r.is_err() {
                 qa.abort();
                 let _ = fa.shutdown(Shutdown::Both);
             }
             r
         });
-        let inn = pump_in(n, f2, q2, rx);
+        let inn = pump_in(n, f2, q2, rx, progress);
         (out.join().expect("pump thread panicked"), inn)
     });
     let received = inn?;
@@ -540,7 +563,14 @@ fn run_channel(n: u16, qemu: Conn, ferry: TcpStream, keys: Keys, compression: Co
 }
 
 /// QEMU -> ferry: frames of what QEMU writes, then LANE_END when QEMU closes its side.
-fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compression: Compression) -> Result<ChannelReport, SessionError> {
+fn pump_out(
+    n: u16,
+    mut qemu: Conn,
+    mut ferry: TcpStream,
+    mut tx: Seal,
+    compression: Compression,
+    progress: &StreamProgress,
+) -> Result<ChannelReport, SessionError> {
     let mut buf = vec![0u8; STREAM_CHUNK];
     // The encoder every session uses (its adaptive policy), with this channel's zstd context.
     let mut enc = Encoder::new(compression);
@@ -563,6 +593,7 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compress
         rep.sent_bytes += got as u64;
         rep.wire_bytes += wire_bytes;
         rep.frames += 1;
+        progress.bytes.fetch_add(got as u64, Ordering::Relaxed);
     }
     rep.compressed_in_bytes = enc.stats.compressed_in;
     rep.compressed_out_bytes = enc.stats.compressed_out;
@@ -575,7 +606,7 @@ fn pump_out(n: u16, mut qemu: Conn, mut ferry: TcpStream, mut tx: Seal, compress
 /// ferry -> QEMU: each frame checked (crc, stream position, lengths) and decoded; at
 /// LANE_END (whose counts must match) QEMU's side is closed for writing. Returns the
 /// stream bytes written to QEMU.
-fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal) -> Result<u64, SessionError> {
+fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal, progress: &StreamProgress) -> Result<u64, SessionError> {
     let max = wire::max_payload_for(STREAM_CHUNK as u32);
     let mut reader = FrameReader::new(4 * (HEADER_LEN + max as usize + TAG_LEN), max, rx);
     let mut dec = Decoder::default();
@@ -606,6 +637,7 @@ fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal) -> Result<u64
                 };
                 qemu.write_all(bytes).map_err(|e| fail(SessionError::io(format!("writing channel {n} to QEMU"), e), &qemu))?;
                 pos += raw as u64;
+                progress.bytes.fetch_add(raw as u64, Ordering::Relaxed);
                 frames += 1;
             }
             Kind::LaneEnd => {

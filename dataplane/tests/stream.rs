@@ -27,6 +27,8 @@ struct Setup {
     src: std::thread::JoinHandle<Result<dataplane::stream::ProxyReport, dataplane::conn::SessionError>>,
     dst: std::thread::JoinHandle<Result<dataplane::stream::ProxyReport, dataplane::conn::SessionError>>,
     serve: String,
+    /// The source proxy's running count.
+    progress: std::sync::Arc<dataplane::stream::StreamProgress>,
 }
 
 fn setup(compression: Compression) -> Setup {
@@ -36,12 +38,18 @@ fn setup(compression: Compression) -> Setup {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let serve = l.local_addr().unwrap().to_string();
     let fwd = Endpoint::Unix(dst_sock);
-    let dst = std::thread::spawn(move || destination(&l, &fwd, &ProxyOptions { auth: key(1), compression, limits: Limits::default() }));
+    let dst = std::thread::spawn(move || {
+        destination(&l, &fwd, &ProxyOptions { auth: key(1), compression, limits: Limits::default(), progress: None })
+    });
     let src_sock = dir.path().join("ferry.sock");
     let listener = Listener::bind(&Endpoint::Unix(src_sock.clone())).unwrap();
     let to = serve.clone();
-    let src = std::thread::spawn(move || source(&[listener], &to, &ProxyOptions { auth: key(1), compression, limits: Limits::default() }));
-    Setup { _dir: dir, src_sock, qemu_dst, src, dst, serve }
+    let progress = std::sync::Arc::new(dataplane::stream::StreamProgress::default());
+    let p = Some(progress.clone());
+    let src = std::thread::spawn(move || {
+        source(&[listener], &to, &ProxyOptions { auth: key(1), compression, limits: Limits::default(), progress: p })
+    });
+    Setup { _dir: dir, src_sock, qemu_dst, src, dst, serve, progress }
 }
 
 #[test]
@@ -93,6 +101,10 @@ fn channels_are_carried_both_ways_in_order() {
         assert_eq!(src.sent_bytes, 3 * ((3 << 20) + 1));
         assert_eq!(dst.received_bytes, src.sent_bytes);
         assert_eq!(src.received_bytes, 3 * 6);
+        // What a progress display reads as it goes: every stream byte, both ways, and the channels.
+        let p = &s.progress;
+        assert_eq!(p.bytes.load(std::sync::atomic::Ordering::Relaxed), src.sent_bytes + src.received_bytes);
+        assert_eq!(p.channels.load(std::sync::atomic::Ordering::Relaxed), 3);
         if compression != Compression::Off {
             assert!(src.compression_ratio > 2.0 && src.wire_bytes < src.sent_bytes / 2, "{src:?}");
         }
