@@ -121,7 +121,11 @@ podman logs ferry-deploy-check 2>&1 | grep -q "transport tcp (io_uring)" || { po
 podman stop -t 20 ferry-deploy-check >/dev/null
 code=$(podman inspect ferry-deploy-check --format '{{.State.ExitCode}}')
 [ "$code" = 0 ] || { podman logs ferry-deploy-check >&2; echo "deploy: ferryd in the image exited $code on SIGTERM" >&2; exit 1; }
-say "image $image ($(du -h target/image/*.oci.tar | cut -f1) OCI archive): ferryd up under ferry's seccomp profile with io_uring, answered status, SIGTERM: exit 0"
+# Under the runtime's default profile instead, doctor names the profile as the block.
+podman --runtime runc run --rm --network host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "$image" \
+  ferryctl doctor --config /etc/ferry/ferry.toml > "$work/doctor-default.txt" 2>&1 || true
+grep -q "io_uring.*seccomp" "$work/doctor-default.txt" || { cat "$work/doctor-default.txt" >&2; echo "deploy: doctor under the default profile did not name seccomp" >&2; exit 1; }
+say "image $image ($(du -h target/image/*.oci.tar | cut -f1) OCI archive): ferryd up under ferry's seccomp profile with io_uring, answered status, SIGTERM: exit 0; under the default profile doctor names seccomp as io_uring's block"
 
 # 6. Removal.
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq ferry >/dev/null

@@ -248,11 +248,12 @@ fn io_uring(caps: &Capabilities, plan: Option<&Plan>) -> Check {
         );
     }
     let reason = u.reason.clone().unwrap_or_default();
-    let fix = match u.disabled_sysctl {
-        Some(1 | 2) => "sysctl -w kernel.io_uring_disabled=0   (persist in /etc/sysctl.d/90-ferry.conf)".to_string(),
-        _ if reason.contains("seccomp") => {
-            "run the container with a seccomp profile that allows io_uring_setup, io_uring_enter and io_uring_register (docker run --security-opt seccomp=<profile>)".into()
+    let fix = match u.blocked {
+        Some(hw::caps::UringBlock::Sysctl) => "sysctl -w kernel.io_uring_disabled=0   (persist in /etc/sysctl.d/90-ferry.conf)".to_string(),
+        Some(hw::caps::UringBlock::Seccomp) => {
+            "run under ferry's seccomp profile, which allows io_uring (/usr/share/ferry/seccomp/ferry.json; podman/docker --security-opt seccomp=<it>; Kubernetes: the DaemonSet in deploy/ installs it)".into()
         }
+        Some(hw::caps::UringBlock::Memlock) => "raise RLIMIT_MEMLOCK (LimitMEMLOCK=, or CAP_IPC_LOCK)".into(),
         _ => "use a kernel with io_uring (5.19 or later for SEND_ZC)".into(),
     };
     let falls_back = plan.is_some_and(|p| p.transport == Transport::Sockets);

@@ -222,6 +222,10 @@ pub struct IoUringCaps {
     pub available: bool,
     /// Why not, when it could not (sysctl, seccomp, old kernel).
     pub reason: Option<String>,
+    /// What blocks it, for the fix `ferryctl doctor` offers (reports written before this
+    /// field have none).
+    #[serde(default)]
+    pub blocked: Option<UringBlock>,
     /// `kernel.io_uring_disabled` (0 allowed, 1 only for io_uring_group, 2 disabled).
     pub disabled_sysctl: Option<u32>,
     pub send_zc: bool,
@@ -234,6 +238,22 @@ pub struct IoUringCaps {
     pub fixed_buffers: bool,
     /// Opcodes of interest that the kernel's probe lists as supported.
     pub opcodes: Vec<String>,
+}
+
+/// What keeps `io_uring_setup` from working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UringBlock {
+    /// `kernel.io_uring_disabled`.
+    Sysctl,
+    /// A seccomp filter: EPERM, or ENOSYS where the process runs under a filter (container
+    /// runtimes' default profiles answer ENOSYS).
+    Seccomp,
+    /// ENOSYS with no filter: the kernel was built without it.
+    Kernel,
+    /// ENOMEM: RLIMIT_MEMLOCK too low for the ring.
+    Memlock,
+    Other,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use io_uring::{IoUring, Probe, opcode, types};
 use memmap2::MmapMut;
 
-use crate::caps::IoUringCaps;
+use crate::caps::{IoUringCaps, UringBlock};
 
 /// Opcodes ferry's TCP transport may use, by name.
 const OPCODES: &[(u8, &str)] = &[
@@ -31,6 +31,7 @@ pub(crate) fn probe() -> IoUringCaps {
     let mut caps = IoUringCaps {
         available: false,
         reason: None,
+        blocked: None,
         disabled_sysctl,
         send_zc: false,
         sendmsg_zc: false,
@@ -42,7 +43,8 @@ pub(crate) fn probe() -> IoUringCaps {
     let ring = match IoUring::new(8) {
         Ok(r) => r,
         Err(e) => {
-            caps.reason = Some(setup_error_reason(e.raw_os_error(), disabled_sysctl));
+            let (blocked, reason) = setup_error_reason(e.raw_os_error(), disabled_sysctl, seccomp_filtered());
+            (caps.blocked, caps.reason) = (Some(blocked), Some(reason));
             return caps;
         }
     };
@@ -60,20 +62,33 @@ pub(crate) fn probe() -> IoUringCaps {
     caps
 }
 
-/// Turns an `io_uring_setup` failure into the sentence `ferryctl doctor` shows.
-pub fn setup_error_reason(errno: Option<i32>, disabled_sysctl: Option<u32>) -> String {
+/// Whether this thread runs under a seccomp filter (`Seccomp: 2` in its status).
+fn seccomp_filtered() -> bool {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() == "2")))
+}
+
+/// Turns an `io_uring_setup` failure into what blocks it and the sentence `ferryctl
+/// doctor` shows. Under a seccomp filter, ENOSYS is the filter's answer more often than
+/// the kernel's: container runtimes' default profiles refuse io_uring with it.
+pub fn setup_error_reason(errno: Option<i32>, disabled_sysctl: Option<u32>, filtered: bool) -> (UringBlock, String) {
     match (errno, disabled_sysctl) {
-        (Some(libc::EPERM), Some(2)) => "io_uring is disabled system-wide (kernel.io_uring_disabled = 2)".into(),
-        (Some(libc::EPERM), Some(1)) => {
-            "io_uring is limited to the io_uring_group (kernel.io_uring_disabled = 1) and this process is not in it".into()
-        }
+        (Some(libc::EPERM), Some(2)) => (UringBlock::Sysctl, "io_uring is disabled system-wide (kernel.io_uring_disabled = 2)".into()),
+        (Some(libc::EPERM), Some(1)) => (
+            UringBlock::Sysctl,
+            "io_uring is limited to the io_uring_group (kernel.io_uring_disabled = 1) and this process is not in it".into(),
+        ),
         (Some(libc::EPERM), _) => {
-            "io_uring_setup was refused with EPERM: a seccomp profile blocks it (Docker's default profile does)".into()
+            (UringBlock::Seccomp, "io_uring_setup was refused with EPERM: a seccomp profile blocks it (Docker's default profile does)".into())
         }
-        (Some(libc::ENOSYS), _) => "the kernel has no io_uring (io_uring_setup: ENOSYS)".into(),
-        (Some(libc::ENOMEM), _) => "io_uring_setup failed with ENOMEM: RLIMIT_MEMLOCK too low for the ring".into(),
-        (Some(e), _) => format!("io_uring_setup failed: {}", std::io::Error::from_raw_os_error(e)),
-        (None, _) => "io_uring_setup failed".into(),
+        (Some(libc::ENOSYS), _) if filtered => (
+            UringBlock::Seccomp,
+            "io_uring_setup failed with ENOSYS under a seccomp filter: the profile blocks it (podman's and containerd's defaults do), or the kernel lacks io_uring".into(),
+        ),
+        (Some(libc::ENOSYS), _) => (UringBlock::Kernel, "the kernel has no io_uring (io_uring_setup: ENOSYS)".into()),
+        (Some(libc::ENOMEM), _) => (UringBlock::Memlock, "io_uring_setup failed with ENOMEM: RLIMIT_MEMLOCK too low for the ring".into()),
+        (Some(e), _) => (UringBlock::Other, format!("io_uring_setup failed: {}", std::io::Error::from_raw_os_error(e))),
+        (None, _) => (UringBlock::Other, "io_uring_setup failed".into()),
     }
 }
 
@@ -166,11 +181,20 @@ pub fn block_io_uring_setup_on_this_thread() -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Each refusal names its cause and maps to what blocks io_uring; ENOSYS is the
+    /// kernel's only without a seccomp filter.
     #[test]
     fn setup_errors_name_the_cause() {
-        assert!(setup_error_reason(Some(libc::EPERM), Some(2)).contains("io_uring_disabled = 2"));
-        assert!(setup_error_reason(Some(libc::EPERM), Some(0)).contains("seccomp"));
-        assert!(setup_error_reason(Some(libc::ENOSYS), None).contains("no io_uring"));
+        assert!(setup_error_reason(Some(libc::EPERM), Some(2), false).1.contains("io_uring_disabled = 2"));
+        assert!(setup_error_reason(Some(libc::EPERM), Some(0), false).1.contains("seccomp"));
+        assert!(setup_error_reason(Some(libc::ENOSYS), None, false).1.contains("no io_uring"));
+        assert!(setup_error_reason(Some(libc::ENOSYS), None, true).1.contains("seccomp filter"));
+        let cause = |e, sysctl, filtered| setup_error_reason(Some(e), sysctl, filtered).0;
+        assert_eq!(cause(libc::EPERM, Some(2), false), UringBlock::Sysctl);
+        assert_eq!(cause(libc::EPERM, Some(0), true), UringBlock::Seccomp);
+        assert_eq!(cause(libc::ENOSYS, Some(0), true), UringBlock::Seccomp);
+        assert_eq!(cause(libc::ENOSYS, None, false), UringBlock::Kernel);
+        assert_eq!(cause(libc::ENOMEM, None, false), UringBlock::Memlock);
     }
 
     #[test]
@@ -186,6 +210,7 @@ mod tests {
         assert!(!caps.available, "{caps:?}");
         let reason = caps.reason.unwrap();
         assert!(reason.contains("EPERM") && reason.contains("seccomp"), "{reason}");
+        assert_eq!(caps.blocked, Some(UringBlock::Seccomp));
         assert!(caps.opcodes.is_empty() && !caps.send_zc);
         // Other threads are unaffected.
         assert!(probe().available || probe().reason.is_some());
