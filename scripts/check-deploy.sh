@@ -19,6 +19,11 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "SKIP: deploy checks need root (they install the package and run ferryd as its user)"
   exit 0
 fi
+# It installs and purges the package: a host where ferry is installed for real is left alone.
+if dpkg-query -W -f='${Status}' ferry 2>/dev/null | grep -q "install ok installed"; then
+  echo "SKIP: deploy checks: the ferry package is installed on this host; they would replace and purge it"
+  exit 0
+fi
 say() { echo "deploy: $*"; }
 work=$(mktemp -d)
 ferryd_pid=""
