@@ -151,15 +151,29 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `e`; a stale UNIX socket file is replaced.
+    /// Binds `e`; a stale UNIX socket file is replaced. Anything else at the path (a
+    /// regular file, a directory, a socket something still serves) is left alone and
+    /// refused.
     pub fn bind(e: &Endpoint) -> io::Result<Listener> {
         match e {
             Endpoint::Unix(p) => {
+                use std::os::unix::fs::FileTypeExt;
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                if p.exists() && UnixStream::connect(p).is_err() {
-                    std::fs::remove_file(p)?;
+                match std::fs::symlink_metadata(p) {
+                    Ok(m) if m.file_type().is_socket() && UnixStream::connect(p).is_err() => std::fs::remove_file(p)?,
+                    Ok(m) if m.file_type().is_socket() => {
+                        return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is served by another process", p.display())));
+                    }
+                    Ok(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket: it is left alone", p.display()),
+                        ));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
             }
@@ -671,5 +685,27 @@ mod tests {
         assert!("unix:".parse::<Endpoint>().is_err());
         assert!("tcp:host".parse::<Endpoint>().is_err());
         assert!("exec:cat".parse::<Endpoint>().is_err());
+    }
+
+    /// A stale socket is replaced; a regular file, a directory or a socket still served
+    /// at the path is left alone and refused.
+    #[test]
+    fn binding_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| Endpoint::Unix(dir.path().join(name));
+        std::fs::write(dir.path().join("file"), "precious").unwrap();
+        let e = Listener::bind(&at("file")).unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("file")).unwrap(), "precious");
+        std::fs::create_dir(dir.path().join("dir")).unwrap();
+        assert!(Listener::bind(&at("dir")).is_err());
+        assert!(dir.path().join("dir").is_dir());
+        let live = Listener::bind(&at("live.sock")).unwrap();
+        let e = Listener::bind(&at("live.sock")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        drop(live);
+        // A socket file nobody serves any more is replaced.
+        drop(UnixListener::bind(dir.path().join("stale.sock")).unwrap());
+        assert!(Listener::bind(&at("stale.sock")).is_ok());
     }
 }
