@@ -267,6 +267,10 @@ struct ProxyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Run the proxy in this ferryd (its control socket): its key, its limits, its
+    /// metrics and its drain; --key, --insecure-no-auth and --config are then ferryd's.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["key", "insecure_no_auth", "config"])]
+    ferryd: Option<PathBuf>,
 }
 
 fn run(cmd: Cmd) -> Result<u8, Fail> {
@@ -335,7 +339,10 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
 /// Stream mode: a source proxy (QEMU migrates to its `--listen` sockets) or a destination
 /// proxy (feeding QEMU's `-incoming` socket).
 fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
-    let ProxyArgs { listen, to, serve, forward, key, insecure_no_auth, compress, config, json: as_json } = p;
+    if let Some(sock) = p.ferryd.clone() {
+        return proxy_in_ferryd(&sock, p);
+    }
+    let ProxyArgs { listen, to, serve, forward, key, insecure_no_auth, compress, config, json: as_json, ferryd: _ } = p;
     let auth = transfer::auth(key.as_deref(), insecure_no_auth).map_err(|e| Fail(2, e))?;
     let cfg = match &config {
         Some(p) => Config::load(p).map_err(|e| Fail(2, e.to_string()))?,
@@ -396,6 +403,32 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
     });
     drop(bar);
     let r = r.map_err(|e| Fail(1, e.to_string()))?;
+    proxy_report(&r, as_json)
+}
+
+/// `ferryctl proxy --ferryd SOCKET`: the same proxy, run by that ferryd.
+fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, Fail> {
+    use dataplane::daemon::Request;
+    let req = match (p.to, p.serve, p.forward) {
+        (Some(to), None, None) => Request::StreamOut { listen: p.listen, to, compress: p.compress, progress: !p.json },
+        (None, Some(listen), Some(forward)) => Request::StreamIn { listen, forward, progress: !p.json },
+        _ => {
+            return Err(Fail(
+                2,
+                "give --listen ENDPOINT --to HOST:PORT (source) or --serve HOST:PORT --forward ENDPOINT (destination)".into(),
+            ));
+        }
+    };
+    let bar = transfer::Bar::new(!p.json);
+    let v = transfer::via_ferryd(sock, &req, &bar).map_err(|e| Fail(1, e))?;
+    drop(bar);
+    let r: dataplane::stream::ProxyReport =
+        serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's stream report: {e}")))?;
+    proxy_report(&r, p.json)
+}
+
+/// A proxied migration's report, as JSON or one line.
+fn proxy_report(r: &dataplane::stream::ProxyReport, as_json: bool) -> Result<u8, Fail> {
     emit(&if as_json {
         json(&r)
     } else {

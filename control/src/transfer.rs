@@ -191,10 +191,18 @@ pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar
         let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("ferryd sent a bad reply ({e}): {reply}"))?;
         if v["event"] == "listening" {
             log::info!("listening on {} (via ferryd at {})", v["addr"].as_str().unwrap_or("?"), socket.display());
+            // Stream mode: where QEMU (or the source) connects, which the user needs.
+            for e in v["endpoints"].as_array().into_iter().flatten() {
+                eprintln!("ferry proxy: listening on {} (in ferryd at {})", e.as_str().unwrap_or("?"), socket.display());
+            }
             continue;
         }
         if v["event"] == "progress" {
-            bar.update(v["bytes"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
+            let bytes = v["bytes"].as_u64().unwrap_or(0);
+            match v["channels"].as_u64() {
+                Some(n) => bar.update_unsized(bytes, &format!("{n} channel(s)")),
+                None => bar.update(bytes, v["total"].as_u64().unwrap_or(0)),
+            }
             continue;
         }
         if v["ok"] == true {

@@ -365,3 +365,82 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
         assert_eq!(fingerprint(&memory[0], pages), before, "{what}: the retry delivered the guest");
     }
 }
+
+/// `ferryctl proxy --ferryd`: both proxies of a stream-mode migration run inside ferryd
+/// processes (no key given to ferryctl: ferryd's own); a fake QEMU's stream arrives whole,
+/// both commands print their report and exit 0, and the source ferryd counts the session
+/// and its channel. A stream cut mid-way (the destination ferryd killed) fails the source
+/// command with exit 1, and its ferryd serves on.
+#[test]
+fn proxy_runs_in_ferryd() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mut dst) = (Ferryd::start(dir.path(), "src"), Ferryd::start(dir.path(), "dst"));
+    let qemu_in = dir.path().join("qemu-in.sock");
+    let qemu_out = dir.path().join("qemu-out.sock");
+    let dest_qemu = UnixListener::bind(&qemu_in).unwrap();
+    let spawn = |args: &[&str]| {
+        ferryctl()
+            .args(["proxy", "--json"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut d =
+        spawn(&["--ferryd", dst.socket.to_str().unwrap(), "--serve", "127.0.0.1:0", "--forward", &format!("unix:{}", qemu_in.display())]);
+    // It says where it listens (in ferryd), which the source needs.
+    let mut d_err = BufReader::new(d.stderr.take().unwrap()).lines();
+    let addr = d_err
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string))
+        .expect("the destination proxy says where it listens");
+    let mut s = spawn(&["--ferryd", src.socket.to_str().unwrap(), "--listen", &format!("unix:{}", qemu_out.display()), "--to", &addr]);
+    wait_until(10, "the source endpoint", || qemu_out.exists());
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let mut q = UnixStream::connect(&qemu_out).unwrap();
+    q.write_all(&data).unwrap();
+    q.shutdown(std::net::Shutdown::Write).unwrap();
+    let (mut incoming, _) = dest_qemu.accept().unwrap();
+    let mut got = Vec::new();
+    incoming.read_to_end(&mut got).unwrap();
+    assert!(got == data, "the stream arrives whole");
+    drop(incoming);
+    let mut back = Vec::new();
+    q.read_to_end(&mut back).unwrap();
+    drop(q);
+    for (what, child) in [("source", &mut s), ("destination", &mut d)] {
+        let status = child.wait().unwrap();
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert!(status.success(), "{what}: {status:?}\n{out}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: {e}: {out}"));
+        assert_eq!(r["channels"].as_array().map(Vec::len), Some(1), "{what}: {r}");
+    }
+    let m = src.scrape();
+    for want in ["ferry_sessions_total{role=\"stream_out\",result=\"ok\"} 1", "ferry_stream_channels_total{role=\"stream_out\"} 1"] {
+        assert!(m.contains(want), "{want} missing:\n{m}");
+    }
+    // The destination's ferryd dies mid-stream: the source command fails, its ferryd lives.
+    let mut d =
+        spawn(&["--ferryd", dst.socket.to_str().unwrap(), "--serve", "127.0.0.1:0", "--forward", &format!("unix:{}", qemu_in.display())]);
+    let addr = BufReader::new(d.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string))
+        .unwrap();
+    let mut s = spawn(&["--ferryd", src.socket.to_str().unwrap(), "--listen", &format!("unix:{}", qemu_out.display()), "--to", &addr]);
+    wait_until(10, "the source endpoint", || qemu_out.exists());
+    let mut q = UnixStream::connect(&qemu_out).unwrap();
+    q.write_all(&data[..1 << 20]).unwrap();
+    let (_incoming, _) = dest_qemu.accept().unwrap();
+    dst.child.kill().unwrap();
+    let _ = dst.child.wait();
+    let status = s.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "the source command fails when the stream breaks");
+    let _ = d.wait();
+    drop(q);
+    assert!(src.scrape().contains("ferry_sessions_total{role=\"stream_out\",result=\"error\"} 1"));
+}

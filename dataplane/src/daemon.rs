@@ -54,6 +54,28 @@ pub enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Stream mode, source: QEMU migrates into the `listen` endpoints (`unix:PATH` or
+    /// `tcp:HOST:PORT`, replied in a `listening` event); each connection it opens is carried
+    /// to the destination ferryd's `stream_in` at `to`, with this ferryd's key. Ends with
+    /// the report when QEMU's stream has ended.
+    StreamOut {
+        listen: Vec<String>,
+        to: String,
+        /// As for `send`.
+        #[serde(default, alias = "compress", rename = "compression")]
+        compress: Option<String>,
+        /// `progress` events with the stream bytes carried (both ways) and the channels.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Stream mode, destination: takes the source ferryd's channels on `listen` (port 0:
+    /// the plan's `incoming_ports`) and forwards each to QEMU's incoming socket `forward`.
+    StreamIn {
+        listen: String,
+        forward: String,
+        #[serde(default)]
+        progress: bool,
+    },
     /// Region mode, destination: waits for one migration on `listen`; the verified guest
     /// memory comes back as a memfd with the final reply.
     MigrateIn {
@@ -286,8 +308,15 @@ impl Daemon {
         if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. } | Request::Faults { .. }) {
             return say(serde_json::json!({"ok": false, "error": "descriptors came with a command that takes none"}));
         }
-        let starts_work =
-            matches!(req, Request::MigrateIn { .. } | Request::MigrateOut { .. } | Request::Recv { .. } | Request::Send { .. });
+        let starts_work = matches!(
+            req,
+            Request::MigrateIn { .. }
+                | Request::MigrateOut { .. }
+                | Request::Recv { .. }
+                | Request::Send { .. }
+                | Request::StreamOut { .. }
+                | Request::StreamIn { .. }
+        );
         // Counted before the drain is checked (both SeqCst): either this request sees the
         // drain and is refused, or the drain sees it and waits for it.
         let _in_flight = starts_work.then(|| {
@@ -325,6 +354,14 @@ impl Daemon {
             ),
             Request::Recv { listen, out, timeout_s, progress } => say(self.recv(&listen, &out, timeout_s, &say, progress)),
             Request::Send { to, file, compress, progress } => say(self.send(to, &file, compress, progress.then_some(&say))),
+            Request::StreamOut { listen, to, compress, progress } => {
+                let side = self.stream_out_side(&listen, &to, compress);
+                say(self.stream(Role::StreamOut, side, &say, progress))
+            }
+            Request::StreamIn { listen, forward, progress } => {
+                let side = self.stream_in_side(&listen, &forward);
+                say(self.stream(Role::StreamIn, side, &say, progress))
+            }
         }
     }
 
@@ -611,6 +648,76 @@ impl Daemon {
         }
     }
 
+    /// Stream mode's source side: its listeners bound, its compression resolved.
+    fn stream_out_side(&self, listen: &[String], to: &str, compress: Option<String>) -> Result<StreamSide, String> {
+        let compression = compress.map_or(Ok(self.plan.compression), |c| parse_compression(&c, self.plan.compression))?;
+        if listen.is_empty() {
+            return Err("stream_out needs at least one endpoint to listen on (unix:PATH or tcp:HOST:PORT)".into());
+        }
+        let mut listeners = Vec::new();
+        for l in listen {
+            let e: crate::stream::Endpoint = l.parse()?;
+            listeners.push(crate::stream::Listener::bind(&e).map_err(|err| format!("cannot listen on {e}: {err}"))?);
+        }
+        Ok(StreamSide::Source { listeners, to: to.to_string(), compression })
+    }
+
+    /// Stream mode's destination side: its listener bound, QEMU's socket parsed.
+    fn stream_in_side(&self, listen: &str, forward: &str) -> Result<StreamSide, String> {
+        let forward: crate::stream::Endpoint = forward.parse()?;
+        let listener = self.bind_incoming(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        Ok(StreamSide::Destination { listener, forward })
+    }
+
+    /// A proxied migration in ferryd: where it listens first (an event), its progress
+    /// when asked, then its report; counted in the metrics as its role's session, its
+    /// channels apart.
+    fn stream(
+        &self,
+        role: Role,
+        side: Result<StreamSide, String>,
+        say: &(dyn Fn(serde_json::Value) + Sync),
+        progress: bool,
+    ) -> serde_json::Value {
+        let side = match side {
+            Ok(s) => s,
+            Err(e) => return serde_json::json!({"ok": false, "error": e}),
+        };
+        let endpoints: Vec<String> = match &side {
+            StreamSide::Source { listeners, .. } => listeners.iter().map(crate::stream::Listener::uri).collect(),
+            StreamSide::Destination { listener, .. } => listener.local_addr().map(|a| a.to_string()).into_iter().collect(),
+        };
+        say(serde_json::json!({"event": "listening", "addr": endpoints.first(), "endpoints": endpoints}));
+        let active = self.metrics.begin(role);
+        let counts = std::sync::Arc::new(crate::stream::StreamProgress::default());
+        let compression = match &side {
+            StreamSide::Source { compression, .. } => *compression,
+            StreamSide::Destination { .. } => self.plan.compression,
+        };
+        let opts = crate::stream::ProxyOptions {
+            auth: self.auth.clone(),
+            compression,
+            limits: self.plan.limits.clone(),
+            progress: Some(counts.clone()),
+        };
+        let run = || match &side {
+            StreamSide::Source { listeners, to, .. } => crate::stream::source(listeners, to, &opts),
+            StreamSide::Destination { listener, forward } => crate::stream::destination(listener, forward, &opts),
+        };
+        let tick = || {
+            let (bytes, channels) = (counts.bytes.load(Ordering::Relaxed), counts.channels.load(Ordering::Relaxed));
+            say(serde_json::json!({"event": "progress", "bytes": bytes, "total": 0, "channels": channels}));
+        };
+        let r = if progress { crate::live::ticking(std::time::Duration::from_millis(250), tick, run) } else { run() };
+        let r = r.map_err(Failed::from);
+        self.metrics.end_stream(role, r.as_ref());
+        drop(active);
+        match r {
+            Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.message}),
+        }
+    }
+
     /// A listener for a receive or an incoming migration on `listen`. Port 0 leaves the
     /// port to ferryd: the first free one of the plan's `incoming_ports` when it has
     /// them (a firewall opens those), any the kernel gives otherwise.
@@ -735,6 +842,12 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
             Err(e) => Err(format!("no answer within {} s: {e}", TAKE_TIMEOUT.as_secs())),
         }
     }
+}
+
+/// One side of a proxied migration, bound and ready to run.
+enum StreamSide {
+    Source { listeners: Vec<crate::stream::Listener>, to: String, compression: Compression },
+    Destination { listener: TcpListener, forward: crate::stream::Endpoint },
 }
 
 /// A migration's limits as the VMM asked for them.

@@ -19,10 +19,14 @@ pub enum Role {
     Recv,
     MigrateOut,
     MigrateIn,
+    /// Stream mode under ferryd, source: QEMU's stream carried to the destination.
+    StreamOut,
+    /// Stream mode under ferryd, destination: the channels forwarded to QEMU.
+    StreamIn,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Send, Role::Recv, Role::MigrateOut, Role::MigrateIn];
+    pub const ALL: [Role; 6] = [Role::Send, Role::Recv, Role::MigrateOut, Role::MigrateIn, Role::StreamOut, Role::StreamIn];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -30,6 +34,8 @@ impl Role {
             Role::Recv => "recv",
             Role::MigrateOut => "migrate_out",
             Role::MigrateIn => "migrate_in",
+            Role::StreamOut => "stream_out",
+            Role::StreamIn => "stream_in",
         }
     }
 }
@@ -76,10 +82,10 @@ impl Counters {
 /// Every role's worker slots in this process.
 #[derive(Debug)]
 pub struct Live {
-    slots: [[Counters; SLOTS]; 4],
+    slots: [[Counters; SLOTS]; Role::ALL.len()],
 }
 
-static LIVE: Live = Live { slots: [const { [const { Counters::new() }; SLOTS] }; 4] };
+static LIVE: Live = Live { slots: [const { [const { Counters::new() }; SLOTS] }; Role::ALL.len()] };
 
 impl Counters {
     const fn new() -> Counters {

@@ -181,6 +181,8 @@ struct Families {
     chunk_latency: LatencyFamily<RoleL>,
     worker_latency: LatencyFamily<RoleWorkerL>,
     draining: Gauge,
+    /// Stream-mode channels carried by ferryd, by role.
+    stream_channels: Family<RoleL, Counter>,
     migration: MigrationFamilies,
     postcopy: PostcopyFamilies,
 }
@@ -291,6 +293,7 @@ impl Metrics {
             chunk_latency: latency_family(|| Latency::new(CHUNK_BUCKETS)),
             worker_latency: latency_family(|| Latency::new(CHUNK_BUCKETS)),
             draining: Gauge::default(),
+            stream_channels: Family::default(),
             migration: MigrationFamilies {
                 rounds: Family::new_with_constructor(|| Histogram::new(ROUND_BUCKETS)),
                 round_bytes: Family::new_with_constructor(|| Histogram::new(ROUND_BYTES_BUCKETS)),
@@ -334,6 +337,9 @@ impl Metrics {
         }
         for role in [Role::Send, Role::MigrateOut].map(Role::name) {
             let _ = f.chunk_latency.get_or_create(&RoleL { role });
+        }
+        for role in [Role::StreamOut, Role::StreamIn].map(Role::name) {
+            let _ = f.stream_channels.get_or_create(&RoleL { role });
         }
         let m = &f.migration;
         for role in MIGRATION_ROLES.map(Role::name) {
@@ -382,7 +388,16 @@ fn registry(f: &Families) -> Registry {
     r.register("ferry_sessions", "Sessions ended, by role and result", f.sessions.clone());
     r.register("ferry_sessions_active", "Sessions running now, by role", f.active.clone());
     r.register("ferry_draining", "1 while ferryd drains (SIGTERM): it refuses new sessions", f.draining.clone());
-    r.register("ferry_region_bytes", "Region bytes moved by completed sessions", f.region_bytes.clone());
+    r.register(
+        "ferry_region_bytes",
+        "Region bytes moved by completed sessions (stream mode: stream bytes, both ways)",
+        f.region_bytes.clone(),
+    );
+    r.register(
+        "ferry_stream_channels",
+        "Stream-mode channels (QEMU's connections) carried by completed sessions in ferryd",
+        f.stream_channels.clone(),
+    );
     r.register("ferry_wire_bytes", "Bytes on the wire for completed sessions", f.wire_bytes.clone());
     r.register("ferry_zero_pages", "Zero pages of completed sessions sent or received as a flag instead of data", f.zero_pages.clone());
     r.register(
@@ -529,6 +544,15 @@ impl Metrics {
         for (i, h) in rep.worker_latency.iter().enumerate() {
             self.f.worker_latency.get_or_create(&RoleWorkerL { role: role.name(), worker: i as u64 }).add(h);
         }
+    }
+
+    /// A stream-mode session (a proxied migration in ferryd) ended.
+    pub fn end_stream(&self, role: Role, r: Result<&crate::stream::ProxyReport, &Failed>) {
+        self.count_end(role, r.map(|_| ()));
+        let Ok(rep) = r else { return };
+        let compressed = rep.channels.iter().fold((0, 0), |(i, o), c| (i + c.compressed_in_bytes, o + c.compressed_out_bytes));
+        self.count_bytes(role, rep.sent_bytes + rep.received_bytes, rep.wire_bytes, 0, compressed, rep.seconds);
+        self.f.stream_channels.get_or_create(&RoleL { role: role.name() }).inc_by(rep.channels.len() as u64);
     }
 
     /// A migration ended.

@@ -27,7 +27,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use zerocopy::IntoBytes;
 
 use crate::auth::{Auth, client_handshake};
@@ -235,7 +235,7 @@ pub struct StreamProgress {
 }
 
 /// One channel, one direction's counters included for each side.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChannelReport {
     pub channel: u16,
     /// Stream bytes this side read from its QEMU and sent on.
@@ -251,7 +251,7 @@ pub struct ChannelReport {
 }
 
 /// A whole proxied migration.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProxyReport {
     pub role: String,
     pub channels: Vec<ChannelReport>,

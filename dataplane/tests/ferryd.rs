@@ -598,3 +598,62 @@ fn progress_events_follow_a_transfer() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Stream mode in ferryd (`stream_out`, `stream_in`; `ferryctl proxy --ferryd`): a
+/// migration stream QEMU writes into the source ferryd's UNIX endpoint reaches the
+/// destination QEMU's socket through the destination ferryd, and the answer comes back;
+/// both report it, and their metrics count it by role with its channels.
+#[test]
+fn stream_mode_runs_in_ferryd() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start = |dir: &std::path::Path| {
+        let path = dir.join("plan.json");
+        std::fs::write(&path, serde_json::to_string(&plan()).unwrap()).unwrap();
+        ferryd_with_metrics(&path)
+    };
+    let ((mut src, src_metrics), (mut dst, _)) = (start(src_dir.path()), start(dst_dir.path()));
+    let qemu_dst = UnixListener::bind(dst_dir.path().join("qemu-in.sock")).unwrap();
+    let open = |dir: &std::path::Path, req: serde_json::Value| {
+        let mut c = UnixStream::connect(dir.join("ferryd.sock")).unwrap();
+        writeln!(c, "{req}").unwrap();
+        let mut lines = BufReader::new(c).lines();
+        let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(first["event"], "listening", "{first}");
+        (first, std::thread::spawn(move || serde_json::from_str::<serde_json::Value>(&lines.last().unwrap().unwrap()).unwrap()))
+    };
+    let forward = format!("unix:{}", dst_dir.path().join("qemu-in.sock").display());
+    let (listening, dst_done) = open(dst_dir.path(), serde_json::json!({"cmd": "stream_in", "listen": "127.0.0.1:0", "forward": forward}));
+    let to = listening["addr"].as_str().unwrap().to_string();
+    let endpoint = src_dir.path().join("qemu-out.sock");
+    let (listening, src_done) =
+        open(src_dir.path(), serde_json::json!({"cmd": "stream_out", "listen": [format!("unix:{}", endpoint.display())], "to": to}));
+    assert_eq!(listening["endpoints"][0], format!("unix:{}", endpoint.display()));
+    // QEMU on both sides: the stream one way, an answer the other.
+    let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let mut out = UnixStream::connect(&endpoint).unwrap();
+    out.write_all(&data).unwrap();
+    out.shutdown(std::net::Shutdown::Write).unwrap();
+    let (mut inn, _) = qemu_dst.accept().unwrap();
+    let mut got = Vec::new();
+    inn.read_to_end(&mut got).unwrap();
+    assert!(got == data, "the stream arrives whole");
+    inn.write_all(b"loaded").unwrap();
+    drop(inn);
+    let mut back = Vec::new();
+    out.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"loaded");
+    let (s, d) = (src_done.join().unwrap(), dst_done.join().unwrap());
+    assert_eq!((s["ok"].clone(), d["ok"].clone()), (true.into(), true.into()), "{s}\n{d}");
+    assert_eq!(s["report"]["sent_bytes"], data.len() as u64);
+    assert_eq!(d["report"]["received_bytes"], data.len() as u64);
+    let body = http(&src_metrics, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    for want in ["ferry_sessions_total{role=\"stream_out\",result=\"ok\"} 1", "ferry_stream_channels_total{role=\"stream_out\"} 1"] {
+        assert!(body.contains(want), "{want} missing:\n{body}");
+    }
+    for c in [&mut src, &mut dst] {
+        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
+        assert!(c.wait().unwrap().success());
+    }
+}
