@@ -388,15 +388,21 @@ fn proxy_runs_in_ferryd() {
             .spawn()
             .unwrap()
     };
-    let mut d =
-        spawn(&["--ferryd", dst.socket.to_str().unwrap(), "--serve", "127.0.0.1:0", "--forward", &format!("unix:{}", qemu_in.display())]);
-    // It says where it listens (in ferryd), which the source needs.
-    let mut d_err = BufReader::new(d.stderr.take().unwrap()).lines();
-    let addr = d_err
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string))
-        .expect("the destination proxy says where it listens");
+    // The destination side says where it listens (in ferryd), which the source needs.
+    // The rest of its output is drained, so its writes never meet a closed pipe.
+    let serve = |d: &mut std::process::Child| {
+        let mut lines = BufReader::new(d.stderr.take().unwrap()).lines();
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string))
+            .expect("the destination proxy says where it listens");
+        std::thread::spawn(move || lines.for_each(drop));
+        addr
+    };
+    let forward = format!("unix:{}", qemu_in.display());
+    let mut d = spawn(&["--ferryd", dst.socket.to_str().unwrap(), "--serve", "127.0.0.1:0", "--forward", &forward]);
+    let addr = serve(&mut d);
     let mut s = spawn(&["--ferryd", src.socket.to_str().unwrap(), "--listen", &format!("unix:{}", qemu_out.display()), "--to", &addr]);
     wait_until(10, "the source endpoint", || qemu_out.exists());
     let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
@@ -424,13 +430,8 @@ fn proxy_runs_in_ferryd() {
         assert!(m.contains(want), "{want} missing:\n{m}");
     }
     // The destination's ferryd dies mid-stream: the source command fails, its ferryd lives.
-    let mut d =
-        spawn(&["--ferryd", dst.socket.to_str().unwrap(), "--serve", "127.0.0.1:0", "--forward", &format!("unix:{}", qemu_in.display())]);
-    let addr = BufReader::new(d.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string))
-        .unwrap();
+    let mut d = spawn(&["--ferryd", dst.socket.to_str().unwrap(), "--serve", "127.0.0.1:0", "--forward", &forward]);
+    let addr = serve(&mut d);
     let mut s = spawn(&["--ferryd", src.socket.to_str().unwrap(), "--listen", &format!("unix:{}", qemu_out.display()), "--to", &addr]);
     wait_until(10, "the source endpoint", || qemu_out.exists());
     let mut q = UnixStream::connect(&qemu_out).unwrap();
