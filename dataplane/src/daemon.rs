@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Auth;
 use crate::bounds::{RateLimited, Slots};
-use crate::engine::Report;
 use crate::engine::recv::{RecvOptions, recv_file};
 use crate::engine::send::{SendOptions, send_file};
 use crate::live::Role;
@@ -160,7 +159,7 @@ struct InFlight<'d>(&'d std::sync::atomic::AtomicU64);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -212,30 +211,10 @@ impl SocketAccess {
 /// socket file. Anything at `path` that is not a socket (a regular file, a directory) is
 /// left alone and refused.
 pub fn bind_control(path: &Path, access: SocketAccess) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is served by a running ferryd", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket: it is left alone; give --control another path", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
+    let l = crate::stream::bind_unix(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => std::io::Error::new(e.kind(), format!("{e}; give --control another path")),
+        _ => e,
+    })?;
     // The group first, then the mode: the socket never grants the group access with the
     // wrong group.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -320,7 +299,7 @@ impl Daemon {
         // Counted before the drain is checked (both SeqCst): either this request sees the
         // drain and is refused, or the drain sees it and waits for it.
         let _in_flight = starts_work.then(|| {
-            self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
             InFlight(&self.in_flight)
         });
         if starts_work && self.is_draining() {
@@ -391,7 +370,7 @@ impl Daemon {
             timeout: timeout_s.map(std::time::Duration::from_secs),
         };
         let run = || recv_file(&listener, out, &opts).map_err(Failed::from);
-        let r = progress_events(progress.then_some(say), &done, &total, run);
+        let r = progress_events(progress.then_some(say), &done, &total, None, run);
         self.metrics.end(Role::Recv, r.as_ref());
         // Not active once the reply says it ended: a status read after it agrees.
         drop(active);
@@ -418,7 +397,7 @@ impl Daemon {
         let total = AtomicU64::new(std::fs::metadata(file).map_or(0, |m| m.len()));
         let opts =
             SendOptions { to, auth: self.auth.clone(), plan: &plan, progress: Some(&done), require_rdma: false, pool: Some(&self.pool) };
-        let r = progress_events(say, &done, &total, || send_file(file, &opts).map_err(Failed::from));
+        let r = progress_events(say, &done, &total, None, || send_file(file, &opts).map_err(Failed::from));
         self.metrics.end(Role::Send, r.as_ref());
         drop(active);
         result(r)
@@ -704,18 +683,12 @@ impl Daemon {
             StreamSide::Source { listeners, to, .. } => crate::stream::source(listeners, to, &opts),
             StreamSide::Destination { listener, forward } => crate::stream::destination(listener, forward, &opts),
         };
-        let tick = || {
-            let (bytes, channels) = (counts.bytes.load(Ordering::Relaxed), counts.channels.load(Ordering::Relaxed));
-            say(serde_json::json!({"event": "progress", "bytes": bytes, "total": 0, "channels": channels}));
-        };
-        let r = if progress { crate::live::ticking(std::time::Duration::from_millis(250), tick, run) } else { run() };
-        let r = r.map_err(Failed::from);
+        // A stream's length is QEMU's to know: the total stays 0, the channels come along.
+        let unknown = AtomicU64::new(0);
+        let r = progress_events(progress.then_some(say), &counts.bytes, &unknown, Some(&counts.channels), || run().map_err(Failed::from));
         self.metrics.end_stream(role, r.as_ref());
         drop(active);
-        match r {
-            Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
-            Err(e) => serde_json::json!({"ok": false, "error": e.message}),
-        }
+        result(r)
     }
 
     /// A listener for a receive or an incoming migration on `listen`. Port 0 leaves the
@@ -745,12 +718,12 @@ impl Daemon {
 
     /// SIGTERM: new sessions are refused from now on; `/readyz` and the metrics say so.
     pub fn start_drain(&self) {
-        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.draining.store(true, Ordering::SeqCst);
         self.metrics.set_draining(true);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+        self.draining.load(Ordering::SeqCst)
     }
 }
 
@@ -864,17 +837,28 @@ struct Limits {
 }
 
 /// Runs `f`, telling `say` (when given) every 250 ms how far it got: `progress` events with
-/// the region bytes `done` and the `total` (0 until known).
-fn progress_events<T>(say: Option<&(dyn Fn(serde_json::Value) + Sync)>, done: &AtomicU64, total: &AtomicU64, f: impl FnOnce() -> T) -> T {
+/// the region bytes `done`, the `total` (0 until known) and, for a stream, its `channels`.
+fn progress_events<T>(
+    say: Option<&(dyn Fn(serde_json::Value) + Sync)>,
+    done: &AtomicU64,
+    total: &AtomicU64,
+    channels: Option<&AtomicU64>,
+    f: impl FnOnce() -> T,
+) -> T {
     let Some(say) = say else { return f() };
     let tick = || {
-        let (bytes, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
-        say(serde_json::json!({"event": "progress", "bytes": bytes, "total": total}));
+        let mut event =
+            serde_json::json!({"event": "progress", "bytes": done.load(Ordering::Relaxed), "total": total.load(Ordering::Relaxed)});
+        if let Some(c) = channels {
+            event["channels"] = c.load(Ordering::Relaxed).into();
+        }
+        say(event);
     };
     crate::live::ticking(std::time::Duration::from_millis(250), tick, f)
 }
 
-fn result(r: Result<Report, Failed>) -> serde_json::Value {
+/// A session's last reply: its report, or why it failed.
+fn result<R: Serialize>(r: Result<R, Failed>) -> serde_json::Value {
     match r {
         Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
         Err(e) => serde_json::json!({"ok": false, "error": e.message}),

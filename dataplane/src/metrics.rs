@@ -367,13 +367,14 @@ impl Metrics {
         for by in ["fault", "push"] {
             let _ = f.postcopy.pages.get_or_create(&ByL { by });
         }
-        Metrics { started: Instant::now(), registry: registry(&f), f, last_error: Mutex::new(None) }
+        let started = Instant::now();
+        Metrics { started, registry: registry(&f, started), f, last_error: Mutex::new(None) }
     }
 }
 
 /// The registry: each family once, under its name and help. prometheus-client adds
 /// `_total` to counters' names and a period to help.
-fn registry(f: &Families) -> Registry {
+fn registry(f: &Families, started: Instant) -> Registry {
     let mut r = Registry::default();
     let build = Family::<BuildL, Gauge>::default();
     build
@@ -384,7 +385,7 @@ fn registry(f: &Families) -> Registry {
         })
         .set(1);
     r.register("ferry_build_info", "ferryd's build: release, git revision and wire protocol version (always 1)", build);
-    r.register_collector(Box::new(Uptime(Instant::now())));
+    r.register_collector(Box::new(Uptime(started)));
     r.register("ferry_sessions", "Sessions ended, by role and result", f.sessions.clone());
     r.register("ferry_sessions_active", "Sessions running now, by role", f.active.clone());
     r.register("ferry_draining", "1 while ferryd drains (SIGTERM): it refuses new sessions", f.draining.clone());
@@ -639,11 +640,6 @@ impl Metrics {
         s
     }
 
-    /// The Prometheus text exposition.
-    pub fn prometheus(&self) -> String {
-        self.encode(false)
-    }
-
     /// What `ferryctl status` shows.
     pub fn status(&self) -> serde_json::Value {
         let f = &self.f;
@@ -826,7 +822,7 @@ mod tests {
     /// Every role's sessions, bytes and latencies are there at zero before any session.
     #[test]
     fn every_series_is_there_at_zero() {
-        let text = Metrics::default().prometheus();
+        let text = Metrics::default().encode(false);
         for role in ["send", "recv", "migrate_in", "migrate_out"] {
             for want in [
                 format!("ferry_sessions_total{{role=\"{role}\",result=\"error\"}} 0"),
@@ -887,7 +883,7 @@ mod tests {
         };
         m.end_migration(Role::MigrateOut, Ok(&rep));
         m.end_migration(Role::MigrateIn, Err(&Failed { message: "digests differ".into(), kind: Failure::Verification }));
-        let text = m.prometheus();
+        let text = m.encode(false);
         for want in [
             "ferry_sessions_total{role=\"migrate_out\",result=\"ok\"} 1",
             "ferry_sessions_total{role=\"migrate_in\",result=\"error\"} 1",
@@ -913,7 +909,7 @@ mod tests {
     #[test]
     fn post_copy_is_counted() {
         let m = Metrics::default();
-        let before = m.prometheus();
+        let before = m.encode(false);
         for want in ["ferry_postcopy_faults_total{kind=\"remote\"} 0", "ferry_postcopy_migrations_total{role=\"migrate_in\"} 0"] {
             assert!(before.contains(want), "{want} missing at zero:\n{before}");
         }
@@ -932,7 +928,7 @@ mod tests {
         m.end_migration(Role::MigrateIn, Ok(&rep));
         let src = MigrationReport { postcopy: Some(pc), switch_ms: Some(3.5), ..MigrationReport::default() };
         m.end_migration(Role::MigrateOut, Ok(&src));
-        let text = m.prometheus();
+        let text = m.encode(false);
         for want in [
             "ferry_postcopy_migrations_total{role=\"migrate_in\"} 1",
             "ferry_postcopy_migrations_total{role=\"migrate_out\"} 1",

@@ -143,6 +143,31 @@ impl Write for Conn {
     }
 }
 
+/// A UNIX listener at `path` (its directory made if missing), replacing a stale socket
+/// file there. Anything else at the path (a regular file, a directory, a socket something
+/// still serves) is left alone and refused: a path a client names must never cost a file.
+pub fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() && UnixStream::connect(path).is_err() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is served by another process", path.display())));
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket: it is left alone", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
 /// Where the source proxy takes QEMU's connections.
 #[derive(Debug)]
 pub enum Listener {
@@ -151,32 +176,10 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `e`; a stale UNIX socket file is replaced. Anything else at the path (a
-    /// regular file, a directory, a socket something still serves) is left alone and
-    /// refused.
+    /// Binds `e`; a stale UNIX socket file is replaced ([`bind_unix`]).
     pub fn bind(e: &Endpoint) -> io::Result<Listener> {
         match e {
-            Endpoint::Unix(p) => {
-                use std::os::unix::fs::FileTypeExt;
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                match std::fs::symlink_metadata(p) {
-                    Ok(m) if m.file_type().is_socket() && UnixStream::connect(p).is_err() => std::fs::remove_file(p)?,
-                    Ok(m) if m.file_type().is_socket() => {
-                        return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is served by another process", p.display())));
-                    }
-                    Ok(_) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::AlreadyExists,
-                            format!("{} exists and is not a socket: it is left alone", p.display()),
-                        ));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
-            }
+            Endpoint::Unix(p) => Ok(Listener::Unix(bind_unix(p)?, p.clone())),
             Endpoint::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a)?)),
         }
     }
