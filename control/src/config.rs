@@ -128,6 +128,16 @@ pub struct DaemonConfig {
     pub drain_seconds: Int<1, 3600>,
     /// `"any"` or `"FIRST-LAST"`.
     pub incoming_ports: PortRange,
+    /// `"HOST:PORT"` where other ferryd open streams here, or `"off"`.
+    pub peer: String,
+    /// Directories stream channels may be forwarded into (the first: where streams
+    /// opened here listen by default).
+    pub stream_dirs: Vec<PathBuf>,
+    /// Octal, `"0600"` or `"0660"`: the stream endpoints' UNIX sockets.
+    pub stream_mode: String,
+    /// A group name or number; `""`: the owner's.
+    pub stream_group: String,
+    pub stream_idle_s: Int<1, 86400>,
 }
 
 impl Default for DaemonConfig {
@@ -141,6 +151,11 @@ impl Default for DaemonConfig {
             key: PathBuf::new(),
             drain_seconds: Int(d.drain_seconds),
             incoming_ports: PortRange::Any,
+            peer: "off".into(),
+            stream_dirs: d.stream_dirs,
+            stream_mode: d.stream_mode,
+            stream_group: String::new(),
+            stream_idle_s: Int(d.stream_idle_s),
         }
     }
 }
@@ -151,6 +166,13 @@ impl DaemonConfig {
         dataplane::daemon::SocketAccess::parse(&self.control_mode, None).map_err(|e| format!("[daemon] control_mode: {e}"))?;
         if self.metrics != "off" && self.metrics.parse::<std::net::SocketAddr>().is_err() {
             return Err(format!("[daemon] metrics = \"{}\": give HOST:PORT (an IP address and a port) or \"off\"", self.metrics));
+        }
+        if self.peer != "off" && self.peer.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("[daemon] peer = \"{}\": give HOST:PORT (an IP address and a port) or \"off\"", self.peer));
+        }
+        dataplane::daemon::SocketAccess::parse(&self.stream_mode, None).map_err(|e| format!("[daemon] stream_mode: {e}"))?;
+        if self.stream_dirs.is_empty() || self.stream_dirs.iter().any(|d| !d.is_absolute()) {
+            return Err("[daemon] stream_dirs: give one or more absolute directories".into());
         }
         Ok(())
     }

@@ -17,4 +17,6 @@ pub mod planner;
 /// Human-readable renderings.
 pub mod render;
 /// `ferryctl send` / `recv` with the embedded data plane.
+/// `ferryctl stream open` and `ferryctl migrate` (libvirt): both ends from the source host.
+pub mod streams;
 pub mod transfer;

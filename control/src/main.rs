@@ -78,6 +78,16 @@ enum Cmd {
     /// (QEMU's `-incoming` socket). One migration per proxy; QEMU multifd channels are
     /// carried side by side.
     Proxy(ProxyArgs),
+    /// Stream mode with both ends from this host: the local ferryd asks the destination's
+    /// ferryd (its peer port) to forward to the destination VMM.
+    Stream {
+        #[command(subcommand)]
+        what: StreamCmd,
+    },
+    /// Migrate a libvirt domain through ferry with one command: opens the stream (the
+    /// same UNIX path on both hosts), runs `virsh migrate --live` through it, and reports
+    /// ferry's figures beside libvirt's job info.
+    Migrate(control::streams::MigrateArgs),
     /// Write a new random pre-shared key (mode 0600).
     Keygen {
         #[arg(long)]
@@ -104,6 +114,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum StreamCmd {
+    /// Open a stream: print where the VMM migrates to (`unix:DIR/ID.sock` by default,
+    /// forwarded to the same path at the destination), then both sides' reports when the
+    /// migration's stream has ended.
+    Open(control::streams::Ends),
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +192,8 @@ impl Cmd {
             Cmd::Tune(a) | Cmd::Doctor(a) => a.json,
             Cmd::Send { t, .. } | Cmd::Recv { t, .. } => t.json,
             Cmd::Proxy(p) => p.json,
+            Cmd::Stream { what: StreamCmd::Open(e) } => e.json,
+            Cmd::Migrate(m) => m.ends.json,
             Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => a.json,
             Cmd::Keygen { .. } | Cmd::Completions { .. } | Cmd::Manpages { .. } => false,
         }
@@ -325,6 +345,16 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         }
         Cmd::Manpages { dir } => manpages(&dir),
         Cmd::Proxy(p) => proxy(p),
+        Cmd::Stream { what: StreamCmd::Open(e) } => {
+            let o = control::streams::open(&e).map_err(|e| Fail(1, e))?;
+            emit(&if e.json { json(&o) } else { control::streams::summary(&o) });
+            Ok(0)
+        }
+        Cmd::Migrate(m) => {
+            let r = control::streams::migrate(&m).map_err(|e| Fail(1, e))?;
+            emit(&if m.ends.json { json(&r) } else { control::streams::migrated_summary(&r) });
+            Ok(0)
+        }
         Cmd::Demo(a) | Cmd::Bench { what: BenchCmd::Migrate(a) } => demo(&a),
         Cmd::Doctor(a) => {
             let (caps, cfg) = inputs(&a)?;
@@ -390,7 +420,10 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
         }
     };
     let progress = std::sync::Arc::new(dataplane::stream::StreamProgress::default());
-    let opts = dataplane::stream::ProxyOptions { auth, compression, limits, progress: Some(progress.clone()) };
+    let opts = dataplane::stream::ProxyOptions {
+        progress: Some(progress.clone()),
+        ..dataplane::stream::ProxyOptions::new(auth, compression, limits)
+    };
     // The stream's length is QEMU's to know: a spinner with the bytes carried and the channels.
     let bar = transfer::Bar::new(!as_json);
     let tick = || {
@@ -420,7 +453,16 @@ fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, Fail> {
         }
     };
     let bar = transfer::Bar::new(!p.json);
-    let v = transfer::via_ferryd(sock, &req, &bar).map_err(|e| Fail(1, e))?;
+    let conn = transfer::connect(sock).map_err(|e| Fail(1, e))?;
+    // Where QEMU (or the source) connects, which the user needs.
+    let mut listening = |v: &serde_json::Value| {
+        if v["event"] == "listening" {
+            for e in v["endpoints"].as_array().into_iter().flatten() {
+                eprintln!("ferry proxy: listening on {} (in ferryd at {})", e.as_str().unwrap_or("?"), sock.display());
+            }
+        }
+    };
+    let v = transfer::follow(conn, sock, &req, &bar, &mut listening).map_err(|e| Fail(1, e))?;
     drop(bar);
     let r: dataplane::stream::ProxyReport =
         serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's stream report: {e}")))?;

@@ -92,6 +92,11 @@ impl Bar {
         indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
     }
 
+    /// Whether the bar shows (on a terminal, when asked for).
+    pub fn shown(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// `done` of `total` bytes (0: not known yet).
     pub fn update(&self, done: u64, total: u64) {
         let Some(bar) = &self.0 else { return };
@@ -181,21 +186,32 @@ pub fn default_socket() -> std::path::PathBuf {
 /// Sends one request to ferryd and follows its replies to the final one, with its
 /// `progress` events (asked for by the request) on `bar`.
 pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar) -> Result<serde_json::Value, String> {
+    let conn = connect(socket)?;
+    follow(conn, socket, request, bar, &mut |_| {})
+}
+
+/// The control socket of the ferryd at `socket`.
+pub fn connect(socket: &Path) -> Result<std::os::unix::net::UnixStream, String> {
+    std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))
+}
+
+/// [`via_ferryd`] on a connection the caller made (and may shut down to call the request
+/// off), with every event also handed to `on_event`.
+pub fn follow(
+    conn: std::os::unix::net::UnixStream,
+    socket: &Path,
+    request: &dataplane::daemon::Request,
+    bar: &Bar,
+    on_event: &mut dyn FnMut(&serde_json::Value),
+) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
-    let mut conn =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))?;
     let line = serde_json::to_string(request).expect("requests serialise");
-    writeln!(conn, "{line}").map_err(|e| format!("writing to ferryd: {e}"))?;
+    writeln!(&conn, "{line}").map_err(|e| format!("writing to ferryd: {e}"))?;
     for reply in std::io::BufReader::new(conn).lines() {
         let reply = reply.map_err(|e| format!("reading from ferryd: {e}"))?;
         let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("ferryd sent a bad reply ({e}): {reply}"))?;
         if v["event"] == "listening" {
             log::info!("listening on {} (via ferryd at {})", v["addr"].as_str().unwrap_or("?"), socket.display());
-            // Stream mode: where QEMU (or the source) connects, which the user needs.
-            for e in v["endpoints"].as_array().into_iter().flatten() {
-                eprintln!("ferry proxy: listening on {} (in ferryd at {})", e.as_str().unwrap_or("?"), socket.display());
-            }
-            continue;
         }
         if v["event"] == "progress" {
             let bytes = v["bytes"].as_u64().unwrap_or(0);
@@ -203,6 +219,9 @@ pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar
                 Some(n) => bar.update_unsized(bytes, &format!("{n} channel(s)")),
                 None => bar.update(bytes, v["total"].as_u64().unwrap_or(0)),
             }
+        }
+        if v.get("event").is_some() {
+            on_event(&v);
             continue;
         }
         if v["ok"] == true {

@@ -40,6 +40,22 @@ pub struct FerrydArgs {
     /// Default: the plan's (30).
     #[arg(long, value_name = "SECONDS")]
     pub drain_seconds: Option<u64>,
+    /// Serve other ferryd on this address (HOST:PORT): they open the destination side of
+    /// stream-mode migrations here (`ferryctl stream open --to`). Default: the plan's
+    /// (`[daemon] peer`; off).
+    #[arg(long, value_name = "ADDR")]
+    pub peer: Option<String>,
+    /// A directory peers may have stream channels forwarded into, where the destination
+    /// VMM listens (repeatable). Default: the plan's (/run/ferry/streams).
+    #[arg(long = "stream-dir", value_name = "DIR")]
+    pub stream_dirs: Vec<PathBuf>,
+    /// Stream endpoints' UNIX socket mode, octal (0600 or 0660). Default: the plan's.
+    #[arg(long, value_name = "MODE")]
+    pub stream_mode: Option<String>,
+    /// Stream endpoints' UNIX socket group, with `--stream-mode 0660`. Default: the
+    /// plan's.
+    #[arg(long, value_name = "GROUP")]
+    pub stream_group: Option<String>,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -57,6 +73,15 @@ impl FerrydArgs {
             key: if self.insecure_no_auth { self.key.clone() } else { self.key.clone().or_else(|| plan.key.clone()) },
             drain_seconds: self.drain_seconds.unwrap_or(plan.drain_seconds),
             incoming_ports: plan.incoming_ports,
+            peer: match self.peer.as_deref() {
+                Some("off") => None,
+                Some(p) => Some(p.to_string()),
+                None => plan.peer.clone(),
+            },
+            stream_dirs: if self.stream_dirs.is_empty() { plan.stream_dirs.clone() } else { self.stream_dirs.clone() },
+            stream_mode: self.stream_mode.clone().unwrap_or_else(|| plan.stream_mode.clone()),
+            stream_group: self.stream_group.clone().or_else(|| plan.stream_group.clone()),
+            stream_idle_s: plan.stream_idle_s,
         }
     }
 }

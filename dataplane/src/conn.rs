@@ -199,6 +199,12 @@ impl Ctl {
         })
     }
 
+    /// [`Ctl::expect`] of a frame of at most `max` payload bytes (checked before anything
+    /// is allocated for it): a peer's request that is small by nature.
+    pub fn expect_at_most(&mut self, want: Kind, buf: &mut Vec<u8>, max: u32) -> Result<Header, SessionError> {
+        expect(&mut self.s, Some(&mut self.keys.rx), want, buf, max)
+    }
+
     /// The next frame, which must be one of `want`; its kind is the header's.
     pub fn expect_any(&mut self, want: &[Kind], buf: &mut Vec<u8>) -> Result<Header, SessionError> {
         expect_any(&mut self.s, Some(&mut self.keys.rx), want, buf, crate::wire::MAX_PAYLOAD)

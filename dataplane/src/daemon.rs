@@ -75,6 +75,26 @@ pub enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Stream mode, both ends from the source host: asks the ferryd whose peer port is
+    /// `to` to forward channels to its VMM's incoming socket `forward`, then listens for
+    /// this host's VMM on `listen`. Both default to `unix:DIR/ID.sock` in the first of
+    /// `[daemon] stream_dirs`: one path, the same on both hosts (libvirt's
+    /// `--migrateuri unix://PATH`). The reply's `destination` is the far side's report.
+    StreamOpen {
+        to: String,
+        /// The migration's name (letters, digits, `.`, `_`, `-`); a new one when absent.
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        listen: Vec<String>,
+        #[serde(default)]
+        forward: Option<String>,
+        /// As for `send`.
+        #[serde(default, alias = "compress", rename = "compression")]
+        compress: Option<String>,
+        #[serde(default)]
+        progress: bool,
+    },
     /// Region mode, destination: waits for one migration on `listen`; the verified guest
     /// memory comes back as a memfd with the final reply.
     MigrateIn {
@@ -152,6 +172,8 @@ pub struct Daemon {
     draining: std::sync::atomic::AtomicBool,
     /// Requests that start work (a session), from before the drain check until they end.
     pub in_flight: std::sync::atomic::AtomicU64,
+    /// Who may connect to the stream endpoints' UNIX sockets (`[daemon] stream_mode`).
+    pub stream_access: SocketAccess,
 }
 
 /// Counts a request as in flight until dropped.
@@ -179,13 +201,15 @@ impl Default for SocketAccess {
 
 impl SocketAccess {
     /// `mode` in octal (`0660`) and `group` a name or a number. Other users may never
-    /// connect: whoever can reach the socket can hand ferryd memory and send it anywhere.
+    /// connect: whoever can reach the control socket can hand ferryd memory and send it
+    /// anywhere, and a stream endpoint carries a guest's memory. Errors name the mode
+    /// or the group, and the caller says whose they are.
     pub fn parse(mode: &str, group: Option<&str>) -> Result<SocketAccess, String> {
         let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-            .map_err(|_| format!("--control-mode {mode}: give an octal mode such as 0600 or 0660"))?;
+            .map_err(|_| format!("mode {mode}: give an octal mode such as 0600 or 0660"))?;
         if m & !0o770 != 0 {
             return Err(format!(
-                "--control-mode {mode}: only owner and group bits may be set (0600, 0660): every client of the control socket can make ferryd read and send memory"
+                "mode {mode}: only owner and group bits may be set (0600, 0660): whoever reaches the socket can read or send guest memory"
             ));
         }
         // A group matters only to a mode with group bits: with 0600 it is not applied
@@ -197,8 +221,8 @@ impl SocketAccess {
                 Ok(n) => nix::unistd::Gid::from_raw(n),
                 Err(_) => {
                     nix::unistd::Group::from_name(g)
-                        .map_err(|e| format!("--control-group {g}: {e}"))?
-                        .ok_or_else(|| format!("--control-group {g}: no such group"))?
+                        .map_err(|e| format!("group {g}: {e}"))?
+                        .ok_or_else(|| format!("group {g}: no such group"))?
                         .gid
                 }
             }),
@@ -215,14 +239,20 @@ pub fn bind_control(path: &Path, access: SocketAccess) -> std::io::Result<UnixLi
         std::io::ErrorKind::AlreadyExists => std::io::Error::new(e.kind(), format!("{e}; give --control another path")),
         _ => e,
     })?;
-    // The group first, then the mode: the socket never grants the group access with the
-    // wrong group.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    if let Some(g) = access.group {
-        nix::unistd::chown(path, None, Some(g)).map_err(std::io::Error::from)?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
+    access.apply(path)?;
     Ok(l)
+}
+
+impl SocketAccess {
+    /// Gives the socket at `path` this mode and group: the group first, then the mode, so
+    /// the socket never grants the group access with the wrong group.
+    pub fn apply(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(g) = self.group {
+            nix::unistd::chown(path, None, Some(g)).map_err(std::io::Error::from)?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode))
+    }
 }
 
 impl Daemon {
@@ -234,6 +264,7 @@ impl Daemon {
             pool,
             draining: std::sync::atomic::AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicU64::new(0),
+            stream_access: SocketAccess::default(),
         }
     }
 
@@ -277,6 +308,9 @@ impl Daemon {
                 return;
             }
         };
+        // A second descriptor of the client's connection: a stream endpoint closes if
+        // its client goes away before the VMM connects.
+        let watch = || conn.stream().try_clone().ok().map(OwnedFd::from);
         let say = |v: serde_json::Value| {
             let _ = conn.send(&v.to_string(), &[]);
         };
@@ -295,6 +329,7 @@ impl Daemon {
                 | Request::Send { .. }
                 | Request::StreamOut { .. }
                 | Request::StreamIn { .. }
+                | Request::StreamOpen { .. }
         );
         // Counted before the drain is checked (both SeqCst): either this request sees the
         // drain and is refused, or the drain sees it and waits for it.
@@ -335,11 +370,15 @@ impl Daemon {
             Request::Send { to, file, compress, progress } => say(self.send(to, &file, compress, progress.then_some(&say))),
             Request::StreamOut { listen, to, compress, progress } => {
                 let side = self.stream_out_side(&listen, &to, compress);
-                say(self.stream(Role::StreamOut, side, &say, progress))
+                say(result(side.and_then(|side| self.stream(Role::StreamOut, side, &say, progress, watch()))))
             }
             Request::StreamIn { listen, forward, progress } => {
                 let side = self.stream_in_side(&listen, &forward);
-                say(self.stream(Role::StreamIn, side, &say, progress))
+                say(result(side.and_then(|side| self.stream(Role::StreamIn, side, &say, progress, watch()))))
+            }
+            Request::StreamOpen { to, id, listen, forward, compress, progress } => {
+                let open = StreamOpen { to, id, listen, forward, compress };
+                say(self.stream_open(open, &say, progress, watch()))
             }
         }
     }
@@ -627,8 +666,9 @@ impl Daemon {
         }
     }
 
-    /// Stream mode's source side: its listeners bound, its compression resolved.
-    fn stream_out_side(&self, listen: &[String], to: &str, compress: Option<String>) -> Result<StreamSide, String> {
+    /// Stream mode's source side: its listeners bound (UNIX sockets with the stream
+    /// endpoints' mode and group), its compression resolved.
+    fn stream_out_side(&self, listen: &[String], to: &str, compress: Option<String>) -> Result<StreamSide, Failed> {
         let compression = compress.map_or(Ok(self.plan.compression), |c| parse_compression(&c, self.plan.compression))?;
         if listen.is_empty() {
             return Err("stream_out needs at least one endpoint to listen on (unix:PATH or tcp:HOST:PORT)".into());
@@ -636,13 +676,17 @@ impl Daemon {
         let mut listeners = Vec::new();
         for l in listen {
             let e: crate::stream::Endpoint = l.parse()?;
-            listeners.push(crate::stream::Listener::bind(&e).map_err(|err| format!("cannot listen on {e}: {err}"))?);
+            let bound = crate::stream::Listener::bind(&e).map_err(|err| format!("cannot listen on {e}: {err}"))?;
+            if let crate::stream::Endpoint::Unix(p) = &e {
+                self.stream_access.apply(p).map_err(|err| format!("cannot set {}'s mode and group: {err}", p.display()))?;
+            }
+            listeners.push(bound);
         }
         Ok(StreamSide::Source { listeners, to: to.to_string(), compression })
     }
 
     /// Stream mode's destination side: its listener bound, QEMU's socket parsed.
-    fn stream_in_side(&self, listen: &str, forward: &str) -> Result<StreamSide, String> {
+    fn stream_in_side(&self, listen: &str, forward: &str) -> Result<StreamSide, Failed> {
         let forward: crate::stream::Endpoint = forward.parse()?;
         let listener = self.bind_incoming(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         Ok(StreamSide::Destination { listener, forward })
@@ -650,18 +694,16 @@ impl Daemon {
 
     /// A proxied migration in ferryd: where it listens first (an event), its progress
     /// when asked, then its report; counted in the metrics as its role's session, its
-    /// channels apart.
+    /// channels apart. The endpoint waits for its first connection for the plan's
+    /// `stream_idle_s`, and while `watch` (the requester) is there.
     fn stream(
         &self,
         role: Role,
-        side: Result<StreamSide, String>,
+        side: StreamSide,
         say: &(dyn Fn(serde_json::Value) + Sync),
         progress: bool,
-    ) -> serde_json::Value {
-        let side = match side {
-            Ok(s) => s,
-            Err(e) => return serde_json::json!({"ok": false, "error": e}),
-        };
+        watch: Option<OwnedFd>,
+    ) -> Result<crate::stream::ProxyReport, Failed> {
         let endpoints: Vec<String> = match &side {
             StreamSide::Source { listeners, .. } => listeners.iter().map(crate::stream::Listener::uri).collect(),
             StreamSide::Destination { listener, .. } => listener.local_addr().map(|a| a.to_string()).into_iter().collect(),
@@ -674,10 +716,10 @@ impl Daemon {
             StreamSide::Destination { .. } => self.plan.compression,
         };
         let opts = crate::stream::ProxyOptions {
-            auth: self.auth.clone(),
-            compression,
-            limits: self.plan.limits.clone(),
             progress: Some(counts.clone()),
+            idle: Some(std::time::Duration::from_secs(self.plan.daemon.stream_idle_s)),
+            watch,
+            ..crate::stream::ProxyOptions::new(self.auth.clone(), compression, self.plan.limits.clone())
         };
         let run = || match &side {
             StreamSide::Source { listeners, to, .. } => crate::stream::source(listeners, to, &opts),
@@ -688,7 +730,149 @@ impl Daemon {
         let r = progress_events(progress.then_some(say), &counts.bytes, &unknown, Some(&counts.channels), || run().map_err(Failed::from));
         self.metrics.end_stream(role, r.as_ref());
         drop(active);
-        result(r)
+        r
+    }
+
+    /// `stream_open`: the destination ferryd asked over its peer port to forward to its
+    /// VMM, then this side's endpoints for the VMM here; the reply carries both sides'
+    /// reports, and is a success only if the destination's side ended well too.
+    fn stream_open(
+        &self,
+        o: StreamOpen,
+        say: &(dyn Fn(serde_json::Value) + Sync),
+        progress: bool,
+        watch: Option<OwnedFd>,
+    ) -> serde_json::Value {
+        let opened = (|| -> Result<_, Failed> {
+            let id = match o.id {
+                Some(id) if crate::peer::valid_id(&id) => id,
+                Some(id) => return Err(format!("{id:?} is not a migration name: 1-64 letters, digits, '.', '_' or '-'").into()),
+                None => crate::peer::new_id("stream"),
+            };
+            let listen = if o.listen.is_empty() {
+                let dir = self.plan.daemon.stream_dirs.first().ok_or("no stream directory ([daemon] stream_dirs) to listen in")?;
+                vec![format!("unix:{}", crate::peer::default_socket(dir, &id).display())]
+            } else {
+                o.listen
+            };
+            let forward = o.forward.unwrap_or_else(|| listen[0].clone());
+            forward.parse::<crate::stream::Endpoint>()?;
+            // Bound here first: a path in use fails before the destination is asked.
+            let StreamSide::Source { listeners, compression, .. } = self.stream_out_side(&listen, &o.to, o.compress)? else {
+                unreachable!("stream_out_side makes a source side")
+            };
+            let link = crate::peer::open(&o.to, &self.auth, &crate::peer::Open { id: id.clone(), forward: forward.clone() })
+                .map_err(|e| Failed::from(format!("the destination ferryd at {} did not open its side: {e}", o.to)))?;
+            log::info!("stream {id}: the destination ferryd at {} forwards to {forward}; channels go to {}", o.to, link.channels);
+            say(serde_json::json!({"event": "opened", "id": id, "forward": forward, "channels": link.channels.to_string()}));
+            Ok((StreamSide::Source { listeners, to: link.channels.to_string(), compression }, link, id))
+        })();
+        let (side, link, id) = match opened {
+            Ok(o) => o,
+            Err(e) => return result::<()>(Err(e)),
+        };
+        let here = self.stream(Role::StreamOut, side, say, progress, watch);
+        // The destination's report follows its side's end; on a failure here the peer
+        // connection closes and the destination's side ends too.
+        let there = match &here {
+            Ok(_) => link.result().map_err(|e| Failed::from(format!("the destination's side of stream {id}: {e}"))),
+            Err(_) => Err("not asked: this side failed".into()),
+        };
+        match (here, there) {
+            (Ok(rep), Ok(dest)) => serde_json::json!({"ok": true, "id": id, "report": rep, "destination": dest}),
+            (Ok(_), Err(e)) | (Err(e), _) => serde_json::json!({"ok": false, "id": id, "error": e.message}),
+        }
+    }
+
+    /// Serves other ferryd on the peer port until the process ends: each authenticated
+    /// connection (bounded by the plan's limits before it authenticates) may open the
+    /// destination side of one stream; at most `control_clients` at once.
+    pub fn serve_peers(&self, listener: TcpListener) {
+        static LOG: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
+        let acc = match crate::session::accept::Acceptor::new(&listener, &self.auth, crate::wire::features::PEER, &self.plan.limits) {
+            Ok(a) => a,
+            Err(e) => return log::error!("cannot serve peers: {e}"),
+        };
+        let slots = Slots::new(self.plan.limits.control_clients as usize);
+        std::thread::scope(|s| {
+            loop {
+                let wait = crate::session::accept::Wait { what: "peers", deadline: None, watch: &[] };
+                let taken = std::cell::Cell::new(None);
+                let next = acc.next(wait, |a| {
+                    if a.hello.features.get() & crate::wire::features::PEER == 0 {
+                        return Err(format!("{} is not a ferryd opening a stream (the peer port takes STREAM_OPEN only)", a.peer));
+                    }
+                    let slot = slots.take().ok_or_else(|| format!("ferryd already serves {} peer streams", slots.max()))?;
+                    taken.set(Some(slot));
+                    Ok(())
+                });
+                match next {
+                    Ok(crate::session::accept::Next::Conn(a)) => {
+                        let slot = taken.take();
+                        s.spawn(move || {
+                            let _slot = slot;
+                            self.peer_stream(crate::peer::Asked { ctl: crate::conn::Ctl::new(a.s, a.keys) }, a.peer);
+                        });
+                    }
+                    Ok(crate::session::accept::Next::Watched(_)) | Err(crate::conn::SessionError::TimedOut { .. }) => {}
+                    Err(e) => {
+                        LOG.warn(format_args!("peers: {e}"));
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            }
+        });
+    }
+
+    /// One peer's STREAM_OPEN: the forward target checked against the stream
+    /// directories, a listener for the channels, then the destination side run as a
+    /// `stream_in` session while the peer connection lives; RESULT at the end.
+    fn peer_stream(&self, mut asked: crate::peer::Asked, peer: std::net::SocketAddr) {
+        let open = match asked.open() {
+            Ok(o) => o,
+            Err(e) => {
+                log::warn!("peer {peer}: {e}");
+                return asked.refuse(&e.to_string());
+            }
+        };
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = InFlight(&self.in_flight);
+        if self.is_draining() {
+            return asked.refuse("the destination ferryd is shutting down: it starts no new stream");
+        }
+        let side = (|| -> Result<StreamSide, Failed> {
+            let forward: crate::stream::Endpoint = open.forward.parse()?;
+            crate::peer::check_forward(&forward, &self.plan.daemon.stream_dirs).map_err(|e| e.to_string())?;
+            // Channels come to the address the peer reached, on a port of the plan's range.
+            let ip = asked.ctl.s.local_addr().map_err(|e| e.to_string())?.ip();
+            self.stream_in_side(&std::net::SocketAddr::new(ip, 0).to_string(), &open.forward)
+        })();
+        let side = match side {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("peer {peer}: stream {} refused: {}", open.id, e.message);
+                return asked.refuse(&e.message);
+            }
+        };
+        let StreamSide::Destination { listener, .. } = &side else { unreachable!("stream_in_side makes a destination side") };
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        if let Err(e) = asked.opened(port) {
+            return log::warn!("peer {peer}: stream {}: {e}", open.id);
+        }
+        log::info!("stream {}: opened by {peer}; channels on port {port}, forwarded to {}", open.id, open.forward);
+        let watch = asked.ctl.s.try_clone().ok().map(OwnedFd::from);
+        let r = self.stream(Role::StreamIn, side, &|_| {}, false, watch);
+        match &r {
+            Ok(rep) => log::info!(
+                "stream {}: {} bytes in {} channel(s) forwarded to {}",
+                open.id,
+                rep.received_bytes,
+                rep.channels.len(),
+                open.forward
+            ),
+            Err(e) => log::warn!("stream {}: {}", open.id, e.message),
+        }
+        asked.finish(r.as_ref().map_err(|e| e.message.clone()));
     }
 
     /// A listener for a receive or an incoming migration on `listen`. Port 0 leaves the
@@ -815,6 +999,15 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
             Err(e) => Err(format!("no answer within {} s: {e}", TAKE_TIMEOUT.as_secs())),
         }
     }
+}
+
+/// A `stream_open` request's fields.
+struct StreamOpen {
+    to: String,
+    id: Option<String>,
+    listen: Vec<String>,
+    forward: Option<String>,
+    compress: Option<String>,
 }
 
 /// One side of a proxied migration, bound and ready to run.

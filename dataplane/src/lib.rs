@@ -30,6 +30,8 @@ pub mod live;
 pub mod metrics;
 /// The migration engine: pre-copy rounds, region mode.
 pub mod migrate;
+/// ferryd to ferryd: the destination side of a stream opened from the source.
+pub mod peer;
 /// The resolved plan the data plane runs with.
 pub mod plan;
 /// The persistent worker threads: one per planned CPU, each with its arena.

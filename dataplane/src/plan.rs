@@ -148,6 +148,20 @@ pub struct DaemonSettings {
     /// port to ferryd (port 0): the first free one of `first..=last`. None: any the kernel
     /// gives.
     pub incoming_ports: Option<(u16, u16)>,
+    /// Where other ferryd reach this one to open the destination side of a stream-mode
+    /// migration (`ferryctl stream open`), `HOST:PORT`; none: not served.
+    pub peer: Option<String>,
+    /// Directories a peer may have stream channels forwarded into (the destination VMM's
+    /// incoming UNIX socket must be in one); a stream opened here listens in the first by
+    /// default.
+    pub stream_dirs: Vec<std::path::PathBuf>,
+    /// Stream endpoints' UNIX sockets: mode (octal, 0600 or 0660) and group, for a VMM
+    /// that runs as another user.
+    pub stream_mode: String,
+    pub stream_group: Option<String>,
+    /// Seconds a stream endpoint waits for the VMM's first connection (the source) or
+    /// the first channel (the destination) before it closes.
+    pub stream_idle_s: u64,
 }
 
 impl Default for DaemonSettings {
@@ -160,6 +174,11 @@ impl Default for DaemonSettings {
             key: None,
             drain_seconds: 30,
             incoming_ports: None,
+            peer: None,
+            stream_dirs: vec!["/run/ferry/streams".into()],
+            stream_mode: "0600".into(),
+            stream_group: None,
+            stream_idle_s: 300,
         }
     }
 }

@@ -228,6 +228,36 @@ pub struct ProxyOptions {
     pub limits: Limits,
     /// Counted as the stream goes, for a progress display.
     pub progress: Option<std::sync::Arc<StreamProgress>>,
+    /// How long the endpoint waits for its first connection (the VMM's on the source,
+    /// the first channel on the destination) before it closes; none: for ever.
+    pub idle: Option<Duration>,
+    /// Whoever asked for the stream (a control client, a peer ferryd): while no
+    /// connection has come, its hanging up (or a byte from it) closes the endpoint.
+    pub watch: Option<std::os::fd::OwnedFd>,
+}
+
+impl ProxyOptions {
+    /// Options with no idle time and nothing watched.
+    pub fn new(auth: Auth, compression: Compression, limits: Limits) -> ProxyOptions {
+        ProxyOptions { auth, compression, limits, progress: None, idle: None, watch: None }
+    }
+
+    /// Whether the wait for the first connection is over: an error once the idle time
+    /// has passed since `since`.
+    fn idle_over(&self, since: Instant, what: &str) -> Result<(), SessionError> {
+        match self.idle {
+            Some(idle) if since.elapsed() >= idle => Err(SessionError::Cancelled(format!(
+                "no {what} came within the endpoint's idle time of {} s ([daemon] stream_idle_s)",
+                idle.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The watched requester went away before anything connected.
+fn requester_left() -> SessionError {
+    SessionError::Cancelled("whoever opened the stream went away before the first connection came".into())
 }
 
 /// A proxied migration so far: stream bytes carried (both directions) and channels opened.
@@ -360,11 +390,23 @@ impl Channels {
 pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<ProxyReport, SessionError> {
     let channels = Channels::new(opts);
     let mut t0 = None;
+    let opened = Instant::now();
     std::thread::scope(|s| {
         let mut n: u16 = 0;
         while !channels.finished() {
             let r = (|| -> Result<(), SessionError> {
-                let Some(l) = wait_readable(listeners.iter().map(Listener::fd).collect())? else { return Ok(()) };
+                let mut fds: Vec<_> = listeners.iter().map(Listener::fd).collect();
+                // Until the VMM's first connection: the idle time, and the requester.
+                let first = t0.is_none();
+                if first && let Some(w) = &opts.watch {
+                    fds.push(w.as_fd());
+                }
+                let Some(l) = wait_readable(fds)? else {
+                    return if first { opts.idle_over(opened, "migration connection from the VMM") } else { Ok(()) };
+                };
+                if l == listeners.len() {
+                    return Err(requester_left());
+                }
                 let qemu = listeners[l].accept().map_err(|e| SessionError::io("accepting QEMU's migration connection", e))?;
                 t0.get_or_insert_with(Instant::now);
                 let opened = (|| {
@@ -410,11 +452,18 @@ pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptio
     let acc = Acceptor::new(listener, &opts.auth, features::STREAM, &opts.limits).map_err(|e| SessionError::io("listening", e))?;
     let max_channels = opts.limits.max_lanes as usize;
     let mut t0 = None;
+    let opened = Instant::now();
+    let watch: Vec<_> = opts.watch.iter().map(|w| w.as_fd()).collect();
     std::thread::scope(|s| -> Result<(), SessionError> {
         while !channels.finished() {
+            // Until the first channel: the idle time, and the requester.
+            let first = t0.is_none();
+            if first {
+                opts.idle_over(opened, "channel from the source")?;
+            }
             // Short waits: the loop ends once the migration's channels have.
-            let wait =
-                Wait { what: "the source proxy's channels", deadline: Some(Instant::now() + Duration::from_millis(100)), watch: &[] };
+            let deadline = Some(Instant::now() + Duration::from_millis(100));
+            let wait = Wait { what: "the source proxy's channels", deadline, watch: if first { &watch } else { &[] } };
             let a = match acc.next(wait, |a| {
                 if a.hello.features.get() & features::STREAM == 0 {
                     return Err(format!("{} is not a stream-mode proxy (ferryctl proxy --listen ...)", a.peer));
@@ -427,7 +476,8 @@ pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptio
                 Ok(())
             }) {
                 Ok(Next::Conn(a)) => a,
-                Ok(Next::Watched(_)) | Err(SessionError::TimedOut { .. }) => continue,
+                Ok(Next::Watched(_)) => return Err(requester_left()),
+                Err(SessionError::TimedOut { .. }) => continue,
                 Err(e) => return Err(e),
             };
             t0.get_or_insert_with(Instant::now);

@@ -104,8 +104,11 @@ pub mod features {
     /// The connection belongs to a migration's post-copy phase: it resumes a session the
     /// destination already switched over (RESUME), see [`crate::migrate::postcopy`].
     pub const POSTCOPY: u64 = 1 << 5;
+    /// The connection is one ferryd asking another to open the destination side of a
+    /// stream-mode migration (STREAM_OPEN), see [`crate::peer`].
+    pub const PEER: u64 = 1 << 6;
     /// Every feature this build understands.
-    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE | STREAM | POSTCOPY;
+    pub const ALL: u64 = ZSTD | NO_AUTH | RDMA | MIGRATE | STREAM | POSTCOPY | PEER;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,12 @@ pub enum Kind {
     Needed = 23,
     /// Destination to source on the fault lane: send these pages first.
     Fetch = 24,
+    /// Source ferryd to destination ferryd on a peer connection: open the destination
+    /// side of a stream-mode migration (a JSON [`crate::peer::Open`]).
+    StreamOpen = 25,
+    /// The answer: where the channels go (a JSON [`crate::peer::Opened`]); RESULT follows
+    /// when the stream has ended.
+    StreamOpened = 26,
 }
 
 impl Kind {
@@ -172,6 +181,8 @@ impl Kind {
             22 => Resume,
             23 => Needed,
             24 => Fetch,
+            25 => StreamOpen,
+            26 => StreamOpened,
             _ => return None,
         })
     }

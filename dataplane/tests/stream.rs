@@ -38,16 +38,14 @@ fn setup(compression: Compression) -> Setup {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let serve = l.local_addr().unwrap().to_string();
     let fwd = Endpoint::Unix(dst_sock);
-    let dst = std::thread::spawn(move || {
-        destination(&l, &fwd, &ProxyOptions { auth: key(1), compression, limits: Limits::default(), progress: None })
-    });
+    let dst = std::thread::spawn(move || destination(&l, &fwd, &ProxyOptions::new(key(1), compression, Limits::default())));
     let src_sock = dir.path().join("ferry.sock");
     let listener = Listener::bind(&Endpoint::Unix(src_sock.clone())).unwrap();
     let to = serve.clone();
     let progress = std::sync::Arc::new(dataplane::stream::StreamProgress::default());
     let p = Some(progress.clone());
     let src = std::thread::spawn(move || {
-        source(&[listener], &to, &ProxyOptions { auth: key(1), compression, limits: Limits::default(), progress: p })
+        source(&[listener], &to, &ProxyOptions { progress: p, ..ProxyOptions::new(key(1), compression, Limits::default()) })
     });
     Setup { _dir: dir, src_sock, qemu_dst, src, dst, serve, progress }
 }

@@ -109,6 +109,11 @@ pub fn daemon_of(cfg: &Config) -> dataplane::plan::DaemonSettings {
             crate::config::PortRange::Any => None,
             crate::config::PortRange::Range(a, b) => Some((a, b)),
         },
+        peer: (d.peer != "off").then(|| d.peer.clone()),
+        stream_dirs: d.stream_dirs.clone(),
+        stream_mode: d.stream_mode.clone(),
+        stream_group: (!d.stream_group.is_empty()).then(|| d.stream_group.clone()),
+        stream_idle_s: d.stream_idle_s.0,
     }
 }
 

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let settings = plan.daemon.clone();
-    let (control, metrics) = match listeners(&settings) {
+    let Listeners { control, metrics, peer, stream_access } = match listeners(&settings) {
         Ok(l) => l,
         Err(code) => return code,
     };
@@ -66,8 +66,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let daemon: &'static Daemon = Box::leak(Box::new(Daemon::new(plan, auth, pool)));
+    let mut daemon = Daemon::new(plan, auth, pool);
+    daemon.stream_access = stream_access;
+    let daemon: &'static Daemon = Box::leak(Box::new(daemon));
     std::thread::spawn(move || daemon.serve_control(control));
+    if let Some(l) = peer {
+        log::info!("peers open streams on {}", l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()));
+        std::thread::spawn(move || daemon.serve_peers(l));
+    }
     if let Some(l) = metrics {
         log::info!("metrics on http://{}/metrics", l.local_addr().map_or_else(|_| settings.metrics.clone(), |a| a.to_string()));
         std::thread::spawn(move || daemon.serve_metrics(l));
@@ -100,18 +106,25 @@ fn inputs(args: &Args) -> Result<(Plan, Auth), String> {
     Ok((plan, auth))
 }
 
-/// The control socket (with its mode and group) and the metrics listener, or the exit
-/// code after saying why not.
-fn listeners(
-    args: &dataplane::plan::DaemonSettings,
-) -> Result<(std::os::unix::net::UnixListener, Option<std::net::TcpListener>), ExitCode> {
-    let access = match SocketAccess::parse(&args.control_mode, args.control_group.as_deref()) {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("{e}");
-            return Err(ExitCode::from(2));
-        }
+/// What ferryd listens on, and who may use its stream endpoints.
+struct Listeners {
+    control: std::os::unix::net::UnixListener,
+    metrics: Option<std::net::TcpListener>,
+    peer: Option<std::net::TcpListener>,
+    stream_access: SocketAccess,
+}
+
+/// The control socket (with its mode and group), the metrics and peer listeners, or the
+/// exit code after saying why not.
+fn listeners(args: &dataplane::plan::DaemonSettings) -> Result<Listeners, ExitCode> {
+    let access = |what: &str, mode: &str, group: Option<&str>| {
+        SocketAccess::parse(mode, group).map_err(|e| {
+            log::error!("{what}: {e}");
+            ExitCode::from(2)
+        })
     };
+    let stream_access = access("stream endpoints (--stream-mode, --stream-group)", &args.stream_mode, args.stream_group.as_deref())?;
+    let access = access("control socket (--control-mode, --control-group)", &args.control_mode, args.control_group.as_deref())?;
     let control = match bind_control(&args.control, access) {
         Ok(l) => l,
         Err(e) => {
@@ -129,7 +142,17 @@ fn listeners(
             }
         },
     };
-    Ok((control, metrics))
+    let peer = match args.peer.as_deref() {
+        None => None,
+        Some(addr) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::error!("cannot serve peers on {addr}: {e} (use --peer off or another address)");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+    };
+    Ok(Listeners { control, metrics, peer, stream_access })
 }
 
 /// Stop signals, waited for on a thread of their own and told over a channel: the first

@@ -44,6 +44,8 @@ pub fn key(b: u8) -> Auth {
 pub struct Ferryd {
     pub child: std::process::Child,
     pub socket: std::path::PathBuf,
+    /// Where it serves peers, when its plan has it do so (`daemon.peer`).
+    pub peer: Option<String>,
 }
 
 /// The plan the test ferryd processes run: 2 workers of one lane each, 256 KiB chunks.
@@ -81,7 +83,14 @@ impl Ferryd {
             .unwrap();
         // Blocks on ferryd's own output until it says ready; the rest is drained.
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("ferryd ready")), "ferryd {name} exited before it was ready");
+        let mut peer = None;
+        let ready = lines.by_ref().map_while(Result::ok).any(|l| {
+            if let Some(addr) = l.split("peers open streams on ").nth(1) {
+                peer = Some(addr.trim().to_string());
+            }
+            l.contains("ferryd ready")
+        });
+        assert!(ready, "ferryd {name} exited before it was ready");
         // Kept in DIR/NAME.log for a failing test's reader.
         let log = dir.join(format!("{name}.log"));
         std::thread::spawn(move || {
@@ -93,7 +102,7 @@ impl Ferryd {
                 }
             }
         });
-        Ferryd { child, socket }
+        Ferryd { child, socket, peer }
     }
 }
 

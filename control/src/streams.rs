@@ -1,0 +1,345 @@
+//! Stream mode from one command on the source host: `ferryctl stream open` has the local
+//! ferryd ask the destination's ferryd (its peer port) to open the far side, and
+//! `ferryctl migrate` does that around a `virsh migrate` and reports both.
+//!
+//! ```text
+//!  ferryctl migrate vm1 qemu+ssh://dst/system --to dst:7470
+//!    │ stream_open {to, id, listen: unix:/run/ferry/streams/vm1-3f2a.sock}     (local ferryd's control socket)
+//!    │   ferryd ══ STREAM_OPEN over the peer port ══► ferryd at dst: forwards to the same path there
+//!    │ ◄ {"event":"listening"}
+//!    │ virsh migrate --live vm1 qemu+ssh://dst/system --migrateuri unix:///run/ferry/streams/vm1-3f2a.sock
+//!    │   source QEMU ─► ferryd ══ channels ══► ferryd ─► destination QEMU (libvirt made it listen there)
+//!    │ ◄ {"ok":true,"report":...,"destination":...}
+//!    └ ferry's figures beside `virsh domjobinfo --completed`
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dataplane::daemon::Request;
+use dataplane::stream::{Endpoint, ProxyReport};
+
+use crate::transfer;
+
+/// Where the stream's two ends are, as the user chose them (both optional).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Ends {
+    /// The destination ferryd's peer port, HOST:PORT (`[daemon] peer` there).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// The migration's name (letters, digits, . _ -). Default: a new one.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Where this host's VMM migrates to: unix:PATH or tcp:HOST:PORT (repeatable).
+    /// Default: unix:DIR/ID.sock in the local ferryd's first stream directory.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: Vec<String>,
+    /// The destination VMM's incoming socket, on the destination host. Default: the
+    /// first --listen (the same path on both hosts).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub forward: Option<String>,
+    /// off, zstd:N (1-19), or auto (compress while it finishes sooner). Default: the
+    /// plan's.
+    #[arg(long = "compression", alias = "compress", value_name = "POLICY")]
+    pub compression: Option<String>,
+    /// The local ferryd's control socket (default: $FERRY_SOCKET or
+    /// /run/ferry/ferryd.sock).
+    #[arg(long, value_name = "SOCKET")]
+    pub ferryd: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Ends {
+    fn socket(&self) -> PathBuf {
+        self.ferryd.clone().unwrap_or_else(transfer::default_socket)
+    }
+
+    fn request(&self, id: Option<String>, progress: bool) -> Request {
+        Request::StreamOpen {
+            to: self.to.clone(),
+            id,
+            listen: self.listen.clone(),
+            forward: self.forward.clone(),
+            compress: self.compression.clone(),
+            progress,
+        }
+    }
+}
+
+/// What ferryd answered for a stream it opened: both sides' reports.
+#[derive(Debug, serde::Serialize)]
+pub struct Opened {
+    pub id: String,
+    pub source: ProxyReport,
+    pub destination: ProxyReport,
+}
+
+/// A stream being opened or carried by the local ferryd, followed on a thread.
+struct Running {
+    /// The endpoints the VMM migrates to, once ferryd listens; then the final reply.
+    events: mpsc::Receiver<Event>,
+    /// The control connection: shut down to call the stream off.
+    conn: std::os::unix::net::UnixStream,
+}
+
+enum Event {
+    Listening { id: String, endpoints: Vec<String> },
+    Done(Result<serde_json::Value, String>),
+}
+
+fn start(ends: &Ends, id: Option<String>, bar: transfer::Bar) -> Result<Running, String> {
+    let socket = ends.socket();
+    let conn = transfer::connect(&socket)?;
+    let theirs = conn.try_clone().map_err(|e| format!("cloning the control connection: {e}"))?;
+    let req = ends.request(id, bar.shown());
+    let (tx, events) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut id = String::new();
+        let mut on_event = |v: &serde_json::Value| {
+            if v["event"] == "opened" {
+                id = v["id"].as_str().unwrap_or_default().to_string();
+            }
+            if v["event"] == "listening" {
+                let endpoints = v["endpoints"].as_array().into_iter().flatten().filter_map(|e| e.as_str().map(String::from)).collect();
+                let _ = tx.send(Event::Listening { id: id.clone(), endpoints });
+            }
+        };
+        let r = transfer::follow(theirs, &socket, &req, &bar, &mut on_event);
+        drop(bar);
+        let _ = tx.send(Event::Done(r));
+    });
+    Ok(Running { events, conn })
+}
+
+impl Running {
+    /// The endpoints once ferryd listens on them, or why it did not.
+    fn listening(&self) -> Result<(String, Vec<String>), String> {
+        match self.events.recv() {
+            Ok(Event::Listening { id, endpoints }) => Ok((id, endpoints)),
+            Ok(Event::Done(Err(e))) => Err(e),
+            Ok(Event::Done(Ok(v))) => Err(format!("ferryd ended the stream before it listened: {v}")),
+            Err(_) => Err("the control connection ended".into()),
+        }
+    }
+
+    /// The final reply: both sides' reports.
+    fn done(&self, wait: Option<Duration>) -> Result<Opened, String> {
+        let ev = match wait {
+            Some(w) => self.events.recv_timeout(w).map_err(|_| format!("ferryd did not end the stream within {} s", w.as_secs())),
+            None => self.events.recv().map_err(|_| "the control connection ended".to_string()),
+        }?;
+        let v = match ev {
+            Event::Done(r) => r?,
+            Event::Listening { .. } => return Err("ferryd said it listens twice".into()),
+        };
+        let report = |k: &str| -> Result<ProxyReport, String> {
+            serde_json::from_value(v[k].clone()).map_err(|e| format!("ferryd's {k} report: {e}"))
+        };
+        Ok(Opened { id: v["id"].as_str().unwrap_or_default().to_string(), source: report("report")?, destination: report("destination")? })
+    }
+
+    /// Calls the stream off: ferryd closes an endpoint no VMM connected to.
+    fn cancel(&self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// `ferryctl stream open`: prints where the VMM migrates to, then both sides' reports
+/// once the stream has ended.
+pub fn open(ends: &Ends) -> Result<Opened, String> {
+    let run = start(ends, ends.id.clone(), transfer::Bar::new(!ends.json))?;
+    let (id, endpoints) = run.listening()?;
+    for e in &endpoints {
+        eprintln!("ferry stream {id}: the VMM migrates to {e} (forwarded to {} at {})", ends.forward.as_deref().unwrap_or(e), ends.to);
+    }
+    run.done(None)
+}
+
+/// One line per side of a finished stream.
+pub fn summary(o: &Opened) -> String {
+    let side = |r: &ProxyReport| {
+        format!(
+            "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
+            r.role,
+            r.channels.len(),
+            r.sent_bytes,
+            r.received_bytes,
+            r.seconds,
+            r.gbps,
+            r.wire_bytes,
+            r.compression,
+            r.compression_ratio
+        )
+    };
+    format!("stream {}\n  {}\n  {}", o.id, side(&o.source), side(&o.destination))
+}
+
+/// `ferryctl migrate`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// The libvirt domain to migrate.
+    pub domain: String,
+    /// The destination libvirt URI (`virsh migrate`'s desturi), e.g. qemu+ssh://dst/system.
+    pub dest_uri: String,
+    #[command(flatten)]
+    pub ends: Ends,
+    /// The source libvirt URI (virsh -c). Default: virsh's.
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+    /// The virsh to run.
+    #[arg(long, default_value = "virsh", value_name = "PROGRAM")]
+    pub virsh: PathBuf,
+    /// More `virsh migrate` options, after `--` (e.g. -- --parallel --parallel-connections 4).
+    #[arg(last = true, value_name = "VIRSH_OPTIONS")]
+    pub virsh_options: Vec<String>,
+}
+
+/// What `ferryctl migrate` reports: ferry's two sides and libvirt's job figures.
+#[derive(Debug, serde::Serialize)]
+pub struct Migrated {
+    pub domain: String,
+    pub ferry: Opened,
+    /// `virsh domjobinfo --completed` at the destination, as its name/value pairs (empty
+    /// if libvirt did not keep them).
+    pub libvirt: std::collections::BTreeMap<String, String>,
+    /// Seconds `virsh migrate` ran.
+    pub virsh_seconds: f64,
+}
+
+/// The `virsh migrate` options that point libvirt at ferry's endpoint: a UNIX socket
+/// becomes `--migrateuri unix://PATH` (libvirt has the destination QEMU listen at the same
+/// path), a TCP endpoint `--migrateuri tcp://HOST:PORT`, with `--listen-address` the
+/// forward's host (the destination QEMU listens there, on the same port).
+pub fn migrate_uri(listen: &str, forward: Option<&str>) -> Result<Vec<String>, String> {
+    let l: Endpoint = listen.parse()?;
+    let f: Option<Endpoint> = forward.map(str::parse).transpose()?;
+    match (l, f) {
+        (Endpoint::Unix(p), None) => Ok(vec!["--migrateuri".into(), format!("unix://{}", p.display())]),
+        (Endpoint::Unix(p), Some(Endpoint::Unix(q))) if p == q => Ok(vec!["--migrateuri".into(), format!("unix://{}", p.display())]),
+        (Endpoint::Unix(_), Some(_)) => {
+            Err("libvirt has both QEMUs use the same UNIX path: give no --forward (or the same path) with a unix: --listen".into())
+        }
+        (Endpoint::Tcp(a), f) => {
+            let (_, port) = a.rsplit_once(':').ok_or_else(|| format!("{a}: no port"))?;
+            let mut args = vec!["--migrateuri".into(), format!("tcp://{a}")];
+            match f {
+                None => {}
+                Some(Endpoint::Tcp(b)) => {
+                    let (host, fport) = b.rsplit_once(':').ok_or_else(|| format!("{b}: no port"))?;
+                    if fport != port {
+                        return Err(format!(
+                            "libvirt has the destination QEMU listen on the migration URI's port: --forward {b} must use port {port} too"
+                        ));
+                    }
+                    args.extend(["--listen-address".into(), host.trim_matches(['[', ']']).to_string()]);
+                }
+                Some(Endpoint::Unix(_)) => return Err("a tcp: --listen needs a tcp: --forward (libvirt migrates over one kind)".into()),
+            }
+            Ok(args)
+        }
+    }
+}
+
+/// `ferryctl migrate DOMAIN DEST_URI --to PEER [-- virsh options]`: opens the stream,
+/// runs `virsh migrate --live` through it, and reports ferry's figures beside libvirt's.
+/// A `virsh migrate` that fails calls the stream off and fails the command; the source
+/// guest is libvirt's to keep running (it does after a failed migration).
+pub fn migrate(a: &MigrateArgs) -> Result<Migrated, String> {
+    if a.ends.listen.len() > 1 {
+        return Err("ferryctl migrate takes one --listen: libvirt migrates to one URI".into());
+    }
+    let run = start(&a.ends, Some(a.ends.id.clone().unwrap_or_else(|| dataplane::peer::new_id(&a.domain))), transfer::Bar::new(false))?;
+    let (id, endpoints) = run.listening()?;
+    let listen = endpoints.first().ok_or("ferryd listens nowhere")?;
+    let mut virsh = Command::new(&a.virsh);
+    if let Some(c) = &a.connect {
+        virsh.args(["-c", c]);
+    }
+    virsh.args(["migrate", &a.domain, &a.dest_uri]);
+    if !a.virsh_options.iter().any(|o| o == "--live" || o == "--offline") {
+        virsh.arg("--live");
+    }
+    virsh.args(migrate_uri(listen, a.ends.forward.as_deref())?).args(&a.virsh_options);
+    log::info!("stream {id}: running {virsh:?}");
+    eprintln!("ferry migrate {}: stream {id} at {listen}, forwarded by the ferryd at {}", a.domain, a.ends.to);
+    let t = std::time::Instant::now();
+    let status = virsh.status().map_err(|e| {
+        run.cancel();
+        format!("cannot run {}: {e}", a.virsh.display())
+    })?;
+    let virsh_seconds = t.elapsed().as_secs_f64();
+    if !status.success() {
+        run.cancel();
+        // ferry's own reason, if it has one, beside virsh's (printed above by virsh).
+        let why = run.done(Some(Duration::from_secs(10))).err().map_or_else(String::new, |e| format!("; ferry: {e}"));
+        return Err(format!("virsh migrate failed ({status}){why}"));
+    }
+    // The VMM closes its connections when the migration has completed; the stream ends
+    // then, and the destination ferryd's report comes with it.
+    let ferry = run.done(Some(Duration::from_secs(60)))?;
+    let libvirt = domjobinfo(&a.virsh, &a.dest_uri, &a.domain);
+    Ok(Migrated { domain: a.domain.clone(), ferry, libvirt, virsh_seconds })
+}
+
+/// `virsh -c URI domjobinfo DOMAIN --completed` as name/value pairs (empty on failure).
+fn domjobinfo(virsh: &Path, uri: &str, domain: &str) -> std::collections::BTreeMap<String, String> {
+    let out = Command::new(virsh).args(["-c", uri, "domjobinfo", domain, "--completed"]).output();
+    let Ok(out) = out.map_err(|e| log::warn!("virsh domjobinfo: {e}")) else { return Default::default() };
+    parse_jobinfo(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `Name:   value unit` lines, the value with its unit.
+pub fn parse_jobinfo(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .collect()
+}
+
+/// ferry's figures and libvirt's, for a terminal.
+pub fn migrated_summary(m: &Migrated) -> String {
+    let pick = |k: &str| m.libvirt.get(k).map_or("?", String::as_str);
+    format!(
+        "{} migrated in {:.2} s (virsh)\n{}\n  libvirt: time elapsed {}, total downtime {}, data total {}, memory bandwidth {}, iterations {}",
+        m.domain,
+        m.virsh_seconds,
+        summary(&m.ferry),
+        pick("Time elapsed"),
+        pick("Total downtime"),
+        pick("Data total"),
+        pick("Memory bandwidth"),
+        pick("Iteration"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libvirt_is_pointed_at_the_endpoint() {
+        assert_eq!(migrate_uri("unix:/run/ferry/streams/a.sock", None).unwrap(), ["--migrateuri", "unix:///run/ferry/streams/a.sock"]);
+        assert_eq!(
+            migrate_uri("tcp:127.0.0.1:49152", Some("tcp:127.0.0.2:49152")).unwrap(),
+            ["--migrateuri", "tcp://127.0.0.1:49152", "--listen-address", "127.0.0.2"]
+        );
+        assert_eq!(migrate_uri("tcp:[::1]:49152", Some("tcp:[::1]:49152")).unwrap()[3], "::1");
+        assert!(migrate_uri("tcp:127.0.0.1:49152", Some("tcp:127.0.0.2:49153")).unwrap_err().contains("port 49152"));
+        assert!(migrate_uri("unix:/a.sock", Some("unix:/b.sock")).unwrap_err().contains("same UNIX path"));
+        assert!(migrate_uri("tcp:127.0.0.1:1", Some("unix:/b.sock")).is_err());
+    }
+
+    #[test]
+    fn job_info_lines() {
+        let j = parse_jobinfo("Job type:         Completed   \nTime elapsed:     608          ms\nTotal downtime:   17           ms\n\n");
+        assert_eq!(j["Time elapsed"], "608 ms");
+        assert_eq!(j["Total downtime"], "17 ms");
+        assert_eq!(j["Job type"], "Completed");
+        assert_eq!(j.len(), 3);
+    }
+}
