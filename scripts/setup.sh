@@ -3,7 +3,8 @@
 #   scripts/setup.sh          build and runtime packages (rdma-core, hwloc, libclang for bindgen)
 #   scripts/setup.sh --test   also QEMU, a kernel and perftest for the Soft-RoCE test guest,
 #                             builds the guest image (../shared/tools/rxe-vm), installs
-#                             cargo-fuzz and cargo-deb, promtool and the packaging tools
+#                             cargo-fuzz and cargo-deb, promtool, the packaging tools and
+#                             libvirt
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 want_test=0
@@ -19,6 +20,8 @@ test_pkgs=(qemu-system-x86 linux-image-amd64 busybox-static rdma-core ibverbs-ut
 # checks (scripts/check-deploy.sh) build the .deb (dpkg-dev), an image (mmdebstrap,
 # podman, runc) and validate the Kubernetes tree (python3-yaml, python3-venv).
 test_pkgs+=(prometheus dpkg-dev mmdebstrap podman runc python3-yaml python3-venv curl)
+# The libvirt test (control/tests/libvirt.rs): two session-mode libvirtd and virsh.
+test_pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 [ $want_test = 1 ] && pkgs+=("${test_pkgs[@]}")
 
 missing=()

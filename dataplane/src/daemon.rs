@@ -743,6 +743,7 @@ impl Daemon {
         progress: bool,
         watch: Option<OwnedFd>,
     ) -> serde_json::Value {
+        self.make_stream_dirs();
         let opened = (|| -> Result<_, Failed> {
             let id = match o.id {
                 Some(id) if crate::peer::valid_id(&id) => id,
@@ -781,6 +782,27 @@ impl Daemon {
         match (here, there) {
             (Ok(rep), Ok(dest)) => serde_json::json!({"ok": true, "id": id, "report": rep, "destination": dest}),
             (Ok(_), Err(e)) | (Err(e), _) => serde_json::json!({"ok": false, "id": id, "error": e.message}),
+        }
+    }
+
+    /// Makes the stream directories that do not exist yet (when a stream first needs
+    /// them, so that a ferryd that never carries a stream makes none): for the stream
+    /// group (read, write and setgid, so a VMM of that group can listen there and its
+    /// sockets take the group) when the stream endpoints have one, for ferryd's user
+    /// alone otherwise. One that cannot be made is said and left.
+    fn make_stream_dirs(&self) {
+        for d in self.plan.daemon.stream_dirs.iter().filter(|d| !d.exists()) {
+            let made = std::fs::create_dir_all(d).and_then(|()| match self.stream_access.group {
+                Some(g) => {
+                    nix::unistd::chown(d, None, Some(g)).map_err(std::io::Error::from)?;
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o2770))
+                }
+                None => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)),
+            });
+            match made {
+                Ok(()) => log::info!("stream directory {} made", d.display()),
+                Err(e) => log::warn!("cannot make the stream directory {}: {e}", d.display()),
+            }
         }
     }
 
@@ -840,6 +862,7 @@ impl Daemon {
         if self.is_draining() {
             return asked.refuse("the destination ferryd is shutting down: it starts no new stream");
         }
+        self.make_stream_dirs();
         let side = (|| -> Result<StreamSide, Failed> {
             let forward: crate::stream::Endpoint = open.forward.parse()?;
             crate::peer::check_forward(&forward, &self.plan.daemon.stream_dirs).map_err(|e| e.to_string())?;

@@ -181,3 +181,31 @@ fn an_endpoint_nobody_uses_closes() {
     assert!(t.elapsed() >= Duration::from_secs(2));
     assert!(!src_streams.join("idle.sock").exists());
 }
+
+/// A stream directory that does not exist yet is made when a stream first needs it
+/// (a ferryd that never carries a stream makes none): group-writable and setgid for the
+/// stream group, so the VMM of that group can listen there.
+#[test]
+fn stream_directories_are_made_when_first_needed() {
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let later = a.path().join("run/ferry/streams");
+    let mut plan = ferryd_plan();
+    plan.daemon.stream_dirs = vec![later.clone()];
+    plan.daemon.stream_mode = "0660".into();
+    // A group this user may give its own files, root or not.
+    let gid = nix::unistd::getegid().as_raw();
+    plan.daemon.stream_group = Some(gid.to_string());
+    std::fs::write(a.path().join("plan.json"), serde_json::to_string(&plan).unwrap()).unwrap();
+    let src = Ferryd::start(a.path(), "src");
+    assert!(!later.exists(), "made only when needed");
+    let (dst, dst_streams) = host(b.path(), "dst", true, 300);
+    let fwd = format!("unix:{}", dst_streams.join("vm.sock").display());
+    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "id": "mk", "forward": fwd}));
+    let v = next_reply(&mut r);
+    assert_eq!(v["event"], "listening", "{v}");
+    let m = std::fs::metadata(&later).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.gid()), (0o2770, gid));
+    let sock = std::fs::metadata(later.join("mk.sock")).unwrap();
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, gid));
+}

@@ -19,7 +19,7 @@ pub const KEY_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899a
 
 /// The binaries under test: this build's, or those in `$FERRY_BIN_DIR` (to show that a
 /// case fails on an older build).
-fn bin(name: &str) -> PathBuf {
+pub fn bin(name: &str) -> PathBuf {
     match std::env::var_os("FERRY_BIN_DIR") {
         Some(d) => Path::new(&d).join(name),
         None => Path::new(env!("CARGO_BIN_EXE_ferryctl")).with_file_name(name),
