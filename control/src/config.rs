@@ -459,6 +459,15 @@ mod tests {
         assert_eq!(c.migration.recover_s, MigrationConfig::default().recover_s);
         assert_eq!(c.daemon.incoming_ports, PortRange::Range(49152, 49215));
         assert_eq!(c.daemon.metrics, "127.0.0.1:9464");
+        assert_eq!(c.daemon.peer, "off", "not served unless configured");
+        let c = Config::parse(
+            "[daemon]\npeer = \"0.0.0.0:7470\"\nstream_dirs = [\"/run/ferry/streams\", \"/var/run/kubevirt\"]\nstream_mode = \"0660\"\nstream_group = \"kvm\"\nstream_idle_s = 60\n",
+        )
+        .unwrap();
+        let d = crate::planner::daemon_of(&c);
+        assert_eq!(d.peer.as_deref(), Some("0.0.0.0:7470"));
+        assert_eq!(d.stream_dirs.len(), 2);
+        assert_eq!((d.stream_mode.as_str(), d.stream_group.as_deref(), d.stream_idle_s), ("0660", Some("kvm"), 60));
         for (bad, says) in [
             ("[migration]\nrate_limit_mbit = \"auto\"\n", "give \"off\" or a number"),
             ("[migration]\nrate_limit_mbit = 0\n", "between 1 and"),
@@ -467,6 +476,11 @@ mod tests {
             ("[daemon]\nmetrcs = \"off\"\n", "unknown field"),
             ("[daemon]\ncontrol_mode = \"0666\"\n", "only owner and group bits"),
             ("[daemon]\nmetrics = \"localhost\"\n", "give HOST:PORT"),
+            ("[daemon]\npeer = \"dsthost\"\n", "[daemon] peer"),
+            ("[daemon]\nstream_mode = \"0644\"\n", "stream_mode: mode 0644"),
+            ("[daemon]\nstream_dirs = [\"streams\"]\n", "absolute directories"),
+            ("[daemon]\nstream_dirs = []\n", "absolute directories"),
+            ("[daemon]\nstream_idle_s = 0\n", "between 1 and"),
         ] {
             let e = Config::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
