@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod hostile;
+
 const MIB: u64 = 256;
 
 /// One QEMU pair at a time: three pairs and their proxies at once on a 2-core machine
@@ -267,6 +269,21 @@ fn workdir() -> tempfile::TempDir {
     dir
 }
 
+/// Both QEMUs' RAM as each guest sees it (pmemsave) is the same, but for the legacy BIOS
+/// shadow window 0xC0000-0xFFFFF: QEMU's destination writes a page there (0xE8000) after
+/// loading, with or without ferry (QEMU to QEMU directly shows the same page;
+/// ../shared/tools/peers/bench_migration.py documents it).
+fn same_ram(d: &Path, sqmp: &mut Qmp, dqmp: &mut Qmp) {
+    let (sdump, ddump) = (d.join("src.dump"), d.join("dst.dump"));
+    sqmp.cmd("pmemsave", json!({"val": 0, "size": MIB << 20, "filename": sdump.to_str().unwrap()}));
+    dqmp.cmd("pmemsave", json!({"val": 0, "size": MIB << 20, "filename": ddump.to_str().unwrap()}));
+    let diff = differing_pages(&sdump, &ddump);
+    assert!(diff.iter().all(|p| (0xc0000..0x100000).contains(&u64::from_str_radix(&p[2..], 16).unwrap())), "pages differ at {diff:?}");
+    let (sh, dh) = (sha(&mask_bios_shadow(&sdump)), sha(&mask_bios_shadow(&ddump)));
+    assert_eq!(sh, dh, "the destination's RAM hashes as the source's");
+    eprintln!("RAM sha256 (BIOS shadow window zeroed) {sh} on both sides; pages differing in that window: {diff:?}");
+}
+
 /// Source QEMU -> proxy -> proxy -> destination QEMU; returns (source status, destination
 /// status before and after `cont`, hashes equal, the source proxy's report).
 fn migrate(multifd: Option<u32>, compress: &str) {
@@ -294,18 +311,7 @@ fn migrate(multifd: Option<u32>, compress: &str) {
     assert_eq!(dqmp.wait_migration(&["completed", "failed"]), "completed", "the destination loads it\n{}", logs(d));
     assert_eq!(sqmp.status(), "postmigrate");
     assert_eq!(dqmp.status(), "paused", "the destination was started with -S");
-    // RAM as each guest sees it, dumped with pmemsave.
-    let (sdump, ddump) = (d.join("src.dump"), d.join("dst.dump"));
-    sqmp.cmd("pmemsave", json!({"val": 0, "size": MIB << 20, "filename": sdump.to_str().unwrap()}));
-    dqmp.cmd("pmemsave", json!({"val": 0, "size": MIB << 20, "filename": ddump.to_str().unwrap()}));
-    // The legacy BIOS shadow window 0xC0000-0xFFFFF is left out: QEMU's destination writes
-    // a page there (0xE8000) after loading, with or without ferry (QEMU to QEMU directly
-    // shows the same page; ../shared/tools/peers/bench_migration.py documents it).
-    let diff = differing_pages(&sdump, &ddump);
-    assert!(diff.iter().all(|p| (0xc0000..0x100000).contains(&u64::from_str_radix(&p[2..], 16).unwrap())), "pages differ at {diff:?}");
-    let (sh, dh) = (sha(&mask_bios_shadow(&sdump)), sha(&mask_bios_shadow(&ddump)));
-    assert_eq!(sh, dh, "the destination's RAM hashes as the source's");
-    eprintln!("RAM sha256 (BIOS shadow window zeroed) {sh} on both sides; pages differing in that window: {diff:?}");
+    same_ram(d, &mut sqmp, &mut dqmp);
     dqmp.cmd("cont", json!({}));
     assert_eq!(dqmp.status(), "running");
     let st = sp.wait();
@@ -376,4 +382,80 @@ fn a_stream_cut_in_the_middle_fails_the_migration() {
     let end = dqmp.wait_migration(&["completed", "failed"]);
     assert_ne!(end, "completed");
     assert!(!dqmp.resumed, "the destination never ran the guest");
+}
+
+/// KubeVirt's seam (docs/kubevirt.md), at the socket level: ferryd driven the way a
+/// changed virt-handler would drive it. The source launcher pod's libvirt migrates to
+/// `<its socket dir>/migrationproxy/<vmi uid>-49152-source.sock`, and libvirt has the
+/// target pod's QEMU listen at the same path inside that pod; on each node that directory
+/// is a different one under the kubelet's pods. The source node's virt-handler sends one
+/// `stream_open` to its ferryd's control socket (what `StartSourceListener` and the target's
+/// `StartTargetListener` do today, with TCP between them), naming both files and the
+/// target node's ferryd peer port; the target ferryd forwards only into its stream
+/// directory, the target node's pods. QEMU migrates with 2 multifd channels through it.
+#[test]
+fn kubevirt_layout_through_ferryd() {
+    if !have_qemu() {
+        return;
+    }
+    let _one = serial();
+    let dir = workdir();
+    let d = dir.path();
+    let uid = "6a1f3c9e-0c8b-4d7e-9a51-2b9f5c1e7d10";
+    let key = format!("{uid}-49152");
+    let pods = |node: &str| d.join(node).join("var/lib/kubelet/pods");
+    // What virt-handler reaches as each launcher's /var/run/kubevirt.
+    let launcher = |node: &str, pod: &str| pods(node).join(pod).join("volumes/kubernetes.io~empty-dir/sockets");
+    let sock = |base: PathBuf| base.join("migrationproxy").join(format!("{key}-source.sock"));
+    let (src_file, dst_file) = (sock(launcher("node-a", "virt-launcher-a")), sock(launcher("node-b", "virt-launcher-b")));
+    std::fs::create_dir_all(src_file.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(dst_file.parent().unwrap()).unwrap();
+    // Each QEMU sees its pod's socket directory by a short path, as /var/run/kubevirt in
+    // the pod; ferryd, like virt-handler, by the node's long one (past what a socket
+    // address holds).
+    std::os::unix::fs::symlink(launcher("node-a", "virt-launcher-a"), d.join("a")).unwrap();
+    std::os::unix::fs::symlink(launcher("node-b", "virt-launcher-b"), d.join("b")).unwrap();
+    let in_pod = |pod: &str| sock(d.join(pod));
+    assert!(dst_file.as_os_str().len() > 108, "{}", dst_file.display());
+    let node = |name: &str, peer: bool| {
+        let mut p = hostile::plan();
+        p.daemon.stream_dirs = vec![pods(name)];
+        p.daemon.peer = peer.then(|| "127.0.0.1:0".into());
+        hostile::Ferryd::start_with(d, name, &p, None)
+    };
+    let (a, b) = (node("node-a", false), node("node-b", true));
+    let ((_sq, mut sqmp), (_dq, mut dqmp), _) = qemu_pair(d);
+    for q in [&mut sqmp, &mut dqmp] {
+        q.cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]}));
+        q.cmd("migrate-set-parameters", json!({"multifd-channels": 2}));
+    }
+    sqmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 100u64 << 30}));
+    dqmp.cmd("migrate-incoming", json!({"uri": format!("unix:{}", in_pod("b").display())}));
+    // virt-handler on node A: one request on ferryd's control socket.
+    let c = UnixStream::connect(&a.socket).unwrap();
+    let req = json!({"cmd": "stream_open", "to": b.peer, "id": key,
+                     "listen": [format!("unix:{}", src_file.display())], "forward": format!("unix:{}", dst_file.display())});
+    writeln!(&c, "{req}").unwrap();
+    let mut replies = BufReader::new(c).lines().map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap());
+    let listening = replies.by_ref().find(|v| v["event"] == "listening" || v.get("ok").is_some()).unwrap();
+    assert_eq!(listening["endpoints"][0], format!("unix:{}", src_file.display()), "{listening}\n{}\n{}", a.log(), b.log());
+    // The source launcher's libvirt: migrate to the proxy file.
+    sqmp.cmd("migrate", json!({"uri": format!("unix:{}", in_pod("a").display())}));
+    let ended = sqmp.wait_migration(&["completed", "failed", "cancelled"]);
+    assert_eq!(ended, "completed", "{}\n{}\n{}", sqmp.cmd("query-migrate", json!({})), a.log(), b.log());
+    assert_eq!(dqmp.wait_migration(&["completed", "failed"]), "completed");
+    same_ram(d, &mut sqmp, &mut dqmp);
+    let done = replies.next().unwrap();
+    assert_eq!(done["ok"], true, "{done}");
+    assert_eq!(done["report"]["channels"].as_array().unwrap().len(), 3, "the main channel and 2 multifd ones: {done}");
+    assert_eq!(done["destination"]["received_bytes"], done["report"]["sent_bytes"], "{done}");
+    assert!(!src_file.exists(), "the source file is gone with the stream (StopSourceListener's job today)");
+    assert!(b.log().contains(&format!("stream {key}: opened by 127.0.0.1")), "{}", b.log());
+    // A peer may not have the target forward outside its pods: the other node's files.
+    let c = UnixStream::connect(&a.socket).unwrap();
+    let req = json!({"cmd": "stream_open", "to": b.peer, "id": "x", "listen": [format!("unix:{}", d.join("x.sock").display())],
+                     "forward": format!("unix:{}", src_file.display())});
+    writeln!(&c, "{req}").unwrap();
+    let v: Value = serde_json::from_str(&BufReader::new(c).lines().next().unwrap().unwrap()).unwrap();
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("not in a stream directory")), "{v}");
 }

@@ -85,7 +85,7 @@ enum Conn {
 impl Conn {
     fn connect(e: &Endpoint) -> io::Result<Conn> {
         Ok(match e {
-            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+            Endpoint::Unix(p) => Conn::Unix(at_unix_path(p, |p| UnixStream::connect(p))?),
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a)?;
                 s.set_nodelay(true)?;
@@ -143,6 +143,23 @@ impl Write for Conn {
     }
 }
 
+/// The most bytes of a UNIX socket path the kernel takes (`sun_path` less its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Runs `f` (a bind or a connect) on `path`, or, where the path is longer than a socket
+/// address holds (a pod's socket directory as the node sees it is often longer), on the
+/// same file named through its directory's descriptor: `/proc/self/fd/N/NAME`. The
+/// directory is resolved when it is opened, just as the long path would have been.
+fn at_unix_path<T>(path: &std::path::Path, f: impl FnOnce(&std::path::Path) -> io::Result<T>) -> io::Result<T> {
+    use std::os::fd::AsRawFd;
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return f(path);
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return f(path) };
+    let d = std::fs::File::open(dir)?;
+    f(&std::path::Path::new(&format!("/proc/self/fd/{}", d.as_raw_fd())).join(name))
+}
+
 /// A UNIX listener at `path` (its directory made if missing), replacing a stale socket
 /// file there. Anything else at the path (a regular file, a directory, a socket something
 /// still serves) is left alone and refused: a path a client names must never cost a file.
@@ -152,7 +169,7 @@ pub fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
         std::fs::create_dir_all(dir)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() && UnixStream::connect(path).is_err() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() && at_unix_path(path, |p| UnixStream::connect(p)).is_err() => std::fs::remove_file(path)?,
         Ok(m) if m.file_type().is_socket() => {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is served by another process", path.display())));
         }
@@ -165,7 +182,7 @@ pub fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    UnixListener::bind(path)
+    at_unix_path(path, |p| UnixListener::bind(p))
 }
 
 /// Where the source proxy takes QEMU's connections.
@@ -738,6 +755,26 @@ mod tests {
         assert!("unix:".parse::<Endpoint>().is_err());
         assert!("tcp:host".parse::<Endpoint>().is_err());
         assert!("exec:cat".parse::<Endpoint>().is_err());
+    }
+
+    /// A path longer than a socket address holds (a pod's directory as its node sees it)
+    /// is bound and reached through its directory's descriptor.
+    #[test]
+    fn long_socket_paths_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("var/lib/kubelet/pods/0f6c1a3e-2b7d-4c51-9e80-5d3a7b2c4e19/volumes/kubernetes.io~empty-dir/sockets");
+        let path = deep.join("migrationproxy/6a1f3c9e-0c8b-4d7e-9a51-2b9f5c1e7d10-49152-source.sock");
+        assert!(path.as_os_str().len() > SUN_PATH_MAX);
+        let l = Listener::bind(&Endpoint::Unix(path.clone())).unwrap();
+        assert!(path.exists());
+        let mut c = Conn::connect(&Endpoint::Unix(path.clone())).unwrap();
+        let mut s = l.accept().unwrap();
+        c.write_all(b"ok").unwrap();
+        let mut got = [0u8; 2];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ok");
+        drop(l);
+        assert!(!path.exists(), "removed with its listener");
     }
 
     /// A stale socket is replaced; a regular file, a directory or a socket still served

@@ -134,6 +134,8 @@ pub struct Ferryd {
     pub child: Child,
     pub socket: PathBuf,
     pub metrics: Option<String>,
+    /// Where it serves peers, when its plan has it do so.
+    pub peer: Option<String>,
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -163,12 +165,15 @@ impl Ferryd {
         let mut child = cmd.spawn().expect("ferryd is built beside ferryctl (cargo test --workspace)");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let mut metrics = None;
+        let (mut metrics, mut peer) = (None, None);
         for line in lines.by_ref() {
             let line = line.unwrap();
             log.lock().unwrap().push_str(&(line.clone() + "\n"));
             if let Some(rest) = line.split("metrics on http://").nth(1) {
                 metrics = Some(rest.trim_end_matches("/metrics").to_string());
+            }
+            if let Some(rest) = line.split("peers open streams on ").nth(1) {
+                peer = Some(rest.trim().to_string());
             }
             if line.contains("ferryd ready") {
                 break;
@@ -180,7 +185,7 @@ impl Ferryd {
                 l2.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        Ferryd { child, socket, metrics, log }
+        Ferryd { child, socket, metrics, peer, log }
     }
 
     pub fn start(dir: &Path, name: &str) -> Ferryd {
