@@ -3,8 +3,8 @@
 #   scripts/setup.sh          build and runtime packages (rdma-core, hwloc, libclang for bindgen)
 #   scripts/setup.sh --test   also QEMU, a kernel and perftest for the Soft-RoCE test guest,
 #                             builds the guest image (../shared/tools/rxe-vm), installs
-#                             cargo-fuzz and cargo-deb, promtool, the packaging tools and
-#                             libvirt
+#                             cargo-fuzz and cargo-deb, promtool, the packaging tools,
+#                             libvirt, and builds Cloud Hypervisor (../shared/tools)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 want_test=0
@@ -49,6 +49,13 @@ if [ $want_test = 1 ]; then
   elif [ ! -s "$build/rxe-initramfs.cpio.gz" ] || [ "$(cat "$build/kver" 2>/dev/null)" != "$(ls -1 /lib/modules | grep -- '-amd64$' | sort -V | tail -1)" ]; then
     echo "setup: building the Soft-RoCE guest image in $build"
     "$shared/tools/rxe-vm/build-initramfs.sh" >/dev/null
+  fi
+  # Cloud Hypervisor and its tiny guest, for control/tests/cloud_hypervisor.rs (about 4
+  # minutes the first time; cached in $CH_BUILD or ~/.cache/cloud-hypervisor).
+  if [ -x "$shared/tools/cloud-hypervisor/build.sh" ]; then
+    echo "setup: Cloud Hypervisor in $("$shared/tools/cloud-hypervisor/build.sh")"
+  else
+    echo "setup: $shared/tools/cloud-hypervisor not found: the Cloud Hypervisor test will SKIP" >&2
   fi
 fi
 echo "setup: ok"
