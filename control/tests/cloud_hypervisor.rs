@@ -165,9 +165,10 @@ fn migrate(d: &Path, tag: &str, route: &Route) -> f64 {
 
 /// `ferryctl stream open` through the source ferryd: the child, once it says where the
 /// VMM migrates to.
-fn open_stream(d: &Path, src: &hostile::Ferryd, peer: &str, id: &str, listen: &str, forward: &str) -> Child {
+fn open_stream(d: &Path, src: &hostile::Ferryd, peer: &str, id: &str, listen: &str, forward: &str, compression: &str) -> Child {
     let mut c = hostile::ferryctl()
-        .args(["stream", "open", "--json", "--to", peer, "--id", id, "--listen", listen, "--forward", forward, "--ferryd"])
+        .args(["stream", "open", "--json", "--to", peer, "--id", id, "--listen", listen, "--forward", forward])
+        .args(["--compression", compression, "--ferryd"])
         .arg(&src.socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -223,12 +224,22 @@ fn cloud_hypervisor_migrates_through_ferry() {
         },
     );
     let (listen, forward) = (format!("unix:{}", a_dir.join("ch1.sock").display()), format!("unix:{}", b_dir.join("ch1.sock").display()));
-    let stream = open_stream(d, &fa, &peer, "ch1", &listen, &forward);
+    let stream = open_stream(d, &fa, &peer, "ch1", &listen, &forward, "off");
     let ferry = migrate(d, "ferry-unix", &Route { receiver: forward.clone(), sender: listen.clone() });
     let r = report(stream);
     assert_eq!(r["source"]["channels"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["destination"]["received_bytes"], r["source"]["sent_bytes"], "{r}");
     assert!(r["source"]["sent_bytes"].as_u64().unwrap() >= GUEST_MIB << 20, "the whole guest went through: {r}");
+
+    // The same with zstd: the guest's zero pages, which Cloud Hypervisor sends as they
+    // are, cost the wire next to nothing.
+    let (listen, forward) = (format!("unix:{}", a_dir.join("chz.sock").display()), format!("unix:{}", b_dir.join("chz.sock").display()));
+    let stream = open_stream(d, &fa, &peer, "chz", &listen, &forward, "zstd:1");
+    let ferry_zstd = migrate(d, "ferry-unix-zstd", &Route { receiver: forward.clone(), sender: listen.clone() });
+    let rz = report(stream);
+    assert_eq!(rz["destination"]["received_bytes"], rz["source"]["sent_bytes"], "{rz}");
+    let (zs, zw) = (rz["source"]["sent_bytes"].as_u64().unwrap(), rz["source"]["wire_bytes"].as_u64().unwrap());
+    assert!(zw < zs / 4, "zstd carries the mostly-zero guest in far fewer bytes: {rz}");
 
     // connections=4 over TCP.
     let port = free_port();
@@ -236,7 +247,7 @@ fn cloud_hypervisor_migrates_through_ferry() {
     let direct4 = migrate(d, "direct-tcp4", &Route { receiver: receiver.clone(), sender: format!("{receiver},connections=4") });
     let port = free_port();
     let (listen, forward) = (format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.2:{port}"));
-    let stream = open_stream(d, &fa, &peer, "ch4", &listen, &forward);
+    let stream = open_stream(d, &fa, &peer, "ch4", &listen, &forward, "off");
     let ferry4 = migrate(d, "ferry-tcp4", &Route { receiver: forward.clone(), sender: format!("{listen},connections=4") });
     let r4 = report(stream);
     // Cloud Hypervisor's control connection and its four memory connections.
@@ -244,9 +255,11 @@ fn cloud_hypervisor_migrates_through_ferry() {
     assert_eq!(r4["destination"]["received_bytes"], r4["source"]["sent_bytes"], "{r4}");
 
     eprintln!(
-        "Cloud Hypervisor, {GUEST_MIB} MiB guest: one UNIX connection: direct {direct:.2} s, through ferry {ferry:.2} s ({:.2}x); \
-         connections=4 TCP: direct {direct4:.2} s, through ferry {ferry4:.2} s ({:.2}x); stream bytes {} and {}",
+        "Cloud Hypervisor, {GUEST_MIB} MiB guest: one UNIX connection: direct {direct:.2} s, through ferry {ferry:.2} s ({:.2}x), \
+         with zstd:1 {ferry_zstd:.2} s ({:.2}x; {zs} stream bytes in {zw} wire bytes); connections=4 TCP: direct {direct4:.2} s, \
+         through ferry {ferry4:.2} s ({:.2}x); stream bytes {} and {}",
         ferry / direct,
+        ferry_zstd / direct,
         ferry4 / direct4,
         r["source"]["sent_bytes"],
         r4["source"]["sent_bytes"]
