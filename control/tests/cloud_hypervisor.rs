@@ -185,6 +185,8 @@ fn open_stream(d: &Path, src: &hostile::Ferryd, peer: &str, id: &str, listen: &s
             return c;
         }
     }
+    let _ = c.kill();
+    let _ = c.wait();
     panic!("ferryctl stream open ended before it listened:\n{log}\n{}", src.log());
 }
 

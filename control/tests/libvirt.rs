@@ -328,20 +328,64 @@ impl Hosts {
 
     /// CPU seconds the two ferryd have used so far.
     fn ferryd_cpu(&self) -> f64 {
-        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-        [Some(&self.src_ferryd), self.dst_ferryd.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.0.id())).unwrap_or_default();
-                let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-                    + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-                    / ticks
-            })
-            .sum()
+        [Some(&self.src_ferryd), self.dst_ferryd.as_ref()].into_iter().flatten().map(|p| cpu_seconds(p.0.id())).sum()
     }
+
+    /// Samples both QEMUs' CPU while `f` runs a migration: the source's use during it,
+    /// plus all the destination's (it starts for the migration). The source QEMU exits
+    /// at the end, so its last sample (every 20 ms) stands for it.
+    fn qemu_cpu_during<T>(&self, f: impl FnOnce() -> T) -> (T, f64) {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (dom, src, dst) = (format!("guest={},", self.domain), self.d().join("src"), self.d().join("dst"));
+        std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let (mut first, mut last, mut dst_last) = (None, 0.0, 0.0);
+                loop {
+                    let done = stop.load(std::sync::atomic::Ordering::Acquire);
+                    for (pid, cmd) in qemus(&dom) {
+                        if cmd.contains(src.to_str().unwrap()) {
+                            last = cpu_seconds(pid);
+                            first.get_or_insert(last);
+                        } else if cmd.contains(dst.to_str().unwrap()) {
+                            dst_last = cpu_seconds(pid);
+                        }
+                    }
+                    if done {
+                        return last - first.unwrap_or(last) + dst_last;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            // The first sample before the migration starts.
+            std::thread::sleep(Duration::from_millis(50));
+            let r = f();
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            (r, sampler.join().unwrap())
+        })
+    }
+}
+
+/// CPU seconds (user and system) process `pid` has used; 0 once it is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)) / ticks
+}
+
+/// The running processes whose command line holds `needle` (the guest's QEMUs), with it.
+fn qemus(needle: &str) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).replace('\0', " ");
+            cmd.contains(needle).then_some((pid, cmd))
+        })
+        .collect()
 }
 
 impl Drop for Hosts {
@@ -399,7 +443,8 @@ fn libvirt_migrates_through_ferry() {
     ]
     .map(String::from);
     let t = Instant::now();
-    h.virsh_ok(&h.src_uri, &direct_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ((), direct_qemu_cpu) =
+        h.qemu_cpu_during(|| drop(h.virsh_ok(&h.src_uri, &direct_args.iter().map(String::as_str).collect::<Vec<_>>())));
     let direct_s = t.elapsed().as_secs_f64();
     let direct = jobinfo(&h);
     assert_eq!(h.state(&h.dst_uri), "running");
@@ -412,7 +457,9 @@ fn libvirt_migrates_through_ferry() {
     let port = free_port();
     let cpu = h.ferryd_cpu();
     let (listen, forward) = (format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.2:{port}"));
-    let m = migrated(&h, h.ferryctl_migrate(&["--listen", &listen, "--forward", &forward], &["--parallel", "--parallel-connections", "4"]));
+    let (m, tcp_qemu_cpu) = h.qemu_cpu_during(|| {
+        migrated(&h, h.ferryctl_migrate(&["--listen", &listen, "--forward", &forward], &["--parallel", "--parallel-connections", "4"]))
+    });
     let tcp_cpu = h.ferryd_cpu() - cpu;
     assert_eq!(h.state(&h.dst_uri), "running", "{m}");
     assert_eq!(h.state(&h.src_uri), "", "the source domain is gone after a migration");
@@ -430,7 +477,7 @@ fn libvirt_migrates_through_ferry() {
     // own socket; QEMU runs as nobody and reaches the source's endpoint through its group.
     h.create_guest();
     let cpu = h.ferryd_cpu();
-    let m2 = migrated(&h, h.ferryctl_migrate(&[], &[]));
+    let (m2, unix_qemu_cpu) = h.qemu_cpu_during(|| migrated(&h, h.ferryctl_migrate(&[], &[])));
     let unix_cpu = h.ferryd_cpu() - cpu;
     assert_eq!(h.state(&h.dst_uri), "running", "{m2}");
     h.check_ram_at_destination("unix");
@@ -443,14 +490,14 @@ fn libvirt_migrates_through_ferry() {
 
     let pick = |m: &Value, k: &str| m["libvirt"][k].as_str().unwrap_or("?").to_string();
     eprintln!(
-        "libvirt direct (tcp, parallel 4): virsh {direct_s:.2} s, time elapsed {}, downtime {}, data processed {}",
+        "libvirt direct (tcp, parallel 4): virsh {direct_s:.2} s, time elapsed {}, downtime {}, data processed {}, QEMU CPU {direct_qemu_cpu:.2} s",
         direct.get("Time elapsed").map_or("?", String::as_str),
         direct.get("Total downtime").map_or("?", String::as_str),
         direct.get("Data processed").map_or("?", String::as_str)
     );
-    for (what, m, cpu) in [("tcp, parallel 4", &m, tcp_cpu), ("unix", &m2, unix_cpu)] {
+    for (what, m, cpu, qemu_cpu) in [("tcp, parallel 4", &m, tcp_cpu, tcp_qemu_cpu), ("unix", &m2, unix_cpu, unix_qemu_cpu)] {
         eprintln!(
-            "libvirt through ferry ({what}): virsh {:.2} s, time elapsed {}, downtime {}, data processed {}, {} stream bytes, ferryd CPU {cpu:.2} s",
+            "libvirt through ferry ({what}): virsh {:.2} s, time elapsed {}, downtime {}, data processed {}, {} stream bytes, QEMU CPU {qemu_cpu:.2} s, ferryd CPU {cpu:.2} s",
             m["virsh_seconds"].as_f64().unwrap_or(0.0),
             pick(m, "Time elapsed"),
             pick(m, "Total downtime"),
