@@ -62,7 +62,8 @@ say "systemd-analyze verify ok; security: ${security#→ }"
 # the hard limit needs CAP_SYS_RESOURCE, which this machine's root may lack) and keep
 # only CAP_IPC_LOCK; setpriv does the same.
 unit=/lib/systemd/system/ferryd.service
-install -d -o ferry -g ferry -m 0750 /run/ferry /var/lib/ferry
+install -d -o ferry -g ferry -m 0751 /run/ferry
+install -d -o ferry -g ferry -m 0750 /var/lib/ferry
 # A key of this host's own is left alone; one made for the check goes with it.
 if [ ! -e /etc/ferry/ferry.key ]; then
   /usr/bin/ferryctl keygen --out /etc/ferry/ferry.key >/dev/null

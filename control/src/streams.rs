@@ -280,7 +280,7 @@ pub fn migrate(a: &MigrateArgs) -> Result<Migrated, String> {
     }
     // The VMM closes its connections when the migration has completed; the stream ends
     // then, and the destination ferryd's report comes with it.
-    let ferry = run.done(Some(Duration::from_secs(60)))?;
+    let ferry = run.done(Some(Duration::from_secs(60))).map_err(|e| format!("virsh migrate completed, but ferry's stream failed: {e}"))?;
     let libvirt = domjobinfo(&a.virsh, &a.dest_uri, &a.domain);
     Ok(Migrated { domain: a.domain.clone(), ferry, libvirt, virsh_seconds })
 }
