@@ -346,12 +346,14 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         Cmd::Manpages { dir } => manpages(&dir),
         Cmd::Proxy(p) => proxy(p),
         Cmd::Stream { what: StreamCmd::Open(e) } => {
-            let o = control::streams::open(&e).map_err(|e| Fail(1, e))?;
+            let to = e.to.clone().ok_or_else(|| Fail(2, "give --to HOST:PORT, the destination ferryd's peer port".into()))?;
+            let o = control::streams::open(&e, &to).map_err(|e| Fail(1, e))?;
             emit(&if e.json { json(&o) } else { control::streams::summary(&o) });
             Ok(0)
         }
         Cmd::Migrate(m) => {
-            let r = control::streams::migrate(&m).map_err(|e| Fail(1, e))?;
+            let to = control::streams::migrate_inputs(&m).map_err(|e| Fail(2, e))?;
+            let r = control::streams::migrate(&m, &to).map_err(|e| Fail(1, e))?;
             emit(&if m.ends.json { json(&r) } else { control::streams::migrated_summary(&r) });
             Ok(0)
         }

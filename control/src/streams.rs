@@ -26,9 +26,10 @@ use crate::transfer;
 /// Where the stream's two ends are, as the user chose them (both optional).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Ends {
-    /// The destination ferryd's peer port, HOST:PORT (`[daemon] peer` there).
+    /// The destination ferryd's peer port, HOST:PORT (`[daemon] peer` there). `ferryctl
+    /// migrate`: by default the destination URI's host, port 7470.
     #[arg(long, value_name = "HOST:PORT")]
-    pub to: String,
+    pub to: Option<String>,
     /// The migration's name (letters, digits, . _ -). Default: a new one.
     #[arg(long)]
     pub id: Option<String>,
@@ -58,9 +59,9 @@ impl Ends {
         self.ferryd.clone().unwrap_or_else(transfer::default_socket)
     }
 
-    fn request(&self, id: Option<String>, progress: bool) -> Request {
+    fn request(&self, to: &str, id: Option<String>, progress: bool) -> Request {
         Request::StreamOpen {
-            to: self.to.clone(),
+            to: to.to_string(),
             id,
             listen: self.listen.clone(),
             forward: self.forward.clone(),
@@ -91,11 +92,11 @@ enum Event {
     Done(Result<serde_json::Value, String>),
 }
 
-fn start(ends: &Ends, id: Option<String>, bar: transfer::Bar) -> Result<Running, String> {
+fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Result<Running, String> {
     let socket = ends.socket();
     let conn = transfer::connect(&socket)?;
     let theirs = conn.try_clone().map_err(|e| format!("cloning the control connection: {e}"))?;
-    let req = ends.request(id, bar.shown());
+    let req = ends.request(to, id, bar.shown());
     let (tx, events) = mpsc::channel();
     std::thread::spawn(move || {
         let mut id = String::new();
@@ -148,16 +149,34 @@ impl Running {
     }
 }
 
-/// `ferryctl stream open`: prints where the VMM migrates to, then both sides' reports
-/// once the stream has ended.
-pub fn open(ends: &Ends) -> Result<Opened, String> {
-    let run = start(ends, ends.id.clone(), transfer::Bar::new(!ends.json))?;
+/// `ferryctl stream open` (`to`: its `--to`, which it requires): prints where the VMM
+/// migrates to, then both sides' reports once the stream has ended.
+pub fn open(ends: &Ends, to: &str) -> Result<Opened, String> {
+    let run = start(ends, to, ends.id.clone(), transfer::Bar::new(!ends.json))?;
     let (id, endpoints) = run.listening()?;
     for e in &endpoints {
-        eprintln!("ferry stream {id}: the VMM migrates to {e} (forwarded to {} at {})", ends.forward.as_deref().unwrap_or(e), ends.to);
+        eprintln!("ferry stream {id}: the VMM migrates to {e} (forwarded to {} at {to})", ends.forward.as_deref().unwrap_or(e));
     }
     run.done(None)
 }
+
+/// The destination ferryd's peer port for a libvirt destination URI: its host, port
+/// [`dataplane::peer::DEFAULT_PORT`] (`qemu+ssh://root@dst:22/system` -> `dst:7470`);
+/// none for a URI without a host (`qemu:///system`).
+pub fn peer_of(dest_uri: &str) -> Option<String> {
+    let rest = dest_uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => format!("[{}]", v6.split(']').next()?),
+        None => host.split(':').next()?.to_string(),
+    };
+    (!host.is_empty() && host != "[]").then(|| format!("{host}:{}", dataplane::peer::DEFAULT_PORT))
+}
+
+/// `virsh migrate` options ferryctl sets itself, or that would take the migration past
+/// ferry (a tunnelled migration rides libvirt's own connection).
+const NOT_YOURS: [&str; 4] = ["--tunnelled", "--tunneled", "--migrateuri", "--listen-address"];
 
 /// One line per side of a finished stream.
 pub fn summary(o: &Opened) -> String {
@@ -244,15 +263,31 @@ pub fn migrate_uri(listen: &str, forward: Option<&str>) -> Result<Vec<String>, S
     }
 }
 
-/// `ferryctl migrate DOMAIN DEST_URI --to PEER [-- virsh options]`: opens the stream,
-/// runs `virsh migrate --live` through it, and reports ferry's figures beside libvirt's.
-/// A `virsh migrate` that fails calls the stream off and fails the command; the source
-/// guest is libvirt's to keep running (it does after a failed migration).
-pub fn migrate(a: &MigrateArgs) -> Result<Migrated, String> {
+/// What `ferryctl migrate` was given, checked before anything starts: the destination
+/// ferryd's peer port (`--to`, else the destination URI's host), or why the input is wrong.
+pub fn migrate_inputs(a: &MigrateArgs) -> Result<String, String> {
     if a.ends.listen.len() > 1 {
         return Err("ferryctl migrate takes one --listen: libvirt migrates to one URI".into());
     }
-    let run = start(&a.ends, Some(a.ends.id.clone().unwrap_or_else(|| dataplane::peer::new_id(&a.domain))), transfer::Bar::new(false))?;
+    if let Some(o) = a.virsh_options.iter().find(|o| NOT_YOURS.contains(&o.split('=').next().unwrap_or(o))) {
+        return Err(format!(
+            "{o}: ferryctl migrate points libvirt at ferry's endpoint itself (a tunnelled migration or another URI would go past ferry)"
+        ));
+    }
+    match (&a.ends.to, peer_of(&a.dest_uri)) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(p)) => Ok(p),
+        (None, None) => Err(format!("{} names no host: give --to HOST:PORT, the destination ferryd's peer port", a.dest_uri)),
+    }
+}
+
+/// `ferryctl migrate DOMAIN DEST_URI [--to PEER] [-- virsh options]`: opens the stream,
+/// runs `virsh migrate --live` through it, and reports ferry's figures beside libvirt's.
+/// A `virsh migrate` that fails calls the stream off and fails the command; the source
+/// guest is libvirt's to keep running (it does after a failed migration).
+pub fn migrate(a: &MigrateArgs, to: &str) -> Result<Migrated, String> {
+    let id = a.ends.id.clone().unwrap_or_else(|| dataplane::peer::new_id(&a.domain));
+    let run = start(&a.ends, to, Some(id), transfer::Bar::new(false))?;
     let (id, endpoints) = run.listening()?;
     let listen = endpoints.first().ok_or("ferryd listens nowhere")?;
     let mut virsh = Command::new(&a.virsh);
@@ -265,7 +300,7 @@ pub fn migrate(a: &MigrateArgs) -> Result<Migrated, String> {
     }
     virsh.args(migrate_uri(listen, a.ends.forward.as_deref())?).args(&a.virsh_options);
     log::info!("stream {id}: running {virsh:?}");
-    eprintln!("ferry migrate {}: stream {id} at {listen}, forwarded by the ferryd at {}", a.domain, a.ends.to);
+    eprintln!("ferry migrate {}: stream {id} at {listen}, forwarded by the ferryd at {to}", a.domain);
     let t = std::time::Instant::now();
     let status = virsh.status().map_err(|e| {
         run.cancel();
@@ -332,6 +367,16 @@ mod tests {
         assert!(migrate_uri("tcp:127.0.0.1:49152", Some("tcp:127.0.0.2:49153")).unwrap_err().contains("port 49152"));
         assert!(migrate_uri("unix:/a.sock", Some("unix:/b.sock")).unwrap_err().contains("same UNIX path"));
         assert!(migrate_uri("tcp:127.0.0.1:1", Some("unix:/b.sock")).is_err());
+    }
+
+    #[test]
+    fn the_peer_is_the_destination_uris_host() {
+        assert_eq!(peer_of("qemu+ssh://root@dst.example:22/system").as_deref(), Some("dst.example:7470"));
+        assert_eq!(peer_of("qemu+tcp://10.0.0.2/system").as_deref(), Some("10.0.0.2:7470"));
+        assert_eq!(peer_of("qemu+tls://[fd00::2]:16514/system?no_verify=1").as_deref(), Some("[fd00::2]:7470"));
+        assert_eq!(peer_of("qemu:///system"), None);
+        assert_eq!(peer_of("qemu+unix:///session?socket=/run/x.sock"), None);
+        assert_eq!(peer_of("dst"), None);
     }
 
     #[test]

@@ -228,6 +228,19 @@ fn bad_input_exits_2_naming_the_field() {
     assert_eq!((v["ok"].as_bool(), v["exit_status"].as_u64()), (Some(false), Some(2)), "{v}");
     assert!(v["error"].as_str().unwrap().contains("no such RDMA device"), "{v}");
 
+    // ferryctl migrate and stream open: input that cannot work is refused before anything
+    // starts (no ferryd is reached: the socket does not exist).
+    for (args, says) in [
+        (&["migrate", "vm1", "qemu:///system", "--ferryd", "/nonexistent.sock"][..], "names no host: give --to"),
+        (&["migrate", "vm1", "qemu+ssh://dst/system", "--ferryd", "/nonexistent.sock", "--", "--tunnelled"][..], "--tunnelled"),
+        (&["migrate", "vm1", "qemu+ssh://dst/system", "--", "--migrateuri", "tcp://x:1"][..], "--migrateuri"),
+        (&["stream", "open", "--ferryd", "/nonexistent.sock"][..], "give --to HOST:PORT"),
+    ] {
+        let out = ferryctl(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: {}", text(&out.stderr));
+    }
+
     // Malformed capabilities files.
     let good = std::fs::read_to_string(caps).unwrap();
     let bad_field = good.replacen("\"hostname\"", "\"hostnme\"", 1);

@@ -30,6 +30,9 @@ use crate::conn::{Ctl, SessionError};
 use crate::stream::{Endpoint, ProxyReport};
 use crate::wire::{CONTROL_LANE, Kind, features};
 
+/// The peer port ferry's packaged config and DaemonSet use (`[daemon] peer`).
+pub const DEFAULT_PORT: u16 = 7470;
+
 /// The most bytes a STREAM_OPEN may carry (a path and an id are far less).
 pub const MAX_OPEN_BYTES: u32 = 4096;
 
