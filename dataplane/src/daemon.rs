@@ -4,6 +4,12 @@
 //! The control protocol is JSON lines: one request, then one or more replies. A transfer
 //! replies `{"event":"listening",...}` (recv) as soon as it can, and `{"ok":true,
 //! "report":{...}}` or `{"ok":false,"error":"..."}` when it ends.
+//!
+//! `{"cmd":"hello"}` answers with the protocol's version ([`CONTROL_PROTOCOL`]), the
+//! build, the wire protocol and the commands this ferryd takes: a client checks them
+//! before it relies on one. Any request line may carry an `"id"` (a string or a number);
+//! every reply and event that follows carries it too, until a later line of the same
+//! conversation brings another.
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -26,10 +32,19 @@ use hw::fdpass::LineConn;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The control protocol's version: the requests, replies and events documented here. It
+/// grows when a command or field is added, and a client may check it (`hello`).
+pub const CONTROL_PROTOCOL: u32 = 1;
+
+/// The commands a client may start a conversation with, as `hello` lists them.
+pub const COMMANDS: [&str; 9] = ["hello", "status", "recv", "send", "stream_out", "stream_in", "stream_open", "migrate_in", "migrate_out"];
+
 /// A command on the control socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// The protocol's version, the build and the commands this ferryd takes.
+    Hello,
     Status,
     Recv {
         listen: String,
@@ -158,6 +173,19 @@ impl Request {
     pub fn parse(line: &str) -> Result<Request, serde_json::Error> {
         serde_json::from_str(line)
     }
+
+    /// [`Request::parse`] of a line that may carry an `"id"` (a string or a number): the
+    /// request and its id.
+    pub fn parse_with_id(line: &str) -> Result<(Request, Option<serde_json::Value>), serde_json::Error> {
+        let mut v: serde_json::Value = serde_json::from_str(line)?;
+        let id = v.as_object_mut().and_then(|o| o.remove("id"));
+        if let Some(id) = &id
+            && !(id.is_string() || id.is_number())
+        {
+            return Err(serde::de::Error::custom(format!("\"id\" is {id}: give a string or a number")));
+        }
+        Ok((serde_json::from_value(v)?, id))
+    }
 }
 
 /// The running service's shared state.
@@ -174,6 +202,40 @@ pub struct Daemon {
     pub in_flight: std::sync::atomic::AtomicU64,
     /// Who may connect to the stream endpoints' UNIX sockets (`[daemon] stream_mode`).
     pub stream_access: SocketAccess,
+}
+
+/// A control-socket client: its connection, and the id of its last request line that had
+/// one, which every reply and event carries.
+struct Client {
+    conn: LineConn,
+    id: Option<serde_json::Value>,
+}
+
+impl Client {
+    /// Sends one reply or event (with the request's id), and descriptors with it.
+    fn send(&self, mut v: serde_json::Value, fds: &[std::os::fd::BorrowedFd<'_>]) -> std::io::Result<()> {
+        if let (Some(id), Some(o)) = (&self.id, v.as_object_mut()) {
+            o.insert("id".into(), id.clone());
+        }
+        self.conn.send(&v.to_string(), fds)
+    }
+
+    fn recv(&mut self) -> std::io::Result<Option<(String, Vec<OwnedFd>)>> {
+        self.conn.recv()
+    }
+
+    fn stream(&self) -> &UnixStream {
+        self.conn.stream()
+    }
+
+    /// A request line of this conversation; its id, if it has one, is the replies' now.
+    fn parse(&mut self, line: &str) -> Result<Request, serde_json::Error> {
+        let (req, id) = Request::parse_with_id(line)?;
+        if id.is_some() {
+            self.id = id;
+        }
+        Ok(req)
+    }
 }
 
 /// Counts a request as in flight until dropped.
@@ -297,24 +359,25 @@ impl Daemon {
     }
 
     fn client(&self, conn: UnixStream) {
-        let mut conn = LineConn::with_max_fds(conn, self.plan.limits.control_fds_per_message as usize);
+        let mut conn = Client { conn: LineConn::with_max_fds(conn, self.plan.limits.control_fds_per_message as usize), id: None };
         let (line, fds) = match conn.recv() {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e) => {
                 static BAD: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
                 BAD.warn(format_args!("control socket: a client's request was refused: {e}"));
-                let _ = conn.send(&serde_json::json!({"ok": false, "error": format!("bad request: {e}")}).to_string(), &[]);
+                let _ = conn.send(serde_json::json!({"ok": false, "error": format!("bad request: {e}")}), &[]);
                 return;
             }
         };
+        let parsed = conn.parse(&line);
         // A second descriptor of the client's connection: a stream endpoint closes if
         // its client goes away before the VMM connects.
         let watch = || conn.stream().try_clone().ok().map(OwnedFd::from);
         let say = |v: serde_json::Value| {
-            let _ = conn.send(&v.to_string(), &[]);
+            let _ = conn.send(v, &[]);
         };
-        let req: Request = match Request::parse(&line) {
+        let req: Request = match parsed {
             Ok(r) => r,
             Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
         };
@@ -363,6 +426,17 @@ impl Daemon {
             Request::Taken | Request::Faults { .. } | Request::Released => {
                 say(serde_json::json!({"ok": false, "error": "taken, faults and released belong to a migrate_in conversation"}))
             }
+            Request::Hello => say(serde_json::json!({
+                "ok": true,
+                "protocol": CONTROL_PROTOCOL,
+                "version": env!("CARGO_PKG_VERSION"),
+                "revision": crate::REVISION,
+                "wire_protocol": crate::wire::VERSION,
+                "commands": COMMANDS,
+                "transport": self.plan.transport.to_string(),
+                "peer": self.plan.daemon.peer,
+                "draining": self.is_draining(),
+            })),
             Request::Status => say(
                 serde_json::json!({"ok": true, "draining": self.is_draining(), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
             ),
@@ -446,16 +520,16 @@ impl Daemon {
     /// verified memory (`memory` event), says it holds it (`taken`), and only then is the
     /// source told; the final reply says the source knows. The VMM closing its connection
     /// at any point before cancels the migration.
-    fn migrate_in(&self, conn: &mut LineConn, listen: &str, recover_s: Option<u64>) {
+    fn migrate_in(&self, conn: &mut Client, listen: &str, recover_s: Option<u64>) {
         let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
             Err(e) => {
-                let _ = conn.send(&serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}).to_string(), &[]);
+                let _ = conn.send(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}), &[]);
                 return;
             }
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
-        let _ = conn.send(&serde_json::json!({"event": "listening", "addr": addr}).to_string(), &[]);
+        let _ = conn.send(serde_json::json!({"event": "listening", "addr": addr}), &[]);
         let active = self.metrics.begin(Role::MigrateIn);
         // A second descriptor of the VMM's connection, watched while the migration runs.
         let watch = conn.stream().try_clone();
@@ -473,14 +547,14 @@ impl Daemon {
             Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
             Err(e) => serde_json::json!({"ok": false, "error": e.message}),
         };
-        let _ = conn.send(&last.to_string(), &[]);
+        let _ = conn.send(last, &[]);
     }
 
     /// Region mode, source: checks the descriptors, connects, then runs the VMM's
     /// `round` and `final` commands. Closing the connection abandons the migration.
-    fn migrate_out(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) {
-        let say = |conn: &LineConn, v: serde_json::Value| {
-            let _ = conn.send(&v.to_string(), &[]);
+    fn migrate_out(&self, conn: &mut Client, fds: Vec<OwnedFd>, to: &str, limits: Limits) {
+        let say = |conn: &Client, v: serde_json::Value| {
+            let _ = conn.send(v, &[]);
         };
         let active = self.metrics.begin(Role::MigrateOut);
         let r = self.migrate_out_inner(conn, fds, to, limits);
@@ -492,7 +566,7 @@ impl Daemon {
         }
     }
 
-    fn migrate_out_inner(&self, conn: &mut LineConn, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, Failed> {
+    fn migrate_out_inner(&self, conn: &mut Client, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, Failed> {
         // The guest memory regions, in order, then the dirty bitmap.
         let mut fds = fds;
         if fds.len() < 2 {
@@ -538,8 +612,7 @@ impl Daemon {
         let refs: Vec<&std::fs::File> = memory.iter().collect();
         let mut src = Source::connect_regions(&refs, opts)?;
         let _ = conn.send(
-            &serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "regions": sizes.len(), "lanes": src.lanes()})
-                .to_string(),
+            serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "regions": sizes.len(), "lanes": src.lanes()}),
             &[],
         );
         let read_bitmap = || -> Result<Vec<u64>, String> {
@@ -554,15 +627,15 @@ impl Daemon {
                 Ok(None) => return Err("the VMM closed the control connection: migration abandoned".into()),
                 Err(e) => return Err(format!("reading the VMM's command: {e}").into()),
             };
-            match Request::parse(&line) {
+            match conn.parse(&line) {
                 Ok(Request::Round) => {
                     let rep = src.round(&read_bitmap()?)?;
-                    let _ = conn.send(&serde_json::json!({"event": "round", "round": rep}).to_string(), &[]);
+                    let _ = conn.send(serde_json::json!({"event": "round", "round": rep}), &[]);
                 }
                 Ok(Request::Final) => return src.finish(&read_bitmap()?).map_err(Failed::from),
                 Ok(Request::Postcopy) => {
                     src.switch_over(&read_bitmap()?)?;
-                    let _ = conn.send(&serde_json::json!({"event": "switched", "switch_ms": src.switch_ms()}).to_string(), &[]);
+                    let _ = conn.send(serde_json::json!({"event": "switched", "switch_ms": src.switch_ms()}), &[]);
                     let recover = std::time::Duration::from_secs(limits.recover_s.unwrap_or(self.plan.migration.recover_s));
                     return src.postcopy(recover).map_err(Failed::from);
                 }
@@ -939,10 +1012,10 @@ const TAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Hands a verified migration's memory to the destination VMM and waits until it says it
 /// holds it (`{"cmd":"taken"}`).
-fn hand_over(conn: &mut LineConn, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
+fn hand_over(conn: &mut Client, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
     let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
     let event = serde_json::json!({"event": "memory", "report": inc.report, "regions": fds.len()});
-    conn.send(&event.to_string(), &fds).map_err(|e| format!("cannot hand it over: {e}"))?;
+    conn.send(event, &fds).map_err(|e| format!("cannot hand it over: {e}"))?;
     conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     let line = match conn.recv() {
         Ok(Some((line, fds))) if fds.is_empty() => line,
@@ -954,7 +1027,7 @@ fn hand_over(conn: &mut LineConn, inc: &crate::migrate::dest::Incoming) -> Resul
         Err(e) => return Err(format!("reading its answer: {e}")),
     };
     let _ = conn.stream().set_read_timeout(None);
-    match Request::parse(&line) {
+    match conn.parse(&line) {
         Ok(Request::Taken) => Ok(()),
         Ok(other) => Err(format!("it answered {other:?} instead of taken")),
         Err(e) => Err(format!("its answer is not a request: {e}")),
@@ -962,7 +1035,7 @@ fn hand_over(conn: &mut LineConn, inc: &crate::migrate::dest::Incoming) -> Resul
 }
 
 /// The destination VMM on its control connection, as a migration meets it.
-struct DestConn<'c>(&'c mut LineConn);
+struct DestConn<'c>(&'c mut Client);
 
 impl crate::migrate::dest::DestVmm for DestConn<'_> {
     fn deliver(&mut self, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
@@ -978,7 +1051,7 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
         let conn = &mut *self.0;
         let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
         let event = serde_json::json!({"event": "postcopy", "regions": fds.len(), "report": inc.report});
-        conn.send(&event.to_string(), &fds).map_err(|e| format!("cannot hand the memory over: {e}"))?;
+        conn.send(event, &fds).map_err(|e| format!("cannot hand the memory over: {e}"))?;
         conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
         let answer = conn.recv();
         let _ = conn.stream().set_read_timeout(None);
@@ -990,7 +1063,7 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
             }
             Err(e) => return Err(format!("reading the destination VMM's answer: {e}")),
         };
-        let maps = match Request::parse(&line) {
+        let maps = match conn.parse(&line) {
             Ok(Request::Faults { maps }) => maps,
             Ok(other) => return Err(format!("the destination VMM answered {other:?} instead of faults")),
             Err(e) => return Err(format!("the destination VMM's answer is not a request: {e}")),
@@ -1003,17 +1076,17 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
     }
 
     fn run(&mut self) -> Result<(), String> {
-        self.0.send(&serde_json::json!({"event": "running"}).to_string(), &[]).map_err(|e| e.to_string())
+        self.0.send(serde_json::json!({"event": "running"}), &[]).map_err(|e| e.to_string())
     }
 
     fn all_local(&mut self) -> Result<(), String> {
         let conn = &mut *self.0;
-        conn.send(&serde_json::json!({"event": "local"}).to_string(), &[]).map_err(|e| e.to_string())?;
+        conn.send(serde_json::json!({"event": "local"}), &[]).map_err(|e| e.to_string())?;
         conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
         let answer = conn.recv();
         let _ = conn.stream().set_read_timeout(None);
         match answer {
-            Ok(Some((line, _))) => match Request::parse(&line) {
+            Ok(Some((line, _))) => match conn.parse(&line) {
                 Ok(Request::Released) => Ok(()),
                 Ok(other) => Err(format!("it answered {other:?} instead of released")),
                 Err(e) => Err(format!("its answer is not a request: {e}")),

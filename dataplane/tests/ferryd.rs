@@ -657,3 +657,40 @@ fn stream_mode_runs_in_ferryd() {
         assert!(c.wait().unwrap().success());
     }
 }
+
+/// `hello` says the control protocol's version, the build and the commands; a request's
+/// `id` comes back on every reply and event of its conversation; an id that is neither a
+/// string nor a number is refused.
+#[test]
+fn hello_and_request_ids() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.json");
+    std::fs::write(&path, serde_json::to_string(&plan()).unwrap()).unwrap();
+    let (mut child, _) = ferryd_with_metrics(&path);
+    let ask = |req: serde_json::Value| -> Vec<serde_json::Value> {
+        let mut c = UnixStream::connect(dir.path().join("ferryd.sock")).unwrap();
+        writeln!(c, "{req}").unwrap();
+        BufReader::new(c).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
+    };
+    let hello = &ask(serde_json::json!({"cmd": "hello", "id": 7}))[0];
+    assert_eq!((hello["ok"].as_bool(), hello["id"].as_u64()), (Some(true), Some(7)), "{hello}");
+    assert_eq!(hello["protocol"], dataplane::daemon::CONTROL_PROTOCOL);
+    assert_eq!(hello["wire_protocol"], dataplane::wire::VERSION);
+    assert_eq!(hello["version"], env!("CARGO_PKG_VERSION"));
+    let commands: Vec<&str> = hello["commands"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert!(commands.contains(&"stream_open") && commands.contains(&"migrate_out"), "{hello}");
+    assert_eq!(ask(serde_json::json!({"cmd": "status", "id": "s1"}))[0]["id"], "s1");
+    // A receive nobody sends to: its listening event and its last reply carry the id.
+    let out = dir.path().join("never");
+    let replies = ask(serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out, "timeout_s": 1, "id": "r-1"}));
+    assert!(replies.len() >= 2 && replies.iter().all(|r| r["id"] == "r-1"), "{replies:?}");
+    assert_eq!(replies.last().unwrap()["ok"], false);
+    // Without an id, none comes back.
+    assert!(ask(serde_json::json!({"cmd": "status"}))[0].get("id").is_none());
+    let bad = &ask(serde_json::json!({"cmd": "status", "id": [1]}))[0];
+    assert!(bad["error"].as_str().unwrap().contains("give a string or a number"), "{bad}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
