@@ -151,6 +151,12 @@ pub enum Kind {
     /// The answer: where the channels go (a JSON [`crate::peer::Opened`]); RESULT follows
     /// when the stream has ended.
     StreamOpened = 26,
+    /// Destination to source on a post-copy fault lane, every [`crate::migrate::postcopy::HEARTBEAT`]:
+    /// the lane is alive (empty payload). A lane that hears nothing (no answer, no PONG)
+    /// for [`crate::migrate::postcopy::SILENCE`] counts as a broken link.
+    Ping = 27,
+    /// The source's answer to PING (empty payload).
+    Pong = 28,
 }
 
 impl Kind {
@@ -183,6 +189,8 @@ impl Kind {
             24 => Fetch,
             25 => StreamOpen,
             26 => StreamOpened,
+            27 => Ping,
+            28 => Pong,
             _ => return None,
         })
     }

@@ -209,6 +209,39 @@ fn a_link_cut_during_post_copy_and_restored_completes_the_migration() {
     assert_eq!(dest.digest, source.digest);
 }
 
+/// A link that goes silent (every byte dropped while TCP still holds the connections, as
+/// in a partition or behind a middlebox) is noticed by both sides through the fault lane's
+/// heartbeat: the source reconnects (into the silence) while the guest waits on its
+/// fault, and once the link is back the migration completes.
+#[test]
+fn a_silent_link_during_post_copy_is_noticed_and_recovered() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let t = slow_push((Some(60), Some(60)));
+    t.attempt_up();
+    t.relay.silence();
+    std::thread::scope(|s| {
+        let map = &t.run.map;
+        let reader = s.spawn(move || guest_page(map, PAGES - 1));
+        // Within the silence bound, the source gives the attempt up and tries again.
+        let since = std::time::Instant::now();
+        t.relay.wait_for(|_, swallowed| swallowed >= 1);
+        let noticed = since.elapsed();
+        assert!(noticed < dataplane::migrate::postcopy::SILENCE * 3, "noticed after {noticed:?}");
+        eprintln!("the silent link was noticed, and the source tried again, {noticed:?} after it went silent");
+        assert!(!reader.is_finished(), "a page still at the source was read while the link was silent");
+        t.relay.restore();
+        assert!(reader.join().unwrap() == page_of(&t.mem, PAGES - 1));
+    });
+    assert_guest_sees(&t.run.map, &t.mem);
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
+    let dest = finish(run).unwrap();
+    let source = out.wait().unwrap();
+    assert!(dest.postcopy.unwrap().attempts >= 2);
+    assert_eq!(dest.digest, source.digest);
+}
+
 #[test]
 fn a_link_that_never_comes_back_fails_both_sides_clearly() {
     if !userfaultfd_or_skip() {

@@ -580,8 +580,19 @@ impl<'a> Source<'a> {
         let hints = Arc::new(crossbeam_queue::ArrayQueue::new(super::postcopy::HINTS));
         self.hints = Some(hints.clone());
         let near = super::postcopy::Near { hints: &hints, chunk: self.chunk };
+        // A fault lane that went silent ends the push too: its control connection is
+        // shut, which the round's watch sees. (A lane the destination closed is not that:
+        // it does so when the attempt is done, and RESULT follows on the control
+        // connection.)
+        let ctl_sock = ctl.s.try_clone().map_err(|e| SessionError::io("cloning the control connection", e))?;
         let (r, answered) = std::thread::scope(|s| {
-            let answers = s.spawn(|| super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near));
+            let answers = s.spawn(|| {
+                let r = super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near);
+                if matches!(r, Err(SessionError::TimedOut { .. })) && !stop.load(Ordering::Relaxed) {
+                    let _ = ctl_sock.shutdown(std::net::Shutdown::Both);
+                }
+                r
+            });
             let r = tcp_workers(&mut ctl, &self.opts, &self.pool, &live, session, n_workers, per_worker).and_then(|workers| {
                 self.ctl = ctl;
                 self.workers = workers;
@@ -594,11 +605,20 @@ impl<'a> Source<'a> {
             let _ = fault_sock.shutdown(std::net::Shutdown::Both);
             (r, answers.join().expect("fault lane thread panicked"))
         });
-        match answered {
-            Ok(n) => self.postcopy.pages_by_fault += n,
-            Err(e) if r.is_ok() => log::debug!("post-copy fault lane: {e}"),
-            Err(_) => {}
-        }
+        let r = match answered {
+            Ok(n) => {
+                self.postcopy.pages_by_fault += n;
+                r
+            }
+            Err(e) if r.is_ok() => {
+                log::debug!("post-copy fault lane: {e}");
+                r
+            }
+            // The fault lane's own reason (a silent link) beats the closed control
+            // connection it caused.
+            Err(e @ SessionError::TimedOut { .. }) => Err(e),
+            Err(_) => r,
+        };
         let (_, digest) = r?;
         Ok(digest.expect("the last round digests the source"))
     }

@@ -122,10 +122,34 @@ pub struct Proxy {
 
 struct ProxyState {
     target: String,
-    /// (forwarding, connections accepted, connections refused while cut)
+    /// (forwarding, connections accepted, connections refused while cut or swallowed
+    /// while silent)
     counts: std::sync::Mutex<(bool, usize, usize)>,
     changed: std::sync::Condvar,
     open: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    /// Silent: connections stay open but every byte is dropped, both ways, and new ones
+    /// are taken and swallowed (a partition TCP does not notice).
+    silent: std::sync::atomic::AtomicBool,
+}
+
+/// Relays `from` to `to` until either ends; while the relay is silent the bytes are
+/// read and dropped.
+fn pump(st: &ProxyState, mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if st.silent.load(std::sync::atomic::Ordering::Relaxed) => {}
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }
 
 impl Proxy {
@@ -137,29 +161,33 @@ impl Proxy {
             counts: std::sync::Mutex::new((true, 0, 0)),
             changed: std::sync::Condvar::new(),
             open: std::sync::Mutex::new(Vec::new()),
+            silent: std::sync::atomic::AtomicBool::new(false),
         });
         let st = state.clone();
         std::thread::spawn(move || {
             for c in listener.incoming() {
                 let Ok(c) = c else { return };
+                let silent = st.silent.load(std::sync::atomic::Ordering::Relaxed);
                 let forwarding = {
                     let mut n = st.counts.lock().unwrap();
-                    if n.0 {
+                    if n.0 && !silent {
                         n.1 += 1
                     } else {
                         n.2 += 1
                     }
                     n.0
                 };
-                if forwarding && let Ok(up) = std::net::TcpStream::connect(&st.target) {
+                if forwarding && silent {
+                    // Taken, and every byte dropped: the peer hears nothing.
+                    st.open.lock().unwrap().push(c.try_clone().unwrap());
+                    let (st, sink) = (st.clone(), c.try_clone().unwrap());
+                    std::thread::spawn(move || pump(&st, c, sink));
+                } else if forwarding && let Ok(up) = std::net::TcpStream::connect(&st.target) {
                     let mut open = st.open.lock().unwrap();
                     open.extend([c.try_clone().unwrap(), up.try_clone().unwrap()]);
-                    for (mut from, mut to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut from, &mut to);
-                            let _ = to.shutdown(std::net::Shutdown::Both);
-                            let _ = from.shutdown(std::net::Shutdown::Both);
-                        });
+                    for (from, to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
+                        let st = st.clone();
+                        std::thread::spawn(move || pump(&st, from, to));
                     }
                 }
                 st.changed.notify_all();
@@ -176,9 +204,21 @@ impl Proxy {
         }
     }
 
-    /// Relays new connections again.
+    /// Drops every byte from now on, both ways, on the connections open and on new ones,
+    /// which are taken but never reach the target: the link goes silent while TCP holds.
+    pub fn silence(&self) {
+        self.state.silent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Relays new connections again. After a silence, the connections it swallowed are
+    /// closed (their ends gave up on them).
     pub fn restore(&self) {
         self.state.counts.lock().unwrap().0 = true;
+        if self.state.silent.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            for c in self.state.open.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     /// Waits (at most a minute) until `done(accepted, refused)` holds.

@@ -304,28 +304,59 @@ fn push_round(
 }
 
 /// The destination's fault lane in one attempt: the source's answers to FETCH, placed as
-/// they come, until LANE_END. The lane's sending half is the placement's link meanwhile.
+/// they come, until LANE_END. The lane's sending half is the placement's link meanwhile,
+/// which also carries a PING every [`super::HEARTBEAT`]; a lane that hears nothing (no
+/// answer, no PONG) for [`super::SILENCE`] ends the attempt as a broken link.
 pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Keys) -> Result<(), SessionError> {
     let Keys { tx, rx, .. } = keys;
     let writer = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     pc.open_link(writer, tx);
-    let r = (|| {
-        let mut s = s;
-        s.set_read_timeout(None).map_err(|e| SessionError::io("configuring the fault lane", e))?;
-        let mut reader = FrameReader::new(256 << 10, wire::max_payload_for(layout.max_chunk), rx);
-        let (mut dec, mut scratch) = (Decoder::default(), Vec::new());
-        loop {
-            let (h, kind, payload) = reader.next(&mut s, "reading the fault lane")?;
-            match kind {
-                Kind::Data => {
-                    pc.place_frame(layout, &h, &Payload::One(payload), &mut dec, &mut scratch, true)?;
+    let (done_tx, done) = mpsc::channel::<()>();
+    let r = std::thread::scope(|sc| {
+        sc.spawn(move || {
+            // Until the lane ends (the sender dropped) or the link is gone.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(super::HEARTBEAT) {
+                if !pc.ping() {
+                    return;
                 }
-                Kind::LaneEnd => return Ok(()),
-                Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
-                other => return Err(wire::FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
             }
-        }
-    })();
+        });
+        let r = (|| {
+            let mut s = s;
+            s.set_read_timeout(Some(super::SILENCE)).map_err(|e| SessionError::io("configuring the fault lane", e))?;
+            let mut reader = FrameReader::new(256 << 10, wire::max_payload_for(layout.max_chunk), rx);
+            let (mut dec, mut scratch) = (Decoder::default(), Vec::new());
+            loop {
+                let (h, kind, payload) = reader.next(&mut s, "reading the fault lane").map_err(silent_link)?;
+                match kind {
+                    Kind::Data => {
+                        pc.place_frame(layout, &h, &Payload::One(payload), &mut dec, &mut scratch, true)?;
+                    }
+                    Kind::Pong => {}
+                    Kind::LaneEnd => return Ok(()),
+                    Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
+                    other => return Err(wire::FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
+                }
+            }
+        })();
+        drop(done_tx);
+        r
+    });
     pc.close_link();
     r
+}
+
+/// A fault lane's read that timed out: the link went silent (said as such).
+pub(super) fn silent_link(e: SessionError) -> SessionError {
+    match e {
+        SessionError::TimedOut { op, .. } => SessionError::TimedOut {
+            op: format!(
+                "{op}: the link went silent (nothing for {} s though the lane pings every {} s)",
+                super::SILENCE.as_secs(),
+                super::HEARTBEAT.as_secs()
+            ),
+            secs: super::SILENCE.as_secs(),
+        },
+        e => e,
+    }
 }

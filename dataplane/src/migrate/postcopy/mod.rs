@@ -145,6 +145,16 @@ pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64], what: &str) -> Res
 }
 
 /// Whether `e` is the link failing (the attempt may be retried), not the session.
+/// How often the destination pings the source on the fault lane.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A fault lane that hears nothing for this long (at the destination: no answer and no
+/// PONG; at the source: no FETCH and no PING) is a broken link, even if TCP still holds
+/// the connection (a partition that drops everything silently, a middlebox that keeps it
+/// open): the attempt ends and the source reconnects. The guest waits on its faults
+/// meanwhile, so this bounds how long a silent link can hold it before recovery starts.
+pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) fn is_link_failure(e: &SessionError) -> bool {
     matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. })
 }

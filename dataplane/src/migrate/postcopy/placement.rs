@@ -365,6 +365,17 @@ impl Placement {
         }
     }
 
+    /// Pings the source on the fault lane; false when there is none (or it broke).
+    pub(super) fn ping(&self) -> bool {
+        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(l) = link.as_mut() else { return false };
+        if write_frame(&mut l.s, &mut l.tx, Kind::Ping, &[]).is_ok() {
+            return true;
+        }
+        *link = None;
+        false
+    }
+
     /// A new attempt's fault lane: every fault still waiting is asked for on it.
     pub(super) fn open_link(&self, s: TcpStream, tx: Seal) {
         log::debug!(

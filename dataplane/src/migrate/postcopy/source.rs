@@ -27,8 +27,9 @@ pub(crate) struct Near<'a> {
 }
 
 /// The source's fault lane in one attempt: each FETCH answered with its pages, read from
-/// the paused guest memory, as DATA frames (zero pages as such), until the destination
-/// ends the lane or `stop` is set; the windows from each fault on go to the push first.
+/// the paused guest memory, as DATA frames (zero pages as such), and each PING with PONG,
+/// until the destination ends the lane or `stop` is set; the windows from each fault on go
+/// to the push first. A lane silent for [`super::SILENCE`] fails as a broken link.
 /// Returns the pages answered.
 pub(crate) fn answer_fetches(
     s: TcpStream,
@@ -40,9 +41,9 @@ pub(crate) fn answer_fetches(
     let Keys { mut tx, rx, .. } = keys;
     let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     let mut s = s;
-    // The guest may fault rarely: the lane waits for as long as the attempt runs (it ends
-    // by `stop` and a shutdown), not for a data connection's idle timeout.
-    s.set_read_timeout(None).map_err(|e| SessionError::io("configuring the fault lane", e))?;
+    // The guest may fault rarely, but the destination pings every HEARTBEAT: a lane that
+    // hears nothing for SILENCE is a silent link.
+    s.set_read_timeout(Some(super::SILENCE)).map_err(|e| SessionError::io("configuring the fault lane", e))?;
     let mut reader = FrameReader::new(64 << 10, 4096, rx);
     // A FETCH asks for a chunk's pages at most: their frames fit the session's layout.
     let max_fetch = (near.chunk / PAGE).max(1) as u64;
@@ -53,10 +54,14 @@ pub(crate) fn answer_fetches(
         let (_, kind, payload) = match reader.next(&mut s, "reading the fault lane") {
             Ok(f) => f,
             Err(_) if stop.load(Ordering::Relaxed) => break,
-            Err(e) => return Err(e),
+            Err(e) => return Err(super::dest::silent_link(e)),
         };
         let run: RdmaRun = match kind {
             Kind::Fetch => wire::parse(Kind::Fetch, payload)?,
+            Kind::Ping => {
+                crate::conn::write_frame(&mut w, &mut tx, Kind::Pong, &[])?;
+                continue;
+            }
             Kind::LaneEnd => break,
             other => return Err(wire::FrameError::Unexpected { expected: Kind::Fetch, got: other }.into()),
         };
