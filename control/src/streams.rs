@@ -59,10 +59,10 @@ impl Ends {
         self.ferryd.clone().unwrap_or_else(transfer::default_socket)
     }
 
-    fn request(&self, to: &str, id: Option<String>, progress: bool) -> Request {
+    fn request(&self, to: &str, name: Option<String>, progress: bool) -> Request {
         Request::StreamOpen {
             to: to.to_string(),
-            id,
+            name,
             listen: self.listen.clone(),
             forward: self.forward.clone(),
             compress: self.compression.clone(),
@@ -74,7 +74,8 @@ impl Ends {
 /// What ferryd answered for a stream it opened: both sides' reports.
 #[derive(Debug, serde::Serialize)]
 pub struct Opened {
-    pub id: String,
+    /// The migration's name.
+    pub name: String,
     pub source: ProxyReport,
     pub destination: ProxyReport,
 }
@@ -102,7 +103,7 @@ fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Resul
         let mut id = String::new();
         let mut on_event = |v: &serde_json::Value| {
             if v["event"] == "opened" {
-                id = v["id"].as_str().unwrap_or_default().to_string();
+                id = v["name"].as_str().unwrap_or_default().to_string();
             }
             if v["event"] == "listening" {
                 let endpoints = v["endpoints"].as_array().into_iter().flatten().filter_map(|e| e.as_str().map(String::from)).collect();
@@ -140,7 +141,11 @@ impl Running {
         let report = |k: &str| -> Result<ProxyReport, String> {
             serde_json::from_value(v[k].clone()).map_err(|e| format!("ferryd's {k} report: {e}"))
         };
-        Ok(Opened { id: v["id"].as_str().unwrap_or_default().to_string(), source: report("report")?, destination: report("destination")? })
+        Ok(Opened {
+            name: v["name"].as_str().unwrap_or_default().to_string(),
+            source: report("report")?,
+            destination: report("destination")?,
+        })
     }
 
     /// Calls the stream off: ferryd closes an endpoint no VMM connected to.
@@ -194,7 +199,7 @@ pub fn summary(o: &Opened) -> String {
             r.compression_ratio
         )
     };
-    format!("stream {}\n  {}\n  {}", o.id, side(&o.source), side(&o.destination))
+    format!("stream {}\n  {}\n  {}", o.name, side(&o.source), side(&o.destination))
 }
 
 /// `ferryctl migrate`'s arguments.

@@ -482,7 +482,7 @@ fn libvirt_migrates_through_ferry() {
     assert_eq!(h.state(&h.dst_uri), "running", "{m2}");
     h.check_ram_at_destination("unix");
     assert_eq!(m2["ferry"]["source"]["channels"].as_array().unwrap().len(), 1, "{m2}");
-    let id = m2["ferry"]["id"].as_str().unwrap();
+    let id = m2["ferry"]["name"].as_str().unwrap();
     assert!(id.starts_with(&h.domain), "{m2}");
     let log = std::fs::read_to_string(h.d().join("ferryctl-migrate.log")).unwrap();
     assert!(log.contains(&format!("unix:{}", h.streams.join(format!("{id}.sock")).display())), "{log}");

@@ -433,7 +433,7 @@ fn kubevirt_layout_through_ferryd() {
     dqmp.cmd("migrate-incoming", json!({"uri": format!("unix:{}", in_pod("b").display())}));
     // virt-handler on node A: one request on ferryd's control socket.
     let c = UnixStream::connect(&a.socket).unwrap();
-    let req = json!({"cmd": "stream_open", "to": b.peer, "id": key,
+    let req = json!({"cmd": "stream_open", "to": b.peer, "name": key,
                      "listen": [format!("unix:{}", src_file.display())], "forward": format!("unix:{}", dst_file.display())});
     writeln!(&c, "{req}").unwrap();
     let mut replies = BufReader::new(c).lines().map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap());
@@ -453,7 +453,7 @@ fn kubevirt_layout_through_ferryd() {
     assert!(b.log().contains(&format!("stream {key}: opened by 127.0.0.1")), "{}", b.log());
     // A peer may not have the target forward outside its pods: the other node's files.
     let c = UnixStream::connect(&a.socket).unwrap();
-    let req = json!({"cmd": "stream_open", "to": b.peer, "id": "x", "listen": [format!("unix:{}", d.join("x.sock").display())],
+    let req = json!({"cmd": "stream_open", "to": b.peer, "name": "x", "listen": [format!("unix:{}", d.join("x.sock").display())],
                      "forward": format!("unix:{}", src_file.display())});
     writeln!(&c, "{req}").unwrap();
     let v: Value = serde_json::from_str(&BufReader::new(c).lines().next().unwrap().unwrap()).unwrap();

@@ -98,8 +98,9 @@ pub enum Request {
     StreamOpen {
         to: String,
         /// The migration's name (letters, digits, `.`, `_`, `-`); a new one when absent.
+        /// (Its `"id"` is the request's, as for every request.)
         #[serde(default)]
-        id: Option<String>,
+        name: Option<String>,
         #[serde(default)]
         listen: Vec<String>,
         #[serde(default)]
@@ -450,8 +451,8 @@ impl Daemon {
                 let side = self.stream_in_side(&listen, &forward);
                 say(result(side.and_then(|side| self.stream(Role::StreamIn, side, &say, progress, watch()))))
             }
-            Request::StreamOpen { to, id, listen, forward, compress, progress } => {
-                let open = StreamOpen { to, id, listen, forward, compress };
+            Request::StreamOpen { to, name, listen, forward, compress, progress } => {
+                let open = StreamOpen { to, name, listen, forward, compress };
                 say(self.stream_open(open, &say, progress, watch()))
             }
         }
@@ -818,7 +819,7 @@ impl Daemon {
     ) -> serde_json::Value {
         self.make_stream_dirs();
         let opened = (|| -> Result<_, Failed> {
-            let id = match o.id {
+            let id = match o.name {
                 Some(id) if crate::peer::valid_id(&id) => id,
                 Some(id) => return Err(format!("{id:?} is not a migration name: 1-64 letters, digits, '.', '_' or '-'").into()),
                 None => crate::peer::new_id("stream"),
@@ -838,7 +839,7 @@ impl Daemon {
             let link = crate::peer::open(&o.to, &self.auth, &crate::peer::Open { id: id.clone(), forward: forward.clone() })
                 .map_err(|e| Failed::from(format!("the destination ferryd at {} did not open its side: {e}", o.to)))?;
             log::info!("stream {id}: the destination ferryd at {} forwards to {forward}; channels go to {}", o.to, link.channels);
-            say(serde_json::json!({"event": "opened", "id": id, "forward": forward, "channels": link.channels.to_string()}));
+            say(serde_json::json!({"event": "opened", "name": id, "forward": forward, "channels": link.channels.to_string()}));
             Ok((StreamSide::Source { listeners, to: link.channels.to_string(), compression }, link, id))
         })();
         let (side, link, id) = match opened {
@@ -853,8 +854,8 @@ impl Daemon {
             Err(_) => Err("not asked: this side failed".into()),
         };
         match (here, there) {
-            (Ok(rep), Ok(dest)) => serde_json::json!({"ok": true, "id": id, "report": rep, "destination": dest}),
-            (Ok(_), Err(e)) | (Err(e), _) => serde_json::json!({"ok": false, "id": id, "error": e.message}),
+            (Ok(rep), Ok(dest)) => serde_json::json!({"ok": true, "name": id, "report": rep, "destination": dest}),
+            (Ok(_), Err(e)) | (Err(e), _) => serde_json::json!({"ok": false, "name": id, "error": e.message}),
         }
     }
 
@@ -1100,7 +1101,7 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
 /// A `stream_open` request's fields.
 struct StreamOpen {
     to: String,
-    id: Option<String>,
+    name: Option<String>,
     listen: Vec<String>,
     forward: Option<String>,
     compress: Option<String>,

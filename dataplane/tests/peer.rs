@@ -75,12 +75,13 @@ fn a_stream_opened_from_the_source_reaches_the_destination_vmm() {
     let (src, src_streams) = host(a.path(), "src", false, 300);
     let (dst, dst_streams) = host(b.path(), "dst", true, 300);
     let vmm_in = UnixListener::bind(dst_streams.join("vm1.sock")).unwrap();
-    let req = json!({"cmd": "stream_open", "to": dst.peer, "id": "vm1-test",
+    // The request's id and the migration's name are two things.
+    let req = json!({"cmd": "stream_open", "to": dst.peer, "name": "vm1-test", "id": "req-1",
                      "forward": format!("unix:{}", dst_streams.join("vm1.sock").display())});
     let (_c, mut r) = request(&src.socket, req);
     let listening = next_reply(&mut r);
     let endpoint = src_streams.join("vm1-test.sock");
-    assert_eq!(listening["event"], "listening", "{listening}");
+    assert_eq!((listening["event"].as_str(), listening["id"].as_str()), (Some("listening"), Some("req-1")), "{listening}");
     assert_eq!(listening["endpoints"][0], format!("unix:{}", endpoint.display()));
     assert_eq!(std::fs::metadata(&endpoint).unwrap().permissions().mode() & 0o777, 0o660, "[daemon] stream_mode");
     let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
@@ -104,7 +105,7 @@ fn a_stream_opened_from_the_source_reaches_the_destination_vmm() {
     assert_eq!(back, b"loaded");
     let done = next_reply(&mut r);
     assert_eq!(done["ok"], true, "{done}\n{}\n{}", log_of(a.path(), "src"), log_of(b.path(), "dst"));
-    assert_eq!(done["id"], "vm1-test");
+    assert_eq!((done["name"].as_str(), done["id"].as_str()), (Some("vm1-test"), Some("req-1")), "{done}");
     assert_eq!(done["report"]["sent_bytes"], data.len() as u64);
     assert_eq!(done["destination"]["role"], "destination");
     assert_eq!(done["destination"]["received_bytes"], data.len() as u64);
@@ -124,8 +125,10 @@ fn peers_are_held_to_the_stream_dirs_and_the_key() {
     let (dst, dst_streams) = host(b.path(), "dst", true, 300);
     let outside = b.path().join("elsewhere.sock");
     let _victim = UnixListener::bind(&outside).unwrap();
-    let (_c, mut r) =
-        request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "id": "bad", "forward": format!("unix:{}", outside.display())}));
+    let (_c, mut r) = request(
+        &src.socket,
+        json!({"cmd": "stream_open", "to": dst.peer, "name": "bad", "forward": format!("unix:{}", outside.display())}),
+    );
     let v = next_reply(&mut r);
     assert_eq!(v["ok"], false, "{v}");
     let e = v["error"].as_str().unwrap();
@@ -150,7 +153,7 @@ fn peers_are_held_to_the_stream_dirs_and_the_key() {
     assert_eq!(v["ok"], false, "{v}");
     assert!(v["error"].as_str().unwrap().contains("authentication"), "{v}");
     // The destination still opens streams for the real source.
-    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "id": "good", "forward": fwd}));
+    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "name": "good", "forward": fwd}));
     let v = next_reply(&mut r);
     assert_eq!(v["event"], "listening", "{v}\n{}", log_of(b.path(), "dst"));
 }
@@ -165,7 +168,7 @@ fn an_endpoint_nobody_uses_closes() {
     let (dst, dst_streams) = host(b.path(), "dst", true, 300);
     let fwd = format!("unix:{}", dst_streams.join("vm.sock").display());
     // The client goes away.
-    let (c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "id": "left", "forward": fwd}));
+    let (c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "name": "left", "forward": fwd}));
     assert_eq!(next_reply(&mut r)["event"], "listening");
     assert!(src_streams.join("left.sock").exists());
     drop((c, r));
@@ -173,7 +176,7 @@ fn an_endpoint_nobody_uses_closes() {
     wait_until("the destination's side has ended", || log_of(b.path(), "dst").contains("stream left: the migration was cancelled"));
     // Nothing comes within the source's idle time (2 s).
     let t = Instant::now();
-    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "id": "idle", "forward": fwd}));
+    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "name": "idle", "forward": fwd}));
     assert_eq!(next_reply(&mut r)["event"], "listening");
     let v = next_reply(&mut r);
     assert_eq!(v["ok"], false, "{v}");
@@ -201,7 +204,7 @@ fn stream_directories_are_made_when_first_needed() {
     assert!(!later.exists(), "made only when needed");
     let (dst, dst_streams) = host(b.path(), "dst", true, 300);
     let fwd = format!("unix:{}", dst_streams.join("vm.sock").display());
-    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "id": "mk", "forward": fwd}));
+    let (_c, mut r) = request(&src.socket, json!({"cmd": "stream_open", "to": dst.peer, "name": "mk", "forward": fwd}));
     let v = next_reply(&mut r);
     assert_eq!(v["event"], "listening", "{v}");
     let m = std::fs::metadata(&later).unwrap();
