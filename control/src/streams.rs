@@ -3,8 +3,8 @@
 //! `ferryctl migrate` does that around a `virsh migrate` and reports both.
 //!
 //! ```text
-//!  ferryctl migrate vm1 qemu+ssh://dst/system --to dst:7470
-//!    │ stream_open {to, id, listen: unix:/run/ferry/streams/vm1-3f2a.sock}     (local ferryd's control socket)
+//!  ferryctl migrate vm1 qemu+ssh://dst/system                  (--to dst:7470 by default)
+//!    │ stream_open {to, name, listen: unix:/run/ferry/streams/vm1-3f2a.sock}   (local ferryd's control socket)
 //!    │   ferryd ══ STREAM_OPEN over the peer port ══► ferryd at dst: forwards to the same path there
 //!    │ ◄ {"event":"listening"}
 //!    │ virsh migrate --live vm1 qemu+ssh://dst/system --migrateuri unix:///run/ferry/streams/vm1-3f2a.sock
@@ -23,7 +23,7 @@ use dataplane::stream::{Endpoint, ProxyReport};
 
 use crate::transfer;
 
-/// Where the stream's two ends are, as the user chose them (both optional).
+/// Where the stream's two ends are, as the user chose them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Ends {
     /// The destination ferryd's peer port, HOST:PORT (`[daemon] peer` there). `ferryctl

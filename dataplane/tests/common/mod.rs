@@ -127,18 +127,21 @@ struct ProxyState {
     counts: std::sync::Mutex<(bool, usize, usize)>,
     changed: std::sync::Condvar,
     open: std::sync::Mutex<Vec<std::net::TcpStream>>,
-    /// Silent: connections stay open but every byte is dropped, both ways, and new ones
-    /// are taken and swallowed (a partition TCP does not notice).
+    /// Silent: the connections open stay open but every byte is dropped, both ways (a
+    /// partition TCP does not notice); new ones are closed as they come.
     silent: std::sync::atomic::AtomicBool,
 }
 
 /// Relays `from` to `to` until either ends; while the relay is silent the bytes are
-/// read and dropped.
+/// read and dropped, and a close goes no further.
 fn pump(st: &ProxyState, mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
     use std::io::{Read, Write};
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf) {
+            // A close is not carried across a silence either: the other end hears nothing
+            // (`restore` closes it).
+            Ok(0) | Err(_) if st.silent.load(std::sync::atomic::Ordering::Relaxed) => return,
             Ok(0) | Err(_) => break,
             Ok(_) if st.silent.load(std::sync::atomic::Ordering::Relaxed) => {}
             Ok(n) => {
@@ -177,12 +180,10 @@ impl Proxy {
                     }
                     n.0
                 };
-                if forwarding && silent {
-                    // Taken, and every byte dropped: the peer hears nothing.
-                    st.open.lock().unwrap().push(c.try_clone().unwrap());
-                    let (st, sink) = (st.clone(), c.try_clone().unwrap());
-                    std::thread::spawn(move || pump(&st, c, sink));
-                } else if forwarding && let Ok(up) = std::net::TcpStream::connect(&st.target) {
+                if forwarding
+                    && !silent
+                    && let Ok(up) = std::net::TcpStream::connect(&st.target)
+                {
                     let mut open = st.open.lock().unwrap();
                     open.extend([c.try_clone().unwrap(), up.try_clone().unwrap()]);
                     for (from, to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
@@ -204,14 +205,15 @@ impl Proxy {
         }
     }
 
-    /// Drops every byte from now on, both ways, on the connections open and on new ones,
-    /// which are taken but never reach the target: the link goes silent while TCP holds.
+    /// Drops every byte from now on, both ways, on the connections open: the link goes
+    /// silent while TCP holds them. New connections are closed as they come (counted as
+    /// refused).
     pub fn silence(&self) {
         self.state.silent.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Relays new connections again. After a silence, the connections it swallowed are
-    /// closed (their ends gave up on them).
+    /// Relays new connections again. After a silence, the connections it held silent are
+    /// closed (their ends gave up on them, or will).
     pub fn restore(&self) {
         self.state.counts.lock().unwrap().0 = true;
         if self.state.silent.swap(false, std::sync::atomic::Ordering::Relaxed) {
