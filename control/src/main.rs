@@ -473,22 +473,7 @@ fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, Fail> {
 
 /// A proxied migration's report, as JSON or one line.
 fn proxy_report(r: &dataplane::stream::ProxyReport, as_json: bool) -> Result<u8, Fail> {
-    emit(&if as_json {
-        json(&r)
-    } else {
-        format!(
-            "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
-            r.role,
-            r.channels.len(),
-            r.sent_bytes,
-            r.received_bytes,
-            r.seconds,
-            r.gbps,
-            r.wire_bytes,
-            r.compression,
-            r.compression_ratio
-        )
-    });
+    emit(&if as_json { json(&r) } else { r.line() });
     Ok(0)
 }
 

@@ -185,21 +185,7 @@ const NOT_YOURS: [&str; 4] = ["--tunnelled", "--tunneled", "--migrateuri", "--li
 
 /// One line per side of a finished stream.
 pub fn summary(o: &Opened) -> String {
-    let side = |r: &ProxyReport| {
-        format!(
-            "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
-            r.role,
-            r.channels.len(),
-            r.sent_bytes,
-            r.received_bytes,
-            r.seconds,
-            r.gbps,
-            r.wire_bytes,
-            r.compression,
-            r.compression_ratio
-        )
-    };
-    format!("stream {}\n  {}\n  {}", o.name, side(&o.source), side(&o.destination))
+    format!("stream {}\n  {}\n  {}", o.name, o.source.line(), o.destination.line())
 }
 
 /// `ferryctl migrate`'s arguments.

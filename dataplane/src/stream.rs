@@ -316,6 +316,25 @@ pub struct ProxyReport {
     pub compression_ratio: f64,
 }
 
+impl ProxyReport {
+    /// One line for a terminal: the role, channels, bytes each way, time, rate, wire bytes
+    /// and compression.
+    pub fn line(&self) -> String {
+        format!(
+            "{}: {} channel(s), {} bytes sent, {} received in {:.3} s ({:.2} GB/s), {} wire bytes, compression {} ({:.2}x)",
+            self.role,
+            self.channels.len(),
+            self.sent_bytes,
+            self.received_bytes,
+            self.seconds,
+            self.gbps,
+            self.wire_bytes,
+            self.compression,
+            self.compression_ratio
+        )
+    }
+}
+
 /// Channels in flight: what ends the proxy, and what a failure shuts down.
 struct Channels {
     state: Mutex<ChannelState>,
