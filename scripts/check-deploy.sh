@@ -123,7 +123,10 @@ podman --runtime runc run -d --name ferry-deploy-check --network host --read-onl
 for _ in $(seq 100); do [ -S "$work/run/ferryd.sock" ] && break; sleep 0.1; done
 target/release/ferryctl status --socket "$work/run/ferryd.sock" --json > "$work/image-status.json" \
   || { podman logs ferry-deploy-check >&2; echo "deploy: ferryd in the image did not answer" >&2; exit 1; }
-podman logs ferry-deploy-check 2>&1 | grep -q "transport tcp (io_uring)" || { podman logs ferry-deploy-check >&2; echo "deploy: io_uring blocked in the image under ferry's seccomp profile" >&2; exit 1; }
+# Into a file first: `podman logs | grep -q` under pipefail fails when grep has matched and
+# left before podman finished writing (SIGPIPE).
+podman logs ferry-deploy-check > "$work/image.log" 2>&1
+grep -q "transport tcp (io_uring)" "$work/image.log" || { cat "$work/image.log" >&2; echo "deploy: io_uring blocked in the image under ferry's seccomp profile" >&2; exit 1; }
 podman stop -t 20 ferry-deploy-check >/dev/null
 code=$(podman inspect ferry-deploy-check --format '{{.State.ExitCode}}')
 [ "$code" = 0 ] || { podman logs ferry-deploy-check >&2; echo "deploy: ferryd in the image exited $code on SIGTERM" >&2; exit 1; }
