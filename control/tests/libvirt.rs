@@ -328,7 +328,7 @@ impl Hosts {
 
     /// CPU seconds the two ferryd have used so far.
     fn ferryd_cpu(&self) -> f64 {
-        [Some(&self.src_ferryd), self.dst_ferryd.as_ref()].into_iter().flatten().map(|p| cpu_seconds(p.0.id())).sum()
+        [Some(&self.src_ferryd), self.dst_ferryd.as_ref()].into_iter().flatten().map(|p| control::demo::process_cpu_seconds(p.0.id())).sum()
     }
 
     /// Samples both QEMUs' CPU while `f` runs a migration: the source's use during it,
@@ -344,10 +344,10 @@ impl Hosts {
                     let done = stop.load(std::sync::atomic::Ordering::Acquire);
                     for (pid, cmd) in qemus(&dom) {
                         if cmd.contains(src.to_str().unwrap()) {
-                            last = cpu_seconds(pid);
+                            last = control::demo::process_cpu_seconds(pid);
                             first.get_or_insert(last);
                         } else if cmd.contains(dst.to_str().unwrap()) {
-                            dst_last = cpu_seconds(pid);
+                            dst_last = control::demo::process_cpu_seconds(pid);
                         }
                     }
                     if done {
@@ -363,15 +363,6 @@ impl Hosts {
             (r, sampler.join().unwrap())
         })
     }
-}
-
-/// CPU seconds (user and system) process `pid` has used; 0 once it is gone.
-fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)) / ticks
 }
 
 /// The running processes whose command line holds `needle` (the guest's QEMUs), with it.
