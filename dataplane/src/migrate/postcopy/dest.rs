@@ -327,7 +327,7 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
             let mut reader = FrameReader::new(256 << 10, wire::max_payload_for(layout.max_chunk), rx);
             let (mut dec, mut scratch) = (Decoder::default(), Vec::new());
             loop {
-                let (h, kind, payload) = reader.next(&mut s, "reading the fault lane").map_err(silent_link)?;
+                let (h, kind, payload) = reader.next(&mut s, "reading the fault lane").map_err(super::silent_link)?;
                 match kind {
                     Kind::Data => {
                         pc.place_frame(layout, &h, &Payload::One(payload), &mut dec, &mut scratch, true)?;
@@ -344,19 +344,4 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
     });
     pc.close_link();
     r
-}
-
-/// A fault lane's read that timed out: the link went silent (said as such).
-pub(super) fn silent_link(e: SessionError) -> SessionError {
-    match e {
-        SessionError::TimedOut { op, .. } => SessionError::TimedOut {
-            op: format!(
-                "{op}: the link went silent (nothing for {} s though the lane pings every {} s)",
-                super::SILENCE.as_secs(),
-                super::HEARTBEAT.as_secs()
-            ),
-            secs: super::SILENCE.as_secs(),
-        },
-        e => e,
-    }
 }

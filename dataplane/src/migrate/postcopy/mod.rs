@@ -155,6 +155,21 @@ pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 /// meanwhile, so this bounds how long a silent link can hold it before recovery starts.
 pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A fault lane's read that timed out: the link went silent (said as such).
+pub(crate) fn silent_link(e: SessionError) -> SessionError {
+    match e {
+        SessionError::TimedOut { op, .. } => SessionError::TimedOut {
+            op: format!(
+                "{op}: the link went silent (nothing for {} s though the lane pings every {} s)",
+                SILENCE.as_secs(),
+                HEARTBEAT.as_secs()
+            ),
+            secs: SILENCE.as_secs(),
+        },
+        e => e,
+    }
+}
+
 pub(crate) fn is_link_failure(e: &SessionError) -> bool {
     matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. })
 }

@@ -54,7 +54,7 @@ pub(crate) fn answer_fetches(
         let (_, kind, payload) = match reader.next(&mut s, "reading the fault lane") {
             Ok(f) => f,
             Err(_) if stop.load(Ordering::Relaxed) => break,
-            Err(e) => return Err(super::dest::silent_link(e)),
+            Err(e) => return Err(super::silent_link(e)),
         };
         let run: RdmaRun = match kind {
             Kind::Fetch => wire::parse(Kind::Fetch, payload)?,
