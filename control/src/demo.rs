@@ -260,7 +260,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let workload = Workload::start(map, log.clone(), (a.dirty_rate_mbs * 1e6) as u64, a.pattern, a.seed);
 
     let cpu0 = src.cpu_seconds() + dst.cpu_seconds();
-    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").map_err(fail)?;
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").map_err(|e| fail(e.to_string()))?;
     let addr = incoming.addr.clone();
     let (running_tx, running) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
@@ -277,15 +277,16 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         verify: Some(a.verify),
         recover_s: None,
     };
-    let with_logs =
-        |e: String| fail(format!("{e}\n--- source ferryd ---\n{}\n--- destination ferryd ---\n{}", src.log_tail(), dst.log_tail()));
+    let with_logs = |e: &dyn std::fmt::Display| {
+        fail(format!("{e}\n--- source ferryd ---\n{}\n--- destination ferryd ---\n{}", src.log_tail(), dst.log_tail()))
+    };
     let harvest = |log: &DirtyLog| log.harvest_into(&bitmap).map_err(|e| fail(format!("writing the dirty bitmap: {e}")));
     // Dirty logging starts now: round 0 sends everything, round 1 what changed since.
     harvest(&log)?;
-    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &opts).map_err(with_logs)?;
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &opts).map_err(|e| with_logs(&e))?;
     let mut rounds = 0;
     loop {
-        let r = out.round().map_err(with_logs)?;
+        let r = out.round().map_err(|e| with_logs(&e))?;
         progress(round_line(&r));
         rounds += 1;
         if r.advise_pause || (a.postcopy && r.advise_postcopy) || a.switch_after_rounds.is_some_and(|n| rounds >= n) {
@@ -301,15 +302,15 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     if a.postcopy {
         // The paused guest is read through `mem`; its mapping goes after, not in the
         // switch-over's downtime (unmapping a large guest takes milliseconds).
-        let r = postcopy(run, out, DestinationVmm { waiter, running }, progress).map_err(with_logs);
+        let r = postcopy(run, out, DestinationVmm { waiter, running }, progress).map_err(|e| with_logs(&e));
         drop(map);
         return r;
     }
-    let source = out.finish().map_err(with_logs)?;
+    let source = out.finish().map_err(|e| with_logs(&e))?;
     let ((memory, destination), resumed) = match waiter.join().expect("waiter thread panicked") {
         (Ok(Arrived::Memory(m, r)), at) => ((m, r), at),
         (Ok(Arrived::Postcopy(..)), _) => return Err(fail("the destination switched to post-copy unasked".into())),
-        (Err(e), _) => return Err(with_logs(e)),
+        (Err(e), _) => return Err(with_logs(&e)),
     };
     let downtime = resumed.duration_since(paused).as_secs_f64();
     let total = resumed.duration_since(t0).as_secs_f64();
@@ -444,11 +445,18 @@ struct Measured {
 /// userfaultfd over the mapping, hands it to ferryd and runs the guest there, which it
 /// hands to `running` with the time.
 fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>) -> Result<Arrived, String> {
+    destination_vmm_inner(incoming, running).map_err(|e| e.to_string())
+}
+
+fn destination_vmm_inner(
+    incoming: MigrateIn,
+    running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>,
+) -> Result<Arrived, Box<dyn std::error::Error>> {
     match incoming.next()? {
         Arrival::Memory(m, r) => Ok(Arrived::Memory(m, *r)),
         Arrival::Postcopy(mut p) => {
             let [file] = &p.memory[..] else {
-                return Err(format!("the destination handed over {} memory regions, the guest has 1", p.memory.len()));
+                return Err(format!("the destination handed over {} memory regions, the guest has 1", p.memory.len()).into());
             };
             let uffd = hw::uffd::Userfault::create()?;
             let map = uffd.map_registered(file)?;
@@ -456,7 +464,7 @@ fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uf
             p.serve(&uffd, &maps)?;
             let _ = running.send((map, Instant::now()));
             // Every page local: the mapping is unregistered, and stops faulting into ferry.
-            p.wait(&uffd).map(Arrived::Postcopy)
+            Ok(p.wait(&uffd).map(Arrived::Postcopy)?)
         }
     }
 }
@@ -467,7 +475,7 @@ fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uf
 fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut dyn FnMut(String)) -> Result<DemoReport, String> {
     let DestinationVmm { waiter, running } = vmm;
     let a = run.a;
-    let switching = out.postcopy()?;
+    let switching = out.postcopy().map_err(|e| e.to_string())?;
     let (dest_map, resumed) = match running.recv_timeout(Duration::from_secs(30)) {
         Ok(m) => m,
         Err(_) => {
@@ -483,7 +491,7 @@ fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut d
         "switched over to post-copy: the guest runs at the destination {downtime_ms:.1} ms after it paused (ferry {:.1} ms)",
         switching.switch_ms
     ));
-    let source = switching.wait()?;
+    let source = switching.wait().map_err(|e| e.to_string())?;
     let (dest, done) = waiter.join().expect("waiter thread panicked");
     let destination = match dest? {
         Arrived::Postcopy(r) => r,

@@ -382,7 +382,7 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
     };
     let compression = match (compress.as_deref(), config.is_some()) {
         (None, false) => dataplane::plan::Compression::Off,
-        (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e))?,
+        (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e.to_string()))?,
         (None, true) => match cfg.migration.compression {
             control::config::CompressionChoice::Off => dataplane::plan::Compression::Off,
             control::config::CompressionChoice::Auto => dataplane::plan::Compression::Adaptive { level: 1 },
@@ -398,7 +398,7 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
     let side = match (to, serve, forward) {
         (Some(to), None, None) => {
             let eps: Vec<dataplane::stream::Endpoint> =
-                listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e| Fail(2, e))?;
+                listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e: dataplane::BadChoice| Fail(2, e.to_string()))?;
             let listeners: Vec<_> = eps
                 .iter()
                 .map(|e| dataplane::stream::Listener::bind(e).map_err(|err| Fail(2, format!("cannot listen on {e}: {err}"))))
@@ -409,7 +409,7 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
             Side::Source(listeners, to)
         }
         (None, Some(serve), Some(forward)) => {
-            let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e| Fail(2, e))?;
+            let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e: dataplane::BadChoice| Fail(2, e.to_string()))?;
             let l = std::net::TcpListener::bind(&serve).map_err(|e| Fail(2, format!("cannot listen on {serve}: {e}")))?;
             eprintln!("ferry proxy: listening on {} for the source proxy; QEMU at {fwd}", l.local_addr().map_or(serve, |a| a.to_string()));
             Side::Destination(l, fwd)

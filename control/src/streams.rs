@@ -225,8 +225,8 @@ pub struct Migrated {
 /// path), a TCP endpoint `--migrateuri tcp://HOST:PORT`, with `--listen-address` the
 /// forward's host (the destination QEMU listens there, on the same port).
 pub fn migrate_uri(listen: &str, forward: Option<&str>) -> Result<Vec<String>, String> {
-    let l: Endpoint = listen.parse()?;
-    let f: Option<Endpoint> = forward.map(str::parse).transpose()?;
+    let l: Endpoint = listen.parse().map_err(|e: dataplane::BadChoice| e.to_string())?;
+    let f: Option<Endpoint> = forward.map(str::parse).transpose().map_err(|e: dataplane::BadChoice| e.to_string())?;
     match (l, f) {
         (Endpoint::Unix(p), None) => Ok(vec!["--migrateuri".into(), format!("unix://{}", p.display())]),
         (Endpoint::Unix(p), Some(Endpoint::Unix(q))) if p == q => Ok(vec!["--migrateuri".into(), format!("unix://{}", p.display())]),

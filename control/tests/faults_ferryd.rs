@@ -13,7 +13,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use dataplane::migrate::vmm::{MigrateIn, MigrateOut, OutOptions};
+use dataplane::metrics::Failure;
+use dataplane::migrate::vmm::{ClientError, MigrateIn, MigrateOut, OutOptions};
 use dataplane::wire::{Layout, features};
 use hostile::*;
 use hw::fdpass::LineConn;
@@ -58,7 +59,8 @@ fn a_destination_vmm_that_leaves_cancels_the_migration() {
     out.round().unwrap();
     drop(vmm);
     let err = out.finish().unwrap_err();
-    assert!(err.contains("destination VMM closed its control connection"), "{err}");
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Cancelled, .. }), "{err:?}");
+    assert!(err.to_string().contains("destination VMM closed its control connection"), "{err}");
     wait_until(5, "the destination's session to end", || active(&dst, "migrate_in") == 0);
     // The VMM that takes the memory event but leaves instead of saying `taken`.
     let (mut vmm, addr) = migrate_in(&dst);
@@ -71,7 +73,8 @@ fn a_destination_vmm_that_leaves_cancels_the_migration() {
     });
     let err = out.finish().unwrap_err();
     t.join().unwrap();
-    assert!(err.contains("did not take its memory"), "{err}");
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Cancelled, .. }), "{err:?}");
+    assert!(err.to_string().contains("did not take its memory"), "{err}");
     // A retry with a VMM that does its part succeeds.
     let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").unwrap();
     let addr = incoming.addr.clone();
@@ -105,7 +108,8 @@ fn guest_memory_that_shrinks_mid_round_fails_the_migration() {
     });
     let err = out.round().unwrap_err();
     t.join().unwrap();
-    assert!(err.contains("changed size"), "{err}");
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Refused, .. }), "{err:?}");
+    assert!(err.to_string().contains("changed size"), "{err}");
     assert!(waiter.join().unwrap().is_err(), "the destination hands nothing over");
 }
 
@@ -143,18 +147,23 @@ fn impossible_guests_and_rates_are_refused() {
     let huge = hw::memmap::memfd("faults-huge", 256 << 40, false).unwrap();
     let huge_bitmap = hw::memmap::memfd("faults-huge-dirty", dataplane::migrate::bitmap_bytes(256 << 40), false).unwrap();
     let err = MigrateOut::start(&src.socket, "127.0.0.1:1", &huge, &huge_bitmap, &OutOptions::default()).unwrap_err();
-    assert!(err.contains("exceeds this host's limit"), "{err}");
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Refused, .. }), "{err:?}");
+    assert!(err.to_string().contains("exceeds this host's limit"), "{err}");
     let (mem, bitmap) = guest(64);
     for rate in [0, 1 << 58] {
         let o = OutOptions { rate_limit_mbit: Some(rate), ..OutOptions::default() };
         let err = MigrateOut::start(&src.socket, "127.0.0.1:1", &mem, &bitmap, &o).unwrap_err();
-        assert!(err.contains("rate_limit_mbit"), "{err}");
+        assert!(matches!(err, ClientError::Ferryd { kind: Failure::BadRequest, .. }), "{err:?}");
+        assert!(err.to_string().contains("rate_limit_mbit"), "{err}");
     }
     // A transport the plan cannot give, or none known.
-    for (t, why) in [("rdma", "has no RDMA port"), ("carrier-pigeon", "give rdma, tcp, sockets or auto")] {
+    for (t, why, kind) in
+        [("rdma", "has no RDMA port", Failure::Refused), ("carrier-pigeon", "use rdma, tcp, sockets or auto", Failure::BadRequest)]
+    {
         let o = OutOptions { transport: Some(t.into()), ..OutOptions::default() };
         let err = MigrateOut::start(&src.socket, "127.0.0.1:1", &mem, &bitmap, &o).unwrap_err();
-        assert!(err.contains(why), "{t}: {err}");
+        assert!(matches!(&err, ClientError::Ferryd { kind: k, .. } if *k == kind), "{t}: {err:?}");
+        assert!(err.to_string().contains(why), "{t}: {err}");
     }
     assert!(src.alive(), "{}", src.log());
     assert_eq!(active(&src, "migrate_out"), 0);
@@ -329,7 +338,7 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
         let round = std::thread::spawn(move || out.round());
         wait_until(10, "the round to be under way at the destination", || dst.moving("migrate_in"));
         dst.child.kill().unwrap();
-        let err = round.join().unwrap().unwrap_err();
+        let err = round.join().unwrap().unwrap_err().to_string();
         println!("{what}, destination killed mid-round, the source VMM hears: {err}");
         assert!(err.contains("peer closed") || err.contains("reset") || err.contains("Broken pipe"), "{what}: {err}");
         assert!(incoming.wait().is_err(), "{what}: nothing is handed to the destination VMM");
@@ -346,7 +355,7 @@ fn a_ferryd_killed_mid_round_fails_the_migration_and_a_retry_succeeds() {
         wait_until(10, "the round to be under way at the source", || src2.moving("migrate_out"));
         src2.child.kill().unwrap();
         assert!(round.join().unwrap().is_err(), "{what}: the source VMM is told");
-        let err = waiter.join().unwrap().unwrap_err();
+        let err = waiter.join().unwrap().unwrap_err().to_string();
         println!("{what}, source killed mid-round, the destination VMM hears: {err}");
         assert!(err.contains("peer closed") || err.contains("reset"), "{what}: {err}");
         wait_until(10, "the destination's session to end", || active(&dst, "migrate_in") == 0);

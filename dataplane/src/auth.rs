@@ -15,7 +15,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use zerocopy::IntoBytes;
 
-use crate::conn::{SessionError, expect_frame, expect_plain_frame, send_plain_error, write_frame, write_plain_frame};
+use crate::conn::{AuthError, SessionError, Violation, expect_frame, expect_plain_frame, send_plain_error, write_frame, write_plain_frame};
 use crate::session::seal::{Keys, Side};
 use crate::wire::{self, Challenge, Hello, Kind, Response, VERSION, features};
 
@@ -98,7 +98,7 @@ const CLIENT_LABEL: &[u8] = b"ferry-v1 client";
 
 fn nonce() -> Result<[u8; 32], SessionError> {
     let mut n = [0u8; 32];
-    getrandom::fill(&mut n).map_err(|e| SessionError::Auth(format!("no randomness for a nonce: {e}")))?;
+    SessionError::random("a nonce", &mut n)?;
     Ok(n)
 }
 
@@ -138,15 +138,15 @@ pub fn client_handshake<S: Read + Write>(s: &mut S, auth: &Auth, lane: u16, sess
         (Auth::Key(k), false) => {
             if !k.verify(SERVER_LABEL, &nc, &ch.nonce, &ch.mac) {
                 send_plain_error(s, "authentication failed: the receiver's proof does not match our key");
-                return Err(SessionError::Auth("the receiver does not hold our key (wrong --key on one side)".into()));
+                return Err(AuthError::ReceiverKey.into());
             }
             k.mac(CLIENT_LABEL, &ch.nonce, &nc)
         }
         (Auth::Insecure, true) => [0u8; 32],
         (Auth::Key(_), true) => {
-            return Err(SessionError::Auth("the receiver runs without authentication (--insecure-no-auth) but we have a key".into()));
+            return Err(AuthError::ReceiverInsecure.into());
         }
-        (Auth::Insecure, false) => return Err(SessionError::Auth("the receiver requires a key: pass --key".into())),
+        (Auth::Insecure, false) => return Err(AuthError::ReceiverNeedsKey.into()),
     };
     write_plain_frame(s, Kind::Response, Response { mac }.as_bytes())?;
     let mut keys = Keys::derive(psk(auth), Side::Client, &nc, &ch.nonce);
@@ -162,9 +162,9 @@ pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> 
     expect_plain_frame(s, Kind::Hello, &mut buf)?;
     let hello: Hello = wire::parse(Kind::Hello, &buf)?;
     if hello.version.get() != VERSION {
-        let msg = format!("protocol version {} is not supported (this side speaks {VERSION})", hello.version.get());
-        send_plain_error(s, &msg);
-        return Err(SessionError::Protocol(msg));
+        let e = Violation::Version { got: hello.version.get(), ours: VERSION };
+        send_plain_error(s, &e.to_string());
+        return Err(e.into());
     }
     let peer_insecure = hello.features.get() & features::NO_AUTH != 0;
     let ns = nonce()?;
@@ -173,11 +173,11 @@ pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> 
         (Auth::Insecure, true) => [0u8; 32],
         (Auth::Key(_), true) => {
             send_plain_error(s, "this receiver requires a key: the sender must pass --key");
-            return Err(SessionError::Auth("the sender offered no authentication (--insecure-no-auth) but this side has a key".into()));
+            return Err(AuthError::SenderInsecure.into());
         }
         (Auth::Insecure, false) => {
             send_plain_error(s, "this receiver runs without authentication: pass --insecure-no-auth to the sender too");
-            return Err(SessionError::Auth("the sender has a key but this side runs with --insecure-no-auth".into()));
+            return Err(AuthError::SenderHasKey.into());
         }
     };
     let ours = our_features(auth) | offer;
@@ -189,7 +189,7 @@ pub fn server_handshake<S: Read + Write>(s: &mut S, auth: &Auth, offer: u64) -> 
         && !k.verify(CLIENT_LABEL, &ns, &hello.nonce, &resp.mac)
     {
         send_plain_error(s, "authentication failed: wrong key");
-        return Err(SessionError::Auth("the sender does not hold our key (wrong --key on one side)".into()));
+        return Err(AuthError::SenderKey.into());
     }
     let mut keys = Keys::derive(psk(auth), Side::Server, &hello.nonce, &ns);
     write_frame(s, &mut keys.tx, Kind::Accept, &[])?;

@@ -9,6 +9,7 @@ use std::net::TcpStream;
 
 use zerocopy::{FromBytes, IntoBytes};
 
+pub use crate::session::errors::{AuthError, Bug, Cancel, Counted, Refusal, Violation};
 use crate::session::seal::{Keys, Seal, TAG_LEN};
 use crate::wire::{FrameError, HEADER_LEN, Header, Kind};
 
@@ -28,15 +29,38 @@ pub enum SessionError {
     #[error("bad frame from the peer: {0}")]
     Frame(#[from] FrameError),
     #[error("authentication failed: {0}")]
-    Auth(String),
+    Auth(#[from] AuthError),
     #[error("the peer reported an error: {0}")]
     Peer(String),
     /// The local side called the session off: a VMM that went away, a VMM that did not
     /// take its memory.
     #[error("the migration was cancelled: {0}")]
-    Cancelled(String),
+    Cancelled(#[from] Cancel),
+    /// The peer broke the protocol.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
+    /// This side will not run the session as asked (its plan, options or memory).
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    /// A bug in ferry.
+    #[error("internal error (a bug in ferry): {0}")]
+    Bug(#[from] Bug),
+    /// A data frame the destination would not or could not write (overlapping pages
+    /// already written, past the end, or a failed write).
+    #[error("data frame refused: {0}")]
+    Dest(#[from] crate::engine::dest::DestError),
+    /// A stream-mode migration failed: each failure, with its channel (none: the set-up).
+    #[error("the migration stream broke: {}", .0.iter().map(|(n, e)| match n { Some(n) => format!("channel {n}: {e}"), None => e.to_string() }).collect::<Vec<_>>().join("; "))]
+    StreamBroke(Vec<(Option<u16>, SessionError)>),
+    /// The kernel gave no randomness (for a nonce, a session id, a file name).
+    #[error("no randomness for {what}: {source}")]
+    Random { what: &'static str, source: getrandom::Error },
+    /// The destination VMM's userfaultfd failed while post-copy placed or woke a page.
+    #[error("{0}")]
+    Userfault(#[from] hw::uffd::UffdError),
+    /// The destination VMM did something post-copy cannot work with.
+    #[error("the destination VMM: {0}")]
+    Vmm(#[from] crate::migrate::VmmError),
     #[error("digest mismatch: the destination does not hold the bytes the source sent (source {source_digest}, destination {dest_digest})")]
     DigestMismatch { source_digest: String, dest_digest: String },
     #[error("cannot use {path}: {source}")]
@@ -45,9 +69,12 @@ pub enum SessionError {
     Arena(#[from] hw::memmap::ArenaError),
     #[error("RDMA: {0}")]
     Verbs(#[from] hw::rdma::RdmaError),
-    /// A work completion with an error status, or a transfer the RDMA side gave up on.
-    #[error("RDMA: {0}")]
-    Rdma(String),
+    /// A work completion with an error status.
+    #[error("RDMA: {what} on {device} {failure}")]
+    Completion { what: &'static str, device: String, failure: hw::rdma::verbs::WcFailure },
+    /// The plan names an RDMA port or GID this host does not have (any more).
+    #[error("RDMA: {0}: the plan is stale, run `ferryctl tune` again")]
+    StalePlan(String),
     /// A thread stopped because another part of the session failed first (that failure
     /// is the one to report).
     #[error("stopped: the session failed elsewhere")]
@@ -58,6 +85,11 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// Fills `buf` with randomness for `what`.
+    pub fn random(what: &'static str, buf: &mut [u8]) -> Result<(), SessionError> {
+        getrandom::fill(buf).map_err(|source| SessionError::Random { what, source })
+    }
+
     /// An I/O error during `op`: a closed connection, a timeout (with the socket's read
     /// timeout `timeout`, when it has one) or another failure, each said as such.
     pub fn io(op: impl Into<String>, source: io::Error) -> SessionError {

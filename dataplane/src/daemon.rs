@@ -3,7 +3,9 @@
 //!
 //! The control protocol is JSON lines: one request, then one or more replies. A transfer
 //! replies `{"event":"listening",...}` (recv) as soon as it can, and `{"ok":true,
-//! "report":{...}}` or `{"ok":false,"error":"..."}` when it ends.
+//! "report":{...}}` or `{"ok":false,"error":"...","kind":"..."}` when it ends; `kind`
+//! ([`Failure`], snake case) says what class of failure it was, so a client acts on it
+//! without reading the sentence.
 //!
 //! `{"cmd":"hello"}` answers with the protocol's version ([`CONTROL_PROTOCOL`]), the
 //! build, the wire protocol and the commands this ferryd takes: a client checks them
@@ -20,13 +22,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Auth;
 use crate::bounds::{RateLimited, Slots};
+use crate::conn::SessionError;
 use crate::engine::recv::{RecvOptions, recv_file};
 use crate::engine::send::{SendOptions, send_file};
 use crate::live::Role;
-use crate::metrics::{Failed, Metrics};
-use crate::migrate::MigrationReport;
+use crate::metrics::{Failed, Failure, Metrics};
 use crate::migrate::dest::DestOptions;
 use crate::migrate::source::{Source, SourceOptions};
+use crate::migrate::{MigrationReport, VmmError};
 use crate::plan::{Compression, Plan, Transport};
 use hw::fdpass::LineConn;
 use std::os::fd::{AsFd, OwnedFd};
@@ -294,6 +297,118 @@ impl SocketAccess {
     }
 }
 
+/// Why ferryd refused or failed a control request, beside a session's own errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("ferryd already serves {0} control clients; try again later")]
+    Busy(usize),
+    #[error("bad request: {0}")]
+    Line(#[source] std::io::Error),
+    #[error("bad request: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("descriptors came with {0}")]
+    UnwantedFds(&'static str),
+    #[error("ferryd is shutting down: it finishes the sessions in flight and starts no new one; try another host or after the restart")]
+    Draining,
+    #[error("{cmds} belong to a {conversation} conversation")]
+    OutOfConversation { cmds: &'static str, conversation: &'static str },
+    #[error("{got} inside a migrate_out conversation (round, final or postcopy expected)")]
+    NotARound { got: String },
+    #[error("cannot listen on {at}: {source}")]
+    Listen { at: String, source: std::io::Error },
+    #[error("cannot set {}'s mode and group: {source}", path.display())]
+    Access { path: PathBuf, source: std::io::Error },
+    #[error("migrate_out takes the guest memory descriptors (one per region) and then the dirty bitmap's; {0} came")]
+    MigrateFds(usize),
+    #[error("\"regions\": {said} but {came} memory descriptors came (and the bitmap's)")]
+    Regions { said: usize, came: usize },
+    #[error("\"transport\": \"rdma\", but this ferryd's plan has no RDMA port (`ferryctl tune` says why)")]
+    NoRdma,
+    #[error(transparent)]
+    Choice(#[from] crate::BadChoice),
+    #[error(transparent)]
+    Rate(#[from] crate::migrate::source::RateOutOfRange),
+    #[error("guest memory region {region}: {source}")]
+    Region { region: usize, source: std::io::Error },
+    #[error("the dirty bitmap descriptor is {0}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file")]
+    BitmapNotMemory(String),
+    #[error("the dirty bitmap descriptor: {0}")]
+    BitmapFile(#[source] std::io::Error),
+    #[error("the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({pages} pages in {regions} region(s)) need {want}")]
+    BitmapSize { have: u64, size: u64, pages: u64, regions: usize, want: u64 },
+    #[error("reading the dirty bitmap: {0}")]
+    BitmapRead(#[source] std::io::Error),
+    #[error(transparent)]
+    Bitmap(#[from] crate::migrate::BitmapError),
+    #[error(transparent)]
+    Limit(#[from] crate::session::limits::LimitError),
+    #[error("the VMM closed the control connection: migration abandoned")]
+    VmmGone,
+    #[error("reading the VMM's command: {0}")]
+    VmmRead(#[source] std::io::Error),
+    #[error("stream_out needs at least one endpoint to listen on (unix:PATH or tcp:HOST:PORT)")]
+    NoEndpoint,
+    #[error("{0:?} is not a migration name: 1-64 letters, digits, '.', '_' or '-'")]
+    Name(String),
+    #[error("no stream directory ([daemon] stream_dirs) to listen in")]
+    NoStreamDir,
+    #[error("the destination ferryd at {to} did not open its side: {source}")]
+    PeerOpen { to: String, source: SessionError },
+    #[error("the destination's side of stream {id}: {source}")]
+    PeerSide { id: String, source: SessionError },
+    #[error("not asked: this side failed")]
+    NotAsked,
+    #[error(transparent)]
+    Forward(#[from] crate::peer::ForwardRefused),
+    #[error("the peer connection: {0}")]
+    PeerConn(#[source] std::io::Error),
+    #[error("the destination ferryd is shutting down: it starts no new stream")]
+    PeerDraining,
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+impl From<&RequestError> for Failure {
+    fn from(e: &RequestError) -> Failure {
+        use RequestError as R;
+        match e {
+            R::Busy(_)
+            | R::NoRdma
+            | R::Limit(_)
+            | R::Forward(_)
+            | R::NoStreamDir
+            | R::BitmapNotMemory(_)
+            | R::BitmapSize { .. }
+            | R::Bitmap(_) => Failure::Refused,
+            R::Line(_)
+            | R::Json(_)
+            | R::UnwantedFds(_)
+            | R::OutOfConversation { .. }
+            | R::NotARound { .. }
+            | R::MigrateFds(_)
+            | R::Regions { .. }
+            | R::Choice(_)
+            | R::Rate(_)
+            | R::NoEndpoint
+            | R::Name(_) => Failure::BadRequest,
+            R::Draining | R::PeerDraining => Failure::Draining,
+            R::Listen { .. } | R::Access { .. } | R::Region { .. } | R::BitmapFile(_) | R::BitmapRead(_) | R::PeerConn(_) => {
+                Failure::System
+            }
+            R::VmmGone | R::VmmRead(_) => Failure::Cancelled,
+            R::NotAsked => Failure::Other,
+            R::PeerOpen { source, .. } | R::PeerSide { source, .. } => Failure::from(source),
+            R::Session(e) => Failure::from(e),
+        }
+    }
+}
+
+impl From<RequestError> for Failed {
+    fn from(e: RequestError) -> Failed {
+        Failed::new(Failure::from(&e), e.to_string())
+    }
+}
+
 /// Binds the control socket with `access` (mode 0600 by default), replacing a stale
 /// socket file. Anything at `path` that is not a socket (a regular file, a directory) is
 /// left alone and refused.
@@ -347,10 +462,10 @@ impl Daemon {
                             });
                         }
                         None => {
-                            let msg = format!("ferryd already serves {} control clients; try again later", slots.max());
-                            ACCEPT.warn(format_args!("control socket: {msg}"));
+                            let e = Failed::from(RequestError::Busy(slots.max()));
+                            ACCEPT.warn(format_args!("control socket: {e}"));
                             let _ = c.set_write_timeout(Some(std::time::Duration::from_millis(100)));
-                            let _ = LineConn::new(c).send(&serde_json::json!({"ok": false, "error": msg}).to_string(), &[]);
+                            let _ = LineConn::new(c).send(&e.reply().to_string(), &[]);
                         }
                     },
                     Err(e) => crate::bounds::accept_failed(&e, "control socket", &ACCEPT),
@@ -367,7 +482,7 @@ impl Daemon {
             Err(e) => {
                 static BAD: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
                 BAD.warn(format_args!("control socket: a client's request was refused: {e}"));
-                let _ = conn.send(serde_json::json!({"ok": false, "error": format!("bad request: {e}")}), &[]);
+                let _ = conn.send(Failed::from(RequestError::Line(e)).reply(), &[]);
                 return;
             }
         };
@@ -380,10 +495,10 @@ impl Daemon {
         };
         let req: Request = match parsed {
             Ok(r) => r,
-            Err(e) => return say(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
+            Err(e) => return say(Failed::from(RequestError::Json(e)).reply()),
         };
         if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. } | Request::Faults { .. }) {
-            return say(serde_json::json!({"ok": false, "error": "descriptors came with a command that takes none"}));
+            return say(Failed::from(RequestError::UnwantedFds("a command that takes none")).reply());
         }
         let starts_work = matches!(
             req,
@@ -402,9 +517,7 @@ impl Daemon {
             InFlight(&self.in_flight)
         });
         if starts_work && self.is_draining() {
-            return say(
-                serde_json::json!({"ok": false, "error": "ferryd is shutting down: it finishes the sessions in flight and starts no new one; try another host or after the restart"}),
-            );
+            return say(Failed::from(RequestError::Draining).reply());
         }
         match req {
             Request::MigrateIn { listen, recover_s } => self.migrate_in(&mut conn, &listen, recover_s),
@@ -422,10 +535,12 @@ impl Daemon {
                 self.migrate_out(&mut conn, fds, &to, limits);
             }
             Request::Round | Request::Final | Request::Postcopy => {
-                say(serde_json::json!({"ok": false, "error": "round, final and postcopy belong to a migrate_out conversation"}))
+                let e = RequestError::OutOfConversation { cmds: "round, final and postcopy", conversation: "migrate_out" };
+                say(Failed::from(e).reply())
             }
             Request::Taken | Request::Faults { .. } | Request::Released => {
-                say(serde_json::json!({"ok": false, "error": "taken, faults and released belong to a migrate_in conversation"}))
+                let e = RequestError::OutOfConversation { cmds: "taken, faults and released", conversation: "migrate_in" };
+                say(Failed::from(e).reply())
             }
             Request::Hello => say(serde_json::json!({
                 "ok": true,
@@ -470,7 +585,7 @@ impl Daemon {
     ) -> serde_json::Value {
         let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
-            Err(e) => return serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}),
+            Err(source) => return Failed::from(RequestError::Listen { at: listen.to_string(), source }).reply(),
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         say(serde_json::json!({"event": "listening", "addr": addr}));
@@ -503,7 +618,7 @@ impl Daemon {
         if let Some(c) = compress {
             match parse_compression(&c, plan.compression) {
                 Ok(c) => plan.compression = c,
-                Err(e) => return serde_json::json!({"ok": false, "error": e}),
+                Err(e) => return Failed::from(RequestError::Choice(e)).reply(),
             }
         }
         let active = self.metrics.begin(Role::Send);
@@ -524,8 +639,8 @@ impl Daemon {
     fn migrate_in(&self, conn: &mut Client, listen: &str, recover_s: Option<u64>) {
         let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
-            Err(e) => {
-                let _ = conn.send(serde_json::json!({"ok": false, "error": format!("cannot listen on {listen}: {e}")}), &[]);
+            Err(source) => {
+                let _ = conn.send(Failed::from(RequestError::Listen { at: listen.to_string(), source }).reply(), &[]);
                 return;
             }
         };
@@ -546,7 +661,7 @@ impl Daemon {
         drop(active);
         let last = match r {
             Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
-            Err(e) => serde_json::json!({"ok": false, "error": e.message}),
+            Err(e) => e.reply(),
         };
         let _ = conn.send(last, &[]);
     }
@@ -563,7 +678,7 @@ impl Daemon {
         drop(active);
         match r {
             Ok(rep) => say(conn, serde_json::json!({"ok": true, "report": rep})),
-            Err(e) => say(conn, serde_json::json!({"ok": false, "error": e.message})),
+            Err(e) => say(conn, e.reply()),
         }
     }
 
@@ -571,31 +686,29 @@ impl Daemon {
         // The guest memory regions, in order, then the dirty bitmap.
         let mut fds = fds;
         if fds.len() < 2 {
-            return Err(Failed::from(format!(
-                "migrate_out takes the guest memory descriptors (one per region) and then the dirty bitmap's; {} came",
-                fds.len()
-            )));
+            return Err(RequestError::MigrateFds(fds.len()).into());
         }
         let bitmap = std::fs::File::from(fds.pop().expect("two or more"));
         let memory: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
-        if limits.regions.is_some_and(|n| n != memory.len()) {
-            return Err(Failed::from(format!(
-                "\"regions\": {} but {} memory descriptors came (and the bitmap's)",
-                limits.regions.unwrap_or(0),
-                memory.len()
-            )));
+        if let Some(said) = limits.regions.filter(|&n| n != memory.len()) {
+            return Err(RequestError::Regions { said, came: memory.len() }.into());
         }
         let (plan, require_rdma) = self.plan_for(&limits)?;
         // What the request leaves out, the plan's [migration] defaults give.
         let defaults = &self.plan.migration;
-        let rate_limit = limits.rate_limit_mbit.or(defaults.rate_limit_mbit).map(crate::migrate::source::rate_limit_bytes).transpose()?;
+        let rate_limit = limits
+            .rate_limit_mbit
+            .or(defaults.rate_limit_mbit)
+            .map(crate::migrate::source::rate_limit_bytes)
+            .transpose()
+            .map_err(RequestError::from)?;
         // Every check that needs no peer comes before connecting to the destination: the
         // bitmap and the size here, each memory region in Source::connect_regions.
         let sizes = memory
             .iter()
             .enumerate()
-            .map(|(i, m)| m.metadata().map(|md| md.len()).map_err(|e| format!("guest memory region {i}: {e}")))
-            .collect::<Result<Vec<u64>, String>>()?;
+            .map(|(region, m)| m.metadata().map(|md| md.len()).map_err(|source| RequestError::Region { region, source }))
+            .collect::<Result<Vec<u64>, RequestError>>()?;
         let (pages, want) = self.check_bitmap(&bitmap, &sizes)?;
         let opts = SourceOptions {
             to: to.to_string(),
@@ -616,17 +729,17 @@ impl Daemon {
             serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "regions": sizes.len(), "lanes": src.lanes()}),
             &[],
         );
-        let read_bitmap = || -> Result<Vec<u64>, String> {
+        let read_bitmap = || -> Result<Vec<u64>, RequestError> {
             let mut raw = vec![0u8; want as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&bitmap, &mut raw, 0).map_err(|e| format!("reading the dirty bitmap: {e}"))?;
-            crate::migrate::parse_bitmap_regions(&raw, &pages)
+            std::os::unix::fs::FileExt::read_exact_at(&bitmap, &mut raw, 0).map_err(RequestError::BitmapRead)?;
+            Ok(crate::migrate::parse_bitmap_regions(&raw, &pages)?)
         };
         loop {
             let line = match conn.recv() {
                 Ok(Some((l, fds))) if fds.is_empty() => l,
-                Ok(Some(_)) => return Err("descriptors came with a round command".into()),
-                Ok(None) => return Err("the VMM closed the control connection: migration abandoned".into()),
-                Err(e) => return Err(format!("reading the VMM's command: {e}").into()),
+                Ok(Some(_)) => return Err(RequestError::UnwantedFds("a round command").into()),
+                Ok(None) => return Err(RequestError::VmmGone.into()),
+                Err(e) => return Err(RequestError::VmmRead(e).into()),
             };
             match conn.parse(&line) {
                 Ok(Request::Round) => {
@@ -640,15 +753,15 @@ impl Daemon {
                     let recover = std::time::Duration::from_secs(limits.recover_s.unwrap_or(self.plan.migration.recover_s));
                     return src.postcopy(recover).map_err(Failed::from);
                 }
-                Ok(other) => return Err(format!("{other:?} inside a migrate_out conversation (round, final or postcopy expected)").into()),
-                Err(e) => return Err(format!("bad request: {e}").into()),
+                Ok(other) => return Err(RequestError::NotARound { got: format!("{other:?}") }.into()),
+                Err(e) => return Err(RequestError::Json(e).into()),
             }
         }
     }
 
     /// This ferryd's plan with a migration's compression and transport applied, and
     /// whether RDMA is required.
-    fn plan_for(&self, limits: &Limits) -> Result<(Plan, bool), String> {
+    fn plan_for(&self, limits: &Limits) -> Result<(Plan, bool), RequestError> {
         let mut plan = self.plan.clone();
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
@@ -659,9 +772,7 @@ impl Daemon {
                 plan.transport = Transport::Rdma;
                 true
             }
-            Some("rdma") => {
-                return Err("\"transport\": \"rdma\", but this ferryd's plan has no RDMA port (`ferryctl tune` says why)".into());
-            }
+            Some("rdma") => return Err(RequestError::NoRdma),
             Some("tcp") => {
                 plan.transport = Transport::Tcp;
                 plan.tcp.io_uring = true;
@@ -672,7 +783,7 @@ impl Daemon {
                 plan.tcp.io_uring = false;
                 false
             }
-            Some(t) => return Err(format!("\"transport\": {t:?}: give rdma, tcp, sockets or auto")),
+            Some(t) => return Err(crate::BadChoice { what: "transport", got: t.into(), choices: "rdma, tcp, sockets or auto" }.into()),
         };
         Ok((plan, require_rdma))
     }
@@ -680,30 +791,18 @@ impl Daemon {
     /// Checks the dirty bitmap: a memory file of exactly the bits the regions of `sizes`
     /// need, and their total within the limits. Returns each region's pages, and the
     /// bitmap's bytes.
-    fn check_bitmap(&self, bitmap: &std::fs::File, sizes: &[u64]) -> Result<(Vec<u64>, u64), String> {
-        match hw::memmap::is_memory_file(bitmap) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(format!(
-                    "the dirty bitmap descriptor is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
-                    hw::memmap::describe(bitmap)
-                ));
-            }
-            Err(e) => return Err(format!("the dirty bitmap descriptor: {e}")),
+    fn check_bitmap(&self, bitmap: &std::fs::File, sizes: &[u64]) -> Result<(Vec<u64>, u64), RequestError> {
+        if !hw::memmap::is_memory_file(bitmap).map_err(RequestError::BitmapFile)? {
+            return Err(RequestError::BitmapNotMemory(hw::memmap::describe(bitmap)));
         }
         let size: u64 = sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
-        crate::session::limits::check_region(size, &self.plan.limits, crate::session::limits::Backing::Source)
-            .map_err(|e| e.to_string())?;
+        crate::session::limits::check_region(size, &self.plan.limits, crate::session::limits::Backing::Source)?;
         // (Source::connect_regions checks it again for callers that come without ferryd.)
         let pages: Vec<u64> = sizes.iter().map(|&s| crate::migrate::pages(s)).collect();
         let want = crate::migrate::bitmap_bytes_regions(sizes);
-        let have = bitmap.metadata().map_err(|e| format!("the dirty bitmap descriptor: {e}"))?.len();
+        let have = bitmap.metadata().map_err(RequestError::BitmapFile)?.len();
         if have != want {
-            return Err(format!(
-                "the dirty bitmap memfd has {have} bytes; {size} bytes of guest memory ({} pages in {} region(s)) need {want}",
-                pages.iter().sum::<u64>(),
-                sizes.len()
-            ));
+            return Err(RequestError::BitmapSize { have, size, pages: pages.iter().sum(), regions: sizes.len(), want });
         }
         Ok((pages, want))
     }
@@ -743,16 +842,17 @@ impl Daemon {
     /// Stream mode's source side: its listeners bound (UNIX sockets with the stream
     /// endpoints' mode and group), its compression resolved.
     fn stream_out_side(&self, listen: &[String], to: &str, compress: Option<String>) -> Result<StreamSide, Failed> {
-        let compression = compress.map_or(Ok(self.plan.compression), |c| parse_compression(&c, self.plan.compression))?;
+        let compression =
+            compress.map_or(Ok(self.plan.compression), |c| parse_compression(&c, self.plan.compression)).map_err(RequestError::from)?;
         if listen.is_empty() {
-            return Err("stream_out needs at least one endpoint to listen on (unix:PATH or tcp:HOST:PORT)".into());
+            return Err(RequestError::NoEndpoint.into());
         }
         let mut listeners = Vec::new();
         for l in listen {
-            let e: crate::stream::Endpoint = l.parse()?;
-            let bound = crate::stream::Listener::bind(&e).map_err(|err| format!("cannot listen on {e}: {err}"))?;
+            let e: crate::stream::Endpoint = l.parse().map_err(RequestError::from)?;
+            let bound = crate::stream::Listener::bind(&e).map_err(|source| RequestError::Listen { at: e.to_string(), source })?;
             if let crate::stream::Endpoint::Unix(p) = &e {
-                self.stream_access.apply(p).map_err(|err| format!("cannot set {}'s mode and group: {err}", p.display()))?;
+                self.stream_access.apply(p).map_err(|source| RequestError::Access { path: p.clone(), source })?;
             }
             listeners.push(bound);
         }
@@ -761,8 +861,8 @@ impl Daemon {
 
     /// Stream mode's destination side: its listener bound, QEMU's socket parsed.
     fn stream_in_side(&self, listen: &str, forward: &str) -> Result<StreamSide, Failed> {
-        let forward: crate::stream::Endpoint = forward.parse()?;
-        let listener = self.bind_incoming(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let forward: crate::stream::Endpoint = forward.parse().map_err(RequestError::from)?;
+        let listener = self.bind_incoming(listen).map_err(|source| RequestError::Listen { at: listen.to_string(), source })?;
         Ok(StreamSide::Destination { listener, forward })
     }
 
@@ -821,23 +921,23 @@ impl Daemon {
         let opened = (|| -> Result<_, Failed> {
             let id = match o.name {
                 Some(id) if crate::peer::valid_id(&id) => id,
-                Some(id) => return Err(format!("{id:?} is not a migration name: 1-64 letters, digits, '.', '_' or '-'").into()),
+                Some(id) => return Err(RequestError::Name(id).into()),
                 None => crate::peer::new_id("stream"),
             };
             let listen = if o.listen.is_empty() {
-                let dir = self.plan.daemon.stream_dirs.first().ok_or("no stream directory ([daemon] stream_dirs) to listen in")?;
+                let dir = self.plan.daemon.stream_dirs.first().ok_or(RequestError::NoStreamDir)?;
                 vec![format!("unix:{}", crate::peer::default_socket(dir, &id).display())]
             } else {
                 o.listen
             };
             let forward = o.forward.unwrap_or_else(|| listen[0].clone());
-            forward.parse::<crate::stream::Endpoint>()?;
+            forward.parse::<crate::stream::Endpoint>().map_err(RequestError::from)?;
             // Bound here first: a path in use fails before the destination is asked.
             let StreamSide::Source { listeners, compression, .. } = self.stream_out_side(&listen, &o.to, o.compress)? else {
                 unreachable!("stream_out_side makes a source side")
             };
             let link = crate::peer::open(&o.to, &self.auth, &crate::peer::Open { id: id.clone(), forward: forward.clone() })
-                .map_err(|e| Failed::from(format!("the destination ferryd at {} did not open its side: {e}", o.to)))?;
+                .map_err(|source| RequestError::PeerOpen { to: o.to.clone(), source })?;
             log::info!("stream {id}: the destination ferryd at {} forwards to {forward}; channels go to {}", o.to, link.channels);
             say(serde_json::json!({"event": "opened", "name": id, "forward": forward, "channels": link.channels.to_string()}));
             Ok((StreamSide::Source { listeners, to: link.channels.to_string(), compression }, link, id))
@@ -850,12 +950,16 @@ impl Daemon {
         // The destination's report follows its side's end; on a failure here the peer
         // connection closes and the destination's side ends too.
         let there = match &here {
-            Ok(_) => link.result().map_err(|e| Failed::from(format!("the destination's side of stream {id}: {e}"))),
-            Err(_) => Err("not asked: this side failed".into()),
+            Ok(_) => link.result().map_err(|source| Failed::from(RequestError::PeerSide { id: id.clone(), source })),
+            Err(_) => Err(RequestError::NotAsked.into()),
         };
         match (here, there) {
             (Ok(rep), Ok(dest)) => serde_json::json!({"ok": true, "name": id, "report": rep, "destination": dest}),
-            (Ok(_), Err(e)) | (Err(e), _) => serde_json::json!({"ok": false, "name": id, "error": e.message}),
+            (Ok(_), Err(e)) | (Err(e), _) => {
+                let mut reply = e.reply();
+                reply["name"] = id.into();
+                reply
+            }
         }
     }
 
@@ -934,14 +1038,14 @@ impl Daemon {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight(&self.in_flight);
         if self.is_draining() {
-            return asked.refuse("the destination ferryd is shutting down: it starts no new stream");
+            return asked.refuse(&RequestError::PeerDraining.to_string());
         }
         self.make_stream_dirs();
         let side = (|| -> Result<StreamSide, Failed> {
-            let forward: crate::stream::Endpoint = open.forward.parse()?;
-            crate::peer::check_forward(&forward, &self.plan.daemon.stream_dirs).map_err(|e| e.to_string())?;
+            let forward: crate::stream::Endpoint = open.forward.parse().map_err(RequestError::from)?;
+            crate::peer::check_forward(&forward, &self.plan.daemon.stream_dirs).map_err(RequestError::from)?;
             // Channels come to the address the peer reached, on a port of the plan's range.
-            let ip = asked.ctl.s.local_addr().map_err(|e| e.to_string())?.ip();
+            let ip = asked.ctl.s.local_addr().map_err(RequestError::PeerConn)?.ip();
             self.stream_in_side(&std::net::SocketAddr::new(ip, 0).to_string(), &open.forward)
         })();
         let side = match side {
@@ -969,7 +1073,7 @@ impl Daemon {
             ),
             Err(e) => log::warn!("stream {}: {}", open.id, e.message),
         }
-        asked.finish(r.as_ref().map_err(|e| e.message.clone()));
+        asked.finish(r.as_ref());
     }
 
     /// A listener for a receive or an incoming migration on `listen`. Port 0 leaves the
@@ -1011,27 +1115,38 @@ impl Daemon {
 /// How long a destination VMM may take to say it holds the memory it was handed.
 const TAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Waits up to [`TAKE_TIMEOUT`] for the VMM's answer to an event: the request it sent,
+/// and the descriptors that came with it.
+fn answer(conn: &mut Client) -> Result<(Request, Vec<std::os::fd::OwnedFd>), VmmError> {
+    conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(VmmError::Io)?;
+    let got = conn.recv();
+    let _ = conn.stream().set_read_timeout(None);
+    let (line, fds) = match got {
+        Ok(Some(got)) => got,
+        Ok(None) => return Err(VmmError::Closed),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(VmmError::Silent(TAKE_TIMEOUT));
+        }
+        Err(e) => return Err(VmmError::Read(e)),
+    };
+    Ok((conn.parse(&line).map_err(VmmError::NotRequest)?, fds))
+}
+
+/// `got` is not the answer `wanted`.
+fn wrong_answer(got: &Request, wanted: &'static str) -> VmmError {
+    VmmError::Answer { got: format!("{got:?}"), wanted }
+}
+
 /// Hands a verified migration's memory to the destination VMM and waits until it says it
 /// holds it (`{"cmd":"taken"}`).
-fn hand_over(conn: &mut Client, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
+fn hand_over(conn: &mut Client, inc: &crate::migrate::dest::Incoming) -> Result<(), VmmError> {
     let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
     let event = serde_json::json!({"event": "memory", "report": inc.report, "regions": fds.len()});
-    conn.send(event, &fds).map_err(|e| format!("cannot hand it over: {e}"))?;
-    conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-    let line = match conn.recv() {
-        Ok(Some((line, fds))) if fds.is_empty() => line,
-        Ok(Some(_)) => return Err("descriptors came with its answer".into()),
-        Ok(None) => return Err("it closed its connection instead of taking the memory".into()),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-            return Err(format!("it did not say it took the memory within {} s", TAKE_TIMEOUT.as_secs()));
-        }
-        Err(e) => return Err(format!("reading its answer: {e}")),
-    };
-    let _ = conn.stream().set_read_timeout(None);
-    match conn.parse(&line) {
-        Ok(Request::Taken) => Ok(()),
-        Ok(other) => Err(format!("it answered {other:?} instead of taken")),
-        Err(e) => Err(format!("its answer is not a request: {e}")),
+    conn.send(event, &fds).map_err(VmmError::Send)?;
+    match answer(conn)? {
+        (Request::Taken, fds) if fds.is_empty() => Ok(()),
+        (Request::Taken, fds) => Err(VmmError::Descriptors { answer: "taken", want: 0, got: fds.len() }),
+        (other, _) => Err(wrong_answer(&other, "taken")),
     }
 }
 
@@ -1039,7 +1154,7 @@ fn hand_over(conn: &mut Client, inc: &crate::migrate::dest::Incoming) -> Result<
 struct DestConn<'c>(&'c mut Client);
 
 impl crate::migrate::dest::DestVmm for DestConn<'_> {
-    fn deliver(&mut self, inc: &crate::migrate::dest::Incoming) -> Result<(), String> {
+    fn deliver(&mut self, inc: &crate::migrate::dest::Incoming) -> Result<(), VmmError> {
         hand_over(self.0, inc)
     }
 
@@ -1048,52 +1163,32 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
     fn switch_over(
         &mut self,
         inc: &crate::migrate::dest::Incoming,
-    ) -> Result<(hw::uffd::Userfault, Vec<crate::migrate::postcopy::Mapping>), String> {
+    ) -> Result<(hw::uffd::Userfault, Vec<crate::migrate::postcopy::Mapping>), VmmError> {
         let conn = &mut *self.0;
         let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
         let event = serde_json::json!({"event": "postcopy", "regions": fds.len(), "report": inc.report});
-        conn.send(event, &fds).map_err(|e| format!("cannot hand the memory over: {e}"))?;
-        conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-        let answer = conn.recv();
-        let _ = conn.stream().set_read_timeout(None);
-        let (line, mut fds) = match answer {
-            Ok(Some(got)) => got,
-            Ok(None) => return Err("the destination VMM closed its connection instead of registering its memory".into()),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(format!("the destination VMM did not hand over its userfaultfd within {} s", TAKE_TIMEOUT.as_secs()));
-            }
-            Err(e) => return Err(format!("reading the destination VMM's answer: {e}")),
-        };
-        let maps = match conn.parse(&line) {
-            Ok(Request::Faults { maps }) => maps,
-            Ok(other) => return Err(format!("the destination VMM answered {other:?} instead of faults")),
-            Err(e) => return Err(format!("the destination VMM's answer is not a request: {e}")),
+        conn.send(event, &fds).map_err(VmmError::Send)?;
+        let (maps, mut fds) = match answer(conn)? {
+            (Request::Faults { maps }, fds) => (maps, fds),
+            (other, _) => return Err(wrong_answer(&other, "faults")),
         };
         if fds.len() != 1 {
-            return Err(format!("faults comes with one descriptor, the userfaultfd; {} came", fds.len()));
+            return Err(VmmError::Descriptors { answer: "faults", want: 1, got: fds.len() });
         }
         let uffd = hw::uffd::Userfault::from_fd(fds.pop().expect("one"))?;
         Ok((uffd, maps))
     }
 
-    fn run(&mut self) -> Result<(), String> {
-        self.0.send(serde_json::json!({"event": "running"}), &[]).map_err(|e| e.to_string())
+    fn run(&mut self) -> Result<(), VmmError> {
+        self.0.send(serde_json::json!({"event": "running"}), &[]).map_err(VmmError::Send)
     }
 
-    fn all_local(&mut self) -> Result<(), String> {
+    fn all_local(&mut self) -> Result<(), VmmError> {
         let conn = &mut *self.0;
-        conn.send(serde_json::json!({"event": "local"}), &[]).map_err(|e| e.to_string())?;
-        conn.stream().set_read_timeout(Some(TAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-        let answer = conn.recv();
-        let _ = conn.stream().set_read_timeout(None);
-        match answer {
-            Ok(Some((line, _))) => match conn.parse(&line) {
-                Ok(Request::Released) => Ok(()),
-                Ok(other) => Err(format!("it answered {other:?} instead of released")),
-                Err(e) => Err(format!("its answer is not a request: {e}")),
-            },
-            Ok(None) => Err("it closed its connection".into()),
-            Err(e) => Err(format!("no answer within {} s: {e}", TAKE_TIMEOUT.as_secs())),
+        conn.send(serde_json::json!({"event": "local"}), &[]).map_err(VmmError::Send)?;
+        match answer(conn)? {
+            (Request::Released, _) => Ok(()),
+            (other, _) => Err(wrong_answer(&other, "released")),
         }
     }
 }
@@ -1151,13 +1246,13 @@ fn progress_events<T>(
 fn result<R: Serialize>(r: Result<R, Failed>) -> serde_json::Value {
     match r {
         Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
-        Err(e) => serde_json::json!({"ok": false, "error": e.message}),
+        Err(e) => e.reply(),
     }
 }
 
 /// `off`, `zstd` (level 1), `zstd:N`, or `auto`: compress only while it finishes sooner
 /// (the plan's adaptive level if it has one, else 1), as `auto` means in ferry.toml.
-pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, String> {
+pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, crate::BadChoice> {
     match s {
         "auto" => Ok(match plan {
             Compression::Adaptive { .. } => plan,
@@ -1167,7 +1262,7 @@ pub fn parse_compression(s: &str, plan: Compression) -> Result<Compression, Stri
         "zstd" => Ok(Compression::Zstd { level: 1 }),
         _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
             Some(Ok(level)) if (1..=19).contains(&level) => Ok(Compression::Zstd { level }),
-            _ => Err(format!("\"{s}\" is not a compression policy: use auto, off or zstd:<1-19>")),
+            _ => Err(crate::BadChoice { what: "compression", got: s.to_string(), choices: "auto, off or zstd:<1-19>" }),
         },
     }
 }

@@ -47,6 +47,16 @@ pub mod wire;
 /// The sending worker's steps, the window feed and the pacer: one loop for every job.
 pub mod worker;
 
+/// A word in a request, a flag or a config that names none of the choices it was given
+/// for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {got:?}: use {choices}")]
+pub struct BadChoice {
+    pub what: &'static str,
+    pub got: String,
+    pub choices: &'static str,
+}
+
 /// The git revision this build came from ("unknown" outside a checkout).
 pub const REVISION: &str = env!("FERRY_REVISION");
 

@@ -214,11 +214,35 @@ struct PostcopyFamilies {
     switch: Latency,
 }
 
-/// How a session that did not complete failed, for the counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a session or request failed: for the counts, and as `"kind"` in the control
+/// protocol's error replies, so a client can act on it without reading the sentence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Failure {
     /// The digests of what the source sent and what the destination holds differ.
     Verification,
+    /// The peer broke the protocol.
+    Protocol,
+    /// Authentication failed (a wrong or missing key on one side).
+    Auth,
+    /// The peer reported an error of its own.
+    Peer,
+    /// The connection to the peer closed or went silent.
+    Link,
+    /// This side will not do what was asked: its plan, limits or the memory given.
+    Refused,
+    /// The session was called off (a VMM that went away, an idle endpoint, a drain).
+    Cancelled,
+    /// The VMM did something the migration cannot work with.
+    Vmm,
+    /// A system call, the RDMA device or the memory failed here.
+    System,
+    /// A request that does not parse or does not belong where it came.
+    BadRequest,
+    /// ferryd drains: it starts nothing new.
+    Draining,
+    /// A bug in ferry.
+    Bug,
     /// Anything else.
     Other,
 }
@@ -230,25 +254,46 @@ pub struct Failed {
     pub kind: Failure,
 }
 
-impl From<String> for Failed {
-    fn from(message: String) -> Failed {
-        Failed { message, kind: Failure::Other }
-    }
-}
-
-impl From<&str> for Failed {
-    fn from(message: &str) -> Failed {
-        Failed::from(message.to_string())
+impl From<&crate::conn::SessionError> for Failure {
+    fn from(e: &crate::conn::SessionError) -> Failure {
+        use crate::conn::SessionError as E;
+        match e {
+            E::DigestMismatch { .. } => Failure::Verification,
+            E::Protocol(_) | E::Frame(_) => Failure::Protocol,
+            E::Auth(_) => Failure::Auth,
+            E::Peer(_) => Failure::Peer,
+            E::TimedOut { .. } | E::PeerClosed { .. } => Failure::Link,
+            E::Refused(_) | E::Limit(_) | E::StalePlan(_) => Failure::Refused,
+            E::Cancelled(_) => Failure::Cancelled,
+            E::Vmm(_) => Failure::Vmm,
+            E::Io { .. }
+            | E::Region { .. }
+            | E::Arena(_)
+            | E::Verbs(_)
+            | E::Completion { .. }
+            | E::Dest(_)
+            | E::Random { .. }
+            | E::Userfault(_) => Failure::System,
+            E::Bug(_) | E::Stopped => Failure::Bug,
+            E::StreamBroke(errors) => errors.first().map_or(Failure::Other, |(_, e)| Failure::from(e)),
+        }
     }
 }
 
 impl From<crate::conn::SessionError> for Failed {
     fn from(e: crate::conn::SessionError) -> Failed {
-        let kind = match e {
-            crate::conn::SessionError::DigestMismatch { .. } => Failure::Verification,
-            _ => Failure::Other,
-        };
-        Failed { message: e.to_string(), kind }
+        Failed { kind: Failure::from(&e), message: e.to_string() }
+    }
+}
+
+impl Failed {
+    pub fn new(kind: Failure, message: impl Into<String>) -> Failed {
+        Failed { message: message.into(), kind }
+    }
+
+    /// The control protocol's error reply: `{"ok":false,"error":...,"kind":...}`.
+    pub fn reply(&self) -> serde_json::Value {
+        serde_json::json!({"ok": false, "error": self.message, "kind": self.kind})
     }
 }
 

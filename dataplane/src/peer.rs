@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{Ctl, SessionError};
+use crate::conn::{Ctl, Refusal, SessionError, Violation};
 use crate::stream::{Endpoint, ProxyReport};
 use crate::wire::{CONTROL_LANE, Kind, features};
 
@@ -132,14 +132,14 @@ pub struct Link {
 /// Asks the ferryd whose peer port is `to` to open the destination side of `open`.
 pub fn open(to: &str, auth: &Auth, open: &Open) -> Result<Link, SessionError> {
     let addrs: Vec<SocketAddr> = to.to_socket_addrs().map_err(|e| SessionError::io(format!("resolving {to}"), e))?.collect();
-    let s = TcpStream::connect_timeout(addrs.first().ok_or_else(|| SessionError::Protocol(format!("{to} has no address")))?, OPEN_TIMEOUT)
+    let s = TcpStream::connect_timeout(addrs.first().ok_or_else(|| Refusal::NoAddress(to.to_string()))?, OPEN_TIMEOUT)
         .map_err(|e| SessionError::io(format!("connecting to the destination ferryd's peer port {to}"), e))?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(OPEN_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
     let mut hs = s.try_clone().map_err(|e| SessionError::io("cloning the peer connection", e))?;
     let (f, keys) = client_handshake(&mut hs, auth, CONTROL_LANE, 0, features::PEER)?;
     if f & features::PEER == 0 {
-        return Err(SessionError::Protocol(format!("{to} is not a ferryd peer port (`[daemon] peer` there)")));
+        return Err(Refusal::NotService { addr: to.to_string(), wanted: "a ferryd peer port (`[daemon] peer` there)" }.into());
     }
     let peer = s.peer_addr().map_err(|e| SessionError::io("reading the peer's address", e))?;
     let mut ctl = Ctl::new(s, keys);
@@ -147,7 +147,7 @@ pub fn open(to: &str, auth: &Auth, open: &Open) -> Result<Link, SessionError> {
     ctl.send(Kind::StreamOpen, &body)?;
     let mut buf = Vec::new();
     ctl.expect(Kind::StreamOpened, &mut buf)?;
-    let opened: Opened = serde_json::from_slice(&buf).map_err(|e| SessionError::Protocol(format!("STREAM_OPENED: {e}")))?;
+    let opened: Opened = serde_json::from_slice(&buf).map_err(|source| Violation::Json { frame: Kind::StreamOpened, source })?;
     // The stream may pause for long (the VMM sets the pace): no read timeout until RESULT.
     ctl.s.set_read_timeout(None).map_err(|e| SessionError::io("clearing the read timeout", e))?;
     Ok(Link { ctl, channels: SocketAddr::new(peer.ip(), opened.port) })
@@ -159,7 +159,7 @@ impl Link {
         self.ctl.s.set_read_timeout(Some(RESULT_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         let mut buf = Vec::new();
         self.ctl.expect(Kind::Result, &mut buf)?;
-        serde_json::from_slice(&buf).map_err(|e| SessionError::Protocol(format!("the destination's RESULT: {e}")))
+        serde_json::from_slice(&buf).map_err(|source| Violation::Json { frame: Kind::Result, source }.into())
     }
 }
 
@@ -175,9 +175,9 @@ impl Asked {
         self.ctl.s.set_read_timeout(Some(OPEN_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         let mut buf = Vec::new();
         self.ctl.expect_at_most(Kind::StreamOpen, &mut buf, MAX_OPEN_BYTES)?;
-        let open: Open = serde_json::from_slice(&buf).map_err(|e| SessionError::Protocol(format!("STREAM_OPEN: {e}")))?;
+        let open: Open = serde_json::from_slice(&buf).map_err(|source| Violation::Json { frame: Kind::StreamOpen, source })?;
         if !valid_id(&open.id) {
-            return Err(SessionError::Protocol(format!("STREAM_OPEN: {:?} is not a migration name (letters, digits, . _ -)", open.id)));
+            return Err(Violation::Name(open.id).into());
         }
         self.ctl.s.set_read_timeout(None).map_err(|e| SessionError::io("clearing the read timeout", e))?;
         Ok(open)
@@ -188,12 +188,12 @@ impl Asked {
     }
 
     /// Tells the source how the destination's side ended (best effort: it may be gone).
-    pub fn finish(mut self, r: Result<&ProxyReport, String>) {
+    pub fn finish(mut self, r: Result<&ProxyReport, &crate::metrics::Failed>) {
         match r {
             Ok(rep) => {
                 let _ = self.ctl.send(Kind::Result, &serde_json::to_vec(rep).expect("a report serializes"));
             }
-            Err(e) => self.ctl.close_with_error(&e),
+            Err(e) => self.ctl.close_with_error(&e.message),
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::chunk::Batch;
-use crate::conn::SessionError;
+use crate::conn::{Bug, Refusal, SessionError};
 use crate::encode::Compressor;
 use crate::migrate::RoundCounts;
 use crate::plan::Plan;
@@ -79,7 +79,7 @@ pub(crate) fn wait_for(woken: &UnixStream, mut n: usize) -> Result<(), SessionEr
     let mut buf = [0u8; 64];
     while n > 0 {
         match (&*woken).read(&mut buf[..n.min(64)]) {
-            Ok(0) => return Err(SessionError::Protocol("the workers' wake-up socket closed".into())),
+            Ok(0) => return Err(Bug::WakeClosed.into()),
             Ok(k) => n -= k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(SessionError::io("waiting for the workers", e)),
@@ -122,7 +122,7 @@ impl Pool {
     /// had (memlock too low, say): nothing is left running.
     pub fn new(plan: &Plan) -> Result<Pool, SessionError> {
         if plan.worker_cpus.is_empty() {
-            return Err(SessionError::Protocol("the plan names no worker CPU: `ferryctl tune` again".into()));
+            return Err(Refusal::NoWorkers.into());
         }
         let chunk = plan.chunk_size_bytes as usize;
         // Per worker, at least what its lanes can hold in flight with zero-copy sends; a
@@ -180,7 +180,7 @@ impl Pool {
                 Err(_) => {
                     stop(&mut m);
                     members.iter_mut().for_each(stop);
-                    return Err(SessionError::Protocol(format!("worker thread {i} ended while mapping its arena")));
+                    return Err(Bug::WorkerEnded(i).into());
                 }
             }
         }
@@ -222,14 +222,11 @@ impl Pool {
     /// already holds [`ROUNDS_PER_WORKER`] rounds.
     pub(crate) fn submit(&self, task: Task) -> Result<(), Box<(Task, SessionError)>> {
         let Some(m) = self.members.get(task.worker.index) else {
-            let e = SessionError::Protocol(format!("no worker {} in a pool of {}", task.worker.index, self.members.len()));
+            let e = Bug::NoSuchWorker { index: task.worker.index, size: self.members.len() }.into();
             return Err(Box::new((task, e)));
         };
         m.inbox.tasks.push(task).map_err(|t| {
-            let e = SessionError::Protocol(format!(
-                "worker {} already runs {ROUNDS_PER_WORKER} sessions' rounds; try again when one ends",
-                t.worker.index
-            ));
+            let e = Refusal::WorkerBusy { worker: t.worker.index, rounds: ROUNDS_PER_WORKER }.into();
             Box::new((t, e))
         })?;
         if let Some(t) = &m.thread {
@@ -285,7 +282,7 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
             let step =
                 std::panic::catch_unwind(AssertUnwindSafe(|| t.worker.step(run, &t.round, &mut spare, &mut z))).unwrap_or_else(|_| {
                     t.round.feed.stop();
-                    Step::Done(Err(SessionError::Protocol("a sending worker panicked (a bug): the round is abandoned".into())))
+                    Step::Done(Err(Bug::WorkerPanicked.into()))
                 });
             match step {
                 Step::Sent => {

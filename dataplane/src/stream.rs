@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use zerocopy::IntoBytes;
 
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{FrameReader, SessionError, write_all_vectored, write_frame};
+use crate::conn::{Cancel, Counted, FrameReader, Refusal, SessionError, Violation, write_all_vectored, write_frame};
 use crate::encode::{Compressor, Decoder, Encoder};
 use crate::plan::{Compression, Limits};
 use crate::session::accept::{Acceptor, Next, Wait};
@@ -50,18 +50,19 @@ pub enum Endpoint {
 }
 
 impl std::str::FromStr for Endpoint {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Endpoint, String> {
+    type Err = crate::BadChoice;
+    fn from_str(s: &str) -> Result<Endpoint, crate::BadChoice> {
+        let bad = || crate::BadChoice { what: "endpoint", got: s.to_string(), choices: "unix:/path or tcp:HOST:PORT" };
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err(format!("\"{s}\": a UNIX socket needs a path"));
+                return Err(bad());
             }
             return Ok(Endpoint::Unix(p.into()));
         }
         let hp = s.strip_prefix("tcp:").unwrap_or(s);
         match hp.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(Endpoint::Tcp(hp.to_string())),
-            _ => Err(format!("\"{s}\": use unix:/path or tcp:HOST:PORT")),
+            _ => Err(bad()),
         }
     }
 }
@@ -261,12 +262,9 @@ impl ProxyOptions {
 
     /// Whether the wait for the first connection is over: an error once the idle time
     /// has passed since `since`.
-    fn idle_over(&self, since: Instant, what: &str) -> Result<(), SessionError> {
+    fn idle_over(&self, since: Instant, what: &'static str) -> Result<(), SessionError> {
         match self.idle {
-            Some(idle) if since.elapsed() >= idle => Err(SessionError::Cancelled(format!(
-                "no {what} came within the endpoint's idle time of {} s ([daemon] stream_idle_s)",
-                idle.as_secs()
-            ))),
+            Some(idle) if since.elapsed() >= idle => Err(Cancel::Idle { what, idle }.into()),
             _ => Ok(()),
         }
     }
@@ -274,7 +272,7 @@ impl ProxyOptions {
 
 /// The watched requester went away before anything connected.
 fn requester_left() -> SessionError {
-    SessionError::Cancelled("whoever opened the stream went away before the first connection came".into())
+    Cancel::RequesterLeft.into()
 }
 
 /// A proxied migration so far: stream bytes carried (both directions) and channels opened.
@@ -350,7 +348,8 @@ struct ChannelState {
     running: usize,
     main_done: bool,
     reports: Vec<ChannelReport>,
-    errors: Vec<String>,
+    /// The failures, each with its channel (none: the stream's set-up).
+    errors: Vec<(Option<u16>, SessionError)>,
     /// Every socket of every channel, to shut down when one channel fails.
     socks: Vec<(Conn, TcpStream)>,
     /// Channels the destination accepted (authenticated) so far.
@@ -373,9 +372,12 @@ impl Channels {
     }
 
     /// Records a failure and resets every channel: QEMU on both sides sees the stream break.
-    fn fail(&self, st: &mut ChannelState, why: String) {
-        log::warn!("{why}");
-        st.errors.push(why);
+    fn fail(&self, st: &mut ChannelState, channel: Option<u16>, why: SessionError) {
+        match channel {
+            Some(n) => log::warn!("channel {n}: {why}"),
+            None => log::warn!("{why}"),
+        }
+        st.errors.push((channel, why));
         self.failed.store(true, Ordering::Relaxed);
         for (q, f) in &st.socks {
             q.abort();
@@ -392,7 +394,7 @@ impl Channels {
         }
         match r {
             Ok(rep) => s.reports.push(rep),
-            Err(e) => self.fail(&mut s, format!("channel {n}: {e}")),
+            Err(e) => self.fail(&mut s, Some(n), e),
         }
         self.turn.notify_all();
     }
@@ -400,7 +402,7 @@ impl Channels {
     fn report(&self, role: &str, compression: Compression, t0: Instant) -> Result<ProxyReport, SessionError> {
         let mut s = self.state.lock().expect("channel state");
         if !s.errors.is_empty() {
-            return Err(SessionError::Protocol(format!("the migration stream broke: {}", s.errors.join("; "))));
+            return Err(SessionError::StreamBroke(std::mem::take(&mut s.errors)));
         }
         let mut r = ProxyReport { role: role.into(), compression: compression.to_string(), ..ProxyReport::default() };
         s.reports.sort_by_key(|c| c.channel);
@@ -465,13 +467,13 @@ pub fn source(listeners: &[Listener], to: &str, opts: &ProxyOptions) -> Result<P
                 };
                 log::info!("channel {n}: QEMU connected on {}; carried to {to}", listeners[l].uri());
                 start_channel(s, &channels, n, qemu, ferry, keys, opts.compression)?;
-                n = n.checked_add(1).ok_or_else(|| SessionError::Protocol("more than 65535 channels".into()))?;
+                n = n.checked_add(1).ok_or(Refusal::TooMany("65535 channels"))?;
                 Ok(())
             })();
             if let Err(e) = r {
                 // The channels already running are reset, so QEMU fails the migration.
                 let mut st = channels.state.lock().expect("channel state");
-                channels.fail(&mut st, e.to_string());
+                channels.fail(&mut st, None, e);
                 break;
             }
         }
@@ -534,7 +536,7 @@ pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptio
                 Err(e) => {
                     let _ = ferry.shutdown(Shutdown::Both);
                     let mut st = channels.state.lock().expect("channel state");
-                    channels.fail(&mut st, format!("channel {n}: {e}"));
+                    channels.fail(&mut st, Some(n), e);
                 }
             });
         }
@@ -550,10 +552,10 @@ fn take_turn(channels: &Channels, n: u16, forward: &Endpoint) -> Result<Conn, Se
     let since = Instant::now();
     while st.next != n {
         if channels.failed.load(Ordering::Relaxed) || st.next > n {
-            return Err(SessionError::Protocol(format!("channel {n} arrived out of turn")));
+            return Err(Violation::OutOfTurn { what: "channel", got: n.into(), next: st.next.into() }.into());
         }
         if since.elapsed() > crate::engine::IDLE_TIMEOUT {
-            return Err(SessionError::Protocol(format!("channel {n} waited {} s for channel {}", since.elapsed().as_secs(), st.next)));
+            return Err(Violation::ChannelWait { channel: n, next: st.next, waited: since.elapsed() }.into());
         }
         st = channels.turn.wait_timeout(st, Duration::from_secs(1)).expect("channel state").0;
     }
@@ -564,7 +566,8 @@ fn take_turn(channels: &Channels, n: u16, forward: &Endpoint) -> Result<Conn, Se
 }
 
 fn not_a_stream_peer(to: &str) -> SessionError {
-    SessionError::Protocol(format!("{to} is not a stream-mode proxy (start `ferryctl proxy --serve ... --forward ...` there)"))
+    Refusal::NotService { addr: to.to_string(), wanted: "a stream-mode proxy (start `ferryctl proxy --serve ... --forward ...` there)" }
+        .into()
 }
 
 /// Waits up to 100 ms for one of `fds` to be readable; its index.
@@ -724,9 +727,8 @@ fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal, progress: &St
         match kind {
             Kind::Data => {
                 let (enc, off, raw) = (h.encoding().map_err(|e| fail(e.into(), &qemu))?, h.offset.get(), h.raw_len.get() as usize);
-                let bad = |why: String| SessionError::Protocol(format!("channel {n}: {why}"));
                 if off != pos || raw == 0 || raw > STREAM_CHUNK || h.region.get() != 0 {
-                    return Err(fail(bad(format!("a frame for stream bytes {off}..+{raw}; {pos} was next")), &qemu));
+                    return Err(fail(Violation::StreamBytes { at: off, len: raw, next: pos }.into(), &qemu));
                 }
                 let bytes: &[u8] = match enc {
                     Encoding::Raw if payload.len() == raw => payload,
@@ -745,13 +747,11 @@ fn pump_in(n: u16, mut ferry: TcpStream, mut qemu: Conn, rx: Seal, progress: &St
             }
             Kind::LaneEnd => {
                 let end: wire::LaneEnd = wire::parse(Kind::LaneEnd, payload).map_err(|e| fail(e.into(), &qemu))?;
-                if end.frames.get() != frames || end.bytes.get() != pos {
-                    let e = SessionError::Protocol(format!(
-                        "channel {n} ended after {frames} frames / {pos} bytes; the peer sent {} / {}",
-                        end.frames.get(),
-                        end.bytes.get()
-                    ));
-                    return Err(fail(e, &qemu));
+                for (what, announced, found) in [("frames", end.frames.get(), frames), ("bytes", end.bytes.get(), pos)] {
+                    if announced != found {
+                        let e = Violation::Miscount { what: Counted::Channel { channel: n, what }, announced, found };
+                        return Err(fail(e.into(), &qemu));
+                    }
                 }
                 qemu.shutdown(Shutdown::Write);
                 return Ok(pos);

@@ -223,7 +223,10 @@ fn sigterm_during_a_migration_lets_it_finish() {
     // A second migration is refused while the first goes on.
     let (other, other_bitmap) = (hw::memmap::memfd("g2", 4096, false).unwrap(), hw::memmap::memfd("b2", 8, false).unwrap());
     let refused = MigrateOut::start(&src.sock, &addr, &other, &other_bitmap, &OutOptions::default()).unwrap_err();
-    assert!(refused.contains("shutting down"), "{refused}");
+    assert!(
+        matches!(&refused, dataplane::migrate::vmm::ClientError::Ferryd { kind: dataplane::metrics::Failure::Draining, message } if message.contains("shutting down")),
+        "{refused:?}"
+    );
     assert_eq!(http_status(&metrics, "/readyz"), "HTTP/1.0 503 Service Unavailable");
     assert!(http_body(&metrics, "/metrics").contains("ferry_draining 1"));
     // The guest writes on; the VMM runs another round and then the last.

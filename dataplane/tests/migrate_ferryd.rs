@@ -128,8 +128,15 @@ fn guest_memory_in_two_regions_comes_back_as_two_memfds() {
     assert!(contents(&got[0]) == contents(&a) && contents(&got[1]) == contents(&b));
     // A bitmap sized for one region is refused before anything moves.
     let short = hw::memmap::memfd("dirty1", 32 * 8, false).unwrap();
-    let err = MigrateOut::start_regions(&src.socket, "127.0.0.1:1", &[&a, &b], &short, &OutOptions::default()).unwrap_err();
+    let err = refused(MigrateOut::start_regions(&src.socket, "127.0.0.1:1", &[&a, &b], &short, &OutOptions::default()).unwrap_err());
     assert!(err.contains("2148 pages in 2 region(s)) need 272"), "{err}");
+}
+
+/// A refusal's sentence, once its kind says it is one.
+fn refused(err: dataplane::migrate::vmm::ClientError) -> String {
+    use dataplane::migrate::vmm::ClientError;
+    assert!(matches!(err, ClientError::Ferryd { kind: dataplane::metrics::Failure::Refused, .. }), "{err:?}");
+    err.to_string()
 }
 
 #[test]
@@ -142,17 +149,17 @@ fn descriptors_that_are_not_guest_memory_are_refused() {
     let to = "127.0.0.1:1";
     let disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
     disk.as_file().set_len(2048 * PAGE).unwrap();
-    let err = MigrateOut::start(&src.socket, to, disk.as_file(), &bitmap, &o).unwrap_err();
+    let err = refused(MigrateOut::start(&src.socket, to, disk.as_file(), &bitmap, &o).unwrap_err());
     assert!(err.contains("guest memory descriptor is a regular file on") && err.contains("not a memory file"), "{err}");
-    let err = MigrateOut::start(&src.socket, to, &mem, disk.as_file(), &o).unwrap_err();
+    let err = refused(MigrateOut::start(&src.socket, to, &mem, disk.as_file(), &o).unwrap_err());
     assert!(err.contains("dirty bitmap descriptor is a regular file on") && err.contains("not a memory file"), "{err}");
     // A pipe, named as such.
     let (r, _w) = std::io::pipe().unwrap();
     let pipe = File::from(std::os::fd::OwnedFd::from(r));
-    let err = MigrateOut::start(&src.socket, to, &mem, &pipe, &o).unwrap_err();
+    let err = refused(MigrateOut::start(&src.socket, to, &mem, &pipe, &o).unwrap_err());
     assert!(err.contains("dirty bitmap descriptor is a pipe, not a memory file"), "{err}");
     let short = hw::memmap::memfd("short", 8, false).unwrap();
-    let err = MigrateOut::start(&src.socket, to, &mem, &short, &o).unwrap_err();
+    let err = refused(MigrateOut::start(&src.socket, to, &mem, &short, &o).unwrap_err());
     assert!(err.contains("has 8 bytes") && err.contains("need 256"), "{err}");
     // One descriptor instead of two, on the raw socket.
     let conn = hw::fdpass::LineConn::new(std::os::unix::net::UnixStream::connect(&src.socket).unwrap());

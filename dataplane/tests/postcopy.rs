@@ -9,9 +9,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use dataplane::metrics::Failure;
 use dataplane::migrate::MigrationReport;
 use dataplane::migrate::postcopy::Mapping;
-use dataplane::migrate::vmm::{Arrival, MigrateIn, MigrateOut, OutOptions, PostcopyIn};
+use dataplane::migrate::vmm::{Arrival, ClientError, MigrateIn, MigrateOut, OutOptions, PostcopyIn};
 use hw::uffd::{GuestMapping, Userfault};
 
 mod common;
@@ -72,7 +73,7 @@ struct Running {
     uffd: Userfault,
 }
 
-fn take_postcopy(incoming: MigrateIn) -> Result<Running, String> {
+fn take_postcopy(incoming: MigrateIn) -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
     let Arrival::Postcopy(mut pc) = incoming.next()? else { return Err("the memory came as pre-copy".into()) };
     let uffd = Userfault::create()?;
     let map = uffd.map_registered(&pc.memory[0])?;
@@ -122,7 +123,7 @@ fn hosts(recover_s: Option<u64>) -> (tempfile::TempDir, Ferryd, Ferryd, MigrateI
     (dir, src, dst, incoming)
 }
 
-fn finish(run: Running) -> Result<MigrationReport, String> {
+fn finish(run: Running) -> Result<MigrationReport, ClientError> {
     let Running { pc, map, uffd } = run;
     let r = pc.wait(&uffd);
     drop(map);
@@ -267,8 +268,12 @@ fn a_link_that_never_comes_back_fails_both_sides_clearly() {
     t.relay.cut();
     let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
     let err = finish(run).unwrap_err();
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Cancelled, .. }), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("did not come back within 2 s") && err.contains("cannot complete"), "{err}");
     let err = out.wait().unwrap_err();
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Cancelled, .. }), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("did not come back within 2 s") && err.contains("keep this memory"), "{err}");
 }
 
@@ -283,6 +288,8 @@ fn a_source_ferryd_killed_in_post_copy_is_reported_at_the_destination() {
     t.src.child.wait().unwrap();
     let SlowPush { _dir, _dst, out, run, .. } = t;
     let err = finish(run).unwrap_err();
+    assert!(matches!(err, ClientError::Ferryd { kind: Failure::Cancelled, .. }), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("source did not come back") && err.contains("cannot complete"), "{err}");
     assert!(out.wait().is_err());
 }
@@ -307,9 +314,11 @@ fn a_userfaultfd_that_does_not_cover_the_memory_is_refused_and_the_source_keeps_
     let mut out = MigrateOut::start(&src.socket, &to, &mem, &bitmap, &OutOptions::default()).unwrap();
     out.round().unwrap();
     dirty(&mem, &bitmap, 0..10, 2);
-    let err = out.postcopy().unwrap_err();
+    let err = out.postcopy().unwrap_err().to_string();
     assert!(err.contains("post-copy refused") && err.contains("the source keeps the guest"), "{err}");
     let vmm_err = vmm.join().unwrap();
+    assert!(matches!(vmm_err, ClientError::Ferryd { kind: Failure::Cancelled, .. }), "{vmm_err:?}");
+    let vmm_err = vmm_err.to_string();
     assert!(vmm_err.contains("is not registered with the userfaultfd") && err.contains("not registered"), "{vmm_err} / {err}");
 }
 
@@ -325,14 +334,14 @@ fn a_fault_outside_every_region_fails_the_migration_clearly() {
     std::thread::scope(|s| {
         let toucher = s.spawn(|| extra_map.words()[0].load(std::sync::atomic::Ordering::Relaxed));
         let Running { pc, map, uffd } = run;
-        let err = pc.wait(&uffd).unwrap_err();
+        let err = pc.wait(&uffd).unwrap_err().to_string();
         assert!(err.contains("outside every region"), "{err}");
         // The VMM closes its userfaultfd: the touching thread goes on (the page reads zero).
         drop(uffd);
         assert_eq!(toucher.join().unwrap(), 0);
         drop(map);
     });
-    let err = out.wait().unwrap_err();
+    let err = out.wait().unwrap_err().to_string();
     assert!(err.contains("outside every region"), "{err}");
 }
 
@@ -345,7 +354,7 @@ fn a_destination_vmm_that_goes_away_in_post_copy_fails_both_sides() {
     // The VMM closes its control connection mid-push (it died, say).
     let Running { pc, map, uffd } = run;
     drop(pc);
-    let err = out.wait().unwrap_err();
+    let err = out.wait().unwrap_err().to_string();
     assert!(err.contains("destination VMM closed its control connection during post-copy"), "{err}");
     drop((map, uffd));
 }

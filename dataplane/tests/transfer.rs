@@ -387,7 +387,7 @@ fn truncated_stream_and_missing_lane_end() {
         l.write_all(&frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page)).unwrap();
     });
     // A round's end that does not match what arrived.
-    assert_refused(8192, "lane 0 ended round 0 after 3 frames", |l, tx| {
+    assert_refused(8192, "lane 0's frames in round 0 (ROUND_END's, those received): 3 announced, 0 found", |l, tx| {
         let end = wire::RoundEnd { round: 0.into(), _pad: 0.into(), frames: 3.into(), bytes: 99.into(), pages: 0.into() };
         l.write_all(&frame(tx, Header::new(Kind::RoundEnd, 32).seal(end.as_bytes()), end.as_bytes())).unwrap();
     });
@@ -415,7 +415,7 @@ fn overlapping_and_missing_pages() {
     });
     // Every frame well-formed and the counts honest, but page 1 never sent: the only
     // round cannot end.
-    assert_refused_with_ctl(8192, "round 0 must cover all 2", |l, tx, ctl, ctl_tx| {
+    assert_refused_with_ctl(8192, "round 0 covers every page): 2 announced, 1 found", |l, tx, ctl, ctl_tx| {
         let f = frame(tx, Header::data(Encoding::Raw, 0, 0, 4096, 4096).seal(&page), &page);
         l.write_all(&f).unwrap();
         let end = wire::RoundEnd { round: 0.into(), _pad: 0.into(), frames: 1.into(), bytes: (f.len() as u64).into(), pages: 1.into() };

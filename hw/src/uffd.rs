@@ -144,56 +144,93 @@ pub enum Resolved {
     NoPage,
 }
 
+/// Why a userfaultfd operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("userfaultfd denied (EPERM): set vm.unprivileged_userfaultfd = 1, or run with CAP_SYS_PTRACE")]
+    Denied,
+    #[error("userfaultfd: {0}")]
+    Open(Errno),
+    #[error("this kernel cannot report minor faults on shared memory (UFFDIO_API: {0}); post-copy needs Linux 5.14 or later")]
+    NoMinorFaults(Errno),
+    #[error(
+        "registering {len} bytes at {addr:#x} for missing and minor faults: {errno} (a shared mapping of a memfd or tmpfs file, page-aligned)"
+    )]
+    Register { addr: u64, len: u64, errno: Errno },
+    #[error("unregistering the guest memory: {0}")]
+    Unregister(Errno),
+    #[error("the descriptor is {0}, not a userfaultfd")]
+    NotUserfault(String),
+    #[error("making the userfaultfd non-blocking: {0}")]
+    NonBlocking(Errno),
+    #[error("reading page faults: {0}")]
+    Read(Errno),
+    #[error(
+        "the guest memory at {0:#x} is not registered with the userfaultfd for minor faults (register each region's mapping for missing and minor faults, and give its address)"
+    )]
+    NotRegistered(u64),
+    #[error("checking the userfaultfd's registration at {addr:#x}: {errno}")]
+    Check { addr: u64, errno: Errno },
+    #[error("the guest memory is not sealed against shrinking: a mapping of it could lose pages (SIGBUS)")]
+    NotSealed,
+    #[error("the guest memory has {0} bytes: whole pages, at least one")]
+    NotPages(u64),
+    #[error("{op} the guest memory: {source}")]
+    Memory { op: &'static str, source: std::io::Error },
+    /// A page could not be placed, woken or resolved.
+    #[error("{op} at {addr:#x}: {errno}")]
+    Resolve { op: &'static str, addr: u64, errno: Errno },
+}
+
 impl Userfault {
     /// The VMM's side: a new userfaultfd that reports missing and minor faults on shared
     /// memory (memfd, tmpfs). Faults from the kernel on the guest's behalf (KVM) need
     /// privilege; without it, only user-mode faults are reported, which a process that
     /// touches its memory itself (ferry's simulated guest) is enough for.
-    pub fn create() -> Result<Userfault, String> {
+    pub fn create() -> Result<Userfault, UffdError> {
         let fd = open(0).or_else(|e| if e == Errno::EPERM { open(UFFD_USER_MODE_ONLY) } else { Err(e) }).map_err(|e| match e {
-            Errno::EPERM => "userfaultfd denied (EPERM): set vm.unprivileged_userfaultfd = 1, or run with CAP_SYS_PTRACE".to_string(),
-            e => format!("userfaultfd: {e}"),
+            Errno::EPERM => UffdError::Denied,
+            e => UffdError::Open(e),
         })?;
         let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM, ioctls: 0 };
         // SAFETY: `fd` is a userfaultfd we own; `api` is a writable `struct uffdio_api`
         // that outlives the call.
-        unsafe { uffdio_api(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut api) }.map_err(|e| {
-            format!("this kernel cannot report minor faults on shared memory (UFFDIO_API: {e}); post-copy needs Linux 5.14 or later")
-        })?;
+        unsafe { uffdio_api(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut api) }.map_err(UffdError::NoMinorFaults)?;
         Ok(Userfault { fd })
     }
 
     /// The VMM's side: registers `len` bytes at `addr` (a shared mapping of a memory file,
     /// page-aligned) for missing and minor faults. From now on a thread touching a page of
     /// it that is not mapped yet waits until the handler resolves it.
-    pub fn register(&self, addr: usize, len: usize) -> Result<(), String> {
+    pub fn register(&self, addr: usize, len: usize) -> Result<(), UffdError> {
         let mut r = UffdioRegister { range: UffdioRange { start: addr as u64, len: len as u64 }, mode: MODE_MISSING_MINOR, ioctls: 0 };
         // SAFETY: `r` is a writable `struct uffdio_register` that outlives the call. The
         // registration changes no byte of memory: later accesses to unmapped pages wait for
         // the handler instead of being filled by the kernel.
-        unsafe { uffdio_register(self.raw(), &mut r) }.map(drop).map_err(|e| {
-            format!("registering {len} bytes at {addr:#x} for missing and minor faults: {e} (a shared mapping of a memfd or tmpfs file, page-aligned)")
+        unsafe { uffdio_register(self.raw(), &mut r) }.map(drop).map_err(|errno| UffdError::Register {
+            addr: addr as u64,
+            len: len as u64,
+            errno,
         })
     }
 
     /// The VMM's side, once every page is local: unregisters `len` bytes at `addr`, so the
     /// kernel resolves their faults from now on (and wakes any waiting for the handler).
-    pub fn unregister(&self, addr: u64, len: u64) -> Result<(), String> {
+    pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         let mut r = UffdioRange { start: addr, len };
         // SAFETY: `r` is a `struct uffdio_range` that outlives the call; unregistering
         // changes no byte of memory.
-        unsafe { uffdio_unregister(self.raw(), &mut r) }.map(drop).map_err(|e| format!("unregistering the guest memory: {e}"))
+        unsafe { uffdio_unregister(self.raw(), &mut r) }.map(drop).map_err(UffdError::Unregister)
     }
 
     /// The handler's side: takes a userfaultfd another process created and registered.
     /// It must be one: anything else is refused here.
-    pub fn from_fd(fd: OwnedFd) -> Result<Userfault, String> {
+    pub fn from_fd(fd: OwnedFd) -> Result<Userfault, UffdError> {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).unwrap_or_default();
         if !link.to_string_lossy().contains("userfaultfd") {
-            return Err(format!("the descriptor is {}, not a userfaultfd", link.display()));
+            return Err(UffdError::NotUserfault(link.display().to_string()));
         }
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-            .map_err(|e| format!("making the userfaultfd non-blocking: {e}"))?;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).map_err(UffdError::NonBlocking)?;
         Ok(Userfault { fd })
     }
 
@@ -203,7 +240,7 @@ impl Userfault {
 
     /// Reads the page faults waiting now (none if there are none), into `out`. Events
     /// other than page faults (fork, remap, remove) are not asked for and are skipped.
-    pub fn faults(&self, out: &mut Vec<Fault>) -> Result<(), String> {
+    pub fn faults(&self, out: &mut Vec<Fault>) -> Result<(), UffdError> {
         let mut buf = [0u8; 32 * 64];
         loop {
             match nix::unistd::read(&self.fd, &mut buf) {
@@ -227,7 +264,7 @@ impl Userfault {
                 }
                 Err(Errno::EAGAIN) => return Ok(()),
                 Err(Errno::EINTR) => {}
-                Err(e) => return Err(format!("reading page faults: {e}")),
+                Err(e) => return Err(UffdError::Read(e)),
             }
         }
     }
@@ -275,16 +312,14 @@ impl Userfault {
     /// in minor mode. (The kernel checks that the mapping is registered with a userfaultfd
     /// of the same process, not with this one: a VMM that registered with another one of
     /// its own is not caught here.)
-    pub fn check_registered(&self, hole_addr: u64) -> Result<(), String> {
+    pub fn check_registered(&self, hole_addr: u64) -> Result<(), UffdError> {
         let mut c = UffdioFill { range: UffdioRange { start: hole_addr, len: 4096 }, mode: DONTWAKE, result: 0 };
         // SAFETY: as in `map`; the page at `hole_addr` is missing from the file, so nothing
         // is installed.
         match unsafe { uffdio_continue(self.raw(), &mut c) } {
             Err(Errno::EFAULT) | Ok(_) | Err(Errno::EEXIST) => Ok(()),
-            Err(Errno::ENOENT | Errno::EINVAL) => Err(format!(
-                "the guest memory at {hole_addr:#x} is not registered with the userfaultfd for minor faults (register each region's mapping for missing and minor faults, and give its address)"
-            )),
-            Err(e) => Err(format!("checking the userfaultfd's registration at {hole_addr:#x}: {e}")),
+            Err(Errno::ENOENT | Errno::EINVAL) => Err(UffdError::NotRegistered(hole_addr)),
+            Err(errno) => Err(UffdError::Check { addr: hole_addr, errno }),
         }
     }
 }
@@ -345,17 +380,18 @@ impl Userfault {
     /// Maps `file` (a memory file sealed against shrinking, whole pages) shared and
     /// writable, and registers the mapping for missing and minor faults before returning
     /// it.
-    pub fn map_registered(&self, file: &std::fs::File) -> Result<GuestMapping, String> {
+    pub fn map_registered(&self, file: &std::fs::File) -> Result<GuestMapping, UffdError> {
         use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-        let seals = fcntl(file, FcntlArg::F_GET_SEALS).map_err(|e| format!("reading the guest memory's seals: {e}"))?;
+        let seals = fcntl(file, FcntlArg::F_GET_SEALS).map_err(|e| UffdError::Memory { op: "reading the seals of", source: e.into() })?;
         if !SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
-            return Err("the guest memory is not sealed against shrinking: a mapping of it could lose pages (SIGBUS)".into());
+            return Err(UffdError::NotSealed);
         }
-        let len = file.metadata().map_err(|e| format!("the guest memory: {e}"))?.len();
+        let len = file.metadata().map_err(|source| UffdError::Memory { op: "examining", source })?.len();
         if len == 0 || len % 4096 != 0 {
-            return Err(format!("the guest memory has {len} bytes: whole pages, at least one"));
+            return Err(UffdError::NotPages(len));
         }
-        let map = memmap2::MmapOptions::new().len(len as usize).map_raw(file).map_err(|e| format!("mapping the guest memory: {e}"))?;
+        let map =
+            memmap2::MmapOptions::new().len(len as usize).map_raw(file).map_err(|source| UffdError::Memory { op: "mapping", source })?;
         self.register(map.as_ptr() as usize, map.len())?;
         Ok(GuestMapping { map })
     }
@@ -374,7 +410,8 @@ mod tests {
     fn a_descriptor_that_is_not_a_userfaultfd_is_refused() {
         let f = crate::memmap::memfd("not-uffd", 4096, false).unwrap();
         let err = super::Userfault::from_fd(f.into()).unwrap_err();
-        assert!(err.contains("not a userfaultfd") && err.contains("memfd:not-uffd"), "{err}");
+        assert!(matches!(&err, super::UffdError::NotUserfault(link) if link.contains("memfd:not-uffd")), "{err:?}");
+        assert!(err.to_string().contains("not a userfaultfd"), "{err}");
         match super::Userfault::create() {
             Ok(u) => {
                 let fd = u.fd;

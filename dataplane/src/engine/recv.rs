@@ -16,7 +16,7 @@ use zerocopy::IntoBytes;
 
 use super::{Report, cpu_seconds, tune_socket};
 use crate::auth::Auth;
-use crate::conn::{Ctl, SessionError};
+use crate::conn::{Cancel, Ctl, Refusal, SessionError};
 use crate::migrate::dest::{Received, SinkOptions};
 use crate::plan::Plan;
 use crate::session::accept::{Acceptor, Authed, Next, Wait};
@@ -62,14 +62,14 @@ impl Partial {
     /// same `--out` never write into one file.
     fn create(out: &Path) -> Result<(Partial, std::fs::File), SessionError> {
         let mut id = [0u8; 6];
-        getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a file name: {e}")))?;
+        SessionError::random("a file name", &mut id)?;
         let suffix: String = id.iter().map(|b| format!("{b:02x}")).collect();
         let path = PathBuf::from(format!("{}.{suffix}.partial", out.display()));
         // Registered before it exists, under the lock: a drain removing every partial file
         // either sees it or has closed the registry first.
         let mut live = PARTIALS.lock().unwrap_or_else(|p| p.into_inner());
         if live.0 {
-            return Err(SessionError::Cancelled("this receiver is shutting down".into()));
+            return Err(Cancel::ShuttingDown.into());
         }
         // Read-write: RDMA maps it shared to register it, and digests it afterwards.
         let file = std::fs::OpenOptions::new()
@@ -138,11 +138,7 @@ fn session(
     ctl.expect(Kind::Session, &mut buf)?;
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
     if layout.regions.len() != 1 {
-        return Err(SessionError::Protocol(format!(
-            "this receiver writes one region into {}; the sender described {}",
-            out.display(),
-            layout.regions.len()
-        )));
+        return Err(Refusal::OneRegion { out: out.display().to_string(), regions: layout.regions.len() }.into());
     }
     let size = layout.regions[0];
     // What the session would cost is checked before any of it is spent.

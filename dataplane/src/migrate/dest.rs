@@ -22,9 +22,9 @@ use std::time::Instant;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
-use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport};
+use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, VmmError};
 use crate::auth::Auth;
-use crate::conn::{Ctl, SessionError};
+use crate::conn::{Cancel, Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::engine::dest::Dest;
@@ -63,25 +63,25 @@ pub(super) type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
 /// The destination VMM, as a migration into this ferryd meets it.
 pub trait DestVmm {
     /// Pre-copy: hands over the verified memory; returns once the VMM holds it.
-    fn deliver(&mut self, incoming: &Incoming) -> Result<(), String>;
+    fn deliver(&mut self, incoming: &Incoming) -> Result<(), VmmError>;
     /// Post-copy: hands over the memory whose stale pages are still to come; returns the
     /// VMM's userfaultfd, registered over its mapping of each region, and the mappings.
-    fn switch_over(&mut self, _incoming: &Incoming) -> Result<(hw::uffd::Userfault, Vec<super::postcopy::Mapping>), String> {
-        Err("this destination takes no post-copy".into())
+    fn switch_over(&mut self, _incoming: &Incoming) -> Result<(hw::uffd::Userfault, Vec<super::postcopy::Mapping>), VmmError> {
+        Err(VmmError::NoPostcopy)
     }
     /// Post-copy: ferryd serves the guest's faults now; the VMM may run the guest.
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), VmmError> {
         Ok(())
     }
     /// Post-copy: every page is local and verified; returns once the VMM has unregistered
     /// its mapping (ferryd resolves its faults until then).
-    fn all_local(&mut self) -> Result<(), String> {
+    fn all_local(&mut self) -> Result<(), VmmError> {
         Ok(())
     }
 }
 
-impl<F: FnMut(&Incoming) -> Result<(), String>> DestVmm for F {
-    fn deliver(&mut self, incoming: &Incoming) -> Result<(), String> {
+impl<F: FnMut(&Incoming) -> Result<(), VmmError>> DestVmm for F {
+    fn deliver(&mut self, incoming: &Incoming) -> Result<(), VmmError> {
         self(incoming)
     }
 }
@@ -95,7 +95,7 @@ pub(crate) enum Ended {
 }
 
 pub(crate) fn vmm_gone() -> SessionError {
-    SessionError::Cancelled("the destination VMM closed its control connection; the source keeps the guest".into())
+    Cancel::VmmGone.into()
 }
 
 /// Accepts one migration on `listener` into new memfds. Connections that do not
@@ -147,9 +147,7 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
         }
         // The VMM takes its memory before the source hears of success.
         if let Err(why) = vmm.deliver(&incoming) {
-            return Err(SessionError::Cancelled(format!(
-                "the destination VMM did not take its memory ({why}); the source keeps the guest"
-            )));
+            return Err(Cancel::NotTaken(why).into());
         }
         result_ok(&mut ctl, digest, incoming.report.bytes)?;
         Ok(incoming)
@@ -235,10 +233,10 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
 /// destination, which is registered (pinned) whole.
 pub(crate) fn check_session(layout: &Layout, lanes: u16, transport: DataTransport, agreed: u64, plan: &Plan) -> Result<(), SessionError> {
     if transport == DataTransport::Rdma && (agreed & features::RDMA == 0 || plan.rdma.is_none()) {
-        return Err(SessionError::Protocol("the sender asked for RDMA, which the handshake did not agree on".into()));
+        return Err(Refusal::RdmaNotAgreed.into());
     }
     if layout.page_size != PAGE as u32 {
-        return Err(SessionError::Protocol(format!("page size {} (this side tracks {PAGE}-byte pages)", layout.page_size)));
+        return Err(Refusal::PageSize(layout.page_size).into());
     }
     let buffers = match transport {
         DataTransport::Tcp => crate::lane::buffer_bytes(wire::max_payload_for(layout.max_chunk)),
@@ -251,7 +249,7 @@ pub(crate) fn check_session(layout: &Layout, lanes: u16, transport: DataTranspor
 /// A new session id, sent in SESSION_OK.
 pub(crate) fn session_ok(ctl: &mut Ctl) -> Result<u64, SessionError> {
     let mut id = [0u8; 8];
-    getrandom::fill(&mut id).map_err(|e| SessionError::Protocol(format!("no randomness for a session id: {e}")))?;
+    SessionError::random("a session id", &mut id)?;
     let session = u64::from_le_bytes(id);
     ctl.send(Kind::SessionOk, wire::SessionOk { session: session.into() }.as_bytes())?;
     Ok(session)
@@ -332,13 +330,14 @@ pub(crate) fn receive(
         let opened = acc.lanes(session, lanes, &watch, |a| {
             socks.extend(a.s.try_clone());
             let (tx, ctx, wake) = (tx.clone(), &ctx, &wake);
+            // A lane's failure goes to the control thread; its result says only that it
+            // stopped.
             handles.push(s.spawn(move || {
-                let r = lane(a, ctx, &tx);
-                if let Err(e) = &r {
-                    let _ = tx.send(Err(SessionError::Protocol(e.to_string())));
+                lane(a, ctx, &tx).map_err(|e| {
+                    let _ = tx.send(Err(e));
                     let _ = (&*wake).write(&[1]);
-                }
-                r
+                    SessionError::Stopped
+                })
             }));
         });
         let r = match opened {
@@ -362,15 +361,18 @@ pub(crate) fn receive(
         return Err(vmm_gone());
     }
     // A lane's own failure (a frame it refused) beats the control connection closing after
-    // it, which is only what the source did next.
+    // it, which is only what the source did next. Each lane sent its failure before it
+    // ended, so every one not yet read is on `rx` now.
+    let lane_failure =
+        || std::iter::from_fn(|| rx.try_recv().ok()).filter_map(Result::err).find(|l| !matches!(l, SessionError::PeerClosed { .. }));
     let (rounds, ended) = match rounds {
         Ok(r) => r,
-        Err(e @ (SessionError::PeerClosed { .. } | SessionError::Io { .. })) => {
-            let lane_error = lane_results.into_iter().filter_map(Result::err).find(|l| !matches!(l, SessionError::PeerClosed { .. }));
-            return Err(lane_error.unwrap_or(e));
-        }
+        Err(e @ (SessionError::PeerClosed { .. } | SessionError::Io { .. })) => return Err(lane_failure().unwrap_or(e)),
         Err(e) => return Err(e),
     };
+    if lane_results.iter().any(Result::is_err) {
+        return Err(lane_failure().unwrap_or(SessionError::Stopped));
+    }
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
     received(rounds, ended, lane_results, targets, (size, lanes), (seconds, cpu_seconds_per_gib))
@@ -444,7 +446,7 @@ fn rounds(
         if h.kind == Kind::Switch as u8 {
             // The source's lanes ended (LANE_END) before SWITCH: post-copy from here.
             if round == 0 {
-                return Err(SessionError::Protocol("SWITCH before round 0: every page must be sent once first".into()));
+                return Err(Violation::Unexpected { frame: Kind::Switch, why: "before round 0: every page must be sent once first" }.into());
             }
             let t = Instant::now();
             let (stale, _) = super::postcopy::recv_runs_after(ctl, Kind::Switch, &mut buf)?;
@@ -453,18 +455,18 @@ fn rounds(
         }
         let r: wire::Round = wire::parse(Kind::Round, &buf)?;
         if r.round.get() != round {
-            return Err(SessionError::Protocol(format!("ROUND {} arrived; round {round} was next", r.round.get())));
+            return Err(Violation::OutOfTurn { what: "ROUND", got: r.round.get().into(), next: round.into() }.into());
         }
         let sum = round_ends(rx, lanes, Some(round))?;
         let claimed: u64 = targets.iter().map(|t| t.dest.pages_claimed()).sum();
-        if sum.pages != r.pages.get() || claimed != sum.pages || (round == 0 && claimed != all_pages) {
-            return Err(SessionError::Protocol(format!(
-                "round {round}: the source counted {} pages, the lanes {}, {} were written{}",
-                r.pages.get(),
-                sum.pages,
-                claimed,
-                if round == 0 { format!(" (round 0 must cover all {all_pages})") } else { String::new() }
-            )));
+        if sum.pages != r.pages.get() {
+            return Err(Violation::Miscount { what: Counted::RoundPages { round }, announced: r.pages.get(), found: sum.pages }.into());
+        }
+        if claimed != sum.pages {
+            return Err(Violation::Miscount { what: Counted::WrittenPages { round }, announced: sum.pages, found: claimed }.into());
+        }
+        if round == 0 && claimed != all_pages {
+            return Err(Violation::Miscount { what: Counted::FirstRound, announced: all_pages, found: claimed }.into());
         }
         for t in targets {
             t.dest.next_round();
@@ -520,7 +522,7 @@ pub(super) fn await_control(
                     return Ok(Stirred::Watched(i));
                 }
                 if stirred(&fds[extra.len()]) {
-                    return Err(lane_error(rx, SessionError::Protocol("a lane failed".into())));
+                    return Err(lane_error(rx, SessionError::Stopped));
                 }
                 return Ok(Stirred::Control);
             }
@@ -548,10 +550,12 @@ pub(super) fn round_ends(rx: &mpsc::Receiver<LaneMsg>, lanes: u16, round: Option
     let name = round.map_or_else(|| "the push round".to_string(), |r| format!("round {r}"));
     let mut sum = RoundCounts::default();
     for _ in 0..lanes {
-        let (n, got, c) =
-            rx.recv_timeout(ROUND_IDLE_TIMEOUT).map_err(|_| SessionError::Protocol(format!("the lanes did not end {name}")))??;
-        if round.is_some_and(|r| r != got) {
-            return Err(SessionError::Protocol(format!("lane {n} ended round {got} during {name}")));
+        let (n, got, c) = rx.recv_timeout(ROUND_IDLE_TIMEOUT).map_err(|_| SessionError::TimedOut {
+            op: format!("waiting for the lanes to end {name}"),
+            secs: ROUND_IDLE_TIMEOUT.as_secs(),
+        })??;
+        if let Some(r) = round.filter(|&r| r != got) {
+            return Err(Violation::LaneRound { lane: n, got, round: r }.into());
         }
         sum += c;
     }
@@ -642,7 +646,6 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
     let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
     let live = ctx.live.worker(usize::from(n));
     let page = PAGE as u64;
-    let refused = |e| SessionError::Protocol(format!("data frame refused: {e}"));
     let (mut one_page, mut scratch) = (vec![0u8; PAGE], Vec::new());
     loop {
         let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
@@ -665,13 +668,13 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
                 let record = |i: u64, p: &[u8]| hashes.set(first + i, Digest::of_page(region, first + i, p));
                 match encoding {
                     Encoding::Raw => {
-                        dest.write_payload(offset, &payload).map_err(refused)?;
+                        dest.write_payload(offset, &payload)?;
                         payload.pages(PAGE, &mut one_page, record);
                     }
                     Encoding::Zero => {
                         let len = u64::from(raw_len);
                         // Round 0 writes into a new memfd, which reads as zero already.
-                        if round == 0 { dest.claim_zero(offset, len) } else { dest.write_zero(offset, len) }.map_err(refused)?;
+                        if round == 0 { dest.claim_zero(offset, len) } else { dest.write_zero(offset, len) }?;
                         for i in 0..len.div_ceil(page) {
                             let this_len = (len - i * page).min(page) as usize;
                             hashes.set(first + i, Digest::of_zero_page(region, first + i, this_len));
@@ -680,7 +683,7 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
                     }
                     Encoding::Zstd => {
                         let bytes = dec.zstd(payload.contiguous(&mut scratch), raw_len)?;
-                        dest.write(offset, bytes).map_err(refused)?;
+                        dest.write(offset, bytes)?;
                         Payload::One(bytes).pages(PAGE, &mut one_page, record);
                         this.compressed_in += u64::from(raw_len);
                         this.compressed_out += payload.len() as u64;
@@ -705,14 +708,17 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
                 check_round_end(n, round, &this, &end)?;
                 total += this;
                 if tx.send(Ok((n, round, this))).is_err() {
-                    return Err(SessionError::Protocol("the migration ended".into()));
+                    // The control thread has gone: the session ended without this lane.
+                    return Err(SessionError::Stopped);
                 }
                 this = RoundCounts::default();
                 round += 1;
             }
             Kind::LaneEnd => {
                 if this.frames != 0 {
-                    return Err(SessionError::Protocol(format!("lane {n} ended with {} frames outside a round", this.frames)));
+                    return Err(
+                        Violation::Miscount { what: Counted::FramesOutsideRound { lane: n }, announced: 0, found: this.frames }.into()
+                    );
                 }
                 return Ok(LaneDone { lane: n, counts: total, uring: reader.uring(), latency });
             }
@@ -724,17 +730,15 @@ pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Resu
 
 /// A lane's ROUND_END against what the lane received in round `round`.
 fn check_round_end(n: u16, round: u32, this: &RoundCounts, end: &wire::RoundEnd) -> Result<(), SessionError> {
-    if end.round.get() != round || end.frames.get() != this.frames || end.bytes.get() != this.wire_bytes || end.pages.get() != this.pages {
-        return Err(SessionError::Protocol(format!(
-            "lane {n} ended round {} after {} frames / {} bytes / {} pages; it received round {round}: {} / {} / {}",
-            end.round.get(),
-            end.frames.get(),
-            end.bytes.get(),
-            end.pages.get(),
-            this.frames,
-            this.wire_bytes,
-            this.pages
-        )));
+    if end.round.get() != round {
+        return Err(Violation::LaneRound { lane: n, got: end.round.get(), round }.into());
+    }
+    for (what, announced, found) in
+        [("frames", end.frames.get(), this.frames), ("bytes", end.bytes.get(), this.wire_bytes), ("pages", end.pages.get(), this.pages)]
+    {
+        if announced != found {
+            return Err(Violation::Miscount { what: Counted::LaneEnd { lane: n, round, what }, announced, found }.into());
+        }
     }
     Ok(())
 }

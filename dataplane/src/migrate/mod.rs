@@ -49,18 +49,62 @@ pub fn bitmap_bytes_regions(sizes: &[u64]) -> u64 {
     sizes.iter().map(|&s| bitmap_bytes(s)).sum()
 }
 
+/// A dirty bitmap that does not fit the guest's regions.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BitmapError {
+    #[error(
+        "the dirty bitmap has {bytes} bytes; {pages} pages in {regions} region(s) need {want} (one bit per 4096-byte page, whole 64-bit words per region)"
+    )]
+    Size { bytes: u64, pages: u64, regions: usize, want: u64 },
+    /// A bit past the last page of region `region` (`None`: the only region).
+    #[error("the dirty bitmap marks page {page} past {} {pages} pages", region.map_or_else(|| "the region's".to_string(), |r| format!("region {r}'s")))]
+    PastEnd { page: u64, region: Option<usize>, pages: u64 },
+}
+
+/// How a VMM failed a step of a hand-over: what it said, or that it said nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot hand it over: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("its connection: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("it closed its connection")]
+    Closed,
+    #[error("it did not answer within {} s", .0.as_secs())]
+    Silent(Duration),
+    #[error("reading its answer: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("it answered {got} instead of {wanted}")]
+    Answer { got: String, wanted: &'static str },
+    #[error("its answer is not a request: {0}")]
+    NotRequest(#[source] serde_json::Error),
+    #[error("{answer} comes with {want} descriptor(s); {got} came")]
+    Descriptors { answer: &'static str, want: usize, got: usize },
+    #[error("its userfaultfd: {0}")]
+    Userfault(#[from] hw::uffd::UffdError),
+    #[error("this destination takes no post-copy")]
+    NoPostcopy,
+    #[error("the VMM mapped {mapped} region(s); the guest has {has}")]
+    MappedRegions { mapped: usize, has: usize },
+    #[error("the VMM mapped region {region} as {len} bytes at {addr:#x}; it has {size} bytes (page-aligned, whole)")]
+    Mapped { region: usize, len: u64, addr: u64, size: u64 },
+    #[error("region {region}: {source}")]
+    Region { region: usize, source: std::io::Error },
+    #[error("region {region}: {source}")]
+    RegionUserfault { region: usize, source: hw::uffd::UffdError },
+    #[error(
+        "a page fault at {0:#x} is outside every region of the guest memory: the VMM registered memory with the userfaultfd that it did not give ferry"
+    )]
+    FaultOutside(u64),
+}
+
 /// Reads a dirty bitmap from its bytes, checking it against regions of `pages` pages
 /// each, their bitmaps one after the other: the exact size, and no bit past a region's
 /// last page.
-pub fn parse_bitmap_regions(raw: &[u8], pages: &[u64]) -> Result<Vec<u64>, String> {
+pub fn parse_bitmap_regions(raw: &[u8], pages: &[u64]) -> Result<Vec<u64>, BitmapError> {
     let want: u64 = pages.iter().map(|p| p.div_ceil(64) * 8).sum();
     if raw.len() as u64 != want {
-        let total: u64 = pages.iter().sum();
-        return Err(format!(
-            "the dirty bitmap has {} bytes; {total} pages in {} region(s) need {want} (one bit per {PAGE}-byte page, whole 64-bit words per region)",
-            raw.len(),
-            pages.len()
-        ));
+        return Err(BitmapError::Size { bytes: raw.len() as u64, pages: pages.iter().sum(), regions: pages.len(), want });
     }
     let words: Vec<u64> = raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect();
     let mut at = 0;
@@ -70,8 +114,8 @@ pub fn parse_bitmap_regions(raw: &[u8], pages: &[u64]) -> Result<Vec<u64>, Strin
             let used = p - (n as u64 - 1) * 64;
             if used < 64 && last >> used != 0 {
                 let bit = 64 - last.leading_zeros() as u64 - 1;
-                let region = if pages.len() > 1 { format!("region {r}'s") } else { "the region's".into() };
-                return Err(format!("the dirty bitmap marks page {} past {region} {p} pages", (n as u64 - 1) * 64 + bit));
+                let region = (pages.len() > 1).then_some(r);
+                return Err(BitmapError::PastEnd { page: (n as u64 - 1) * 64 + bit, region, pages: p });
             }
         }
         at += n;
@@ -166,13 +210,15 @@ pub enum Verify {
     Full,
 }
 
+use crate::BadChoice;
+
 impl std::str::FromStr for Verify {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Verify, String> {
+    type Err = BadChoice;
+    fn from_str(s: &str) -> Result<Verify, BadChoice> {
         match s {
             "sent" => Ok(Verify::Sent),
             "full" => Ok(Verify::Full),
-            _ => Err(format!("verify \"{s}\": use sent or full")),
+            _ => Err(BadChoice { what: "verify", got: s.into(), choices: "sent or full" }),
         }
     }
 }
@@ -337,9 +383,9 @@ mod tests {
         let mut raw = vec![0u8; 16];
         raw[0] = 0b101;
         assert_eq!(parse_bitmap_regions(&raw, &[65]).unwrap(), vec![5, 0]);
-        assert!(parse_bitmap_regions(&raw[..8], &[65]).unwrap_err().contains("need 16"));
+        assert_eq!(parse_bitmap_regions(&raw[..8], &[65]), Err(BitmapError::Size { bytes: 8, pages: 65, regions: 1, want: 16 }));
         raw[8] = 0b10; // page 65 of 65 (pages 0..=64 exist)
-        assert!(parse_bitmap_regions(&raw, &[65]).unwrap_err().contains("page 65 past"));
+        assert_eq!(parse_bitmap_regions(&raw, &[65]), Err(BitmapError::PastEnd { page: 65, region: None, pages: 65 }));
         raw[8] = 0b1;
         assert!(parse_bitmap_regions(&raw, &[65]).is_ok());
         assert!(parse_bitmap_regions(&[0xff; 8], &[64]).is_ok(), "a full last word");
@@ -349,7 +395,9 @@ mod tests {
         two[16] = 0b11_1111;
         assert_eq!(parse_bitmap_regions(&two, &[3, 70]).unwrap(), vec![7, 0, 63]);
         two[0] = 0b1111;
-        assert!(parse_bitmap_regions(&two, &[3, 70]).unwrap_err().contains("page 3 past region 0's 3 pages"));
+        let e = parse_bitmap_regions(&two, &[3, 70]).unwrap_err();
+        assert_eq!(e, BitmapError::PastEnd { page: 3, region: Some(0), pages: 3 });
+        assert!(e.to_string().contains("page 3 past region 0's 3 pages"), "{e}");
         assert_eq!(bitmap_bytes_regions(&[3 * 4096, 70 * 4096]), 24);
     }
 }

@@ -18,7 +18,7 @@ use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, Verify};
 use crate::auth::{Auth, client_handshake};
-use crate::conn::{Ctl, SessionError};
+use crate::conn::{Bug, Cancel, Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::{Digest, DigestKey, Hashing};
 use crate::encode::Encoder;
 use crate::engine::send::{connect, connect_data};
@@ -83,12 +83,19 @@ impl<'a> SourceOptions<'a> {
     }
 }
 
+/// The highest rate limit, 100 Tbit/s.
+pub const MAX_RATE_MBIT: u64 = 100_000_000;
+
+/// A rate limit outside 1 Mbit/s to [`MAX_RATE_MBIT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("rate_limit_mbit {0}: give 1 to 100000000 Mbit/s, or leave it out for no limit")]
+pub struct RateOutOfRange(pub u64);
+
 /// The rate limit in bytes per second for `mbit` megabits per second of guest memory: at
 /// least 1 Mbit/s, at most 100 Tbit/s.
-pub fn rate_limit_bytes(mbit: u64) -> Result<u64, String> {
-    const MAX_MBIT: u64 = 100_000_000;
-    if mbit == 0 || mbit > MAX_MBIT {
-        return Err(format!("rate_limit_mbit {mbit}: give 1 to {MAX_MBIT} Mbit/s, or leave it out for no limit"));
+pub fn rate_limit_bytes(mbit: u64) -> Result<u64, RateOutOfRange> {
+    if mbit == 0 || mbit > MAX_RATE_MBIT {
+        return Err(RateOutOfRange(mbit));
     }
     Ok(mbit * 1_000_000 / 8)
 }
@@ -181,7 +188,7 @@ impl<'a> Source<'a> {
     /// or NUMA nodes), each a region of its own.
     pub fn connect_regions(memory: &[&File], opts: SourceOptions<'a>) -> Result<Source<'a>, SessionError> {
         if memory.is_empty() || memory.len() > wire::MAX_REGIONS {
-            return Err(SessionError::Protocol(format!("{} memory regions (1..={} allowed)", memory.len(), wire::MAX_REGIONS)));
+            return Err(Refusal::Regions { count: memory.len(), max: wire::MAX_REGIONS }.into());
         }
         // What the regions claim is checked before ferry allocates a page table for them: a
         // sparse memfd may claim any size. A transfer's file is bounded by the configured
@@ -217,11 +224,7 @@ impl<'a> Source<'a> {
         let t0 = Instant::now();
         let cpu0 = cpu_seconds();
         if let Some(p) = opts.pool.filter(|p| p.chunk() != opts.plan.chunk_size_bytes as usize) {
-            return Err(SessionError::Protocol(format!(
-                "the plan's chunk is {} bytes, the worker pool's {}: the pool is made from the same plan",
-                opts.plan.chunk_size_bytes,
-                p.chunk()
-            )));
+            return Err(Bug::ChunkMismatch { plan: opts.plan.chunk_size_bytes, pool: p.chunk() }.into());
         }
         let mut s = connect(&opts.to)?;
         let want_rdma = opts.plan.transport == Transport::Rdma && opts.plan.rdma.is_some();
@@ -230,21 +233,18 @@ impl<'a> Source<'a> {
         let mut ctl = Ctl::new(s, keys);
         if opts.job == Job::Migrate && agreed & features::MIGRATE == 0 {
             ctl.error("this is a migration; the receiver takes one-shot transfers");
-            return Err(SessionError::Protocol(format!(
-                "{} is a one-shot receiver (`ferryctl recv`), not a migration destination: start one with ferryd's migrate_in",
-                opts.to
-            )));
+            let wanted = "a migration destination but a one-shot receiver (`ferryctl recv`): start one with ferryd's migrate_in";
+            return Err(Refusal::NotService { addr: opts.to.clone(), wanted }.into());
         }
         let rdma = want_rdma && agreed & features::RDMA != 0;
         if want_rdma && !rdma {
-            let why = format!("{} has no RDMA port in its plan", opts.to);
             if opts.require_rdma {
                 ctl.error("the sender requires RDMA and this side offers none");
-                return Err(SessionError::Protocol(format!("{why}; --transport rdma was asked for (use auto or tcp to fall back)")));
+                return Err(Refusal::PeerNoRdma { to: opts.to.clone() }.into());
             }
-            log::warn!("{why}: sending over TCP lanes instead");
+            log::warn!("{} has no RDMA port in its plan: sending over TCP lanes instead", opts.to);
         } else if opts.require_rdma && !rdma {
-            return Err(SessionError::Protocol("--transport rdma was asked for, but this side's plan has no RDMA port".into()));
+            return Err(Refusal::NoRdmaPort.into());
         }
         // The VMM's own descriptors where they are read-write: only to register the memory
         // on kernels that pin even a read-only registration for writing (before 6.2).
@@ -469,16 +469,11 @@ impl<'a> Source<'a> {
     pub fn switch_over(&mut self, dirty: &[u64]) -> Result<(), SessionError> {
         let t = Instant::now();
         if self.rdma.is_some() {
-            return Err(SessionError::Protocol(
-                "post-copy runs over TCP lanes and this migration's pre-copy runs over RDMA: use transport tcp for post-copy (RDMA READ of faults is not built yet)".into(),
-            ));
+            return Err(Refusal::PostcopyOverRdma.into());
         }
         let words: usize = self.regions.iter().map(|r| r.words).sum();
         if self.rounds.is_empty() || dirty.len() != words {
-            return Err(SessionError::Protocol(format!(
-                "post-copy needs round 0 first and a final bitmap of {words} words ({} came)",
-                dirty.len()
-            )));
+            return Err(Refusal::PostcopyBitmap { words: dirty.len(), expected: words }.into());
         }
         self.check_sizes(self.rounds.len() as u32, "switch-over")?;
         for w in &mut self.workers {
@@ -522,10 +517,7 @@ impl<'a> Source<'a> {
                         (since, delay) = (Instant::now(), Duration::from_millis(20));
                     }
                     if since.elapsed() >= recover {
-                        return Err(SessionError::Cancelled(format!(
-                            "the link to the destination broke during post-copy and did not come back within {} s ({e}); the guest runs at the destination, which cannot complete it without the pages still here: keep this memory for a manual resume",
-                            recover.as_secs()
-                        )));
+                        return Err(Cancel::SourceGaveUp { recover, why: Box::new(e) }.into());
                     }
                     log::warn!("post-copy attempt {} failed ({e}); reconnecting", self.postcopy.attempts);
                     std::thread::sleep(delay);
@@ -548,7 +540,7 @@ impl<'a> Source<'a> {
         let mut ctl = Ctl::new(s, keys);
         if agreed & features::POSTCOPY == 0 {
             ctl.error("post-copy was not agreed");
-            return Err(SessionError::Protocol(format!("{} does not take post-copy", self.opts.to)));
+            return Err(Refusal::NoPostcopy { to: self.opts.to.clone() }.into());
         }
         ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         ctl.send(Kind::Resume, wire::Resume { session: self.session.into() }.as_bytes())?;
@@ -556,7 +548,7 @@ impl<'a> Source<'a> {
         let (needed, placed) = super::postcopy::recv_runs(&mut ctl, Kind::Needed, &mut buf)?;
         *reached = true;
         let pages: Vec<u64> = self.regions.iter().map(|r| super::pages(r.size)).collect();
-        let dirty = super::postcopy::runs_to_bitmap(&needed, &pages, "NEEDED")?;
+        let dirty = super::postcopy::runs_to_bitmap(&needed, &pages, Kind::Needed)?;
         log::info!(
             "post-copy attempt {}: the destination placed {placed} page(s) and needs {}",
             self.postcopy.attempts,
@@ -710,12 +702,8 @@ impl<'a> Source<'a> {
         let all = round == 0;
         let words: usize = self.regions.iter().map(|r| r.words).sum();
         if !all && dirty.len() != words {
-            return Err(SessionError::Protocol(format!(
-                "a dirty bitmap of {} words for {} pages in {} region(s) ({words} words)",
-                dirty.len(),
-                super::pages(self.size),
-                self.regions.len()
-            )));
+            let (pages, regions) = (super::pages(self.size), self.regions.len());
+            return Err(Refusal::Bitmap { words: dirty.len(), pages, regions, expected: words }.into());
         }
         self.check_sizes(round, "start")?;
         let dirty: Arc<[u64]> = if all { Arc::from(&[][..]) } else { Arc::from(dirty) };
@@ -829,12 +817,11 @@ impl<'a> Source<'a> {
         let mut buf = Vec::new();
         self.ctl.expect(Kind::RoundOk, &mut buf)?;
         let ok: wire::RoundOk = wire::parse(Kind::RoundOk, &buf)?;
-        if ok.round.get() != round || ok.pages.get() != pages {
-            return Err(SessionError::Protocol(format!(
-                "the destination confirmed round {} with {} pages; round {round} sent {pages}",
-                ok.round.get(),
-                ok.pages.get(),
-            )));
+        if ok.round.get() != round {
+            return Err(Violation::OutOfTurn { what: "ROUND_OK of round", got: ok.round.get().into(), next: round.into() }.into());
+        }
+        if ok.pages.get() != pages {
+            return Err(Violation::Miscount { what: Counted::RoundPages { round }, announced: pages, found: ok.pages.get() }.into());
         }
         Ok(())
     }
@@ -876,15 +863,12 @@ impl<'a> Source<'a> {
 impl Source<'_> {
     /// Every region still has the size it had when the migration began: guest memory that
     /// is resized under a migration cannot be migrated faithfully.
-    fn check_sizes(&self, round: u32, when: &str) -> Result<(), SessionError> {
+    fn check_sizes(&self, round: u32, when: &'static str) -> Result<(), SessionError> {
         for (i, r) in self.regions.iter().enumerate() {
             let now =
                 r.memory.metadata().map_err(|source| SessionError::Region { path: format!("guest memory region {i}"), source })?.len();
             if now != r.size {
-                return Err(SessionError::Protocol(format!(
-                    "guest memory region {i} changed size from {} to {now} bytes (seen at the {when} of round {round}): the VMM must not resize guest memory while it migrates; the migration is abandoned and the source guest should resume",
-                    r.size
-                )));
+                return Err(Refusal::Resized { region: i, from: r.size, to: now, when, round }.into());
             }
         }
         Ok(())
@@ -1105,11 +1089,11 @@ fn rdma_workers(
         wire::parse_lists::<wire::RdmaAccept, wire::RdmaEndpoint, wire::RdmaRegion>(Kind::RdmaAccept, &buf, lanes, layout.regions.len())?;
     let mtu = rdma::check_mtu(acc.mtu.get())?;
     if mtu > dev.mtu {
-        return Err(SessionError::Protocol(format!("the destination chose path MTU {mtu}, above this side's {}", dev.mtu)));
+        return Err(Refusal::Mtu { chose: mtu, ours: dev.mtu }.into());
     }
     let credits = acc.credits.get();
     if credits == 0 {
-        return Err(SessionError::Protocol("the destination granted no credits".into()));
+        return Err(Refusal::NoCredits.into());
     }
     let remote: Vec<(u64, u32)> = regions.iter().map(|r| (r.addr.get(), r.rkey.get())).collect();
     let windows = rdma::Windows::new(&layout.regions, chunk as u64)?;
@@ -1221,13 +1205,10 @@ fn open_region(i: usize, memory: &File, word: usize, job: Job) -> Result<Region,
     let err = |source| SessionError::Region { path: what.clone(), source };
     match job {
         Job::Migrate if !hw::memmap::is_memory_file(memory).map_err(err)? => {
-            return Err(SessionError::Protocol(format!(
-                "{what} is {}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file",
-                hw::memmap::describe(memory)
-            )));
+            return Err(Refusal::NotMemory { what: what.clone(), is: hw::memmap::describe(memory) }.into());
         }
         Job::Transfer if !memory.metadata().map_err(err)?.is_file() => {
-            return Err(SessionError::Protocol(format!("{what} is {}, not a regular file", hw::memmap::describe(memory))));
+            return Err(Refusal::NotRegular { what: what.clone(), is: hw::memmap::describe(memory) }.into());
         }
         _ => {}
     }
@@ -1242,7 +1223,7 @@ fn open_region(i: usize, memory: &File, word: usize, job: Job) -> Result<Region,
     };
     let size = memory.metadata().map_err(err)?.len();
     if size == 0 && job == Job::Migrate {
-        return Err(SessionError::Protocol(format!("{what} is empty")));
+        return Err(Refusal::Empty { what: what.clone() }.into());
     }
     let pages = super::pages(size);
     Ok(Region { memory, probe_holes, size, word, words: pages.div_ceil(64) as usize, sent: PageHashes::new(pages)? })

@@ -81,18 +81,52 @@ pub struct OutOptions {
     pub recover_s: Option<u64>,
 }
 
-fn connect(socket: &Path) -> Result<LineConn, String> {
-    UnixStream::connect(socket).map(LineConn::new).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))
+/// Why a call on ferryd's control socket failed: ferryd said why (with the kind of
+/// failure), or the conversation itself broke.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach ferryd at {}: {source}", socket.display())]
+    Connect { socket: std::path::PathBuf, source: std::io::Error },
+    #[error("writing to ferryd: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("reading from ferryd: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("ferryd closed the control connection")]
+    Closed,
+    #[error("ferryd sent a bad reply ({source}): {line}")]
+    BadReply { line: String, source: serde_json::Error },
+    /// ferryd's own error reply.
+    #[error("{message}")]
+    Ferryd { kind: crate::metrics::Failure, message: String },
+    #[error("ferryd sent {got} where {wanted} was due")]
+    Unexpected { got: Value, wanted: &'static str },
+    #[error("ferryd handed over {got} memory descriptor(s) for {regions} region(s)")]
+    Descriptors { got: usize, regions: Value },
+    #[error(transparent)]
+    Userfault(#[from] hw::uffd::UffdError),
+    #[error("the source switched to post-copy: a VMM that takes it calls MigrateIn::next")]
+    Postcopy,
+}
+
+fn connect(socket: &Path) -> Result<LineConn, ClientError> {
+    UnixStream::connect(socket).map(LineConn::new).map_err(|source| ClientError::Connect { socket: socket.to_path_buf(), source })
 }
 
 /// The next line from ferryd as JSON, with its descriptors; an `{"ok":false}` is the error.
-fn reply(conn: &mut LineConn) -> Result<(Value, Vec<std::os::fd::OwnedFd>), String> {
-    let (line, fds) = conn.recv().map_err(|e| format!("reading from ferryd: {e}"))?.ok_or("ferryd closed the control connection")?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| format!("ferryd sent a bad reply ({e}): {line}"))?;
+fn reply(conn: &mut LineConn) -> Result<(Value, Vec<std::os::fd::OwnedFd>), ClientError> {
+    let (line, fds) = conn.recv().map_err(ClientError::Read)?.ok_or(ClientError::Closed)?;
+    let v: Value = serde_json::from_str(&line).map_err(|source| ClientError::BadReply { line: line.clone(), source })?;
     if v["ok"] == false {
-        return Err(v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string());
+        let kind = serde_json::from_value(v["kind"].clone()).unwrap_or(crate::metrics::Failure::Other);
+        let message = v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string();
+        return Err(ClientError::Ferryd { kind, message });
     }
     Ok((v, fds))
+}
+
+/// A report in `v[key]`.
+fn report<T: serde::de::DeserializeOwned>(v: &Value, key: &str, wanted: &'static str) -> Result<T, ClientError> {
+    serde_json::from_value(v[key].clone()).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
 }
 
 /// An outgoing migration, driven round by round.
@@ -105,48 +139,48 @@ pub struct MigrateOut {
 impl MigrateOut {
     /// Hands `memory` and `bitmap` to the ferryd at `socket` and connects it to the
     /// destination ferryd at `to`.
-    pub fn start(socket: &Path, to: &str, memory: &File, bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
+    pub fn start(socket: &Path, to: &str, memory: &File, bitmap: &File, o: &OutOptions) -> Result<MigrateOut, ClientError> {
         MigrateOut::start_regions(socket, to, &[memory], bitmap, o)
     }
 
     /// [`MigrateOut::start`] for guest memory in several memory files, each a region; the
     /// bitmap holds each region's bitmap in turn.
-    pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, String> {
+    pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, ClientError> {
         let mut conn = connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
             "rate_limit_mbit": o.rate_limit_mbit, "compression": o.compress, "transport": o.transport, "verify": o.verify,
             "regions": memory.len(), "recover_s": o.recover_s});
         let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
         fds.push(bitmap.as_fd());
-        conn.send(&req.to_string(), &fds).map_err(|e| format!("writing to ferryd: {e}"))?;
+        conn.send(&req.to_string(), &fds).map_err(ClientError::Write)?;
         let (connected, _) = reply(&mut conn)?;
         Ok(MigrateOut { conn, connected })
     }
 
-    fn step(&mut self, cmd: &str) -> Result<Value, String> {
-        self.conn.send(&json!({ "cmd": cmd }).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+    fn step(&mut self, cmd: &str) -> Result<Value, ClientError> {
+        self.conn.send(&json!({ "cmd": cmd }).to_string(), &[]).map_err(ClientError::Write)?;
         reply(&mut self.conn).map(|(v, _)| v)
     }
 
     /// A pre-copy round over the pages the bitmap memfd marks now (round 0: all).
-    pub fn round(&mut self) -> Result<RoundReport, String> {
+    pub fn round(&mut self) -> Result<RoundReport, ClientError> {
         let v = self.step("round")?;
-        serde_json::from_value(v["round"].clone()).map_err(|e| format!("ferryd's round report: {e}"))
+        report(&v, "round", "a round report")
     }
 
     /// The stop-and-copy round after the VMM paused; the report once the destination
     /// verified the memory.
-    pub fn finish(mut self) -> Result<MigrationReport, String> {
+    pub fn finish(mut self) -> Result<MigrationReport, ClientError> {
         let v = self.step("final")?;
-        serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
+        report(&v, "report", "a report")
     }
 
     /// The switch-over to post-copy after the VMM paused and wrote the final bitmap: returns
     /// once the destination runs the guest. From then on this VMM must not resume it.
-    pub fn postcopy(mut self) -> Result<PostcopyOut, String> {
+    pub fn postcopy(mut self) -> Result<PostcopyOut, ClientError> {
         let v = self.step("postcopy")?;
         if v["event"] != "switched" {
-            return Err(format!("ferryd sent {v} where the switch-over was due"));
+            return Err(ClientError::Unexpected { got: v, wanted: "the switch-over" });
         }
         Ok(PostcopyOut { conn: self.conn, switch_ms: v["switch_ms"].as_f64().unwrap_or(0.0) })
     }
@@ -163,9 +197,9 @@ pub struct PostcopyOut {
 impl PostcopyOut {
     /// Blocks until every page is at the destination and verified: the report; or why not
     /// (the guest then cannot complete, and this VMM keeps its memory).
-    pub fn wait(mut self) -> Result<MigrationReport, String> {
+    pub fn wait(mut self) -> Result<MigrationReport, ClientError> {
         let (v, _) = reply(&mut self.conn)?;
-        serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
+        report(&v, "report", "a report")
     }
 }
 
@@ -192,13 +226,11 @@ impl PostcopyIn {
     /// Hands ferryd the userfaultfd registered over `maps` (this VMM's mapping of each
     /// region, in order; missing and minor modes); returns once ferryd serves the faults:
     /// the guest may run now.
-    pub fn serve(&mut self, uffd: &hw::uffd::Userfault, maps: &[super::postcopy::Mapping]) -> Result<(), String> {
-        self.conn
-            .send(&json!({"cmd": "faults", "maps": maps}).to_string(), &[uffd.as_fd()])
-            .map_err(|e| format!("writing to ferryd: {e}"))?;
+    pub fn serve(&mut self, uffd: &hw::uffd::Userfault, maps: &[super::postcopy::Mapping]) -> Result<(), ClientError> {
+        self.conn.send(&json!({"cmd": "faults", "maps": maps}).to_string(), &[uffd.as_fd()]).map_err(ClientError::Write)?;
         let (v, _) = reply(&mut self.conn)?;
         if v["event"] != "running" {
-            return Err(format!("ferryd sent {v} where running was due"));
+            return Err(ClientError::Unexpected { got: v, wanted: "running" });
         }
         self.maps = maps.to_vec();
         Ok(())
@@ -209,17 +241,17 @@ impl PostcopyIn {
     /// then on) and tells ferryd, which stops resolving them: the report. ferryd resolves
     /// the guest's faults until then, so the thread that calls this must not be one that
     /// touches the memory.
-    pub fn wait(mut self, uffd: &hw::uffd::Userfault) -> Result<MigrationReport, String> {
+    pub fn wait(mut self, uffd: &hw::uffd::Userfault) -> Result<MigrationReport, ClientError> {
         let (v, _) = reply(&mut self.conn)?;
         if v["event"] != "local" {
-            return Err(format!("ferryd sent {v} where local was due"));
+            return Err(ClientError::Unexpected { got: v, wanted: "local" });
         }
         for m in &self.maps {
             uffd.unregister(m.addr, m.len)?;
         }
-        self.conn.send(&json!({"cmd": "released"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        self.conn.send(&json!({"cmd": "released"}).to_string(), &[]).map_err(ClientError::Write)?;
         let (v, _) = reply(&mut self.conn)?;
-        serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))
+        report(&v, "report", "a report")
     }
 }
 
@@ -232,49 +264,51 @@ pub struct MigrateIn {
 }
 
 impl MigrateIn {
-    pub fn start(socket: &Path, listen: &str) -> Result<MigrateIn, String> {
+    pub fn start(socket: &Path, listen: &str) -> Result<MigrateIn, ClientError> {
         MigrateIn::start_with(socket, listen, None)
     }
 
     /// [`MigrateIn::start`] with post-copy's recovery time: seconds to wait for the source
     /// after the link broke (ferryd's default 120).
-    pub fn start_with(socket: &Path, listen: &str, recover_s: Option<u64>) -> Result<MigrateIn, String> {
+    pub fn start_with(socket: &Path, listen: &str, recover_s: Option<u64>) -> Result<MigrateIn, ClientError> {
         let mut conn = connect(socket)?;
-        conn.send(&json!({"cmd": "migrate_in", "listen": listen, "recover_s": recover_s}).to_string(), &[])
-            .map_err(|e| format!("writing to ferryd: {e}"))?;
+        conn.send(&json!({"cmd": "migrate_in", "listen": listen, "recover_s": recover_s}).to_string(), &[]).map_err(ClientError::Write)?;
         let (v, _) = reply(&mut conn)?;
-        let addr = v["addr"].as_str().ok_or_else(|| format!("ferryd did not say where it listens: {v}"))?.to_string();
+        let addr = match v["addr"].as_str() {
+            Some(a) => a.to_string(),
+            None => return Err(ClientError::Unexpected { got: v, wanted: "where it listens" }),
+        };
         Ok(MigrateIn { conn, addr })
     }
 
     /// Blocks until the migration ends: the verified guest memory (one memfd per region, in
     /// the source's order), or why not. The memory is taken (`taken`), and returned once
     /// ferryd says the source knows the migration succeeded.
-    pub fn wait(self) -> Result<(Vec<File>, MigrationReport), String> {
+    pub fn wait(self) -> Result<(Vec<File>, MigrationReport), ClientError> {
         match self.next()? {
             Arrival::Memory(m, r) => Ok((m, *r)),
-            Arrival::Postcopy(_) => Err("the source switched to post-copy: a VMM that takes it calls MigrateIn::next".into()),
+            Arrival::Postcopy(_) => Err(ClientError::Postcopy),
         }
     }
 
     /// Blocks until the memory arrives: verified and taken (pre-copy), or to be served
     /// through a userfaultfd (post-copy).
-    pub fn next(mut self) -> Result<Arrival, String> {
+    pub fn next(mut self) -> Result<Arrival, ClientError> {
         let (v, fds) = reply(&mut self.conn)?;
         let postcopy = v["event"] == "postcopy";
         if v["event"] != "memory" && !postcopy {
-            return Err(format!("ferryd sent {v} where the memory was due"));
+            return Err(ClientError::Unexpected { got: v, wanted: "the memory" });
         }
         if fds.is_empty() || v["regions"].as_u64() != Some(fds.len() as u64) {
-            return Err(format!("ferryd handed over {} memory descriptor(s) for {} region(s)", fds.len(), v["regions"]));
+            return Err(ClientError::Descriptors { got: fds.len(), regions: v["regions"].clone() });
         }
         let memory: Vec<File> = fds.into_iter().map(File::from).collect();
         if postcopy {
             return Ok(Arrival::Postcopy(PostcopyIn { conn: self.conn, memory, maps: Vec::new() }));
         }
-        self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(|e| format!("writing to ferryd: {e}"))?;
+        self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(ClientError::Write)?;
         let (v, _) = reply(&mut self.conn)?;
-        let report = serde_json::from_value(v["report"].clone()).map_err(|e| format!("ferryd's report: {e}"))?;
+        let report = report(&v, "report", "a report")?;
         Ok(Arrival::Memory(memory, Box::new(report)))
     }
 }

@@ -30,7 +30,7 @@ use hw::uring_send::SendRing;
 use zerocopy::IntoBytes;
 
 use crate::chunk::Batch;
-use crate::conn::{SessionError, write_frame};
+use crate::conn::{Bug, SessionError, write_frame};
 use crate::session::seal::Seal;
 use crate::wire::{self, Kind};
 
@@ -195,7 +195,7 @@ impl Tx {
             }
             Tx::Rdma(_) => {
                 spare.push(b);
-                Err(SessionError::Protocol("an encoded chunk was posted on RDMA lanes, which take windows".into()))
+                Err(Bug::ChunkOnRdma.into())
             }
             #[cfg(test)]
             Tx::Mock(m) => {

@@ -806,10 +806,74 @@ impl Completion {
         self.opcode & sys::ibv_wc_opcode::IBV_WC_RECV != 0
     }
 
-    /// `ibv_wc_status_str` of the status.
-    pub fn status_str(&self) -> String {
-        // SAFETY: returns a static NUL-terminated string for any status value.
-        unsafe { CStr::from_ptr(sys::ibv_wc_status_str(self.status)) }.to_string_lossy().into_owned()
+    /// The completion's failure, if its status is not success.
+    pub fn failure(&self) -> Option<WcFailure> {
+        (!self.ok()).then(|| WcFailure { status: WcStatus::from(self.status), vendor_err: self.vendor_err, qpn: self.qpn })
+    }
+}
+
+/// An `ibv_wc_status` other than success: those whose cause ferry can name, and the rest
+/// by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WcStatus {
+    /// The QP had already failed; this work request was flushed.
+    WrFlush,
+    /// The peer's memory region refused the access.
+    RemoteAccess,
+    /// The peer stopped acknowledging.
+    RetryExceeded,
+    Other(u32),
+}
+
+impl From<u32> for WcStatus {
+    fn from(s: u32) -> WcStatus {
+        match s {
+            sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR => WcStatus::WrFlush,
+            sys::ibv_wc_status::IBV_WC_REM_ACCESS_ERR => WcStatus::RemoteAccess,
+            sys::ibv_wc_status::IBV_WC_RETRY_EXC_ERR => WcStatus::RetryExceeded,
+            n => WcStatus::Other(n),
+        }
+    }
+}
+
+impl WcStatus {
+    fn raw(self) -> u32 {
+        match self {
+            WcStatus::WrFlush => sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR,
+            WcStatus::RemoteAccess => sys::ibv_wc_status::IBV_WC_REM_ACCESS_ERR,
+            WcStatus::RetryExceeded => sys::ibv_wc_status::IBV_WC_RETRY_EXC_ERR,
+            WcStatus::Other(n) => n,
+        }
+    }
+
+    /// What the status usually means, for the message.
+    fn hint(self) -> &'static str {
+        match self {
+            WcStatus::RetryExceeded => {
+                ": the peer stopped acknowledging (it exited, or its queue pair was destroyed or moved to the error state)"
+            }
+            WcStatus::RemoteAccess => ": the peer's memory region refused the write (deregistered, or the wrong key)",
+            WcStatus::WrFlush => ": the queue pair had already failed",
+            WcStatus::Other(_) => "",
+        }
+    }
+}
+
+/// A work completion that failed: its status, the provider's vendor error and its QP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WcFailure {
+    pub status: WcStatus,
+    pub vendor_err: u32,
+    pub qpn: u32,
+}
+
+impl std::fmt::Display for WcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let raw = self.status.raw();
+        // SAFETY: `ibv_wc_status_str` returns a static NUL-terminated string for any
+        // status value (an unknown one gets "unknown").
+        let name = unsafe { CStr::from_ptr(sys::ibv_wc_status_str(raw)) }.to_string_lossy();
+        write!(f, "QP {} completed with status {raw} \"{name}\" (vendor error {:#x}){}", self.qpn, self.vendor_err, self.status.hint())
     }
 }
 

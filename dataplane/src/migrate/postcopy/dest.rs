@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use zerocopy::IntoBytes;
 
 use super::placement::Placement;
-use super::{DEFAULT_RECOVER, PostcopyReport, is_link_failure, protocol, send_runs};
-use crate::conn::{Ctl, FrameReader, SessionError};
+use super::{DEFAULT_RECOVER, PostcopyReport, is_link_failure, send_runs};
+use crate::conn::{Cancel, Counted, Ctl, FrameReader, SessionError, Violation};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::lane::Payload;
@@ -55,17 +55,16 @@ pub(crate) fn switch_over(
 ) -> Result<Finished, SessionError> {
     let Precopy { session, hashes, stale } = pre;
     let t = Instant::now();
-    let cancelled = |why: String| SessionError::Cancelled(format!("post-copy refused: {why}; the source keeps the guest"));
-    let (uffd, maps) = vmm.switch_over(incoming).map_err(cancelled)?;
+    let (uffd, maps) = vmm.switch_over(incoming).map_err(Cancel::PostcopyRefused)?;
     let handed = t.elapsed();
-    let pc = Placement::new(&incoming.memory, hashes, &stale, &maps, uffd).map_err(cancelled)?;
+    let pc = Placement::new(&incoming.memory, hashes, &stale, &maps, uffd)?;
     let placed = t.elapsed();
     // The point of no return: once the source reads SWITCHED it never resumes the guest.
     ctl.send(Kind::Switched, &[])?;
     log::debug!("post-copy switch-over: VMM registered after {handed:?}, placement ready after {placed:?}");
     if let Err(e) = vmm.run() {
         // The source already heard SWITCHED: its first reconnect hears why instead.
-        let e = SessionError::Cancelled(format!("the destination VMM could not run the guest: {e}"));
+        let e = SessionError::from(Cancel::NotRun(e));
         tell_source(acc, &e);
         return Err(e);
     }
@@ -108,11 +107,7 @@ fn serve(
                     Ok(Next::Watched(0)) => return Err(pc.failed()),
                     Ok(Next::Watched(_)) => return Err(vmm_gone_in_postcopy()),
                     Err(SessionError::TimedOut { .. }) => {
-                        return Err(SessionError::Cancelled(format!(
-                            "the source did not come back within {} s of the link breaking: {} page(s) of the guest are still only at the source, so the guest cannot complete here",
-                            recover.as_secs(),
-                            pc.remaining()
-                        )));
+                        return Err(Cancel::SourceGone { recover, pages: pc.remaining() }.into());
                     }
                     Err(e) => return Err(e),
                 };
@@ -137,8 +132,10 @@ fn serve(
         pc.stopping.store(true, Ordering::Release);
         let _ = stop_tx.shutdown(Shutdown::Both);
         let fault_result = faults.join().expect("fault thread panicked");
+        // The fault thread's failure is the reason, unless it was taken already.
         let r = match (r, fault_result) {
-            (Err(_), Err(_)) => Err(pc.failed()),
+            (Err(e @ SessionError::Cancelled(Cancel::FaultThread(_))), _) => Err(e),
+            (Err(_), Err(())) => Err(pc.failed()),
             (r, _) => r,
         };
         if let Err(e) = &r {
@@ -149,7 +146,7 @@ fn serve(
 }
 
 fn vmm_gone_in_postcopy() -> SessionError {
-    SessionError::Cancelled("the destination VMM closed its control connection during post-copy: the guest is gone".into())
+    Cancel::VmmGoneInPostcopy.into()
 }
 
 /// Post-copy failed here while no attempt was open: the source is reconnecting to resume
@@ -199,12 +196,9 @@ fn attempt(
     let (layout, lanes, transport) = wire::parse_session(&buf)?;
     let sizes: Vec<u64> = pc.regions.iter().map(|r| r.size).collect();
     if layout.regions != sizes || transport != wire::DataTransport::Tcp || lanes < 2 {
-        let why = format!(
-            "a post-copy session must describe the same regions ({sizes:?}) over TCP lanes and a fault lane; it described {:?} over {lanes} {transport:?} lane(s)",
-            layout.regions
-        );
-        ctl.error(&why);
-        return Err(protocol(why));
+        let e = Violation::PostcopySession { want: sizes, got: layout.regions, lanes, transport };
+        ctl.error(&e.to_string());
+        return Err(e.into());
     }
     crate::migrate::dest::check_session(&layout, lanes, transport, features::MIGRATE, plan)?;
     let id = crate::migrate::dest::session_ok(&mut ctl)?;
@@ -280,8 +274,13 @@ fn push_round(
     ctl.expect(Kind::Round, &mut buf).map_err(|e| lane_error(rx, e))?;
     let r: wire::Round = wire::parse(Kind::Round, &buf)?;
     let sum = round_ends(rx, data_lanes, None)?;
-    if sum.pages != r.pages.get() || r.last.get() != 1 {
-        return Err(protocol(format!("the push round: the source counted {} pages, the lanes {}", r.pages.get(), sum.pages)));
+    if r.last.get() != 1 {
+        return Err(
+            Violation::Field { frame: Kind::Round, field: "last", value: r.last.get().into(), allowed: "1 for the push round" }.into()
+        );
+    }
+    if sum.pages != r.pages.get() {
+        return Err(Violation::Miscount { what: Counted::PushPages, announced: r.pages.get(), found: sum.pages }.into());
     }
     // Every needed page was pushed, so each is claimed; a claim still being placed (by the
     // fault lane) finishes in a moment.
@@ -290,7 +289,7 @@ fn push_round(
         std::thread::yield_now();
     }
     if pc.remaining() > 0 {
-        return Err(protocol(format!("the push round ended with {} stale page(s) not placed", pc.remaining())));
+        return Err(Violation::Miscount { what: Counted::PushPlaced, announced: 0, found: pc.remaining() }.into());
     }
     let ok = wire::RoundOk { round: r.round, _pad: 0.into(), pages: sum.pages.into() };
     ctl.send(Kind::RoundOk, ok.as_bytes())?;

@@ -34,16 +34,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::conn::{Ctl, SessionError};
+use crate::conn::{Ctl, SessionError, Violation};
 use crate::wire::{self, Kind, RdmaRun};
 
 pub(crate) use dest::{Precopy, switch_over};
 pub(crate) use placement::Placement;
 pub(crate) use source::{HINTS, Near, answer_fetches};
-
-fn protocol(why: String) -> SessionError {
-    SessionError::Protocol(why)
-}
 
 /// How long either side waits for the other to come back after the link broke in post-copy,
 /// unless the VMM says otherwise.
@@ -103,13 +99,13 @@ pub(crate) fn recv_runs(ctl: &mut Ctl, kind: Kind, buf: &mut Vec<u8>) -> Result<
 pub(crate) fn recv_runs_after(ctl: &mut Ctl, kind: Kind, buf: &mut Vec<u8>) -> Result<(Vec<RdmaRun>, u64), SessionError> {
     let head: wire::RunCount = wire::parse(kind, buf)?;
     let n = head.runs.get();
-    let bad = |why: String| protocol(format!("{kind:?}: {why}"));
     let mut runs = Vec::new();
     while (runs.len() as u64) < n {
         ctl.expect(Kind::Runs, buf)?;
-        let list = <[RdmaRun]>::ref_from_bytes(buf).map_err(|_| bad(format!("{} bytes is not a list of runs", buf.len())))?;
+        let list = <[RdmaRun]>::ref_from_bytes(buf).map_err(|_| Violation::Length { frame: Kind::Runs, len: buf.len(), what: "runs" })?;
         if list.is_empty() || list.len() > wire::RDMA_RUNS_PER_FRAME || runs.len() as u64 + list.len() as u64 > n {
-            return Err(bad(format!("{} runs in a frame, {} of {n} read before", list.len(), runs.len())));
+            let allowed = "1 to RDMA_RUNS_PER_FRAME, within the head frame's count";
+            return Err(Violation::Field { frame: Kind::Runs, field: "runs", value: list.len() as u64, allowed }.into());
         }
         runs.extend_from_slice(list);
     }
@@ -118,7 +114,7 @@ pub(crate) fn recv_runs_after(ctl: &mut Ctl, kind: Kind, buf: &mut Vec<u8>) -> R
 
 /// The bitmap (words of every region in turn) that `runs` mark, for regions of `pages`
 /// pages each; a run outside them is refused, named as `what`'s (SWITCH, NEEDED).
-pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64], what: &str) -> Result<Vec<u64>, SessionError> {
+pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64], what: Kind) -> Result<Vec<u64>, SessionError> {
     let starts: Vec<usize> = pages
         .iter()
         .scan(0usize, |at, &p| {
@@ -132,10 +128,10 @@ pub(crate) fn runs_to_bitmap(runs: &[RdmaRun], pages: &[u64], what: &str) -> Res
     for run in runs {
         let (r, first, n) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
         let Some(&total) = pages.get(r) else {
-            return Err(protocol(format!("{what} names region {r}; the guest has {}", pages.len())));
+            return Err(Violation::NoRegion { frame: what, region: r as u64, regions: pages.len() }.into());
         };
         let Some(end) = first.checked_add(n).filter(|&e| n > 0 && e <= total) else {
-            return Err(protocol(format!("{what} names pages {first}+{n} of region {r}, which has {total}")));
+            return Err(Violation::OutsideRegion { frame: what, region: r as u32, first, pages: n, has: total }.into());
         };
         for k in first / 64..end.div_ceil(64) {
             bits[starts[r] + k as usize] |= crate::worker::word_mask(k, first, end);
@@ -186,10 +182,10 @@ mod tests {
     #[test]
     fn needed_runs_make_a_checked_bitmap() {
         // Regions of 70 and 3 pages: words 0-1, then word 2.
-        let bits = runs_to_bitmap(&[run(0, 63, 2), run(1, 2, 1)], &[70, 3], "NEEDED").unwrap();
+        let bits = runs_to_bitmap(&[run(0, 63, 2), run(1, 2, 1)], &[70, 3], Kind::Needed).unwrap();
         assert_eq!(bits, vec![1 << 63, 1, 1 << 2]);
         // Whole words, and a run across three.
-        let bits = runs_to_bitmap(&[run(0, 3, 2), run(0, 60, 70)], &[130], "SWITCH").unwrap();
+        let bits = runs_to_bitmap(&[run(0, 3, 2), run(0, 60, 70)], &[130], Kind::Switch).unwrap();
         assert_eq!(bits, vec![0b11000 | (0b1111 << 60), u64::MAX, 0b11]);
         for (bad, want) in [
             (run(2, 0, 1), "region 2"),
@@ -197,8 +193,10 @@ mod tests {
             (run(0, u64::MAX, 1), "of region 0"),
             (run(0, 0, 0), "pages 0+0"),
         ] {
-            let err = runs_to_bitmap(&[bad], &[70, 3], "NEEDED").unwrap_err().to_string();
-            assert!(err.contains(want) && err.contains("NEEDED names"), "{err}");
+            let err = runs_to_bitmap(&[bad], &[70, 3], Kind::Needed).unwrap_err();
+            assert!(matches!(err, SessionError::Protocol(Violation::NoRegion { .. } | Violation::OutsideRegion { .. })), "{err:?}");
+            let err = err.to_string();
+            assert!(err.contains(want) && err.contains("Needed names"), "{err}");
         }
     }
 }

@@ -12,17 +12,17 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use hw::uffd::{Fault, Resolved, Userfault};
+use hw::uffd::{Fault, Resolved, UffdError, Userfault};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
-use super::{Mapping, PostcopyReport, protocol};
-use crate::conn::{SessionError, write_frame};
+use super::{Mapping, PostcopyReport};
+use crate::conn::{Cancel, SessionError, Violation, write_frame};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::engine::PAGE;
 use crate::lane::Payload;
-use crate::migrate::PageHashes;
+use crate::migrate::{PageHashes, VmmError};
 use crate::session::seal::Seal;
 use crate::wire::{self, Encoding, Kind, Layout, RdmaRun};
 use crate::worker::AtomicBits;
@@ -75,7 +75,7 @@ pub(crate) struct Placement {
     switched: Instant,
     all_local: Mutex<Option<f64>>,
     /// Why the fault thread stopped, if it failed.
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<SessionError>>,
     /// Post-copy is over (done or failed): the fault thread waits for no placer.
     pub(super) stopping: AtomicBool,
 }
@@ -96,20 +96,18 @@ impl Placement {
         stale: &[RdmaRun],
         maps: &[Mapping],
         uffd: Userfault,
-    ) -> Result<Placement, String> {
+    ) -> Result<Placement, SessionError> {
+        let refused = |e: VmmError| SessionError::from(Cancel::PostcopyRefused(e));
         if maps.len() != memory.len() {
-            return Err(format!("the VMM mapped {} region(s); the guest has {}", maps.len(), memory.len()));
+            return Err(refused(VmmError::MappedRegions { mapped: maps.len(), has: memory.len() }));
         }
         let mut regions: Vec<Region> = Vec::with_capacity(memory.len());
         for (i, ((m, h), map)) in memory.iter().zip(hashes).zip(maps).enumerate() {
-            let size = m.metadata().map_err(|e| format!("region {i}: {e}"))?.len();
+            let size = m.metadata().map_err(|source| refused(VmmError::Region { region: i, source }))?.len();
             if map.len != size || map.addr % PAGE as u64 != 0 {
-                return Err(format!(
-                    "the VMM mapped region {i} as {} bytes at {:#x}; it has {size} bytes (page-aligned, whole)",
-                    map.len, map.addr
-                ));
+                return Err(refused(VmmError::Mapped { region: i, len: map.len, addr: map.addr, size }));
             }
-            let file = m.try_clone().map_err(|e| format!("region {i}: {e}"))?;
+            let file = m.try_clone().map_err(|source| refused(VmmError::Region { region: i, source }))?;
             let pages = crate::migrate::pages(size);
             regions.push(Region {
                 file,
@@ -127,7 +125,7 @@ impl Placement {
         // SWITCH's runs, checked against the regions, as one bitmap; each region's words
         // become its stale bits.
         let pages: Vec<u64> = regions.iter().map(|r| r.pages).collect();
-        let mut words = super::runs_to_bitmap(stale, &pages, "SWITCH").map_err(|e| e.to_string())?.into_iter();
+        let mut words = super::runs_to_bitmap(stale, &pages, Kind::Switch)?.into_iter();
         let mut n = 0;
         for reg in &mut regions {
             let w: Vec<u64> = words.by_ref().take(reg.pages.div_ceil(64) as usize).collect();
@@ -152,7 +150,7 @@ impl Placement {
             stopping: AtomicBool::new(false),
         };
         for i in 0..pc.regions.len() {
-            pc.check_registration(i)?;
+            pc.check_registration(i).map_err(refused)?;
         }
         Ok(pc)
     }
@@ -160,16 +158,18 @@ impl Placement {
     /// Asks the kernel whether the userfaultfd covers region `i` in minor mode, on a page
     /// that is missing from the file: a hole if there is one, or else a stale page punched
     /// out (its content is fetched again anyway). Clean pages are never touched.
-    fn check_registration(&self, i: usize) -> Result<(), String> {
+    fn check_registration(&self, i: usize) -> Result<(), VmmError> {
         let r = &self.regions[i];
-        let hole = nix::unistd::lseek(&r.file, 0, nix::unistd::Whence::SeekHole).map_err(|e| format!("region {i}: {e}"))? as u64;
+        let io = |e: nix::errno::Errno| VmmError::Region { region: i, source: e.into() };
+        let uffd = |source| VmmError::RegionUserfault { region: i, source };
+        let hole = nix::unistd::lseek(&r.file, 0, nix::unistd::Whence::SeekHole).map_err(io)? as u64;
         let page = if hole < r.size {
             hole / PAGE as u64
         } else {
             // No hole: a stale page, punched out of the file.
             let Some(p) = (0..r.pages).find(|&p| r.stale.get(p)) else {
                 // Every page present and none stale: a clean page, which mapping is harmless.
-                return self.uffd.check_registered(r.map.addr).map_err(|e| format!("region {i}: {e}"));
+                return self.uffd.check_registered(r.map.addr).map_err(uffd);
             };
             use nix::fcntl::{FallocateFlags, fallocate};
             fallocate(
@@ -178,10 +178,10 @@ impl Placement {
                 (p * PAGE as u64) as i64,
                 PAGE as i64,
             )
-            .map_err(|e| format!("region {i}: {e}"))?;
+            .map_err(io)?;
             p
         };
-        self.uffd.check_registered(r.map.addr + page * PAGE as u64).map_err(|e| format!("region {i}: {e}"))
+        self.uffd.check_registered(r.map.addr + page * PAGE as u64).map_err(uffd)
     }
 
     pub(super) fn remaining(&self) -> u64 {
@@ -251,9 +251,7 @@ impl Placement {
     fn place(&self, r: u32, page: u64, content: Content<'_>, by_fault: bool) -> Result<bool, SessionError> {
         let reg = &self.regions[r as usize];
         if !reg.stale.get(page) {
-            return Err(protocol(format!(
-                "page {page} of region {r} arrived during post-copy, but it was not stale: the guest owns it, and it was not written"
-            )));
+            return Err(Violation::NotStale { region: r, page }.into());
         }
         let won = reg.claimed.take(page);
         if won {
@@ -261,7 +259,7 @@ impl Placement {
             let len = (reg.size - off).min(PAGE as u64) as usize;
             let (bytes, digest) = match content {
                 Content::Bytes(b) if b.len() == len => (b, Digest::of_page(r, page, b)),
-                Content::Bytes(b) => return Err(protocol(format!("page {page} of region {r}: {} bytes for a {len}-byte page", b.len()))),
+                Content::Bytes(b) => return Err(Violation::PageLength { region: r, page, len: b.len(), want: len }.into()),
                 Content::Zero => (&ZERO_PAGE[..len], Digest::of_zero_page(r, page, len)),
             };
             reg.file.write_all_at(bytes, off).map_err(|e| SessionError::io(format!("placing page {page} of region {r}"), e))?;
@@ -273,7 +271,7 @@ impl Placement {
                 Ok(_) => {
                     let _ = self.uffd.wake(addr, PAGE as u64);
                 }
-                Err(e) => return Err(protocol(format!("mapping page {page} of region {r} into the guest: {e}"))),
+                Err(errno) => return Err(UffdError::Resolve { op: "mapping a page into the guest", addr, errno }.into()),
             }
             if by_fault { &self.by_fault } else { &self.by_push }.fetch_add(1, Ordering::Relaxed);
             if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -305,10 +303,7 @@ impl Placement {
     /// the source on the fault lane (when there is one; else when the next attempt opens).
     fn on_fault(&self, f: Fault) -> Result<(), SessionError> {
         let Some((r, page)) = self.locate(f.addr) else {
-            return Err(protocol(format!(
-                "a page fault at {:#x} is outside every region of the guest memory: the VMM registered memory with the userfaultfd that it did not give ferry",
-                f.addr
-            )));
+            return Err(VmmError::FaultOutside(f.addr).into());
         };
         self.faults.fetch_add(1, Ordering::Relaxed);
         let reg = &self.regions[r as usize];
@@ -348,8 +343,8 @@ impl Placement {
         };
         match r {
             Ok(Resolved::Mapped) => Ok(()),
-            Ok(_) => self.uffd.wake(addr, PAGE as u64).map_err(|e| protocol(format!("waking the guest at {addr:#x}: {e}"))),
-            Err(e) => Err(protocol(format!("resolving the guest's fault at {addr:#x}: {e}"))),
+            Ok(_) => self.uffd.wake(addr, PAGE as u64).map_err(|errno| UffdError::Resolve { op: "waking the guest", addr, errno }.into()),
+            Err(errno) => Err(UffdError::Resolve { op: "resolving the guest's fault", addr, errno }.into()),
         }
     }
 
@@ -398,7 +393,7 @@ impl Placement {
 
     /// Reads and resolves the guest's faults until `stop` stirs. A fault ferry cannot
     /// resolve is returned (and `failed` woken).
-    pub(super) fn serve_faults(&self, stop: &UnixStream, failed: &UnixStream) -> Result<(), SessionError> {
+    pub(super) fn serve_faults(&self, stop: &UnixStream, failed: &UnixStream) -> Result<(), ()> {
         let mut faults = Vec::new();
         let r = loop {
             let mut fds = [PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
@@ -409,26 +404,23 @@ impl Placement {
                 Err(e) => break Err(SessionError::io("waiting for page faults", e.into())),
             }
             if let Err(e) = self.uffd.faults(&mut faults) {
-                break Err(protocol(e));
+                break Err(e.into());
             }
             if let Some(e) = faults.drain(..).find_map(|f| self.on_fault(f).err()) {
                 break Err(e);
             }
         };
-        if let Err(e) = &r {
-            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        r.map_err(|e: SessionError| {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             let _ = (&*failed).write(&[1]);
-        }
-        r
+        })
     }
 
-    /// The fault thread's failure, as the migration's error.
+    /// The fault thread's failure, as the migration's error (taken: asked again, it says
+    /// only that the thread stopped).
     pub(super) fn failed(&self) -> SessionError {
-        let why = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        protocol(format!(
-            "post-copy failed at the destination: {}; the guest cannot complete",
-            why.unwrap_or_else(|| "its fault thread stopped".into())
-        ))
+        let why = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Cancel::FaultThread(why.map(Box::new)).into()
     }
 
     pub(super) fn report(&self, attempts: u32) -> PostcopyReport {

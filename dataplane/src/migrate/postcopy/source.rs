@@ -5,8 +5,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::protocol;
-use crate::conn::{FrameReader, SessionError, write_sealed};
+use crate::conn::{FrameReader, SessionError, Violation, write_sealed};
 use crate::encode::{Compressor, Encoder};
 use crate::engine::PAGE;
 use crate::plan::Compression;
@@ -66,9 +65,10 @@ pub(crate) fn answer_fetches(
             other => return Err(wire::FrameError::Unexpected { expected: Kind::Fetch, got: other }.into()),
         };
         let (r, first, n) = (run.region.get(), run.first.get(), u64::from(run.pages.get()));
-        let region = regions.get(r as usize).ok_or_else(|| protocol(format!("FETCH of region {r}")))?;
-        if n == 0 || n > max_fetch || first.checked_add(n).is_none_or(|e| e > crate::migrate::pages(region.size)) {
-            return Err(protocol(format!("FETCH of pages {first}+{n} of region {r}")));
+        let region = regions.get(r as usize).ok_or(Violation::NoRegion { frame: Kind::Fetch, region: r.into(), regions: regions.len() })?;
+        let has = crate::migrate::pages(region.size);
+        if n == 0 || n > max_fetch || first.checked_add(n).is_none_or(|e| e > has) {
+            return Err(Violation::OutsideRegion { frame: Kind::Fetch, region: r, first, pages: n, has }.into());
         }
         // The pages in one read, framed by the encoder (zero pages as such, no compression:
         // a fault waits for this).

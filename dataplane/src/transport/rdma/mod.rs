@@ -51,10 +51,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, PathSpec, Pd, Qp};
+use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, PathSpec, Pd, Qp, WcFailure};
 use serde::{Deserialize, Serialize};
 
-use crate::conn::SessionError;
+use crate::conn::{Refusal, SessionError};
 use crate::digest::Hashing;
 use crate::engine::IDLE_TIMEOUT;
 use crate::plan::RdmaPlan;
@@ -175,7 +175,7 @@ pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
     let ctx = list.open_by_name(&rp.device)?;
     drop(list);
     let port = ctx.active_port(rp.port)?;
-    let stale = |what: String| SessionError::Rdma(format!("{what}: the plan is stale, run `ferryctl tune` again"));
+    let stale = |what: String| SessionError::StalePlan(what);
     let (gid_index, gid) = match rp.gid_index {
         Some(i) => {
             let idx = u8::try_from(i).map_err(|_| stale(format!("GID index {i} is out of range")))?;
@@ -216,42 +216,17 @@ pub(crate) fn remote(e: &wire::RdmaEndpoint) -> Endpoint {
 /// A random 24-bit initial packet sequence number.
 pub(crate) fn psn() -> Result<u32, SessionError> {
     let mut b = [0u8; 4];
-    getrandom::fill(&mut b).map_err(|e| SessionError::Protocol(format!("no randomness for a PSN: {e}")))?;
+    SessionError::random("a PSN", &mut b)?;
     Ok(u32::from_le_bytes(b) & 0x00ff_ffff)
 }
 
 pub(crate) fn check_mtu(mtu: u32) -> Result<u32, SessionError> {
-    if mtu.is_power_of_two() && (256..=4096).contains(&mtu) {
-        Ok(mtu)
-    } else {
-        Err(SessionError::Protocol(format!("path MTU {mtu} is not one of 256, 512, 1024, 2048, 4096")))
-    }
+    if mtu.is_power_of_two() && (256..=4096).contains(&mtu) { Ok(mtu) } else { Err(Refusal::BadMtu(mtu).into()) }
 }
 
-/// `ibv_wc_status` values the messages explain.
-mod wc_status {
-    pub const WR_FLUSH_ERR: u32 = 5;
-    pub const REM_ACCESS_ERR: u32 = 10;
-    pub const RETRY_EXC_ERR: u32 = 12;
-}
-
-/// A completion with an error status, as a sentence naming the verb and the status.
-pub(crate) fn completion_error(wc: &Completion, device: &str, what: &str) -> SessionError {
-    let hint = match wc.status {
-        wc_status::RETRY_EXC_ERR => {
-            ": the peer stopped acknowledging (it exited, or its queue pair was destroyed or moved to the error state)"
-        }
-        wc_status::REM_ACCESS_ERR => ": the peer's memory region refused the write (deregistered, or the wrong key)",
-        wc_status::WR_FLUSH_ERR => ": the queue pair had already failed",
-        _ => "",
-    };
-    SessionError::Rdma(format!(
-        "{what} on {device} QP {} completed with status {} \"{}\" (vendor error {:#x}){hint}",
-        wc.qpn,
-        wc.status,
-        wc.status_str(),
-        wc.vendor_err
-    ))
+/// A completion with an error status, naming the verb and the device.
+pub(crate) fn completion_error(failure: WcFailure, device: &str, what: &'static str) -> SessionError {
+    SessionError::Completion { what, device: device.to_string(), failure }
 }
 
 /// Polls before a thread that finds its CQ empty stops spinning, and polls it yields for.
@@ -325,10 +300,10 @@ impl Windows {
         let mut first = Vec::with_capacity(sizes.len());
         let mut n = 0u64;
         for &s in sizes {
-            first.push(u32::try_from(n).map_err(|_| SessionError::Protocol("more than 2^32 windows in one session".into()))?);
+            first.push(u32::try_from(n).map_err(|_| SessionError::from(Refusal::TooMany("2^32 windows")))?);
             n += s.div_ceil(chunk);
         }
-        u32::try_from(n).map_err(|_| SessionError::Protocol("more than 2^32 windows in one session".into()))?;
+        u32::try_from(n).map_err(|_| SessionError::from(Refusal::TooMany("2^32 windows")))?;
         Ok(Windows { first, chunk, sizes: sizes.to_vec() })
     }
 

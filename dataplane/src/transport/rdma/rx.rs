@@ -15,7 +15,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::{Backoff, Check, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed, poll_cq};
-use crate::conn::{Ctl, SessionError};
+use crate::conn::{Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::{Digest, DigestKey};
 use crate::engine::{IDLE_TIMEOUT, PAGE, cpu_seconds};
 use crate::migrate::dest::{Received, SinkOptions};
@@ -70,9 +70,9 @@ impl Poller<'_> {
             let got = poll_cq(&self.cq, &mut wcs, &mut backoff, Duration::from_millis(1))?;
             for wc in &wcs[..got] {
                 let l = wc.wr_id as usize;
-                if !wc.ok() {
+                if let Some(failure) = wc.failure() {
                     let what = if wc.is_recv() { "a receive for RDMA WRITE_WITH_IMM" } else { "a credit SEND" };
-                    return Err(completion_error(wc, self.device, what));
+                    return Err(completion_error(failure, self.device, what));
                 }
                 if wc.is_recv() {
                     self.shared.received[self.first_lane + l].fetch_add(1, Ordering::Release);
@@ -124,7 +124,8 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let (hello, peer) = wire::parse_list::<wire::RdmaConnect, wire::RdmaEndpoint>(Kind::RdmaConnect, &buf, lanes)?;
     let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
     if workers == 0 || qpw == 0 || workers * qpw != lanes {
-        return Err(SessionError::Protocol(format!("RDMA_CONNECT: {workers} worker(s) x {qpw} QP(s) for {lanes} lane(s)")));
+        let allowed = "workers x QPs per worker = the session's lanes";
+        return Err(Violation::Field { frame: Kind::RdmaConnect, field: "workers x QPs", value: (workers * qpw) as u64, allowed }.into());
     }
     let Accepted { dev, regions, cqs, qps, mut report, credit_batch, send_depth } = accept(ctl, &hello, peer, memory, layout, o)?;
     let check = report.check;
@@ -257,16 +258,19 @@ fn accept(
 ) -> Result<Accepted, SessionError> {
     let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
     let lanes = workers * qpw;
-    let rp = o.plan.rdma.as_ref().ok_or_else(|| SessionError::Protocol("this receiver's plan has no RDMA device".into()))?;
+    let rp = o.plan.rdma.as_ref().ok_or(Refusal::NoRdmaDevice)?;
     let dev = super::device(rp)?;
     if (hello.infiniband == 1) != dev.gid_index.is_none() {
-        return Err(SessionError::Protocol("the sender and this receiver are on different link layers (InfiniBand and RoCE)".into()));
+        return Err(Refusal::LinkLayers.into());
     }
     let mtu = check_mtu(hello.mtu.get().min(dev.mtu))?;
     let check = match hello.check {
         wire::ONE_SIDED_EACH_ROUND => Check::EachRound,
         wire::ONE_SIDED_AT_END => Check::AtEnd,
-        c => return Err(SessionError::Protocol(format!("RDMA_CONNECT: check {c} is neither each round (0) nor at the end (1)"))),
+        c => {
+            let allowed = "each round (0) or at the end (1)";
+            return Err(Violation::Field { frame: Kind::RdmaConnect, field: "check", value: c.into(), allowed }.into());
+        }
     };
     let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, check, ..RdmaReport::default() };
     let t = Instant::now();
@@ -404,28 +408,38 @@ impl Rounds<'_> {
             ctl.expect(Kind::RdmaEnd, &mut buf)?;
             let (head, ends) = wire::parse_list::<wire::RdmaRoundEnd, wire::RdmaLaneEnd>(Kind::RdmaEnd, &buf, lanes)?;
             if head.round.get() != round {
-                return Err(SessionError::Protocol(format!("RDMA_END for round {} arrived; round {round} was next", head.round.get())));
+                return Err(Violation::OutOfTurn { what: "RDMA_END of round", got: head.round.get().into(), next: round.into() }.into());
             }
             let ends = ends.to_vec();
             for (e, l) in expected.iter_mut().zip(&ends) {
-                *e =
-                    e.checked_add(l.imms.get()).ok_or_else(|| SessionError::Protocol("RDMA_END announces more than 2^64 writes".into()))?;
+                *e = e.checked_add(l.imms.get()).ok_or(Violation::Field {
+                    frame: Kind::RdmaEnd,
+                    field: "writes",
+                    value: l.imms.get(),
+                    allowed: "a total below 2^64",
+                })?;
             }
             let whole = match head.whole.get() {
                 0 => false,
                 1 if head.runs.get() == 0 => true,
-                w => return Err(SessionError::Protocol(format!("RDMA_END: whole {w} with {} runs", head.runs.get()))),
+                w => {
+                    return Err(
+                        Violation::Field { frame: Kind::RdmaEnd, field: "whole", value: w.into(), allowed: "0, or 1 with no runs" }.into()
+                    );
+                }
             };
             let run_pages = self.read_runs(ctl, head.runs.get(), &mut buf)?;
             ctl.expect(Kind::Round, &mut buf)?;
             let r: wire::Round = wire::parse(Kind::Round, &buf)?;
             let pages = ends.iter().try_fold(0u64, |a, e| a.checked_add(e.pages.get()));
-            if r.round.get() != round || Some(r.pages.get()) != pages || (!whole && run_pages != r.pages.get()) {
-                return Err(SessionError::Protocol(format!(
-                    "ROUND {} with {} pages arrived; RDMA_END of round {round} announced {pages:?} in its lanes and {run_pages} in its runs",
-                    r.round.get(),
-                    r.pages.get()
-                )));
+            if r.round.get() != round {
+                return Err(Violation::OutOfTurn { what: "ROUND", got: r.round.get().into(), next: round.into() }.into());
+            }
+            // The lanes' pages where they differ from ROUND's, else the runs' (unless whole).
+            let lanes = pages.unwrap_or(u64::MAX);
+            let found = if lanes != r.pages.get() || whole { lanes } else { run_pages };
+            if found != r.pages.get() {
+                return Err(Violation::Miscount { what: Counted::RdmaPages { round }, announced: r.pages.get(), found }.into());
             }
             let pages = r.pages.get();
             let last = r.last.get() == 1;
@@ -471,24 +485,31 @@ impl Rounds<'_> {
     /// Reads `runs` page runs from RDMA_PAGES frames and (checked each round) marks their
     /// pages in `written`; returns how many pages they cover.
     fn read_runs(&self, ctl: &mut Ctl, runs: u64, buf: &mut Vec<u8>) -> Result<u64, SessionError> {
-        let bad = |why: String| SessionError::Protocol(format!("RDMA_PAGES: {why}"));
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let (mut got, mut pages) = (0u64, 0u64);
         while got < runs {
             ctl.expect(Kind::RdmaPages, buf)?;
-            let list = <[wire::RdmaRun]>::ref_from_bytes(buf).map_err(|_| bad(format!("{} bytes is not a list of runs", buf.len())))?;
+            let list = <[wire::RdmaRun]>::ref_from_bytes(buf).map_err(|_| Violation::Length {
+                frame: Kind::RdmaPages,
+                len: buf.len(),
+                what: "runs",
+            })?;
             if list.is_empty() || list.len() > wire::RDMA_RUNS_PER_FRAME || got + list.len() as u64 > runs {
-                return Err(bad(format!("{} runs in a frame, {got} of {runs} read before", list.len())));
+                let allowed = "1 to RDMA_RUNS_PER_FRAME, within RDMA_END's count";
+                return Err(Violation::Field { frame: Kind::RdmaPages, field: "runs", value: list.len() as u64, allowed }.into());
             }
             for run in list {
                 let (region, first, n) = (run.region.get() as usize, run.first.get(), u64::from(run.pages.get()));
                 let Some(bits) = written.get_mut(region) else {
-                    return Err(bad(format!("region {region} (the session has {})", self.memory.len())));
+                    return Err(Violation::NoRegion { frame: Kind::RdmaPages, region: region as u64, regions: self.memory.len() }.into());
                 };
-                let end = first
-                    .checked_add(n)
-                    .filter(|&e| n > 0 && e <= bits.pages)
-                    .ok_or_else(|| bad(format!("pages {first}+{n} of region {region}, which has {}", bits.pages)))?;
+                let end = first.checked_add(n).filter(|&e| n > 0 && e <= bits.pages).ok_or(Violation::OutsideRegion {
+                    frame: Kind::RdmaPages,
+                    region: region as u32,
+                    first,
+                    pages: n,
+                    has: bits.pages,
+                })?;
                 // Checked at the end, the runs are only counted: nothing hashes them.
                 if self.check == Check::EachRound {
                     bits.mark(first, end);
@@ -608,7 +629,7 @@ impl Rounds<'_> {
                 // counting are in `named`.
                 let got = r.load(Ordering::Acquire);
                 if got > e {
-                    return Err(SessionError::Protocol(format!("lane {l} received more WRITE_WITH_IMMs than RDMA_END announces")));
+                    return Err(Violation::Miscount { what: Counted::Writes { lane: l }, announced: e, found: got }.into());
                 }
                 done &= got == e;
                 total += got;
@@ -666,9 +687,7 @@ impl Rounds<'_> {
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                             let Some(&id) = ids.get(i) else { return Ok(()) };
-                            let (region, start, end) = self.windows.range(id).ok_or_else(|| {
-                                SessionError::Protocol(format!("a WRITE_WITH_IMM named window {id}, which the session has not"))
-                            })?;
+                            let (region, start, end) = self.windows.range(id).ok_or_else(|| SessionError::from(Violation::NoWindow(id)))?;
                             buf.resize((end - start) as usize, 0);
                             self.memory[region as usize]
                                 .read_exact_at(&mut buf, start)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hw::rdma::verbs::{Completion, Cq, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
 
 use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed, poll_cq};
-use crate::conn::SessionError;
+use crate::conn::{Bug, SessionError};
 use crate::digest::{Digest, DigestKey};
 use crate::engine::PAGE;
 use crate::migrate::PageHashes;
@@ -172,7 +172,7 @@ impl RdmaTx {
         let mut slots = s.dev.pd.register_slots(s.arena, s.chunk)?;
         let mut report = RdmaReport::default();
         report.registration(bytes, t);
-        let zero = slots.pop().ok_or_else(|| SessionError::Protocol("an RDMA worker's arena holds no slot".into()))?;
+        let zero = slots.pop().ok_or_else(|| SessionError::from(Bug::NoSlot))?;
         let mut lanes = Vec::with_capacity(u.qps.len());
         for (i, ((mut qp, psn), peer)) in u.qps.into_iter().zip(s.peers).enumerate() {
             qp.connect(&s.dev.path(s.mtu), psn, &super::remote(peer), false)?;
@@ -241,15 +241,15 @@ impl RdmaTx {
         }
         for wc in &self.wcs[..n] {
             if wc.is_recv() {
-                if !wc.ok() {
-                    return Err(completion_error(wc, &self.dev.name, "a credit receive"));
+                if let Some(failure) = wc.failure() {
+                    return Err(completion_error(failure, &self.dev.name, "a credit receive"));
                 }
                 let lane = &mut self.lanes[wc.wr_id as usize];
                 lane.credits += wc.imm.unwrap_or(0);
                 lane.qp.post_recvs(wc.wr_id, 1)?;
             } else {
-                if !wc.ok() {
-                    return Err(completion_error(wc, &self.dev.name, "an RDMA WRITE"));
+                if let Some(failure) = wc.failure() {
+                    return Err(completion_error(failure, &self.dev.name, "an RDMA WRITE"));
                 }
                 let lane = &mut self.lanes[(wc.wr_id >> 32) as usize];
                 lane.completed += u64::from(wc.wr_id as u32);
