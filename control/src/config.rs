@@ -162,17 +162,19 @@ impl Default for DaemonConfig {
 
 impl DaemonConfig {
     /// What ferryd would refuse at start, refused here (by `tune` and `doctor`) instead.
-    fn check(&self) -> Result<(), String> {
-        dataplane::daemon::SocketAccess::parse(&self.control_mode, None).map_err(|e| format!("[daemon] control_mode: {e}"))?;
-        if self.metrics != "off" && self.metrics.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!("[daemon] metrics = \"{}\": give HOST:PORT (an IP address and a port) or \"off\"", self.metrics));
+    fn check(&self) -> Result<(), ConfigInvalid> {
+        let mode = |field, m: &str| {
+            dataplane::daemon::SocketAccess::parse(m, None).map(drop).map_err(|source| ConfigInvalid::Mode { field, source })
+        };
+        mode("control_mode", &self.control_mode)?;
+        for (field, value) in [("metrics", &self.metrics), ("peer", &self.peer)] {
+            if value != "off" && value.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigInvalid::Address { field, value: value.clone() });
+            }
         }
-        if self.peer != "off" && self.peer.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!("[daemon] peer = \"{}\": give HOST:PORT (an IP address and a port) or \"off\"", self.peer));
-        }
-        dataplane::daemon::SocketAccess::parse(&self.stream_mode, None).map_err(|e| format!("[daemon] stream_mode: {e}"))?;
+        mode("stream_mode", &self.stream_mode)?;
         if self.stream_dirs.is_empty() || self.stream_dirs.iter().any(|d| !d.is_absolute()) {
-            return Err("[daemon] stream_dirs: give one or more absolute directories".into());
+            return Err(ConfigInvalid::StreamDirs);
         }
         Ok(())
     }
@@ -374,15 +376,15 @@ pub enum CompressionChoice {
 }
 
 impl std::str::FromStr for CompressionChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = dataplane::BadChoice;
+    fn from_str(s: &str) -> Result<Self, dataplane::BadChoice> {
         match s {
             "auto" => Ok(Self::Auto),
             "off" => Ok(Self::Off),
             "zstd" => Ok(Self::Zstd(1)),
             _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
                 Some(Ok(l)) if (1..=19).contains(&l) => Ok(Self::Zstd(l)),
-                _ => Err(format!("\"{s}\" is not a compression policy: use \"auto\", \"off\" or \"zstd:<1-19>\"")),
+                _ => Err(dataplane::BadChoice { what: "compression", got: s.into(), choices: "auto, off or zstd:<1-19>" }),
             },
         }
     }
@@ -399,20 +401,34 @@ impl<'de> Deserialize<'de> for CompressionChoice {
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("config {path}: {message}")]
-    Parse { path: String, message: String },
+    #[error("config {path}: {source}")]
+    Parse { path: String, source: ConfigInvalid },
+}
+
+/// What is wrong in a config's text.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigInvalid {
+    /// TOML that does not parse, or an unknown or mistyped field (the line and the field).
+    #[error("{}", .0.to_string().trim_end())]
+    Toml(#[from] toml::de::Error),
+    #[error("[daemon] {field}: {source}")]
+    Mode { field: &'static str, source: dataplane::daemon::AccessError },
+    #[error("[daemon] {field} = \"{value}\": give HOST:PORT (an IP address and a port) or \"off\"")]
+    Address { field: &'static str, value: String },
+    #[error("[daemon] stream_dirs: give one or more absolute directories")]
+    StreamDirs,
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse { path: p, message })
+        Self::parse(&text).map_err(|source| ConfigError::Parse { path: p, source })
     }
 
     /// Parses TOML text; the error names the line and the field.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())?;
+    pub fn parse(text: &str) -> Result<Config, ConfigInvalid> {
+        let c: Config = toml::from_str(text)?;
         c.daemon.check()?;
         Ok(c)
     }
@@ -482,7 +498,7 @@ mod tests {
             ("[daemon]\nstream_dirs = []\n", "absolute directories"),
             ("[daemon]\nstream_idle_s = 0\n", "between 1 and"),
         ] {
-            let e = Config::parse(bad).unwrap_err();
+            let e = Config::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }
@@ -493,35 +509,35 @@ mod tests {
         assert_eq!(c.limits.preauth_connections, Int(4));
         assert_eq!(c.limits.max_region_gib.value(), Some(64));
         assert_eq!(c.limits.max_lanes, LimitsConfig::default().max_lanes);
-        let e = Config::parse("[limits]\ncontrol_fds_per_message = 300\n").unwrap_err();
+        let e = Config::parse("[limits]\ncontrol_fds_per_message = 300\n").unwrap_err().to_string();
         assert!(e.contains("between 1 and 253"), "{e}");
-        let e = Config::parse("[limits]\npreauth_conections = 4\n").unwrap_err();
+        let e = Config::parse("[limits]\npreauth_conections = 4\n").unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]
     fn unknown_field_names_field_and_line() {
-        let e = Config::parse("[rdma]\nsq_depth = 128\nsq_dept = 64\n").unwrap_err();
+        let e = Config::parse("[rdma]\nsq_depth = 128\nsq_dept = 64\n").unwrap_err().to_string();
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("unknown field `sq_dept`"), "{e}");
     }
 
     #[test]
     fn out_of_range_names_line() {
-        let e = Config::parse("[tcp]\n\nring_entries = 4\n").unwrap_err();
+        let e = Config::parse("[tcp]\n\nring_entries = 4\n").unwrap_err().to_string();
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("between 8 and 32768"), "{e}");
-        let e = Config::parse("[dataplane]\nworkers = -1\n").unwrap_err();
+        let e = Config::parse("[dataplane]\nworkers = -1\n").unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]
     fn bad_enum_and_compression() {
-        let e = Config::parse("[dataplane]\ntransport = \"carrier-pigeon\"\n").unwrap_err();
+        let e = Config::parse("[dataplane]\ntransport = \"carrier-pigeon\"\n").unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("carrier-pigeon"), "{e}");
-        let e = Config::parse("[migration]\ncompression = \"zstd:40\"\n").unwrap_err();
+        let e = Config::parse("[migration]\ncompression = \"zstd:40\"\n").unwrap_err().to_string();
         assert!(e.contains("zstd:<1-19>"), "{e}");
-        let e = Config::parse("[dataplane]\nworkers = \"many\"\n").unwrap_err();
+        let e = Config::parse("[dataplane]\nworkers = \"many\"\n").unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
     }
 }

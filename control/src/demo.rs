@@ -17,6 +17,7 @@ use dataplane::plan::Transport;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::error::{CtlError, DemoFailure, Usage};
 use crate::guest::{self, DirtyLog, ImageStats, Pattern, Workload};
 use crate::transfer;
 
@@ -156,11 +157,11 @@ struct Ferryd {
 impl Ferryd {
     /// Starts ferryd and returns once it says it is ready (its log line); the log is
     /// kept in DIR/NAME.log.
-    fn start(bin: &Path, dir: &Path, name: &str, plan: &Path, key: &Path) -> Result<Ferryd, String> {
+    fn start(bin: &Path, dir: &Path, name: &'static str, plan: &Path, key: &Path) -> Result<Ferryd, CtlError> {
         use std::io::{BufRead, Write};
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let mut out = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let mut out = File::create(&log).map_err(|e| CtlError::io(format!("cannot create {}", log.display()), e))?;
         let mut child = Command::new(bin)
             .arg("--plan")
             .arg(plan)
@@ -175,7 +176,9 @@ impl Ferryd {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {} ({e}); build it with `cargo build --release` or give --ferryd", bin.display()))?;
+            .map_err(|e| {
+                CtlError::io(format!("cannot start {} (build it with `cargo build --release` or give --ferryd)", bin.display()), e)
+            })?;
         let stderr = child.stderr.take().expect("piped");
         let (ready, is_ready) = std::sync::mpsc::channel();
         // Copies ferryd's log to the file for as long as it runs, and says when it is ready.
@@ -191,10 +194,10 @@ impl Ferryd {
         match is_ready.recv_timeout(Duration::from_secs(20)) {
             Ok(()) => Ok(d),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                Err(format!("the {name} ferryd exited before it was ready:\n{}", d.log_tail()))
+                Err(CtlError::FerrydStart { name, why: "exited before it was ready", log: d.log_tail() })
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                Err(format!("the {name} ferryd was not ready within 20 s:\n{}", d.log_tail()))
+                Err(CtlError::FerrydStart { name, why: "was not ready within 20 s", log: d.log_tail() })
             }
         }
     }
@@ -250,8 +253,7 @@ fn ferryd_binary(given: Option<&Path>) -> PathBuf {
 }
 
 /// Runs the demo migration; `progress` gets one line per event for a terminal.
-pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoReport, (u8, String)> {
-    let fail = |e: String| (1u8, e);
+pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoReport, CtlError> {
     // The work directory lives as long as the ferryd in it.
     let (_dir, plan, src, dst) = start_ferryds(a, progress)?;
     let size = a.size_mib << 20;
@@ -260,7 +262,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let workload = Workload::start(map, log.clone(), (a.dirty_rate_mbs * 1e6) as u64, a.pattern, a.seed);
 
     let cpu0 = src.cpu_seconds() + dst.cpu_seconds();
-    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0").map_err(|e| fail(e.to_string()))?;
+    let incoming = MigrateIn::start(&dst.socket, "127.0.0.1:0")?;
     let addr = incoming.addr.clone();
     let (running_tx, running) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
@@ -277,16 +279,14 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
         verify: Some(a.verify),
         recover_s: None,
     };
-    let with_logs = |e: &dyn std::fmt::Display| {
-        fail(format!("{e}\n--- source ferryd ---\n{}\n--- destination ferryd ---\n{}", src.log_tail(), dst.log_tail()))
-    };
-    let harvest = |log: &DirtyLog| log.harvest_into(&bitmap).map_err(|e| fail(format!("writing the dirty bitmap: {e}")));
+    let with_logs = |e: CtlError| CtlError::WithLogs { source: Box::new(e), source_log: src.log_tail(), destination_log: dst.log_tail() };
+    let harvest = |log: &DirtyLog| log.harvest_into(&bitmap).map_err(|e| CtlError::io("writing the dirty bitmap", e));
     // Dirty logging starts now: round 0 sends everything, round 1 what changed since.
     harvest(&log)?;
-    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &opts).map_err(|e| with_logs(&e))?;
+    let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &opts).map_err(|e| with_logs(e.into()))?;
     let mut rounds = 0;
     loop {
-        let r = out.round().map_err(|e| with_logs(&e))?;
+        let r = out.round().map_err(|e| with_logs(e.into()))?;
         progress(round_line(&r));
         rounds += 1;
         if r.advise_pause || (a.postcopy && r.advise_postcopy) || a.switch_after_rounds.is_some_and(|n| rounds >= n) {
@@ -302,15 +302,15 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     if a.postcopy {
         // The paused guest is read through `mem`; its mapping goes after, not in the
         // switch-over's downtime (unmapping a large guest takes milliseconds).
-        let r = postcopy(run, out, DestinationVmm { waiter, running }, progress).map_err(|e| with_logs(&e));
+        let r = postcopy(run, out, DestinationVmm { waiter, running }, progress).map_err(with_logs);
         drop(map);
         return r;
     }
-    let source = out.finish().map_err(|e| with_logs(&e))?;
+    let source = out.finish().map_err(|e| with_logs(e.into()))?;
     let ((memory, destination), resumed) = match waiter.join().expect("waiter thread panicked") {
         (Ok(Arrived::Memory(m, r)), at) => ((m, r), at),
-        (Ok(Arrived::Postcopy(..)), _) => return Err(fail("the destination switched to post-copy unasked".into())),
-        (Err(e), _) => return Err(with_logs(&e)),
+        (Ok(Arrived::Postcopy(..)), _) => return Err(DemoFailure::Unexpected("the destination switched to post-copy unasked").into()),
+        (Err(e), _) => return Err(with_logs(e)),
     };
     let downtime = resumed.duration_since(paused).as_secs_f64();
     let total = resumed.duration_since(t0).as_secs_f64();
@@ -323,10 +323,8 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     // pread: holes read as zeros without being allocated).
     let tv = Instant::now();
     drop(map);
-    let [memory]: [File; 1] = memory
-        .try_into()
-        .map_err(|m: Vec<File>| fail(format!("the destination handed over {} memory regions, the guest has 1", m.len())))?;
-    compare(&mem, &memory, size).map_err(fail)?;
+    let [memory]: [File; 1] = memory.try_into().map_err(|m: Vec<File>| DemoFailure::Regions(m.len()))?;
+    compare(&mem, &memory, size)?;
     let verify_seconds = tv.elapsed().as_secs_f64();
     Ok(report(&run, source, destination, Measured { total, downtime_ms: downtime * 1e3, cpu, verify_seconds }, None))
 }
@@ -336,34 +334,36 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
 fn start_ferryds(
     a: &MigrateArgs,
     progress: &mut dyn FnMut(String),
-) -> Result<(tempfile::TempDir, dataplane::plan::Plan, Ferryd, Ferryd), (u8, String)> {
-    let bad = |e: String| (2u8, e);
-    let fail = |e: String| (1u8, e);
+) -> Result<(tempfile::TempDir, dataplane::plan::Plan, Ferryd, Ferryd), CtlError> {
     if a.size_mib == 0 {
-        return Err(bad("--size-mib must be at least 1".into()));
+        return Err(Usage::NoSize.into());
     }
     if !(a.dirty_rate_mbs >= 0.0 && a.dirty_rate_mbs.is_finite()) {
-        return Err(bad(format!("--dirty-rate-mbs {}: a rate of 0 or more MB/s", a.dirty_rate_mbs)));
+        return Err(Usage::DirtyRate(a.dirty_rate_mbs).into());
     }
     let mut cfg = match &a.config {
-        Some(p) => Config::load(p).map_err(|e| bad(e.to_string()))?,
+        Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    transfer::override_config(&mut cfg, Some(a.transport.as_deref().unwrap_or("tcp")), a.compress.as_deref()).map_err(bad)?;
+    transfer::override_config(&mut cfg, Some(a.transport.as_deref().unwrap_or("tcp")), a.compress.as_deref())?;
     let caps = hw::probe(&hw::ProbeOptions::default());
-    let plan = transfer::transfer_plan(&caps, &cfg).map_err(bad)?;
+    let plan = transfer::transfer_plan(&caps, &cfg)?;
 
-    let mut dir =
-        tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| fail(format!("cannot make a work directory: {e}")))?;
+    let mut dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().map_err(|e| CtlError::io("cannot make a work directory", e))?;
     // FERRY_DEMO_LOG=debug FERRY_DEMO_KEEP=1: both ferryd logs at debug, kept afterwards.
     dir.disable_cleanup(std::env::var_os("FERRY_DEMO_KEEP").is_some());
     let plan_path = dir.path().join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise")).map_err(|e| fail(e.to_string()))?;
+    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plans serialise"))
+        .map_err(|e| CtlError::io(format!("cannot write {}", plan_path.display()), e))?;
     let key_path = dir.path().join("key");
-    transfer::write_new_key(&key_path).map_err(|(_, e)| fail(e))?;
+    // A key file the demo cannot write is its own failure, not the user's.
+    transfer::write_new_key(&key_path).map_err(|e| match e {
+        CtlError::CreateKey { path, source } => CtlError::io(format!("cannot create {}", path.display()), source),
+        e => e,
+    })?;
     let bin = ferryd_binary(a.ferryd.as_deref());
-    let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path).map_err(fail)?;
-    let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path).map_err(fail)?;
+    let src = Ferryd::start(&bin, dir.path(), "source", &plan_path, &key_path)?;
+    let dst = Ferryd::start(&bin, dir.path(), "destination", &plan_path, &key_path)?;
     let per_worker =
         plan.rdma.as_ref().filter(|_| plan.transport == Transport::Rdma).map_or(plan.tcp.connections_per_worker, |r| r.qps_per_worker);
     progress(format!(
@@ -380,15 +380,16 @@ fn start_ferryds(
 
 /// The guest: memory in a memfd, filled with the image (and the descriptor ferryd gets);
 /// the dirty bitmap in another.
-fn guest_memory(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<(guest::GuestRam, File, File, ImageStats), (u8, String)> {
-    let fail = |e: String| (1u8, e);
+fn guest_memory(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<(guest::GuestRam, File, File, ImageStats), CtlError> {
     let size = a.size_mib << 20;
     // Written by the demo only (the image, then the workload): ferryd gets a read-only
     // descriptor; or, preallocated, shared read-write as a VMM hands over its memfd.
-    let mut map = guest::GuestRam::new(size, a.prealloc).map_err(|e| fail(format!("cannot create {size} bytes of guest memory: {e}")))?;
-    let mem = map.descriptor().map_err(|e| fail(format!("cannot open the guest memory: {e}")))?;
-    let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false).map_err(|e| fail(e.to_string()))?;
-    let image = map.fill_image(a.seed).map_err(|e| fail(format!("cannot write the guest image: {e}")))?;
+    let mut map =
+        guest::GuestRam::new(size, a.prealloc).map_err(|e| CtlError::io(format!("cannot create {size} bytes of guest memory"), e))?;
+    let mem = map.descriptor().map_err(|e| CtlError::io("cannot open the guest memory", e))?;
+    let bitmap = hw::memmap::memfd("ferry-demo-dirty", dataplane::migrate::bitmap_bytes(size), false)
+        .map_err(|e| CtlError::io("cannot create the dirty bitmap", e))?;
+    let image = map.fill_image(a.seed).map_err(|e| CtlError::io("cannot write the guest image", e))?;
     progress(format!(
         "guest: {} MiB image in {:.1} s ({} zero, {} ELF, {} text, {} random pages)",
         a.size_mib, image.seconds, image.zero_pages, image.elf_pages, image.text_pages, image.random_pages
@@ -427,7 +428,7 @@ enum Arrived {
 /// The destination VMM's thread: its result and when it came, and (post-copy) the mapping
 /// the guest runs on with the time ferryd began serving its faults.
 struct DestinationVmm {
-    waiter: std::thread::JoinHandle<(Result<Arrived, String>, Instant)>,
+    waiter: std::thread::JoinHandle<(Result<Arrived, CtlError>, Instant)>,
     running: std::sync::mpsc::Receiver<(hw::uffd::GuestMapping, Instant)>,
 }
 
@@ -444,19 +445,12 @@ struct Measured {
 /// The destination VMM: takes the memory, or (post-copy) maps it, registers a
 /// userfaultfd over the mapping, hands it to ferryd and runs the guest there, which it
 /// hands to `running` with the time.
-fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>) -> Result<Arrived, String> {
-    destination_vmm_inner(incoming, running).map_err(|e| e.to_string())
-}
-
-fn destination_vmm_inner(
-    incoming: MigrateIn,
-    running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>,
-) -> Result<Arrived, Box<dyn std::error::Error>> {
+fn destination_vmm(incoming: MigrateIn, running: std::sync::mpsc::Sender<(hw::uffd::GuestMapping, Instant)>) -> Result<Arrived, CtlError> {
     match incoming.next()? {
         Arrival::Memory(m, r) => Ok(Arrived::Memory(m, *r)),
         Arrival::Postcopy(mut p) => {
             let [file] = &p.memory[..] else {
-                return Err(format!("the destination handed over {} memory regions, the guest has 1", p.memory.len()).into());
+                return Err(DemoFailure::Regions(p.memory.len()).into());
             };
             let uffd = hw::uffd::Userfault::create()?;
             let map = uffd.map_registered(file)?;
@@ -472,16 +466,16 @@ fn destination_vmm_inner(
 /// The post-copy half of the demo, once the source guest paused: the switch-over, the
 /// guest's workload at the destination while ferry serves its faults and pushes the rest,
 /// and the check of what the guest saw against the paused source.
-fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut dyn FnMut(String)) -> Result<DemoReport, String> {
+fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut dyn FnMut(String)) -> Result<DemoReport, CtlError> {
     let DestinationVmm { waiter, running } = vmm;
     let a = run.a;
-    let switching = out.postcopy().map_err(|e| e.to_string())?;
+    let switching = out.postcopy()?;
     let (dest_map, resumed) = match running.recv_timeout(Duration::from_secs(30)) {
         Ok(m) => m,
         Err(_) => {
             return Err(match waiter.join().expect("waiter thread panicked").0 {
                 Err(e) => e,
-                Ok(_) => "the destination VMM never ran the guest".into(),
+                Ok(_) => DemoFailure::Unexpected("the destination VMM never ran the guest").into(),
             });
         }
     };
@@ -491,11 +485,11 @@ fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut d
         "switched over to post-copy: the guest runs at the destination {downtime_ms:.1} ms after it paused (ferry {:.1} ms)",
         switching.switch_ms
     ));
-    let source = switching.wait().map_err(|e| e.to_string())?;
+    let source = switching.wait()?;
     let (dest, done) = waiter.join().expect("waiter thread panicked");
     let destination = match dest? {
         Arrived::Postcopy(r) => r,
-        Arrived::Memory(..) => return Err("the destination took the memory as pre-copy".into()),
+        Arrived::Memory(..) => return Err(DemoFailure::Unexpected("the destination took the memory as pre-copy").into()),
     };
     let total = done.duration_since(run.t0).as_secs_f64();
     let (dest_map, seen) = workload.stop();
@@ -529,23 +523,21 @@ fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut d
 
 /// Post-copy's check: each page the destination guest touched held the paused source's
 /// page when the guest first read it; every other page equals the source's byte for byte.
-fn check_postcopy(want: &File, got: &hw::uffd::GuestMapping, seen: &guest::FirstSeen) -> Result<(), String> {
+fn check_postcopy(want: &File, got: &hw::uffd::GuestMapping, seen: &guest::FirstSeen) -> Result<(), CtlError> {
     use std::os::unix::fs::FileExt;
     let (mut page, mut there) = (vec![0u8; guest::PAGE], vec![0u8; guest::PAGE]);
     for (p, first) in seen.pages.iter().enumerate() {
         let at = (p * guest::PAGE) as u64;
-        want.read_exact_at(&mut page, at).map_err(|e| format!("reading the guest memory: {e}"))?;
+        want.read_exact_at(&mut page, at).map_err(|e| CtlError::io("reading the guest memory", e))?;
         if let Some(h) = first {
             if *h != guest::page_hash(&page) {
-                return Err(format!(
-                    "the destination guest read page {p} (offset {at:#x}) before it held the source's content: post-copy served a stale page"
-                ));
+                return Err(DemoFailure::Stale { page: p as u64, offset: at }.into());
             }
             continue;
         }
         got.read(at, &mut there);
         if there != page {
-            return Err(format!("the migrated memory differs from the paused guest at page {p} (offset {at:#x})"));
+            return Err(DemoFailure::Differs { page: p as u64, offset: at }.into());
         }
     }
     Ok(())
@@ -585,22 +577,22 @@ fn report(run: &Run<'_>, source: MigrationReport, destination: MigrationReport, 
 }
 
 /// Compares two memory files of `size` bytes; the first differing page is the error.
-fn compare(want: &File, got: &File, size: u64) -> Result<(), String> {
+fn compare(want: &File, got: &File, size: u64) -> Result<(), CtlError> {
     use std::os::unix::fs::FileExt;
-    let got_len = got.metadata().map_err(|e| format!("the migrated memory: {e}"))?.len();
+    let got_len = got.metadata().map_err(|e| CtlError::io("the migrated memory", e))?.len();
     if got_len != size {
-        return Err(format!("the migrated memory has {got_len} bytes, the guest {size}"));
+        return Err(DemoFailure::Size { got: got_len, want: size }.into());
     }
     const PIECE: usize = 1 << 20;
     let (mut a, mut b) = (vec![0u8; PIECE], vec![0u8; PIECE]);
     let mut off = 0;
     while off < size {
         let n = (size - off).min(PIECE as u64) as usize;
-        want.read_exact_at(&mut a[..n], off).map_err(|e| format!("reading the guest memory: {e}"))?;
-        got.read_exact_at(&mut b[..n], off).map_err(|e| format!("reading the migrated memory: {e}"))?;
+        want.read_exact_at(&mut a[..n], off).map_err(|e| CtlError::io("reading the guest memory", e))?;
+        got.read_exact_at(&mut b[..n], off).map_err(|e| CtlError::io("reading the migrated memory", e))?;
         if let Some(p) = a[..n].chunks(guest::PAGE).zip(b[..n].chunks(guest::PAGE)).position(|(x, y)| x != y) {
             let at = off + (p * guest::PAGE) as u64;
-            return Err(format!("the migrated memory differs from the paused guest at page {} (offset {at:#x})", at / guest::PAGE as u64));
+            return Err(DemoFailure::Differs { page: at / guest::PAGE as u64, offset: at }.into());
         }
         off += n as u64;
     }

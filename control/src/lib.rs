@@ -10,13 +10,15 @@ pub mod config;
 pub mod demo;
 /// Preflight checks with fixes.
 pub mod doctor;
+/// Why a command failed, and its exit status.
+pub mod error;
 /// The simulated guest: memory image, dirtying workload, dirty log.
 pub mod guest;
 /// Capabilities + config -> plan, with a reason for every value.
 pub mod planner;
 /// Human-readable renderings.
 pub mod render;
-/// `ferryctl send` / `recv` with the embedded data plane.
 /// `ferryctl stream open` and `ferryctl migrate` (libvirt): both ends from the source host.
 pub mod streams;
+/// `ferryctl send` / `recv` with the embedded data plane.
 pub mod transfer;

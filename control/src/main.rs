@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use control::config::Config;
+use control::error::{CtlError, Usage};
 use control::{capsfile, doctor, planner, render, transfer};
 use hw::{Capabilities, ProbeOptions};
 
@@ -181,9 +182,6 @@ struct PlanArgs {
     sysfs_root: Option<PathBuf>,
 }
 
-/// Failure with the exit status it maps to.
-struct Fail(u8, String);
-
 impl Cmd {
     /// Whether the command was asked for JSON output (its errors then come as JSON too).
     fn json(&self) -> bool {
@@ -207,11 +205,13 @@ fn main() -> ExitCode {
     let as_json = cli.cmd.json();
     match run(cli.cmd) {
         Ok(code) => ExitCode::from(code),
-        Err(Fail(code, msg)) => {
-            eprintln!("ferryctl: {msg}");
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("ferryctl: {e}");
             if as_json {
-                // Scripts reading stdout get the failure as data, with the exit status.
-                emit(&json(&serde_json::json!({ "ok": false, "error": msg, "exit_status": code })));
+                // Scripts reading stdout get the failure as data, with the exit status and
+                // (when the data plane said it) the kind of failure.
+                emit(&json(&serde_json::json!({ "ok": false, "error": e.to_string(), "kind": e.kind(), "exit_status": code })));
             }
             ExitCode::from(code)
         }
@@ -219,8 +219,8 @@ fn main() -> ExitCode {
 }
 
 /// ferryctl's manual pages (one per command, `ferryctl-send.1` and so on) and ferryd's.
-fn manpages(dir: &std::path::Path) -> Result<u8, Fail> {
-    let fail = |e: std::io::Error| Fail(1, format!("writing manual pages into {}: {e}", dir.display()));
+fn manpages(dir: &std::path::Path) -> Result<u8, CtlError> {
+    let fail = |e: std::io::Error| CtlError::io(format!("writing manual pages into {}", dir.display()), e);
     std::fs::create_dir_all(dir).map_err(fail)?;
     let ferryctl = <Cli as clap::CommandFactory>::command().version(env!("CARGO_PKG_VERSION"));
     clap_mangen::generate_to(ferryctl, dir).map_err(fail)?;
@@ -244,13 +244,13 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).expect("plain data serialises")
 }
 
-fn inputs(a: &PlanArgs) -> Result<(Capabilities, Config), Fail> {
+fn inputs(a: &PlanArgs) -> Result<(Capabilities, Config), CtlError> {
     let caps = match &a.caps {
-        Some(path) => capsfile::load(path).map_err(|e| Fail(2, e.to_string()))?,
+        Some(path) => capsfile::load(path)?,
         None => hw::probe(&probe_opts(a.sysfs_root.clone())),
     };
     let cfg = match &a.config {
-        Some(path) => Config::load(path).map_err(|e| Fail(2, e.to_string()))?,
+        Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     Ok((caps, cfg))
@@ -293,7 +293,7 @@ struct ProxyArgs {
     ferryd: Option<PathBuf>,
 }
 
-fn run(cmd: Cmd) -> Result<u8, Fail> {
+fn run(cmd: Cmd) -> Result<u8, CtlError> {
     match cmd {
         Cmd::Probe { json: as_json, sysfs_root } => {
             let caps = hw::probe(&probe_opts(sysfs_root));
@@ -302,7 +302,7 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         }
         Cmd::Tune(a) => {
             let (caps, cfg) = inputs(&a)?;
-            let plan = planner::plan(&caps, &cfg).map_err(|e| Fail(2, format!("cannot plan: {e}")))?;
+            let plan = planner::plan(&caps, &cfg)?;
             log::info!("plan: transport {}, {} worker(s) on node {}", plan.transport, plan.worker_cpus.len(), plan.numa_node);
             emit(&if a.json { json(&plan) } else { render::plan(&plan) });
             Ok(0)
@@ -310,9 +310,9 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         Cmd::Send { to, file, t, transport, compress } => {
             if let Some(sock) = t.daemon() {
                 if transport.is_some() {
-                    return Err(Fail(2, "--transport is ferryd's plan when sending through it (use --embedded to choose)".into()));
+                    return Err(Usage::TransportThroughFerryd.into());
                 }
-                let file = std::path::absolute(&file).map_err(|e| Fail(2, format!("{}: {e}", file.display())))?;
+                let file = std::path::absolute(&file).map_err(|source| Usage::Path { path: file.clone(), source })?;
                 // ferryd reports its progress when a bar will show it.
                 let bar = transfer::Bar::new(!t.json);
                 let req = dataplane::daemon::Request::Send { to, file, compress, progress: !t.json };
@@ -323,7 +323,7 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         }
         Cmd::Recv { listen, out, timeout, t } => {
             if let Some(sock) = t.daemon() {
-                let out = std::path::absolute(&out).map_err(|e| Fail(2, format!("{}: {e}", out.display())))?;
+                let out = std::path::absolute(&out).map_err(|source| Usage::Path { path: out.clone(), source })?;
                 let bar = transfer::Bar::new(!t.json);
                 let req = dataplane::daemon::Request::Recv { listen, out, timeout_s: timeout, progress: !t.json };
                 return daemon_report(transfer::via_ferryd(&sock, &req, &bar), t.json);
@@ -334,7 +334,7 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         }
         Cmd::Status { socket, json: as_json } => {
             let sock = socket.unwrap_or_else(transfer::default_socket);
-            let v = transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status, &transfer::Bar::new(false)).map_err(|e| Fail(1, e))?;
+            let v = transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status, &transfer::Bar::new(false))?;
             emit(&if as_json { json(&v) } else { render::status(&v) });
             Ok(0)
         }
@@ -346,14 +346,14 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
         Cmd::Manpages { dir } => manpages(&dir),
         Cmd::Proxy(p) => proxy(p),
         Cmd::Stream { what: StreamCmd::Open(e) } => {
-            let to = e.to.clone().ok_or_else(|| Fail(2, "give --to HOST:PORT, the destination ferryd's peer port".into()))?;
-            let o = control::streams::open(&e, &to).map_err(|e| Fail(1, e))?;
+            let to = e.to.clone().ok_or(Usage::NoPeer)?;
+            let o = control::streams::open(&e, &to)?;
             emit(&if e.json { json(&o) } else { control::streams::summary(&o) });
             Ok(0)
         }
         Cmd::Migrate(m) => {
-            let to = control::streams::migrate_inputs(&m).map_err(|e| Fail(2, e))?;
-            let r = control::streams::migrate(&m, &to).map_err(|e| Fail(1, e))?;
+            let to = control::streams::migrate_inputs(&m)?;
+            let r = control::streams::migrate(&m, &to)?;
             emit(&if m.ends.json { json(&r) } else { control::streams::migrated_summary(&r) });
             Ok(0)
         }
@@ -370,19 +370,20 @@ fn run(cmd: Cmd) -> Result<u8, Fail> {
 
 /// Stream mode: a source proxy (QEMU migrates to its `--listen` sockets) or a destination
 /// proxy (feeding QEMU's `-incoming` socket).
-fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
+fn proxy(p: ProxyArgs) -> Result<u8, CtlError> {
     if let Some(sock) = p.ferryd.clone() {
         return proxy_in_ferryd(&sock, p);
     }
     let ProxyArgs { listen, to, serve, forward, key, insecure_no_auth, compress, config, json: as_json, ferryd: _ } = p;
-    let auth = transfer::auth(key.as_deref(), insecure_no_auth).map_err(|e| Fail(2, e))?;
+    let auth = transfer::auth(key.as_deref(), insecure_no_auth)?;
     let cfg = match &config {
-        Some(p) => Config::load(p).map_err(|e| Fail(2, e.to_string()))?,
+        Some(p) => Config::load(p)?,
         None => Config::default(),
     };
     let compression = match (compress.as_deref(), config.is_some()) {
         (None, false) => dataplane::plan::Compression::Off,
-        (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off).map_err(|e| Fail(2, e.to_string()))?,
+        (Some(c), _) => dataplane::daemon::parse_compression(c, dataplane::plan::Compression::Off)
+            .map_err(|source| Usage::Choice { flag: "compression", source })?,
         (None, true) => match cfg.migration.compression {
             control::config::CompressionChoice::Off => dataplane::plan::Compression::Off,
             control::config::CompressionChoice::Auto => dataplane::plan::Compression::Adaptive { level: 1 },
@@ -398,10 +399,10 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
     let side = match (to, serve, forward) {
         (Some(to), None, None) => {
             let eps: Vec<dataplane::stream::Endpoint> =
-                listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|e: dataplane::BadChoice| Fail(2, e.to_string()))?;
+                listen.iter().map(|l| l.parse()).collect::<Result<_, _>>().map_err(|source| Usage::Choice { flag: "listen", source })?;
             let listeners: Vec<_> = eps
                 .iter()
-                .map(|e| dataplane::stream::Listener::bind(e).map_err(|err| Fail(2, format!("cannot listen on {e}: {err}"))))
+                .map(|e| dataplane::stream::Listener::bind(e).map_err(|source| Usage::Listen { at: e.to_string(), source }))
                 .collect::<Result<_, _>>()?;
             for l in &listeners {
                 eprintln!("ferry proxy: QEMU can migrate to {} (carried to {to})", l.uri());
@@ -409,16 +410,13 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
             Side::Source(listeners, to)
         }
         (None, Some(serve), Some(forward)) => {
-            let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|e: dataplane::BadChoice| Fail(2, e.to_string()))?;
-            let l = std::net::TcpListener::bind(&serve).map_err(|e| Fail(2, format!("cannot listen on {serve}: {e}")))?;
+            let fwd: dataplane::stream::Endpoint = forward.parse().map_err(|source| Usage::Choice { flag: "forward", source })?;
+            let l = std::net::TcpListener::bind(&serve).map_err(|source| Usage::Listen { at: serve.clone(), source })?;
             eprintln!("ferry proxy: listening on {} for the source proxy; QEMU at {fwd}", l.local_addr().map_or(serve, |a| a.to_string()));
             Side::Destination(l, fwd)
         }
         _ => {
-            return Err(Fail(
-                2,
-                "give --listen ENDPOINT --to HOST:PORT (source) or --serve HOST:PORT --forward ENDPOINT (destination)".into(),
-            ));
+            return Err(Usage::ProxySides.into());
         }
     };
     let progress = std::sync::Arc::new(dataplane::stream::StreamProgress::default());
@@ -437,25 +435,21 @@ fn proxy(p: ProxyArgs) -> Result<u8, Fail> {
         Side::Destination(l, fwd) => dataplane::stream::destination(l, fwd, &opts),
     });
     drop(bar);
-    let r = r.map_err(|e| Fail(1, e.to_string()))?;
-    proxy_report(&r, as_json)
+    proxy_report(&r?, as_json)
 }
 
 /// `ferryctl proxy --ferryd SOCKET`: the same proxy, run by that ferryd.
-fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, Fail> {
+fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, CtlError> {
     use dataplane::daemon::Request;
     let req = match (p.to, p.serve, p.forward) {
         (Some(to), None, None) => Request::StreamOut { listen: p.listen, to, compress: p.compress, progress: !p.json },
         (None, Some(listen), Some(forward)) => Request::StreamIn { listen, forward, progress: !p.json },
         _ => {
-            return Err(Fail(
-                2,
-                "give --listen ENDPOINT --to HOST:PORT (source) or --serve HOST:PORT --forward ENDPOINT (destination)".into(),
-            ));
+            return Err(Usage::ProxySides.into());
         }
     };
     let bar = transfer::Bar::new(!p.json);
-    let conn = transfer::connect(sock).map_err(|e| Fail(1, e))?;
+    let mut client = dataplane::client::Client::connect(sock)?;
     // Where QEMU (or the source) connects, which the user needs.
     let mut listening = |v: &serde_json::Value| {
         if v["event"] == "listening" {
@@ -464,15 +458,14 @@ fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, Fail> {
             }
         }
     };
-    let v = transfer::follow(conn, sock, &req, &bar, &mut listening).map_err(|e| Fail(1, e))?;
+    let v = transfer::follow(&mut client, sock, &req, &bar, &mut listening)?;
     drop(bar);
-    let r: dataplane::stream::ProxyReport =
-        serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's stream report: {e}")))?;
+    let r: dataplane::stream::ProxyReport = dataplane::client::field(&v, "report", "a stream report")?;
     proxy_report(&r, p.json)
 }
 
 /// A proxied migration's report, as JSON or one line.
-fn proxy_report(r: &dataplane::stream::ProxyReport, as_json: bool) -> Result<u8, Fail> {
+fn proxy_report(r: &dataplane::stream::ProxyReport, as_json: bool) -> Result<u8, CtlError> {
     emit(&if as_json { json(&r) } else { r.line() });
     Ok(0)
 }
@@ -482,45 +475,43 @@ fn transfer_setup(
     t: &TransferArgs,
     transport: Option<&str>,
     compress: Option<&str>,
-) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan, bool), Fail> {
-    let auth = transfer::auth(t.key.as_deref(), t.insecure_no_auth).map_err(|e| Fail(2, e))?;
+) -> Result<(dataplane::auth::Auth, dataplane::plan::Plan, bool), CtlError> {
+    let auth = transfer::auth(t.key.as_deref(), t.insecure_no_auth)?;
     let mut cfg = match &t.config {
-        Some(path) => Config::load(path).map_err(|e| Fail(2, e.to_string()))?,
+        Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    transfer::override_config(&mut cfg, transport, compress).map_err(|e| Fail(2, e))?;
+    transfer::override_config(&mut cfg, transport, compress)?;
     let caps = hw::probe(&ProbeOptions::default());
-    let plan = transfer::transfer_plan(&caps, &cfg).map_err(|e| Fail(2, e))?;
+    let plan = transfer::transfer_plan(&caps, &cfg)?;
     Ok((auth, plan, cfg.dataplane.transport == control::config::TransportChoice::Rdma))
 }
 
-fn report(r: Result<dataplane::engine::Report, String>, as_json: bool) -> Result<u8, Fail> {
-    let r = r.map_err(|e| Fail(1, e))?;
+fn report(r: Result<dataplane::engine::Report, CtlError>, as_json: bool) -> Result<u8, CtlError> {
+    let r = r?;
     emit(&if as_json { json(&r) } else { transfer::summary(&r) });
     Ok(0)
 }
 
-fn daemon_report(r: Result<serde_json::Value, String>, as_json: bool) -> Result<u8, Fail> {
-    let v = r.map_err(|e| Fail(1, e))?;
-    let rep: dataplane::engine::Report =
-        serde_json::from_value(v["report"].clone()).map_err(|e| Fail(1, format!("ferryd's report: {e}")))?;
+fn daemon_report(r: Result<serde_json::Value, dataplane::client::ClientError>, as_json: bool) -> Result<u8, CtlError> {
+    let v = r?;
+    let rep: dataplane::engine::Report = dataplane::client::field(&v, "report", "a transfer report")?;
     emit(&if as_json { json(&rep) } else { transfer::summary(&rep) });
     Ok(0)
 }
 
-fn demo(a: &control::demo::MigrateArgs) -> Result<u8, Fail> {
+fn demo(a: &control::demo::MigrateArgs) -> Result<u8, CtlError> {
     let quiet = a.json;
     let r = control::demo::run(a, &mut |line| {
         if !quiet {
             eprintln!("{line}");
         }
-    })
-    .map_err(|(code, e)| Fail(code, e))?;
+    })?;
     emit(&if a.json { json(&r) } else { control::demo::summary(&r) });
     Ok(0)
 }
 
-fn keygen(out: &std::path::Path) -> Result<u8, Fail> {
-    transfer::write_new_key(out).map_err(|(code, e)| Fail(code, e))?;
+fn keygen(out: &std::path::Path) -> Result<u8, CtlError> {
+    transfer::write_new_key(out)?;
     Ok(0)
 }

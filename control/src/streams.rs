@@ -21,7 +21,9 @@ use std::time::Duration;
 use dataplane::daemon::Request;
 use dataplane::stream::{Endpoint, ProxyReport};
 
+use crate::error::{CtlError, Usage};
 use crate::transfer;
+use dataplane::client::{Client, ClientError};
 
 /// Where the stream's two ends are, as the user chose them.
 #[derive(clap::Args, Debug, Clone)]
@@ -90,13 +92,13 @@ struct Running {
 
 enum Event {
     Listening { id: String, endpoints: Vec<String> },
-    Done(Result<serde_json::Value, String>),
+    Done(Result<serde_json::Value, ClientError>),
 }
 
-fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Result<Running, String> {
+fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Result<Running, CtlError> {
     let socket = ends.socket();
-    let conn = transfer::connect(&socket)?;
-    let theirs = conn.try_clone().map_err(|e| format!("cloning the control connection: {e}"))?;
+    let mut client = Client::connect(&socket)?;
+    let conn = client.stream().try_clone().map_err(|e| CtlError::io("cloning the control connection", e))?;
     let req = ends.request(to, id, bar.shown());
     let (tx, events) = mpsc::channel();
     std::thread::spawn(move || {
@@ -110,7 +112,7 @@ fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Resul
                 let _ = tx.send(Event::Listening { id: id.clone(), endpoints });
             }
         };
-        let r = transfer::follow(theirs, &socket, &req, &bar, &mut on_event);
+        let r = transfer::follow(&mut client, &socket, &req, &bar, &mut on_event);
         drop(bar);
         let _ = tx.send(Event::Done(r));
     });
@@ -119,32 +121,29 @@ fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Resul
 
 impl Running {
     /// The endpoints once ferryd listens on them, or why it did not.
-    fn listening(&self) -> Result<(String, Vec<String>), String> {
+    fn listening(&self) -> Result<(String, Vec<String>), CtlError> {
         match self.events.recv() {
             Ok(Event::Listening { id, endpoints }) => Ok((id, endpoints)),
-            Ok(Event::Done(Err(e))) => Err(e),
-            Ok(Event::Done(Ok(v))) => Err(format!("ferryd ended the stream before it listened: {v}")),
-            Err(_) => Err("the control connection ended".into()),
+            Ok(Event::Done(Err(e))) => Err(e.into()),
+            Ok(Event::Done(Ok(v))) => Err(ClientError::Unexpected { got: v, wanted: "where it listens" }.into()),
+            Err(_) => Err(ClientError::Closed.into()),
         }
     }
 
     /// The final reply: both sides' reports.
-    fn done(&self, wait: Option<Duration>) -> Result<Opened, String> {
+    fn done(&self, wait: Option<Duration>) -> Result<Opened, CtlError> {
         let ev = match wait {
-            Some(w) => self.events.recv_timeout(w).map_err(|_| format!("ferryd did not end the stream within {} s", w.as_secs())),
-            None => self.events.recv().map_err(|_| "the control connection ended".to_string()),
+            Some(w) => self.events.recv_timeout(w).map_err(|_| CtlError::StreamTimeout(w)),
+            None => self.events.recv().map_err(|_| ClientError::Closed.into()),
         }?;
         let v = match ev {
             Event::Done(r) => r?,
-            Event::Listening { .. } => return Err("ferryd said it listens twice".into()),
-        };
-        let report = |k: &str| -> Result<ProxyReport, String> {
-            serde_json::from_value(v[k].clone()).map_err(|e| format!("ferryd's {k} report: {e}"))
+            Event::Listening { .. } => return Err(CtlError::Stream("ferryd said it listens twice")),
         };
         Ok(Opened {
             name: v["name"].as_str().unwrap_or_default().to_string(),
-            source: report("report")?,
-            destination: report("destination")?,
+            source: dataplane::client::field(&v, "report", "this side's stream report")?,
+            destination: dataplane::client::field(&v, "destination", "the destination's stream report")?,
         })
     }
 
@@ -156,7 +155,7 @@ impl Running {
 
 /// `ferryctl stream open` (`to`: its `--to`, which it requires): prints where the VMM
 /// migrates to, then both sides' reports once the stream has ended.
-pub fn open(ends: &Ends, to: &str) -> Result<Opened, String> {
+pub fn open(ends: &Ends, to: &str) -> Result<Opened, CtlError> {
     let run = start(ends, to, ends.id.clone(), transfer::Bar::new(!ends.json))?;
     let (id, endpoints) = run.listening()?;
     for e in &endpoints {
@@ -224,30 +223,28 @@ pub struct Migrated {
 /// becomes `--migrateuri unix://PATH` (libvirt has the destination QEMU listen at the same
 /// path), a TCP endpoint `--migrateuri tcp://HOST:PORT`, with `--listen-address` the
 /// forward's host (the destination QEMU listens there, on the same port).
-pub fn migrate_uri(listen: &str, forward: Option<&str>) -> Result<Vec<String>, String> {
-    let l: Endpoint = listen.parse().map_err(|e: dataplane::BadChoice| e.to_string())?;
-    let f: Option<Endpoint> = forward.map(str::parse).transpose().map_err(|e: dataplane::BadChoice| e.to_string())?;
+pub fn migrate_uri(listen: &str, forward: Option<&str>) -> Result<Vec<String>, Usage> {
+    let choice = |flag| move |source| Usage::Choice { flag, source };
+    let l: Endpoint = listen.parse().map_err(choice("listen"))?;
+    let f: Option<Endpoint> = forward.map(str::parse).transpose().map_err(choice("forward"))?;
     match (l, f) {
         (Endpoint::Unix(p), None) => Ok(vec!["--migrateuri".into(), format!("unix://{}", p.display())]),
         (Endpoint::Unix(p), Some(Endpoint::Unix(q))) if p == q => Ok(vec!["--migrateuri".into(), format!("unix://{}", p.display())]),
-        (Endpoint::Unix(_), Some(_)) => {
-            Err("libvirt has both QEMUs use the same UNIX path: give no --forward (or the same path) with a unix: --listen".into())
-        }
+        (Endpoint::Unix(_), Some(_)) => Err(Usage::OneUnixPath),
         (Endpoint::Tcp(a), f) => {
-            let (_, port) = a.rsplit_once(':').ok_or_else(|| format!("{a}: no port"))?;
+            // An endpoint parses only with a port.
+            let port = a.rsplit_once(':').map_or("", |(_, p)| p);
             let mut args = vec!["--migrateuri".into(), format!("tcp://{a}")];
             match f {
                 None => {}
                 Some(Endpoint::Tcp(b)) => {
-                    let (host, fport) = b.rsplit_once(':').ok_or_else(|| format!("{b}: no port"))?;
+                    let (host, fport) = b.rsplit_once(':').unwrap_or((&b, ""));
                     if fport != port {
-                        return Err(format!(
-                            "libvirt has the destination QEMU listen on the migration URI's port: --forward {b} must use port {port} too"
-                        ));
+                        return Err(Usage::ForwardPort { forward: b.clone(), port: port.to_string() });
                     }
                     args.extend(["--listen-address".into(), host.trim_matches(['[', ']']).to_string()]);
                 }
-                Some(Endpoint::Unix(_)) => return Err("a tcp: --listen needs a tcp: --forward (libvirt migrates over one kind)".into()),
+                Some(Endpoint::Unix(_)) => return Err(Usage::MixedKinds),
             }
             Ok(args)
         }
@@ -256,19 +253,17 @@ pub fn migrate_uri(listen: &str, forward: Option<&str>) -> Result<Vec<String>, S
 
 /// What `ferryctl migrate` was given, checked before anything starts: the destination
 /// ferryd's peer port (`--to`, else the destination URI's host), or why the input is wrong.
-pub fn migrate_inputs(a: &MigrateArgs) -> Result<String, String> {
+pub fn migrate_inputs(a: &MigrateArgs) -> Result<String, Usage> {
     if a.ends.listen.len() > 1 {
-        return Err("ferryctl migrate takes one --listen: libvirt migrates to one URI".into());
+        return Err(Usage::OneListen);
     }
     if let Some(o) = a.virsh_options.iter().find(|o| NOT_YOURS.contains(&o.split('=').next().unwrap_or(o))) {
-        return Err(format!(
-            "{o}: ferryctl migrate points libvirt at ferry's endpoint itself (a tunnelled migration or another URI would go past ferry)"
-        ));
+        return Err(Usage::NotYours(o.clone()));
     }
     match (&a.ends.to, peer_of(&a.dest_uri)) {
         (Some(t), _) => Ok(t.clone()),
         (None, Some(p)) => Ok(p),
-        (None, None) => Err(format!("{} names no host: give --to HOST:PORT, the destination ferryd's peer port", a.dest_uri)),
+        (None, None) => Err(Usage::NoHost(a.dest_uri.clone())),
     }
 }
 
@@ -276,11 +271,11 @@ pub fn migrate_inputs(a: &MigrateArgs) -> Result<String, String> {
 /// runs `virsh migrate --live` through it, and reports ferry's figures beside libvirt's.
 /// A `virsh migrate` that fails calls the stream off and fails the command; the source
 /// guest is libvirt's to keep running (it does after a failed migration).
-pub fn migrate(a: &MigrateArgs, to: &str) -> Result<Migrated, String> {
+pub fn migrate(a: &MigrateArgs, to: &str) -> Result<Migrated, CtlError> {
     let id = a.ends.id.clone().unwrap_or_else(|| dataplane::peer::new_id(&a.domain));
     let run = start(&a.ends, to, Some(id), transfer::Bar::new(false))?;
     let (id, endpoints) = run.listening()?;
-    let listen = endpoints.first().ok_or("ferryd listens nowhere")?;
+    let listen = endpoints.first().ok_or(CtlError::Stream("ferryd listens nowhere"))?;
     let mut virsh = Command::new(&a.virsh);
     if let Some(c) = &a.connect {
         virsh.args(["-c", c]);
@@ -295,18 +290,18 @@ pub fn migrate(a: &MigrateArgs, to: &str) -> Result<Migrated, String> {
     let t = std::time::Instant::now();
     let status = virsh.status().map_err(|e| {
         run.cancel();
-        format!("cannot run {}: {e}", a.virsh.display())
+        CtlError::io(format!("cannot run {}", a.virsh.display()), e)
     })?;
     let virsh_seconds = t.elapsed().as_secs_f64();
     if !status.success() {
         run.cancel();
         // ferry's own reason, if it has one, beside virsh's (printed above by virsh).
-        let why = run.done(Some(Duration::from_secs(10))).err().map_or_else(String::new, |e| format!("; ferry: {e}"));
-        return Err(format!("virsh migrate failed ({status}){why}"));
+        let ferry = run.done(Some(Duration::from_secs(10))).err().map(Box::new);
+        return Err(CtlError::Virsh { status, ferry });
     }
     // The VMM closes its connections when the migration has completed; the stream ends
     // then, and the destination ferryd's report comes with it.
-    let ferry = run.done(Some(Duration::from_secs(60))).map_err(|e| format!("virsh migrate completed, but ferry's stream failed: {e}"))?;
+    let ferry = run.done(Some(Duration::from_secs(60))).map_err(|e| CtlError::StreamAfterVirsh(Box::new(e)))?;
     let libvirt = domjobinfo(&a.virsh, &a.dest_uri, &a.domain);
     Ok(Migrated { domain: a.domain.clone(), ferry, libvirt, virsh_seconds })
 }
@@ -355,9 +350,11 @@ mod tests {
             ["--migrateuri", "tcp://127.0.0.1:49152", "--listen-address", "127.0.0.2"]
         );
         assert_eq!(migrate_uri("tcp:[::1]:49152", Some("tcp:[::1]:49152")).unwrap()[3], "::1");
-        assert!(migrate_uri("tcp:127.0.0.1:49152", Some("tcp:127.0.0.2:49153")).unwrap_err().contains("port 49152"));
-        assert!(migrate_uri("unix:/a.sock", Some("unix:/b.sock")).unwrap_err().contains("same UNIX path"));
-        assert!(migrate_uri("tcp:127.0.0.1:1", Some("unix:/b.sock")).is_err());
+        let e = migrate_uri("tcp:127.0.0.1:49152", Some("tcp:127.0.0.2:49153")).unwrap_err();
+        assert!(matches!(&e, Usage::ForwardPort { port, .. } if port == "49152"), "{e}");
+        assert!(matches!(migrate_uri("unix:/a.sock", Some("unix:/b.sock")), Err(Usage::OneUnixPath)));
+        assert!(matches!(migrate_uri("tcp:127.0.0.1:1", Some("unix:/b.sock")), Err(Usage::MixedKinds)));
+        assert!(matches!(migrate_uri("nowhere", None), Err(Usage::Choice { flag: "listen", .. })));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dataplane::auth::{Auth, Key};
+use dataplane::client::{Client, ClientError};
 use dataplane::engine::Report;
 use dataplane::engine::recv::{RecvOptions, recv_file};
 use dataplane::engine::send::{SendOptions, send_file};
@@ -16,59 +17,61 @@ use dataplane::plan::Plan;
 use hw::Capabilities;
 
 use crate::config::{CompressionChoice, Config, TransportChoice};
+use crate::error::{CtlError, Usage};
 use crate::planner;
 
 /// The plan a transfer runs with. RDMA moves pages with one-sided writes, which cannot be
 /// decompressed on arrival: asking for both RDMA and zstd is refused rather than half
 /// obeyed. (An RDMA plan keeps its compression choice for a receiver that has no RDMA,
 /// where the data falls back to TCP.)
-pub fn transfer_plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, String> {
+pub fn transfer_plan(caps: &Capabilities, cfg: &Config) -> Result<Plan, CtlError> {
     if cfg.dataplane.transport == TransportChoice::Rdma && matches!(cfg.migration.compression, CompressionChoice::Zstd(_)) {
-        return Err("--compress zstd:N cannot apply with --transport rdma: RDMA WRITEs place pages directly in the destination, \
-                    where nothing decompresses them; use --compress off or auto, or --transport tcp"
-            .into());
+        return Err(Usage::RdmaWithZstd.into());
     }
-    planner::plan(caps, cfg).map_err(|e| format!("cannot plan: {e}"))
+    Ok(planner::plan(caps, cfg)?)
 }
 
 /// Applies `--transport` and `--compress` to the config.
-pub fn override_config(cfg: &mut Config, transport: Option<&str>, compress: Option<&str>) -> Result<(), String> {
+pub fn override_config(cfg: &mut Config, transport: Option<&str>, compress: Option<&str>) -> Result<(), Usage> {
     if let Some(t) = transport {
         cfg.dataplane.transport = match t {
             "auto" => TransportChoice::Auto,
             "rdma" => TransportChoice::Rdma,
             "tcp" => TransportChoice::Tcp,
             "sockets" => TransportChoice::Sockets,
-            _ => return Err(format!("--transport {t}: use auto, rdma, tcp or sockets")),
+            _ => {
+                let source = dataplane::BadChoice { what: "transport", got: t.into(), choices: "auto, rdma, tcp or sockets" };
+                return Err(Usage::Choice { flag: "transport", source });
+            }
         };
     }
     if let Some(c) = compress {
-        cfg.migration.compression = c.parse::<CompressionChoice>().map_err(|e| format!("--compression: {e}"))?;
+        cfg.migration.compression = c.parse::<CompressionChoice>().map_err(|source| Usage::Choice { flag: "compress", source })?;
     }
     Ok(())
 }
 
 /// Writes a new random pre-shared key to `out` (mode 0600; an existing file is never
-/// overwritten). The error carries its exit status: 2 when the file cannot be created.
-pub fn write_new_key(out: &Path) -> Result<(), (u8, String)> {
+/// overwritten).
+pub fn write_new_key(out: &Path) -> Result<(), CtlError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let hex = Key::generate_hex().map_err(|e| (1, format!("no randomness: {e}")))?;
+    let hex = Key::generate_hex()?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .map_err(|e| (2, format!("cannot create {}: {e}", out.display())))?;
-    writeln!(f, "{hex}").map_err(|e| (1, format!("cannot write {}: {e}", out.display())))
+        .map_err(|source| CtlError::CreateKey { path: out.to_path_buf(), source })?;
+    writeln!(f, "{hex}").map_err(|e| CtlError::io(format!("cannot write {}", out.display()), e))
 }
 
-pub fn auth(key: Option<&Path>, insecure: bool) -> Result<Auth, String> {
+pub fn auth(key: Option<&Path>, insecure: bool) -> Result<Auth, CtlError> {
     match (key, insecure) {
-        (Some(_), true) => Err("give either --key FILE or --insecure-no-auth, not both".into()),
-        (Some(p), false) => Key::load(p).map(Auth::Key).map_err(|e| e.to_string()),
+        (Some(_), true) => Err(Usage::KeyAndInsecure.into()),
+        (Some(p), false) => Ok(Key::load(p).map(Auth::Key)?),
         (None, true) => Ok(Auth::Insecure),
-        (None, false) => Err("no --key FILE given: peers authenticate with a pre-shared key (`ferryctl keygen --out FILE` makes one); --insecure-no-auth turns that off".into()),
+        (None, false) => Err(Usage::NoKey.into()),
     }
 }
 
@@ -138,20 +141,20 @@ fn with_progress<T>(total: &AtomicU64, show: bool, counter: &AtomicU64, f: impl 
 
 /// Sends `file`; `require_rdma` fails the transfer rather than falling back to TCP when the
 /// receiver has no RDMA port.
-pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, require_rdma: bool, show_progress: bool) -> Result<Report, String> {
-    let total = std::fs::metadata(file).map(|m| m.len()).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+pub fn send(to: &str, file: &Path, auth: Auth, plan: &Plan, require_rdma: bool, show_progress: bool) -> Result<Report, CtlError> {
+    let total = std::fs::metadata(file).map(|m| m.len()).map_err(|e| CtlError::io(format!("cannot read {}", file.display()), e))?;
     let progress = AtomicU64::new(0);
     let opts = SendOptions { to: to.to_string(), auth, plan, progress: Some(&progress), require_rdma, pool: None };
-    with_progress(&AtomicU64::new(total), show_progress, &progress, || send_file(file, &opts)).map_err(|e| e.to_string())
+    Ok(with_progress(&AtomicU64::new(total), show_progress, &progress, || send_file(file, &opts))?)
 }
 
-pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bool, timeout: Option<Duration>) -> Result<Report, String> {
-    let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bool, timeout: Option<Duration>) -> Result<Report, CtlError> {
+    let listener = TcpListener::bind(listen).map_err(|e| CtlError::io(format!("cannot listen on {listen}"), e))?;
     log::info!("listening on {}", listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string()));
     // The size is known once the sender describes the session.
     let (progress, total) = (AtomicU64::new(0), AtomicU64::new(0));
     let opts = RecvOptions { auth, plan, progress: Some(&progress), total: Some(&total), timeout };
-    with_progress(&total, show_progress, &progress, || recv_file(&listener, out, &opts)).map_err(|e| e.to_string())
+    Ok(with_progress(&total, show_progress, &progress, || recv_file(&listener, out, &opts))?)
 }
 
 /// One line for a terminal.
@@ -185,31 +188,21 @@ pub fn default_socket() -> std::path::PathBuf {
 
 /// Sends one request to ferryd and follows its replies to the final one, with its
 /// `progress` events (asked for by the request) on `bar`.
-pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar) -> Result<serde_json::Value, String> {
-    let conn = connect(socket)?;
-    follow(conn, socket, request, bar, &mut |_| {})
-}
-
-/// The control socket of the ferryd at `socket`.
-pub fn connect(socket: &Path) -> Result<std::os::unix::net::UnixStream, String> {
-    std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("cannot reach ferryd at {}: {e}", socket.display()))
+pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar) -> Result<serde_json::Value, ClientError> {
+    follow(&mut Client::connect(socket)?, socket, request, bar, &mut |_| {})
 }
 
 /// [`via_ferryd`] on a connection the caller made (and may shut down to call the request
 /// off), with every event also handed to `on_event`.
 pub fn follow(
-    conn: std::os::unix::net::UnixStream,
+    client: &mut Client,
     socket: &Path,
     request: &dataplane::daemon::Request,
     bar: &Bar,
     on_event: &mut dyn FnMut(&serde_json::Value),
-) -> Result<serde_json::Value, String> {
-    use std::io::{BufRead, Write};
-    let line = serde_json::to_string(request).expect("requests serialise");
-    writeln!(&conn, "{line}").map_err(|e| format!("writing to ferryd: {e}"))?;
-    for reply in std::io::BufReader::new(conn).lines() {
-        let reply = reply.map_err(|e| format!("reading from ferryd: {e}"))?;
-        let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("ferryd sent a bad reply ({e}): {reply}"))?;
+) -> Result<serde_json::Value, ClientError> {
+    client.send(request, &[])?;
+    client.until_done(&mut |v| {
         if v["event"] == "listening" {
             log::info!("listening on {} (via ferryd at {})", v["addr"].as_str().unwrap_or("?"), socket.display());
         }
@@ -220,14 +213,6 @@ pub fn follow(
                 None => bar.update(bytes, v["total"].as_u64().unwrap_or(0)),
             }
         }
-        if v.get("event").is_some() {
-            on_event(&v);
-            continue;
-        }
-        if v["ok"] == true {
-            return Ok(v);
-        }
-        return Err(v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string());
-    }
-    Err("ferryd closed the control connection without a result".into())
+        on_event(v);
+    })
 }

@@ -265,18 +265,28 @@ impl Default for SocketAccess {
     }
 }
 
+/// A socket mode or group that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    #[error("mode {0}: give an octal mode such as 0600 or 0660")]
+    NotOctal(String),
+    #[error("mode {0}: only owner and group bits may be set (0600, 0660): whoever reaches the socket can read or send guest memory")]
+    Others(String),
+    #[error("group {group}: {errno}")]
+    Group { group: String, errno: nix::errno::Errno },
+    #[error("group {0}: no such group")]
+    NoGroup(String),
+}
+
 impl SocketAccess {
     /// `mode` in octal (`0660`) and `group` a name or a number. Other users may never
     /// connect: whoever can reach the control socket can hand ferryd memory and send it
     /// anywhere, and a stream endpoint carries a guest's memory. Errors name the mode
     /// or the group, and the caller says whose they are.
-    pub fn parse(mode: &str, group: Option<&str>) -> Result<SocketAccess, String> {
-        let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-            .map_err(|_| format!("mode {mode}: give an octal mode such as 0600 or 0660"))?;
+    pub fn parse(mode: &str, group: Option<&str>) -> Result<SocketAccess, AccessError> {
+        let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8).map_err(|_| AccessError::NotOctal(mode.into()))?;
         if m & !0o770 != 0 {
-            return Err(format!(
-                "mode {mode}: only owner and group bits may be set (0600, 0660): whoever reaches the socket can read or send guest memory"
-            ));
+            return Err(AccessError::Others(mode.into()));
         }
         // A group matters only to a mode with group bits: with 0600 it is not applied
         // (changing the socket's group would need CAP_CHOWN for nothing).
@@ -287,8 +297,8 @@ impl SocketAccess {
                 Ok(n) => nix::unistd::Gid::from_raw(n),
                 Err(_) => {
                     nix::unistd::Group::from_name(g)
-                        .map_err(|e| format!("group {g}: {e}"))?
-                        .ok_or_else(|| format!("group {g}: no such group"))?
+                        .map_err(|errno| AccessError::Group { group: g.into(), errno })?
+                        .ok_or_else(|| AccessError::NoGroup(g.into()))?
                         .gid
                 }
             }),
@@ -1000,9 +1010,10 @@ impl Daemon {
                 let taken = std::cell::Cell::new(None);
                 let next = acc.next(wait, |a| {
                     if a.hello.features.get() & crate::wire::features::PEER == 0 {
-                        return Err(format!("{} is not a ferryd opening a stream (the peer port takes STREAM_OPEN only)", a.peer));
+                        let wanted = "a ferryd opening a stream (the peer port takes STREAM_OPEN only)";
+                        return Err(crate::session::accept::Turned::NotA { peer: a.peer, wanted });
                     }
-                    let slot = slots.take().ok_or_else(|| format!("ferryd already serves {} peer streams", slots.max()))?;
+                    let slot = slots.take().ok_or_else(|| crate::session::accept::Turned::PeerStreams(slots.max()))?;
                     taken.set(Some(slot));
                     Ok(())
                 });

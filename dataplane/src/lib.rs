@@ -10,6 +10,8 @@ pub mod auth;
 pub mod bounds;
 /// An encoded chunk: a window's pages as frames, owning its arena slots.
 pub mod chunk;
+/// The client side of ferryd's control socket.
+pub mod client;
 /// Frame I/O on a stream, and the session error type.
 pub mod conn;
 /// ferryd as a service: control socket, metrics.

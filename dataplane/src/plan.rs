@@ -318,7 +318,7 @@ pub struct Reason {
 
 /// Why a plan file cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum PlanError {
+pub enum PlanFileError {
     #[error("cannot read plan {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("plan {path} is not a valid plan: {source}")]
@@ -326,70 +326,96 @@ pub enum PlanError {
     #[error("plan {path} has schema version {found}; this ferryd reads version {PLAN_SCHEMA_VERSION}")]
     Version { path: String, found: u32 },
     #[error("plan {path} is inconsistent: {what}")]
-    Invalid { path: String, what: String },
+    Invalid { path: String, what: Inconsistent },
+}
+
+/// What a plan holds that the data plane cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Inconsistent {
+    #[error("no worker CPUs")]
+    NoWorkers,
+    #[error("chunk_size_bytes {0} is not a positive multiple of 4096")]
+    Chunk(u64),
+    #[error("arena.bytes_per_worker {0} is not a positive multiple of 2 MiB")]
+    Arena(u64),
+    #[error("transport is rdma but the rdma section is missing")]
+    NoRdmaSection,
+    #[error("rdma queue depths, SGE count and QP count must be positive")]
+    RdmaZero,
+    #[error("rdma.cq_depth {0} is below qps_per_worker x (sq_depth + rq_depth): the CQ could overrun")]
+    CqDepth(u32),
+    #[error("tcp.connections_per_worker must be positive")]
+    NoConnections,
+    #[error("limits: connection counts, lanes and the handshake timeout must be positive")]
+    LimitsZero,
+    #[error("limits.preauth_bytes {0} is below the 512 bytes a handshake needs")]
+    PreauthBytes(u64),
+    #[error("limits.control_fds_per_message {0} is outside 1..={max}", max = hw::fdpass::SCM_MAX_FD)]
+    ControlFds(u32),
+    #[error("migration: downtime_ms, max_rounds, recover_s and rate_limit_mbit must be positive")]
+    MigrationZero,
+    #[error("daemon.incoming_ports {0}-{1} is not a range of ports")]
+    Ports(u16, u16),
 }
 
 impl Plan {
     /// Reads and checks a plan file.
-    pub fn load(path: &std::path::Path) -> Result<Plan, PlanError> {
+    pub fn load(path: &std::path::Path) -> Result<Plan, PlanFileError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read { path: p.clone(), source })?;
-        let plan: Plan = serde_json::from_str(&text).map_err(|source| PlanError::Parse { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| PlanFileError::Read { path: p.clone(), source })?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|source| PlanFileError::Parse { path: p.clone(), source })?;
         if plan.schema_version != PLAN_SCHEMA_VERSION {
-            return Err(PlanError::Version { path: p, found: plan.schema_version });
+            return Err(PlanFileError::Version { path: p, found: plan.schema_version });
         }
-        plan.check().map_err(|what| PlanError::Invalid { path: p, what })?;
+        plan.check().map_err(|what| PlanFileError::Invalid { path: p, what })?;
         Ok(plan)
     }
 
     /// Internal consistency: what the data plane relies on without re-deriving it.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Inconsistent> {
         if self.worker_cpus.is_empty() {
-            return Err("no worker CPUs".into());
+            return Err(Inconsistent::NoWorkers);
         }
         if self.chunk_size_bytes == 0 || self.chunk_size_bytes % 4096 != 0 {
-            return Err(format!("chunk_size_bytes {} is not a positive multiple of 4096", self.chunk_size_bytes));
+            return Err(Inconsistent::Chunk(self.chunk_size_bytes));
         }
         if self.arena.bytes_per_worker == 0 || self.arena.bytes_per_worker % (2 << 20) != 0 {
-            return Err(format!("arena.bytes_per_worker {} is not a positive multiple of 2 MiB", self.arena.bytes_per_worker));
+            return Err(Inconsistent::Arena(self.arena.bytes_per_worker));
         }
         match (&self.transport, &self.rdma) {
-            (Transport::Rdma, None) => return Err("transport is rdma but the rdma section is missing".into()),
+            (Transport::Rdma, None) => return Err(Inconsistent::NoRdmaSection),
             (Transport::Rdma, Some(r)) => {
                 if r.sq_depth == 0 || r.rq_depth == 0 || r.send_sge == 0 || r.qps_per_worker == 0 {
-                    return Err("rdma queue depths, SGE count and QP count must be positive".into());
+                    return Err(Inconsistent::RdmaZero);
                 }
                 if u64::from(r.cq_depth) < u64::from(r.qps_per_worker) * u64::from(r.sq_depth + r.rq_depth) {
-                    return Err(format!(
-                        "rdma.cq_depth {} is below qps_per_worker x (sq_depth + rq_depth): the CQ could overrun",
-                        r.cq_depth
-                    ));
+                    return Err(Inconsistent::CqDepth(r.cq_depth));
                 }
             }
             _ => {}
         }
         if self.tcp.connections_per_worker == 0 {
-            return Err("tcp.connections_per_worker must be positive".into());
+            return Err(Inconsistent::NoConnections);
         }
         let l = &self.limits;
         if l.preauth_connections == 0 || l.handshake_timeout_ms == 0 || l.max_lanes == 0 || l.control_clients == 0 || l.metrics_clients == 0
         {
-            return Err("limits: connection counts, lanes and the handshake timeout must be positive".into());
+            return Err(Inconsistent::LimitsZero);
         }
         if l.preauth_bytes < 512 {
-            return Err(format!("limits.preauth_bytes {} is below the 512 bytes a handshake needs", l.preauth_bytes));
+            return Err(Inconsistent::PreauthBytes(l.preauth_bytes));
         }
         if !(1..=hw::fdpass::SCM_MAX_FD as u32).contains(&l.control_fds_per_message) {
-            return Err(format!("limits.control_fds_per_message {} is outside 1..={}", l.control_fds_per_message, hw::fdpass::SCM_MAX_FD));
+            return Err(Inconsistent::ControlFds(l.control_fds_per_message));
         }
         let m = &self.migration;
         if m.downtime_ms == 0 || m.max_rounds == 0 || m.recover_s == 0 || m.rate_limit_mbit == Some(0) {
-            return Err("migration: downtime_ms, max_rounds, recover_s and rate_limit_mbit must be positive".into());
+            return Err(Inconsistent::MigrationZero);
         }
         if let Some((first, last)) = self.daemon.incoming_ports
             && (first == 0 || first > last)
         {
-            return Err(format!("daemon.incoming_ports {first}-{last} is not a range of ports"));
+            return Err(Inconsistent::Ports(first, last));
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ use crate::auth::{Auth, client_handshake};
 use crate::conn::{Cancel, Counted, FrameReader, Refusal, SessionError, Violation, write_all_vectored, write_frame};
 use crate::encode::{Compressor, Decoder, Encoder};
 use crate::plan::{Compression, Limits};
-use crate::session::accept::{Acceptor, Next, Wait};
+use crate::session::accept::{Acceptor, Next, Turned, Wait};
 use crate::session::seal::{Keys, Seal, TAG_LEN};
 use crate::wire::{self, Encoding, FrameError, HEADER_LEN, Kind, features};
 
@@ -504,11 +504,11 @@ pub fn destination(listener: &TcpListener, forward: &Endpoint, opts: &ProxyOptio
             let wait = Wait { what: "the source proxy's channels", deadline, watch: if first { &watch } else { &[] } };
             let a = match acc.next(wait, |a| {
                 if a.hello.features.get() & features::STREAM == 0 {
-                    return Err(format!("{} is not a stream-mode proxy (ferryctl proxy --listen ...)", a.peer));
+                    return Err(Turned::NotA { peer: a.peer, wanted: "a stream-mode proxy (ferryctl proxy --listen ...)" });
                 }
                 let mut st = channels.state.lock().expect("channel state");
                 if st.accepted >= max_channels {
-                    return Err(format!("a migration may open {max_channels} channels ([limits] max_lanes)"));
+                    return Err(Turned::Channels(max_channels));
                 }
                 st.accepted += 1;
                 Ok(())

@@ -44,7 +44,7 @@ fn main() {
                 ];
                 let mut a = <Cli as clap::Parser>::parse_from(args).m;
                 a.postcopy = postcopy;
-                let r = control::demo::run(&a, &mut |_| {}).unwrap_or_else(|(_, e)| panic!("{e}"));
+                let r = control::demo::run(&a, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
                 let line = json!({
                     "size_mib": size,
                     "mode": if postcopy { "postcopy" } else { "precopy" },

@@ -19,7 +19,7 @@ use crate::auth::Auth;
 use crate::conn::{Cancel, Ctl, Refusal, SessionError};
 use crate::migrate::dest::{Received, SinkOptions};
 use crate::plan::Plan;
-use crate::session::accept::{Acceptor, Authed, Next, Wait};
+use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::limits::{Backing, check_region};
 use crate::wire::{self, CONTROL_LANE, DataTransport, Kind};
 
@@ -105,9 +105,8 @@ pub fn recv_file(listener: &TcpListener, out: &Path, opts: &RecvOptions<'_>) -> 
     let offer = if opts.plan.rdma.is_some() { wire::features::RDMA } else { 0 };
     let acc = Acceptor::new(listener, &opts.auth, offer, &opts.plan.limits).map_err(|e| SessionError::io("listening", e))?;
     let wait = Wait { what: "a sender", deadline: opts.timeout.map(|t| Instant::now() + t), watch: &[] };
-    let Next::Conn(Authed { s, peer, hello, keys }) = acc.next(wait, |a| {
-        if a.hello.lane.get() == CONTROL_LANE { Ok(()) } else { Err(format!("lane {} before any session", a.hello.lane.get())) }
-    })?
+    let Next::Conn(Authed { s, peer, hello, keys }) =
+        acc.next(wait, |a| if a.hello.lane.get() == CONTROL_LANE { Ok(()) } else { Err(Turned::LaneBeforeSession(a.hello.lane.get())) })?
     else {
         unreachable!("nothing is watched")
     };

@@ -32,7 +32,7 @@ use crate::engine::recv::peer_ended;
 use crate::engine::{PAGE, cpu_seconds, tune_socket};
 use crate::lane::{LaneReader, Payload};
 use crate::plan::{Plan, Transport};
-use crate::session::accept::{Acceptor, Authed, Next, Wait};
+use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::limits::{Backing, check_lanes, check_region};
 use crate::session::seal::TAG_LEN;
 use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout, features};
@@ -109,11 +109,9 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
     let watch: Vec<BorrowedFd<'_>> = opts.vmm.into_iter().collect();
     let wait = Wait { what: "a migration source", deadline: None, watch: &watch };
     let a = match acc.next(wait, |a| match (a.hello.lane.get(), a.hello.features.get() & features::MIGRATE) {
-        (CONTROL_LANE, 0) => {
-            Err("this ferryd waits for a migration (migrate_in); a one-shot `ferryctl send` goes to `ferryctl recv`".into())
-        }
+        (CONTROL_LANE, 0) => Err(Turned::NotAMigration),
         (CONTROL_LANE, _) => Ok(()),
-        (n, _) => Err(format!("lane {n} before any session")),
+        (n, _) => Err(Turned::LaneBeforeSession(n)),
     })? {
         Next::Conn(a) => a,
         Next::Watched(_) => return Err(vmm_gone()),

@@ -56,11 +56,12 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use hw::fdpass::LineConn;
 use serde_json::{Value, json};
+
+pub use crate::client::ClientError;
+use crate::client::{Client, field as report};
 
 use super::{MigrationReport, RoundReport};
 
@@ -81,58 +82,10 @@ pub struct OutOptions {
     pub recover_s: Option<u64>,
 }
 
-/// Why a call on ferryd's control socket failed: ferryd said why (with the kind of
-/// failure), or the conversation itself broke.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot reach ferryd at {}: {source}", socket.display())]
-    Connect { socket: std::path::PathBuf, source: std::io::Error },
-    #[error("writing to ferryd: {0}")]
-    Write(#[source] std::io::Error),
-    #[error("reading from ferryd: {0}")]
-    Read(#[source] std::io::Error),
-    #[error("ferryd closed the control connection")]
-    Closed,
-    #[error("ferryd sent a bad reply ({source}): {line}")]
-    BadReply { line: String, source: serde_json::Error },
-    /// ferryd's own error reply.
-    #[error("{message}")]
-    Ferryd { kind: crate::metrics::Failure, message: String },
-    #[error("ferryd sent {got} where {wanted} was due")]
-    Unexpected { got: Value, wanted: &'static str },
-    #[error("ferryd handed over {got} memory descriptor(s) for {regions} region(s)")]
-    Descriptors { got: usize, regions: Value },
-    #[error(transparent)]
-    Userfault(#[from] hw::uffd::UffdError),
-    #[error("the source switched to post-copy: a VMM that takes it calls MigrateIn::next")]
-    Postcopy,
-}
-
-fn connect(socket: &Path) -> Result<LineConn, ClientError> {
-    UnixStream::connect(socket).map(LineConn::new).map_err(|source| ClientError::Connect { socket: socket.to_path_buf(), source })
-}
-
-/// The next line from ferryd as JSON, with its descriptors; an `{"ok":false}` is the error.
-fn reply(conn: &mut LineConn) -> Result<(Value, Vec<std::os::fd::OwnedFd>), ClientError> {
-    let (line, fds) = conn.recv().map_err(ClientError::Read)?.ok_or(ClientError::Closed)?;
-    let v: Value = serde_json::from_str(&line).map_err(|source| ClientError::BadReply { line: line.clone(), source })?;
-    if v["ok"] == false {
-        let kind = serde_json::from_value(v["kind"].clone()).unwrap_or(crate::metrics::Failure::Other);
-        let message = v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string();
-        return Err(ClientError::Ferryd { kind, message });
-    }
-    Ok((v, fds))
-}
-
-/// A report in `v[key]`.
-fn report<T: serde::de::DeserializeOwned>(v: &Value, key: &str, wanted: &'static str) -> Result<T, ClientError> {
-    serde_json::from_value(v[key].clone()).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
-}
-
 /// An outgoing migration, driven round by round.
 #[derive(Debug)]
 pub struct MigrateOut {
-    conn: LineConn,
+    conn: Client,
     pub connected: Value,
 }
 
@@ -146,20 +99,20 @@ impl MigrateOut {
     /// [`MigrateOut::start`] for guest memory in several memory files, each a region; the
     /// bitmap holds each region's bitmap in turn.
     pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, ClientError> {
-        let mut conn = connect(socket)?;
+        let mut conn = Client::connect(socket)?;
         let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
             "rate_limit_mbit": o.rate_limit_mbit, "compression": o.compress, "transport": o.transport, "verify": o.verify,
             "regions": memory.len(), "recover_s": o.recover_s});
         let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
         fds.push(bitmap.as_fd());
-        conn.send(&req.to_string(), &fds).map_err(ClientError::Write)?;
-        let (connected, _) = reply(&mut conn)?;
+        conn.send(&req, &fds)?;
+        let (connected, _) = conn.reply()?;
         Ok(MigrateOut { conn, connected })
     }
 
     fn step(&mut self, cmd: &str) -> Result<Value, ClientError> {
-        self.conn.send(&json!({ "cmd": cmd }).to_string(), &[]).map_err(ClientError::Write)?;
-        reply(&mut self.conn).map(|(v, _)| v)
+        self.conn.send(&json!({ "cmd": cmd }), &[])?;
+        self.conn.reply().map(|(v, _)| v)
     }
 
     /// A pre-copy round over the pages the bitmap memfd marks now (round 0: all).
@@ -189,7 +142,7 @@ impl MigrateOut {
 /// A migration in post-copy, from the source VMM's side.
 #[derive(Debug)]
 pub struct PostcopyOut {
-    conn: LineConn,
+    conn: Client,
     /// ferry's part of the switch-over: from `postcopy` until the destination ran the guest.
     pub switch_ms: f64,
 }
@@ -198,7 +151,7 @@ impl PostcopyOut {
     /// Blocks until every page is at the destination and verified: the report; or why not
     /// (the guest then cannot complete, and this VMM keeps its memory).
     pub fn wait(mut self) -> Result<MigrationReport, ClientError> {
-        let (v, _) = reply(&mut self.conn)?;
+        let (v, _) = self.conn.reply()?;
         report(&v, "report", "a report")
     }
 }
@@ -215,7 +168,7 @@ pub enum Arrival {
 /// A migration that switched over to post-copy, from the destination VMM's side.
 #[derive(Debug)]
 pub struct PostcopyIn {
-    conn: LineConn,
+    conn: Client,
     /// The guest memory, one memfd per region; stale pages fill in as the guest runs.
     pub memory: Vec<File>,
     /// What [`PostcopyIn::serve`] registered, unregistered by [`PostcopyIn::wait`].
@@ -227,8 +180,8 @@ impl PostcopyIn {
     /// region, in order; missing and minor modes); returns once ferryd serves the faults:
     /// the guest may run now.
     pub fn serve(&mut self, uffd: &hw::uffd::Userfault, maps: &[super::postcopy::Mapping]) -> Result<(), ClientError> {
-        self.conn.send(&json!({"cmd": "faults", "maps": maps}).to_string(), &[uffd.as_fd()]).map_err(ClientError::Write)?;
-        let (v, _) = reply(&mut self.conn)?;
+        self.conn.send(&json!({"cmd": "faults", "maps": maps}), &[uffd.as_fd()])?;
+        let (v, _) = self.conn.reply()?;
         if v["event"] != "running" {
             return Err(ClientError::Unexpected { got: v, wanted: "running" });
         }
@@ -242,15 +195,15 @@ impl PostcopyIn {
     /// the guest's faults until then, so the thread that calls this must not be one that
     /// touches the memory.
     pub fn wait(mut self, uffd: &hw::uffd::Userfault) -> Result<MigrationReport, ClientError> {
-        let (v, _) = reply(&mut self.conn)?;
+        let (v, _) = self.conn.reply()?;
         if v["event"] != "local" {
             return Err(ClientError::Unexpected { got: v, wanted: "local" });
         }
         for m in &self.maps {
             uffd.unregister(m.addr, m.len)?;
         }
-        self.conn.send(&json!({"cmd": "released"}).to_string(), &[]).map_err(ClientError::Write)?;
-        let (v, _) = reply(&mut self.conn)?;
+        self.conn.send(&json!({"cmd": "released"}), &[])?;
+        let (v, _) = self.conn.reply()?;
         report(&v, "report", "a report")
     }
 }
@@ -258,7 +211,7 @@ impl PostcopyIn {
 /// An incoming migration: the destination VMM waits for its memory.
 #[derive(Debug)]
 pub struct MigrateIn {
-    conn: LineConn,
+    conn: Client,
     /// Where the source ferryd should connect.
     pub addr: String,
 }
@@ -271,9 +224,9 @@ impl MigrateIn {
     /// [`MigrateIn::start`] with post-copy's recovery time: seconds to wait for the source
     /// after the link broke (ferryd's default 120).
     pub fn start_with(socket: &Path, listen: &str, recover_s: Option<u64>) -> Result<MigrateIn, ClientError> {
-        let mut conn = connect(socket)?;
-        conn.send(&json!({"cmd": "migrate_in", "listen": listen, "recover_s": recover_s}).to_string(), &[]).map_err(ClientError::Write)?;
-        let (v, _) = reply(&mut conn)?;
+        let mut conn = Client::connect(socket)?;
+        conn.send(&json!({"cmd": "migrate_in", "listen": listen, "recover_s": recover_s}), &[])?;
+        let (v, _) = conn.reply()?;
         let addr = match v["addr"].as_str() {
             Some(a) => a.to_string(),
             None => return Err(ClientError::Unexpected { got: v, wanted: "where it listens" }),
@@ -294,7 +247,7 @@ impl MigrateIn {
     /// Blocks until the memory arrives: verified and taken (pre-copy), or to be served
     /// through a userfaultfd (post-copy).
     pub fn next(mut self) -> Result<Arrival, ClientError> {
-        let (v, fds) = reply(&mut self.conn)?;
+        let (v, fds) = self.conn.reply()?;
         let postcopy = v["event"] == "postcopy";
         if v["event"] != "memory" && !postcopy {
             return Err(ClientError::Unexpected { got: v, wanted: "the memory" });
@@ -306,8 +259,8 @@ impl MigrateIn {
         if postcopy {
             return Ok(Arrival::Postcopy(PostcopyIn { conn: self.conn, memory, maps: Vec::new() }));
         }
-        self.conn.send(&json!({"cmd": "taken"}).to_string(), &[]).map_err(ClientError::Write)?;
-        let (v, _) = reply(&mut self.conn)?;
+        self.conn.send(&json!({"cmd": "taken"}), &[])?;
+        let (v, _) = self.conn.reply()?;
         let report = report(&v, "report", "a report")?;
         Ok(Arrival::Memory(memory, Box::new(report)))
     }

@@ -73,6 +73,32 @@ pub struct Acceptor<'l> {
     log: RateLimited,
 }
 
+/// Why an authenticated connection is turned away: it is told, and the wait goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum Turned {
+    #[error("lane {0} before any session")]
+    LaneBeforeSession(u16),
+    #[error("a data connection for session {got:#x}; this is session {ours:#x}")]
+    OtherSession { got: u64, ours: u64 },
+    #[error("lane {0} is already open")]
+    LaneOpen(u16),
+    #[error("lane {lane} is out of range (the session has {lanes})")]
+    LaneRange { lane: u16, lanes: u16 },
+    #[error("this ferryd waits for a migration (migrate_in); a one-shot `ferryctl send` goes to `ferryctl recv`")]
+    NotAMigration,
+    #[error("this ferryd is in a migration's post-copy: only its source may connect")]
+    PostcopyOnly,
+    #[error("post-copy failed here")]
+    PostcopyFailed,
+    /// The peer is another kind of client than this listener serves.
+    #[error("{peer} is not {wanted}")]
+    NotA { peer: std::net::SocketAddr, wanted: &'static str },
+    #[error("ferryd already serves {0} peer streams")]
+    PeerStreams(usize),
+    #[error("a migration may open {0} channels ([limits] max_lanes)")]
+    Channels(usize),
+}
+
 impl<'l> Acceptor<'l> {
     /// An acceptor on `listener` (made non-blocking while the acceptor lives), offering
     /// `offer` features beyond those every build has.
@@ -99,7 +125,7 @@ impl<'l> Acceptor<'l> {
     /// Waits for the next authenticated connection that `take` accepts (`Err(reason)`:
     /// the connection is told why and closed, and waiting goes on), until the deadline
     /// passes or a watched descriptor stirs.
-    pub fn next(&self, wait: Wait<'_>, mut take: impl FnMut(&Authed) -> Result<(), String>) -> Result<Next, SessionError> {
+    pub fn next(&self, wait: Wait<'_>, mut take: impl FnMut(&Authed) -> Result<(), Turned>) -> Result<Next, SessionError> {
         let secs = wait.deadline.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_secs_f64().round() as u64);
         // A watched descriptor that stirred, and when: it is reported once the handshakes
         // in flight have finished (a peer whose lanes all authenticated may be talking on
@@ -112,7 +138,7 @@ impl<'l> Acceptor<'l> {
                         Ok(()) => return Ok(Next::Conn(a)),
                         Err(why) => {
                             self.log.warn(format_args!("{}: an authenticated connection from {} was refused: {why}", wait.what, a.peer));
-                            send_error(&mut a.s, &mut a.keys.tx, &why);
+                            send_error(&mut a.s, &mut a.keys.tx, &why.to_string());
                         }
                     },
                     Err((peer, e)) => self.log.warn(format_args!("{}: a connection from {peer} was turned away: {e}", wait.what)),
@@ -227,15 +253,15 @@ impl Acceptor<'_> {
             let next = self.next(wait, |a| {
                 let (n, id) = (a.hello.lane.get(), a.hello.session.get());
                 if id != session {
-                    return Err(format!("a data connection for session {id:#x}; this is session {session:#x}"));
+                    return Err(Turned::OtherSession { got: id, ours: session });
                 }
                 match open.get_mut(usize::from(n)) {
                     Some(o) if !*o => {
                         *o = true;
                         Ok(())
                     }
-                    Some(_) => Err(format!("lane {n} is already open")),
-                    None => Err(format!("lane {n} is out of range (the session has {lanes})")),
+                    Some(_) => Err(Turned::LaneOpen(n)),
+                    None => Err(Turned::LaneRange { lane: n, lanes }),
                 }
             })?;
             match next {
@@ -313,7 +339,10 @@ mod tests {
             client_handshake(&mut s, &key(), 7, 42, 0).map(|_| ())
         });
         let wait = Wait { what: "a test peer", deadline: Some(Instant::now() + Duration::from_secs(10)), watch: &[] };
-        let got = match acc.next(wait, |a| if a.hello.lane.get() == 7 { Ok(()) } else { Err("not lane 7".into()) }).unwrap() {
+        let got = match acc
+            .next(wait, |a| if a.hello.lane.get() == 7 { Ok(()) } else { Err(Turned::LaneBeforeSession(a.hello.lane.get())) })
+            .unwrap()
+        {
             Next::Conn(a) => a,
             Next::Watched(_) => panic!("nothing is watched"),
         };

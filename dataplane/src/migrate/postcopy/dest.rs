@@ -20,7 +20,7 @@ use crate::lane::Payload;
 use crate::migrate::PageHashes;
 use crate::migrate::dest::LaneMsg;
 use crate::plan::Plan;
-use crate::session::accept::{Acceptor, Authed, Next, Wait};
+use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::seal::Keys;
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, RdmaRun, features};
 
@@ -100,7 +100,7 @@ fn serve(
                 let wait = Wait { what: "the source, to go on with post-copy", deadline: Some(since + recover), watch: &watch };
                 let next = acc.next(wait, |a| match (a.hello.lane.get(), a.hello.features.get() & features::POSTCOPY) {
                     (CONTROL_LANE, f) if f != 0 => Ok(()),
-                    _ => Err("this ferryd is in a migration's post-copy: only its source may connect".into()),
+                    _ => Err(Turned::PostcopyOnly),
                 });
                 let a = match next {
                     Ok(Next::Conn(a)) => a,
@@ -159,7 +159,7 @@ fn tell_source(acc: &Acceptor<'_>, e: &SessionError) {
         Wait { what: "the source, to tell it post-copy failed", deadline: Some(Instant::now() + Duration::from_secs(5)), watch: &[] };
     if let Ok(Next::Conn(a)) = acc.next(wait, |a| match a.hello.lane.get() {
         CONTROL_LANE => Ok(()),
-        _ => Err("post-copy failed here".into()),
+        _ => Err(Turned::PostcopyFailed),
     }) {
         Ctl::new(a.s, a.keys).close_with_error(&e.to_string());
     }

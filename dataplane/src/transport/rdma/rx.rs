@@ -423,9 +423,13 @@ impl Rounds<'_> {
                 0 => false,
                 1 if head.runs.get() == 0 => true,
                 w => {
-                    return Err(
-                        Violation::Field { frame: Kind::RdmaEnd, field: "whole", value: w.into(), allowed: "0, or 1 with no runs" }.into()
-                    );
+                    return Err(Violation::Field {
+                        frame: Kind::RdmaEnd,
+                        field: "whole",
+                        value: w.into(),
+                        allowed: "0, or 1 with no runs",
+                    }
+                    .into());
                 }
             };
             let run_pages = self.read_runs(ctl, head.runs.get(), &mut buf)?;

@@ -1,0 +1,106 @@
+//! The client side of ferryd's control socket, one type for every caller: a VMM's
+//! region-mode calls ([`crate::migrate::vmm`]), `ferryctl`'s commands run through ferryd,
+//! the demo and the tests. A request is one JSON line (with descriptors by SCM_RIGHTS
+//! where it takes some); ferryd answers with events (`{"event":...}`) and one final
+//! reply, `{"ok":true,...}` or `{"ok":false,"error":...,"kind":...}`, which
+//! [`Client::reply`] turns into [`ClientError::Ferryd`] with its [`Failure`].
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use hw::fdpass::LineConn;
+use serde_json::Value;
+
+use crate::metrics::Failure;
+
+/// Why a call on ferryd's control socket failed: ferryd said why (with the kind of
+/// failure), or the conversation itself broke.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach ferryd at {}: {source}", socket.display())]
+    Connect { socket: PathBuf, source: std::io::Error },
+    #[error("writing to ferryd: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("reading from ferryd: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("ferryd closed the control connection")]
+    Closed,
+    #[error("ferryd sent a bad reply ({source}): {line}")]
+    BadReply { line: String, source: serde_json::Error },
+    /// ferryd's own error reply.
+    #[error("{message}")]
+    Ferryd { kind: Failure, message: String },
+    #[error("ferryd sent {got} where {wanted} was due")]
+    Unexpected { got: Value, wanted: &'static str },
+    #[error("ferryd handed over {got} memory descriptor(s) for {regions} region(s)")]
+    Descriptors { got: usize, regions: Value },
+    #[error(transparent)]
+    Userfault(#[from] hw::uffd::UffdError),
+    #[error("the source switched to post-copy: a VMM that takes it calls MigrateIn::next")]
+    Postcopy,
+}
+
+impl ClientError {
+    /// ferryd's kind of failure, when ferryd said it.
+    pub fn kind(&self) -> Option<Failure> {
+        match self {
+            ClientError::Ferryd { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to ferryd's control socket.
+#[derive(Debug)]
+pub struct Client {
+    conn: LineConn,
+}
+
+impl Client {
+    pub fn connect(socket: &Path) -> Result<Client, ClientError> {
+        let s = UnixStream::connect(socket).map_err(|source| ClientError::Connect { socket: socket.to_path_buf(), source })?;
+        Ok(Client { conn: LineConn::new(s) })
+    }
+
+    /// Sends one request line (any serializable request: [`crate::daemon::Request`] or a
+    /// JSON value), with `fds`.
+    pub fn send(&self, request: &impl serde::Serialize, fds: &[BorrowedFd<'_>]) -> Result<(), ClientError> {
+        let line = serde_json::to_string(request).expect("requests serialize");
+        self.conn.send(&line, fds).map_err(ClientError::Write)
+    }
+
+    /// The next line from ferryd as JSON, with its descriptors: an event or the final
+    /// `{"ok":true}`; an `{"ok":false}` is the error.
+    pub fn reply(&mut self) -> Result<(Value, Vec<OwnedFd>), ClientError> {
+        let (line, fds) = self.conn.recv().map_err(ClientError::Read)?.ok_or(ClientError::Closed)?;
+        let v: Value = serde_json::from_str(&line).map_err(|source| ClientError::BadReply { line: line.clone(), source })?;
+        if v["ok"] == false {
+            let kind = serde_json::from_value(v["kind"].clone()).unwrap_or(Failure::Other);
+            let message = v["error"].as_str().unwrap_or("ferryd failed without a reason").to_string();
+            return Err(ClientError::Ferryd { kind, message });
+        }
+        Ok((v, fds))
+    }
+
+    /// Follows the replies to the final one, handing each event to `on_event`.
+    pub fn until_done(&mut self, on_event: &mut dyn FnMut(&Value)) -> Result<Value, ClientError> {
+        loop {
+            let (v, _) = self.reply()?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+            on_event(&v);
+        }
+    }
+
+    /// The connection itself: shut it down to call a request off.
+    pub fn stream(&self) -> &UnixStream {
+        self.conn.stream()
+    }
+}
+
+/// `v[key]` as a `T`, or `v` was not what was `wanted`.
+pub fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str, wanted: &'static str) -> Result<T, ClientError> {
+    serde_json::from_value(v[key].clone()).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
+}
