@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use control::config::Config;
 use control::error::{CtlError, Usage};
 use control::{capsfile, doctor, planner, render, transfer};
+use dataplane::protocol::Done;
 use hw::{Capabilities, ProbeOptions};
 
 #[derive(Parser, Debug)]
@@ -316,7 +317,7 @@ fn run(cmd: Cmd) -> Result<u8, CtlError> {
                 // ferryd reports its progress when a bar will show it.
                 let bar = transfer::Bar::new(!t.json);
                 let req = dataplane::daemon::Request::Send { to, file, compress, progress: !t.json };
-                return daemon_report(transfer::via_ferryd(&sock, &req, &bar), t.json);
+                return daemon_report(transfer::via_ferryd(&sock, &req, &bar, "a transfer report"), t.json);
             }
             let (auth, plan, require_rdma) = transfer_setup(&t, transport.as_deref(), compress.as_deref())?;
             report(transfer::send(&to, &file, auth, &plan, require_rdma, !t.json), t.json)
@@ -326,7 +327,7 @@ fn run(cmd: Cmd) -> Result<u8, CtlError> {
                 let out = std::path::absolute(&out).map_err(|source| Usage::Path { path: out.clone(), source })?;
                 let bar = transfer::Bar::new(!t.json);
                 let req = dataplane::daemon::Request::Recv { listen, out, timeout_s: timeout, progress: !t.json };
-                return daemon_report(transfer::via_ferryd(&sock, &req, &bar), t.json);
+                return daemon_report(transfer::via_ferryd(&sock, &req, &bar, "a transfer report"), t.json);
             }
             let (auth, plan, _) = transfer_setup(&t, None, None)?;
             let timeout = timeout.map(std::time::Duration::from_secs);
@@ -334,8 +335,9 @@ fn run(cmd: Cmd) -> Result<u8, CtlError> {
         }
         Cmd::Status { socket, json: as_json } => {
             let sock = socket.unwrap_or_else(transfer::default_socket);
-            let v = transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status, &transfer::Bar::new(false))?;
-            emit(&if as_json { json(&v) } else { render::status(&v) });
+            let st: dataplane::protocol::Status =
+                transfer::via_ferryd(&sock, &dataplane::daemon::Request::Status, &transfer::Bar::new(false), "the status")?;
+            emit(&if as_json { json(&dataplane::protocol::ok(&st)) } else { render::status(&st) });
             Ok(0)
         }
         Cmd::Keygen { out } => keygen(&out),
@@ -451,17 +453,16 @@ fn proxy_in_ferryd(sock: &std::path::Path, p: ProxyArgs) -> Result<u8, CtlError>
     let bar = transfer::Bar::new(!p.json);
     let mut client = dataplane::client::Client::connect(sock)?;
     // Where QEMU (or the source) connects, which the user needs.
-    let mut listening = |v: &serde_json::Value| {
-        if v["event"] == "listening" {
-            for e in v["endpoints"].as_array().into_iter().flatten() {
-                eprintln!("ferry proxy: listening on {} (in ferryd at {})", e.as_str().unwrap_or("?"), sock.display());
+    let mut listening = |e: &dataplane::protocol::Event| {
+        if let dataplane::protocol::Event::Listening { endpoints, .. } = e {
+            for e in endpoints {
+                eprintln!("ferry proxy: listening on {e} (in ferryd at {})", sock.display());
             }
         }
     };
-    let v = transfer::follow(&mut client, sock, &req, &bar, &mut listening)?;
+    let done: Done<dataplane::stream::ProxyReport> = transfer::follow(&mut client, sock, &req, &bar, "a stream report", &mut listening)?;
     drop(bar);
-    let r: dataplane::stream::ProxyReport = dataplane::client::field(&v, "report", "a stream report")?;
-    proxy_report(&r, p.json)
+    proxy_report(&done.report, p.json)
 }
 
 /// A proxied migration's report, as JSON or one line.
@@ -493,9 +494,8 @@ fn report(r: Result<dataplane::engine::Report, CtlError>, as_json: bool) -> Resu
     Ok(0)
 }
 
-fn daemon_report(r: Result<serde_json::Value, dataplane::client::ClientError>, as_json: bool) -> Result<u8, CtlError> {
-    let v = r?;
-    let rep: dataplane::engine::Report = dataplane::client::field(&v, "report", "a transfer report")?;
+fn daemon_report(r: Result<Done<dataplane::engine::Report>, dataplane::client::ClientError>, as_json: bool) -> Result<u8, CtlError> {
+    let rep = r?.report;
     emit(&if as_json { json(&rep) } else { transfer::summary(&rep) });
     Ok(0)
 }

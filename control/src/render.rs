@@ -237,16 +237,16 @@ pub fn session_progress(p: &serde_json::Value) -> String {
     )
 }
 
-pub fn status(v: &serde_json::Value) -> String {
-    let st = &v["status"];
+pub fn status(v: &dataplane::protocol::Status) -> String {
+    let st = &v.status;
     let mut s = String::new();
     let _ = writeln!(
         s,
         "ferryd up {:.0} s: transport {}, {} worker(s), compression {}",
         st["uptime_seconds"].as_f64().unwrap_or(0.0),
-        v["plan"]["transport"].as_str().unwrap_or("?"),
-        v["plan"]["workers"],
-        v["plan"]["compression"].as_str().unwrap_or("?")
+        v.plan.transport,
+        v.plan.workers,
+        v.plan.compression
     );
     for p in st["progress"].as_array().into_iter().flatten() {
         let _ = writeln!(s, "  {}", session_progress(p));
@@ -300,6 +300,8 @@ mod tests {
     #[test]
     fn status_lists_workers_and_their_latency() {
         let v = serde_json::json!({
+            "draining": false,
+            "pool": {"cpus": [0, 1], "chunk_bytes": 262144, "chunks_per_worker": 64},
             "plan": {"transport": "tcp (io_uring)", "workers": 2, "compression": "off"},
             "status": {
                 "uptime_seconds": 5.0,
@@ -310,7 +312,7 @@ mod tests {
                 "workers": [{"role": "recv", "worker": 1, "counters": {"region_bytes": 100, "wire_bytes": 80, "frames": 4, "zero_pages": 3}}],
             }
         });
-        let s = status(&v);
+        let s = status(&serde_json::from_value(v).unwrap());
         assert!(s.contains("recv worker 1 frame write latency us: p50 12 p95 30 p99 41 max 90"), "{s}");
         assert!(s.contains("recv worker 1: region bytes 100  wire bytes 80  frames 4  zero pages 3"), "{s}");
     }

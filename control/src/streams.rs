@@ -24,6 +24,7 @@ use dataplane::stream::{Endpoint, ProxyReport};
 use crate::error::{CtlError, Usage};
 use crate::transfer;
 use dataplane::client::{Client, ClientError};
+use dataplane::protocol::StreamOpened;
 
 /// Where the stream's two ends are, as the user chose them.
 #[derive(clap::Args, Debug, Clone)]
@@ -92,7 +93,7 @@ struct Running {
 
 enum Event {
     Listening { id: String, endpoints: Vec<String> },
-    Done(Result<serde_json::Value, ClientError>),
+    Done(Box<Result<StreamOpened, ClientError>>),
 }
 
 fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Result<Running, CtlError> {
@@ -103,18 +104,16 @@ fn start(ends: &Ends, to: &str, id: Option<String>, bar: transfer::Bar) -> Resul
     let (tx, events) = mpsc::channel();
     std::thread::spawn(move || {
         let mut id = String::new();
-        let mut on_event = |v: &serde_json::Value| {
-            if v["event"] == "opened" {
-                id = v["name"].as_str().unwrap_or_default().to_string();
+        let mut on_event = |e: &dataplane::protocol::Event| match e {
+            dataplane::protocol::Event::Opened { name, .. } => id = name.clone(),
+            dataplane::protocol::Event::Listening { endpoints, .. } => {
+                let _ = tx.send(Event::Listening { id: id.clone(), endpoints: endpoints.clone() });
             }
-            if v["event"] == "listening" {
-                let endpoints = v["endpoints"].as_array().into_iter().flatten().filter_map(|e| e.as_str().map(String::from)).collect();
-                let _ = tx.send(Event::Listening { id: id.clone(), endpoints });
-            }
+            _ => {}
         };
-        let r = transfer::follow(&mut client, &socket, &req, &bar, &mut on_event);
+        let r = transfer::follow(&mut client, &socket, &req, &bar, "the stream's reports", &mut on_event);
         drop(bar);
-        let _ = tx.send(Event::Done(r));
+        let _ = tx.send(Event::Done(Box::new(r)));
     });
     Ok(Running { events, conn })
 }
@@ -124,8 +123,10 @@ impl Running {
     fn listening(&self) -> Result<(String, Vec<String>), CtlError> {
         match self.events.recv() {
             Ok(Event::Listening { id, endpoints }) => Ok((id, endpoints)),
-            Ok(Event::Done(Err(e))) => Err(e.into()),
-            Ok(Event::Done(Ok(v))) => Err(ClientError::Unexpected { got: v, wanted: "where it listens" }.into()),
+            Ok(Event::Done(r)) => match *r {
+                Err(e) => Err(e.into()),
+                Ok(_) => Err(CtlError::Stream("ferryd ended the stream before it listened")),
+            },
             Err(_) => Err(ClientError::Closed.into()),
         }
     }
@@ -137,14 +138,10 @@ impl Running {
             None => self.events.recv().map_err(|_| ClientError::Closed.into()),
         }?;
         let v = match ev {
-            Event::Done(r) => r?,
+            Event::Done(r) => (*r)?,
             Event::Listening { .. } => return Err(CtlError::Stream("ferryd said it listens twice")),
         };
-        Ok(Opened {
-            name: v["name"].as_str().unwrap_or_default().to_string(),
-            source: dataplane::client::field(&v, "report", "this side's stream report")?,
-            destination: dataplane::client::field(&v, "destination", "the destination's stream report")?,
-        })
+        Ok(Opened { name: v.name, source: v.report, destination: v.destination })
     }
 
     /// Calls the stream off: ferryd closes an endpoint no VMM connected to.

@@ -14,6 +14,7 @@ use dataplane::engine::Report;
 use dataplane::engine::recv::{RecvOptions, recv_file};
 use dataplane::engine::send::{SendOptions, send_file};
 use dataplane::plan::Plan;
+use dataplane::protocol::Event;
 use hw::Capabilities;
 
 use crate::config::{CompressionChoice, Config, TransportChoice};
@@ -188,31 +189,35 @@ pub fn default_socket() -> std::path::PathBuf {
 
 /// Sends one request to ferryd and follows its replies to the final one, with its
 /// `progress` events (asked for by the request) on `bar`.
-pub fn via_ferryd(socket: &Path, request: &dataplane::daemon::Request, bar: &Bar) -> Result<serde_json::Value, ClientError> {
-    follow(&mut Client::connect(socket)?, socket, request, bar, &mut |_| {})
+pub fn via_ferryd<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &dataplane::daemon::Request,
+    bar: &Bar,
+    wanted: &'static str,
+) -> Result<T, ClientError> {
+    follow(&mut Client::connect(socket)?, socket, request, bar, wanted, &mut |_| {})
 }
 
 /// [`via_ferryd`] on a connection the caller made (and may shut down to call the request
 /// off), with every event also handed to `on_event`.
-pub fn follow(
+pub fn follow<T: serde::de::DeserializeOwned>(
     client: &mut Client,
     socket: &Path,
     request: &dataplane::daemon::Request,
     bar: &Bar,
-    on_event: &mut dyn FnMut(&serde_json::Value),
-) -> Result<serde_json::Value, ClientError> {
+    wanted: &'static str,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<T, ClientError> {
     client.send(request, &[])?;
-    client.until_done(&mut |v| {
-        if v["event"] == "listening" {
-            log::info!("listening on {} (via ferryd at {})", v["addr"].as_str().unwrap_or("?"), socket.display());
-        }
-        if v["event"] == "progress" {
-            let bytes = v["bytes"].as_u64().unwrap_or(0);
-            match v["channels"].as_u64() {
-                Some(n) => bar.update_unsized(bytes, &format!("{n} channel(s)")),
-                None => bar.update(bytes, v["total"].as_u64().unwrap_or(0)),
+    client.until_done(wanted, &mut |e| {
+        match e {
+            Event::Listening { addr, .. } => {
+                log::info!("listening on {} (via ferryd at {})", addr.as_deref().unwrap_or("?"), socket.display());
             }
+            Event::Progress { bytes, total, channels: Some(n) } if *total == 0 => bar.update_unsized(*bytes, &format!("{n} channel(s)")),
+            Event::Progress { bytes, total, .. } => bar.update(*bytes, *total),
+            _ => {}
         }
-        on_event(v);
+        on_event(e);
     })
 }

@@ -13,6 +13,7 @@ use hw::fdpass::LineConn;
 use serde_json::Value;
 
 use crate::metrics::Failure;
+use crate::protocol::Event;
 
 /// Why a call on ferryd's control socket failed: ferryd said why (with the kind of
 /// failure), or the conversation itself broke.
@@ -34,7 +35,7 @@ pub enum ClientError {
     #[error("ferryd sent {got} where {wanted} was due")]
     Unexpected { got: Value, wanted: &'static str },
     #[error("ferryd handed over {got} memory descriptor(s) for {regions} region(s)")]
-    Descriptors { got: usize, regions: Value },
+    Descriptors { got: usize, regions: usize },
     #[error(transparent)]
     Userfault(#[from] hw::uffd::UffdError),
     #[error("the source switched to post-copy: a VMM that takes it calls MigrateIn::next")]
@@ -42,6 +43,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// `got` came where `wanted` was due.
+    pub fn unexpected(got: &Event, wanted: &'static str) -> ClientError {
+        ClientError::Unexpected { got: got.to_value(), wanted }
+    }
+
     /// ferryd's kind of failure, when ferryd said it.
     pub fn kind(&self) -> Option<Failure> {
         match self {
@@ -83,14 +89,39 @@ impl Client {
         Ok((v, fds))
     }
 
-    /// Follows the replies to the final one, handing each event to `on_event`.
-    pub fn until_done(&mut self, on_event: &mut dyn FnMut(&Value)) -> Result<Value, ClientError> {
+    /// The next line, which must be an event (`wanted` names what was due), with the
+    /// descriptors that came with it.
+    pub fn event(&mut self, wanted: &'static str) -> Result<(Event, Vec<OwnedFd>), ClientError> {
+        let (v, fds) = self.reply()?;
+        if v.get("event").is_none() {
+            return Err(ClientError::Unexpected { got: v, wanted });
+        }
+        let e = serde_json::from_value(v.clone()).map_err(|_| ClientError::Unexpected { got: v, wanted })?;
+        Ok((e, fds))
+    }
+
+    /// The next line, which must be the final reply, as `T` (`wanted` names it).
+    pub fn done<T: serde::de::DeserializeOwned>(&mut self, wanted: &'static str) -> Result<T, ClientError> {
+        let (v, _) = self.reply()?;
+        field(&v, None, wanted)
+    }
+
+    /// Follows the replies to the final one (returned as `T`), handing each event to
+    /// `on_event`.
+    pub fn until_done<T: serde::de::DeserializeOwned>(
+        &mut self,
+        wanted: &'static str,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<T, ClientError> {
         loop {
             let (v, _) = self.reply()?;
             if v.get("event").is_none() {
-                return Ok(v);
+                return field(&v, None, wanted);
             }
-            on_event(&v);
+            // An event this client does not know (a newer ferryd's) is passed over.
+            if let Ok(e) = serde_json::from_value::<Event>(v) {
+                on_event(&e);
+            }
         }
     }
 
@@ -100,7 +131,8 @@ impl Client {
     }
 }
 
-/// `v[key]` as a `T`, or `v` was not what was `wanted`.
-pub fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str, wanted: &'static str) -> Result<T, ClientError> {
-    serde_json::from_value(v[key].clone()).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
+/// `v[key]` (or `v` itself) as a `T`, or `v` was not what was `wanted`.
+fn field<T: serde::de::DeserializeOwned>(v: &Value, key: Option<&str>, wanted: &'static str) -> Result<T, ClientError> {
+    let part = key.map_or_else(|| v.clone(), |k| v[k].clone());
+    serde_json::from_value(part).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
 }

@@ -29,8 +29,9 @@ use crate::live::Role;
 use crate::metrics::{Failed, Failure, Metrics};
 use crate::migrate::dest::DestOptions;
 use crate::migrate::source::{Source, SourceOptions};
-use crate::migrate::{MigrationReport, VmmError};
+use crate::migrate::{MigrationLimits, MigrationReport, VmmError};
 use crate::plan::{Compression, Plan, Transport};
+use crate::protocol::{self, Event};
 use hw::fdpass::LineConn;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,6 +173,22 @@ pub enum Request {
 }
 
 impl Request {
+    /// `migrate_out` to `to` with `regions` memory descriptors and the VMM's `limits`.
+    pub fn migrate_out(to: &str, regions: Option<usize>, limits: &crate::migrate::MigrationLimits) -> Request {
+        let l = limits.clone();
+        Request::MigrateOut {
+            to: to.to_string(),
+            downtime_ms: l.downtime_ms,
+            max_rounds: l.max_rounds,
+            rate_limit_mbit: l.rate_limit_mbit,
+            compress: l.compress,
+            transport: l.transport,
+            verify: l.verify,
+            regions,
+            recover_s: l.recover_s,
+        }
+    }
+
     /// One control-socket line, as a request: unknown commands and fields, and values of
     /// the wrong type, are errors that name them.
     pub fn parse(line: &str) -> Result<Request, serde_json::Error> {
@@ -532,17 +549,8 @@ impl Daemon {
         match req {
             Request::MigrateIn { listen, recover_s } => self.migrate_in(&mut conn, &listen, recover_s),
             Request::MigrateOut { to, downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify, regions, recover_s } => {
-                let limits = Limits {
-                    downtime_ms,
-                    max_rounds,
-                    rate_limit_mbit,
-                    compress,
-                    transport,
-                    verify: verify.unwrap_or(self.plan.migration.verify),
-                    regions,
-                    recover_s,
-                };
-                self.migrate_out(&mut conn, fds, &to, limits);
+                let limits = MigrationLimits { downtime_ms, max_rounds, rate_limit_mbit, compress, transport, verify, recover_s };
+                self.migrate_out(&mut conn, fds, &to, regions, limits);
             }
             Request::Round | Request::Final | Request::Postcopy => {
                 let e = RequestError::OutOfConversation { cmds: "round, final and postcopy", conversation: "migrate_out" };
@@ -552,20 +560,30 @@ impl Daemon {
                 let e = RequestError::OutOfConversation { cmds: "taken, faults and released", conversation: "migrate_in" };
                 say(Failed::from(e).reply())
             }
-            Request::Hello => say(serde_json::json!({
-                "ok": true,
-                "protocol": CONTROL_PROTOCOL,
-                "version": env!("CARGO_PKG_VERSION"),
-                "revision": crate::REVISION,
-                "wire_protocol": crate::wire::VERSION,
-                "commands": COMMANDS,
-                "transport": self.plan.transport.to_string(),
-                "peer": self.plan.daemon.peer,
-                "draining": self.is_draining(),
+            Request::Hello => say(protocol::ok(&protocol::Hello {
+                protocol: CONTROL_PROTOCOL,
+                version: env!("CARGO_PKG_VERSION").into(),
+                revision: crate::REVISION.into(),
+                wire_protocol: crate::wire::VERSION,
+                commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
+                transport: self.plan.transport.to_string(),
+                peer: self.plan.daemon.peer.clone(),
+                draining: self.is_draining(),
             })),
-            Request::Status => say(
-                serde_json::json!({"ok": true, "draining": self.is_draining(), "status": self.metrics.status(), "plan": {"transport": self.plan.transport.to_string(), "workers": self.plan.worker_cpus.len(), "compression": self.plan.compression.to_string()}, "pool": {"cpus": self.pool.cpus(), "chunk_bytes": self.pool.chunk(), "chunks_per_worker": self.pool.chunks_per_worker()}}),
-            ),
+            Request::Status => say(protocol::ok(&protocol::Status {
+                draining: self.is_draining(),
+                status: self.metrics.status(),
+                plan: protocol::StatusPlan {
+                    transport: self.plan.transport.to_string(),
+                    workers: self.plan.worker_cpus.len(),
+                    compression: self.plan.compression.to_string(),
+                },
+                pool: protocol::StatusPool {
+                    cpus: self.pool.cpus(),
+                    chunk_bytes: self.pool.chunk(),
+                    chunks_per_worker: self.pool.chunks_per_worker(),
+                },
+            })),
             Request::Recv { listen, out, timeout_s, progress } => say(self.recv(&listen, &out, timeout_s, &say, progress)),
             Request::Send { to, file, compress, progress } => say(self.send(to, &file, compress, progress.then_some(&say))),
             Request::StreamOut { listen, to, compress, progress } => {
@@ -598,7 +616,7 @@ impl Daemon {
             Err(source) => return Failed::from(RequestError::Listen { at: listen.to_string(), source }).reply(),
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
-        say(serde_json::json!({"event": "listening", "addr": addr}));
+        say(Event::Listening { addr: Some(addr), endpoints: Vec::new() }.to_value());
         let active = self.metrics.begin(Role::Recv);
         let (done, total) = (AtomicU64::new(0), AtomicU64::new(0));
         let opts = RecvOptions {
@@ -655,7 +673,7 @@ impl Daemon {
             }
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
-        let _ = conn.send(serde_json::json!({"event": "listening", "addr": addr}), &[]);
+        let _ = conn.send(Event::Listening { addr: Some(addr), endpoints: Vec::new() }.to_value(), &[]);
         let active = self.metrics.begin(Role::MigrateIn);
         // A second descriptor of the VMM's connection, watched while the migration runs.
         let watch = conn.stream().try_clone();
@@ -670,7 +688,7 @@ impl Daemon {
         // Not active once the reply says it ended: a status read after it agrees.
         drop(active);
         let last = match r {
-            Ok(inc) => serde_json::json!({"ok": true, "report": inc.report, "regions": inc.memory.len()}),
+            Ok(inc) => protocol::ok(&protocol::MigratedIn { regions: inc.memory.len(), report: inc.report }),
             Err(e) => e.reply(),
         };
         let _ = conn.send(last, &[]);
@@ -678,21 +696,28 @@ impl Daemon {
 
     /// Region mode, source: checks the descriptors, connects, then runs the VMM's
     /// `round` and `final` commands. Closing the connection abandons the migration.
-    fn migrate_out(&self, conn: &mut Client, fds: Vec<OwnedFd>, to: &str, limits: Limits) {
+    fn migrate_out(&self, conn: &mut Client, fds: Vec<OwnedFd>, to: &str, regions: Option<usize>, limits: MigrationLimits) {
         let say = |conn: &Client, v: serde_json::Value| {
             let _ = conn.send(v, &[]);
         };
         let active = self.metrics.begin(Role::MigrateOut);
-        let r = self.migrate_out_inner(conn, fds, to, limits);
+        let r = self.migrate_out_inner(conn, fds, to, regions, limits);
         self.metrics.end_migration(Role::MigrateOut, r.as_ref());
         drop(active);
         match r {
-            Ok(rep) => say(conn, serde_json::json!({"ok": true, "report": rep})),
+            Ok(report) => say(conn, protocol::ok(&protocol::Done { report })),
             Err(e) => say(conn, e.reply()),
         }
     }
 
-    fn migrate_out_inner(&self, conn: &mut Client, fds: Vec<OwnedFd>, to: &str, limits: Limits) -> Result<MigrationReport, Failed> {
+    fn migrate_out_inner(
+        &self,
+        conn: &mut Client,
+        fds: Vec<OwnedFd>,
+        to: &str,
+        regions: Option<usize>,
+        limits: MigrationLimits,
+    ) -> Result<MigrationReport, Failed> {
         // The guest memory regions, in order, then the dirty bitmap.
         let mut fds = fds;
         if fds.len() < 2 {
@@ -700,7 +725,7 @@ impl Daemon {
         }
         let bitmap = std::fs::File::from(fds.pop().expect("two or more"));
         let memory: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
-        if let Some(said) = limits.regions.filter(|&n| n != memory.len()) {
+        if let Some(said) = regions.filter(|&n| n != memory.len()) {
             return Err(RequestError::Regions { said, came: memory.len() }.into());
         }
         let (plan, require_rdma) = self.plan_for(&limits)?;
@@ -727,7 +752,7 @@ impl Daemon {
             downtime_budget: std::time::Duration::from_millis(limits.downtime_ms.unwrap_or(defaults.downtime_ms)),
             max_rounds: limits.max_rounds.unwrap_or(defaults.max_rounds).max(1),
             rate_limit,
-            verify: limits.verify,
+            verify: limits.verify.unwrap_or(defaults.verify),
             job: crate::migrate::source::Job::Migrate,
             progress: None,
             require_rdma,
@@ -736,7 +761,8 @@ impl Daemon {
         let refs: Vec<&std::fs::File> = memory.iter().collect();
         let mut src = Source::connect_regions(&refs, opts)?;
         let _ = conn.send(
-            serde_json::json!({"event": "connected", "to": to, "bytes": src.size(), "regions": sizes.len(), "lanes": src.lanes()}),
+            Event::Connected(protocol::Connected { to: to.to_string(), bytes: src.size(), regions: sizes.len(), lanes: src.lanes() })
+                .to_value(),
             &[],
         );
         let read_bitmap = || -> Result<Vec<u64>, RequestError> {
@@ -754,12 +780,12 @@ impl Daemon {
             match conn.parse(&line) {
                 Ok(Request::Round) => {
                     let rep = src.round(&read_bitmap()?)?;
-                    let _ = conn.send(serde_json::json!({"event": "round", "round": rep}), &[]);
+                    let _ = conn.send(Event::Round { round: rep }.to_value(), &[]);
                 }
                 Ok(Request::Final) => return src.finish(&read_bitmap()?).map_err(Failed::from),
                 Ok(Request::Postcopy) => {
                     src.switch_over(&read_bitmap()?)?;
-                    let _ = conn.send(serde_json::json!({"event": "switched", "switch_ms": src.switch_ms()}), &[]);
+                    let _ = conn.send(Event::Switched { switch_ms: src.switch_ms().unwrap_or_default() }.to_value(), &[]);
                     let recover = std::time::Duration::from_secs(limits.recover_s.unwrap_or(self.plan.migration.recover_s));
                     return src.postcopy(recover).map_err(Failed::from);
                 }
@@ -771,7 +797,7 @@ impl Daemon {
 
     /// This ferryd's plan with a migration's compression and transport applied, and
     /// whether RDMA is required.
-    fn plan_for(&self, limits: &Limits) -> Result<(Plan, bool), RequestError> {
+    fn plan_for(&self, limits: &MigrationLimits) -> Result<(Plan, bool), RequestError> {
         let mut plan = self.plan.clone();
         if let Some(c) = &limits.compress {
             plan.compression = parse_compression(c, plan.compression)?;
@@ -892,7 +918,7 @@ impl Daemon {
             StreamSide::Source { listeners, .. } => listeners.iter().map(crate::stream::Listener::uri).collect(),
             StreamSide::Destination { listener, .. } => listener.local_addr().map(|a| a.to_string()).into_iter().collect(),
         };
-        say(serde_json::json!({"event": "listening", "addr": endpoints.first(), "endpoints": endpoints}));
+        say(Event::Listening { addr: endpoints.first().cloned(), endpoints }.to_value());
         let active = self.metrics.begin(role);
         let counts = std::sync::Arc::new(crate::stream::StreamProgress::default());
         let compression = match &side {
@@ -949,7 +975,7 @@ impl Daemon {
             let link = crate::peer::open(&o.to, &self.auth, &crate::peer::Open { id: id.clone(), forward: forward.clone() })
                 .map_err(|source| RequestError::PeerOpen { to: o.to.clone(), source })?;
             log::info!("stream {id}: the destination ferryd at {} forwards to {forward}; channels go to {}", o.to, link.channels);
-            say(serde_json::json!({"event": "opened", "name": id, "forward": forward, "channels": link.channels.to_string()}));
+            say(Event::Opened { name: id.clone(), forward: forward.clone(), channels: link.channels.to_string() }.to_value());
             Ok((StreamSide::Source { listeners, to: link.channels.to_string(), compression }, link, id))
         })();
         let (side, link, id) = match opened {
@@ -964,7 +990,7 @@ impl Daemon {
             Err(_) => Err(RequestError::NotAsked.into()),
         };
         match (here, there) {
-            (Ok(rep), Ok(dest)) => serde_json::json!({"ok": true, "name": id, "report": rep, "destination": dest}),
+            (Ok(report), Ok(destination)) => protocol::ok(&protocol::StreamOpened { name: id, report, destination }),
             (Ok(_), Err(e)) | (Err(e), _) => {
                 let mut reply = e.reply();
                 reply["name"] = id.into();
@@ -1152,8 +1178,8 @@ fn wrong_answer(got: &Request, wanted: &'static str) -> VmmError {
 /// holds it (`{"cmd":"taken"}`).
 fn hand_over(conn: &mut Client, inc: &crate::migrate::dest::Incoming) -> Result<(), VmmError> {
     let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
-    let event = serde_json::json!({"event": "memory", "report": inc.report, "regions": fds.len()});
-    conn.send(event, &fds).map_err(VmmError::Send)?;
+    let event = Event::Memory { regions: fds.len(), report: inc.report.clone() };
+    conn.send(event.to_value(), &fds).map_err(VmmError::Send)?;
     match answer(conn)? {
         (Request::Taken, fds) if fds.is_empty() => Ok(()),
         (Request::Taken, fds) => Err(VmmError::Descriptors { answer: "taken", want: 0, got: fds.len() }),
@@ -1177,8 +1203,8 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
     ) -> Result<(hw::uffd::Userfault, Vec<crate::migrate::postcopy::Mapping>), VmmError> {
         let conn = &mut *self.0;
         let fds: Vec<_> = inc.memory.iter().map(|m| m.as_fd()).collect();
-        let event = serde_json::json!({"event": "postcopy", "regions": fds.len(), "report": inc.report});
-        conn.send(event, &fds).map_err(VmmError::Send)?;
+        let event = Event::Postcopy { regions: fds.len(), report: inc.report.clone() };
+        conn.send(event.to_value(), &fds).map_err(VmmError::Send)?;
         let (maps, mut fds) = match answer(conn)? {
             (Request::Faults { maps }, fds) => (maps, fds),
             (other, _) => return Err(wrong_answer(&other, "faults")),
@@ -1191,12 +1217,12 @@ impl crate::migrate::dest::DestVmm for DestConn<'_> {
     }
 
     fn run(&mut self) -> Result<(), VmmError> {
-        self.0.send(serde_json::json!({"event": "running"}), &[]).map_err(VmmError::Send)
+        self.0.send(Event::Running.to_value(), &[]).map_err(VmmError::Send)
     }
 
     fn all_local(&mut self) -> Result<(), VmmError> {
         let conn = &mut *self.0;
-        conn.send(serde_json::json!({"event": "local"}), &[]).map_err(VmmError::Send)?;
+        conn.send(Event::Local.to_value(), &[]).map_err(VmmError::Send)?;
         match answer(conn)? {
             (Request::Released, _) => Ok(()),
             (other, _) => Err(wrong_answer(&other, "released")),
@@ -1219,19 +1245,6 @@ enum StreamSide {
     Destination { listener: TcpListener, forward: crate::stream::Endpoint },
 }
 
-/// A migration's limits as the VMM asked for them.
-#[derive(Debug)]
-struct Limits {
-    downtime_ms: Option<u64>,
-    max_rounds: Option<u32>,
-    rate_limit_mbit: Option<u64>,
-    compress: Option<String>,
-    transport: Option<String>,
-    verify: crate::migrate::Verify,
-    regions: Option<usize>,
-    recover_s: Option<u64>,
-}
-
 /// Runs `f`, telling `say` (when given) every 250 ms how far it got: `progress` events with
 /// the region bytes `done`, the `total` (0 until known) and, for a stream, its `channels`.
 fn progress_events<T>(
@@ -1243,12 +1256,12 @@ fn progress_events<T>(
 ) -> T {
     let Some(say) = say else { return f() };
     let tick = || {
-        let mut event =
-            serde_json::json!({"event": "progress", "bytes": done.load(Ordering::Relaxed), "total": total.load(Ordering::Relaxed)});
-        if let Some(c) = channels {
-            event["channels"] = c.load(Ordering::Relaxed).into();
+        say(Event::Progress {
+            bytes: done.load(Ordering::Relaxed),
+            total: total.load(Ordering::Relaxed),
+            channels: channels.map(|c| c.load(Ordering::Relaxed)),
         }
-        say(event);
+        .to_value());
     };
     crate::live::ticking(std::time::Duration::from_millis(250), tick, f)
 }
@@ -1256,7 +1269,7 @@ fn progress_events<T>(
 /// A session's last reply: its report, or why it failed.
 fn result<R: Serialize>(r: Result<R, Failed>) -> serde_json::Value {
     match r {
-        Ok(rep) => serde_json::json!({"ok": true, "report": rep}),
+        Ok(report) => protocol::ok(&protocol::Done { report }),
         Err(e) => e.reply(),
     }
 }

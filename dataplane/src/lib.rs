@@ -38,6 +38,8 @@ pub mod peer;
 pub mod plan;
 /// The persistent worker threads: one per planned CPU, each with its arena.
 pub mod pool;
+/// ferryd's control protocol: events and replies, typed for ferryd and its clients.
+pub mod protocol;
 /// The session layer: limits on what a peer may cost, authenticated accept.
 pub mod session;
 /// Stream mode: an unmodified VMM's migration stream carried between two proxies.

@@ -66,7 +66,7 @@ fn a_guest_migrates_through_two_ferryd() {
     let addr = incoming.addr.clone();
     let waiter = std::thread::spawn(move || incoming.wait());
     let mut out = MigrateOut::start(&src.socket, &addr, &mem, &bitmap, &OutOptions::default()).unwrap();
-    assert_eq!(out.connected["bytes"], 2048 * PAGE);
+    assert_eq!(out.connected.bytes, 2048 * PAGE);
     let r0 = out.round().unwrap();
     assert_eq!(r0.dirty_pages, 2048);
     // Mid-migration, both ferryd already count round 0 per worker (live, not at the end).
@@ -116,7 +116,7 @@ fn guest_memory_in_two_regions_comes_back_as_two_memfds() {
     let addr = incoming.addr.clone();
     let waiter = std::thread::spawn(move || incoming.wait());
     let mut out = MigrateOut::start_regions(&src.socket, &addr, &[&a, &b], &bitmap, &OutOptions::default()).unwrap();
-    assert_eq!(out.connected["regions"], 2);
+    assert_eq!(out.connected.regions, 2);
     assert_eq!(out.round().unwrap().dirty_pages, 2048 + 100);
     // Region 1, page 99: bit 35 of its second word, the bitmap's word 33.
     b.write_all_at(&page_bytes(99, 6), 99 * PAGE).unwrap();

@@ -49,6 +49,25 @@ pub fn bitmap_bytes_regions(sizes: &[u64]) -> u64 {
     sizes.iter().map(|&s| bitmap_bytes(s)).sum()
 }
 
+/// What a VMM may ask of one migration (`migrate_out`'s fields, [`vmm::OutOptions`]);
+/// each left out is the plan's `[migration]` default (`downtime_ms`, `max_rounds`,
+/// `rate_limit_mbit`, `verify`, `recover_s`) or its compression and transport.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationLimits {
+    pub downtime_ms: Option<u64>,
+    pub max_rounds: Option<u32>,
+    /// Megabits per second of guest memory, at most.
+    pub rate_limit_mbit: Option<u64>,
+    /// `off`, `zstd:N` or `auto` (as ferry.toml means it).
+    pub compress: Option<String>,
+    /// `rdma`, `tcp`, `sockets` or `auto`.
+    pub transport: Option<String>,
+    /// What the final digest covers.
+    pub verify: Option<Verify>,
+    /// Post-copy: seconds to keep reconnecting after the link broke.
+    pub recover_s: Option<u64>,
+}
+
 /// A dirty bitmap that does not fit the guest's regions.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BitmapError {

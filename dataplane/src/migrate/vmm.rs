@@ -58,35 +58,23 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use serde_json::{Value, json};
-
+use crate::client::Client;
 pub use crate::client::ClientError;
-use crate::client::{Client, field as report};
+use crate::daemon::Request;
+use crate::protocol::{Connected, Done, Event, MigratedIn};
 
 use super::{MigrationReport, RoundReport};
 
-/// Limits for a migration, as a VMM asks for them.
-#[derive(Debug, Clone, Default)]
-pub struct OutOptions {
-    pub downtime_ms: Option<u64>,
-    pub max_rounds: Option<u32>,
-    /// Megabits per second of guest memory, at most.
-    pub rate_limit_mbit: Option<u64>,
-    /// `off`, `zstd:N` or `auto`; the plan's policy when none.
-    pub compress: Option<String>,
-    /// `rdma`, `tcp`, `sockets` or `auto`; the plan's transport when none.
-    pub transport: Option<String>,
-    /// What the final digest covers; ferryd's plan's (`[migration] verify`) when none.
-    pub verify: Option<super::Verify>,
-    /// Post-copy: seconds to keep reconnecting after the link broke (ferryd's default 120).
-    pub recover_s: Option<u64>,
-}
+/// Limits for a migration, as a VMM asks for them: the one limits type,
+/// [`super::MigrationLimits`].
+pub type OutOptions = super::MigrationLimits;
 
 /// An outgoing migration, driven round by round.
 #[derive(Debug)]
 pub struct MigrateOut {
     conn: Client,
-    pub connected: Value,
+    /// The `connected` event: the destination, the guest's bytes, regions and lanes.
+    pub connected: Connected,
 }
 
 impl MigrateOut {
@@ -100,42 +88,40 @@ impl MigrateOut {
     /// bitmap holds each region's bitmap in turn.
     pub fn start_regions(socket: &Path, to: &str, memory: &[&File], bitmap: &File, o: &OutOptions) -> Result<MigrateOut, ClientError> {
         let mut conn = Client::connect(socket)?;
-        let req = json!({"cmd": "migrate_out", "to": to, "downtime_ms": o.downtime_ms, "max_rounds": o.max_rounds,
-            "rate_limit_mbit": o.rate_limit_mbit, "compression": o.compress, "transport": o.transport, "verify": o.verify,
-            "regions": memory.len(), "recover_s": o.recover_s});
+        let req = Request::migrate_out(to, Some(memory.len()), o);
         let mut fds: Vec<_> = memory.iter().map(|m| m.as_fd()).collect();
         fds.push(bitmap.as_fd());
         conn.send(&req, &fds)?;
-        let (connected, _) = conn.reply()?;
-        Ok(MigrateOut { conn, connected })
-    }
-
-    fn step(&mut self, cmd: &str) -> Result<Value, ClientError> {
-        self.conn.send(&json!({ "cmd": cmd }), &[])?;
-        self.conn.reply().map(|(v, _)| v)
+        match conn.event("connected")? {
+            (Event::Connected(connected), _) => Ok(MigrateOut { conn, connected }),
+            (other, _) => Err(ClientError::unexpected(&other, "connected")),
+        }
     }
 
     /// A pre-copy round over the pages the bitmap memfd marks now (round 0: all).
     pub fn round(&mut self) -> Result<RoundReport, ClientError> {
-        let v = self.step("round")?;
-        report(&v, "round", "a round report")
+        self.conn.send(&Request::Round, &[])?;
+        match self.conn.event("a round report")? {
+            (Event::Round { round }, _) => Ok(round),
+            (other, _) => Err(ClientError::unexpected(&other, "a round report")),
+        }
     }
 
     /// The stop-and-copy round after the VMM paused; the report once the destination
     /// verified the memory.
     pub fn finish(mut self) -> Result<MigrationReport, ClientError> {
-        let v = self.step("final")?;
-        report(&v, "report", "a report")
+        self.conn.send(&Request::Final, &[])?;
+        Ok(self.conn.done::<Done<MigrationReport>>("the report")?.report)
     }
 
     /// The switch-over to post-copy after the VMM paused and wrote the final bitmap: returns
     /// once the destination runs the guest. From then on this VMM must not resume it.
     pub fn postcopy(mut self) -> Result<PostcopyOut, ClientError> {
-        let v = self.step("postcopy")?;
-        if v["event"] != "switched" {
-            return Err(ClientError::Unexpected { got: v, wanted: "the switch-over" });
+        self.conn.send(&Request::Postcopy, &[])?;
+        match self.conn.event("the switch-over")? {
+            (Event::Switched { switch_ms }, _) => Ok(PostcopyOut { conn: self.conn, switch_ms }),
+            (other, _) => Err(ClientError::unexpected(&other, "the switch-over")),
         }
-        Ok(PostcopyOut { conn: self.conn, switch_ms: v["switch_ms"].as_f64().unwrap_or(0.0) })
     }
 }
 
@@ -151,8 +137,7 @@ impl PostcopyOut {
     /// Blocks until every page is at the destination and verified: the report; or why not
     /// (the guest then cannot complete, and this VMM keeps its memory).
     pub fn wait(mut self) -> Result<MigrationReport, ClientError> {
-        let (v, _) = self.conn.reply()?;
-        report(&v, "report", "a report")
+        Ok(self.conn.done::<Done<MigrationReport>>("the report")?.report)
     }
 }
 
@@ -180,10 +165,10 @@ impl PostcopyIn {
     /// region, in order; missing and minor modes); returns once ferryd serves the faults:
     /// the guest may run now.
     pub fn serve(&mut self, uffd: &hw::uffd::Userfault, maps: &[super::postcopy::Mapping]) -> Result<(), ClientError> {
-        self.conn.send(&json!({"cmd": "faults", "maps": maps}), &[uffd.as_fd()])?;
-        let (v, _) = self.conn.reply()?;
-        if v["event"] != "running" {
-            return Err(ClientError::Unexpected { got: v, wanted: "running" });
+        self.conn.send(&Request::Faults { maps: maps.to_vec() }, &[uffd.as_fd()])?;
+        match self.conn.event("running")? {
+            (Event::Running, _) => {}
+            (other, _) => return Err(ClientError::unexpected(&other, "running")),
         }
         self.maps = maps.to_vec();
         Ok(())
@@ -195,16 +180,15 @@ impl PostcopyIn {
     /// the guest's faults until then, so the thread that calls this must not be one that
     /// touches the memory.
     pub fn wait(mut self, uffd: &hw::uffd::Userfault) -> Result<MigrationReport, ClientError> {
-        let (v, _) = self.conn.reply()?;
-        if v["event"] != "local" {
-            return Err(ClientError::Unexpected { got: v, wanted: "local" });
+        match self.conn.event("local")? {
+            (Event::Local, _) => {}
+            (other, _) => return Err(ClientError::unexpected(&other, "local")),
         }
         for m in &self.maps {
             uffd.unregister(m.addr, m.len)?;
         }
-        self.conn.send(&json!({"cmd": "released"}), &[])?;
-        let (v, _) = self.conn.reply()?;
-        report(&v, "report", "a report")
+        self.conn.send(&Request::Released, &[])?;
+        Ok(self.conn.done::<Done<MigrationReport>>("the report")?.report)
     }
 }
 
@@ -225,13 +209,11 @@ impl MigrateIn {
     /// after the link broke (ferryd's default 120).
     pub fn start_with(socket: &Path, listen: &str, recover_s: Option<u64>) -> Result<MigrateIn, ClientError> {
         let mut conn = Client::connect(socket)?;
-        conn.send(&json!({"cmd": "migrate_in", "listen": listen, "recover_s": recover_s}), &[])?;
-        let (v, _) = conn.reply()?;
-        let addr = match v["addr"].as_str() {
-            Some(a) => a.to_string(),
-            None => return Err(ClientError::Unexpected { got: v, wanted: "where it listens" }),
-        };
-        Ok(MigrateIn { conn, addr })
+        conn.send(&Request::MigrateIn { listen: listen.to_string(), recover_s }, &[])?;
+        match conn.event("where it listens")? {
+            (Event::Listening { addr: Some(addr), .. }, _) => Ok(MigrateIn { conn, addr }),
+            (other, _) => Err(ClientError::unexpected(&other, "where it listens")),
+        }
     }
 
     /// Blocks until the migration ends: the verified guest memory (one memfd per region, in
@@ -247,21 +229,20 @@ impl MigrateIn {
     /// Blocks until the memory arrives: verified and taken (pre-copy), or to be served
     /// through a userfaultfd (post-copy).
     pub fn next(mut self) -> Result<Arrival, ClientError> {
-        let (v, fds) = self.conn.reply()?;
-        let postcopy = v["event"] == "postcopy";
-        if v["event"] != "memory" && !postcopy {
-            return Err(ClientError::Unexpected { got: v, wanted: "the memory" });
-        }
-        if fds.is_empty() || v["regions"].as_u64() != Some(fds.len() as u64) {
-            return Err(ClientError::Descriptors { got: fds.len(), regions: v["regions"].clone() });
+        let (postcopy, regions, fds) = match self.conn.event("the memory")? {
+            (Event::Memory { regions, .. }, fds) => (false, regions, fds),
+            (Event::Postcopy { regions, .. }, fds) => (true, regions, fds),
+            (other, _) => return Err(ClientError::unexpected(&other, "the memory")),
+        };
+        if fds.is_empty() || regions != fds.len() {
+            return Err(ClientError::Descriptors { got: fds.len(), regions });
         }
         let memory: Vec<File> = fds.into_iter().map(File::from).collect();
         if postcopy {
             return Ok(Arrival::Postcopy(PostcopyIn { conn: self.conn, memory, maps: Vec::new() }));
         }
-        self.conn.send(&json!({"cmd": "taken"}), &[])?;
-        let (v, _) = self.conn.reply()?;
-        let report = report(&v, "report", "a report")?;
-        Ok(Arrival::Memory(memory, Box::new(report)))
+        self.conn.send(&Request::Taken, &[])?;
+        let done: MigratedIn = self.conn.done("the report")?;
+        Ok(Arrival::Memory(memory, Box::new(done.report)))
     }
 }
