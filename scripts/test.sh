@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: lints (clippy, with undocumented unsafe blocks denied),
-# unit and integration tests, the Soft-RoCE guest tests, the fuzzers for a bounded time,
+# unit and integration tests, the Soft-RoCE guest tests, loom's models of the lock-free
+# hand-offs and Miri on their unit tests, the fuzzers for a bounded time,
 # and the deploy checks (package, units, Kubernetes, image). Ends with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,18 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
+# The lock-free hand-offs (page claims, claim bits, the window cursor) in every
+# interleaving loom finds: only the lockfree crate builds under --cfg loom, in a target
+# directory of its own (the workspace's would be rebuilt for the flag otherwise).
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test -p lockfree --release --test loom 2>&1 | tee -a "$log"
+# The same crate's unit tests under Miri (undefined behaviour, out-of-bounds and data
+# races in what they run); Miri is a nightly component, fetched here when missing.
+if rustup component add --toolchain nightly miri rust-src >/dev/null 2>&1 \
+  || rustup toolchain install nightly --profile minimal --component miri,rust-src >/dev/null 2>&1; then
+  cargo +nightly miri test -p lockfree --lib 2>&1 | tee -a "$log"
+else
+  echo "SKIP: miri: the nightly toolchain with its miri component cannot be installed here" | tee -a "$log"
+fi
 # The frame decoder and the control-socket request parser under libFuzzer, each for a
 # bounded time. cargo fuzz needs nightly flags (sanitizers); only a stable toolchain is
 # available here, so RUSTC_BOOTSTRAP lets stable accept them.

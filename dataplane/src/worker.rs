@@ -18,7 +18,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::chunk::Batch;
@@ -74,14 +74,13 @@ impl Pacer {
 const CLAIM: u64 = 64;
 
 /// A round's windows, numbered across the regions, claimed by the workers a block at a
-/// time from one atomic cursor: no queue to fill and no scanning thread, and a round's
-/// bookkeeping does not grow with the guest.
+/// time from one atomic cursor ([`lockfree::Cursor`]): no queue to fill and no scanning
+/// thread, and a round's bookkeeping does not grow with the guest.
 pub(crate) struct WindowFeed {
     /// The number of each region's first window, then the total.
     starts: Vec<u64>,
-    next: AtomicU64,
-    /// A worker failed: the others stop claiming windows.
-    stop: AtomicBool,
+    /// A worker that failed stops it: the others stop claiming windows.
+    cursor: lockfree::Cursor,
 }
 
 impl WindowFeed {
@@ -93,18 +92,13 @@ impl WindowFeed {
             at += r.size.div_ceil(chunk as u64);
         }
         starts.push(at);
-        WindowFeed { starts, next: AtomicU64::new(0), stop: AtomicBool::new(false) }
+        WindowFeed { starts, cursor: lockfree::Cursor::new(at, CLAIM) }
     }
 
     /// The next block of windows, `None` once every window is claimed or the round has
     /// been stopped.
     pub(crate) fn claim(&self) -> Option<Range<u64>> {
-        if self.stopped() {
-            return None;
-        }
-        let total = *self.starts.last().expect("the total");
-        let first = self.next.fetch_add(CLAIM, Ordering::Relaxed);
-        (first < total).then(|| first..(first + CLAIM).min(total))
+        self.cursor.take()
     }
 
     /// Window `g` of the numbering as (region, window of that region).
@@ -116,52 +110,11 @@ impl WindowFeed {
     }
 
     pub(crate) fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-
-    pub(crate) fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.cursor.stop();
     }
 }
 
-/// One bit per item (page, window), set by any thread: whoever sets a bit first knows it.
-/// SeqCst, so two threads that each set one bit and then read the other's agree on an
-/// order (post-copy's claim and waiting bits rely on that).
-#[derive(Debug)]
-pub(crate) struct AtomicBits(Vec<AtomicU64>);
-
-impl AtomicBits {
-    /// `n` clear bits.
-    pub(crate) fn new(n: u64) -> AtomicBits {
-        AtomicBits((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-    }
-
-    /// The bits of `words`, as they are.
-    pub(crate) fn from_words(words: Vec<u64>) -> AtomicBits {
-        AtomicBits(words.into_iter().map(AtomicU64::new).collect())
-    }
-
-    pub(crate) fn get(&self, i: u64) -> bool {
-        self.0[(i / 64) as usize].load(Ordering::SeqCst) >> (i % 64) & 1 == 1
-    }
-
-    /// Sets bit `i`; whether it was clear before.
-    pub(crate) fn take(&self, i: u64) -> bool {
-        let bit = 1u64 << (i % 64);
-        self.0[(i / 64) as usize].fetch_or(bit, Ordering::SeqCst) & bit == 0
-    }
-}
-
-/// The bits of bitmap word `i` that fall in pages `first..end`.
-pub(crate) fn word_mask(i: u64, first: u64, end: u64) -> u64 {
-    let lo = first.saturating_sub(i * 64).min(64);
-    let hi = end.saturating_sub(i * 64).min(64);
-    if hi <= lo {
-        return 0;
-    }
-    let upto = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
-    upto & !((1u64 << lo) - 1)
-}
+pub(crate) use lockfree::{AtomicBits, word_mask};
 
 /// Calls `f(first, end)` for each run of consecutive dirty pages in `first..end`, a word of
 /// the bitmap at a time (clean words cost one comparison).

@@ -4,7 +4,8 @@
 //! claimed.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use lockfree::Claims;
 
 use crate::lane::Payload;
 
@@ -22,15 +23,15 @@ pub struct Dest<'f> {
     file: &'f File,
     len: u64,
     page: u64,
-    claimed: Vec<AtomicU64>,
+    claimed: Claims,
 }
 
 impl<'f> Dest<'f> {
     /// `file` must already have its final length. The claim table is one bit per page; a
     /// host that cannot hold it gets an error, not an abort.
     pub fn new(file: &'f File, len: u64, page: u64) -> Result<Dest<'f>, crate::session::limits::LimitError> {
-        let pages = len.div_ceil(page);
-        let claimed = crate::session::limits::table_with(pages.div_ceil(64), || AtomicU64::new(0), "the page claim table")?;
+        let claimed = Claims::new(len.div_ceil(page))
+            .map_err(|e| crate::session::limits::LimitError::Alloc { what: "the page claim table", bytes: e.bytes })?;
         Ok(Dest { file, len, page, claimed })
     }
 
@@ -43,34 +44,11 @@ impl<'f> Dest<'f> {
         if offset.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(err("past the end of the region"));
         }
-        let (first, last) = ((offset / self.page) as usize, (offset + len).div_ceil(self.page) as usize);
-        let mask_of = |p: usize| {
-            let word = p / 64;
-            let (lo, hi) = (p % 64, (last - word * 64).min(64));
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            (word, mask, word * 64 + hi)
-        };
-        let mut p = first;
-        while p < last {
-            let (word, mask, next) = mask_of(p);
-            // AcqRel: pairs with other lanes' claims of the same word, so of two
-            // overlapping claims exactly one sees the other's bits.
-            let before = self.claimed[word].fetch_or(mask, Ordering::AcqRel);
-            if before & mask != 0 {
-                // Give back what this call took: the new bits of this word, and the
-                // words before it, which it had claimed whole.
-                self.claimed[word].fetch_and(!(mask & !before), Ordering::AcqRel);
-                let mut q = first;
-                while q < p {
-                    let (w, m, n) = mask_of(q);
-                    self.claimed[w].fetch_and(!m, Ordering::AcqRel);
-                    q = n;
-                }
-                return Err(err("pages already written (an overlapping or repeated frame)"));
-            }
-            p = next;
-        }
-        Ok(())
+        // Of two overlapping claims exactly one wins, and the loser holds nothing after
+        // (checked in every interleaving by lockfree's loom models).
+        self.claimed
+            .claim(offset / self.page, (offset + len).div_ceil(self.page))
+            .map_err(|_| err("pages already written (an overlapping or repeated frame)"))
     }
 
     /// Marks pages that arrive as zero: the new file already reads as zero there.
@@ -104,13 +82,11 @@ impl<'f> Dest<'f> {
 
     /// Forgets every claim: the next migration round may write each page once more.
     pub fn next_round(&self) {
-        for w in &self.claimed {
-            w.store(0, Ordering::Release);
-        }
+        self.claimed.clear();
     }
 
     pub fn pages_claimed(&self) -> u64 {
-        self.claimed.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
+        self.claimed.claimed()
     }
 
     pub fn len(&self) -> u64 {

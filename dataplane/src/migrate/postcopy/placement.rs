@@ -254,6 +254,8 @@ impl Placement {
             return Err(Violation::NotStale { region: r, page }.into());
         }
         let won = reg.claimed.take(page);
+        // Between the claim and the look at the waiting bit below (see `on_fault`).
+        lockfree::order();
         if won {
             let off = page * PAGE as u64;
             let len = (reg.size - off).min(PAGE as u64) as usize;
@@ -312,6 +314,7 @@ impl Placement {
                 // Set before the entry and before looking at the claim again: a placer that
                 // claims the page after this look sees the bit (see `place`).
                 reg.waiting.take(page);
+                lockfree::order();
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 let new = !pending.contains_key(&(r, page));
                 pending.entry((r, page)).or_insert_with(Instant::now);
