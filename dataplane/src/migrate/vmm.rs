@@ -14,7 +14,7 @@
 //!   │◄─ {"event":"round",...,"advise_pause":true} ──────────────────│
 //!   │   (pauses the vCPUs, writes the last bitmap)                   │
 //!   │── {"cmd":"final"} ───────────────────────────────────────────►│  stop-and-copy, digests
-//!   │◄─ {"ok":true,"report":{...}} or {"ok":false,"error":".."} ────│
+//!   │◄─ {"ok":true,"report":{...}} or {"ok":false,"error":"..","kind":".."} │
 //! ```
 //!
 //! Guest memory in several memory files (slots, NUMA nodes) goes as several regions: their
@@ -48,8 +48,11 @@
 //!   │                  │                     │── {"ok":true,"report"} ─────────►│
 //! ```
 //!
+//! The events and replies are [`crate::protocol`]'s types, and this module's calls read them
+//! through [`crate::client::Client`]; a failure's `kind` is a [`crate::metrics::Failure`].
+//!
 //! The memfds come in the source's order, one per region. The VMM runs the guest only
-//! after the final `{"ok":true}` (post-copy: after `running`); an `{"ok":false,"error":..}` instead (at any point)
+//! after the final `{"ok":true}` (post-copy: after `running`); an `{"ok":false,"error":..,"kind":..}` instead (at any point)
 //! means the migration failed and memory it was handed must be discarded. Closing the
 //! connection before `taken` cancels the migration: the source is told, and its VMM
 //! resumes the guest.
