@@ -120,6 +120,39 @@ struct Hosts {
     ferryctl: PathBuf,
 }
 
+/// A session-mode libvirtd as user nobody with its own runtime directory under `d/NAME`
+/// and host UUID (in the mount namespace of process `in_ns`, if given); its URI.
+fn libvirtd(d: &Path, name: &str, uuid: &str, in_ns: Option<u32>) -> (Proc, String) {
+    let h = d.join(name);
+    for sub in ["run", "config/libvirt", "cache", "home"] {
+        std::fs::create_dir_all(h.join(sub)).unwrap();
+    }
+    std::fs::write(h.join("config/libvirt/libvirtd.conf"), format!("host_uuid = \"{uuid}\"\n")).unwrap();
+    Command::new("chown").args(["-R", &format!("{NOBODY}:{NOBODY}")]).arg(&h).status().unwrap();
+    std::fs::set_permissions(h.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut c = match in_ns {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["--target", &pid.to_string(), "--mount", "--"]);
+            c.arg("setpriv").args([
+                format!("--reuid={NOBODY}"),
+                format!("--regid={NOBODY}"),
+                format!("--groups={}", groups()),
+                "--".into(),
+            ]);
+            c.arg("libvirtd");
+            c
+        }
+        None => as_nobody(d, "libvirtd"),
+    };
+    c.env("HOME", h.join("home")).env("XDG_RUNTIME_DIR", h.join("run")).env("XDG_CONFIG_HOME", h.join("config"));
+    c.env("XDG_CACHE_HOME", h.join("cache"));
+    let log = std::fs::File::create(d.join(format!("{name}-libvirtd.log"))).unwrap();
+    let p = Proc(c.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap());
+    let uri = format!("qemu+unix:///session?socket={}", h.join("run/libvirt/libvirt-sock").display());
+    (p, uri)
+}
+
 impl Hosts {
     fn start() -> Hosts {
         let dir = tempfile::Builder::new().prefix("ferry-libvirt-").tempdir_in("/tmp").unwrap();
@@ -178,38 +211,8 @@ impl Hosts {
         let mut dst_ferryd = Proc(spawn(dst));
         let peer = ferryd_ready(&mut dst_ferryd.0, d.join("dst-ferryd.log")).expect("the destination ferryd serves peers");
         let ns = dst_ferryd.0.id();
-        let libvirtd = |name: &str, uuid: &str, in_ns: Option<u32>| {
-            let h = d.join(name);
-            for sub in ["run", "config/libvirt", "cache", "home"] {
-                std::fs::create_dir_all(h.join(sub)).unwrap();
-            }
-            std::fs::write(h.join("config/libvirt/libvirtd.conf"), format!("host_uuid = \"{uuid}\"\n")).unwrap();
-            Command::new("chown").args(["-R", &format!("{NOBODY}:{NOBODY}")]).arg(&h).status().unwrap();
-            std::fs::set_permissions(h.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
-            let mut c = match in_ns {
-                Some(pid) => {
-                    let mut c = Command::new("nsenter");
-                    c.args(["--target", &pid.to_string(), "--mount", "--"]);
-                    c.arg("setpriv").args([
-                        format!("--reuid={NOBODY}"),
-                        format!("--regid={NOBODY}"),
-                        format!("--groups={}", groups()),
-                        "--".into(),
-                    ]);
-                    c.arg("libvirtd");
-                    c
-                }
-                None => as_nobody(&d, "libvirtd"),
-            };
-            c.env("HOME", h.join("home")).env("XDG_RUNTIME_DIR", h.join("run")).env("XDG_CONFIG_HOME", h.join("config"));
-            c.env("XDG_CACHE_HOME", h.join("cache"));
-            let log = std::fs::File::create(d.join(format!("{name}-libvirtd.log"))).unwrap();
-            let p = Proc(c.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap());
-            let uri = format!("qemu+unix:///session?socket={}", h.join("run/libvirt/libvirt-sock").display());
-            (p, uri)
-        };
-        let (src_lv, src_uri) = libvirtd("src", "00000000-0000-4000-8000-0000000000aa", None);
-        let (dst_lv, dst_uri) = libvirtd("dst", "00000000-0000-4000-8000-0000000000bb", Some(ns));
+        let (src_lv, src_uri) = libvirtd(&d, "src", "00000000-0000-4000-8000-0000000000aa", None);
+        let (dst_lv, dst_uri) = libvirtd(&d, "dst", "00000000-0000-4000-8000-0000000000bb", Some(ns));
         let mut image = vec![0u8; IMAGE_BYTES];
         control::guest::fill_image(&mut image, 20261202);
         let h = Hosts {
@@ -497,9 +500,13 @@ fn libvirt_migrates_through_ferry() {
         );
     }
 
-    // A migration cut in the middle: slowed to 8 MiB/s, the destination ferryd killed
-    // once part of the guest has gone. virsh fails, and so does ferryctl; the source
-    // guest keeps running.
+    a_cut_migration_fails_and_the_source_keeps_running(&mut h);
+}
+
+/// A migration cut in the middle: slowed to 8 MiB/s, the destination ferryd killed once
+/// part of the guest has gone. virsh fails, and so does ferryctl; the source guest keeps
+/// running.
+fn a_cut_migration_fails_and_the_source_keeps_running(h: &mut Hosts) {
     h.create_guest();
     let child = h.ferryctl_migrate(&[], &["--bandwidth", "8"]);
     let t = Instant::now();

@@ -462,7 +462,15 @@ fn registry(f: &Families, started: Instant) -> Registry {
         "Per sending worker, chunk handed to a connection until written; per receiving lane, data frame arrived until in the destination. Completed sessions",
         f.worker_latency.clone(),
     );
-    let m = &f.migration;
+    register_migration(&mut r, &f.migration);
+    register_postcopy(&mut r, &f.postcopy);
+    r.register_collector(Box::new(LiveCollector));
+    r.register_collector(Box::new(ProcessCollector));
+    r
+}
+
+/// The `ferry_migration_*` series.
+fn register_migration(r: &mut Registry, m: &MigrationFamilies) {
     r.register("ferry_migration_rounds", "Rounds of each completed migration, the stop-and-copy round included", m.rounds.clone());
     r.register("ferry_migration_round_bytes", "Dirty bytes each round of a completed migration sent", m.round_bytes.clone());
     r.register(
@@ -503,7 +511,10 @@ fn registry(f: &Families, started: Instant) -> Registry {
     );
     r.register("ferry_migration_last_rounds", "The last completed migration's rounds", m.last_rounds.clone());
     r.register("ferry_migration_last_bytes", "The last completed migration's guest memory size", m.last_bytes.clone());
-    let pc = &f.postcopy;
+}
+
+/// The `ferry_postcopy_*` series.
+fn register_postcopy(r: &mut Registry, pc: &PostcopyFamilies) {
     r.register("ferry_postcopy_migrations", "Migrations that switched over to post-copy and completed, by role", pc.migrations.clone());
     r.register(
         "ferry_postcopy_faults",
@@ -526,9 +537,6 @@ fn registry(f: &Families, started: Instant) -> Registry {
         "ferry's part of a post-copy switch-over (source): from the VMM's postcopy until the destination ran the guest",
         pc.switch.clone(),
     );
-    r.register_collector(Box::new(LiveCollector));
-    r.register_collector(Box::new(ProcessCollector));
-    r
 }
 
 /// A session counted as active until this is dropped, however the session ends.

@@ -2,7 +2,8 @@
 //! refused with exit 2 and a message naming the problem.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use dataplane::plan::*;
 use nix::sys::signal::{Signal, kill};
@@ -121,25 +122,18 @@ fn bad_plans_exit_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read plan /nonexistent/plan.json"));
 }
 
-/// ferryd as a service: commands on the control socket drive real transfers, and the
-/// metrics endpoint counts them.
-#[test]
-fn serves_transfers_status_and_metrics() {
+/// A ferryd with a key and a metrics port in `dir`: the process, its control socket, its
+/// metrics address and the key's `Auth`.
+fn keyed_ferryd(dir: &Path) -> (Child, PathBuf, String, dataplane::auth::Auth) {
     use dataplane::auth::{Auth, Key};
-    use dataplane::engine::recv::{RecvOptions, recv_file};
-    use dataplane::engine::send::{SendOptions, send_file};
-    use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixStream;
-
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("k");
+    let key_path = dir.join("k");
     std::fs::write(&key_path, "11".repeat(32)).unwrap();
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let auth = Auth::Key(Key::from_bytes(vec![0x11; 32]).unwrap());
-    let plan_path = dir.path().join("plan.json");
+    let plan_path = dir.join("plan.json");
     std::fs::write(&plan_path, serde_json::to_string(&plan()).unwrap()).unwrap();
-    let sock = dir.path().join("ferryd.sock");
+    let sock = dir.join("ferryd.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
         .arg("--plan")
         .arg(&plan_path)
@@ -164,110 +158,35 @@ fn serves_transfers_status_and_metrics() {
         }
     }
     std::thread::spawn(move || lines.for_each(drop));
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    (child, sock, metrics_addr, auth)
+}
 
-    let ask = |req: &str| -> Vec<serde_json::Value> {
-        let mut c = UnixStream::connect(&sock).unwrap();
-        writeln!(c, "{req}").unwrap();
-        BufReader::new(c).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
-    };
-    let st = ask(r#"{"cmd":"status"}"#);
-    assert_eq!(st[0]["ok"], true);
-    // Every role's series is there at zero before any session: a fleet's increase() sees
-    // the first one.
-    {
-        use std::io::Read;
-        let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
-        write!(http, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        http.read_to_string(&mut body).unwrap();
-        for role in ["send", "recv", "migrate_in", "migrate_out"] {
-            for want in [
-                format!("ferry_sessions_total{{role=\"{role}\",result=\"error\"}} 0"),
-                format!("ferry_sessions_total{{role=\"{role}\",result=\"ok\"}} 0"),
-                format!("ferry_sessions_active{{role=\"{role}\"}} 0"),
-                format!("ferry_region_bytes_total{{role=\"{role}\"}} 0"),
-            ] {
-                assert!(body.contains(&want), "{want} missing:\n{body}");
-            }
+/// `GET /metrics` at `addr`: the whole response.
+fn scrape(addr: &str) -> String {
+    http(addr, "GET /metrics HTTP/1.0\r\n\r\n").unwrap()
+}
+
+/// Every role's series is there at zero before any session (a fleet's increase() sees the
+/// first one), and the build's.
+fn assert_series_at_zero(body: &str) {
+    for role in ["send", "recv", "migrate_in", "migrate_out"] {
+        for want in [
+            format!("ferry_sessions_total{{role=\"{role}\",result=\"error\"}} 0"),
+            format!("ferry_sessions_total{{role=\"{role}\",result=\"ok\"}} 0"),
+            format!("ferry_sessions_active{{role=\"{role}\"}} 0"),
+            format!("ferry_region_bytes_total{{role=\"{role}\"}} 0"),
+        ] {
+            assert!(body.contains(&want), "{want} missing:\n{body}");
         }
-        let build = format!(
-            "ferry_build_info{{version=\"{}\",revision=\"{}\",wire_protocol=\"2\"}} 1",
-            env!("CARGO_PKG_VERSION"),
-            dataplane::REVISION
-        );
-        assert!(body.contains(&build), "{build} missing:\n{body}");
     }
-    // Status names the build and the wire protocol it speaks.
-    let s = &st[0]["status"];
-    assert_eq!((s["revision"].as_str(), s["wire_protocol"].as_u64()), (Some(dataplane::REVISION), Some(2)), "{st:?}");
-    // The sending workers run from the start, one per planned CPU.
-    assert_eq!(st[0]["pool"]["cpus"], serde_json::json!([0]), "{st:?}");
-    let threads = || -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/task", child.id()))
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|c| c.trim().to_string())
-            .collect()
-    };
-    assert_eq!(threads().iter().filter(|c| c.starts_with("ferry-w")).count(), 1, "{:?}", threads());
-    let bad = ask(r#"{"cmd":"launch-missiles"}"#);
-    assert_eq!(bad[0]["ok"], false);
-    assert!(bad[0]["error"].as_str().unwrap().contains("bad request"));
+    let build =
+        format!("ferry_build_info{{version=\"{}\",revision=\"{}\",wire_protocol=\"2\"}} 1", env!("CARGO_PKG_VERSION"), dataplane::REVISION);
+    assert!(body.contains(&build), "{build} missing:\n{body}");
+}
 
-    // ferryd receives: it says where it listens, then reports the finished session.
-    let data: Vec<u8> = (0..300_000u32).map(|i| if i % 9000 < 4096 { 0 } else { (i % 251) as u8 }).collect();
-    let src = dir.path().join("src");
-    std::fs::write(&src, &data).unwrap();
-    let out = dir.path().join("received");
-    let mut c = UnixStream::connect(&sock).unwrap();
-    writeln!(c, "{}", serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out})).unwrap();
-    let mut replies = BufReader::new(c).lines();
-    let first: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
-    assert_eq!(first["event"], "listening");
-    let p = plan();
-    send_file(
-        &src,
-        &SendOptions {
-            to: first["addr"].as_str().unwrap().into(),
-            auth: auth.clone(),
-            plan: &p,
-            progress: None,
-            require_rdma: false,
-            pool: None,
-        },
-    )
-    .unwrap();
-    let last: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
-    assert_eq!(last["ok"], true, "{last}");
-    assert_eq!(std::fs::read(&out).unwrap(), data);
-
-    // ferryd sends.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let back = dir.path().join("back");
-    let got = std::thread::scope(|s| {
-        let r = s.spawn(|| {
-            recv_file(&listener, &back, &RecvOptions { auth: auth.clone(), plan: &p, progress: None, total: None, timeout: None })
-        });
-        let reply = ask(&serde_json::json!({"cmd": "send", "to": addr, "file": src, "compress": "zstd:1"}).to_string());
-        assert_eq!(reply[0]["ok"], true, "{reply:?}");
-        assert!(reply[0]["report"]["compressed_in_bytes"].as_u64().unwrap() > 0);
-        r.join().unwrap()
-    });
-    got.unwrap();
-    assert_eq!(std::fs::read(&back).unwrap(), data);
-    // The send ran on the pool: still its one worker thread, no other sending thread.
-    assert_eq!(threads().iter().filter(|c| c.starts_with("ferry-w")).count(), 1, "{:?}", threads());
-
-    // A send that cannot connect is reported and counted.
-    let failed = ask(r#"{"cmd":"send","to":"127.0.0.1:1","file":"/nonexistent"}"#);
-    assert_eq!(failed[0]["ok"], false);
-
-    let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
-    write!(http, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
+/// After a receive, a send and a failed send of 300000 bytes: each counted, with the
+/// workers' and lanes' latencies.
+fn assert_sessions_counted(body: &str) {
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
     for want in [
         "ferry_sessions_total{role=\"recv\",result=\"ok\"} 1",
@@ -294,6 +213,87 @@ fn serves_transfers_status_and_metrics() {
         .parse()
         .unwrap();
     assert!(frames > 0, "{body}");
+}
+
+/// ferryd as a service: commands on the control socket drive real transfers, and the
+/// metrics endpoint counts them.
+#[test]
+fn serves_transfers_status_and_metrics() {
+    use dataplane::engine::recv::{RecvOptions, recv_file};
+    use dataplane::engine::send::{SendOptions, send_file};
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, sock, metrics_addr, auth) = keyed_ferryd(dir.path());
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let ask = |req: &str| -> Vec<serde_json::Value> {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        writeln!(c, "{req}").unwrap();
+        BufReader::new(c).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
+    };
+    let st = ask(r#"{"cmd":"status"}"#);
+    assert_eq!(st[0]["ok"], true);
+    assert_series_at_zero(&scrape(&metrics_addr));
+    // Status names the build and the wire protocol it speaks.
+    let s = &st[0]["status"];
+    assert_eq!((s["revision"].as_str(), s["wire_protocol"].as_u64()), (Some(dataplane::REVISION), Some(2)), "{st:?}");
+    // The sending workers run from the start, one per planned CPU.
+    assert_eq!(st[0]["pool"]["cpus"], serde_json::json!([0]), "{st:?}");
+    let threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    assert_eq!(threads().iter().filter(|c| c.starts_with("ferry-w")).count(), 1, "{:?}", threads());
+    let bad = ask(r#"{"cmd":"launch-missiles"}"#);
+    assert_eq!((&bad[0]["ok"], &bad[0]["kind"]), (&serde_json::json!(false), &serde_json::json!("bad_request")), "{bad:?}");
+    assert!(bad[0]["error"].as_str().unwrap().contains("bad request"));
+
+    // ferryd receives: it says where it listens, then reports the finished session.
+    let data: Vec<u8> = (0..300_000u32).map(|i| if i % 9000 < 4096 { 0 } else { (i % 251) as u8 }).collect();
+    let src = dir.path().join("src");
+    std::fs::write(&src, &data).unwrap();
+    let out = dir.path().join("received");
+    let mut c = UnixStream::connect(&sock).unwrap();
+    writeln!(c, "{}", serde_json::json!({"cmd": "recv", "listen": "127.0.0.1:0", "out": out})).unwrap();
+    let mut replies = BufReader::new(c).lines();
+    let first: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "listening");
+    let p = plan();
+    let to = first["addr"].as_str().unwrap().into();
+    send_file(&src, &SendOptions { to, auth: auth.clone(), plan: &p, progress: None, require_rdma: false, pool: None }).unwrap();
+    let last: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    assert_eq!(last["ok"], true, "{last}");
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // ferryd sends.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let back = dir.path().join("back");
+    let got = std::thread::scope(|s| {
+        let r = s.spawn(|| {
+            recv_file(&listener, &back, &RecvOptions { auth: auth.clone(), plan: &p, progress: None, total: None, timeout: None })
+        });
+        let reply = ask(&serde_json::json!({"cmd": "send", "to": addr, "file": src, "compress": "zstd:1"}).to_string());
+        assert_eq!(reply[0]["ok"], true, "{reply:?}");
+        assert!(reply[0]["report"]["compressed_in_bytes"].as_u64().unwrap() > 0);
+        r.join().unwrap()
+    });
+    got.unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    // The send ran on the pool: still its one worker thread, no other sending thread.
+    assert_eq!(threads().iter().filter(|c| c.starts_with("ferry-w")).count(), 1, "{:?}", threads());
+
+    // A send that cannot connect is reported and counted.
+    let failed = ask(r#"{"cmd":"send","to":"127.0.0.1:1","file":"/nonexistent"}"#);
+    assert_eq!(failed[0]["ok"], false);
+
+    assert_sessions_counted(&scrape(&metrics_addr));
     let st = ask(r#"{"cmd":"status"}"#);
     let lat = st[0]["status"]["worker_latency_us"].as_array().unwrap();
     assert!(lat.iter().any(|w| w["role"] == "recv" && w["latency_us"]["max"].as_u64().is_some()), "{lat:?}");

@@ -582,7 +582,7 @@ pub(super) fn received_round(round: u32, last: bool, sum: &RoundCounts, seconds:
 /// DONE's digest against `digest`, this side's of the `size` bytes: on a mismatch,
 /// RESULT says so and the mismatch is the error. Success's RESULT is the caller's to send
 /// ([`result_ok`]), once the data is where its user reads it.
-pub(super) fn check_done(ctl: &mut Ctl, buf: &mut Vec<u8>, digest: Digest, size: u64) -> Result<(), SessionError> {
+pub(crate) fn check_done(ctl: &mut Ctl, buf: &mut Vec<u8>, digest: Digest, size: u64) -> Result<(), SessionError> {
     ctl.expect(Kind::Done, buf)?;
     let done: wire::Digest = wire::parse(Kind::Done, buf)?;
     let source = Digest::from_bytes(done.digest);

@@ -111,6 +111,16 @@ impl Poller<'_> {
     }
 }
 
+/// RDMA_CONNECT's workers and QPs per worker, which must make the session's lanes.
+fn workers_and_qps(hello: &wire::RdmaConnect, lanes: usize) -> Result<(usize, usize), SessionError> {
+    let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
+    if workers == 0 || qpw == 0 || workers * qpw != lanes {
+        let allowed = "workers x QPs per worker = the session's lanes";
+        return Err(Violation::Field { frame: Kind::RdmaConnect, field: "workers x QPs", value: (workers * qpw) as u64, allowed }.into());
+    }
+    Ok((workers, qpw))
+}
+
 /// The receiving loop of an RDMA session (SESSION_OK sent): the QP exchange, then each
 /// round's one-sided writes, waited for and hashed (keyed) before ROUND_OK, then DONE's
 /// digest against what landed. RESULT is the caller's to send.
@@ -122,11 +132,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let mut buf = Vec::new();
     ctl.expect(Kind::RdmaConnect, &mut buf)?;
     let (hello, peer) = wire::parse_list::<wire::RdmaConnect, wire::RdmaEndpoint>(Kind::RdmaConnect, &buf, lanes)?;
-    let (workers, qpw) = (usize::from(hello.workers.get()), usize::from(hello.qps_per_worker.get()));
-    if workers == 0 || qpw == 0 || workers * qpw != lanes {
-        let allowed = "workers x QPs per worker = the session's lanes";
-        return Err(Violation::Field { frame: Kind::RdmaConnect, field: "workers x QPs", value: (workers * qpw) as u64, allowed }.into());
-    }
+    let (workers, qpw) = workers_and_qps(&hello, lanes)?;
     let Accepted { dev, regions, cqs, qps, mut report, credit_batch, send_depth } = accept(ctl, &hello, peer, memory, layout, o)?;
     let check = report.check;
     let size: u64 = layout.regions.iter().sum();
@@ -193,15 +199,8 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     // Nothing may write the destination any more: the QPs went with their pollers; now
     // the registrations go.
     drop(regions);
-    ctl.expect(Kind::Done, &mut buf)?;
-    let done: wire::Digest = wire::parse(Kind::Done, &buf)?;
     let digest: Digest = at_end.unwrap_or_else(|| hashes.iter().map(PageHashes::fold).sum());
-    let source = Digest::from_bytes(done.digest);
-    if digest != source || done.bytes.get() != size {
-        let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 0.into(), _pad: 0.into() };
-        ctl.send(Kind::Result, result.as_bytes())?;
-        return Err(SessionError::DigestMismatch { source_digest: source.hex(), dest_digest: digest.hex() });
-    }
+    crate::migrate::dest::check_done(ctl, &mut buf, digest, size)?;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
     let report = MigrationReport {
