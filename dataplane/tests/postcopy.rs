@@ -258,6 +258,50 @@ fn a_silent_link_during_post_copy_is_noticed_and_recovered() {
     assert_eq!(dest.digest, source.digest);
 }
 
+/// The source tries again while the link is still silent: each attempt into it gives up
+/// after a few silences (not after the idle timeout, or the kernel's connect retries), so
+/// attempts keep coming and the first one after the link is back gets through.
+#[test]
+fn reconnects_into_a_silent_link_give_up_soon() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let t = slow_push((Some(120), Some(120)));
+    t.attempt_up();
+    let log = |name: &str| std::fs::read_to_string(t._dir.path().join(format!("{name}.log"))).unwrap_or_default();
+    let t0 = std::time::Instant::now();
+    while log("dst").matches("lane 1 connected").count() < 2 && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    t.relay.silence();
+    let since = std::time::Instant::now();
+    // The source notices the silence (5 s), then tries: a second attempt within 25 s means
+    // the first gave up on the silent link well before the 30 s idle timeout.
+    let (_, swallowed_before) = t.relay.counts();
+    let two = std::thread::scope(|s| {
+        let map = &t.run.map;
+        let reader = s.spawn(move || guest_page(map, PAGES - 1));
+        let mut two = None;
+        while since.elapsed() < std::time::Duration::from_secs(25) {
+            if t.relay.counts().1 >= swallowed_before + 2 {
+                two = Some(since.elapsed());
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        t.relay.restore();
+        reader.join().unwrap();
+        two
+    });
+    let two = two.unwrap_or_else(|| panic!("one attempt into the silent link in 25 s:\n{}", log("src")));
+    eprintln!("a second attempt came {two:?} after the link went silent");
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
+    let dest = finish(run).unwrap();
+    let source = out.wait().unwrap();
+    assert!(dest.postcopy.unwrap().attempts >= 2);
+    assert_eq!(dest.digest, source.digest);
+}
+
 #[test]
 fn a_link_that_never_comes_back_fails_both_sides_clearly() {
     if !userfaultfd_or_skip() {

@@ -41,6 +41,27 @@ pub(crate) fn connect(to: &str) -> Result<TcpStream, SessionError> {
     Ok(s)
 }
 
+/// [`connect`] that gives up after `timeout` (each address the name resolves to tried in
+/// turn), with `timeout` as the connection's read and write timeout: for a peer that
+/// should answer at once, or not at all (a link that is still down).
+pub(crate) fn connect_within(to: &str, timeout: std::time::Duration) -> Result<TcpStream, SessionError> {
+    let addrs: Vec<_> = to.to_socket_addrs().map_err(|e| SessionError::io(format!("resolving {to}"), e))?.collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => {
+                tune_socket(&s)?;
+                s.set_read_timeout(Some(timeout)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+                s.set_write_timeout(Some(timeout)).map_err(|e| SessionError::io("setting a write timeout", e))?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
+    Err(SessionError::io_within(format!("connecting to {to}"), e, Some(timeout)))
+}
+
 /// A data connection: the socket buffers the plan sets (before data flows).
 pub(crate) fn connect_data(to: &str, plan: &Plan) -> Result<TcpStream, SessionError> {
     let s = connect(to)?;

@@ -21,7 +21,7 @@ use crate::auth::{Auth, client_handshake};
 use crate::conn::{Bug, Cancel, Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::{Digest, DigestKey, Hashing};
 use crate::encode::Encoder;
-use crate::engine::send::{connect, connect_data};
+use crate::engine::send::{connect, connect_data, connect_within};
 use crate::engine::{PAGE, cpu_seconds};
 use crate::plan::{Plan, Transport};
 use crate::pool::{Done, Pool, Task};
@@ -535,18 +535,22 @@ impl<'a> Source<'a> {
     /// from the destination, new lanes and a fault lane; the pages needed pushed as one
     /// round while the fault lane answers FETCHes; then DONE and RESULT.
     fn postcopy_attempt(&mut self, reached: &mut bool) -> Result<Digest, SessionError> {
-        let mut s = connect(&self.opts.to)?;
+        // A link still down answers nothing: until the destination has said what it needs,
+        // each step waits a few silences at most (not the idle timeout, nor the kernel's
+        // connect retries), so the next attempt comes soon and `recover_s` holds.
+        let mut s = connect_within(&self.opts.to, 2 * super::postcopy::SILENCE)?;
         let (agreed, keys) = client_handshake(&mut s, &self.opts.auth, CONTROL_LANE, 0, features::MIGRATE | features::POSTCOPY)?;
         let mut ctl = Ctl::new(s, keys);
         if agreed & features::POSTCOPY == 0 {
             ctl.error("post-copy was not agreed");
             return Err(Refusal::NoPostcopy { to: self.opts.to.clone() }.into());
         }
-        ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
         ctl.send(Kind::Resume, wire::Resume { session: self.session.into() }.as_bytes())?;
         let mut buf = Vec::new();
         let (needed, placed) = super::postcopy::recv_runs(&mut ctl, Kind::Needed, &mut buf)?;
         *reached = true;
+        ctl.s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
+        ctl.s.set_write_timeout(Some(crate::engine::IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a write timeout", e))?;
         let pages: Vec<u64> = self.regions.iter().map(|r| super::pages(r.size)).collect();
         let dirty = super::postcopy::runs_to_bitmap(&needed, &pages, Kind::Needed)?;
         log::info!(

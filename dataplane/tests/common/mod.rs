@@ -128,7 +128,7 @@ struct ProxyState {
     changed: std::sync::Condvar,
     open: std::sync::Mutex<Vec<std::net::TcpStream>>,
     /// Silent: the connections open stay open but every byte is dropped, both ways (a
-    /// partition TCP does not notice); new ones are closed as they come.
+    /// partition TCP does not notice); new ones are held open and never answered.
     silent: std::sync::atomic::AtomicBool,
 }
 
@@ -180,10 +180,11 @@ impl Proxy {
                     }
                     n.0
                 };
-                if forwarding
-                    && !silent
-                    && let Ok(up) = std::net::TcpStream::connect(&st.target)
-                {
+                if silent {
+                    // Held, and never answered: a handshake into a silent link hears
+                    // nothing (`restore` closes it).
+                    st.open.lock().unwrap().push(c);
+                } else if forwarding && let Ok(up) = std::net::TcpStream::connect(&st.target) {
                     let mut open = st.open.lock().unwrap();
                     open.extend([c.try_clone().unwrap(), up.try_clone().unwrap()]);
                     for (from, to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
@@ -206,8 +207,8 @@ impl Proxy {
     }
 
     /// Drops every byte from now on, both ways, on the connections open: the link goes
-    /// silent while TCP holds them. New connections are closed as they come (counted as
-    /// refused).
+    /// silent while TCP holds them. New connections are held open and never answered
+    /// (counted as refused).
     pub fn silence(&self) {
         self.state.silent.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -221,6 +222,12 @@ impl Proxy {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
         }
+    }
+
+    /// Connections accepted and relayed, and refused (cut) or swallowed (silent), so far.
+    pub fn counts(&self) -> (usize, usize) {
+        let n = self.state.counts.lock().unwrap();
+        (n.1, n.2)
     }
 
     /// Waits (at most a minute) until `done(accepted, refused)` holds.
