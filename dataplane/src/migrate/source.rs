@@ -602,8 +602,12 @@ impl<'a> Source<'a> {
             (r, answers.join().expect("fault lane thread panicked"))
         });
         let r = match answered {
+            // Answers count once their attempt completed: a failed attempt's may have
+            // been lost with its link.
             Ok(n) => {
-                self.postcopy.pages_by_fault += n;
+                if r.is_ok() {
+                    self.postcopy.pages_by_fault += n;
+                }
                 r
             }
             Err(e) if r.is_ok() => {

@@ -62,8 +62,9 @@ pub struct PostcopyReport {
     /// Of those, faults on stale pages that had to wait for the source.
     pub remote_faults: u64,
     /// Stale pages placed by a fault's fetch, and by the background push (destination).
-    /// At the source, `pages_by_fault` counts the FETCHes it answered, some of which the
-    /// push had placed first.
+    /// At the source, `pages_by_fault` counts the pages it answered FETCHes with in the
+    /// attempt that completed (answers in a failed attempt may never have arrived), some
+    /// of which the push had placed first.
     pub pages_by_fault: u64,
     pub pages_by_push: u64,
     /// A remote fault's wait, from reading it to its page being mapped, µs.
