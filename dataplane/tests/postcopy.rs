@@ -158,6 +158,24 @@ impl SlowPush {
     fn attempt_up(&self) {
         self.relay.wait_for(|accepted, _| accepted >= 7);
     }
+
+    /// A ferryd's log so far (`src`, `dst`).
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self._dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Once the attempt is up and its lanes are in (the fault lane authenticates before
+    /// them), the link goes silent: the silence falls on a running attempt, not on its
+    /// handshakes. When it did.
+    fn silence_the_running_attempt(&self) -> std::time::Instant {
+        self.attempt_up();
+        let t0 = std::time::Instant::now();
+        while self.log("dst").matches("lane 1 connected").count() < 2 && t0.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.relay.silence();
+        std::time::Instant::now()
+    }
 }
 
 #[test]
@@ -220,16 +238,8 @@ fn a_silent_link_during_post_copy_is_noticed_and_recovered() {
         return;
     }
     let t = slow_push((Some(60), Some(60)));
-    t.attempt_up();
-    let log = |name: &str| std::fs::read_to_string(t._dir.path().join(format!("{name}.log"))).unwrap_or_default();
-    // The attempt's lanes are in (the fault lane authenticates before them): the silence
-    // falls on a running attempt, not on its handshakes.
-    let t0 = std::time::Instant::now();
-    while log("dst").matches("lane 1 connected").count() < 2 && t0.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    t.relay.silence();
-    let since = std::time::Instant::now();
+    let log = |name: &str| t.log(name);
+    let since = t.silence_the_running_attempt();
     // Nothing below panics before the link is back: the guest's reader must be let go.
     let (noticed, early, page) = std::thread::scope(|s| {
         let map = &t.run.map;
@@ -267,14 +277,7 @@ fn reconnects_into_a_silent_link_give_up_soon() {
         return;
     }
     let t = slow_push((Some(120), Some(120)));
-    t.attempt_up();
-    let log = |name: &str| std::fs::read_to_string(t._dir.path().join(format!("{name}.log"))).unwrap_or_default();
-    let t0 = std::time::Instant::now();
-    while log("dst").matches("lane 1 connected").count() < 2 && t0.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    t.relay.silence();
-    let since = std::time::Instant::now();
+    let since = t.silence_the_running_attempt();
     // The source notices the silence (5 s), then tries: a second attempt within 25 s means
     // the first gave up on the silent link well before the 30 s idle timeout.
     let (_, swallowed_before) = t.relay.counts();
@@ -293,7 +296,7 @@ fn reconnects_into_a_silent_link_give_up_soon() {
         reader.join().unwrap();
         two
     });
-    let two = two.unwrap_or_else(|| panic!("one attempt into the silent link in 25 s:\n{}", log("src")));
+    let two = two.unwrap_or_else(|| panic!("one attempt into the silent link in 25 s:\n{}", t.log("src")));
     eprintln!("a second attempt came {two:?} after the link went silent");
     let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
     let dest = finish(run).unwrap();
