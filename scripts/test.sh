@@ -15,11 +15,15 @@ cargo test --workspace 2>&1 | tee "$log"
 # interleaving loom finds: only the lockfree crate builds under --cfg loom, in a target
 # directory of its own (the workspace's would be rebuilt for the flag otherwise).
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test -p lockfree --release --test loom 2>&1 | tee -a "$log"
-# The same crate's unit tests under Miri (undefined behaviour, out-of-bounds and data
-# races in what they run); Miri is a nightly component, fetched here when missing.
+# Unit tests under Miri (undefined behaviour, out-of-bounds accesses and data races in
+# what they run, the dependencies' unsafe code included); Miri is a nightly component,
+# fetched here when missing.
 if rustup component add --toolchain nightly miri rust-src >/dev/null 2>&1 \
   || rustup toolchain install nightly --profile minimal --component miri,rust-src >/dev/null 2>&1; then
   cargo +nightly miri test -p lockfree --lib 2>&1 | tee -a "$log"
+  # The data plane's tests of what parses and seals peers' bytes (frame headers, the
+  # session's layout, tags) and of the estimate: pure code, so Miri runs them.
+  cargo +nightly miri test -p dataplane --lib -- wire:: seal:: estimate:: 2>&1 | tee -a "$log"
 else
   echo "SKIP: miri: the nightly toolchain with its miri component cannot be installed here" | tee -a "$log"
 fi
