@@ -145,9 +145,10 @@ pub struct Source<'a> {
     rounds: Vec<RoundReport>,
     /// When the previous round started: the dirty bitmap of the next one covers the time since.
     last_start: Option<Instant>,
-    /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, measured at
-    /// connect.
-    digest_seconds_per_gib: f64,
+    /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, sampled at
+    /// connect and after each pre-copy round; the estimate takes the median of the last
+    /// three (one sample that something else held up does not swing it).
+    digest_samples: Vec<f64>,
     /// RDMA sessions: the session's figures so far.
     rdma: Option<RdmaReport>,
     /// Set when the session fails: RDMA workers waiting on their completion queues stop.
@@ -328,9 +329,9 @@ impl<'a> Source<'a> {
         let chunk = opts.plan.chunk_size_bytes as usize;
         // The paused source is digested during the last round; that bounds the downtime
         // from below, so the estimate needs its speed.
-        let mut digest_seconds_per_gib = 0.0;
+        let mut digest_samples = Vec::new();
         if opts.verify == Verify::Full {
-            digest_seconds_per_gib = sample_digest(&regions)?;
+            digest_samples.push(sample_digest(&regions)?);
         }
         Ok(Source {
             opts,
@@ -342,7 +343,7 @@ impl<'a> Source<'a> {
             workers,
             rounds: Vec::new(),
             last_start: None,
-            digest_seconds_per_gib,
+            digest_samples,
             rdma,
             abort,
             data_seconds: 0.0,
@@ -636,7 +637,7 @@ impl<'a> Source<'a> {
         let marked = if all { self.size } else { dirty.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * PAGE as u64 };
         self.live.begin_round(round, Some(marked.min(self.size)));
         // The VMM is paused during the last round: a full digest may use every CPU.
-        let digest_threads = std::thread::available_parallelism().map_or(self.workers.len(), |n| n.get()).max(1);
+        let digest_threads = digest_threads();
         let full = last && self.opts.verify == Verify::Full;
         let (c, digest, data_seconds) = self.send_round(&job, full.then_some(digest_threads), start)?;
         // The workers are done: what follows is the destination's confirmation.
@@ -683,7 +684,10 @@ impl<'a> Source<'a> {
             dirty_rate_gbps: dirty_rate.map(|r| r / 1e9),
             ..RoundReport::default()
         };
-        report.estimated_downtime_ms = self.estimate(&report, dirty_rate, digest_threads);
+        if self.opts.verify == Verify::Full && !last {
+            self.digest_samples.push(sample_digest(&self.regions)?);
+        }
+        report.estimated_downtime_ms = self.estimate(&report, dirty_rate);
         let advice = super::estimate::advise(&super::estimate::AdviceInputs {
             last,
             estimate_ms: report.estimated_downtime_ms,
@@ -854,11 +858,14 @@ impl<'a> Source<'a> {
 
     /// The downtime if the VMM paused after `this` round, ms (see [`super::estimate`]);
     /// `None` until a dirty rate has been measured.
-    fn estimate(&self, this: &RoundReport, dirty_rate: Option<f64>, digest_threads: usize) -> Option<f64> {
+    fn estimate(&self, this: &RoundReport, dirty_rate: Option<f64>) -> Option<f64> {
         let measured: Vec<RoundReport> = self.rounds.iter().cloned().chain(std::iter::once(this.clone())).collect();
         let rate = dirty_rate?;
         let page_seconds = super::estimate::page_seconds(&measured)?;
-        let full_digest = self.digest_seconds_per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads as f64;
+        let mut recent: Vec<f64> = self.digest_samples.iter().rev().take(3).copied().collect();
+        recent.sort_by(f64::total_cmp);
+        let per_gib = recent.get(recent.len() / 2).copied().unwrap_or(0.0);
+        let full_digest = per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads() as f64;
         let inputs = super::estimate::Inputs {
             next_pages: (rate * this.seconds).min(self.size as f64) / PAGE as f64,
             page_seconds,
@@ -890,16 +897,8 @@ impl Source<'_> {
 
 /// Seconds to digest a GiB of the guest on one CPU: 32 pieces of 512 KiB spread over the
 /// regions (their mix of zero, hole and data pages, not just the first pages), each read
-/// and hashed as the full digest does; the median of three passes, so that one pass the
-/// guest or the other ferryd held up does not swing it (and the fastest, which the paused
-/// round's contention never matches, does not either).
+/// and hashed as the full digest does.
 fn sample_digest(regions: &[Region]) -> Result<f64, SessionError> {
-    let mut t = [sample_digest_once(regions)?, sample_digest_once(regions)?, sample_digest_once(regions)?];
-    t.sort_by(f64::total_cmp);
-    Ok(t[1])
-}
-
-fn sample_digest_once(regions: &[Region]) -> Result<f64, SessionError> {
     const PIECES: u64 = 32;
     const PIECE: u64 = 512 << 10;
     let size: u64 = regions.iter().map(|r| r.size).sum();
@@ -935,6 +934,11 @@ fn sample_digest_once(regions: &[Region]) -> Result<f64, SessionError> {
     }
     std::hint::black_box(d);
     Ok(t.elapsed().as_secs_f64() / (sampled.max(1) as f64 / (1u64 << 30) as f64))
+}
+
+/// Threads for the full digest in the paused last round: every CPU (the VMM has paused).
+fn digest_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The runs of dirty pages of every region, in frames of at most
