@@ -231,7 +231,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
 /// destination, which is registered (pinned) whole.
 pub(crate) fn check_session(layout: &Layout, lanes: u16, transport: DataTransport, agreed: u64, plan: &Plan) -> Result<(), SessionError> {
     if transport == DataTransport::Rdma && (agreed & features::RDMA == 0 || plan.rdma.is_none()) {
-        return Err(Refusal::RdmaNotAgreed.into());
+        return Err(Violation::RdmaNotAgreed.into());
     }
     if layout.page_size != PAGE as u32 {
         return Err(Refusal::PageSize(layout.page_size).into());

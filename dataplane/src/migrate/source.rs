@@ -1114,11 +1114,11 @@ fn rdma_workers(
         wire::parse_lists::<wire::RdmaAccept, wire::RdmaEndpoint, wire::RdmaRegion>(Kind::RdmaAccept, &buf, lanes, layout.regions.len())?;
     let mtu = rdma::check_mtu(acc.mtu.get())?;
     if mtu > dev.mtu {
-        return Err(Refusal::Mtu { chose: mtu, ours: dev.mtu }.into());
+        return Err(Violation::Mtu { chose: mtu, ours: dev.mtu }.into());
     }
     let credits = acc.credits.get();
     if credits == 0 {
-        return Err(Refusal::NoCredits.into());
+        return Err(Violation::NoCredits.into());
     }
     let remote: Vec<(u64, u32)> = regions.iter().map(|r| (r.addr.get(), r.rkey.get())).collect();
     let windows = rdma::Windows::new(&layout.regions, chunk as u64)?;

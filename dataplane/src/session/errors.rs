@@ -57,6 +57,17 @@ pub enum Violation {
         "a post-copy session must describe the same regions ({want:?}) over TCP lanes and a fault lane; it described {got:?} over {lanes} {transport:?} lane(s)"
     )]
     PostcopySession { want: Vec<u64>, got: Vec<u64>, lanes: u16, transport: crate::wire::DataTransport },
+    /// RDMA data from a sender whose handshake did not agree on it.
+    #[error("the sender asked for RDMA, which the handshake did not agree on")]
+    RdmaNotAgreed,
+    /// RDMA_ACCEPT's or RDMA_CONNECT's path MTU: above this side's, or not one there is.
+    #[error("the destination chose path MTU {chose}, above this side's {ours}")]
+    Mtu { chose: u32, ours: u32 },
+    #[error("path MTU {0} is not one of 256, 512, 1024, 2048, 4096")]
+    BadMtu(u32),
+    /// RDMA_ACCEPT with no receive credits: the sender could never post a write.
+    #[error("the destination granted no credits")]
+    NoCredits,
     /// A migration name that is not 1-64 of `[A-Za-z0-9._-]` without a leading dot.
     #[error("STREAM_OPEN: {0:?} is not a migration name (letters, digits, . _ -)")]
     Name(String),
@@ -146,16 +157,8 @@ pub enum Refusal {
     NoRdmaPort,
     #[error("this receiver's plan has no RDMA device")]
     NoRdmaDevice,
-    #[error("the sender asked for RDMA, which the handshake did not agree on")]
-    RdmaNotAgreed,
     #[error("the sender and this receiver are on different link layers (InfiniBand and RoCE)")]
     LinkLayers,
-    #[error("the destination chose path MTU {chose}, above this side's {ours}")]
-    Mtu { chose: u32, ours: u32 },
-    #[error("path MTU {0} is not one of 256, 512, 1024, 2048, 4096")]
-    BadMtu(u32),
-    #[error("the destination granted no credits")]
-    NoCredits,
     #[error("page size {0} (this side tracks 4096-byte pages)")]
     PageSize(u32),
     #[error("this receiver writes one region into {out}; the sender described {regions}")]

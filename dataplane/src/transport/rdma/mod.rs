@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use hw::rdma::verbs::{Completion, Context, Cq, DeviceList, Endpoint, PathSpec, Pd, Qp, WcFailure};
 use serde::{Deserialize, Serialize};
 
-use crate::conn::{Refusal, SessionError};
+use crate::conn::{Refusal, SessionError, Violation};
 use crate::digest::Hashing;
 use crate::engine::IDLE_TIMEOUT;
 use crate::plan::RdmaPlan;
@@ -221,7 +221,7 @@ pub(crate) fn psn() -> Result<u32, SessionError> {
 }
 
 pub(crate) fn check_mtu(mtu: u32) -> Result<u32, SessionError> {
-    if mtu.is_power_of_two() && (256..=4096).contains(&mtu) { Ok(mtu) } else { Err(Refusal::BadMtu(mtu).into()) }
+    if mtu.is_power_of_two() && (256..=4096).contains(&mtu) { Ok(mtu) } else { Err(Violation::BadMtu(mtu).into()) }
 }
 
 /// A completion with an error status, naming the verb and the device.
