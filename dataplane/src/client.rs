@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use hw::fdpass::LineConn;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::metrics::Failure;
@@ -96,14 +97,14 @@ impl Client {
         if v.get("event").is_none() {
             return Err(ClientError::Unexpected { got: v, wanted });
         }
-        let e = serde_json::from_value(v.clone()).map_err(|_| ClientError::Unexpected { got: v, wanted })?;
+        let e = Event::deserialize(&v).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })?;
         Ok((e, fds))
     }
 
     /// The next line, which must be the final reply, as `T` (`wanted` names it).
     pub fn done<T: serde::de::DeserializeOwned>(&mut self, wanted: &'static str) -> Result<T, ClientError> {
         let (v, _) = self.reply()?;
-        field(&v, None, wanted)
+        body(v, wanted)
     }
 
     /// Follows the replies to the final one (returned as `T`), handing each event to
@@ -116,7 +117,7 @@ impl Client {
         loop {
             let (v, _) = self.reply()?;
             if v.get("event").is_none() {
-                return field(&v, None, wanted);
+                return body(v, wanted);
             }
             // An event this client does not know (a newer ferryd's) is passed over.
             if let Ok(e) = serde_json::from_value::<Event>(v) {
@@ -131,8 +132,7 @@ impl Client {
     }
 }
 
-/// `v[key]` (or `v` itself) as a `T`, or `v` was not what was `wanted`.
-fn field<T: serde::de::DeserializeOwned>(v: &Value, key: Option<&str>, wanted: &'static str) -> Result<T, ClientError> {
-    let part = key.map_or_else(|| v.clone(), |k| v[k].clone());
-    serde_json::from_value(part).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
+/// A final reply as a `T`, or it was not what was `wanted`.
+fn body<T: serde::de::DeserializeOwned>(v: Value, wanted: &'static str) -> Result<T, ClientError> {
+    T::deserialize(&v).map_err(|_| ClientError::Unexpected { got: v.clone(), wanted })
 }

@@ -430,6 +430,13 @@ impl From<&RequestError> for Failure {
     }
 }
 
+impl RequestError {
+    /// The error reply that says it.
+    fn reply(self) -> serde_json::Value {
+        Failed::from(self).reply()
+    }
+}
+
 impl From<RequestError> for Failed {
     fn from(e: RequestError) -> Failed {
         Failed::new(Failure::from(&e), e.to_string())
@@ -509,7 +516,7 @@ impl Daemon {
             Err(e) => {
                 static BAD: RateLimited = RateLimited::new(std::time::Duration::from_secs(10));
                 BAD.warn(format_args!("control socket: a client's request was refused: {e}"));
-                let _ = conn.send(Failed::from(RequestError::Line(e)).reply(), &[]);
+                let _ = conn.send(RequestError::Line(e).reply(), &[]);
                 return;
             }
         };
@@ -522,10 +529,10 @@ impl Daemon {
         };
         let req: Request = match parsed {
             Ok(r) => r,
-            Err(e) => return say(Failed::from(RequestError::Json(e)).reply()),
+            Err(e) => return say(RequestError::Json(e).reply()),
         };
         if !fds.is_empty() && !matches!(req, Request::MigrateOut { .. } | Request::Faults { .. }) {
-            return say(Failed::from(RequestError::UnwantedFds("a command that takes none")).reply());
+            return say(RequestError::UnwantedFds("a command that takes none").reply());
         }
         let starts_work = matches!(
             req,
@@ -544,7 +551,7 @@ impl Daemon {
             InFlight(&self.in_flight)
         });
         if starts_work && self.is_draining() {
-            return say(Failed::from(RequestError::Draining).reply());
+            return say(RequestError::Draining.reply());
         }
         match req {
             Request::MigrateIn { listen, recover_s } => self.migrate_in(&mut conn, &listen, recover_s),
@@ -554,11 +561,11 @@ impl Daemon {
             }
             Request::Round | Request::Final | Request::Postcopy => {
                 let e = RequestError::OutOfConversation { cmds: "round, final and postcopy", conversation: "migrate_out" };
-                say(Failed::from(e).reply())
+                say(e.reply())
             }
             Request::Taken | Request::Faults { .. } | Request::Released => {
                 let e = RequestError::OutOfConversation { cmds: "taken, faults and released", conversation: "migrate_in" };
-                say(Failed::from(e).reply())
+                say(e.reply())
             }
             Request::Hello => say(protocol::ok(&protocol::Hello {
                 protocol: CONTROL_PROTOCOL,
@@ -613,7 +620,7 @@ impl Daemon {
     ) -> serde_json::Value {
         let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
-            Err(source) => return Failed::from(RequestError::Listen { at: listen.to_string(), source }).reply(),
+            Err(source) => return RequestError::Listen { at: listen.to_string(), source }.reply(),
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         say(Event::Listening { addr: Some(addr), endpoints: Vec::new() }.to_value());
@@ -646,7 +653,7 @@ impl Daemon {
         if let Some(c) = compress {
             match parse_compression(&c, plan.compression) {
                 Ok(c) => plan.compression = c,
-                Err(e) => return Failed::from(RequestError::Choice(e)).reply(),
+                Err(e) => return RequestError::Choice(e).reply(),
             }
         }
         let active = self.metrics.begin(Role::Send);
@@ -668,7 +675,7 @@ impl Daemon {
         let listener = match self.bind_incoming(listen) {
             Ok(l) => l,
             Err(source) => {
-                let _ = conn.send(Failed::from(RequestError::Listen { at: listen.to_string(), source }).reply(), &[]);
+                let _ = conn.send(RequestError::Listen { at: listen.to_string(), source }.reply(), &[]);
                 return;
             }
         };

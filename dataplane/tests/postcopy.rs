@@ -284,14 +284,12 @@ fn reconnects_into_a_silent_link_give_up_soon() {
     let two = std::thread::scope(|s| {
         let map = &t.run.map;
         let reader = s.spawn(move || guest_page(map, PAGES - 1));
-        let mut two = None;
-        while since.elapsed() < std::time::Duration::from_secs(25) {
-            if t.relay.counts().1 >= swallowed_before + 2 {
-                two = Some(since.elapsed());
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let two = t
+            .relay
+            .wait_within(std::time::Duration::from_secs(25).saturating_sub(since.elapsed()), |_, swallowed| {
+                swallowed >= swallowed_before + 2
+            })
+            .then(|| since.elapsed());
         t.relay.restore();
         reader.join().unwrap();
         two

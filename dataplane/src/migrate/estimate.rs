@@ -63,8 +63,9 @@ pub fn page_seconds(rounds: &[RoundReport]) -> Option<f64> {
 }
 
 /// The last round's end until this ferryd has measured one: 1 ms (on a 2-core VM over
-/// loopback it measured 0.9-1.8 ms, the verdict 0.7-1.1 ms of it; a host whose idle CPUs
-/// wake faster takes less).
+/// loopback it measured 0.9-1.8 ms, the verdict 0.7-1.1 ms of it: the `last_round`
+/// `confirm_seconds` and `verdict_seconds` that `benches/bench_estimate.py` prints; a host
+/// whose idle CPUs wake faster takes less).
 pub const DEFAULT_END: Duration = Duration::from_millis(1);
 
 /// Ends kept for the median.

@@ -232,8 +232,15 @@ impl Proxy {
 
     /// Waits (at most a minute) until `done(accepted, refused)` holds.
     pub fn wait_for(&self, done: impl Fn(usize, usize) -> bool) {
+        if !self.wait_within(std::time::Duration::from_secs(60), done) {
+            let (accepted, refused) = self.counts();
+            panic!("the relay saw {accepted} connection(s) and refused {refused}");
+        }
+    }
+
+    /// Waits until `done(accepted, refused)` holds, `limit` at most: whether it did.
+    pub fn wait_within(&self, limit: std::time::Duration, done: impl Fn(usize, usize) -> bool) -> bool {
         let n = self.state.counts.lock().unwrap();
-        let (n, timeout) = self.state.changed.wait_timeout_while(n, std::time::Duration::from_secs(60), |n| !done(n.1, n.2)).unwrap();
-        assert!(!timeout.timed_out(), "the relay saw {} connection(s) and refused {}", n.1, n.2);
+        !self.state.changed.wait_timeout_while(n, limit, |n| !done(n.1, n.2)).unwrap().1.timed_out()
     }
 }
