@@ -218,22 +218,21 @@ fn size(bytes: u64) -> String {
 
 /// One running session: its round, that round's progress against its total, the rate and
 /// the round's ETA.
-pub fn session_progress(p: &serde_json::Value) -> String {
-    let bytes = |k: &str| p[k].as_u64().unwrap_or(0);
-    let round = p["round"].as_u64().map_or_else(String::new, |r| format!("round {r}, "));
-    let moved = match p["round_total_bytes"].as_u64() {
-        Some(t) => format!("{} of {}", size(bytes("round_bytes")), size(t)),
-        None => size(bytes("round_bytes")),
+pub fn session_progress(p: &dataplane::live::Progress) -> String {
+    let round = p.round.map_or_else(String::new, |r| format!("round {r}, "));
+    let moved = match p.round_total_bytes {
+        Some(t) => format!("{} of {}", size(p.round_bytes), size(t)),
+        None => size(p.round_bytes),
     };
-    let eta = p["eta_seconds"].as_f64().map_or_else(String::new, |e| format!(", eta {e:.1} s"));
-    let of = if bytes("size_bytes") > 0 { format!(", size {}", size(bytes("size_bytes"))) } else { String::new() };
+    let eta = p.eta_seconds.map_or_else(String::new, |e| format!(", eta {e:.1} s"));
+    let of = if p.size_bytes > 0 { format!(", size {}", size(p.size_bytes)) } else { String::new() };
     format!(
         "running {} {}: {round}{moved}, {:.2} GB/s{eta} ({} moved in {:.1} s{of})",
-        p["role"].as_str().unwrap_or("?"),
-        p["session"].as_str().unwrap_or("?"),
-        p["bytes_per_second"].as_f64().unwrap_or(0.0) / 1e9,
-        size(bytes("bytes")),
-        p["seconds"].as_f64().unwrap_or(0.0)
+        p.role,
+        p.session,
+        p.bytes_per_second / 1e9,
+        size(p.bytes),
+        p.seconds
     )
 }
 
@@ -243,51 +242,37 @@ pub fn status(v: &dataplane::protocol::Status) -> String {
     let _ = writeln!(
         s,
         "ferryd up {:.0} s: transport {}, {} worker(s), compression {}",
-        st["uptime_seconds"].as_f64().unwrap_or(0.0),
-        v.plan.transport,
-        v.plan.workers,
-        v.plan.compression
+        st.uptime_seconds, v.plan.transport, v.plan.workers, v.plan.compression
     );
-    for p in st["progress"].as_array().into_iter().flatten() {
+    for p in &st.progress {
         let _ = writeln!(s, "  {}", session_progress(p));
     }
-    for a in st["active"].as_array().into_iter().flatten() {
-        let _ = writeln!(s, "  active {}: {}", a["role"].as_str().unwrap_or("?"), a["count"]);
+    for a in &st.active {
+        let _ = writeln!(s, "  active {}: {}", a.role, a.count);
     }
-    for x in st["sessions"].as_array().into_iter().flatten() {
-        let _ = writeln!(s, "  sessions {} {}: {}", x["role"].as_str().unwrap_or("?"), x["result"].as_str().unwrap_or("?"), x["count"]);
+    for x in &st.sessions {
+        let _ = writeln!(s, "  sessions {} {}: {}", x.role, x.result, x.count);
     }
-    let _ = writeln!(s, "  region bytes {}  wire bytes {}  zero pages {}", st["region_bytes"], st["wire_bytes"], st["zero_pages"]);
-    let l = &st["chunk_latency_us"];
-    let _ = writeln!(s, "  chunk send latency us: p50 {} p95 {} p99 {} max {}", l["p50"], l["p95"], l["p99"], l["max"]);
-    for w in st["worker_latency_us"].as_array().into_iter().flatten() {
-        let l = &w["latency_us"];
-        let what = if w["role"] == "send" { "chunk send" } else { "frame write" };
-        let _ = writeln!(
-            s,
-            "  {} worker {} {what} latency us: p50 {} p95 {} p99 {} max {}",
-            w["role"].as_str().unwrap_or("?"),
-            w["worker"],
-            l["p50"],
-            l["p95"],
-            l["p99"],
-            l["max"]
-        );
+    for (role, bytes) in st.region_bytes.iter().filter(|(_, b)| **b > 0) {
+        let _ = writeln!(s, "  {role}: region bytes {bytes}  wire bytes {}", st.wire_bytes.get(role).copied().unwrap_or(0));
     }
-    for w in st["workers"].as_array().into_iter().flatten() {
-        let c = &w["counters"];
+    let _ = writeln!(s, "  zero pages {}", st.zero_pages);
+    let l = &st.chunk_latency_us;
+    let _ = writeln!(s, "  chunk send latency us: p50 {} p95 {} p99 {} max {}", l.p50, l.p95, l.p99, l.max);
+    for w in &st.worker_latency_us {
+        let l = &w.latency_us;
+        let what = if w.role == "send" { "chunk send" } else { "frame write" };
+        let _ = writeln!(s, "  {} worker {} {what} latency us: p50 {} p95 {} p99 {} max {}", w.role, w.worker, l.p50, l.p95, l.p99, l.max);
+    }
+    for w in &st.workers {
+        let c = &w.counters;
         let _ = writeln!(
             s,
             "  {} worker {}: region bytes {}  wire bytes {}  frames {}  zero pages {}",
-            w["role"].as_str().unwrap_or("?"),
-            w["worker"],
-            c["region_bytes"],
-            c["wire_bytes"],
-            c["frames"],
-            c["zero_pages"]
+            w.role, w.worker, c.region_bytes, c.wire_bytes, c.frames, c.zero_pages
         );
     }
-    if let Some(e) = st["last_error"].as_str() {
+    if let Some(e) = &st.last_error {
         let _ = writeln!(s, "  last error: {e}");
     }
     s
@@ -313,6 +298,7 @@ mod tests {
             }
         });
         let s = status(&serde_json::from_value(v).unwrap());
+        assert!(s.contains("  recv: region bytes 100  wire bytes 80\n  zero pages 3\n"), "{s}");
         assert!(s.contains("recv worker 1 frame write latency us: p50 12 p95 30 p99 41 max 90"), "{s}");
         assert!(s.contains("recv worker 1: region bytes 100  wire bytes 80  frames 4  zero pages 3"), "{s}");
     }
@@ -325,11 +311,14 @@ mod tests {
             "round": 3, "bytes": 9u64 << 30, "round_bytes": 412u64 << 20, "round_total_bytes": 1u64 << 30,
             "bytes_per_second": 1.2e9, "eta_seconds": 0.5});
         assert_eq!(
-            session_progress(&p),
+            session_progress(&serde_json::from_value(p).unwrap()),
             "running migrate_out 00000000000000ab: round 3, 412.0 MiB of 1.00 GiB, 1.20 GB/s, eta 0.5 s (9.00 GiB moved in 12.3 s, size 8.00 GiB)"
         );
         let p = serde_json::json!({"role": "migrate_in", "session": "01", "seconds": 2.0, "size_bytes": 0, "round": null,
             "bytes": 3u64 << 20, "round_bytes": 3u64 << 20, "round_total_bytes": null, "bytes_per_second": 1.5e6, "eta_seconds": null});
-        assert_eq!(session_progress(&p), "running migrate_in 01: 3.0 MiB, 0.00 GB/s (3.0 MiB moved in 2.0 s)");
+        assert_eq!(
+            session_progress(&serde_json::from_value(p).unwrap()),
+            "running migrate_in 01: 3.0 MiB, 0.00 GB/s (3.0 MiB moved in 2.0 s)"
+        );
     }
 }

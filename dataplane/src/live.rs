@@ -51,7 +51,7 @@ pub struct Counters {
 }
 
 /// A snapshot of one worker's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub region_bytes: u64,
     pub wire_bytes: u64,
@@ -126,9 +126,9 @@ pub struct SessionCounters {
 }
 
 /// Where a running session stands, for `ferryctl status`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
-    pub role: &'static str,
+    pub role: String,
     pub session: String,
     pub seconds: f64,
     /// Region or guest memory bytes (0 until known).
@@ -158,7 +158,7 @@ impl SessionCounters {
         let total = Some(self.round_total.load(Ordering::Relaxed)).filter(|&t| t > 0);
         let rate = if seconds > 0.0 { bytes as f64 / seconds } else { 0.0 };
         Progress {
-            role: self.role.name(),
+            role: self.role.name().into(),
             session: format!("{:016x}", self.id),
             seconds,
             size_bytes: self.size.load(Ordering::Relaxed),

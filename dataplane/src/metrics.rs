@@ -694,47 +694,56 @@ impl Metrics {
     }
 
     /// What `ferryctl status` shows.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> crate::protocol::StatusMetrics {
+        use crate::protocol::{RoleCount, SessionCount, SessionCounters, StatusMetrics, WorkerCounters, WorkerLatency};
         let f = &self.f;
-        let by_role = |fam: &Family<RoleL, Counter>| -> serde_json::Map<String, serde_json::Value> {
-            Role::ALL.iter().map(|r| (r.name().to_string(), fam.get_or_create(&RoleL { role: r.name() }).get().into())).collect()
+        let by_role = |fam: &Family<RoleL, Counter>| {
+            Role::ALL.iter().map(|r| (r.name().to_string(), fam.get_or_create(&RoleL { role: r.name() }).get())).collect()
         };
-        let sessions: Vec<_> = Role::ALL
+        let sessions = Role::ALL
             .iter()
             .flat_map(|r| ["ok", "error"].map(|res| (r.name(), res)))
-            .map(|(role, result)| serde_json::json!({"role": role, "result": result, "count": f.sessions.get_or_create(&RoleResultL { role, result }).get()}))
+            .map(|(role, result)| SessionCount {
+                role: role.into(),
+                result: result.into(),
+                count: f.sessions.get_or_create(&RoleResultL { role, result }).get(),
+            })
             .collect();
-        let active: Vec<_> = Role::ALL
+        let active = Role::ALL
             .iter()
-            .map(|r| serde_json::json!({"role": r.name(), "count": f.active.get_or_create(&RoleL { role: r.name() }).get()}))
+            .map(|r| RoleCount { role: r.name().into(), count: f.active.get_or_create(&RoleL { role: r.name() }).get() })
             .collect();
-        let zero_pages: u64 = Role::ALL.iter().map(|r| f.zero_pages.get_or_create(&RoleL { role: r.name() }).get()).sum();
-        let mut worker_latency = Vec::new();
+        let mut worker_latency_us = Vec::new();
         for role in Role::ALL.map(Role::name) {
-            for w in 0..crate::live::SLOTS as u64 {
-                let l = RoleWorkerL { role, worker: w };
-                if let Some(h) = f.worker_latency.get(&l) {
-                    worker_latency.push(serde_json::json!({"role": role, "worker": w, "latency_us": h.percentiles()}));
+            for worker in 0..crate::live::SLOTS as u64 {
+                if let Some(h) = f.worker_latency.get(&RoleWorkerL { role, worker }) {
+                    worker_latency_us.push(WorkerLatency { role: role.into(), worker, latency_us: h.percentiles() });
                 }
             }
         }
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "revision": crate::REVISION,
-            "wire_protocol": crate::wire::VERSION,
-            "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "sessions": sessions,
-            "active": active,
-            "region_bytes": by_role(&f.region_bytes),
-            "wire_bytes": by_role(&f.wire_bytes),
-            "zero_pages": zero_pages,
-            "chunk_latency_us": f.chunk_latency.get_or_create(&RoleL { role: Role::Send.name() }).percentiles(),
-            "worker_latency_us": worker_latency,
-            "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
-            "workers": crate::live::snapshot().into_iter().map(|(r, w, s)| serde_json::json!({"role": r.name(), "worker": w, "counters": s})).collect::<Vec<_>>(),
-            "progress": crate::live::progress(),
-            "running": crate::live::sessions().into_iter().map(|(r, id, w, s)| serde_json::json!({"role": r.name(), "session": format!("{id:016x}"), "worker": w, "counters": s})).collect::<Vec<_>>(),
-        })
+        StatusMetrics {
+            version: env!("CARGO_PKG_VERSION").into(),
+            revision: crate::REVISION.into(),
+            wire_protocol: crate::wire::VERSION,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            sessions,
+            active,
+            region_bytes: by_role(&f.region_bytes),
+            wire_bytes: by_role(&f.wire_bytes),
+            zero_pages: Role::ALL.iter().map(|r| f.zero_pages.get_or_create(&RoleL { role: r.name() }).get()).sum(),
+            chunk_latency_us: f.chunk_latency.get_or_create(&RoleL { role: Role::Send.name() }).percentiles(),
+            worker_latency_us,
+            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            workers: crate::live::snapshot()
+                .into_iter()
+                .map(|(r, worker, counters)| WorkerCounters { role: r.name().into(), worker, counters })
+                .collect(),
+            progress: crate::live::progress(),
+            running: crate::live::sessions()
+                .into_iter()
+                .map(|(r, id, worker, counters)| SessionCounters { role: r.name().into(), session: format!("{id:016x}"), worker, counters })
+                .collect(),
+        }
     }
 }
 
@@ -955,7 +964,7 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }
-        assert_eq!(m.status()["last_error"], "digests differ");
+        assert_eq!(m.status().last_error.as_deref(), Some("digests differ"));
     }
 
     /// A post-copy migration's figures reach the exposition, per role.

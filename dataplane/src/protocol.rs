@@ -8,6 +8,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use std::collections::BTreeMap;
+
+use crate::engine::Percentiles;
+use crate::live::{Progress, Snapshot};
 use crate::migrate::{MigrationReport, RoundReport};
 use crate::stream::ProxyReport;
 
@@ -99,9 +103,77 @@ pub struct Hello {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub draining: bool,
-    pub status: Value,
+    pub status: StatusMetrics,
     pub plan: StatusPlan,
     pub pool: StatusPool,
+}
+
+/// What ferryd counted since it started, and where its running sessions stand
+/// ([`crate::metrics::Metrics::status`]). Roles are [`crate::metrics::Role`]'s names. A
+/// field an older ferryd does not send reads as empty.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusMetrics {
+    pub version: String,
+    pub revision: String,
+    pub wire_protocol: u16,
+    pub uptime_seconds: f64,
+    /// Sessions ended, by role and result (`ok`, `error`).
+    pub sessions: Vec<SessionCount>,
+    /// Sessions running, by role.
+    pub active: Vec<RoleCount>,
+    /// Bytes by role name.
+    pub region_bytes: BTreeMap<String, u64>,
+    pub wire_bytes: BTreeMap<String, u64>,
+    pub zero_pages: u64,
+    /// Sending a chunk, every worker's.
+    pub chunk_latency_us: Percentiles,
+    /// Each worker's chunk send (send) or frame write (receive) latency.
+    pub worker_latency_us: Vec<WorkerLatency>,
+    /// The last session's error, if any failed.
+    pub last_error: Option<String>,
+    /// Each worker slot's counters, ended and running sessions together.
+    pub workers: Vec<WorkerCounters>,
+    pub progress: Vec<Progress>,
+    /// Each running session's counters, by worker.
+    pub running: Vec<SessionCounters>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionCount {
+    pub role: String,
+    pub result: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleCount {
+    pub role: String,
+    /// A gauge's value.
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerLatency {
+    pub role: String,
+    pub worker: u64,
+    pub latency_us: Percentiles,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounters {
+    pub role: String,
+    pub worker: usize,
+    pub counters: Snapshot,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionCounters {
+    pub role: String,
+    /// The session id, 16 hex digits.
+    pub session: String,
+    pub worker: usize,
+    pub counters: Snapshot,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
