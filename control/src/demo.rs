@@ -75,7 +75,12 @@ pub struct MigrateArgs {
     /// advises.
     #[arg(long, requires = "postcopy")]
     pub switch_after_rounds: Option<u32>,
-    /// Print the report as JSON.
+    /// Migrations to run one after another through the same two ferryd, each with a new
+    /// guest (seeds SEED, SEED+1, ...): what a long-lived ferryd learns from its
+    /// migrations (the downtime estimate's end and digest speed) shows from the second.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+    /// Print the report as JSON (with --runs, one report per line).
     #[arg(long)]
     pub json: bool,
 }
@@ -252,10 +257,29 @@ fn ferryd_binary(given: Option<&Path>) -> PathBuf {
     next.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("ferryd"))
 }
 
-/// Runs the demo migration; `progress` gets one line per event for a terminal.
-pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoReport, CtlError> {
+/// Runs the demo's migrations (`--runs`) through one pair of ferryd, handing each report
+/// to `done` as it ends; `progress` gets one line per event for a terminal.
+pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String), done: &mut dyn FnMut(DemoReport)) -> Result<(), CtlError> {
     // The work directory lives as long as the ferryd in it.
     let (_dir, plan, src, dst) = start_ferryds(a, progress)?;
+    for i in 0..a.runs {
+        if a.runs > 1 {
+            progress(format!("run {} of {}", i + 1, a.runs));
+        }
+        let a = MigrateArgs { seed: a.seed.wrapping_add(u64::from(i)), ..a.clone() };
+        done(migrate(&a, &plan, &src, &dst, progress)?);
+    }
+    Ok(())
+}
+
+/// One migration of a new simulated guest from `src` to `dst`, and the byte-for-byte check.
+fn migrate(
+    a: &MigrateArgs,
+    plan: &dataplane::plan::Plan,
+    src: &Ferryd,
+    dst: &Ferryd,
+    progress: &mut dyn FnMut(String),
+) -> Result<DemoReport, CtlError> {
     let size = a.size_mib << 20;
     let (map, mem, bitmap, image) = guest_memory(a, progress)?;
     let log = Arc::new(DirtyLog::new(size.div_ceil(guest::PAGE as u64)));
@@ -298,7 +322,7 @@ pub fn run(a: &MigrateArgs, progress: &mut dyn FnMut(String)) -> Result<DemoRepo
     let paused = Instant::now();
     let last = harvest(&log)?;
     progress(format!("guest paused; {last} pages dirtied since the last round"));
-    let run = Run { a, size, t0, paused, cpu0, image, page_writes, rounds, mem: &mem, plan: &plan, src: &src, dst: &dst };
+    let run = Run { a, size, t0, paused, cpu0, image, page_writes, rounds, mem: &mem, plan, src, dst };
     if a.postcopy {
         // The paused guest is read through `mem`; its mapping goes after, not in the
         // switch-over's downtime (unmapping a large guest takes milliseconds).

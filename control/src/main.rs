@@ -502,12 +502,16 @@ fn daemon_report(r: Result<Done<dataplane::engine::Report>, dataplane::client::C
 
 fn demo(a: &control::demo::MigrateArgs) -> Result<u8, CtlError> {
     let quiet = a.json;
-    let r = control::demo::run(a, &mut |line| {
+    let mut progress = |line: String| {
         if !quiet {
             eprintln!("{line}");
         }
+    };
+    control::demo::run(a, &mut progress, &mut |r| match (a.json, a.runs) {
+        (true, 1) => emit(&json(&r)),
+        (true, _) => emit(&serde_json::to_string(&r).expect("plain data serialises")),
+        (false, _) => emit(&control::demo::summary(&r)),
     })?;
-    emit(&if a.json { json(&r) } else { control::demo::summary(&r) });
     Ok(0)
 }
 

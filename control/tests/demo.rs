@@ -43,6 +43,25 @@ fn demo_migrates_a_dirtying_guest_and_verifies_it() {
     assert_eq!(r["source"]["verify"], "sent");
 }
 
+/// `--runs`: one report per line, each a new guest through the same two ferryd, each
+/// verified.
+#[test]
+fn runs_migrate_new_guests_through_the_same_ferryd() {
+    let Some(mut c) = ferryctl() else { return };
+    let out = c.args(["demo", "--size-mib", "16", "--runs", "2", "--verify", "full", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for r in &reports {
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["destination"]["digest"], r["source"]["digest"]);
+    }
+    assert_ne!(reports[0]["source"]["digest"], reports[1]["source"]["digest"], "the second run migrates a new guest");
+    let Some(mut c) = ferryctl() else { return };
+    let out = c.args(["demo", "--runs", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no runs is a usage error: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn bench_migrate_obeys_the_rate_limit_and_compresses() {
     let r = run_json(&[

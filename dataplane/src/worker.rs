@@ -169,12 +169,15 @@ pub(crate) struct Hints {
     pub queue: Arc<crossbeam_queue::ArrayQueue<u64>>,
     /// Windows sent already (of the round's `windows`).
     taken: AtomicBits,
+    /// Pages a fault's answer sent already, by their bit in the round's dirty bitmap (their
+    /// hashes as sent recorded first): the round leaves them out.
+    fetched: Arc<AtomicBits>,
 }
 
 impl Hints {
-    /// Hints from `queue` for a round of `windows` windows.
-    pub(crate) fn new(queue: Arc<crossbeam_queue::ArrayQueue<u64>>, windows: u64) -> Hints {
-        Hints { queue, taken: AtomicBits::new(windows) }
+    /// Hints from `queue` for a round of `windows` windows, and the pages `fetched`.
+    pub(crate) fn new(queue: Arc<crossbeam_queue::ArrayQueue<u64>>, windows: u64, fetched: Arc<AtomicBits>) -> Hints {
+        Hints { queue, taken: AtomicBits::new(windows), fetched }
     }
 }
 
@@ -204,8 +207,13 @@ impl Round {
         let reg = &self.regions[i as usize];
         let ppw = (self.chunk / PAGE) as u64;
         let (first, end) = (w * ppw, ((w + 1) * ppw).min(reg.size.div_ceil(PAGE as u64)));
-        let bits = &self.dirty[reg.word..reg.word + reg.words];
-        (first / 64..end.div_ceil(64)).any(|k| bits[k as usize] & word_mask(k, first, end) != 0)
+        (first / 64..end.div_ceil(64)).any(|k| self.dirty_word(reg, k as usize) & word_mask(k, first, end) != 0)
+    }
+
+    /// Word `k` of `reg`'s dirty bits, less the pages a fault's answer sent (post-copy).
+    fn dirty_word(&self, reg: &Region, k: usize) -> u64 {
+        let w = self.dirty[reg.word + k];
+        self.hints.as_ref().map_or(w, |h| w & !h.fetched.word(reg.word + k))
     }
 
     /// The runs of pages of window `w` of `region` the round sends (its dirty pages, or
@@ -218,10 +226,33 @@ impl Round {
         runs.clear();
         if self.all {
             runs.push((first, end));
+        } else if self.hints.is_some() {
+            // The window's words, less what faults' answers sent.
+            let k0 = first / 64;
+            let words: Vec<u64> = (k0..end.div_ceil(64)).map(|k| self.dirty_word(reg, k as usize)).collect();
+            dirty_runs(&words, first - k0 * 64, end - k0 * 64, &mut |s, e| runs.push((s + k0 * 64, e + k0 * 64)));
         } else {
             dirty_runs(&self.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
         }
         runs.iter().map(|&(s, e)| (e * page).min(reg.size) - s * page).sum()
+    }
+}
+
+/// Each page's hash as sent, from the bytes the frame `h` carries of `bytes` (read from
+/// offset `from` of `region`).
+pub(crate) fn record_sent(sent: &PageHashes, region: u32, from: u64, bytes: &[u8], h: &wire::Header) {
+    let page = PAGE as u64;
+    let (off, flen) = (h.offset.get(), u64::from(h.raw_len.get()));
+    let fp = off / page;
+    if h.encoding == wire::Encoding::Zero as u8 {
+        for i in 0..flen.div_ceil(page) {
+            sent.set(fp + i, Digest::of_zero_page(region, fp + i, (flen - i * page).min(page) as usize));
+        }
+    } else {
+        let rel = (off - from) as usize;
+        for (i, pg) in bytes[rel..rel + flen as usize].chunks(PAGE).enumerate() {
+            sent.set(fp + i as u64, Digest::of_page(region, fp + i as u64, pg));
+        }
     }
 }
 
@@ -446,19 +477,7 @@ impl Worker {
             let (sent, bytes, fr) = (&reg.sent, &b.data[at..at + len], &mut b.frames);
             self.enc
                 .encode::<()>(z, region, from, PAGE, bytes, &mut |h, p| {
-                    // Each page's hash from the bytes this frame carries.
-                    let (off, flen) = (h.offset.get(), u64::from(h.raw_len.get()));
-                    let fp = off / page;
-                    if h.encoding == wire::Encoding::Zero as u8 {
-                        for i in 0..flen.div_ceil(page) {
-                            sent.set(fp + i, Digest::of_zero_page(region, fp + i, (flen - i * page).min(page) as usize));
-                        }
-                    } else {
-                        let rel = (off - from) as usize;
-                        for (i, pg) in bytes[rel..rel + flen as usize].chunks(PAGE).enumerate() {
-                            sent.set(fp + i as u64, Digest::of_page(region, fp + i as u64, pg));
-                        }
-                    }
+                    record_sent(sent, region, from, bytes, &h);
                     fr.push(h, p);
                     Ok(())
                 })
@@ -614,8 +633,29 @@ mod tests {
         for g in [Round::window_of(&r.regions, r.chunk, 1, 255), 5, 10_000] {
             q.push(g).unwrap();
         }
-        r.hints = Some(Hints::new(q, r.windows()));
+        r.hints = Some(Hints::new(q, r.windows(), Arc::new(AtomicBits::new(36 * 64))));
         assert_eq!(windows_of(&r), vec![(1, 15), (0, 0), (0, 1), (0, 127)]);
+    }
+
+    /// Post-copy: pages a fault's answer sent are left out of the push; a window left with
+    /// none is skipped.
+    #[test]
+    fn pages_a_fault_fetched_are_not_pushed() {
+        let mut r = four_dirty_windows();
+        let fetched = Arc::new(AtomicBits::new(36 * 64));
+        // Region 0's page 17 (window 1's only dirty page) and region 1's page 255 (its
+        // bit is region 1's word 3, bit 63).
+        fetched.take(17);
+        fetched.take((32 + 3) * 64 + 63);
+        r.hints = Some(Hints::new(Arc::new(crossbeam_queue::ArrayQueue::new(8)), r.windows(), fetched.clone()));
+        assert_eq!(windows_of(&r), vec![(0, 0), (0, 127)]);
+        let mut runs = Vec::new();
+        // Window 0 of region 0 still sends page 0; a page fetched there later is left out.
+        assert_eq!(r.window_runs(&mut runs, 0, 0), PAGE as u64);
+        assert_eq!(runs, vec![(0, 1)]);
+        fetched.take(0);
+        assert_eq!(r.window_runs(&mut runs, 0, 0), 0);
+        assert!(runs.is_empty());
     }
 
     /// A round takes the windows holding a dirty page and no other; a stopped round

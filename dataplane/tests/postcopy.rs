@@ -199,6 +199,30 @@ fn a_guest_runs_at_the_destination_before_its_memory_arrived() {
     assert!(source.switch_ms.is_some_and(|ms| ms > 0.0));
 }
 
+/// The push leaves out the pages the guest's faults fetched first: a guest that reads all
+/// of its memory at once while the push crawls gets most pages by fault, and the source
+/// sends each stale page about once in all.
+#[test]
+fn the_push_leaves_out_pages_a_fault_fetched() {
+    if !userfaultfd_or_skip() {
+        return;
+    }
+    let t = slow_push((None, None));
+    t.attempt_up();
+    assert_guest_sees(&t.run.map, &t.mem);
+    let SlowPush { _dir, src: _src, _dst, out, run, .. } = t;
+    let dest = finish(run).unwrap();
+    let source = out.wait().unwrap();
+    let (pc, spc) = (dest.postcopy.unwrap(), source.postcopy.unwrap());
+    let pushed = source.rounds.last().unwrap().dirty_pages;
+    assert_eq!(pc.pages_by_fault + pc.pages_by_push, PAGES - 100, "{pc:?}");
+    assert!(spc.pages_by_fault > (PAGES - 100) / 2, "most pages came by fault: {spc:?}");
+    // A page the push sent just before its fault's answer goes twice; a window of them at
+    // most per worker.
+    assert!(pushed + spc.pages_by_fault <= PAGES - 100 + 64, "pushed {pushed}, answered {}, stale {}", spc.pages_by_fault, PAGES - 100);
+    assert_eq!(dest.digest, source.digest);
+}
+
 #[test]
 fn a_link_cut_during_post_copy_and_restored_completes_the_migration() {
     if !userfaultfd_or_skip() {

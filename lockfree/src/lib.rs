@@ -129,6 +129,11 @@ impl AtomicBits {
         self.0[(i / 64) as usize].load(Ordering::SeqCst) >> (i % 64) & 1 == 1
     }
 
+    /// Bits `64 * k..64 * (k + 1)`.
+    pub fn word(&self, k: usize) -> u64 {
+        self.0[k].load(Ordering::SeqCst)
+    }
+
     /// Sets bit `i`; whether it was clear before.
     pub fn take(&self, i: u64) -> bool {
         let bit = 1u64 << (i % 64);

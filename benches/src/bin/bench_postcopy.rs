@@ -44,7 +44,9 @@ fn main() {
                 ];
                 let mut a = <Cli as clap::Parser>::parse_from(args).m;
                 a.postcopy = postcopy;
-                let r = control::demo::run(&a, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+                let mut reports = Vec::new();
+                control::demo::run(&a, &mut |_| {}, &mut |r| reports.push(r)).unwrap_or_else(|e| panic!("{e}"));
+                let r = reports.pop().expect("one run, one report");
                 let line = json!({
                     "size_mib": size,
                     "mode": if postcopy { "postcopy" } else { "precopy" },

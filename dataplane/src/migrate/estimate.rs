@@ -10,15 +10,20 @@
 //!   the fallback only);
 //! - **the full digest** (`verify: full`): the paused source is digested beside the data
 //!   phase, so the longer of the two counts; over RDMA the destination then digests what
-//!   landed, after the last write (one-sided writes checked at the end), which adds;
+//!   landed, after the last write (one-sided writes checked at the end), which adds. It
+//!   reads the guest's bytes that are not holes (their share sampled during pre-copy) at
+//!   the speed this ferryd's last paused digests had ([`digest_seconds_per_byte`]), or
+//!   before its first at the speed sampled during pre-copy;
 //! - **the end**: the destination's confirmation of the round, then the verdict (the lanes
 //!   ended, the digests compared, which costs nothing as both sides keep theirs as pages
 //!   are set, the memory handed to the destination VMM and its `taken`, RESULT). A pre-copy
 //!   round has no verdict, and its confirmation runs while the guest keeps the CPUs awake;
 //!   with the guest paused, every hand-off between threads and processes wakes an idle
-//!   CPU, which on a VM costs far more. So this part is what this ferryd measured at the
-//!   end of its last migrations ([`end_seconds`]), and [`DEFAULT_END`] until it has run
-//!   one.
+//!   CPU, which on a VM costs far more (the data phase's too: a small last round cost up
+//!   to twice as much per page as the round before it). So this part is what this
+//!   ferryd's last migrations' last rounds took beyond their pages at the estimate's cost
+//!   per page and their full digest ([`end_seconds`]), and [`DEFAULT_END`] until it has
+//!   run one.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -62,37 +67,77 @@ pub fn page_seconds(rounds: &[RoundReport]) -> Option<f64> {
     Some(r0.data_seconds / pages as f64)
 }
 
-/// The last round's end until this ferryd has measured one: 1 ms (on a 2-core VM over
-/// loopback it measured 0.9-1.8 ms, the verdict 0.7-1.1 ms of it: the `last_round`
-/// `confirm_seconds` and `verdict_seconds` that `benches/bench_estimate.py` prints; a host
-/// whose idle CPUs wake faster takes less).
-pub const DEFAULT_END: Duration = Duration::from_millis(1);
+/// The last round's end until this ferryd has measured one: 2 ms. On a 2-core VM over
+/// loopback the confirmation and the verdict took 0.9-1.8 ms one day and 1.2-3.3 ms
+/// another (the `last_round` `confirm_seconds` that `benches/bench_estimate.py` prints),
+/// and a small last round's data phase up to about 1 ms more than its pages at the
+/// previous round's cost; a host whose idle CPUs wake faster takes less.
+pub const DEFAULT_END: Duration = Duration::from_millis(2);
 
-/// Ends kept for the median.
-const ENDS: usize = 16;
+/// Figures kept for a median.
+const KEPT: usize = 16;
 
-/// The ends of this process's last migrations, seconds (a ferryd lives long; its
-/// migrations between the same hosts end alike).
-static MEASURED: Mutex<Vec<f64>> = Mutex::new(Vec::new());
+/// What this process measured at the end of its last migrations (a ferryd lives long; its
+/// migrations between the same hosts end alike): the median of the last [`KEPT`].
+struct Learned(Mutex<Vec<f64>>);
+
+impl Learned {
+    const fn new() -> Learned {
+        Learned(Mutex::new(Vec::new()))
+    }
+
+    fn record(&self, v: f64) {
+        if !v.is_finite() || v < 0.0 {
+            return;
+        }
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() == KEPT {
+            m.remove(0);
+        }
+        m.push(v);
+    }
+
+    /// The median; of an even count, the lower middle one (a stall makes a figure
+    /// larger, never smaller, so of two the smaller is the likelier).
+    fn median(&self) -> Option<f64> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        m.sort_by(f64::total_cmp);
+        m.get(m.len().saturating_sub(1) / 2).copied()
+    }
+}
+
+/// The ends (confirmation and verdict) of the last rounds, seconds.
+static ENDS: Learned = Learned::new();
+
+/// `verify: full`: the paused digests' seconds per byte they read (the guest's bytes that
+/// are not holes).
+static DIGEST_SPEEDS: Learned = Learned::new();
 
 /// Records the end (confirmation and verdict) of a migration's last round, seconds.
 pub fn record_end(seconds: f64) {
-    let mut m = MEASURED.lock().unwrap_or_else(|p| p.into_inner());
-    if m.len() == ENDS {
-        m.remove(0);
-    }
-    m.push(seconds);
+    ENDS.record(seconds);
 }
 
 /// The last round's end to expect: the median of the ones recorded ([`record_end`]),
 /// else [`DEFAULT_END`].
 pub fn end_seconds() -> f64 {
-    let mut m = MEASURED.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if m.is_empty() {
-        return DEFAULT_END.as_secs_f64();
+    ENDS.median().unwrap_or(DEFAULT_END.as_secs_f64())
+}
+
+/// Records how long a paused full digest took to read `bytes` (the guest's bytes that are
+/// not holes).
+pub fn record_digest(took: f64, bytes: f64) {
+    if bytes > 0.0 {
+        DIGEST_SPEEDS.record(took / bytes);
     }
-    m.sort_by(f64::total_cmp);
-    m[m.len() / 2]
+}
+
+/// The paused full digest's seconds per byte it reads: the median of what this ferryd
+/// recorded ([`record_digest`]), `None` before its first. The paused digest reads on every
+/// CPU, beside the last round's lanes, with the guest's CPUs idle: a host's figure,
+/// steadier than samples taken while the guest runs.
+pub fn digest_seconds_per_byte() -> Option<f64> {
+    DIGEST_SPEEDS.median()
 }
 
 /// What the advice after a round is made of.
@@ -239,16 +284,28 @@ mod tests {
     }
 
     #[test]
-    fn the_end_is_learned() {
-        // (The only test that records ends: the record is this process's.)
+    fn the_end_and_the_digest_factor_are_learned() {
+        // (The only test that records: the record is this process's.)
         assert_eq!(end_seconds(), DEFAULT_END.as_secs_f64());
         for v in [3e-3, 1e-3, 2e-3] {
             record_end(v);
         }
         assert_eq!(end_seconds(), 2e-3, "the median");
-        for _ in 0..ENDS {
+        for _ in 0..KEPT {
             record_end(5e-3);
         }
         assert_eq!(end_seconds(), 5e-3, "only the last ones count");
+        record_end(f64::NAN);
+        record_end(-1.0);
+        assert_eq!(end_seconds(), 5e-3, "nonsense is not kept");
+        for _ in 0..KEPT / 2 {
+            record_end(9e-3);
+        }
+        assert_eq!(end_seconds(), 5e-3, "of an even count, the lower middle one");
+
+        assert_eq!(digest_seconds_per_byte(), None);
+        record_digest(0.12, 1e9);
+        record_digest(1.0, 0.0);
+        assert_eq!(digest_seconds_per_byte(), Some(0.12 / 1e9), "a digest of nothing tells nothing");
     }
 }

@@ -145,10 +145,9 @@ pub struct Source<'a> {
     rounds: Vec<RoundReport>,
     /// When the previous round started: the dirty bitmap of the next one covers the time since.
     last_start: Option<Instant>,
-    /// [`Verify::Full`]: seconds to digest a GiB of guest memory on one CPU, sampled at
-    /// connect and after each pre-copy round; the estimate takes the median of the last
-    /// three (one sample that something else held up does not swing it).
-    digest_samples: Vec<f64>,
+    /// [`Verify::Full`]: the guest's digest sampled at connect and after each pre-copy
+    /// round (see [`Source::predicted_digest`]).
+    digest_samples: Vec<DigestSample>,
     /// RDMA sessions: the session's figures so far.
     rdma: Option<RdmaReport>,
     /// Set when the session fails: RDMA workers waiting on their completion queues stop.
@@ -166,8 +165,9 @@ pub struct Source<'a> {
     /// Post-copy: what the switch-over took, and what the attempts did.
     switch_seconds: Option<f64>,
     postcopy: super::postcopy::PostcopyReport,
-    /// Post-copy: windows near the destination's recent faults, which the push sends first.
-    hints: Option<Arc<crossbeam_queue::ArrayQueue<u64>>>,
+    /// Post-copy: windows near the destination's recent faults, which the push sends
+    /// first, and the pages the faults' answers sent, which it leaves out (this attempt's).
+    hints: Option<(Arc<crossbeam_queue::ArrayQueue<u64>>, Arc<crate::worker::AtomicBits>)>,
     /// The session's live counters (last: the workers, which count into them, go first).
     live: crate::live::Session,
 }
@@ -575,16 +575,20 @@ impl<'a> Source<'a> {
         let fault_sock = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
         let regions = self.regions.clone();
         let hints = Arc::new(crossbeam_queue::ArrayQueue::new(super::postcopy::HINTS));
-        self.hints = Some(hints.clone());
-        let near = super::postcopy::Near { hints: &hints, chunk: self.chunk };
+        // A page answered in this attempt reached the destination if the attempt completes;
+        // if not, the next attempt's NEEDED names it again, and its push sends it.
+        let fetched = Arc::new(crate::worker::AtomicBits::new(dirty.len() as u64 * 64));
+        self.hints = Some((hints.clone(), fetched.clone()));
+        let near = super::postcopy::Near { hints: &hints, fetched: &fetched, chunk: self.chunk };
         // A fault lane that went silent ends the push too: its control connection is
         // shut, which the round's watch sees. (A lane the destination closed is not that:
         // it does so when the attempt is done, and RESULT follows on the control
         // connection.)
         let ctl_sock = ctl.s.try_clone().map_err(|e| SessionError::io("cloning the control connection", e))?;
-        let (r, answered) = std::thread::scope(|s| {
+        let answered = AtomicU64::new(0);
+        let (r, lane) = std::thread::scope(|s| {
             let answers = s.spawn(|| {
-                let r = super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near);
+                let r = super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near, &answered);
                 if matches!(r, Err(SessionError::TimedOut { .. })) && !stop.load(Ordering::Relaxed) {
                     let _ = ctl_sock.shutdown(std::net::Shutdown::Both);
                 }
@@ -602,15 +606,13 @@ impl<'a> Source<'a> {
             let _ = fault_sock.shutdown(std::net::Shutdown::Both);
             (r, answers.join().expect("fault lane thread panicked"))
         });
-        let r = match answered {
-            // Answers count once their attempt completed: a failed attempt's may have
-            // been lost with its link.
-            Ok(n) => {
-                if r.is_ok() {
-                    self.postcopy.pages_by_fault += n;
-                }
-                r
-            }
+        // Answers count once their attempt completed (a failed attempt's may have been
+        // lost with its link), however the fault lane ended after.
+        if r.is_ok() {
+            self.postcopy.pages_by_fault += answered.load(Ordering::Relaxed);
+        }
+        let r = match lane {
+            Ok(()) => r,
             Err(e) if r.is_ok() => {
                 log::debug!("post-copy fault lane: {e}");
                 r
@@ -639,7 +641,20 @@ impl<'a> Source<'a> {
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = digest_threads();
         let full = last && self.opts.verify == Verify::Full;
+        let predicted_digest = self.predicted_digest();
         let (c, digest, data_seconds) = self.send_round(&job, full.then_some(digest_threads), start)?;
+        // The paused digest's speed, for the next migrations' estimates.
+        let digest_took = match &digest {
+            Some(p) => {
+                log::debug!("paused digest: {:.1} ms, {:.1} ms predicted", p.seconds * 1e3, predicted_digest * 1e3);
+                if let Some(s) = self.digest_samples.last() {
+                    super::estimate::record_digest(p.seconds, self.size as f64 * s.data_fraction);
+                }
+                p.seconds
+            }
+            None => 0.0,
+        };
+        let digest = digest.map(|p| p.digest);
         // The workers are done: what follows is the destination's confirmation.
         self.data_seconds += data_seconds;
         // A region that shrank while the round read it sent zeros for the pages past its
@@ -656,10 +671,14 @@ impl<'a> Source<'a> {
             self.verdict(round, d)?;
         }
         let verdict_seconds = if last { verdict_start.elapsed().as_secs_f64() } else { 0.0 };
-        // A migration's end (a one-shot transfer's hands nothing to a VMM), without the
-        // full digest's wait, which the estimate has apart.
-        if last && digest.is_some() && self.opts.job == Job::Migrate && !full {
-            super::estimate::record_end(start.elapsed().as_secs_f64() - data_seconds);
+        // A migration's last round beyond what its pages cost at the estimate's figure
+        // and its full digest took (which the estimate has apart; over RDMA also the
+        // destination's digest after the last write): waking the paused host's threads,
+        // the confirmation, the verdict. (A one-shot transfer hands nothing to a VMM.)
+        let dest_digested = self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd);
+        if last && digest.is_some() && self.opts.job == Job::Migrate && !(full && dest_digested) {
+            let pages = super::estimate::page_seconds(&self.rounds).map_or(data_seconds, |s| s * c.pages as f64);
+            super::estimate::record_end((start.elapsed().as_secs_f64() - pages.max(digest_took)).max(0.0));
         }
         let seconds = start.elapsed().as_secs_f64();
         let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
@@ -725,22 +744,22 @@ impl<'a> Source<'a> {
         self.check_sizes(round, "start")?;
         let dirty: Arc<[u64]> = if all { Arc::from(&[][..]) } else { Arc::from(dirty) };
         let mut job = Round::new(round, self.regions.clone(), self.chunk, dirty, all, self.opts.rate_limit.map(|r| r as f64));
-        if let Some(q) = &self.hints {
-            job.hints = Some(crate::worker::Hints::new(q.clone(), job.windows()));
+        if let Some((q, fetched)) = &self.hints {
+            job.hints = Some(crate::worker::Hints::new(q.clone(), job.windows(), fetched.clone()));
         }
         Ok(Arc::new(job))
     }
 
     /// Hands the round to the pool's workers and waits for them, watching the control
     /// connection; with `digest_threads`, digests the paused source beside them. Returns
-    /// what the workers counted, that digest, and the data phase's seconds (the workers',
-    /// since `start`).
+    /// what the workers counted, that digest with the seconds from `start` until it was
+    /// done, and the data phase's seconds (the workers', since `start`).
     fn send_round(
         &mut self,
         job: &Arc<Round>,
         digest_threads: Option<usize>,
         start: Instant,
-    ) -> Result<(RoundCounts, Option<Digest>, f64), SessionError> {
+    ) -> Result<(RoundCounts, Option<PausedDigest>, f64), SessionError> {
         let key = self.digest_key.as_ref();
         let regions = &*self.regions;
         let (done, woken) = Done::new(self.workers.len(), self.abort.clone())?;
@@ -753,7 +772,7 @@ impl<'a> Source<'a> {
                     for (i, r) in regions.iter().enumerate() {
                         d.combine(Digest::of_file_with(h, i as u32, PAGE, &r.memory, r.size, threads, r.probe_holes)?);
                     }
-                    Ok::<Digest, std::io::Error>(d)
+                    Ok::<_, std::io::Error>(PausedDigest { digest: d, seconds: start.elapsed().as_secs_f64() })
                 })
             });
             // Each worker of the pool takes its part of the session and the round.
@@ -856,16 +875,33 @@ impl<'a> Source<'a> {
         crate::engine::send::confirm(&mut self.ctl, digest, self.size)
     }
 
+    /// `verify: full`: the paused digest's seconds (0 without samples). It reads the
+    /// pages that are not holes, so it is their bytes (the latest sample's share of the
+    /// guest) at the speed this ferryd's last paused digests had; before its first, at the
+    /// samples' speed (the median of the last three, so one that something else held up
+    /// does not swing it) on every CPU. Samples taken while the guest runs on the same
+    /// CPUs are noisy (150-260 ms per GiB in four migrations of one guest whose paused
+    /// digest took 124-139 ms on two CPUs), which is why they only stand in.
+    fn predicted_digest(&self) -> f64 {
+        let Some(latest) = self.digest_samples.last() else {
+            return 0.0;
+        };
+        let data_bytes = self.size as f64 * latest.data_fraction;
+        if let Some(per_byte) = super::estimate::digest_seconds_per_byte() {
+            return per_byte * data_bytes;
+        }
+        let mut recent: Vec<f64> = self.digest_samples.iter().rev().take(3).map(|s| s.seconds_per_gib).collect();
+        recent.sort_by(f64::total_cmp);
+        recent[recent.len() / 2] * self.size as f64 / (1u64 << 30) as f64 / digest_threads() as f64
+    }
+
     /// The downtime if the VMM paused after `this` round, ms (see [`super::estimate`]);
     /// `None` until a dirty rate has been measured.
     fn estimate(&self, this: &RoundReport, dirty_rate: Option<f64>) -> Option<f64> {
         let measured: Vec<RoundReport> = self.rounds.iter().cloned().chain(std::iter::once(this.clone())).collect();
         let rate = dirty_rate?;
         let page_seconds = super::estimate::page_seconds(&measured)?;
-        let mut recent: Vec<f64> = self.digest_samples.iter().rev().take(3).copied().collect();
-        recent.sort_by(f64::total_cmp);
-        let per_gib = recent.get(recent.len() / 2).copied().unwrap_or(0.0);
-        let full_digest = per_gib * self.size as f64 / (1u64 << 30) as f64 / digest_threads() as f64;
+        let full_digest = self.predicted_digest();
         let inputs = super::estimate::Inputs {
             next_pages: (rate * this.seconds).min(self.size as f64) / PAGE as f64,
             page_seconds,
@@ -895,18 +931,33 @@ impl Source<'_> {
     }
 }
 
-/// Seconds to digest a GiB of the guest on one CPU: 32 pieces of 512 KiB spread over the
-/// regions (their mix of zero, hole and data pages, not just the first pages), each read
-/// and hashed as the full digest does.
-fn sample_digest(regions: &[Region]) -> Result<f64, SessionError> {
+/// The paused source's full digest, and the seconds from the round's start until it was
+/// done.
+struct PausedDigest {
+    digest: Digest,
+    seconds: f64,
+}
+
+/// A sample of the guest's digest.
+#[derive(Debug, Clone, Copy)]
+struct DigestSample {
+    /// Seconds to digest a GiB of the guest on one CPU.
+    seconds_per_gib: f64,
+    /// The share of the guest that is not holes (the digest reads only that).
+    data_fraction: f64,
+}
+
+/// 32 pieces of 512 KiB spread over the regions (their mix of zero, hole and data pages,
+/// not just the first pages), each read and hashed as the full digest does.
+fn sample_digest(regions: &[Region]) -> Result<DigestSample, SessionError> {
     const PIECES: u64 = 32;
     const PIECE: u64 = 512 << 10;
     let size: u64 = regions.iter().map(|r| r.size).sum();
     if size == 0 {
-        return Ok(0.0);
+        return Ok(DigestSample { seconds_per_gib: 0.0, data_fraction: 0.0 });
     }
     let mut buf = vec![0u8; PIECE as usize];
-    let (mut d, mut sampled) = (Digest::default(), 0u64);
+    let (mut d, mut sampled, mut holes) = (Digest::default(), 0u64, 0u64);
     let t = Instant::now();
     for k in 0..PIECES {
         // The k-th piece of the regions laid end to end.
@@ -924,6 +975,7 @@ fn sample_digest(regions: &[Region]) -> Result<f64, SessionError> {
         let len = PIECE.min(r.size - off);
         if r.probe_holes && crate::digest::is_hole(&r.memory, off, len) {
             d.add_zero(i as u32, off / PAGE as u64, PAGE, len);
+            holes += len;
         } else {
             r.memory
                 .read_exact_at(&mut buf[..len as usize], off)
@@ -933,7 +985,12 @@ fn sample_digest(regions: &[Region]) -> Result<f64, SessionError> {
         sampled += len;
     }
     std::hint::black_box(d);
-    Ok(t.elapsed().as_secs_f64() / (sampled.max(1) as f64 / (1u64 << 30) as f64))
+    let sample = DigestSample {
+        seconds_per_gib: t.elapsed().as_secs_f64() / (sampled.max(1) as f64 / (1u64 << 30) as f64),
+        data_fraction: 1.0 - holes as f64 / sampled.max(1) as f64,
+    };
+    log::debug!("digest sample: {:.1} ms per GiB on one CPU, {:.0}% not holes", sample.seconds_per_gib * 1e3, sample.data_fraction * 1e2);
+    Ok(sample)
 }
 
 /// Threads for the full digest in the paused last round: every CPU (the VMM has paused).

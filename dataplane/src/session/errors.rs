@@ -94,7 +94,8 @@ pub enum Counted {
     FramesOutsideRound { lane: u16 },
     /// The pages of the post-copy push round.
     PushPages,
-    /// Stale pages still not placed once the push round ended (none may be).
+    /// Stale pages still not placed once the push round ended and the fault lane's last
+    /// answers landed (none may be).
     PushPlaced,
     /// WRITE_WITH_IMMs on an RDMA lane against RDMA_END's count.
     Writes { lane: usize },

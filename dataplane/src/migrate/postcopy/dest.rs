@@ -282,14 +282,20 @@ fn push_round(
     if sum.pages != r.pages.get() {
         return Err(Violation::Miscount { what: Counted::PushPages, announced: r.pages.get(), found: sum.pages }.into());
     }
-    // Every needed page was pushed, so each is claimed; a claim still being placed (by the
-    // fault lane) finishes in a moment.
-    let until = Instant::now() + Duration::from_secs(5);
-    while pc.remaining() > 0 && Instant::now() < until {
-        std::thread::yield_now();
-    }
-    if pc.remaining() > 0 {
-        return Err(Violation::Miscount { what: Counted::PushPlaced, announced: 0, found: pc.remaining() }.into());
+    // Every needed page was pushed, or answered on the fault lane before the push got to
+    // it (the push then leaves it out): each is claimed, or its answer arrives in a moment.
+    // A fault lane that breaks first fails the attempt as the link's failure (the next
+    // attempt's NEEDED names what is missing); the lane gives up on a silent link after
+    // SILENCE.
+    let until = Instant::now() + 2 * super::SILENCE;
+    while pc.remaining() > 0 {
+        if let Ok(Err(e)) = rx.try_recv() {
+            return Err(e);
+        }
+        if Instant::now() >= until {
+            return Err(Violation::Miscount { what: Counted::PushPlaced, announced: 0, found: pc.remaining() }.into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
     let ok = wire::RoundOk { round: r.round, _pad: 0.into(), pages: sum.pages.into() };
     ctl.send(Kind::RoundOk, ok.as_bytes())?;

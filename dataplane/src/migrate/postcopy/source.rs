@@ -3,7 +3,7 @@
 
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::conn::{FrameReader, SessionError, Violation, write_sealed};
 use crate::encode::{Compressor, Encoder};
@@ -22,6 +22,9 @@ const HINT_WINDOWS: u64 = 4;
 #[derive(Clone, Copy)]
 pub(crate) struct Near<'a> {
     pub hints: &'a crossbeam_queue::ArrayQueue<u64>,
+    /// The pages answered, by their bit in the push's dirty bitmap: the push leaves them
+    /// out (a page it sent before the fault's answer goes twice; placed once).
+    pub fetched: &'a crate::worker::AtomicBits,
     pub chunk: usize,
 }
 
@@ -29,14 +32,16 @@ pub(crate) struct Near<'a> {
 /// the paused guest memory, as DATA frames (zero pages as such), and each PING with PONG,
 /// until the destination ends the lane or `stop` is set; the windows from each fault on go
 /// to the push first. A lane silent for [`super::SILENCE`] fails as a broken link.
-/// Returns the pages answered.
+/// Counts the pages answered into `answered` (the lane may end in an error after its
+/// answers landed: the destination closes it once the attempt is done).
 pub(crate) fn answer_fetches(
     s: TcpStream,
     keys: Keys,
     regions: &[crate::worker::Region],
     stop: &AtomicBool,
     near: Near<'_>,
-) -> Result<u64, SessionError> {
+    answered: &AtomicU64,
+) -> Result<(), SessionError> {
     let Keys { mut tx, rx, .. } = keys;
     let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     let mut s = s;
@@ -48,7 +53,6 @@ pub(crate) fn answer_fetches(
     let max_fetch = (near.chunk / PAGE).max(1) as u64;
     let mut pages = vec![0u8; max_fetch as usize * PAGE];
     let (mut enc, mut z) = (Encoder::new(Compression::Off), Compressor::new(pages.len()));
-    let mut answered = 0;
     while !stop.load(Ordering::Relaxed) {
         let (_, kind, payload) = match reader.next(&mut s, "reading the fault lane") {
             Ok(f) => f,
@@ -78,14 +82,22 @@ pub(crate) fn answer_fetches(
             .memory
             .read_exact_at(bytes, off)
             .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
-        enc.encode(&mut z, r, off, PAGE, bytes, &mut |h, payload| write_sealed(&mut w, &mut tx, &h, payload))
-            .map_err(|e| SessionError::io("answering a fault", e))?;
-        answered += n;
+        // Each page's hash as sent, then the page marked answered: the push, which leaves it
+        // out once it sees the mark, sees the hash the digest needs.
+        enc.encode(&mut z, r, off, PAGE, bytes, &mut |h, payload| {
+            crate::worker::record_sent(&region.sent, r, off, bytes, &h);
+            write_sealed(&mut w, &mut tx, &h, payload)
+        })
+        .map_err(|e| SessionError::io("answering a fault", e))?;
+        for p in first..first + n {
+            near.fetched.take(region.word as u64 * 64 + p);
+        }
+        answered.fetch_add(n, Ordering::Relaxed);
         let g = crate::worker::Round::window_of(regions, near.chunk, r as usize, first);
         for w in g..g + HINT_WINDOWS {
             // A full queue drops the hint: the cursor still sends the window.
             let _ = near.hints.push(w);
         }
     }
-    Ok(answered)
+    Ok(())
 }
