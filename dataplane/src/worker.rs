@@ -157,6 +157,9 @@ pub(crate) struct Round {
     pub pacer: Pacer,
     /// Region bytes sent so far this round, for a progress bar.
     pub progress: AtomicU64,
+    /// The session's last round: each worker ends its lanes (LANE_END) with it, so the
+    /// receiving lanes are done by the time the verdict is asked for.
+    pub last: bool,
     /// Post-copy: windows near the guest's recent faults, sent ahead of the cursor.
     pub hints: Option<Hints>,
 }
@@ -185,7 +188,7 @@ impl Round {
     pub(crate) fn new(round: u32, regions: Arc<[Region]>, chunk: usize, dirty: Arc<[u64]>, all: bool, rate: Option<f64>) -> Round {
         let feed = WindowFeed::new(&regions, chunk);
         let pacer = Pacer { start: Instant::now(), rate, sent: AtomicU64::new(0) };
-        Round { round, regions, chunk, feed, dirty, all, pacer, progress: AtomicU64::new(0), hints: None }
+        Round { round, regions, chunk, feed, dirty, all, pacer, progress: AtomicU64::new(0), last: false, hints: None }
     }
 
     /// The round's windows, all regions together.
@@ -426,6 +429,9 @@ impl Worker {
     /// The round's end on every lane, once the round has no more windows for this worker.
     fn end_round(&mut self, run: &RoundRun, r: &Round, spare: &mut Vec<Batch>, rdma: bool) -> Result<Step, SessionError> {
         self.rdma_ends = self.tx.end_round(r.round, spare, &mut self.latency)?;
+        if r.last {
+            self.tx.end_lanes()?;
+        }
         let mut c = run.counts;
         if !rdma {
             let (enc, enc0) = (self.enc.stats, run.enc0);
@@ -823,6 +829,8 @@ mod tests {
                     let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
                     let (s, _) = l.accept().unwrap();
                     c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+                    // A receiver waiting for a LANE_END that never comes fails, not hangs.
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                     let (kc, ks) = keys(i);
                     lanes.push(Lane::new(c, kc.tx));
                     rx.push((Box::new(s), ks.rx));
@@ -854,9 +862,10 @@ mod tests {
             regions: &Arc<[Region]>,
             round: u32,
             dirty: &[u64],
-            all: bool,
+            (all, last): (bool, bool),
         ) -> Result<RoundCounts, SessionError> {
-            let r = Round::new(round, regions.clone(), CHUNK, Arc::from(dirty), all, None);
+            let mut r = Round::new(round, regions.clone(), CHUNK, Arc::from(dirty), all, None);
+            r.last = last;
             w.run_round(&r, spare)
         }
 
@@ -911,7 +920,7 @@ mod tests {
                         .collect();
                     // Owned here: a failed assertion drops the lanes, and the receivers end.
                     let mut w = w;
-                    let c0 = run(&mut w, &mut spare, &regions, 0, &[], true).unwrap();
+                    let c0 = run(&mut w, &mut spare, &regions, 0, &[], (true, false)).unwrap();
                     assert_eq!(c0.pages, pages, "{kind:?}: round 0 carries every page");
                     check(round_ends());
                     assert_eq!(counts.lock().unwrap().len() as u64, pages, "{kind:?}: every page");
@@ -922,16 +931,19 @@ mod tests {
                         mem.write_all_at(&new_page[..len], p * PAGE as u64).unwrap();
                     }
                     counts.lock().unwrap().clear();
-                    let c1 = run(&mut w, &mut spare, &regions, 1, &dirty, false).unwrap();
+                    // The last round: the worker ends its lanes with it.
+                    let c1 = run(&mut w, &mut spare, &regions, 1, &dirty, (false, true)).unwrap();
                     assert_eq!(c1.pages, changed.len() as u64, "{kind:?}");
                     check(round_ends());
                     assert_eq!(counts.lock().unwrap().keys().copied().collect::<Vec<_>>(), changed, "{kind:?}: the dirty pages");
                     assert!(counts.lock().unwrap().values().all(|&n| n == 1), "{kind:?}: each dirty page once");
-                    w.tx.end_lanes().unwrap();
                     assert_eq!(spare.len(), lent, "{kind:?}: every chunk came back");
+                    // Each receiver saw LANE_END after the last round, and ending the lanes
+                    // again sends nothing.
                     for h in receivers {
                         h.join().unwrap().unwrap();
                     }
+                    w.tx.end_lanes().unwrap();
                 });
                 let mut now = data.clone();
                 for &p in &changed {
@@ -971,7 +983,7 @@ mod tests {
                         let ends = std::sync::mpsc::channel().0;
                         s.spawn(move || receive(sock, seal, dest, counts, Some(3), ends));
                     }
-                    run(&mut w, &mut spare, &regions, 0, &[], true)
+                    run(&mut w, &mut spare, &regions, 0, &[], (true, false))
                 });
                 let err = r.expect_err("the round must fail");
                 // The peer's going away is the error, not a write timeout that expired.

@@ -633,7 +633,7 @@ impl<'a> Source<'a> {
         let round = self.rounds.len() as u32;
         let start = Instant::now();
         let all = round == 0;
-        let job = self.round_job(round, dirty)?;
+        let job = self.round_job(round, dirty, last)?;
         // What `ferryctl status` shows of this session: the round and what it moves (the
         // marked pages, less any bit past a region's end, which the job refuses anyway).
         let marked = if all { self.size } else { dirty.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * PAGE as u64 };
@@ -734,7 +734,7 @@ impl<'a> Source<'a> {
 
     /// Round `round`'s work for the pool: every page in round 0, else the pages `dirty`
     /// (the VMM's bitmap, checked against the regions) marks.
-    fn round_job(&self, round: u32, dirty: &[u64]) -> Result<Arc<Round>, SessionError> {
+    fn round_job(&self, round: u32, dirty: &[u64], last: bool) -> Result<Arc<Round>, SessionError> {
         let all = round == 0;
         let words: usize = self.regions.iter().map(|r| r.words).sum();
         if !all && dirty.len() != words {
@@ -744,6 +744,7 @@ impl<'a> Source<'a> {
         self.check_sizes(round, "start")?;
         let dirty: Arc<[u64]> = if all { Arc::from(&[][..]) } else { Arc::from(dirty) };
         let mut job = Round::new(round, self.regions.clone(), self.chunk, dirty, all, self.opts.rate_limit.map(|r| r as f64));
+        job.last = last;
         if let Some((q, fetched)) = &self.hints {
             job.hints = Some(crate::worker::Hints::new(q.clone(), job.windows(), fetched.clone()));
         }

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 
 use super::Lane;
 use crate::chunk::Batch;
@@ -45,10 +45,13 @@ impl Write for PipeWriter {
 impl Read for PipeReader {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         while self.at == self.cur.len() {
-            match self.rx.recv() {
+            // Silent for long: timed out, as a socket with a read timeout (a test waiting
+            // for bytes that never come fails instead of hanging).
+            match self.rx.recv_timeout(std::time::Duration::from_secs(30)) {
                 Ok(v) => (self.cur, self.at) = (v, 0),
+                Err(RecvTimeoutError::Timeout) => return Err(io::Error::from(io::ErrorKind::TimedOut)),
                 // Every writer is gone: the end of the stream.
-                Err(_) => return Ok(0),
+                Err(RecvTimeoutError::Disconnected) => return Ok(0),
             }
         }
         let n = b.len().min(self.cur.len() - self.at);
