@@ -15,7 +15,7 @@
 //!   the speed this ferryd's last paused digests had ([`digest_seconds_per_byte`]), or
 //!   before its first at the speed sampled during pre-copy;
 //! - **the end**: the destination's confirmation of the round, then the verdict (the lanes
-//!   ended, the digests compared, which costs nothing as both sides keep theirs as pages
+//!   ended, which the workers did right after the round's data, the digests compared, which costs nothing as both sides keep theirs as pages
 //!   are set, the memory handed to the destination VMM and its `taken`, RESULT). A pre-copy
 //!   round has no verdict, and its confirmation runs while the guest keeps the CPUs awake;
 //!   with the guest paused, every hand-off between threads and processes wakes an idle

@@ -863,8 +863,9 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
-    /// The verdict after the last round: the lanes end, and the destination compares
-    /// `digest` with what landed.
+    /// The verdict after the last round: the lanes end (each worker ended its own with the
+    /// round already, so this sends nothing more), and the destination compares `digest`
+    /// with what landed.
     fn verdict(&mut self, round: u32, digest: Digest) -> Result<(), SessionError> {
         for w in &mut self.workers {
             w.tx.end_lanes()?;

@@ -7,7 +7,8 @@
 //! - [`Tx::reap`] waits for at least one chunk to come back; [`Tx::reclaim`] takes every
 //!   chunk back after a failure.
 //! - [`Tx::end_round`] waits for every chunk in flight, then ends the round on each lane
-//!   with its counts (ROUND_END); [`Tx::end_lanes`] ends the lanes (LANE_END).
+//!   with its counts (ROUND_END); [`Tx::end_lanes`] ends the lanes (LANE_END), which a
+//!   worker does right after the session's last round.
 //!
 //! Sockets write each chunk with blocking `writev` calls, lanes in turn. io_uring keeps
 //! one write in flight per lane (SEND_ZC where the plan says), so the worker encodes the
