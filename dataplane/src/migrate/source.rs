@@ -642,27 +642,15 @@ impl<'a> Source<'a> {
         let digest_threads = digest_threads();
         let full = last && self.opts.verify == Verify::Full;
         let predicted_digest = self.predicted_digest();
-        let (c, digest, data_seconds) = self.send_round(&job, full.then_some(digest_threads), start)?;
-        // The paused digest's speed, for the next migrations' estimates.
-        let digest_took = match &digest {
-            Some(p) => {
-                log::debug!("paused digest: {:.1} ms, {:.1} ms predicted", p.seconds * 1e3, predicted_digest * 1e3);
-                if let Some(s) = self.digest_samples.last() {
-                    super::estimate::record_digest(p.seconds, self.size as f64 * s.data_fraction);
-                }
-                p.seconds
-            }
-            None => 0.0,
-        };
-        let digest = digest.map(|p| p.digest);
+        let (c, paused, data_seconds) = self.send_round(&job, full.then_some(digest_threads), start)?;
         // The workers are done: what follows is the destination's confirmation.
         self.data_seconds += data_seconds;
         // A region that shrank while the round read it sent zeros for the pages past its
         // new end (they read as holes): fail before the destination confirms the round.
         self.check_sizes(round, "end")?;
         self.confirm_round(&job, last, c.pages)?;
-        let digest = match digest {
-            Some(d) => Some(d),
+        let digest = match &paused {
+            Some(p) => Some(p.digest),
             None if last => Some(self.regions.iter().map(|r| r.sent.fold()).sum()),
             None => None,
         };
@@ -671,14 +659,8 @@ impl<'a> Source<'a> {
             self.verdict(round, d)?;
         }
         let verdict_seconds = if last { verdict_start.elapsed().as_secs_f64() } else { 0.0 };
-        // A migration's last round beyond what its pages cost at the estimate's figure
-        // and its full digest took (which the estimate has apart; over RDMA also the
-        // destination's digest after the last write): waking the paused host's threads,
-        // the confirmation, the verdict. (A one-shot transfer hands nothing to a VMM.)
-        let dest_digested = self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd);
-        if last && digest.is_some() && self.opts.job == Job::Migrate && !(full && dest_digested) {
-            let pages = super::estimate::page_seconds(&self.rounds).map_or(data_seconds, |s| s * c.pages as f64);
-            super::estimate::record_end((start.elapsed().as_secs_f64() - pages.max(digest_took)).max(0.0));
+        if last && self.opts.job == Job::Migrate {
+            self.learn(start.elapsed().as_secs_f64(), c.pages, data_seconds, paused.as_ref(), predicted_digest);
         }
         let seconds = start.elapsed().as_secs_f64();
         let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
@@ -730,6 +712,28 @@ impl<'a> Source<'a> {
         log::debug!("round {round}: {}", report.advice);
         self.rounds.push(report.clone());
         Ok((report, digest))
+    }
+
+    /// What a migration's last round, which took `seconds` (`data_seconds` of them the
+    /// workers' for `pages` pages), teaches the next migrations' estimates (see
+    /// [`super::estimate`]): the speed of the paused full digest, and the end, what the
+    /// round took beyond its pages at the estimate's cost per page and the full digest
+    /// (which the estimate has apart; over RDMA, the destination's digest after the last
+    /// write too): waking the paused host's threads, the confirmation, the verdict.
+    fn learn(&self, seconds: f64, pages: u64, data_seconds: f64, paused: Option<&PausedDigest>, predicted_digest: f64) {
+        if let Some(p) = paused {
+            log::debug!("paused digest: {:.1} ms, {:.1} ms predicted", p.seconds * 1e3, predicted_digest * 1e3);
+            if let Some(s) = self.digest_samples.last() {
+                super::estimate::record_digest(p.seconds, self.size as f64 * s.data_fraction);
+            }
+        }
+        let dest_digested = self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd);
+        if paused.is_some() && dest_digested {
+            return;
+        }
+        let page_cost = super::estimate::page_seconds(&self.rounds).map_or(data_seconds, |s| s * pages as f64);
+        let digest = paused.map_or(0.0, |p| p.seconds);
+        super::estimate::record_end((seconds - page_cost.max(digest)).max(0.0));
     }
 
     /// Round `round`'s work for the pool: every page in round 0, else the pages `dirty`
