@@ -22,8 +22,8 @@
 //!   CPU, which on a VM costs far more (the data phase's too: a small last round cost up
 //!   to twice as much per page as the round before it). So this part is what this
 //!   ferryd's last migrations' last rounds took beyond their pages at the estimate's cost
-//!   per page and their full digest ([`end_seconds`]), and [`DEFAULT_END`] until it has
-//!   run one.
+//!   per page and their full digest ([`end_seconds`]), with [`DEFAULT_END`] counted as
+//!   one of them until it has run three.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -77,6 +77,9 @@ pub const DEFAULT_END: Duration = Duration::from_millis(2);
 /// Figures kept for a median.
 const KEPT: usize = 16;
 
+/// Figures recorded before a default stops counting as one of them.
+const PRIOR_UNTIL: usize = 3;
+
 /// What this process measured at the end of its last migrations (a ferryd lives long; its
 /// migrations between the same hosts end alike): the median of the last [`KEPT`].
 struct Learned(Mutex<Vec<f64>>);
@@ -98,9 +101,14 @@ impl Learned {
     }
 
     /// The median; of an even count, the lower middle one (a stall makes a figure
-    /// larger, never smaller, so of two the smaller is the likelier).
-    fn median(&self) -> Option<f64> {
+    /// larger, never smaller, so of two the smaller is the likelier). With `prior`, until
+    /// [`PRIOR_UNTIL`] figures are recorded the prior counts as one more: one stalled
+    /// migration does not set the next one's figure alone.
+    fn median(&self, prior: Option<f64>) -> Option<f64> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(p) = prior.filter(|_| m.len() < PRIOR_UNTIL) {
+            m.push(p);
+        }
         m.sort_by(f64::total_cmp);
         m.get(m.len().saturating_sub(1) / 2).copied()
     }
@@ -118,10 +126,11 @@ pub fn record_end(seconds: f64) {
     ENDS.record(seconds);
 }
 
-/// The last round's end to expect: the median of the ones recorded ([`record_end`]),
-/// else [`DEFAULT_END`].
+/// The last round's end to expect: the median of the ones recorded ([`record_end`]), with
+/// [`DEFAULT_END`] as one of them until there are three.
 pub fn end_seconds() -> f64 {
-    ENDS.median().unwrap_or(DEFAULT_END.as_secs_f64())
+    let default = DEFAULT_END.as_secs_f64();
+    ENDS.median(Some(default)).unwrap_or(default)
 }
 
 /// Records how long a paused full digest took to read `bytes` (the guest's bytes that are
@@ -137,7 +146,7 @@ pub fn record_digest(took: f64, bytes: f64) {
 /// CPU, beside the last round's lanes, with the guest's CPUs idle: a host's figure,
 /// steadier than samples taken while the guest runs.
 pub fn digest_seconds_per_byte() -> Option<f64> {
-    DIGEST_SPEEDS.median()
+    DIGEST_SPEEDS.median(None)
 }
 
 /// What the advice after a round is made of.
@@ -284,13 +293,16 @@ mod tests {
     }
 
     #[test]
-    fn the_end_and_the_digest_factor_are_learned() {
+    fn the_end_and_the_digest_speed_are_learned() {
         // (The only test that records: the record is this process's.)
         assert_eq!(end_seconds(), DEFAULT_END.as_secs_f64());
-        for v in [3e-3, 1e-3, 2e-3] {
-            record_end(v);
-        }
-        assert_eq!(end_seconds(), 2e-3, "the median");
+        // One stalled migration: the default (2 ms) still counts, and is the lower middle.
+        record_end(10e-3);
+        assert_eq!(end_seconds(), DEFAULT_END.as_secs_f64(), "one stall does not set the end alone");
+        record_end(1e-3);
+        assert_eq!(end_seconds(), 2e-3, "1, 2 (the default) and 10 ms: the median");
+        record_end(1.5e-3);
+        assert_eq!(end_seconds(), 1.5e-3, "three of its own: the default no longer counts");
         for _ in 0..KEPT {
             record_end(5e-3);
         }
