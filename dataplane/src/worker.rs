@@ -119,8 +119,13 @@ pub(crate) use lockfree::{AtomicBits, word_mask};
 /// Calls `f(first, end)` for each run of consecutive dirty pages in `first..end`, a word of
 /// the bitmap at a time (clean words cost one comparison).
 pub(crate) fn dirty_runs(dirty: &[u64], first: u64, end: u64, f: &mut impl FnMut(u64, u64)) {
+    dirty_runs_of(|k| dirty[k as usize], first, end, f)
+}
+
+/// [`dirty_runs`] over a bitmap whose word `k` is `word(k)`.
+fn dirty_runs_of(word: impl Fn(u64) -> u64, first: u64, end: u64, f: &mut impl FnMut(u64, u64)) {
     // The dirty bits of the word holding `p`, from `p` on and below `end`.
-    let bits_from = |p: u64| (dirty[(p / 64) as usize] & word_mask(p / 64, p, end)) >> (p % 64);
+    let bits_from = |p: u64| (word(p / 64) & word_mask(p / 64, p, end)) >> (p % 64);
     let mut p = first;
     while p < end {
         // Skip to the next dirty page.
@@ -229,13 +234,8 @@ impl Round {
         runs.clear();
         if self.all {
             runs.push((first, end));
-        } else if self.hints.is_some() {
-            // The window's words, less what faults' answers sent.
-            let k0 = first / 64;
-            let words: Vec<u64> = (k0..end.div_ceil(64)).map(|k| self.dirty_word(reg, k as usize)).collect();
-            dirty_runs(&words, first - k0 * 64, end - k0 * 64, &mut |s, e| runs.push((s + k0 * 64, e + k0 * 64)));
         } else {
-            dirty_runs(&self.dirty[reg.word..reg.word + reg.words], first, end, &mut |s, e| runs.push((s, e)));
+            dirty_runs_of(|k| self.dirty_word(reg, k as usize), first, end, &mut |s, e| runs.push((s, e)));
         }
         runs.iter().map(|&(s, e)| (e * page).min(reg.size) - s * page).sum()
     }
@@ -938,12 +938,10 @@ mod tests {
                     assert_eq!(counts.lock().unwrap().keys().copied().collect::<Vec<_>>(), changed, "{kind:?}: the dirty pages");
                     assert!(counts.lock().unwrap().values().all(|&n| n == 1), "{kind:?}: each dirty page once");
                     assert_eq!(spare.len(), lent, "{kind:?}: every chunk came back");
-                    // Each receiver saw LANE_END after the last round, and ending the lanes
-                    // again sends nothing.
+                    // Each receiver saw LANE_END after the last round (nothing else ends them).
                     for h in receivers {
                         h.join().unwrap().unwrap();
                     }
-                    w.tx.end_lanes().unwrap();
                 });
                 let mut now = data.clone();
                 for &p in &changed {

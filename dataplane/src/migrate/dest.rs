@@ -361,20 +361,24 @@ pub(crate) fn receive(
     // A lane's own failure (a frame it refused) beats the control connection closing after
     // it, which is only what the source did next. Each lane sent its failure before it
     // ended, so every one not yet read is on `rx` now.
-    let lane_failures = || -> Vec<SessionError> { std::iter::from_fn(|| rx.try_recv().ok()).filter_map(Result::err).collect() };
+    // Of the lanes' failures, the first that is not a closed connection (that one only if
+    // it is all there is).
+    let lane_failure = || {
+        let closed = |l: &SessionError| matches!(l, SessionError::PeerClosed { .. });
+        let mut failures = std::iter::from_fn(|| rx.try_recv().ok()).filter_map(Result::err).collect::<Vec<_>>();
+        let i = failures.iter().position(|l| !closed(l)).unwrap_or(0);
+        (i < failures.len()).then(|| failures.swap_remove(i))
+    };
     let (rounds, ended) = match rounds {
         Ok(r) => r,
         Err(e @ (SessionError::PeerClosed { .. } | SessionError::Io { .. })) => {
-            return Err(lane_failures().into_iter().find(|l| !matches!(l, SessionError::PeerClosed { .. })).unwrap_or(e));
+            return Err(lane_failure().filter(|l| !matches!(l, SessionError::PeerClosed { .. })).unwrap_or(e));
         }
         Err(e) => return Err(e),
     };
-    // The rounds ended well but a lane failed after: its own failure (a closed connection
-    // only if that is all there is).
+    // The rounds ended well but a lane failed after: its own failure.
     if lane_results.iter().any(Result::is_err) {
-        let mut failures = lane_failures();
-        let i = failures.iter().position(|l| !matches!(l, SessionError::PeerClosed { .. })).unwrap_or(0);
-        return Err(if failures.is_empty() { SessionError::Stopped } else { failures.swap_remove(i) });
+        return Err(lane_failure().unwrap_or(SessionError::Stopped));
     }
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);

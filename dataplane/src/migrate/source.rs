@@ -4,6 +4,7 @@
 //! the persistent pool ([`crate::pool`]), which send its dirty windows on their lanes
 //! ([`crate::worker`]): RDMA queue pairs, io_uring or sockets.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -146,8 +147,8 @@ pub struct Source<'a> {
     /// When the previous round started: the dirty bitmap of the next one covers the time since.
     last_start: Option<Instant>,
     /// [`Verify::Full`]: the guest's digest sampled at connect and after each pre-copy
-    /// round (see [`Source::predicted_digest`]).
-    digest_samples: Vec<DigestSample>,
+    /// round, the last [`DIGEST_SAMPLES`] (see [`Source::predicted_digest`]).
+    digest_samples: VecDeque<DigestSample>,
     /// RDMA sessions: the session's figures so far.
     rdma: Option<RdmaReport>,
     /// Set when the session fails: RDMA workers waiting on their completion queues stop.
@@ -329,9 +330,9 @@ impl<'a> Source<'a> {
         let chunk = opts.plan.chunk_size_bytes as usize;
         // The paused source is digested during the last round; that bounds the downtime
         // from below, so the estimate needs its speed.
-        let mut digest_samples = Vec::new();
+        let mut digest_samples = VecDeque::with_capacity(DIGEST_SAMPLES);
         if opts.verify == Verify::Full {
-            digest_samples.push(sample_digest(&regions)?);
+            digest_samples.push_back(sample_digest(&regions)?);
         }
         Ok(Source {
             opts,
@@ -641,7 +642,6 @@ impl<'a> Source<'a> {
         // The VMM is paused during the last round: a full digest may use every CPU.
         let digest_threads = digest_threads();
         let full = last && self.opts.verify == Verify::Full;
-        let predicted_digest = self.predicted_digest();
         let (c, paused, data_seconds) = self.send_round(&job, full.then_some(digest_threads), start)?;
         // The workers are done: what follows is the destination's confirmation.
         self.data_seconds += data_seconds;
@@ -660,7 +660,7 @@ impl<'a> Source<'a> {
         }
         let verdict_seconds = if last { verdict_start.elapsed().as_secs_f64() } else { 0.0 };
         if last && self.opts.job == Job::Migrate {
-            self.learn(start.elapsed().as_secs_f64(), c.pages, data_seconds, paused.as_ref(), predicted_digest);
+            self.learn(start.elapsed().as_secs_f64(), c.pages, data_seconds, paused.as_ref());
         }
         let seconds = start.elapsed().as_secs_f64();
         let dirty_bytes = (c.pages * PAGE as u64).min(self.size);
@@ -686,7 +686,10 @@ impl<'a> Source<'a> {
             ..RoundReport::default()
         };
         if self.opts.verify == Verify::Full && !last {
-            self.digest_samples.push(sample_digest(&self.regions)?);
+            if self.digest_samples.len() == DIGEST_SAMPLES {
+                self.digest_samples.pop_front();
+            }
+            self.digest_samples.push_back(sample_digest(&self.regions)?);
         }
         report.estimated_downtime_ms = self.estimate(&report, dirty_rate);
         let advice = super::estimate::advise(&super::estimate::AdviceInputs {
@@ -720,10 +723,10 @@ impl<'a> Source<'a> {
     /// round took beyond its pages at the estimate's cost per page and the full digest
     /// (which the estimate has apart; over RDMA, the destination's digest after the last
     /// write too): waking the paused host's threads, the confirmation, the verdict.
-    fn learn(&self, seconds: f64, pages: u64, data_seconds: f64, paused: Option<&PausedDigest>, predicted_digest: f64) {
+    fn learn(&self, seconds: f64, pages: u64, data_seconds: f64, paused: Option<&PausedDigest>) {
         if let Some(p) = paused {
-            log::debug!("paused digest: {:.1} ms, {:.1} ms predicted", p.seconds * 1e3, predicted_digest * 1e3);
-            if let Some(s) = self.digest_samples.last() {
+            log::debug!("paused digest: {:.1} ms, {:.1} ms predicted", p.seconds * 1e3, self.predicted_digest() * 1e3);
+            if let Some(s) = self.digest_samples.back() {
                 super::estimate::record_digest(p.seconds, self.size as f64 * s.data_fraction);
             }
         }
@@ -867,13 +870,9 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
-    /// The verdict after the last round: the lanes end (each worker ended its own with the
-    /// round already, so this sends nothing more), and the destination compares `digest`
-    /// with what landed.
+    /// The verdict after the last round (whose workers ended their lanes with it): the
+    /// destination compares `digest` with what landed.
     fn verdict(&mut self, round: u32, digest: Digest) -> Result<(), SessionError> {
-        for w in &mut self.workers {
-            w.tx.end_lanes()?;
-        }
         if self.opts.job == Job::Transfer {
             // A file that shrank was read as holes past its new end.
             self.check_sizes(round, "end")?;
@@ -889,14 +888,14 @@ impl<'a> Source<'a> {
     /// CPUs are noisy (150-260 ms per GiB in four migrations of one guest whose paused
     /// digest took 124-139 ms on two CPUs), which is why they only stand in.
     fn predicted_digest(&self) -> f64 {
-        let Some(latest) = self.digest_samples.last() else {
+        let Some(latest) = self.digest_samples.back() else {
             return 0.0;
         };
         let data_bytes = self.size as f64 * latest.data_fraction;
         if let Some(per_byte) = super::estimate::digest_seconds_per_byte() {
             return per_byte * data_bytes;
         }
-        let mut recent: Vec<f64> = self.digest_samples.iter().rev().take(3).map(|s| s.seconds_per_gib).collect();
+        let mut recent: Vec<f64> = self.digest_samples.iter().map(|s| s.seconds_per_gib).collect();
         recent.sort_by(f64::total_cmp);
         recent[recent.len() / 2] * self.size as f64 / (1u64 << 30) as f64 / digest_threads() as f64
     }
@@ -943,6 +942,9 @@ struct PausedDigest {
     digest: Digest,
     seconds: f64,
 }
+
+/// Digest samples the estimate takes the median of.
+const DIGEST_SAMPLES: usize = 3;
 
 /// A sample of the guest's digest.
 #[derive(Debug, Clone, Copy)]

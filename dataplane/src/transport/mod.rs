@@ -44,13 +44,11 @@ pub(crate) struct Lane<S = TcpStream> {
     frames: u64,
     bytes: u64,
     pages: u64,
-    /// LANE_END was sent.
-    ended: bool,
 }
 
 impl<S: std::io::Write> Lane<S> {
     pub(crate) fn new(s: S, tx: Seal) -> Lane<S> {
-        Lane { s, tx, frames: 0, bytes: 0, pages: 0, ended: false }
+        Lane { s, tx, frames: 0, bytes: 0, pages: 0 }
     }
 
     fn carried(&mut self, b: &Batch) {
@@ -74,15 +72,10 @@ impl<S: std::io::Write> Lane<S> {
         Ok(())
     }
 
-    /// Ends the lane (LANE_END), once.
+    /// Ends the lane (LANE_END).
     fn end(&mut self) -> Result<(), SessionError> {
-        if self.ended {
-            return Ok(());
-        }
         let end = wire::LaneEnd { frames: 0.into(), bytes: 0.into() };
-        write_frame(&mut self.s, &mut self.tx, Kind::LaneEnd, end.as_bytes())?;
-        self.ended = true;
-        Ok(())
+        write_frame(&mut self.s, &mut self.tx, Kind::LaneEnd, end.as_bytes())
     }
 }
 
@@ -295,8 +288,8 @@ impl Tx {
         Ok(Vec::new())
     }
 
-    /// Ends every lane (LANE_END): the session's data is all sent. Ending them again does
-    /// nothing. (RDMA lanes have no stream to end.)
+    /// Ends every lane (LANE_END): the session's data is all sent. (RDMA lanes have no
+    /// stream to end.)
     pub(crate) fn end_lanes(&mut self) -> Result<(), SessionError> {
         #[cfg(test)]
         if let Tx::Mock(m) = self {
