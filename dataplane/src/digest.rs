@@ -143,6 +143,16 @@ impl Digest {
         Digest(place(zero_hash(len), region, page))
     }
 
+    /// [`Digest::of_page`] with the given hashing.
+    pub fn of_page_with(h: Hashing<'_>, region: u32, page: u64, bytes: &[u8]) -> Digest {
+        Digest(h.page(region, page, bytes))
+    }
+
+    /// [`Digest::of_zero_page`] with the given hashing.
+    pub fn of_zero_page_with(h: Hashing<'_>, region: u32, page: u64, len: usize) -> Digest {
+        Digest(h.zero_page(region, page, len))
+    }
+
     pub fn combine(&mut self, other: Digest) {
         self.0 ^= other.0;
     }

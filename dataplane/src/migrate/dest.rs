@@ -129,8 +129,8 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
         let digest = match ended {
             Ended::Verified(d) => d,
             Ended::Switch(stale) => {
-                let (session, hashes) = switch.expect("a switch-over comes with its session's state");
-                let pre = super::postcopy::Precopy { session, hashes, stale };
+                let (session, landed) = switch.expect("a switch-over comes with its session's state");
+                let pre = super::postcopy::Precopy { session, landed, stale };
                 let post = super::postcopy::switch_over(&acc, &mut ctl, &incoming, pre, opts, &mut vmm)?;
                 incoming.report.rounds.extend(post.rounds);
                 incoming.report.postcopy = Some(post.report);
@@ -187,7 +187,7 @@ fn watch_vmm(vmm: BorrowedFd<'_>, stop: &UnixStream, tx: &mpsc::Sender<LaneMsg>,
 }
 
 /// What a post-copy needs of the pre-copy session: its id, and its page hashes.
-type SwitchState = Option<(u64, Vec<PageHashes>)>;
+type SwitchState = Option<(u64, Landed)>;
 
 /// The session after its control connection authenticated: the SESSION checked, new
 /// memfds for its regions, its rounds received; the memory verified, and the digest
@@ -216,7 +216,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
         DataTransport::Tcp => receive(acc, ctl, &layout, lanes, session, &memory, &sink)?,
         DataTransport::Rdma => crate::transport::rdma::rx::receive(ctl, &layout, lanes, &memory, &sink)?,
     };
-    let switch = got.switch.map(|hashes| (session, hashes));
+    let switch = got.switch.map(|landed| (session, landed));
     let ended = match got.stale {
         Some(stale) => Ended::Switch(stale),
         None => Ended::Verified(got.digest),
@@ -279,7 +279,17 @@ pub(crate) struct Received {
     /// A switch-over to post-copy: the pages still stale (`digest` is not a verdict then).
     pub stale: Option<Vec<wire::RdmaRun>>,
     /// With `stale`: every region's page hashes, which post-copy goes on updating.
-    pub switch: Option<Vec<PageHashes>>,
+    pub switch: Option<Landed>,
+}
+
+/// What pre-copy leaves post-copy at the destination: every page's hash as it landed and,
+/// after RDMA rounds, the key those were keyed with, which post-copy keys its pages with
+/// too (pages read by RDMA READ arrive without frames; the source keys its hashes of the
+/// stale pages alike).
+#[derive(Debug)]
+pub(crate) struct Landed {
+    pub hashes: Vec<PageHashes>,
+    pub key: Option<crate::digest::DigestKey>,
 }
 
 /// The receiving loop of every session, one-shot or migration: accepts the session's lanes
@@ -405,7 +415,10 @@ fn received(
     by_lane.sort_by_key(|(n, _)| *n);
     let (digest, stale, switch) = match ended {
         Ended::Verified(d) => (d, None, None),
-        Ended::Switch(stale) => (Digest::default(), Some(stale), Some(targets.into_iter().map(|t| t.hashes).collect())),
+        Ended::Switch(stale) => {
+            let hashes = targets.into_iter().map(|t| t.hashes).collect();
+            (Digest::default(), Some(stale), Some(Landed { hashes, key: None }))
+        }
     };
     let report = MigrationReport {
         role: "destination".into(),

@@ -165,6 +165,8 @@ pub struct Source<'a> {
     session: u64,
     /// Post-copy: what the switch-over took, and what the attempts did.
     switch_seconds: Option<f64>,
+    /// The pages stale at the switch-over (SWITCH's runs).
+    stale: Vec<wire::RdmaRun>,
     postcopy: super::postcopy::PostcopyReport,
     /// Post-copy: windows near the destination's recent faults, which the push sends
     /// first, and the pages the faults' answers sent, which it leaves out (this attempt's).
@@ -353,6 +355,7 @@ impl<'a> Source<'a> {
             cpu0,
             session,
             switch_seconds: None,
+            stale: Vec::new(),
             postcopy: super::postcopy::PostcopyReport::default(),
             hints: None,
             live,
@@ -370,6 +373,10 @@ impl<'a> Source<'a> {
     /// The transport the lanes use: RDMA, or io_uring unless every worker fell back to
     /// sockets.
     pub fn transport(&self) -> Transport {
+        // The rounds' transport (post-copy's push after RDMA rounds runs on TCP lanes).
+        if self.rdma.is_some() {
+            return Transport::Rdma;
+        }
         let t: Vec<Transport> = self.workers.iter().map(|w| w.tx.transport()).collect();
         [Transport::Rdma, Transport::Tcp].into_iter().find(|x| t.contains(x)).unwrap_or(Transport::Sockets)
     }
@@ -470,8 +477,8 @@ impl<'a> Source<'a> {
     /// the guest, whatever happens next.
     pub fn switch_over(&mut self, dirty: &[u64]) -> Result<(), SessionError> {
         let t = Instant::now();
-        if self.rdma.is_some() {
-            return Err(Refusal::PostcopyOverRdma.into());
+        if self.rdma.as_ref().is_some_and(|r| r.check == Check::AtEnd) {
+            return Err(Refusal::PostcopyRdmaAtEnd.into());
         }
         let words: usize = self.regions.iter().map(|r| r.words).sum();
         if self.rounds.is_empty() || dirty.len() != words {
@@ -490,6 +497,7 @@ impl<'a> Source<'a> {
         let ready = t.elapsed();
         super::postcopy::send_runs(&mut self.ctl, Kind::Switch, self.rounds.len() as u64, &runs)?;
         log::debug!("post-copy switch-over: lanes ended and {} run(s) listed in {ready:?}, sent in {:?}", runs.len(), t.elapsed());
+        self.stale = runs;
         let mut buf = Vec::new();
         self.ctl.expect(Kind::Switched, &mut buf)?;
         self.switch_seconds = Some(t.elapsed().as_secs_f64());
@@ -498,6 +506,49 @@ impl<'a> Source<'a> {
             t.elapsed().as_secs_f64() * 1e3,
             self.postcopy.stale_pages
         );
+        Ok(())
+    }
+
+    /// After RDMA pre-copy, the destination keys its hash of every page post-copy places
+    /// (see `dest::Landed`): each stale page's hash as sent, keyed likewise, from the
+    /// paused source (which never changes again), whichever way the page went: pushed,
+    /// answered, or read by the destination's RDMA READ, which the source never sees.
+    /// After TCP pre-copy, nothing to do: the push and the answers recorded them.
+    fn key_stale_pages(&self) -> Result<(), SessionError> {
+        const PIECE: u64 = 256;
+        let Some(key) = self.digest_key.as_ref() else { return Ok(()) };
+        let t = Instant::now();
+        let pieces: Vec<(u32, u64, u64)> = self
+            .stale
+            .iter()
+            .flat_map(|r| {
+                let (region, first, end) = (r.region.get(), r.first.get(), r.first.get() + u64::from(r.pages.get()));
+                (first..end).step_by(PIECE as usize).map(move |p| (region, p, (end - p).min(PIECE)))
+            })
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let regions = &*self.regions;
+        let work = || -> Result<(), SessionError> {
+            let mut buf = vec![0u8; PIECE as usize * PAGE];
+            while let Some(&(r, first, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let reg = &regions[r as usize];
+                let (off, end) = (first * PAGE as u64, ((first + n) * PAGE as u64).min(reg.size));
+                let bytes = &mut buf[..(end - off) as usize];
+                reg.memory
+                    .read_exact_at(bytes, off)
+                    .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
+                for (i, pg) in bytes.chunks(PAGE).enumerate() {
+                    reg.sent.set(first + i as u64, Digest::of_page_with(Hashing::Keyed(key), r, first + i as u64, pg));
+                }
+            }
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..digest_threads().min(pieces.len().max(1))).map(|_| s.spawn(work)).collect();
+            let mine = work();
+            helpers.into_iter().map(|h| h.join().expect("hashing thread panicked")).chain([mine]).collect::<Result<(), _>>()
+        })?;
+        log::debug!("post-copy: {} stale page(s) hashed (keyed) in {:?}", self.postcopy.stale_pages, t.elapsed());
         Ok(())
     }
 
@@ -597,7 +648,12 @@ impl<'a> Source<'a> {
             });
             let r = tcp_workers(&mut ctl, &self.opts, &self.pool, &live, session, n_workers, per_worker).and_then(|workers| {
                 self.ctl = ctl;
-                self.workers = workers;
+                // Pre-copy's RDMA workers go (their QPs with them); their counts stay.
+                for old in std::mem::replace(&mut self.workers, workers) {
+                    if let (Tx::Rdma(t), Some(r)) = (&old.tx, self.rdma.as_mut()) {
+                        r.add(&t.report);
+                    }
+                }
                 live.set_size(self.size);
                 self.live = live;
                 self.abort.store(false, Ordering::Relaxed);
@@ -649,6 +705,9 @@ impl<'a> Source<'a> {
         // new end (they read as holes): fail before the destination confirms the round.
         self.check_sizes(round, "end")?;
         self.confirm_round(&job, last, c.pages)?;
+        if last && self.switch_seconds.is_some() {
+            self.key_stale_pages()?;
+        }
         let digest = match &paused {
             Some(p) => Some(p.digest),
             None if last => Some(self.regions.iter().map(|r| r.sent.fold()).sum()),
@@ -842,7 +901,8 @@ impl<'a> Source<'a> {
     /// which pages were written, first), and the destination's confirmation of `pages`.
     fn confirm_round(&mut self, job: &Round, last: bool, pages: u64) -> Result<(), SessionError> {
         let (round, all) = (job.round, job.round == 0);
-        if self.rdma.is_some() {
+        // (Post-copy's push after RDMA rounds runs on TCP lanes.)
+        if self.workers.iter().any(|w| matches!(w.tx, Tx::Rdma(_))) {
             // RDMA lanes end their round here: what each carried, worker-major.
             let ends: Vec<wire::RdmaLaneEnd> = self.workers.iter_mut().flat_map(|w| std::mem::take(&mut w.rdma_ends)).collect();
             // Rounds after the first wrote the dirty pages only: the destination is told

@@ -147,9 +147,9 @@ pub enum Refusal {
     #[error("post-copy needs round 0 first and a final bitmap of {expected} words ({words} came)")]
     PostcopyBitmap { words: usize, expected: usize },
     #[error(
-        "post-copy runs over TCP lanes and this migration's pre-copy runs over RDMA: use transport tcp for post-copy (RDMA READ of faults is not built yet)"
+        "post-copy after RDMA rounds checked at the end (verify full): no page was hashed as it landed, so post-copy could not verify what pre-copy placed; use verify sent"
     )]
-    PostcopyOverRdma,
+    PostcopyRdmaAtEnd,
     #[error("{to} does not take post-copy")]
     NoPostcopy { to: String },
     #[error("{to} has no RDMA port in its plan; --transport rdma was asked for (use auto or tcp to fall back)")]

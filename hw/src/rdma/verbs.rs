@@ -459,6 +459,17 @@ impl Pd {
     /// kernel pins even a read-only registration for writing, which a read-only shared
     /// mapping refuses (EFAULT): there only a read-write descriptor registers.
     pub fn register_local_read(&self, file: &std::fs::File, len: usize) -> Result<LocalRegion, RdmaError> {
+        self.register_file_read(file, len, 0)
+    }
+
+    /// [`Pd::register_local_read`], and readable by the peer too: its RDMA READs, through
+    /// a QP that grants them ([`Grant::RemoteRead`]), under this region's rkey. Nothing may
+    /// write it through the NIC.
+    pub fn register_remote_read(&self, file: &std::fs::File, len: usize) -> Result<LocalRegion, RdmaError> {
+        self.register_file_read(file, len, sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0)
+    }
+
+    fn register_file_read(&self, file: &std::fs::File, len: usize, access: u32) -> Result<LocalRegion, RdmaError> {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
         if len == 0 {
             return Ok(LocalRegion { mr: None, _map: None });
@@ -468,9 +479,10 @@ impl Pd {
         let map = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) }
             .map_err(|source| RdmaError::Map { what: format!("{len} bytes of guest memory"), source })?;
         // SAFETY: the mapping is owned by the returned region and unmapped only after the
-        // MR is deregistered (field order in `LocalRegion`). Without write access the NIC
-        // only reads it, and no Rust reference to its bytes is ever made.
-        let mr = unsafe { self.reg(map.as_mut_ptr(), len, 0) }?;
+        // MR is deregistered (field order in `LocalRegion`). Neither access flag lets the
+        // NIC write it (local or remote reads only), and no Rust reference to its bytes is
+        // ever made.
+        let mr = unsafe { self.reg(map.as_mut_ptr(), len, access) }?;
         Ok(LocalRegion { mr: Some(mr), _map: Some(map) })
     }
 
@@ -622,6 +634,17 @@ impl LocalRegion {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Address and rkey a peer reads from, for a region registered for remote reads
+    /// ([`Pd::register_remote_read`]; zero for an empty region). Without that access the
+    /// rkey lets the peer do nothing.
+    pub fn addr(&self) -> u64 {
+        self.mr.as_ref().map_or(0, |m| m.addr())
+    }
+
+    pub fn rkey(&self) -> u32 {
+        self.mr.as_ref().map_or(0, |m| m.rkey())
+    }
 }
 
 /// A registration whose memory is kept alive by the registration itself (a mapping it
@@ -684,6 +707,9 @@ pub enum SendOp {
     WriteImm { remote_addr: u64, rkey: u32, imm: u32 },
     /// SEND into the peer's next receive, with `imm`.
     SendImm { imm: u32 },
+    /// RDMA READ from `remote_addr` under `rkey` into the request's SGEs: the NIC *writes*
+    /// them (see [`Qp::post_send`]), which must lie in memory registered for local writes.
+    Read { remote_addr: u64, rkey: u32 },
 }
 
 /// Send work requests gathered for one `ibv_post_send` (one doorbell). Reused: pushing
@@ -737,6 +763,11 @@ impl<'a> SendBatch<'a> {
             SendOp::SendImm { imm } => {
                 wr.opcode = sys::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
                 wr.__bindgen_anon_1.imm_data = imm.to_be();
+            }
+            SendOp::Read { remote_addr, rkey } => {
+                debug_assert!(!inline, "an RDMA READ has nothing to inline");
+                wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
+                wr.wr.rdma = sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr, rkey };
             }
         }
         self.first_sge.push(self.sges.len());
@@ -992,6 +1023,22 @@ pub struct PathSpec {
     pub port: u8,
     pub gid_index: Option<u8>,
     pub mtu: u32,
+    /// RDMA READs in flight at once on the QP, each way: as the requester (what it may
+    /// have outstanding) and as the responder (what it serves at once). At least 1, and
+    /// within the device's `max_qp_init_rd_atom` and `max_qp_rd_atom`.
+    pub rd_atomic: u8,
+}
+
+/// What a connected QP lets its peer do to this side's memory regions (with their rkey).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Nothing: the peer only receives this side's writes and sends.
+    Nothing,
+    /// RDMA WRITEs into regions registered for remote writes (a receiver).
+    RemoteWrite,
+    /// RDMA READs from regions registered for remote reads (a post-copy source serving
+    /// faults without its CPU).
+    RemoteRead,
 }
 
 /// A queue pair. It keeps its PD and CQ alive, and is destroyed before them.
@@ -1019,16 +1066,21 @@ impl Qp {
         Ok(())
     }
 
-    /// RESET -> INIT -> RTR -> RTS, connected to `remote`. `remote_write` lets the peer
-    /// write into this side's regions (the receiver); the sender's QPs grant nothing.
-    pub fn connect(&mut self, path: &PathSpec, local_psn: u32, remote: &Endpoint, remote_write: bool) -> Result<(), RdmaError> {
+    /// RESET -> INIT -> RTR -> RTS, connected to `remote`. `grant` is what the peer may do
+    /// to this side's regions through this QP (a receiver's QPs let it write; a sender's
+    /// grant nothing).
+    pub fn connect(&mut self, path: &PathSpec, local_psn: u32, remote: &Endpoint, grant: Grant) -> Result<(), RdmaError> {
         use sys::ibv_qp_attr_mask as m;
         // SAFETY: all-zero is a valid `ibv_qp_attr`; each step sets what its mask names.
         let mut a: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = sys::ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = path.port;
-        a.qp_access_flags = if remote_write { sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 } else { 0 };
+        a.qp_access_flags = match grant {
+            Grant::Nothing => 0,
+            Grant::RemoteWrite => sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0,
+            Grant::RemoteRead => sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0,
+        };
         self.modify(&mut a, m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS, "INIT")?;
 
         // SAFETY: as above.
@@ -1037,7 +1089,7 @@ impl Qp {
         a.path_mtu = mtu_enum(&self.device, path.mtu)?;
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
-        a.max_dest_rd_atomic = 1;
+        a.max_dest_rd_atomic = path.rd_atomic.max(1);
         a.min_rnr_timer = 12; // 0.64 ms
         a.ah_attr.port_num = path.port;
         a.ah_attr.dlid = remote.lid;
@@ -1067,7 +1119,7 @@ impl Qp {
         // 7 = retry forever on receiver-not-ready: credits keep that from happening, and
         // a slow receiver must not fail the transfer.
         a.rnr_retry = 7;
-        a.max_rd_atomic = 1;
+        a.max_rd_atomic = path.rd_atomic.max(1);
         let rts =
             m::IBV_QP_STATE | m::IBV_QP_TIMEOUT | m::IBV_QP_RETRY_CNT | m::IBV_QP_RNR_RETRY | m::IBV_QP_SQ_PSN | m::IBV_QP_MAX_QP_RD_ATOMIC;
         self.modify(&mut a, rts, "RTS")
@@ -1093,7 +1145,10 @@ impl Qp {
     /// been destroyed). Inline requests are copied at post time and need nothing after.
     /// Memory of a [`LocalRegion`] need only stay registered: no Rust code ever sees its
     /// bytes, so a write by another process while the NIC reads decides what is sent,
-    /// nothing more.
+    /// nothing more. An RDMA READ ([`SendOp::Read`]) *writes* its SGEs' memory instead:
+    /// besides staying registered (for local writes) and mapped, it must not be read or
+    /// written through any Rust reference until the READ's completion has been polled (or
+    /// the QP destroyed).
     pub unsafe fn post_send(&mut self, batch: &mut SendBatch<'_>) -> Result<(), RdmaError> {
         if batch.wrs.is_empty() {
             return Ok(());

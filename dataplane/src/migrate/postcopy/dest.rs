@@ -17,7 +17,6 @@ use crate::conn::{Cancel, Counted, Ctl, FrameReader, SessionError, Violation};
 use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::lane::Payload;
-use crate::migrate::PageHashes;
 use crate::migrate::dest::LaneMsg;
 use crate::plan::Plan;
 use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
@@ -28,8 +27,8 @@ use crate::wire::{self, CONTROL_LANE, Kind, Layout, RdmaRun, features};
 pub(crate) struct Precopy {
     /// The session's id: post-copy attempts RESUME it.
     pub session: u64,
-    /// Every region's page hashes, which post-copy goes on updating.
-    pub hashes: Vec<PageHashes>,
+    /// Every region's page hashes, which post-copy goes on updating, and their key.
+    pub landed: crate::migrate::dest::Landed,
     /// The pages SWITCH named stale.
     pub stale: Vec<RdmaRun>,
 }
@@ -53,11 +52,11 @@ pub(crate) fn switch_over(
     opts: &crate::migrate::dest::DestOptions<'_>,
     vmm: &mut impl crate::migrate::dest::DestVmm,
 ) -> Result<Finished, SessionError> {
-    let Precopy { session, hashes, stale } = pre;
+    let Precopy { session, landed, stale } = pre;
     let t = Instant::now();
     let (uffd, maps) = vmm.switch_over(incoming).map_err(Cancel::PostcopyRefused)?;
     let handed = t.elapsed();
-    let pc = Placement::new(&incoming.memory, hashes, &stale, &maps, uffd)?;
+    let pc = Placement::new(&incoming.memory, landed, &stale, &maps, uffd)?;
     let placed = t.elapsed();
     // The point of no return: once the source reads SWITCHED it never resumes the guest.
     ctl.send(Kind::Switched, &[])?;

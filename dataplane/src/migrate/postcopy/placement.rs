@@ -18,7 +18,7 @@ use zerocopy::IntoBytes;
 
 use super::{Mapping, PostcopyReport};
 use crate::conn::{Cancel, SessionError, Violation, write_frame};
-use crate::digest::Digest;
+use crate::digest::{Digest, Hashing};
 use crate::encode::Decoder;
 use crate::engine::PAGE;
 use crate::lane::Payload;
@@ -62,6 +62,9 @@ struct Link {
 pub(crate) struct Placement {
     pub(super) regions: Vec<Region>,
     uffd: Userfault,
+    /// After RDMA pre-copy: every page placed is hashed with this key (see
+    /// [`crate::migrate::dest::Landed`]).
+    key: Option<crate::digest::DigestKey>,
     remaining: AtomicU64,
     pub(super) stale_pages: u64,
     /// Stale pages a guest thread waits for, and since when.
@@ -88,11 +91,12 @@ impl std::fmt::Debug for Placement {
 
 impl Placement {
     /// Post-copy over `memory` (the regions' memfds, as handed to the VMM) with their page
-    /// hashes from pre-copy; `stale` lists the pages SWITCH named; `maps` is where the VMM
-    /// mapped each region, registered with `uffd`. The registration is checked here.
+    /// hashes from pre-copy (`landed`); `stale` lists the pages SWITCH named; `maps` is
+    /// where the VMM mapped each region, registered with `uffd`. The registration is
+    /// checked here.
     pub(crate) fn new(
         memory: &[File],
-        hashes: Vec<PageHashes>,
+        landed: crate::migrate::dest::Landed,
         stale: &[RdmaRun],
         maps: &[Mapping],
         uffd: Userfault,
@@ -102,6 +106,7 @@ impl Placement {
             return Err(refused(VmmError::MappedRegions { mapped: maps.len(), has: memory.len() }));
         }
         let mut regions: Vec<Region> = Vec::with_capacity(memory.len());
+        let crate::migrate::dest::Landed { hashes, key } = landed;
         for (i, ((m, h), map)) in memory.iter().zip(hashes).zip(maps).enumerate() {
             let size = m.metadata().map_err(|source| refused(VmmError::Region { region: i, source }))?.len();
             if map.len != size || map.addr % PAGE as u64 != 0 {
@@ -135,6 +140,7 @@ impl Placement {
         let pc = Placement {
             regions,
             uffd,
+            key,
             remaining: AtomicU64::new(n),
             stale_pages: n,
             pending: Mutex::new(HashMap::new()),
@@ -259,10 +265,11 @@ impl Placement {
         if won {
             let off = page * PAGE as u64;
             let len = (reg.size - off).min(PAGE as u64) as usize;
+            let h = self.key.as_ref().map_or(Hashing::Fast, Hashing::Keyed);
             let (bytes, digest) = match content {
-                Content::Bytes(b) if b.len() == len => (b, Digest::of_page(r, page, b)),
+                Content::Bytes(b) if b.len() == len => (b, Digest::of_page_with(h, r, page, b)),
                 Content::Bytes(b) => return Err(Violation::PageLength { region: r, page, len: b.len(), want: len }.into()),
-                Content::Zero => (&ZERO_PAGE[..len], Digest::of_zero_page(r, page, len)),
+                Content::Zero => (&ZERO_PAGE[..len], Digest::of_zero_page_with(h, r, page, len)),
             };
             reg.file.write_all_at(bytes, off).map_err(|e| SessionError::io(format!("placing page {page} of region {r}"), e))?;
             reg.hashes.set(page, digest);

@@ -159,7 +159,13 @@ pub(crate) struct Device {
     pub gid: [u8; 16],
     /// The smaller of the plan's MTU and the port's active MTU.
     pub mtu: u32,
+    /// RDMA READs a QP keeps in flight each way: the device's limits, at most
+    /// [`MAX_RD_ATOMIC`].
+    pub rd_atomic: u8,
 }
+
+/// RDMA READs in flight per QP, at most (the post-copy fault path's, one page each).
+pub(crate) const MAX_RD_ATOMIC: u8 = 16;
 
 /// Opens (once) the device and port `rp` names.
 pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
@@ -184,8 +190,11 @@ pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
         }
         None => (None, [0; 16]),
     };
+    let attr = ctx.query_device()?;
+    let rd_atomic = attr.max_qp_rd_atom.min(attr.max_qp_init_rd_atom).clamp(1, i32::from(MAX_RD_ATOMIC)) as u8;
     let pd = ctx.alloc_pd()?;
     let d = Arc::new(Device {
+        rd_atomic,
         pd,
         ctx,
         name: rp.device.clone(),
@@ -201,7 +210,7 @@ pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
 
 impl Device {
     pub(crate) fn path(&self, mtu: u32) -> PathSpec {
-        PathSpec { port: self.port, gid_index: self.gid_index, mtu }
+        PathSpec { port: self.port, gid_index: self.gid_index, mtu, rd_atomic: self.rd_atomic }
     }
 
     pub(crate) fn endpoint(&self, qp: &Qp, psn: u32) -> wire::RdmaEndpoint {

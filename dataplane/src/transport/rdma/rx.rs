@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Cq, Qp, QpCaps, SendOp};
+use hw::rdma::verbs::{Grant, Completion, Cq, Qp, QpCaps, SendOp};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -18,9 +18,17 @@ use super::{Backoff, Check, POLL_BATCH, RdmaReport, Windows, check_mtu, completi
 use crate::conn::{Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::{Digest, DigestKey};
 use crate::engine::{IDLE_TIMEOUT, PAGE, cpu_seconds};
-use crate::migrate::dest::{Received, SinkOptions};
+use crate::migrate::dest::{Landed, Received, SinkOptions};
 use crate::migrate::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport};
 use crate::wire::{self, Kind, Layout};
+
+/// How the rounds ended.
+enum Ended {
+    /// With the last round; checked at the end, with the digest of what landed.
+    Last(Option<Digest>),
+    /// With SWITCH: the pages still stale.
+    Switch(Vec<wire::RdmaRun>),
+}
 
 /// What every polling thread shares with the control thread.
 struct Shared<'a> {
@@ -195,12 +203,19 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     for r in results {
         r?;
     }
-    let (rounds, at_end) = rounds?;
+    let (rounds, ended) = rounds?;
     // Nothing may write the destination any more: the QPs went with their pollers; now
     // the registrations go.
     drop(regions);
-    let digest: Digest = at_end.unwrap_or_else(|| hashes.iter().map(PageHashes::fold).sum());
-    crate::migrate::dest::check_done(ctl, &mut buf, digest, size)?;
+    let (digest, stale) = match ended {
+        Ended::Last(at_end) => {
+            let digest: Digest = at_end.unwrap_or_else(|| hashes.iter().map(PageHashes::fold).sum());
+            crate::migrate::dest::check_done(ctl, &mut buf, digest, size)?;
+            (digest, None)
+        }
+        // Post-copy places the rest (SWITCHED is the caller's to send).
+        Ended::Switch(stale) => (Digest::default(), Some(stale)),
+    };
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
     let report = MigrationReport {
@@ -212,7 +227,8 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         digest: digest.hex(),
         ..destination_report(rounds, report)
     };
-    Ok(Received { report, digest, write_latency: Vec::new(), stale: None, switch: None })
+    let switch = stale.is_some().then(|| Landed { hashes, key: Some(key) });
+    Ok(Received { report, digest, write_latency: Vec::new(), stale, switch })
 }
 
 /// The destination's report of an RDMA session from its rounds and RDMA figures (the
@@ -302,7 +318,7 @@ fn accept(
         for l in 0..qpw {
             let (mut qp, _) = dev.pd.create_rc_qp(cq, caps)?;
             let p = super::psn()?;
-            qp.connect(&dev.path(mtu), p, &super::remote(&peer[eps.len()]), true)?;
+            qp.connect(&dev.path(mtu), p, &super::remote(&peer[eps.len()]), Grant::RemoteWrite)?;
             // Receives can be posted from INIT on; these are in place before RDMA_ACCEPT
             // lets the sender write.
             qp.post_recvs(l as u64, credits as usize)?;
@@ -396,7 +412,7 @@ impl Rounds<'_> {
     /// the windows the WRITE_WITH_IMMs named) are hashed from what landed, and the round
     /// is confirmed. Checked at the end, nothing is hashed until the last round has
     /// landed; then all of the memory is digested, and that digest returned.
-    fn run(&self, ctl: &mut Ctl, lanes: usize, report: &mut RdmaReport) -> Result<(Vec<RoundReport>, Option<Digest>), SessionError> {
+    fn run(&self, ctl: &mut Ctl, lanes: usize, report: &mut RdmaReport) -> Result<(Vec<RoundReport>, Ended), SessionError> {
         let mut expected = vec![0u64; lanes];
         let mut buf = Vec::new();
         let mut reports = Vec::new();
@@ -404,7 +420,10 @@ impl Rounds<'_> {
         loop {
             let round = reports.len() as u32;
             self.wait_ctl(ctl, round)?;
-            ctl.expect(Kind::RdmaEnd, &mut buf)?;
+            let h = ctl.expect_any(&[Kind::RdmaEnd, Kind::Switch], &mut buf)?;
+            if h.kind == Kind::Switch as u8 {
+                return self.switch(ctl, round, &mut buf).map(|stale| (reports, Ended::Switch(stale)));
+            }
             let (head, ends) = wire::parse_list::<wire::RdmaRoundEnd, wire::RdmaLaneEnd>(Kind::RdmaEnd, &buf, lanes)?;
             if head.round.get() != round {
                 return Err(Violation::OutOfTurn { what: "RDMA_END of round", got: head.round.get().into(), next: round.into() }.into());
@@ -479,10 +498,25 @@ impl Rounds<'_> {
             });
             if last {
                 report.verify_last_round_seconds = verify;
-                return Ok((reports, at_end));
+                return Ok((reports, Ended::Last(at_end)));
             }
             started = Instant::now();
         }
+    }
+
+    /// SWITCH instead of round `round`: post-copy from here. Every earlier round was
+    /// confirmed, so every WRITE landed and (checked each round) was hashed: the hashes
+    /// are post-copy's start. Checked at the end, nothing was hashed, and post-copy could
+    /// never tell what pre-copy placed: the source refuses that switch-over first.
+    fn switch(&self, ctl: &mut Ctl, round: u32, buf: &mut Vec<u8>) -> Result<Vec<wire::RdmaRun>, SessionError> {
+        if round == 0 {
+            return Err(Violation::Unexpected { frame: Kind::Switch, why: "before round 0: every page must be sent once first" }.into());
+        }
+        if self.check == Check::AtEnd {
+            return Err(Violation::Unexpected { frame: Kind::Switch, why: "in a session checked at the end: no page was hashed" }.into());
+        }
+        let (stale, _) = crate::migrate::postcopy::recv_runs_after(ctl, Kind::Switch, buf)?;
+        Ok(stale)
     }
 
     /// Reads `runs` page runs from RDMA_PAGES frames and (checked each round) marks their

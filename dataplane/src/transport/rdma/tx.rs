@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Cq, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
+use hw::rdma::verbs::{Grant, Completion, Cq, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
 
 use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed, poll_cq};
 use crate::conn::{Bug, SessionError};
@@ -175,7 +175,7 @@ impl RdmaTx {
         let zero = slots.pop().ok_or_else(|| SessionError::from(Bug::NoSlot))?;
         let mut lanes = Vec::with_capacity(u.qps.len());
         for (i, ((mut qp, psn), peer)) in u.qps.into_iter().zip(s.peers).enumerate() {
-            qp.connect(&s.dev.path(s.mtu), psn, &super::remote(peer), false)?;
+            qp.connect(&s.dev.path(s.mtu), psn, &super::remote(peer), Grant::Nothing)?;
             qp.post_recvs(i as u64, s.rp.rq_depth as usize)?;
             lanes.push(Lane {
                 qp,
