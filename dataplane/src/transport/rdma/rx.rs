@@ -227,7 +227,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         digest: digest.hex(),
         ..destination_report(rounds, report)
     };
-    let switch = stale.is_some().then(|| Landed { hashes, key: Some(key) });
+    let switch = stale.is_some().then_some(Landed { hashes, key: Some(key) });
     Ok(Received { report, digest, write_latency: Vec::new(), stale, switch })
 }
 
