@@ -523,10 +523,11 @@ fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut d
     let verify_seconds = tv.elapsed().as_secs_f64();
     let pc = destination.postcopy.clone().unwrap_or_default();
     progress(format!(
-        "post-copy: {} stale pages; {} faults ({} waited for the source: p50 {} us, p99 {} us, max {} us); {} pages by fault, {} pushed; all local after {:.3} s",
+        "post-copy: {} stale pages; {} faults ({} waited for the source, by {}: p50 {} us, p99 {} us, max {} us); {} pages by fault, {} pushed; all local after {:.3} s",
         pc.stale_pages,
         pc.faults,
         pc.remote_faults,
+        pc.fault_path,
         pc.fault_latency_us_p50,
         pc.fault_latency_us_p99,
         pc.fault_latency_us_max,
@@ -647,7 +648,7 @@ pub fn summary(r: &DemoReport) -> String {
     let downtime = match &r.postcopy {
         Some(p) => format!(
             "switch-over downtime {:.1} ms (ferry's part {:.1} ms; pre-copy rounds before it: {}; budget {:.0} ms)\n\
-             post-copy: {} stale pages; {} faults, {} waited for the source (p50 {} us, p99 {} us, max {} us); \
+             post-copy: {} stale pages; {} faults, {} waited for the source (by {}: p50 {} us, p99 {} us, max {} us); \
              {} pages by fault, {} pushed; all local {:.3} s after the switch-over; {} attempt(s)",
             r.downtime_ms,
             p.ferry_switch_ms,
@@ -656,6 +657,7 @@ pub fn summary(r: &DemoReport) -> String {
             p.destination.stale_pages,
             p.destination.faults,
             p.destination.remote_faults,
+            p.destination.fault_path,
             p.destination.fault_latency_us_p50,
             p.destination.fault_latency_us_p99,
             p.destination.fault_latency_us_max,

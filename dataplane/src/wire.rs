@@ -157,6 +157,15 @@ pub enum Kind {
     Ping = 27,
     /// The source's answer to PING (empty payload).
     Pong = 28,
+    /// Source to destination on a post-copy attempt's control connection, after
+    /// SESSION_OK when the handshake agreed RDMA: where the destination may RDMA READ the
+    /// pages its guest faults on ([`FaultRdma`]), or that it may not (no regions).
+    FaultRdma = 29,
+    /// The destination's answer ([`FaultRdmaOk`]): its QP, or that it reads nothing.
+    FaultRdmaOk = 30,
+    /// Source to destination on the fault lane: its QP is connected; faults may be read
+    /// with RDMA READs from now on (empty payload).
+    FaultRdmaOn = 31,
 }
 
 impl Kind {
@@ -191,6 +200,9 @@ impl Kind {
             26 => StreamOpened,
             27 => Ping,
             28 => Pong,
+            29 => FaultRdma,
+            30 => FaultRdmaOk,
+            31 => FaultRdmaOn,
             _ => return None,
         })
     }
@@ -459,7 +471,35 @@ pub struct RdmaAccept {
     pub credits: U32,
 }
 
-/// Where a region of the destination is registered for the sender's writes.
+/// FAULT_RDMA payload: this struct, then one [`RdmaEndpoint`] (the source's QP, which
+/// grants remote reads) and one [`RdmaRegion`] per region of the session, registered for
+/// remote reads; or, when `regions` is 0, nothing (the source could not register its
+/// memory: faults go on the fault lane).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct FaultRdma {
+    /// The source's path MTU in bytes.
+    pub mtu: U32,
+    pub regions: U32,
+    /// 1 on InfiniBand (address by LID), 0 on RoCE (by GID).
+    pub infiniband: u8,
+    pub _pad: [u8; 7],
+}
+
+/// FAULT_RDMA_OK payload: this struct, then one [`RdmaEndpoint`] when `ready` is 1 (the
+/// destination reads faulting pages with RDMA READs on that QP), none when it is 0 (it
+/// fetches them on the fault lane).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct FaultRdmaOk {
+    /// The path MTU both sides use: the smaller of the two.
+    pub mtu: U32,
+    pub ready: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a region of the destination is registered for the sender's writes (or, in
+/// FAULT_RDMA, of the source for the destination's reads).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RdmaRegion {

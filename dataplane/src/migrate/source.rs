@@ -167,6 +167,12 @@ pub struct Source<'a> {
     switch_seconds: Option<f64>,
     /// The pages stale at the switch-over (SWITCH's runs).
     stale: Vec<wire::RdmaRun>,
+    /// The VMM's read-write descriptors of the regions, where it gave them: to register
+    /// the memory on kernels that pin even a read-only registration for writing.
+    writable: Arc<[Option<File>]>,
+    /// Post-copy after RDMA rounds: the guest memory registered for the destination's
+    /// RDMA READs, by the first attempt that got to it.
+    registered: Arc<std::sync::Mutex<Option<super::postcopy::rdma::Registered>>>,
     postcopy: super::postcopy::PostcopyReport,
     /// Post-copy: windows near the destination's recent faults, which the push sends
     /// first, and the pages the faults' answers sent, which it leaves out (this attempt's).
@@ -306,7 +312,7 @@ impl<'a> Source<'a> {
                 report.device
             );
             let opened = Opened { ctl, workers, rdma: Some(report), digest_key: key, abort, live, session };
-            return Source::ready(opts, regions, pool, opened, t0, cpu0);
+            return Source::ready(opts, (regions, writable), pool, opened, t0, cpu0);
         }
         let workers = tcp_workers(&mut ctl, &opts, &pool, &live, session, n_workers, per_worker)?;
         log::info!(
@@ -314,13 +320,14 @@ impl<'a> Source<'a> {
             regions.len(),
             opts.to
         );
-        Source::ready(opts, regions, pool, Opened { ctl, workers, rdma: None, digest_key: None, abort, live, session }, t0, cpu0)
+        let opened = Opened { ctl, workers, rdma: None, digest_key: None, abort, live, session };
+        Source::ready(opts, (regions, writable), pool, opened, t0, cpu0)
     }
 
     /// The session, its lanes open.
     fn ready(
         opts: SourceOptions<'a>,
-        regions: Vec<Region>,
+        (regions, writable): (Vec<Region>, Vec<Option<File>>),
         pool: Workers<'a>,
         opened: Opened,
         t0: Instant,
@@ -356,6 +363,8 @@ impl<'a> Source<'a> {
             session,
             switch_seconds: None,
             stale: Vec::new(),
+            writable: writable.into(),
+            registered: Arc::default(),
             postcopy: super::postcopy::PostcopyReport::default(),
             hints: None,
             live,
@@ -592,7 +601,11 @@ impl<'a> Source<'a> {
         // each step waits a few silences at most (not the idle timeout, nor the kernel's
         // connect retries), so the next attempt comes soon and `recover_s` holds.
         let mut s = connect_within(&self.opts.to, 2 * super::postcopy::SILENCE)?;
-        let (agreed, keys) = client_handshake(&mut s, &self.opts.auth, CONTROL_LANE, 0, features::MIGRATE | features::POSTCOPY)?;
+        // After RDMA rounds, faults may be read with RDMA READs (see `postcopy::rdma`).
+        let rp = self.opts.plan.rdma.as_ref().filter(|_| self.rdma.is_some());
+        let want = features::MIGRATE | features::POSTCOPY | if rp.is_some() { features::RDMA } else { 0 };
+        let (agreed, keys) = client_handshake(&mut s, &self.opts.auth, CONTROL_LANE, 0, want)?;
+        let rp = rp.filter(|_| agreed & features::RDMA != 0);
         let mut ctl = Ctl::new(s, keys);
         if agreed & features::POSTCOPY == 0 {
             ctl.error("post-copy was not agreed");
@@ -625,7 +638,17 @@ impl<'a> Source<'a> {
         let (_, fault_keys) = client_handshake(&mut fs, &self.opts.auth, (lanes - 1) as u16, session, 0)?;
         let stop = AtomicBool::new(false);
         let fault_sock = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
-        let regions = self.regions.clone();
+        let writer = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
+        let writer = std::sync::Mutex::new(super::postcopy::rdma::LaneWriter { s: writer, tx: fault_keys.tx });
+        let (regions, writable, registered) = (self.regions.clone(), self.writable.clone(), self.registered.clone());
+        let offer = rp.map(|rp| super::postcopy::rdma::Offer {
+            rp,
+            regions: &regions,
+            writable: &writable,
+            registered: &registered,
+            qp: std::sync::Mutex::new(None),
+        });
+        let lane = super::postcopy::source::FaultLane { s: fs, rx: fault_keys.rx, w: &writer, offer: offer.as_ref() };
         let hints = Arc::new(crossbeam_queue::ArrayQueue::new(super::postcopy::HINTS));
         // A page answered in this attempt reached the destination if the attempt completes;
         // if not, the next attempt's NEEDED names it again, and its push sends it.
@@ -639,8 +662,14 @@ impl<'a> Source<'a> {
         let ctl_sock = ctl.s.try_clone().map_err(|e| SessionError::io("cloning the control connection", e))?;
         let answered = AtomicU64::new(0);
         let (r, lane) = std::thread::scope(|s| {
+            // The READ path is set up beside the fault lane, which answers meanwhile.
+            if let Some(o) = &offer {
+                let w = &writer;
+                // Nothing offered yet when it fails: faults stay on the fault lane.
+                s.spawn(move || o.offer(w).unwrap_or_else(|e| log::warn!("post-copy: faults stay on the fault lane: {e}")));
+            }
             let answers = s.spawn(|| {
-                let r = super::postcopy::answer_fetches(fs, fault_keys, &regions, &stop, near, &answered);
+                let r = super::postcopy::answer_fetches(lane, &regions, &stop, near, &answered);
                 if matches!(r, Err(SessionError::TimedOut { .. })) && !stop.load(Ordering::Relaxed) {
                     let _ = ctl_sock.shutdown(std::net::Shutdown::Both);
                 }
@@ -1297,6 +1326,26 @@ fn rdma_workers(
     Ok((workers, report))
 }
 
+/// Registers region `i` for the NIC's reads (local reads; and the peer's RDMA READs too
+/// with `remote_read`): read-only first; where the kernel refuses that (before 6.2 it pins
+/// for writing even to read), through the VMM's read-write descriptor `rw` if it gave one
+/// (the NIC still only reads). Or why not.
+pub(crate) fn register_region(
+    dev: &crate::transport::rdma::Device,
+    i: usize,
+    r: &Region,
+    rw: Option<&File>,
+    remote_read: bool,
+) -> Result<LocalRegion, String> {
+    let len = usize::try_from(r.size).map_err(|_| format!("region {i} is too large to map"))?;
+    let reg = |f: &File| if remote_read { dev.pd.register_remote_read(f, len) } else { dev.pd.register_local_read(f, len) };
+    match (reg(&r.memory), rw) {
+        (Ok(g), _) => Ok(g),
+        (Err(e), None) => Err(format!("registering region {i} read-only failed ({e}), and the VMM gave no read-write descriptor")),
+        (Err(_), Some(rw)) => reg(rw).map_err(|e| format!("registering region {i} failed: {e}")),
+    }
+}
+
 /// The guest memory registered for the NIC's local reads, every region of it; or why not.
 /// Registering pins every page, which would allocate the pages a sparse guest never
 /// touched, so memory not wholly allocated is staged instead ([`unallocated`]), as is
@@ -1317,15 +1366,7 @@ fn register_guest(
                 missing >> 20
             ));
         }
-        let len = usize::try_from(r.size).map_err(|_| format!("region {i} is too large to map"))?;
-        let g = match (dev.pd.register_local_read(&r.memory, len), rw) {
-            (Ok(g), _) => g,
-            (Err(e), None) => {
-                return Err(format!("registering region {i} read-only failed ({e}), and the VMM gave no read-write descriptor"));
-            }
-            (Err(_), Some(rw)) => dev.pd.register_local_read(rw, len).map_err(|e| format!("registering region {i} failed: {e}"))?,
-        };
-        out.push(g);
+        out.push(register_region(dev, i, r, rw.as_ref(), false)?);
     }
     Ok(out.into())
 }

@@ -5,7 +5,8 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,8 @@ use crate::digest::Digest;
 use crate::encode::Decoder;
 use crate::lane::Payload;
 use crate::migrate::dest::LaneMsg;
-use crate::plan::Plan;
+use crate::plan::{Plan, RdmaPlan};
+use hw::rdma::verbs::Cq;
 use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::seal::Keys;
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, RdmaRun, features};
@@ -216,7 +218,7 @@ fn attempt(
             let (tx, ctx, wake, layout) = (tx.clone(), &ctx, &wake, &layout);
             if a.hello.lane.get() == fault_lane_no {
                 s.spawn(move || {
-                    if let Err(e) = fault_lane(pc, layout, a.s, a.keys) {
+                    if let Err(e) = fault_lane(pc, layout, a.s, a.keys, plan.rdma.as_ref()) {
                         let _ = tx.send(Err(e));
                         let _ = (&*wake).write(&[1]);
                     }
@@ -310,12 +312,16 @@ fn push_round(
 /// The destination's fault lane in one attempt: the source's answers to FETCH, placed as
 /// they come, until LANE_END. The lane's sending half is the placement's link meanwhile,
 /// which also carries a PING every [`super::HEARTBEAT`]; a lane that hears nothing (no
-/// answer, no PONG) for [`super::SILENCE`] ends the attempt as a broken link.
-pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Keys) -> Result<(), SessionError> {
+/// answer, no PONG) for [`super::SILENCE`] ends the attempt as a broken link. After RDMA
+/// rounds the source also sets up the READ path on it (see [`super::rdma`]), whose
+/// completion thread runs beside the lane from FAULT_RDMA_ON on.
+pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Keys, rp: Option<&RdmaPlan>) -> Result<(), SessionError> {
     let Keys { tx, rx, .. } = keys;
     let writer = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
+    let closer = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
     pc.open_link(writer, tx);
     let (done_tx, done) = mpsc::channel::<()>();
+    let (stop, read_failure) = (AtomicBool::new(false), Mutex::new(None));
     let r = std::thread::scope(|sc| {
         sc.spawn(move || {
             // Until the lane ends (the sender dropped) or the link is gone.
@@ -325,11 +331,22 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
                 }
             }
         });
+        // The READ path's completion thread: its failure ends the lane, and is the reason.
+        let start_reads = |cq: Cq, device: String| {
+            let (stop, read_failure, closer) = (&stop, &read_failure, &closer);
+            sc.spawn(move || {
+                if let Err(e) = super::rdma::complete(pc, &cq, &device, stop) {
+                    *read_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    let _ = closer.shutdown(Shutdown::Both);
+                }
+            });
+        };
         let r = (|| {
             let mut s = s;
             s.set_read_timeout(Some(super::SILENCE)).map_err(|e| SessionError::io("configuring the fault lane", e))?;
             let mut reader = FrameReader::new(256 << 10, wire::max_payload_for(layout.max_chunk), rx);
             let (mut dec, mut scratch) = (Decoder::default(), Vec::new());
+            let (mut staged, mut offered) = (None, false);
             loop {
                 let (h, kind, payload) = reader.next(&mut s, "reading the fault lane").map_err(super::silent_link)?;
                 match kind {
@@ -337,6 +354,17 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
                         pc.place_frame(layout, &h, &Payload::One(payload), &mut dec, &mut scratch, true)?;
                     }
                     Kind::Pong => {}
+                    Kind::FaultRdma if !offered => {
+                        offered = true;
+                        staged = super::rdma::accept(pc, rp, payload)?;
+                    }
+                    Kind::FaultRdmaOn => {
+                        let Some((reads, cq)) = staged.take() else {
+                            return Err(Violation::Unexpected { frame: Kind::FaultRdmaOn, why: "no READ path was set up" }.into());
+                        };
+                        start_reads(cq, reads.device.clone());
+                        pc.open_reads(reads);
+                    }
                     Kind::LaneEnd => return Ok(()),
                     Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload).into_owned())),
                     other => return Err(wire::FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
@@ -344,8 +372,14 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
             }
         })();
         drop(done_tx);
+        stop.store(true, Ordering::Relaxed);
         r
     });
+    // Its completion thread is done: the READ path goes (the QP, then its slots).
+    pc.close_reads();
     pc.close_link();
-    r
+    match read_failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => r,
+    }
 }

@@ -27,6 +27,7 @@
 
 pub(crate) mod dest;
 pub(crate) mod placement;
+pub(crate) mod rdma;
 pub(crate) mod source;
 
 use std::time::Duration;
@@ -67,6 +68,15 @@ pub struct PostcopyReport {
     /// of which the push had placed first.
     pub pages_by_fault: u64,
     pub pages_by_push: u64,
+    /// How the destination got faulting pages: "rdma_read" (RDMA READs from the source's
+    /// memory, no source CPU on the path; after RDMA rounds) or "fault_lane" (FETCH
+    /// answered by the source on a TCP lane of their own). Either way, through the
+    /// attempt that completed.
+    #[serde(default)]
+    pub fault_path: String,
+    /// Pages RDMA READs brought (some of which the push had placed first).
+    #[serde(default)]
+    pub rdma_read_pages: u64,
     /// A remote fault's wait, from reading it to its page being mapped, µs.
     pub fault_latency_us_p50: u64,
     pub fault_latency_us_p99: u64,
@@ -167,8 +177,10 @@ pub(crate) fn silent_link(e: SessionError) -> SessionError {
     }
 }
 
+/// A failure the next attempt may get past: the link's (a connection closed, reset or
+/// silent; an RDMA READ that failed, which is what a broken link does to one).
 pub(crate) fn is_link_failure(e: &SessionError) -> bool {
-    matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. })
+    matches!(e, SessionError::PeerClosed { .. } | SessionError::Io { .. } | SessionError::TimedOut { .. } | SessionError::Completion { .. })
 }
 
 #[cfg(test)]

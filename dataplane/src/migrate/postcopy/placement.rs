@@ -70,6 +70,12 @@ pub(crate) struct Placement {
     /// Stale pages a guest thread waits for, and since when.
     pending: Mutex<HashMap<(u32, u64), Instant>>,
     link: Mutex<Option<Link>>,
+    /// After RDMA rounds, once the source's QP is ready: faults are read with RDMA READs
+    /// (see [`super::rdma`]) instead of fetched on the fault lane.
+    reads: Mutex<Option<super::rdma::Reads>>,
+    /// Pages RDMA READs brought (placed, or already placed by the push), and the device.
+    read_pages: AtomicU64,
+    read_device: Mutex<Option<String>>,
     faults: AtomicU64,
     remote_faults: AtomicU64,
     by_fault: AtomicU64,
@@ -145,6 +151,9 @@ impl Placement {
             stale_pages: n,
             pending: Mutex::new(HashMap::new()),
             link: Mutex::new(None),
+            reads: Mutex::new(None),
+            read_pages: AtomicU64::new(0),
+            read_device: Mutex::new(None),
             faults: AtomicU64::new(0),
             remote_faults: AtomicU64::new(0),
             by_fault: AtomicU64::new(0),
@@ -358,8 +367,24 @@ impl Placement {
         }
     }
 
-    /// Asks the source for one page on the fault lane, if one is open.
+    /// Asks the source for one page: an RDMA READ where the READ path is up, else on the
+    /// fault lane, if one is open.
     fn fetch(&self, r: u32, page: u64) {
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rd) = reads.as_mut() {
+            let reg = &self.regions[r as usize];
+            let len = (reg.size - page * PAGE as u64).min(PAGE as u64) as usize;
+            match rd.read(r, page, len) {
+                Ok(()) => return,
+                Err(e) => {
+                    // The QP failed: the fault lane carries the rest of this attempt's
+                    // faults (the completion thread ends the attempt if READs were lost).
+                    log::warn!("post-copy: an RDMA READ could not be posted ({e}); faults go on the fault lane");
+                    *reads = None;
+                }
+            }
+        }
+        drop(reads);
         let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = link.as_mut() {
             let run = RdmaRun { region: r.into(), pages: 1.into(), first: page.into() };
@@ -392,6 +417,44 @@ impl Placement {
         let waiting: Vec<(u32, u64)> = self.pending.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         for (r, page) in waiting {
             self.fetch(r, page);
+        }
+    }
+
+    /// Sends one frame on the fault lane, if one is open (false otherwise, or when it broke).
+    pub(super) fn send_on_link(&self, kind: Kind, payload: &[u8]) -> bool {
+        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(l) = link.as_mut() else { return false };
+        if write_frame(&mut l.s, &mut l.tx, kind, payload).is_ok() {
+            return true;
+        }
+        *link = None;
+        false
+    }
+
+    /// The READ path is up: faults from now on are read with RDMA READs.
+    pub(super) fn open_reads(&self, reads: super::rdma::Reads) {
+        *self.read_device.lock().unwrap_or_else(|p| p.into_inner()) = Some(reads.device.clone());
+        *self.reads.lock().unwrap_or_else(|p| p.into_inner()) = Some(reads);
+    }
+
+    /// The attempt's READ path goes: its QP first (nothing lands after), then its slots.
+    /// Faults it was reading are still waiting; the next attempt asks for them again.
+    pub(super) fn close_reads(&self) {
+        drop(self.reads.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Slot `i`'s READ completed: its page is placed (unless the push placed it first)
+    /// and the slot takes the next fault waiting.
+    pub(super) fn read_done(&self, i: usize) -> Result<(), SessionError> {
+        let Some((slot, (r, page, len))) = self.reads.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|rd| rd.take(i))
+        else {
+            return Ok(());
+        };
+        self.place(r, page, Content::Bytes(&slot[..len]), true)?;
+        self.read_pages.fetch_add(1, Ordering::Relaxed);
+        match self.reads.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(rd) => rd.give_back(i, slot),
+            None => Ok(()),
         }
     }
 
@@ -442,6 +505,12 @@ impl Placement {
             remote_faults: self.remote_faults.load(Ordering::Relaxed),
             pages_by_fault: self.by_fault.load(Ordering::Relaxed),
             pages_by_push: self.by_push.load(Ordering::Relaxed),
+            fault_path: match &*self.read_device.lock().unwrap_or_else(|p| p.into_inner()) {
+                Some(_) => "rdma_read",
+                None => "fault_lane",
+            }
+            .into(),
+            rdma_read_pages: self.read_pages.load(Ordering::Relaxed),
             fault_latency_us_p50: q(0.5),
             fault_latency_us_p99: q(0.99),
             fault_latency_us_max: if h.is_empty() { 0 } else { h.max() },

@@ -3,13 +3,15 @@
 
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::conn::{FrameReader, SessionError, Violation, write_sealed};
 use crate::encode::{Compressor, Encoder};
 use crate::engine::PAGE;
 use crate::plan::Compression;
-use crate::session::seal::Keys;
+use super::rdma::{LaneWriter, Offer};
+use crate::session::seal::Seal;
 use crate::wire::{self, Kind, RdmaRun};
 
 /// Windows the push sends first, at most, waiting at once.
@@ -28,23 +30,30 @@ pub(crate) struct Near<'a> {
     pub chunk: usize,
 }
 
+/// The source's end of an attempt's fault lane: the socket it reads, the sending half
+/// (shared with the READ path's set-up) and, after RDMA rounds, that set-up.
+pub(crate) struct FaultLane<'a> {
+    pub s: TcpStream,
+    pub rx: Seal,
+    pub w: &'a Mutex<LaneWriter>,
+    pub offer: Option<&'a Offer<'a>>,
+}
+
 /// The source's fault lane in one attempt: each FETCH answered with its pages, read from
 /// the paused guest memory, as DATA frames (zero pages as such), and each PING with PONG,
 /// until the destination ends the lane or `stop` is set; the windows from each fault on go
-/// to the push first. A lane silent for [`super::SILENCE`] fails as a broken link.
-/// Counts the pages answered into `answered` (the lane may end in an error after its
-/// answers landed: the destination closes it once the attempt is done).
+/// to the push first. FAULT_RDMA_OK connects the READ path. A lane silent for
+/// [`super::SILENCE`] fails as a broken link. Counts the pages answered into `answered`
+/// (the lane may end in an error after its answers landed: the destination closes it once
+/// the attempt is done).
 pub(crate) fn answer_fetches(
-    s: TcpStream,
-    keys: Keys,
+    lane: FaultLane<'_>,
     regions: &[crate::worker::Region],
     stop: &AtomicBool,
     near: Near<'_>,
     answered: &AtomicU64,
 ) -> Result<(), SessionError> {
-    let Keys { mut tx, rx, .. } = keys;
-    let mut w = s.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
-    let mut s = s;
+    let FaultLane { mut s, rx, w, offer } = lane;
     // The guest may fault rarely, but the destination pings every HEARTBEAT: a lane that
     // hears nothing for SILENCE is a silent link.
     s.set_read_timeout(Some(super::SILENCE)).map_err(|e| SessionError::io("configuring the fault lane", e))?;
@@ -62,7 +71,11 @@ pub(crate) fn answer_fetches(
         let run: RdmaRun = match kind {
             Kind::Fetch => wire::parse(Kind::Fetch, payload)?,
             Kind::Ping => {
-                crate::conn::write_frame(&mut w, &mut tx, Kind::Pong, &[])?;
+                LaneWriter::send(w, Kind::Pong, &[])?;
+                continue;
+            }
+            Kind::FaultRdmaOk if offer.is_some() => {
+                offer.expect("checked").accepted(payload, w)?;
                 continue;
             }
             Kind::LaneEnd => break,
@@ -84,11 +97,14 @@ pub(crate) fn answer_fetches(
             .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
         // Each page's hash as sent, then the page marked answered: the push, which leaves it
         // out once it sees the mark, sees the hash the digest needs.
+        let mut lw = w.lock().unwrap_or_else(|p| p.into_inner());
+        let LaneWriter { s: ws, tx } = &mut *lw;
         enc.encode(&mut z, r, off, PAGE, bytes, &mut |h, payload| {
             crate::worker::record_sent(&region.sent, r, off, bytes, &h);
-            write_sealed(&mut w, &mut tx, &h, payload)
+            write_sealed(ws, tx, &h, payload)
         })
         .map_err(|e| SessionError::io("answering a fault", e))?;
+        drop(lw);
         for p in first..first + n {
             near.fetched.take(region.word as u64 * 64 + p);
         }
