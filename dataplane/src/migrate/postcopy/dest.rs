@@ -20,10 +20,10 @@ use crate::encode::Decoder;
 use crate::lane::Payload;
 use crate::migrate::dest::LaneMsg;
 use crate::plan::{Plan, RdmaPlan};
-use hw::rdma::verbs::Cq;
 use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::seal::Keys;
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, RdmaRun, features};
+use hw::rdma::verbs::Cq;
 
 /// What post-copy takes over from the pre-copy session at the destination.
 pub(crate) struct Precopy {

@@ -446,8 +446,7 @@ impl Placement {
     /// Slot `i`'s READ completed: its page is placed (unless the push placed it first)
     /// and the slot takes the next fault waiting.
     pub(super) fn read_done(&self, i: usize) -> Result<(), SessionError> {
-        let Some((slot, (r, page, len))) = self.reads.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|rd| rd.take(i))
-        else {
+        let Some((slot, (r, page, len))) = self.reads.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|rd| rd.take(i)) else {
             return Ok(());
         };
         self.place(r, page, Content::Bytes(&slot[..len]), true)?;

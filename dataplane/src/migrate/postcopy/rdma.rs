@@ -126,7 +126,12 @@ impl Offer<'_> {
             .collect::<Result<Vec<_>, _>>()?
             .into();
         let size: u64 = self.regions.iter().map(|r| r.size).sum();
-        log::info!("post-copy: {} MiB of guest memory registered on {} for RDMA READs in {:.3} s", size >> 20, dev.name, t.elapsed().as_secs_f64());
+        log::info!(
+            "post-copy: {} MiB of guest memory registered on {} for RDMA READs in {:.3} s",
+            size >> 20,
+            dev.name,
+            t.elapsed().as_secs_f64()
+        );
         *cached = Some(regs.clone());
         Ok(regs)
     }
@@ -170,7 +175,15 @@ pub(crate) struct Reads {
     remote: Vec<wire::RdmaRegion>,
     batch: SendBatch<'static>,
     pub(super) device: String,
+    /// Test hook (`FERRY_TEST_RDMA_READ_ERROR_AFTER=N`): after N READs completed, the QP
+    /// moves to the error state, as a broken link or a failing NIC would do to it; once
+    /// per process, so the next attempt recovers.
+    fail_after: Option<u64>,
+    completed: u64,
 }
+
+/// [`Reads::fail_after`] fired already.
+static READ_ERROR_FIRED: AtomicBool = AtomicBool::new(false);
 
 impl Reads {
     /// READs page `page` of region `r` (`len` bytes) into a free slot, or queues it.
@@ -210,6 +223,13 @@ impl Reads {
     /// [`Reads::give_back`].
     pub(super) fn take(&mut self, i: usize) -> Option<(RegSlot, (u32, u64, usize))> {
         let slot = self.slots.get_mut(i)?.take()?;
+        self.completed += 1;
+        if self.fail_after.is_some_and(|n| self.completed >= n) && !READ_ERROR_FIRED.swap(true, Ordering::Relaxed) {
+            log::warn!("FERRY_TEST_RDMA_READ_ERROR_AFTER: moving the READ QP {} to the error state", self.qp.qpn());
+            if let Err(e) = self.qp.set_error() {
+                log::warn!("{e}");
+            }
+        }
         Some((slot, self.inflight[i]))
     }
 
@@ -288,6 +308,8 @@ fn reads(
         remote: regions.to_vec(),
         batch: SendBatch::default(),
         device: dev.name.clone(),
+        fail_after: std::env::var("FERRY_TEST_RDMA_READ_ERROR_AFTER").ok().and_then(|v| v.parse().ok()),
+        completed: 0,
     };
     Ok((reads, cq, ours, mtu))
 }

@@ -6,11 +6,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::rdma::{LaneWriter, Offer};
 use crate::conn::{FrameReader, SessionError, Violation, write_sealed};
 use crate::encode::{Compressor, Encoder};
 use crate::engine::PAGE;
 use crate::plan::Compression;
-use super::rdma::{LaneWriter, Offer};
 use crate::session::seal::Seal;
 use crate::wire::{self, Kind, RdmaRun};
 

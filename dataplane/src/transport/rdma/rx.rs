@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Grant, Completion, Cq, Qp, QpCaps, SendOp};
+use hw::rdma::verbs::{Completion, Cq, Grant, Qp, QpCaps, SendOp};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::{FromBytes, IntoBytes};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Grant, Completion, Cq, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
+use hw::rdma::verbs::{Completion, Cq, Grant, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
 
 use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed, poll_cq};
 use crate::conn::{Bug, SessionError};
