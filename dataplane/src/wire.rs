@@ -157,9 +157,10 @@ pub enum Kind {
     Ping = 27,
     /// The source's answer to PING (empty payload).
     Pong = 28,
-    /// Source to destination on a post-copy attempt's control connection, after
-    /// SESSION_OK when the handshake agreed RDMA: where the destination may RDMA READ the
-    /// pages its guest faults on ([`FaultRdma`]), or that it may not (no regions).
+    /// Source to destination on a post-copy fault lane, after RDMA rounds when the
+    /// attempt's handshake agreed RDMA: where the destination may RDMA READ the pages its
+    /// guest faults on ([`FaultRdma`]), or that it may not (no regions). See
+    /// [`crate::migrate::postcopy::rdma`].
     FaultRdma = 29,
     /// The destination's answer ([`FaultRdmaOk`]): its QP, or that it reads nothing.
     FaultRdmaOk = 30,

@@ -356,7 +356,10 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
                     Kind::Pong => {}
                     Kind::FaultRdma if !offered => {
                         offered = true;
-                        staged = super::rdma::accept(pc, rp, payload)?;
+                        let reply = |kind: Kind, payload: &[u8]| {
+                            pc.send_on_link(kind, payload);
+                        };
+                        staged = super::rdma::accept(pc.regions.len(), rp, payload, &reply)?;
                     }
                     Kind::FaultRdmaOn => {
                         let Some((reads, cq)) = staged.take() else {

@@ -21,9 +21,12 @@
 //! The last attempt ends like any migration: the digest of every page as sent against
 //! every page as placed, and only then success.
 
+//! After RDMA rounds the destination reads faulting pages from the source's memory with
+//! RDMA READs instead of asking on the fault lane ([`rdma`]); the push stays on TCP lanes.
+//!
 //! The pieces: [`placement`] (the destination's page state and fault resolution), [`dest`]
-//! (the switch-over and the attempts at the destination) and [`source`] (the source's
-//! answers to faults).
+//! (the switch-over and the attempts at the destination), [`source`] (the source's
+//! answers to faults) and [`rdma`] (the READ path at both ends).
 
 pub(crate) mod dest;
 pub(crate) mod placement;

@@ -246,31 +246,37 @@ impl Reads {
     }
 }
 
-/// FAULT_RDMA at the destination: a QP connected to the source's, and landing slots; the
-/// answer (FAULT_RDMA_OK) goes back on the fault lane. `None` when the source offered no
-/// regions, or this side cannot read (it says so: not ready).
-pub(crate) fn accept(pc: &Placement, rp: Option<&RdmaPlan>, payload: &[u8]) -> Result<Option<(Reads, Cq)>, SessionError> {
+/// FAULT_RDMA at the destination of a session of `regions` regions: a QP connected to the
+/// source's, and landing slots; the answer (FAULT_RDMA_OK) goes to `reply` (the fault
+/// lane). `None` when the source offered no regions, or this side cannot read (it says
+/// so: not ready).
+pub(crate) fn accept(
+    regions: usize,
+    rp: Option<&RdmaPlan>,
+    payload: &[u8],
+    reply: &dyn Fn(Kind, &[u8]),
+) -> Result<Option<(Reads, Cq)>, SessionError> {
     let head: wire::FaultRdma = wire::parse(Kind::FaultRdma, payload.get(..16).unwrap_or(payload))?;
     let n = head.regions.get() as usize;
     if n == 0 {
         log::warn!("post-copy: the source could not register its memory for RDMA READs; faults stay on the fault lane");
         return Ok(None);
     }
-    if n != pc.regions.len() {
+    if n != regions {
         let allowed = "the session's regions";
         return Err(Violation::Field { frame: Kind::FaultRdma, field: "regions", value: n as u64, allowed }.into());
     }
-    let (_, ep, regions) = wire::parse_lists::<wire::FaultRdma, wire::RdmaEndpoint, wire::RdmaRegion>(Kind::FaultRdma, payload, 1, n)?;
-    match reads(rp, &head, &ep[0], regions) {
+    let (_, ep, at) = wire::parse_lists::<wire::FaultRdma, wire::RdmaEndpoint, wire::RdmaRegion>(Kind::FaultRdma, payload, 1, n)?;
+    match reads(rp, &head, &ep[0], at) {
         Ok((reads, cq, ours, mtu)) => {
             let ok = wire::FaultRdmaOk { mtu: mtu.into(), ready: 1, _pad: [0; 3] };
-            pc.send_on_link(Kind::FaultRdmaOk, &wire::list_payload(&ok, &[ours]));
+            reply(Kind::FaultRdmaOk, &wire::list_payload(&ok, &[ours]));
             Ok(Some((reads, cq)))
         }
         Err(e @ SessionError::Protocol(_)) => Err(e),
         Err(e) => {
             log::warn!("post-copy: faults stay on the fault lane: RDMA READs cannot be set up here: {e}");
-            pc.send_on_link(Kind::FaultRdmaOk, wire::FaultRdmaOk { mtu: 0.into(), ready: 0, _pad: [0; 3] }.as_bytes());
+            reply(Kind::FaultRdmaOk, wire::FaultRdmaOk { mtu: 0.into(), ready: 0, _pad: [0; 3] }.as_bytes());
             Ok(None)
         }
     }
@@ -329,4 +335,84 @@ pub(crate) fn complete(pc: &Placement, cq: &Cq, device: &str, stop: &AtomicBool)
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    fn fault_rdma(regions: u32, entries: usize) -> Vec<u8> {
+        let head = wire::FaultRdma { mtu: 4096.into(), regions: regions.into(), infiniband: 0, _pad: [0; 7] };
+        let ep = wire::RdmaEndpoint { qpn: 17.into(), psn: 5.into(), lid: 0.into(), _pad: [0; 6], gid: [0; 16] };
+        let at: Vec<wire::RdmaRegion> =
+            (0..entries).map(|i| wire::RdmaRegion { addr: (i as u64 * 4096).into(), rkey: 9.into(), _pad: 0.into() }).collect();
+        wire::lists_payload(&head, &[ep], &at)
+    }
+
+    /// What `accept` answered on the fault lane.
+    fn answered(regions: usize, rp: Option<&RdmaPlan>, payload: &[u8]) -> (Result<bool, SessionError>, Vec<(Kind, Vec<u8>)>) {
+        let sent = RefCell::new(Vec::new());
+        let r = accept(regions, rp, payload, &|k: Kind, p: &[u8]| sent.borrow_mut().push((k, p.to_vec())));
+        (r.map(|x| x.is_some()), sent.into_inner())
+    }
+
+    #[test]
+    fn a_fault_rdma_frame_that_does_not_fit_the_session_is_refused() {
+        let (r, sent) = answered(2, None, &fault_rdma(3, 3));
+        assert!(matches!(r, Err(SessionError::Protocol(Violation::Field { frame: Kind::FaultRdma, field: "regions", value: 3, .. }))), "{r:?}");
+        assert!(sent.is_empty());
+        // Fewer regions than it says, and a frame cut short: a bad frame, nothing answered.
+        let (r, sent) = answered(2, None, &fault_rdma(2, 1));
+        assert!(matches!(r, Err(SessionError::Frame(_))), "{r:?}");
+        assert!(sent.is_empty());
+        let (r, _) = answered(2, None, &fault_rdma(2, 2)[..5]);
+        assert!(matches!(r, Err(SessionError::Frame(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_source_without_registered_memory_leaves_faults_on_the_lane() {
+        let (r, sent) = answered(2, None, &fault_rdma(0, 0));
+        assert!(matches!(r, Ok(false)), "{r:?}");
+        assert!(sent.is_empty(), "nothing to answer: {sent:?}");
+    }
+
+    #[test]
+    fn a_destination_that_cannot_read_says_not_ready() {
+        // No RDMA port in this side's plan: the source hears FAULT_RDMA_OK, not ready.
+        let (r, sent) = answered(2, None, &fault_rdma(2, 2));
+        assert!(matches!(r, Ok(false)), "{r:?}");
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].0, Kind::FaultRdmaOk);
+        let ok: wire::FaultRdmaOk = wire::parse(Kind::FaultRdmaOk, &sent[0].1).unwrap();
+        assert_eq!(ok.ready, 0);
+    }
+
+    #[test]
+    fn an_answer_to_no_offer_is_refused() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let keys = crate::session::seal::Keys::derive(None, crate::session::seal::Side::Client, &[3; 32], &[4; 32]);
+        let w = Mutex::new(LaneWriter { s, tx: keys.tx });
+        let rp = RdmaPlan {
+            device: "rxe0".into(),
+            port: 1,
+            link_layer: "Ethernet".into(),
+            gid_index: Some(1),
+            mtu: 4096,
+            qps_per_worker: 1,
+            sq_depth: 64,
+            rq_depth: 64,
+            cq_depth: 128,
+            send_sge: 4,
+            recv_sge: 1,
+            inline_threshold_bytes: 0,
+            signal_interval: 16,
+        };
+        let registered = Mutex::new(None);
+        let offer = Offer { rp: &rp, regions: &[], writable: &[], registered: &registered, qp: Mutex::new(None) };
+        let ok = wire::FaultRdmaOk { mtu: 4096.into(), ready: 1, _pad: [0; 3] };
+        let r = offer.accepted(ok.as_bytes(), &w);
+        assert!(matches!(r, Err(SessionError::Protocol(Violation::Unexpected { frame: Kind::FaultRdmaOk, .. }))), "{r:?}");
+    }
 }
