@@ -209,6 +209,7 @@ struct PostcopyFamilies {
     migrations: Family<RoleL, Counter>,
     faults: Family<KindL, Counter>,
     pages: Family<ByL, Counter>,
+    rdma_read_pages: Counter,
     reconnects: Counter,
     fault_latency: Latency,
     switch: Latency,
@@ -357,6 +358,7 @@ impl Metrics {
                 migrations: Family::default(),
                 faults: Family::default(),
                 pages: Family::default(),
+                rdma_read_pages: Counter::default(),
                 reconnects: Counter::default(),
                 fault_latency: Latency::new(DOWNTIME_BUCKETS),
                 switch: Latency::new(DOWNTIME_BUCKETS),
@@ -526,6 +528,11 @@ fn register_postcopy(r: &mut Registry, pc: &PostcopyFamilies) {
         "Stale pages placed in post-copy (destination), by how they came: fetched for a fault, or pushed",
         pc.pages.clone(),
     );
+    r.register(
+        "ferry_postcopy_rdma_read_pages",
+        "Pages the destination read from the source's memory with RDMA READs for its faults (after RDMA rounds; some the push had placed first)",
+        pc.rdma_read_pages.clone(),
+    );
     r.register("ferry_postcopy_reconnects", "Post-copy links that broke and came back (attempts after the first)", pc.reconnects.clone());
     r.register(
         "ferry_postcopy_fault_latency_seconds",
@@ -635,6 +642,7 @@ impl Metrics {
                 p.faults.get_or_create(&KindL { kind: "remote" }).inc_by(pc.remote_faults);
                 p.pages.get_or_create(&ByL { by: "fault" }).inc_by(pc.pages_by_fault);
                 p.pages.get_or_create(&ByL { by: "push" }).inc_by(pc.pages_by_push);
+                p.rdma_read_pages.inc_by(pc.rdma_read_pages);
                 if let Some(h) = &pc.fault_latency {
                     p.fault_latency.add(h);
                 }
@@ -982,6 +990,7 @@ mod tests {
             remote_faults: 4,
             pages_by_fault: 4,
             pages_by_push: 96,
+            rdma_read_pages: 3,
             attempts: 2,
             fault_latency: Some(h),
             ..Default::default()
@@ -997,6 +1006,7 @@ mod tests {
             "ferry_postcopy_faults_total{kind=\"local\"} 6",
             "ferry_postcopy_faults_total{kind=\"remote\"} 4",
             "ferry_postcopy_pages_total{by=\"push\"} 96",
+            "ferry_postcopy_rdma_read_pages_total 3",
             "ferry_postcopy_reconnects_total 2",
             "ferry_postcopy_fault_latency_seconds_count 1",
             "ferry_postcopy_switch_seconds_bucket{le=\"0.005\"} 1",
