@@ -350,8 +350,11 @@ mod tests {
         wire::lists_payload(&head, &[ep], &at)
     }
 
-    /// What `accept` answered on the fault lane.
-    fn answered(regions: usize, rp: Option<&RdmaPlan>, payload: &[u8]) -> (Result<bool, SessionError>, Vec<(Kind, Vec<u8>)>) {
+    /// Frames sent on the fault lane.
+    type Sent = Vec<(Kind, Vec<u8>)>;
+
+    /// Whether `accept` set the READ path up, and what it answered on the fault lane.
+    fn answered(regions: usize, rp: Option<&RdmaPlan>, payload: &[u8]) -> (Result<bool, SessionError>, Sent) {
         let sent = RefCell::new(Vec::new());
         let r = accept(regions, rp, payload, &|k: Kind, p: &[u8]| sent.borrow_mut().push((k, p.to_vec())));
         (r.map(|x| x.is_some()), sent.into_inner())
