@@ -170,9 +170,9 @@ pub struct Source<'a> {
     /// The VMM's read-write descriptors of the regions, where it gave them: to register
     /// the memory on kernels that pin even a read-only registration for writing.
     writable: Arc<[Option<File>]>,
-    /// Post-copy after RDMA rounds: the guest memory registered for the destination's
-    /// RDMA READs, by the first attempt that got to it.
-    registered: Arc<std::sync::Mutex<Option<super::postcopy::rdma::Registered>>>,
+    /// Post-copy after RDMA rounds: the guest memory being registered for the
+    /// destination's RDMA READs, from the switch-over on.
+    registration: Option<super::postcopy::rdma::Registration>,
     postcopy: super::postcopy::PostcopyReport,
     /// Post-copy: windows near the destination's recent faults, which the push sends
     /// first, and the pages the faults' answers sent, which it leaves out (this attempt's).
@@ -364,7 +364,7 @@ impl<'a> Source<'a> {
             switch_seconds: None,
             stale: Vec::new(),
             writable: writable.into(),
-            registered: Arc::default(),
+            registration: None,
             postcopy: super::postcopy::PostcopyReport::default(),
             hints: None,
             live,
@@ -510,6 +510,11 @@ impl<'a> Source<'a> {
         let mut buf = Vec::new();
         self.ctl.expect(Kind::Switched, &mut buf)?;
         self.switch_seconds = Some(t.elapsed().as_secs_f64());
+        // After RDMA rounds the destination may read faulting pages from this memory: it
+        // is registered for that in the background (see `postcopy::rdma`).
+        if let Some(rp) = self.opts.plan.rdma.as_ref().filter(|_| self.rdma.is_some()) {
+            self.registration = Some(super::postcopy::rdma::Registration::start(rp, self.regions.clone(), self.writable.clone()));
+        }
         log::info!(
             "post-copy: the destination runs the guest {:.1} ms after the switch-over began; {} page(s) to go",
             t.elapsed().as_secs_f64() * 1e3,
@@ -640,12 +645,12 @@ impl<'a> Source<'a> {
         let fault_sock = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
         let writer = fs.try_clone().map_err(|e| SessionError::io("cloning the fault lane", e))?;
         let writer = std::sync::Mutex::new(super::postcopy::rdma::LaneWriter { s: writer, tx: fault_keys.tx });
-        let (regions, writable, registered) = (self.regions.clone(), self.writable.clone(), self.registered.clone());
-        let offer = rp.map(|rp| super::postcopy::rdma::Offer {
+        let regions = self.regions.clone();
+        let registration = self.registration.clone();
+        let offer = rp.zip(registration.as_ref()).map(|(rp, registration)| super::postcopy::rdma::Offer {
             rp,
-            regions: &regions,
-            writable: &writable,
-            registered: &registered,
+            registration,
+            stop: &stop,
             qp: std::sync::Mutex::new(None),
         });
         let lane = super::postcopy::source::FaultLane { s: fs, rx: fault_keys.rx, w: &writer, offer: offer.as_ref() };

@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hw::rdma::verbs::{Completion, Cq, Grant, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp};
@@ -42,7 +42,7 @@ use crate::conn::{SessionError, Violation, write_frame};
 use crate::engine::PAGE;
 use crate::plan::RdmaPlan;
 use crate::session::seal::Seal;
-use crate::transport::rdma::{Backoff, Device, POLL_BATCH, check_mtu, completion_error, poll_cq, psn, remote};
+use crate::transport::rdma::{Backoff, POLL_BATCH, check_mtu, completion_error, poll_cq, psn, remote};
 use crate::wire::{self, Kind};
 
 /// READs a destination keeps in flight (each lands in a slot of one page).
@@ -65,25 +65,90 @@ impl LaneWriter {
 /// The source's guest memory registered for remote reads, kept across attempts.
 pub(crate) type Registered = Arc<[LocalRegion]>;
 
+/// The source's guest memory being registered for remote reads, on a thread of its own
+/// from the switch-over on: attempts find it done, or wait for it beside their fault lane
+/// (which answers meanwhile), never longer than they last. Registering pins every page,
+/// allocating any the guest never touched; the source's guest is paused for good, and its
+/// memory goes when the migration is done. The thread keeps what it registers alive until
+/// it is done even if the migration is over first.
+#[derive(Clone)]
+pub(crate) struct Registration {
+    done: Arc<(Mutex<Option<Registering>>, Condvar)>,
+}
+
+/// A registration's outcome: the memory registered, or why not.
+type Registering = Result<Registered, String>;
+
+impl Registration {
+    pub(crate) fn start(rp: &RdmaPlan, regions: Arc<[crate::worker::Region]>, writable: Arc<[Option<File>]>) -> Registration {
+        let done: Arc<(Mutex<Option<Registering>>, Condvar)> = Arc::default();
+        let (out, rp) = (done.clone(), rp.clone());
+        let spawned = std::thread::Builder::new().name("ferry-register".into()).spawn(move || {
+            let r = register(&rp, &regions, &writable);
+            *out.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            out.1.notify_all();
+        });
+        if let Err(e) = spawned {
+            *done.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(format!("no thread to register the memory on: {e}")));
+        }
+        Registration { done }
+    }
+
+    /// The registration, or why there is none; `None` if `stop` came first.
+    fn wait(&self, stop: &AtomicBool) -> Option<Registering> {
+        let (lock, cv) = &*self.done;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return Some(r.clone());
+            }
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            g = cv.wait_timeout(g, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Every region registered for remote reads, or why not.
+fn register(rp: &RdmaPlan, regions: &[crate::worker::Region], writable: &[Option<File>]) -> Registering {
+    let dev = crate::transport::rdma::device(rp).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let regs: Registered = regions
+        .iter()
+        .zip(writable)
+        .enumerate()
+        .map(|(i, (r, rw))| crate::migrate::source::register_region(&dev, i, r, rw.as_ref(), true))
+        .collect::<Result<Vec<_>, _>>()?
+        .into();
+    let size: u64 = regions.iter().map(|r| r.size).sum();
+    log::info!(
+        "post-copy: {} MiB of guest memory registered on {} for RDMA READs in {:.3} s",
+        size >> 20,
+        dev.name,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(regs)
+}
+
 /// The source's side of the READ path in one attempt.
 pub(crate) struct Offer<'a> {
     pub rp: &'a RdmaPlan,
-    pub regions: &'a [crate::worker::Region],
-    /// The VMM's read-write descriptors, where it gave them (see `register_guest`).
-    pub writable: &'a [Option<File>],
-    /// Registered by the first attempt that got to it; later attempts reuse it.
-    pub registered: &'a Mutex<Option<Registered>>,
+    pub registration: &'a Registration,
+    /// The attempt is over: an offer still waiting for the registration gives up.
+    pub stop: &'a AtomicBool,
     /// This attempt's QP (and its PSN) once offered; connected once FAULT_RDMA_OK came.
     /// It lives as long as the attempt.
     pub qp: Mutex<Option<(Qp, u32)>>,
 }
 
 impl Offer<'_> {
-    /// Registers the guest memory (unless an earlier attempt did), makes a QP and sends
-    /// FAULT_RDMA; where the memory cannot be registered, FAULT_RDMA with no regions.
+    /// Once the guest memory is registered, makes a QP and sends FAULT_RDMA; where the
+    /// memory could not be registered, FAULT_RDMA with no regions.
     pub(crate) fn offer(&self, w: &Mutex<LaneWriter>) -> Result<(), SessionError> {
+        let Some(registered) = self.registration.wait(self.stop) else { return Ok(()) };
         let dev = crate::transport::rdma::device(self.rp)?;
-        let regs = match self.register(&dev) {
+        let regs = match registered {
             Ok(r) => r,
             Err(why) => {
                 log::warn!("post-copy: faults stay on the fault lane: {why}");
@@ -106,34 +171,6 @@ impl Offer<'_> {
             _pad: [0; 7],
         };
         LaneWriter::send(w, Kind::FaultRdma, &wire::lists_payload(&head, &[ep], &list))
-    }
-
-    /// The guest memory registered for remote reads: once per migration. Registering pins
-    /// every page, allocating any the guest never touched; the source's guest is paused
-    /// for good, and its memory goes when the migration is done.
-    fn register(&self, dev: &Device) -> Result<Registered, String> {
-        let mut cached = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = cached.as_ref() {
-            return Ok(r.clone());
-        }
-        let t = Instant::now();
-        let regs: Registered = self
-            .regions
-            .iter()
-            .zip(self.writable)
-            .enumerate()
-            .map(|(i, (r, rw))| crate::migrate::source::register_region(dev, i, r, rw.as_ref(), true))
-            .collect::<Result<Vec<_>, _>>()?
-            .into();
-        let size: u64 = self.regions.iter().map(|r| r.size).sum();
-        log::info!(
-            "post-copy: {} MiB of guest memory registered on {} for RDMA READs in {:.3} s",
-            size >> 20,
-            dev.name,
-            t.elapsed().as_secs_f64()
-        );
-        *cached = Some(regs.clone());
-        Ok(regs)
     }
 
     /// FAULT_RDMA_OK: connects this attempt's QP to the destination's, granting remote
@@ -363,7 +400,10 @@ mod tests {
     #[test]
     fn a_fault_rdma_frame_that_does_not_fit_the_session_is_refused() {
         let (r, sent) = answered(2, None, &fault_rdma(3, 3));
-        assert!(matches!(r, Err(SessionError::Protocol(Violation::Field { frame: Kind::FaultRdma, field: "regions", value: 3, .. }))), "{r:?}");
+        assert!(
+            matches!(r, Err(SessionError::Protocol(Violation::Field { frame: Kind::FaultRdma, field: "regions", value: 3, .. }))),
+            "{r:?}"
+        );
         assert!(sent.is_empty());
         // Fewer regions than it says, and a frame cut short: a bad frame, nothing answered.
         let (r, sent) = answered(2, None, &fault_rdma(2, 1));
@@ -412,8 +452,9 @@ mod tests {
             inline_threshold_bytes: 0,
             signal_interval: 16,
         };
-        let registered = Mutex::new(None);
-        let offer = Offer { rp: &rp, regions: &[], writable: &[], registered: &registered, qp: Mutex::new(None) };
+        let registration = Registration { done: Arc::default() };
+        let stop = AtomicBool::new(true);
+        let offer = Offer { rp: &rp, registration: &registration, stop: &stop, qp: Mutex::new(None) };
         let ok = wire::FaultRdmaOk { mtu: 4096.into(), ready: 1, _pad: [0; 3] };
         let r = offer.accepted(ok.as_bytes(), &w);
         assert!(matches!(r, Err(SessionError::Protocol(Violation::Unexpected { frame: Kind::FaultRdmaOk, .. }))), "{r:?}");
