@@ -167,6 +167,10 @@ pub enum Kind {
     /// Source to destination on the fault lane: its QP is connected; faults may be read
     /// with RDMA READs from now on (empty payload).
     FaultRdmaOn = 31,
+    /// Destination to source on the fault lane, after FAULT_RDMA_ON: an RDMA READ brings
+    /// these pages (an [`RdmaRun`]) for a fault; the push leaves them out and sends the
+    /// pages near them first. Nothing is answered: the READ is the answer.
+    FaultRead = 32,
 }
 
 impl Kind {
@@ -204,6 +208,7 @@ impl Kind {
             29 => FaultRdma,
             30 => FaultRdmaOk,
             31 => FaultRdmaOn,
+            32 => FaultRead,
             _ => return None,
         })
     }

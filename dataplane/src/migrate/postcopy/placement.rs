@@ -375,7 +375,13 @@ impl Placement {
             let reg = &self.regions[r as usize];
             let len = (reg.size - page * PAGE as u64).min(PAGE as u64) as usize;
             match rd.read(r, page, len) {
-                Ok(()) => return,
+                Ok(()) => {
+                    drop(reads);
+                    // The source's push leaves the page out, and sends what is near it first.
+                    let run = RdmaRun { region: r.into(), pages: 1.into(), first: page.into() };
+                    self.send_on_link(Kind::FaultRead, run.as_bytes());
+                    return;
+                }
                 Err(e) => {
                     // The QP failed: the fault lane carries the rest of this attempt's
                     // faults (the completion thread ends the attempt if READs were lost).

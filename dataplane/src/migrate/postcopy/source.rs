@@ -68,8 +68,10 @@ pub(crate) fn answer_fetches(
             Err(_) if stop.load(Ordering::Relaxed) => break,
             Err(e) => return Err(super::silent_link(e)),
         };
-        let run: RdmaRun = match kind {
-            Kind::Fetch => wire::parse(Kind::Fetch, payload)?,
+        // FETCH: answer with the pages; FAULT_READ: the destination reads them itself.
+        let (run, answer): (RdmaRun, bool) = match kind {
+            Kind::Fetch => (wire::parse(Kind::Fetch, payload)?, true),
+            Kind::FaultRead if offer.is_some() => (wire::parse(Kind::FaultRead, payload)?, false),
             Kind::Ping => {
                 LaneWriter::send(w, Kind::Pong, &[])?;
                 continue;
@@ -82,33 +84,18 @@ pub(crate) fn answer_fetches(
             other => return Err(wire::FrameError::Unexpected { expected: Kind::Fetch, got: other }.into()),
         };
         let (r, first, n) = (run.region.get(), run.first.get(), u64::from(run.pages.get()));
-        let region = regions.get(r as usize).ok_or(Violation::NoRegion { frame: Kind::Fetch, region: r.into(), regions: regions.len() })?;
+        let region = regions.get(r as usize).ok_or(Violation::NoRegion { frame: kind, region: r.into(), regions: regions.len() })?;
         let has = crate::migrate::pages(region.size);
         if n == 0 || n > max_fetch || first.checked_add(n).is_none_or(|e| e > has) {
-            return Err(Violation::OutsideRegion { frame: Kind::Fetch, region: r, first, pages: n, has }.into());
+            return Err(Violation::OutsideRegion { frame: kind, region: r, first, pages: n, has }.into());
         }
-        // The pages in one read, framed by the encoder (zero pages as such, no compression:
-        // a fault waits for this).
-        let (off, end) = (first * PAGE as u64, ((first + n) * PAGE as u64).min(region.size));
-        let bytes = &mut pages[..(end - off) as usize];
-        region
-            .memory
-            .read_exact_at(bytes, off)
-            .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
-        // Each page's hash as sent, then the page marked answered: the push, which leaves it
-        // out once it sees the mark, sees the hash the digest needs.
-        let mut lw = w.lock().unwrap_or_else(|p| p.into_inner());
-        let LaneWriter { s: ws, tx } = &mut *lw;
-        enc.encode(&mut z, r, off, PAGE, bytes, &mut |h, payload| {
-            crate::worker::record_sent(&region.sent, r, off, bytes, &h);
-            write_sealed(ws, tx, &h, payload)
-        })
-        .map_err(|e| SessionError::io("answering a fault", e))?;
-        drop(lw);
+        if answer {
+            answer_pages(region, (r, first, n), &mut pages, (&mut enc, &mut z), w)?;
+            answered.fetch_add(n, Ordering::Relaxed);
+        }
         for p in first..first + n {
             near.fetched.take(region.word as u64 * 64 + p);
         }
-        answered.fetch_add(n, Ordering::Relaxed);
         let g = crate::worker::Round::window_of(regions, near.chunk, r as usize, first);
         for w in g..g + HINT_WINDOWS {
             // A full queue drops the hint: the cursor still sends the window.
@@ -116,4 +103,30 @@ pub(crate) fn answer_fetches(
         }
     }
     Ok(())
+}
+
+/// Answers a FETCH of pages `first..first + n` of region `r`: read from the paused guest
+/// memory into `pages`, framed by the encoder (zero pages as such, no compression: a fault
+/// waits for this), each page's hash as sent recorded before the caller marks it answered
+/// (the push, which leaves it out once it sees the mark, sees the hash the digest needs).
+fn answer_pages(
+    region: &crate::worker::Region,
+    (r, first, n): (u32, u64, u64),
+    pages: &mut [u8],
+    (enc, z): (&mut Encoder, &mut Compressor),
+    w: &Mutex<LaneWriter>,
+) -> Result<(), SessionError> {
+    let (off, end) = (first * PAGE as u64, ((first + n) * PAGE as u64).min(region.size));
+    let bytes = &mut pages[..(end - off) as usize];
+    region
+        .memory
+        .read_exact_at(bytes, off)
+        .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
+    let mut lw = w.lock().unwrap_or_else(|p| p.into_inner());
+    let LaneWriter { s: ws, tx } = &mut *lw;
+    enc.encode(z, r, off, PAGE, bytes, &mut |h, payload| {
+        crate::worker::record_sent(&region.sent, r, off, bytes, &h);
+        write_sealed(ws, tx, &h, payload)
+    })
+    .map_err(|e| SessionError::io("answering a fault", e))
 }
