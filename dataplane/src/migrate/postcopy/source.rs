@@ -118,10 +118,7 @@ fn answer_pages(
 ) -> Result<(), SessionError> {
     let (off, end) = (first * PAGE as u64, ((first + n) * PAGE as u64).min(region.size));
     let bytes = &mut pages[..(end - off) as usize];
-    region
-        .memory
-        .read_exact_at(bytes, off)
-        .map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
+    region.memory.read_exact_at(bytes, off).map_err(|source| SessionError::Region { path: format!("guest memory region {r}"), source })?;
     let mut lw = w.lock().unwrap_or_else(|p| p.into_inner());
     let LaneWriter { s: ws, tx } = &mut *lw;
     enc.encode(z, r, off, PAGE, bytes, &mut |h, payload| {
