@@ -1306,7 +1306,11 @@ fn rdma_workers(
     };
     let mut workers = Vec::with_capacity(n_workers);
     for (w, u) in unconnected.into_iter().enumerate() {
-        let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk), live)?;
+        let (staging, registered) = dev.staging(plan, chunk, live)?;
+        match registered {
+            Some(seconds) => report.registered(staging.bytes, seconds),
+            None => report.reused_staging_bytes += staging.bytes,
+        }
         let setup = tx::Setup {
             dev: dev.clone(),
             rp,
@@ -1317,12 +1321,10 @@ fn rdma_workers(
             windows: windows.clone(),
             key: (!at_end).then(|| key.clone()),
             guest: guest.clone(),
-            arena,
-            chunk,
+            staging,
             abort: abort.clone(),
         };
         let t = tx::RdmaTx::connect(u, setup)?;
-        report.registered(t.report.registered_bytes, t.report.registration_seconds);
         // RDMA writes pages as they are: the encoder only counts.
         let enc = Encoder::new(crate::plan::Compression::Off);
         workers.push(Worker::new(w, live.worker(w), enc, Tx::Rdma(Box::new(t))));

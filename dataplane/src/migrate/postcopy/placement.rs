@@ -367,49 +367,36 @@ impl Placement {
         }
     }
 
-    /// Asks the source for one page: an RDMA READ where the READ path is up, else on the
-    /// fault lane, if one is open.
+    /// Asks the source for one page: an RDMA READ where the READ path is up (the source
+    /// hears FAULT_READ: its push leaves the page out and sends what is near it first),
+    /// else FETCH on the fault lane. Without a lane, the next attempt asks (a lane that
+    /// broke: this attempt is failing).
     fn fetch(&self, r: u32, page: u64) {
+        let run = RdmaRun { region: r.into(), pages: 1.into(), first: page.into() };
+        let kind = if self.read(r, page) { Kind::FaultRead } else { Kind::Fetch };
+        self.send_on_link(kind, run.as_bytes());
+    }
+
+    /// Reads one page with an RDMA READ, if the READ path is up; false if it is not.
+    fn read(&self, r: u32, page: u64) -> bool {
         let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rd) = reads.as_mut() {
-            let reg = &self.regions[r as usize];
-            let len = (reg.size - page * PAGE as u64).min(PAGE as u64) as usize;
-            match rd.read(r, page, len) {
-                Ok(()) => {
-                    drop(reads);
-                    // The source's push leaves the page out, and sends what is near it first.
-                    let run = RdmaRun { region: r.into(), pages: 1.into(), first: page.into() };
-                    self.send_on_link(Kind::FaultRead, run.as_bytes());
-                    return;
-                }
-                Err(e) => {
-                    // The QP failed: the fault lane carries the rest of this attempt's
-                    // faults (the completion thread ends the attempt if READs were lost).
-                    log::warn!("post-copy: an RDMA READ could not be posted ({e}); faults go on the fault lane");
-                    *reads = None;
-                }
-            }
-        }
-        drop(reads);
-        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = link.as_mut() {
-            let run = RdmaRun { region: r.into(), pages: 1.into(), first: page.into() };
-            if write_frame(&mut l.s, &mut l.tx, Kind::Fetch, run.as_bytes()).is_err() {
-                // The attempt is failing; the next one asks again.
-                *link = None;
+        let Some(rd) = reads.as_mut() else { return false };
+        let len = (self.regions[r as usize].size - page * PAGE as u64).min(PAGE as u64) as usize;
+        match rd.read(r, page, len) {
+            Ok(()) => true,
+            Err(e) => {
+                // The QP failed: the fault lane carries the rest of this attempt's faults
+                // (the completion thread ends the attempt if READs were lost).
+                log::warn!("post-copy: an RDMA READ could not be posted ({e}); faults go on the fault lane");
+                *reads = None;
+                false
             }
         }
     }
 
     /// Pings the source on the fault lane; false when there is none (or it broke).
     pub(super) fn ping(&self) -> bool {
-        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(l) = link.as_mut() else { return false };
-        if write_frame(&mut l.s, &mut l.tx, Kind::Ping, &[]).is_ok() {
-            return true;
-        }
-        *link = None;
-        false
+        self.send_on_link(Kind::Ping, &[])
     }
 
     /// A new attempt's fault lane: every fault still waiting is asked for on it.

@@ -118,6 +118,10 @@ pub struct RdmaReport {
     /// round (downtime).
     pub verify_seconds: f64,
     pub verify_last_round_seconds: f64,
+    /// Sender: staging bytes an earlier session on this device registered and gave back,
+    /// reused without mapping or registering anything (see [`Device::staging`]).
+    #[serde(default)]
+    pub reused_staging_bytes: u64,
 }
 
 impl RdmaReport {
@@ -162,6 +166,26 @@ pub(crate) struct Device {
     /// RDMA READs a QP keeps in flight each way: the device's limits, at most
     /// [`MAX_RD_ATOMIC`].
     pub rd_atomic: u8,
+    /// Staging sets sessions gave back, for the next to take.
+    spare: Mutex<Vec<Staging>>,
+}
+
+/// Staging sets a device keeps for the next sessions, at most: one per worker of a few
+/// concurrent sessions (each a worker's arena, locked and registered).
+const SPARE_STAGING: usize = 16;
+
+/// One sender worker's staging on a device: its arena, registered for the NIC and cut into
+/// slots of a chunk, and the zero buffer (a slot never written). Taken for a session and
+/// given back when its worker's QPs are gone ([`Device::give_back`]), so a long-lived ferryd
+/// maps, locks and registers staging once per worker of the sessions it runs at once, not
+/// once per session.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    pub slots: Vec<hw::rdma::verbs::RegSlot>,
+    pub zero: hw::rdma::verbs::RegSlot,
+    pub chunk: usize,
+    /// Bytes registered in all.
+    pub bytes: u64,
 }
 
 /// RDMA READs in flight per QP, at most (the post-copy fault path's, one page each).
@@ -195,6 +219,7 @@ pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
     let pd = ctx.alloc_pd()?;
     let d = Arc::new(Device {
         rd_atomic,
+        spare: Mutex::new(Vec::new()),
         pd,
         ctx,
         name: rp.device.clone(),
@@ -209,6 +234,39 @@ pub(crate) fn device(rp: &RdmaPlan) -> Result<Arc<Device>, SessionError> {
 }
 
 impl Device {
+    /// A worker's staging for chunks of `chunk` bytes: one a session gave back, or else a
+    /// new arena as the plan describes it (its fallbacks said once per session, `live`),
+    /// registered. Also says whether it was new, and the seconds its registration took.
+    pub(crate) fn staging(
+        &self,
+        plan: &crate::plan::Plan,
+        chunk: usize,
+        live: &crate::live::Session,
+    ) -> Result<(Staging, Option<f64>), SessionError> {
+        let reused = {
+            let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            spare.iter().position(|s| s.chunk == chunk).map(|i| spare.swap_remove(i))
+        };
+        if let Some(s) = reused {
+            return Ok((s, None));
+        }
+        let arena = crate::engine::arena(plan, tx::RdmaTx::arena_bytes(chunk), live)?;
+        let (t, bytes) = (Instant::now(), arena.len() as u64);
+        let mut slots = self.pd.register_slots(arena, chunk)?;
+        let zero = slots.pop().ok_or_else(|| SessionError::from(crate::conn::Bug::NoSlot))?;
+        Ok((Staging { slots, zero, chunk, bytes }, Some(t.elapsed().as_secs_f64())))
+    }
+
+    /// A worker's staging back from a session whose QPs are destroyed (the NIC reads none
+    /// of its slots any more), for the next session; beyond [`SPARE_STAGING`] sets it is
+    /// let go (deregistered and unmapped).
+    pub(crate) fn give_back(&self, s: Staging) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < SPARE_STAGING {
+            spare.push(s);
+        }
+    }
+
     pub(crate) fn path(&self, mtu: u32) -> PathSpec {
         PathSpec { port: self.port, gid_index: self.gid_index, mtu, rd_atomic: self.rd_atomic }
     }

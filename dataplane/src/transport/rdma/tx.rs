@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hw::rdma::verbs::{Completion, Cq, Grant, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp, Sge};
 
 use super::{Backoff, Device, POLL_BATCH, RdmaReport, Windows, completion_error, keyed, poll_cq};
-use crate::conn::{Bug, SessionError};
+use crate::conn::SessionError;
 use crate::digest::{Digest, DigestKey};
 use crate::engine::PAGE;
 use crate::migrate::PageHashes;
@@ -67,8 +67,11 @@ pub(crate) struct RdmaTx {
     spare: Vec<RegSlot>,
     /// Slots some WR still gathers from: (lane, the lane's post count that frees it).
     in_flight: VecDeque<(usize, u64, RegSlot)>,
-    /// Zeroed at creation and never written: the source of zero pages.
-    zero: RegSlot,
+    /// Zeroed at creation and never written: the source of zero pages. (`None` only once
+    /// dropped: the staging goes back to the device.)
+    zero: Option<RegSlot>,
+    /// The staging's chunk and bytes, to give it back.
+    staging: (usize, u64),
     /// Per region: where the destination registered it, and its key.
     remote: Vec<(u64, u32)>,
     /// Per region, when the guest memory is registered for the NIC to gather from in
@@ -95,6 +98,19 @@ pub(crate) struct RdmaTx {
     pub report: RdmaReport,
     /// Set when the session fails elsewhere.
     abort: Arc<AtomicBool>,
+}
+
+impl Drop for RdmaTx {
+    /// The staging goes back to the device for the next session, once the QPs are gone
+    /// (destroyed first: the NIC reads none of the slots after that, in flight or not).
+    fn drop(&mut self) {
+        self.lanes.clear();
+        let Some(zero) = self.zero.take() else { return };
+        let mut slots = std::mem::take(&mut self.spare);
+        slots.extend(self.in_flight.drain(..).map(|(_, _, s)| s));
+        let (chunk, bytes) = self.staging;
+        self.dev.give_back(super::Staging { slots, zero, chunk, bytes });
+    }
 }
 
 impl std::fmt::Debug for RdmaTx {
@@ -156,23 +172,17 @@ pub(crate) struct Setup<'a> {
     pub key: Option<DigestKey>,
     /// The guest memory registered for local reads (zero-copy), one per region.
     pub guest: Option<Arc<[LocalRegion]>>,
-    /// The worker's arena: cut into a zero buffer and [`SLOTS`] slots of a chunk each.
-    pub arena: hw::memmap::Arena,
-    pub chunk: usize,
+    /// The worker's staging: a zero buffer and at least [`SLOTS`] slots of a chunk each.
+    pub staging: super::Staging,
     /// Set when the session fails elsewhere: waits on the CQ stop.
     pub abort: Arc<AtomicBool>,
 }
 
 impl RdmaTx {
     /// Connects the worker's QPs to `peers` (in order), posts their credit receives and
-    /// registers its arena.
+    /// takes its staging.
     pub(crate) fn connect(u: Unconnected, s: Setup<'_>) -> Result<RdmaTx, SessionError> {
-        let t = Instant::now();
-        let bytes = s.arena.len() as u64;
-        let mut slots = s.dev.pd.register_slots(s.arena, s.chunk)?;
-        let mut report = RdmaReport::default();
-        report.registration(bytes, t);
-        let zero = slots.pop().ok_or_else(|| SessionError::from(Bug::NoSlot))?;
+        let super::Staging { slots, zero, chunk, bytes } = s.staging;
         let mut lanes = Vec::with_capacity(u.qps.len());
         for (i, ((mut qp, psn), peer)) in u.qps.into_iter().zip(s.peers).enumerate() {
             qp.connect(&s.dev.path(s.mtu), psn, &super::remote(peer), Grant::Nothing)?;
@@ -196,7 +206,8 @@ impl RdmaTx {
             lanes,
             spare: slots,
             in_flight: VecDeque::new(),
-            zero,
+            zero: Some(zero),
+            staging: (chunk, bytes),
             remote: s.remote,
             guest: s.guest,
             windows: s.windows,
@@ -213,9 +224,14 @@ impl RdmaTx {
             parts: Vec::new(),
             subruns: Vec::new(),
             latency: crate::engine::latency_histogram(),
-            report,
+            report: RdmaReport::default(),
             abort: s.abort,
         })
+    }
+
+    /// The zero buffer's length (a chunk).
+    fn zero_len(&self) -> usize {
+        self.zero.as_ref().map_or(0, |z| z.len())
     }
 
     pub(crate) fn lanes(&self) -> usize {
@@ -373,7 +389,7 @@ impl RdmaTx {
             }
             let mut cur = a;
             while cur < b {
-                let len = if zero { (b - cur).min(self.zero.len()) } else { b - cur };
+                let len = if zero { (b - cur).min(self.zero_len()) } else { b - cur };
                 if open.is_some_and(|w| w.parts >= self.send_sge) {
                     self.wrs.extend(open.take());
                 }
@@ -436,7 +452,7 @@ impl RdmaTx {
                             None => slot.sge(at, len),
                         },
                         // A zero piece is never longer than the zero buffer.
-                        From::Zero { len } => self.zero.sge(0, len),
+                        From::Zero { len } => self.zero.as_ref().expect("the zero buffer lives as long as the worker").sge(0, len),
                     });
                 }
                 let lane = &mut self.lanes[l];
