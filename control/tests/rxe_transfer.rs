@@ -340,6 +340,13 @@ section dest-killed /tmp/dk.log
 
 # A retry after both failures succeeds.
 migrate retry rdma ""
+
+# Two migrations through one pair of ferryd: the second takes the staging the first
+# registered.
+$F demo --size-mib 16 --dirty-rate-mbs 4 --transport rdma --runs 2 --json > /tmp/runs.json 2> /tmp/runs.log
+echo "rc=$?" >> /tmp/runs.log
+section runs /tmp/runs.json
+section runs-log /tmp/runs.log
 exit 0
 "#;
     let logs = common::boot(dir.path(), &script, &[ferryctl, &ferryd], false, 480);
@@ -396,6 +403,17 @@ exit 0
     assert!(!dk.contains("rc=0") && dk.contains("ferryctl: "), "the migration must fail:\n{dk}");
     assert!(dk.contains("peer closed") || dk.contains("completed with status"), "unclear message:\n{dk}");
     assert_eq!(report("retry")["verified"], true);
+    let runs: Vec<serde_json::Value> = section(log, "runs")
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("runs JSON: {e}\n{l}\n{}", section(log, "runs-log"))))
+        .collect();
+    assert_eq!(runs.len(), 2, "{}", section(log, "runs-log"));
+    let (first, second) = (&runs[0]["source"]["rdma"], &runs[1]["source"]["rdma"]);
+    assert!(runs.iter().all(|r| r["verified"] == true), "{runs:?}");
+    assert!(first["registered_bytes"].as_u64().unwrap() > 0 && first["reused_staging_bytes"] == 0, "{first}");
+    assert_eq!(second["registered_bytes"], 0, "the second migration registers no staging: {second}");
+    assert_eq!(second["reused_staging_bytes"], first["registered_bytes"], "{second}");
 
     let bw = section(log, "write_bw");
     let line = bw.lines().rfind(|l| l.trim_start().starts_with("131072")).unwrap_or_else(|| panic!("no ib_write_bw result:\n{bw}"));
