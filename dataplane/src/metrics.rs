@@ -213,6 +213,7 @@ struct PostcopyFamilies {
     reconnects: Counter,
     fault_latency: Latency,
     switch: Latency,
+    all_local: Latency,
 }
 
 /// How a session or request failed: for the counts, and as `"kind"` in the control
@@ -362,6 +363,7 @@ impl Metrics {
                 reconnects: Counter::default(),
                 fault_latency: Latency::new(DOWNTIME_BUCKETS),
                 switch: Latency::new(DOWNTIME_BUCKETS),
+                all_local: Latency::new(SESSION_BUCKETS),
             },
         };
         // Every series at zero from the start.
@@ -544,6 +546,11 @@ fn register_postcopy(r: &mut Registry, pc: &PostcopyFamilies) {
         "ferry's part of a post-copy switch-over (source): from the VMM's postcopy until the destination ran the guest",
         pc.switch.clone(),
     );
+    r.register(
+        "ferry_postcopy_all_local_seconds",
+        "From a post-copy switch-over until every page was local at the destination (destination)",
+        pc.all_local.clone(),
+    );
 }
 
 /// A session counted as active until this is dropped, however the session ends.
@@ -646,6 +653,7 @@ impl Metrics {
                 if let Some(h) = &pc.fault_latency {
                     p.fault_latency.add(h);
                 }
+                p.all_local.record_seconds(pc.all_local_seconds);
             }
         }
         if let Some(ms) = rep.switch_ms {
@@ -991,6 +999,7 @@ mod tests {
             pages_by_fault: 4,
             pages_by_push: 96,
             rdma_read_pages: 3,
+            all_local_seconds: 0.7,
             attempts: 2,
             fault_latency: Some(h),
             ..Default::default()
@@ -1010,6 +1019,7 @@ mod tests {
             "ferry_postcopy_reconnects_total 2",
             "ferry_postcopy_fault_latency_seconds_count 1",
             "ferry_postcopy_switch_seconds_bucket{le=\"0.005\"} 1",
+            "ferry_postcopy_all_local_seconds_bucket{le=\"1\"} 1",
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }
