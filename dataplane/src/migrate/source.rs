@@ -1338,14 +1338,14 @@ fn rdma_workers(
 /// for writing even to read), through the VMM's read-write descriptor `rw` if it gave one
 /// (the NIC still only reads). Or why not.
 pub(crate) fn register_region(
-    dev: &crate::transport::rdma::Device,
+    pd: &hw::rdma::verbs::Pd,
     i: usize,
     r: &Region,
     rw: Option<&File>,
     remote_read: bool,
 ) -> Result<LocalRegion, String> {
     let len = usize::try_from(r.size).map_err(|_| format!("region {i} is too large to map"))?;
-    let reg = |f: &File| if remote_read { dev.pd.register_remote_read(f, len) } else { dev.pd.register_local_read(f, len) };
+    let reg = |f: &File| if remote_read { pd.register_remote_read(f, len) } else { pd.register_local_read(f, len) };
     match (reg(&r.memory), rw) {
         (Ok(g), _) => Ok(g),
         (Err(e), None) => Err(format!("registering region {i} read-only failed ({e}), and the VMM gave no read-write descriptor")),
@@ -1373,7 +1373,8 @@ fn register_guest(
                 missing >> 20
             ));
         }
-        out.push(register_region(dev, i, r, rw.as_ref(), false)?);
+        // The device's PD: the sender's QPs grant the peer nothing.
+        out.push(register_region(&dev.pd, i, r, rw.as_ref(), false)?);
     }
     Ok(out.into())
 }

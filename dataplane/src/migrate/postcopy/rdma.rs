@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use hw::rdma::verbs::{Completion, Cq, Grant, LocalRegion, Qp, QpCaps, RegSlot, SendBatch, SendOp};
+use hw::rdma::verbs::{Completion, Cq, Grant, LocalRegion, Pd, Qp, QpCaps, RegSlot, SendBatch, SendOp};
 use zerocopy::IntoBytes;
 
 use super::placement::Placement;
@@ -62,8 +62,13 @@ impl LaneWriter {
     }
 }
 
-/// The source's guest memory registered for remote reads, kept across attempts.
-pub(crate) type Registered = Arc<[LocalRegion]>;
+/// The source's guest memory registered for remote reads, kept across attempts, in a
+/// protection domain of its own: only the fault QPs made in it (connected to this
+/// migration's destination) can read it, whatever rkey another peer tries.
+pub(crate) struct Registered {
+    pd: Pd,
+    regions: Vec<LocalRegion>,
+}
 
 /// The source's guest memory being registered for remote reads, on a thread of its own
 /// from the switch-over on: attempts find it done, or wait for it beside their fault lane
@@ -77,7 +82,7 @@ pub(crate) struct Registration {
 }
 
 /// A registration's outcome: the memory registered, or why not.
-type Registering = Result<Registered, String>;
+type Registering = Result<Arc<Registered>, String>;
 
 impl Registration {
     pub(crate) fn start(rp: &RdmaPlan, regions: Arc<[crate::worker::Region]>, writable: Arc<[Option<File>]>) -> Registration {
@@ -114,13 +119,13 @@ impl Registration {
 fn register(rp: &RdmaPlan, regions: &[crate::worker::Region], writable: &[Option<File>]) -> Registering {
     let dev = crate::transport::rdma::device(rp).map_err(|e| e.to_string())?;
     let t = Instant::now();
-    let regs: Registered = regions
+    let pd = dev.ctx.alloc_pd().map_err(|e| e.to_string())?;
+    let list = regions
         .iter()
         .zip(writable)
         .enumerate()
-        .map(|(i, (r, rw))| crate::migrate::source::register_region(&dev, i, r, rw.as_ref(), true))
-        .collect::<Result<Vec<_>, _>>()?
-        .into();
+        .map(|(i, (r, rw))| crate::migrate::source::register_region(&pd, i, r, rw.as_ref(), true))
+        .collect::<Result<Vec<_>, _>>()?;
     let size: u64 = regions.iter().map(|r| r.size).sum();
     log::info!(
         "post-copy: {} MiB of guest memory registered on {} for RDMA READs in {:.3} s",
@@ -128,7 +133,7 @@ fn register(rp: &RdmaPlan, regions: &[crate::worker::Region], writable: &[Option
         dev.name,
         t.elapsed().as_secs_f64()
     );
-    Ok(regs)
+    Ok(Arc::new(Registered { pd, regions: list }))
 }
 
 /// The source's side of the READ path in one attempt.
@@ -158,12 +163,12 @@ impl Offer<'_> {
         };
         let cq = dev.ctx.create_cq(2)?;
         let caps = QpCaps { max_send_wr: 1, max_recv_wr: 1, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0 };
-        let (qp, _) = dev.pd.create_rc_qp(&cq, caps)?;
+        let (qp, _) = regs.pd.create_rc_qp(&cq, caps)?;
         let p = psn()?;
         let ep = dev.endpoint(&qp, p);
         *self.qp.lock().unwrap_or_else(|p| p.into_inner()) = Some((qp, p));
         let list: Vec<wire::RdmaRegion> =
-            regs.iter().map(|r| wire::RdmaRegion { addr: r.addr().into(), rkey: r.rkey().into(), _pad: 0.into() }).collect();
+            regs.regions.iter().map(|r| wire::RdmaRegion { addr: r.addr().into(), rkey: r.rkey().into(), _pad: 0.into() }).collect();
         let head = wire::FaultRdma {
             mtu: dev.mtu.into(),
             regions: (list.len() as u32).into(),

@@ -288,12 +288,13 @@ fn accept(
         }
     };
     let mut report = RdmaReport { device: dev.name.clone(), qps: lanes as u32, path_mtu: mtu, check, ..RdmaReport::default() };
+    // A protection domain of the session's own: its QPs, which grant remote writes, reach
+    // only its own memory, whatever rkey the peer tries (another session's destination is
+    // registered in another PD).
+    let pd = dev.ctx.alloc_pd()?;
     let t = Instant::now();
-    let regions = memory
-        .iter()
-        .zip(&layout.regions)
-        .map(|(m, &size)| dev.pd.register_remote_write(m, size as usize))
-        .collect::<Result<Vec<_>, _>>()?;
+    let regions =
+        memory.iter().zip(&layout.regions).map(|(m, &size)| pd.register_remote_write(m, size as usize)).collect::<Result<Vec<_>, _>>()?;
     let size: u64 = layout.regions.iter().sum();
     report.registration(size, t);
     log::info!(
@@ -316,7 +317,7 @@ fn accept(
     for cq in &cqs {
         let mut mine = Vec::with_capacity(qpw);
         for l in 0..qpw {
-            let (mut qp, _) = dev.pd.create_rc_qp(cq, caps)?;
+            let (mut qp, _) = pd.create_rc_qp(cq, caps)?;
             let p = super::psn()?;
             qp.connect(&dev.path(mtu), p, &super::remote(&peer[eps.len()]), Grant::RemoteWrite)?;
             // Receives can be posted from INIT on; these are in place before RDMA_ACCEPT
