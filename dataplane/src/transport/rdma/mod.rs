@@ -150,8 +150,12 @@ impl RdmaReport {
     }
 }
 
-/// The plan's device and port, opened once per process (its context and protection domain
-/// are shared by every session), with this side's address on it.
+/// The plan's device and port, opened once per process, with this side's address on it.
+/// Its protection domain holds what no peer can reach (staging, guest memory registered
+/// for local reads, landing slots) and is shared by every session; memory a peer may
+/// write or read (a destination, a post-copy source) is registered in a PD of its session's
+/// own with the QPs that grant it, so no peer reaches another session's memory whatever
+/// rkey it tries.
 #[derive(Debug)]
 pub(crate) struct Device {
     pub ctx: Context,
