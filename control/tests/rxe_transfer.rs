@@ -57,6 +57,21 @@ listening() {
 section() { echo "=== $1-BEGIN"; cat "$2"; echo "=== $1-END uptime $(cut -d' ' -f1 /proc/uptime)"; }
 "#;
 
+/// ferryctl and the ferryd beside it, as cargo built them for the tests.
+fn binaries() -> (&'static Path, std::path::PathBuf) {
+    let ferryctl = Path::new(env!("CARGO_BIN_EXE_ferryctl"));
+    let ferryd = ferryctl.with_file_name("ferryd");
+    assert!(ferryd.exists(), "{} not built (cargo test --workspace builds it)", ferryd.display());
+    (ferryctl, ferryd)
+}
+
+/// A demo's JSON report, the guest log's section `name` (and its `name-log` when it is not
+/// JSON).
+fn demo_report(log: &str, name: &str) -> serde_json::Value {
+    let text = section(log, name);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} JSON: {e}\n{}\n{log}", section(log, &format!("{name}-log"))))
+}
+
 #[test]
 fn rdma_transfers_and_failures_on_soft_roce() {
     if !common::available() {
@@ -299,9 +314,7 @@ fn rdma_migration_on_soft_roce() {
     if !common::available() {
         return;
     }
-    let ferryctl = Path::new(env!("CARGO_BIN_EXE_ferryctl"));
-    let ferryd = ferryctl.with_file_name("ferryd");
-    assert!(ferryd.exists(), "{} not built (cargo test --workspace builds it)", ferryd.display());
+    let (ferryctl, ferryd) = binaries();
     let dir = tempfile::tempdir().unwrap();
     let script = HELPERS.to_string()
         + r#"
@@ -351,10 +364,7 @@ exit 0
 "#;
     let logs = common::boot(dir.path(), &script, &[ferryctl, &ferryd], false, 480);
     let log = &logs[0];
-    let report = |name: &str| -> serde_json::Value {
-        let text = section(log, name);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} JSON: {e}\n{}\n{log}", section(log, &format!("{name}-log"))))
-    };
+    let report = |name: &str| demo_report(log, name);
     let r = report("rdma");
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["source"]["transport"], "rdma", "{r}");
@@ -466,9 +476,7 @@ fn rdma_postcopy_on_soft_roce() {
     if !common::available() {
         return;
     }
-    let ferryctl = Path::new(env!("CARGO_BIN_EXE_ferryctl"));
-    let ferryd = ferryctl.with_file_name("ferryd");
-    assert!(ferryd.exists(), "{} not built (cargo test --workspace builds it)", ferryd.display());
+    let (ferryctl, ferryd) = binaries();
     let dir = tempfile::tempdir().unwrap();
     let script = HELPERS.to_string()
         + r#"
@@ -492,10 +500,7 @@ exit 0
 "#;
     let logs = common::boot(dir.path(), &script, &[ferryctl, &ferryd], false, 480);
     let log = &logs[0];
-    let report = |name: &str| -> serde_json::Value {
-        let text = section(log, name);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} JSON: {e}\n{}\n{log}", section(log, &format!("{name}-log"))))
-    };
+    let report = |name: &str| demo_report(log, name);
     let r = report("read");
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["source"]["transport"], "rdma", "pre-copy ran over RDMA: {r}");
