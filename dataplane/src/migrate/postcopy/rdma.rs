@@ -8,16 +8,20 @@
 //! ```text
 //!  source                                              destination
 //!    │ registers its guest memory for remote reads
-//!    │ (once per migration, in the background)
+//!    │ (once per migration, from the switch-over on,
+//!    │ in a protection domain of its own)
 //!    │── FAULT_RDMA (QP, each region's addr and rkey) ──►│ a QP, landing slots
 //!    │◄── FAULT_RDMA_OK (its QP) ───────────────────────│ (registered for local writes)
 //!    │ connects its QP, granting remote reads           │
 //!    │── FAULT_RDMA_ON ─────────────────────────────────►│ faults from now on: READs
+//!    │◄── FAULT_READ (the page) ────────────────────────│ each READ posted
+//!    │ the push leaves it out, sends what is near first │
 //! ```
 //!
 //! A READ lands in a slot; a completion thread places the page from it like any other
 //! (the claim bit decides whether it is the first to arrive) and reuses the slot for the
-//! next fault waiting. Where the source cannot register its memory (FAULT_RDMA with no
+//! next fault waiting. FAULT_READ is advice, answered with nothing: the fault's page does
+//! not wait for the source's CPU. Where the source cannot register its memory (FAULT_RDMA with no
 //! regions) or the destination cannot read (FAULT_RDMA_OK not ready), faults stay on the
 //! fault lane, and both sides say why. A READ that fails (the link broke, the QP went to
 //! the error state) fails the attempt like a broken fault lane: the faults it carried are
@@ -242,7 +246,9 @@ impl Reads {
     #[allow(unsafe_code)]
     fn post(&mut self, i: usize, r: u32, page: u64, len: usize) -> Result<(), SessionError> {
         let at = &self.remote[r as usize];
-        let op = SendOp::Read { remote_addr: at.addr.get() + page * PAGE as u64, rkey: at.rkey.get() };
+        // The source's address as it gave it: one that is not its registration's fails the
+        // READ at its NIC (a remote access error), which ends the attempt.
+        let op = SendOp::Read { remote_addr: at.addr.get().wrapping_add(page * PAGE as u64), rkey: at.rkey.get() };
         let slot = self.slots[i].as_ref().expect("a free slot is home");
         let mut batch = std::mem::take(&mut self.batch).recycle();
         batch.push(i as u64, op, &[slot.sge(0, len)], true, false);
