@@ -334,11 +334,6 @@ impl RdmaTx {
             let subruns = &mut self.subruns;
             crate::encode::page_runs(&slot[at..at + len], PAGE, &mut |a, b, zero| subruns.push((at + a, at + b, zero)));
         }
-        // Each page's hash, keyed, as the destination will compute it from what lands
-        // (unless both ends digest everything at the end instead).
-        if let Some(key) = &self.key {
-            hash_sent(key, &self.subruns, &slot, base, region, sent);
-        }
         self.build(round, base);
         for &(a, b, zero) in &self.subruns {
             if zero && round == 0 {
@@ -347,6 +342,7 @@ impl RdmaTx {
         }
         if self.wrs.is_empty() {
             // Nothing to write (zero pages the destination already has): no WR, no credit.
+            self.hash_sent(&slot, base, region, sent);
             self.spare.push(slot);
             self.lanes[0].end.pages += pages;
             self.lanes[0].end.zero_pages += skipped;
@@ -356,6 +352,9 @@ impl RdmaTx {
         let imm = self.windows.id(region, w);
         let bytes = self.wrs.iter().map(|w| w.len).sum();
         self.post(l, &slot, (region, base), imm)?;
+        // Hashed while the NIC gathers the same bytes (both only read the slot, which
+        // nothing writes until the WRs complete): the hashing overlaps the transfer.
+        self.hash_sent(&slot, base, region, sent);
         let lane = &mut self.lanes[l];
         lane.end.imms += 1;
         lane.end.pages += pages;
@@ -363,6 +362,15 @@ impl RdmaTx {
         self.in_flight.push_back((l, lane.posted, slot));
         self.report.write_imms += 1;
         Ok(WindowSent { pages, zero_pages: skipped, bytes, imms: 1 })
+    }
+
+    /// Each page's hash, keyed, as the destination will compute it from what lands (unless
+    /// both ends digest everything at the end instead): from `slot`, holding the window at
+    /// `base`.
+    fn hash_sent(&self, slot: &RegSlot, base: u64, region: u32, sent: &PageHashes) {
+        if let Some(key) = &self.key {
+            hash_sent(key, &self.subruns, slot, base, region, sent);
+        }
     }
 
     /// Turns the window's subruns into WRs (`self.wrs`, `self.parts`): each WR one
