@@ -355,6 +355,14 @@ pub(crate) fn fault_lane(pc: &Placement, layout: &Layout, s: TcpStream, keys: Ke
                     }
                     Kind::Pong => {}
                     Kind::FaultRdma if !offered => {
+                        // Pages read arrive without frames: only a keyed digest checks them.
+                        if !pc.keyed() {
+                            return Err(Violation::Unexpected {
+                                frame: Kind::FaultRdma,
+                                why: "after rounds over TCP (pages read could not be checked)",
+                            }
+                            .into());
+                        }
                         offered = true;
                         let reply = |kind: Kind, payload: &[u8]| {
                             pc.send_on_link(kind, payload);

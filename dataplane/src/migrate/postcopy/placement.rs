@@ -199,6 +199,11 @@ impl Placement {
         self.uffd.check_registered(r.map.addr + page * PAGE as u64).map_err(uffd)
     }
 
+    /// Pages placed are hashed with the session's key (after RDMA rounds).
+    pub(super) fn keyed(&self) -> bool {
+        self.key.is_some()
+    }
+
     pub(super) fn remaining(&self) -> u64 {
         self.remaining.load(Ordering::Acquire)
     }
