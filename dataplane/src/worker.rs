@@ -244,17 +244,28 @@ impl Round {
 /// Each page's hash as sent, from the bytes the frame `h` carries of `bytes` (read from
 /// offset `from` of `region`).
 pub(crate) fn record_sent(sent: &PageHashes, region: u32, from: u64, bytes: &[u8], h: &wire::Header) {
+    record_sent_with(crate::digest::Hashing::Fast, sent, region, (from, bytes), h);
+}
+
+/// [`record_sent`] with the given hashing (post-copy after RDMA rounds keys its pages).
+pub(crate) fn record_sent_with(
+    hashing: crate::digest::Hashing<'_>,
+    sent: &PageHashes,
+    region: u32,
+    (from, bytes): (u64, &[u8]),
+    h: &wire::Header,
+) {
     let page = PAGE as u64;
     let (off, flen) = (h.offset.get(), u64::from(h.raw_len.get()));
     let fp = off / page;
     if h.encoding == wire::Encoding::Zero as u8 {
         for i in 0..flen.div_ceil(page) {
-            sent.set(fp + i, Digest::of_zero_page(region, fp + i, (flen - i * page).min(page) as usize));
+            sent.set(fp + i, Digest::of_zero_page_with(hashing, region, fp + i, (flen - i * page).min(page) as usize));
         }
     } else {
         let rel = (off - from) as usize;
         for (i, pg) in bytes[rel..rel + flen as usize].chunks(PAGE).enumerate() {
-            sent.set(fp + i as u64, Digest::of_page(region, fp + i as u64, pg));
+            sent.set(fp + i as u64, Digest::of_page_with(hashing, region, fp + i as u64, pg));
         }
     }
 }

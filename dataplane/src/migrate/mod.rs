@@ -177,17 +177,17 @@ impl PageHashes {
         Ok(PageHashes { pages: table, totals: (0..SHARDS).map(|_| Shard::default()).collect() })
     }
 
-    /// Within a round only one thread stores a page's hash (its window's, or the lane that
-    /// claimed it); Relaxed is enough because the digest is read after the round's threads
-    /// were joined or reported over a channel. The running XOR takes atomic XORs, which
-    /// commute, so threads setting different pages may share a shard.
+    /// Relaxed is enough because the digest is read after the round's threads were joined
+    /// or reported over a channel. The running XOR takes atomic XORs, which commute, so
+    /// threads setting different pages may share a shard. Nearly always one thread sets a
+    /// page in a round (its window's, or the lane that claimed it), but in post-copy the
+    /// push and a fault's answer may record the same page at once: each half is swapped,
+    /// so every writer XORs out exactly the value it replaced and the running XOR always
+    /// matches what the table holds, however the writers interleave.
     pub(crate) fn set(&self, page: u64, d: Digest) {
         let (lo, hi) = (&self.pages[2 * page as usize], &self.pages[2 * page as usize + 1]);
         let (new_lo, new_hi) = (d.0 as u64, (d.0 >> 64) as u64);
-        // One writer per page per round: a load and a store, not a locked exchange.
-        let (old_lo, old_hi) = (lo.load(Ordering::Relaxed), hi.load(Ordering::Relaxed));
-        lo.store(new_lo, Ordering::Relaxed);
-        hi.store(new_hi, Ordering::Relaxed);
+        let (old_lo, old_hi) = (lo.swap(new_lo, Ordering::Relaxed), hi.swap(new_hi, Ordering::Relaxed));
         let t = &self.totals[(page >> 4) as usize % SHARDS].0;
         t[0].fetch_xor(old_lo ^ new_lo, Ordering::Relaxed);
         t[1].fetch_xor(old_hi ^ new_hi, Ordering::Relaxed);
@@ -393,6 +393,30 @@ mod tests {
             assert_eq!(h.fold(), h.fold_pages(), "round {round}");
         }
         assert_ne!(h.fold(), Digest::default());
+    }
+
+    /// Threads setting the same pages at once (post-copy's push and a fault's answer
+    /// recording one page) leave the running digest equal to the table's fold, whatever
+    /// the interleaving: each writer XORs out exactly what it replaced.
+    #[test]
+    fn writers_of_one_page_at_once_keep_the_digest_whole() {
+        let h = PageHashes::new(256).unwrap();
+        for round in 0..20u64 {
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let h = &h;
+                    s.spawn(move || {
+                        for _ in 0..50 {
+                            for p in 0..256 {
+                                // Two of the four write one value, two another: both kinds race.
+                                h.set(p, Digest::of_page(0, p, &(p + round * 1000 + t % 2).to_le_bytes()));
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(h.fold(), h.fold_pages(), "round {round}");
+        }
     }
 
     #[test]

@@ -659,7 +659,8 @@ impl<'a> Source<'a> {
         // if not, the next attempt's NEEDED names it again, and its push sends it.
         let fetched = Arc::new(crate::worker::AtomicBits::new(dirty.len() as u64 * 64));
         self.hints = Some((hints.clone(), fetched.clone()));
-        let near = super::postcopy::Near { hints: &hints, fetched: &fetched, chunk: self.chunk };
+        let key = self.digest_key.clone();
+        let near = super::postcopy::Near { hints: &hints, fetched: &fetched, chunk: self.chunk, key: key.as_ref() };
         // A fault lane that went silent ends the push too: its control connection is
         // shut, which the round's watch sees. (A lane the destination closed is not that:
         // it does so when the attempt is done, and RESULT follows on the control

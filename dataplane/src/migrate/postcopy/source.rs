@@ -28,6 +28,9 @@ pub(crate) struct Near<'a> {
     /// out (a page it sent before the fault's answer goes twice; placed once).
     pub fetched: &'a crate::worker::AtomicBits,
     pub chunk: usize,
+    /// After RDMA rounds, the key post-copy's pages are hashed with (see `dest::Landed`):
+    /// an answer records its pages' hashes keyed, as the source's final pass does.
+    pub key: Option<&'a crate::digest::DigestKey>,
 }
 
 /// The source's end of an attempt's fault lane: the socket it reads, the sending half
@@ -90,7 +93,8 @@ pub(crate) fn answer_fetches(
             return Err(Violation::OutsideRegion { frame: kind, region: r, first, pages: n, has }.into());
         }
         if answer {
-            answer_pages(region, (r, first, n), &mut pages, (&mut enc, &mut z), w)?;
+            let hashing = near.key.map_or(crate::digest::Hashing::Fast, crate::digest::Hashing::Keyed);
+            answer_pages(region, (r, first, n), (&mut pages, hashing), (&mut enc, &mut z), w)?;
             answered.fetch_add(n, Ordering::Relaxed);
         }
         for p in first..first + n {
@@ -112,7 +116,7 @@ pub(crate) fn answer_fetches(
 fn answer_pages(
     region: &crate::worker::Region,
     (r, first, n): (u32, u64, u64),
-    pages: &mut [u8],
+    (pages, hashing): (&mut [u8], crate::digest::Hashing<'_>),
     (enc, z): (&mut Encoder, &mut Compressor),
     w: &Mutex<LaneWriter>,
 ) -> Result<(), SessionError> {
@@ -122,7 +126,7 @@ fn answer_pages(
     let mut lw = w.lock().unwrap_or_else(|p| p.into_inner());
     let LaneWriter { s: ws, tx } = &mut *lw;
     enc.encode(z, r, off, PAGE, bytes, &mut |h, payload| {
-        crate::worker::record_sent(&region.sent, r, off, bytes, &h);
+        crate::worker::record_sent_with(hashing, &region.sent, r, (off, bytes), &h);
         write_sealed(ws, tx, &h, payload)
     })
     .map_err(|e| SessionError::io("answering a fault", e))
