@@ -598,10 +598,11 @@ impl<'a> Source<'a> {
         Ok(self.report(switch, digest))
     }
 
-    /// One post-copy attempt: a new control connection that RESUMEs this session, NEEDED
-    /// from the destination, new lanes and a fault lane; the pages needed pushed as one
-    /// round while the fault lane answers FETCHes; then DONE and RESULT.
-    fn postcopy_attempt(&mut self, reached: &mut bool) -> Result<Digest, SessionError> {
+    /// An attempt's start: a new control connection that RESUMEs this session, and the
+    /// pages the destination still needs (NEEDED) as a dirty bitmap; and, after RDMA rounds
+    /// when the destination agreed, the plan's RDMA port for the READ path. `reached`: the
+    /// destination answered.
+    fn resume(&mut self, reached: &mut bool) -> Result<(Ctl, Vec<u64>, Option<&'a crate::plan::RdmaPlan>), SessionError> {
         // A link still down answers nothing: until the destination has said what it needs,
         // each step waits a few silences at most (not the idle timeout, nor the kernel's
         // connect retries), so the next attempt comes soon and `recover_s` holds.
@@ -629,6 +630,14 @@ impl<'a> Source<'a> {
             self.postcopy.attempts,
             needed.iter().map(|r| u64::from(r.pages.get())).sum::<u64>()
         );
+        Ok((ctl, dirty, rp))
+    }
+
+    /// One post-copy attempt: a new control connection that RESUMEs this session, NEEDED
+    /// from the destination, new lanes and a fault lane; the pages needed pushed as one
+    /// round while the fault lane answers FETCHes; then DONE and RESULT.
+    fn postcopy_attempt(&mut self, reached: &mut bool) -> Result<Digest, SessionError> {
+        let (mut ctl, dirty, rp) = self.resume(reached)?;
         let plan = self.opts.plan;
         let n_workers = self.pool.workers();
         let per_worker = plan.tcp.connections_per_worker as usize;
