@@ -509,12 +509,18 @@ fn postcopy(run: Run<'_>, out: MigrateOut, vmm: DestinationVmm, progress: &mut d
         "switched over to post-copy: the guest runs at the destination {downtime_ms:.1} ms after it paused (ferry {:.1} ms)",
         switching.switch_ms
     ));
-    let source = switching.wait()?;
+    // The guest runs at the destination now: its outcome is the migration's. A source that
+    // failed is waited for there (up to recover_s), and the destination says how it ended.
+    let source = switching.wait();
+    if let Err(e) = &source {
+        progress(format!("the source failed ({e}); the destination, which runs the guest, waits for it to come back"));
+    }
     let (dest, done) = waiter.join().expect("waiter thread panicked");
     let destination = match dest? {
         Arrived::Postcopy(r) => r,
         Arrived::Memory(..) => return Err(DemoFailure::Unexpected("the destination took the memory as pre-copy").into()),
     };
+    let source = source?;
     let total = done.duration_since(run.t0).as_secs_f64();
     let (dest_map, seen) = workload.stop();
     let cpu = run.src.cpu_seconds() + run.dst.cpu_seconds() - run.cpu0;

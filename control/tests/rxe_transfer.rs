@@ -496,6 +496,19 @@ postcopy read "--prealloc"
 postcopy lane ""
 export FERRY_TEST_RDMA_READ_ERROR_AFTER=40
 postcopy read-error "--prealloc"
+unset FERRY_TEST_RDMA_READ_ERROR_AFTER
+
+# The source ferryd killed once faults are read with RDMA READs: the destination waits
+# recover_s (3 s here) for it to come back, then fails clearly.
+printf '[migration]\nrecover_s = 3\n' > /tmp/recover.toml
+$F demo --size-mib 32 --dirty-rate-mbs 3000 --pattern uniform --transport rdma --postcopy --switch-after-rounds 2 --prealloc --config /tmp/recover.toml > /dev/null 2> /tmp/sk.log &
+D=$!
+i=0
+while ! grep -q "reads faulting pages with RDMA READs" /tmp/ferry-demo-*/source.log 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done
+for p in /proc/[0-9]*; do grep -q source.sock $p/cmdline 2>/dev/null && kill -9 ${p#/proc/}; done
+wait $D
+echo "rc=$?" >> /tmp/sk.log
+section source-killed /tmp/sk.log
 exit 0
 "#;
     let logs = common::boot(dir.path(), &script, &[ferryctl, &ferryd], false, 480);
@@ -522,6 +535,11 @@ exit 0
     let ep = &e["postcopy"];
     assert!(ep["attempts"].as_u64().unwrap() >= 2, "the failed READ ended an attempt: {ep}");
     assert_eq!(ep["fault_path"], "rdma_read", "{ep}");
+
+    let sk = section(log, "source-killed");
+    println!("the source ferryd killed while faults are read with RDMA READs:\n{sk}");
+    assert!(!sk.contains("rc=0"), "the migration must fail:\n{sk}");
+    assert!(sk.contains("source did not come back") && sk.contains("cannot complete"), "unclear message:\n{sk}");
 
     let lat = section(log, "read_lat");
     let line = lat.lines().rfind(|l| l.trim_start().starts_with("4096")).unwrap_or_else(|| panic!("no ib_read_lat result:\n{lat}"));
