@@ -198,7 +198,12 @@ impl Offer<'_> {
         let (_, ep) = wire::parse_list::<wire::FaultRdmaOk, wire::RdmaEndpoint>(Kind::FaultRdmaOk, payload, 1)?;
         let dev = crate::transport::rdma::device(self.rp)?;
         let mtu = check_mtu(head.mtu.get().min(dev.mtu))?;
-        qp.connect(&dev.path(mtu), *p, &remote(&ep[0]), Grant::RemoteRead)?;
+        if let Err(e) = qp.connect(&dev.path(mtu), *p, &remote(&ep[0]), Grant::RemoteRead) {
+            // The destination hears no FAULT_RDMA_ON and goes on asking on the fault lane.
+            log::warn!("post-copy: faults stay on the fault lane: the READ QP did not connect: {e}");
+            *slot = None;
+            return Ok(());
+        }
         drop(slot);
         log::info!("post-copy: the destination reads faulting pages with RDMA READs on {} (MTU {mtu})", dev.name);
         LaneWriter::send(w, Kind::FaultRdmaOn, &[])
