@@ -16,8 +16,9 @@ use hw::uffd::{Fault, Resolved, UffdError, Userfault};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zerocopy::IntoBytes;
 
+use super::rdma::LaneWriter;
 use super::{Mapping, PostcopyReport};
-use crate::conn::{Cancel, SessionError, Violation, write_frame};
+use crate::conn::{Cancel, SessionError, Violation};
 use crate::digest::{Digest, Hashing};
 use crate::encode::Decoder;
 use crate::engine::PAGE;
@@ -51,12 +52,6 @@ pub(super) struct Region {
 /// What a zero page is placed from.
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
-/// The fault lane's sending half in the current attempt.
-struct Link {
-    s: TcpStream,
-    tx: Seal,
-}
-
 /// The destination's post-copy state: which pages are still stale, which were placed, the
 /// VMM's userfaultfd, and the faults waiting for the source.
 pub(crate) struct Placement {
@@ -69,13 +64,15 @@ pub(crate) struct Placement {
     pub(super) stale_pages: u64,
     /// Stale pages a guest thread waits for, and since when.
     pending: Mutex<HashMap<(u32, u64), Instant>>,
-    link: Mutex<Option<Link>>,
+    /// The fault lane's sending half in the current attempt.
+    link: Mutex<Option<LaneWriter>>,
     /// After RDMA rounds, once the source's QP is ready: faults are read with RDMA READs
     /// (see [`super::rdma`]) instead of fetched on the fault lane.
     reads: Mutex<Option<super::rdma::Reads>>,
-    /// Pages RDMA READs brought (placed, or already placed by the push), and the device.
+    /// Pages RDMA READs brought (placed, or already placed by the push), and whether an
+    /// attempt read any with them.
     read_pages: AtomicU64,
-    read_device: Mutex<Option<String>>,
+    reads_opened: AtomicBool,
     faults: AtomicU64,
     remote_faults: AtomicU64,
     by_fault: AtomicU64,
@@ -153,7 +150,7 @@ impl Placement {
             link: Mutex::new(None),
             reads: Mutex::new(None),
             read_pages: AtomicU64::new(0),
-            read_device: Mutex::new(None),
+            reads_opened: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             remote_faults: AtomicU64::new(0),
             by_fault: AtomicU64::new(0),
@@ -411,7 +408,7 @@ impl Placement {
             self.switched.elapsed(),
             self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
         );
-        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(Link { s, tx });
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(LaneWriter { s, tx });
         let waiting: Vec<(u32, u64)> = self.pending.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         for (r, page) in waiting {
             self.fetch(r, page);
@@ -422,7 +419,7 @@ impl Placement {
     pub(super) fn send_on_link(&self, kind: Kind, payload: &[u8]) -> bool {
         let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
         let Some(l) = link.as_mut() else { return false };
-        if write_frame(&mut l.s, &mut l.tx, kind, payload).is_ok() {
+        if l.frame(kind, payload).is_ok() {
             return true;
         }
         *link = None;
@@ -431,7 +428,7 @@ impl Placement {
 
     /// The READ path is up: faults from now on are read with RDMA READs.
     pub(super) fn open_reads(&self, reads: super::rdma::Reads) {
-        *self.read_device.lock().unwrap_or_else(|p| p.into_inner()) = Some(reads.device.clone());
+        self.reads_opened.store(true, Ordering::Relaxed);
         *self.reads.lock().unwrap_or_else(|p| p.into_inner()) = Some(reads);
     }
 
@@ -502,11 +499,7 @@ impl Placement {
             remote_faults: self.remote_faults.load(Ordering::Relaxed),
             pages_by_fault: self.by_fault.load(Ordering::Relaxed),
             pages_by_push: self.by_push.load(Ordering::Relaxed),
-            fault_path: match &*self.read_device.lock().unwrap_or_else(|p| p.into_inner()) {
-                Some(_) => "rdma_read",
-                None => "fault_lane",
-            }
-            .into(),
+            fault_path: if self.reads_opened.load(Ordering::Relaxed) { "rdma_read" } else { "fault_lane" }.into(),
             rdma_read_pages: self.read_pages.load(Ordering::Relaxed),
             fault_latency_us_p50: q(0.5),
             fault_latency_us_p99: q(0.99),

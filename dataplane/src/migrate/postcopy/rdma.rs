@@ -52,17 +52,22 @@ use crate::wire::{self, Kind};
 /// READs a destination keeps in flight (each lands in a slot of one page).
 const SLOTS: usize = 64;
 
-/// The fault lane's sending half, shared by the source's answers and its READ offer.
+/// A fault lane's sending half: at the source, shared by its answers and its READ offer;
+/// at the destination, the placement's link.
 pub(crate) struct LaneWriter {
     pub s: std::net::TcpStream,
     pub tx: Seal,
 }
 
 impl LaneWriter {
+    /// One frame on the lane.
+    pub(crate) fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
+        write_frame(&mut self.s, &mut self.tx, kind, payload)
+    }
+
+    /// One frame on a lane shared between threads.
     pub(crate) fn send(w: &Mutex<LaneWriter>, kind: Kind, payload: &[u8]) -> Result<(), SessionError> {
-        let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-        let LaneWriter { s, tx } = &mut *w;
-        write_frame(s, tx, kind, payload)
+        w.lock().unwrap_or_else(|p| p.into_inner()).frame(kind, payload)
     }
 }
 
