@@ -153,8 +153,8 @@ pub fn recv(listen: &str, out: &Path, auth: Auth, plan: &Plan, show_progress: bo
     let listener = TcpListener::bind(listen).map_err(|e| CtlError::io(format!("cannot listen on {listen}"), e))?;
     log::info!("listening on {}", listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string()));
     // The size is known once the sender describes the session.
-    let (progress, total) = (AtomicU64::new(0), AtomicU64::new(0));
-    let opts = RecvOptions { auth, plan, progress: Some(&progress), total: Some(&total), timeout };
+    let (progress, total) = (std::sync::Arc::new(AtomicU64::new(0)), AtomicU64::new(0));
+    let opts = RecvOptions { auth, plan, progress: Some(progress.clone()), total: Some(&total), timeout, pool: None };
     Ok(with_progress(&total, show_progress, &progress, || recv_file(&listener, out, &opts))?)
 }
 

@@ -298,6 +298,9 @@ impl Ctl {
     }
 }
 
+/// A frame as read: its header, kind and verified payload.
+pub type Frame<'a> = (Header, Kind, &'a [u8]);
+
 /// Reads frames from a stream through one large buffer: a `read` syscall fetches as many
 /// frames as the socket holds, and each payload is handed out in place (no copy) until
 /// the next call. Every frame's CRC and tag are checked before it is handed out.
@@ -325,8 +328,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
         FrameReader { buf, start: 0, end: 0, max_payload, rx }
     }
 
-    /// Makes `need` bytes from `start` available, reading more as needed.
-    fn fill(&mut self, r: &mut impl Read, need: usize, op: &str) -> Result<(), SessionError> {
+    /// Makes `need` bytes from `start` available, reading more as needed. `false` when
+    /// `nonblocking` and the reader has no more now (what it read is kept).
+    fn fill(&mut self, r: &mut impl Read, need: usize, op: &str, nonblocking: bool) -> Result<bool, SessionError> {
         let buf = self.buf.as_mut();
         if self.start + need > buf.len() {
             buf.copy_within(self.start..self.end, 0);
@@ -338,15 +342,28 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
                 Ok(0) => return Err(SessionError::io(op, io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if nonblocking && e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(SessionError::io(op, e)),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The next frame: its header, kind and verified payload.
     pub fn next(&mut self, r: &mut impl Read, op: &str) -> Result<(Header, Kind, &[u8]), SessionError> {
-        self.fill(r, HEADER_LEN, op)?;
+        Ok(self.read_frame(r, op, false)?.expect("a blocking read waits for the whole frame"))
+    }
+
+    /// The next frame if the whole of it is there now: `r` is a nonblocking reader, and a
+    /// frame that has not all arrived is kept for the next call.
+    pub fn try_next(&mut self, r: &mut impl Read, op: &str) -> Result<Option<Frame<'_>>, SessionError> {
+        self.read_frame(r, op, true)
+    }
+
+    fn read_frame(&mut self, r: &mut impl Read, op: &str, nonblocking: bool) -> Result<Option<Frame<'_>>, SessionError> {
+        if !self.fill(r, HEADER_LEN, op, nonblocking)? {
+            return Ok(None);
+        }
         let h = Header::read_from_bytes(&self.buf.as_ref()[self.start..self.start + HEADER_LEN]).expect("HEADER_LEN bytes make a header");
         let kind = h.check()?;
         if h.length.get() > self.max_payload {
@@ -354,7 +371,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
         }
         let len = h.length.get() as usize;
         let need = HEADER_LEN + len + TAG_LEN;
-        self.fill(r, need, op)?;
+        if !self.fill(r, need, op, nonblocking)? {
+            return Ok(None);
+        }
         let at = self.start;
         self.start += need;
         if self.start == self.end {
@@ -365,7 +384,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameReader<B> {
         let (payload, tag) = frame[HEADER_LEN..].split_at(len);
         h.verify(payload)?;
         self.rx.verify(&h, [payload], tag)?;
-        Ok((h, kind, payload))
+        Ok(Some((h, kind, payload)))
+    }
+
+    /// The buffer, for another reader.
+    pub fn into_buffer(self) -> B {
+        self.buf
     }
 }
 

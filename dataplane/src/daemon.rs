@@ -625,13 +625,14 @@ impl Daemon {
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| listen.to_string());
         say(Event::Listening { addr: Some(addr), endpoints: Vec::new() }.to_value());
         let active = self.metrics.begin(Role::Recv);
-        let (done, total) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (done, total) = (std::sync::Arc::new(AtomicU64::new(0)), AtomicU64::new(0));
         let opts = RecvOptions {
             auth: self.auth.clone(),
             plan: &self.plan,
-            progress: Some(&done),
+            progress: Some(done.clone()),
             total: Some(&total),
             timeout: timeout_s.map(std::time::Duration::from_secs),
+            pool: Some(&self.pool),
         };
         let run = || recv_file(&listener, out, &opts).map_err(Failed::from);
         let r = progress_events(progress.then_some(say), &done, &total, None, run);
@@ -689,6 +690,7 @@ impl Daemon {
             plan: &self.plan,
             vmm: watch.as_ref().ok().map(|w| w.as_fd()),
             recover: Some(std::time::Duration::from_secs(recover_s.unwrap_or(self.plan.migration.recover_s))),
+            pool: Some(&self.pool),
         };
         let r = crate::migrate::dest::accept(&listener, &opts, DestConn(conn)).map_err(Failed::from);
         self.metrics.end_migration(Role::MigrateIn, r.as_ref().map(|i| &i.report));

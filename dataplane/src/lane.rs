@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use hw::memmap::Arena;
@@ -179,18 +179,22 @@ struct RingFrames {
 }
 
 impl RingFrames {
-    fn fill(&mut self, need: usize, op: &str) -> Result<(), SessionError> {
+    /// Makes `need` unparsed bytes available; `false` when `nonblocking` and the kernel
+    /// has no more now.
+    fn fill(&mut self, need: usize, op: &str, nonblocking: bool) -> Result<bool, SessionError> {
         while self.avail < need {
-            match self.ring.next(self.timeout) {
+            let next = if nonblocking { self.ring.next_now() } else { self.ring.next(self.timeout) };
+            match next {
                 Ok(Some(p)) => {
                     self.avail += p.len() as usize;
                     self.pieces.push_back(p);
                 }
                 Ok(None) => return Err(SessionError::io(op, io::ErrorKind::UnexpectedEof.into())),
+                Err(e) if nonblocking && e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(SessionError::io(op, e)),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// `N` unparsed bytes starting `at` bytes in, copied out.
@@ -247,25 +251,31 @@ impl RingFrames {
         }
     }
 
-    fn next(&mut self, op: &str) -> Result<(Header, Kind, Payload<'_>), SessionError> {
+    /// The next frame; `None` when `nonblocking` and it has not all arrived (what did is
+    /// kept for the next call).
+    fn next(&mut self, op: &str, nonblocking: bool) -> Result<Option<(Header, Kind, Payload<'_>)>, SessionError> {
         self.parts.clear();
         for b in self.release.drain(..) {
             self.ring.give_back(b);
         }
-        self.fill(HEADER_LEN, op)?;
+        if !self.fill(HEADER_LEN, op, nonblocking)? {
+            return Ok(None);
+        }
         let h = Header::read_from_bytes(&self.peek::<HEADER_LEN>(0)).expect("HEADER_LEN bytes make a header");
         let kind = h.check()?;
         if h.length.get() > self.max_payload {
             return Err(FrameError::Oversized { len: h.length.get(), max: self.max_payload }.into());
         }
         let len = h.length.get() as usize;
-        self.fill(HEADER_LEN + len + TAG_LEN, op)?;
+        if !self.fill(HEADER_LEN + len + TAG_LEN, op, nonblocking)? {
+            return Ok(None);
+        }
         let tag = self.peek::<TAG_LEN>(HEADER_LEN + len);
         self.take(len);
         let payload = Payload::Ring { ring: &self.ring, parts: &self.parts, len };
         h.verify_parts(payload.parts())?;
         self.rx.verify(&h, payload.parts(), &tag)?;
-        Ok((h, kind, payload))
+        Ok(Some((h, kind, payload)))
     }
 }
 
@@ -295,7 +305,7 @@ impl LaneReader {
     }
 
     /// A reader through `arena`, which holds four frames of `max_payload` at least.
-    fn over(arena: Arena, uring: bool, s: &TcpStream, max_payload: u32, rx: Seal) -> LaneReader {
+    pub(crate) fn over(arena: Arena, uring: bool, s: &TcpStream, max_payload: u32, rx: Seal) -> LaneReader {
         if !uring {
             return LaneReader { inner: Inner::Plain(FrameReader::with_buffer(arena, max_payload, rx)) };
         }
@@ -340,7 +350,35 @@ impl LaneReader {
         };
         match &mut self.inner {
             Inner::Plain(r) => r.next(s, op).map(|(h, k, p)| (h, k, Payload::One(p))).map_err(named),
-            Inner::Ring(r) => r.next(op).map_err(named),
+            Inner::Ring(r) => r.next(op, false).map(|f| f.expect("a blocking read waits for the whole frame")).map_err(named),
+        }
+    }
+
+    /// The next frame if all of it has arrived: the reader never waits. `s` is the stream
+    /// the reader was made for, nonblocking unless io_uring receives it (the ring reads a
+    /// nonblocking socket's bytes as errors).
+    pub fn try_next(&mut self, s: &mut TcpStream, op: &str) -> Result<Option<(Header, Kind, Payload<'_>)>, SessionError> {
+        match &mut self.inner {
+            Inner::Plain(r) => Ok(r.try_next(s, op)?.map(|(h, k, p)| (h, k, Payload::One(p)))),
+            Inner::Ring(r) => r.next(op, true),
+        }
+    }
+
+    /// What a reader that never waits ([`LaneReader::try_next`]) waits on instead, beside
+    /// `s`: the ring, with io_uring.
+    pub fn ring_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.inner {
+            Inner::Plain(_) => None,
+            Inner::Ring(r) => Some(r.ring.poll_fds()[1]),
+        }
+    }
+
+    /// The reader's memory, for the next lane; `None` when io_uring could not confirm the
+    /// end of its receive (the memory is leaked then).
+    pub fn into_arena(self) -> Option<Arena> {
+        match self.inner {
+            Inner::Plain(r) => Some(r.into_buffer()),
+            Inner::Ring(r) => r.ring.into_memory(),
         }
     }
 }

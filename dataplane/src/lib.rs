@@ -42,6 +42,8 @@ pub mod pool;
 pub mod protocol;
 /// The session layer: limits on what a peer may cost, authenticated accept.
 pub mod session;
+/// The receiving loop of every TCP session, on the pool's receiving threads.
+pub mod sink;
 /// Stream mode: an unmodified VMM's migration stream carried between two proxies.
 pub mod stream;
 /// Where a sending worker's chunks go: its lanes on sockets or io_uring.

@@ -100,10 +100,17 @@ struct Member {
     thread: Option<JoinHandle<()>>,
 }
 
+/// One receiving thread's mailbox and handle.
+struct Receiver {
+    inbox: Arc<crate::sink::LaneInbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
 /// The worker threads. Dropping the pool lets each finish the rounds it holds and joins
-/// it.
+/// it; the receiving threads end the lanes they hold as stopped.
 pub struct Pool {
     members: Vec<Member>,
+    receivers: Vec<Receiver>,
     chunk: usize,
     chunks_per_worker: usize,
     /// What mapping the arenas said (a hugepage fallback: `true`), told to every session.
@@ -117,19 +124,58 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A worker thread per CPU of the plan, each with an arena as the plan describes it
-    /// (at least the chunks its lanes can hold in flight). Fails if an arena cannot be
-    /// had (memlock too low, say): nothing is left running.
+    /// A sending thread per CPU of the plan, each with an arena as the plan describes it
+    /// (at least the chunks its lanes can hold in flight), and a receiving thread per CPU
+    /// beside it. Fails if an arena cannot be had (memlock too low, say): nothing is left
+    /// running.
     pub fn new(plan: &Plan) -> Result<Pool, SessionError> {
+        let mut pool = Pool::for_receiving(plan)?;
+        pool.start_senders(plan)?;
+        Ok(pool)
+    }
+
+    /// Only the receiving threads, one per CPU of the plan: for a receiver run without
+    /// ferryd (an embedded `ferryctl recv`), which sends nothing.
+    ///
+    /// Receiving has threads of its own rather than turns on the sending ones: a sending
+    /// step may wait on a full socket, and must never hold up a lane this process
+    /// receives (a ferryd migrating to itself would wait on itself).
+    pub fn for_receiving(plan: &Plan) -> Result<Pool, SessionError> {
         if plan.worker_cpus.is_empty() {
             return Err(Refusal::NoWorkers.into());
         }
+        let mut pool = Pool {
+            members: Vec::new(),
+            receivers: Vec::new(),
+            chunk: plan.chunk_size_bytes as usize,
+            chunks_per_worker: 0,
+            notes: Vec::new(),
+        };
+        for (i, &cpu) in plan.worker_cpus.iter().enumerate() {
+            let inbox =
+                Arc::new(crate::sink::LaneInbox::new().map_err(|e| SessionError::io("making a receiving thread's wake-up counter", e))?);
+            let epoll = crate::sink::watch_inbox(&inbox).map_err(|e| SessionError::io("making a receiving thread's epoll set", e))?;
+            let inbox2 = inbox.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ferry-r{i}"))
+                .spawn(move || {
+                    crate::engine::pin(cpu);
+                    crate::sink::serve(&inbox2, epoll);
+                })
+                .map_err(|e| SessionError::io("starting a receiving thread", e))?;
+            pool.receivers.push(Receiver { inbox, thread: Some(thread) });
+        }
+        Ok(pool)
+    }
+
+    /// The sending threads, each with its arena.
+    fn start_senders(&mut self, plan: &Plan) -> Result<(), SessionError> {
         let chunk = plan.chunk_size_bytes as usize;
         // Per worker, at least what its lanes can hold in flight with zero-copy sends; a
         // chunk is two slots (the window as read, its compressed payloads).
         let lanes = plan.tcp.connections_per_worker.max(1) as usize;
         let min_bytes = 2 * chunk * crate::transport::Tx::chunks_for(lanes, true);
-        let mut members = Vec::with_capacity(plan.worker_cpus.len());
+        let members = &mut self.members;
         let mut notes = Vec::new();
         let mut chunks_per_worker = usize::MAX;
         for (i, &cpu) in plan.worker_cpus.iter().enumerate() {
@@ -174,12 +220,10 @@ impl Pool {
                 }
                 Ok(Err(e)) => {
                     stop(&mut m);
-                    members.iter_mut().for_each(stop);
                     return Err(e);
                 }
                 Err(_) => {
                     stop(&mut m);
-                    members.iter_mut().for_each(stop);
                     return Err(Bug::WorkerEnded(i).into());
                 }
             }
@@ -191,7 +235,8 @@ impl Pool {
             chunks_per_worker,
             chunk >> 10
         );
-        Ok(Pool { members, chunk, chunks_per_worker, notes })
+        (self.chunks_per_worker, self.notes) = (chunks_per_worker, notes);
+        Ok(())
     }
 
     /// The CPUs the worker threads are pinned to, in worker order.
@@ -236,6 +281,31 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Hands a lane to a receiving thread (lane `n` to thread `n` modulo their number);
+    /// gives it back if that thread already holds [`crate::sink::LANES_PER_THREAD`].
+    pub(crate) fn submit_lane(&self, run: crate::sink::LaneRun) -> Result<(), Box<(crate::sink::LaneRun, SessionError)>> {
+        let i = usize::from(run.lane()) % self.receivers.len().max(1);
+        let Some(r) = self.receivers.get(i) else {
+            return Err(Box::new((run, Refusal::NoWorkers.into())));
+        };
+        r.inbox.lanes.push(run).map_err(|run| {
+            let e = Refusal::ReceiverBusy { thread: i, lanes: crate::sink::LANES_PER_THREAD }.into();
+            Box::new((run, e))
+        })?;
+        r.inbox.ring();
+        Ok(())
+    }
+}
+
+fn stop_receiver(r: &mut Receiver) {
+    r.inbox.stop.store(true, Ordering::Release);
+    r.inbox.ring();
+    if let Some(t) = r.thread.take() {
+        let _ = t.join();
+    }
+}
+
 fn stop(m: &mut Member) {
     m.inbox.stop.store(true, Ordering::Release);
     if let Some(t) = m.thread.take() {
@@ -247,6 +317,7 @@ fn stop(m: &mut Member) {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.members.iter_mut().for_each(stop);
+        self.receivers.iter_mut().for_each(stop_receiver);
     }
 }
 
@@ -322,7 +393,7 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
     use std::os::unix::fs::FileExt;
@@ -339,7 +410,8 @@ mod tests {
 
     const CHUNK: usize = 64 << 10;
 
-    fn plan() -> Plan {
+    /// A plan of one worker CPU on loopback, sockets, 64 KiB chunks.
+    pub(crate) fn plan() -> Plan {
         Plan {
             schema_version: PLAN_SCHEMA_VERSION,
             host: "test".into(),

@@ -277,7 +277,11 @@ fn serves_transfers_status_and_metrics() {
     let back = dir.path().join("back");
     let got = std::thread::scope(|s| {
         let r = s.spawn(|| {
-            recv_file(&listener, &back, &RecvOptions { auth: auth.clone(), plan: &p, progress: None, total: None, timeout: None })
+            recv_file(
+                &listener,
+                &back,
+                &RecvOptions { auth: auth.clone(), plan: &p, progress: None, total: None, timeout: None, pool: None },
+            )
         });
         let reply = ask(&serde_json::json!({"cmd": "send", "to": addr, "file": src, "compress": "zstd:1"}).to_string());
         assert_eq!(reply[0]["ok"], true, "{reply:?}");

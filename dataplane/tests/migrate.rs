@@ -62,7 +62,12 @@ fn opts<'a>(to: String, plan: &'a Plan) -> SourceOptions<'a> {
 fn destination(plan: Plan) -> (String, std::thread::JoinHandle<Result<Incoming, SessionError>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    (addr, std::thread::spawn(move || accept(&l, &DestOptions { auth: key(), plan: &plan, vmm: None, recover: None }, |_: &_| Ok(()))))
+    (
+        addr,
+        std::thread::spawn(move || {
+            accept(&l, &DestOptions { auth: key(), plan: &plan, vmm: None, recover: None, pool: None }, |_: &_| Ok(()))
+        }),
+    )
 }
 
 #[test]
@@ -244,7 +249,7 @@ fn a_one_shot_receiver_is_not_a_migration_destination() {
         dataplane::engine::recv::recv_file(
             &l,
             &out,
-            &dataplane::engine::recv::RecvOptions { auth: key(), plan: &p2, progress: None, total: None, timeout: None },
+            &dataplane::engine::recv::RecvOptions { auth: key(), plan: &p2, progress: None, total: None, timeout: None, pool: None },
         )
     });
     let mem = guest(16, 0);

@@ -68,7 +68,9 @@ fn round_trip(data: &[u8], p: &Plan) -> (dataplane::engine::Report, dataplane::e
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (sent, got) = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None, total: None, timeout: None }));
+        let r = s.spawn(|| {
+            recv_file(&listener, &out, &RecvOptions { auth: key(), plan: p, progress: None, total: None, timeout: None, pool: None })
+        });
         let sent =
             send_file(&src, &SendOptions { to: addr.clone(), auth: key(), plan: p, progress: None, require_rdma: false, pool: None });
         (sent, r.join().unwrap())
@@ -171,7 +173,8 @@ fn wrong_key_moves_nothing_and_the_receiver_keeps_listening() {
     let p = plan(1, 1, Compression::Off, 64 << 10);
     let timeout = Some(std::time::Duration::from_secs(20));
     let (wrong, right, got) = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout }));
+        let r = s
+            .spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout, pool: None }));
         let send =
             |auth| send_file(&src, &SendOptions { to: addr.clone(), auth, plan: &p, progress: None, require_rdma: false, pool: None });
         let wrong = send(common::key(1));
@@ -198,7 +201,9 @@ fn strangers_during_lane_setup_take_no_lane() {
     let p = plan(2, 2, Compression::Off, 64 << 10);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (sent, got) = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout: None }));
+        let r = s.spawn(|| {
+            recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout: None, pool: None })
+        });
         s.spawn(|| {
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -239,7 +244,8 @@ fn a_receiver_gives_up_at_its_deadline() {
     let p = plan(1, 1, Compression::Off, 64 << 10);
     let _probe = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let timeout = Some(std::time::Duration::from_secs(1));
-    let e = recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout }).unwrap_err();
+    let e =
+        recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout, pool: None }).unwrap_err();
     assert!(e.to_string().contains("timed out after 1 s"), "{e}");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing was created");
 }
@@ -260,7 +266,9 @@ fn hostile(
     let mut p = plan(1, 1, Compression::Off, 64 << 10);
     p.tcp.io_uring = uring;
     let got = std::thread::scope(|s| {
-        let r = s.spawn(|| recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout: None }));
+        let r = s.spawn(|| {
+            recv_file(&listener, &out, &RecvOptions { auth: key(), plan: &p, progress: None, total: None, timeout: None, pool: None })
+        });
         let mut ctl = TcpStream::connect(addr).unwrap();
         let (_, mut keys) = client_handshake(&mut ctl, &key(), CONTROL_LANE, 0, 0).unwrap();
         let layout = Layout { page_size: 4096, max_chunk: 64 << 10, regions: vec![size] };

@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
@@ -279,6 +279,61 @@ impl RecvRing {
         }
     }
 
+    /// The next piece of the stream if the kernel has one now (its pending receive work
+    /// runs first); an error of kind `WouldBlock` if not. For a reader that waits on
+    /// [`RecvRing::poll_fds`] with epoll instead of in the ring.
+    pub fn next_now(&mut self) -> io::Result<Option<Piece>> {
+        match self.next(Duration::ZERO) {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::ErrorKind::WouldBlock.into()),
+            r => r,
+        }
+    }
+
+    /// What to wait on for [`RecvRing::next_now`] to have more: the socket (readable while
+    /// its bytes wait for the ring's deferred receive work) and the ring (readable once
+    /// completions are queued).
+    pub fn poll_fds(&self) -> [BorrowedFd<'_>; 2] {
+        // SAFETY: the ring's descriptor stays open as long as `self.ring`, which the
+        // returned borrow cannot outlive.
+        let ring = unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) };
+        [self.fd.as_fd(), ring]
+    }
+
+    /// Ends the receive and gives the memory back for another ring; `None` when the
+    /// kernel did not confirm the end of the receive (the memory is leaked then, as on
+    /// drop: the kernel might still write into it).
+    pub fn into_memory(mut self) -> Option<Arena> {
+        self.end_receive();
+        self.mem.take()
+    }
+
+    /// Cancels the receive and waits for its last completion; leaks the memory if that
+    /// does not come.
+    fn end_receive(&mut self) {
+        // The receive must be over before the lent memory may be reused: cancel it and
+        // wait for its last completion (one without IORING_CQE_F_MORE).
+        if self.armed && !self.cancelled {
+            let sqe = opcode::AsyncCancel::new(RECV).build().user_data(CANCEL);
+            // SAFETY: a cancel references no memory.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                self.cancelled = true;
+            }
+        }
+        let mut tries = 0;
+        while self.armed && tries < 100 {
+            tries += 1;
+            let ts = types::Timespec::from(Duration::from_millis(50));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            self.harvest();
+        }
+        if self.armed {
+            // The kernel might still write into the buffers: leak them rather than free.
+            log::warn!("io_uring receive on fd {} did not confirm its cancellation: its buffers are leaked", self.fd.as_raw_fd());
+            std::mem::forget(self.mem.take());
+        }
+    }
+
     /// Takes every completion off the queue (no allocation: pieces go to `ready`, which
     /// keeps its capacity).
     fn harvest(&mut self) {
@@ -314,28 +369,7 @@ impl RecvRing {
 
 impl Drop for RecvRing {
     fn drop(&mut self) {
-        // The receive must be over before the lent memory may be reused: cancel it and
-        // wait for its last completion (one without IORING_CQE_F_MORE).
-        if self.armed && !self.cancelled {
-            let sqe = opcode::AsyncCancel::new(RECV).build().user_data(CANCEL);
-            // SAFETY: a cancel references no memory.
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                self.cancelled = true;
-            }
-        }
-        let mut tries = 0;
-        while self.armed && tries < 100 {
-            tries += 1;
-            let ts = types::Timespec::from(Duration::from_millis(50));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            self.harvest();
-        }
-        if self.armed {
-            // The kernel might still write into the buffers: leak them rather than free.
-            log::warn!("io_uring receive on fd {} did not confirm its cancellation: its buffers are leaked", self.fd.as_raw_fd());
-            std::mem::forget(self.mem.take());
-        }
+        self.end_receive();
         let _ = self.ring.submitter().unregister_buf_ring(BGID);
     }
 }

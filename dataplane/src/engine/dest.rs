@@ -19,17 +19,20 @@ pub enum DestError {
 }
 
 #[derive(Debug)]
-pub struct Dest<'f> {
-    file: &'f File,
+pub struct Dest {
+    /// The receiver's own handle on the file: a session's lanes share the `Dest` across
+    /// the pool's receiving threads, which outlive no session but borrow from none.
+    file: File,
     len: u64,
     page: u64,
     claimed: Claims,
 }
 
-impl<'f> Dest<'f> {
-    /// `file` must already have its final length. The claim table is one bit per page; a
-    /// host that cannot hold it gets an error, not an abort.
-    pub fn new(file: &'f File, len: u64, page: u64) -> Result<Dest<'f>, crate::session::limits::LimitError> {
+impl Dest {
+    /// `file` (a handle of its own, `try_clone`d from the caller's) must already have its
+    /// final length. The claim table is one bit per page; a host that cannot hold it gets
+    /// an error, not an abort.
+    pub fn new(file: File, len: u64, page: u64) -> Result<Dest, crate::session::limits::LimitError> {
         let claimed = Claims::new(len.div_ceil(page))
             .map_err(|e| crate::session::limits::LimitError::Alloc { what: "the page claim table", bytes: e.bytes })?;
         Ok(Dest { file, len, page, claimed })
@@ -66,7 +69,7 @@ impl<'f> Dest<'f> {
     pub fn write_payload(&self, offset: u64, payload: &Payload<'_>) -> Result<(), DestError> {
         let end = offset + payload.len() as u64;
         self.claim(offset, payload.len() as u64)?;
-        crate::lane::pwrite_parts(self.file, payload.parts(), offset).map_err(|source| DestError::Write { offset, end, source })
+        crate::lane::pwrite_parts(&self.file, payload.parts(), offset).map_err(|source| DestError::Write { offset, end, source })
     }
 
     /// Makes `offset..offset + len` read as zero again after claiming its pages: a page
@@ -76,7 +79,7 @@ impl<'f> Dest<'f> {
         use nix::fcntl::{FallocateFlags, fallocate};
         self.claim(offset, len)?;
         let len = len.min(self.len - offset);
-        fallocate(self.file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
+        fallocate(&self.file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
             .map_err(|e| DestError::Write { offset, end: offset + len, source: e.into() })
     }
 
@@ -112,7 +115,7 @@ mod tests {
         let p = dir.path().join("d");
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
         f.set_len(64 * 4096 + 100).unwrap();
-        let d = Dest::new(&f, 64 * 4096 + 100, 4096).unwrap();
+        let d = Dest::new(f.try_clone().unwrap(), 64 * 4096 + 100, 4096).unwrap();
         assert_eq!(d.pages(), 65);
         d.write(4096, &[7u8; 8192]).unwrap();
         assert!(d.write(8192, &[1u8; 10]).is_err(), "page 2 is taken");
@@ -138,7 +141,7 @@ mod tests {
     fn rounds_rewrite_and_punch() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(4 * 4096).unwrap();
-        let d = Dest::new(&f, 4 * 4096, 4096).unwrap();
+        let d = Dest::new(f.try_clone().unwrap(), 4 * 4096, 4096).unwrap();
         d.write(0, &[5u8; 4 * 4096]).unwrap();
         assert!(d.write(4096, &[6u8; 4096]).is_err(), "once per round");
         d.next_round();

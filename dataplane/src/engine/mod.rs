@@ -118,14 +118,6 @@ pub(crate) fn pin(cpu: u32) {
     }
 }
 
-/// Pins a receiving lane's thread: lane `n` on the plan's worker CPUs in turn (the NIC's
-/// node), as the sender pins its workers.
-pub(crate) fn pin_lane(plan: &crate::plan::Plan, n: u16) {
-    if let Some(&cpu) = plan.worker_cpus.get(usize::from(n) % plan.worker_cpus.len().max(1)) {
-        pin(cpu);
-    }
-}
-
 /// A worker's arena as the plan describes it (backing, mlock), at least `min_bytes`. Each
 /// fallback down the hugepage ladder is said once per session (`live`), not once per
 /// worker.

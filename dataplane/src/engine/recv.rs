@@ -28,11 +28,13 @@ pub struct RecvOptions<'a> {
     pub auth: Auth,
     pub plan: &'a Plan,
     /// Region bytes received so far, for a progress bar.
-    pub progress: Option<&'a AtomicU64>,
+    pub progress: Option<std::sync::Arc<AtomicU64>>,
     /// The region's size once the sender has described it, for a progress bar.
     pub total: Option<&'a AtomicU64>,
     /// How long to wait for a sender that authenticates; `None`: as long as it takes.
     pub timeout: Option<std::time::Duration>,
+    /// ferryd's receiving threads (none: the session starts its own).
+    pub pool: Option<&'a crate::pool::Pool>,
 }
 
 /// This session's partial file, removed on drop unless it was put in place.
@@ -155,7 +157,14 @@ fn session(
         t.store(size, Ordering::Relaxed);
     }
     log::info!("session {session:#x}: {size} bytes into {} over {lanes} lane(s)", out.display());
-    let sink = SinkOptions { plan: opts.plan, vmm: None, role: crate::live::Role::Recv, progress: opts.progress, session };
+    let sink = SinkOptions {
+        plan: opts.plan,
+        vmm: None,
+        role: crate::live::Role::Recv,
+        progress: opts.progress.clone(),
+        pool: opts.pool,
+        session,
+    };
     let memory = std::slice::from_ref(&file);
     let got = match transport {
         DataTransport::Tcp => crate::migrate::dest::receive(acc, ctl, &layout, lanes, session, memory, &sink)?,

@@ -16,7 +16,7 @@ use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -24,18 +24,16 @@ use zerocopy::IntoBytes;
 
 use super::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundCounts, RoundReport, VmmError};
 use crate::auth::Auth;
-use crate::conn::{Cancel, Counted, Ctl, Refusal, SessionError, Violation};
+use crate::conn::{Bug, Cancel, Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::Digest;
-use crate::encode::Decoder;
 use crate::engine::dest::Dest;
 use crate::engine::recv::peer_ended;
 use crate::engine::{PAGE, cpu_seconds, tune_socket};
-use crate::lane::{LaneReader, Payload};
 use crate::plan::{Plan, Transport};
 use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::limits::{Backing, check_lanes, check_region};
-use crate::session::seal::TAG_LEN;
-use crate::wire::{self, CONTROL_LANE, DataTransport, Encoding, FrameError, HEADER_LEN, Kind, Layout, features};
+use crate::sink::{LaneFinish, LaneRun, Sink, Target};
+use crate::wire::{self, CONTROL_LANE, DataTransport, Kind, Layout, features};
 
 #[derive(Debug)]
 pub struct DestOptions<'a> {
@@ -47,6 +45,8 @@ pub struct DestOptions<'a> {
     /// Post-copy: how long to wait for the source after the link broke
     /// ([`super::postcopy::DEFAULT_RECOVER`] when none).
     pub recover: Option<std::time::Duration>,
+    /// ferryd's receiving threads (none: the session starts its own).
+    pub pool: Option<&'a crate::pool::Pool>,
 }
 
 /// A migration that arrived whole: the guest memory (a memfd per region, in the source's
@@ -57,8 +57,7 @@ pub struct Incoming {
     pub report: MigrationReport,
 }
 
-/// A lane's message to the control thread: one per round, or its failure.
-pub(super) type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
+pub(crate) use crate::sink::LaneMsg;
 
 /// The destination VMM, as a migration into this ferryd meets it.
 pub trait DestVmm {
@@ -211,7 +210,7 @@ fn session(acc: &Acceptor<'_>, ctl: &mut Ctl, agreed: u64, opts: &DestOptions<'_
         .collect::<Result<Vec<File>, _>>()?;
     let session = session_ok(ctl)?;
     log::info!("migration session {session:#x}: {size} bytes in {} region(s) over {lanes} lane(s)", memory.len());
-    let sink = SinkOptions { plan: opts.plan, vmm: opts.vmm, role: crate::live::Role::MigrateIn, progress: None, session };
+    let sink = SinkOptions { plan: opts.plan, vmm: opts.vmm, role: crate::live::Role::MigrateIn, progress: None, pool: opts.pool, session };
     let got = match transport {
         DataTransport::Tcp => receive(acc, ctl, &layout, lanes, session, &memory, &sink)?,
         DataTransport::Rdma => crate::transport::rdma::rx::receive(ctl, &layout, lanes, &memory, &sink)?,
@@ -262,7 +261,9 @@ pub(crate) struct SinkOptions<'a> {
     /// The lanes' live counters.
     pub role: crate::live::Role,
     /// Region bytes received so far, for a progress bar.
-    pub progress: Option<&'a std::sync::atomic::AtomicU64>,
+    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// ferryd's receiving threads (none: the session starts its own).
+    pub pool: Option<&'a crate::pool::Pool>,
     /// The session's id (SESSION_OK), for its live counters.
     pub session: u64,
 }
@@ -292,12 +293,12 @@ pub(crate) struct Landed {
     pub key: Option<crate::digest::DigestKey>,
 }
 
-/// The receiving loop of every session, one-shot or migration: accepts the session's lanes
-/// and runs each on its own thread, writing its pages into `memory` (one file per region,
-/// of the regions' sizes, reading as zero) once each per round, while this thread checks
-/// each ROUND against what the lanes counted and confirms it; after the last round,
-/// DONE's digest against the pages as they landed. RESULT is the caller's to send, once
-/// the data is where its user will read it.
+/// The receiving side of every TCP session, one-shot or migration: accepts the session's
+/// lanes and hands each to a receiving thread of the pool ([`crate::sink`]), which writes
+/// its pages into `memory` (one file per region, of the regions' sizes, reading as zero)
+/// once each per round, while this thread checks each ROUND against what the lanes
+/// counted and confirms it; after the last round, DONE's digest against the pages as they
+/// landed. RESULT is the caller's to send, once the data is where its user will read it.
 pub(crate) fn receive(
     acc: &Acceptor<'_>,
     ctl: &mut Ctl,
@@ -310,60 +311,62 @@ pub(crate) fn receive(
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
     let size: u64 = layout.regions.iter().sum();
-    let targets = memory
-        .iter()
-        .zip(&layout.regions)
-        .map(|(m, &bytes)| Ok(Target { dest: Dest::new(m, bytes, PAGE as u64)?, hashes: PageHashes::new(super::pages(bytes))? }))
-        .collect::<Result<Vec<Target<'_>>, crate::session::limits::LimitError>>()?;
+    let mut targets = Vec::with_capacity(memory.len());
+    for (m, &bytes) in memory.iter().zip(&layout.regions) {
+        let own = m.try_clone().map_err(|e| SessionError::io("opening the destination memory for the lanes", e))?;
+        targets.push(Target { dest: Dest::new(own, bytes, PAGE as u64)?, hashes: PageHashes::new(super::pages(bytes))? });
+    }
+    // Without ferryd's receiving threads, the session's own, for its lifetime (an
+    // embedded run).
+    let own;
+    let pool = match o.pool {
+        Some(p) => p,
+        None => {
+            own = crate::pool::Pool::for_receiving(o.plan)?;
+            &own
+        }
+    };
     let (tx, rx) = mpsc::channel::<LaneMsg>();
     // A lane that fails, or the VMM leaving, sends its error and wakes the control thread
     // with a byte here, so it never waits on a source that will not speak again.
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
-    // Clones of the lanes, shut down when the session fails so no lane waits on a peer.
-    let mut socks = Vec::new();
+    let vmm_wake = wake.try_clone().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     // This session's own counters, one per lane.
-    let live = crate::live::receiver(o.role, session, usize::from(lanes), size);
-    let ctx = Ctx { layout, targets: &targets, plan: o.plan, live: &live, progress: o.progress, postcopy: None };
+    let live = Arc::new(crate::live::receiver(o.role, session, usize::from(lanes), size));
+    let sink = Arc::new(Sink {
+        layout: layout.clone(),
+        targets,
+        plan: o.plan.clone(),
+        live,
+        progress: o.progress.clone(),
+        postcopy: None,
+        tx: tx.clone(),
+        wake,
+        idle: ROUND_IDLE_TIMEOUT,
+    });
     let gone = AtomicBool::new(false);
     // Closed when the session is over: the VMM's watcher returns at once.
     let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
-    let outcome = std::thread::scope(|s| {
+    let (rounds, lane_results) = std::thread::scope(|s| {
         if let Some(vmm) = o.vmm {
-            let (tx, wake, gone, stop) = (tx.clone(), &wake, &gone, &stop_rx);
+            let (tx, wake, gone, stop) = (tx.clone(), &vmm_wake, &gone, &stop_rx);
             s.spawn(move || watch_vmm(vmm, stop, &tx, wake, gone));
         }
-        let mut handles = Vec::new();
         let mut watch = vec![ctl.s.as_fd()];
         watch.extend(o.vmm);
-        let opened = acc.lanes(session, lanes, &watch, |a| {
-            socks.extend(a.s.try_clone());
-            let (tx, ctx, wake) = (tx.clone(), &ctx, &wake);
-            // A lane's failure goes to the control thread; its result says only that it
-            // stopped.
-            handles.push(s.spawn(move || {
-                lane(a, ctx, &tx).map_err(|e| {
-                    let _ = tx.send(Err(e));
-                    let _ = (&*wake).write(&[1]);
-                    SessionError::Stopped
-                })
-            }));
-        });
+        let (lanes_run, opened) = hand_lanes(acc, pool, &sink, (session, lanes), &watch, Some);
         let r = match opened {
-            Ok(None) => rounds(ctl, &woken, &rx, lanes, &targets),
+            Ok(None) => rounds(ctl, &woken, &rx, lanes, &sink.targets),
             Ok(Some(0)) => Err(peer_ended(ctl, "waiting for the source's data connections")),
             Ok(Some(_)) => Err(vmm_gone()),
             Err(e) => Err(e),
         };
         let _ = stop_tx.shutdown(Shutdown::Both);
         if r.is_err() {
-            for c in &socks {
-                let _ = c.shutdown(Shutdown::Both);
-            }
+            lanes_run.shut_down();
         }
-        let lane_results: Vec<_> = handles.into_iter().map(|h| h.join().expect("lane thread panicked")).collect();
-        (r, lane_results)
+        (r, lanes_run.wait())
     });
-    let (rounds, lane_results) = outcome;
     // The VMM leaving is the reason, whatever it broke on its way.
     if gone.load(Ordering::Acquire) {
         return Err(vmm_gone());
@@ -390,9 +393,69 @@ pub(crate) fn receive(
     if lane_results.iter().any(Result::is_err) {
         return Err(lane_failure().unwrap_or(SessionError::Stopped));
     }
+    // Every lane has ended and let go of the sink.
+    let targets = Arc::try_unwrap(sink).map_err(|_| Bug::LaneLeftOver)?.targets;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
     received(rounds, ended, lane_results, targets, (size, lanes), (seconds, cpu_seconds_per_gib))
+}
+
+/// The lanes a session handed to the pool's receiving threads.
+pub(crate) struct HandedLanes {
+    /// Clones of the lanes, shut down when the session fails so no lane waits on a peer.
+    socks: Vec<std::net::TcpStream>,
+    handed: usize,
+    finished: mpsc::Receiver<(u16, LaneFinish)>,
+}
+
+impl HandedLanes {
+    /// Shuts every lane down: each ends soon after, whatever its peer does.
+    pub(crate) fn shut_down(&self) {
+        for c in &self.socks {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Each lane's end, once every one has ended (a lane the pool dropped unread, at its
+    /// stop, counts as stopped).
+    pub(crate) fn wait(self) -> Vec<LaneFinish> {
+        let mut ends: Vec<(u16, LaneFinish)> = self.finished.iter().take(self.handed).collect();
+        ends.resize_with(self.handed, || (u16::MAX, Err(SessionError::Stopped)));
+        ends.sort_by_key(|(n, _)| *n);
+        ends.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
+/// Accepts session `session`'s `lanes` lanes (watching `watch` meanwhile, see
+/// [`Acceptor::lanes`]) and hands each to the pool's receiving threads, sharing `sink`,
+/// unless `keep` keeps it (returns `None`). A lane that cannot be handed fails the
+/// session through the sink's channel.
+pub(crate) fn hand_lanes(
+    acc: &Acceptor<'_>,
+    pool: &crate::pool::Pool,
+    sink: &Arc<Sink>,
+    (session, lanes): (u64, u16),
+    watch: &[BorrowedFd<'_>],
+    mut keep: impl FnMut(Authed) -> Option<Authed>,
+) -> (HandedLanes, Result<Option<usize>, SessionError>) {
+    let (fin_tx, finished) = mpsc::channel();
+    let mut h = HandedLanes { socks: Vec::new(), handed: 0, finished };
+    let opened = acc.lanes(session, lanes, watch, |a| {
+        let Some(a) = keep(a) else { return };
+        let fail = |e: SessionError| {
+            let _ = sink.tx.send(Err(e));
+            let _ = (&sink.wake).write(&[1]);
+        };
+        if let Err(e) = crate::engine::tune_data_socket(&a.s, &sink.plan) {
+            return fail(e);
+        }
+        h.socks.extend(a.s.try_clone());
+        match pool.submit_lane(LaneRun::new(sink.clone(), fin_tx.clone(), a)) {
+            Ok(()) => h.handed += 1,
+            Err(b) => fail(b.1),
+        }
+    });
+    (h, opened)
 }
 
 /// What a session that ended well received: the lanes' counts and latencies folded, the
@@ -400,8 +463,8 @@ pub(crate) fn receive(
 fn received(
     rounds: Vec<RoundReport>,
     ended: Ended,
-    lane_results: Vec<Result<LaneDone, SessionError>>,
-    targets: Vec<Target<'_>>,
+    lane_results: Vec<LaneFinish>,
+    targets: Vec<Target>,
     (size, lanes): (u64, u16),
     (seconds, cpu_seconds_per_gib): (f64, f64),
 ) -> Result<Received, SessionError> {
@@ -450,7 +513,7 @@ fn rounds(
     woken: &UnixStream,
     rx: &mpsc::Receiver<LaneMsg>,
     lanes: u16,
-    targets: &[Target<'_>],
+    targets: &[Target],
 ) -> Result<(Vec<RoundReport>, Ended), SessionError> {
     let all_pages: u64 = targets.iter().map(|t| t.dest.pages()).sum();
     let size: u64 = targets.iter().map(|t| t.dest.len()).sum();
@@ -620,145 +683,4 @@ pub(crate) fn check_done(ctl: &mut Ctl, buf: &mut Vec<u8>, digest: Digest, size:
 pub(super) fn result_ok(ctl: &mut Ctl, digest: Digest, size: u64) -> Result<(), SessionError> {
     let result = wire::Digest { digest: digest.to_bytes(), bytes: size.into(), ok: 1.into(), _pad: 0.into() };
     ctl.send(Kind::Result, result.as_bytes())
-}
-
-/// One region of the incoming memory: its writer and its page hashes.
-pub(super) struct Target<'f> {
-    dest: Dest<'f>,
-    hashes: PageHashes,
-}
-
-/// What every lane thread shares.
-pub(super) struct Ctx<'a> {
-    pub layout: &'a Layout,
-    pub targets: &'a [Target<'a>],
-    pub plan: &'a Plan,
-    pub live: &'a crate::live::Session,
-    pub progress: Option<&'a std::sync::atomic::AtomicU64>,
-    /// Post-copy lanes place their pages through the claim bits instead of `targets`.
-    pub postcopy: Option<&'a super::postcopy::Placement>,
-}
-
-/// What a lane counted over the whole session.
-pub(super) struct LaneDone {
-    lane: u16,
-    pub counts: RoundCounts,
-    /// io_uring received its bytes.
-    uring: bool,
-    /// Per data frame: arrival until written, µs.
-    latency: hdrhistogram::Histogram<u64>,
-}
-
-/// One lane for the whole session: DATA frames into the memfd, a ROUND_END per round
-/// (its counts checked, then reported), LANE_END after the last.
-/// Returns the lane's counts, whether io_uring received them, and its write latency.
-pub(super) fn lane(a: Authed, ctx: &Ctx<'_>, tx: &mpsc::Sender<LaneMsg>) -> Result<LaneDone, SessionError> {
-    let Authed { mut s, hello, keys, .. } = a;
-    crate::engine::tune_data_socket(&s, ctx.plan)?;
-    let n = hello.lane.get();
-    s.set_read_timeout(Some(ROUND_IDLE_TIMEOUT)).map_err(|e| SessionError::io("setting a read timeout", e))?;
-    let max_payload = wire::max_payload_for(ctx.layout.max_chunk);
-    crate::engine::pin_lane(ctx.plan, n);
-    let mut reader = LaneReader::new(ctx.plan, &s, max_payload, keys.rx, ctx.live)?;
-    log::info!("lane {n} connected ({})", if reader.uring() { "io_uring multishot receive" } else { "plain reads" });
-    let mut latency = crate::engine::latency_histogram();
-    let mut dec = Decoder::default();
-    let (mut round, mut this, mut total) = (0u32, RoundCounts::default(), RoundCounts::default());
-    let live = ctx.live.worker(usize::from(n));
-    let page = PAGE as u64;
-    let (mut one_page, mut scratch) = (vec![0u8; PAGE], Vec::new());
-    loop {
-        let (h, kind, payload) = reader.next(&mut s, "receiving data")?;
-        let arrived = Instant::now();
-        match kind {
-            Kind::Data if ctx.postcopy.is_some() => {
-                let pc = ctx.postcopy.expect("checked");
-                let pages = pc.place_frame(ctx.layout, &h, &payload, &mut dec, &mut scratch, false)?;
-                let wire = (HEADER_LEN + payload.len() + TAG_LEN) as u64;
-                this.frames += 1;
-                this.pages += pages;
-                this.wire_bytes += wire;
-                live.add(u64::from(h.raw_len.get()), wire, 1, 0);
-            }
-            Kind::Data => {
-                let (encoding, region, offset, raw_len) = ctx.layout.check_data(&h)?;
-                // check_data bounded `region` by the session's regions.
-                let Target { dest, hashes } = &ctx.targets[region as usize];
-                let first = offset / page;
-                let record = |i: u64, p: &[u8]| hashes.set(first + i, Digest::of_page(region, first + i, p));
-                match encoding {
-                    Encoding::Raw => {
-                        dest.write_payload(offset, &payload)?;
-                        payload.pages(PAGE, &mut one_page, record);
-                    }
-                    Encoding::Zero => {
-                        let len = u64::from(raw_len);
-                        // Round 0 writes into a new memfd, which reads as zero already.
-                        if round == 0 { dest.claim_zero(offset, len) } else { dest.write_zero(offset, len) }?;
-                        for i in 0..len.div_ceil(page) {
-                            let this_len = (len - i * page).min(page) as usize;
-                            hashes.set(first + i, Digest::of_zero_page(region, first + i, this_len));
-                        }
-                        this.zero_pages += len.div_ceil(page);
-                    }
-                    Encoding::Zstd => {
-                        let bytes = dec.zstd(payload.contiguous(&mut scratch), raw_len)?;
-                        dest.write(offset, bytes)?;
-                        Payload::One(bytes).pages(PAGE, &mut one_page, record);
-                        this.compressed_in += u64::from(raw_len);
-                        this.compressed_out += payload.len() as u64;
-                    }
-                }
-                this.frames += 1;
-                this.pages += u64::from(raw_len).div_ceil(page);
-                this.wire_bytes += (HEADER_LEN + payload.len() + TAG_LEN) as u64;
-                let zero = if encoding == Encoding::Zero { u64::from(raw_len).div_ceil(page) } else { 0 };
-                live.add(u64::from(raw_len), (HEADER_LEN + payload.len() + TAG_LEN) as u64, 1, zero);
-                latency.saturating_record(arrived.elapsed().as_micros() as u64);
-                if let Some(p) = ctx.progress {
-                    p.fetch_add(u64::from(raw_len), Ordering::Relaxed);
-                }
-            }
-            Kind::RoundEnd => {
-                let end: wire::RoundEnd = wire::parse(Kind::RoundEnd, payload.contiguous(&mut scratch))?;
-                // A post-copy push is one round, numbered after the source's pre-copy rounds.
-                if ctx.postcopy.is_some() && this.frames == end.frames.get() {
-                    round = end.round.get();
-                }
-                check_round_end(n, round, &this, &end)?;
-                total += this;
-                if tx.send(Ok((n, round, this))).is_err() {
-                    // The control thread has gone: the session ended without this lane.
-                    return Err(SessionError::Stopped);
-                }
-                this = RoundCounts::default();
-                round += 1;
-            }
-            Kind::LaneEnd => {
-                if this.frames != 0 {
-                    return Err(
-                        Violation::Miscount { what: Counted::FramesOutsideRound { lane: n }, announced: 0, found: this.frames }.into()
-                    );
-                }
-                return Ok(LaneDone { lane: n, counts: total, uring: reader.uring(), latency });
-            }
-            Kind::Error => return Err(SessionError::Peer(String::from_utf8_lossy(payload.contiguous(&mut scratch)).into_owned())),
-            other => return Err(FrameError::Unexpected { expected: Kind::Data, got: other }.into()),
-        }
-    }
-}
-
-/// A lane's ROUND_END against what the lane received in round `round`.
-fn check_round_end(n: u16, round: u32, this: &RoundCounts, end: &wire::RoundEnd) -> Result<(), SessionError> {
-    if end.round.get() != round {
-        return Err(Violation::LaneRound { lane: n, got: end.round.get(), round }.into());
-    }
-    for (what, announced, found) in
-        [("frames", end.frames.get(), this.frames), ("bytes", end.bytes.get(), this.wire_bytes), ("pages", end.pages.get(), this.pages)]
-    {
-        if announced != found {
-            return Err(Violation::Miscount { what: Counted::LaneEnd { lane: n, round, what }, announced, found }.into());
-        }
-    }
-    Ok(())
 }

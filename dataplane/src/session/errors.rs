@@ -130,6 +130,8 @@ pub enum Refusal {
     NoWorkers,
     #[error("worker {worker} already runs {rounds} sessions' rounds; try again when one ends")]
     WorkerBusy { worker: usize, rounds: usize },
+    #[error("receiving thread {thread} already holds {lanes} lanes; try again when a session ends")]
+    ReceiverBusy { thread: usize, lanes: usize },
     #[error("{count} memory regions (1..={max} allowed)")]
     Regions { count: usize, max: usize },
     #[error("{what} is {is}, not a memory file: give a memfd, or a tmpfs or hugetlbfs file")]
@@ -236,6 +238,8 @@ pub enum Bug {
     WorkerPanicked,
     #[error("a lane's thread panicked")]
     LanePanicked,
+    #[error("a lane still held its session's memory after every lane had ended")]
+    LaneLeftOver,
     #[error("the plan's chunk is {plan} bytes, the worker pool's {pool}: the pool is made from the same plan")]
     ChunkMismatch { plan: u64, pool: usize },
     #[error("an encoded chunk was posted on RDMA lanes, which take windows")]

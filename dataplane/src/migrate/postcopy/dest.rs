@@ -5,9 +5,9 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
@@ -22,6 +22,7 @@ use crate::migrate::dest::LaneMsg;
 use crate::plan::{Plan, RdmaPlan};
 use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::seal::Keys;
+use crate::sink::Sink;
 use crate::wire::{self, CONTROL_LANE, Kind, Layout, RdmaRun, features};
 use hw::rdma::verbs::Cq;
 
@@ -58,7 +59,7 @@ pub(crate) fn switch_over(
     let t = Instant::now();
     let (uffd, maps) = vmm.switch_over(incoming).map_err(Cancel::PostcopyRefused)?;
     let handed = t.elapsed();
-    let pc = Placement::new(&incoming.memory, landed, &stale, &maps, uffd)?;
+    let pc = Arc::new(Placement::new(&incoming.memory, landed, &stale, &maps, uffd)?);
     let placed = t.elapsed();
     // The point of no return: once the source reads SWITCHED it never resumes the guest.
     ctl.send(Kind::Switched, &[])?;
@@ -83,7 +84,7 @@ pub(crate) fn switch_over(
 /// that breaks is waited for up to `recover`.
 fn serve(
     acc: &Acceptor<'_>,
-    pc: &Placement,
+    pc: &Arc<Placement>,
     session: u64,
     opts: &crate::migrate::dest::DestOptions<'_>,
     recover: Duration,
@@ -91,6 +92,15 @@ fn serve(
 ) -> Result<(Vec<crate::migrate::RoundReport>, Digest, u32), SessionError> {
     let pair = || UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e));
     let ((stop_tx, stop_rx), (failed_tx, failed_rx)) = (pair()?, pair()?);
+    // Without ferryd's receiving threads, the migration's own (an embedded run).
+    let own;
+    let pool = match opts.pool {
+        Some(p) => p,
+        None => {
+            own = crate::pool::Pool::for_receiving(opts.plan)?;
+            &own
+        }
+    };
     std::thread::scope(|s| {
         let faults = s.spawn(|| pc.serve_faults(&stop_rx, &failed_tx));
         let r = (|| {
@@ -113,7 +123,7 @@ fn serve(
                     Err(e) => return Err(e),
                 };
                 attempts += 1;
-                match attempt(acc, a, pc, session, opts.plan, &watch) {
+                match attempt(acc, a, pc, (session, pool), opts.plan, &watch) {
                     Ok(Some((rounds, digest))) => {
                         // The guest's faults are resolved here until its VMM unregistered.
                         if let Err(e) = vmm.all_local() {
@@ -172,8 +182,8 @@ fn tell_source(acc: &Acceptor<'_>, e: &SessionError) {
 fn attempt(
     acc: &Acceptor<'_>,
     a: Authed,
-    pc: &Placement,
-    session: u64,
+    pc: &Arc<Placement>,
+    (session, pool): (u64, &crate::pool::Pool),
     plan: &Plan,
     watch: &[BorrowedFd<'_>],
 ) -> Result<Option<(Vec<crate::migrate::RoundReport>, Digest)>, SessionError> {
@@ -203,34 +213,42 @@ fn attempt(
     }
     crate::migrate::dest::check_session(&layout, lanes, transport, features::MIGRATE, plan)?;
     let id = crate::migrate::dest::session_ok(&mut ctl)?;
-    let live = crate::live::receiver(crate::live::Role::MigrateIn, id, usize::from(lanes), layout.regions.iter().sum());
-    let ctx = crate::migrate::dest::Ctx { layout: &layout, targets: &[], plan, live: &live, progress: None, postcopy: Some(pc) };
+    let live = Arc::new(crate::live::receiver(crate::live::Role::MigrateIn, id, usize::from(lanes), layout.regions.iter().sum()));
     let (tx, rx) = mpsc::channel::<LaneMsg>();
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    let fault_wake = wake.try_clone().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    let sink = Arc::new(Sink {
+        layout: layout.clone(),
+        targets: Vec::new(),
+        plan: plan.clone(),
+        live,
+        progress: None,
+        postcopy: Some(pc.clone()),
+        tx: tx.clone(),
+        wake,
+        idle: crate::migrate::ROUND_IDLE_TIMEOUT,
+    });
     let fault_lane_no = lanes - 1;
     let t = Instant::now();
-    let mut socks = Vec::new();
+    let mut fault_sock = None;
     std::thread::scope(|s| {
         let mut w = vec![ctl.s.as_fd()];
         w.extend_from_slice(watch);
-        let opened = acc.lanes(id, lanes, &w, |a| {
-            socks.extend(a.s.try_clone());
-            let (tx, ctx, wake, layout) = (tx.clone(), &ctx, &wake, &layout);
-            if a.hello.lane.get() == fault_lane_no {
-                s.spawn(move || {
-                    if let Err(e) = fault_lane(pc, layout, a.s, a.keys, plan.rdma.as_ref()) {
-                        let _ = tx.send(Err(e));
-                        let _ = (&*wake).write(&[1]);
-                    }
-                });
-            } else {
-                s.spawn(move || {
-                    if let Err(e) = crate::migrate::dest::lane(a, ctx, &tx) {
-                        let _ = tx.send(Err(e));
-                        let _ = (&*wake).write(&[1]);
-                    }
-                });
+        // The push lanes go to the pool's receiving threads; the fault lane, which answers
+        // the guest's faults ahead of everything, has a thread of its own for the attempt.
+        let (lanes_run, opened) = crate::migrate::dest::hand_lanes(acc, pool, &sink, (id, lanes), &w, |a| {
+            if a.hello.lane.get() != fault_lane_no {
+                return Some(a);
             }
+            fault_sock = a.s.try_clone().ok();
+            let (tx, wake, layout) = (tx.clone(), &fault_wake, &layout);
+            s.spawn(move || {
+                if let Err(e) = fault_lane(pc, layout, a.s, a.keys, plan.rdma.as_ref()) {
+                    let _ = tx.send(Err(e));
+                    let _ = (&*wake).write(&[1]);
+                }
+            });
+            None
         });
         let r = match opened {
             Ok(None) => push_round(&mut ctl, &woken, watch, &rx, fault_lane_no, pc, t),
@@ -248,9 +266,11 @@ fn attempt(
         }
         // Every lane ends now: done, or the attempt failed and the next one starts afresh.
         pc.close_link();
-        for c in &socks {
-            let _ = c.shutdown(Shutdown::Both);
+        lanes_run.shut_down();
+        if let Some(f) = &fault_sock {
+            let _ = f.shutdown(Shutdown::Both);
         }
+        lanes_run.wait();
         r.map(Some)
     })
 }

@@ -170,7 +170,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
                 fail_after: if w == 0 { fail_after } else { None },
                 live: live.worker(w),
                 windows: &windows,
-                progress: o.progress,
+                progress: o.progress.as_deref(),
             };
             handles.push(s.spawn(move || {
                 let r = p.run();
