@@ -282,16 +282,17 @@ impl Pool {
 }
 
 impl Pool {
-    /// Hands a lane to a receiving thread (lane `n` to thread `n` modulo their number);
-    /// gives it back if that thread already holds [`crate::sink::LANES_PER_THREAD`].
-    pub(crate) fn submit_lane(&self, run: crate::sink::LaneRun) -> Result<(), Box<(crate::sink::LaneRun, SessionError)>> {
-        let i = usize::from(run.lane()) % self.receivers.len().max(1);
+    /// Hands a receive to a receiving thread (thread `key` modulo their number: a lane's
+    /// number, a poller's worker); gives it back if that thread already holds
+    /// [`crate::sink::LANES_PER_THREAD`].
+    pub(crate) fn submit_rx(&self, task: crate::sink::RxTask, key: usize) -> Result<(), Box<(crate::sink::RxTask, SessionError)>> {
+        let i = key % self.receivers.len().max(1);
         let Some(r) = self.receivers.get(i) else {
-            return Err(Box::new((run, Refusal::NoWorkers.into())));
+            return Err(Box::new((task, Refusal::NoWorkers.into())));
         };
-        r.inbox.lanes.push(run).map_err(|run| {
+        r.inbox.tasks.push(task).map_err(|task| {
             let e = Refusal::ReceiverBusy { thread: i, lanes: crate::sink::LANES_PER_THREAD }.into();
-            Box::new((run, e))
+            Box::new((task, e))
         })?;
         r.inbox.ring();
         Ok(())

@@ -1,17 +1,19 @@
-//! The receiving loop of every TCP session (one-shot transfers, migration rounds,
-//! post-copy's push), on the pool's receiving threads.
+//! The receiving threads of the pool, and the receiving loop of every TCP session
+//! (one-shot transfers, migration rounds, post-copy's push) that runs on them.
 //!
-//! A session's control thread accepts its lanes and hands each to a receiving thread as a
-//! [`LaneRun`] through a bounded lock-free queue; the thread owns the lane from then on.
-//! It reads frames without ever waiting on one lane: each lane's socket (and io_uring
-//! ring) is in the thread's epoll set, and a lane is stepped when it has bytes, a few
-//! frames at a time, so one thread serves the lanes of every session it holds. Each frame
-//! is checked against the session, written into the destination once (the claim bits),
-//! and its pages hashed. The lane's rounds and failure go to the session's control thread
-//! on its channel; its end, once, on the session's `finished` channel.
+//! A session's control thread hands each of its receives to a receiving thread through a
+//! bounded lock-free queue, as an [`RxTask`]: a TCP lane ([`LaneRun`]), or an RDMA sender
+//! worker's QPs ([`crate::transport::rdma::rx::Poller`]). The thread owns the task from
+//! then on and never waits on any one of them: each task's descriptors (a lane's socket
+//! and io_uring ring, a CQ's completion channel) are in the thread's epoll set, and a task
+//! takes a turn when they stir, a few frames or completions at a time, so one thread
+//! serves every session it holds. A lane's frame is checked against the session, written
+//! into the destination once (the claim bits), and its pages hashed. A task's rounds and
+//! failure go to its session's control thread on its channel; its end, once, on the
+//! session's `finished` channel.
 //!
 //! The receive buffers are the thread's: a lane maps one only when the thread has no
-//! spare of its size, and gives it back when it ends.
+//! spare large enough, and gives it back when it ends.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -116,15 +118,77 @@ pub(crate) struct LaneRun {
     state: LaneState,
     /// When the lane last had a frame.
     last: Instant,
+    /// How the lane ended, once it has.
+    outcome: Option<LaneFinish>,
 }
 
-/// What a turn of a lane did.
-enum Turn {
-    /// No whole frame is there: wait for the lane's descriptors.
+/// What a turn of a receiving thread's task did.
+pub(crate) enum Turn {
+    /// Nothing more is there: wait for the task's descriptors.
     Idle,
-    /// It took its turn's frames: more may be there.
+    /// It took its turn: more may be there.
     More,
-    Ended(LaneFinish),
+    /// It is over (its outcome is kept for its `finish`).
+    Over,
+}
+
+/// What a session hands a receiving thread: the closed set of what a receiver reads.
+pub(crate) enum RxTask {
+    /// A TCP lane's frames.
+    Lane(Box<LaneRun>),
+    /// An RDMA sender worker's QPs: the NIC writes the pages; the CQ says which.
+    Rdma(Box<crate::transport::rdma::rx::Poller>),
+}
+
+/// A task as its thread runs it.
+enum Active {
+    Lane(Box<(LaneRun, LaneReader)>),
+    Rdma(Box<crate::transport::rdma::rx::Poller>),
+}
+
+impl Active {
+    /// What the thread waits on for the task to have more.
+    fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Active::Lane(l) => std::iter::once(l.0.s.as_fd()).chain(l.1.ring_fd()).collect(),
+            Active::Rdma(p) => p.fds(),
+        }
+    }
+
+    fn turn(&mut self) -> Turn {
+        match self {
+            Active::Lane(l) => {
+                let (run, reader) = &mut **l;
+                run.turn(reader)
+            }
+            Active::Rdma(p) => p.turn(),
+        }
+    }
+
+    /// Ends the task with `failure`, or with what its turns came to.
+    fn finish(self, failure: Option<SessionError>, spare: &mut Vec<Arena>) {
+        match self {
+            Active::Lane(l) => {
+                let (mut run, reader) = *l;
+                let r = match failure {
+                    Some(e) => Err(e),
+                    None => run.outcome.take().unwrap_or(Err(SessionError::Stopped)),
+                };
+                run.finish(Some(reader), r, spare)
+            }
+            Active::Rdma(p) => p.finish(failure),
+        }
+    }
+
+    /// A lane silent for longer than its session allows: its failure. (An RDMA session's
+    /// silence is its control thread's to time.)
+    fn expired(&self, now: Instant) -> Option<SessionError> {
+        let Active::Lane(l) = self else { return None };
+        let run = &l.0;
+        let idle = run.sink.idle;
+        (now.duration_since(run.last) > idle)
+            .then(|| SessionError::TimedOut { op: format!("receiving data on lane {}", run.n), secs: idle.as_secs() })
+    }
 }
 
 impl LaneRun {
@@ -145,11 +209,7 @@ impl LaneRun {
             one_page: vec![0u8; PAGE],
             scratch: Vec::new(),
         };
-        LaneRun { sink, finished, s, n, rx: Some(rx), state, last: Instant::now() }
-    }
-
-    pub(crate) fn lane(&self) -> u16 {
-        self.n
+        LaneRun { sink, finished, s, n, rx: Some(rx), state, last: Instant::now(), outcome: None }
     }
 
     /// Makes the lane's reader on the thread that reads it (an io_uring ring is its
@@ -174,23 +234,29 @@ impl LaneRun {
 
     /// Up to [`FRAMES_PER_TURN`] frames, as far as they have arrived.
     fn turn(&mut self, reader: &mut LaneReader) -> Turn {
-        let LaneRun { sink, s, n, state, last, .. } = self;
+        let LaneRun { sink, s, n, state, last, outcome, .. } = self;
         for _ in 0..FRAMES_PER_TURN {
-            let frame = match reader.try_next(s, "receiving data") {
+            let (h, kind, payload) = match reader.try_next(s, "receiving data") {
                 Ok(Some(f)) => f,
                 Ok(None) => return Turn::Idle,
-                Err(e) => return Turn::Ended(Err(e)),
+                Err(e) => {
+                    *outcome = Some(Err(e));
+                    return Turn::Over;
+                }
             };
             *last = Instant::now();
-            let (h, kind, payload) = frame;
             match state.frame(sink, *n, h, kind, &payload) {
                 Ok(false) => {}
                 Ok(true) => {
                     let uring = reader.uring();
                     let latency = std::mem::replace(&mut state.latency, crate::engine::latency_histogram());
-                    return Turn::Ended(Ok(LaneDone { lane: *n, counts: state.total, uring, latency }));
+                    *outcome = Some(Ok(LaneDone { lane: *n, counts: state.total, uring, latency }));
+                    return Turn::Over;
                 }
-                Err(e) => return Turn::Ended(Err(e)),
+                Err(e) => {
+                    *outcome = Some(Err(e));
+                    return Turn::Over;
+                }
             }
         }
         Turn::More
@@ -329,7 +395,7 @@ fn check_round_end(n: u16, round: u32, this: &RoundCounts, end: &wire::RoundEnd)
 
 /// A receiving thread's mailbox: lanes in, and a counter that wakes its epoll.
 pub(crate) struct LaneInbox {
-    pub lanes: ArrayQueue<LaneRun>,
+    pub tasks: ArrayQueue<RxTask>,
     pub wake: EventFd,
     pub stop: AtomicBool,
 }
@@ -337,7 +403,7 @@ pub(crate) struct LaneInbox {
 impl LaneInbox {
     pub(crate) fn new() -> std::io::Result<LaneInbox> {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        Ok(LaneInbox { lanes: ArrayQueue::new(LANES_PER_THREAD), wake, stop: AtomicBool::new(false) })
+        Ok(LaneInbox { tasks: ArrayQueue::new(LANES_PER_THREAD), wake, stop: AtomicBool::new(false) })
     }
 
     /// Wakes the thread: a lane is queued, or it is to stop.
@@ -349,10 +415,10 @@ impl LaneInbox {
 /// The token of the inbox's counter in the epoll set (lanes are their slot numbers).
 const WAKE: u64 = u64::MAX;
 
-/// The lanes a receiving thread holds, by slot.
+/// The tasks a receiving thread holds, by slot.
 struct Lanes {
     epoll: Epoll,
-    slots: Vec<Option<(LaneRun, LaneReader)>>,
+    slots: Vec<Option<Active>>,
     /// Slots to step next, each once ([`Lanes::queued`]).
     ready: Vec<usize>,
     queued: Vec<bool>,
@@ -367,11 +433,15 @@ impl Lanes {
         }
     }
 
-    /// Takes a new lane: its reader made, its descriptors watched, its first turn queued.
-    fn add(&mut self, mut run: LaneRun) {
-        let reader = match run.start(&mut self.spare) {
-            Ok(r) => r,
-            Err(e) => return run.finish(None, Err(e), &mut self.spare),
+    /// Takes a new task: a lane's reader made, its descriptors watched, its first turn
+    /// queued.
+    fn add(&mut self, task: RxTask) {
+        let active = match task {
+            RxTask::Lane(mut run) => match run.start(&mut self.spare) {
+                Ok(reader) => Active::Lane(Box::new((*run, reader))),
+                Err(e) => return run.finish(None, Err(e), &mut self.spare),
+            },
+            RxTask::Rdma(p) => Active::Rdma(p),
         };
         let slot = match self.slots.iter().position(Option::is_none) {
             Some(i) => i,
@@ -382,40 +452,40 @@ impl Lanes {
             }
         };
         let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, slot as u64);
-        let watched = self.epoll.add(run.s.as_fd(), ev).and_then(|()| match reader.ring_fd() {
-            Some(fd) => self.epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, slot as u64)),
-            None => Ok(()),
-        });
+        let fds = active.fds();
+        let watched = fds.iter().try_for_each(|fd| self.epoll.add(fd, ev));
         if let Err(e) = watched {
-            let _ = self.epoll.delete(run.s.as_fd());
-            return run.finish(Some(reader), Err(SessionError::io("watching a lane", e.into())), &mut self.spare);
+            for fd in &fds {
+                let _ = self.epoll.delete(fd);
+            }
+            drop(fds);
+            return active.finish(Some(SessionError::io("watching a receive", e.into())), &mut self.spare);
         }
-        self.slots[slot] = Some((run, reader));
+        drop(fds);
+        self.slots[slot] = Some(active);
         self.want(slot);
     }
 
-    /// Ends the lane in `slot` with `r`.
-    fn end(&mut self, slot: usize, r: LaneFinish) {
-        let Some((run, reader)) = self.slots[slot].take() else { return };
-        let _ = self.epoll.delete(run.s.as_fd());
-        if let Some(fd) = reader.ring_fd() {
+    /// Ends the task in `slot`, with `failure` or its own outcome.
+    fn end(&mut self, slot: usize, failure: Option<SessionError>) {
+        let Some(active) = self.slots[slot].take() else { return };
+        for fd in active.fds() {
             let _ = self.epoll.delete(fd);
         }
-        run.finish(Some(reader), r, &mut self.spare);
+        active.finish(failure, &mut self.spare);
     }
 
-    /// A turn for each lane that may have frames.
+    /// A turn for each task that may have more.
     fn step(&mut self) {
         for slot in std::mem::take(&mut self.ready) {
             self.queued[slot] = false;
-            let Some((run, reader)) = self.slots[slot].as_mut() else { continue };
-            // A panic in a turn fails that lane only: the thread serves on.
-            let turn =
-                std::panic::catch_unwind(AssertUnwindSafe(|| run.turn(reader))).unwrap_or(Turn::Ended(Err(Bug::LanePanicked.into())));
-            match turn {
-                Turn::Idle => {}
-                Turn::More => self.want(slot),
-                Turn::Ended(r) => self.end(slot, r),
+            let Some(active) = self.slots[slot].as_mut() else { continue };
+            // A panic in a turn fails that task only: the thread serves on.
+            match std::panic::catch_unwind(AssertUnwindSafe(|| active.turn())) {
+                Ok(Turn::Idle) => {}
+                Ok(Turn::More) => self.want(slot),
+                Ok(Turn::Over) => self.end(slot, None),
+                Err(_) => self.end(slot, Some(Bug::LanePanicked.into())),
             }
         }
     }
@@ -424,11 +494,8 @@ impl Lanes {
     fn expire(&mut self) {
         let now = Instant::now();
         for slot in 0..self.slots.len() {
-            let Some((run, _)) = &self.slots[slot] else { continue };
-            let idle = run.sink.idle;
-            if now.duration_since(run.last) > idle {
-                let e = SessionError::TimedOut { op: format!("receiving data on lane {}", run.n), secs: idle.as_secs() };
-                self.end(slot, Err(e));
+            if let Some(e) = self.slots[slot].as_ref().and_then(|a| a.expired(now)) {
+                self.end(slot, Some(e));
             }
         }
     }
@@ -453,8 +520,8 @@ pub(crate) fn serve(inbox: &LaneInbox, epoll: Epoll) {
     let mut events = [EpollEvent::empty(); 64];
     let mut checked = Instant::now();
     loop {
-        while let Some(run) = inbox.lanes.pop() {
-            lanes.add(run);
+        while let Some(task) = inbox.tasks.pop() {
+            lanes.add(task);
         }
         lanes.step();
         if checked.elapsed() >= IDLE_CHECK {
@@ -463,9 +530,9 @@ pub(crate) fn serve(inbox: &LaneInbox, epoll: Epoll) {
         }
         // Acquire pairs with the pool's release store: a lane queued before the stop is
         // taken above first.
-        if inbox.stop.load(Ordering::Acquire) && inbox.lanes.is_empty() {
+        if inbox.stop.load(Ordering::Acquire) && inbox.tasks.is_empty() {
             for slot in 0..lanes.slots.len() {
-                lanes.end(slot, Err(SessionError::Stopped));
+                lanes.end(slot, Some(SessionError::Stopped));
             }
             return;
         }
@@ -536,7 +603,7 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (r, _) = l.accept().unwrap();
         let (ck, sk) = (Keys::derive(None, Side::Client, &[1; 32], &[2; 32]), Keys::derive(None, Side::Server, &[1; 32], &[2; 32]));
-        pool.submit_lane(LaneRun::with(s.sink.clone(), s.fin_tx.clone(), r, 0, sk.rx)).map_err(|e| e.1).unwrap();
+        pool.submit_rx(RxTask::Lane(Box::new(LaneRun::with(s.sink.clone(), s.fin_tx.clone(), r, 0, sk.rx))), 0).map_err(|e| e.1).unwrap();
         (c, ck.tx)
     }
 

@@ -32,7 +32,7 @@ use crate::engine::{PAGE, cpu_seconds, tune_socket};
 use crate::plan::{Plan, Transport};
 use crate::session::accept::{Acceptor, Authed, Next, Turned, Wait};
 use crate::session::limits::{Backing, check_lanes, check_region};
-use crate::sink::{LaneFinish, LaneRun, Sink, Target};
+use crate::sink::{LaneFinish, LaneRun, RxTask, Sink, Target};
 use crate::wire::{self, CONTROL_LANE, DataTransport, Kind, Layout, features};
 
 #[derive(Debug)]
@@ -450,7 +450,8 @@ pub(crate) fn hand_lanes(
             return fail(e);
         }
         h.socks.extend(a.s.try_clone());
-        match pool.submit_lane(LaneRun::new(sink.clone(), fin_tx.clone(), a)) {
+        let n = usize::from(a.hello.lane.get());
+        match pool.submit_rx(RxTask::Lane(Box::new(LaneRun::new(sink.clone(), fin_tx.clone(), a))), n) {
             Ok(()) => h.handed += 1,
             Err(b) => fail(b.1),
         }

@@ -944,6 +944,17 @@ impl Cq {
 }
 
 impl Cq {
+    /// The completion channel's descriptor (a CQ from [`Context::create_waitable_cq`]):
+    /// readable once an armed CQ has an event, for a thread that waits in epoll among
+    /// other things instead of in [`Cq::wait`]. It stays readable until the event is
+    /// taken ([`Cq::wait`] with a zero timeout).
+    pub fn channel_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        let ch = self.inner.channel.as_ref()?;
+        // SAFETY: the channel's descriptor is open as long as the channel, which this CQ
+        // keeps alive (`CqInner::channel`) at least as long as the returned borrow of it.
+        Some(unsafe { std::os::fd::BorrowedFd::borrow_raw(ch.fd()) })
+    }
+
     /// Asks for an event on the completion channel at the next completion. Without a
     /// channel (a CQ from [`Context::create_cq`]) there is nothing to arm.
     pub fn arm(&self) -> Result<(), RdmaError> {

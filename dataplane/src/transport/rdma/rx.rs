@@ -1,25 +1,29 @@
 //! The receiving side of the RDMA transport: the destination's regions registered for
-//! remote writes, one polling thread per sender worker, and the rounds on the control
-//! connection (see [`super`]).
+//! remote writes, a poller per sender worker on the pool's receiving threads (its CQ's
+//! channel in the thread's epoll set), and the rounds on the control connection (see
+//! [`super`]).
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use hw::rdma::verbs::{Completion, Cq, Grant, Qp, QpCaps, SendOp};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::{Backoff, Check, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed, poll_cq};
+use super::{Check, POLL_BATCH, RdmaReport, Windows, check_mtu, completion_error, keyed};
 use crate::conn::{Counted, Ctl, Refusal, SessionError, Violation};
 use crate::digest::{Digest, DigestKey};
 use crate::engine::{IDLE_TIMEOUT, PAGE, cpu_seconds};
 use crate::migrate::dest::{Landed, Received, SinkOptions};
 use crate::migrate::{MigrationReport, PageHashes, ROUND_IDLE_TIMEOUT, RoundReport};
+use crate::sink::Turn;
 use crate::wire::{self, Kind, Layout};
 
 /// How the rounds ended.
@@ -30,92 +34,184 @@ enum Ended {
     Switch(Vec<wire::RdmaRun>),
 }
 
-/// What every polling thread shares with the control thread.
-struct Shared<'a> {
+/// What a session's pollers share with its control thread.
+pub(crate) struct Shared {
     /// Per lane: WRITE_WITH_IMMs received so far.
-    received: &'a [AtomicU64],
+    received: Vec<AtomicU64>,
     /// Per poller: the windows its lanes' WRITE_WITH_IMMs named since the last drain.
-    named: &'a [Mutex<Vec<u32>>],
-    /// Set by the first thread that fails, or by the control thread when the session ends.
-    stop: &'a AtomicBool,
+    named: Vec<Mutex<Vec<u32>>>,
+    /// Set by the first poller that fails, or by the control thread when the session ends.
+    stop: AtomicBool,
+    /// Per poller: counted up when `stop` is set, so a poller waiting on its CQ hears it.
+    stopped: Vec<EventFd>,
     /// A byte here wakes the control thread when a poller fails.
-    wake: &'a UnixStream,
+    wake: UnixStream,
+    windows: Windows,
+    progress: Option<Arc<AtomicU64>>,
+    device: String,
 }
 
-/// One receiving thread: polls one sender worker's CQ, counts WRITE_WITH_IMMs, notes the
-/// windows they name, re-posts receives and returns them as credits.
-struct Poller<'a> {
+impl Shared {
+    /// Ends the session for every poller.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for f in &self.stopped {
+            let _ = f.write(1);
+        }
+    }
+}
+
+/// Empty turns a poller takes (its CQ polled each time) before it arms the CQ and waits
+/// for its channel: a busy CQ is never waited on.
+const EMPTY_TURNS: u32 = 64;
+
+/// One sender worker's QPs at the destination, on a receiving thread of the pool: polls
+/// their CQ, counts WRITE_WITH_IMMs, notes the windows they name, re-posts receives and
+/// returns them as credits.
+pub(crate) struct Poller {
     index: usize,
     qps: Vec<Qp>,
     cq: Cq,
     first_lane: usize,
-    shared: Shared<'a>,
+    shared: Arc<Shared>,
     credit_batch: u32,
     send_depth: u32,
-    device: &'a str,
     /// Test hook (`FERRY_TEST_RDMA_QP_ERROR_AFTER=N`): move the first QP to the error
     /// state after N WRITE_WITH_IMMs, as a failing NIC or a destroyed QP would.
     fail_after: Option<u64>,
     live: crate::live::WorkerCounters,
-    windows: &'a Windows,
-    progress: Option<&'a AtomicU64>,
+    /// Per QP: receives completed and not yet re-posted; credit SENDs in flight.
+    pending: Vec<u32>,
+    sends: Vec<u32>,
+    named: Vec<u32>,
+    empty: u32,
+    finished: mpsc::Sender<(usize, Result<(), SessionError>)>,
+    outcome: Option<Result<(), SessionError>>,
 }
 
-impl Poller<'_> {
-    fn run(&mut self) -> Result<(), SessionError> {
-        let n = self.qps.len();
-        let mut pending = vec![0u32; n];
-        let mut sends = vec![0u32; n];
-        let mut wcs = [Completion::default(); POLL_BATCH];
-        let mut backoff = Backoff::default();
-        let mut named = Vec::new();
-        loop {
-            if self.shared.stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            // Sleeps on the CQ's channel when idle; 1 ms at most, so the end of the session
-            // (`stop`) is seen at once.
-            let got = poll_cq(&self.cq, &mut wcs, &mut backoff, Duration::from_millis(1))?;
-            for wc in &wcs[..got] {
-                let l = wc.wr_id as usize;
-                if let Some(failure) = wc.failure() {
-                    let what = if wc.is_recv() { "a receive for RDMA WRITE_WITH_IMM" } else { "a credit SEND" };
-                    return Err(completion_error(failure, self.device, what));
-                }
-                if wc.is_recv() {
-                    self.shared.received[self.first_lane + l].fetch_add(1, Ordering::Release);
-                    pending[l] += 1;
-                    if let Some(id) = wc.imm {
-                        named.push(id);
-                        let bytes = self.windows.range(id).map_or(0, |(_, a, b)| b - a);
-                        self.live.add(bytes, 0, 1, 0);
-                        if let Some(p) = self.progress {
-                            p.fetch_add(bytes, Ordering::Relaxed);
-                        }
-                    }
-                } else {
-                    sends[l] -= 1;
-                }
-            }
-            if !named.is_empty() {
-                self.shared.named[self.index].lock().unwrap_or_else(|p| p.into_inner()).append(&mut named);
-            }
-            if let Some(after) = self.fail_after
-                && self.shared.received[self.first_lane].load(Ordering::Relaxed) >= after
-            {
-                log::warn!("FERRY_TEST_RDMA_QP_ERROR_AFTER: moving QP {} to the error state", self.qps[0].qpn());
-                self.qps[0].set_error()?;
-                self.fail_after = None;
-            }
-            for l in 0..n {
-                if pending[l] >= self.credit_batch && sends[l] < self.send_depth {
-                    self.qps[l].post_recvs(l as u64, pending[l] as usize)?;
-                    self.qps[l].post_empty(l as u64, SendOp::SendImm { imm: pending[l] }, true)?;
-                    sends[l] += 1;
-                    pending[l] = 0;
-                }
+impl Poller {
+    /// What the receiving thread waits on for this poller: its CQ's channel and its stop.
+    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.cq.channel_fd().into_iter().chain([self.shared.stopped[self.index].as_fd()]).collect()
+    }
+
+    /// A turn: the completions there are, handled; `Over` once the session ended or on
+    /// a failure (kept for [`Poller::finish`]).
+    pub(crate) fn turn(&mut self) -> Turn {
+        if self.shared.stop.load(Ordering::Relaxed) {
+            self.outcome = Some(Ok(()));
+            return Turn::Over;
+        }
+        match self.try_turn() {
+            Ok(t) => t,
+            Err(e) => {
+                self.outcome = Some(Err(e));
+                Turn::Over
             }
         }
+    }
+
+    fn try_turn(&mut self) -> Result<Turn, SessionError> {
+        // The channel's event, if it has one, is taken: it stays readable until then.
+        self.cq.wait(Duration::ZERO)?;
+        let mut wcs = [Completion::default(); POLL_BATCH];
+        let mut got = 0;
+        for _ in 0..4 {
+            let n = self.cq.poll(&mut wcs)?;
+            self.completed(&wcs[..n])?;
+            got += n;
+            if n < POLL_BATCH {
+                break;
+            }
+        }
+        if got == 0 {
+            self.empty += 1;
+            if self.empty < EMPTY_TURNS {
+                return Ok(Turn::More);
+            }
+            // Armed, then polled once more: a completion between the last poll and the
+            // arming has no event, and would wait otherwise.
+            self.cq.arm()?;
+            let n = self.cq.poll(&mut wcs)?;
+            self.completed(&wcs[..n])?;
+            if n == 0 {
+                return Ok(Turn::Idle);
+            }
+        }
+        self.empty = 0;
+        Ok(Turn::More)
+    }
+
+    fn completed(&mut self, wcs: &[Completion]) -> Result<(), SessionError> {
+        let sh = &*self.shared;
+        for wc in wcs {
+            let l = wc.wr_id as usize;
+            if let Some(failure) = wc.failure() {
+                let what = if wc.is_recv() { "a receive for RDMA WRITE_WITH_IMM" } else { "a credit SEND" };
+                return Err(completion_error(failure, &sh.device, what));
+            }
+            if wc.is_recv() {
+                self.pending[l] += 1;
+                if let Some(id) = wc.imm {
+                    self.named.push(id);
+                    let bytes = sh.windows.range(id).map_or(0, |(_, a, b)| b - a);
+                    self.live.add(bytes, 0, 1, 0);
+                    if let Some(p) = &sh.progress {
+                        p.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                }
+                // Counted after the window is noted (below, before this turn ends): see
+                // the release store there.
+            } else {
+                self.sends[l] -= 1;
+            }
+        }
+        if !wcs.is_empty() {
+            if !self.named.is_empty() {
+                sh.named[self.index].lock().unwrap_or_else(|p| p.into_inner()).append(&mut self.named);
+            }
+            for wc in wcs.iter().filter(|wc| wc.is_recv()) {
+                // Release pairs with the control thread's acquire: the window ids noted
+                // above are in `named` before the write is counted.
+                sh.received[self.first_lane + wc.wr_id as usize].fetch_add(1, Ordering::Release);
+            }
+        }
+        if let Some(after) = self.fail_after
+            && sh.received[self.first_lane].load(Ordering::Relaxed) >= after
+        {
+            log::warn!("FERRY_TEST_RDMA_QP_ERROR_AFTER: moving QP {} to the error state", self.qps[0].qpn());
+            self.qps[0].set_error()?;
+            self.fail_after = None;
+        }
+        for l in 0..self.qps.len() {
+            if self.pending[l] >= self.credit_batch && self.sends[l] < self.send_depth {
+                self.qps[l].post_recvs(l as u64, self.pending[l] as usize)?;
+                self.qps[l].post_empty(l as u64, SendOp::SendImm { imm: self.pending[l] }, true)?;
+                self.sends[l] += 1;
+                self.pending[l] = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the poller with `failure`, or what its turns came to: its QPs and CQ are
+    /// destroyed first (nothing writes the destination through them after), a failure
+    /// stops the session's other pollers and wakes its control thread, and the end goes
+    /// to the session.
+    pub(crate) fn finish(mut self, failure: Option<SessionError>) {
+        let r = match failure {
+            Some(e) => Err(e),
+            None => self.outcome.take().unwrap_or(Err(SessionError::Stopped)),
+        };
+        let Poller { index, qps, cq, shared, finished, .. } = self;
+        drop(qps);
+        drop(cq);
+        if r.is_err() && !shared.stop.load(Ordering::Relaxed) {
+            shared.stop();
+            let _ = (&shared.wake).write(&[1]);
+        }
+        drop(shared);
+        let _ = finished.send((index, r));
     }
 }
 
@@ -148,59 +244,83 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let hashes = zero_hashes(layout, &key, check)?;
     let written = layout.regions.iter().map(|&b| Written::new(b)).collect::<Result<Vec<_>, _>>()?;
     let fail_after = std::env::var("FERRY_TEST_RDMA_QP_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
-    let received: Vec<AtomicU64> = (0..lanes).map(|_| AtomicU64::new(0)).collect();
-    let named: Vec<Mutex<Vec<u32>>> = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
-    let stop = AtomicBool::new(false);
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
+    let stopped = (0..workers)
+        .map(|_| EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SessionError::io("making a poller's stop counter", e.into()))?;
+    let shared = Arc::new(Shared {
+        received: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
+        named: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+        stop: AtomicBool::new(false),
+        stopped,
+        wake,
+        windows,
+        progress: o.progress.clone(),
+        device: dev.name.clone(),
+    });
     // This session's own counters, one per sender worker (its QPs share a poller).
     let live = crate::live::receiver(o.role, o.session, workers, size);
-    let (results, rounds) = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
-            let shared = Shared { received: &received, named: &named, stop: &stop, wake: &wake };
-            let mut p = Poller {
-                index: w,
-                qps: mine,
-                cq,
-                first_lane: w * qpw,
-                shared,
-                credit_batch,
-                send_depth,
-                device: &dev.name,
-                fail_after: if w == 0 { fail_after } else { None },
-                live: live.worker(w),
-                windows: &windows,
-                progress: o.progress.as_deref(),
-            };
-            handles.push(s.spawn(move || {
-                let r = p.run();
-                if r.is_err() {
-                    p.shared.stop.store(true, Ordering::Relaxed);
-                    let _ = std::io::Write::write(&mut &*p.shared.wake, &[1]);
-                }
-                r
-            }));
+    // Without ferryd's receiving threads, the session's own (an embedded run).
+    let own;
+    let pool = match o.pool {
+        Some(p) => p,
+        None => {
+            own = crate::pool::Pool::for_receiving(o.plan)?;
+            &own
         }
-        let ctx = Rounds {
-            received: &received,
-            named: &named,
-            stop: &stop,
-            woken: &woken,
-            vmm: o.vmm,
-            windows: &windows,
-            memory,
-            hashes: &hashes,
-            key: &key,
-            written: Mutex::new(written),
-            layout_sizes: &layout.regions,
-            check,
+    };
+    let (fin_tx, finished) = mpsc::channel();
+    let mut handed = Ok(0usize);
+    for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
+        let p = Poller {
+            index: w,
+            pending: vec![0; mine.len()],
+            sends: vec![0; mine.len()],
+            qps: mine,
+            cq,
+            first_lane: w * qpw,
+            shared: shared.clone(),
+            credit_batch,
+            send_depth,
+            fail_after: if w == 0 { fail_after } else { None },
+            live: live.worker(w),
+            named: Vec::new(),
+            empty: 0,
+            finished: fin_tx.clone(),
+            outcome: None,
         };
-        let r = ctx.run(ctl, lanes, &mut report);
-        stop.store(true, Ordering::Relaxed);
-        (handles.into_iter().map(|h| h.join().expect("RDMA poller panicked")).collect::<Vec<_>>(), r)
-    });
+        match pool.submit_rx(crate::sink::RxTask::Rdma(Box::new(p)), w) {
+            Ok(()) => handed = handed.map(|n| n + 1),
+            Err(b) => {
+                let (task, e) = *b;
+                drop(task);
+                handed = handed.and(Err(e));
+                break;
+            }
+        }
+    }
+    drop(fin_tx);
+    let ctx = Rounds {
+        shared: &shared,
+        woken: &woken,
+        vmm: o.vmm,
+        memory,
+        hashes: &hashes,
+        key: &key,
+        written: Mutex::new(written),
+        layout_sizes: &layout.regions,
+        check,
+    };
+    let (rounds, n) = match handed {
+        Ok(n) => (ctx.run(ctl, lanes, &mut report), n),
+        Err(e) => (Err(e), 0),
+    };
+    shared.stop();
     // A poller's own failure says what failed; the control thread's is what it saw next.
-    for r in results {
+    let mut results: Vec<_> = finished.iter().take(n).collect();
+    results.sort_by_key(|(w, _)| *w);
+    for (_, r) in results {
         r?;
     }
     let (rounds, ended) = rounds?;
@@ -360,13 +480,10 @@ fn zero_hashes(layout: &Layout, key: &DigestKey, check: Check) -> Result<Vec<Pag
 
 /// The control thread's part of an RDMA session.
 struct Rounds<'a> {
-    received: &'a [AtomicU64],
-    named: &'a [Mutex<Vec<u32>>],
-    stop: &'a AtomicBool,
+    shared: &'a Shared,
     woken: &'a UnixStream,
     /// The destination VMM's connection: when it stirs, the migration is cancelled.
     vmm: Option<BorrowedFd<'a>>,
-    windows: &'a Windows,
     memory: &'a [File],
     hashes: &'a [PageHashes],
     key: &'a DigestKey,
@@ -469,7 +586,7 @@ impl Rounds<'_> {
             self.wait_imms(ctl, &expected, round)?;
             let tv = Instant::now();
             let mut ids = Vec::new();
-            for n in self.named {
+            for n in &self.shared.named {
                 ids.append(&mut n.lock().unwrap_or_else(|p| p.into_inner()));
             }
             let mut at_end = None;
@@ -662,7 +779,7 @@ impl Rounds<'_> {
         loop {
             let mut done = true;
             let mut total = 0;
-            for (l, (r, &e)) in self.received.iter().zip(expected).enumerate() {
+            for (l, (r, &e)) in self.shared.received.iter().zip(expected).enumerate() {
                 // Acquire pairs with the pollers' release: the window ids they noted before
                 // counting are in `named`.
                 let got = r.load(Ordering::Acquire);
@@ -675,7 +792,7 @@ impl Rounds<'_> {
             if done {
                 return Ok(());
             }
-            if self.stop.load(Ordering::Relaxed) {
+            if self.shared.stop.load(Ordering::Relaxed) {
                 return Err(SessionError::Stopped);
             }
             if total != last.0 {
@@ -725,7 +842,8 @@ impl Rounds<'_> {
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                             let Some(&id) = ids.get(i) else { return Ok(()) };
-                            let (region, start, end) = self.windows.range(id).ok_or_else(|| SessionError::from(Violation::NoWindow(id)))?;
+                            let (region, start, end) =
+                                self.shared.windows.range(id).ok_or_else(|| SessionError::from(Violation::NoWindow(id)))?;
                             buf.resize((end - start) as usize, 0);
                             self.memory[region as usize]
                                 .read_exact_at(&mut buf, start)
