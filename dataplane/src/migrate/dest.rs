@@ -15,7 +15,6 @@ use std::io::Write;
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
@@ -120,8 +119,8 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
     let agreed = a.hello.features.get();
     let mut ctl = Ctl::new(a.s, a.keys);
     let r = session(&acc, &mut ctl, agreed, opts).and_then(|(mut incoming, ended, switch)| {
-        // A VMM that left while the last round ran (its watcher may not have stopped the
-        // session in time) is the reason, not the hand-over that would fail on it.
+        // A VMM that left while the last round ran (the control thread watches it only
+        // while it waits) is the reason, not the hand-over that would fail on it.
         if opts.vmm.is_some_and(stirred) {
             return Err(vmm_gone());
         }
@@ -158,31 +157,11 @@ pub fn accept(listener: &TcpListener, opts: &DestOptions<'_>, mut vmm: impl Dest
     r
 }
 
-/// Whether the VMM's connection stirred (readable: it closed, or spoke out of turn), as
-/// [`watch_vmm`] takes it, without waiting.
+/// Whether the VMM's connection stirred (readable: it closed, or spoke out of turn),
+/// without waiting.
 fn stirred(vmm: BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::new(vmm, PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-}
-
-/// Watches the VMM's connection while the session runs: when it stirs, the control thread
-/// is told (a message, and a byte on `wake`), and stops the migration. Returns when `stop`
-/// stirs (the session is over).
-fn watch_vmm(vmm: BorrowedFd<'_>, stop: &UnixStream, tx: &mpsc::Sender<LaneMsg>, wake: &UnixStream, gone: &AtomicBool) {
-    loop {
-        let mut fds = [PollFd::new(vmm, PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => return,
-            Ok(_) => {
-                gone.store(true, Ordering::Release);
-                let _ = tx.send(Err(vmm_gone()));
-                let _ = (&*wake).write(&[1]);
-                return;
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return,
-        }
-    }
 }
 
 /// What a post-copy needs of the pre-copy session: its id, and its page hashes.
@@ -330,7 +309,6 @@ pub(crate) fn receive(
     // A lane that fails, or the VMM leaving, sends its error and wakes the control thread
     // with a byte here, so it never waits on a source that will not speak again.
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
-    let vmm_wake = wake.try_clone().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     // This session's own counters, one per lane.
     let live = Arc::new(crate::live::receiver(o.role, session, usize::from(lanes), size));
     let sink = Arc::new(Sink {
@@ -340,35 +318,27 @@ pub(crate) fn receive(
         live,
         progress: o.progress.clone(),
         postcopy: None,
-        tx: tx.clone(),
+        tx,
         wake,
         idle: ROUND_IDLE_TIMEOUT,
     });
-    let gone = AtomicBool::new(false);
-    // Closed when the session is over: the VMM's watcher returns at once.
-    let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
-    let (rounds, lane_results) = std::thread::scope(|s| {
-        if let Some(vmm) = o.vmm {
-            let (tx, wake, gone, stop) = (tx.clone(), &vmm_wake, &gone, &stop_rx);
-            s.spawn(move || watch_vmm(vmm, stop, &tx, wake, gone));
-        }
-        let mut watch = vec![ctl.s.as_fd()];
-        watch.extend(o.vmm);
-        let (lanes_run, opened) = hand_lanes(acc, pool, &sink, (session, lanes), &watch, Some);
-        let r = match opened {
-            Ok(None) => rounds(ctl, &woken, &rx, lanes, &sink.targets),
-            Ok(Some(0)) => Err(peer_ended(ctl, "waiting for the source's data connections")),
-            Ok(Some(_)) => Err(vmm_gone()),
-            Err(e) => Err(e),
-        };
-        let _ = stop_tx.shutdown(Shutdown::Both);
-        if r.is_err() {
-            lanes_run.shut_down();
-        }
-        (r, lanes_run.wait())
-    });
+    // The control thread watches the VMM's connection (as it waits for lanes, for each
+    // round) beside its own: no thread of the session's waits on it.
+    let mut watch = vec![ctl.s.as_fd()];
+    watch.extend(o.vmm);
+    let (lanes_run, opened) = hand_lanes(acc, pool, &sink, (session, lanes), &watch, Some);
+    let rounds = match opened {
+        Ok(None) => rounds(ctl, (&woken, o.vmm), &rx, lanes, &sink.targets),
+        Ok(Some(0)) => Err(peer_ended(ctl, "waiting for the source's data connections")),
+        Ok(Some(_)) => Err(vmm_gone()),
+        Err(e) => Err(e),
+    };
+    if rounds.is_err() {
+        lanes_run.shut_down();
+    }
+    let lane_results = lanes_run.wait();
     // The VMM leaving is the reason, whatever it broke on its way.
-    if gone.load(Ordering::Acquire) {
+    if o.vmm.is_some_and(stirred) {
         return Err(vmm_gone());
     }
     // A lane's own failure (a frame it refused) beats the control connection closing after
@@ -511,7 +481,7 @@ fn received(
 /// then confirmed; after the last, DONE's digest against the page table.
 fn rounds(
     ctl: &mut Ctl,
-    woken: &UnixStream,
+    (woken, vmm): (&UnixStream, Option<BorrowedFd<'_>>),
     rx: &mpsc::Receiver<LaneMsg>,
     lanes: u16,
     targets: &[Target],
@@ -524,7 +494,10 @@ fn rounds(
     loop {
         let round = reports.len() as u32;
         // The next ROUND, unless a lane or the VMM says the session is over first.
-        await_control(ctl, woken, &[], rx, Some(ROUND_IDLE_TIMEOUT), &format!("waiting for round {round}"))?;
+        let vmm: Vec<BorrowedFd<'_>> = vmm.into_iter().collect();
+        if let Stirred::Watched(_) = await_control(ctl, woken, &vmm, rx, Some(ROUND_IDLE_TIMEOUT), &format!("waiting for round {round}"))? {
+            return Err(vmm_gone());
+        }
         let lane_error = |e| lane_error(rx, e);
         let h = ctl.expect_any(&[Kind::Round, Kind::Switch], &mut buf).map_err(lane_error)?;
         if h.kind == Kind::Switch as u8 {

@@ -85,6 +85,8 @@ pub(crate) struct Poller {
     sends: Vec<u32>,
     named: Vec<u32>,
     empty: u32,
+    /// The CQ is armed and its event not taken yet.
+    armed: bool,
     finished: mpsc::Sender<(usize, Result<(), SessionError>)>,
     outcome: Option<Result<(), SessionError>>,
 }
@@ -112,8 +114,10 @@ impl Poller {
     }
 
     fn try_turn(&mut self) -> Result<Turn, SessionError> {
-        // The channel's event, if it has one, is taken: it stays readable until then.
-        self.cq.wait(Duration::ZERO)?;
+        // The channel's event is taken once it came: the channel stays readable until then.
+        if self.armed && self.cq.wait(Duration::ZERO)? {
+            self.armed = false;
+        }
         let mut wcs = [Completion::default(); POLL_BATCH];
         let mut got = 0;
         for _ in 0..4 {
@@ -132,6 +136,7 @@ impl Poller {
             // Armed, then polled once more: a completion between the last poll and the
             // arming has no event, and would wait otherwise.
             self.cq.arm()?;
+            self.armed = true;
             let n = self.cq.poll(&mut wcs)?;
             self.completed(&wcs[..n])?;
             if n == 0 {
@@ -287,6 +292,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
             live: live.worker(w),
             named: Vec::new(),
             empty: 0,
+            armed: false,
             finished: fin_tx.clone(),
             outcome: None,
         };
