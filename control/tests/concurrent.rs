@@ -1,6 +1,7 @@
 //! Four migrations at once through one pair of ferryd, on each TCP transport: every one
 //! verified byte for byte, and each session counted apart while it runs (its own series
-//! in `/metrics`), the process totals equal to what the four moved once they end.
+//! in `/metrics`), the process totals equal to what the four moved once they end. Their
+//! lanes run on the destination's receiving threads: it starts no thread for them.
 
 mod hostile;
 
@@ -45,6 +46,11 @@ fn sessions(text: &str, role: &str) -> BTreeSet<String> {
     text.lines().filter_map(|l| l.strip_prefix(&prefix)).map(|rest| rest.split('"').next().unwrap().to_string()).collect()
 }
 
+/// The threads process `pid` has now.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+}
+
 fn total(text: &str, series: &str, role: &str) -> u64 {
     let prefix = format!("{series}{{role=\"{role}\",");
     text.lines().filter(|l| l.starts_with(&prefix)).map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap()).sum()
@@ -55,9 +61,11 @@ fn four_migrations_at_once_through_one_pair_of_ferryd() {
     for uring in [false, true] {
         let what = if uring { "io_uring" } else { "sockets" };
         let dir = tempfile::tempdir().unwrap();
-        let p = plan_on(uring);
+        let mut p = plan_on(uring);
+        p.tcp.connections_per_worker = 2;
         let (src, dst) = (Ferryd::start_with(dir.path(), "src", &p, None), Ferryd::start_with(dir.path(), "dst", &p, None));
         let guests: Vec<(File, File)> = (0..4).map(guest).collect();
+        let idle = threads(dst.pid());
         // 8 MiB each at 64 Mbit/s: a second each, all four under way together.
         let opts = OutOptions { rate_limit_mbit: Some(64), ..OutOptions::default() };
         let (seen_src, seen_dst) = std::thread::scope(|s| {
@@ -84,6 +92,21 @@ fn four_migrations_at_once_through_one_pair_of_ferryd() {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+            // All four under way: the destination has a thread per VMM connection (its
+            // control client) and none per session or lane. (A handshake's thread, bounded
+            // and brief, may be ending: the fewest of a few looks.)
+            let during = (0..5)
+                .map(|_| {
+                    std::thread::sleep(Duration::from_millis(20));
+                    threads(dst.pid())
+                })
+                .min()
+                .unwrap();
+            assert!(
+                during <= idle + 4,
+                "{what}: the destination ran {during} threads during four migrations of 2 lanes each, {idle} before"
+            );
+            println!("{what}: destination threads {idle} before, {during} during four migrations (8 lanes)");
             for ((out, waiter), (mem, _)) in runs.into_iter().zip(&guests) {
                 let rep = out.join().unwrap().unwrap_or_else(|e| panic!("{what}: {e}"));
                 let (memory, dest) = waiter.join().unwrap().unwrap();
