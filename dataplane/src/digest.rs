@@ -199,54 +199,46 @@ impl Digest {
         const PIECE: u64 = 1 << 20;
         let next = AtomicU64::new(0);
         let pieces = len.div_ceil(PIECE);
-        std::thread::scope(|s| {
-            let parts: Vec<_> = (0..threads.max(1))
-                .map(|_| {
-                    s.spawn(|| -> std::io::Result<Digest> {
-                        let mut buf = vec![0u8; PIECE as usize];
-                        let mut d = Digest::default();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= pieces {
-                                return Ok(d);
-                            }
-                            let (off, n) = (i * PIECE, (len - i * PIECE).min(PIECE) as usize);
-                            if probe_holes && is_hole(file, off, n as u64) {
-                                d.add_zero_with(h, region, off / page_size as u64, page_size, n as u64);
-                                continue;
-                            }
-                            file.read_exact_at(&mut buf[..n], off)?;
-                            d.add_with(h, region, off / page_size as u64, page_size, &buf[..n]);
-                        }
-                    })
-                })
-                .collect();
-            let mut acc = Digest::default();
-            for p in parts {
-                acc.combine(p.join().expect("digest thread")?);
+        let parts = crate::helpers::fan_out(threads, || -> std::io::Result<Digest> {
+            let mut buf = vec![0u8; PIECE as usize];
+            let mut d = Digest::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= pieces {
+                    return Ok(d);
+                }
+                let (off, n) = (i * PIECE, (len - i * PIECE).min(PIECE) as usize);
+                if probe_holes && is_hole(file, off, n as u64) {
+                    d.add_zero_with(h, region, off / page_size as u64, page_size, n as u64);
+                    continue;
+                }
+                file.read_exact_at(&mut buf[..n], off)?;
+                d.add_with(h, region, off / page_size as u64, page_size, &buf[..n]);
             }
-            Ok(acc)
-        })
+        });
+        let mut acc = Digest::default();
+        for p in parts {
+            acc.combine(p?);
+        }
+        Ok(acc)
     }
 
     /// The digest of a whole region, computed on `threads` threads.
     pub fn of_region(region: u32, page_size: usize, bytes: &[u8], threads: usize) -> Digest {
         let pages = bytes.len().div_ceil(page_size).max(1);
         let per = pages.div_ceil(threads.max(1)) * page_size;
-        std::thread::scope(|s| {
-            let parts: Vec<_> = bytes
-                .chunks(per.max(page_size))
-                .enumerate()
-                .map(|(i, part)| {
-                    s.spawn(move || {
-                        let mut d = Digest::default();
-                        d.add(region, (i * per / page_size) as u64, page_size, part);
-                        d
-                    })
-                })
-                .collect();
-            parts.into_iter().map(|h| h.join().expect("digest thread")).sum()
+        let parts: Vec<&[u8]> = bytes.chunks(per.max(page_size)).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        crate::helpers::fan_out(parts.len(), || {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut d = Digest::default();
+            if let Some(part) = parts.get(i) {
+                d.add(region, (i * per / page_size) as u64, page_size, part);
+            }
+            d
         })
+        .into_iter()
+        .sum()
     }
 }
 

@@ -22,6 +22,8 @@ pub mod digest;
 pub mod encode;
 /// Sending and receiving a region.
 pub mod engine;
+/// Helper threads, started once per process, for work one step fans out across CPUs.
+pub(crate) mod helpers;
 /// The metrics endpoint's HTTP server: one thread polling every client.
 pub mod http;
 /// Reading a data lane's frames: io_uring multishot receive, or plain reads.

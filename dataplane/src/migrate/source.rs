@@ -557,11 +557,7 @@ impl<'a> Source<'a> {
             }
             Ok(())
         };
-        std::thread::scope(|s| {
-            let helpers: Vec<_> = (1..digest_threads().min(pieces.len().max(1))).map(|_| s.spawn(work)).collect();
-            let mine = work();
-            helpers.into_iter().map(|h| h.join().expect("hashing thread panicked")).chain([mine]).collect::<Result<(), _>>()
-        })?;
+        crate::helpers::fan_out(digest_threads().min(pieces.len().max(1)), work).into_iter().collect::<Result<(), _>>()?;
         log::debug!("post-copy: {} stale page(s) hashed (keyed) in {:?}", self.postcopy.stale_pages, t.elapsed());
         Ok(())
     }
@@ -874,18 +870,24 @@ impl<'a> Source<'a> {
         let key = self.digest_key.as_ref();
         let regions = &*self.regions;
         let (done, woken) = Done::new(self.workers.len(), self.abort.clone())?;
-        let (digest, handed, failed, data_seconds) = std::thread::scope(|s| {
-            // The VMM has paused: digest the source beside the last round's lanes.
-            let digest = digest_threads.map(|threads| {
-                s.spawn(move || {
-                    let mut d = Digest::default();
-                    let h = key.map_or(Hashing::Fast, Hashing::Keyed);
-                    for (i, r) in regions.iter().enumerate() {
-                        d.combine(Digest::of_file_with(h, i as u32, PAGE, &r.memory, r.size, threads, r.probe_holes)?);
-                    }
-                    Ok::<_, std::io::Error>(PausedDigest { digest: d, seconds: start.elapsed().as_secs_f64() })
-                })
-            });
+        let mut paused = None;
+        let (handed, failed, data_seconds) = crate::helpers::helpers().in_place_scope(|s| {
+            // The VMM has paused: digest the source beside the last round's lanes, on the
+            // helper threads.
+            if let Some(threads) = digest_threads {
+                let paused = &mut paused;
+                s.spawn(move |_| {
+                    let digest = || {
+                        let mut d = Digest::default();
+                        let h = key.map_or(Hashing::Fast, Hashing::Keyed);
+                        for (i, r) in regions.iter().enumerate() {
+                            d.combine(Digest::of_file_with(h, i as u32, PAGE, &r.memory, r.size, threads, r.probe_holes)?);
+                        }
+                        Ok::<_, std::io::Error>(PausedDigest { digest: d, seconds: start.elapsed().as_secs_f64() })
+                    };
+                    *paused = Some(digest());
+                });
+            }
             // Each worker of the pool takes its part of the session and the round.
             let (mut handed, mut failed) = (0, None);
             for worker in std::mem::take(&mut self.workers) {
@@ -913,11 +915,9 @@ impl<'a> Source<'a> {
                 }
             }
             // The data phase is the workers' (a full digest still running is not).
-            let data_seconds = start.elapsed().as_secs_f64();
-            let digest = digest
-                .map(|d| d.join().expect("digest thread panicked").map_err(|e| SessionError::io("digesting the paused guest memory", e)));
-            (digest, handed, failed, data_seconds)
+            (handed, failed, start.elapsed().as_secs_f64())
         });
+        let digest = paused.map(|d| d.map_err(|e| SessionError::io("digesting the paused guest memory", e)));
         let results = done.take();
         debug_assert_eq!(results.len(), handed);
         let mut c = RoundCounts::default();

@@ -692,31 +692,26 @@ impl Rounds<'_> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(tasks.len()).max(1);
         let next = AtomicU64::new(0);
         let marks: &[Written] = &written;
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| -> Result<(), SessionError> {
-                        let mut buf = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                            let Some(&(region, w)) = tasks.get(i) else { return Ok(()) };
-                            let bits = &marks[region];
-                            let words = &bits.words[..(w + WORDS_PER_TASK).min(bits.words.len())];
-                            let mut failed = None;
-                            crate::worker::dirty_runs(words, w as u64 * 64, (words.len() as u64 * 64).min(bits.pages), &mut |a, b| {
-                                if failed.is_none() {
-                                    failed = self.hash_pages(region as u32, a, b, &mut buf).err();
-                                }
-                            });
-                            if let Some(e) = failed {
-                                return Err(e);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().try_for_each(|h| h.join().expect("hashing thread panicked"))
-        })?;
+        crate::helpers::fan_out(threads, || -> Result<(), SessionError> {
+            let mut buf = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(&(region, w)) = tasks.get(i) else { return Ok(()) };
+                let bits = &marks[region];
+                let words = &bits.words[..(w + WORDS_PER_TASK).min(bits.words.len())];
+                let mut failed = None;
+                crate::worker::dirty_runs(words, w as u64 * 64, (words.len() as u64 * 64).min(bits.pages), &mut |a, b| {
+                    if failed.is_none() {
+                        failed = self.hash_pages(region as u32, a, b, &mut buf).err();
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            }
+        })
+        .into_iter()
+        .collect::<Result<(), _>>()?;
         for b in written.iter_mut() {
             b.words.fill(0);
         }
@@ -840,32 +835,26 @@ impl Rounds<'_> {
     fn hash_windows(&self, ids: &[u32]) -> Result<(), SessionError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(ids.len()).max(1);
         let next = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| -> Result<(), SessionError> {
-                        let mut buf = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                            let Some(&id) = ids.get(i) else { return Ok(()) };
-                            let (region, start, end) =
-                                self.shared.windows.range(id).ok_or_else(|| SessionError::from(Violation::NoWindow(id)))?;
-                            buf.resize((end - start) as usize, 0);
-                            self.memory[region as usize]
-                                .read_exact_at(&mut buf, start)
-                                .map_err(|e| SessionError::io("reading what landed to verify it", e))?;
-                            let first = start / PAGE as u64;
-                            for (k, pg) in buf.chunks(PAGE).enumerate() {
-                                let mut d = Digest::default();
-                                d.add_with(keyed(self.key), region, first + k as u64, PAGE, pg);
-                                self.hashes[region as usize].set(first + k as u64, d);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().try_for_each(|h| h.join().expect("hashing thread panicked"))
+        crate::helpers::fan_out(threads, || -> Result<(), SessionError> {
+            let mut buf = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(&id) = ids.get(i) else { return Ok(()) };
+                let (region, start, end) = self.shared.windows.range(id).ok_or_else(|| SessionError::from(Violation::NoWindow(id)))?;
+                buf.resize((end - start) as usize, 0);
+                self.memory[region as usize]
+                    .read_exact_at(&mut buf, start)
+                    .map_err(|e| SessionError::io("reading what landed to verify it", e))?;
+                let first = start / PAGE as u64;
+                for (k, pg) in buf.chunks(PAGE).enumerate() {
+                    let mut d = Digest::default();
+                    d.add_with(keyed(self.key), region, first + k as u64, PAGE, pg);
+                    self.hashes[region as usize].set(first + k as u64, d);
+                }
+            }
         })
+        .into_iter()
+        .collect()
     }
 }
 
