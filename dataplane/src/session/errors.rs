@@ -236,7 +236,7 @@ pub enum Bug {
     NoSuchWorker { index: usize, size: usize },
     #[error("a sending worker panicked: the round is abandoned")]
     WorkerPanicked,
-    #[error("a lane's thread panicked")]
+    #[error("a receiving thread panicked in a turn of this session: its lane or poller ends")]
     LanePanicked,
     #[error("a lane still held its session's memory after every lane had ended")]
     LaneLeftOver,
