@@ -168,6 +168,15 @@ impl Pool {
         Ok(pool)
     }
 
+    /// `shared` (ferryd's), or else receiving threads of the caller's own, kept in `own`
+    /// for as long as the caller runs (an embedded run has no ferryd).
+    pub(crate) fn receivers<'p>(shared: Option<&'p Pool>, plan: &Plan, own: &'p mut Option<Pool>) -> Result<&'p Pool, SessionError> {
+        match shared {
+            Some(p) => Ok(p),
+            None => Ok(own.insert(Pool::for_receiving(plan)?)),
+        }
+    }
+
     /// The sending threads, each with its arena.
     fn start_senders(&mut self, plan: &Plan) -> Result<(), SessionError> {
         let chunk = plan.chunk_size_bytes as usize;

@@ -98,6 +98,8 @@ pub(crate) struct LaneDone {
 
 /// A lane's place in its session, between frames.
 struct LaneState {
+    /// The lane's counters in its session's.
+    live: crate::live::WorkerCounters,
     dec: Decoder,
     round: u32,
     this: RoundCounts,
@@ -201,6 +203,7 @@ impl LaneRun {
     /// Lane `n` on `s`, whose frames `rx` checks.
     fn with(sink: Arc<Sink>, finished: mpsc::Sender<(u16, LaneFinish)>, s: TcpStream, n: u16, rx: Seal) -> LaneRun {
         let state = LaneState {
+            live: sink.live.worker(usize::from(n)),
             dec: Decoder::default(),
             round: 0,
             this: RoundCounts::default(),
@@ -288,7 +291,6 @@ impl LaneState {
     /// reported, LANE_END (`true`: the lane is over).
     fn frame(&mut self, sink: &Sink, n: u16, h: Header, kind: Kind, payload: &Payload<'_>) -> Result<bool, SessionError> {
         let arrived = Instant::now();
-        let live = sink.live.worker(usize::from(n));
         match kind {
             Kind::Data if sink.postcopy.is_some() => {
                 let pc = sink.postcopy.as_ref().expect("checked");
@@ -297,14 +299,14 @@ impl LaneState {
                 self.this.frames += 1;
                 self.this.pages += pages;
                 self.this.wire_bytes += wire;
-                live.add(u64::from(h.raw_len.get()), wire, 1, 0);
+                self.live.add(u64::from(h.raw_len.get()), wire, 1, 0);
             }
             Kind::Data => {
                 let zero0 = self.this.zero_pages;
                 let raw_len = self.data(sink, &h, payload)?;
                 let wire = (HEADER_LEN + payload.len() + TAG_LEN) as u64;
                 let zero = self.this.zero_pages - zero0;
-                live.add(u64::from(raw_len), wire, 1, zero);
+                self.live.add(u64::from(raw_len), wire, 1, zero);
                 self.latency.saturating_record(arrived.elapsed().as_micros() as u64);
                 if let Some(p) = &sink.progress {
                     p.fetch_add(u64::from(raw_len), Ordering::Relaxed);
@@ -421,6 +423,8 @@ struct Lanes {
     slots: Vec<Option<Active>>,
     /// Slots to step next, each once ([`Lanes::queued`]).
     ready: Vec<usize>,
+    /// The slots being stepped (kept, with `ready`, so stepping allocates nothing).
+    batch: Vec<usize>,
     queued: Vec<bool>,
     spare: Vec<Arena>,
 }
@@ -477,7 +481,9 @@ impl Lanes {
 
     /// A turn for each task that may have more.
     fn step(&mut self) {
-        for slot in std::mem::take(&mut self.ready) {
+        std::mem::swap(&mut self.ready, &mut self.batch);
+        for i in 0..self.batch.len() {
+            let slot = self.batch[i];
             self.queued[slot] = false;
             let Some(active) = self.slots[slot].as_mut() else { continue };
             // A panic in a turn fails that task only: the thread serves on.
@@ -488,6 +494,7 @@ impl Lanes {
                 Err(_) => self.end(slot, Some(Bug::LanePanicked.into())),
             }
         }
+        self.batch.clear();
     }
 
     /// Fails every lane silent for longer than its session allows.
@@ -516,7 +523,7 @@ pub(crate) fn watch_inbox(inbox: &LaneInbox) -> std::io::Result<Epoll> {
 /// frames, and waits in epoll when none has. On stop, every lane it still holds ends as
 /// stopped.
 pub(crate) fn serve(inbox: &LaneInbox, epoll: Epoll) {
-    let mut lanes = Lanes { epoll, slots: Vec::new(), ready: Vec::new(), queued: Vec::new(), spare: Vec::new() };
+    let mut lanes = Lanes { epoll, slots: Vec::new(), ready: Vec::new(), batch: Vec::new(), queued: Vec::new(), spare: Vec::new() };
     let mut events = [EpollEvent::empty(); 64];
     let mut checked = Instant::now();
     loop {

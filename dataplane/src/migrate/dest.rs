@@ -295,16 +295,9 @@ pub(crate) fn receive(
         let own = m.try_clone().map_err(|e| SessionError::io("opening the destination memory for the lanes", e))?;
         targets.push(Target { dest: Dest::new(own, bytes, PAGE as u64)?, hashes: PageHashes::new(super::pages(bytes))? });
     }
-    // Without ferryd's receiving threads, the session's own, for its lifetime (an
-    // embedded run).
-    let own;
-    let pool = match o.pool {
-        Some(p) => p,
-        None => {
-            own = crate::pool::Pool::for_receiving(o.plan)?;
-            &own
-        }
-    };
+    // Without ferryd's receiving threads, the run's own (an embedded run).
+    let mut own = None;
+    let pool = crate::pool::Pool::receivers(o.pool, o.plan, &mut own)?;
     let (tx, rx) = mpsc::channel::<LaneMsg>();
     // A lane that fails, or the VMM leaving, sends its error and wakes the control thread
     // with a byte here, so it never waits on a source that will not speak again.

@@ -92,15 +92,9 @@ fn serve(
 ) -> Result<(Vec<crate::migrate::RoundReport>, Digest, u32), SessionError> {
     let pair = || UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e));
     let ((stop_tx, stop_rx), (failed_tx, failed_rx)) = (pair()?, pair()?);
-    // Without ferryd's receiving threads, the migration's own (an embedded run).
-    let own;
-    let pool = match opts.pool {
-        Some(p) => p,
-        None => {
-            own = crate::pool::Pool::for_receiving(opts.plan)?;
-            &own
-        }
-    };
+    // Without ferryd's receiving threads, the run's own (an embedded run).
+    let mut own = None;
+    let pool = crate::pool::Pool::receivers(opts.pool, opts.plan, &mut own)?;
     std::thread::scope(|s| {
         let faults = s.spawn(|| pc.serve_faults(&stop_rx, &failed_tx));
         let r = (|| {

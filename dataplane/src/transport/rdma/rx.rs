@@ -266,15 +266,9 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     });
     // This session's own counters, one per sender worker (its QPs share a poller).
     let live = crate::live::receiver(o.role, o.session, workers, size);
-    // Without ferryd's receiving threads, the session's own (an embedded run).
-    let own;
-    let pool = match o.pool {
-        Some(p) => p,
-        None => {
-            own = crate::pool::Pool::for_receiving(o.plan)?;
-            &own
-        }
-    };
+    // Without ferryd's receiving threads, the run's own (an embedded run).
+    let mut own = None;
+    let pool = crate::pool::Pool::receivers(o.pool, o.plan, &mut own)?;
     let (fin_tx, finished) = mpsc::channel();
     let mut handed = Ok(0usize);
     for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
