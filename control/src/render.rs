@@ -244,6 +244,15 @@ pub fn status(v: &dataplane::protocol::Status) -> String {
         "ferryd up {:.0} s: transport {}, {} worker(s), compression {}",
         st.uptime_seconds, v.plan.transport, v.plan.workers, v.plan.compression
     );
+    let pool = &v.pool;
+    let _ = writeln!(
+        s,
+        "  pool: sending threads on CPUs {:?}, {} chunk(s) of {} KiB each; receiving threads hold {:?} lane(s) or poller(s)",
+        pool.cpus,
+        pool.chunks_per_worker,
+        pool.chunk_bytes >> 10,
+        pool.receiving
+    );
     for p in &st.progress {
         let _ = writeln!(s, "  {}", session_progress(p));
     }
@@ -286,7 +295,7 @@ mod tests {
     fn status_lists_workers_and_their_latency() {
         let v = serde_json::json!({
             "draining": false,
-            "pool": {"cpus": [0, 1], "chunk_bytes": 262144, "chunks_per_worker": 64},
+            "pool": {"cpus": [0, 1], "chunk_bytes": 262144, "chunks_per_worker": 64, "receiving": [2, 0]},
             "plan": {"transport": "tcp (io_uring)", "workers": 2, "compression": "off"},
             "status": {
                 "uptime_seconds": 5.0,
@@ -299,6 +308,7 @@ mod tests {
         });
         let s = status(&serde_json::from_value(v).unwrap());
         assert!(s.contains("  recv: region bytes 100  wire bytes 80\n  zero pages 3\n"), "{s}");
+        assert!(s.contains("pool: sending threads on CPUs [0, 1], 64 chunk(s) of 256 KiB each; receiving threads hold [2, 0]"), "{s}");
         assert!(s.contains("recv worker 1 frame write latency us: p50 12 p95 30 p99 41 max 90"), "{s}");
         assert!(s.contains("recv worker 1: region bytes 100  wire bytes 80  frames 4  zero pages 3"), "{s}");
     }

@@ -95,13 +95,15 @@ fn four_migrations_at_once_through_one_pair_of_ferryd() {
             // All four under way: the destination has a thread per VMM connection (its
             // control client) and none per session or lane. (A handshake's thread, bounded
             // and brief, may be ending: the fewest of a few looks.)
-            let during = (0..5)
-                .map(|_| {
-                    std::thread::sleep(Duration::from_millis(20));
-                    threads(dst.pid())
-                })
-                .min()
-                .unwrap();
+            let (mut during, mut held) = (usize::MAX, 0);
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(20));
+                during = during.min(threads(dst.pid()));
+                let st = dst.status();
+                held = held.max(st["pool"]["receiving"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum::<u64>());
+            }
+            // Its receiving threads hold the eight lanes (`status` says so).
+            assert_eq!(held, 8, "{what}: the lanes the receiving threads hold");
             assert!(
                 during <= idle + 4,
                 "{what}: the destination ran {during} threads during four migrations of 2 lanes each, {idle} before"

@@ -589,6 +589,7 @@ impl Daemon {
                     cpus: self.pool.cpus(),
                     chunk_bytes: self.pool.chunk(),
                     chunks_per_worker: self.pool.chunks_per_worker(),
+                    receiving: self.pool.receiving(),
                 },
             })),
             Request::Recv { listen, out, timeout_s, progress } => say(self.recv(&listen, &out, timeout_s, &say, progress)),

@@ -257,6 +257,11 @@ impl Pool {
         self.members.len()
     }
 
+    /// Per receiving thread, the lanes and RDMA pollers it holds now.
+    pub fn receiving(&self) -> Vec<usize> {
+        self.receivers.iter().map(|r| r.inbox.held.load(Ordering::Relaxed)).collect()
+    }
+
     /// The chunk size the arenas are cut to.
     pub fn chunk(&self) -> usize {
         self.chunk

@@ -188,6 +188,10 @@ pub struct StatusPool {
     pub cpus: Vec<u32>,
     pub chunk_bytes: usize,
     pub chunks_per_worker: usize,
+    /// Per receiving thread (in the order of `cpus`): the lanes and RDMA pollers it holds
+    /// now. Empty from a ferryd before receiving threads.
+    #[serde(default)]
+    pub receiving: Vec<usize>,
 }
 
 /// A final reply that succeeded: `body`'s fields and `"ok": true`.

@@ -20,7 +20,7 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -398,6 +398,8 @@ fn check_round_end(n: u16, round: u32, this: &RoundCounts, end: &wire::RoundEnd)
 /// A receiving thread's mailbox: lanes in, and a counter that wakes its epoll.
 pub(crate) struct LaneInbox {
     pub tasks: ArrayQueue<RxTask>,
+    /// The tasks the thread holds (for `status`).
+    pub held: AtomicUsize,
     pub wake: EventFd,
     pub stop: AtomicBool,
 }
@@ -405,7 +407,7 @@ pub(crate) struct LaneInbox {
 impl LaneInbox {
     pub(crate) fn new() -> std::io::Result<LaneInbox> {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        Ok(LaneInbox { tasks: ArrayQueue::new(LANES_PER_THREAD), wake, stop: AtomicBool::new(false) })
+        Ok(LaneInbox { tasks: ArrayQueue::new(LANES_PER_THREAD), held: AtomicUsize::new(0), wake, stop: AtomicBool::new(false) })
     }
 
     /// Wakes the thread: a lane is queued, or it is to stop.
@@ -427,6 +429,8 @@ struct Lanes {
     batch: Vec<usize>,
     queued: Vec<bool>,
     spare: Vec<Arena>,
+    /// The tasks in `slots`.
+    held: usize,
 }
 
 impl Lanes {
@@ -467,12 +471,14 @@ impl Lanes {
         }
         drop(fds);
         self.slots[slot] = Some(active);
+        self.held += 1;
         self.want(slot);
     }
 
     /// Ends the task in `slot`, with `failure` or its own outcome.
     fn end(&mut self, slot: usize, failure: Option<SessionError>) {
         let Some(active) = self.slots[slot].take() else { return };
+        self.held -= 1;
         for fd in active.fds() {
             let _ = self.epoll.delete(fd);
         }
@@ -508,7 +514,7 @@ impl Lanes {
     }
 
     fn is_empty(&self) -> bool {
-        self.slots.iter().all(Option::is_none)
+        self.held == 0
     }
 }
 
@@ -523,7 +529,8 @@ pub(crate) fn watch_inbox(inbox: &LaneInbox) -> std::io::Result<Epoll> {
 /// frames, and waits in epoll when none has. On stop, every lane it still holds ends as
 /// stopped.
 pub(crate) fn serve(inbox: &LaneInbox, epoll: Epoll) {
-    let mut lanes = Lanes { epoll, slots: Vec::new(), ready: Vec::new(), batch: Vec::new(), queued: Vec::new(), spare: Vec::new() };
+    let mut lanes =
+        Lanes { epoll, slots: Vec::new(), ready: Vec::new(), batch: Vec::new(), queued: Vec::new(), spare: Vec::new(), held: 0 };
     let mut events = [EpollEvent::empty(); 64];
     let mut checked = Instant::now();
     loop {
@@ -568,6 +575,7 @@ pub(crate) fn serve(inbox: &LaneInbox, epoll: Epoll) {
         if lanes.is_empty() {
             lanes.ready.clear();
         }
+        inbox.held.store(lanes.held, Ordering::Relaxed);
     }
 }
 
