@@ -55,6 +55,13 @@ listening() {
   while ! grep -q ":$p [0-9A-F]*:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && return 1; sleep 0.1; done
 }
 section() { echo "=== $1-BEGIN"; cat "$2"; echo "=== $1-END uptime $(cut -d' ' -f1 /proc/uptime)"; }
+# kill_demo_ferryd LOG TEXT: once TEXT shows up in the running demo's LOG (source.log or
+# destination.log; 60 s at most), kills that side's ferryd (-9)
+kill_demo_ferryd() {
+  i=0; while ! grep -q "$2" /tmp/ferry-demo-*/"$1" 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done
+  side=${1%.log}
+  for p in /proc/[0-9]*; do grep -q "$side.sock" $p/cmdline 2>/dev/null && kill -9 ${p#/proc/}; done
+}
 "#;
 
 /// ferryctl and the ferryd beside it, as cargo built them for the tests.
@@ -344,9 +351,7 @@ section qp-error /tmp/qperr.log
 # The destination ferryd is killed mid-round, once its QPs are connected.
 $F demo --size-mib 64 --dirty-rate-mbs 4 --transport rdma > /dev/null 2> /tmp/dk.log &
 D=$!
-i=0
-while ! grep -q "QP(s) connected" /tmp/ferry-demo-*/destination.log 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done
-for p in /proc/[0-9]*; do grep -q destination.sock $p/cmdline 2>/dev/null && kill -9 ${p#/proc/}; done
+kill_demo_ferryd destination.log "QP(s) connected"
 wait $D
 echo "rc=$?" >> /tmp/dk.log
 section dest-killed /tmp/dk.log
@@ -503,9 +508,7 @@ unset FERRY_TEST_RDMA_READ_ERROR_AFTER
 printf '[migration]\nrecover_s = 3\n' > /tmp/recover.toml
 $F demo --size-mib 32 --dirty-rate-mbs 3000 --pattern uniform --transport rdma --postcopy --switch-after-rounds 2 --prealloc --config /tmp/recover.toml > /dev/null 2> /tmp/sk.log &
 D=$!
-i=0
-while ! grep -q "reads faulting pages with RDMA READs" /tmp/ferry-demo-*/source.log 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done
-for p in /proc/[0-9]*; do grep -q source.sock $p/cmdline 2>/dev/null && kill -9 ${p#/proc/}; done
+kill_demo_ferryd source.log "reads faulting pages with RDMA READs"
 wait $D
 echo "rc=$?" >> /tmp/sk.log
 section source-killed /tmp/sk.log
