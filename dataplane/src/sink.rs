@@ -248,7 +248,7 @@ impl LaneRun {
                 }
             };
             *last = Instant::now();
-            match state.frame(sink, *n, h, kind, &payload) {
+            match state.frame(sink, (*n, *last), h, kind, &payload) {
                 Ok(false) => {}
                 Ok(true) => {
                     let uring = reader.uring();
@@ -287,10 +287,16 @@ impl LaneRun {
 }
 
 impl LaneState {
-    /// One frame of lane `n`: DATA into the destination, a ROUND_END checked and
-    /// reported, LANE_END (`true`: the lane is over).
-    fn frame(&mut self, sink: &Sink, n: u16, h: Header, kind: Kind, payload: &Payload<'_>) -> Result<bool, SessionError> {
-        let arrived = Instant::now();
+    /// One frame of lane `n`, whole since `arrived`: DATA into the destination, a
+    /// ROUND_END checked and reported, LANE_END (`true`: the lane is over).
+    fn frame(
+        &mut self,
+        sink: &Sink,
+        (n, arrived): (u16, Instant),
+        h: Header,
+        kind: Kind,
+        payload: &Payload<'_>,
+    ) -> Result<bool, SessionError> {
         match kind {
             Kind::Data if sink.postcopy.is_some() => {
                 let pc = sink.postcopy.as_ref().expect("checked");

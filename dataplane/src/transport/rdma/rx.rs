@@ -270,7 +270,8 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     let mut own = None;
     let pool = crate::pool::Pool::receivers(o.pool, o.plan, &mut own)?;
     let (fin_tx, finished) = mpsc::channel();
-    let mut handed = Ok(0usize);
+    // Pollers handed to the receiving threads, and why the next one could not be.
+    let (mut handed, mut refused) = (0usize, None);
     for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
         let p = Poller {
             index: w,
@@ -291,11 +292,9 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
             outcome: None,
         };
         match pool.submit_rx(crate::sink::RxTask::Rdma(Box::new(p)), w) {
-            Ok(()) => handed = handed.map(|n| n + 1),
+            Ok(()) => handed += 1,
             Err(b) => {
-                let (task, e) = *b;
-                drop(task);
-                handed = handed.and(Err(e));
+                refused = Some(b.1);
                 break;
             }
         }
@@ -312,13 +311,14 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
         layout_sizes: &layout.regions,
         check,
     };
-    let (rounds, n) = match handed {
-        Ok(n) => (ctx.run(ctl, lanes, &mut report), n),
-        Err(e) => (Err(e), 0),
+    let rounds = match refused {
+        None => ctx.run(ctl, lanes, &mut report),
+        Some(e) => Err(e),
     };
     shared.stop();
+    // Every poller handed over has ended (its QPs with it) before the registrations go.
     // A poller's own failure says what failed; the control thread's is what it saw next.
-    let mut results: Vec<_> = finished.iter().take(n).collect();
+    let mut results: Vec<_> = finished.iter().take(handed).collect();
     results.sort_by_key(|(w, _)| *w);
     for (_, r) in results {
         r?;
