@@ -48,6 +48,8 @@ struct Qmp {
     events: std::collections::VecDeque<Value>,
     /// A RESUME event went by: the guest ran.
     resumed: bool,
+    /// Commands sent: the id of the last.
+    sent: u64,
 }
 
 impl Qmp {
@@ -63,7 +65,7 @@ impl Qmp {
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: Default::default(), resumed: false };
+        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: Default::default(), resumed: false, sent: 0 };
         q.read(); // greeting
         q.cmd("qmp_capabilities", json!({}));
         // MIGRATION events on every status change, to wait on instead of polling.
@@ -97,12 +99,21 @@ impl Qmp {
         }
     }
 
+    /// Sends a command with an id of its own and waits for the reply that carries it: a
+    /// reply is never taken for another command's (a message that is neither an event nor
+    /// this reply is printed and passed over).
     fn try_cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
-        writeln!(self.w, "{}", json!({"execute": name, "arguments": args})).unwrap();
+        self.sent += 1;
+        let id = self.sent;
+        writeln!(self.w, "{}", json!({"execute": name, "arguments": args, "id": id})).unwrap();
         loop {
             let v = self.read();
             if v.get("event").is_some() {
                 self.events.push_back(v);
+                continue;
+            }
+            if v["id"] != id {
+                eprintln!("QMP: passed over a message that is not the reply to {name} (id {id}): {v}");
                 continue;
             }
             if let Some(e) = v.get("error") {
@@ -117,7 +128,8 @@ impl Qmp {
     }
 
     fn status(&mut self) -> String {
-        self.cmd("query-status", json!({}))["status"].as_str().unwrap().to_string()
+        let v = self.cmd("query-status", json!({}));
+        v["status"].as_str().unwrap_or_else(|| panic!("query-status replied {v}")).to_string()
     }
 }
 
