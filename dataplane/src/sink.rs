@@ -57,6 +57,24 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// A lane's message to its session's control thread: one per round, or its failure.
 pub(crate) type LaneMsg = Result<(u16, u32, RoundCounts), SessionError>;
 
+/// The bounded queue on which a session's lanes report to its control thread: each
+/// lane's end of the round the session is in (a source starts a round only once the
+/// control thread, holding every lane's end of the last, confirmed it) and each lane's
+/// failure, and one more for a failure the control side itself reports (a lane that
+/// could not be handed over). A lane that ends rounds faster than its session confirms
+/// them fails instead of queueing ([`Violation::LaneAhead`]). (std's bounded channel is
+/// crossbeam's lock-free array queue, with a receive that waits, which the control thread
+/// needs.)
+pub(crate) fn reports(lanes: u16) -> (mpsc::SyncSender<LaneMsg>, mpsc::Receiver<LaneMsg>) {
+    mpsc::sync_channel(2 * usize::from(lanes) + 1)
+}
+
+/// Where `tasks` tasks handed to the receiving threads report their ends: a bounded
+/// queue with room for each task's one end, so a receiving thread never waits on it.
+pub(crate) fn ends<T>(tasks: usize) -> (mpsc::SyncSender<T>, mpsc::Receiver<T>) {
+    mpsc::sync_channel(tasks.max(1))
+}
+
 /// A lane's end: what it counted over the session, or that it stopped.
 pub(crate) type LaneFinish = Result<LaneDone, SessionError>;
 
@@ -80,7 +98,7 @@ pub(crate) struct Sink {
     pub postcopy: Option<Arc<crate::migrate::postcopy::Placement>>,
     /// The session's control thread: each round's counts, and a lane's failure (with a
     /// byte on `wake`, so it never waits on a source that will not speak again).
-    pub tx: mpsc::Sender<LaneMsg>,
+    pub tx: mpsc::SyncSender<LaneMsg>,
     pub wake: UnixStream,
     /// A lane silent this long fails.
     pub idle: Duration,
@@ -112,7 +130,7 @@ struct LaneState {
 /// One lane of a session, handed to a receiving thread.
 pub(crate) struct LaneRun {
     sink: Arc<Sink>,
-    finished: mpsc::Sender<(u16, LaneFinish)>,
+    finished: mpsc::SyncSender<(u16, LaneFinish)>,
     s: TcpStream,
     n: u16,
     /// The lane's receiving keys, until its reader is made (on the thread that reads).
@@ -195,13 +213,13 @@ impl Active {
 
 impl LaneRun {
     /// Lane `a` of the session whose lanes share `sink`; its end goes to `finished`.
-    pub(crate) fn new(sink: Arc<Sink>, finished: mpsc::Sender<(u16, LaneFinish)>, a: Authed) -> LaneRun {
+    pub(crate) fn new(sink: Arc<Sink>, finished: mpsc::SyncSender<(u16, LaneFinish)>, a: Authed) -> LaneRun {
         let Authed { s, hello, keys, .. } = a;
         LaneRun::with(sink, finished, s, hello.lane.get(), keys.rx)
     }
 
     /// Lane `n` on `s`, whose frames `rx` checks.
-    fn with(sink: Arc<Sink>, finished: mpsc::Sender<(u16, LaneFinish)>, s: TcpStream, n: u16, rx: Seal) -> LaneRun {
+    fn with(sink: Arc<Sink>, finished: mpsc::SyncSender<(u16, LaneFinish)>, s: TcpStream, n: u16, rx: Seal) -> LaneRun {
         let state = LaneState {
             live: sink.live.worker(usize::from(n)),
             dec: Decoder::default(),
@@ -267,7 +285,8 @@ impl LaneRun {
 
     /// Reports the lane's end: a failure to the control thread first (it is the
     /// session's reason), then the end on `finished`, after the lane let go of the
-    /// session's shared part. Its buffer goes back to `spare`.
+    /// session's shared part; a failure that did not fit in the reports (the lane's own
+    /// filled them) goes with the end. Its buffer goes back to `spare`.
     fn finish(self, reader: Option<LaneReader>, r: LaneFinish, spare: &mut Vec<Arena>) {
         let LaneRun { sink, finished, n, s, .. } = self;
         if let Some(arena) = reader.and_then(LaneReader::into_arena)
@@ -277,12 +296,16 @@ impl LaneRun {
         }
         drop(s);
         let r = r.map_err(|e| {
-            let _ = sink.tx.send(Err(e));
+            let kept = match sink.tx.try_send(Err(e)) {
+                Err(mpsc::TrySendError::Full(Err(e))) => e,
+                _ => SessionError::Stopped,
+            };
             let _ = (&sink.wake).write(&[1]);
-            SessionError::Stopped
+            kept
         });
         drop(sink);
-        let _ = finished.send((n, r));
+        // The queue has room for every lane's end.
+        let _ = finished.try_send((n, r));
     }
 }
 
@@ -326,9 +349,11 @@ impl LaneState {
                 }
                 check_round_end(n, self.round, &self.this, &end)?;
                 self.total += self.this;
-                if sink.tx.send(Ok((n, self.round, self.this))).is_err() {
+                match sink.tx.try_send(Ok((n, self.round, self.this))) {
+                    Ok(()) => {}
+                    Err(mpsc::TrySendError::Full(_)) => return Err(Violation::LaneAhead { lane: n, round: self.round }.into()),
                     // The control thread has gone: the session ended without this lane.
-                    return Err(SessionError::Stopped);
+                    Err(mpsc::TrySendError::Disconnected(_)) => return Err(SessionError::Stopped),
                 }
                 self.this = RoundCounts::default();
                 self.round += 1;
@@ -601,20 +626,20 @@ mod tests {
     struct Session {
         sink: Arc<Sink>,
         msgs: mpsc::Receiver<LaneMsg>,
-        fin_tx: mpsc::Sender<(u16, LaneFinish)>,
+        fin_tx: mpsc::SyncSender<(u16, LaneFinish)>,
         finished: mpsc::Receiver<(u16, LaneFinish)>,
     }
 
     /// A session of one 64 KiB region whose lanes fail after `idle` of silence.
     fn session(plan: &Plan, idle: Duration) -> Session {
-        let (tx, msgs) = mpsc::channel();
+        let (tx, msgs) = reports(1);
         let (wake, _woken) = UnixStream::pair().unwrap();
         let mem = hw::memmap::memfd("sink", 64 << 10, false).unwrap();
         let layout = Layout { page_size: PAGE as u32, max_chunk: 64 << 10, regions: vec![64 << 10] };
         let targets = vec![Target { dest: Dest::new(mem, 64 << 10, PAGE as u64).unwrap(), hashes: PageHashes::new(16).unwrap() }];
         let live = Arc::new(crate::live::receiver(crate::live::Role::Recv, 0x51, 1, 64 << 10));
         let sink = Sink { layout, targets, plan: plan.clone(), live, progress: None, postcopy: None, tx, wake, idle };
-        let (fin_tx, finished) = mpsc::channel();
+        let (fin_tx, finished) = ends(1);
         Session { sink: Arc::new(sink), msgs, fin_tx, finished }
     }
 
@@ -700,5 +725,30 @@ mod tests {
         drop(pool);
         assert!(matches!(open.msgs.recv_timeout(WAIT).unwrap(), Err(SessionError::Stopped)));
         assert!(open.finished.recv_timeout(WAIT).unwrap().1.is_err());
+    }
+
+    /// A lane whose peer ends rounds without waiting for its session to confirm them
+    /// fails once the session's reports are full, instead of queueing without end; the
+    /// rounds it ended before are all there.
+    #[test]
+    fn a_lane_that_runs_ahead_of_its_session_fails() {
+        let plan = crate::pool::tests::plan();
+        let pool = Pool::for_receiving(&plan).unwrap();
+        let s = session(&plan, WAIT);
+        let (mut c, mut t) = lane(&pool, &s);
+        for round in 0..8 {
+            // The lane may have failed and closed already: later writes can fail.
+            if write_frame(&mut c, &mut t, Kind::RoundEnd, round_end(round).as_bytes()).is_err() {
+                break;
+            }
+        }
+        // The failure did not fit behind the reports: it comes with the lane's end.
+        let (_, end) = s.finished.recv_timeout(WAIT).expect("the lane ends");
+        let e = end.err().expect("the lane failed");
+        assert!(matches!(e, SessionError::Protocol(Violation::LaneAhead { lane: 0, round: 3 })), "{e}");
+        let msgs: Vec<LaneMsg> = s.msgs.try_iter().collect();
+        let rounds: Vec<u32> = msgs.iter().filter_map(|m| m.as_ref().ok().map(|(_, r, _)| *r)).collect();
+        assert_eq!(rounds, [0, 1, 2], "the reports' room for one lane: {msgs:?}");
+        assert!(msgs.iter().all(Result::is_ok));
     }
 }

@@ -298,7 +298,7 @@ pub(crate) fn receive(
     // Without ferryd's receiving threads, the run's own (an embedded run).
     let mut own = None;
     let pool = crate::pool::Pool::receivers(o.pool, o.plan, &mut own)?;
-    let (tx, rx) = mpsc::channel::<LaneMsg>();
+    let (tx, rx) = crate::sink::reports(lanes);
     // A lane that fails, or the VMM leaving, sends its error and wakes the control thread
     // with a byte here, so it never waits on a source that will not speak again.
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
@@ -329,38 +329,43 @@ pub(crate) fn receive(
     if rounds.is_err() {
         lanes_run.shut_down();
     }
-    let lane_results = lanes_run.wait();
+    let mut lane_results = lanes_run.wait();
     // The VMM leaving is the reason, whatever it broke on its way.
     if o.vmm.is_some_and(stirred) {
         return Err(vmm_gone());
     }
     // A lane's own failure (a frame it refused) beats the control connection closing after
-    // it, which is only what the source did next. Each lane sent its failure before it
-    // ended, so every one not yet read is on `rx` now.
-    // Of the lanes' failures, the first that is not a closed connection (that one only if
-    // it is all there is).
-    let lane_failure = || {
-        let closed = |l: &SessionError| matches!(l, SessionError::PeerClosed { .. });
-        let mut failures = std::iter::from_fn(|| rx.try_recv().ok()).filter_map(Result::err).collect::<Vec<_>>();
-        let i = failures.iter().position(|l| !closed(l)).unwrap_or(0);
-        (i < failures.len()).then(|| failures.swap_remove(i))
-    };
+    // it, which is only what the source did next.
     let (rounds, ended) = match rounds {
         Ok(r) => r,
         Err(e @ (SessionError::PeerClosed { .. } | SessionError::Io { .. })) => {
-            return Err(lane_failure().filter(|l| !matches!(l, SessionError::PeerClosed { .. })).unwrap_or(e));
+            return Err(lane_failure(&rx, &mut lane_results).filter(|l| !matches!(l, SessionError::PeerClosed { .. })).unwrap_or(e));
         }
+        Err(SessionError::Stopped) => return Err(lane_failure(&rx, &mut lane_results).unwrap_or(SessionError::Stopped)),
         Err(e) => return Err(e),
     };
     // The rounds ended well but a lane failed after: its own failure.
     if lane_results.iter().any(Result::is_err) {
-        return Err(lane_failure().unwrap_or(SessionError::Stopped));
+        return Err(lane_failure(&rx, &mut lane_results).unwrap_or(SessionError::Stopped));
     }
     // Every lane has ended and let go of the sink.
     let targets = Arc::try_unwrap(sink).map_err(|_| Bug::LaneLeftOver)?.targets;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds_per_gib = (cpu_seconds() - cpu0) / (size.max(1) as f64 / (1u64 << 30) as f64);
     received(rounds, ended, lane_results, targets, (size, lanes), (seconds, cpu_seconds_per_gib))
+}
+
+/// Of the lanes' failures, the first that is not a closed connection (that one only if it
+/// is all there is). Each lane reported its failure before it ended, so every one not yet
+/// read is on `rx` now, or (where the lane's own reports had filled `rx`) in its end.
+fn lane_failure(rx: &mpsc::Receiver<LaneMsg>, ends: &mut [LaneFinish]) -> Option<SessionError> {
+    let closed = |l: &SessionError| matches!(l, SessionError::PeerClosed { .. });
+    let mut failures: Vec<SessionError> = rx.try_iter().filter_map(Result::err).collect();
+    for end in ends.iter_mut().filter(|r| r.as_ref().is_err_and(|e| !matches!(e, SessionError::Stopped))) {
+        failures.extend(std::mem::replace(end, Err(SessionError::Stopped)).err());
+    }
+    let i = failures.iter().position(|l| !closed(l)).unwrap_or(0);
+    (i < failures.len()).then(|| failures.swap_remove(i))
 }
 
 /// The lanes a session handed to the pool's receiving threads.
@@ -401,12 +406,12 @@ pub(crate) fn hand_lanes(
     watch: &[BorrowedFd<'_>],
     mut keep: impl FnMut(Authed) -> Option<Authed>,
 ) -> (HandedLanes, Result<Option<usize>, SessionError>) {
-    let (fin_tx, finished) = mpsc::channel();
+    let (fin_tx, finished) = crate::sink::ends(usize::from(lanes));
     let mut h = HandedLanes { socks: Vec::new(), handed: 0, finished };
     let opened = acc.lanes(session, lanes, watch, |a| {
         let Some(a) = keep(a) else { return };
         let fail = |e: SessionError| {
-            let _ = sink.tx.send(Err(e));
+            let _ = sink.tx.try_send(Err(e));
             let _ = (&sink.wake).write(&[1]);
         };
         if let Err(e) = crate::engine::tune_data_socket(&a.s, &sink.plan) {

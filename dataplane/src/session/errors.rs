@@ -21,6 +21,9 @@ pub enum Violation {
     /// A lane ended a round other than the one the session is in.
     #[error("lane {lane} ended round {got} during round {round}")]
     LaneRound { lane: u16, got: u32, round: u32 },
+    /// A lane ended a round before its session had confirmed the rounds before it.
+    #[error("lane {lane} ended round {round} before the session confirmed the round before it")]
+    LaneAhead { lane: u16, round: u32 },
     /// Two counts of the same thing differ: what one side announced, what the other
     /// found.
     #[error("{what}: {announced} announced, {found} found")]

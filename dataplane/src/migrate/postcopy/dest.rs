@@ -208,7 +208,7 @@ fn attempt(
     crate::migrate::dest::check_session(&layout, lanes, transport, features::MIGRATE, plan)?;
     let id = crate::migrate::dest::session_ok(&mut ctl)?;
     let live = Arc::new(crate::live::receiver(crate::live::Role::MigrateIn, id, usize::from(lanes), layout.regions.iter().sum()));
-    let (tx, rx) = mpsc::channel::<LaneMsg>();
+    let (tx, rx) = crate::sink::reports(lanes);
     let (wake, woken) = UnixStream::pair().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     let fault_wake = wake.try_clone().map_err(|e| SessionError::io("making a wake-up socket", e))?;
     let sink = Arc::new(Sink {
@@ -238,7 +238,7 @@ fn attempt(
             let (tx, wake, layout) = (tx.clone(), &fault_wake, &layout);
             s.spawn(move || {
                 if let Err(e) = fault_lane(pc, layout, a.s, a.keys, plan.rdma.as_ref()) {
-                    let _ = tx.send(Err(e));
+                    let _ = tx.try_send(Err(e));
                     let _ = (&*wake).write(&[1]);
                 }
             });

@@ -87,7 +87,7 @@ pub(crate) struct Poller {
     empty: u32,
     /// The CQ is armed and its event not taken yet.
     armed: bool,
-    finished: mpsc::Sender<(usize, Result<(), SessionError>)>,
+    finished: mpsc::SyncSender<(usize, Result<(), SessionError>)>,
     outcome: Option<Result<(), SessionError>>,
 }
 
@@ -216,7 +216,8 @@ impl Poller {
             let _ = (&shared.wake).write(&[1]);
         }
         drop(shared);
-        let _ = finished.send((index, r));
+        // The queue has room for every poller's end.
+        let _ = finished.try_send((index, r));
     }
 }
 
@@ -269,7 +270,7 @@ pub(crate) fn receive(ctl: &mut Ctl, layout: &Layout, lanes: u16, memory: &[File
     // Without ferryd's receiving threads, the run's own (an embedded run).
     let mut own = None;
     let pool = crate::pool::Pool::receivers(o.pool, o.plan, &mut own)?;
-    let (fin_tx, finished) = mpsc::channel();
+    let (fin_tx, finished) = crate::sink::ends(workers);
     // Pollers handed to the receiving threads, and why the next one could not be.
     let (mut handed, mut refused) = (0usize, None);
     for (w, (cq, mine)) in cqs.into_iter().zip(qps).enumerate() {
