@@ -339,7 +339,7 @@ pub enum TransportChoice {
     Rdma,
     /// TCP over io_uring.
     Tcp,
-    /// TCP over blocking sockets.
+    /// TCP over plain sockets.
     Sockets,
 }
 

@@ -316,7 +316,7 @@ fn fingerprint(mem: &File, pages: u64) -> u64 {
     buf.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x100_0000_01b3))
 }
 
-/// Case 7, on each TCP transport (blocking sockets, io_uring): the destination ferryd is
+/// Case 7, on each TCP transport (plain sockets, io_uring): the destination ferryd is
 /// killed mid-round, then the source ferryd. Each time the surviving side's VMM is told,
 /// the source's memory is as it was, nothing is handed to a destination VMM, and a retry
 /// through a fresh ferryd succeeds.

@@ -4,12 +4,9 @@
 //! referenced in place in the first slot. Each frame's tag is computed when the chunk is
 //! sealed for the lane it goes out on.
 
-use std::net::TcpStream;
-
 use hw::memmap::Slot;
 use zerocopy::IntoBytes;
 
-use crate::conn::write_all_vectored;
 use crate::session::seal::{Seal, TAG_LEN};
 use crate::wire::{self, HEADER_LEN, Header};
 
@@ -116,17 +113,6 @@ impl Batch {
             }
             f(tag);
         }
-    }
-
-    /// Writes the sealed frames on `conn` (blocking).
-    pub(crate) fn write(&self, conn: &mut TcpStream) -> std::io::Result<()> {
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(self.frames.headers.len() * 3);
-        self.slices(&mut |s| bufs.push(s));
-        // IOV_MAX is 1024; a 1 MiB chunk has at most 256 page runs (768 slices).
-        for part in bufs.chunks(1024) {
-            write_all_vectored(conn, part)?;
-        }
-        Ok(())
     }
 }
 

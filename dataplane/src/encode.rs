@@ -48,7 +48,7 @@ pub(crate) fn page_runs(bytes: &[u8], page_size: usize, f: &mut impl FnMut(usize
 
 /// The adaptive policy: a worker alternates windows of chunks with and without
 /// compression, measures the region bytes per second each mode achieves (compression,
-/// blocking on a full socket and all), uses the faster, and re-tries the other now and
+/// waiting for the lanes to take the chunks and all), uses the faster, and re-tries the other now and
 /// then because the link and the data change. This answers "does compressing finish
 /// sooner?" directly instead of modelling it.
 #[derive(Debug, Clone)]

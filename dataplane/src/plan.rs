@@ -190,7 +190,8 @@ pub enum Transport {
     Rdma,
     /// TCP driven by io_uring.
     Tcp,
-    /// TCP over plain blocking sockets (io_uring unavailable or forced off).
+    /// TCP over plain sockets, written with nonblocking `sendmsg` (io_uring unavailable
+    /// or forced off).
     Sockets,
 }
 
@@ -249,7 +250,7 @@ pub struct RdmaPlan {
 #[serde(deny_unknown_fields)]
 pub struct TcpPlan {
     pub connections_per_worker: u32,
-    /// io_uring drives the sockets (otherwise blocking sockets).
+    /// io_uring drives the sockets (otherwise plain sockets).
     pub io_uring: bool,
     pub ring_entries: u32,
     pub send_zc: bool,

@@ -5,17 +5,21 @@
 //! (crossbeam's `ArrayQueue`) and gets their results back the same way; no thread is
 //! started per session or per round. A worker thread takes turns between the rounds it
 //! holds a window at a time ([`Worker::step`]), so concurrent sessions share every CPU and
-//! a rate-limited session never holds one up.
+//! neither a rate-limited session nor a destination that drains slowly holds one up: no
+//! step waits on a peer, and a thread with nothing to do waits on all its rounds' lanes.
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::chunk::Batch;
 use crate::conn::{Bug, Refusal, SessionError};
@@ -88,15 +92,32 @@ pub(crate) fn wait_for(woken: &UnixStream, mut n: usize) -> Result<(), SessionEr
     Ok(())
 }
 
-/// One worker thread's mailbox.
-struct Inbox {
-    tasks: ArrayQueue<Task>,
-    stop: AtomicBool,
+/// A pool thread's mailbox: its tasks in (a bounded queue), and a counter that wakes it
+/// wherever it waits.
+pub(crate) struct Inbox<T> {
+    pub tasks: ArrayQueue<T>,
+    /// The tasks the thread holds (for `status`).
+    pub held: AtomicUsize,
+    pub wake: EventFd,
+    pub stop: AtomicBool,
+}
+
+impl<T> Inbox<T> {
+    pub(crate) fn new(capacity: usize) -> Result<Inbox<T>, SessionError> {
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| SessionError::io("making a pool thread's wake-up counter", e.into()))?;
+        Ok(Inbox { tasks: ArrayQueue::new(capacity), held: AtomicUsize::new(0), wake, stop: AtomicBool::new(false) })
+    }
+
+    /// Wakes the thread: a task is queued, or it is to stop.
+    pub(crate) fn ring(&self) {
+        let _ = self.wake.write(1);
+    }
 }
 
 struct Member {
     cpu: u32,
-    inbox: Arc<Inbox>,
+    inbox: Arc<Inbox<Task>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -137,9 +158,10 @@ impl Pool {
     /// Only the receiving threads, one per CPU of the plan: for a receiver run without
     /// ferryd (an embedded `ferryctl recv`), which sends nothing.
     ///
-    /// Receiving has threads of its own rather than turns on the sending ones: a sending
-    /// step may wait on a full socket, and must never hold up a lane this process
-    /// receives (a ferryd migrating to itself would wait on itself).
+    /// Receiving has threads of its own rather than turns on the sending ones: a
+    /// receiving thread waits in one epoll set on every lane it holds and reads frames as
+    /// they arrive, which a sending thread busy encoding windows would leave waiting (and
+    /// a ferryd migrating to itself would slow its own destination).
     pub fn for_receiving(plan: &Plan) -> Result<Pool, SessionError> {
         if plan.worker_cpus.is_empty() {
             return Err(Refusal::NoWorkers.into());
@@ -152,8 +174,7 @@ impl Pool {
             notes: Vec::new(),
         };
         for (i, &cpu) in plan.worker_cpus.iter().enumerate() {
-            let inbox =
-                Arc::new(crate::sink::LaneInbox::new().map_err(|e| SessionError::io("making a receiving thread's wake-up counter", e))?);
+            let inbox = Arc::new(Inbox::new(crate::sink::LANES_PER_THREAD)?);
             let epoll = crate::sink::watch_inbox(&inbox).map_err(|e| SessionError::io("making a receiving thread's epoll set", e))?;
             let inbox2 = inbox.clone();
             let thread = std::thread::Builder::new()
@@ -188,7 +209,7 @@ impl Pool {
         let mut notes = Vec::new();
         let mut chunks_per_worker = usize::MAX;
         for (i, &cpu) in plan.worker_cpus.iter().enumerate() {
-            let inbox = Arc::new(Inbox { tasks: ArrayQueue::new(ROUNDS_PER_WORKER), stop: AtomicBool::new(false) });
+            let inbox = Arc::new(Inbox::new(ROUNDS_PER_WORKER)?);
             let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
             let (plan, inbox2) = (plan.clone(), inbox.clone());
             let thread = std::thread::Builder::new()
@@ -288,9 +309,7 @@ impl Pool {
             let e = Refusal::WorkerBusy { worker: t.worker.index, rounds: ROUNDS_PER_WORKER }.into();
             Box::new((t, e))
         })?;
-        if let Some(t) = &m.thread {
-            t.thread().unpark();
-        }
+        m.inbox.ring();
         Ok(())
     }
 }
@@ -323,8 +342,8 @@ fn stop_receiver(r: &mut Receiver) {
 
 fn stop(m: &mut Member) {
     m.inbox.stop.store(true, Ordering::Release);
+    m.inbox.ring();
     if let Some(t) = m.thread.take() {
-        t.thread().unpark();
         let _ = t.join();
     }
 }
@@ -336,9 +355,16 @@ impl Drop for Pool {
     }
 }
 
+/// The longest a sending thread waits on its lanes' descriptors before it looks again: a
+/// safety net, not a pace (a ring's completion or a socket's room wakes it at once).
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
 /// A worker thread's loop: takes new rounds from its inbox, and steps every round it
 /// holds in turn until each is done, lending chunks from `spare` and its zstd context.
-fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
+/// No step waits on a peer: when no round can go on, the thread waits on every round's
+/// lanes (a ring's completions, a socket's room), its inbox and the earliest paced round's
+/// time at once, so a destination that drains slowly holds up only its own rounds.
+fn serve(inbox: &Inbox<Task>, mut spare: Vec<Batch>, mut z: Compressor) {
     let total = spare.len();
     let mut active: Vec<(Task, RoundRun)> = Vec::new();
     let (mut idle, mut lost) = (0u32, 0usize);
@@ -347,6 +373,7 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
             let run = t.worker.start();
             active.push((t, run));
         }
+        inbox.held.store(active.len(), Ordering::Relaxed);
         if active.is_empty() {
             if total - spare.len() > lost {
                 lost = total - spare.len();
@@ -357,10 +384,10 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
             if inbox.stop.load(Ordering::Acquire) && inbox.tasks.is_empty() {
                 return;
             }
-            std::thread::park();
+            wait(inbox, &active, None);
             continue;
         }
-        let (mut moved, mut until) = (false, None::<Instant>);
+        let (mut moved, mut blocked, mut until) = (false, false, None::<Instant>);
         let mut i = 0;
         while i < active.len() {
             let (t, run) = &mut active[i];
@@ -381,6 +408,10 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
                     }
                     i += 1;
                 }
+                Step::Blocked => {
+                    blocked = true;
+                    i += 1;
+                }
                 Step::Done(r) => {
                     let (mut t, _) = active.swap_remove(i);
                     if r.is_err() {
@@ -397,13 +428,35 @@ fn serve(inbox: &Inbox, mut spare: Vec<Batch>, mut z: Compressor) {
             idle = 0;
             continue;
         }
-        // Every round waits: on its rate (sleep until the earliest may go on, or a new
-        // round comes), or on chunks another round holds (spin briefly, then yield).
+        // Every round waits: on its lanes (a blocked round), on its rate (until the
+        // earliest may go on), or on chunks another round holds (spin briefly, then
+        // yield; that round's lanes give them back).
         idle += 1;
-        match until {
-            Some(u) if idle > 16 => std::thread::park_timeout(u.saturating_duration_since(Instant::now()).min(Duration::from_millis(50))),
-            _ => std::thread::yield_now(),
+        if blocked || (until.is_some() && idle > 16) {
+            wait(inbox, &active, until);
+        } else {
+            std::thread::yield_now();
         }
+    }
+}
+
+/// Waits until a round's lanes can get further, a task comes, or `until` (at most
+/// [`MAX_WAIT`]).
+fn wait(inbox: &Inbox<Task>, active: &[(Task, RoundRun)], until: Option<Instant>) {
+    let mut fds = vec![PollFd::new(inbox.wake.as_fd(), PollFlags::POLLIN)];
+    for (t, _) in active {
+        t.worker.tx.wait_fds(&mut fds);
+    }
+    let limit = until.map_or(MAX_WAIT, |u| u.saturating_duration_since(Instant::now()).min(MAX_WAIT));
+    let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+    let woken = match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) => n > 0 && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)),
+        // EINTR, or a descriptor poll cannot take: look again (MAX_WAIT bounds the spin
+        // where it fails for good).
+        Err(_) => false,
+    };
+    if woken {
+        let _ = inbox.wake.read();
     }
 }
 
@@ -454,14 +507,28 @@ pub(crate) mod tests {
         }
     }
 
-    /// A session's part on worker 0: one lane of blocking sockets to a thread that reads
-    /// and drops everything; and a round of every page of a `size`-byte region, at
-    /// `rate` bytes per second at most.
+    /// A session's part on worker 0: one lane of sockets to a thread that reads and drops
+    /// everything; and a round of every page of a `size`-byte region, at `rate` bytes per
+    /// second at most.
     fn session(size: u64, rate: Option<f64>) -> (Worker, Arc<Round>, std::thread::JoinHandle<u64>) {
+        session_with(size, rate, false, None)
+    }
+
+    /// [`session`] over io_uring when `uring`, whose reader reads nothing until `gate`
+    /// opens (its sender sends or goes).
+    fn session_with(
+        size: u64,
+        rate: Option<f64>,
+        uring: bool,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> (Worker, Arc<Round>, std::thread::JoinHandle<u64>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut s, _) = l.accept().unwrap();
         let drain = std::thread::spawn(move || {
+            if let Some(g) = gate {
+                let _ = g.recv();
+            }
             let (mut buf, mut n) = (vec![0u8; 1 << 20], 0u64);
             while let Ok(k) = s.read(&mut buf) {
                 if k == 0 {
@@ -472,7 +539,7 @@ pub(crate) mod tests {
             n
         });
         let keys = Keys::derive(Some(b"k"), Side::Client, &[1; 32], &[2; 32]);
-        let tx = Tx::open(vec![Lane::new(c, keys.tx)], false, 64, false, "test", &mut |_| {});
+        let tx = Tx::open(vec![Lane::new(c, keys.tx)], uring, 64, false, "test", &mut |_| {});
         let live = crate::live::session(crate::live::Role::Send, 0x9001, 1);
         let w = Worker::new(0, live.worker(0), Encoder::new(Compression::Off), tx);
         let mem = hw::memmap::memfd("pool", size, false).unwrap();
@@ -526,6 +593,48 @@ pub(crate) mod tests {
         assert!(drain_b.join().unwrap() > 32 << 20);
         assert!(drain_a.join().unwrap() >= sent_a);
         drop(pool);
+    }
+
+    /// One worker thread, two sessions of 32 MiB: one whose destination reads nothing
+    /// (its socket fills and stays full), one that drains. The thread never waits on the
+    /// first's full socket, so the second ends while the first is stalled; once the first
+    /// destination reads, it ends too. On sockets and on io_uring.
+    #[test]
+    fn a_stalled_destination_does_not_hold_up_another_session_on_the_same_thread() {
+        for uring in [false, true] {
+            let pool = Pool::new(&plan()).unwrap();
+            let (open, gate) = std::sync::mpsc::channel();
+            let (wa, ra, drain_a) = session_with(32 << 20, None, uring, Some(gate));
+            let (wb, rb, drain_b) = session_with(32 << 20, None, uring, None);
+            if uring && wa.tx.transport() != Transport::Tcp {
+                hw::report_skip("io_uring is not to be had here: the stalled-destination case runs on sockets only");
+                drop(open);
+                continue;
+            }
+            let abort = Arc::new(AtomicBool::new(false));
+            let (done_a, woken_a) = Done::new(1, abort.clone()).unwrap();
+            let (done_b, woken_b) = Done::new(1, abort.clone()).unwrap();
+            pool.submit(Task { worker: wa, round: ra.clone(), done: done_a.clone() }).map_err(|e| e.1).unwrap();
+            pool.submit(Task { worker: wb, round: rb.clone(), done: done_b.clone() }).map_err(|e| e.1).unwrap();
+            woken_b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            wait_for(&woken_b, 1).unwrap_or_else(|e| panic!("uring {uring}: the draining session ends while the other is stalled: {e}"));
+            let (mut wb, rb_result) = done_b.take().pop().unwrap();
+            assert_eq!(rb_result.unwrap().pages, 8192, "uring {uring}: the draining session sent every page");
+            assert!(done_a.take().is_empty(), "uring {uring}: the stalled session cannot have ended");
+            let sent_a = ra.progress.load(Ordering::Relaxed);
+            assert!(sent_a < 32 << 20, "uring {uring}: the stalled session is stalled: {sent_a} bytes");
+            drop(open);
+            woken_a.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            wait_for(&woken_a, 1).unwrap();
+            let (mut wa, ra_result) = done_a.take().pop().unwrap();
+            assert_eq!(ra_result.unwrap().pages, 8192, "uring {uring}: the stalled session ends once its destination reads");
+            assert!(!abort.load(Ordering::Relaxed));
+            wa.tx.end_lanes().unwrap();
+            wb.tx.end_lanes().unwrap();
+            drop((wa, wb));
+            assert!(drain_a.join().unwrap() > 32 << 20 && drain_b.join().unwrap() > 32 << 20);
+            drop(pool);
+        }
     }
 
     /// A pool whose arena cannot be locked says why and leaves nothing running.

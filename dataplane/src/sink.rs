@@ -20,14 +20,12 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
 use hw::memmap::Arena;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::conn::{Bug, Counted, SessionError, Violation};
 use crate::digest::Digest;
@@ -426,26 +424,8 @@ fn check_round_end(n: u16, round: u32, this: &RoundCounts, end: &wire::RoundEnd)
     Ok(())
 }
 
-/// A receiving thread's mailbox: lanes in, and a counter that wakes its epoll.
-pub(crate) struct LaneInbox {
-    pub tasks: ArrayQueue<RxTask>,
-    /// The tasks the thread holds (for `status`).
-    pub held: AtomicUsize,
-    pub wake: EventFd,
-    pub stop: AtomicBool,
-}
-
-impl LaneInbox {
-    pub(crate) fn new() -> std::io::Result<LaneInbox> {
-        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        Ok(LaneInbox { tasks: ArrayQueue::new(LANES_PER_THREAD), held: AtomicUsize::new(0), wake, stop: AtomicBool::new(false) })
-    }
-
-    /// Wakes the thread: a lane is queued, or it is to stop.
-    pub(crate) fn ring(&self) {
-        let _ = self.wake.write(1);
-    }
-}
+/// A receiving thread's mailbox: lanes and RDMA pollers in.
+pub(crate) type LaneInbox = crate::pool::Inbox<RxTask>;
 
 /// The token of the inbox's counter in the epoll set (lanes are their slot numbers).
 const WAKE: u64 = u64::MAX;

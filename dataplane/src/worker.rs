@@ -278,6 +278,8 @@ pub(crate) struct RoundRun {
     counts: RoundCounts,
     enc0: EncodeStats,
     live_zero: u64,
+    /// The round's end is queued on the lanes.
+    ending: bool,
 }
 
 /// Clean windows a step looks at, at most, before it lets the thread's other sessions go.
@@ -299,6 +301,9 @@ pub(crate) enum Step {
     /// Could not go on now: ahead of the round's rate (until the time given), or every
     /// spare chunk is in another session's flight.
     Wait(Option<Instant>),
+    /// Every lane is busy writing, or chunks are in flight and none is spare: wait on
+    /// the lanes' descriptors ([`Tx::wait_fds`]).
+    Blocked,
     /// The round is over for this worker: its lanes have ended it.
     Done(Result<RoundCounts, SessionError>),
 }
@@ -327,7 +332,8 @@ impl Worker {
 
     /// Where a round starts.
     pub(crate) fn start(&self) -> RoundRun {
-        RoundRun { block: 0..0, counts: RoundCounts::default(), enc0: self.enc.stats, live_zero: self.enc.stats.zero_pages }
+        let (enc0, live_zero) = (self.enc.stats, self.enc.stats.zero_pages);
+        RoundRun { block: 0..0, counts: RoundCounts::default(), enc0, live_zero, ending: false }
     }
 
     /// One step of round `r`: a window read, encoded and posted on the next free lane
@@ -353,6 +359,11 @@ impl Worker {
             match self.step(&mut run, r, spare, &mut z) {
                 Step::Sent => {}
                 Step::Wait(_) => std::thread::yield_now(),
+                Step::Blocked => {
+                    let mut fds = Vec::new();
+                    self.tx.wait_fds(&mut fds);
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+                }
                 Step::Done(c) => return c,
             }
         }
@@ -390,12 +401,17 @@ impl Worker {
 
     fn try_step(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>, z: &mut Compressor) -> Result<Step, SessionError> {
         let rdma = matches!(self.tx, Tx::Rdma(_));
-        if !rdma && spare.is_empty() {
-            if self.tx.in_flight() {
-                self.tx.reap(spare, &mut self.latency)?;
-                return Ok(Step::Sent);
+        if !rdma {
+            // Chunks the lanes are done with come back first, without waiting.
+            let back = self.tx.reap(spare, &mut self.latency)?;
+            if spare.is_empty() || !self.tx.ready() {
+                return Ok(match (back, self.tx.in_flight()) {
+                    (true, _) => Step::Sent,
+                    (false, true) => Step::Blocked,
+                    // Every spare chunk is in another session's flight.
+                    (false, false) => Step::Wait(None),
+                });
             }
-            return Ok(Step::Wait(None));
         }
         if let Some(due) = r.pacer.ahead() {
             return Ok(Step::Wait(Some(due)));
@@ -438,10 +454,11 @@ impl Worker {
     }
 
     /// The round's end on every lane, once the round has no more windows for this worker.
-    fn end_round(&mut self, run: &RoundRun, r: &Round, spare: &mut Vec<Batch>, rdma: bool) -> Result<Step, SessionError> {
-        self.rdma_ends = self.tx.end_round(r.round, spare, &mut self.latency)?;
-        if r.last {
-            self.tx.end_lanes()?;
+    /// `Blocked` until the lanes have taken it.
+    fn end_round(&mut self, run: &mut RoundRun, r: &Round, spare: &mut Vec<Batch>, rdma: bool) -> Result<Step, SessionError> {
+        match self.tx.end_round((r.round, r.last), &mut run.ending, spare, &mut self.latency)? {
+            Some(ends) => self.rdma_ends = ends,
+            None => return Ok(Step::Blocked),
         }
         let mut c = run.counts;
         if !rdma {
@@ -703,7 +720,7 @@ mod tests {
     }
 
     /// The transport contract, the same suite for the mock ([`crate::transport::mock`])
-    /// and every TCP transport (blocking sockets, io_uring, io_uring with zero-copy sends):
+    /// and every TCP transport (plain sockets, io_uring, io_uring with zero-copy sends):
     /// a worker sending rounds over two lanes to checking receivers. Every page of the region arrives once per round, intact (tags and
     /// CRCs checked, payloads decoded and compared with the source), each lane's
     /// ROUND_END equals what it carried, every chunk comes back to the worker's spares, and

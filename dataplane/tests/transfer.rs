@@ -41,7 +41,7 @@ fn image(pages: usize, tail: usize) -> Vec<u8> {
     out
 }
 
-/// Every way of sending: blocking sockets, io_uring, and io_uring with zero-copy sends
+/// Every way of sending: plain sockets, io_uring, and io_uring with zero-copy sends
 /// (each where this kernel allows it).
 fn both(p: Plan) -> Vec<Plan> {
     let mut uring = p.clone();
@@ -104,7 +104,7 @@ fn one_lane_raw() {
 }
 
 /// A plan that says io_uring, run where a seccomp profile refuses it: the sender's workers
-/// fall back to blocking sockets and the receiver's lanes to plain reads, the region
+/// fall back to plain sockets and the receiver's lanes to plain reads, the region
 /// arrives, and both reports say what carried it.
 #[test]
 fn io_uring_refused_at_run_time_falls_back_on_both_sides() {

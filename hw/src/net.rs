@@ -1,8 +1,10 @@
 //! Socket buffers: the kernel's limits on them, and setting them on a connection.
 
+use std::io::{self, IoSlice};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{MsgFlags, SockaddrStorage, sendmsg, setsockopt, sockopt};
 
 use crate::caps::SocketLimits;
 
@@ -29,6 +31,19 @@ pub fn set_buffers(s: &TcpStream, bytes: u64) -> nix::Result<()> {
     let b = usize::try_from(bytes).unwrap_or(usize::MAX);
     setsockopt(s, sockopt::SndBuf, &b)?;
     setsockopt(s, sockopt::RcvBuf, &b)
+}
+
+/// Writes as much of `bufs` as `s` takes now, without waiting (whatever the socket's
+/// mode): the bytes written, `WouldBlock` when its buffer is full. A peer that has gone is
+/// an error, never SIGPIPE.
+pub fn send_now(s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    loop {
+        match sendmsg::<SockaddrStorage>(s.as_raw_fd(), bufs, &[], flags, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            r => return r.map_err(io::Error::from),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -293,10 +293,7 @@ impl RecvRing {
     /// its bytes wait for the ring's deferred receive work) and the ring (readable once
     /// completions are queued).
     pub fn poll_fds(&self) -> [BorrowedFd<'_>; 2] {
-        // SAFETY: the ring's descriptor stays open as long as `self.ring`, which the
-        // returned borrow cannot outlive.
-        let ring = unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) };
-        [self.fd.as_fd(), ring]
+        [self.fd.as_fd(), self.ring.as_fd()]
     }
 
     /// Ends the receive and gives the memory back for another ring; `None` when the

@@ -9,7 +9,7 @@
 //! every notification of every send that used it.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use io_uring::{IoUring, cqueue, opcode, types};
 
@@ -256,41 +256,66 @@ impl<B: SendBuf> SendRing<B> {
                 return Err(io::Error::other("nothing in flight"));
             }
             self.ring.submit_and_wait(1)?;
-            let cqes: Vec<(usize, i32, u32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result(), c.flags())).collect();
-            let mut done = Vec::new();
-            // Every completion of the batch is accounted for before an error is returned:
-            // a slot left held after its last completion was reaped would make `Drop` wait
-            // forever.
-            let mut error = None;
-            for (slot, res, flags) in cqes {
-                self.complete(slot, res, flags);
-                let f = self.slots[slot].as_ref().expect("held");
-                if f.settled() && (f.written() || f.failed.is_some()) {
-                    let f = self.slots[slot].take().expect("held");
-                    match f.failed {
-                        Some(e) => {
-                            error.get_or_insert(e);
-                            self.failed.push(f.buf);
-                        }
-                        None => {
-                            self.iov_spare.push(f.iov);
-                            done.push((f.conn, f.buf));
-                        }
-                    }
-                }
-            }
-            if let Some(e) = error {
-                // Written or not, these buffers are the owner's again: kept with the failed
-                // ones for `release_all`.
-                self.failed.extend(done.into_iter().map(|(_, b)| b));
-                let _ = self.ring.submit();
-                return Err(e);
-            }
-            self.ring.submit()?;
+            let done = self.reap()?;
             if !done.is_empty() {
                 return Ok(done);
             }
         }
+    }
+
+    /// Every buffer written completely (and released) by now, without waiting: none if
+    /// nothing has completed. The ring's descriptor ([`AsFd`]) polls readable once
+    /// something has, to wait on beside other descriptors.
+    pub fn reap_ready(&mut self) -> io::Result<Vec<(usize, B)>> {
+        if self.ring.completion().is_empty() {
+            return Ok(Vec::new());
+        }
+        self.reap()
+    }
+
+    /// Accounts for the completions the ring holds: the buffers they finish, or the first
+    /// failure. Resubmits the rest of short writes.
+    fn reap(&mut self) -> io::Result<Vec<(usize, B)>> {
+        let cqes: Vec<(usize, i32, u32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result(), c.flags())).collect();
+        let mut done = Vec::new();
+        // Every completion of the batch is accounted for before an error is returned:
+        // a slot left held after its last completion was reaped would make `Drop` wait
+        // forever.
+        let mut error = None;
+        for (slot, res, flags) in cqes {
+            self.complete(slot, res, flags);
+            let f = self.slots[slot].as_ref().expect("held");
+            if f.settled() && (f.written() || f.failed.is_some()) {
+                let f = self.slots[slot].take().expect("held");
+                match f.failed {
+                    Some(e) => {
+                        error.get_or_insert(e);
+                        self.failed.push(f.buf);
+                    }
+                    None => {
+                        self.iov_spare.push(f.iov);
+                        done.push((f.conn, f.buf));
+                    }
+                }
+            }
+        }
+        if let Some(e) = error {
+            // Written or not, these buffers are the owner's again: kept with the failed
+            // ones for `release_all`.
+            self.failed.extend(done.into_iter().map(|(_, b)| b));
+            let _ = self.ring.submit();
+            return Err(e);
+        }
+        self.ring.submit()?;
+        Ok(done)
+    }
+}
+
+/// The ring's descriptor: readable when completions wait to be reaped
+/// ([`SendRing::reap_ready`]).
+impl<B> AsFd for SendRing<B> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
     }
 }
 

@@ -88,7 +88,7 @@ pub fn plan() -> Plan {
     }
 }
 
-/// [`plan`] on one TCP transport: io_uring when `uring`, blocking sockets otherwise.
+/// [`plan`] on one TCP transport: io_uring when `uring`, plain sockets otherwise.
 pub fn plan_on(uring: bool) -> Plan {
     let mut p = plan();
     p.transport = if uring { Transport::Tcp } else { Transport::Sockets };

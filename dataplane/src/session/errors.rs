@@ -247,6 +247,8 @@ pub enum Bug {
     ChunkMismatch { plan: u64, pool: usize },
     #[error("an encoded chunk was posted on RDMA lanes, which take windows")]
     ChunkOnRdma,
+    #[error("a chunk was posted while every lane was still writing")]
+    NoFreeLane,
     #[error("an RDMA worker's arena holds no slot")]
     NoSlot,
 }
