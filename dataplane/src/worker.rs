@@ -280,6 +280,8 @@ pub(crate) struct RoundRun {
     live_zero: u64,
     /// The round's end is queued on the lanes.
     ending: bool,
+    /// A window taken from the round that waits for the RDMA lanes' credits.
+    held: Option<(u32, u64)>,
 }
 
 /// Clean windows a step looks at, at most, before it lets the thread's other sessions go.
@@ -301,8 +303,8 @@ pub(crate) enum Step {
     /// Could not go on now: ahead of the round's rate (until the time given), or every
     /// spare chunk is in another session's flight.
     Wait(Option<Instant>),
-    /// Every lane is busy writing, or chunks are in flight and none is spare: wait on
-    /// the lanes' descriptors ([`Tx::wait_fds`]).
+    /// Every lane is busy writing, chunks are in flight and none is spare, or no RDMA
+    /// lane has a credit: wait on the lanes' descriptors ([`Tx::wait_fds`]).
     Blocked,
     /// The round is over for this worker: its lanes have ended it.
     Done(Result<RoundCounts, SessionError>),
@@ -333,7 +335,7 @@ impl Worker {
     /// Where a round starts.
     pub(crate) fn start(&self) -> RoundRun {
         let (enc0, live_zero) = (self.enc.stats, self.enc.stats.zero_pages);
-        RoundRun { block: 0..0, counts: RoundCounts::default(), enc0, live_zero, ending: false }
+        RoundRun { block: 0..0, counts: RoundCounts::default(), enc0, live_zero, ending: false, held: None }
     }
 
     /// One step of round `r`: a window read, encoded and posted on the next free lane
@@ -413,16 +415,28 @@ impl Worker {
                 });
             }
         }
-        if let Some(due) = r.pacer.ahead() {
-            return Ok(Step::Wait(Some(due)));
-        }
-        let (region, w) = match Self::next_window(run, r) {
-            Some(Next::Window(region, w)) => (region, w),
-            Some(Next::Clean) => return Ok(Step::Sent),
-            None => return self.end_round(run, r, spare, rdma),
+        let (region, w) = match run.held.take() {
+            Some(held) => held,
+            None => {
+                if let Some(due) = r.pacer.ahead() {
+                    return Ok(Step::Wait(Some(due)));
+                }
+                match Self::next_window(run, r) {
+                    Some(Next::Window(region, w)) => (region, w),
+                    Some(Next::Clean) => return Ok(Step::Sent),
+                    None => return self.end_round(run, r, spare, rdma),
+                }
+            }
         };
         let c = &mut run.counts;
         if let Tx::Rdma(t) = &mut self.tx {
+            match t.ready()? {
+                crate::transport::rdma::tx::Ready::Now => {}
+                not => {
+                    run.held = Some((region, w));
+                    return Ok(if not == crate::transport::rdma::tx::Ready::Later { Step::Wait(None) } else { Step::Blocked });
+                }
+            }
             let reg = &r.regions[region as usize];
             let region_bytes = r.window_runs(&mut self.runs, region, w);
             let sent = t.send_window(r.round, reg, (region, w), r.chunk, &self.runs)?;

@@ -390,8 +390,8 @@ impl Tx {
     }
 
     /// What to wait on until [`Tx::reap`] or [`Tx::end_round`] can get further: the
-    /// io_uring ring (completions), sockets with bytes still to write (room). Nothing when
-    /// nothing is under way.
+    /// io_uring ring (completions), sockets with bytes still to write (room), an RDMA CQ
+    /// armed for the receiver's credits. Nothing when nothing is under way.
     pub(crate) fn wait_fds<'a>(&'a self, fds: &mut Vec<PollFd<'a>>) {
         let lanes = match self {
             Tx::Sockets { lanes, writing, .. } => {
@@ -405,7 +405,12 @@ impl Tx {
                 }
                 lanes
             }
-            _ => return,
+            Tx::Rdma(t) => {
+                fds.extend(t.wait_fd().map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+                return;
+            }
+            #[cfg(test)]
+            Tx::Mock(_) => return,
         };
         fds.extend(lanes.iter().filter(|l| l.out_at < l.out.len()).map(|l| PollFd::new(l.s.as_fd(), PollFlags::POLLOUT)));
     }

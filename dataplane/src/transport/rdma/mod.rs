@@ -320,6 +320,14 @@ impl Backoff {
         self.since = None;
     }
 
+    /// Nothing completed this time: the idle time runs from the first such. Whether the
+    /// caller has looked often enough to stop spinning and wait for the CQ's event.
+    pub(crate) fn idle(&mut self) -> bool {
+        self.empty = self.empty.saturating_add(1);
+        self.since.get_or_insert_with(Instant::now);
+        self.empty >= YIELDS
+    }
+
     /// Fails once nothing has completed for the idle timeout.
     pub(crate) fn check(&self, what: &str) -> Result<(), SessionError> {
         if self.since.is_some_and(|t| t.elapsed() > IDLE_TIMEOUT) {

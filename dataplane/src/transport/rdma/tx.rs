@@ -89,6 +89,8 @@ pub(crate) struct RdmaTx {
     turn: usize,
     wcs: [Completion; POLL_BATCH],
     backoff: Backoff,
+    /// The CQ is armed and its channel's event not taken yet ([`RdmaTx::ready`]).
+    armed: bool,
     batch: Option<SendBatch<'static>>,
     wrs: Vec<Wr>,
     parts: Vec<From>,
@@ -159,6 +161,16 @@ pub(crate) fn create(dev: &Device, rp: &RdmaPlan, qpw: usize) -> Result<Unconnec
     Ok(Unconnected { cq, qps, inline_max })
 }
 
+/// Whether an RDMA worker can send a window ([`RdmaTx::ready`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ready {
+    Now,
+    /// Not yet: look again soon.
+    Later,
+    /// Not until the CQ's channel says so.
+    Armed,
+}
+
 /// What a connected worker needs to send.
 pub(crate) struct Setup<'a> {
     pub dev: Arc<Device>,
@@ -219,6 +231,7 @@ impl RdmaTx {
             turn: 0,
             wcs: [Completion::default(); POLL_BATCH],
             backoff: Backoff::default(),
+            armed: false,
             batch: Some(SendBatch::default()),
             wrs: Vec::new(),
             parts: Vec::new(),
@@ -255,6 +268,64 @@ impl RdmaTx {
             }
             return self.backoff.check(waiting_for);
         }
+        self.completed(n)
+    }
+
+    /// Reads the completions there are now, without waiting; how many.
+    fn poll_now(&mut self) -> Result<usize, SessionError> {
+        let n = self.cq.poll(&mut self.wcs)?;
+        if n > 0 {
+            self.backoff.progress();
+            self.completed(n)?;
+        }
+        Ok(n)
+    }
+
+    /// Whether a window can go now without waiting on the receiver: a slot free and a
+    /// lane with a credit. Credits come back only as the receiving ferryd takes what
+    /// landed, so a worker without one does not wait for them: it says to look again
+    /// soon (`Later`, while it would spin or yield for a CQ, letting the pool thread's
+    /// other sessions go), then arms its CQ, whose channel ([`RdmaTx::wait_fd`]) wakes the
+    /// pool thread (`Armed`); it fails once nothing has completed for the idle timeout.
+    /// Slots and send-queue room come back with the NIC's own completions, which a send
+    /// waits for.
+    pub(crate) fn ready(&mut self) -> Result<Ready, SessionError> {
+        let can = |t: &Self| !t.spare.is_empty() && t.lanes.iter().any(|l| l.credits > 0);
+        if can(self) {
+            return Ok(Ready::Now);
+        }
+        if self.armed {
+            // The channel stays readable until its event is taken.
+            self.cq.wait(Duration::ZERO)?;
+            self.armed = false;
+        }
+        while self.poll_now()? == POLL_BATCH {}
+        if can(self) {
+            return Ok(Ready::Now);
+        }
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(SessionError::Stopped);
+        }
+        let wait = self.backoff.idle();
+        self.backoff.check("waiting for the receiver's credits")?;
+        if !wait {
+            return Ok(Ready::Later);
+        }
+        // Armed, then polled once more: a completion between the last poll and the arming
+        // raises no event, and would wait otherwise.
+        self.cq.arm()?;
+        self.armed = true;
+        self.poll_now()?;
+        Ok(if can(self) { Ready::Now } else { Ready::Armed })
+    }
+
+    /// What to wait on after [`RdmaTx::ready`] said no: the CQ's channel.
+    pub(crate) fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.cq.channel_fd().filter(|_| self.armed)
+    }
+
+    /// Accounts for the first `n` completions in `self.wcs`.
+    fn completed(&mut self, n: usize) -> Result<(), SessionError> {
         for wc in &self.wcs[..n] {
             if wc.is_recv() {
                 if let Some(failure) = wc.failure() {
