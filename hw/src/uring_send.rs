@@ -267,6 +267,10 @@ impl<B: SendBuf> SendRing<B> {
     /// nothing has completed. The ring's descriptor ([`AsFd`]) polls readable once
     /// something has, to wait on beside other descriptors.
     pub fn reap_ready(&mut self) -> io::Result<Vec<(usize, B)>> {
+        // Entries a failed submit left queued go now (nothing else would submit them).
+        if !self.ring.submission().is_empty() {
+            self.ring.submit()?;
+        }
         if self.ring.completion().is_empty() {
             return Ok(Vec::new());
         }

@@ -133,21 +133,23 @@ impl Writing {
     /// Writes the rest of the chunk as far as `s` takes it now: `true` once all of it is
     /// written.
     fn more(&mut self, s: &TcpStream) -> std::io::Result<bool> {
+        // IOV_MAX slices at most a call (on the stack: a step allocates nothing); a short
+        // write comes round again for the rest.
+        let mut bufs = [IoSlice::new(&[]); 1024];
         loop {
-            let (mut skip, mut bufs) = (self.at, Vec::new());
+            let (mut skip, mut k) = (self.at, 0);
             self.b.slices(&mut |x| {
                 if skip >= x.len() {
                     skip -= x.len();
-                } else {
-                    bufs.push(IoSlice::new(&x[skip..]));
-                    skip = 0;
+                } else if k < bufs.len() {
+                    bufs[k] = IoSlice::new(&x[skip..]);
+                    (skip, k) = (0, k + 1);
                 }
             });
-            if bufs.is_empty() {
+            if k == 0 {
                 return Ok(true);
             }
-            // IOV_MAX is 1024; a short write comes round again for the rest.
-            match hw::net::send_now(s, &bufs[..bufs.len().min(1024)]) {
+            match hw::net::send_now(s, &bufs[..k]) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.at += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
