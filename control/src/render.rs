@@ -247,10 +247,11 @@ pub fn status(v: &dataplane::protocol::Status) -> String {
     let pool = &v.pool;
     let _ = writeln!(
         s,
-        "  pool: sending threads on CPUs {:?}, {} chunk(s) of {} KiB each; receiving threads hold {:?} lane(s) or poller(s)",
+        "  pool: sending threads on CPUs {:?}, {} chunk(s) of {} KiB each, holding {:?} round(s); receiving threads hold {:?} lane(s) or poller(s)",
         pool.cpus,
         pool.chunks_per_worker,
         pool.chunk_bytes >> 10,
+        pool.sending,
         pool.receiving
     );
     for p in &st.progress {
@@ -295,7 +296,7 @@ mod tests {
     fn status_lists_workers_and_their_latency() {
         let v = serde_json::json!({
             "draining": false,
-            "pool": {"cpus": [0, 1], "chunk_bytes": 262144, "chunks_per_worker": 64, "receiving": [2, 0]},
+            "pool": {"cpus": [0, 1], "chunk_bytes": 262144, "chunks_per_worker": 64, "receiving": [2, 0], "sending": [1, 0]},
             "plan": {"transport": "tcp (io_uring)", "workers": 2, "compression": "off"},
             "status": {
                 "uptime_seconds": 5.0,
@@ -308,7 +309,12 @@ mod tests {
         });
         let s = status(&serde_json::from_value(v).unwrap());
         assert!(s.contains("  recv: region bytes 100  wire bytes 80\n  zero pages 3\n"), "{s}");
-        assert!(s.contains("pool: sending threads on CPUs [0, 1], 64 chunk(s) of 256 KiB each; receiving threads hold [2, 0]"), "{s}");
+        assert!(
+            s.contains(
+                "pool: sending threads on CPUs [0, 1], 64 chunk(s) of 256 KiB each, holding [1, 0] round(s); receiving threads hold [2, 0]"
+            ),
+            "{s}"
+        );
         assert!(s.contains("recv worker 1 frame write latency us: p50 12 p95 30 p99 41 max 90"), "{s}");
         assert!(s.contains("recv worker 1: region bytes 100  wire bytes 80  frames 4  zero pages 3"), "{s}");
     }

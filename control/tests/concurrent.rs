@@ -116,6 +116,11 @@ fn four_migrations_at_once_through_one_pair_of_ferryd() {
         assert_eq!(seen_src.len(), 4, "{what}: four sessions at once, counted apart at the source: {seen_src:?}");
         assert_eq!(seen_dst.len(), 4, "{what}: four at the destination: {seen_dst:?}");
         wait_until(10, "the sessions to end", || sessions(&src.scrape(), "migrate_out").is_empty());
+        // `status` says per sending thread what it holds: nothing, once every session ended.
+        wait_until(10, "the source's sending threads to hold no round", || {
+            let sending = src.status()["pool"]["sending"].as_array().cloned().unwrap_or_default();
+            !sending.is_empty() && sending.iter().all(|n| n.as_u64() == Some(0))
+        });
         let (a, b) = (src.scrape(), dst.scrape());
         assert_eq!(total(&a, "ferry_worker_region_bytes_total", "migrate_out"), 4 * PAGES * PAGE, "{what}:\n{a}");
         assert_eq!(total(&b, "ferry_worker_region_bytes_total", "migrate_in"), 4 * PAGES * PAGE, "{what}:\n{b}");

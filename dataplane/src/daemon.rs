@@ -590,6 +590,7 @@ impl Daemon {
                     chunk_bytes: self.pool.chunk(),
                     chunks_per_worker: self.pool.chunks_per_worker(),
                     receiving: self.pool.receiving(),
+                    sending: self.pool.sending(),
                 },
             })),
             Request::Recv { listen, out, timeout_s, progress } => say(self.recv(&listen, &out, timeout_s, &say, progress)),

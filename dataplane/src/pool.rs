@@ -278,6 +278,11 @@ impl Pool {
         self.members.len()
     }
 
+    /// Per sending thread, the rounds (of as many sessions) it holds now.
+    pub fn sending(&self) -> Vec<usize> {
+        self.members.iter().map(|m| m.inbox.held.load(Ordering::Relaxed)).collect()
+    }
+
     /// Per receiving thread, the lanes and RDMA pollers it holds now.
     pub fn receiving(&self) -> Vec<usize> {
         self.receivers.iter().map(|r| r.inbox.held.load(Ordering::Relaxed)).collect()

@@ -192,6 +192,10 @@ pub struct StatusPool {
     /// now. Empty from a ferryd before receiving threads.
     #[serde(default)]
     pub receiving: Vec<usize>,
+    /// Per sending thread (in the order of `cpus`): the rounds it holds now. Empty from a
+    /// ferryd before it said.
+    #[serde(default)]
+    pub sending: Vec<usize>,
 }
 
 /// A final reply that succeeded: `body`'s fields and `"ok": true`.
