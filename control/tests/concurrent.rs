@@ -92,10 +92,7 @@ fn four_migrations_at_once_through_one_pair_of_ferryd() {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            // All four under way: the destination has a thread per VMM connection (its
-            // control client) and none per session or lane. (A handshake's thread, bounded
-            // and brief, may be ending: the fewest of a few looks.)
-            // Its receiving threads hold the eight lanes (`status` says so) while it runs no
+            // All four under way: its receiving threads hold the eight lanes (`status` says so) while it runs no
             // more threads than before and one per VMM connection (a handshake's thread,
             // bounded and brief, may still be ending when the lanes are first held).
             let held = || dst.status()["pool"]["receiving"].as_array().map_or(0, |r| r.iter().filter_map(|n| n.as_u64()).sum::<u64>());

@@ -369,7 +369,7 @@ impl LaneReader {
     pub fn ring_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.inner {
             Inner::Plain(_) => None,
-            Inner::Ring(r) => Some(r.ring.poll_fds()[1]),
+            Inner::Ring(r) => Some(r.ring.as_fd()),
         }
     }
 

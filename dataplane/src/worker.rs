@@ -28,6 +28,7 @@ use crate::encode::{Compressor, EncodeStats, Encoder};
 use crate::engine::PAGE;
 use crate::migrate::{PageHashes, RoundCounts};
 use crate::transport::Tx;
+use crate::transport::rdma::tx::Ready;
 use crate::wire;
 
 /// One region of the source (a memory file of a VMM's, or the file a transfer sends) and
@@ -280,7 +281,10 @@ pub(crate) struct RoundRun {
     live_zero: u64,
     /// The round's end is queued on the lanes.
     ending: bool,
-    /// A window taken from the round that waits for the RDMA lanes' credits.
+    /// A window taken from the round that waits for the RDMA lanes' credits. (RDMA asks
+    /// for a credit only once it has a window to send: a receiver returns credits in
+    /// batches, so a worker that waited for one at its round's end, with nothing left to
+    /// write, could wait for good.)
     held: Option<(u32, u64)>,
 }
 
@@ -430,12 +434,14 @@ impl Worker {
         };
         let c = &mut run.counts;
         if let Tx::Rdma(t) = &mut self.tx {
-            match t.ready()? {
-                crate::transport::rdma::tx::Ready::Now => {}
-                not => {
-                    run.held = Some((region, w));
-                    return Ok(if not == crate::transport::rdma::tx::Ready::Later { Step::Wait(None) } else { Step::Blocked });
-                }
+            let wait = match t.ready()? {
+                Ready::Now => None,
+                Ready::Later => Some(Step::Wait(None)),
+                Ready::Armed => Some(Step::Blocked),
+            };
+            if let Some(step) = wait {
+                run.held = Some((region, w));
+                return Ok(step);
             }
             let reg = &r.regions[region as usize];
             let region_bytes = r.window_runs(&mut self.runs, region, w);

@@ -281,19 +281,12 @@ impl RecvRing {
 
     /// The next piece of the stream if the kernel has one now (its pending receive work
     /// runs first); an error of kind `WouldBlock` if not. For a reader that waits on
-    /// [`RecvRing::poll_fds`] with epoll instead of in the ring.
+    /// its descriptor ([`AsFd`]) and its socket with epoll instead of in the ring.
     pub fn next_now(&mut self) -> io::Result<Option<Piece>> {
         match self.next(Duration::ZERO) {
             Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::ErrorKind::WouldBlock.into()),
             r => r,
         }
-    }
-
-    /// What to wait on for [`RecvRing::next_now`] to have more: the socket (readable while
-    /// its bytes wait for the ring's deferred receive work) and the ring (readable once
-    /// completions are queued).
-    pub fn poll_fds(&self) -> [BorrowedFd<'_>; 2] {
-        [self.fd.as_fd(), self.ring.as_fd()]
     }
 
     /// Ends the receive and gives the memory back for another ring; `None` when the
@@ -368,6 +361,16 @@ impl Drop for RecvRing {
     fn drop(&mut self) {
         self.end_receive();
         let _ = self.ring.submitter().unregister_buf_ring(BGID);
+    }
+}
+
+/// The ring's descriptor, readable once completions are queued: with the socket
+/// (readable while its bytes wait for the ring's deferred receive work), what a reader
+/// that waits in epoll instead of in the ring watches for [`RecvRing::next_now`] to have
+/// more.
+impl AsFd for RecvRing {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
     }
 }
 

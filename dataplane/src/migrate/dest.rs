@@ -492,8 +492,9 @@ fn rounds(
     loop {
         let round = reports.len() as u32;
         // The next ROUND, unless a lane or the VMM says the session is over first.
-        let vmm: Vec<BorrowedFd<'_>> = vmm.into_iter().collect();
-        if let Stirred::Watched(_) = await_control(ctl, woken, &vmm, rx, Some(ROUND_IDLE_TIMEOUT), &format!("waiting for round {round}"))? {
+        if let Stirred::Watched(_) =
+            await_control(ctl, woken, vmm.as_slice(), rx, Some(ROUND_IDLE_TIMEOUT), &format!("waiting for round {round}"))?
+        {
             return Err(vmm_gone());
         }
         let lane_error = |e| lane_error(rx, e);

@@ -109,11 +109,9 @@ impl Lane {
     /// left.
     fn flush(&mut self) -> std::io::Result<bool> {
         while self.out_at < self.out.len() {
-            match hw::net::send_now(&self.s, &[IoSlice::new(&self.out[self.out_at..])]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_at += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
+            match sent_now(&self.s, &[IoSlice::new(&self.out[self.out_at..])])? {
+                Some(n) => self.out_at += n,
+                None => return Ok(false),
             }
         }
         self.out.clear();
@@ -149,13 +147,22 @@ impl Writing {
             if k == 0 {
                 return Ok(true);
             }
-            match hw::net::send_now(s, &bufs[..k]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.at += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
+            match sent_now(s, &bufs[..k])? {
+                Some(n) => self.at += n,
+                None => return Ok(false),
             }
         }
+    }
+}
+
+/// What [`hw::net::send_now`] wrote of `bufs`: some bytes, or none because the socket is
+/// full (`None`); a socket that takes nothing is an error.
+fn sent_now(s: &TcpStream, bufs: &[IoSlice<'_>]) -> std::io::Result<Option<usize>> {
+    match hw::net::send_now(s, bufs) {
+        Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
