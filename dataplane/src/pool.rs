@@ -456,9 +456,15 @@ fn wait(inbox: &Inbox<Task>, active: &[(Task, RoundRun)], until: Option<Instant>
     let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
     let woken = match poll(&mut fds, PollTimeout::from(ms)) {
         Ok(n) => n > 0 && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)),
-        // EINTR, or a descriptor poll cannot take: look again (MAX_WAIT bounds the spin
-        // where it fails for good).
-        Err(_) => false,
+        Err(nix::errno::Errno::EINTR) => false,
+        // Not a peer's doing (a bad descriptor or argument): the rounds are stepped every
+        // `limit` rather than spun on a wait that cannot say, as a receiving thread does
+        // when its epoll fails.
+        Err(e) => {
+            log::error!("a sending thread's poll failed: {e}; its rounds are stepped every {limit:?} instead");
+            std::thread::sleep(limit);
+            false
+        }
     };
     if woken {
         let _ = inbox.wake.read();
